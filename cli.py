@@ -1,0 +1,122 @@
+"""The `mxq` command line: convert, generate, eval, inspect, verify, export-hf."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .format_spec import MxqFile, MxqFormatError
+from .format_spec.summary import summarize
+
+
+class UserError(Exception):
+    """A problem with the user's input that deserves one line, not a traceback."""
+
+
+EXPECTED_ERRORS = (MxqFormatError, UserError, OSError, ValueError)
+
+
+class _Cli(click.Group):
+    """Turns expected failures into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("mxq: interrupted", err=True)
+            sys.exit(130)
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("MXQ_DEBUG"):
+                raise
+            kind = "error" if isinstance(error, EXPECTED_ERRORS) or _is_known(error) else "internal error"
+            message = " ".join(str(error).split()) or type(error).__name__
+            click.echo(f"mxq: {kind}: {message}", err=True)
+            sys.exit(1)
+
+
+def _is_known(error: Exception) -> bool:
+    """Errors the converter and runtime raise for bad input (imported lazily: they are heavy)."""
+    known = []
+    for module, name in (("mxq.converter.errors", "ConversionError"), ("mxq.runtime.errors", "ModelError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            known.append(cls)
+    return isinstance(error, tuple(known))
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mxq")
+def main():
+    """mxq: fit a Hugging Face LLM into an exact memory budget as one mixed-precision
+    quantized .mxq file, then run it on a CPU (NumPy) or an NVIDIA GPU (CuPy).
+
+    \b
+    Typical use:
+      mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
+      mxq generate smol.mxq "Once upon a time"
+      mxq eval smol.mxq
+      mxq inspect smol.mxq
+    """
+
+
+def _open(path) -> MxqFile:
+    return MxqFile.open(path)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="List every tensor.")
+def inspect(file, as_json, tensors):
+    """Show what is inside an .mxq FILE: model, tokenizer, provenance, per-tensor storage, totals."""
+    with _open(file) as f:
+        report = summarize(f)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    totals = report["totals"]
+    model = report["model"]
+    click.echo(f"{report['file']}: mxq format {report['version']}, {report['file_bytes']:,} bytes")
+    click.echo(f"model: {model.get('architecture', '?')}, {model.get('num_hidden_layers', '?')} layers, "
+               f"hidden {model.get('hidden_size', '?')}, vocab {model.get('vocab_size', '?')}")
+    click.echo(f"tokenizer: {report['tokenizer'].get('kind', '?')} ({report['tokenizer_bytes']:,} bytes)")
+    for key, value in report["provenance"].items():
+        click.echo(f"provenance.{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    for key, value in report["quantization"].items():
+        if key != "plan":
+            click.echo(f"quantization.{key}: {json.dumps(value) if not isinstance(value, str) else value}")
+    if tensors:
+        click.echo(f"\n{'tensor':<48} {'shape':>14} {'storage':>12} {'bytes':>12} {'bpw':>7}")
+        for t in report["tensors"]:
+            shape = "x".join(str(d) for d in t["shape"])
+            click.echo(f"{t['name'][:48]:<48} {shape:>14} {t['label']:>12} {t['bytes']:>12,} {t['bpw']:>7.3f}")
+    click.echo(f"\ntensors: {totals['tensors']}, parameters: {totals['parameters']:,}")
+    click.echo(f"bits per weight: decoder linears {totals['bpw_linear']:.4f}, affine tensors "
+               f"{totals['bpw_affine']:.4f}, all tensors {totals['bpw_all']:.4f}")
+    click.echo(f"linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))
+    click.echo(f"bytes: tensors {report['tensor_bytes']:,}, tokenizer {report['tokenizer_bytes']:,}, "
+               f"header+JSON {report['header_and_json_bytes']:,}, alignment padding {report['padding_bytes']:,}")
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+def verify(file):
+    """Check every checksum in FILE. Exit status 0: intact; 1: damaged or not a valid file."""
+    with _open(file) as f:
+        problems = f.verify()
+        count = 1 + sum(len(e.blobs) for e in f.tensors.values())
+    if problems:
+        for problem in problems[:20]:
+            click.echo(f"{file}: {problem}", err=True)
+        click.echo(f"{file}: DAMAGED ({len(problems)} of {count} blobs fail their checksum)", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: OK ({count} blobs, all checksums match)")
+
+
+if __name__ == "__main__":
+    main()

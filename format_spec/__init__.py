@@ -1,0 +1,20 @@
+"""mxq.format_spec — the bytes of a .mxq file: layout/cost model, packing, codecs, reader, writer.
+
+SPEC.md in this folder is the normative description; this package implements it and imports
+nothing else of mxq.
+"""
+from .affine import build_csr, csr_problem, decode_meta, dequantize, encode_meta
+from .errors import MxqFormatError
+from .header import MAJOR_VERSION, MINOR_VERSION
+from .layout import (GROUP_SIZES, SCHEMES, BlobSpec, StorageConfig, aligned_nbytes, blob_specs, outlier_count,
+                     tensor_nbytes)
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from .reader import BlobRef, MxqFile, TensorEntry
+from .writer import MxqWriter, TensorPlan
+
+__all__ = [
+    "MxqFormatError", "MAJOR_VERSION", "MINOR_VERSION", "GROUP_SIZES", "SCHEMES", "SUPPORTED_BITS",
+    "BlobSpec", "StorageConfig", "aligned_nbytes", "blob_specs", "outlier_count", "tensor_nbytes",
+    "pack_codes", "unpack_codes", "encode_meta", "decode_meta", "dequantize", "build_csr", "csr_problem",
+    "BlobRef", "MxqFile", "TensorEntry", "MxqWriter", "TensorPlan",
+]

@@ -1,0 +1,55 @@
+"""Bit packing of b-bit codes into little-endian uint32 words (SPEC.md §5).
+
+Codes run along the input dimension in packs of 32. The 32 codes of a pack form a
+32·b-bit little-endian bit stream (code j occupies bits [j·b, j·b + b)) that fills exactly
+b uint32 words, so every pack (and therefore every quantization group) starts on a word
+boundary for every bit width. For b = 2, 4, 8 no code straddles two words; for b = 3, 5, 6
+some do, and their low bits sit in word w, their high bits at the bottom of word w + 1.
+"""
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+CODES_PER_PACK = 32
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(..., n) integer codes in [0, 2**bits) with n % 32 == 0 → (..., n // 32 * bits) uint32."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    n = codes.shape[-1]
+    if n % CODES_PER_PACK:
+        raise ValueError(f"code count {n} is not a multiple of {CODES_PER_PACK}")
+    if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits} bits")
+    packs = codes.reshape(-1, n // CODES_PER_PACK, CODES_PER_PACK).astype(np.uint64)  # (rows, packs, 32)
+    words = np.zeros(packs.shape[:2] + (bits,), dtype=np.uint64)  # (rows, packs, b)
+    for j in range(CODES_PER_PACK):
+        word, shift = divmod(j * bits, 32)
+        words[..., word] |= (packs[..., j] << np.uint64(shift)) & np.uint64(0xFFFFFFFF)
+        if shift + bits > 32:  # the code's high bits spill into the next word
+            words[..., word + 1] |= packs[..., j] >> np.uint64(32 - shift)
+    return words.astype(np.uint32).reshape(codes.shape[:-1] + (n // CODES_PER_PACK * bits,))
+
+
+def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """(..., m) uint32 words with m % bits == 0 → (..., m // bits * 32) uint8 codes."""
+    _check_bits(bits)
+    words = np.asarray(words, dtype=np.uint32)
+    m = words.shape[-1]
+    if m % bits:
+        raise ValueError(f"word count {m} is not a multiple of {bits}")
+    packs = words.reshape(-1, m // bits, bits).astype(np.uint64)  # (rows, packs, b)
+    mask = np.uint64((1 << bits) - 1)
+    codes = np.empty(packs.shape[:2] + (CODES_PER_PACK,), dtype=np.uint8)  # (rows, packs, 32)
+    for j in range(CODES_PER_PACK):
+        word, shift = divmod(j * bits, 32)
+        value = packs[..., word] >> np.uint64(shift)
+        if shift + bits > 32:
+            value |= packs[..., word + 1] << np.uint64(32 - shift)
+        codes[..., j] = value & mask
+    return codes.reshape(words.shape[:-1] + (m // bits * CODES_PER_PACK,))

@@ -1,0 +1,285 @@
+"""Reader for .mxq files: mmap, validate everything, hand out zero-copy NumPy views (SPEC.md §7).
+
+Every number in the header and the JSON is checked (type, range, alignment, agreement with the
+cost model's layout, bounds against the file length, no overlaps) before any view is made, so a
+corrupt or hostile file yields MxqFormatError and never a crash or a huge allocation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MxqFormatError
+from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
+from .layout import GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig, blob_specs
+from .packing import SUPPORTED_BITS
+
+MAX_DIM = 1 << 40
+MAX_TENSORS = 1 << 20
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    dtype: str
+    shape: tuple
+    offset: int
+    nbytes: int
+    crc32: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple
+    config: StorageConfig
+    role: str
+    blobs: dict  # blob name -> BlobRef, in file order
+
+    @property
+    def nbytes(self) -> int:
+        return sum(blob.nbytes for blob in self.blobs.values())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class _Check:
+    """Small typed accessors that raise MxqFormatError naming the field."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def fail(self, message):
+        raise MxqFormatError(self.path, message)
+
+    def get(self, obj, key, kind, where):
+        if not isinstance(obj, dict) or key not in obj:
+            self.fail(f"{where}: missing field '{key}'")
+        value = obj[key]
+        if kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 62):
+                self.fail(f"{where}: field '{key}' must be a non-negative integer, got {value!r:.60}")
+        elif not isinstance(value, kind):
+            self.fail(f"{where}: field '{key}' must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+
+class MxqFile:
+    """An open .mxq file. Use MxqFile.open(path) or `with MxqFile.open(path) as f:`."""
+
+    def __init__(self, path, mm: mmap.mmap | None, size: int, version, document: dict, data_offset: int):
+        self.path = Path(path)
+        self._mmap = mm
+        self.file_nbytes = size
+        self.version = version
+        self.document = document
+        self.data_offset = data_offset
+        self.alignment = document["alignment"]
+        self.model = document["model"]
+        self.tokenizer = document["tokenizer"]
+        self.quantization = document.get("quantization", {}) if isinstance(document.get("quantization"), dict) else {}
+        self.provenance = document.get("provenance", {}) if isinstance(document.get("provenance"), dict) else {}
+        self.tensors: dict[str, TensorEntry] = {}
+        self.tokenizer_blob: BlobRef | None = None
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path) -> "MxqFile":
+        path = Path(path)
+        check = _Check(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as error:
+            check.fail(f"cannot open: {error.strerror}")
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                check.fail("not a regular file")
+            size = status.st_size
+            if size < HEADER_NBYTES:
+                check.fail(f"file is {size} bytes, shorter than the {HEADER_NBYTES}-byte header")
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        try:
+            return cls._parse(path, mm, size, check)
+        except BaseException:
+            mm.close()
+            raise
+
+    @classmethod
+    def _parse(cls, path, mm, size, check) -> "MxqFile":
+        magic, major, minor, json_crc, json_nbytes, data_offset = HEADER_STRUCT.unpack_from(mm, 0)
+        if magic != MAGIC:
+            check.fail("not an .mxq file (bad magic bytes)")
+        if major != MAJOR_VERSION:
+            check.fail(f"format version {major}.{minor} is not supported (this reader reads {MAJOR_VERSION}.x)")
+        if json_nbytes > MAX_JSON_NBYTES:
+            check.fail(f"header field json_nbytes {json_nbytes} exceeds the {MAX_JSON_NBYTES}-byte cap")
+        if HEADER_NBYTES + json_nbytes > size:
+            check.fail(f"header field json_nbytes {json_nbytes} runs past the end of the file ({size} bytes)")
+        if data_offset < HEADER_NBYTES + json_nbytes or data_offset > size:
+            check.fail(f"header field data_offset {data_offset} is outside [{HEADER_NBYTES + json_nbytes}, {size}]")
+        raw = mm[HEADER_NBYTES: HEADER_NBYTES + json_nbytes]
+        if zlib.crc32(raw) != json_crc:
+            check.fail("JSON metadata checksum mismatch (header corrupted)")
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            check.fail(f"JSON metadata does not parse: {str(error)[:80]}")
+        if not isinstance(document, dict):
+            check.fail("JSON metadata is not an object")
+        if document.get("format") != "mxq":
+            check.fail("JSON field 'format' must be \"mxq\"")
+        alignment = check.get(document, "alignment", int, "JSON")
+        if alignment < 8 or alignment & (alignment - 1) or data_offset % alignment:
+            check.fail(f"JSON field 'alignment' {alignment} must be a power of two >= 8 dividing data_offset")
+        for key in ("model", "tokenizer"):
+            check.get(document, key, dict, "JSON")
+        tensors = check.get(document, "tensors", list, "JSON")
+        if len(tensors) > MAX_TENSORS:
+            check.fail(f"JSON field 'tensors' lists {len(tensors)} tensors (cap {MAX_TENSORS})")
+        f = cls(path, mm, size, (major, minor), document, data_offset)
+        f._json_raw = raw
+        spans = []
+        tokenizer_blob = f._blob_ref(document["tokenizer"].get("blob"), "uint8", None, "tokenizer blob", check)
+        check.get(document["tokenizer"], "kind", str, "tokenizer")
+        f.tokenizer_blob = tokenizer_blob
+        spans.append((tokenizer_blob.offset, tokenizer_blob.nbytes, "tokenizer blob"))
+        for index, raw_entry in enumerate(tensors):
+            entry = f._tensor_entry(raw_entry, index, check)
+            if entry.name in f.tensors:
+                check.fail(f"tensor '{entry.name}' appears twice")
+            f.tensors[entry.name] = entry
+            spans += [(blob.offset, blob.nbytes, f"tensor '{entry.name}' blob '{name}'")
+                      for name, blob in entry.blobs.items()]
+        spans.sort()
+        previous_end, previous_name = data_offset, "the JSON metadata"
+        for offset, nbytes, name in spans:
+            if offset < previous_end:
+                check.fail(f"{name} at offset {offset} overlaps {previous_name}")
+            previous_end, previous_name = offset + nbytes, name
+        return f
+
+    def _blob_ref(self, raw, dtype, shape, where, check) -> BlobRef:
+        if not isinstance(raw, dict):
+            check.fail(f"{where}: missing or not an object")
+        if check.get(raw, "dtype", str, where) != dtype:
+            check.fail(f"{where}: dtype {raw['dtype']!r:.40} != expected {dtype!r}")
+        raw_shape = check.get(raw, "shape", list, where)
+        dims = tuple(check.get({"d": d}, "d", int, f"{where} shape") for d in raw_shape)
+        if shape is not None and dims != tuple(shape):
+            check.fail(f"{where}: shape {list(dims)} != expected {list(shape)}")
+        if len(dims) != 1 and shape is None:
+            check.fail(f"{where}: shape must be 1-D")
+        offset = check.get(raw, "offset", int, where)
+        nbytes = check.get(raw, "nbytes", int, where)
+        if any(d > MAX_DIM for d in dims) or nbytes != math.prod(dims) * np.dtype(dtype).itemsize:
+            check.fail(f"{where}: nbytes {nbytes} does not match dtype {dtype} and shape {list(dims)}")
+        if offset % self.alignment:
+            check.fail(f"{where}: offset {offset} is not aligned to {self.alignment}")
+        if offset < self.data_offset or offset + nbytes > self.file_nbytes:
+            check.fail(f"{where}: offset {offset} + nbytes {nbytes} lies outside the data region "
+                       f"[{self.data_offset}, {self.file_nbytes})")
+        crc = check.get(raw, "crc32", str, where)
+        if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
+            check.fail(f"{where}: crc32 must be 8 lowercase hex digits")
+        return BlobRef(dtype, dims, offset, nbytes, crc)
+
+    def _tensor_entry(self, raw, index, check) -> TensorEntry:
+        where = f"tensor #{index}"
+        name = check.get(raw, "name", str, where)
+        where = f"tensor '{name[:200]}'"
+        shape = tuple(check.get({"d": d}, "d", int, f"{where} shape") for d in check.get(raw, "shape", list, where))
+        if not 1 <= len(shape) <= 4 or any(not 0 < d <= MAX_DIM for d in shape):
+            check.fail(f"{where}: shape {list(shape)[:8]} is not 1 to 4 positive dimensions")
+        scheme = check.get(raw, "scheme", str, where)
+        if scheme not in SCHEMES:
+            check.fail(f"{where}: scheme {scheme!r:.40} is not supported by this reader (reads {', '.join(SCHEMES)})")
+        config_raw = check.get(raw, "config", dict, where)
+        if scheme == "fp16":
+            config = StorageConfig.fp16()
+        else:
+            bits = check.get(config_raw, "bits", int, f"{where} config")
+            group_size = check.get(config_raw, "group_size", int, f"{where} config")
+            outliers = check.get(config_raw, "outliers", int, f"{where} config")
+            if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES:
+                check.fail(f"{where}: config bits={bits} group_size={group_size} is not supported")
+            if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
+                    check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
+                check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
+            if len(shape) != 2:
+                check.fail(f"{where}: scheme affine needs a 2-D shape, got {list(shape)}")
+            config = StorageConfig.affine(bits, group_size, outliers)
+        try:
+            specs = blob_specs(shape, config)
+        except ValueError as error:
+            check.fail(f"{where}: {error}")
+        raw_blobs = check.get(raw, "blobs", dict, where)
+        if set(raw_blobs) != set(specs):
+            check.fail(f"{where}: blobs {sorted(raw_blobs)[:12]} != expected {sorted(specs)}")
+        blobs = {blob_name: self._blob_ref(raw_blobs[blob_name], spec.dtype, spec.shape,
+                                           f"{where} blob '{blob_name}'", check)
+                 for blob_name, spec in specs.items()}
+        role = raw.get("role", "other")
+        return TensorEntry(name, shape, config, role if isinstance(role, str) else "other", blobs)
+
+    # -- access ----------------------------------------------------------------------------------
+    def view(self, blob: BlobRef) -> np.ndarray:
+        """Zero-copy read-only view of one blob (little-endian dtype)."""
+        if self._mmap is None:
+            raise ValueError(f"{self.path}: file is closed")
+        dtype = np.dtype(blob.dtype).newbyteorder("<")
+        count = math.prod(blob.shape)
+        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=blob.offset).reshape(blob.shape)
+
+    def blobs(self, name: str) -> dict:
+        """All blobs of tensor `name` as zero-copy views, keyed by blob name."""
+        return {blob_name: self.view(ref) for blob_name, ref in self.tensors[name].blobs.items()}
+
+    def tokenizer_data(self) -> bytes:
+        return bytes(self.view(self.tokenizer_blob))
+
+    def verify(self, progress=None) -> list[str]:
+        """Check every blob's crc32 and that every gap between blobs is zero, so that no byte of
+        the file goes unchecked; returns the problems found (empty when the file is intact)."""
+        problems = []
+        items = [("tokenizer blob", self.tokenizer_blob)] + [
+            (f"tensor '{entry.name}' blob '{blob_name}'", ref)
+            for entry in self.tensors.values() for blob_name, ref in entry.blobs.items()]
+        for where, ref in (progress(items) if progress else items):
+            actual = zlib.crc32(self._mmap[ref.offset: ref.offset + ref.nbytes])
+            if f"{actual:08x}" != ref.crc32:
+                problems.append(f"{where}: crc32 {actual:08x} != recorded {ref.crc32}")
+        json_end = HEADER_NBYTES + len(self._json_raw)
+        spans = sorted((ref.offset, ref.offset + ref.nbytes) for _, ref in items)
+        gaps = [(json_end, self.data_offset)] + [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
+        gaps.append((spans[-1][1], self.file_nbytes))
+        for start, end in gaps:
+            if end > start and any(self._mmap[start:end]):
+                problems.append(f"padding bytes [{start}, {end}) are not zero")
+        return problems
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # views still alive: the mapping goes when they do
+                pass
+            self._mmap = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

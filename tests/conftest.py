@@ -1,0 +1,63 @@
+"""Shared test helpers: random stored tensors and small .mxq files written through the writer."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta, pack_codes
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
+
+
+def random_affine_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Valid blobs for an affine tensor: random codes (padding codes 0), plausible scales/zeros."""
+    out_features, in_features = shape
+    n_groups = -(-in_features // config.group_size)
+    codes = rng.integers(0, 1 << config.bits, size=(out_features, n_groups * config.group_size))
+    codes[:, in_features:] = 0
+    scales = rng.uniform(0.001, 0.05, size=(out_features, n_groups)).astype(np.float32)
+    zeros = rng.uniform(-1, (1 << config.bits) + 1, size=(out_features, n_groups)).astype(np.float32)
+    scale_codes, scale_meta = encode_meta(scales)
+    zero_codes, zero_meta = encode_meta(zeros)
+    blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
+             "zero_codes": zero_codes, "zero_meta": zero_meta}
+    if config.outliers:
+        flat = rng.choice(out_features * in_features, size=config.outliers, replace=False)
+        blobs.update(build_csr(shape, flat // in_features, flat % in_features,
+                               rng.standard_normal(config.outliers).astype(np.float32)))
+    return blobs
+
+
+def random_blobs(rng, shape, config: StorageConfig) -> dict:
+    if config.scheme == "fp16":
+        return {"data": rng.standard_normal(shape).astype(np.float16)}
+    return random_affine_blobs(rng, shape, config)
+
+
+def write_random_file(path, tensors, seed=0, tokenizer_data=b"tokenizer bytes", **writer_options):
+    """Write `tensors` [(name, shape, config)] with random content; returns {name: blobs}."""
+    rng = np.random.default_rng(seed)
+    plans = [TensorPlan(name, shape, config, "linear" if config.scheme == "affine" else "norm")
+             for name, shape, config in tensors]
+    written = {}
+    with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"},
+                   tokenizer_data=tokenizer_data, tensors=plans, **writer_options) as writer:
+        for plan in plans:
+            written[plan.name] = random_blobs(rng, plan.shape, plan.config)
+            writer.write(plan.name, written[plan.name])
+    return written
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    """A small valid file with affine (with and without outliers) and fp16 tensors."""
+    path = tmp_path / "small.mxq"
+    tensors = [("a", (5, 70), StorageConfig.affine(3, 32, 4)),
+               ("b", (3, 128), StorageConfig.affine(4, 64)),
+               ("n", (7,), StorageConfig.fp16())]
+    blobs = write_random_file(path, tensors)
+    return path, tensors, blobs

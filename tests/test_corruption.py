@@ -1,0 +1,164 @@
+"""Damaged and hostile files: the reader raises MxqFormatError or verify reports a problem —
+never another exception, a crash, a hang or a huge allocation; the CLI prints one line."""
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from mxq.format_spec import MxqFile, MxqFormatError
+
+
+def _outcome(path):
+    """'error' (typed error at open), 'damaged' (verify finds a problem) or 'ok'."""
+    try:
+        with MxqFile.open(path) as f:
+            return "damaged" if f.verify() else "ok"
+    except MxqFormatError:
+        return "error"
+
+
+def _rewrite_json(image: bytes, edit, room: int = 256) -> bytes:
+    """Apply `edit` to the JSON document and re-seal it with a correct checksum and header.
+    The data region moves `room` bytes later (offsets adjusted first) so the JSON may grow."""
+    _, major, minor, _, json_nbytes, data_offset = struct.unpack_from("<8sHHIQQ", image)
+    document = json.loads(image[32: 32 + json_nbytes])
+    blobs = [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t["blobs"].values()]
+    for blob in blobs:
+        blob["offset"] += room
+    edit(document)
+    raw = json.dumps(document, separators=(",", ":")).encode()
+    new_offset = data_offset + room
+    assert 32 + len(raw) <= new_offset
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", major, minor, zlib.crc32(raw), len(raw), new_offset)
+    return header + raw + b"\0" * (new_offset - 32 - len(raw)) + image[data_offset:]
+
+
+def test_every_truncation_is_rejected(small_file, tmp_path):
+    path, _, _ = small_file
+    image = path.read_bytes()
+    target = tmp_path / "cut.mxq"
+    for length in range(len(image)):
+        target.write_bytes(image[:length])
+        assert _outcome(target) == "error", length
+
+
+def test_every_single_byte_flip_is_caught(small_file, tmp_path):
+    path, _, _ = small_file
+    image = bytearray(path.read_bytes())
+    target = tmp_path / "flip.mxq"
+    rng = np.random.default_rng(0)
+    for position in range(len(image)):
+        if position in (10, 11):  # minor_version: any minor of major 1 is readable by design
+            continue
+        damaged = bytearray(image)
+        damaged[position] ^= int(rng.integers(1, 256))
+        target.write_bytes(bytes(damaged))
+        assert _outcome(target) in ("error", "damaged"), position
+
+
+def _first_blob(document):
+    return document["tensors"][0]["blobs"]["qweight"]
+
+
+HOSTILE_EDITS = {
+    "huge offset": lambda d: _first_blob(d).update(offset=2**61),
+    "offset past end": lambda d: _first_blob(d).update(offset=_first_blob(d)["offset"] + 2**20),
+    "negative offset": lambda d: _first_blob(d).update(offset=-64),
+    "float offset": lambda d: _first_blob(d).update(offset=64.0),
+    "bool nbytes": lambda d: _first_blob(d).update(nbytes=True),
+    "unaligned offset": lambda d: _first_blob(d).update(offset=_first_blob(d)["offset"] + 4),
+    "nbytes mismatch": lambda d: _first_blob(d).update(nbytes=_first_blob(d)["nbytes"] + 4),
+    "huge shape": lambda d: d["tensors"][0].update(shape=[2**40, 2**40]),
+    "zero dim": lambda d: d["tensors"][0].update(shape=[0, 70]),
+    "shape not matching blobs": lambda d: d["tensors"][0].update(shape=[5, 200]),
+    "wrong dtype": lambda d: _first_blob(d).update(dtype="float64"),
+    "missing blob": lambda d: d["tensors"][0]["blobs"].pop("zero_meta"),
+    "extra blob": lambda d: d["tensors"][0]["blobs"].update(extra=_first_blob(d)),
+    "overlap": lambda d: d["tensors"][1]["blobs"]["qweight"].update(offset=_first_blob(d)["offset"]),
+    "unknown scheme": lambda d: d["tensors"][0].update(scheme="lut"),
+    "bad bits": lambda d: d["tensors"][0]["config"].update(bits=7),
+    "bad meta": lambda d: d["tensors"][0]["config"].update(meta_group_size=64),
+    "string shape": lambda d: d["tensors"][0].update(shape="5x70"),
+    "tensors not a list": lambda d: d.update(tensors={}),
+    "missing tokenizer": lambda d: d.pop("tokenizer"),
+    "tokenizer blob 2-D": lambda d: d["tokenizer"]["blob"].update(shape=[1, d["tokenizer"]["blob"]["shape"][0]]),
+    "duplicate tensor": lambda d: d["tensors"].__setitem__(1, dict(d["tensors"][1], name=d["tensors"][0]["name"])),
+    "bad crc text": lambda d: _first_blob(d).update(crc32="xyz"),
+    "wrong format": lambda d: d.update(format="gguf"),
+    "alignment 3": lambda d: d.update(alignment=3),
+    "outliers beyond weights": lambda d: d["tensors"][0]["config"].update(outliers=10**6),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_EDITS))
+def test_hostile_metadata_is_rejected(small_file, tmp_path, name):
+    path, _, _ = small_file
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_EDITS[name]))
+    with pytest.raises(MxqFormatError) as caught:
+        MxqFile.open(target)
+    assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+
+
+@pytest.mark.parametrize("patch", [
+    (0, b"GGUF\0\0\0\0"),                     # wrong magic
+    (8, struct.pack("<H", 2)),                 # unknown major version
+    (16, struct.pack("<Q", 2**63)),            # absurd JSON length
+    (16, struct.pack("<Q", 70 << 20)),         # JSON length over the cap
+    (24, struct.pack("<Q", 2**63)),            # absurd data offset
+    (24, struct.pack("<Q", 33)),               # data offset inside the JSON
+])
+def test_bad_header_fields(small_file, tmp_path, patch):
+    path, _, _ = small_file
+    image = bytearray(path.read_bytes())
+    offset, data = patch
+    image[offset: offset + len(data)] = data
+    target = tmp_path / "bad.mxq"
+    target.write_bytes(bytes(image))
+    with pytest.raises(MxqFormatError):
+        MxqFile.open(target)
+
+
+def test_deeply_nested_json_is_rejected(tmp_path):
+    raw = b"[" * 100000 + b"]" * 100000
+    target = tmp_path / "deep.mxq"
+    target.write_bytes(b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 0, zlib.crc32(raw), len(raw), 32 + len(raw)) + raw)
+    with pytest.raises(MxqFormatError):
+        MxqFile.open(target)
+
+
+def test_minor_version_and_unknown_keys_are_accepted(small_file, tmp_path):
+    path, _, _ = small_file
+    image = bytearray(_rewrite_json(path.read_bytes(), lambda d: d.update(future={"x": 1})))
+    image[10:12] = struct.pack("<H", 7)
+    target = tmp_path / "newer.mxq"
+    target.write_bytes(bytes(image))
+    assert _outcome(target) == "ok"
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_cli_reports_one_line_and_fails(small_file, tmp_path, command):
+    path, _, _ = small_file
+    target = tmp_path / "cut.mxq"
+    target.write_bytes(path.read_bytes()[:100])
+    for bad in (target, tmp_path / "missing.mxq", tmp_path):
+        result = subprocess.run([sys.executable, "-m", "mxq.cli", command, str(bad)], capture_output=True, text=True)
+        assert result.returncode != 0
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_cli_verify_flags_damaged_data(small_file, tmp_path):
+    path, _, _ = small_file
+    image = bytearray(path.read_bytes())
+    image[-1] ^= 0xFF  # inside the last blob: only the checksum can notice
+    target = tmp_path / "flip.mxq"
+    target.write_bytes(bytes(image))
+    result = subprocess.run([sys.executable, "-m", "mxq.cli", "verify", str(target)], capture_output=True, text=True)
+    assert result.returncode == 1 and "DAMAGED" in result.stderr
+    ok = subprocess.run([sys.executable, "-m", "mxq.cli", "verify", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout

@@ -1,0 +1,167 @@
+import itertools
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import random_affine_blobs, write_random_file
+from mxq.format_spec import (GROUP_SIZES, SUPPORTED_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan,
+                             blob_specs, csr_problem, decode_meta, dequantize, encode_meta, tensor_nbytes,
+                             unpack_codes)
+
+ODD_SHAPES = [(1, 1), (3, 31), (7, 33), (5, 96), (2, 130), (9, 576), (4, 1000)]
+ALL_AFFINE = [StorageConfig.affine(b, g, o) for b, g, o in itertools.product(SUPPORTED_BITS, GROUP_SIZES, (0, 3))]
+
+
+def test_cost_model_equals_bytes_written(tmp_path):
+    """Every config × odd shapes: the cost model's bytes are exactly the bytes the writer emits."""
+    tensors = [(f"t{i}", shape, config) for i, (shape, config) in
+               enumerate(itertools.product(ODD_SHAPES, ALL_AFFINE + [StorageConfig.fp16()]))
+               if config.outliers <= math.prod(shape)]
+    path = tmp_path / "all.mxq"
+    write_random_file(path, tensors)
+    with MxqFile.open(path) as f:
+        spans = []
+        for name, shape, config in tensors:
+            entry = f.tensors[name]
+            assert entry.nbytes == tensor_nbytes(shape, config), (name, shape, config)
+            spans += [(ref.offset, ref.nbytes) for ref in entry.blobs.values()]
+        spans.append((f.tokenizer_blob.offset, f.tokenizer_blob.nbytes))
+        # the file holds nothing but header, JSON, blobs and alignment gaps smaller than the alignment
+        spans.sort()
+        gaps = [b[0] - (a[0] + a[1]) for a, b in zip(spans, spans[1:])]
+        assert all(0 <= gap < f.alignment for gap in gaps)
+        assert spans[-1][0] + spans[-1][1] == os.path.getsize(path)
+
+
+def test_cost_formula_in_spec():
+    """SPEC §5: cost = out·G·g·b/8 + 2·out·G + 8·R + [4·(out+1) + 4·nnz]."""
+    for (out, inp), config in itertools.product(ODD_SHAPES, ALL_AFFINE):
+        if config.outliers > out * inp:
+            continue
+        g, b, nnz = config.group_size, config.bits, config.outliers
+        G = math.ceil(inp / g)
+        R = math.ceil(out * G / 128)
+        expected = out * G * g * b // 8 + 2 * out * G + 8 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
+        assert tensor_nbytes((out, inp), config) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 40), inp=st.integers(1, 300), bits=st.sampled_from(SUPPORTED_BITS),
+       group=st.sampled_from(GROUP_SIZES), outliers=st.integers(0, 5), seed=st.integers(0, 1000))
+def test_round_trip_exact(tmp_path_factory, out, inp, bits, group, outliers, seed):
+    outliers = min(outliers, out * inp)
+    config = StorageConfig.affine(bits, group, outliers)
+    path = tmp_path_factory.mktemp("rt") / "x.mxq"
+    written = write_random_file(path, [("w", (out, inp), config), ("n", (inp,), StorageConfig.fp16())], seed=seed)
+    with MxqFile.open(path) as f:
+        assert f.verify() == []
+        for name, blobs in written.items():
+            read = f.blobs(name)
+            assert read.keys() == blobs.keys()
+            for blob_name in blobs:
+                np.testing.assert_array_equal(read[blob_name], blobs[blob_name])
+                assert read[blob_name].dtype == blobs[blob_name].dtype
+        w = f.blobs("w")
+        if outliers:
+            assert csr_problem(w, (out, inp)) is None
+        np.testing.assert_array_equal(dequantize(w, (out, inp), config), dequantize(written["w"], (out, inp), config))
+
+
+@pytest.mark.parametrize("config", [StorageConfig.affine(b, g, o) for b in (3, 5, 8) for g in GROUP_SIZES for o in (0, 4)],
+                         ids=lambda c: c.label)
+def test_dequantize_matches_spec_formula(config):
+    """Element-by-element evaluation of SPEC §6.1–§6.2 against the vectorized reference."""
+    rng = np.random.default_rng(1)
+    shape = (3, 70)
+    blobs = random_affine_blobs(rng, shape, config)
+    codes = unpack_codes(blobs["qweight"], config.bits)
+    expected = np.zeros(shape, dtype=np.float32)
+    G = blobs["scale_codes"].shape[1]
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            k = c // config.group_size
+            flat = r * G + k
+            step, low = blobs["scale_meta"][flat // 128].astype(np.float32)
+            s = np.float32(blobs["scale_codes"][r, k]) * step + low
+            step, low = blobs["zero_meta"][flat // 128].astype(np.float32)
+            z = np.float32(blobs["zero_codes"][r, k]) * step + low
+            expected[r, c] = (np.float32(codes[r, c]) - z) * s
+    if config.outliers:
+        row_ptr = blobs["outlier_row_ptr"]
+        for r in range(shape[0]):
+            for i in range(row_ptr[r], row_ptr[r + 1]):
+                expected[r, blobs["outlier_cols"][i]] += np.float32(blobs["outlier_values"][i])
+    np.testing.assert_array_equal(dequantize(blobs, shape, config), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 700), low=st.floats(-300, 300), span=st.floats(0, 300), seed=st.integers(0, 99))
+def test_meta_codec_covers_every_value(n, low, span, seed):
+    values = (low + span * np.random.default_rng(seed).random(n)).astype(np.float32).reshape(1, n)
+    codes, meta = encode_meta(values)
+    assert codes.dtype == np.uint8 and meta.dtype == np.float16 and meta.shape == (math.ceil(n / 128), 2)
+    decoded = decode_meta(codes, meta)
+    run_step = np.repeat(meta[:, 0].astype(np.float32), 128)[:n]
+    # every value within half a step (plus fp32 rounding) of its decoded value
+    assert np.all(np.abs(decoded - values)[0] <= run_step * 0.5 + 1e-3 * np.abs(values[0]) + 1e-6)
+
+
+def test_meta_codec_rejects_non_finite():
+    with pytest.raises(ValueError):
+        encode_meta(np.array([[1.0, np.nan]], dtype=np.float32))
+
+
+def test_same_inputs_give_identical_bytes(tmp_path):
+    tensors = [("a", (4, 64), StorageConfig.affine(2, 32, 2)), ("n", (3,), StorageConfig.fp16())]
+    write_random_file(tmp_path / "1.mxq", tensors, seed=5)
+    write_random_file(tmp_path / "2.mxq", tensors, seed=5)
+    assert (tmp_path / "1.mxq").read_bytes() == (tmp_path / "2.mxq").read_bytes()
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    plans = [TensorPlan("a", (4, 64), StorageConfig.affine(4, 32)), TensorPlan("b", (4, 64), StorageConfig.affine(4, 32))]
+    rng = np.random.default_rng(0)
+    with pytest.raises(KeyboardInterrupt):
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+            w.write("a", random_affine_blobs(rng, (4, 64), plans[0].config))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+            w.write("a", random_affine_blobs(rng, (4, 64), plans[0].config))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_wrong_blobs(tmp_path):
+    plans = [TensorPlan("a", (4, 64), StorageConfig.affine(4, 32))]
+    blobs = random_affine_blobs(np.random.default_rng(0), (4, 64), plans[0].config)
+    blobs["scale_codes"] = blobs["scale_codes"].astype(np.uint16)
+    with pytest.raises(ValueError, match="scale_codes"):
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+            w.write("a", blobs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_csr_problems_detected():
+    shape = (3, 10)
+    good = {"outlier_row_ptr": np.array([0, 2, 2, 3], np.uint32), "outlier_cols": np.array([1, 5, 0], np.uint16),
+            "outlier_values": np.ones(3, np.float16)}
+    assert csr_problem(good, shape) is None
+    for row_ptr, cols in [([0, 2, 1, 3], [1, 5, 0]), ([1, 2, 2, 3], [1, 5, 0]), ([0, 2, 2, 3], [5, 1, 0]),
+                          ([0, 2, 2, 3], [1, 10, 0]), ([0, 2, 2, 2], [1, 5, 0])]:
+        bad = dict(good, outlier_row_ptr=np.array(row_ptr, np.uint32), outlier_cols=np.array(cols, np.uint16))
+        assert csr_problem(bad, shape) is not None, (row_ptr, cols)
+
+
+def test_layout_rejects_impossible_configs():
+    with pytest.raises(ValueError):
+        StorageConfig.affine(7, 32)
+    with pytest.raises(ValueError):
+        StorageConfig.affine(4, 48)
+    with pytest.raises(ValueError):
+        blob_specs((2, 70000), StorageConfig.affine(4, 32, 1))
+    with pytest.raises(ValueError):
+        blob_specs((2, 2), StorageConfig.affine(4, 32, 5))

@@ -1,0 +1,97 @@
+"""Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
+and checks that mxq's reader loads it and decodes the weights SPEC §6 says it holds."""
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+
+from mxq.format_spec import MxqFile, dequantize
+
+
+def _bitstring_pack(codes, bits):
+    """SPEC §5.1 by the letter: packs of 32 codes as a little-endian bit string in b words."""
+    words = []
+    for start in range(0, len(codes), 32):
+        value = 0
+        for j, code in enumerate(codes[start:start + 32]):
+            value |= int(code) << (j * bits)
+        words += [(value >> (32 * w)) & 0xFFFFFFFF for w in range(bits)]
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+def test_reader_loads_a_file_written_from_the_spec(tmp_path):
+    out, inp, bits, g = 2, 40, 3, 32  # in not a multiple of g: G = 2 groups, last one padded
+    G = math.ceil(inp / g)
+    codes = [[(r * 7 + c) % 8 for c in range(inp)] + [0] * (G * g - inp) for r in range(out)]
+    scale_codes, zero_codes = bytes([10, 20, 30, 40]), bytes([0, 255, 128, 64])
+    scale_meta = struct.pack("<2e", 0.001, 0.01)   # step, min
+    zero_meta = struct.pack("<2e", 0.015625, 1.0)
+    row_ptr, cols, vals = struct.pack("<3I", 0, 1, 1), struct.pack("<H", 39), struct.pack("<e", 0.5)
+    tokenizer = b"not really a sentencepiece model"
+    blobs = {
+        "qweight": ("uint32", [out, G * g * bits // 32], b"".join(_bitstring_pack(row, bits) for row in codes)),
+        "scale_codes": ("uint8", [out, G], scale_codes), "scale_meta": ("float16", [1, 2], scale_meta),
+        "zero_codes": ("uint8", [out, G], zero_codes), "zero_meta": ("float16", [1, 2], zero_meta),
+        "outlier_row_ptr": ("uint32", [out + 1], row_ptr), "outlier_cols": ("uint16", [1], cols),
+        "outlier_values": ("float16", [1], vals),
+    }
+    norm = struct.pack("<4e", 1.0, 2.0, -0.5, 0.25)
+
+    alignment = 64
+    data_offset = 4096  # generous, a multiple of alignment
+    cursor, payload, document_blobs = data_offset, [], {}
+
+    def place(data, dtype, shape):
+        nonlocal cursor
+        offset = -(-cursor // alignment) * alignment
+        payload.append((offset, data))
+        cursor = offset + len(data)
+        return {"dtype": dtype, "shape": shape, "offset": offset, "nbytes": len(data),
+                "crc32": format(zlib.crc32(data), "08x")}
+
+    tokenizer_blob = place(tokenizer, "uint8", [len(tokenizer)])
+    for name, (dtype, shape, data) in blobs.items():
+        document_blobs[name] = place(data, dtype, shape)
+    norm_blob = place(norm, "float16", [4])
+    document = {
+        "format": "mxq", "alignment": alignment,
+        "model": {"architecture": "llama", "hidden_size": 4, "a_future_key": [1, 2]},
+        "tokenizer": {"kind": "sentencepiece", "blob": tokenizer_blob, "bos_token_id": 1, "eos_token_ids": [2],
+                      "add_bos_token": True, "chat_template": None},
+        "quantization": {}, "provenance": {"note": "hand-made"},
+        "tensors": [
+            {"name": "w", "shape": [out, inp], "role": "linear", "scheme": "affine",
+             "config": {"bits": bits, "group_size": g, "meta_bits": 8, "meta_group_size": 128, "outliers": 1},
+             "blobs": document_blobs, "unknown_key": "ignored"},
+            {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, "blobs": {"data": norm_blob}},
+        ],
+    }
+    json_bytes = json.dumps(document).encode()
+    assert 32 + len(json_bytes) <= data_offset
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 0, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
+    for offset, data in payload:
+        image += b"\0" * (offset - len(image)) + data
+    path = tmp_path / "by_hand.mxq"
+    path.write_bytes(bytes(image))
+
+    with MxqFile.open(path) as f:
+        assert f.verify() == []
+        assert f.tokenizer_data() == tokenizer
+        entry = f.tensors["w"]
+        weight = dequantize(f.blobs("w"), entry.shape, entry.config)
+        np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
+    # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
+    step_s, min_s = np.float16(0.001).astype(np.float32), np.float16(0.01).astype(np.float32)
+    step_z, min_z = np.float16(0.015625).astype(np.float32), np.float32(1.0)
+    expected = np.zeros((out, inp), np.float32)
+    for r in range(out):
+        for c in range(inp):
+            k = c // g
+            s = np.float32(scale_codes[r * G + k]) * step_s + min_s
+            z = np.float32(zero_codes[r * G + k]) * step_z + min_z
+            expected[r, c] = (np.float32(codes[r][c]) - z) * s
+    expected[0, 39] += np.float32(0.5)
+    np.testing.assert_array_equal(weight, expected)
