@@ -12,11 +12,7 @@ from .format_spec import MxqFile, MxqFormatError
 from .format_spec.summary import summarize
 
 
-class UserError(Exception):
-    """A problem with the user's input that deserves one line, not a traceback."""
-
-
-EXPECTED_ERRORS = (MxqFormatError, UserError, OSError, ValueError)
+EXPECTED_ERRORS = (MxqFormatError, OSError, ValueError)
 
 
 class _Cli(click.Group):
@@ -117,6 +113,18 @@ def verify(file):
         sys.exit(1)
     click.echo(f"{file}: OK ({count} blobs, all checksums match)")
 
+
+def _register_commands():
+    """convert lives with the converter, generate/eval/export-hf with the runtime; each module
+    defines click commands whose heavy imports happen only when the command runs."""
+    from .converter.commands import COMMANDS as converter_commands
+    from .runtime.commands import COMMANDS as runtime_commands
+
+    for command in converter_commands + runtime_commands:
+        main.add_command(command)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()
