@@ -27,7 +27,8 @@ TEXT = (
     "The old schoolmaster walked slowly along the river in the early morning, thinking about the "
     "boys who had thrown stones at his window the night before. He did not know their names, but "
     "he remembered their laughter, and he resolved that he would find them before the week was out, "
-    "whatever it cost him in patience."
+    "whatever it cost him in patience. The headmaster, a thin man with a loud voice, only smiled "
+    "and told him that boys will be boys."
 )
 
 
