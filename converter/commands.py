@@ -1,6 +1,76 @@
-"""Click commands of this part of mxq, registered on the `mxq` group by mxq.cli.
+"""`mxq convert`: registered on the `mxq` group by mxq.cli. Heavy imports happen inside the command."""
+import sys
 
-Keep imports here light: heavy modules are imported inside the command functions."""
-import click  # noqa: F401
+import click
 
-COMMANDS = []
+CONVERT_HELP = """Convert a Hugging Face checkpoint folder HF_DIR into one quantized .mxq file.
+
+\b
+Every decoder linear (q/k/v/o, gate/up/down) of every layer gets its own storage config,
+chosen by a mixed-integer program that minimizes total quantization error while keeping
+the budget exactly:
+  --bpw X    bits per weight over the decoder linears, counting everything they store
+             (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
+  --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
+Embeddings, lm_head and norms stay fp16 unless --quantize-embeddings is given.
+
+\b
+Examples:
+  mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
+  mxq convert ./SmolLM2-135M -o smol.mxq --size 90MiB --configs paper,b5g32
+  mxq convert ./SmolLM2-135M -o smol-fp16.mxq --bpw 16 --configs fp16
+
+Measured errors are cached (~/.cache/mxq/errors, or $MXQ_CACHE/errors), so converting the
+same checkpoint at another budget skips the measurement.
+"""
+
+
+@click.command("convert", help=CONVERT_HELP)
+@click.argument("hf_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .mxq file (written atomically).")
+@click.option("--bpw", type=float, help="Budget: bits per weight over the decoder linears.")
+@click.option("--size", "size_text", help="Budget: whole-file size in bytes (suffixes B, KB, MB, GB, KiB, MiB, GiB).")
+@click.option("--configs", default="paper", show_default=True,
+              help="Candidate configs, comma-separated: bBgG (B bits 2,3,4,5,6,8; G group 32,64,128), "
+                   "optionally +oP% outliers, fp16, or presets 'paper' (b2/3/4/8 × g32/64/128) and 'all'.")
+@click.option("--outliers", "outliers_text", default="0", show_default=True,
+              help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
+                   "their bytes count against the budget.")
+@click.option("--quantizer", type=click.Choice(["hqq", "rtn"]), default="hqq", show_default=True,
+              help="hqq: HQQ-style zero-point optimization (calibration-free); rtn: min-max round to nearest.")
+@click.option("--objective", type=click.Choice(["frobenius", "frobenius_sq"]), default="frobenius",
+              show_default=True, help="Minimize Σ‖W−Ŵ‖_F (the MXQ paper) or Σ‖W−Ŵ‖²_F.")
+@click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,
+              help="Also quantize embeddings and an untied lm_head (8: b8g64, 4: b4g32).")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, quantizer, objective,
+                    quantize_embeddings, cache_dir, no_cache, quiet):
+    from tqdm import tqdm
+
+    from .convert import ConvertOptions, convert, parse_size
+    from .errors import ConversionError
+
+    try:
+        outliers = float(outliers_text.strip().rstrip("%"))
+    except ValueError:
+        raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
+    options = ConvertOptions(
+        bpw=bpw, size=parse_size(size_text) if size_text else None, configs=configs, quantizer=quantizer,
+        objective=objective, outliers=outliers,
+        quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
+        cache_dir=None if no_cache else (cache_dir or "default"))
+    progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
+    report = convert(hf_dir, output, options, progress=progress)
+    budget = f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes"
+    click.echo(f"wrote {report.path}: {report.file_bytes:,} bytes ({report.file_bytes / 2**20:.2f} MiB)")
+    click.echo(f"budget {budget}; achieved {report.achieved_bpw:.4f} bpw over decoder linears")
+    click.echo("average bits per module: " + ", ".join(f"{m} {b:.2f}" for m, b in report.module_bits.items()))
+    click.echo("configs: " + ", ".join(f"{label}×{n}" for label, n in report.config_counts.items()))
+    click.echo("seconds: " + ", ".join(f"{stage} {t:.1f}" for stage, t in report.seconds.items()))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+
+
+COMMANDS = [convert_command]

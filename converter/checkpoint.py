@@ -1,0 +1,355 @@
+"""Reading a Hugging Face checkpoint directory: config → model spec, tensors streamed one at a time,
+tokenizer files, content hash, license fields. Everything is validated before any heavy work."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConversionError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SUPPORTED_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple
+    dtype: str  # safetensors dtype string
+    file: Path
+    role: str  # linear | embedding | lm_head | norm | bias
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict  # the .mxq `model` object (SPEC §3.1)
+    tensors: dict  # name -> TensorInfo, in a canonical order
+    tokenizer: dict  # the .mxq `tokenizer` object without its blob
+    tokenizer_data: bytes
+    license: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def linears(self) -> list:
+        return [t for t in self.tensors.values() if t.role == "linear"]
+
+    def content_hash(self) -> str:
+        """sha256 over config.json and the tensor files (names and bytes), in a fixed order."""
+        digest = hashlib.sha256()
+        files = [self.path / "config.json"] + sorted({t.file for t in self.tensors.values()})
+        for file in files:
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def open_tensors(self):
+        return TensorSource(self)
+
+
+class TensorSource:
+    """Loads one tensor at a time as float32 torch tensors (safetensors safe_open per shard)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._handles = {}
+
+    def get(self, name: str):
+        import torch
+        from safetensors import safe_open
+
+        info = self.checkpoint.tensors[name]
+        if info.file not in self._handles:
+            self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        tensor = self._handles[info.file].get_tensor(name).to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
+        return tensor
+
+    def close(self):
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"{path}: cannot read {what}: {str(error)[:100]}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: {what} is not a JSON object")
+    return value
+
+
+def _int_field(config: dict, key: str, path: Path, default=None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConversionError(f"{path}: field '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _rope_scaling(config: dict, path: Path):
+    """Both spellings: older `rope_theta` + `rope_scaling`, newer `rope_parameters` (transformers 5)."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_type" in params:
+        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = None if params.get("rope_type") == "default" else params
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConversionError(f"{path}: rope_theta must be a positive number, got {theta!r}")
+    if scaling is None:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return float(theta), None
+    if kind == "linear":
+        return float(theta), {"rope_type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in scaling]
+        if missing:
+            raise ConversionError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
+        result = {"rope_type": "llama3", **{k: float(scaling[k]) for k in keys[:3]},
+                  "original_max_position_embeddings": int(scaling[keys[3]])}
+        return float(theta), result
+    raise ConversionError(f"{path}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def model_spec(config: dict, path: Path) -> tuple[dict, list]:
+    """The .mxq `model` object from an HF config.json; unsupported features fail here."""
+    architectures = config.get("architectures") or []
+    hf_arch = architectures[0] if architectures else None
+    if hf_arch not in ARCHITECTURES:
+        raise ConversionError(f"{path}: architecture {hf_arch!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    notes = []
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{path}: hidden_act {config.get('hidden_act')!r} is not supported (silu)")
+    if config.get("mlp_bias"):
+        raise ConversionError(f"{path}: mlp_bias is not supported")
+    hidden = _int_field(config, "hidden_size", path)
+    heads = _int_field(config, "num_attention_heads", path)
+    kv_heads = _int_field(config, "num_key_value_heads", path, heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2 or heads % kv_heads:
+        raise ConversionError(f"{path}: head layout heads={heads} kv_heads={kv_heads} head_dim={head_dim} is invalid")
+    max_positions = _int_field(config, "max_position_embeddings", path, 2048)
+    sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if isinstance(sliding, int) and 0 < sliding < max_positions:
+        notes.append(f"sliding_window {sliding}: context capped at {sliding} tokens, where attention is exact")
+        max_positions = sliding
+    theta, scaling = _rope_scaling(config, path)
+    arch = ARCHITECTURES[hf_arch]
+    spec = {
+        "architecture": arch,
+        "hf_architecture": hf_arch,
+        "vocab_size": _int_field(config, "vocab_size", path),
+        "hidden_size": hidden,
+        "intermediate_size": _int_field(config, "intermediate_size", path),
+        "num_hidden_layers": _int_field(config, "num_hidden_layers", path),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "attention_bias": bool(config.get("attention_bias", arch == "qwen2")),
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+    }
+    return spec, notes
+
+
+def expected_tensors(spec: dict) -> dict:
+    """name -> (shape, role) of every tensor the model needs, in file order."""
+    hidden, inter = spec["hidden_size"], spec["intermediate_size"]
+    q_out = spec["num_attention_heads"] * spec["head_dim"]
+    kv_out = spec["num_key_value_heads"] * spec["head_dim"]
+    linear_shapes = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
+                     "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
+                     "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                     "mlp.down_proj": (hidden, inter)}
+    tensors = {"model.embed_tokens.weight": ((spec["vocab_size"], hidden), "embedding")}
+    for i in range(spec["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        tensors[prefix + "input_layernorm.weight"] = ((hidden,), "norm")
+        for name in LINEAR_NAMES:
+            tensors[prefix + name + ".weight"] = (linear_shapes[name], "linear")
+            if spec["attention_bias"] and name in LINEAR_NAMES[:3]:
+                tensors[prefix + name + ".bias"] = ((linear_shapes[name][0],), "bias")
+        tensors[prefix + "post_attention_layernorm.weight"] = ((hidden,), "norm")
+    tensors["model.norm.weight"] = ((hidden,), "norm")
+    if not spec["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = ((spec["vocab_size"], hidden), "lm_head")
+    return tensors
+
+
+def _index_tensors(path: Path) -> dict:
+    """name -> (file, dtype, shape) from the safetensors headers (no tensor data read)."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = _read_json(index_file, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index_file}: missing 'weight_map'")
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if not found:
+            raise ConversionError(f"{path}: no model.safetensors (or shards with an index) found; "
+                                  f"only safetensors checkpoints are read (no pickle)")
+        files = [path / name for name in found]
+    index = {}
+    for file in files:
+        header = _safetensors_header(file)
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            index[name] = (file, meta.get("dtype"), tuple(meta.get("shape", ())))
+    return index
+
+
+def _safetensors_header(file: Path) -> dict:
+    try:
+        with open(file, "rb") as handle:
+            raw_len = handle.read(8)
+            size = file.stat().st_size
+            if len(raw_len) < 8 or int.from_bytes(raw_len, "little") > min(size - 8, 100 << 20):
+                raise ConversionError(f"{file}: not a safetensors file (bad header length)")
+            header = json.loads(handle.read(int.from_bytes(raw_len, "little")))
+    except FileNotFoundError:
+        raise ConversionError(f"{file}: shard listed in the index is missing") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ConversionError(f"{file}: not a safetensors file (header does not parse)") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{file}: not a safetensors file")
+    return header
+
+
+def _tokenizer(path: Path, config: dict) -> tuple[dict, bytes]:
+    """Prefer tokenizer.json (what transformers loads by default), else tokenizer.model."""
+    tok_config = {}
+    if (path / "tokenizer_config.json").exists():
+        tok_config = _read_json(path / "tokenizer_config.json", "tokenizer_config.json")
+    generation = {}
+    if (path / "generation_config.json").exists():
+        generation = _read_json(path / "generation_config.json", "generation_config.json")
+    if (path / "tokenizer.json").exists():
+        kind, data = "hf-tokenizers", (path / "tokenizer.json").read_bytes()
+    elif (path / "tokenizer.model").exists():
+        kind, data = "sentencepiece", (path / "tokenizer.model").read_bytes()
+    else:
+        raise ConversionError(f"{path}: no tokenizer.json or tokenizer.model found")
+
+    def token_id(value):
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            return _token_to_id(kind, data, value, path)
+        return None
+
+    bos = config.get("bos_token_id")
+    if bos is None:
+        bos = token_id(tok_config.get("bos_token"))
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    if eos is None:
+        eos = token_id(tok_config.get("eos_token"))
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+    if kind == "sentencepiece":
+        add_bos = bool(tok_config.get("add_bos_token", True))
+    else:
+        add_bos = _post_processor_adds_bos(data, bos, path)
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    return {"kind": kind, "bos_token_id": bos if isinstance(bos, int) else None, "eos_token_ids": eos_ids,
+            "add_bos_token": add_bos and isinstance(bos, int), "chat_template": template}, data
+
+
+def _token_to_id(kind, data, token, path):
+    if kind == "hf-tokenizers":
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(data.decode("utf-8")).token_to_id(token)
+    import sentencepiece
+    processor = sentencepiece.SentencePieceProcessor(model_proto=data)
+    piece_id = processor.piece_to_id(token)
+    return piece_id if processor.id_to_piece(piece_id) == token else None
+
+
+def _post_processor_adds_bos(data: bytes, bos, path: Path) -> bool:
+    from tokenizers import Tokenizer
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as error:  # noqa: BLE001 - the library raises plain Exception
+        raise ConversionError(f"{path / 'tokenizer.json'}: does not load: {str(error)[:100]}") from None
+    with_special = tokenizer.encode("a", add_special_tokens=True).ids
+    return isinstance(bos, int) and bool(with_special) and with_special[0] == bos
+
+
+def _license(path: Path, config: dict) -> dict:
+    """license / model-card fields from README.md front matter, when the checkpoint has them."""
+    fields = {}
+    readme = path / "README.md"
+    if readme.exists():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        match = re.match(r"---\n(.*?)\n---", text, re.S)
+        if match:
+            for line in match.group(1).splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("license", "license_name", "license_link", "base_model", "language",
+                                   "pipeline_tag") and value.strip():
+                    fields[key.strip()] = value.strip()
+    for key in ("_name_or_path",):
+        if isinstance(config.get(key), str) and config[key]:
+            fields["name_or_path"] = config[key]
+    return fields
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Validate an HF directory completely (config, every tensor's presence, shape, dtype)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    config = _read_json(path / "config.json", "config.json")
+    spec, notes = model_spec(config, path)
+    index = _index_tensors(path)
+    expected = expected_tensors(spec)
+    if spec["tie_word_embeddings"] is False and "lm_head.weight" not in index:
+        raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing (config says embeddings are not tied)")
+    tensors = {}
+    for name, (shape, role) in expected.items():
+        if name not in index:
+            raise ConversionError(f"{path}: tensor '{name}' is missing from the checkpoint")
+        file, dtype, actual = index[name]
+        if tuple(actual) != tuple(shape):
+            raise ConversionError(f"{file.name}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise ConversionError(f"{file.name}: tensor '{name}' has dtype {dtype}, supported: {SUPPORTED_DTYPES}")
+        tensors[name] = TensorInfo(name, tuple(shape), dtype, file, role)
+    tokenizer, tokenizer_data = _tokenizer(path, config)
+    if spec["bos_token_id"] is None:
+        spec["bos_token_id"] = tokenizer["bos_token_id"]
+    if spec["eos_token_id"] is None and tokenizer["eos_token_ids"]:
+        spec["eos_token_id"] = tokenizer["eos_token_ids"]
+    return Checkpoint(path, spec, tensors, tokenizer, tokenizer_data, _license(path, config), notes)

@@ -1,0 +1,226 @@
+"""HF checkpoint → budget-exact mixed-precision .mxq: read, measure, solve, write.
+
+    read_checkpoint ─► measure (error matrix, cached) ─► allocate (MILP) ─► quantize + write (streamed)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes
+from .allocate import allocate
+from .candidates import Candidate, parse_candidates
+from .checkpoint import read_checkpoint
+from .errors import ConversionError
+from .measure import ErrorCache, default_cache_dir, measure
+from .quantize import QUANTIZERS, quantize, quantize_fp16
+
+OBJECTIVES = ("frobenius", "frobenius_sq")
+EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass
+class ConvertOptions:
+    bpw: float | None = None  # bits per weight over the decoder linears (everything they store)
+    size: int | None = None  # or: bytes for the whole file
+    configs: str = "paper"
+    quantizer: str = "hqq"
+    objective: str = "frobenius"
+    outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
+    quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) affine too
+    cache_dir: str | None = "default"  # "default": ~/.cache/mxq/errors; None: no error cache
+
+    def validate(self):
+        if (self.bpw is None) == (self.size is None):
+            raise ConversionError("give exactly one budget: --bpw or --size")
+        if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
+            raise ConversionError(f"--bpw {self.bpw} is outside [1, 16]")
+        if self.size is not None and self.size <= 0:
+            raise ConversionError("--size must be positive")
+        if self.quantizer not in QUANTIZERS:
+            raise ConversionError(f"--quantizer {self.quantizer!r}: choose from {', '.join(QUANTIZERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConversionError(f"--objective {self.objective!r}: choose from {', '.join(OBJECTIVES)}")
+        if not 0.0 <= self.outliers <= 10.0:
+            raise ConversionError(f"--outliers {self.outliers}% is outside [0, 10]%")
+        if self.quantize_embeddings not in (None, 4, 8):
+            raise ConversionError("--quantize-embeddings takes 8 or 4")
+
+
+@dataclass
+class Report:
+    path: str
+    file_bytes: int
+    achieved_bpw: float
+    budget: dict
+    module_bits: dict
+    config_counts: dict
+    seconds: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def parse_size(text: str) -> int:
+    """'123456', '300MB', '1.5GiB' → bytes."""
+    number = text.strip().lower().rstrip("s")
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if unit and number.endswith(unit):
+            value, factor = number[: -len(unit)].strip(), SIZE_UNITS[unit]
+            break
+    else:
+        value, factor = number, 1
+    try:
+        return int(float(value) * factor)
+    except ValueError:
+        raise ConversionError(f"--size {text!r}: expected bytes or a number with B/KB/MB/GB/KiB/MiB/GiB") from None
+
+
+def _candidates(options: ConvertOptions) -> list[Candidate]:
+    candidates = parse_candidates(options.configs)
+    if options.outliers:
+        candidates = [Candidate(c.scheme, c.bits, c.group_size, options.outliers) if c.scheme == "affine" else c
+                      for c in candidates]
+    return candidates
+
+
+def _plans(checkpoint, linear_configs: dict, options: ConvertOptions) -> list[TensorPlan]:
+    plans = []
+    for name, info in checkpoint.tensors.items():
+        if info.role == "linear":
+            config = linear_configs[name]
+        elif info.role in ("embedding", "lm_head") and options.quantize_embeddings:
+            config = EMBEDDING_CONFIGS[options.quantize_embeddings]
+        else:
+            config = StorageConfig.fp16()
+        plans.append(TensorPlan(name, info.shape, config, info.role))
+    return plans
+
+
+def _objective(table, objective: str) -> np.ndarray:
+    return np.sqrt(table.error_sq) if objective == "frobenius" else table.error_sq
+
+
+def _linear_configs(checkpoint, table, choice) -> dict:
+    return {name: table.candidates[c].storage(checkpoint.tensors[name].shape) for name, c in zip(table.names, choice)}
+
+
+def _solve(checkpoint, table, options, make_writer) -> np.ndarray:
+    """Solve the MILP. For --size, iterate until the exact file layout (header, JSON, alignment,
+    fp16 tensors and all) fits: the JSON's length moves by a few bytes with the plan."""
+    objective = _objective(table, options.objective)
+    total_numel = int(table.numel.sum())
+    if options.bpw is not None:
+        budget = int(math.floor(options.bpw * total_numel / 8 + 1e-9))
+        lowest, highest = table.costs.min(axis=1).sum(), table.costs.max(axis=1).sum()
+        if budget < lowest:
+            raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
+                                  f"range is {8 * lowest / total_numel:.4f} to {8 * highest / total_numel:.4f} bpw")
+        return allocate(table.costs, objective, budget)
+    shapes = [checkpoint.tensors[n].shape for n in table.names]
+    aligned = np.array([[aligned_nbytes(shape, c.storage(shape), 64) for c in table.candidates] for shape in shapes],
+                       dtype=np.int64)
+    cheapest = aligned.argmin(axis=1)
+    rows = np.arange(len(shapes))
+    overhead = make_writer(cheapest).file_nbytes - int(aligned[rows, cheapest].sum())
+    smallest = overhead + int(aligned[rows, cheapest].sum())
+    if options.size < smallest:
+        raise ConversionError(f"--size {options.size:,} bytes is infeasible: the smallest file with configs "
+                              f"{options.configs!r} is {smallest:,} bytes")
+    budget = options.size - overhead
+    for _ in range(8):
+        choice = allocate(aligned, objective, max(budget, int(aligned[rows, cheapest].sum())))
+        size = make_writer(choice).file_nbytes
+        if size <= options.size:
+            return choice
+        budget -= size - options.size
+    raise ConversionError("could not fit the --size budget (layout did not converge)")
+
+
+def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=None, **kwargs) -> Report:
+    """Convert an HF checkpoint directory to `out_path` under the options' budget.
+
+    `progress` is a tqdm-like factory (or None for silence).
+    """
+    options = options or ConvertOptions(**kwargs)
+    options.validate()
+    seconds = {}
+    started = time.perf_counter()
+    checkpoint = read_checkpoint(hf_dir)
+    candidates = _candidates(options)
+    checkpoint_hash = checkpoint.content_hash()
+    seconds["read"] = time.perf_counter() - started
+
+    stage = time.perf_counter()
+    cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
+    table = measure(checkpoint, candidates, options.quantizer, ErrorCache(cache_dir, checkpoint_hash), progress)
+    seconds["measure"] = time.perf_counter() - stage
+
+    provenance = {
+        "source": {"name": Path(hf_dir).resolve().name, "sha256": checkpoint_hash, **checkpoint.license},
+        "converter": {"name": "mxq", "version": __version__},
+        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None},
+    }
+    if checkpoint.notes:
+        provenance["notes"] = checkpoint.notes
+    budget = {"bpw": options.bpw} if options.bpw is not None else {"size_bytes": options.size}
+
+    def make_writer(choice) -> MxqWriter:
+        rows = np.arange(len(choice))
+        quantization = {
+            "budget": budget, "objective": options.objective, "quantizer": options.quantizer,
+            "configs": [c.label for c in candidates],
+            "achieved_bpw_linear": round(8.0 * float(table.costs[rows, choice].sum()) / float(table.numel.sum()), 6),
+            "expected_rel_error": round(math.sqrt(float(table.error_sq[rows, choice].sum())
+                                                  / max(float(table.norms_sq.sum()), 1e-300)), 6),
+        }
+        plans = _plans(checkpoint, _linear_configs(checkpoint, table, choice), options)
+        return MxqWriter(out_path, model=checkpoint.model, tokenizer=checkpoint.tokenizer,
+                         tokenizer_data=checkpoint.tokenizer_data, tensors=plans, quantization=quantization,
+                         provenance=provenance)
+
+    stage = time.perf_counter()
+    choice = _solve(checkpoint, table, options, make_writer)
+    seconds["solve"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    writer = make_writer(choice)
+    bar = progress(total=len(writer.tensors), desc="write", unit="tensor") if progress else None
+    with checkpoint.open_tensors() as source, writer:
+        for plan in writer.tensors:
+            tensor = source.get(plan.name)
+            if plan.config.scheme == "fp16":
+                blobs = quantize_fp16(tensor)
+            else:
+                blobs = quantize(tensor, plan.config, options.quantizer).blobs
+            writer.write(plan.name, blobs)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    seconds["write"] = time.perf_counter() - stage
+    seconds["total"] = time.perf_counter() - started
+    return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
+                  _module_bits(table, choice), _config_counts(table, choice), seconds, checkpoint.notes)
+
+
+def _module_bits(table, choice) -> dict:
+    sums: dict[str, list] = {}
+    for i, name in enumerate(table.names):
+        module = name.split(".")[-2]
+        entry = sums.setdefault(module, [0, 0])
+        entry[0] += int(table.costs[i, choice[i]])
+        entry[1] += int(table.numel[i])
+    return {module: 8.0 * b / n for module, (b, n) in sums.items()}
+
+
+def _config_counts(table, choice) -> dict:
+    counts: dict[str, int] = {}
+    for c in choice:
+        label = table.candidates[c].label
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))

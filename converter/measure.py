@@ -1,0 +1,97 @@
+"""The error matrix: for every decoder linear × candidate config, ‖W − Ŵ‖²_F of exactly what the
+file would store, and its exact cost in bytes (format_spec's cost model).
+
+Errors are cached on disk per checkpoint content hash, keyed by quantizer and config label, so
+converting the same model at another budget (or with more candidates) measures only what is new.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..format_spec import tensor_nbytes
+from .quantize import quantize
+
+CACHE_VERSION = 1  # bump when quantizer math changes
+
+
+@dataclass
+class ErrorTable:
+    names: list  # decoder linear names, file order
+    candidates: list  # Candidate objects
+    error_sq: np.ndarray  # (N, C) float64
+    costs: np.ndarray  # (N, C) int64 bytes
+    numel: np.ndarray  # (N,) weights per matrix
+    norms_sq: np.ndarray  # (N,) ‖W‖²_F
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq")) / "errors"
+
+
+class ErrorCache:
+    """One JSON file per checkpoint hash: {"v": 1, "errors": {"hqq/b4g32": {name: err_sq}}, "norms": {...}}."""
+
+    def __init__(self, directory: Path | None, checkpoint_hash: str):
+        self.path = None if directory is None else Path(directory) / f"{checkpoint_hash}.json"
+        self.data = {"v": CACHE_VERSION, "errors": {}, "norms": {}}
+        if self.path is not None and self.path.exists():
+            try:
+                loaded = json.loads(self.path.read_text())
+                if isinstance(loaded, dict) and loaded.get("v") == CACHE_VERSION:
+                    self.data = loaded
+            except (OSError, ValueError):
+                pass  # a damaged cache is ignored and rewritten
+
+    def get(self, key: str, name: str):
+        value = self.data["errors"].get(key, {}).get(name)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def put(self, key: str, name: str, value: float):
+        self.data["errors"].setdefault(key, {})[name] = value
+
+    def save(self):
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+
+
+def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None) -> ErrorTable:
+    linears = checkpoint.linears
+    names = [t.name for t in linears]
+    costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
+                     dtype=np.int64)
+    numel = np.array([t.shape[0] * t.shape[1] for t in linears], dtype=np.int64)
+    error_sq = np.zeros((len(names), len(candidates)))
+    norms_sq = np.zeros(len(names))
+    keys = [f"{quantizer}/{c.label}" if c.scheme != "fp16" else "fp16" for c in candidates]
+    todo = [i for i, name in enumerate(names)
+            if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
+    bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
+    with checkpoint.open_tensors() as source:
+        for i in todo:
+            weight = source.get(names[i])
+            cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
+            for key, candidate in zip(keys, candidates):
+                if cache.get(key, names[i]) is None:
+                    result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False)
+                    cache.put(key, names[i], result.error_sq)
+                if bar:
+                    bar.update(1)
+            if i % 16 == 15:
+                cache.save()
+    if bar:
+        bar.close()
+    cache.save()
+    for i, name in enumerate(names):
+        norms_sq[i] = cache.data["norms"][name]
+        for j, key in enumerate(keys):
+            error_sq[i, j] = cache.get(key, name)
+    return ErrorTable(names, list(candidates), error_sq, costs, numel, norms_sq)
