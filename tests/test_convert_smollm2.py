@@ -1,0 +1,36 @@
+"""The real default model: SmolLM2-135M converted at the issue's budgets (slow: ~3 minutes)."""
+import pytest
+
+import fixtures
+from mxq.converter import ConversionError, convert
+from mxq.format_spec import MxqFile
+from mxq.format_spec.summary import summarize
+
+pytestmark = pytest.mark.slow
+BUDGETS = [2.5, 3.0, 3.25, 3.5, 4.25, 5.0, 8.5]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return fixtures.ensure("smollm2")
+
+
+@pytest.fixture(scope="module")
+def error_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("errors"))
+
+
+@pytest.mark.parametrize("bpw", BUDGETS)
+def test_budgets_on_the_real_model(smollm2, error_cache, tmp_path, bpw):
+    out = tmp_path / "smol.mxq"
+    convert(smollm2, out, bpw=bpw, cache_dir=error_cache)
+    with MxqFile.open(out) as f:
+        totals = summarize(f)["totals"]
+        assert f.model["num_hidden_layers"] == 30 and len([e for e in f.tensors.values() if e.role == "linear"]) == 210
+    assert bpw - 0.05 <= totals["bpw_linear"] <= bpw
+
+
+def test_infeasible_budget_names_the_range(smollm2, error_cache, tmp_path):
+    with pytest.raises(ConversionError, match=r"feasible range is 2\.\d+ to 8\.\d+ bpw"):
+        convert(smollm2, tmp_path / "x.mxq", bpw=2.0, cache_dir=error_cache)
+    assert not (tmp_path / "x.mxq").exists()

@@ -1,0 +1,152 @@
+"""mxq convert on the tiny fixtures: budgets kept exactly, determinism, atomic output, clean errors."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fixtures
+from mxq.converter import ConversionError, convert
+from mxq.converter import measure as measure_module
+from mxq.format_spec import MxqFile, dequantize
+from mxq.format_spec.summary import summarize
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mxq.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return fixtures.ensure("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def error_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("errors"))
+
+
+@pytest.mark.parametrize("bpw", [2.6, 3.0, 3.5, 4.25, 5.0, 8.5])
+def test_bpw_budget_is_kept(tiny_llama, tmp_path, bpw, error_cache):
+    out = tmp_path / "m.mxq"
+    convert(tiny_llama, out, bpw=bpw, configs="all", cache_dir=error_cache)
+    with MxqFile.open(out) as f:
+        report = summarize(f)
+    achieved = report["totals"]["bpw_linear"]
+    assert achieved <= bpw and achieved >= bpw - 0.05 * max(1.0, bpw / 4), achieved
+    assert report["quantization"]["achieved_bpw_linear"] == pytest.approx(achieved, abs=1e-6)
+
+
+def test_cli_convert_and_inspect(tiny_llama, tmp_path):
+    out = tmp_path / "m.mxq"
+    result = run_cli("convert", tiny_llama, "-o", out, "--bpw", "3.25", "--no-cache", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "achieved 3.2" in result.stdout and "seconds:" in result.stdout
+    report = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert report["totals"]["bpw_linear"] <= 3.25
+    assert report["provenance"]["options"]["configs"][0] == "b2g32"
+
+
+def test_size_budget_is_kept_to_the_byte(tiny_llama, tmp_path):
+    reference = convert(tiny_llama, tmp_path / "ref.mxq", bpw=4.0, cache_dir=None)
+    for target in (reference.file_bytes - 20000, reference.file_bytes + 12345):
+        report = convert(tiny_llama, tmp_path / "s.mxq", size=target, cache_dir=None)
+        actual = (tmp_path / "s.mxq").stat().st_size
+        assert actual == report.file_bytes and actual <= target and actual > target - 2048
+
+
+def test_infeasible_budgets_fail_cleanly(tiny_llama, tmp_path):
+    out = tmp_path / "m.mxq"
+    for args in (["--bpw", "1.5"], ["--size", "1KB"], ["--bpw", "3", "--size", "1MB"], []):
+        result = run_cli("convert", tiny_llama, "-o", out, *args, "-q", "--no-cache")
+        assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert "feasible range is" in run_cli("convert", tiny_llama, "-o", out, "--bpw", "1.5", "-q").stderr
+    assert not out.exists()
+
+
+def test_conversion_is_deterministic(tiny_llama, tmp_path):
+    digests = []
+    for name in ("a.mxq", "b.mxq"):
+        convert(tiny_llama, tmp_path / name, bpw=3.25, configs="all", outliers=0.5, cache_dir=None)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch):
+    convert_module = sys.modules["mxq.converter.convert"]
+    calls = {"n": 0}
+    real = convert_module.quantize
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "quantize", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_llama, tmp_path / "m.mxq", bpw=4.0, cache_dir=str(tmp_path / "cache"))
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_error_cache_skips_measurement(tiny_llama, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    convert(tiny_llama, tmp_path / "a.mxq", bpw=4.0, cache_dir=str(cache))
+    monkeypatch.setattr(measure_module, "quantize", lambda *a, **k: pytest.fail("measured again"))
+    report = convert(tiny_llama, tmp_path / "b.mxq", bpw=3.0, cache_dir=str(cache))
+    assert report.achieved_bpw <= 3.0
+
+
+def test_file_contents_match_the_plan(tiny_llama, tmp_path):
+    """Every stored tensor decodes to the checkpoint's weights within the quantization error."""
+    from safetensors.numpy import load_file
+    out = tmp_path / "m.mxq"
+    convert(tiny_llama, out, bpw=5.0, configs="all,fp16", outliers=0.25, cache_dir=None)
+    source = load_file(str(tiny_llama / "model.safetensors"))
+    with MxqFile.open(out) as f:
+        assert f.verify() == []
+        assert f.tokenizer_data() == (tiny_llama / "tokenizer.model").read_bytes()
+        assert f.model["num_key_value_heads"] == 2 and f.tokenizer["kind"] == "sentencepiece"
+        assert f.provenance["source"]["sha256"] and f.provenance["options"]["bpw"] == 5.0
+        for name, entry in f.tensors.items():
+            restored = dequantize(f.blobs(name), entry.shape, entry.config)
+            reference = source[name]
+            rel = np.linalg.norm(restored - reference) / np.linalg.norm(reference)
+            assert rel < (0.2 if entry.config.scheme == "affine" else 1e-3), (name, entry.config.label, rel)
+
+
+def test_fp16_only_configs_give_an_unquantized_file(tiny_llama, tmp_path):
+    report = convert(tiny_llama, tmp_path / "f.mxq", bpw=16, configs="fp16", cache_dir=None)
+    assert report.achieved_bpw == 16.0
+    with MxqFile.open(tmp_path / "f.mxq") as f:
+        assert {e.config.scheme for e in f.tensors.values()} == {"fp16"}
+
+
+def test_quantized_embeddings(tiny_llama, tmp_path):
+    convert(tiny_llama, tmp_path / "e.mxq", bpw=4.0, quantize_embeddings=4, cache_dir=None)
+    with MxqFile.open(tmp_path / "e.mxq") as f:
+        assert f.tensors["model.embed_tokens.weight"].config.label == "b4g32"
+        assert f.tensors["lm_head.weight"].config.label == "b4g32"
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "architectures": ["GPT2LMHeadModel"]})), "not supported"),
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json"),
+    (lambda d: (d / "model.safetensors").unlink(), "safetensors"),
+    (lambda d: (d / "tokenizer.model").unlink(), "tokenizer"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "intermediate_size": 128})), "shape"),
+])
+def test_bad_checkpoints_fail_before_any_work(tiny_llama, tmp_path, break_it, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    break_it(broken)
+    result = run_cli("convert", broken, "-o", tmp_path / "m.mxq", "--bpw", "4", "--no-cache", "-q")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.mxq").exists()
