@@ -23,6 +23,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype string
     file: Path
     role: str  # linear | embedding | lm_head | norm | bias
+    span: tuple = (0, 0)  # absolute byte range of the tensor's data in `file`
 
 
 @dataclass
@@ -54,27 +55,37 @@ class Checkpoint:
         return TensorSource(self)
 
 
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
 class TensorSource:
-    """Loads one tensor at a time as float32 torch tensors (safetensors safe_open per shard)."""
+    """Loads one tensor at a time as a float32 torch tensor with plain file reads (no mmap: mapped
+    pages would stay resident and make peak memory track the whole model, not the largest tensor)."""
 
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
-        self._handles = {}
 
     def get(self, name: str):
         import torch
-        from safetensors import safe_open
 
         info = self.checkpoint.tensors[name]
-        if info.file not in self._handles:
-            self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        tensor = self._handles[info.file].get_tensor(name).to(torch.float32)
+        start, end = info.span
+        expected = DTYPE_BYTES[info.dtype] * (int(torch.tensor(info.shape).prod()) if info.shape else 1)
+        if end - start != expected or end > info.file.stat().st_size:
+            raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with its "
+                                  f"shape and dtype or lie past the end of the file")
+        with open(info.file, "rb") as handle:
+            handle.seek(start)
+            data = bytearray(handle.read(end - start))
+        dtype = getattr(torch, TORCH_DTYPES[info.dtype])
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(info.shape).to(torch.float32)
         if not torch.isfinite(tensor).all():
             raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
         return tensor
 
     def close(self):
-        self._handles.clear()
+        pass
 
     def __enter__(self):
         return self
@@ -220,29 +231,39 @@ def _index_tensors(path: Path) -> dict:
         files = [path / name for name in found]
     index = {}
     for file in files:
-        header = _safetensors_header(file)
+        header, data_start = _safetensors_header(file)
         for name, meta in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or not isinstance(meta, dict):
                 continue
-            index[name] = (file, meta.get("dtype"), tuple(meta.get("shape", ())))
+            offsets = meta.get("data_offsets")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1]):
+                raise ConversionError(f"{file.name}: tensor '{name}' has invalid data_offsets")
+            shape = meta.get("shape", ())
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ConversionError(f"{file.name}: tensor '{name}' has an invalid shape")
+            span = (data_start + offsets[0], data_start + offsets[1])
+            index[name] = (file, meta.get("dtype"), tuple(shape), span)
     return index
 
 
-def _safetensors_header(file: Path) -> dict:
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header JSON, absolute offset where tensor data starts) of a safetensors file."""
     try:
         with open(file, "rb") as handle:
             raw_len = handle.read(8)
             size = file.stat().st_size
             if len(raw_len) < 8 or int.from_bytes(raw_len, "little") > min(size - 8, 100 << 20):
                 raise ConversionError(f"{file}: not a safetensors file (bad header length)")
-            header = json.loads(handle.read(int.from_bytes(raw_len, "little")))
+            header_len = int.from_bytes(raw_len, "little")
+            header = json.loads(handle.read(header_len))
     except FileNotFoundError:
         raise ConversionError(f"{file}: shard listed in the index is missing") from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ConversionError(f"{file}: not a safetensors file (header does not parse)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{file}: not a safetensors file")
-    return header
+    return header, 8 + header_len
 
 
 def _tokenizer(path: Path, config: dict) -> tuple[dict, bytes]:
@@ -341,12 +362,12 @@ def read_checkpoint(path) -> Checkpoint:
     for name, (shape, role) in expected.items():
         if name not in index:
             raise ConversionError(f"{path}: tensor '{name}' is missing from the checkpoint")
-        file, dtype, actual = index[name]
+        file, dtype, actual, span = index[name]
         if tuple(actual) != tuple(shape):
             raise ConversionError(f"{file.name}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
         if dtype not in SUPPORTED_DTYPES:
             raise ConversionError(f"{file.name}: tensor '{name}' has dtype {dtype}, supported: {SUPPORTED_DTYPES}")
-        tensors[name] = TensorInfo(name, tuple(shape), dtype, file, role)
+        tensors[name] = TensorInfo(name, tuple(shape), dtype, file, role, span)
     tokenizer, tokenizer_data = _tokenizer(path, config)
     if spec["bos_token_id"] is None:
         spec["bos_token_id"] = tokenizer["bos_token_id"]

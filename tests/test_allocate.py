@@ -30,7 +30,7 @@ def test_milp_is_optimal_against_brute_force(n, c, seed, slack):
     choice = allocate(costs, errors, budget)
     rows = np.arange(n)
     assert costs[rows, choice].sum() <= budget
-    assert errors[rows, choice].sum() == pytest.approx(brute_force(costs, errors, budget), rel=1e-9, abs=1e-15)
+    assert errors[rows, choice].sum() == pytest.approx(brute_force(costs, errors, budget), rel=1e-6, abs=1e-15)
 
 
 def test_milp_matches_dynamic_programming_on_a_larger_instance():
@@ -49,7 +49,7 @@ def test_milp_matches_dynamic_programming_on_a_larger_instance():
             nxt[w:] = np.minimum(nxt[w:], best[: budget + 1 - w] + errors[i, j])
         best = nxt
     choice = allocate(costs, errors, budget)
-    assert errors[np.arange(n), choice].sum() == pytest.approx(best.min(), rel=1e-9)
+    assert errors[np.arange(n), choice].sum() == pytest.approx(best.min(), rel=1e-6)
 
 
 def test_infeasible_budget_is_a_clear_error():
