@@ -20,8 +20,8 @@ Examples:
   mxq convert ./SmolLM2-135M -o smol.mxq --size 90MiB --configs paper,b5g32
   mxq convert ./SmolLM2-135M -o smol-fp16.mxq --bpw 16 --configs fp16
 
-Measured errors are cached (~/.cache/mxq/errors, or $MXQ_CACHE/errors), so converting the
-same checkpoint at another budget skips the measurement.
+Measured errors and calibration statistics are cached (~/.cache/mxq, or $MXQ_CACHE), so
+converting the same checkpoint at another budget skips measurement and calibration.
 """
 
 
@@ -36,17 +36,28 @@ same checkpoint at another budget skips the measurement.
 @click.option("--outliers", "outliers_text", default="0", show_default=True,
               help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
                    "their bytes count against the budget.")
-@click.option("--quantizer", type=click.Choice(["hqq", "rtn"]), default="hqq", show_default=True,
-              help="hqq: HQQ-style zero-point optimization (calibration-free); rtn: min-max round to nearest.")
-@click.option("--objective", type=click.Choice(["frobenius", "frobenius_sq"]), default="frobenius",
-              show_default=True, help="Minimize Σ‖W−Ŵ‖_F (the MXQ paper) or Σ‖W−Ŵ‖²_F.")
+@click.option("--outlier-mode", type=click.Choice(["magnitude", "error"]), default="magnitude", show_default=True,
+              help="Outliers are the largest weights, or those with the largest (importance-weighted) error.")
+@click.option("--quantizer", type=click.Choice(["hqq", "rtn", "wls"]), default="hqq", show_default=True,
+              help="hqq: HQQ-style zero-point optimization; rtn: min-max round to nearest; wls: weighted "
+                   "search over scales with a least-squares scale/offset fit (weights from calibration "
+                   "with --objective fisher/output, else from |w|).")
+@click.option("--objective", type=click.Choice(["frobenius", "frobenius_sq", "output", "fisher"]),
+              default="frobenius", show_default=True,
+              help="What the allocation minimizes: Σ‖W−Ŵ‖_F (the MXQ paper, data-free), Σ‖W−Ŵ‖²_F, "
+                   "output: Σ_j E[x_j²]·‖ΔW_:,j‖² (calibration), fisher: Σ F·ΔW² with F the Fisher diagonal "
+                   "(calibration; an estimate of the loss increase).")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration text for --objective output/fisher (default: a public-domain Botchan excerpt "
+                   "shipped with mxq). Never calibrate on your evaluation text.")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
 @click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,
               help="Also quantize embeddings and an untied lm_head (8: b8g64, 4: b4g32).")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, quantizer, objective,
-                    quantize_embeddings, cache_dir, no_cache, quiet):
+def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outlier_mode, quantizer, objective,
+                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, quiet):
     from tqdm import tqdm
 
     from .convert import ConvertOptions, convert, parse_size
@@ -58,7 +69,7 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, quan
         raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
     options = ConvertOptions(
         bpw=bpw, size=parse_size(size_text) if size_text else None, configs=configs, quantizer=quantizer,
-        objective=objective, outliers=outliers,
+        objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"))
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))

@@ -18,9 +18,13 @@ from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .quantize import QUANTIZERS, quantize, quantize_fp16
+from .quantize import OUTLIER_MODES, QUANTIZERS, quantize, quantize_fp16
 
-OBJECTIVES = ("frobenius", "frobenius_sq")
+# frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
+# output: Σ_j m_j Σ_i ΔW_ij² with m_j = Σ x_j² over calibration tokens (diagonal of tr(ΔW XᵀX ΔWᵀ));
+# fisher: Σ F·ΔW² with F the Fisher diagonal from calibration (≈ 2 × expected loss increase).
+OBJECTIVES = ("frobenius", "frobenius_sq", "output", "fisher")
+CALIBRATED_OBJECTIVES = ("output", "fisher")
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -33,8 +37,11 @@ class ConvertOptions:
     quantizer: str = "hqq"
     objective: str = "frobenius"
     outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
+    outlier_mode: str = "magnitude"  # which weights become outliers: largest |w| or largest (weighted) error
     quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) affine too
-    cache_dir: str | None = "default"  # "default": ~/.cache/mxq/errors; None: no error cache
+    calib: str | None = None  # calibration text file (default: the packaged Botchan excerpt)
+    calib_tokens: int = 8192
+    cache_dir: str | None = "default"  # "default": ~/.cache/mxq; None: no error/calibration cache
 
     def validate(self):
         if (self.bpw is None) == (self.size is None):
@@ -51,6 +58,10 @@ class ConvertOptions:
             raise ConversionError(f"--outliers {self.outliers}% is outside [0, 10]%")
         if self.quantize_embeddings not in (None, 4, 8):
             raise ConversionError("--quantize-embeddings takes 8 or 4")
+        if self.outlier_mode not in OUTLIER_MODES:
+            raise ConversionError(f"--outlier-mode {self.outlier_mode!r}: choose from {', '.join(OUTLIER_MODES)}")
+        if self.calib_tokens < 512:
+            raise ConversionError("--calib-tokens must be at least 512")
 
 
 @dataclass
@@ -102,7 +113,9 @@ def _plans(checkpoint, linear_configs: dict, options: ConvertOptions) -> list[Te
 
 
 def _objective(table, objective: str) -> np.ndarray:
-    return np.sqrt(table.error_sq) if objective == "frobenius" else table.error_sq
+    if objective == "frobenius":
+        return np.sqrt(table.error_sq)
+    return table.error_sq if objective == "frobenius_sq" else table.weighted
 
 
 def _linear_configs(checkpoint, table, choice) -> dict:
@@ -155,9 +168,22 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     checkpoint_hash = checkpoint.content_hash()
     seconds["read"] = time.perf_counter() - started
 
-    stage = time.perf_counter()
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
-    table = measure(checkpoint, candidates, options.quantizer, ErrorCache(cache_dir, checkpoint_hash), progress)
+    importance, importance_id, calibration = None, "none", None
+    if options.objective in CALIBRATED_OBJECTIVES:
+        stage = time.perf_counter()
+        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
+        importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
+        if options.objective == "fisher":
+            importance = calibration.fisher.__getitem__
+        else:
+            importance = lambda name: calibration.input_sq[name].expand(checkpoint.tensors[name].shape)  # noqa: E731
+        seconds["calibrate"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    table = measure(checkpoint, candidates, options.quantizer, ErrorCache(cache_dir and Path(cache_dir) / "errors",
+                                                                          checkpoint_hash),
+                    progress, importance, importance_id, options.outlier_mode)
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
@@ -165,6 +191,10 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         "converter": {"name": "mxq", "version": __version__},
         "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None},
     }
+    if calibration is not None:
+        provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
+                                     "fp_loss": round(calibration.loss, 6),
+                                     "text": Path(options.calib).name if options.calib else "packaged Botchan excerpt"}
     if checkpoint.notes:
         provenance["notes"] = checkpoint.notes
     budget = {"bpw": options.bpw} if options.bpw is not None else {"size_bytes": options.size}
@@ -196,7 +226,9 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
             if plan.config.scheme == "fp16":
                 blobs = quantize_fp16(tensor)
             else:
-                blobs = quantize(tensor, plan.config, options.quantizer).blobs
+                weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
+                blobs = quantize(tensor, plan.config, options.quantizer, importance=weights,
+                                 outlier_mode=options.outlier_mode).blobs
             writer.write(plan.name, blobs)
             if bar:
                 bar.update(1)
@@ -206,6 +238,19 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     seconds["total"] = time.perf_counter() - started
     return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
                   _module_bits(table, choice), _config_counts(table, choice), seconds, checkpoint.notes)
+
+
+def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
+    from .calibrate import load_or_calibrate
+
+    text = None
+    if options.calib:
+        try:
+            text = Path(options.calib).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
+    return load_or_calibrate(checkpoint, checkpoint_hash, text, options.calib_tokens,
+                             cache_dir and Path(cache_dir) / "calibration", progress)
 
 
 def _module_bits(table, choice) -> dict:

@@ -16,25 +16,29 @@ import numpy as np
 from ..format_spec import tensor_nbytes
 from .quantize import quantize
 
-CACHE_VERSION = 1  # bump when quantizer math changes
+CACHE_VERSION = 2  # bump when quantizer math changes
 
 
 @dataclass
 class ErrorTable:
     names: list  # decoder linear names, file order
     candidates: list  # Candidate objects
-    error_sq: np.ndarray  # (N, C) float64
+    error_sq: np.ndarray  # (N, C) float64: ‖W − Ŵ‖²_F
+    weighted: np.ndarray  # (N, C) float64: Σ importance·(W − Ŵ)² (= error_sq without importance)
     costs: np.ndarray  # (N, C) int64 bytes
     numel: np.ndarray  # (N,) weights per matrix
     norms_sq: np.ndarray  # (N,) ‖W‖²_F
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq")) / "errors"
+    """Root of mxq's caches (errors/, calibration/): $MXQ_CACHE or ~/.cache/mxq."""
+    return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq"))
 
 
 class ErrorCache:
-    """One JSON file per checkpoint hash: {"v": 1, "errors": {"hqq/b4g32": {name: err_sq}}, "norms": {...}}."""
+    """One JSON file per checkpoint hash:
+    {"v": 2, "errors": {"<quantizer>/<importance id>/<outlier mode>/<config>": {name: [err_sq, weighted]}},
+     "norms": {name: ‖W‖²}}."""
 
     def __init__(self, directory: Path | None, checkpoint_hash: str):
         self.path = None if directory is None else Path(directory) / f"{checkpoint_hash}.json"
@@ -49,7 +53,9 @@ class ErrorCache:
 
     def get(self, key: str, name: str):
         value = self.data["errors"].get(key, {}).get(name)
-        return float(value) if isinstance(value, (int, float)) else None
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+            return value
+        return None
 
     def put(self, key: str, name: str, value: float):
         self.data["errors"].setdefault(key, {})[name] = value
@@ -63,26 +69,29 @@ class ErrorCache:
         os.replace(tmp, self.path)
 
 
-def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None) -> ErrorTable:
+def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
+            importance_id: str = "none", outlier_mode: str = "magnitude") -> ErrorTable:
+    """importance: None or a function name -> (out, in) tensor weighing errors (see quantize)."""
     linears = checkpoint.linears
     names = [t.name for t in linears]
     costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
                      dtype=np.int64)
     numel = np.array([t.shape[0] * t.shape[1] for t in linears], dtype=np.int64)
-    error_sq = np.zeros((len(names), len(candidates)))
-    norms_sq = np.zeros(len(names))
-    keys = [f"{quantizer}/{c.label}" if c.scheme != "fp16" else "fp16" for c in candidates]
+    keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}"
+            for c in candidates]
     todo = [i for i, name in enumerate(names)
             if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
     with checkpoint.open_tensors() as source:
         for i in todo:
             weight = source.get(names[i])
+            weights = importance(names[i]) if importance is not None else None
             cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
             for key, candidate in zip(keys, candidates):
                 if cache.get(key, names[i]) is None:
-                    result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False)
-                    cache.put(key, names[i], result.error_sq)
+                    result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
+                                      importance=weights, outlier_mode=outlier_mode)
+                    cache.put(key, names[i], [result.error_sq, result.weighted_error])
                 if bar:
                     bar.update(1)
             if i % 16 == 15:
@@ -90,8 +99,7 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     if bar:
         bar.close()
     cache.save()
-    for i, name in enumerate(names):
-        norms_sq[i] = cache.data["norms"][name]
-        for j, key in enumerate(keys):
-            error_sq[i, j] = cache.get(key, name)
-    return ErrorTable(names, list(candidates), error_sq, costs, numel, norms_sq)
+    error_sq = np.array([[cache.get(k, n)[0] for k in keys] for n in names])
+    weighted = np.array([[cache.get(k, n)[1] for k in keys] for n in names])
+    norms_sq = np.array([cache.data["norms"][n] for n in names])
+    return ErrorTable(names, list(candidates), error_sq, weighted, costs, numel, norms_sq)

@@ -2,8 +2,10 @@
 
     W (out, in) ──pad to G·g──► groups (out, G, g)
         ├─ outliers (optional): the largest-|w| weights leave the groups (stored as fp16 CSR residuals)
-        ├─ scale/zero per group: min-max (`rtn`) or HQQ's half-quadratic proximal updates of the zero
-        │  on an l_p<1 error (`hqq`, calibration-free)
+        ├─ scale/zero per group: min-max (`rtn`), HQQ's half-quadratic proximal updates of the zero
+        │  on an l_p<1 error (`hqq`, calibration-free), or an importance-weighted search over candidate
+        │  scales with a weighted least-squares fit of scale and offset for each (`wls`, as llama.cpp's
+        │  k-quants; weights from calibration when given, else |w|-based)
         ├─ double-quantize scale and zero to 8-bit codes (format_spec.encode_meta), decode them back
         └─ codes = clamp(round(w / ŝ + ẑ)) with the *decoded* ŝ, ẑ ─► error ‖W − Ŵ‖²_F of what is stored
 
@@ -19,7 +21,8 @@ import torch
 
 from ..format_spec import StorageConfig, build_csr, encode_meta, pack_codes
 
-QUANTIZERS = ("hqq", "rtn")
+QUANTIZERS = ("hqq", "rtn", "wls")
+WLS_STEPS, WLS_RMIN, WLS_RDELTA = 24, -1.0, 0.1
 CHUNK_WEIGHTS = 1 << 18
 HQQ_ITERS, HQQ_LP, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
 
@@ -28,6 +31,7 @@ HQQ_ITERS, HQQ_LP, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
 class Quantized:
     blobs: dict  # blob name -> numpy array, exactly as the writer stores them
     error_sq: float  # ‖W − Ŵ‖²_F of the stored tensor
+    weighted_error: float  # Σ importance·(W − Ŵ)² (equals error_sq without importance)
 
 
 def _groups(weight: torch.Tensor, group_size: int):
@@ -41,22 +45,14 @@ def _groups(weight: torch.Tensor, group_size: int):
     return padded.view(out_features, n_groups, group_size), mask.view(1, n_groups, group_size)
 
 
-def _outlier_mask(weight: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` largest-magnitude weights (ties broken by position, deterministic)."""
-    mask = torch.zeros(weight.numel(), dtype=torch.bool)
-    if count:
-        flat = weight.abs().reshape(-1)
-        mask[torch.topk(flat, count, sorted=False).indices] = True
-    return mask.view(weight.shape)
-
-
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """Proximal operator of the l_p (p < 1) norm, as in HQQ."""
     return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-12).pow(p - 1))
 
 
-def _scale_zero(w: torch.Tensor, keep: torch.Tensor, bits: int, quantizer: str):
-    """Per-group (scale, zero) for one chunk; w (rows, G, g), keep marks weights that count."""
+def _scale_zero(w: torch.Tensor, keep: torch.Tensor, bits: int, quantizer: str, importance=None):
+    """Per-group (scale, zero) for one chunk; w (rows, G, g), keep marks weights that count,
+    importance (rows, G, g) or None weighs them (wls only)."""
     levels = (1 << bits) - 1
     big = torch.finfo(torch.float32).max
     low = torch.where(keep, w, big).amin(dim=2)  # (rows, G)
@@ -68,7 +64,40 @@ def _scale_zero(w: torch.Tensor, keep: torch.Tensor, bits: int, quantizer: str):
     zero = -low / scale
     if quantizer == "hqq":
         zero = _hqq_zero(w, keep, scale, zero, levels)
+    elif quantizer == "wls":
+        scale, zero = _wls_search(w, keep, low, span, scale, zero, levels, importance)
     return scale, zero
+
+
+def _wls_search(w, keep, low, span, scale, zero, levels, importance):
+    """Try WLS_STEPS inverse scales around the min-max one; for each, round, then fit scale and offset
+    by weighted least squares (w ≈ s·q + m); keep the pair with the smallest weighted error."""
+    if importance is None:  # data-free weights, as llama.cpp's k-quants: mean |w| plus |w|
+        rms = (w.pow(2) * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
+        weight = rms.sqrt() + w.abs()
+    else:
+        weight = importance + 1e-12 * importance.mean()
+    weight = weight * keep
+    sw, swx = weight.sum(2), (weight * w).sum(2)
+    best_s, best_m = scale.clone(), -zero * scale
+    q = torch.round((w - low.unsqueeze(2)) / best_s.unsqueeze(2)).clamp_(0, levels)
+    best_err = (weight * (best_s.unsqueeze(2) * q + best_m.unsqueeze(2) - w).pow(2)).sum(2)
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    for step in range(WLS_STEPS + 1):
+        inv = (levels + WLS_RMIN + WLS_RDELTA * step) / safe_span  # (rows, G)
+        q = torch.round(inv.unsqueeze(2) * (w - low.unsqueeze(2))).clamp_(0, levels)
+        swq, swqq, swqx = (weight * q).sum(2), (weight * q * q).sum(2), (weight * q * w).sum(2)
+        det = sw * swqq - swq * swq
+        ok = det > 1e-30 * sw * swqq
+        safe_det = torch.where(ok, det, torch.ones_like(det))
+        s = (sw * swqx - swq * swx) / safe_det
+        m = (swqq * swx - swq * swqx) / safe_det
+        ok &= s > 0
+        err = (weight * (s.unsqueeze(2) * q + m.unsqueeze(2) - w).pow(2)).sum(2)
+        better = ok & (err < best_err)
+        best_s, best_m, best_err = torch.where(better, s, best_s), torch.where(better, m, best_m), \
+            torch.where(better, err, best_err)
+    return best_s, -best_m / best_s
 
 
 def _hqq_zero(w, keep, scale, zero, levels):
@@ -98,20 +127,53 @@ def _decoded(values: torch.Tensor):
     return codes, meta, torch.from_numpy(decode_meta(codes, meta))
 
 
-def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq", pack: bool = True) -> Quantized:
-    """Quantize a float32 (out, in) matrix to `config`. With pack=False only the error is computed."""
+OUTLIER_MODES = ("magnitude", "error")
+
+
+def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq", pack: bool = True,
+             importance: torch.Tensor | None = None, outlier_mode: str = "magnitude") -> Quantized:
+    """Quantize a float32 (out, in) matrix to `config`. With pack=False only the errors are computed.
+
+    importance: None or a non-negative (out, in) tensor (e.g. a Fisher diagonal, or input second
+    moments broadcast over rows); it weighs the rounding (`wls`), the outlier choice and
+    `weighted_error`. outlier_mode: `magnitude` keeps the largest |w|; `error` keeps the weights whose
+    (importance-weighted) squared error is largest after a first quantization without outliers.
+    """
     if config.scheme == "fp16":
-        half = weight.to(torch.float16)
-        error_sq = float(((half.to(torch.float32) - weight) ** 2).sum())
-        return Quantized({"data": half.numpy()} if pack else {}, error_sq)
+        diff_sq = (weight.to(torch.float16).to(torch.float32) - weight) ** 2
+        weighted = float((diff_sq * importance).sum()) if importance is not None else float(diff_sq.sum())
+        return Quantized({"data": weight.to(torch.float16).numpy()} if pack else {}, float(diff_sq.sum()), weighted)
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}")
+    if outlier_mode not in OUTLIER_MODES:
+        raise ValueError(f"unknown outlier mode {outlier_mode!r}")
+    if config.outliers and outlier_mode == "error":
+        first = _quantize(weight, StorageConfig.affine(config.bits, config.group_size), quantizer, False,
+                          importance, None, keep_residual=True)
+        score = first.residual.pow(2) * (importance if importance is not None else 1.0)
+        outliers = _top_mask(score, config.outliers)
+    else:
+        outliers = _top_mask(weight.abs(), config.outliers)
+    return _quantize(weight, config, quantizer, pack, importance, outliers)
+
+
+def _top_mask(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest scores."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    if count:
+        mask[torch.topk(score.reshape(-1), count, sorted=False).indices] = True
+    return mask.view(score.shape)
+
+
+def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residual=False) -> Quantized:
     out_features, in_features = weight.shape
     bits, g = config.bits, config.group_size
     levels = (1 << bits) - 1
     groups, real = _groups(weight, g)  # (out, G, g), (1, G, g)
     n_groups = groups.shape[1]
-    outliers = _outlier_mask(weight, config.outliers)
+    imp_groups = _groups(importance, g)[0] if importance is not None else None
+    if outliers is None:
+        outliers = torch.zeros_like(weight, dtype=torch.bool)
     outlier_groups, _ = _groups(outliers.to(torch.float32), g)
     keep = real & (outlier_groups == 0)  # (out, G, g)
 
@@ -120,13 +182,14 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     zero = torch.empty(out_features, n_groups)
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        scale[rows], zero[rows] = _scale_zero(groups[rows], keep[rows], bits, quantizer)
+        scale[rows], zero[rows] = _scale_zero(groups[rows], keep[rows], bits, quantizer,
+                                              imp_groups[rows] if imp_groups is not None else None)
 
     scale_codes, scale_meta, scale_hat = _decoded(scale)
     zero_codes, zero_meta, zero_hat = _decoded(zero)
     codes = torch.empty(out_features, n_groups, g, dtype=torch.uint8) if pack else None
-    error_sq = 0.0
-    residual_values = []
+    residual = torch.empty(out_features, n_groups, g) if (config.outliers or keep_residual) else None
+    error_sq = weighted = 0.0
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         w = groups[rows]
@@ -134,20 +197,24 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         safe_s = torch.where(s != 0, s, torch.ones_like(s))
         q = torch.where(s != 0, torch.round(w / safe_s + z), torch.zeros_like(w)).clamp_(0, levels)
         q = torch.where(real, q, torch.zeros_like(q))  # padding codes are 0 (SPEC §5.1)
-        diff = torch.where(keep[rows], w - (q - z) * s, torch.zeros_like(w))
-        error_sq += float((diff.to(torch.float64) ** 2).sum())
-        if config.outliers:
-            residual_values.append(((w - (q - z) * s) * outlier_groups[rows]))
+        diff = w - (q - z) * s
+        kept_sq = torch.where(keep[rows], diff, torch.zeros_like(w)).to(torch.float64) ** 2
+        error_sq += float(kept_sq.sum())
+        weighted += float((kept_sq * imp_groups[rows]).sum()) if imp_groups is not None else 0.0
+        if residual is not None:
+            residual[rows] = torch.where(real, diff, torch.zeros_like(w))
         if pack:
             codes[rows] = q.to(torch.uint8)
     blobs = {}
+    residual_2d = residual.view(out_features, n_groups * g)[:, :in_features] if residual is not None else None
     if config.outliers:
-        residual = torch.cat(residual_values).view(out_features, n_groups * g)[:, :in_features]
         rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
-        values = residual[rows_idx, cols_idx].to(torch.float16)
-        exact = weight[rows_idx, cols_idx]
-        stored = (exact - residual[rows_idx, cols_idx]) + values.to(torch.float32)
-        error_sq += float(((stored - exact).to(torch.float64) ** 2).sum())
+        exact = residual_2d[rows_idx, cols_idx]
+        values = exact.to(torch.float16)
+        leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
+        error_sq += float(leftover_sq.sum())
+        if importance is not None:
+            weighted += float((leftover_sq * importance[rows_idx, cols_idx]).sum())
         if pack:
             blobs.update(build_csr((out_features, in_features), rows_idx.numpy(), cols_idx.numpy(),
                                    values.numpy()))
@@ -157,7 +224,10 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
             "scale_codes": scale_codes, "scale_meta": scale_meta,
             "zero_codes": zero_codes, "zero_meta": zero_meta,
         })
-    return Quantized(blobs, error_sq)
+    result = Quantized(blobs, error_sq, weighted if importance is not None else error_sq)
+    if keep_residual:
+        result.residual = residual_2d
+    return result
 
 
 def quantize_fp16(tensor: torch.Tensor) -> dict:
