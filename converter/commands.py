@@ -60,7 +60,7 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
                     calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, quiet):
     from tqdm import tqdm
 
-    from .convert import ConvertOptions, convert, parse_size
+    from .pipeline import ConvertOptions, convert, parse_size
     from .errors import ConversionError
 
     try:

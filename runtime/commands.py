@@ -1,6 +1,152 @@
-"""Click commands of this part of mxq, registered on the `mxq` group by mxq.cli.
+"""Click commands of this part of mxq, registered on the `mxq` group by mxq.cli:
+generate, eval, export-hf.
 
 Keep imports here light: heavy modules are imported inside the command functions."""
-import click  # noqa: F401
+from __future__ import annotations
 
-COMMANDS = []
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_TEXT = Path("shared") / "data" / "wikitext2-test.txt"
+MEMORY_HELP = ("Dequantize every matrix to float32 once at load and keep it: several times faster, "
+               "but needs 4 bytes per weight of extra memory. Default (lean): weights stay packed in "
+               "the memory-mapped file and are dequantized chunk by chunk as they are used; memory "
+               "stays close to the file size.")
+DEVICE_OPTION = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                             help="Where to run: cpu (NumPy) or cuda (NVIDIA GPU via CuPy).")
+CACHE_OPTION = click.option("--cache-dequantized", is_flag=True, help=MEMORY_HELP)
+
+
+@click.command("generate")
+@click.argument("file", type=click.Path())
+@click.argument("prompt")
+@click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True,
+              help="Stop after this many new tokens (or earlier at an end-of-sequence token).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 = greedy (always the most likely token); higher = more random.")
+@click.option("--top-k", type=int, default=None, help="Sample only among the K most likely tokens.")
+@click.option("--top-p", type=float, default=None,
+              help="Sample only among the most likely tokens whose probabilities add up to P (0 < P <= 1).")
+@click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same text.")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
+@DEVICE_OPTION
+@CACHE_OPTION
+def generate(file, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, cache_dequantized):
+    """Continue PROMPT with the model in FILE, printing text as it is generated.
+
+    The continuation goes to stdout; a summary (prefill and decode speed) goes to stderr.
+
+    \b
+    Examples:
+      mxq generate smol.mxq "Once upon a time"
+      mxq generate smol.mxq "Write a haiku about the sea" --chat -n 64
+      mxq generate smol.mxq "The meaning of life is" --temperature 0.8 --top-p 0.95 --seed 1
+    """
+    from .generate import load
+
+    with load(file, device=device, cache_dequantized=cache_dequantized) as model:
+        pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, chat=chat)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        click.echo(f"mxq: loaded in {model.load_seconds:.2f} s; {model.last_stats.summary()}", err=True)
+
+
+def find_eval_text(explicit=None) -> Path:
+    """--text, else $MXQ_EVAL_TEXT, else ../shared/data/wikitext2-test.txt relative to the current
+    directory, then relative to the mxq repository."""
+    from .errors import ModelError
+
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ModelError(f"--text {explicit}: no such file")
+        return path
+    env = os.environ.get("MXQ_EVAL_TEXT")
+    if env:
+        if not Path(env).is_file():
+            raise ModelError(f"MXQ_EVAL_TEXT={env}: no such file")
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [Path.cwd().parent / DEFAULT_TEXT, repo.parent / DEFAULT_TEXT, repo / DEFAULT_TEXT]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ModelError("no evaluation text: pass --text FILE or set MXQ_EVAL_TEXT (the default, the WikiText-2 "
+                     f"test set, was looked for at {', '.join(str(p) for p in candidates)})")
+
+
+@click.command("eval")
+@click.argument("file", type=click.Path())
+@click.option("--text", "text_path", type=click.Path(), default=None,
+              help="UTF-8 text file to score. Default: the WikiText-2 test set ($MXQ_EVAL_TEXT, else "
+                   "../shared/data/wikitext2-test.txt).")
+@click.option("--ctx", type=int, default=None,
+              help="Tokens per chunk / window. Default: 2048, or the model's context if that is shorter.")
+@click.option("--stride", type=int, default=None,
+              help="Use transformers' sliding-window method, moving the window by this many tokens. "
+                   "Default: non-overlapping chunks (GPTQ-style).")
+@click.option("--max-chunks", type=int, default=None, help="Score only the first M chunks (windows): a quick estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@DEVICE_OPTION
+@CACHE_OPTION
+def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, device, cache_dequantized):
+    """Measure the perplexity of the model in FILE on a text (lower is better).
+
+    The text is tokenized once (with BOS if the model adds one). Default method: cut the tokens into
+    non-overlapping --ctx-token chunks, score every token of a chunk but its first from the chunk
+    alone (the usual GPTQ evaluation). With --stride: transformers' sliding-window method. Compare
+    numbers only when method, ctx, stride and tokenizer are the same; they are printed with the result.
+    """
+    import json
+
+    from .generate import load
+    from .perplexity import perplexity
+
+    path = find_eval_text(text_path)
+    text = path.read_text(encoding="utf-8")
+    with load(file, device=device, cache_dequantized=cache_dequantized) as model:
+        ids = model.tokenizer.encode(text)
+        ctx = ctx or min(2048, model.context_length)
+        report = perplexity(model, ids, ctx=ctx, stride=stride, max_chunks=max_chunks, progress=progress)
+    report = {"file": str(file), "text": str(path), **report}
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    unit = "chunks" if report["method"] == "chunks" else "windows"
+    stride_text = f", stride {report['stride']}" if report["stride"] else ""
+    click.echo(f"perplexity {report['ppl']:.4f}  (method {report['method']}, ctx {report['ctx']}{stride_text}, "
+               f"{report['chunks']} {unit}, {report['scored_tokens']:,} "
+               f"tokens scored of {report['tokens']:,}; text {path.name}; {report['seconds']:.1f} s)")
+
+
+@click.command("export-hf")
+@click.argument("file", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def export_hf_command(file, out_dir, progress):
+    """Write the model in FILE as a Hugging Face checkpoint in OUT_DIR.
+
+    The weights are DEQUANTIZED to float32 (model.safetensors, 4 bytes per weight), with config.json,
+    generation_config.json and the tokenizer files, so transformers and other tools can load exactly
+    what the quantized file computes: AutoModelForCausalLM.from_pretrained(OUT_DIR).
+    """
+    from tqdm import tqdm
+
+    from .export_hf import export_hf
+
+    def bar(items):
+        return tqdm(items, desc="export", unit="tensor", file=sys.stderr, disable=not progress)
+
+    export_hf(file, out_dir, progress=bar)
+    click.echo(f"wrote {out_dir}")
+
+
+COMMANDS = [generate, eval_command, export_hf_command]

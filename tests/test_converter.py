@@ -77,7 +77,7 @@ def test_conversion_is_deterministic(tiny_llama, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch):
-    convert_module = sys.modules["mxq.converter.convert"]
+    convert_module = sys.modules["mxq.converter.pipeline"]
     calls = {"n": 0}
     real = convert_module.quantize
 

@@ -1,0 +1,152 @@
+"""The backend interface: every array operation of the forward pass goes through one of these
+methods, so a CUDA backend can run the same `runtime/model.py` with device arrays.
+
+Conventions (all backends):
+  * Activations are 2-D float32 backend arrays, one row per token: x (T, features), C-contiguous.
+    Heads are packed along the feature axis: q (T, n_heads * head_dim), k/v (T, n_kv_heads * head_dim),
+    head h occupying columns [h * head_dim, (h + 1) * head_dim) — the order of HF's q/k/v_proj outputs.
+  * Token ids and positions are HOST numpy int64 arrays (T,): small, and the sampler lives on the host.
+  * Weights come from `prepare(entry, blobs)`: 1-D tensors (norm weights, biases) become float32
+    backend arrays (n,); 2-D tensors become opaque weight handles that `linear` and `embedding`
+    accept (a tied lm_head is simply the embedding's handle passed to `linear`).
+  * The numpy backend is the reference: a new backend's ops are tested against it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ...format_spec import csr_problem
+from ..errors import ModelError
+
+
+class Backend(ABC):
+    """One device's implementation of the forward pass's operations."""
+
+    name = "abstract"
+    xp = np  # the array module of this backend's arrays (numpy, cupy): used to allocate the KV cache
+
+    # -- weights ----------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, entry, blobs: dict):
+        """Make a tensor usable. `entry` is a format_spec TensorEntry (name, shape, config, role);
+        `blobs` maps blob name → zero-copy host numpy view of the mmapped file (SPEC.md §5).
+        Returns a float32 backend array (n,) for a 1-D tensor, a weight handle for a 2-D one.
+        Raises ModelError naming the tensor for an unsupported scheme/shape or unsound CSR outliers
+        (call `check_outliers` first)."""
+
+    @abstractmethod
+    def upload(self, array: np.ndarray):
+        """Host float32 numpy array → backend array (constants such as RoPE inverse frequencies)."""
+
+    @abstractmethod
+    def to_host(self, x) -> np.ndarray:
+        """Backend array → host numpy float32 array of the same shape."""
+
+    # -- operations -------------------------------------------------------------------------------
+    @abstractmethod
+    def embedding(self, weight, ids: np.ndarray):
+        """Rows `ids` of an embedding handle: ids host int64 (T,) → (T, hidden) float32.
+        Quantized tables dequantize only the rows asked for."""
+
+    @abstractmethod
+    def linear(self, x, weight, bias=None):
+        """x (T, in) float32 @ W.T for a weight handle of shape (out, in) → (T, out) float32;
+        `bias` is None or a float32 backend array (out,) added to every row.
+        T is the prompt length during prefill (matrix–matrix) and 1 during decode."""
+
+    @abstractmethod
+    def rms_norm(self, x, weight, eps: float):
+        """x (T, H), weight (H,) → weight * (x / sqrt(mean(x², axis=-1) + eps)), float32."""
+
+    @abstractmethod
+    def rope(self, x, positions: np.ndarray, inv_freq):
+        """Rotary embedding in HF's rotate_half convention. x (T, n * head_dim); positions host
+        int64 (T,); inv_freq backend float32 (head_dim // 2,). With angle a = position * inv_freq
+        (float32 product), for every head and i < head_dim / 2:
+            out[i]              = x[i] * cos(a_i) - x[i + head_dim/2] * sin(a_i)
+            out[i + head_dim/2] = x[i + head_dim/2] * cos(a_i) + x[i] * sin(a_i)
+        Returns a new (T, n * head_dim) array."""
+
+    @abstractmethod
+    def attention(self, q, k, v, cache: "LayerCache", start: int):
+        """Causal grouped-query attention with a KV cache. q (T, n_heads * head_dim), k and v
+        (T, n_kv_heads * head_dim), already rotated; the T tokens sit at positions start .. start+T-1.
+        Writes k, v into cache.k / cache.v [:, start:start+T, :], then for query head h (which reads
+        KV head h // (n_heads // n_kv_heads)) and token t attends over cache positions 0 .. start+t:
+            softmax(q·kᵀ / sqrt(head_dim)) · v      (float32 softmax)
+        Returns (T, n_heads * head_dim). The caller has reserved capacity ≥ start + T."""
+
+    @abstractmethod
+    def silu_mul(self, gate, up):
+        """SwiGLU: silu(gate) * up with silu(g) = g * sigmoid(g); both (T, I) → (T, I)."""
+
+    @abstractmethod
+    def add(self, a, b):
+        """Residual sum a + b, both (T, H) → (T, H) (may reuse a's memory: callers never reuse a)."""
+
+    @abstractmethod
+    def token_nll(self, logits, targets: np.ndarray) -> np.ndarray:
+        """Negative log-likelihood of each target: logits (T, vocab) float32, targets host int64 (T,)
+        → host float64 (T,) with nll[t] = logsumexp(logits[t]) - logits[t, targets[t]]."""
+
+    def close(self) -> None:
+        """Release what the backend holds (worker threads, device memory pools). Optional."""
+
+    # -- helpers shared by backends ---------------------------------------------------------------
+    @staticmethod
+    def check_outliers(entry, blobs: dict) -> None:
+        """SPEC.md §7: CSR content rules are checked before a runtime uses a tensor's outliers."""
+        if entry.config.scheme == "affine" and entry.config.outliers:
+            problem = csr_problem(blobs, entry.shape)
+            if problem:
+                raise ModelError(f"tensor '{entry.name}': bad outliers: {problem}")
+
+    def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> "KVCache":
+        return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity)
+
+
+class LayerCache:
+    """Keys and values of one layer: k, v (n_kv_heads, capacity, head_dim) float32 backend arrays;
+    positions ≥ the cache's length hold garbage."""
+
+    def __init__(self, xp, n_kv_heads: int, head_dim: int, capacity: int):
+        self.xp = xp
+        self.k = xp.zeros((n_kv_heads, capacity, head_dim), dtype=xp.float32)
+        self.v = xp.zeros((n_kv_heads, capacity, head_dim), dtype=xp.float32)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions (grows by doubling, copying what is stored)."""
+        if n <= self.capacity:
+            return
+        capacity = max(n, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), dtype=self.xp.float32)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+
+class KVCache:
+    """The per-layer caches plus how many positions are filled (`length`)."""
+
+    def __init__(self, xp, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int):
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.layers = [LayerCache(xp, n_kv_heads, head_dim, capacity) for _ in range(n_layers)]
+        self.length = 0
+
+    def reserve(self, n: int) -> None:
+        for layer in self.layers:
+            layer.reserve(n)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)

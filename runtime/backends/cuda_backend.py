@@ -1,0 +1,500 @@
+"""The CUDA backend: the forward pass on an NVIDIA GPU with CuPy arrays and mxq's raw CUDA kernels.
+
+One class, two bindings (ARCHITECTURE.md, "Backends share one shape"):
+
+    CudaBackend()                                    # a GPU: xp = cupy, kernels = kernels.nvrtc.load_module()
+    CudaBackend(xp=numpy, module=EmulatedModule(mode="fibers", guard=False))
+                                                     # the CPU emulation: numpy arrays, the same .cu kernels
+                                                     # compiled by g++ (what the tests run)
+
+Everything else — buffer layout, launch geometry, kernel arguments, dtypes, the KV cache — is the
+same code on both. The CuPy-specific part is `_CupyBinding` (host↔device copies, pointer addresses,
+NULL pointers, the memory pool) and the choice of `xp`: `xp.matmul` is cuBLAS on a GPU, BLAS under
+emulation.
+
+What runs where (T = tokens in the call: the prompt length at prefill, 1 at decode):
+  weights     `prepare` uploads the mmapped blobs as stored (packed codes, uint8 scale/zero codes +
+              fp16 run metadata, CSR outliers): the device holds the file's bytes, nothing is expanded.
+              The GEMV loads packs with 16-byte vector loads, so qweight must be 16-byte aligned: the
+              file aligns blobs to 64 bytes and CuPy allocations are 256-byte aligned; anything else is
+              copied into an aligned buffer.
+  linear      affine, T == 1: fused dequant + GEMV (gemv_affine_b*_g*), outliers fused, bias (and an
+              optional residual) fused through the kernel's `residual` argument.
+              affine, T > 1: dequantize the matrix on the device (dequant_affine_*_f32, in row chunks of
+              at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
+              fp16: an fp32 copy made on the device on first use (as the numpy backend's
+              cache_dequantized), then xp.matmul (GEMV or GEMM).
+  embedding   fp16 table: embedding_f16; affine table: dequant_affine_*_f32 with row_ids = the ids.
+  rms_norm, rope, silu_mul, add: rmsnorm_f32, rope_f32, silu_mul_f32, add_f32 (in place).
+  attention   kv_store_{f16,f32} writes k, v into the cache; attention_{f16,f32}kv (+ attention_combine
+              when the keys are split, flash-decoding). The KV cache lives on the device in fp16 by
+              default (`kv_cache="f16"`: half the memory and bandwidth); `kv_cache="f32"` matches the
+              numpy backend's float32 cache exactly.
+  token_nll   on the host (logits are copied once).
+
+`cache_dequantized=True` (the runtime's memory option) additionally keeps every affine matrix
+dequantized to float32 on the device, so prefill skips the dequantization (4 bytes per weight more
+GPU memory); decode still uses the GEMV, which reads b/8 bytes per weight instead of 4.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...kernels.registry import (AFFINE_CONFIGS, attention_launch, dequant_launch, dequant_name, elementwise_launch,
+                                 gemv_launch, gemv_name, rowwise_launch)
+from ..errors import ModelError
+from .base import Backend, KVCache, LayerCache
+
+i32, f32 = np.int32, np.float32
+KV_DTYPES = {"f16": np.float16, "f32": np.float32}
+PREFILL_CHUNK_BYTES = 64 << 20  # largest float32 block of a dequantized matrix at prefill
+QWEIGHT_ALIGNMENT = 16  # the GEMV's widest vector load (uint4)
+CUDA_HINT = "use --device cpu"
+
+
+# ---- bindings: what differs between CuPy on a GPU and NumPy under emulation --------------------------
+
+class _NumpyBinding:
+    """Host numpy arrays, kernels on the CPU emulator (which takes numpy arrays and None for NULL)."""
+
+    null = None
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def to_device(self, array: np.ndarray):
+        return np.ascontiguousarray(array)  # zero-copy for the mmapped blobs
+
+    def to_host(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    @staticmethod
+    def address(x) -> int:
+        return x.__array_interface__["data"][0]
+
+    def close(self) -> None:
+        pass
+
+
+class _CupyBinding:
+    """CuPy device arrays; RawKernel arguments are cupy arrays, NULL is a pointer-sized zero."""
+
+    null = np.uint64(0)
+
+    def __init__(self, cupy):
+        self.xp = cupy
+
+    def to_device(self, array: np.ndarray):
+        return self.xp.asarray(np.ascontiguousarray(array))  # host → device copy (pool memory: 256-aligned)
+
+    def to_host(self, x) -> np.ndarray:
+        return self.xp.asnumpy(x)
+
+    @staticmethod
+    def address(x) -> int:
+        return int(x.data.ptr)
+
+    def close(self) -> None:
+        self.xp.get_default_memory_pool().free_all_blocks()
+
+
+def _load_cupy():
+    """CuPy with at least one GPU, or a ModelError that says which is missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise ModelError(f"device 'cuda': CuPy is not installed (pip install 'mxq[cuda]'); {CUDA_HINT}") from None
+    except Exception as error:  # a broken install (missing CUDA libraries ...)
+        detail = " ".join(str(error).split())
+        raise ModelError(f"device 'cuda': CuPy failed to import ({type(error).__name__}: {detail}); "
+                         f"{CUDA_HINT}") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver, driver too old, no device node ...
+        detail = " ".join(str(error).split())  # one line
+        raise ModelError(f"device 'cuda': no CUDA GPU found ({detail}); {CUDA_HINT}") from None
+    if count < 1:
+        raise ModelError(f"device 'cuda': no CUDA GPU found; {CUDA_HINT}")
+    return cupy
+
+
+def _load_gpu_module():
+    from ...kernels import nvrtc
+
+    try:
+        return nvrtc.load_module()
+    except (nvrtc.NvrtcUnavailable, nvrtc.KernelCompileError) as error:
+        raise ModelError(f"device 'cuda': cannot load mxq's CUDA kernels: {error}") from None
+
+
+# ---- weight handles ---------------------------------------------------------------------------------
+
+class DenseHandle:
+    """An fp16 matrix (out, in) on the device; `dense` is its float32 copy, made on first use in linear."""
+
+    def __init__(self, name, data):
+        self.name, self.data, self.shape = name, data, tuple(data.shape)
+        self.dense = None
+
+
+class AffineHandle:
+    """A packed affine matrix (out, in) on the device, exactly as stored in the file."""
+
+    def __init__(self, name, shape, bits, group_size, blobs: tuple, outliers: bool):
+        self.name, self.shape = name, tuple(shape)
+        self.bits, self.group_size = bits, group_size
+        self.blobs = blobs  # (qweight, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, vals)
+        self.outliers = outliers
+        self.gemv = gemv_name(bits, group_size)
+        self.dequant = dequant_name(bits, group_size, "f32")
+        self.dense = None  # float32 (out, in) on the device with cache_dequantized
+        self.chunk_ids = {}  # (r0, r1) → device int32 row ids of a prefill chunk
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.blobs if b is not None and hasattr(b, "nbytes"))
+
+
+# ---- the KV cache with a chosen dtype ----------------------------------------------------------------
+
+class DeviceLayerCache(LayerCache):
+    """LayerCache whose k, v (n_kv_heads, capacity, head_dim) have dtype float16 or float32."""
+
+    def __init__(self, xp, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float16):
+        self.xp, self.dtype = xp, dtype
+        self.k = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
+        self.v = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        capacity = max(n, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), dtype=old.dtype)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+
+class DeviceKVCache(KVCache):
+    def __init__(self, xp, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float16):
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.layers = [DeviceLayerCache(xp, n_kv_heads, head_dim, capacity, dtype) for _ in range(n_layers)]
+        self.length = 0
+
+
+# ---- the backend --------------------------------------------------------------------------------------
+
+class CudaBackend(Backend):
+    """The forward pass through mxq's CUDA kernels.
+
+    xp        array module: None → cupy (a ModelError if CuPy or a GPU is missing); numpy → emulation.
+    module    kernel launcher with .get_function(name)(grid, block, args): None → kernels.nvrtc.load_module()
+              on a GPU, kernels.emulator.EmulatedModule(mode="fibers", guard=False) with xp=numpy.
+    kv_cache  "f16" (default: the GPU cache) or "f32" (exactly the numpy backend's cache).
+    cache_dequantized  also keep affine matrices dequantized to float32 on the device (faster prefill).
+    prefill_chunk_bytes  largest float32 block of a matrix dequantized at once for a prefill GEMM.
+    gemv_warps  warps per GEMV block (None: kernels.registry.gemv_launch's choice).
+    """
+
+    name = "cuda"
+    fuses_residual = True  # linear(x, W, bias, residual=r) adds r inside the decode GEMV (see linear)
+
+    def __init__(self, xp=None, module=None, *, kv_cache: str = "f16", cache_dequantized: bool = False,
+                 prefill_chunk_bytes: int = PREFILL_CHUNK_BYTES, gemv_warps: int | None = None):
+        if kv_cache not in KV_DTYPES:
+            raise ModelError(f"kv_cache must be one of {', '.join(KV_DTYPES)}, got {kv_cache!r}")
+        if xp is None:
+            xp = _load_cupy()
+        self.xp = xp
+        self.binding = _NumpyBinding(xp) if xp is np else _CupyBinding(xp)
+        if module is None:
+            if xp is np:
+                from ...kernels.emulator import EmulatedModule
+                module = EmulatedModule(mode="fibers", guard=False)
+            else:
+                module = _load_gpu_module()
+        self.module = module
+        self.kv_cache, self.kv_dtype = kv_cache, KV_DTYPES[kv_cache]
+        self.cache_dequantized = bool(cache_dequantized)
+        self.prefill_chunk_bytes = int(prefill_chunk_bytes)
+        self.gemv_warps = gemv_warps
+        self._functions: dict = {}
+        self._scratch: dict = {}
+        self._positions = (None, None)  # (host int64, device int32) of the last rope call
+        if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
+            try:
+                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "add_f32"):
+                    self._fn(name)
+            except ModelError:
+                raise
+            except Exception as error:
+                raise ModelError(f"device 'cuda': cannot load mxq's CUDA kernels: {error}") from None
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _fn(self, name: str):
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self.module.get_function(name)
+        return fn
+
+    def _launch(self, name: str, grid, block, args) -> None:
+        self._fn(name)(grid, block, args)
+
+    def _ptr(self, x):
+        """A pointer argument: the array, or NULL for None."""
+        return self.binding.null if x is None else x
+
+    def _f32(self, x):
+        """x as a C-contiguous float32 device array (no copy when it already is one)."""
+        return self.xp.ascontiguousarray(x, dtype=self.xp.float32)
+
+    def _i32(self, values: np.ndarray):
+        """Host integers (ids, positions) → device int32 array."""
+        return self.binding.to_device(np.asarray(values, dtype=np.int64).astype(np.int32).reshape(-1))
+
+    def scratch(self, name: str, shape, dtype):
+        """A reused device buffer for intermediates that never leave an op (dequantized blocks,
+        attention partials). Kernels and GEMMs run in stream order, so reuse is safe."""
+        n, dt = math.prod(shape), np.dtype(dtype)
+        buf = self._scratch.get((name, dt))
+        if buf is None or buf.size < n:
+            buf = self._scratch[(name, dt)] = self.xp.empty(max(n, 1), dtype=dt)
+        return buf[:n].reshape(shape)
+
+    def _positions_on_device(self, positions: np.ndarray):
+        """Device int32 positions; the q and k rotations of every layer share one upload (on a GPU
+        a host → device copy also waits for the queued kernels)."""
+        host, device = self._positions
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if host is None or host.shape != positions.shape or not np.array_equal(host, positions):
+            host, device = positions.copy(), self._i32(positions)
+            self._positions = (host, device)
+        return device
+
+    def _device_blob(self, array: np.ndarray, alignment: int = 1):
+        """Upload a blob as stored; copy into an `alignment`-aligned buffer if it is not aligned."""
+        device = self.binding.to_device(array)
+        if alignment > 1 and self.binding.address(device) % alignment:
+            raw = self.xp.empty(device.nbytes + alignment, dtype=self.xp.uint8)
+            offset = (-self.binding.address(raw)) % alignment
+            aligned = raw[offset: offset + device.nbytes].view(device.dtype).reshape(device.shape)
+            aligned[...] = device
+            device = aligned
+        return device
+
+    def close(self) -> None:
+        self._scratch.clear()
+        self._functions.clear()
+        self._positions = (None, None)
+        self.binding.close()
+
+    def synchronize(self) -> None:
+        """Wait for queued kernels (timing on a GPU); a no-op under emulation."""
+        if self.xp is not np:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def prepare(self, entry, blobs: dict):
+        self.check_outliers(entry, blobs)
+        scheme = entry.config.scheme
+        if len(entry.shape) == 1:
+            if scheme != "fp16":
+                raise ModelError(f"tensor '{entry.name}': 1-D tensors must be fp16, got {scheme}")
+            return self.upload(blobs["data"].astype(np.float32))
+        if len(entry.shape) != 2:
+            raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
+        if scheme == "fp16":
+            handle = DenseHandle(entry.name, self._device_blob(blobs["data"]))
+            if self.cache_dequantized and entry.role != "embedding":
+                self._dense_f32(handle)
+            return handle
+        if scheme != "affine":
+            raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the cuda backend")
+        bits, group_size = entry.config.bits, entry.config.group_size
+        if (bits, group_size) not in AFFINE_CONFIGS:
+            raise ModelError(f"tensor '{entry.name}': affine b{bits} g{group_size} has no CUDA kernel")
+        outliers = bool(entry.config.outliers)
+        device = (self._device_blob(blobs["qweight"], QWEIGHT_ALIGNMENT),
+                  self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
+                  self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4))
+        if outliers:
+            device += (self._device_blob(blobs["outlier_row_ptr"], 4), self._device_blob(blobs["outlier_cols"], 2),
+                       self._device_blob(blobs["outlier_values"], 2))
+        else:
+            device += (None, None, None)
+        handle = AffineHandle(entry.name, entry.shape, bits, group_size, device, outliers)
+        if self.cache_dequantized and entry.role != "embedding":
+            handle.dense = self._dequantize(handle, 0, handle.shape[0], self.xp.empty(handle.shape, self.xp.float32))
+        return handle
+
+    def upload(self, array):
+        return self.binding.to_device(np.ascontiguousarray(array, dtype=np.float32))
+
+    def to_host(self, x):
+        return np.asarray(self.binding.to_host(x), dtype=np.float32)
+
+    def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> DeviceKVCache:
+        return DeviceKVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
+
+    # -- affine helpers ---------------------------------------------------------------------------------
+    def _affine_args(self, w: AffineHandle) -> tuple:
+        return tuple(self._ptr(b) for b in w.blobs)
+
+    def _dequantize(self, w: AffineHandle, r0: int, r1: int, out, row_ids=None):
+        """Rows [r0, r1) of W (outliers included) into out (r1 − r0, in) float32 on the device.
+        row_ids: device int32 ids of those rows (needed unless r0 == 0)."""
+        out_features, in_features = w.shape
+        n_rows = r1 - r0
+        if r0 != 0 and row_ids is None:
+            row_ids = self._i32(np.arange(r0, r1))
+        grid, block = dequant_launch(n_rows)
+        self._launch(w.dequant, grid, block,
+                     self._affine_args(w) + (self._ptr(row_ids), out, i32(n_rows), i32(out_features),
+                                             i32(in_features), i32(in_features)))
+        return out
+
+    def _dense_f32(self, w: DenseHandle):
+        if w.dense is None:
+            w.dense = w.data.astype(self.xp.float32)
+        return w.dense
+
+    def _gemv(self, w: AffineHandle, x, add=None):
+        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel."""
+        out_features, in_features = w.shape
+        y = self.xp.empty((1, out_features), dtype=self.xp.float32)
+        grid, block = gemv_launch(out_features, self.gemv_warps)
+        self._launch(w.gemv, grid, block,
+                     self._affine_args(w) + (x, self._ptr(add), y, i32(out_features), i32(in_features)))
+        return y
+
+    def _affine_matmul(self, w: AffineHandle, x):
+        """y (T, out) = x (T, in) @ Wᵀ for T > 1: dequantize on the device, then GEMM (cuBLAS)."""
+        if w.dense is not None:
+            return x @ w.dense.T
+        out_features, in_features = w.shape
+        rows = max(1, min(out_features, self.prefill_chunk_bytes // (4 * in_features)))
+        if rows >= out_features:
+            dense = self._dequantize(w, 0, out_features, self.scratch("dequant", w.shape, np.float32))
+            return x @ dense.T
+        y = self.xp.empty((x.shape[0], out_features), dtype=self.xp.float32)
+        for r0 in range(0, out_features, rows):
+            r1 = min(out_features, r0 + rows)
+            ids = w.chunk_ids.get((r0, r1))
+            if ids is None:
+                ids = w.chunk_ids[(r0, r1)] = self._i32(np.arange(r0, r1))
+            block = self._dequantize(w, r0, r1, self.scratch("dequant", (r1 - r0, in_features), np.float32), ids)
+            y[:, r0:r1] = x @ block.T
+        return y
+
+    # -- operations -------------------------------------------------------------------------------------
+    def embedding(self, weight, ids):
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        T = ids.shape[0]
+        ids_dev = self._i32(ids)
+        vocab, dim = weight.shape
+        out = self.xp.empty((T, dim), dtype=self.xp.float32)
+        if isinstance(weight, DenseHandle):
+            grid, block = rowwise_launch(T, _threads(dim))
+            self._launch("embedding_f16", grid, block, (ids_dev, weight.data, out, i32(T), i32(dim), i32(vocab)))
+            return out
+        grid, block = dequant_launch(T)
+        self._launch(weight.dequant, grid, block,
+                     self._affine_args(weight) + (ids_dev, out, i32(T), i32(vocab), i32(dim), i32(dim)))
+        return out
+
+    def linear(self, x, weight, bias=None, residual=None):
+        """The interface's linear, plus an optional `residual` (T, out) added to the result
+        (fused into the GEMV at decode: y = W·x + bias + residual in one kernel)."""
+        x = self._f32(x)
+        T = x.shape[0]
+        if isinstance(weight, AffineHandle) and T == 1:
+            add = bias
+            if residual is not None:
+                add = self._f32(residual).reshape(-1)
+                if bias is not None:
+                    add = self.add(add.copy(), bias)
+            return self._gemv(weight, x, add)
+        if isinstance(weight, AffineHandle):
+            y = self._affine_matmul(weight, x)
+        else:
+            y = x @ self._dense_f32(weight).T
+        y = self._f32(y)
+        if bias is not None:
+            y += bias
+        if residual is not None:
+            y = self.add(y, self._f32(residual))
+        return y
+
+    def rms_norm(self, x, weight, eps):
+        x = self._f32(x)
+        rows, dim = x.shape
+        out = self.xp.empty_like(x)
+        grid, block = rowwise_launch(rows, _threads(dim))
+        self._launch("rmsnorm_f32", grid, block, (x, weight, out, i32(dim), f32(eps)))
+        return out
+
+    def rope(self, x, positions, inv_freq):
+        x = self._f32(x)
+        T, width = x.shape
+        half = int(inv_freq.shape[0])
+        head_dim = 2 * half
+        n_heads = width // head_dim
+        out = self.xp.empty_like(x)
+        grid, block = elementwise_launch(T * n_heads * half)
+        self._launch("rope_f32", grid, block,
+                     (x, out, self._positions_on_device(positions), inv_freq, i32(T), i32(n_heads), i32(head_dim),
+                      i32(width), i32(width)))
+        return out
+
+    def attention(self, q, k, v, cache: LayerCache, start):
+        q, k, v = self._f32(q), self._f32(k), self._f32(v)
+        T = q.shape[0]
+        n_kv, capacity, head_dim = cache.k.shape
+        n_heads = q.shape[1] // head_dim
+        kv = "f16" if cache.k.dtype == np.float16 else "f32"
+        grid, block = elementwise_launch(T * n_kv * head_dim)
+        self._launch(f"kv_store_{kv}", grid, block,
+                     (k, v, cache.k, cache.v, i32(T), i32(n_kv), i32(head_dim), i32(n_kv * head_dim), i32(start),
+                      i32(capacity)))
+        plan = attention_launch(n_heads, T, start + T, head_dim)
+        out = self.xp.empty((T, n_heads * head_dim), dtype=self.xp.float32)
+        part = self.scratch("attention_part", plan.part_shape, np.float32) if plan.n_splits > 1 else None
+        self._launch(f"attention_{kv}kv", plan.grid, plan.block,
+                     (q, cache.k, cache.v, out, self._ptr(part), i32(n_heads), i32(n_kv), i32(head_dim), i32(T),
+                      i32(start + T), i32(capacity), i32(plan.keys_per_split), f32(1.0 / math.sqrt(head_dim))))
+        if plan.n_splits > 1:
+            self._launch("attention_combine", plan.combine_grid, plan.combine_block,
+                         (part, out, i32(T * n_heads), i32(plan.n_splits), i32(head_dim)))
+        return out
+
+    def silu_mul(self, gate, up):
+        gate, up = self._f32(gate), self._f32(up)
+        rows, cols = gate.shape
+        out = self.xp.empty_like(gate)
+        grid, block = elementwise_launch(rows * cols)
+        self._launch("silu_mul_f32", grid, block, (gate, up, out, i32(rows), i32(cols), i32(cols), i32(cols)))
+        return out
+
+    def add(self, a, b):
+        """a += b in place (a's memory is reused, as the interface allows); b may be a row (n,)
+        only when a has one row."""
+        a, b = self._f32(a), self._f32(b)
+        if a.size != b.size:
+            raise ValueError(f"add: shapes {a.shape} and {b.shape} differ")
+        grid, block = elementwise_launch(a.size)
+        self._launch("add_f32", grid, block, (a, b, a, i32(a.size)))
+        return a
+
+    def token_nll(self, logits, targets):
+        logits = self.to_host(logits)
+        peak = logits.max(axis=-1, keepdims=True)  # (T, 1)
+        lse = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]  # (T,)
+        return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
+
+
+def _threads(dim: int) -> int:
+    """Threads for a row-per-block kernel: enough warps to cover the row, at most 256."""
+    return min(256, 32 * max(1, -(-dim // 32)))

@@ -1,0 +1,50 @@
+"""Next-token choice from logits: greedy, or temperature + top-k + top-p sampling with a seed.
+
+Same seed, same logits → same tokens (numpy Generator). Filters apply in transformers' order:
+temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens whose
+probability reaches p, always at least one token).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ModelError
+
+
+class Sampler:
+    def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None):
+        if temperature is None or temperature < 0:
+            raise ModelError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ModelError(f"top-k must be >= 0 (0 = off), got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ModelError(f"top-p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k or None, top_p
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """logits (vocab,) float32 → a token id."""
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if self.greedy:
+            return int(np.argmax(logits))
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.size:
+            kth = np.partition(logits, -self.top_k)[-self.top_k]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if self.top_p is not None and self.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")  # most likely first
+            cumulative = np.cumsum(probs[order])
+            keep = int(np.searchsorted(cumulative, self.top_p)) + 1  # smallest prefix reaching p
+            kept = order[:keep]
+            probs = np.zeros_like(probs)
+            probs[kept] = np.exp(logits[kept] - logits[kept].max())
+            probs /= probs.sum()
+        cdf = np.cumsum(probs)  # inverse-CDF draw: one uniform number per token
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
