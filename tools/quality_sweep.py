@@ -4,30 +4,25 @@
         [--budgets 2.5,3.0,3.5,4.25,5.0,5.5,6.5,8.5] [--ctx 2048] [--chunks 16] [--out sweep]
 
 Writes OUT.csv and OUT.png. Perplexity: WikiText-2 test (../shared/data/wikitext2-test.txt), the text
-tokenized once, non-overlapping ctx-token chunks, NLL of positions 1..ctx-1 of each (the method of
-`mxq eval`, GPTQ style), first --chunks chunks. The evaluation runs the stored weights (dequantized
-from the written .mxq file) through the converter's torch forward pass, which matches transformers
-to ~1e-7 (tests/test_calibrate.py) — fast enough for sweeps; `mxq eval` gives the same number.
+tokenized once, non-overlapping ctx-token chunks, NLL of positions 1..ctx-1 of each, first --chunks
+chunks: exactly `mxq eval FILE --ctx CTX --max-chunks CHUNKS` (it calls the same runtime code, in
+cached-dequantized mode for speed; its parity with transformers is tested in tests/test_runtime.py).
 Each point is labelled with method, ctx and chunks; the CSV also has calibration and measurement
 seconds (0 when cached).
 """
 import argparse
 import csv
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
+import mxq  # noqa: E402
 from mxq.converter import convert  # noqa: E402
-from mxq.converter.calibrate import chunk_loss, encode  # noqa: E402
-from mxq.converter.checkpoint import read_checkpoint  # noqa: E402
-from mxq.format_spec import MxqFile, dequantize  # noqa: E402
+from mxq.runtime.perplexity import perplexity as runtime_perplexity  # noqa: E402
 
 # name -> conversion options; "uniform-*" methods ignore the budget (one config everywhere)
 METHODS = {
@@ -51,16 +46,10 @@ def wikitext() -> str:
     return (fixtures.DATA_DIR / "wikitext2-test.txt").read_text(encoding="utf-8")
 
 
-@torch.no_grad()
-def perplexity(mxq_path, checkpoint, ids, ctx, chunks) -> float:
-    with MxqFile.open(mxq_path) as f:
-        params = {name: torch.from_numpy(dequantize(f.blobs(name), e.shape, e.config)) for name, e in f.tensors.items()}
-    total, count = 0.0, 0
-    for i in range(min(chunks, len(ids) // ctx)):
-        chunk = torch.tensor(ids[i * ctx:(i + 1) * ctx])
-        total += float(chunk_loss(params, checkpoint.model, chunk))
-        count += ctx - 1
-    return math.exp(total / count)
+def perplexity(mxq_path, text, ctx, chunks) -> float:
+    with mxq.load(mxq_path, cache_dequantized=True) as model:
+        return runtime_perplexity(model, model.tokenizer.encode(text), ctx=ctx, max_chunks=chunks,
+                                  progress=False)["ppl"]
 
 
 def main():
@@ -73,10 +62,8 @@ def main():
     parser.add_argument("--out", default="quality_sweep")
     parser.add_argument("--cache-dir", default="default", help="mxq's error/calibration cache root")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     hf_dir = fixtures.ensure(args.fixture)
-    checkpoint = read_checkpoint(hf_dir)
-    ids = encode(checkpoint, wikitext())
+    text = wikitext()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
@@ -89,7 +76,7 @@ def main():
                 report = convert(hf_dir, out, bpw=bpw, cache_dir=args.cache_dir, **options)
                 convert_seconds = time.perf_counter() - started
                 started = time.perf_counter()
-                ppl = perplexity(out, checkpoint, ids, args.ctx, args.chunks)
+                ppl = perplexity(out, text, args.ctx, args.chunks)
                 row = {"method": method, "budget_bpw": "" if uniform else bpw, "achieved_bpw": round(report.achieved_bpw, 4),
                        "ppl": round(ppl, 4), "ctx": args.ctx, "chunks": args.chunks,
                        "calibrate_s": round(report.seconds.get("calibrate", 0.0), 1),
