@@ -1,0 +1,535 @@
+"""The CUDA backend (runtime/backends/cuda_backend.py) against the numpy backend, on the CPU.
+
+Everything but CuPy itself runs here: the backend is built with xp=numpy and the emulated launcher
+(kernels/emulator.py: the same .cu sources compiled by g++, fibers mode), so its buffer layout,
+launch geometry, kernel arguments, dtypes and KV cache are what is tested. Per-op tests launch with
+guard=True (every argument between poisoned margins: a launch that writes past an array or into a
+const one fails). A `gpu`-marked test runs the real CuPy path where a GPU exists.
+
+Tolerances (and why):
+  * linear, affine and fp16, every path (GEMV at T = 1, dequantize + GEMM at T > 1, prefill chunks,
+    cache_dequantized): |y − y_numpy| ≤ 4e-6 · (|x|·|W|ᵀ) per element. Both backends compute the same
+    products of the same dequantized weights in fp32 but sum in different orders (per-pack partial sums
+    and a shuffle tree in the GEMV; the numpy backend's per-group BLAS products; different BLAS
+    blockings), so each is within a few ulp of Σ|W·x| of the exact value — test_kernels.py bounds the
+    GEMV at 2e-6·Σ|W·x|; measured here ≤ 2.5e-7. Bias and residual add one more rounding (2⁻²³·|·|).
+  * embedding (fp16 and affine rows), add, token_nll: exact (the same fp32 operations: dequantization
+    is bit-exact with format_spec.dequantize, as is the numpy backend's).
+  * rms_norm, rope: ≤ 1e-5 · max|input| (reduction order, expf/sinf/cosf of another math library: a few
+    ulp); silu_mul: rtol 1e-6 (expf vs np.exp, 1 ulp) — as test_kernels.py.
+  * attention, float32 cache: ≤ 1e-5 · max|v| (online softmax vs numpy's two-pass softmax, fp32).
+    fp16 cache (the GPU default): k and v are rounded to fp16 when stored (relative 2⁻¹¹), so
+    ≤ 3e-3 · max|v| (measured ≤ 3e-4 on these random values; float32 cache: ≤ 2e-7).
+  * end to end (tiny-llama, tiny-qwen2 converted by mxq.converter with configs "all" and 0.5% outliers):
+    the greedy tokens are identical, and every step's logits agree within 2e-5 · max|logits| with the
+    float32 cache (measured ≤ 2e-6: fp32 reordering through 2 layers) and 3e-3 · max|logits| with the
+    fp16 cache (measured ≤ 8e-4). Fibers mode is deterministic, so these runs are reproducible.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import random_affine_blobs
+from mxq.format_spec import MxqFile, StorageConfig, dequantize
+from mxq.kernels.emulator import EmulatedModule
+from mxq.kernels.registry import AFFINE_CONFIGS
+from mxq.runtime import ModelError
+from mxq.runtime.backends.base import LayerCache
+from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle
+from mxq.runtime.backends.numpy_backend import NumpyBackend
+from mxq.runtime.config import ModelConfig
+from mxq.runtime.model import Model
+
+f32 = np.float32
+
+
+class Entry:
+    def __init__(self, name, shape, config, role="linear"):
+        self.name, self.shape, self.config, self.role = name, tuple(shape), config, role
+
+
+class Recorder:
+    """A kernel module that records the names of the kernels launched through it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def get_function(self, name):
+        fn = self.module.get_function(name)
+
+        def launch(grid, block, args, **kwargs):
+            self.calls.append(name)
+            fn(grid, block, args, **kwargs)
+
+        return launch
+
+
+def emulated(kv_cache="f32", guard=True, **options):
+    """An emulated CUDA backend whose launches are recorded (backend.module.calls)."""
+    return CudaBackend(np, Recorder(EmulatedModule(mode="fibers", guard=guard)), kv_cache=kv_cache, **options)
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    return emulated()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return NumpyBackend(threads=1)
+
+
+def magnitude(x, blobs, shape, config):
+    """|x|·|W|ᵀ (T, out): the scale of the rounding error of any fp32 evaluation of x·Wᵀ."""
+    w = dequantize(blobs, shape, config) if config.scheme == "affine" else blobs["data"].astype(f32)
+    return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+
+
+def check_close(y, want, mag, extra=0.0):
+    assert y.shape == want.shape and y.dtype == np.float32
+    assert np.all(np.isfinite(y))
+    err = np.abs(y.astype(np.float64) - want)
+    bound = 4e-6 * mag + extra
+    assert np.all(err <= bound), f"max err {err.max():.3g}; worst err/bound {(err / bound).max():.3g}"
+
+
+# ---- linear -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outliers", [0, 19], ids=["plain", "outliers"])
+@pytest.mark.parametrize("bits,group_size", AFFINE_CONFIGS, ids=[f"b{b}g{g}" for b, g in AFFINE_CONFIGS])
+def test_linear_matches_numpy_backend(cuda, ref, bits, group_size, outliers):
+    """Every (bits, group) config; in_features padded in the last group, 37 rows = 2 GEMV blocks of
+    16 + 5; T = 1 takes one fused GEMV launch, T = 5 one dequantization and a GEMM (no GEMV)."""
+    shape = (37, 2 * group_size + 7)
+    rng = np.random.default_rng(bits * 1000 + group_size + outliers)
+    config = StorageConfig.affine(bits, group_size, outliers)
+    blobs = random_affine_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    assert isinstance(w, AffineHandle)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        mag = magnitude(x, blobs, shape, config)
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b))
+            want = ref.linear(x, w_ref, b).astype(np.float64)
+            check_close(y, want, mag, 0.0 if b is None else 2.0 ** -22 * np.abs(want))
+            if T == 1:
+                assert cuda.module.calls == [f"gemv_affine_b{bits}_g{group_size}"]  # bias fused
+            else:
+                assert cuda.module.calls == [f"dequant_affine_b{bits}_g{group_size}_f32"]
+
+
+ODD_SHAPES = [
+    # bits, group, shape, outliers
+    (5, 32, (1030, 65), 9),  # ≥ 1024 rows: 8-warp GEMV blocks, last block 6 rows
+    (3, 128, (5, 4200), 7),  # 132 packs: two activation tiles in the GEMV, several dequant tiles
+    (6, 64, (3, 1100), 5),
+    (8, 64, (70, 20), 0),  # in < 32: one pack, mostly padding
+    (2, 32, (1, 40), 2),  # a single row
+]
+
+
+@pytest.mark.parametrize("bits,group_size,shape,outliers", ODD_SHAPES,
+                         ids=[f"b{c[0]}g{c[1]}-{c[2][0]}x{c[2][1]}" for c in ODD_SHAPES])
+def test_linear_odd_shapes(cuda, ref, bits, group_size, shape, outliers):
+    rng = np.random.default_rng(shape[0] + shape[1])
+    config = StorageConfig.affine(bits, group_size, outliers)
+    blobs = random_affine_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    for T in (1, 3):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        check_close(cuda.linear(x, w), ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
+
+
+def test_prefill_in_row_chunks(ref):
+    """A matrix bigger than prefill_chunk_bytes is dequantized in row chunks (row_ids = the chunk's
+    rows, outliers included), one GEMM each: 37 rows in chunks of 8 (the last one 5)."""
+    shape, config = (37, 100), StorageConfig.affine(3, 32, 30)
+    rng = np.random.default_rng(8)
+    blobs = random_affine_blobs(rng, shape, config)
+    backend = emulated(prefill_chunk_bytes=8 * 4 * shape[1])
+    w, w_ref = backend.prepare(Entry("w", shape, config), blobs), ref.prepare(Entry("w", shape, config), blobs)
+    x = rng.standard_normal((6, shape[1])).astype(f32)
+    backend.module.calls.clear()
+    y = backend.linear(x, w)
+    assert backend.module.calls == ["dequant_affine_b3_g32_f32"] * 5
+    check_close(y, ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
+
+
+def test_fp16_linear(cuda, ref):
+    rng = np.random.default_rng(3)
+    shape = (50, 33)
+    blobs = {"data": rng.standard_normal(shape).astype(np.float16)}
+    entry = Entry("w", shape, StorageConfig.fp16())
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    assert isinstance(w, DenseHandle) and w.data.dtype == np.float16
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 4):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        want = ref.linear(x, w_ref, bias).astype(np.float64)
+        check_close(cuda.linear(x, w, cuda.upload(bias)), want, magnitude(x, blobs, shape, entry.config),
+                    2.0 ** -22 * np.abs(want))
+
+
+def test_linear_with_fused_residual(cuda, ref):
+    """linear(x, W, bias, residual) = x·Wᵀ + bias + residual; at decode, one GEMV launch does it all
+    (plus one add to combine bias and residual when both are given)."""
+    shape, config = (40, 96), StorageConfig.affine(4, 32, 6)
+    rng = np.random.default_rng(4)
+    blobs = random_affine_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 4):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        residual = rng.standard_normal((T, shape[0])).astype(f32)
+        mag = magnitude(x, blobs, shape, config)
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            kept = residual.copy()
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b), residual=residual)
+            want = ref.linear(x, w_ref, b).astype(np.float64) + residual
+            check_close(y, want, mag, 2.0 ** -21 * (np.abs(want) + np.abs(residual)))
+            assert np.array_equal(residual, kept)  # the residual argument is not modified
+            if T == 1:
+                assert cuda.module.calls == (["gemv_affine_b4_g32"] if b is None else ["add_f32", "gemv_affine_b4_g32"])
+
+
+def test_cache_dequantized_keeps_dense_matrices(ref):
+    """cache_dequantized=True: affine matrices are dequantized once at prepare; prefill is then a
+    plain GEMM (no dequant launch) and decode still the GEMV; embeddings stay packed."""
+    backend = emulated(cache_dequantized=True)
+    shape, config = (37, 70), StorageConfig.affine(5, 64, 4)
+    rng = np.random.default_rng(5)
+    blobs = random_affine_blobs(rng, shape, config)
+    w, w_ref = backend.prepare(Entry("w", shape, config), blobs), ref.prepare(Entry("w", shape, config), blobs)
+    assert np.array_equal(w.dense, dequantize(blobs, shape, config))
+    assert backend.prepare(Entry("e", shape, config, role="embedding"), blobs).dense is None
+    for T, launched in ((4, []), (1, ["gemv_affine_b5_g64"])):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        backend.module.calls.clear()
+        check_close(backend.linear(x, w), ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
+        assert backend.module.calls == launched
+
+
+def test_unaligned_qweight_is_copied_to_an_aligned_buffer(cuda, ref):
+    shape, config = (21, 64), StorageConfig.affine(4, 64)
+    rng = np.random.default_rng(6)
+    blobs = random_affine_blobs(rng, shape, config)
+    q = blobs["qweight"]
+    raw = np.zeros(q.nbytes + 64, np.uint8)
+    start = (16 - raw.__array_interface__["data"][0] % 16) % 16 + 4  # 4 bytes past a 16-byte boundary
+    unaligned = raw[start:start + q.nbytes].view(np.uint32).reshape(q.shape)
+    unaligned[...] = q
+    assert unaligned.__array_interface__["data"][0] % 16 == 4
+    w = cuda.prepare(Entry("w", shape, config), dict(blobs, qweight=unaligned))
+    assert w.blobs[0].__array_interface__["data"][0] % 16 == 0 and np.array_equal(w.blobs[0], q)
+    x = rng.standard_normal((1, shape[1])).astype(f32)
+    check_close(cuda.linear(x, w), ref.linear(x, ref.prepare(Entry("w", shape, config), blobs)).astype(np.float64),
+                magnitude(x, blobs, shape, config))
+
+
+def test_prepare_uploads_blobs_as_stored(cuda):
+    shape, config = (9, 40), StorageConfig.affine(3, 32, 3)
+    blobs = random_affine_blobs(np.random.default_rng(7), shape, config)
+    w = cuda.prepare(Entry("w", shape, config), blobs)
+    names = ("qweight", "scale_codes", "scale_meta", "zero_codes", "zero_meta", "outlier_row_ptr", "outlier_cols",
+             "outlier_values")
+    for device, name in zip(w.blobs, names):
+        assert device.dtype == blobs[name].dtype and np.array_equal(device, blobs[name]), name
+    norm = cuda.prepare(Entry("n", (5,), StorageConfig.fp16(), role="norm"), {"data": np.arange(5, dtype=np.float16)})
+    assert norm.dtype == np.float32 and np.array_equal(norm, np.arange(5))
+
+
+def test_bad_outliers_raise_model_error_naming_tensor(cuda):
+    config = StorageConfig.affine(4, 32, 3)
+    blobs = random_affine_blobs(np.random.default_rng(0), (4, 64), config)
+    blobs["outlier_cols"] = np.array([5, 3, 1], dtype=np.uint16)
+    blobs["outlier_row_ptr"] = np.array([0, 3, 3, 3, 3], dtype=np.uint32)  # decreasing columns in row 0
+    with pytest.raises(ModelError, match="model.layers.0.mlp.up_proj.weight"):
+        cuda.prepare(Entry("model.layers.0.mlp.up_proj.weight", (4, 64), config), blobs)
+    with pytest.raises(ModelError, match="'b'.*1-D tensors must be fp16"):
+        cuda.prepare(Entry("b", (64,), StorageConfig.affine(4, 32)), {})
+
+
+# ---- embedding and the other ops -----------------------------------------------------------------------
+
+def test_embedding_fp16_and_quantized(cuda, ref):
+    rng = np.random.default_rng(9)
+    ids = np.array([7, 0, 49, 7, 12], dtype=np.int64)
+    table = {"data": rng.standard_normal((50, 24)).astype(np.float16)}
+    fp16 = Entry("model.embed_tokens.weight", (50, 24), StorageConfig.fp16(), "embedding")
+    cuda.module.calls.clear()
+    got = cuda.embedding(cuda.prepare(fp16, table), ids)
+    assert cuda.module.calls == ["embedding_f16"]
+    assert got.dtype == np.float32 and np.array_equal(got, ref.embedding(ref.prepare(fp16, table), ids))
+    for bits, group, dim, outliers in ((4, 32, 96, 30), (3, 64, 70, 0), (8, 128, 200, 11)):
+        config = StorageConfig.affine(bits, group, outliers)
+        blobs = random_affine_blobs(rng, (50, dim), config)
+        entry = Entry("model.embed_tokens.weight", (50, dim), config, "embedding")
+        cuda.module.calls.clear()
+        got = cuda.embedding(cuda.prepare(entry, blobs), ids)
+        assert cuda.module.calls == [f"dequant_affine_b{bits}_g{group}_f32"]  # only the rows asked for
+        assert np.array_equal(got, ref.embedding(ref.prepare(entry, blobs), ids))
+        assert np.array_equal(got, dequantize(blobs, (50, dim), config)[ids])
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 96), (3, 577), (2, 2048)])
+def test_rms_norm(cuda, ref, rows, dim):
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((rows, dim)) * 3).astype(f32)
+    weight = rng.standard_normal(dim).astype(np.float16).astype(f32)
+    want = ref.rms_norm(x, weight, 1e-5)
+    np.testing.assert_allclose(cuda.rms_norm(x, cuda.upload(weight), 1e-5), want, rtol=1e-5,
+                               atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n_heads,head_dim", [(4, 24), (3, 64), (2, 128)])
+def test_rope(cuda, ref, n_heads, head_dim):
+    rng = np.random.default_rng(head_dim)
+    positions = np.array([5, 6, 7, 4000], dtype=np.int64)
+    inv_freq = (1.0 / (500000.0 ** (np.arange(0, head_dim, 2) / head_dim))).astype(f32)
+    x = rng.standard_normal((4, n_heads * head_dim)).astype(f32)
+    kept = x.copy()
+    got = cuda.rope(x, positions, cuda.upload(inv_freq))
+    np.testing.assert_allclose(got, ref.rope(x, positions, inv_freq), rtol=0, atol=1e-5 * np.abs(x).max())
+    assert np.array_equal(x, kept)  # a new array, as the interface says
+    got = cuda.rope(x[1:2], positions[1:2], cuda.upload(inv_freq))  # decode: one token
+    np.testing.assert_allclose(got, ref.rope(x[1:2], positions[1:2], inv_freq), rtol=0, atol=1e-5 * np.abs(x).max())
+
+
+def test_silu_mul_add_token_nll(cuda, ref):
+    rng = np.random.default_rng(1)
+    gate = (rng.standard_normal((3, 160)) * 4).astype(f32)
+    gate[0, :4] = [-100.0, -89.0, 89.0, 0.0]  # exp(-g) overflows to inf → silu = -0
+    up = rng.standard_normal((3, 160)).astype(f32)
+    np.testing.assert_allclose(cuda.silu_mul(gate, up), ref.silu_mul(gate, up), rtol=1e-6, atol=0)
+    a, b = rng.standard_normal((2, 3, 96)).astype(f32)
+    want = a + b
+    out = cuda.add(a, b)
+    assert np.array_equal(out, want)
+    logits = (rng.standard_normal((4, 512)) * 5).astype(f32)
+    targets = np.array([3, 0, 511, 3], dtype=np.int64)
+    assert np.array_equal(cuda.token_nll(logits, targets), ref.token_nll(logits, targets))
+
+
+# ---- attention and the KV cache ------------------------------------------------------------------------
+
+ATTENTION_CASES = [
+    # n_heads, n_kv_heads, head_dim, prompt tokens (prefill), later chunks (decode steps 1, prefill > 1)
+    (4, 2, 24, 5, (1, 1, 4, 1)),  # tiny-llama's heads: GQA 2:1, head_dim not a multiple of 32
+    (9, 3, 64, 70, (1, 3)),  # SmolLM2's heads; 71 keys at decode: 2 key splits + attention_combine
+    (2, 2, 128, 3, (1,)),  # no grouping
+]
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,prompt,steps", ATTENTION_CASES,
+                         ids=[f"h{c[0]}kv{c[1]}d{c[2]}p{c[3]}" for c in ATTENTION_CASES])
+def test_attention_through_a_growing_cache(ref, kv, n_heads, n_kv, head_dim, prompt, steps):
+    """Prefill, then decode steps and further multi-token chunks, against the numpy backend's float32
+    cache; the device cache starts too small and grows (doubling) keeping its dtype and contents."""
+    backend = emulated(kv_cache=kv)
+    rng = np.random.default_rng(head_dim + prompt)
+    cache = backend.new_cache(1, n_kv, head_dim, 4).layers[0]
+    ref_cache = LayerCache(np, n_kv, head_dim, 4)
+    dtype = np.float16 if kv == "f16" else np.float32
+    assert cache.k.dtype == cache.v.dtype == dtype
+    start, values = 0, []
+    for T in (prompt, *steps):
+        q = rng.standard_normal((T, n_heads * head_dim)).astype(f32)
+        k = rng.standard_normal((T, n_kv * head_dim)).astype(f32)
+        v = rng.standard_normal((T, n_kv * head_dim)).astype(f32)
+        values.append(v)
+        cache.reserve(start + T)
+        ref_cache.reserve(start + T)
+        assert cache.k.dtype == dtype and cache.capacity >= start + T
+        got = backend.attention(q, k, v, cache, start)
+        want = ref.attention(q, k, v, ref_cache, start)
+        tol = (1e-5 if kv == "f32" else 3e-3) * np.abs(np.concatenate(values)).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        stored = k.reshape(T, n_kv, head_dim).transpose(1, 0, 2).astype(dtype)
+        assert np.array_equal(cache.k[:, start:start + T], stored)
+        start += T
+    assert np.array_equal(cache.k[:, :start].astype(f32), ref_cache.k[:, :start].astype(dtype).astype(f32))
+
+
+def test_new_cache_dtype_and_bytes():
+    for kv, itemsize in (("f16", 2), ("f32", 4)):
+        cache = emulated(kv_cache=kv).new_cache(3, 2, 24, 10)
+        assert len(cache.layers) == 3 and cache.length == 0
+        assert cache.nbytes == 3 * 2 * 2 * 10 * 24 * itemsize
+    with pytest.raises(ModelError, match="kv_cache"):
+        CudaBackend(np, kv_cache="bf16")
+
+
+# ---- no CuPy, no GPU -----------------------------------------------------------------------------------
+
+def test_missing_cupy_is_a_clear_model_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    with pytest.raises(ModelError, match=r"CuPy is not installed \(pip install 'mxq\[cuda\]'\)"):
+        CudaBackend()
+    from mxq.runtime.backends import get_backend
+    with pytest.raises(ModelError, match="CuPy is not installed"):
+        get_backend("cuda", cache_dequantized=False)  # how mxq.load(..., device="cuda") builds it
+
+
+@pytest.mark.parametrize("count", [0, RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")])
+def test_no_gpu_is_a_clear_model_error(monkeypatch, count):
+    def get_device_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(ModelError, match="no CUDA GPU found"):
+        CudaBackend()
+
+
+def test_load_on_cuda_without_gpu_names_what_is_missing(tiny_models):
+    if _have_gpu():
+        pytest.skip("a GPU is present")
+    import mxq
+    with pytest.raises(ModelError, match="CuPy is not installed|no CUDA GPU found"):
+        mxq.load(tiny_models["tiny-qwen2"], device="cuda")
+
+
+# ---- end to end: converted tiny models -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """tiny-llama (fp16 embedding and untied fp16 lm_head) and tiny-qwen2 (q/k/v biases, a tied
+    8-bit embedding that is also the lm_head: the quantized-embedding gather and an affine lm_head GEMV),
+    converted by mxq.converter with every affine config allowed and 0.5% outliers. The budgets make the
+    allocator pick 2/3/4-bit (llama) and 4/5/6-bit (qwen2) matrices, group sizes 32 and 64. The RTN
+    quantizer: what the backend sees is the same stored format whatever chose the codes, and RTN
+    measures the candidates in ~1 s where HQQ takes ~40 s on 2 cores."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    root = tmp_path_factory.mktemp("cuda-e2e")
+    paths = {}
+    for name, bpw, quantize_embeddings in (("tiny-llama", 3.5, None), ("tiny-qwen2", 5.5, 8)):
+        paths[name] = root / f"{name}.mxq"
+        convert(fixtures.ensure(name), paths[name], bpw=bpw, configs="all", outliers=0.5, quantizer="rtn",
+                quantize_embeddings=quantize_embeddings, cache_dir=None)
+    return paths
+
+
+def greedy(model, prompt, n):
+    """Greedy tokens after `prompt` (prefill, then n − 1 decode steps) and each step's host logits."""
+    cache = model.new_cache(len(prompt) + n)
+    logits = [model.backend.to_host(model.forward(prompt, cache))]  # (T, vocab): every prompt position
+    tokens = [int(np.argmax(logits[-1][-1]))]
+    for _ in range(n - 1):
+        logits.append(model.backend.to_host(model.forward([tokens[-1]], cache)))
+        tokens.append(int(np.argmax(logits[-1][-1])))
+    return tokens, logits
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
+    with MxqFile.open(tiny_models[name]) as f:
+        config = ModelConfig.from_json(f.model)
+        labels = {e.config.label for e in f.tensors.values() if e.config.scheme == "affine"}
+        assert any("+o" in label for label in labels)  # outliers are in play
+        prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
+        reference = Model(f, config, NumpyBackend(threads=1))
+        backend = emulated(kv_cache=kv, guard=False)
+        model = Model(f, config, backend)
+        n_affine = sum(isinstance(w, AffineHandle) for layer in model.layers
+                       for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
+        n_affine += isinstance(model.lm_head, AffineHandle)
+        assert n_affine >= 8
+        want_tokens, want_logits = greedy(reference, prompt, 16)
+
+        backend.module.calls.clear()
+        tokens, logits = greedy(model, prompt, 16)
+        assert tokens == want_tokens
+        tol = 2e-5 if kv == "f32" else 3e-3
+        for got, want in zip(logits, want_logits):
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= tol * np.abs(want).max()
+        # prefill multiplies with dequantize + GEMM, decode with one GEMV per affine matrix
+        gemvs = [c for c in backend.module.calls if c.startswith("gemv_")]
+        assert len(gemvs) == 15 * n_affine
+        assert len([c for c in backend.module.calls if c.startswith("attention_f")]) == 16 * config.num_hidden_layers
+        assert all(c.endswith(f"{kv}kv") for c in backend.module.calls if c.startswith("attention_f"))
+
+        if name == "tiny-qwen2":  # its greedy continuation repeats one token: also force varied inputs
+            forced = np.random.default_rng(2).integers(0, config.vocab_size, 12).tolist()
+            caches = reference.new_cache(32), model.new_cache(32)
+            for m, c in zip((reference, model), caches):
+                m.forward(prompt, c)
+            for token in forced:
+                want = reference.backend.to_host(reference.forward([token], caches[0]))[-1]
+                got = backend.to_host(model.forward([token], caches[1]))[-1]
+                assert int(np.argmax(got)) == int(np.argmax(want))
+                assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+def test_load_device_cuda_wiring(tiny_models, monkeypatch):
+    """mxq.load(..., device="cuda") → get_backend → CudaBackend(cache_dequantized=...), with CuPy
+    replaced by NumPy (so the emulated launcher is used): the API's generation is unchanged."""
+    import mxq
+    from mxq.runtime.backends import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_load_cupy", lambda: np)
+    with mxq.load(tiny_models["tiny-qwen2"], device="cuda") as gpu, mxq.load(tiny_models["tiny-qwen2"]) as cpu:
+        assert isinstance(gpu.backend, CudaBackend) and gpu.backend.kv_dtype == np.float16
+        assert gpu.model.new_cache(8).layers[0].k.dtype == np.float16  # the default device cache is fp16
+        assert "".join(gpu.generate("Once upon a time", max_new_tokens=8)) == \
+            "".join(cpu.generate("Once upon a time", max_new_tokens=8))
+        ids = gpu.tokenizer.encode("Once upon a time there was")
+        np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=0, atol=3e-3 * np.abs(cpu.logits(ids)).max())
+
+
+# ---- a real GPU ----------------------------------------------------------------------------------------
+
+def _have_gpu() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver, or no device
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _have_gpu(), reason="needs a CUDA GPU and CuPy")
+def test_gpu_backend_matches_numpy(tiny_models, ref):
+    """The real binding (CuPy arrays, NVRTC-compiled kernels, cuBLAS): ops and a tiny model."""
+    import cupy
+
+    backend = CudaBackend()
+    assert backend.xp is cupy
+    rng = np.random.default_rng(0)
+    for bits, group_size in ((4, 64), (3, 128), (5, 32)):
+        shape, config = (37, 2 * group_size + 7), StorageConfig.affine(bits, group_size, 9)
+        blobs = random_affine_blobs(rng, shape, config)
+        w, w_ref = backend.prepare(Entry("w", shape, config), blobs), ref.prepare(Entry("w", shape, config), blobs)
+        assert backend.binding.address(w.blobs[0]) % 16 == 0
+        for T in (1, 6):
+            x = rng.standard_normal((T, shape[1])).astype(f32)
+            y = backend.to_host(backend.linear(backend.upload(x), w))
+            check_close(y, ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
+    for kv, tol in (("f32", 2e-5), ("f16", 3e-3)):
+        with MxqFile.open(tiny_models["tiny-llama"]) as f:
+            config = ModelConfig.from_json(f.model)
+            prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
+            want_tokens, want_logits = greedy(Model(f, config, NumpyBackend(threads=1)), prompt, 16)
+            tokens, logits = greedy(Model(f, config, CudaBackend(kv_cache=kv)), prompt, 16)
+            assert tokens == want_tokens
+            for got, want in zip(logits, want_logits):
+                assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    backend.close()
