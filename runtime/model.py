@@ -130,11 +130,11 @@ class Model:
             q = be.rope(q, positions, self.inv_freq)
             k = be.rope(k, positions, self.inv_freq)
             a = be.attention(q, k, v, layer_cache, start)  # (T, n_heads·hd)
-            x = be.add(x, be.linear(a, layer.o))  # (T, hidden)
+            x = be.linear(a, layer.o, residual=x)  # x + a·Woᵀ (T, hidden)
             # MLP block (SwiGLU)
             h = be.rms_norm(x, layer.post_norm, c.rms_norm_eps)
             m = be.silu_mul(be.linear(h, layer.gate), be.linear(h, layer.up))  # (T, intermediate)
-            x = be.add(x, be.linear(m, layer.down))
+            x = be.linear(m, layer.down, residual=x)  # x + m·Wdownᵀ
         cache.length = start + T
         return be.rms_norm(x, self.norm, c.rms_norm_eps)  # (T, hidden)
 

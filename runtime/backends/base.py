@@ -51,9 +51,10 @@ class Backend(ABC):
         Quantized tables dequantize only the rows asked for."""
 
     @abstractmethod
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, residual=None):
         """x (T, in) float32 @ W.T for a weight handle of shape (out, in) → (T, out) float32;
-        `bias` is None or a float32 backend array (out,) added to every row.
+        `bias` is None or a float32 backend array (out,) added to every row; `residual` is None or a
+        (T, out) array added too (the residual stream: a GPU fuses it into the decode GEMV).
         T is the prompt length during prefill (matrix–matrix) and 1 during decode."""
 
     @abstractmethod

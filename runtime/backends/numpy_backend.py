@@ -151,10 +151,12 @@ class NumpyBackend(Backend):
     def embedding(self, weight, ids):
         return weight.rows(np.asarray(ids, dtype=np.int64))  # (T, hidden)
 
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, residual=None):
         y = weight.matmul(np.ascontiguousarray(x, dtype=np.float32))  # (T, out)
         if bias is not None:
             y += bias
+        if residual is not None:
+            y += residual
         return y
 
     def rms_norm(self, x, weight, eps):
