@@ -72,6 +72,26 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Warp sums of 4 per-lane values (one per row) for the GEMVs' 4 rows per warp, by a transposed
+// butterfly: halve the rows a lane carries at each of the first two steps, so the four row sums take
+// 6 shuffles instead of 4 × 5. Returns, in lane l, the sum of row 2·bit4(l) + bit3(l): lanes 0, 8, 16,
+// 24 hold rows 0, 1, 2, 3 (see gemv_row_of_lane).
+__device__ __forceinline__ float warp_sum_4rows(const float (&acc)[4], int lane) {
+    const bool hi16 = (lane & 16) != 0, hi8 = (lane & 8) != 0;
+    float keep0 = hi16 ? acc[2] : acc[0], keep1 = hi16 ? acc[3] : acc[1];
+    keep0 += __shfl_xor_sync(FULL_MASK, hi16 ? acc[0] : acc[2], 16);
+    keep1 += __shfl_xor_sync(FULL_MASK, hi16 ? acc[1] : acc[3], 16);
+    float v = hi8 ? keep1 : keep0;
+    v += __shfl_xor_sync(FULL_MASK, hi8 ? keep0 : keep1, 8);
+    v += __shfl_xor_sync(FULL_MASK, v, 4);
+    v += __shfl_xor_sync(FULL_MASK, v, 2);
+    v += __shfl_xor_sync(FULL_MASK, v, 1);
+    return v;
+}
+
+// The row (0..3) whose sum warp_sum_4rows leaves in `lane`; lanes with (lane & 7) == 0 store it.
+__device__ __forceinline__ int gemv_row_of_lane(int lane) { return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1); }
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // `scratch` is 33 floats of shared memory. Starts with a barrier so it can be called repeatedly.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

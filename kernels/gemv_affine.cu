@@ -125,21 +125,11 @@ __device__ __forceinline__ void gemv_affine(
             }
         }
     }
-    // Transposed butterfly: halve the rows a lane carries at each of the first two steps, so the four
-    // row sums take 6 shuffles instead of 4 × 5. Afterwards lane l holds the sum of row
-    // 2·bit4(l) + bit3(l); lanes 0, 8, 16, 24 write rows 0, 1, 2, 3.
-    static_assert(RPW == 4, "the reduction below is written for 4 rows per warp");
-    const bool hi16 = (lane & 16) != 0, hi8 = (lane & 8) != 0;
-    float keep0 = hi16 ? acc[2] : acc[0], keep1 = hi16 ? acc[3] : acc[1];
-    keep0 += __shfl_xor_sync(FULL_MASK, hi16 ? acc[0] : acc[2], 16);
-    keep1 += __shfl_xor_sync(FULL_MASK, hi16 ? acc[1] : acc[3], 16);
-    float v = hi8 ? keep1 : keep0;
-    v += __shfl_xor_sync(FULL_MASK, hi8 ? keep0 : keep1, 8);
-    v += __shfl_xor_sync(FULL_MASK, v, 4);
-    v += __shfl_xor_sync(FULL_MASK, v, 2);
-    v += __shfl_xor_sync(FULL_MASK, v, 1);
+    // Transposed butterfly (common.cuh): 6 shuffles for the 4 row sums; lanes 0, 8, 16, 24 write rows 0..3.
+    static_assert(RPW == 4, "warp_sum_4rows is written for 4 rows per warp");
+    const float v = warp_sum_4rows(acc, lane);
     if ((lane & 7) == 0) {
-        const int r = row0 + (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
+        const int r = row0 + gemv_row_of_lane(lane);
         if (r < out_features) y[r] = residual != nullptr ? v + residual[r] : v;
     }
 }

@@ -19,7 +19,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 
-GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP
+GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
 GEMV_MAX_WARPS = 8  # __launch_bounds__(256)
 DEQUANT_MAX_THREADS = 128  # dequant_affine.cu
 ATTN_MAX_HEAD_DIM = 256  # ops.cu
@@ -56,6 +56,17 @@ GEMV_ARGS = _AFFINE_BLOBS + (
 )
 
 
+GEMV_F16_ARGS = (
+    ("W", "const f16*"),  # (out, in) row-major; 16-byte aligned with in % 8 == 0 for the vector path
+    ("x", "const f32*"),  # (in,)
+    ("residual", "const f32*"),  # (out,) or None; may be the same array as y
+    ("y", "f32*"),  # (out,)
+    ("out_features", "i32"),
+    ("in_features", "i32"),
+)
+GEMV_F16 = "gemv_f16"  # gemv_f16.cu: fp16 matrices at decode; launched with gemv_launch like gemv_affine_*
+
+
 def _dequant_args(out_dtype: str) -> tuple:
     return _AFFINE_BLOBS + (
         ("row_ids", "const i32*"),  # (n_rows,) or None (rows 0..n_rows-1)
@@ -83,6 +94,7 @@ def _build() -> dict:
         kernels.append(Kernel(gemv_name(b, g), "gemv_affine.cu", GEMV_ARGS))
         for dt in ("f32", "f16"):
             kernels.append(Kernel(dequant_name(b, g, dt), "dequant_affine.cu", _dequant_args(dt)))
+    kernels.append(Kernel(GEMV_F16, "gemv_f16.cu", GEMV_F16_ARGS))
     kernels += [
         Kernel("rmsnorm_f32", "ops.cu",
                (("x", "const f32*"), ("weight", "const f32*"), ("out", "f32*"), ("dim", "i32"), ("eps", "f32"))),
@@ -133,7 +145,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tuple]:
-    """(grid, block) for gemv_affine_*: `warps` warps per block, 4 rows per warp. Default: 8 warps
+    """(grid, block) for gemv_affine_* and gemv_f16: `warps` warps per block, 4 rows per warp. Default: 8 warps
     (32 rows per block: the activation tile staged per block is amortized over 32 rows), 4 for
     small matrices (< 1024 rows) so that they still spread over the GPU's SMs."""
     if warps is None:

@@ -7,12 +7,12 @@ guard=True (every argument between poisoned margins: a launch that writes past a
 const one fails). A `gpu`-marked test runs the real CuPy path where a GPU exists.
 
 Tolerances (and why):
-  * linear, affine and fp16, every path (GEMV at T = 1, dequantize + GEMM at T > 1, prefill chunks,
-    cache_dequantized): |y − y_numpy| ≤ 4e-6 · (|x|·|W|ᵀ) per element. Both backends compute the same
+  * linear, affine and fp16, every path (gemv_affine_* / gemv_f16 at T = 1, dequantize or fp16 → fp32
+    conversion + GEMM at T > 1, prefill chunks, cache_dequantized): |y − y_numpy| ≤ 4e-6 · (|x|·|W|ᵀ) per element. Both backends compute the same
     products of the same dequantized weights in fp32 but sum in different orders (per-pack partial sums
     and a shuffle tree in the GEMV; the numpy backend's per-group BLAS products; different BLAS
     blockings), so each is within a few ulp of Σ|W·x| of the exact value — test_kernels.py bounds the
-    GEMV at 2e-6·Σ|W·x|; measured here ≤ 2.5e-7. Bias and residual add one more rounding (2⁻²³·|·|).
+    GEMVs at 2e-6·Σ|W·x|; measured here ≤ 2.5e-7. Bias and residual add one more rounding (2⁻²³·|·|).
   * embedding (fp16 and affine rows), add, token_nll: exact (the same fp32 operations: dequantization
     is bit-exact with format_spec.dequantize, as is the numpy backend's).
   * rms_norm, rope: ≤ 1e-5 · max|input| (reduction order, expf/sinf/cosf of another math library: a few
@@ -164,19 +164,63 @@ def test_prefill_in_row_chunks(ref):
     check_close(y, ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
 
 
-def test_fp16_linear(cuda, ref):
-    rng = np.random.default_rng(3)
-    shape = (50, 33)
+@pytest.mark.parametrize("shape", [(50, 33), (37, 576), (1030, 64)], ids=["50x33", "37x576", "1030x64"])
+def test_fp16_linear(cuda, ref, shape):
+    """fp16 matrices: T = 1 is one gemv_f16 launch on the stored fp16 data (bias fused); T > 1 converts
+    to float32 into scratch and multiplies (no kernel launch); no float32 copy of the matrix is kept.
+    in = 33 takes the kernel's 2-byte loads, 576 and 64 its 16-byte loads."""
+    rng = np.random.default_rng(shape[0] + shape[1])
     blobs = {"data": rng.standard_normal(shape).astype(np.float16)}
     entry = Entry("w", shape, StorageConfig.fp16())
     w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
-    assert isinstance(w, DenseHandle) and w.data.dtype == np.float16
+    assert isinstance(w, DenseHandle) and w.data.dtype == np.float16 and w.nbytes == blobs["data"].nbytes
+    assert w.data.__array_interface__["data"][0] % 16 == 0
     bias = rng.standard_normal(shape[0]).astype(f32)
     for T in (1, 4):
         x = rng.standard_normal((T, shape[1])).astype(f32)
-        want = ref.linear(x, w_ref, bias).astype(np.float64)
-        check_close(cuda.linear(x, w, cuda.upload(bias)), want, magnitude(x, blobs, shape, entry.config),
-                    2.0 ** -22 * np.abs(want))
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            want = ref.linear(x, w_ref, b).astype(np.float64)
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b))
+            check_close(y, want, magnitude(x, blobs, shape, entry.config), 0.0 if b is None else 2.0 ** -22 * np.abs(want))
+            assert cuda.module.calls == (["gemv_f16"] if T == 1 else [])
+            assert w.dense is None
+
+
+def test_fp16_residual_and_tied_lm_head(cuda, ref):
+    """A tied fp16 embedding (role "embedding", as SmolLM2's 49152×576 table) used as the lm_head:
+    gathered by embedding_f16, multiplied at decode by gemv_f16 on the same fp16 array (residual
+    fused), and never copied to float32."""
+    rng = np.random.default_rng(13)
+    shape = (300, 48)
+    blobs = {"data": rng.standard_normal(shape).astype(np.float16)}
+    entry = Entry("model.embed_tokens.weight", shape, StorageConfig.fp16(), "embedding")
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    cuda.module.calls.clear()
+    assert np.array_equal(cuda.embedding(w, [5, 299]), blobs["data"][[5, 299]].astype(f32))
+    x = rng.standard_normal((1, shape[1])).astype(f32)
+    residual = rng.standard_normal((1, shape[0])).astype(f32)
+    want = ref.linear(x, w_ref).astype(np.float64) + residual
+    y = cuda.linear(x, w, residual=residual)
+    check_close(y, want, magnitude(x, blobs, shape, entry.config), 2.0 ** -22 * np.abs(want))
+    assert cuda.module.calls == ["embedding_f16", "gemv_f16"]
+    assert w.dense is None
+
+
+def test_fp16_prefill_in_row_chunks(ref):
+    """T > 1 on an fp16 matrix bigger than prefill_chunk_bytes: float32 row blocks of at most that
+    size in one reused scratch buffer (37 rows in chunks of 8), never a whole float32 copy."""
+    shape = (37, 100)
+    rng = np.random.default_rng(14)
+    blobs = {"data": rng.standard_normal(shape).astype(np.float16)}
+    entry = Entry("w", shape, StorageConfig.fp16())
+    backend = emulated(prefill_chunk_bytes=8 * 4 * shape[1])
+    w, w_ref = backend.prepare(entry, blobs), ref.prepare(entry, blobs)
+    x = rng.standard_normal((6, shape[1])).astype(f32)
+    backend.module.calls.clear()
+    check_close(backend.linear(x, w), ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, entry.config))
+    assert backend.module.calls == [] and w.dense is None
+    assert backend._scratch[("dequant", np.dtype(f32))].size == 8 * shape[1]
 
 
 def test_linear_with_fused_residual(cuda, ref):
@@ -218,6 +262,19 @@ def test_cache_dequantized_keeps_dense_matrices(ref):
         backend.module.calls.clear()
         check_close(backend.linear(x, w), ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config))
         assert backend.module.calls == launched
+    # fp16: a float32 copy at prepare (a tied embedding: on its first prefill use); decode is gemv_f16
+    table = {"data": rng.standard_normal((40, 24)).astype(np.float16)}
+    for role in ("linear", "embedding"):
+        entry = Entry("f", (40, 24), StorageConfig.fp16(), role)
+        w, w_ref = backend.prepare(entry, table), ref.prepare(entry, table)
+        assert (w.dense is None) == (role == "embedding")
+        for T, launched in ((4, []), (1, ["gemv_f16"])):
+            x = rng.standard_normal((T, 24)).astype(f32)
+            backend.module.calls.clear()
+            check_close(backend.linear(x, w), ref.linear(x, w_ref).astype(np.float64),
+                        magnitude(x, table, (40, 24), entry.config))
+            assert backend.module.calls == launched
+            assert np.array_equal(w.dense, table["data"].astype(f32))
 
 
 def test_unaligned_qweight_is_copied_to_an_aligned_buffer(cuda, ref):
@@ -452,6 +509,10 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
                        for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
         n_affine += isinstance(model.lm_head, AffineHandle)
         assert n_affine >= 8
+        n_fp16 = sum(isinstance(w, DenseHandle) for layer in model.layers
+                     for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
+        n_fp16 += isinstance(model.lm_head, DenseHandle)
+        assert isinstance(model.lm_head, DenseHandle if name == "tiny-llama" else AffineHandle)
         want_tokens, want_logits = greedy(reference, prompt, 16)
 
         backend.module.calls.clear()
@@ -461,9 +522,16 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
         for got, want in zip(logits, want_logits):
             assert got.shape == want.shape
             assert np.abs(got - want).max() <= tol * np.abs(want).max()
-        # prefill multiplies with dequantize + GEMM, decode with one GEMV per affine matrix
+        # prefill multiplies with dequantize + GEMM, decode with one GEMV per matrix: gemv_affine_* on
+        # the packed blobs, gemv_f16 on fp16 matrices (tiny-llama's untied fp16 lm_head: the last launch
+        # of every decode step), with no float32 copy of an fp16 matrix kept
         gemvs = [c for c in backend.module.calls if c.startswith("gemv_")]
-        assert len(gemvs) == 15 * n_affine
+        assert len(gemvs) == 15 * (n_affine + n_fp16)
+        assert gemvs.count("gemv_f16") == 15 * n_fp16
+        if name == "tiny-llama":
+            steps = "|".join(backend.module.calls).split("embedding_f16")[2:]  # the 15 decode steps
+            assert len(steps) == 15 and all(step.rstrip("|").endswith("gemv_f16") for step in steps)
+            assert model.lm_head.dense is None and model.embed.dense is None
         assert len([c for c in backend.module.calls if c.startswith("attention_f")]) == 16 * config.num_hidden_layers
         assert all(c.endswith(f"{kv}kv") for c in backend.module.calls if c.startswith("attention_f"))
 
@@ -493,6 +561,45 @@ def test_load_device_cuda_wiring(tiny_models, monkeypatch):
             "".join(cpu.generate("Once upon a time", max_new_tokens=8))
         ids = gpu.tokenizer.encode("Once upon a time there was")
         np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=0, atol=3e-3 * np.abs(cpu.logits(ids)).max())
+
+
+def test_bench_gpu_decode_accounting(tiny_models, monkeypatch, capsys):
+    """tools/bench_gpu.py's decode section, run through the emulated backend (CuPy replaced by NumPy):
+    bytes per token = the stored bytes of every decode matrix (tiny-llama's fp16 lm_head at 2 bytes per
+    weight) + the fp16 KV cache read at the mean timed length; the table prints."""
+    import bench_gpu
+    from mxq.runtime.backends import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_load_cupy", lambda: np)
+    path = tiny_models["tiny-llama"]
+    d = bench_gpu.bench_decode(path, steps=2, warmup=1, prompt_tokens=3, bandwidths={"peak": 100.0})
+    with MxqFile.open(path) as f:
+        c = ModelConfig.from_json(f.model)
+        names = [f"model.layers.{i}.{m}.weight" for i in range(c.num_hidden_layers)
+                 for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head.weight"]
+        weights = sum(int(b.nbytes) for n in names for b in f.blobs(n).values())
+        fp16 = sum(int(b.nbytes) for n in names if f.tensors[n].config.scheme == "fp16" for b in f.blobs(n).values())
+    assert d["weight_bytes_per_token"] == weights and d["weight_bytes_by_scheme"]["fp16"] == fp16 > 0
+    for mode, first in (("device", 3 + 1 + 1), ("greedy", 3 + 1 + 2 + 1)):  # prompt, warmup, device steps
+        r = d["modes"][mode]
+        assert r["mean_kv_len"] == first + 0.5
+        kv = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2 * (first + 0.5)
+        assert r["kv_bytes_per_token"] == kv and r["bytes_per_token"] == weights + kv
+        bound = r["roofline"]["peak"]
+        assert bound["bound_tok_s"] == pytest.approx(100e9 / (weights + kv))
+        assert bound["ratio"] == pytest.approx(r["tok_s"] / bound["bound_tok_s"]) and r["tok_s"] > 0
+    bench_gpu.print_decode(d)
+    assert "tok/s bound @ peak" in capsys.readouterr().out
+
+
+def test_bench_gpu_without_gpu_exits_with_one_line(capsys):
+    import bench_gpu
+    if bench_gpu.no_gpu_reason() is None:
+        pytest.skip("a GPU is present")
+    assert bench_gpu.main(["--shapes", "64x64"]) == bench_gpu.NO_GPU_STATUS
+    err = capsys.readouterr().err
+    assert err.startswith("bench_gpu: no CUDA GPU available") and err.count("\n") == 1
 
 
 # ---- a real GPU ----------------------------------------------------------------------------------------

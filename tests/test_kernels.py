@@ -15,6 +15,15 @@ Tolerances (and why):
     i.e. fp32's unit roundoff 2⁻²⁴ times a chain of ≤ 128 roundings (32-code pack sums, ≤ 64 packs
     per lane, 5 shuffle levels, the reference's own rounding of W); we also check the error is
     ≤ 2e-6 · Σ_c |W_rc·x_c| on these random matrices (measured: ≤ 1.4e-7, about one ulp).
+  * gemv_f16: compared with W.astype(float64) @ x. fp16 → fp32 is exact and each product is fused
+    into its fp32 FMA, so the only error is the accumulation: a lane sums n = 8·⌈⌈in/8⌉/32⌉ terms in
+    sequence (8 weights of each of its chunks), then 5 shuffle levels add lane sums, so by the
+    standard recursive-summation bound
+        |y − y64| ≤ (n + 5)·2⁻²⁴·Σ_c |W_rc·x_c|  (+ 2⁻²⁴·|y| for the residual's add)
+    (n + 5 ≤ 141 for the largest shape here). Measured: ≤ 9e-8·Σ|W·x| (1.5·2⁻²⁴; errors grow like a
+    random walk, not like n); we also check ≤ 2e-6·Σ_c |W_rc·x_c| as for gemv_affine. The vector (16-byte)
+    and scalar (unaligned or in % 8 ≠ 0) load paths do the same arithmetic in the same order, so they
+    are compared bit for bit.
   * rmsnorm, rope, attention: fp32 reductions in a different order and expf/sinf/cosf from a
     different math library: |err| ≤ 1e-5 · max|input| (measured ≤ 4% of that: a few ulp; any
     indexing, masking or softmax bug shows up at O(1)). silu·mul: rtol 1e-6 (expf vs np.exp, 1 ulp).
@@ -33,7 +42,7 @@ from mxq.format_spec import StorageConfig, decode_meta, dequantize, unpack_codes
 from mxq.format_spec.affine import csr_entries
 from mxq.kernels import nvrtc
 from mxq.kernels.emulator import MODES, Emulator, get_emulator
-from mxq.kernels.registry import (AFFINE_CONFIGS, KERNELS, SOURCES, attention_launch, dequant_launch, dequant_name,
+from mxq.kernels.registry import (AFFINE_CONFIGS, GEMV_F16, KERNELS, SOURCES, attention_launch, dequant_launch, dequant_name,
                                   elementwise_launch, gemv_launch, gemv_name, kernels_in, rowwise_launch)
 from mxq.runtime.backends.base import LayerCache
 from mxq.runtime.backends.numpy_backend import NumpyBackend
@@ -70,9 +79,10 @@ def test_no_gemv_kernel_spills():
     """tools/kernel_report.py's check: ptxas on the NVRTC PTX, every target arch."""
     import kernel_report
     for arch in nvrtc.ARCHS:
-        for name, u in kernel_report.usage("gemv_affine.cu", arch, "ptxas").items():
-            assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
-            assert u["stack"] == 0, f"{name} uses local memory on {arch}: {u}"
+        for source in ("gemv_affine.cu", "gemv_f16.cu"):
+            for name, u in kernel_report.usage(source, arch, "ptxas").items():
+                assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
+                assert u["stack"] == 0, f"{name} uses local memory on {arch}: {u}"
 
 
 def test_registry_matches_compiled_signatures(emu):
@@ -178,6 +188,95 @@ def test_gemv_ignores_nonzero_padding_codes(emu):
     codes[:, shape[1]:] = 7
     dirty = dict(blobs, qweight=pack_codes(codes, 3))
     assert np.array_equal(run_gemv(emu, dirty, shape, config, x), want)
+
+
+# ---- fp16 GEMV -------------------------------------------------------------------------------------
+
+def run_gemv_f16(emu, w, x, residual=None, y=None, warps=None, guard=None):
+    out_features, in_features = w.shape
+    y = np.full(out_features, np.nan, f32) if y is None else y
+    grid, block = gemv_launch(out_features, warps)
+    options = {} if guard is None else {"guard": guard}  # (test_kernels_gpu.py's runner takes no guard)
+    emu.launch(GEMV_F16, grid, block, (w, x, residual, y, i32(out_features), i32(in_features)), **options)
+    return y
+
+
+def check_gemv_f16(y, w, x, residual=None):
+    """The module docstring's bound; returns max err / Σ|W·x| (for the measured figure)."""
+    in_features = w.shape[1]
+    w64, x64 = w.astype(np.float64), x.astype(np.float64)
+    want = w64 @ x64 + (0 if residual is None else residual.astype(np.float64))
+    w_abs_x = np.abs(w64) @ np.abs(x64)
+    n = 8 * -(-(-(-in_features // 8)) // 32)
+    extra = 0 if residual is None else 2.0 ** -24 * (np.abs(residual) + w_abs_x)
+    err = np.abs(y.astype(np.float64) - want)
+    assert np.all(np.isfinite(y))
+    assert np.all(err <= (n + 5) * 2.0 ** -24 * w_abs_x + extra), f"max err {err.max():.3g}"
+    assert np.all(err <= 2e-6 * w_abs_x + extra)
+    return float((err / np.maximum(w_abs_x, 1e-30)).max())
+
+
+def unaligned_copy(a: np.ndarray, offset: int) -> np.ndarray:
+    """A C-contiguous copy of `a` whose data starts `offset` bytes past a 16-byte boundary."""
+    raw = np.zeros(a.nbytes + 64, np.uint8)
+    start = (-raw.__array_interface__["data"][0]) % 16 + offset
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+GEMV_F16_SHAPES = [
+    # shape, warps: in % 8 == 0 takes 16-byte loads, anything else the bounded 2-byte loads
+    ((37, 576), None),  # SmolLM2's hidden size; 37 rows = 2 blocks of 16 + 5
+    ((37, 1003), None),  # in % 8 = 3: the scalar path, last chunk 3 columns
+    ((5, 4200), None),  # 525 chunks: two activation tiles (512 + 13), 17 chunks on some lanes
+    ((3, 4105), 1),  # two tiles on the scalar path, a one-warp block
+    ((1030, 64), None),  # ≥ 1024 rows: 8-warp blocks of 32 rows, last block 6 rows; 8 chunks < 32 lanes
+    ((70, 20), 3),  # in < 32, in % 8 = 4; 3-warp blocks (12 rows each)
+    ((1, 7), None),  # a single row shorter than one chunk
+]
+
+
+@pytest.mark.parametrize("shape,warps", GEMV_F16_SHAPES, ids=[f"{s[0]}x{s[1]}" for s, _ in GEMV_F16_SHAPES])
+def test_gemv_f16_matches_numpy(emu, shape, warps):
+    rng = np.random.default_rng(shape[0] * 31 + shape[1])
+    w = rng.standard_normal(shape).astype(np.float16)
+    x = rng.standard_normal(shape[1]).astype(f32)
+    check_gemv_f16(run_gemv_f16(emu, w, x, warps=warps), w, x)
+
+
+def test_gemv_f16_residual_and_in_place(emu):
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((21, 100)).astype(np.float16)
+    x = rng.standard_normal(100).astype(f32)
+    residual = rng.standard_normal(21).astype(f32)
+    check_gemv_f16(run_gemv_f16(emu, w, x, residual=residual), w, x, residual)
+    y = residual.copy()  # y += W·x: the residual (or a bias) is the output array itself
+    check_gemv_f16(run_gemv_f16(emu, w, x, residual=y, y=y), w, x, residual)
+
+
+@pytest.mark.parametrize("shape", [(37, 576), (9, 1003)], ids=["in576", "in1003"])
+def test_gemv_f16_vector_and_scalar_paths_agree(emu, shape):
+    """An unaligned W (2 bytes past a 16-byte boundary, unguarded so the address is kept) takes the
+    2-byte loads; the result is bit-identical to the aligned launch (same sums in the same order)."""
+    rng = np.random.default_rng(shape[1])
+    w = rng.standard_normal(shape).astype(np.float16)
+    x = rng.standard_normal(shape[1]).astype(f32)
+    aligned = unaligned_copy(w, 0)
+    want = run_gemv_f16(emu, aligned, x, guard=False)
+    got = run_gemv_f16(emu, unaligned_copy(w, 2), x, guard=False)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    check_gemv_f16(got, w, x)
+
+
+def test_gemv_f16_never_reads_past_a_row(emu):
+    """in % 8 ≠ 0: a row's last chunk must not pick up the next row's first columns (an inf there
+    times a zero activation would make NaN); the guarded launch also poisons past the matrix."""
+    w = np.ones((6, 13), np.float16)
+    w[1::2, 0] = np.inf  # rows 1, 3, 5 are inf; rows 0, 2, 4 must stay finite
+    x = np.ones(13, f32)
+    y = run_gemv_f16(emu, w, x)
+    assert np.array_equal(y[0::2], np.full(3, 13, f32)) and np.all(np.isposinf(y[1::2]))
 
 
 # ---- dequantization (prefill, quantized embeddings) -------------------------------------------------

@@ -15,15 +15,17 @@ emulation.
 What runs where (T = tokens in the call: the prompt length at prefill, 1 at decode):
   weights     `prepare` uploads the mmapped blobs as stored (packed codes, uint8 scale/zero codes +
               fp16 run metadata, CSR outliers): the device holds the file's bytes, nothing is expanded.
-              The GEMV loads packs with 16-byte vector loads, so qweight must be 16-byte aligned: the
-              file aligns blobs to 64 bytes and CuPy allocations are 256-byte aligned; anything else is
-              copied into an aligned buffer.
+              The GEMVs load packs / fp16 rows with 16-byte vector loads, so qweight and fp16 matrices
+              must be 16-byte aligned: the file aligns blobs to 64 bytes and CuPy allocations are
+              256-byte aligned; anything else is copied into an aligned buffer.
   linear      affine, T == 1: fused dequant + GEMV (gemv_affine_b*_g*), outliers fused, bias (and an
               optional residual) fused through the kernel's `residual` argument.
               affine, T > 1: dequantize the matrix on the device (dequant_affine_*_f32, in row chunks of
               at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
-              fp16: an fp32 copy made on the device on first use (as the numpy backend's
-              cache_dequantized), then xp.matmul (GEMV or GEMM).
+              fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
+              residual fused as above) — no fp32 copy of the matrix exists for decode.
+              fp16, T > 1: converted to float32 on the device in row chunks of at most
+              `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
   embedding   fp16 table: embedding_f16; affine table: dequant_affine_*_f32 with row_ids = the ids.
   rms_norm, rope, silu_mul, add: rmsnorm_f32, rope_f32, silu_mul_f32, add_f32 (in place).
   attention   kv_store_{f16,f32} writes k, v into the cache; attention_{f16,f32}kv (+ attention_combine
@@ -32,9 +34,10 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               numpy backend's float32 cache exactly.
   token_nll   on the host (logits are copied once).
 
-`cache_dequantized=True` (the runtime's memory option) additionally keeps every affine matrix
-dequantized to float32 on the device, so prefill skips the dequantization (4 bytes per weight more
-GPU memory); decode still uses the GEMV, which reads b/8 bytes per weight instead of 4.
+`cache_dequantized=True` (the runtime's memory option) additionally keeps every affine and fp16 matrix
+as float32 on the device (a tied embedding once it is first used as the lm_head, as in the numpy
+backend), so prefill skips the conversion (4 bytes per weight more GPU memory); decode still uses the
+GEMVs, which read b/8 (affine) or 2 (fp16) bytes per weight instead of 4.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import math
 
 import numpy as np
 
-from ...kernels.registry import (AFFINE_CONFIGS, attention_launch, dequant_launch, dequant_name, elementwise_launch,
+from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, attention_launch, dequant_launch, dequant_name, elementwise_launch,
                                  gemv_launch, gemv_name, rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
@@ -50,7 +53,7 @@ from .base import Backend, KVCache, LayerCache
 i32, f32 = np.int32, np.float32
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 PREFILL_CHUNK_BYTES = 64 << 20  # largest float32 block of a dequantized matrix at prefill
-QWEIGHT_ALIGNMENT = 16  # the GEMV's widest vector load (uint4)
+QWEIGHT_ALIGNMENT = 16  # the GEMVs' widest vector load (uint4): qweight and fp16 matrices
 CUDA_HINT = "use --device cpu"
 
 
@@ -132,11 +135,16 @@ def _load_gpu_module():
 # ---- weight handles ---------------------------------------------------------------------------------
 
 class DenseHandle:
-    """An fp16 matrix (out, in) on the device; `dense` is its float32 copy, made on first use in linear."""
+    """An fp16 matrix (out, in) on the device, as stored. `dense` is a float32 copy, kept only with
+    cache_dequantized (decode runs gemv_f16 on `data`; prefill converts row chunks into scratch)."""
 
     def __init__(self, name, data):
         self.name, self.data, self.shape = name, data, tuple(data.shape)
         self.dense = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
 
 
 class AffineHandle:
@@ -194,8 +202,8 @@ class CudaBackend(Backend):
     module    kernel launcher with .get_function(name)(grid, block, args): None → kernels.nvrtc.load_module()
               on a GPU, kernels.emulator.EmulatedModule(mode="fibers", guard=False) with xp=numpy.
     kv_cache  "f16" (default: the GPU cache) or "f32" (exactly the numpy backend's cache).
-    cache_dequantized  also keep affine matrices dequantized to float32 on the device (faster prefill).
-    prefill_chunk_bytes  largest float32 block of a matrix dequantized at once for a prefill GEMM.
+    cache_dequantized  also keep affine and fp16 matrices as float32 on the device (faster prefill).
+    prefill_chunk_bytes  largest float32 block of a matrix dequantized / converted at once for a prefill GEMM.
     gemv_warps  warps per GEMV block (None: kernels.registry.gemv_launch's choice).
     """
 
@@ -226,7 +234,7 @@ class CudaBackend(Backend):
         self._positions = (None, None)  # (host int64, device int32) of the last rope call
         if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
             try:
-                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "add_f32"):
+                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", GEMV_F16, "add_f32"):
                     self._fn(name)
             except ModelError:
                 raise
@@ -307,7 +315,7 @@ class CudaBackend(Backend):
         if len(entry.shape) != 2:
             raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
         if scheme == "fp16":
-            handle = DenseHandle(entry.name, self._device_blob(blobs["data"]))
+            handle = DenseHandle(entry.name, self._device_blob(blobs["data"], QWEIGHT_ALIGNMENT))
             if self.cache_dequantized and entry.role != "embedding":
                 self._dense_f32(handle)
             return handle
@@ -357,37 +365,66 @@ class CudaBackend(Backend):
         return out
 
     def _dense_f32(self, w: DenseHandle):
+        """The permanent float32 copy of an fp16 matrix (cache_dequantized only)."""
         if w.dense is None:
             w.dense = w.data.astype(self.xp.float32)
         return w.dense
 
-    def _gemv(self, w: AffineHandle, x, add=None):
-        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel."""
+    def _gemv(self, w, x, add=None):
+        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* on the
+        packed blobs, gemv_f16 on the fp16 data."""
         out_features, in_features = w.shape
         y = self.xp.empty((1, out_features), dtype=self.xp.float32)
         grid, block = gemv_launch(out_features, self.gemv_warps)
-        self._launch(w.gemv, grid, block,
-                     self._affine_args(w) + (x, self._ptr(add), y, i32(out_features), i32(in_features)))
+        if isinstance(w, DenseHandle):
+            self._launch(GEMV_F16, grid, block,
+                         (w.data, x, self._ptr(add), y, i32(out_features), i32(in_features)))
+        else:
+            self._launch(w.gemv, grid, block,
+                         self._affine_args(w) + (x, self._ptr(add), y, i32(out_features), i32(in_features)))
+        return y
+
+    def _chunked_matmul(self, shape, x, fill):
+        """y (T, out) = x (T, in) @ Wᵀ, with W produced in float32 row blocks of at most
+        prefill_chunk_bytes by fill(r0, r1, out) (into a reused scratch buffer), one GEMM per block."""
+        out_features, in_features = shape
+        rows = max(1, min(out_features, self.prefill_chunk_bytes // (4 * in_features)))
+        if rows >= out_features:
+            return x @ fill(0, out_features, self.scratch("dequant", shape, np.float32)).T
+        y = self.xp.empty((x.shape[0], out_features), dtype=self.xp.float32)
+        for r0 in range(0, out_features, rows):
+            r1 = min(out_features, r0 + rows)
+            y[:, r0:r1] = x @ fill(r0, r1, self.scratch("dequant", (r1 - r0, in_features), np.float32)).T
         return y
 
     def _affine_matmul(self, w: AffineHandle, x):
         """y (T, out) = x (T, in) @ Wᵀ for T > 1: dequantize on the device, then GEMM (cuBLAS)."""
         if w.dense is not None:
             return x @ w.dense.T
-        out_features, in_features = w.shape
-        rows = max(1, min(out_features, self.prefill_chunk_bytes // (4 * in_features)))
-        if rows >= out_features:
-            dense = self._dequantize(w, 0, out_features, self.scratch("dequant", w.shape, np.float32))
-            return x @ dense.T
-        y = self.xp.empty((x.shape[0], out_features), dtype=self.xp.float32)
-        for r0 in range(0, out_features, rows):
-            r1 = min(out_features, r0 + rows)
-            ids = w.chunk_ids.get((r0, r1))
-            if ids is None:
-                ids = w.chunk_ids[(r0, r1)] = self._i32(np.arange(r0, r1))
-            block = self._dequantize(w, r0, r1, self.scratch("dequant", (r1 - r0, in_features), np.float32), ids)
-            y[:, r0:r1] = x @ block.T
-        return y
+
+        def fill(r0, r1, out):
+            ids = None
+            if r1 - r0 < w.shape[0]:  # a chunk: its row ids, uploaded once per matrix
+                ids = w.chunk_ids.get((r0, r1))
+                if ids is None:
+                    ids = w.chunk_ids[(r0, r1)] = self._i32(np.arange(r0, r1))
+            return self._dequantize(w, r0, r1, out, ids)
+
+        return self._chunked_matmul(w.shape, x, fill)
+
+    def _dense_matmul(self, w: DenseHandle, x):
+        """y (T, out) = x (T, in) @ Wᵀ for T > 1 and an fp16 W: fp16 → fp32 on the device row chunk by
+        row chunk (exact), then GEMM; the permanent float32 copy only with cache_dequantized."""
+        if w.dense is None and self.cache_dequantized:
+            self._dense_f32(w)  # a tied embedding, first used as lm_head
+        if w.dense is not None:
+            return x @ w.dense.T
+
+        def fill(r0, r1, out):
+            out[...] = w.data[r0:r1]
+            return out
+
+        return self._chunked_matmul(w.shape, x, fill)
 
     # -- operations -------------------------------------------------------------------------------------
     def embedding(self, weight, ids):
@@ -410,7 +447,7 @@ class CudaBackend(Backend):
         (fused into the GEMV at decode: y = W·x + bias + residual in one kernel)."""
         x = self._f32(x)
         T = x.shape[0]
-        if isinstance(weight, AffineHandle) and T == 1:
+        if T == 1:  # decode: one fused GEMV reads the stored weights once (affine or fp16)
             add = bias
             if residual is not None:
                 add = self._f32(residual).reshape(-1)
@@ -420,7 +457,7 @@ class CudaBackend(Backend):
         if isinstance(weight, AffineHandle):
             y = self._affine_matmul(weight, x)
         else:
-            y = x @ self._dense_f32(weight).T
+            y = self._dense_matmul(weight, x)
         y = self._f32(y)
         if bias is not None:
             y += bias
