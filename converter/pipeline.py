@@ -33,9 +33,11 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10
 class ConvertOptions:
     bpw: float | None = None  # bits per weight over the decoder linears (everything they store)
     size: int | None = None  # or: bytes for the whole file
-    configs: str = "paper"
-    quantizer: str = "hqq"
-    objective: str = "frobenius"
+    # Defaults are the best measured on SmolLM2 (tools/quality_sweep.py, README "Quality"); the MXQ
+    # paper's data-free method is configs="paper", quantizer="hqq", objective="frobenius".
+    configs: str = "all"
+    quantizer: str = "wls"
+    objective: str = "fisher"
     outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
     outlier_mode: str = "magnitude"  # which weights become outliers: largest |w| or largest (weighted) error
     quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) affine too
@@ -170,7 +172,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
 
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     importance, importance_id, calibration = None, "none", None
-    if options.objective in CALIBRATED_OBJECTIVES:
+    if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
         importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
