@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes
+from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, tensor_nbytes
 from .allocate import allocate
 from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
@@ -120,6 +120,26 @@ def _objective(table, objective: str) -> np.ndarray:
     return table.error_sq if objective == "frobenius_sq" else table.weighted
 
 
+def _check_feasible(checkpoint, candidates, options) -> None:
+    """Fail early when no allocation can meet the budget (costs need no measurement)."""
+    linears = checkpoint.linears
+    costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears])
+    numel = sum(t.shape[0] * t.shape[1] for t in linears)
+    if options.bpw is not None:
+        lowest, highest = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+        if options.bpw * numel / 8 < lowest:
+            raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
+                                  f"range is {8 * lowest / numel:.4f} to {8 * highest / numel:.4f} bpw")
+        return
+    cheapest = {t.name: candidates[int(np.argmin(row))].storage(t.shape) for t, row in zip(linears, costs)}
+    plans = _plans(checkpoint, cheapest, options)
+    smallest = MxqWriter("unused.mxq", model=checkpoint.model, tokenizer=checkpoint.tokenizer,
+                         tokenizer_data=checkpoint.tokenizer_data, tensors=plans).file_nbytes
+    if options.size < smallest:
+        raise ConversionError(f"--size {options.size:,} bytes is infeasible: the smallest file with configs "
+                              f"{options.configs!r} is about {smallest:,} bytes")
+
+
 def _linear_configs(checkpoint, table, choice) -> dict:
     return {name: table.candidates[c].storage(checkpoint.tensors[name].shape) for name, c in zip(table.names, choice)}
 
@@ -167,6 +187,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     started = time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
     candidates = _candidates(options)
+    _check_feasible(checkpoint, candidates, options)  # before any expensive work
     checkpoint_hash = checkpoint.content_hash()
     seconds["read"] = time.perf_counter() - started
 

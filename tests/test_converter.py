@@ -15,6 +15,17 @@ from mxq.format_spec import MxqFile, dequantize
 from mxq.format_spec.summary import summarize
 
 
+FAST = dict(calib_tokens=1024)  # calibration on the tiny fixtures needs few tokens
+
+
+def test_data_free_paper_method_is_available(tiny_llama, tmp_path):
+    report = convert(tiny_llama, tmp_path / "p.mxq", bpw=4.25, configs="paper", quantizer="hqq",
+                     objective="frobenius", cache_dir=None)
+    assert "calibrate" not in report.seconds and report.achieved_bpw <= 4.25
+    with MxqFile.open(tmp_path / "p.mxq") as f:
+        assert "calibration" not in f.provenance and f.quantization["objective"] == "frobenius"
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "mxq.cli", *map(str, args)], capture_output=True, text=True)
 
@@ -32,7 +43,7 @@ def error_cache(tmp_path_factory):
 @pytest.mark.parametrize("bpw", [2.6, 3.0, 3.5, 4.25, 5.0, 8.5])
 def test_bpw_budget_is_kept(tiny_llama, tmp_path, bpw, error_cache):
     out = tmp_path / "m.mxq"
-    convert(tiny_llama, out, bpw=bpw, configs="all", cache_dir=error_cache)
+    convert(tiny_llama, out, bpw=bpw, configs="all", cache_dir=error_cache, **FAST)
     with MxqFile.open(out) as f:
         report = summarize(f)
     achieved = report["totals"]["bpw_linear"]
@@ -42,7 +53,7 @@ def test_bpw_budget_is_kept(tiny_llama, tmp_path, bpw, error_cache):
 
 def test_cli_convert_and_inspect(tiny_llama, tmp_path):
     out = tmp_path / "m.mxq"
-    result = run_cli("convert", tiny_llama, "-o", out, "--bpw", "3.25", "--no-cache", "-q")
+    result = run_cli("convert", tiny_llama, "-o", out, "--bpw", "3.25", "--no-cache", "-q", "--calib-tokens", "1024")
     assert result.returncode == 0, result.stderr
     assert "achieved 3.2" in result.stdout and "seconds:" in result.stdout
     report = json.loads(run_cli("inspect", out, "--json").stdout)
@@ -50,10 +61,10 @@ def test_cli_convert_and_inspect(tiny_llama, tmp_path):
     assert report["provenance"]["options"]["configs"][0] == "b2g32"
 
 
-def test_size_budget_is_kept_to_the_byte(tiny_llama, tmp_path):
-    reference = convert(tiny_llama, tmp_path / "ref.mxq", bpw=4.0, cache_dir=None)
+def test_size_budget_is_kept_to_the_byte(tiny_llama, tmp_path, error_cache):
+    reference = convert(tiny_llama, tmp_path / "ref.mxq", bpw=4.0, cache_dir=error_cache, **FAST)
     for target in (reference.file_bytes - 20000, reference.file_bytes + 12345):
-        report = convert(tiny_llama, tmp_path / "s.mxq", size=target, cache_dir=None)
+        report = convert(tiny_llama, tmp_path / "s.mxq", size=target, cache_dir=error_cache, **FAST)
         actual = (tmp_path / "s.mxq").stat().st_size
         assert actual == report.file_bytes and actual <= target and actual > target - 2048
 
@@ -71,7 +82,7 @@ def test_infeasible_budgets_fail_cleanly(tiny_llama, tmp_path):
 def test_conversion_is_deterministic(tiny_llama, tmp_path):
     digests = []
     for name in ("a.mxq", "b.mxq"):
-        convert(tiny_llama, tmp_path / name, bpw=3.25, configs="all", outliers=0.5, cache_dir=None)
+        convert(tiny_llama, tmp_path / name, bpw=3.25, configs="all", outliers=0.5, cache_dir=None, **FAST)
         digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
@@ -89,23 +100,23 @@ def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch
 
     monkeypatch.setattr(convert_module, "quantize", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_llama, tmp_path / "m.mxq", bpw=4.0, cache_dir=str(tmp_path / "cache"))
+        convert(tiny_llama, tmp_path / "m.mxq", bpw=4.0, cache_dir=str(tmp_path / "cache"), **FAST)
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
 def test_error_cache_skips_measurement(tiny_llama, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    convert(tiny_llama, tmp_path / "a.mxq", bpw=4.0, cache_dir=str(cache))
+    convert(tiny_llama, tmp_path / "a.mxq", bpw=4.0, cache_dir=str(cache), **FAST)
     monkeypatch.setattr(measure_module, "quantize", lambda *a, **k: pytest.fail("measured again"))
-    report = convert(tiny_llama, tmp_path / "b.mxq", bpw=3.0, cache_dir=str(cache))
+    report = convert(tiny_llama, tmp_path / "b.mxq", bpw=3.0, cache_dir=str(cache), **FAST)
     assert report.achieved_bpw <= 3.0
 
 
-def test_file_contents_match_the_plan(tiny_llama, tmp_path):
+def test_file_contents_match_the_plan(tiny_llama, tmp_path, error_cache):
     """Every stored tensor decodes to the checkpoint's weights within the quantization error."""
     from safetensors.numpy import load_file
     out = tmp_path / "m.mxq"
-    convert(tiny_llama, out, bpw=5.0, configs="all,fp16", outliers=0.25, cache_dir=None)
+    convert(tiny_llama, out, bpw=5.0, configs="all,fp16", outliers=0.25, cache_dir=error_cache, **FAST)
     source = load_file(str(tiny_llama / "model.safetensors"))
     with MxqFile.open(out) as f:
         assert f.verify() == []
@@ -126,8 +137,8 @@ def test_fp16_only_configs_give_an_unquantized_file(tiny_llama, tmp_path):
         assert {e.config.scheme for e in f.tensors.values()} == {"fp16"}
 
 
-def test_quantized_embeddings(tiny_llama, tmp_path):
-    convert(tiny_llama, tmp_path / "e.mxq", bpw=4.0, quantize_embeddings=4, cache_dir=None)
+def test_quantized_embeddings(tiny_llama, tmp_path, error_cache):
+    convert(tiny_llama, tmp_path / "e.mxq", bpw=4.0, quantize_embeddings=4, cache_dir=error_cache, **FAST)
     with MxqFile.open(tmp_path / "e.mxq") as f:
         assert f.tensors["model.embed_tokens.weight"].config.label == "b4g32"
         assert f.tensors["lm_head.weight"].config.label == "b4g32"
