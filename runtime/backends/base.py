@@ -109,17 +109,21 @@ class Backend(ABC):
 
 
 class LayerCache:
-    """Keys and values of one layer: k, v (n_kv_heads, capacity, head_dim) float32 backend arrays;
-    positions ≥ the cache's length hold garbage."""
+    """Keys and values of one layer: k, v (n_kv_heads, capacity, head_dim) backend arrays of `dtype`
+    (float32 on the CPU; a GPU backend may keep float16); positions ≥ the cache's length hold garbage."""
 
-    def __init__(self, xp, n_kv_heads: int, head_dim: int, capacity: int):
+    def __init__(self, xp, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
         self.xp = xp
-        self.k = xp.zeros((n_kv_heads, capacity, head_dim), dtype=xp.float32)
-        self.v = xp.zeros((n_kv_heads, capacity, head_dim), dtype=xp.float32)
+        self.k = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
+        self.v = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def dtype(self):
+        return self.k.dtype
 
     def reserve(self, n: int) -> None:
         """Make room for n positions (grows by doubling, copying what is stored)."""
@@ -128,7 +132,7 @@ class LayerCache:
         capacity = max(n, 2 * self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), dtype=self.xp.float32)
+            new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), dtype=old.dtype)
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
@@ -136,9 +140,9 @@ class LayerCache:
 class KVCache:
     """The per-layer caches plus how many positions are filled (`length`)."""
 
-    def __init__(self, xp, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int):
+    def __init__(self, xp, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
-        self.layers = [LayerCache(xp, n_kv_heads, head_dim, capacity) for _ in range(n_layers)]
+        self.layers = [LayerCache(xp, n_kv_heads, head_dim, capacity, dtype) for _ in range(n_layers)]
         self.length = 0
 
     def reserve(self, n: int) -> None:

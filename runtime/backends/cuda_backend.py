@@ -167,32 +167,6 @@ class AffineHandle:
 
 # ---- the KV cache with a chosen dtype ----------------------------------------------------------------
 
-class DeviceLayerCache(LayerCache):
-    """LayerCache whose k, v (n_kv_heads, capacity, head_dim) have dtype float16 or float32."""
-
-    def __init__(self, xp, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float16):
-        self.xp, self.dtype = xp, dtype
-        self.k = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
-        self.v = xp.zeros((n_kv_heads, capacity, head_dim), dtype=dtype)
-
-    def reserve(self, n: int) -> None:
-        if n <= self.capacity:
-            return
-        capacity = max(n, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = self.xp.zeros((old.shape[0], capacity, old.shape[2]), dtype=old.dtype)
-            new[:, : old.shape[1]] = old
-            setattr(self, name, new)
-
-
-class DeviceKVCache(KVCache):
-    def __init__(self, xp, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype=np.float16):
-        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
-        self.layers = [DeviceLayerCache(xp, n_kv_heads, head_dim, capacity, dtype) for _ in range(n_layers)]
-        self.length = 0
-
-
 # ---- the backend --------------------------------------------------------------------------------------
 
 class CudaBackend(Backend):
@@ -344,8 +318,8 @@ class CudaBackend(Backend):
     def to_host(self, x):
         return np.asarray(self.binding.to_host(x), dtype=np.float32)
 
-    def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> DeviceKVCache:
-        return DeviceKVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
+    def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache:
+        return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
 
     # -- affine helpers ---------------------------------------------------------------------------------
     def _affine_args(self, w: AffineHandle) -> tuple:
