@@ -98,9 +98,13 @@ def plot(rows, path, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     fig, ax = plt.subplots(figsize=(9, 6))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["achieved_bpw"], r["ppl"]) for r in rows if r["method"] == method)
+        if method == "fp16":  # the unquantized reference: a line, so the plot keeps its 2–9 bpw range
+            ax.axhline(points[0][1], color="gray", linestyle="--", label=f"fp16 ({points[0][1]:.2f})")
+            continue
         xs, ys = zip(*points)
         ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=method)
         for x, y in points:
@@ -108,6 +112,8 @@ def plot(rows, path, args):
     ax.set_xlabel("bits per weight over decoder linears (everything stored)")
     ax.set_ylabel(f"WikiText-2 perplexity (ctx {args.ctx}, first {args.chunks} chunks)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title(f"{args.fixture}: perplexity vs bits per weight")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
