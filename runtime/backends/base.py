@@ -28,13 +28,28 @@ class Backend(ABC):
     xp = np  # the array module of this backend's arrays (numpy, cupy): used to allocate the KV cache
 
     # -- weights ----------------------------------------------------------------------------------
-    @abstractmethod
     def prepare(self, entry, blobs: dict):
         """Make a tensor usable. `entry` is a format_spec TensorEntry (name, shape, config, role);
         `blobs` maps blob name → zero-copy host numpy view of the mmapped file (SPEC.md §5).
-        Returns a float32 backend array (n,) for a 1-D tensor, a weight handle for a 2-D one.
-        Raises ModelError naming the tensor for an unsupported scheme/shape or unsound CSR outliers
-        (call `check_outliers` first)."""
+        Returns a float32 backend array (n,) for a 1-D tensor, a weight handle (prepare_matrix) for
+        a 2-D one. Raises ModelError naming the tensor for an unsupported scheme/shape or unsound
+        CSR outliers."""
+        self.check_outliers(entry, blobs)
+        scheme = entry.config.scheme
+        if len(entry.shape) == 1:
+            if scheme != "fp16":
+                raise ModelError(f"tensor '{entry.name}': 1-D tensors must be fp16, got {scheme}")
+            return self.upload(blobs["data"].astype(np.float32))
+        if len(entry.shape) != 2:
+            raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
+        if scheme not in ("fp16", "affine"):
+            raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the {self.name} backend")
+        return self.prepare_matrix(entry, blobs)
+
+    @abstractmethod
+    def prepare_matrix(self, entry, blobs: dict):
+        """The weight handle of a 2-D `fp16` or `affine` tensor that `linear` and `embedding` accept
+        (outliers and shape already checked by `prepare`)."""
 
     @abstractmethod
     def upload(self, array: np.ndarray):

@@ -279,22 +279,12 @@ class CudaBackend(Backend):
             self.xp.cuda.get_current_stream().synchronize()
 
     # -- weights ----------------------------------------------------------------------------------------
-    def prepare(self, entry, blobs: dict):
-        self.check_outliers(entry, blobs)
-        scheme = entry.config.scheme
-        if len(entry.shape) == 1:
-            if scheme != "fp16":
-                raise ModelError(f"tensor '{entry.name}': 1-D tensors must be fp16, got {scheme}")
-            return self.upload(blobs["data"].astype(np.float32))
-        if len(entry.shape) != 2:
-            raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
-        if scheme == "fp16":
+    def prepare_matrix(self, entry, blobs: dict):
+        if entry.config.scheme == "fp16":
             handle = DenseHandle(entry.name, self._device_blob(blobs["data"], QWEIGHT_ALIGNMENT))
             if self.cache_dequantized and entry.role != "embedding":
                 self._dense_f32(handle)
             return handle
-        if scheme != "affine":
-            raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the cuda backend")
         bits, group_size = entry.config.bits, entry.config.group_size
         if (bits, group_size) not in AFFINE_CONFIGS:
             raise ModelError(f"tensor '{entry.name}': affine b{bits} g{group_size} has no CUDA kernel")

@@ -122,21 +122,11 @@ class NumpyBackend(Backend):
                 future.result()
 
     # -- weights ------------------------------------------------------------------------------------
-    def prepare(self, entry, blobs: dict):
-        self.check_outliers(entry, blobs)
-        scheme = entry.config.scheme
-        if len(entry.shape) == 1:
-            if scheme != "fp16":
-                raise ModelError(f"tensor '{entry.name}': 1-D tensors must be fp16, got {scheme}")
-            return blobs["data"].astype(np.float32)
-        if len(entry.shape) != 2:
-            raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
-        if scheme == "fp16":
+    def prepare_matrix(self, entry, blobs: dict):
+        if entry.config.scheme == "fp16":
             weight = DenseWeight(entry.name, blobs["data"], self)
-        elif scheme == "affine":
-            weight = AffineWeight(entry, blobs, self)
         else:
-            raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the cpu backend")
+            weight = AffineWeight(entry, blobs, self)
         if self.cache_dequantized and entry.role != "embedding":
             weight.cache()  # an untied embedding is only gathered from: dequantized when used as lm_head
         return weight
