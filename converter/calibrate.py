@@ -126,8 +126,7 @@ def calibrate(checkpoint, text: str | None = None, tokens: int = DEFAULT_CALIB_T
     ids = torch.tensor(ids[: tokens - tokens % CHUNK_TOKENS] if len(ids) >= tokens else
                        ids[: len(ids) - len(ids) % CHUNK_TOKENS])
     chunks = ids.view(-1, CHUNK_TOKENS)
-    with checkpoint.open_tensors() as source:
-        params = {name: source.get(name) for name in checkpoint.tensors}
+    params = {name: checkpoint.load(name) for name in checkpoint.tensors}
     linears = [t.name for t in checkpoint.linears]
     for name in linears:
         params[name].requires_grad_(True)

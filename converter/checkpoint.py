@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 @dataclass
@@ -51,47 +54,24 @@ class Checkpoint:
                     digest.update(chunk)
         return digest.hexdigest()
 
-    def open_tensors(self):
-        return TensorSource(self)
-
-
-TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-class TensorSource:
-    """Loads one tensor at a time as a float32 torch tensor with plain file reads (no mmap: mapped
-    pages would stay resident and make peak memory track the whole model, not the largest tensor)."""
-
-    def __init__(self, checkpoint: Checkpoint):
-        self.checkpoint = checkpoint
-
-    def get(self, name: str):
+    def load(self, name: str):
+        """One tensor as float32 torch, read with plain bounds-checked file reads (no mmap: mapped
+        pages would stay resident and make peak memory track the whole model, not its largest tensor)."""
         import torch
 
-        info = self.checkpoint.tensors[name]
+        info = self.tensors[name]
         start, end = info.span
-        expected = DTYPE_BYTES[info.dtype] * (int(torch.tensor(info.shape).prod()) if info.shape else 1)
-        if end - start != expected or end > info.file.stat().st_size:
+        if end - start != DTYPE_BYTES[info.dtype] * math.prod(info.shape) or end > info.file.stat().st_size:
             raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with its "
                                   f"shape and dtype or lie past the end of the file")
         with open(info.file, "rb") as handle:
             handle.seek(start)
             data = bytearray(handle.read(end - start))
-        dtype = getattr(torch, TORCH_DTYPES[info.dtype])
-        tensor = torch.frombuffer(data, dtype=dtype).reshape(info.shape).to(torch.float32)
+        tensor = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[info.dtype])).reshape(info.shape)
+        tensor = tensor.to(torch.float32)
         if not torch.isfinite(tensor).all():
             raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
         return tensor
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -82,20 +82,19 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     todo = [i for i, name in enumerate(names)
             if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
-    with checkpoint.open_tensors() as source:
-        for i in todo:
-            weight = source.get(names[i])
-            weights = importance(names[i]) if importance is not None else None
-            cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
-            for key, candidate in zip(keys, candidates):
-                if cache.get(key, names[i]) is None:
-                    result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
-                                      importance=weights, outlier_mode=outlier_mode)
-                    cache.put(key, names[i], [result.error_sq, result.weighted_error])
-                if bar:
-                    bar.update(1)
-            if i % 16 == 15:
-                cache.save()
+    for i in todo:
+        weight = checkpoint.load(names[i])
+        weights = importance(names[i]) if importance is not None else None
+        cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
+        for key, candidate in zip(keys, candidates):
+            if cache.get(key, names[i]) is None:
+                result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
+                                  importance=weights, outlier_mode=outlier_mode)
+                cache.put(key, names[i], [result.error_sq, result.weighted_error])
+            if bar:
+                bar.update(1)
+        if i % 16 == 15:
+            cache.save()
     if bar:
         bar.close()
     cache.save()

@@ -18,7 +18,7 @@ from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .quantize import OUTLIER_MODES, QUANTIZERS, quantize, quantize_fp16
+from .quantize import OUTLIER_MODES, QUANTIZERS, quantize
 
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
 # output: Σ_j m_j Σ_i ΔW_ij² with m_j = Σ x_j² over calibration tokens (diagonal of tr(ΔW XᵀX ΔWᵀ));
@@ -150,12 +150,7 @@ def _solve(checkpoint, table, options, make_writer) -> np.ndarray:
     objective = _objective(table, options.objective)
     total_numel = int(table.numel.sum())
     if options.bpw is not None:
-        budget = int(math.floor(options.bpw * total_numel / 8 + 1e-9))
-        lowest, highest = table.costs.min(axis=1).sum(), table.costs.max(axis=1).sum()
-        if budget < lowest:
-            raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
-                                  f"range is {8 * lowest / total_numel:.4f} to {8 * highest / total_numel:.4f} bpw")
-        return allocate(table.costs, objective, budget)
+        return allocate(table.costs, objective, int(math.floor(options.bpw * total_numel / 8 + 1e-9)))
     shapes = [checkpoint.tensors[n].shape for n in table.names]
     aligned = np.array([[aligned_nbytes(shape, c.storage(shape), 64) for c in table.candidates] for shape in shapes],
                        dtype=np.int64)
@@ -243,16 +238,12 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     stage = time.perf_counter()
     writer = make_writer(choice)
     bar = progress(total=len(writer.tensors), desc="write", unit="tensor") if progress else None
-    with checkpoint.open_tensors() as source, writer:
+    with writer:
         for plan in writer.tensors:
-            tensor = source.get(plan.name)
-            if plan.config.scheme == "fp16":
-                blobs = quantize_fp16(tensor)
-            else:
-                weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
-                blobs = quantize(tensor, plan.config, options.quantizer, importance=weights,
-                                 outlier_mode=options.outlier_mode).blobs
-            writer.write(plan.name, blobs)
+            weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
+            result = quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
+                              outlier_mode=options.outlier_mode)
+            writer.write(plan.name, result.blobs)
             if bar:
                 bar.update(1)
     if bar:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..format_spec import StorageConfig, build_csr, encode_meta, pack_codes
+from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pack_codes
 
 QUANTIZERS = ("hqq", "rtn", "wls")
 WLS_STEPS, WLS_RMIN, WLS_RDELTA = 24, -1.0, 0.1
@@ -121,8 +121,6 @@ def _hqq_zero(w, keep, scale, zero, levels):
 
 def _decoded(values: torch.Tensor):
     """Double-quantize like the file does; returns (codes, meta, decoded float32 torch values)."""
-    from ..format_spec import decode_meta
-
     codes, meta = encode_meta(values.numpy())
     return codes, meta, torch.from_numpy(decode_meta(codes, meta))
 
@@ -228,14 +226,3 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
     if keep_residual:
         result.residual = residual_2d
     return result
-
-
-def quantize_fp16(tensor: torch.Tensor) -> dict:
-    return {"data": tensor.to(torch.float16).numpy()}
-
-
-def rel_error(weight: torch.Tensor, error_sq: float) -> float:
-    return math.sqrt(error_sq) / max(float(weight.norm()), 1e-30)
-
-
-__all__ = ["QUANTIZERS", "Quantized", "quantize", "quantize_fp16", "rel_error", "np"]

@@ -17,8 +17,7 @@ def test_calibration_forward_matches_transformers(name):
     path = fixtures.ensure(name)
     checkpoint = read_checkpoint(path)
     ids = torch.tensor(encode(checkpoint, default_text())[:150])
-    with checkpoint.open_tensors() as source:
-        params = {n: source.get(n) for n in checkpoint.tensors}
+    params = {n: checkpoint.load(n) for n in checkpoint.tensors}
     ours = float(chunk_loss(params, checkpoint.model, ids))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():

@@ -56,9 +56,8 @@ def single_pass(hf_dir, quantizer) -> dict:
         from mxq.format_spec import StorageConfig
         checkpoint = read_checkpoint({str(hf_dir)!r})
         started = time.perf_counter()
-        with checkpoint.open_tensors() as source:
-            for info in checkpoint.linears:
-                quantize(source.get(info.name), StorageConfig.affine(4, 64), {quantizer!r}, pack=False)
+        for info in checkpoint.linears:
+            quantize(checkpoint.load(info.name), StorageConfig.affine(4, 64), {quantizer!r}, pack=False)
         RESULT = {{"seconds": time.perf_counter() - started}}
     """))
 
