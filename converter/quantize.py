@@ -32,6 +32,7 @@ class Quantized:
     blobs: dict  # blob name -> numpy array, exactly as the writer stores them
     error_sq: float  # ‖W − Ŵ‖²_F of the stored tensor
     weighted_error: float  # Σ importance·(W − Ŵ)² (equals error_sq without importance)
+    residual: torch.Tensor | None = None  # W − Ŵ (out, in) before outliers; only when asked for
 
 
 def _groups(weight: torch.Tensor, group_size: int):
@@ -222,7 +223,5 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
             "scale_codes": scale_codes, "scale_meta": scale_meta,
             "zero_codes": zero_codes, "zero_meta": zero_meta,
         })
-    result = Quantized(blobs, error_sq, weighted if importance is not None else error_sq)
-    if keep_residual:
-        result.residual = residual_2d
-    return result
+    return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
+                     residual_2d if keep_residual else None)
