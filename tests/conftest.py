@@ -1,7 +1,9 @@
 """Shared test helpers: random stored tensors and small .mxq files written through the writer."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,13 @@ import pytest
 from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta, pack_codes
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests never read or write the user's ~/.cache/mxq (errors, calibration statistics, compiled kernels):
+# they get their own cache, kept between runs so compiled kernels are reused ($MXQ_TEST_CACHE to move it).
+# Fixture checkpoints are the exception: tools/fixtures.py builds them once into $MXQ_FIXTURE_CACHE.
+TEST_CACHE = Path(os.environ.get("MXQ_TEST_CACHE") or Path(tempfile.gettempdir()) / f"mxq-test-cache-{os.getuid()}")
+os.environ["MXQ_CACHE"] = str(TEST_CACHE)
+os.environ["MXQ_CACHE_DIR"] = str(TEST_CACHE)
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 
