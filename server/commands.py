@@ -4,7 +4,6 @@ Keep imports here light: starlette/uvicorn (the `serve` extra) and the runtime a
 command runs, so `mxq --help` works without the extra."""
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -56,16 +55,18 @@ def serve(file, host, port, api_key, queue_size, model_id, log_level, device, ca
       curl http://127.0.0.1:8080/v1/completions -H 'Content-Type: application/json' \\
            -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'
     """
-    missing = [name for name in SERVE_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise click.ClickException(f"mxq serve needs the serve extra ({', '.join(missing)} not installed): "
-                                   "pip install 'mxq[serve]'")
     if api_key == "":
         raise click.BadParameter("must not be empty", param_hint="--api-key")
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import create_app
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in SERVE_PACKAGES:
+            raise
+        raise click.ClickException(f"mxq serve needs the serve extra ({error.name} is not installed): "
+                                   "pip install 'mxq[serve]'") from None
     from ..runtime.generate import load
-    from .app import create_app
 
     with load(file, device=device, cache_dequantized=cache_dequantized) as model:
         sock = listen(host, port)
