@@ -20,6 +20,7 @@ import time
 import uuid
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -31,6 +32,7 @@ from .errors import ApiError, bad_request
 from .schema import parse_chat, parse_completion
 
 RETRY_AFTER_SECONDS = 1
+MAX_BODY_BYTES = 16 << 20  # far more than any context's worth of text
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -41,12 +43,13 @@ class ApiKeyMiddleware:
     """Pure ASGI middleware: every HTTP request needs `Authorization: Bearer <key>`."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, key = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
                 what = "a wrong API key" if given else "no API key"
                 error = ApiError(401, f"this server needs an API key in 'Authorization: Bearer <key>'; the request "
                                  f"sent {what}", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -85,7 +88,7 @@ def create_app(model, model_id: str, api_key: str | None = None, queue_size: int
 
     async def generate(request, parse, shape):
         body = await read_json(request)
-        params = parse(body, model)
+        params = await run_in_threadpool(parse, body, model)  # tokenizing a long prompt takes a while
         job = Job(ids=params.ids, max_tokens=params.max_tokens, temperature=params.temperature,
                   top_p=params.top_p, top_k=params.top_k, seed=params.seed, stop=params.stop,
                   loop=asyncio.get_running_loop())
@@ -130,7 +133,14 @@ def create_app(model, model_id: str, api_key: str | None = None, queue_size: int
 
 # -- request and response helpers ------------------------------------------------------------------
 async def read_json(request: Request):
-    raw = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB",
+                           code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -275,6 +275,12 @@ def test_max_tokens_may_fill_the_context_exactly(server, reference):
     assert status == 200 and reply["usage"]["total_tokens"] <= reference.context_length, reply
 
 
+def test_oversized_body_is_refused(server):
+    status, reply, _ = server.request("POST", "/v1/completions", b'{"prompt": "' + b"x" * (17 << 20) + b'"}')
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
+    assert server.health()["status"] == "ok"
+
+
 def test_routes_and_methods_are_openai_errors(server):
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
                                  ("POST", "/health", 405), ("GET", "/v1/models/other", 404)):
@@ -307,10 +313,12 @@ def test_api_key_is_required_on_every_endpoint(make_server):
                                ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
                                ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                                ("GET", "/v1/nothing", None)):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret2"}):
             status, reply, _ = live.request(method, path, body, headers)
             assert status == 401 and reply["error"]["code"] == "invalid_api_key", (path, headers, reply)
     assert live.health({"Authorization": "Bearer s3cret"})["status"] == "ok"
+    assert live.health({"Authorization": "bearer s3cret"})["status"] == "ok"  # the scheme is case-insensitive
     with pytest.raises(openai.AuthenticationError):
         live.client(api_key="wrong").completions.create(model="tiny", prompt="hi", max_tokens=2)
     reply = live.client(api_key="s3cret").completions.create(model="tiny", prompt="hi", max_tokens=2)
