@@ -81,17 +81,15 @@ def create_app(model, model_id: str, api_key: str | None = None, queue_size: int
         return JSONResponse(model_card)
 
     async def completions(request):
-        return await generate(request, parse_completion, completion_format)
+        return await generate(request, parse_completion, CompletionFormat)
 
     async def chat_completions(request):
-        return await generate(request, parse_chat, chat_format)
+        return await generate(request, parse_chat, ChatFormat)
 
     async def generate(request, parse, shape):
         body = await read_json(request)
         params = await run_in_threadpool(parse, body, model)  # tokenizing a long prompt takes a while
-        job = Job(ids=params.ids, max_tokens=params.max_tokens, temperature=params.temperature,
-                  top_p=params.top_p, top_k=params.top_k, seed=params.seed, stop=params.stop,
-                  loop=asyncio.get_running_loop())
+        job = Job(params, loop=asyncio.get_running_loop())
         try:
             engine.submit(job)
         except QueueFull:
@@ -152,7 +150,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-class completion_format:
+class CompletionFormat:
+    """How /v1/completions shapes a choice (whole answer) and a delta (one streamed chunk)."""
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
     @staticmethod
@@ -164,7 +163,8 @@ class completion_format:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-class chat_format:
+class ChatFormat:
+    """How /v1/chat/completions shapes a choice and a delta (the first delta carries the role)."""
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     @staticmethod
@@ -222,7 +222,7 @@ async def stream_events(job: Job, head: dict, shape, include_usage: bool):
     `finally` cancels the job, so the worker stops at the next token."""
     chunk = {**head, "object": shape.chunk_object}
     try:
-        if shape is chat_format:
+        if shape is ChatFormat:
             yield sse({**chunk, "choices": [shape.delta("", first=True)]})
         async for event in events(job):
             if event[0] == "text":

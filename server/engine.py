@@ -19,6 +19,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from .schema import GenerationRequest
+
 
 class QueueFull(Exception):
     pass
@@ -26,14 +28,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    ids: list  # prompt token ids
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    seed: int | None
-    stop: list  # stop strings; generation ends before the first one, which is not returned
-    loop: asyncio.AbstractEventLoop
+    request: GenerationRequest  # prompt ids, sampling, stop strings (cut before the first, not returned)
+    loop: asyncio.AbstractEventLoop  # the requesting handler's event loop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -129,10 +125,10 @@ class Engine:
 
     def _generate(self, job: Job) -> tuple:
         """Run one job; returns (finish_reason, prompt_tokens, completion_tokens)."""
-        model = self.model
-        text = model.tokenizer.stream(job.ids)
-        stop = StopText(job.stop)
-        tokens = model.generate_ids(job.ids, job.max_tokens, job.temperature, job.top_k, job.top_p, job.seed)
+        model, r = self.model, job.request
+        text = model.tokenizer.stream(r.ids)
+        stop = StopText(r.stop)
+        tokens = model.generate_ids(r.ids, r.max_tokens, r.temperature, r.top_k, r.top_p, r.seed)
         try:
             for token in tokens:  # the runtime computes the next token only when asked for it
                 self.tokens_generated += 1

@@ -174,6 +174,28 @@ def test_chat_greedy_equal_runtime_chat(server, reference, stream):
         assert text == expected
 
 
+def test_chat_renders_every_message_with_the_template(server, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "more"}]}]
+    flat = [{**m, "content": m["content"] if isinstance(m["content"], str) else "Tell me more"} for m in messages]
+    ids = reference.tokenizer.encode(reference.tokenizer.render_chat(flat), add_bos=False)
+    stream = reference.tokenizer.stream(ids)
+    expected = "".join(stream.push(t) for t in reference.generate_ids(ids, 12)) + stream.flush()
+    reply = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids)
+
+
+def test_stop_text_holds_back_a_possible_stop_string():
+    from mxq.server.engine import StopText
+
+    stop = StopText(["END", "xyz"])
+    assert [stop.push(p) for p in ("abc E", "N", "D tail")] == ["abc", " ", ""] and stop.stopped
+    stop = StopText(["END"])
+    assert [stop.push(p) for p in ("aEN", "x")] + [stop.flush()] == ["a", "E", "Nx"] and not stop.stopped
+    assert StopText([]).push("all of it") == "all of it"
+
+
 def test_seeded_sampling_equal_runtime(server, reference):
     options = dict(temperature=0.9, top_p=0.95, seed=7)
     expected = direct(reference, PROMPTS[1], 30, top_k=40, **options)
