@@ -174,6 +174,30 @@ def test_chat_greedy_equal_runtime_chat(server, reference, stream):
         assert text == expected
 
 
+def test_sentencepiece_model_greedy_equal_runtime(tmp_path):
+    """tiny-llama: a sentencepiece tokenizer (leading-space pieces, byte fallback) and a 32000 vocab."""
+    from mxq.converter import convert
+
+    path = tmp_path / "llama.mxq"
+    convert(fixtures.ensure("tiny-llama"), path, bpw=16, configs="fp16", objective="frobenius", cache_dir=None)
+    live = LiveServer(path)
+    try:
+        client = live.client()
+        with mxq.load(path) as model:
+            for prompt in PROMPTS:
+                expected = direct(model, prompt, 16, temperature=0.0)
+                reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+                chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                                   stream=True)
+                assert reply.choices[0].text == "".join(c.choices[0].text for c in chunks) == expected
+            expected = direct(model, PROMPTS[0], 16, chat=True, temperature=0.0)
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                   max_tokens=16, temperature=0)
+            assert reply.choices[0].message.content == expected
+    finally:
+        live.close()
+
+
 def test_chat_renders_every_message_with_the_template(server, reference):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"},
