@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -31,6 +32,7 @@ from .engine import Engine, Job, QueueFull
 from .errors import ApiError, bad_request
 from .schema import parse_chat, parse_completion
 
+log = logging.getLogger("mxq.serve")
 RETRY_AFTER_SECONDS = 1
 MAX_BODY_BYTES = 16 << 20  # far more than any context's worth of text
 
@@ -236,6 +238,7 @@ async def stream_events(job: Job, head: dict, shape, include_usage: bool):
     except ApiError as error:  # the status line is sent already: the error goes in the stream
         yield sse(error.body())
     except Exception:  # noqa: BLE001 - same, for unexpected failures
+        log.exception("generation failed")
         yield sse(ApiError(500, "internal server error while generating", kind="server_error").body())
     finally:
         job.cancel()
