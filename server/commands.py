@@ -77,6 +77,9 @@ def serve(file, host, port, api_key, queue_size, model_id, log_level, device, ca
         click.echo(f"mxq: serving {model_id} ({model.context_length}-token context, {device}) on "
                    f"http://{shown}:{bound}/v1{' (API key required)' if api_key else ''}; loaded in "
                    f"{model.load_seconds:.2f} s", err=True)
+        if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"mxq: warning: listening on {host} without --api-key: anyone who can reach this "
+                       "address can use the model", err=True)
         sys.stderr.flush()
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
