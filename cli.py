@@ -1,4 +1,4 @@
-"""The `mxq` command line: convert, generate, eval, inspect, verify, export-hf."""
+"""The `mxq` command line: convert, generate, eval, inspect, verify, export-hf, serve."""
 from __future__ import annotations
 
 import json
@@ -115,12 +115,13 @@ def verify(file):
 
 
 def _register_commands():
-    """convert lives with the converter, generate/eval/export-hf with the runtime; each module
-    defines click commands whose heavy imports happen only when the command runs."""
+    """convert lives with the converter, generate/eval/export-hf with the runtime, serve with the
+    server; each module defines click commands whose heavy imports happen only when the command runs."""
     from .converter.commands import COMMANDS as converter_commands
     from .runtime.commands import COMMANDS as runtime_commands
+    from .server.commands import COMMANDS as server_commands
 
-    for command in converter_commands + runtime_commands:
+    for command in converter_commands + runtime_commands + server_commands:
         main.add_command(command)
 
 
