@@ -8,7 +8,6 @@ post-processor (the converter records BOS handling in `add_bos_token`).
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 from .errors import ModelError
 
@@ -78,22 +77,14 @@ class Tokenizer:
         """The file's Jinja chat template applied the way transformers applies it."""
         if self.chat_template is None:
             raise ModelError("this model has no chat template; run without --chat")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .chat_template import TemplateError, render_chat_template
 
-        def raise_exception(message):
-            raise ModelError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.token_string(self.bos_id),
-                eos_token=self.token_string(self.eos_id))
-        except jinja2.TemplateError as error:
+            return render_chat_template(self.chat_template, messages=messages,
+                                        add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.token_string(self.bos_id),
+                                        eos_token=self.token_string(self.eos_id))
+        except TemplateError as error:
             raise ModelError(f"chat template: {error}") from None
 
     def encode_chat(self, prompt: str) -> list[int]:
