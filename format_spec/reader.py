@@ -6,6 +6,7 @@ corrupt or hostile file yields MxqFormatError and never a crash or a huge alloca
 """
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -313,9 +314,27 @@ class MxqFile:
         gaps = [(json_end, self.data_offset)] + [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
         gaps.append((spans[-1][1], self.file_nbytes))
         for start, end in gaps:
-            if end > start and any(np.frombuffer(chunk, dtype=np.uint8).any() for chunk in self._chunks(start, end)):
+            if end > start and self._has_nonzero(start, end):
                 problems.append(f"padding bytes [{start}, {end}) are not zero")
         return problems
+
+    def _has_nonzero(self, start: int, end: int) -> bool:
+        """Any non-zero byte in [start, end)? Holes of a sparse file are skipped (SEEK_DATA)."""
+        position = start
+        while position < end:
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+                stop = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # nothing but a hole from here on
+                    return False
+                data, stop = position, end  # no sparse-file support here: read it all
+            if data >= end:
+                return False
+            if any(np.frombuffer(chunk, dtype=np.uint8).any() for chunk in self._chunks(data, stop)):
+                return True
+            position = stop
+        return False
 
     def close(self) -> None:
         if self._mmap is not None:

@@ -177,7 +177,7 @@ def fifo(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", [["inspect"], ["verify"], ["generate", "@", "hi"], ["eval", "@"],
+@pytest.mark.parametrize("command", [["inspect", "@"], ["verify", "@"], ["generate", "@", "hi"], ["eval", "@", "--text", __file__],
                                      ["export-hf", "@", "OUT"]])
 def test_cli_refuses_fifo_directory_and_symlinked_fifo(fifo, tmp_path, command):
     link = tmp_path / "link.mxq"
