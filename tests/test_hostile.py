@@ -280,3 +280,102 @@ def test_signal_during_write_leaves_nothing_after_the_next_run(tmp_path, signum)
         assert leftovers == []  # cleaned up by the interrupted process itself
     _write(target)  # the next run removes what a SIGKILLed one left
     assert [p.name for p in tmp_path.iterdir()] == ["m.mxq"]
+
+
+# -- real models: load verification, export-hf, interrupted convert/export -------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """tiny-qwen2 written as fp16 through the test writer (no conversion needed)."""
+    fixtures = pytest.importorskip("fixtures")
+    from test_runtime_files import write_test_mxq
+
+    return write_test_mxq(fixtures.ensure("tiny-qwen2"), tmp_path_factory.mktemp("tiny") / "m.mxq")
+
+
+def _damaged_copy(path, tmp_path):
+    image = bytearray(path.read_bytes())
+    image[-1] ^= 0xFF  # the last blob: only its checksum can tell
+    target = tmp_path / "damaged.mxq"
+    target.write_bytes(bytes(image))
+    return target
+
+
+def test_load_verifies_checksums_unless_told_not_to(tiny_model, tmp_path):
+    import mxq
+
+    damaged = _damaged_copy(tiny_model, tmp_path)
+    with pytest.raises(MxqFormatError, match="damaged.*crc32"):
+        mxq.load(damaged)
+    with mxq.load(damaged, verify=False) as model:  # the opt-out: loads (and computes garbage silently)
+        assert model.tokenizer.encode("hi")
+    assert "damaged" in _one_line_error(_cli("generate", damaged, "hi", "-n", "1"))
+    image = bytearray(tiny_model.read_bytes())
+    with MxqFile.open(tiny_model) as f:
+        blob = f.tokenizer_blob
+    image[blob.offset] ^= 0xFF  # the tokenizer blob is checked even with --no-verify
+    damaged.write_bytes(bytes(image))
+    assert "tokenizer blob" in _one_line_error(_cli("generate", damaged, "hi", "-n", "1", "--no-verify"))
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_hf_is_checked_and_atomic(tiny_model, tmp_path):
+    from mxq.runtime.errors import ModelError
+    from mxq.runtime.export_hf import export_hf
+
+    out = tmp_path / "hf"
+    export_hf(tiny_model, out)
+    first = _tree(out)
+    export_hf(tiny_model, out)  # re-export over a previous export: replaced, same bytes
+    assert _tree(out) == first and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    with pytest.raises(MxqFormatError, match="damaged"):
+        export_hf(_damaged_copy(tiny_model, tmp_path), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(OutputPathError, match="symbolic link"):
+        export_hf(tiny_model, tmp_path / "link")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ModelError, match="notes.txt"):
+        export_hf(tiny_model, out)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert _tree(out) == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command", ["convert", "export-hf"])
+def test_interrupted_runs_leave_nothing_and_rerun_gives_identical_bytes(tiny_model, tmp_path, command):
+    """SIGINT, SIGTERM and SIGKILL at random moments; afterwards the next run cleans up what a
+    killed run left and writes exactly the bytes of an uninterrupted run."""
+    fixtures = pytest.importorskip("fixtures")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if command == "convert":
+        target = out_dir / "c.mxq"
+        args = ["convert", fixtures.ensure("tiny-qwen2"), "-o", target, "--bpw", "4.25", "--objective", "frobenius",
+                "--quantizer", "rtn", "--configs", "paper", "--no-cache", "-q"]
+    else:
+        target = out_dir / "hf"
+        args = ["export-hf", tiny_model, target, "--no-progress"]
+    started = time.perf_counter()
+    assert _cli(*args, timeout=300).returncode == 0
+    duration = time.perf_counter() - started  # signals land anywhere from start-up to the final rename
+    expected = _tree(out_dir)
+    rng = np.random.default_rng(0)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        for p in list(out_dir.iterdir()):
+            subprocess.run(["rm", "-rf", str(p)], check=True)
+        process = subprocess.Popen([sys.executable, "-m", "mxq.cli", *map(str, args)], env=ENV,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(float(rng.uniform(0.2, duration)))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert b"Traceback" not in stderr, stderr
+        if process.returncode != 0 and signum != signal.SIGKILL:
+            assert list(out_dir.iterdir()) == [], (signum, list(out_dir.iterdir()))
+        result = _cli(*args, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert _tree(out_dir) == expected, signum
+        assert [p.name for p in out_dir.iterdir()] == [target.name]
