@@ -379,3 +379,109 @@ def test_interrupted_runs_leave_nothing_and_rerun_gives_identical_bytes(tiny_mod
         assert result.returncode == 0, result.stderr
         assert _tree(out_dir) == expected, signum
         assert [p.name for p in out_dir.iterdir()] == [target.name]
+
+
+# -- converter input -------------------------------------------------------------------------------
+def _safetensors(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, nbytes, message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlaps"),  # aliased
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16, "gap"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "needs 12"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "cover 8 of the 16"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}}, 8, "invalid data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "invalid shape"),
+])
+def test_safetensors_offsets_must_tile_the_data(tmp_path, header, nbytes, message):
+    from mxq.converter import ConversionError
+    from mxq.converter.checkpoint import _index_tensors
+
+    _safetensors(tmp_path / "model.safetensors", header, bytes(nbytes))
+    with pytest.raises(ConversionError, match=message):
+        _index_tensors(tmp_path)
+
+
+def test_safetensors_header_is_parsed_strictly(tmp_path):
+    from mxq.converter import ConversionError
+    from mxq.converter.checkpoint import _index_tensors
+
+    raw = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}'
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(ConversionError, match="twice"):
+        _index_tensors(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    os.mkfifo(tmp_path / "model.safetensors")  # would block a plain open() forever
+    with pytest.raises(ConversionError, match="FIFO"):
+        _index_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors",
+                                   "link.safetensors"])
+def test_shards_must_stay_inside_the_checkpoint(tmp_path, shard):
+    from mxq.converter import ConversionError
+    from mxq.converter.checkpoint import _index_tensors
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    outside = _safetensors(tmp_path / "outside.safetensors", {"a": {"dtype": "F32", "shape": [1],
+                                                                    "data_offsets": [0, 4]}}, bytes(4))
+    (folder / "link.safetensors").symlink_to(outside)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(ConversionError, match="inside the checkpoint folder|outside the checkpoint folder"):
+        _index_tensors(folder)
+
+
+def test_hugging_face_cache_symlinks_are_allowed(tmp_path):
+    from mxq.converter.checkpoint import _index_tensors
+
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    blob = _safetensors(repo / "blobs" / "f00d", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                        bytes(4))
+    (snapshot / "model.safetensors").symlink_to(Path("../../blobs") / blob.name)
+    assert set(_index_tensors(snapshot)) == {"a"}
+
+
+@pytest.mark.parametrize("name, value", [("model.norm.weight", 1e6), ("model.layers.0.self_attn.q_proj.bias", -7e4),
+                                         ("model.embed_tokens.weight", float("inf"))])
+def test_values_beyond_fp16_are_rejected_by_name(tmp_path, name, value):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mxq.converter import ConversionError
+    from mxq.converter.checkpoint import read_checkpoint
+
+    fixtures = pytest.importorskip("fixtures")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixtures.ensure("tiny-qwen2"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(folder / "model.safetensors"))
+    checkpoint = read_checkpoint(folder)
+    with pytest.raises(ConversionError, match=f"'{name}'.*(fp16|NaN or Inf)"):
+        checkpoint.load(name)
+    assert torch.isfinite(checkpoint.load("model.layers.0.mlp.up_proj.weight")).all()
+
+
+# -- fuzz (fast tier: a bounded slice of tools/fuzz.py) --------------------------------------------
+def test_fuzz_metadata_and_bytes():
+    """Metadata-level (types, ranges, huge numbers, NaN/Infinity text, duplicate keys, templates) and
+    byte-level mutations of a real model file: every case is ok, damaged or a typed rejection."""
+    fuzz = pytest.importorskip("fuzz")
+    report = fuzz.fuzz(n_metadata=600, n_bytes=600, seed=1, timeout=20, budget_seconds=40, log=None)
+    assert sum(report["cases"].values()) >= 200, report["cases"]
+    assert report["crashes"] == [] and report["hangs"] == [], report
+    memory = report["peak_memory"]
+    assert memory.get("growth", 0) <= 4 * memory.get("file", 0) + (64 << 20), memory
