@@ -83,14 +83,15 @@ def _paths(value, prefix=()):
             yield from _paths(item, prefix + (i,))
 
 
-def mutate_metadata(image: bytes, rng: random.Random):
-    """One JSON-level mutation; returns (mutated image, description)."""
+def mutate_metadata(image: bytes, rng: random.Random, exclude=()):
+    """One JSON-level mutation (never inside the top-level keys `exclude`); returns (mutated
+    image, description)."""
     room = 1 << 20
     _, _, raw, _ = split(image)
     document = json.loads(raw)
     for blob in [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t["blobs"].values()]:
         blob["offset"] += room
-    paths = [p for p in _paths(document) if p]
+    paths = [p for p in _paths(document) if p and p[0] not in exclude]
     weights = [5 if p[0] in ("model", "tokenizer") else 1 for p in paths]
     path = rng.choices(paths, weights)[0]
     parent = document
@@ -223,7 +224,7 @@ def run_case(image: bytes, folder: Path, timeout: float) -> tuple[str, float, in
 
 
 def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen2", timeout: float = 30.0,
-         budget_seconds: float | None = None, log=print) -> dict:
+         budget_seconds: float | None = None, log=print, exclude=()) -> dict:
     def alarm(signum, frame):
         raise Hang()
 
@@ -243,7 +244,7 @@ def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen
             for i, (level, mutate) in enumerate(plan):
                 if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
                     break
-                mutant, what = mutate(image, rng)
+                mutant, what = mutate(image, rng, exclude) if level == "metadata" else mutate(image, rng)
                 outcome, seconds, growth = run_case(mutant, folder, timeout)
                 done[level] += 1
                 outcomes[f"{level} {outcome.split(':')[0]}"] += 1
@@ -251,7 +252,7 @@ def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen
                     crashes.append(f"{level} {what} -> {outcome}")
                 elif outcome == "hang":
                     hangs.append(f"{level} {what}")
-                ratio = growth / len(mutant)
+                ratio = growth / max(len(mutant), 1)
                 if ratio > worst["ratio"]:
                     worst = {"ratio": ratio, "growth": growth, "file": len(mutant), "case": f"{level} {what}"}
                 if seconds > slowest[0]:
@@ -273,10 +274,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixture", default="tiny-qwen2", help="tools/fixtures.py name of the seed model")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds after which a case is a hang")
+    parser.add_argument("--exclude", nargs="*", default=[], help="top-level JSON keys not to mutate (e.g. model)")
     parser.add_argument("--json", dest="json_path", help="also write the report here")
     args = parser.parse_args()
     report = fuzz(args.metadata, args.bytes, args.seed, args.fixture, args.timeout,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), exclude=tuple(args.exclude))
     distinct = Counter(c.split(" -> ")[1] for c in report["crashes"])
     print(json.dumps({**report, "crashes": report["crashes"][:50], "distinct_crashes": dict(distinct.most_common())},
                      indent=1))
