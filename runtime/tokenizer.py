@@ -148,8 +148,12 @@ class _SentencePiece:
         self.sp_inner = self.sp  # for text that follows a special token: no dummy-prefix space
         inner = _without_dummy_prefix(data)
         if inner is not None:
-            self.sp_inner = sentencepiece.SentencePieceProcessor()
-            self.sp_inner.LoadFromSerializedProto(inner)
+            sp_inner = sentencepiece.SentencePieceProcessor()
+            try:
+                sp_inner.LoadFromSerializedProto(inner)
+                self.sp_inner = sp_inner
+            except Exception:  # noqa: BLE001 - the edited proto does not load: keep the dummy prefix
+                pass
 
     def encode(self, text: str) -> list[int]:
         """Like transformers' Llama tokenizers (legacy=False): special-token strings are split out;
@@ -166,10 +170,11 @@ class _SentencePiece:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        # ids past the tokenizer's pieces (a model's padded vocabulary rows) have no text
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def token_string(self, token_id: int) -> str:
-        return self.sp.id_to_piece(token_id)
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
