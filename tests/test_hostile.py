@@ -487,3 +487,13 @@ def test_fuzz_metadata_and_bytes():
     assert sum(report["cases"].values()) >= 200, report["cases"]
     assert report["crashes"] == [] and report["hangs"] == [], report
     assert report["peak_memory"]["excess"] <= 64 << 20, report["peak_memory"]  # growth <= 4 x size + 64 MiB
+
+
+def test_convert_checks_the_output_location_first(tmp_path):
+    """Before reading the checkpoint (let alone calibrating): the output directory must exist."""
+    line = _one_line_error(_cli("convert", tmp_path / "no-checkpoint", "-o", tmp_path / "missing" / "x.mxq",
+                                "--bpw", "4"))
+    assert "missing" in line and "does not exist" in line
+    (tmp_path / "x.mxq").mkdir()
+    assert "not a regular file" in _one_line_error(_cli("convert", tmp_path / "no-checkpoint", "-o",
+                                                        tmp_path / "x.mxq", "--bpw", "4"))
