@@ -9,23 +9,36 @@ import click
 
 from . import __version__
 from .format_spec import MxqFile, MxqFormatError
+from .format_spec.strict_json import JsonError
 from .format_spec.summary import summarize
+from .format_spec.tokenizer_schema import MetadataError
+from .format_spec.writer import OutputPathError, Terminated, terminate_as_exception
 
-
-EXPECTED_ERRORS = (MxqFormatError, OSError, ValueError)
+# Bad input (a file, a checkpoint, an option, the file system) raises one of these, or the
+# converter's ConversionError / the runtime's ModelError (_is_known). Anything else reaching the
+# CLI is a bug in mxq and is labelled "internal error" (MXQ_DEBUG=1 shows the traceback).
+EXPECTED_ERRORS = (MxqFormatError, MetadataError, JsonError, OutputPathError, OSError)
 
 
 class _Cli(click.Group):
-    """Turns expected failures into one line on stderr and a non-zero exit."""
+    """Turns expected failures into one line on stderr and a non-zero exit; SIGTERM and Ctrl-C
+    unwind through cleanup code (temporary outputs are removed) before exiting."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with terminate_as_exception():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated:
+            click.echo("mxq: terminated", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("mxq: interrupted", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("mxq: error: out of memory", err=True)
+            sys.exit(1)
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
             if os.environ.get("MXQ_DEBUG"):
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -56,21 +58,38 @@ class Checkpoint:
 
     def load(self, name: str):
         """One tensor as float32 torch, read with plain bounds-checked file reads (no mmap: mapped
-        pages would stay resident and make peak memory track the whole model, not its largest tensor)."""
+        pages would stay resident and make peak memory track the whole model, not its largest tensor).
+
+        Values must be finite and within fp16 range (|x| <= 65504): fp16 tensors (norms, biases,
+        embeddings) would silently become inf, and affine tensors store their scales, zeros and
+        outliers in fp16 too. Such a tensor is rejected by name rather than clamped: clamping would
+        change what the model computes without the user knowing."""
         import torch
+
+        from ..format_spec.reader import open_regular
 
         info = self.tensors[name]
         start, end = info.span
-        if end - start != DTYPE_BYTES[info.dtype] * math.prod(info.shape) or end > info.file.stat().st_size:
-            raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with its "
-                                  f"shape and dtype or lie past the end of the file")
-        with open(info.file, "rb") as handle:
-            handle.seek(start)
-            data = bytearray(handle.read(end - start))
+        try:
+            with open(open_regular(info.file), "rb") as handle:
+                if (end - start != DTYPE_BYTES[info.dtype] * math.prod(info.shape)
+                        or end > os.fstat(handle.fileno()).st_size):
+                    raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with "
+                                          f"its shape and dtype or lie past the end of the file")
+                handle.seek(start)
+                data = bytearray(handle.read(end - start))
+        except OSError as error:
+            raise ConversionError(f"{info.file}: cannot read tensor '{name}': {error.strerror or error}") from None
+        if len(data) != end - start:
+            raise ConversionError(f"{info.file.name}: tensor '{name}' is cut short (the file shrank)")
         tensor = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[info.dtype])).reshape(info.shape)
         tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if not math.isfinite(peak):
             raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
+        if peak > FP16_MAX:
+            raise ConversionError(f"{info.file.name}: tensor '{name}' has values up to {peak:.6g}, beyond fp16's "
+                                  f"range (±{FP16_MAX:g}) that .mxq tensors and their scales are stored in")
         return tensor
 
 
@@ -194,13 +213,36 @@ def expected_tensors(spec: dict) -> dict:
 
 
 def _index_tensors(path: Path) -> dict:
-    """name -> (file, dtype, shape) from the safetensors headers (no tensor data read)."""
+    """name -> (file, dtype, shape, span) from the safetensors headers (no tensor data read).
+
+    Shard files must lie inside the checkpoint folder: index entries that are absolute or climb out
+    with `..`, and symlinks that resolve outside, are rejected (except the Hugging Face cache layout,
+    snapshots/REV/FILE -> ../../blobs/HASH). Within a file, tensors must tile the data region exactly
+    as safetensors requires (no overlapping or aliased offsets, no gaps, nbytes = dtype x shape)."""
+    item_bytes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                  "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    root = path.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+
+    def inside(file: Path, shown: str) -> Path:
+        target = file.resolve()
+        if not any(target == r or r in target.parents for r in roots):
+            raise ConversionError(f"{path}: shard '{shown}' resolves to {target}, outside the checkpoint folder")
+        return file
+
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
         weight_map = _read_json(index_file, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index_file}: missing 'weight_map'")
-        files = sorted({path / f for f in weight_map.values()})
+        files = set()
+        for name, shard in weight_map.items():
+            if (not isinstance(shard, str) or not shard or "\0" in shard or Path(shard).is_absolute()
+                    or ".." in Path(shard).parts):
+                raise ConversionError(f"{index_file}: tensor '{str(name)[:100]}' maps to {str(shard)[:100]!r}, "
+                                      f"not a file name inside the checkpoint folder")
+            files.add(path / shard)
+        files = sorted(files)
     elif (path / "model.safetensors").exists():
         files = [path / "model.safetensors"]
     else:
@@ -211,36 +253,67 @@ def _index_tensors(path: Path) -> dict:
         files = [path / name for name in found]
     index = {}
     for file in files:
+        inside(file, file.name)
         header, data_start = _safetensors_header(file)
+        data_nbytes = file.stat().st_size - data_start
+        spans = []
         for name, meta in header.items():
-            if name == "__metadata__" or not isinstance(meta, dict):
+            if name == "__metadata__":
                 continue
+            if not isinstance(meta, dict):
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' entry is not an object")
             offsets = meta.get("data_offsets")
-            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                    or not 0 <= offsets[0] <= offsets[1]):
-                raise ConversionError(f"{file.name}: tensor '{name}' has invalid data_offsets")
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] <= data_nbytes):
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' has invalid data_offsets "
+                                      f"(the data region is {data_nbytes} bytes)")
             shape = meta.get("shape", ())
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ConversionError(f"{file.name}: tensor '{name}' has an invalid shape")
-            span = (data_start + offsets[0], data_start + offsets[1])
-            index[name] = (file, meta.get("dtype"), tuple(shape), span)
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' has an invalid shape")
+            dtype = meta.get("dtype")
+            if dtype in item_bytes and offsets[1] - offsets[0] != item_bytes[dtype] * math.prod(shape):
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' data_offsets span "
+                                      f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs "
+                                      f"{item_bytes[dtype] * math.prod(shape)}")
+            if name in index:
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' is also in {index[name][0].name}")
+            spans.append((offsets[0], offsets[1], name))
+            index[name] = (file, dtype, tuple(shape), (data_start + offsets[0], data_start + offsets[1]))
+        end, previous = 0, None
+        for start, stop, name in sorted(spans):
+            if start != end:
+                what = f"overlaps tensor '{previous}'" if start < end else f"leaves a gap after byte {end}"
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' at data offset {start} {what} "
+                                      f"(safetensors requires tensors to tile the data region)")
+            end, previous = stop, name[:100]
+        if end != data_nbytes:
+            raise ConversionError(f"{file.name}: tensors cover {end} of the {data_nbytes} data bytes")
     return index
 
 
 def _safetensors_header(file: Path) -> tuple[dict, int]:
-    """(header JSON, absolute offset where tensor data starts) of a safetensors file."""
+    """(header JSON, absolute offset where tensor data starts) of a safetensors file: a regular file
+    (never a FIFO or device that could block), parsed strictly (no duplicate keys, no NaN) with its
+    cost bounded (format_spec.strict_json)."""
+    from ..format_spec.reader import open_regular
+    from ..format_spec.strict_json import JsonError, loads
+
     try:
-        with open(file, "rb") as handle:
+        with open(open_regular(file), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             raw_len = handle.read(8)
-            size = file.stat().st_size
             if len(raw_len) < 8 or int.from_bytes(raw_len, "little") > min(size - 8, 100 << 20):
                 raise ConversionError(f"{file}: not a safetensors file (bad header length)")
             header_len = int.from_bytes(raw_len, "little")
-            header = json.loads(handle.read(header_len))
+            header = loads(handle.read(header_len))
     except FileNotFoundError:
         raise ConversionError(f"{file}: shard listed in the index is missing") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ConversionError(f"{file}: not a safetensors file (header does not parse)") from None
+    except JsonError as error:
+        raise ConversionError(f"{file}: not a safetensors file (header {error})") from None
+    except OSError as error:
+        raise ConversionError(f"{file}: cannot read: {error.strerror or error}") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{file}: not a safetensors file")
     return header, 8 + header_len

@@ -67,8 +67,11 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
                     calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, quiet):
     from tqdm import tqdm
 
+    from ..format_spec.writer import check_output_path
     from .pipeline import ConvertOptions, convert, parse_size
     from .errors import ConversionError
+
+    check_output_path(output)  # before any expensive stage: the directory exists and is writable
 
     try:
         outliers = float(outliers_text.strip().rstrip("%"))

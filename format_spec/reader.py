@@ -6,7 +6,7 @@ corrupt or hostile file yields MxqFormatError and never a crash or a huge alloca
 """
 from __future__ import annotations
 
-import json
+import errno
 import math
 import mmap
 import os
@@ -21,9 +21,31 @@ from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
 from .layout import GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig, blob_specs
 from .packing import SUPPORTED_BITS
+from .strict_json import JsonError
+from .strict_json import loads as strict_loads
+from .tokenizer_schema import MetadataError, check_tokenizer
 
 MAX_DIM = 1 << 40
 MAX_TENSORS = 1 << 20
+VERIFY_CHUNK = 8 << 20  # verify reads the file in chunks of this size: memory stays flat
+
+
+def open_regular(path, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor for `path` if it is a regular file, else OSError. The open never blocks
+    (O_NONBLOCK: a FIFO would wait for a writer forever) and the kind is checked with fstat on the
+    opened descriptor, so a path swapped in between cannot slip through."""
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a device or socket"
+            raise OSError(f"{path}: is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -76,9 +98,11 @@ class _Check:
 class MxqFile:
     """An open .mxq file. Use MxqFile.open(path) or `with MxqFile.open(path) as f:`."""
 
-    def __init__(self, path, mm: mmap.mmap | None, size: int, version, document: dict, data_offset: int):
+    def __init__(self, path, mm: mmap.mmap | None, size: int, version, document: dict, data_offset: int,
+                 fd: int | None = None):
         self.path = Path(path)
         self._mmap = mm
+        self._fd = fd  # kept open for verify's chunked reads
         self.file_nbytes = size
         self.version = version
         self.document = document
@@ -97,27 +121,24 @@ class MxqFile:
         path = Path(path)
         check = _Check(path)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
         except OSError as error:
-            check.fail(f"cannot open: {error.strerror}")
+            check.fail(f"cannot open: {error.strerror}" if error.strerror else "not a regular file")
+        mm = None
         try:
-            status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
-                check.fail("not a regular file")
-            size = status.st_size
+            size = os.fstat(fd).st_size
             if size < HEADER_NBYTES:
                 check.fail(f"file is {size} bytes, shorter than the {HEADER_NBYTES}-byte header")
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        try:
-            return cls._parse(path, mm, size, check)
+            return cls._parse(path, mm, size, check, fd)
         except BaseException:
-            mm.close()
+            if mm is not None:
+                mm.close()
+            os.close(fd)
             raise
 
     @classmethod
-    def _parse(cls, path, mm, size, check) -> "MxqFile":
+    def _parse(cls, path, mm, size, check, fd) -> "MxqFile":
         magic, major, minor, json_crc, json_nbytes, data_offset = HEADER_STRUCT.unpack_from(mm, 0)
         if magic != MAGIC:
             check.fail("not an .mxq file (bad magic bytes)")
@@ -133,9 +154,9 @@ class MxqFile:
         if zlib.crc32(raw) != json_crc:
             check.fail("JSON metadata checksum mismatch (header corrupted)")
         try:
-            document = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as error:
-            check.fail(f"JSON metadata does not parse: {str(error)[:80]}")
+            document = strict_loads(raw)
+        except JsonError as error:
+            check.fail(f"JSON metadata {error}")
         if not isinstance(document, dict):
             check.fail("JSON metadata is not an object")
         if document.get("format") != "mxq":
@@ -148,11 +169,14 @@ class MxqFile:
         tensors = check.get(document, "tensors", list, "JSON")
         if len(tensors) > MAX_TENSORS:
             check.fail(f"JSON field 'tensors' lists {len(tensors)} tensors (cap {MAX_TENSORS})")
-        f = cls(path, mm, size, (major, minor), document, data_offset)
+        try:
+            check_tokenizer(document["tokenizer"], document["model"].get("vocab_size"))
+        except MetadataError as error:
+            check.fail(str(error))
+        f = cls(path, mm, size, (major, minor), document, data_offset, fd)
         f._json_raw = raw
         spans = []
         tokenizer_blob = f._blob_ref(document["tokenizer"].get("blob"), "uint8", None, "tokenizer blob", check)
-        check.get(document["tokenizer"], "kind", str, "tokenizer")
         f.tokenizer_blob = tokenizer_blob
         spans.append((tokenizer_blob.offset, tokenizer_blob.nbytes, "tokenizer blob"))
         for index, raw_entry in enumerate(tensors):
@@ -247,27 +271,70 @@ class MxqFile:
         return {blob_name: self.view(ref) for blob_name, ref in self.tensors[name].blobs.items()}
 
     def tokenizer_data(self) -> bytes:
-        return bytes(self.view(self.tokenizer_blob))
+        """The tokenizer blob's bytes, checked against their crc32 (small, so always checked)."""
+        data = bytes(self.view(self.tokenizer_blob))
+        if f"{zlib.crc32(data):08x}" != self.tokenizer_blob.crc32:
+            raise MxqFormatError(self.path, "tokenizer blob: crc32 mismatch (the file is damaged)")
+        return data
+
+    def _chunks(self, start: int, end: int):
+        """The bytes [start, end) as successive memoryviews of one reused buffer: reading with
+        pread instead of through the mapping keeps the resident memory at one chunk."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: file is closed")
+        buffer = bytearray(min(VERIFY_CHUNK, max(end - start, 1)))
+        view = memoryview(buffer)
+        while start < end:
+            count = os.preadv(self._fd, [view[: min(len(buffer), end - start)]], start)
+            if count <= 0:
+                raise MxqFormatError(self.path, f"file shrank while being read (at byte {start})")
+            yield view[:count]
+            start += count
+
+    def blob_crc32(self, ref: BlobRef) -> str:
+        crc = 0
+        for chunk in self._chunks(ref.offset, ref.offset + ref.nbytes):
+            crc = zlib.crc32(chunk, crc)
+        return f"{crc:08x}"
 
     def verify(self, progress=None) -> list[str]:
         """Check every blob's crc32 and that every gap between blobs is zero, so that no byte of
-        the file goes unchecked; returns the problems found (empty when the file is intact)."""
+        the file goes unchecked; returns the problems found (empty when the file is intact).
+        Reads the file once, in VERIFY_CHUNK pieces."""
         problems = []
         items = [("tokenizer blob", self.tokenizer_blob)] + [
             (f"tensor '{entry.name}' blob '{blob_name}'", ref)
             for entry in self.tensors.values() for blob_name, ref in entry.blobs.items()]
         for where, ref in (progress(items) if progress else items):
-            actual = zlib.crc32(self._mmap[ref.offset: ref.offset + ref.nbytes])
-            if f"{actual:08x}" != ref.crc32:
-                problems.append(f"{where}: crc32 {actual:08x} != recorded {ref.crc32}")
+            actual = self.blob_crc32(ref)
+            if actual != ref.crc32:
+                problems.append(f"{where}: crc32 {actual} != recorded {ref.crc32}")
         json_end = HEADER_NBYTES + len(self._json_raw)
         spans = sorted((ref.offset, ref.offset + ref.nbytes) for _, ref in items)
         gaps = [(json_end, self.data_offset)] + [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
         gaps.append((spans[-1][1], self.file_nbytes))
         for start, end in gaps:
-            if end > start and any(self._mmap[start:end]):
+            if end > start and self._has_nonzero(start, end):
                 problems.append(f"padding bytes [{start}, {end}) are not zero")
         return problems
+
+    def _has_nonzero(self, start: int, end: int) -> bool:
+        """Any non-zero byte in [start, end)? Holes of a sparse file are skipped (SEEK_DATA)."""
+        position = start
+        while position < end:
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+                stop = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # nothing but a hole from here on
+                    return False
+                data, stop = position, end  # no sparse-file support here: read it all
+            if data >= end:
+                return False
+            if any(np.frombuffer(chunk, dtype=np.uint8).any() for chunk in self._chunks(data, stop)):
+                return True
+            position = stop
+        return False
 
     def close(self) -> None:
         if self._mmap is not None:
@@ -276,6 +343,9 @@ class MxqFile:
             except BufferError:  # views still alive: the mapping goes when they do
                 pass
             self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self

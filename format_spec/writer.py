@@ -3,13 +3,22 @@
 The plan (every tensor's name, shape and storage config) is known before any data is written,
 so the layout and the JSON document are fixed up front; tensors are then streamed one at a
 time in plan order, and only the crc32 fields (fixed-width hex) are filled in at the end.
-Output goes to a hidden temporary file in the destination directory, renamed into place on
-success and deleted on any failure: an interrupted write never leaves a .mxq file behind.
+Output goes to a hidden temporary file in the destination directory (unpredictable name, created
+with O_EXCL|O_NOFOLLOW), fsynced and renamed into place on success, deleted on any failure or
+SIGINT/SIGTERM; temporaries left by killed processes are removed by the next write to the same
+target. An interrupted write never leaves a .mxq file behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +28,117 @@ import numpy as np
 from .affine import check_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MINOR_VERSION
 from .layout import StorageConfig, align_up, blob_specs
+from .tokenizer_schema import check_tokenizer
 
 CRC_PLACEHOLDER = "00000000"
+
+
+class OutputPathError(ValueError):
+    """The output location cannot be written (one line naming the path)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that cleanup code runs (see `terminate_as_exception`)."""
+
+
+def check_output_path(path, kind: str = "file") -> Path:
+    """Fail fast, before any expensive work, unless `path` can be created or replaced: its
+    directory exists and is writable (probed by creating and removing a temporary file there),
+    and `path` is not a symbolic link, nor a directory when writing a file (`kind="file"`), nor a
+    non-directory when writing a directory (`kind="directory"`)."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{path}: directory {parent} does not exist")
+    if path.is_symlink():
+        raise OutputPathError(f"{path}: is a symbolic link; refusing to write through it")
+    if path.exists():
+        if kind == "file" and not path.is_file():
+            raise OutputPathError(f"{path}: exists and is not a regular file")
+        if kind == "directory" and not path.is_dir():
+            raise OutputPathError(f"{path}: exists and is not a directory")
+    probe = temp_path(path, "probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputPathError(f"{path}: cannot write in {parent}: {error.strerror or error}") from None
+    return path
+
+
+def temp_path(target: Path, kind: str = "partial") -> Path:
+    """A hidden, unpredictable sibling of `target`: .NAME.KIND-PID-RANDOM (PID lets a later run
+    tell a live writer's temporary from a dead one's)."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list:
+    """Delete temporaries of `target` (see temp_path; also the older .NAME.partial-PID form) whose
+    process is gone; returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:partial|old|probe)-(\d+)(?:-[0-9a-f]{{16}})?")
+    removed = []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        stale = target.parent / name
+        try:
+            if stat.S_ISDIR(os.lstat(stale).st_mode):
+                shutil.rmtree(stale)
+            else:
+                os.unlink(stale)
+            removed.append(stale)
+        except FileNotFoundError:  # another run removed it first
+            pass
+    return removed
+
+
+def create_exclusive(path: Path):
+    """A new file opened for binary writing; never follows or reuses an existing name."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """Within the block, SIGTERM raises Terminated (so `finally`/`__exit__` clean up) instead of
+    killing the process outright. Only the main thread can install signal handlers; elsewhere
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -61,11 +179,13 @@ class MxqWriter:
         names = [plan.name for plan in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in plan")
+        check_tokenizer(self.tokenizer, self.model.get("vocab_size") if isinstance(self.model, dict) else None)
         self._slots: dict[str, dict[str, _Slot]] = {}
         self._document, self._tokenizer_slot = self._layout()
         self._next = 0
         self._file = None
         self._tmp_path = None
+        self._signals = None
 
     # -- layout ---------------------------------------------------------------------------------
     def _layout(self):
@@ -117,11 +237,18 @@ class MxqWriter:
 
     # -- writing --------------------------------------------------------------------------------
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_path = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-        self._file = open(self._tmp_path, "wb")
-        self._file.write(b"\0" * self._data_offset)  # header and JSON are written last
-        self._put(self._tokenizer_slot, np.frombuffer(self.tokenizer_data, dtype=np.uint8))
+        check_output_path(self.path)
+        remove_stale_temporaries(self.path)
+        self._signals = terminate_as_exception()
+        self._signals.__enter__()
+        try:
+            self._tmp_path = temp_path(self.path)
+            self._file = create_exclusive(self._tmp_path)
+            self._file.write(b"\0" * self._data_offset)  # header and JSON are written last
+            self._put(self._tokenizer_slot, np.frombuffer(self.tokenizer_data, dtype=np.uint8))
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def _put(self, slot: _Slot, array: np.ndarray) -> None:
@@ -159,6 +286,9 @@ class MxqWriter:
                 os.fsync(self._file.fileno())
                 self._file.close()
                 os.replace(self._tmp_path, self.path)
+                self._tmp_path = None
+                fsync_directory(self.path.parent)
+                self._discard()
                 return False
         except BaseException:
             self._discard()
@@ -167,7 +297,15 @@ class MxqWriter:
         return False
 
     def _discard(self):
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        if self._tmp_path is not None and self._tmp_path.exists():
-            self._tmp_path.unlink()
+        """Close and delete the temporary (if any) and restore the SIGTERM handler."""
+        try:
+            if self._file is not None and not self._file.closed:
+                self._file.close()
+            if self._tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp_path)
+                self._tmp_path = None
+        finally:
+            if self._signals is not None:
+                signals, self._signals = self._signals, None
+                signals.__exit__(None, None, None)

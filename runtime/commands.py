@@ -18,6 +18,9 @@ MEMORY_HELP = ("Dequantize every matrix to float32 once at load and keep it: sev
 DEVICE_OPTION = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                              help="Where to run: cpu (NumPy) or cuda (NVIDIA GPU via CuPy).")
 CACHE_OPTION = click.option("--cache-dequantized", is_flag=True, help=MEMORY_HELP)
+VERIFY_OPTION = click.option("--verify/--no-verify", default=True, show_default=True,
+                             help="Check every weight checksum at load (one read of the file; metadata and "
+                                  "tokenizer are always checked). --no-verify starts faster on trusted files.")
 
 
 @click.command("generate")
@@ -34,7 +37,9 @@ CACHE_OPTION = click.option("--cache-dequantized", is_flag=True, help=MEMORY_HEL
 @click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
 @DEVICE_OPTION
 @CACHE_OPTION
-def generate(file, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, cache_dequantized):
+@VERIFY_OPTION
+def generate(file, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, device, cache_dequantized,
+             verify):
     """Continue PROMPT with the model in FILE, printing text as it is generated.
 
     The continuation goes to stdout; a summary (prefill and decode speed) goes to stderr.
@@ -47,7 +52,7 @@ def generate(file, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat
     """
     from .generate import load
 
-    with load(file, device=device, cache_dequantized=cache_dequantized) as model:
+    with load(file, device=device, cache_dequantized=cache_dequantized, verify=verify) as model:
         pieces = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, chat=chat)
         for piece in pieces:
@@ -97,7 +102,8 @@ def find_eval_text(explicit=None) -> Path:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @DEVICE_OPTION
 @CACHE_OPTION
-def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, device, cache_dequantized):
+@VERIFY_OPTION
+def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, device, cache_dequantized, verify):
     """Measure the perplexity of the model in FILE on a text (lower is better).
 
     The text is tokenized once (with BOS if the model adds one). Default method: cut the tokens into
@@ -112,7 +118,7 @@ def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, de
 
     path = find_eval_text(text_path)
     text = path.read_text(encoding="utf-8")
-    with load(file, device=device, cache_dequantized=cache_dequantized) as model:
+    with load(file, device=device, cache_dequantized=cache_dequantized, verify=verify) as model:
         ids = model.tokenizer.encode(text)
         ctx = ctx or min(2048, model.context_length)
         report = perplexity(model, ids, ctx=ctx, stride=stride, max_chunks=max_chunks, progress=progress)
@@ -137,6 +143,10 @@ def export_hf_command(file, out_dir, progress):
     The weights are DEQUANTIZED to float32 (model.safetensors, 4 bytes per weight), with config.json,
     generation_config.json and the tokenizer files, so transformers and other tools can load exactly
     what the quantized file computes: AutoModelForCausalLM.from_pretrained(OUT_DIR).
+
+    FILE's checksums are verified first. The export is atomic: files are written to a hidden
+    directory next to OUT_DIR and renamed into place. OUT_DIR must not be a symbolic link; an
+    existing OUT_DIR is replaced only if it holds nothing but files an export writes.
     """
     from tqdm import tqdm
 

@@ -6,21 +6,32 @@ tokenizer (tokenizer.model or tokenizer.json, plus tokenizer_config.json with BO
 template). transformers loads the result with AutoModelForCausalLM/AutoTokenizer.from_pretrained,
 so quantized files can be compared in any tool. Weights are dequantized with the format's
 reference `dequantize` (SPEC.md §6), one tensor at a time.
+
+Safety: the file's checksums are verified first (a damaged file is not exported); everything is
+written into a fresh hidden directory next to OUT_DIR, fsynced, then renamed into place, so an
+interrupted export leaves either the old OUT_DIR or the new one, never a mix (leftovers of a killed
+run are removed by the next). OUT_DIR may not be a symbolic link, and an existing OUT_DIR is only
+replaced when it holds nothing but files an export writes.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from ..format_spec import MxqFile, dequantize
+from ..format_spec import MxqFile, MxqFormatError, dequantize
+from ..format_spec.writer import (check_output_path, create_exclusive, fsync_directory, remove_stale_temporaries,
+                                  temp_path, terminate_as_exception)
 from .config import ModelConfig
 from .errors import ModelError
 from .tokenizer import Tokenizer
 
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer.model", "tokenizer_config.json"})
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -68,22 +79,58 @@ def write_safetensors(path: Path, tensors: list, produce, progress=None) -> None
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with create_exclusive(path) as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name, shape in (progress(tensors) if progress else tensors):
             array = np.ascontiguousarray(produce(name), dtype="<f4")
             if array.shape != tuple(shape):
                 raise ModelError(f"tensor '{name}': produced shape {array.shape}, expected {tuple(shape)}")
             f.write(array.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def export_hf(path, out_dir, progress=None) -> Path:
-    """Write the HF checkpoint of .mxq `path` into `out_dir` (created; existing files replaced)."""
-    out_dir = Path(out_dir)
+def _write_file(path: Path, data: bytes) -> None:
+    with create_exclusive(path) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, value) -> None:
+    _write_file(path, json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    """OUT_DIR must be new, empty, or a previous export (nothing else in it gets deleted)."""
+    check_output_path(out_dir, kind="directory")
+    if out_dir.exists():
+        foreign = sorted(set(os.listdir(out_dir)) - EXPORT_FILES)
+        if foreign:
+            raise ModelError(f"{out_dir}: holds files export-hf does not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+    return out_dir
+
+
+def _install(staging: Path, out_dir: Path) -> None:
+    """Move the finished `staging` directory to `out_dir` (rename; an existing export is swapped)."""
+    if out_dir.exists() and os.listdir(out_dir):
+        old = temp_path(out_dir, "old")
+        os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out_dir)  # replaces an empty directory
+    fsync_directory(out_dir.parent)
+
+
+def export_hf(path, out_dir, progress=None, verify: bool = True) -> Path:
+    """Write the HF checkpoint of .mxq `path` to `out_dir` (atomically; see the module docstring)."""
+    out_dir = _check_out_dir(Path(out_dir))
+    remove_stale_temporaries(out_dir)
     with MxqFile.open(path) as f:
         config = ModelConfig.from_json(f.model)
         tokenizer = Tokenizer.from_file(f, config)
-        out_dir.mkdir(parents=True, exist_ok=True)
         tensors = [(e.name, e.shape) for e in f.tensors.values()]
         extra = []  # zero biases HF expects but the file does not store
         for i in range(config.num_hidden_layers):
@@ -95,6 +142,11 @@ def export_hf(path, out_dir, progress=None) -> Path:
             extra += [(p + f"{x}_proj.bias", (n,)) for x, n in wanted.items() if p + f"{x}_proj.bias" not in f.tensors]
         if config.tie_word_embeddings and "lm_head.weight" in f.tensors:
             raise ModelError("the file stores lm_head.weight but says the embeddings are tied")
+        if verify:
+            problems = f.verify()
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise MxqFormatError(path, f"damaged, not exported: {problems[0]}{more}")
 
         def produce(name):
             entry = f.tensors.get(name)
@@ -102,13 +154,21 @@ def export_hf(path, out_dir, progress=None) -> Path:
                 return np.zeros(dict(extra)[name], dtype=np.float32)
             return dequantize(f.blobs(name), entry.shape, entry.config)
 
-        write_safetensors(out_dir / "model.safetensors", tensors + extra, produce, progress)
-        with open(out_dir / "config.json", "w") as out:
-            json.dump(hf_config(config), out, indent=2)
-        eos = sorted(tokenizer.eos_ids)
-        with open(out_dir / "generation_config.json", "w") as out:
-            json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}, out, indent=2)
-        write_tokenizer_files(f, tokenizer, out_dir)
+        staging = temp_path(out_dir)
+        with terminate_as_exception():
+            os.mkdir(staging, 0o755)
+            try:
+                write_safetensors(staging / "model.safetensors", tensors + extra, produce, progress)
+                _write_json(staging / "config.json", hf_config(config))
+                eos = sorted(tokenizer.eos_ids)
+                _write_json(staging / "generation_config.json",
+                            {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos})
+                write_tokenizer_files(f, tokenizer, staging)
+                fsync_directory(staging)
+                _install(staging, out_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     return out_dir
 
 
@@ -123,16 +183,11 @@ def write_tokenizer_files(f: MxqFile, tokenizer: Tokenizer, out_dir: Path) -> No
         "chat_template": tokenizer.chat_template,
     }
     if tokenizer.kind == "sentencepiece":
-        (out_dir / "tokenizer.model").write_bytes(data)
+        _write_file(out_dir / "tokenizer.model", data)
         tokenizer_config.update(tokenizer_class="LlamaTokenizer", legacy=False, unk_token=tokenizer.unk_string)
     else:
-        (out_dir / "tokenizer.json").write_bytes(data)
+        _write_file(out_dir / "tokenizer.json", data)
         tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast")
     if tokenizer_config["chat_template"] is None:
         del tokenizer_config["chat_template"]
-    with open(out_dir / "tokenizer_config.json", "w") as out:
-        json.dump(tokenizer_config, out, indent=2, ensure_ascii=False)
-    for stale in ("tokenizer.json", "tokenizer.model"):  # a re-export over another kind's files
-        other = out_dir / stale
-        if other.exists() and stale != ("tokenizer.model" if tokenizer.kind == "sentencepiece" else "tokenizer.json"):
-            os.remove(other)
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)

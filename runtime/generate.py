@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format_spec import MxqFile
+from ..format_spec import MxqFile, MxqFormatError
 from .backends import get_backend
 from .config import ModelConfig
 from .errors import ModelError
@@ -42,7 +42,7 @@ class GenerationStats:
 class LoadedModel:
     """A .mxq file opened for inference on one device."""
 
-    def __init__(self, path, device: str = "cpu", cache_dequantized: bool = False):
+    def __init__(self, path, device: str = "cpu", cache_dequantized: bool = False, verify: bool = True):
         t0 = time.perf_counter()
         self.path = str(path)
         try:
@@ -53,6 +53,8 @@ class LoadedModel:
             raise ModelError(f"{path}: is a directory, not an .mxq file") from None
         self.backend = None
         try:
+            if verify:
+                _check_checksums(self.file)
             self.config = ModelConfig.from_json(self.file.model)
             self.backend = get_backend(device, cache_dequantized=cache_dequantized)
             self.tokenizer = Tokenizer.from_file(self.file, self.config)
@@ -147,13 +149,24 @@ class LoadedModel:
             yield rest
 
 
-def load(path, device: str = "cpu", cache_dequantized: bool = False, **options) -> LoadedModel:
+def _check_checksums(file: MxqFile) -> None:
+    """Every blob's crc32 and zero padding (SPEC.md §7), read once in bounded chunks."""
+    problems = file.verify()
+    if problems:
+        more = f" (and {len(problems) - 1} more; `mxq verify` lists them)" if len(problems) > 1 else ""
+        raise MxqFormatError(file.path, f"damaged: {problems[0]}{more}")
+
+
+def load(path, device: str = "cpu", cache_dequantized: bool = False, verify: bool = True,
+         **options) -> LoadedModel:
     """Open a .mxq file for inference.
 
     device: "cpu" (NumPy) or "cuda" (needs the CUDA backend and a GPU).
     cache_dequantized: False (default, "lean") keeps weights packed in the memory-mapped file and
     dequantizes each matrix when it is used — memory ≈ the file size; True dequantizes every matrix
-    once at load to float32 — 4 bytes per weight more memory, several times faster decoding."""
+    once at load to float32 — 4 bytes per weight more memory, several times faster decoding.
+    verify: check every blob's checksum before use (one read of the file; False skips it). The JSON
+    metadata and the tokenizer blob are checked at every open regardless."""
     if options:
         raise ModelError(f"unknown option(s) for load: {', '.join(sorted(options))}")
-    return LoadedModel(path, device=device, cache_dequantized=cache_dequantized)
+    return LoadedModel(path, device=device, cache_dequantized=cache_dequantized, verify=verify)

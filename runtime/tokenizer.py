@@ -8,7 +8,6 @@ post-processor (the converter records BOS handling in `add_bos_token`).
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 from .errors import ModelError
 
@@ -78,22 +77,14 @@ class Tokenizer:
         """The file's Jinja chat template applied the way transformers applies it."""
         if self.chat_template is None:
             raise ModelError("this model has no chat template; run without --chat")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .chat_template import TemplateError, render_chat_template
 
-        def raise_exception(message):
-            raise ModelError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.token_string(self.bos_id),
-                eos_token=self.token_string(self.eos_id))
-        except jinja2.TemplateError as error:
+            return render_chat_template(self.chat_template, messages=messages,
+                                        add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.token_string(self.bos_id),
+                                        eos_token=self.token_string(self.eos_id))
+        except TemplateError as error:
             raise ModelError(f"chat template: {error}") from None
 
     def encode_chat(self, prompt: str) -> list[int]:
@@ -157,8 +148,12 @@ class _SentencePiece:
         self.sp_inner = self.sp  # for text that follows a special token: no dummy-prefix space
         inner = _without_dummy_prefix(data)
         if inner is not None:
-            self.sp_inner = sentencepiece.SentencePieceProcessor()
-            self.sp_inner.LoadFromSerializedProto(inner)
+            sp_inner = sentencepiece.SentencePieceProcessor()
+            try:
+                sp_inner.LoadFromSerializedProto(inner)
+                self.sp_inner = sp_inner
+            except Exception:  # noqa: BLE001 - the edited proto does not load: keep the dummy prefix
+                pass
 
     def encode(self, text: str) -> list[int]:
         """Like transformers' Llama tokenizers (legacy=False): special-token strings are split out;
@@ -175,10 +170,11 @@ class _SentencePiece:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        # ids past the tokenizer's pieces (a model's padded vocabulary rows) have no text
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def token_string(self, token_id: int) -> str:
-        return self.sp.id_to_piece(token_id)
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

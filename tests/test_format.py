@@ -125,12 +125,12 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     plans = [TensorPlan("a", (4, 64), StorageConfig.affine(4, 32)), TensorPlan("b", (4, 64), StorageConfig.affine(4, 32))]
     rng = np.random.default_rng(0)
     with pytest.raises(KeyboardInterrupt):
-        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t", tensors=plans) as w:
             w.write("a", random_affine_blobs(rng, (4, 64), plans[0].config))
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="only 1 of 2"):
-        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t", tensors=plans) as w:
             w.write("a", random_affine_blobs(rng, (4, 64), plans[0].config))
     assert list(tmp_path.iterdir()) == []
 
@@ -140,7 +140,7 @@ def test_writer_rejects_wrong_blobs(tmp_path):
     blobs = random_affine_blobs(np.random.default_rng(0), (4, 64), plans[0].config)
     blobs["scale_codes"] = blobs["scale_codes"].astype(np.uint16)
     with pytest.raises(ValueError, match="scale_codes"):
-        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "x"}, tokenizer_data=b"t", tensors=plans) as w:
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t", tensors=plans) as w:
             w.write("a", blobs)
     assert list(tmp_path.iterdir()) == []
 
