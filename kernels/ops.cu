@@ -57,7 +57,8 @@ rope_f32(const float* x, float* out, const int32_t* __restrict__ positions, cons
             continue;
         }
         const float angle = (float)__ldg(positions + t) * __ldg(inv_freq + i);
-        const float c = cosf(angle), s = sinf(angle);
+        float s, c;
+        sincosf(angle, &s, &c);
         const float x1 = v[i], x2 = v[i + half];
         o[i] = x1 * c - x2 * s;
         o[i + half] = x2 * c + x1 * s;

@@ -93,6 +93,18 @@ def test_no_gemv_kernel_spills():
                 assert u["stack"] == 0, f"{name} uses local memory on {arch}: {u}"
 
 
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="ptxas (CUDA toolkit) not on PATH")
+def test_no_ops_kernel_spills():
+    """The non-GEMV kernels (attention with head_dim up to 256 keeps 2 × 8 floats per lane in
+    registers) never spill on any target. rope_f32's 32-byte stack frame is sincosf's slow-path
+    argument reduction (|angle| > 105615), not a spill."""
+    import kernel_report
+    for arch in nvrtc.ARCHS:
+        for name, u in kernel_report.usage("ops.cu", arch, "ptxas").items():
+            assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
+            assert u["stack"] == 0 or name == "rope_f32", f"{name} uses local memory on {arch}: {u}"
+
+
 def test_registry_matches_compiled_signatures(emu):
     assert set(emu.names()) == set(KERNELS)
     for name, kernel in KERNELS.items():
