@@ -3,8 +3,9 @@
   gemv_affine.cu     fused dequant + GEMV (batch 1) for every affine (bits, group size)
   dequant_affine.cu  affine → dense fp32/fp16 rows on the device (prefill GEMM input; quantized
                      embedding rows)
-  ops.cu             RMSNorm, RoPE, KV-cache store, attention (fp16 or fp32 cache, GQA, split-K),
-                     SiLU·mul, fp16 embedding gather, add
+  ops.cu             RMSNorm, RoPE (full or partial rotary), KV-cache store, attention (fp16 or fp32
+                     cache, GQA, attention scale, sliding window, split-K), SiLU·mul, GELU(tanh)·mul,
+                     fp16 embedding gather, add, scale
   affine.cuh         pack decoding shared by the two affine kernels; common.cuh: types, fp16, reductions
   registry.py        every entry point's exact argument list, and the launch geometry helpers
   nvrtc.py           NVRTC compile for sm_75…sm_90 (no GPU needed) and load_module() for a real GPU
@@ -15,8 +16,10 @@ Both load paths give an object with .get_function(name) → kernel(grid, block, 
 written against that interface runs on a GPU (nvrtc.load_module()) and on the CPU emulator
 (emulator.EmulatedModule()) alike. Nothing here imports CuPy at import time.
 """
-from .registry import (AFFINE_CONFIGS, KERNELS, SOURCES, AttentionPlan, Kernel, attention_launch, dequant_launch,
-                       dequant_name, elementwise_launch, gemv_launch, gemv_name, kernels_in, rowwise_launch)
+from .registry import (AFFINE_CONFIGS, KERNELS, SOURCES, AttentionPlan, Kernel, attention_first_key, attention_launch,
+                       dequant_launch, dequant_name, elementwise_launch, gemv_launch, gemv_name, kernels_in,
+                       rope_items, rowwise_launch)
 
-__all__ = ["AFFINE_CONFIGS", "KERNELS", "SOURCES", "AttentionPlan", "Kernel", "attention_launch", "dequant_launch",
-           "dequant_name", "elementwise_launch", "gemv_launch", "gemv_name", "kernels_in", "rowwise_launch"]
+__all__ = ["AFFINE_CONFIGS", "KERNELS", "SOURCES", "AttentionPlan", "Kernel", "attention_first_key",
+           "attention_launch", "dequant_launch", "dequant_name", "elementwise_launch", "gemv_launch", "gemv_name",
+           "kernels_in", "rope_items", "rowwise_launch"]

@@ -1,6 +1,7 @@
-// The non-GEMV ops of a Llama-family decoder step. Activations are fp32, the KV cache is fp16,
-// norm weights and embedding tables are fp16 (as stored in the file). NumPy references of the same
-// math: kernels/reference.py. Argument lists, shapes and launch geometry: kernels/registry.py.
+// The non-GEMV ops of a decoder step (Llama, Qwen, Gemma 3, Phi-3 families). Activations are fp32, the
+// KV cache fp16 or fp32, norm weights fp32 (the backends keep 1-D tensors in fp32), embedding tables
+// fp16 (as stored in the file). NumPy reference of the same math: runtime/backends/numpy_backend.py.
+// Argument lists, shapes and launch geometry: kernels/registry.py.
 #include "common.cuh"
 
 namespace mxq {
@@ -26,28 +27,38 @@ rmsnorm_f32(const float* x, const float* __restrict__ weight, float* out, int di
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rotary embedding (rotate_half convention, as HF Llama and the numpy backend's rope):
+// Rotary embedding (rotate_half convention, as HF Llama/NeoX and the numpy backend's rope), with
+// partial rotary (HF partial_rotary_factor: Phi-3, NeoX): only the first rotary_dim dims of each head
+// rotate, dims rotary_dim .. head_dim − 1 pass through unchanged.
 //   x viewed as (n_tokens, n_heads, head_dim) with token stride in_stride elements (head stride
-//   head_dim), out likewise with out_stride (out may be x: in place). half = head_dim / 2,
-//   angle = float(positions[t]) · inv_freq[i] (fp32 product):
-//     out[..., i]        = x[..., i]·cos(angle) − x[..., i + half]·sin(angle)
+//   head_dim), out likewise with out_stride (out may be x: in place). half = rotary_dim / 2
+//   (rotary_dim even, ≤ head_dim), angle = float(positions[t]) · inv_freq[i] (fp32 product):
+//     out[..., i]        = x[..., i]·cos(angle) − x[..., i + half]·sin(angle)      i < half
 //     out[..., i + half] = x[..., i + half]·cos(angle) + x[..., i]·sin(angle)
+//     out[..., d]        = x[..., d]                                                 rotary_dim ≤ d < head_dim
 //   inv_freq (half,) fp32 is computed on the host (rope_theta and llama3/linear scaling live there).
-//   grid = (ceil(n_tokens·n_heads·half / 256)), block = (256).
+//   One work item per rotated pair or passed-through dim: n = n_tokens·n_heads·(head_dim − half);
+//   grid = (ceil(n / 256)), block = (256).
 extern "C" __global__ void __launch_bounds__(1024)
 rope_f32(const float* x, float* out, const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
-         int n_tokens, int n_heads, int head_dim, int in_stride, int out_stride) {
-    const int half = head_dim >> 1;
-    const long long total = (long long)n_tokens * n_heads * half;
+         int n_tokens, int n_heads, int head_dim, int rotary_dim, int in_stride, int out_stride) {
+    const int half = rotary_dim >> 1;
+    const int per_head = head_dim - half;  // items per head: `half` pairs, then head_dim − rotary_dim copies
+    const long long total = (long long)n_tokens * n_heads * per_head;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total;
          k += (long long)gridDim.x * blockDim.x) {
-        const int i = (int)(k % half);
-        const long long th = k / half;
+        const int i = (int)(k % per_head);
+        const long long th = k / per_head;
         const int h = (int)(th % n_heads), t = (int)(th / n_heads);
-        const float angle = (float)__ldg(positions + t) * __ldg(inv_freq + i);
-        const float c = cosf(angle), s = sinf(angle);
         const float* v = x + (size_t)t * in_stride + (size_t)h * head_dim;
         float* o = out + (size_t)t * out_stride + (size_t)h * head_dim;
+        if (i >= half) {  // pass-through dim d = i + half ≥ rotary_dim
+            o[i + half] = v[i + half];
+            continue;
+        }
+        const float angle = (float)__ldg(positions + t) * __ldg(inv_freq + i);
+        float s, c;
+        sincosf(angle, &s, &c);
         const float x1 = v[i], x2 = v[i + half];
         o[i] = x1 * c - x2 * s;
         o[i + half] = x2 * c + x1 * s;
@@ -56,18 +67,24 @@ rope_f32(const float* x, float* out, const int32_t* __restrict__ positions, cons
 
 // ---------------------------------------------------------------------------------------------
 // Causal grouped-query attention over the KV cache, for n_queries consecutive query tokens (1 at
-// decode, the prompt at prefill) — the numpy backend's attention after it has stored k and v:
-//   q   (n_queries, n_heads·head_dim) fp32; query i sits at position kv_len − n_queries + i and
-//       attends cache positions 0 .. that position; head h reads KV head h / (n_heads / n_kv_heads).
+// decode, the prompt at prefill), optionally with a sliding window — the numpy backend's attention
+// after it has stored k and v:
+//   q   (n_queries, n_heads·head_dim) fp32; query i sits at position p = kv_len − n_queries + i and
+//       attends cache positions j with lo(p) ≤ j ≤ p, lo(p) = 0 (window = 0: full causal) or
+//       max(0, p − window + 1) (window > 0: HF's sliding window, p − window < j ≤ p); head h reads
+//       KV head h / (n_heads / n_kv_heads).
 //   k_cache, v_cache (n_kv_heads, capacity, head_dim), fp16 (attention_f16kv) or fp32
 //       (attention_f32kv), positions [0, kv_len) filled.
 //   out (n_queries, n_heads·head_dim) fp32 = softmax(scale · q·kᵀ) · v, in fp32 with a running max
 //       (online softmax: each key rescales the running sum and output by exp(m_old − m_new), so no
 //       exp ever sees a positive argument).
-//   Keys are cut into splits of keys_per_split (flash-decoding): grid = (n_heads, n_splits, n_queries),
-//   n_splits = ceil(kv_len / keys_per_split). With n_splits == 1 the result goes straight to `out`
-//   (part may be NULL); otherwise each block writes (max, sum, unnormalized acc[head_dim]) to
-//   part (n_queries, n_heads, n_splits, head_dim + 2) and attention_combine finishes.
+//   The keys any query can see, [first_key, kv_len) with first_key = attention_first_key(...) (0 for
+//   window = 0), are cut into splits of keys_per_split (flash-decoding): grid = (n_heads, n_splits,
+//   n_queries), n_splits = ceil((kv_len − first_key) / keys_per_split) (registry.attention_launch).
+//   With n_splits == 1 the result goes straight to `out` (part may be NULL); otherwise each block
+//   writes (max, sum, unnormalized acc[head_dim]) to part (n_queries, n_heads, n_splits, head_dim + 2)
+//   and attention_combine finishes. A split that holds none of a query's keys (past its causal limit,
+//   or before its window at prefill) writes max = −inf, sum = 0, acc = 0.
 //   block = (32·k), k = 1..8 (128 recommended); head_dim ≤ 256. Each warp takes every k-th key of the
 //   split; lane l holds dims l, l+32, … of q and of its output accumulator.
 namespace mxq {
@@ -76,19 +93,27 @@ __device__ __forceinline__ float load_kv(const float* __restrict__ p, size_t i) 
 __device__ __forceinline__ void store_kv(half_t* __restrict__ p, size_t i, float v) { store_f16(p, i, v); }
 __device__ __forceinline__ void store_kv(float* __restrict__ p, size_t i, float v) { p[i] = v; }
 
+// The first cache position any of the n_queries queries sees: the earliest query's window start.
+__device__ __forceinline__ int attention_first_key(int kv_len, int n_queries, int window) {
+    return window > 0 ? max(0, kv_len - n_queries + 1 - window) : 0;
+}
+
 template <typename KV>
 __device__ __forceinline__ void attention(const float* __restrict__ q, const KV* __restrict__ k_cache,
                                           const KV* __restrict__ v_cache, float* __restrict__ out,
                                           float* __restrict__ part, int n_heads, int n_kv_heads, int head_dim,
-                                          int n_queries, int kv_len, int capacity, int keys_per_split, float scale) {
+                                          int n_queries, int kv_len, int capacity, int keys_per_split, float scale,
+                                          int window) {
     __shared__ float sm_m[ATTN_MAX_WARPS], sm_l[ATTN_MAX_WARPS];
     __shared__ float sm_acc[ATTN_MAX_WARPS][ATTN_MAX_HEAD_DIM];
     const int head = blockIdx.x, split = blockIdx.y, qi = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int kv_head = head / (n_heads / n_kv_heads);
-    const int limit = kv_len - n_queries + qi + 1;  // causal: keys [0, limit)
-    const int k_begin = split * keys_per_split;
-    const int k_end = min(k_begin + keys_per_split, limit);
+    const int pos = kv_len - n_queries + qi;  // this query's position: keys [lo, pos]
+    const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+    const int split_begin = attention_first_key(kv_len, n_queries, window) + split * keys_per_split;
+    const int k_begin = max(split_begin, lo);
+    const int k_end = min(split_begin + keys_per_split, pos + 1);
     const size_t row = (size_t)qi * n_heads + head;
 
     float qr[ATTN_PER_LANE], acc[ATTN_PER_LANE];
@@ -173,15 +198,16 @@ __device__ __forceinline__ void kv_store(const float* __restrict__ k, const floa
     extern "C" __global__ void __launch_bounds__(256) attention_##SUFFIX(                                       \
         const float* __restrict__ q, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,           \
         float* __restrict__ out, float* __restrict__ part, int n_heads, int n_kv_heads, int head_dim,           \
-        int n_queries, int kv_len, int capacity, int keys_per_split, float scale) {                            \
+        int n_queries, int kv_len, int capacity, int keys_per_split, float scale, int window) {                \
         mxq::attention<KV>(q, k_cache, v_cache, out, part, n_heads, n_kv_heads, head_dim, n_queries, kv_len,    \
-                           capacity, keys_per_split, scale);                                                  \
+                           capacity, keys_per_split, scale, window);                                          \
     }
 MXQ_ATTENTION_ENTRY(f16kv, half_t)
 MXQ_ATTENTION_ENTRY(f32kv, float)
 
 // Merge the split partials: part (n_rows, n_splits, head_dim + 2) → out (n_rows, head_dim),
-// n_rows = n_queries·n_heads. Splits past a query's causal limit hold max = −inf and weigh nothing.
+// n_rows = n_queries·n_heads. Splits outside a query's keys (past its causal limit, before its window)
+// hold max = −inf and weigh nothing; every row has at least one key (its own position), so l_all > 0.
 //   grid = (n_rows), block = (32·k), k = 1..8.
 extern "C" __global__ void __launch_bounds__(256)
 attention_combine(const float* __restrict__ part, float* __restrict__ out, int n_rows, int n_splits, int head_dim) {
@@ -225,21 +251,46 @@ MXQ_KV_STORE_ENTRY(f16, half_t)
 MXQ_KV_STORE_ENTRY(f32, float)
 
 // ---------------------------------------------------------------------------------------------
-// SwiGLU activation: out[r, c] = silu(gate[r, c]) · up[r, c], silu(g) = g / (1 + exp(−g)).
+// Gated MLP activations: out[r, c] = act(gate[r, c]) · up[r, c] with
+//   silu_mul_f32 (SwiGLU: Llama, Qwen, Phi-3):  act(g) = silu(g) = g / (1 + exp(−g))
+//   gelu_mul_f32 (GeGLU: Gemma, HF "gelu_pytorch_tanh"):
+//                act(g) = 0.5·g·(1 + tanh(sqrt(2/π)·(g + 0.044715·g³)))
 //   gate/up rows are in_stride elements apart (views into a fused gate_up buffer work), out rows
 //   out_stride apart; out may alias gate. grid = (ceil(n_rows·n_cols / 256)), block = (256).
-extern "C" __global__ void __launch_bounds__(1024)
-silu_mul_f32(const float* gate, const float* up, float* out, int n_rows, int n_cols, int in_stride,
-             int out_stride) {
+namespace mxq {
+struct Silu {
+    __device__ __forceinline__ float operator()(float g) const { return g / (1.0f + expf(-g)); }
+};
+struct GeluTanh {
+    __device__ __forceinline__ float operator()(float g) const {
+        const float k = 0.7978845608028654f;  // sqrt(2/π)
+        return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+    }
+};
+
+template <typename Act>
+__device__ __forceinline__ void gated(const float* gate, const float* up, float* out, int n_rows, int n_cols,
+                                      int in_stride, int out_stride) {
+    const Act act{};
     const long long total = (long long)n_rows * n_cols;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
         const int c = (int)(e % n_cols), r = (int)(e / n_cols);
         const float g = gate[(size_t)r * in_stride + c];
         const float u = up[(size_t)r * in_stride + c];
-        out[(size_t)r * out_stride + c] = g / (1.0f + expf(-g)) * u;
+        out[(size_t)r * out_stride + c] = act(g) * u;
     }
 }
+}  // namespace mxq
+
+#define MXQ_GATED_ENTRY(NAME, ACT)                                                                            \
+    extern "C" __global__ void __launch_bounds__(1024) NAME(const float* gate, const float* up, float* out,    \
+                                                           int n_rows, int n_cols, int in_stride,             \
+                                                           int out_stride) {                                  \
+        mxq::gated<ACT>(gate, up, out, n_rows, n_cols, in_stride, out_stride);                                 \
+    }
+MXQ_GATED_ENTRY(silu_mul_f32, mxq::Silu)
+MXQ_GATED_ENTRY(gelu_mul_f32, mxq::GeluTanh)
 
 // ---------------------------------------------------------------------------------------------
 // Embedding gather from an fp16 table: out[t, :] = float(table[ids[t], :]); an id outside
@@ -263,4 +314,12 @@ embedding_f16(const int32_t* __restrict__ ids, const half_t* __restrict__ table,
 extern "C" __global__ void __launch_bounds__(1024) add_f32(const float* a, const float* b, float* out, int n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = a[i] + b[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale by a constant: out = x · s (n elements fp32; out may alias x) — Gemma's embedding scale.
+//   grid = (ceil(n / 256)), block = (256).
+extern "C" __global__ void __launch_bounds__(1024) scale_f32(const float* x, float* out, int n, float s) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        out[i] = x[i] * s;
 }

@@ -100,8 +100,8 @@ def _build() -> dict:
                (("x", "const f32*"), ("weight", "const f32*"), ("out", "f32*"), ("dim", "i32"), ("eps", "f32"))),
         Kernel("rope_f32", "ops.cu",
                (("x", "const f32*"), ("out", "f32*"), ("positions", "const i32*"), ("inv_freq", "const f32*"),
-                ("n_tokens", "i32"), ("n_heads", "i32"), ("head_dim", "i32"), ("in_stride", "i32"),
-                ("out_stride", "i32"))),
+                ("n_tokens", "i32"), ("n_heads", "i32"), ("head_dim", "i32"), ("rotary_dim", "i32"),
+                ("in_stride", "i32"), ("out_stride", "i32"))),
     ]
     for kv in ("f16", "f32"):
         kernels += [
@@ -109,7 +109,7 @@ def _build() -> dict:
                    (("q", "const f32*"), ("k_cache", f"const {kv}*"), ("v_cache", f"const {kv}*"), ("out", "f32*"),
                     ("part", "f32*"), ("n_heads", "i32"), ("n_kv_heads", "i32"), ("head_dim", "i32"),
                     ("n_queries", "i32"), ("kv_len", "i32"), ("capacity", "i32"), ("keys_per_split", "i32"),
-                    ("scale", "f32"))),
+                    ("scale", "f32"), ("window", "i32"))),
             Kernel(f"kv_store_{kv}", "ops.cu",
                    (("k", "const f32*"), ("v", "const f32*"), ("k_cache", f"{kv}*"), ("v_cache", f"{kv}*"),
                     ("n_tokens", "i32"), ("n_kv_heads", "i32"), ("head_dim", "i32"), ("src_stride", "i32"),
@@ -119,13 +119,17 @@ def _build() -> dict:
         Kernel("attention_combine", "ops.cu",
                (("part", "const f32*"), ("out", "f32*"), ("n_rows", "i32"), ("n_splits", "i32"),
                 ("head_dim", "i32"))),
-        Kernel("silu_mul_f32", "ops.cu",
-               (("gate", "const f32*"), ("up", "const f32*"), ("out", "f32*"), ("n_rows", "i32"),
-                ("n_cols", "i32"), ("in_stride", "i32"), ("out_stride", "i32"))),
+    ]
+    kernels += [Kernel(name, "ops.cu",
+                       (("gate", "const f32*"), ("up", "const f32*"), ("out", "f32*"), ("n_rows", "i32"),
+                        ("n_cols", "i32"), ("in_stride", "i32"), ("out_stride", "i32")))
+                for name in ("silu_mul_f32", "gelu_mul_f32")]
+    kernels += [
         Kernel("embedding_f16", "ops.cu",
                (("ids", "const i32*"), ("table", "const f16*"), ("out", "f32*"), ("n_tokens", "i32"),
                 ("dim", "i32"), ("vocab", "i32"))),
         Kernel("add_f32", "ops.cu", (("a", "const f32*"), ("b", "const f32*"), ("out", "f32*"), ("n", "i32"))),
+        Kernel("scale_f32", "ops.cu", (("x", "const f32*"), ("out", "f32*"), ("n", "i32"), ("s", "f32"))),
     ]
     return {k.name: k for k in kernels}
 
@@ -168,9 +172,14 @@ def rowwise_launch(n_rows: int, threads: int = 256) -> tuple[tuple, tuple]:
 
 
 def elementwise_launch(n: int, threads: int = 256, max_blocks: int = 65535) -> tuple[tuple, tuple]:
-    """(grid, block) for the grid-stride kernels (rope_f32: n = n_tokens·n_heads·head_dim/2,
-    kv_store_f16: n_tokens·n_kv_heads·head_dim, silu_mul_f32: n_rows·n_cols, add_f32: n)."""
+    """(grid, block) for the grid-stride kernels (rope_f32: n = rope_items(...), kv_store_*:
+    n_tokens·n_kv_heads·head_dim, silu_mul_f32 / gelu_mul_f32: n_rows·n_cols, add_f32 / scale_f32: n)."""
     return (max(1, min(_cdiv(n, threads), max_blocks)), 1, 1), (threads, 1, 1)
+
+
+def rope_items(n_tokens: int, n_heads: int, head_dim: int, rotary_dim: int) -> int:
+    """rope_f32's work items: per head, rotary_dim/2 rotated pairs and head_dim − rotary_dim copies."""
+    return n_tokens * n_heads * (head_dim - rotary_dim // 2)
 
 
 @dataclass(frozen=True)
@@ -184,18 +193,29 @@ class AttentionPlan:
     combine_block: tuple
 
 
-def attention_launch(n_heads: int, n_queries: int, kv_len: int, head_dim: int, *,
+def attention_first_key(kv_len: int, n_queries: int, window: int = 0) -> int:
+    """The first cache position any of the n_queries queries sees (ops.cu's attention_first_key):
+    0 without a window (window = 0), else the earliest query's window start."""
+    return max(0, kv_len - n_queries + 1 - window) if window > 0 else 0
+
+
+def attention_launch(n_heads: int, n_queries: int, kv_len: int, head_dim: int, *, window: int = 0,
                      keys_per_split: int | None = None, warps: int = 4, target_blocks: int = 128) -> AttentionPlan:
-    """Launch plan for attention_f16kv / attention_f32kv (+ attention_combine). Splits the keys so that about
-    `target_blocks` blocks run (flash-decoding), but never fewer than 64 keys per split."""
+    """Launch plan for attention_f16kv / attention_f32kv (+ attention_combine). The keys the queries
+    can see ([attention_first_key, kv_len): all of them without a window, about window + n_queries − 1
+    with one) are split so that about `target_blocks` blocks run (flash-decoding), but never fewer than
+    64 keys per split."""
     if head_dim > ATTN_MAX_HEAD_DIM or head_dim < 1:
         raise ValueError(f"head_dim must be 1..{ATTN_MAX_HEAD_DIM}")
     if not 1 <= warps <= ATTN_MAX_WARPS:
         raise ValueError(f"attention warps per block must be 1..{ATTN_MAX_WARPS}")
+    if window < 0:
+        raise ValueError(f"attention window must be ≥ 0 (0: none), got {window}")
+    n_keys = kv_len - attention_first_key(kv_len, n_queries, window)
     if keys_per_split is None:
         want_splits = max(1, target_blocks // max(1, n_heads * n_queries))
-        keys_per_split = max(64, _cdiv(kv_len, want_splits))
-    n_splits = max(1, _cdiv(kv_len, keys_per_split))
+        keys_per_split = max(64, _cdiv(n_keys, want_splits))
+    n_splits = max(1, _cdiv(n_keys, keys_per_split))
     part = (n_queries, n_heads, n_splits, head_dim + 2) if n_splits > 1 else (0,)
     return AttentionPlan((n_heads, n_splits, n_queries), (32 * warps, 1, 1), keys_per_split, n_splits, part,
                          (n_queries * n_heads, 1, 1), (min(256, 32 * math.ceil(head_dim / 32)), 1, 1))

@@ -16,7 +16,9 @@ Tolerances (and why):
   * embedding (fp16 and affine rows), add, token_nll: exact (the same fp32 operations: dequantization
     is bit-exact with format_spec.dequantize, as is the numpy backend's).
   * rms_norm, rope: ≤ 1e-5 · max|input| (reduction order, expf/sinf/cosf of another math library: a few
-    ulp); silu_mul: rtol 1e-6 (expf vs np.exp, 1 ulp) — as test_kernels.py.
+    ulp); silu_mul: rtol 1e-6 (expf vs np.exp, 1 ulp); gelu_mul: ≤ 1e-6 · |gate·up|; scale: exact — as
+    test_kernels.py. The new ops' semantics (partial rotary, attention scale and window, gelu_mul,
+    scale) are checked against test_kernels.py's float64 formulas of the interface.
   * attention, float32 cache: ≤ 1e-5 · max|v| (online softmax vs numpy's two-pass softmax, fp32).
     fp16 cache (the GPU default): k and v are rounded to fp16 when stored (relative 2⁻¹¹), so
     ≤ 3e-3 · max|v| (measured ≤ 3e-4 on these random values; float32 cache: ≤ 2e-7).
@@ -27,13 +29,17 @@ Tolerances (and why):
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import random_affine_blobs
+from test_kernels import attention_reference, gelu_mul_reference, rope_reference
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.kernels.emulator import EmulatedModule
 from mxq.kernels.registry import AFFINE_CONFIGS
@@ -363,6 +369,62 @@ def test_rope(cuda, ref, n_heads, head_dim):
     np.testing.assert_allclose(got, ref.rope(x[1:2], positions[1:2], inv_freq), rtol=0, atol=1e-5 * np.abs(x).max())
 
 
+ROPE_PARTIAL = [(3, 96, 48), (2, 64, 16), (4, 256, 256), (2, 128, 128)]  # n_heads, head_dim, rotary_dim
+
+
+@pytest.mark.parametrize("n_heads,head_dim,rotary_dim", ROPE_PARTIAL, ids=[f"h{c[0]}d{c[1]}r{c[2]}" for c in ROPE_PARTIAL])
+def test_rope_head_dim(cuda, n_heads, head_dim, rotary_dim):
+    """rope(x, positions, inv_freq, head_dim): the first 2·len(inv_freq) dims of each head rotate, the
+    rest are copied; head_dim=None means head_dim = 2·len(inv_freq)."""
+    rng = np.random.default_rng(head_dim + rotary_dim)
+    positions = np.array([3, 4, 5, 1000, 1001], dtype=np.int64)
+    inv_freq = (1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim))).astype(f32)
+    x = rng.standard_normal((5, n_heads * head_dim)).astype(f32)
+    got = cuda.rope(x, positions, cuda.upload(inv_freq), head_dim)
+    np.testing.assert_allclose(got, rope_reference(x, positions, inv_freq, head_dim), rtol=0, atol=1e-5 * np.abs(x).max())
+    tail = (np.arange(x.shape[1]) % head_dim) >= rotary_dim
+    assert np.array_equal(got[:, tail], x[:, tail])
+    if rotary_dim == head_dim:
+        assert np.array_equal(got, cuda.rope(x, positions, cuda.upload(inv_freq)))
+    with pytest.raises(ValueError, match="rope"):
+        cuda.rope(x, positions, cuda.upload(inv_freq), head_dim + 1)
+
+
+@pytest.mark.parametrize("T,n_heads,head_dim", [(3, 2, 128), (2, 4, 256), (1, 3, 64)])
+def test_per_head_rms_norm_on_a_view(cuda, T, n_heads, head_dim):
+    """Qwen3 / Gemma 3 q/k norms: the model reshapes (T, n·hd) → (T·n, hd) — a view, no copy — calls
+    rms_norm, and reshapes the (T·n, hd) result back (again a view)."""
+    rng = np.random.default_rng(head_dim + T)
+    q = cuda.upload((rng.standard_normal((T, n_heads * head_dim)) * 3).astype(f32))
+    weight = (1.0 + rng.standard_normal(head_dim) * 0.1).astype(np.float16).astype(f32)
+    heads = q.reshape(T * n_heads, head_dim)
+    assert np.shares_memory(heads, q)
+    cuda.module.calls.clear()
+    out = cuda.rms_norm(heads, cuda.upload(weight), 1e-6)
+    assert cuda.module.calls == ["rmsnorm_f32"]
+    back = out.reshape(T, n_heads * head_dim)
+    assert np.shares_memory(back, out)
+    h64 = heads.astype(np.float64)
+    want = weight * (h64 / np.sqrt((h64 ** 2).mean(axis=1, keepdims=True) + 1e-6))
+    np.testing.assert_allclose(back, want.reshape(T, -1), rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_gelu_mul_and_scale(cuda):
+    rng = np.random.default_rng(17)
+    gate = (rng.standard_normal((3, 161)) * 4).astype(f32)
+    gate[0, :4] = [-100.0, 100.0, 0.0, -9.0]
+    up = rng.standard_normal((3, 161)).astype(f32)
+    cuda.module.calls.clear()
+    got = cuda.gelu_mul(gate, up)
+    err = np.abs(got.astype(np.float64) - gelu_mul_reference(gate, up))
+    assert np.all(err <= 1e-6 * np.abs(gate.astype(np.float64) * up) + 1e-30)
+    x = rng.standard_normal((4, 96)).astype(f32)
+    kept = x.copy()
+    y = cuda.scale(x, 25.298221281347036)  # sqrt(640), a Python float: float32(s) is what multiplies
+    assert np.array_equal(y, kept * f32(25.298221281347036)) and np.array_equal(x, kept)  # a new array
+    assert cuda.module.calls == ["gelu_mul_f32", "scale_f32"]
+
+
 def test_silu_mul_add_token_nll(cuda, ref):
     rng = np.random.default_rng(1)
     gate = (rng.standard_normal((3, 160)) * 4).astype(f32)
@@ -419,6 +481,61 @@ def test_attention_through_a_growing_cache(ref, kv, n_heads, n_kv, head_dim, pro
     assert np.array_equal(cache.k[:, :start].astype(f32), ref_cache.k[:, :start].astype(dtype).astype(f32))
 
 
+WINDOW_CASES = [
+    # n_heads, n_kv_heads, head_dim, scale, window, prompt tokens, later chunks
+    (4, 1, 256, 0.0625, 16, 40, (1, 1, 5, 1)),  # Gemma-3-like local layer: window < prompt, GQA 4:1, hd 256
+    (2, 1, 128, None, 200, 150, (1, 1)),  # window > context; 151 keys at decode: the default plan splits (2)
+    (4, 2, 64, 0.2, 32, 150, (1, 3, 1)),  # long context, window 32: decode reads only the window's keys
+    (3, 3, 40, None, None, 9, (1, 2)),  # odd head_dim, full causal, default scale
+]
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,scale,window,prompt,steps", WINDOW_CASES,
+                         ids=[f"h{c[0]}kv{c[1]}d{c[2]}w{c[4]}p{c[5]}" for c in WINDOW_CASES])
+def test_attention_scale_and_window(kv, n_heads, n_kv, head_dim, scale, window, prompt, steps):
+    """attention(..., scale, window) through prefill, decode steps and chunks, against the float64 formula
+    on the float32 values the cache holds; the calls launched: kv_store, attention, + combine when split."""
+    backend = emulated(kv_cache=kv)
+    rng = np.random.default_rng(head_dim + prompt + (window or 0))
+    dtype = np.float16 if kv == "f16" else np.float32
+    cache = backend.new_cache(1, n_kv, head_dim, 8).layers[0]
+    start, values = 0, []
+    for T in (prompt, *steps):
+        q = rng.standard_normal((T, n_heads * head_dim)).astype(f32)
+        k = rng.standard_normal((T, n_kv * head_dim)).astype(f32)
+        v = rng.standard_normal((T, n_kv * head_dim)).astype(f32)
+        values.append(v)
+        cache.reserve(start + T)
+        backend.module.calls.clear()
+        got = backend.attention(q, k, v, cache, start, scale=scale, window=window)
+        want = attention_reference(q, cache.k.astype(f32), cache.v.astype(f32), start, scale, window)
+        tol = (1e-5 if kv == "f32" else 3e-3) * np.abs(np.concatenate(values)).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        assert np.array_equal(cache.k[:, start:start + T], k.reshape(T, n_kv, head_dim).transpose(1, 0, 2).astype(dtype))
+        start += T
+        assert backend.module.calls[:2] == [f"kv_store_{kv}", f"attention_{kv}kv"]
+    if window is not None and window >= start:  # the window hides nothing: the same as no window
+        np.testing.assert_array_equal(backend.attention(q, k, v, cache, start - T, scale=scale, window=window),
+                                      backend.attention(q, k, v, cache, start - T, scale=scale))
+    with pytest.raises(ValueError, match="window"):
+        backend.attention(q, k, v, cache, start - T, window=0)
+
+
+def test_attention_default_scale_and_no_window_match_numpy_backend(ref):
+    """The defaults (scale 1/sqrt(head_dim), window None) are today's attention: a decode step that the
+    default plan splits (130 keys, one head: 3 splits + combine) equals the numpy backend's result."""
+    backend = emulated()
+    rng = np.random.default_rng(21)
+    cache, ref_cache = backend.new_cache(1, 1, 64, 130).layers[0], LayerCache(np, 1, 64, 130)
+    for start, T in ((0, 129), (129, 1)):
+        q, k, v = (rng.standard_normal((T, 64)).astype(f32) for _ in range(3))
+        backend.module.calls.clear()
+        got = backend.attention(q, k, v, cache, start)
+        np.testing.assert_allclose(got, ref.attention(q, k, v, ref_cache, start), rtol=0, atol=1e-5 * 5)
+    assert backend.module.calls == ["kv_store_f32", "attention_f32kv", "attention_combine"]
+
+
 def test_new_cache_dtype_and_bytes():
     for kv, itemsize in (("f16", 2), ("f32", 4)):
         cache = emulated(kv_cache=kv).new_cache(3, 2, 24, 10)
@@ -426,6 +543,36 @@ def test_new_cache_dtype_and_bytes():
         assert cache.nbytes == 3 * 2 * 2 * 10 * 24 * itemsize
     with pytest.raises(ModelError, match="kv_cache"):
         CudaBackend(np, kv_cache="bf16")
+
+
+# ---- the product path never touches the emulator ---------------------------------------------------------
+
+def test_product_path_does_not_import_the_emulator():
+    """Importing the CUDA backend and building CudaBackend() on the GPU path (CuPy and the NVRTC
+    loader replaced by stand-ins) imports neither kernels/emulator.py nor anything that builds
+    cuda_emu.h; a host-array backend must be given its launcher explicitly."""
+    code = """
+import sys, types
+import mxq.runtime.backends.cuda_backend as cb
+assert "mxq.kernels.emulator" not in sys.modules, "import"
+from mxq.kernels import nvrtc
+class Loaded:
+    def get_function(self, name):
+        return lambda grid, block, args: None
+cb._load_cupy = lambda: types.SimpleNamespace()
+nvrtc.load_module = lambda: Loaded()
+backend = cb.CudaBackend()
+assert isinstance(backend.module, Loaded)
+assert "mxq.kernels.emulator" not in sys.modules, "CudaBackend()"
+"""
+    root = Path(__file__).resolve().parents[2]  # the directory holding the `mxq` package
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0, proc.stderr
+    source = (Path(__file__).resolve().parents[1] / "runtime" / "backends" / "cuda_backend.py").read_text()
+    assert "import" not in " ".join(line for line in source.splitlines() if "emulator" in line or "cuda_emu" in line)
+    with pytest.raises(ValueError, match="module="):
+        CudaBackend(np)
 
 
 # ---- no CuPy, no GPU -----------------------------------------------------------------------------------
@@ -549,11 +696,12 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
 
 def test_load_device_cuda_wiring(tiny_models, monkeypatch):
     """mxq.load(..., device="cuda") → get_backend → CudaBackend(cache_dequantized=...), with CuPy
-    replaced by NumPy (so the emulated launcher is used): the API's generation is unchanged."""
+    replaced by NumPy and the GPU kernel loader by the emulated launcher: the API's generation is unchanged."""
     import mxq
     from mxq.runtime.backends import cuda_backend
 
     monkeypatch.setattr(cuda_backend, "_load_cupy", lambda: np)
+    monkeypatch.setattr(cuda_backend, "_load_gpu_module", lambda: EmulatedModule(mode="fibers", guard=False))
     with mxq.load(tiny_models["tiny-qwen2"], device="cuda") as gpu, mxq.load(tiny_models["tiny-qwen2"]) as cpu:
         assert isinstance(gpu.backend, CudaBackend) and gpu.backend.kv_dtype == np.float16
         assert gpu.model.new_cache(8).layers[0].k.dtype == np.float16  # the default device cache is fp16
@@ -571,6 +719,7 @@ def test_bench_gpu_decode_accounting(tiny_models, monkeypatch, capsys):
     from mxq.runtime.backends import cuda_backend
 
     monkeypatch.setattr(cuda_backend, "_load_cupy", lambda: np)
+    monkeypatch.setattr(cuda_backend, "_load_gpu_module", lambda: EmulatedModule(mode="fibers", guard=False))
     path = tiny_models["tiny-llama"]
     d = bench_gpu.bench_decode(path, steps=2, warmup=1, prompt_tokens=3, bandwidths={"peak": 100.0})
     with MxqFile.open(path) as f:
@@ -640,3 +789,67 @@ def test_gpu_backend_matches_numpy(tiny_models, ref):
             for got, want in zip(logits, want_logits):
                 assert np.abs(got - want).max() <= tol * np.abs(want).max()
     backend.close()
+
+
+# ---- the new families (Qwen3, Gemma 3, Phi-3) through the model contract ---------------------------------
+
+TINY_COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
+NEW_FAMILIES = {
+    # Gemma 3 270M's head shape (head_dim 256, one KV head), two sliding layers (window 5) and a global one,
+    # query_pre_attn_scalar ≠ head_dim (scale 1/8), GeGLU, embedding scale, q/k norms, (1 + w) norms, tied
+    "gemma3": dict(TINY_COMMON, architectures=["Gemma3ForCausalLM"], head_dim=256, num_key_value_heads=1,
+                   sliding_window=5, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   query_pre_attn_scalar=64, rope_local_base_freq=10000.0, rope_theta=1e6,
+                   tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
+    "qwen3": dict(TINY_COMMON, architectures=["Qwen3ForCausalLM"], head_dim=128, rope_theta=1e6),  # q/k norms
+    "phi3": dict(TINY_COMMON, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.5, rope_theta=1e4),
+}
+NEW_FAMILY_KERNELS = {"gemma3": {"gelu_mul_f32", "scale_f32", "rmsnorm_f32"}, "qwen3": {"silu_mul_f32"},
+                      "phi3": {"silu_mul_f32"}}
+
+
+class _Entry(Entry):
+    def __init__(self, name, shape):
+        role = "embedding" if "embed" in name else ("norm" if len(shape) == 1 else "linear")
+        super().__init__(name, shape, StorageConfig.fp16(), role)
+
+
+def random_fp16_weights(backend):
+    """Model's tensor(name, shape, required) callback: the same random fp16 tensor for a name on every
+    backend (norm weights near 1, matrices scaled by 1/sqrt(in))."""
+    def tensor(name, shape, required=True):
+        rng = np.random.default_rng([ord(ch) for ch in name])
+        std = 0.1 if len(shape) == 1 else 1 / np.sqrt(shape[-1])
+        offset = 1.0 if len(shape) == 1 and not name.endswith("bias") else 0.0
+        return backend.prepare(_Entry(name, shape), {"data": (rng.standard_normal(shape) * std + offset).astype(np.float16)})
+    return tensor
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16"])
+@pytest.mark.parametrize("family", list(NEW_FAMILIES))
+def test_new_family_forward_matches_numpy(family, kv):
+    """A random tiny model of each new family (built through the model contract from an HF config) on the
+    emulated CUDA backend vs the numpy backend: a 12-token prefill, 8 decode steps (the sliding layers'
+    window of 5 cuts off earlier tokens) and a 3-token chunk. float32 cache: ≤ 2e-5 · max|logits|
+    (measured ≤ 3.6e-6, fp32 reordering); fp16 cache: ≤ 1e-2 (k and v rounded to fp16 when stored,
+    amplified through 3 random layers; measured 2.0e-3 gemma3, 6.5e-4 qwen3, 1.0e-3 phi3).
+    Skipped until the model contract (the `contract` branch) is merged."""
+    if not hasattr(ModelConfig, "from_hf"):
+        pytest.skip("needs the model contract (Model(config, backend, tensor), ModelConfig.from_hf)")
+    config = ModelConfig.from_hf(NEW_FAMILIES[family])
+    ref_backend = NumpyBackend(threads=1)
+    reference = Model(config, ref_backend, random_fp16_weights(ref_backend))
+    backend = emulated(kv_cache=kv, guard=False)
+    model = Model(config, backend, random_fp16_weights(backend))
+    rng = np.random.default_rng(1)
+    caches = reference.new_cache(64), model.new_cache(64)
+    backend.module.calls.clear()
+    worst = 0.0
+    for ids in (rng.integers(0, 97, 12).tolist(), *[[int(t)] for t in rng.integers(0, 97, 8)],
+                rng.integers(0, 97, 3).tolist()):
+        want = ref_backend.to_host(reference.forward(ids, caches[0]))
+        got = backend.to_host(model.forward(ids, caches[1]))
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    assert worst <= (2e-5 if kv == "f32" else 1e-2), worst
+    assert NEW_FAMILY_KERNELS[family] <= set(backend.module.calls)

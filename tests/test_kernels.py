@@ -27,7 +27,14 @@ Tolerances (and why):
   * rmsnorm, rope, attention: fp32 reductions in a different order and expf/sinf/cosf from a
     different math library: |err| ≤ 1e-5 · max|input| (measured ≤ 4% of that: a few ulp; any
     indexing, masking or softmax bug shows up at O(1)). silu·mul: rtol 1e-6 (expf vs np.exp, 1 ulp).
-  * embedding, kv store, add: exact.
+    gelu(tanh)·mul: ≤ 1e-6 · (|g·u| + 1e-30) per element against the float64 formula (tanhf and the
+    fp32 cubic: a few ulp of g·u; near the gate's zero crossing gelu(g) ≈ g/2, so the bound is
+    relative to |g·u|, not to the result).
+  * rope with partial rotary: the rotated dims as above; the pass-through dims are copied exactly.
+  * The new ops (gelu·mul, scale, partial rotary, attention scale and window) are checked against the
+    float64 formulas written out below (rope_reference, attention_reference, gelu_mul_reference: the
+    interface's semantics, BRIEF/base.py), not against the numpy backend.
+  * embedding, kv store, add, scale: exact (scale: one fp32 product, as x * float32(s) in numpy).
 """
 from __future__ import annotations
 
@@ -42,8 +49,9 @@ from mxq.format_spec import StorageConfig, decode_meta, dequantize, unpack_codes
 from mxq.format_spec.affine import csr_entries
 from mxq.kernels import nvrtc
 from mxq.kernels.emulator import MODES, Emulator, get_emulator
-from mxq.kernels.registry import (AFFINE_CONFIGS, GEMV_F16, KERNELS, SOURCES, attention_launch, dequant_launch, dequant_name,
-                                  elementwise_launch, gemv_launch, gemv_name, kernels_in, rowwise_launch)
+from mxq.kernels.registry import (AFFINE_CONFIGS, GEMV_F16, KERNELS, SOURCES, attention_first_key, attention_launch,
+                                  dequant_launch, dequant_name, elementwise_launch, gemv_launch, gemv_name, kernels_in,
+                                  rope_items, rowwise_launch)
 from mxq.runtime.backends.base import LayerCache
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 
@@ -83,6 +91,18 @@ def test_no_gemv_kernel_spills():
             for name, u in kernel_report.usage(source, arch, "ptxas").items():
                 assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
                 assert u["stack"] == 0, f"{name} uses local memory on {arch}: {u}"
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="ptxas (CUDA toolkit) not on PATH")
+def test_no_ops_kernel_spills():
+    """The non-GEMV kernels (attention with head_dim up to 256 keeps 2 × 8 floats per lane in
+    registers) never spill on any target. rope_f32's 32-byte stack frame is sincosf's slow-path
+    argument reduction (|angle| > 105615), not a spill."""
+    import kernel_report
+    for arch in nvrtc.ARCHS:
+        for name, u in kernel_report.usage("ops.cu", arch, "ptxas").items():
+            assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
+            assert u["stack"] == 0 or name == "rope_f32", f"{name} uses local memory on {arch}: {u}"
 
 
 def test_registry_matches_compiled_signatures(emu):
@@ -331,6 +351,53 @@ def test_dequant_gathers_rows(emu, tag):
     assert np.array_equal(out, want)
 
 
+# ---- float64 references of the interface's semantics (base.py; BRIEF's shared decisions) -----------
+
+def rope_reference(x, positions, inv_freq, head_dim=None):
+    """rotate_half RoPE on the first rotary_dim = 2·len(inv_freq) dims of each head; the rest pass
+    through. The angle is the float32 product position·inv_freq, as the interface says."""
+    half = len(inv_freq)
+    rotary = 2 * half
+    head_dim = rotary if head_dim is None else head_dim
+    T, width = x.shape
+    angle = (positions.astype(f32)[:, None] * inv_freq[None, :].astype(f32)).astype(np.float64)  # (T, half)
+    c, s = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    xh = x.reshape(T, width // head_dim, head_dim).astype(np.float64)
+    out = xh.copy()
+    x1, x2 = xh[..., :half], xh[..., half:rotary]
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:rotary] = x2 * c + x1 * s
+    return out.reshape(T, width)
+
+
+def attention_reference(q, keys, values, start, scale=None, window=None):
+    """softmax(scale·q·kᵀ)·v over keys p − window < j ≤ p (window None: 0 ≤ j ≤ p) for the query at
+    position p = start + t; keys, values (n_kv, ≥ start + T, head_dim) are the whole cache."""
+    T = q.shape[0]
+    n_kv, _, head_dim = keys.shape
+    n_heads = q.shape[1] // head_dim
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    L = start + T
+    kv_of = np.arange(n_heads) // (n_heads // n_kv)
+    k = keys[kv_of, :L].astype(np.float64)  # (n_heads, L, head_dim)
+    v = values[kv_of, :L].astype(np.float64)
+    qh = q.reshape(T, n_heads, head_dim).astype(np.float64)
+    scores = np.einsum("thd,hjd->thj", qh, k) * scale  # (T, n_heads, L)
+    p = start + np.arange(T)[:, None]  # (T, 1)
+    j = np.arange(L)[None, :]
+    visible = (j <= p) & ((j > p - window) if window is not None else True)  # (T, L)
+    scores = np.where(visible[:, None, :], scores, -np.inf)
+    w = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return np.einsum("thj,hjd->thd", w, v).reshape(T, n_heads * head_dim)
+
+
+def gelu_mul_reference(gate, up):
+    """HF "gelu_pytorch_tanh"(gate) · up in float64."""
+    g = gate.astype(np.float64)
+    return 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3))) * up.astype(np.float64)
+
+
 # ---- the other ops, against the numpy backend ------------------------------------------------------
 
 @pytest.mark.parametrize("rows,dim,threads", [(3, 96, 256), (2, 577, 64), (1, 2048, 1024)])
@@ -347,92 +414,174 @@ def test_rmsnorm(emu, ref, rows, dim, threads):
     assert np.array_equal(x, out)
 
 
-@pytest.mark.parametrize("n_heads,head_dim", [(4, 24), (3, 64), (2, 128)])
-def test_rope(emu, ref, n_heads, head_dim):
-    rng = np.random.default_rng(head_dim)
+@pytest.mark.parametrize("T,n_heads,head_dim", [(3, 2, 128), (1, 5, 256), (2, 3, 64)],
+                         ids=["qwen3-hd128", "gemma3-hd256", "hd64"])
+def test_rmsnorm_per_head(emu, T, n_heads, head_dim):
+    """The per-head q/k norms (Qwen3, Gemma 3): rms_norm of a (T·n_heads, head_dim) view of (T, n·hd),
+    one block of head_dim threads per head; against the float64 formula."""
+    rng = np.random.default_rng(head_dim + T)
+    x = (rng.standard_normal((T, n_heads * head_dim)) * 3).astype(f32)
+    heads = x.reshape(T * n_heads, head_dim)  # a view: the kernel reads x's memory
+    assert np.shares_memory(heads, x)
+    weight = (1.0 + rng.standard_normal(head_dim) * 0.1).astype(np.float16).astype(f32)  # Gemma's folded 1 + w
+    out = np.full_like(heads, np.nan)
+    grid, block = rowwise_launch(T * n_heads, min(256, head_dim))
+    emu.launch("rmsnorm_f32", grid, block, (heads, weight, out, i32(head_dim), f32(1e-6)))
+    h64 = heads.astype(np.float64)
+    want = weight * (h64 / np.sqrt((h64 ** 2).mean(axis=1, keepdims=True) + 1e-6))
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+ROPE_CASES = [
+    # n_heads, head_dim, rotary_dim
+    (4, 24, 24),  # tiny-llama's head_dim (not a multiple of 32)
+    (3, 64, 64),
+    (2, 128, 128),  # Qwen3
+    (2, 256, 256),  # Gemma 3
+    (3, 96, 48),  # partial rotary (Phi-3-style partial_rotary_factor 0.5)
+    (2, 64, 16),  # a quarter rotated (GPT-NeoX's 0.25)
+    (5, 40, 10),  # odd shapes: 5 rotated pairs, 30 pass-through dims, 5 heads
+]
+
+
+@pytest.mark.parametrize("n_heads,head_dim,rotary_dim", ROPE_CASES, ids=[f"h{c[0]}d{c[1]}r{c[2]}" for c in ROPE_CASES])
+def test_rope(emu, n_heads, head_dim, rotary_dim):
+    rng = np.random.default_rng(head_dim + rotary_dim)
     T, n_kv = 3, 1
     positions = np.array([5, 6, 4000], dtype=np.int64)
-    inv_freq = (1.0 / (500000.0 ** (np.arange(0, head_dim, 2) / head_dim))).astype(f32)
+    inv_freq = (1.0 / (500000.0 ** (np.arange(0, rotary_dim, 2) / rotary_dim))).astype(f32)
     fused = rng.standard_normal((T, (n_heads + 2 * n_kv) * head_dim)).astype(f32)  # q | k | v
     q = np.ascontiguousarray(fused[:, : n_heads * head_dim])
-    want = ref.rope(q, positions, inv_freq)
+    want = rope_reference(q, positions, inv_freq, head_dim)
     tol = 1e-5 * np.abs(q).max()
+    tail = (np.arange(q.shape[1]) % head_dim) >= rotary_dim  # the pass-through columns
+
+    def check(got, x, want):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        assert np.array_equal(got[:, tail[:got.shape[1]]], x[:, tail[:x.shape[1]]])  # copied exactly
+
     # out of place, reading a strided view of the fused buffer
     out = np.full_like(q, np.nan)
-    n = T * n_heads * head_dim // 2
-    grid, block = elementwise_launch(n)
+    grid, block = elementwise_launch(rope_items(T, n_heads, head_dim, rotary_dim))
     emu.launch("rope_f32", grid, block, (fused, out, positions.astype(np.int32), inv_freq, i32(T), i32(n_heads),
-                                         i32(head_dim), i32(fused.shape[1]), i32(q.shape[1])))
-    np.testing.assert_allclose(out, want, rtol=0, atol=tol)
+                                         i32(head_dim), i32(rotary_dim), i32(fused.shape[1]), i32(q.shape[1])))
+    check(out, q, want)
     # in place on the k block of the fused buffer (a flat view starting at k: token stride = row width)
     k = np.ascontiguousarray(fused[:, n_heads * head_dim:(n_heads + n_kv) * head_dim])
-    want_k = ref.rope(k, positions, inv_freq)
+    want_k = rope_reference(k, positions, inv_freq, head_dim)
     buf = fused.copy()
     kview = buf.reshape(-1)[n_heads * head_dim:]
-    emu.launch("rope_f32", elementwise_launch(T * n_kv * head_dim // 2)[0], (64, 1, 1),
-               (kview, kview, positions.astype(np.int32), inv_freq, i32(T), i32(n_kv), i32(head_dim),
+    emu.launch("rope_f32", elementwise_launch(rope_items(T, n_kv, head_dim, rotary_dim))[0], (64, 1, 1),
+               (kview, kview, positions.astype(np.int32), inv_freq, i32(T), i32(n_kv), i32(head_dim), i32(rotary_dim),
                 i32(fused.shape[1]), i32(fused.shape[1])))
-    np.testing.assert_allclose(buf[:, n_heads * head_dim:(n_heads + n_kv) * head_dim], want_k, rtol=0,
-                               atol=1e-5 * np.abs(k).max())
+    check(buf[:, n_heads * head_dim:(n_heads + n_kv) * head_dim], k, want_k)
     assert np.array_equal(buf[:, :n_heads * head_dim], fused[:, :n_heads * head_dim])  # q untouched
     assert np.array_equal(buf[:, (n_heads + n_kv) * head_dim:], fused[:, (n_heads + n_kv) * head_dim:])
 
 
+def test_rope_matches_numpy_backend(emu, ref):
+    """Full rotary: the kernel agrees with the numpy backend's rope too (the reference above is the
+    interface's formula; this ties the two)."""
+    rng = np.random.default_rng(7)
+    positions = np.array([0, 9, 31], dtype=np.int64)
+    inv_freq = (1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))).astype(f32)
+    x = rng.standard_normal((3, 2 * 64)).astype(f32)
+    out = np.full_like(x, np.nan)
+    emu.launch("rope_f32", *elementwise_launch(rope_items(3, 2, 64, 64)),
+               (x, out, positions.astype(np.int32), inv_freq, i32(3), i32(2), i32(64), i32(64), i32(128), i32(128)))
+    np.testing.assert_allclose(out, ref.rope(x, positions, inv_freq), rtol=0, atol=1e-5 * np.abs(x).max())
+    np.testing.assert_allclose(out, rope_reference(x, positions, inv_freq), rtol=0, atol=1e-5 * np.abs(x).max())
+
+
 ATTENTION_CASES = [
-    # n_heads, n_kv_heads, head_dim, start, T, keys_per_split
-    (4, 2, 24, 37, 1, None),  # decode, tiny-llama's head_dim (not a multiple of 32), one split
-    (4, 2, 24, 37, 1, 8),  # the same over 5 splits + combine
-    (9, 3, 64, 0, 5, None),  # prefill from an empty cache, GQA 3:1 (SmolLM2's head shape)
-    (4, 1, 128, 20, 4, 7),  # prefill after 20 cached tokens, splits past early queries' causal limit
-    (2, 2, 256, 70, 1, 32),  # the largest head_dim, no grouping
+    # n_heads, n_kv_heads, head_dim, start, T, keys_per_split, window, scale (None: 1/sqrt(head_dim))
+    (4, 2, 24, 37, 1, None, None, None),  # decode, tiny-llama's head_dim (not a multiple of 32), one split
+    (4, 2, 24, 37, 1, 8, None, None),  # the same over 5 splits + combine
+    (9, 3, 64, 0, 5, None, None, None),  # prefill from an empty cache, GQA 3:1 (SmolLM2's head shape)
+    (4, 1, 128, 20, 4, 7, None, None),  # prefill after 20 cached tokens, splits past early queries' causal limit
+    (2, 2, 256, 70, 1, 32, None, None),  # the largest head_dim, no grouping
+    (2, 1, 256, 300, 1, None, None, 0.3),  # Gemma-3-like decode, long context: the default plan splits (5)
+    (2, 1, 256, 300, 1, None, 512, 0.0625),  # a window larger than the context: all 301 keys, 5 splits
+    (4, 2, 64, 299, 1, None, 64, None),  # decode, window < context: only the last 64 keys, one split
+    (4, 2, 128, 299, 1, 16, 64, None),  # the same window over 4 splits of the window's keys
+    (4, 2, 128, 20, 9, 4, 5, 0.3),  # prefill, window 5: each query's first or last splits are empty
+    (3, 3, 64, 0, 7, 2, 3, None),  # prefill from empty, window 3, 2 keys per split
+    (5, 5, 40, 13, 3, 5, 7, 0.2),  # odd shapes: head_dim 40, 5 heads, window 7
+    (2, 1, 64, 10, 1, None, 1, None),  # window 1: a token sees only itself
 ]
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])
-@pytest.mark.parametrize("n_heads,n_kv,head_dim,start,T,kps", ATTENTION_CASES,
-                         ids=[f"h{c[0]}kv{c[1]}d{c[2]}s{c[3]}T{c[4]}k{c[5]}" for c in ATTENTION_CASES])
-def test_kv_store_and_attention(emu, ref, kv, n_heads, n_kv, head_dim, start, T, kps):
-    rng = np.random.default_rng(head_dim + start + T)
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,start,T,kps,window,scale", ATTENTION_CASES,
+                         ids=[f"h{c[0]}kv{c[1]}d{c[2]}s{c[3]}T{c[4]}k{c[5]}w{c[6]}" for c in ATTENTION_CASES])
+def test_kv_store_and_attention(emu, kv, n_heads, n_kv, head_dim, start, T, kps, window, scale):
+    rng = np.random.default_rng(head_dim + start + T + (window or 0))
     capacity = start + T + 3
     kv_dtype = np.float16 if kv == "f16" else np.float32
 
     def cache_values(shape):  # values the cache dtype holds exactly, so both sides see the same keys
         return (rng.standard_normal(shape) * 2).astype(kv_dtype).astype(f32)
 
-    # the numpy backend's cache (float32) and ours, with the same first `start` positions
-    layer = LayerCache(np, n_kv, head_dim, capacity)
-    layer.k[:, :start], layer.v[:, :start] = cache_values((n_kv, start, head_dim)), cache_values((n_kv, start, head_dim))
-    k_cache = np.zeros((n_kv, capacity, head_dim), kv_dtype)
-    v_cache = np.zeros((n_kv, capacity, head_dim), kv_dtype)
-    k_cache[:, :start], v_cache[:, :start] = layer.k[:, :start], layer.v[:, :start]
+    # the reference's float32 cache and ours, with the same first `start` positions
+    keys, values = np.zeros((2, n_kv, capacity, head_dim), f32)
+    keys[:, :start], values[:, :start] = cache_values((n_kv, start, head_dim)), cache_values((n_kv, start, head_dim))
+    k_cache, v_cache = keys.astype(kv_dtype), values.astype(kv_dtype)
     # this step's q, k, v as the rows of a fused qkv projection output (T, (n_heads + 2·n_kv)·head_dim)
     width = (n_heads + 2 * n_kv) * head_dim
     qkv = np.concatenate([rng.standard_normal((T, n_heads * head_dim)).astype(f32),
                           cache_values((T, n_kv * head_dim)), cache_values((T, n_kv * head_dim))], axis=1)
     q = np.ascontiguousarray(qkv[:, : n_heads * head_dim])
-    k = np.ascontiguousarray(qkv[:, n_heads * head_dim:(n_heads + n_kv) * head_dim])
-    v = np.ascontiguousarray(qkv[:, (n_heads + n_kv) * head_dim:])
-    want = ref.attention(q, k, v, layer, start)
+    keys[:, start:start + T] = qkv[:, n_heads * head_dim:(n_heads + n_kv) * head_dim].reshape(T, n_kv, head_dim).transpose(1, 0, 2)
+    values[:, start:start + T] = qkv[:, (n_heads + n_kv) * head_dim:].reshape(T, n_kv, head_dim).transpose(1, 0, 2)
+    want = attention_reference(q, keys, values, start, scale, window)
 
     flat = qkv.reshape(-1)
     grid, block = elementwise_launch(T * n_kv * head_dim)
     emu.launch(f"kv_store_{kv}", grid, block,
                (flat[n_heads * head_dim:], flat[(n_heads + n_kv) * head_dim:], k_cache, v_cache, i32(T), i32(n_kv),
                 i32(head_dim), i32(width), i32(start), i32(capacity)))
-    assert np.array_equal(k_cache[:, :start + T].astype(f32), layer.k[:, :start + T])
-    assert np.array_equal(v_cache[:, :start + T].astype(f32), layer.v[:, :start + T])
+    assert np.array_equal(k_cache[:, :start + T].astype(f32), keys[:, :start + T])
+    assert np.array_equal(v_cache[:, :start + T].astype(f32), values[:, :start + T])
     assert not k_cache[:, start + T:].any()
 
-    plan = attention_launch(n_heads, T, start + T, head_dim, keys_per_split=kps)
+    plan = attention_launch(n_heads, T, start + T, head_dim, window=window or 0, keys_per_split=kps)
+    n_keys = start + T - attention_first_key(start + T, T, window or 0)
+    assert n_keys == (start + T if window is None else min(start + T, window + T - 1))
+    assert plan.n_splits == -(-n_keys // plan.keys_per_split)
     out = np.full((T, n_heads * head_dim), np.nan, f32)
     part = np.full(plan.part_shape, np.nan, f32) if plan.n_splits > 1 else None
     emu.launch(f"attention_{kv}kv", plan.grid, plan.block,
                (q, k_cache, v_cache, out, part, i32(n_heads), i32(n_kv), i32(head_dim), i32(T), i32(start + T),
-                i32(capacity), i32(plan.keys_per_split), f32(1.0 / math.sqrt(head_dim))))
+                i32(capacity), i32(plan.keys_per_split), f32(1.0 / math.sqrt(head_dim) if scale is None else scale),
+                i32(window or 0)))
     if plan.n_splits > 1:
+        assert not np.isnan(part).any()  # every split wrote its partial, empty ones included
+        empty = np.isneginf(part[..., 0])  # splits holding none of a query's keys: max −inf, sum 0, acc 0
+        assert not part[..., 1][empty].any() and not part[..., 2:][empty].any()
+        if T > 1 and window is not None and window < T + 1:
+            assert empty.any()  # the window cases above do have splits outside some query's keys
         emu.launch("attention_combine", plan.combine_grid, plan.combine_block,
                    (part, out, i32(T * n_heads), i32(plan.n_splits), i32(head_dim)))
-    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(layer.v[:, :start + T]).max())
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(values[:, :start + T]).max())
+
+
+def test_attention_matches_numpy_backend(emu, ref):
+    """Full causal attention with the default scale: the kernel agrees with the numpy backend too."""
+    rng = np.random.default_rng(3)
+    n_heads, n_kv, head_dim, T = 4, 2, 32, 6
+    layer = LayerCache(np, n_kv, head_dim, T)
+    q, k, v = (rng.standard_normal((T, n * head_dim)).astype(f32) for n in (n_heads, n_kv, n_kv))
+    want = ref.attention(q, k, v, layer, 0)
+    plan = attention_launch(n_heads, T, T, head_dim, keys_per_split=4)
+    out = np.full((T, n_heads * head_dim), np.nan, f32)
+    part = np.full(plan.part_shape, np.nan, f32)
+    emu.launch("attention_f32kv", plan.grid, plan.block,
+               (q, layer.k, layer.v, out, part, i32(n_heads), i32(n_kv), i32(head_dim), i32(T), i32(T), i32(T),
+                i32(plan.keys_per_split), f32(1.0 / math.sqrt(head_dim)), i32(0)))
+    emu.launch("attention_combine", plan.combine_grid, plan.combine_block,
+               (part, out, i32(T * n_heads), i32(plan.n_splits), i32(head_dim)))
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(v).max())
 
 
 def test_attention_softmax_is_safe_for_large_scores(emu):
@@ -454,7 +603,7 @@ def test_attention_softmax_is_safe_for_large_scores(emu):
         part = np.full(plan.part_shape, np.nan, f32) if plan.n_splits > 1 else None
         emu.launch("attention_f16kv", plan.grid, plan.block, (q, k_cache, v_cache, out, part, i32(1), i32(1),
                                                               i32(head_dim), i32(1), i32(L), i32(L),
-                                                              i32(plan.keys_per_split), f32(0.125)))
+                                                              i32(plan.keys_per_split), f32(0.125), i32(0)))
         if part is not None:
             emu.launch("attention_combine", plan.combine_grid, plan.combine_block,
                        (part, out, i32(1), i32(plan.n_splits), i32(head_dim)))
@@ -473,6 +622,36 @@ def test_silu_mul(emu, ref):
     flat = gate_up.reshape(-1)
     emu.launch("silu_mul_f32", grid, block, (flat, flat[inter:], out, i32(T), i32(inter), i32(2 * inter), i32(inter)))
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=0)
+
+
+def test_gelu_mul(emu):
+    """GeGLU (Gemma): gelu_tanh(gate)·up from a fused gate|up buffer, odd width, saturated gates."""
+    rng = np.random.default_rng(6)
+    T, inter = 3, 157
+    gate_up = (rng.standard_normal((T, 2 * inter)) * 4).astype(f32)
+    gate_up[0, :6] = [-100.0, -12.0, 12.0, 100.0, 0.0, -1e20]  # tanh saturates; g³ overflows to -inf → -0
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    want = gelu_mul_reference(gate, up)
+    out = np.full((T, inter), np.nan, f32)
+    flat = gate_up.reshape(-1)
+    emu.launch("gelu_mul_f32", *elementwise_launch(T * inter),
+               (flat, flat[inter:], out, i32(T), i32(inter), i32(2 * inter), i32(inter)))
+    assert np.all(np.isfinite(out))
+    err = np.abs(out.astype(np.float64) - want)
+    bound = 1e-6 * np.abs(gate.astype(np.float64) * up) + 1e-30
+    assert np.all(err <= bound), f"max err/bound {(err / bound).max():.3g}"
+    assert out[0, 0] == 0.0 and out[0, 5] == 0.0
+
+
+def test_scale(emu):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 67)).astype(f32)
+    s = math.sqrt(640)  # Gemma 3 270M's embedding scale, sqrt(hidden)
+    out = np.full_like(x, np.nan)
+    emu.launch("scale_f32", *elementwise_launch(x.size), (x, out, i32(x.size), f32(s)))
+    assert np.array_equal(out, x * f32(s))
+    emu.launch("scale_f32", *elementwise_launch(x.size), (x, x, i32(x.size), f32(s)))  # in place
+    assert np.array_equal(x, out)
 
 
 def test_embedding_f16(emu):

@@ -104,13 +104,19 @@ def test_gpu_gemv_large(gpu):
 def test_gpu_ops(gpu, ref):
     for case in [(3, 96, 256), (2, 577, 64)]:
         K.test_rmsnorm(gpu, ref, *case)
-    for case in [(4, 24), (3, 64), (2, 128)]:
-        K.test_rope(gpu, ref, *case)
+    for case in [(3, 2, 128), (1, 5, 256)]:
+        K.test_rmsnorm_per_head(gpu, *case)
+    for case in K.ROPE_CASES:
+        K.test_rope(gpu, *case)
+    K.test_rope_matches_numpy_backend(gpu, ref)
     for kv in ("f16", "f32"):
         for case in K.ATTENTION_CASES:
-            K.test_kv_store_and_attention(gpu, ref, kv, *case)
+            K.test_kv_store_and_attention(gpu, kv, *case)
+    K.test_attention_matches_numpy_backend(gpu, ref)
     K.test_attention_softmax_is_safe_for_large_scores(gpu)
     K.test_silu_mul(gpu, ref)
+    K.test_gelu_mul(gpu)
+    K.test_scale(gpu)
     K.test_embedding_f16(gpu)
     K.test_add(gpu)
     K.test_dequant_gathers_rows(gpu, "f32")

@@ -2,15 +2,15 @@
 
 One class, two bindings (ARCHITECTURE.md, "Backends share one shape"):
 
-    CudaBackend()                                    # a GPU: xp = cupy, kernels = kernels.nvrtc.load_module()
-    CudaBackend(xp=numpy, module=EmulatedModule(mode="fibers", guard=False))
-                                                     # the CPU emulation: numpy arrays, the same .cu kernels
-                                                     # compiled by g++ (what the tests run)
+    CudaBackend()                        # the product: xp = cupy, kernels = kernels.nvrtc.load_module()
+    CudaBackend(xp=numpy, module=M)      # host arrays and a CPU launcher M with the same get_function
+                                         # interface — the tests inject the emulator's (the same .cu
+                                         # kernels compiled by g++); this module never imports it
 
 Everything else — buffer layout, launch geometry, kernel arguments, dtypes, the KV cache — is the
 same code on both. The CuPy-specific part is `_CupyBinding` (host↔device copies, pointer addresses,
-NULL pointers, the memory pool) and the choice of `xp`: `xp.matmul` is cuBLAS on a GPU, BLAS under
-emulation.
+NULL pointers, the memory pool) and the choice of `xp`: `xp.matmul` is cuBLAS on a GPU, BLAS on the
+host.
 
 What runs where (T = tokens in the call: the prompt length at prefill, 1 at decode):
   weights     `prepare` uploads the mmapped blobs as stored (packed codes, uint8 scale/zero codes +
@@ -27,9 +27,12 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               fp16, T > 1: converted to float32 on the device in row chunks of at most
               `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
   embedding   fp16 table: embedding_f16; affine table: dequant_affine_*_f32 with row_ids = the ids.
-  rms_norm, rope, silu_mul, add: rmsnorm_f32, rope_f32, silu_mul_f32, add_f32 (in place).
+  rms_norm, rope, silu_mul, gelu_mul, add, scale: rmsnorm_f32 (per-head q/k norms: the same kernel on
+              a (T·n, head_dim) view), rope_f32 (partial rotary: the tail dims pass through),
+              silu_mul_f32, gelu_mul_f32, add_f32 (in place), scale_f32.
   attention   kv_store_{f16,f32} writes k, v into the cache; attention_{f16,f32}kv (+ attention_combine
-              when the keys are split, flash-decoding). The KV cache lives on the device in fp16 by
+              when the keys are split, flash-decoding), with the attention scale and an optional sliding
+              window (only the keys some query can see are split). The KV cache lives on the device in fp16 by
               default (`kv_cache="f16"`: half the memory and bandwidth); `kv_cache="f32"` matches the
               numpy backend's float32 cache exactly.
   token_nll   on the host (logits are copied once).
@@ -45,8 +48,8 @@ import math
 
 import numpy as np
 
-from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, attention_launch, dequant_launch, dequant_name, elementwise_launch,
-                                 gemv_launch, gemv_name, rowwise_launch)
+from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, attention_launch, dequant_launch, dequant_name,
+                                 elementwise_launch, gemv_launch, gemv_name, rope_items, rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
 
@@ -57,10 +60,10 @@ QWEIGHT_ALIGNMENT = 16  # the GEMVs' widest vector load (uint4): qweight and fp1
 CUDA_HINT = "use --device cpu"
 
 
-# ---- bindings: what differs between CuPy on a GPU and NumPy under emulation --------------------------
+# ---- bindings: what differs between CuPy on a GPU and NumPy arrays on the host -----------------------
 
 class _NumpyBinding:
-    """Host numpy arrays, kernels on the CPU emulator (which takes numpy arrays and None for NULL)."""
+    """Host numpy arrays, for a CPU launcher (the tests' emulator) that takes numpy arrays and None for NULL."""
 
     null = None
 
@@ -172,9 +175,10 @@ class AffineHandle:
 class CudaBackend(Backend):
     """The forward pass through mxq's CUDA kernels.
 
-    xp        array module: None → cupy (a ModelError if CuPy or a GPU is missing); numpy → emulation.
+    xp        array module: None → cupy (a ModelError if CuPy or a GPU is missing); numpy → host arrays
+              (then `module` is required).
     module    kernel launcher with .get_function(name)(grid, block, args): None → kernels.nvrtc.load_module()
-              on a GPU, kernels.emulator.EmulatedModule(mode="fibers", guard=False) with xp=numpy.
+              on the GPU; with xp=numpy a CPU launcher (the tests pass the emulator's EmulatedModule).
     kv_cache  "f16" (default: the GPU cache) or "f32" (exactly the numpy backend's cache).
     cache_dequantized  also keep affine and fp16 matrices as float32 on the device (faster prefill).
     prefill_chunk_bytes  largest float32 block of a matrix dequantized / converted at once for a prefill GEMM.
@@ -188,16 +192,14 @@ class CudaBackend(Backend):
                  prefill_chunk_bytes: int = PREFILL_CHUNK_BYTES, gemv_warps: int | None = None):
         if kv_cache not in KV_DTYPES:
             raise ModelError(f"kv_cache must be one of {', '.join(KV_DTYPES)}, got {kv_cache!r}")
+        if xp is np and module is None:
+            raise ValueError("CudaBackend(xp=numpy) needs a CPU kernel launcher: pass module=")
         if xp is None:
             xp = _load_cupy()
         self.xp = xp
         self.binding = _NumpyBinding(xp) if xp is np else _CupyBinding(xp)
         if module is None:
-            if xp is np:
-                from ...kernels.emulator import EmulatedModule
-                module = EmulatedModule(mode="fibers", guard=False)
-            else:
-                module = _load_gpu_module()
+            module = _load_gpu_module()
         self.module = module
         self.kv_cache, self.kv_dtype = kv_cache, KV_DTYPES[kv_cache]
         self.cache_dequantized = bool(cache_dequantized)
@@ -437,46 +439,71 @@ class CudaBackend(Backend):
         self._launch("rmsnorm_f32", grid, block, (x, weight, out, i32(dim), f32(eps)))
         return out
 
-    def rope(self, x, positions, inv_freq):
+    def rope(self, x, positions, inv_freq, head_dim=None):
+        """The interface's rope; head_dim > 2·len(inv_freq) rotates only the first 2·len(inv_freq) dims
+        of each head (partial rotary), the rest pass through."""
         x = self._f32(x)
         T, width = x.shape
-        half = int(inv_freq.shape[0])
-        head_dim = 2 * half
+        rotary_dim = 2 * int(inv_freq.shape[0])
+        head_dim = rotary_dim if head_dim is None else int(head_dim)
+        if not 0 < rotary_dim <= head_dim or width % head_dim:
+            raise ValueError(f"rope: rotary dims {rotary_dim} and head_dim {head_dim} do not fit rows of {width}")
         n_heads = width // head_dim
         out = self.xp.empty_like(x)
-        grid, block = elementwise_launch(T * n_heads * half)
+        grid, block = elementwise_launch(rope_items(T, n_heads, head_dim, rotary_dim))
         self._launch("rope_f32", grid, block,
                      (x, out, self._positions_on_device(positions), inv_freq, i32(T), i32(n_heads), i32(head_dim),
-                      i32(width), i32(width)))
+                      i32(rotary_dim), i32(width), i32(width)))
         return out
 
-    def attention(self, q, k, v, cache: LayerCache, start):
+    def attention(self, q, k, v, cache: LayerCache, start, scale=None, window=None):
+        """The interface's attention: scores scaled by `scale` (None: 1/sqrt(head_dim)); window None
+        is full causal, else a query at position p sees keys p − window < j ≤ p."""
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
         T = q.shape[0]
         n_kv, capacity, head_dim = cache.k.shape
         n_heads = q.shape[1] // head_dim
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if window is not None and int(window) < 1:
+            raise ValueError(f"attention: window must be None or ≥ 1, got {window}")
+        window = 0 if window is None else int(window)  # the kernels' "no window"
         kv = "f16" if cache.k.dtype == np.float16 else "f32"
         grid, block = elementwise_launch(T * n_kv * head_dim)
         self._launch(f"kv_store_{kv}", grid, block,
                      (k, v, cache.k, cache.v, i32(T), i32(n_kv), i32(head_dim), i32(n_kv * head_dim), i32(start),
                       i32(capacity)))
-        plan = attention_launch(n_heads, T, start + T, head_dim)
+        plan = attention_launch(n_heads, T, start + T, head_dim, window=window)
         out = self.xp.empty((T, n_heads * head_dim), dtype=self.xp.float32)
         part = self.scratch("attention_part", plan.part_shape, np.float32) if plan.n_splits > 1 else None
         self._launch(f"attention_{kv}kv", plan.grid, plan.block,
                      (q, cache.k, cache.v, out, self._ptr(part), i32(n_heads), i32(n_kv), i32(head_dim), i32(T),
-                      i32(start + T), i32(capacity), i32(plan.keys_per_split), f32(1.0 / math.sqrt(head_dim))))
+                      i32(start + T), i32(capacity), i32(plan.keys_per_split), f32(scale), i32(window)))
         if plan.n_splits > 1:
             self._launch("attention_combine", plan.combine_grid, plan.combine_block,
                          (part, out, i32(T * n_heads), i32(plan.n_splits), i32(head_dim)))
         return out
 
-    def silu_mul(self, gate, up):
+    def _gated(self, kernel: str, gate, up):
+        """act(gate) * up for a gated-MLP kernel (silu_mul_f32, gelu_mul_f32); both (T, I) → (T, I)."""
         gate, up = self._f32(gate), self._f32(up)
         rows, cols = gate.shape
         out = self.xp.empty_like(gate)
         grid, block = elementwise_launch(rows * cols)
-        self._launch("silu_mul_f32", grid, block, (gate, up, out, i32(rows), i32(cols), i32(cols), i32(cols)))
+        self._launch(kernel, grid, block, (gate, up, out, i32(rows), i32(cols), i32(cols), i32(cols)))
+        return out
+
+    def silu_mul(self, gate, up):
+        return self._gated("silu_mul_f32", gate, up)
+
+    def gelu_mul(self, gate, up):
+        return self._gated("gelu_mul_f32", gate, up)
+
+    def scale(self, x, s):
+        """x * float32(s) as a new array (x is left alone)."""
+        x = self._f32(x)
+        out = self.xp.empty_like(x)
+        grid, block = elementwise_launch(x.size)
+        self._launch("scale_f32", grid, block, (x, out, i32(x.size), f32(s)))
         return out
 
     def add(self, a, b):
