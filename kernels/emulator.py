@@ -9,7 +9,7 @@
 The same `.cu` files the GPU runs are compiled with `g++ -std=c++20 -O2 -pthread -include cuda_emu.h`
 (one translation unit per source, plus a generated trampoline that exports, per kernel,
 `mxq_emu_launch__<name>(grid, block, void** args)` and its C++ signature string) into one shared
-library cached under $MXQ_CACHE_DIR/emu/<hash>/ (default ~/.cache/mxq/emu/<hash>/), keyed by the
+library cached under $MXQ_CACHE/emu/<hash>/ (default ~/.cache/mxq/emu/<hash>/), keyed by the
 sources, the header, the flags and the compiler version.
 
 A launch runs the grid's blocks one after another, each with blockDim CUDA threads, in one of two
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import cache_root
 from .registry import KERNELS, SOURCES, kernels_in
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -66,11 +67,6 @@ _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i32": ctypes.c_int32,
 
 class EmulationError(RuntimeError):
     """A kernel failed under emulation (deadlock, bad shuffle mask, out-of-bounds write, bad argument)."""
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MXQ_CACHE_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "mxq"
 
 
 def _compiler_version() -> str:

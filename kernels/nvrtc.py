@@ -8,7 +8,7 @@
 NVRTC comes from the `nvidia-cuda-nvrtc-cu12` wheel through CuPy's binding
 (`cupy_backends.cuda.libs.nvrtc`), which, unlike cupy.RawModule's own compile path, never queries a
 device, so it works on machines without a GPU. Every compile is for a real architecture (sm_XX), which
-yields the CUBIN and the PTX in one go. Results are cached under $MXQ_CACHE_DIR/nvrtc/<hash>/ (default
+yields the CUBIN and the PTX in one go. Results are cached under $MXQ_CACHE/nvrtc/<hash>/ (default
 ~/.cache/mxq/nvrtc/), keyed by the source and header texts, the options and the NVRTC version.
 
 The kernels need no CUDA toolkit headers (kernels/common.cuh defines the few types they use), so
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..paths import cache_root
 from .registry import KERNELS, SOURCES, kernels_in
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -57,11 +58,6 @@ def nvrtc_version() -> tuple[int, int]:
 def supported_archs() -> tuple[int, ...]:
     """Compute capabilities this NVRTC can compile for, e.g. (75, 80, 86, 87, 89, 90, ...)."""
     return tuple(_nvrtc().getSupportedArchs())
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MXQ_CACHE_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "mxq"
 
 
 def _headers_digest() -> bytes:

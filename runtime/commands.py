@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-DEFAULT_TEXT = Path("shared") / "data" / "wikitext2-test.txt"
 MEMORY_HELP = ("Dequantize every matrix to float32 once at load and keep it: several times faster, "
                "but needs 4 bytes per weight of extra memory. Default (lean): weights stay packed in "
                "the memory-mapped file and are dequantized chunk by chunk as they are used; memory "
@@ -63,35 +62,27 @@ def generate(file, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat
         click.echo(f"mxq: loaded in {model.load_seconds:.2f} s; {model.last_stats.summary()}", err=True)
 
 
-def find_eval_text(explicit=None) -> Path:
-    """--text, else $MXQ_EVAL_TEXT, else ../shared/data/wikitext2-test.txt relative to the current
-    directory, then relative to the mxq repository."""
+def read_text_file(path, what: str) -> str:
+    """A UTF-8 text file's contents; one-line errors for a missing, non-regular or undecodable file."""
+    from ..format_spec.reader import open_regular
     from .errors import ModelError
 
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise ModelError(f"--text {explicit}: no such file")
-        return path
-    env = os.environ.get("MXQ_EVAL_TEXT")
-    if env:
-        if not Path(env).is_file():
-            raise ModelError(f"MXQ_EVAL_TEXT={env}: no such file")
-        return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [Path.cwd().parent / DEFAULT_TEXT, repo.parent / DEFAULT_TEXT, repo / DEFAULT_TEXT]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise ModelError("no evaluation text: pass --text FILE or set MXQ_EVAL_TEXT (the default, the WikiText-2 "
-                     f"test set, was looked for at {', '.join(str(p) for p in candidates)})")
+    try:
+        with os.fdopen(open_regular(path), "rb") as handle:
+            return handle.read().decode("utf-8")
+    except FileNotFoundError:
+        raise ModelError(f"{what} {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{what} {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise ModelError(f"{what} {path}: {error.strerror or error}") from None
 
 
 @click.command("eval")
 @click.argument("file", type=click.Path())
-@click.option("--text", "text_path", type=click.Path(), default=None,
-              help="UTF-8 text file to score. Default: the WikiText-2 test set ($MXQ_EVAL_TEXT, else "
-                   "../shared/data/wikitext2-test.txt).")
+@click.option("--text", "text_path", type=click.Path(), required=True, envvar="MXQ_EVAL_TEXT",
+              help="UTF-8 text file to score (required; or set $MXQ_EVAL_TEXT), e.g. the WikiText-2 test "
+                   "split as one file, the usual perplexity benchmark.")
 @click.option("--ctx", type=int, default=None,
               help="Tokens per chunk / window. Default: 2048, or the model's context if that is shorter.")
 @click.option("--stride", type=int, default=None,
@@ -116,8 +107,8 @@ def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, de
     from .generate import load
     from .perplexity import perplexity
 
-    path = find_eval_text(text_path)
-    text = path.read_text(encoding="utf-8")
+    path = Path(text_path)
+    text = read_text_file(path, "--text")
     with load(file, device=device, cache_dequantized=cache_dequantized, verify=verify) as model:
         ids = model.tokenizer.encode(text)
         ctx = ctx or min(2048, model.context_length)

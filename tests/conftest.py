@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Fixture checkpoints are the exception: tools/fixtures.py builds them once into $MXQ_FIXTURE_CACHE.
 TEST_CACHE = Path(os.environ.get("MXQ_TEST_CACHE") or Path(tempfile.gettempdir()) / f"mxq-test-cache-{os.getuid()}")
 os.environ["MXQ_CACHE"] = str(TEST_CACHE)
-os.environ["MXQ_CACHE_DIR"] = str(TEST_CACHE)
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 
