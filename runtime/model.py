@@ -100,8 +100,11 @@ class Model:
         """The model of an open .mxq file (format_spec.MxqFile)."""
         tensors = mxq_file.tensors
         c = config
-        if c.tie_word_embeddings and "lm_head.weight" in tensors:
-            raise ModelError(f"{mxq_file.path}: stores lm_head.weight but says the embeddings are tied")
+        known = {name for name, _ in c.family.all_tensors(c)}
+        unknown = [name for name in tensors if name not in known]
+        if unknown:  # e.g. lm_head.weight in a file that says the embeddings are tied
+            raise ModelError(f"{mxq_file.path}: tensor '{unknown[0]}' is not part of the {c.architecture} "
+                             "model its config describes")
 
         def tensor(name, shape, required=True):
             entry = tensors.get(name)

@@ -161,19 +161,18 @@ def every_layer_slides(fields) -> list:
 
 def hf_rope(raw: dict) -> dict:
     """The two HF spellings of RoPE settings -> canonical rope_theta/rope_scaling: older top-level
-    `rope_theta` + `rope_scaling`, newer (transformers 5) `rope_parameters` holding both."""
-    out = {}
+    `rope_theta` + `rope_scaling`, newer (transformers 5) `rope_parameters` holding both. As in
+    transformers, a top-level rope_scaling wins over rope_parameters, and rope_parameters' theta over
+    a top-level one."""
+    out = {key: raw[key] for key in ("rope_theta", "rope_scaling") if key in raw}
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and ("rope_type" in params or "rope_theta" in params):
         if "rope_theta" in params:
             out["rope_theta"] = params["rope_theta"]
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        out["rope_scaling"] = None if kind == "default" else scaling
-    else:
-        for key in ("rope_theta", "rope_scaling"):
-            if key in raw:
-                out[key] = raw[key]
+        if raw.get("rope_scaling") is None:
+            kind = params.get("rope_type", params.get("type", "default"))
+            scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            out["rope_scaling"] = None if kind == "default" else scaling
     return out
 
 
