@@ -27,7 +27,8 @@ def hf_config(c: ModelConfig) -> dict:
     rope_parameters) unless the family spells them its own way (Gemma 3 per layer kind, Phi-3)."""
     fam = c.family
     config = {"architectures": [c.hf_architecture], "model_type": fam.model_type, **fam.hf_fixed}
-    config.update({key: value for key, value in c.to_json().items() if key not in ("architecture", "hf_architecture")})
+    skip = ("architecture", "hf_architecture", *fam.hf_omit)
+    config.update({key: value for key, value in c.to_json().items() if key not in skip})
     eos = config.pop("eos_token_id")
     config["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
     config["rope_parameters"] = {"rope_theta": c.rope_theta, **(config["rope_scaling"] or {"rope_type": "default"})}

@@ -143,6 +143,8 @@ HOSTILE = [  # (field, raw JSON value, message)
     ("num_key_value_heads", "3", "is not a multiple of"),
     ("hidden_size", "true", "hidden_size must be a positive integer"),
     ("vocab_size", str(2 ** 40), r"vocab_size must be a positive integer below 2\^31"),
+    ("num_hidden_layers", str(2 ** 30), "num_hidden_layers = 1073741824 is beyond the supported"),
+    ("head_dim", str(2 ** 30), "head_dim = 1073741824 is beyond the supported"),
     ("mlp_bias", "true", "mlp_bias = True is not supported"),
     ("hidden_act", '"gelu"', "hidden_act = 'gelu' is not supported"),
 ]

@@ -52,6 +52,8 @@ MISTRAL = register(Family(
     refused=(SILU_ONLY,),
     unused=UNUSED_ROTARY,
     hf_fixed={"hidden_act": "silu"},
+    hf_omit=("layer_types",),  # derived from sliding_window (transformers reads a Mistral config with
+                               # layer_types as Ministral)
 ))
 
 QWEN2_FIELDS = (tuple(f for f in common_fields(max_position_embeddings=32768) if f.name != "attention_bias")
