@@ -276,3 +276,34 @@ def test_gelu_mul_and_scale():
     x = np.ones((2, 3), np.float32)
     y = backend.scale(x, math.sqrt(640))
     assert y.dtype == np.float32 and y is not x and np.all(y == np.float32(math.sqrt(640))) and np.all(x == 1)
+
+
+def test_one_layer_builds_alone_with_gemma_norms_folded(tmp_path):
+    """model_layer_weights: what the converter streams layer by layer; Gemma's (1 + w) folded at load."""
+    from mxq.format_spec import MxqFile
+    from mxq.runtime.model import model_layer_weights
+
+    convert(fixtures.ensure("tiny-gemma3"), tmp_path / "g.mxq", bpw=16, configs="fp16", cache_dir=None)
+    backend = NumpyBackend(threads=1)
+    asked = []
+    with MxqFile.open(tmp_path / "g.mxq") as f:
+        config = ModelConfig.from_json(f.model)
+
+        def tensor(name, shape, required=True):
+            asked.append(name)
+            assert tuple(f.tensors[name].shape) == shape
+            return backend.prepare(f.tensors[name], f.blobs(name))
+
+        layer = model_layer_weights(config, 2, tensor)
+        stored = f.blobs("model.layers.2.post_feedforward_layernorm.weight")["data"].astype(np.float32)
+        np.testing.assert_array_equal(layer.mlp_out_norm, stored + 1)
+    assert all(name.startswith("model.layers.2.") for name in asked) and len(asked) == 13
+    assert layer.o_bias is None and layer.q_norm.shape == (config.head_dim,)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fixture_build_is_deterministic(name, tmp_path):
+    built = fixtures.build(name, tmp_path / name)
+    cached = fixtures.ensure(name)
+    for file in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (built / file).read_bytes() == (cached / file).read_bytes(), file
