@@ -307,3 +307,26 @@ def test_fixture_build_is_deterministic(name, tmp_path):
     cached = fixtures.ensure(name)
     for file in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (built / file).read_bytes() == (cached / file).read_bytes(), file
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_sliding_window_variants_match_transformers(tmp_path, kind):
+    """Mistral's window over every layer; Qwen2/3's from max_window_layers on (use_sliding_window)."""
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, sliding_window=6, tie_word_embeddings=False,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "mistral":
+        config = transformers.MistralConfig(**common)
+    else:
+        cls = transformers.Qwen2Config if kind == "qwen2" else transformers.Qwen3Config
+        config = cls(**common, use_sliding_window=True, max_window_layers=1)
+    source = tmp_path / "src"
+    source.mkdir()
+    fixtures.build_tiny(source, config, seed=9)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(fixtures.ensure("tiny-qwen2") / name, source / name)
+    checkpoint = read_checkpoint(source)
+    windows = [checkpoint.config.layer_window(i) for i in range(3)]
+    assert windows == ([6, 6, 6] if kind == "mistral" else [None, 6, 6])
+    convert(source, tmp_path / "m.mxq", bpw=16, configs="fp16", cache_dir=None)
+    check_parity(tmp_path / "m.mxq", hf_model(source, round_to_fp16=True))
