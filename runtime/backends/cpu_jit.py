@@ -5,6 +5,11 @@ cache: Numba's cache lives in $NUMBA_CACHE_DIR, which defaults here to the mxq c
 numba/ ($MXQ_CACHE_DIR/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
 (~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
 the numpy backend keeps its NumPy path and one notice on stderr says why.
+
+Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): a
+decode step launches ~200 short parallel kernels with Python work in between, and spinning
+workers on a busy machine (more runnable threads than cores) made decoding 20x slower than one
+thread in our measurements; sleeping costs a wake-up per kernel instead.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ def _load():
             os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
         except OSError as error:
             return f"cannot create the kernel cache {cache_dir()}: {error.strerror}"
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read when the OpenMP runtime loads (first kernel)
     try:
         import numba
     except ImportError:

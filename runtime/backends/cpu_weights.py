@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
-KERNEL_MAX_TOKENS = 8  # up to this many rows of x, use the compiled kernels (measured: tools/bench_decode.py)
+KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
