@@ -12,7 +12,7 @@ import pytest
 
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
-from mxq.runtime.backends.numpy_backend import NumpyBackend
+from mxq.runtime.backends.numpy_backend import KERNEL_PARALLEL_MIN_WEIGHTS, NumpyBackend
 
 pytest.importorskip("numba")
 RTOL = 2e-5
@@ -90,9 +90,10 @@ def test_thread_splits_give_identical_rows():
     from conftest import random_affine_blobs
 
     rng = np.random.default_rng(4)
-    shape, config = (203, 300), StorageConfig.affine(3, 64, 25)
+    shape, config = (1031, 520), StorageConfig.affine(3, 64, 25)  # above KERNEL_PARALLEL_MIN_WEIGHTS
+    assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
     blobs = random_affine_blobs(rng, shape, config)
-    x = rng.standard_normal((2, 300)).astype(np.float32)
+    x = rng.standard_normal((2, 520)).astype(np.float32)
     results = []
     for threads in (1, 2, 5):
         backend = NumpyBackend(threads=threads)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
+KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices run on one thread (e.g. attention's q/k/v/o)
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
@@ -128,8 +129,8 @@ class DenseWeight:
         kernels = self.backend.kernels_for(T)
         if kernels is not None:
             y = np.empty((T, out_features), dtype=np.float32)
-            if self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits, *kernel_extras(kernels, bias, residual),
-                                       y, self.backend.threads):
+            if self.backend.run_kernel(kernels.fp16_matmul, out_features * in_features, x, self.half_bits,
+                                       *kernel_extras(kernels, bias, residual), y):
                 return y
         y = np.empty((T, out_features), dtype=np.float32)
         chunk = _chunk_rows(T, in_features)
@@ -303,9 +304,9 @@ class AffineWeight:
         if kernels is not None:
             y = np.empty((T, out_features), dtype=np.float32)
             csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
-            if self.backend.run_kernel(kernels.affine_matmul, x, self.packed, self.scale_codes, self.scale_meta,
-                                       self.zero_codes, self.zero_meta, self.bits, self.group_size, *csr,
-                                       *kernel_extras(kernels, bias, residual), y, self.backend.threads):
+            if self.backend.run_kernel(kernels.affine_matmul, out_features * in_features, x, self.packed,
+                                       self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta, self.bits,
+                                       self.group_size, *csr, *kernel_extras(kernels, bias, residual), y):
                 return y
         return add_bias_residual(self.numpy_matmul(x), bias, residual)
 
