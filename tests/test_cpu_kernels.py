@@ -12,7 +12,8 @@ import pytest
 
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
-from mxq.runtime.backends.numpy_backend import KERNEL_PARALLEL_MIN_WEIGHTS, NumpyBackend
+from mxq.runtime.backends.cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS
+from mxq.runtime.backends.numpy_backend import NumpyBackend
 
 pytest.importorskip("numba")
 RTOL = 2e-5
@@ -87,6 +88,7 @@ def test_more_tokens_than_the_kernel_limit_take_the_numpy_path(backends):
 
 
 def test_thread_splits_give_identical_rows():
+    """1 thread runs affine_matmul_serial, more run the parallel kernel: the same numbers."""
     from conftest import random_affine_blobs
 
     rng = np.random.default_rng(4)
@@ -118,6 +120,8 @@ def test_a_failing_kernel_falls_back_with_one_notice(capsys):
         @staticmethod
         def affine_matmul(*args):
             raise RuntimeError("LLVM exploded")
+
+        affine_matmul_serial = affine_matmul
 
     state = dict(cpu_jit._state)
     try:

@@ -1,20 +1,23 @@
 """Compiled CPU kernels (Numba): products straight from the packed file bytes (lean mode).
 
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
-                  row_ptr, cols, values, bias, residual, y)      y = x @ Wᵀ (+ bias) (+ residual)
-    fp16_matmul(x, half_bits, bias, residual, y)                 the same for an fp16 matrix
+                  row_ptr, cols, values, bias, residual, y, n_parts)   y = x @ Wᵀ (+ bias) (+ residual)
+    affine_matmul_serial(... the same ...)                              on the calling thread only
+    fp16_matmul(x, half_bits, bias, residual, y, n_parts)               the same for an fp16 matrix
 
 How a row of an affine matrix is multiplied. The packed stream repeats every B bytes (a "unit")
 holding U codes (4-bit: 2 per byte; 3-bit: 8 per 3 bytes ...; code j of a unit sits at bit j·b).
 x is first rearranged into planes, xq[j·NU + u] = x[u·U + j] (NU units per row; zeros past
-in_features, so padding codes contribute nothing). One loop over the row's units then computes
-    unit_sum[u] = Σ_j code_j(u) · xq[j·NU + u]                  (SIMD over u, bits known per branch)
-group k's plain dot product Σ q·x is the sum of its g/U consecutive unit sums, and with the group's
-scale s and zero z decoded on the fly from the file's 8-bit codes (value = code·step + min, one
-(step, min) per run of 128 values, SPEC.md §6.2):
-    y[r] = Σ_k s_k · (Σ_{c∈k} q_c·x_c − z_k · Σ_{c∈k} x_c)        (w = (q − z)·s, SPEC.md §6.1)
-then CSR outliers (y[r] += Σ v·x[c]), bias and residual. Rows are split over threads (prange);
-every packed byte is read from memory once per call (T > 1 tokens re-read the row from L1).
+in_features, so padding codes contribute nothing), and summed per group (Σx_k). Per row, the
+group scales s_k and zeros z_k are decoded from the file's 8-bit codes (value = code·step + min,
+one (step, min) per run of 128 values, SPEC.md §6.2), then with w = (q − z)·s (SPEC.md §6.1):
+    y[r] = Σ_u s_{k(u)} · Σ_j code_j(u)·xq[j·NU + u]  −  Σ_k s_k·z_k·Σx_k
+The first sum is one long SIMD loop over the row's units (`scaled_dot`), compiled once per
+(bits, units per group) so that the scale index k(u) = u >> shift has a constant shift. Then CSR
+outliers (y[r] += Σ v·x[c]), bias and residual. Rows are split into n_parts parallel parts
+(prange); every packed byte is read from memory once per call (T > 1 tokens re-read a row from L1).
+Integer codes are handled in 32-bit lanes by two tiny LLVM intrinsics (`word`, `field`): Numba
+would widen them to 64 bits and halve the SIMD width.
 
 Array types are fixed (see `warm_up`) so each kernel compiles exactly once:
 x, y, residual float32 2-D C; packed, codes, half_bits 2-D C read-only (views of the mmapped
@@ -212,16 +215,31 @@ def affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bit
                   row_ptr, cols, values, bias, residual, y, n_parts):
     """y (T, out) = x (T, in) @ Wᵀ + bias + residual for a packed affine W (see the module doc);
     the rows are cut into n_parts contiguous parts run in parallel (one per thread)."""
+    xq, xsum = plane_x(x, bits, group_size, packed.shape[1], scale_codes.shape[1])
+    R = packed.shape[0]
+    step = -(-R // n_parts)
+    for part in prange(n_parts):
+        affine_rows(part * step, min(R, (part + 1) * step), x, packed, scale_codes, scale_meta, zero_codes,
+                    zero_meta, bits, group_size, row_ptr, cols, values, bias, residual, y, xq, xsum)
+
+
+@njit(**SERIAL)
+def affine_matmul_serial(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
+                         row_ptr, cols, values, bias, residual, y, n_parts):
+    """affine_matmul on the calling thread (small matrices: no worker wake-ups); n_parts unused."""
+    xq, xsum = plane_x(x, bits, group_size, packed.shape[1], scale_codes.shape[1])
+    affine_rows(0, packed.shape[0], x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
+                row_ptr, cols, values, bias, residual, y, xq, xsum)
+
+
+@njit(**SERIAL)
+def plane_x(x, bits, group_size, n_bytes, G):
+    """x (T, in) → xq (T, U·NU) in plane order with zeros at padding, and xsum (T, G) = Σx per group."""
     T, n_in = x.shape
-    R, n_bytes = packed.shape
-    G = scale_codes.shape[1]
     U, B = unit_shape(bits)
     NU = n_bytes // B  # units per row
-    shift = 0  # log2(units per group)
-    while (1 << shift) * U < group_size:
-        shift += 1
-    xq = np.empty((T, U * NU), np.float32)  # x in plane order, zeros at padding
-    xsum = np.zeros((T, G), np.float32)  # Σ x over each group's columns
+    xq = np.empty((T, U * NU), np.float32)
+    xsum = np.zeros((T, G), np.float32)
     for t in range(T):
         for j in range(U):
             for u in range(NU):
@@ -229,28 +247,40 @@ def affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bit
                 xq[t, j * NU + u] = x[t, c] if c < n_in else np.float32(0.0)
         for c in range(n_in):
             xsum[t, c // group_size] += x[t, c]
+    return xq, xsum
+
+
+@njit(**SERIAL)
+def affine_rows(r0, r1, x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
+                row_ptr, cols, values, bias, residual, y, xq, xsum):
+    """y[:, r0:r1] of affine_matmul, given plane_x's xq and xsum."""
+    T = x.shape[0]
+    G = scale_codes.shape[1]
+    U, B = unit_shape(bits)
+    NU = packed.shape[1] // B
+    shift = 0  # log2(units per group)
+    while (1 << shift) * U < group_size:
+        shift += 1
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
-    step = -(-R // n_parts)
-    for part in prange(n_parts):
-        scale = np.empty(G, np.float32)  # this row's decoded scales and zeros
-        zero = np.empty(G, np.float32)
-        for r in range(part * step, min(R, (part + 1) * step)):
+    scale = np.empty(G, np.float32)  # this row's decoded scales and zeros
+    zero = np.empty(G, np.float32)
+    for r in range(r0, r1):
+        for k in range(G):
+            run = (r * G + k) >> META_RUN_SHIFT
+            scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
+            zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
+        for t in range(T):
+            acc = scaled_dot(packed[r], bits, xq[t], NU, scale, shift)
             for k in range(G):
-                run = (r * G + k) >> META_RUN_SHIFT
-                scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
-                zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
-            for t in range(T):
-                acc = scaled_dot(packed[r], bits, xq[t], NU, scale, shift)
-                for k in range(G):
-                    acc -= scale[k] * zero[k] * xsum[t, k]
-                if has_outliers:
-                    for i in range(row_ptr[r], row_ptr[r + 1]):
-                        acc += half_to_float(values[i]) * x[t, cols[i]]
-                if has_bias:
-                    acc += bias[r]
-                if has_residual:
-                    acc += residual[t, r]
-                y[t, r] = acc
+                acc -= scale[k] * zero[k] * xsum[t, k]
+            if has_outliers:
+                for i in range(row_ptr[r], row_ptr[r + 1]):
+                    acc += half_to_float(values[i]) * x[t, cols[i]]
+            if has_bias:
+                acc += bias[r]
+            if has_residual:
+                acc += residual[t, r]
+            y[t, r] = acc
 
 
 @njit(**PARALLEL)
@@ -291,6 +321,7 @@ def warm_up() -> None:
         packed = readonly(rng.integers(0, 256, (3, G * 32 * bits // 8)).astype(np.uint8))
         codes = readonly(np.zeros((3, G), np.uint8))
         meta = np.ones((1, 2), np.float32)
-        affine_matmul(x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
-                      NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        for kernel in (affine_matmul, affine_matmul_serial):
+            kernel(x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
+                   NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
     fp16_matmul(x, readonly(np.zeros((3, 40), np.uint16)), NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)

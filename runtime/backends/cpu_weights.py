@@ -129,8 +129,8 @@ class DenseWeight:
         kernels = self.backend.kernels_for(T)
         if kernels is not None:
             y = np.empty((T, out_features), dtype=np.float32)
-            if self.backend.run_kernel(kernels.fp16_matmul, out_features * in_features, x, self.half_bits,
-                                       *kernel_extras(kernels, bias, residual), y):
+            if self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits, *kernel_extras(kernels, bias, residual),
+                                       y):
                 return y
         y = np.empty((T, out_features), dtype=np.float32)
         chunk = _chunk_rows(T, in_features)
@@ -304,7 +304,9 @@ class AffineWeight:
         if kernels is not None:
             y = np.empty((T, out_features), dtype=np.float32)
             csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
-            if self.backend.run_kernel(kernels.affine_matmul, out_features * in_features, x, self.packed,
+            parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
+            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
+            if self.backend.run_kernel(kernel, x, self.packed,
                                        self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta, self.bits,
                                        self.group_size, *csr, *kernel_extras(kernels, bias, residual), y):
                 return y

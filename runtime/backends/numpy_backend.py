@@ -22,7 +22,7 @@ from .base import Backend, LayerCache
 from .blas import blas_threads
 from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
-from .cpu_weights import KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, AffineWeight, DenseWeight  # noqa: F401
+from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention (bounds the score matrix)
 
@@ -49,7 +49,6 @@ class NumpyBackend(Backend):
         if self.kernels is not None:
             import numba
 
-            self._numba = numba
             self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
             numba.set_num_threads(self.threads)
 
@@ -58,21 +57,11 @@ class NumpyBackend(Backend):
         """The compiled kernel module when it should multiply n_tokens rows of x, else None."""
         return self.kernels if n_tokens <= KERNEL_MAX_TOKENS else None
 
-    def run_kernel(self, kernel, n_weights: int, *args) -> bool:
-        """kernel(*args, n_parts): the rows split over all threads when the matrix has at least
-        KERNEL_PARALLEL_MIN_WEIGHTS weights, else on this thread alone (waking the workers costs
-        more than they save). False if the kernel failed — then the kernels are switched off for
+    def run_kernel(self, kernel, *args) -> bool:
+        """kernel(*args, self.threads); False if it failed — then the kernels are switched off for
         good (one notice) and the caller takes the NumPy path."""
-        parallel = self.threads > 1 and n_weights >= KERNEL_PARALLEL_MIN_WEIGHTS
         try:
-            if parallel:
-                kernel(*args, self.threads)
-            else:
-                self._numba.set_num_threads(1)
-                try:
-                    kernel(*args, 1)
-                finally:
-                    self._numba.set_num_threads(self.threads)
+            kernel(*args, self.threads)
             return True
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
             disable_kernels(f"{type(error).__name__}: {error}")
