@@ -66,6 +66,9 @@ def _load():
     try:
         from . import cpu_kernels
 
+        cache = Path(numba.config.CACHE_DIR)
+        if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
+            print(f"mxq: compiling the CPU kernels (once; about a minute; cached in {cache})", file=sys.stderr)
         cpu_kernels.warm_up()  # compile (or load from the cache) every kernel now, not mid-generation
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

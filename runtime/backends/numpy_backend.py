@@ -40,17 +40,17 @@ class NumpyBackend(Backend):
         env = os.environ.get("MXQ_THREADS", "")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = max(1, threads or (int(env) if env.isdigit() and int(env) > 0 else min(cpus, 8)))
-        self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
-        self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
-        self.blas = blas_threads()
-        self.blas.set(1)
         # compiled kernels serve lean-mode decode; the cached mode's float32 products are BLAS
         self.kernels = load_kernels() if kernels and not self.cache_dequantized else None
         if self.kernels is not None:
             import numba
 
-            self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
+            self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # Numba's pool size
             numba.set_num_threads(self.threads)
+        self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
+        self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
+        self.blas = blas_threads()
+        self.blas.set(1)
 
     # -- compiled kernels --------------------------------------------------------------------------
     def kernels_for(self, n_tokens: int):
