@@ -8,7 +8,8 @@ Two memory modes (chosen at load, see NumpyBackend):
   lean (default)      Weights stay packed in the memory-mapped file: codes, the 8-bit scale/zero
                       codes and CSR outliers are zero-copy views of it; only the fp16 (step, min)
                       pairs of the metadata runs are widened to float32 (1/128 of the metadata).
-                      Resident memory ≈ the file. Products:
+                      Resident memory ≈ the file (+ ~100 MiB for Numba/LLVM when the kernels
+                      are loaded). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
                           cpu_kernels.py — unpack, dequantize and dot product fused, rows in
                           parallel, each packed byte read once per token;
