@@ -1,13 +1,21 @@
-"""Benchmark mxq's runtime against transformers fp32 on the same checkpoint, in one run.
+"""Benchmark mxq's CPU runtime against its memory roofline, transformers fp32 and (optionally)
+llama.cpp, in one run.
 
-    python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--json]
+    python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N]
+        [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
-For each of: mxq lean (weights packed, dequantized per use), mxq cached (--cache-dequantized) and
-transformers fp32 (HF_DIR, the checkpoint the file was converted from), a fresh subprocess loads
-the model, prefills the same seeded random prompt, then decodes greedily token by token (no
-stopping at EOS) and reports load time, prefill tok/s, decode tok/s and peak RSS (clean per mode
-because each is its own process). Ratios are against transformers. Targets (issue #4, SmolLM2):
-lean decode >= 0.25x transformers and RSS <= file + KV cache + 300 MiB; cached decode >= 1.0x.
+1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
+   than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
+2. Roofline decode tok/s for the file = bandwidth ÷ bytes a decode step must read: every matrix
+   used as a linear layer (a tied embedding counts once, as the lm_head) plus the 1-D tensors.
+3. For each of: mxq lean (weights packed; compiled kernels for decode), mxq cached
+   (--cache-dequantized) and transformers fp32 (HF_DIR, the checkpoint the file came from), a fresh
+   subprocess loads the model, prefills the same seeded random prompt, then decodes greedily token by
+   token (no stopping at EOS): load time, prefill tok/s, decode tok/s, % of the roofline, peak RSS.
+   lean-numpy is the lean mode without the compiled kernels (MXQ_KERNELS=numpy): the NumPy path.
+4. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
+Ratios are against transformers, measured in the same run (the machine may be shared: compare
+ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
 """
 from __future__ import annotations
 
@@ -19,7 +27,8 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "cached", "transformers")
+MODES = ("lean", "lean-numpy", "cached", "transformers")  # lean-numpy: lean without the compiled kernels
+BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
 
 
 def peak_rss_mib() -> float:
@@ -57,6 +66,69 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new) -> dict:
             "kv_cache_mib": kv_mib, "tokens": tokens, "threads": lm.backend.threads}
 
 
+def measure_bandwidth(threads) -> dict:
+    """GB/s of the best of 5 runs of a float32 GEMV and of a read-only sum over BANDWIDTH_MIB."""
+    import numba
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def gemv(w, x, y):
+        for r in prange(w.shape[0]):
+            acc = np.float32(0.0)
+            for c in range(w.shape[1]):
+                acc += w[r, c] * x[c]
+            y[r] = acc
+
+    @njit(parallel=True, fastmath=True)
+    def total(a):
+        acc = np.float32(0.0)
+        for i in prange(a.size):
+            acc += a[i]
+        return acc
+
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    w = np.ones((BANDWIDTH_MIB * 2**20 // 4 // 4096, 4096), np.float32)
+    x, y = np.ones(4096, np.float32), np.empty(w.shape[0], np.float32)
+    result = {"threads": numba.get_num_threads()}
+    for name, run in (("gemv_gb_s", lambda: gemv(w, x, y)), ("sum_gb_s", lambda: total(w.reshape(-1)))):
+        run()
+        best = min(_timed(run) for _ in range(5))
+        result[name] = w.nbytes / best / 1e9
+    result["gb_s"] = max(result["gemv_gb_s"], result["sum_gb_s"])
+    return result
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_bytes(path) -> int:
+    """Bytes one decode step reads from the file: every tensor but an embedding that is only gathered
+    from (a tied embedding is read in full as the lm_head)."""
+    from mxq.format_spec import MxqFile
+
+    with MxqFile.open(path) as f:
+        tied = "lm_head.weight" not in f.tensors
+        return sum(ref.nbytes for name, entry in f.tensors.items() for ref in entry.blobs.values()
+                   if name != "model.embed_tokens.weight" or tied)
+
+
+def run_llama_bench(gguf, llama_bench, n_prompt, n_new, threads) -> dict:
+    cmd = [llama_bench, "-m", gguf, "-p", str(n_prompt), "-n", str(n_new), "-o", "json"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"llama-bench failed:\n{done.stderr[-2000:]}")
+    rows = json.loads(done.stdout)
+    rate = lambda kind: next(r["avg_ts"] for r in rows if (r["n_gen"] > 0) == (kind == "gen"))
+    return {"prefill_tok_s": rate("prompt"), "decode_tok_s": rate("gen"), "file_mib": os.path.getsize(gguf) / 2**20}
+
+
 def run_transformers(hf_dir, n_prompt, n_new) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -87,6 +159,8 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     if args.worker == "transformers":
         result = run_transformers(args.hf_dir, args.prompt_tokens, args.new_tokens)
+    elif args.worker == "bandwidth":
+        result = measure_bandwidth(args.threads)
     else:
         result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -102,17 +176,21 @@ def main(argv=None):
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every mode (MXQ_THREADS and torch.set_num_threads); default: each library's own")
+    ap.add_argument("--compare-gguf", nargs=2, metavar=("GGUF", "LLAMA_BENCH"),
+                    help="also run llama.cpp's llama-bench binary on a GGUF file")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=MODES + ("bandwidth",), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
 
     results = {}
-    for mode in args.modes.split(","):
+    for mode in ["bandwidth"] + args.modes.split(","):
         cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ)
+        if mode == "lean-numpy":
+            env["MXQ_KERNELS"] = "numpy"
         if args.threads:
             cmd += ["--threads", str(args.threads)]
             env["MXQ_THREADS"] = str(args.threads)
@@ -120,32 +198,50 @@ def main(argv=None):
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    bandwidth = results.pop("bandwidth")
+    if args.compare_gguf:
+        results["llama.cpp"] = run_llama_bench(*args.compare_gguf, args.prompt_tokens, args.new_tokens, args.threads)
     file_mib = os.path.getsize(args.file) / 2**20
+    step_bytes = decode_bytes(args.file)
+    roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
+        if mode in ("lean", "lean-numpy", "cached"):
+            r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
+        if mode == "llama.cpp":  # against the roofline of its own file
+            r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)
         if ref and mode != "transformers":
             r["decode_ratio"] = r["decode_tok_s"] / ref["decode_tok_s"]
             r["prefill_ratio"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
             r["same_greedy_tokens"] = r["tokens"] == ref["tokens"]
         if mode == "lean":
-            r["rss_budget_mib"] = file_mib + r["kv_cache_mib"] + 300
+            r["rss_budget_mib"] = 1.25 * file_mib + r["kv_cache_mib"] + 64
     if args.json:
-        print(json.dumps({"file": args.file, "file_mib": file_mib, "hf_dir": args.hf_dir,
-                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results},
-                         indent=1))
+        print(json.dumps({"file": args.file, "file_mib": file_mib, "hf_dir": args.hf_dir, "bandwidth": bandwidth,
+                          "decode_bytes": step_bytes, "roofline_tok_s": roofline, "prompt_tokens": args.prompt_tokens,
+                          "new_tokens": args.new_tokens, "results": results}, indent=1))
         return
     print(f"{args.file}: {file_mib:.1f} MiB; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "
           f"{os.cpu_count()} CPUs; threads: {args.threads or 'library defaults'}; load average "
           f"{os.getloadavg()[0]:.1f} (other processes skew every number)")
-    print(f"{'mode':<13} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}"
-          f" {'decode x':>9} {'prefill x':>10}")
+    print(f"read bandwidth ({bandwidth['threads']} threads, {BANDWIDTH_MIB} MiB): float32 GEMV "
+          f"{bandwidth['gemv_gb_s']:.1f} GB/s, read-only sum {bandwidth['sum_gb_s']:.1f} GB/s -> "
+          f"{bandwidth['gb_s']:.1f} GB/s")
+    print(f"decode step reads {step_bytes / 2**20:.1f} MiB -> roofline {roofline:.1f} tok/s")
+    print(f"{'mode':<13} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'% roofline':>11}"
+          f" {'peak RSS MiB':>13} {'decode x':>9} {'prefill x':>10}")
     for mode, r in results.items():
         ratios = (f" {r['decode_ratio']:>9.2f} {r['prefill_ratio']:>10.2f}" if "decode_ratio" in r else "")
-        print(f"{mode:<13} {r['load_s']:>7.2f} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}"
-              f" {r['peak_rss_mib']:>13.1f}{ratios}")
+        pct = f"{r['roofline_pct']:.1f}%" if "roofline_pct" in r else "-"
+        load = f"{r['load_s']:.2f}" if "load_s" in r else "-"
+        rss = f"{r['peak_rss_mib']:.1f}" if "peak_rss_mib" in r else "-"
+        print(f"{mode:<13} {load:>7} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {pct:>11}"
+              f" {rss:>13}{ratios}")
+    if "llama.cpp" in results:
+        print("llama.cpp's % roofline is against its own file's size at the same bandwidth")
     if "lean" in results:
         lean = results["lean"]
-        print(f"lean RSS budget (file + KV cache + 300 MiB): {lean['rss_budget_mib']:.1f} MiB -> "
+        print(f"lean RSS budget (1.25 x file + KV cache + 64 MiB): {lean['rss_budget_mib']:.1f} MiB -> "
               f"{'within' if lean['peak_rss_mib'] <= lean['rss_budget_mib'] else 'OVER'}")
     for mode, r in results.items():
         if "same_greedy_tokens" in r:

@@ -1,0 +1,373 @@
+"""The CPU backend's weight handles: how a stored matrix is multiplied on the CPU.
+
+    DenseWeight    an fp16 matrix (a tied embedding / lm_head)
+    AffineWeight   a packed `affine` matrix (SPEC.md §5–§7), kept as the file's bytes
+
+Two memory modes (chosen at load, see NumpyBackend):
+
+  lean (default)      Weights stay packed in the memory-mapped file: codes, the 8-bit scale/zero
+                      codes and CSR outliers are zero-copy views of it; only the fp16 (step, min)
+                      pairs of the metadata runs are widened to float32 (1/128 of the metadata).
+                      Resident memory ≈ the file (+ ~100 MiB for Numba/LLVM when the kernels
+                      are loaded). Products:
+                        * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
+                          cpu_kernels.py — unpack, dequantize and dot product fused, rows in
+                          parallel, each packed byte read once per token;
+                        * more tokens (prefill), or without the kernels: the NumPy path below.
+  cache_dequantized   Every matrix is dequantized once at load to float32 and kept (4 bytes per
+                      weight on top of the file); products are plain BLAS.
+
+The NumPy path (the reference the kernels are tested against). The packed stream is a
+little-endian bit stream, so b-bit codes come in *units* of U codes per B bytes (4-bit: 2 per
+byte, 3-bit: 8 per 3 bytes ...). `unpack_planes` cuts code j of every unit out of a whole chunk
+of rows at once ("plane" j) with shifts and masks on 8 bytes at a time. Within each group the
+codes then sit plane-major, a fixed permutation of the columns (`column_order`). Instead of undoing
+it, the input x is permuted the same way (cheap: one row per token) and padded with zeros for the
+padded last group, so padding codes contribute nothing.
+  decode (≤ 8 tokens):  per group k, P[k] = codes[k] @ x[k] with BLAS (codes cast to float32 once),
+                        then y = Σ_k scale[k]·P[k] − Σ_k scale[k]·zero[k]·Σx[k]: no other float32
+                        pass over the weights.
+  prefill (more):       W = (codes − zero)·scale in float32 (SPEC.md §6.1), y = x @ Wᵀ (sgemm).
+Scales and zeros are decoded per chunk of rows from the 8-bit codes (SPEC.md §6.2). CSR outliers
+are added as y[:, r] += Σ v·x[:, c], the same as adding them to W.
+"""
+from __future__ import annotations
+
+from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...format_spec.layout import META_GROUP_SIZE
+
+if TYPE_CHECKING:
+    from .numpy_backend import NumpyBackend
+
+# bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
+UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
+KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
+KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices run on one thread (e.g. attention's q/k/v/o)
+DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
+DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
+PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
+PARALLEL_MIN_WORK = 1 << 18  # split a product over threads from this many weights to dequantize ...
+PARALLEL_MIN_FLOPS = 1 << 23  # ... or multiply-adds with cached float32 weights
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only C-contiguous view (mmapped blobs are read-only: the kernels compile for that)."""
+    a = np.ascontiguousarray(a).view()
+    a.flags.writeable = False
+    return a
+
+
+def add_bias_residual(y: np.ndarray, bias, residual) -> np.ndarray:
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp16 weights
+
+
+def half_to_float(h: np.ndarray, out: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """fp16 → fp32 with integer ops (3x faster than astype): shift exponent+mantissa into place and
+    rescale by 2^112, which also turns fp16 subnormals into the right fp32 normals. Not for inf/NaN
+    (weights never hold them). `out` float32 and `sign` uint32 buffers of h's shape."""
+    bits = out.view(np.uint32)
+    np.copyto(bits, h.view(np.uint16))
+    np.bitwise_and(bits, np.uint32(0x8000), out=sign)
+    np.left_shift(sign, np.uint32(16), out=sign)
+    np.bitwise_and(bits, np.uint32(0x7FFF), out=bits)
+    np.left_shift(bits, np.uint32(13), out=bits)
+    np.multiply(out, np.float32(2.0 ** 112), out=out)
+    np.bitwise_or(bits, sign, out=bits)
+    return out
+
+
+def dense_matmul(backend: NumpyBackend, dense: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x (T, in) @ dense (out, in)ᵀ, split over threads by output rows when big enough."""
+    T, (out_features, in_features) = x.shape[0], dense.shape
+    y = np.empty((T, out_features), dtype=np.float32)
+
+    def part(r0, r1, scratch):
+        y[:, r0:r1] = x @ dense[r0:r1].T
+
+    backend.parallel_rows(out_features, out_features * in_features * T >= PARALLEL_MIN_FLOPS, part)
+    return y
+
+
+class DenseWeight:
+    """An fp16 matrix (out, in): multiplied from the fp16 file bytes (lean: compiled kernel for few
+    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached)."""
+
+    def __init__(self, name, data: np.ndarray, backend: NumpyBackend):
+        self.name, self.data, self.backend = name, data, backend
+        self.shape = data.shape
+        self.half_bits = readonly(data.view(np.uint16))  # (out, in) fp16 bit patterns, zero-copy
+        self.dense = None  # float32 (out, in) once cached
+
+    def cache(self):
+        if self.dense is None:
+            self.dense = self.data.astype(np.float32)
+
+    def rows(self, ids):
+        if self.dense is not None:
+            return self.dense[ids]
+        return self.data[ids].astype(np.float32)  # (T, in)
+
+    def matmul(self, x, bias=None, residual=None):
+        """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, out)."""
+        if self.dense is None and self.backend.cache_dequantized:
+            self.cache()  # a tied embedding, first used as lm_head
+        if self.dense is not None:
+            return add_bias_residual(dense_matmul(self.backend, self.dense, x), bias, residual)
+        out_features, in_features = self.shape
+        T = x.shape[0]
+        kernels = self.backend.kernels_for(T)
+        if kernels is not None:
+            y = np.empty((T, out_features), dtype=np.float32)
+            if self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits, *kernel_extras(kernels, bias, residual),
+                                       y):
+                return y
+        y = np.empty((T, out_features), dtype=np.float32)
+        chunk = _chunk_rows(T, in_features)
+
+        def part(r0, r1, scratch):
+            for c0 in range(r0, r1, chunk):
+                c1 = min(r1, c0 + chunk)
+                w = scratch("weight", (c1 - c0, in_features), np.float32)
+                half_to_float(self.data[c0:c1], w, scratch("sign", w.shape, np.uint32))
+                y[:, c0:c1] = x @ w.T  # (T, rows)
+
+        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        return add_bias_residual(y, bias, residual)
+
+
+def kernel_extras(kernels, bias, residual) -> tuple:
+    """(bias, residual) as the kernels take them: the NO_* stand-ins when absent."""
+    return (kernels.NO_FLOAT if bias is None else bias,
+            kernels.NO_RESIDUAL if residual is None else np.ascontiguousarray(residual, dtype=np.float32))
+
+
+def _repeat_byte(value: int) -> np.uint64:
+    return np.uint64(int.from_bytes(bytes([value]) * 8, "little"))
+
+
+def unpack_planes(packed: np.ndarray, bits: int, scratch) -> np.ndarray:
+    """Packed rows (R, n_bytes) uint8 → codes (U, R, n_units) uint8, U codes per unit of B bytes
+    (UNITS): codes[j, r, u] = code u·U + j of row r.
+
+    The B bytes of every unit are first split into B contiguous "byte planes"; code j of a unit
+    starts at bit j·b, i.e. in byte plane j·b div 8 at shift j·b mod 8, and may continue in the
+    next plane. Each code plane is then cut out of whole byte planes at once, 8 bytes per uint64
+    operation (SWAR: shifts and byte-repeated masks). scratch(name, shape, dtype) → buffers."""
+    U, B = UNITS[bits]
+    R, n_bytes = packed.shape
+    if bits == 8:
+        return packed.reshape(1, R, n_bytes)
+    n_units = n_bytes // B
+    L = R * n_units
+    Lp = -(-L // 8) * 8  # padded so every plane can be viewed as uint64
+    units = np.ascontiguousarray(packed).reshape(L, B)
+    planes = scratch("byte_planes", (B, Lp), np.uint8)
+    for k in range(B):
+        np.copyto(planes[k, :L], units[:, k])
+    words = planes.view(np.uint64)  # (B, Lp / 8)
+    out = scratch("codes", (U, Lp), np.uint8)
+    codes = out.view(np.uint64)  # (U, Lp / 8)
+    tmp = scratch("swar", (Lp // 8,), np.uint64)
+    for j in range(U):
+        byte, shift = divmod(j * bits, 8)
+        low = min(bits, 8 - shift)  # bits of the code in this byte; the rest start the next one
+        np.right_shift(words[byte], np.uint64(shift), out=codes[j])
+        np.bitwise_and(codes[j], _repeat_byte((1 << low) - 1), out=codes[j])
+        if low < bits:
+            np.bitwise_and(words[byte + 1], _repeat_byte((1 << (bits - low)) - 1), out=tmp)
+            np.left_shift(tmp, np.uint64(low), out=tmp)
+            np.bitwise_or(codes[j], tmp, out=codes[j])
+    return out[:, :L].reshape(U, R, n_units)
+
+
+@lru_cache(maxsize=64)
+def column_order(in_features: int, bits: int, group_size: int) -> np.ndarray:
+    """The input column of each position of the unpacked order: within a group, codes sit
+    plane-major (position j·(g/U) + u holds code u·U + j, see unpack_planes). Positions of the
+    padded last group point at index in_features (a zero appended to x). (G·g,) intp."""
+    U, _ = UNITS[bits]
+    per_group = group_size // U
+    p = np.arange(group_size)
+    in_group = (p % per_group) * U + p // per_group
+    n_groups = -(-in_features // group_size)
+    columns = (np.arange(n_groups)[:, None] * group_size + in_group[None, :]).reshape(-1)
+    columns[columns >= in_features] = in_features
+    return columns
+
+
+class AffineWeight:
+    """A packed `affine` matrix (out, in), multiplied straight from the mmapped file bytes (lean), or
+    dequantized once to float32 (cached). Lean mode keeps only views of the file plus the metadata
+    runs' (step, min) as float32 (one pair per 128 groups): scales and zeros are decoded when used."""
+
+    def __init__(self, entry, blobs: dict, backend: NumpyBackend):
+        self.name, self.shape, self.backend = entry.name, tuple(entry.shape), backend
+        self.bits, self.group_size = entry.config.bits, entry.config.group_size
+        out_features, in_features = self.shape
+        self.n_groups = -(-in_features // self.group_size)
+        self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, G·g·b/8), zero-copy
+        self.scale_codes = readonly(blobs["scale_codes"])  # (out, G) uint8, zero-copy
+        self.zero_codes = readonly(blobs["zero_codes"])
+        self.scale_meta = blobs["scale_meta"].astype(np.float32)  # (runs, 2): step, min
+        self.zero_meta = blobs["zero_meta"].astype(np.float32)
+        self.columns = column_order(in_features, self.bits, self.group_size)  # (G·g,)
+        self.csr = None  # (row_ptr uint32 (out+1,), cols uint16 (nnz,), fp16 bits uint16 (nnz,)), zero-copy
+        if entry.config.outliers:
+            self.csr = (readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
+                        readonly(blobs["outlier_values"].view(np.uint16)))
+        self.dense = None
+
+    @cached_property
+    def outliers(self):
+        """The NumPy path's outliers: (rows that have some, their first index, cols, float32 values,
+        row_ptr), or None."""
+        if self.csr is None:
+            return None
+        row_ptr = self.csr[0].astype(np.int64)
+        rows = np.flatnonzero(np.diff(row_ptr))
+        return rows, row_ptr[rows], self.csr[1].astype(np.intp), self.csr[2].view(np.float16).astype(np.float32), row_ptr
+
+    def meta_rows(self, r: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded (scale, zero), each (R, G) float32, of rows r (SPEC.md §6.2; = decode_meta)."""
+        rows = np.arange(self.shape[0])[r]
+        run = (rows[:, None] * self.n_groups + np.arange(self.n_groups)[None, :]) // META_GROUP_SIZE  # (R, G)
+        scale = self.scale_codes[r].astype(np.float32) * self.scale_meta[run, 0] + self.scale_meta[run, 1]
+        zero = self.zero_codes[r].astype(np.float32) * self.zero_meta[run, 0] + self.zero_meta[run, 1]
+        return scale, zero
+
+    def _codes(self, packed, scratch):
+        """Codes of packed rows (R, n_bytes) as (U, R, G, g/U) uint8 (see unpack_planes)."""
+        U, _ = UNITS[self.bits]
+        return unpack_planes(packed, self.bits, scratch).reshape(U, packed.shape[0], self.n_groups, -1)
+
+    def _dequantize_into(self, codes, r, w):
+        """w (R, G, U, g/U) float32 = (codes − zero)·scale (SPEC.md §6.1) for rows r."""
+        scale, zero = self.meta_rows(r)
+        np.subtract(codes.transpose(1, 2, 0, 3), zero[:, :, None, None], out=w)
+        np.multiply(w, scale[:, :, None, None], out=w)
+        return w
+
+    # -- full dequantization --------------------------------------------------------------------------
+    def dequantize_rows(self, r: np.ndarray | slice) -> np.ndarray:
+        """Float32 rows of W in the natural column order, outliers included: (R, in)."""
+        packed = np.ascontiguousarray(self.packed[r])
+        R, (_, in_features) = packed.shape[0], self.shape
+        U, _ = UNITS[self.bits]
+        codes = self._codes(packed, _fresh)
+        w = self._dequantize_into(codes, r, np.empty((R, self.n_groups, U, self.group_size // U), np.float32))
+        out = np.empty((R, in_features + 1), dtype=np.float32)
+        out[:, self.columns] = w.reshape(R, -1)  # the padding positions all land in column in_features
+        out = out[:, :in_features]
+        if self.outliers is not None:
+            _, _, cols, values, row_ptr = self.outliers
+            row_ids = np.arange(self.shape[0])[r]
+            first, counts = row_ptr[row_ids], row_ptr[row_ids + 1] - row_ptr[row_ids]  # (R,)
+            local = np.repeat(np.arange(R), counts)  # output row of each outlier taken
+            index = np.arange(counts.sum()) + np.repeat(first - (np.cumsum(counts) - counts), counts)
+            out[local, cols[index]] += values[index]  # (row, col) pairs are unique: no lost updates
+        return np.ascontiguousarray(out)
+
+    def cache(self):
+        if self.dense is None:
+            out_features = self.shape[0]
+            chunk = max(1, (64 << 20) // (4 * self.n_groups * self.group_size))
+            self.dense = np.empty(self.shape, dtype=np.float32)
+            for r0 in range(0, out_features, chunk):
+                self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
+
+    def rows(self, ids):
+        if self.dense is not None:
+            return self.dense[ids]
+        return self.dequantize_rows(ids)
+
+    # -- products -------------------------------------------------------------------------------------
+    def matmul(self, x, bias=None, residual=None):
+        """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, out)."""
+        if self.dense is None and self.backend.cache_dequantized:
+            self.cache()  # a tied embedding, first used as lm_head
+        if self.dense is not None:
+            return add_bias_residual(dense_matmul(self.backend, self.dense, x), bias, residual)
+        T, in_features = x.shape
+        out_features = self.shape[0]
+        kernels = self.backend.kernels_for(T)
+        if kernels is not None:
+            y = np.empty((T, out_features), dtype=np.float32)
+            csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
+            parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
+            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
+            if self.backend.run_kernel(kernel, x, self.packed,
+                                       self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta, self.bits,
+                                       self.group_size, *csr, *kernel_extras(kernels, bias, residual), y):
+                return y
+        return add_bias_residual(self.numpy_matmul(x), bias, residual)
+
+    def numpy_matmul(self, x):
+        """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""
+        T, in_features = x.shape
+        out_features = self.shape[0]
+        xe = np.empty((T, in_features + 1), np.float32)
+        xe[:, :in_features] = x
+        xe[:, in_features] = 0.0
+        x_perm = np.take(xe, self.columns, axis=1)  # (T, G·g) in unpack order, zeros at padding
+        y = np.empty((T, out_features), dtype=np.float32)
+        if T <= DECODE_MAX_TOKENS:
+            G, g = self.n_groups, self.group_size
+            xg = np.ascontiguousarray(x_perm.reshape(T, G, g).transpose(1, 2, 0))  # (G, g, T)
+            x_sum = x_perm.reshape(T, G, g).sum(axis=2)  # (T, G)
+            part = lambda r0, r1, scratch: self._decode_rows(xg, x_sum, y, r0, r1, scratch)
+        else:
+            part = lambda r0, r1, scratch: self._prefill_rows(x_perm, y, r0, r1, scratch)
+        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        if self.outliers is not None:
+            rows, starts, cols, values, _ = self.outliers
+            y[:, rows] += np.add.reduceat(x[:, cols] * values, starts, axis=1)  # (T, rows with outliers)
+        return y
+
+    def _decode_rows(self, xg, x_sum, y, r0, r1, scratch):
+        """y[:, r0:r1] for a few tokens: per group, (codes as float32) @ x with BLAS, then scales."""
+        G, g, T = xg.shape
+        U, _ = UNITS[self.bits]
+        chunk = _chunk_rows(T, G * g)
+        for c0 in range(r0, r1, chunk):
+            c1 = min(r1, c0 + chunk)
+            R = c1 - c0
+            codes = self._codes(self.packed[c0:c1], scratch)  # (U, R, G, g/U)
+            w = scratch("weight", (G, R, U, g // U), np.float32)
+            np.copyto(w, codes.transpose(2, 1, 0, 3))  # (G, R, g) float32 codes
+            partial = np.matmul(w.reshape(G, R, g), xg)  # (G, R, T): Σ code·x within each group
+            scale, zero = self.meta_rows(slice(c0, c1))  # (R, G)
+            partial *= scale.T[:, :, None]
+            y[:, c0:c1] = partial.sum(axis=0).T - x_sum @ (zero * scale).T
+
+    def _prefill_rows(self, x_perm, y, r0, r1, scratch):
+        """y[:, r0:r1] for many tokens: dequantize a chunk of rows to float32, then sgemm."""
+        G, g = self.n_groups, self.group_size
+        U, _ = UNITS[self.bits]
+        chunk = _chunk_rows(x_perm.shape[0], G * g)
+        for c0 in range(r0, r1, chunk):
+            c1 = min(r1, c0 + chunk)
+            R = c1 - c0
+            codes = self._codes(self.packed[c0:c1], scratch)
+            w = self._dequantize_into(codes, slice(c0, c1), scratch("weight", (R, G, U, g // U), np.float32))
+            y[:, c0:c1] = x_perm @ w.reshape(R, G * g).T  # (T, R)
+
+
+def _fresh(name, shape, dtype):
+    return np.empty(shape, dtype)
+
+
+def _chunk_rows(T: int, row_elements: int) -> int:
+    budget = DECODE_CHUNK_BYTES if T <= DECODE_MAX_TOKENS else PREFILL_CHUNK_BYTES
+    return max(8, budget // (4 * row_elements))

@@ -1,0 +1,219 @@
+"""The compiled CPU kernels (runtime/backends/cpu_kernels.py) against the NumPy reference path.
+
+Every affine config (bits × group size), odd shapes with a padded last group, with and without CSR
+outliers, bias and residual, 1 and a few tokens; the fp16 kernel; thread splits; the fallback when
+the JIT is missing or fails; compact lean-mode metadata; and whole tiny models' logits.
+Tolerance: the kernels sum in a different order (fastmath), so |y − y_ref| ≤ 2e-5 · max|y_ref|.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mxq.format_spec import StorageConfig, dequantize
+from mxq.runtime.backends import cpu_jit
+from mxq.runtime.backends.cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS
+from mxq.runtime.backends.numpy_backend import NumpyBackend
+
+pytest.importorskip("numba")
+RTOL = 2e-5
+
+
+class _Entry:
+    def __init__(self, name, shape, config, role="linear"):
+        self.name, self.shape, self.config, self.role = name, shape, config, role
+
+
+@pytest.fixture(scope="module")
+def backends():
+    fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
+    if fast.kernels is None:
+        pytest.fail("the compiled kernels did not load (see the notice on stderr)")
+    yield fast, ref
+    fast.close()
+    ref.close()
+
+
+def assert_close(y, y_ref):
+    assert y.shape == y_ref.shape and y.dtype == np.float32
+    assert np.abs(y - y_ref).max() <= RTOL * max(np.abs(y_ref).max(), 1e-6)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_affine_kernel_matches_numpy_path(backends, bits, group):
+    from conftest import random_affine_blobs
+
+    fast, ref = backends
+    rng = np.random.default_rng(100 * bits + group)
+    for shape, nnz in (((37, 70), 6), ((20, 256), 0), ((3, 200), 2), ((131, 333), 40), ((1, 31), 1)):
+        config = StorageConfig.affine(bits, group, nnz)
+        blobs = random_affine_blobs(rng, shape, config)
+        w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
+        dense = dequantize(blobs, shape, config)
+        bias = rng.standard_normal(shape[0]).astype(np.float32)
+        for tokens in (1, 2, 5, 8):
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
+            assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
+            assert_close(fast.linear(x, w_fast), x @ dense.T)
+            assert_close(fast.linear(x, w_fast, bias, residual.copy()), ref.linear(x, w_ref, bias, residual.copy()))
+
+
+def test_fp16_kernel_matches_reference(backends):
+    fast, _ = backends
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((77, 45)).astype(np.float16)
+    data[0, :6] = [0.0, -0.0, 6e-8, -6e-5, 65504, -1e-7]  # zeros, subnormals, max
+    weight = fast.prepare(_Entry("w", data.shape, StorageConfig.fp16()), {"data": data})
+    dense = data.astype(np.float32)
+    bias = rng.standard_normal(77).astype(np.float32)
+    for tokens in (1, 3, 8):
+        x = rng.standard_normal((tokens, 45)).astype(np.float32)
+        assert_close(fast.linear(x, weight), x @ dense.T)
+        residual = rng.standard_normal((tokens, 77)).astype(np.float32)
+        assert_close(fast.linear(x, weight, bias, residual.copy()), x @ dense.T + bias + residual)
+
+
+def test_more_tokens_than_the_kernel_limit_take_the_numpy_path(backends):
+    from conftest import random_affine_blobs
+
+    fast, ref = backends
+    rng = np.random.default_rng(3)
+    config = StorageConfig.affine(4, 32, 3)
+    blobs = random_affine_blobs(rng, (40, 96), config)
+    w_fast, w_ref = fast.prepare(_Entry("w", (40, 96), config), blobs), ref.prepare(_Entry("w", (40, 96), config), blobs)
+    x = rng.standard_normal((40, 96)).astype(np.float32)
+    np.testing.assert_array_equal(fast.linear(x, w_fast), ref.linear(x, w_ref))  # same code path
+
+
+def test_thread_splits_give_identical_rows():
+    """1 thread runs affine_matmul_serial, more run the parallel kernel: the same numbers."""
+    from conftest import random_affine_blobs
+
+    rng = np.random.default_rng(4)
+    shape, config = (1031, 520), StorageConfig.affine(3, 64, 25)  # above KERNEL_PARALLEL_MIN_WEIGHTS
+    assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
+    blobs = random_affine_blobs(rng, shape, config)
+    x = rng.standard_normal((2, 520)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 5):
+        backend = NumpyBackend(threads=threads)
+        results.append(backend.linear(x, backend.prepare(_Entry("w", shape, config), blobs)))
+        backend.close()
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
+
+
+def test_a_failing_kernel_falls_back_with_one_notice(capsys):
+    from conftest import random_affine_blobs
+
+    backend = NumpyBackend(threads=1)
+    ref = NumpyBackend(threads=1, kernels=False)
+    config = StorageConfig.affine(4, 64, 0)
+    blobs = random_affine_blobs(np.random.default_rng(5), (16, 64), config)
+    weight, w_ref = backend.prepare(_Entry("w", (16, 64), config), blobs), ref.prepare(_Entry("w", (16, 64), config), blobs)
+
+    class Broken:
+        NO_ROWS = NO_COLS = NO_VALUES = NO_FLOAT = NO_RESIDUAL = None
+
+        @staticmethod
+        def affine_matmul(*args):
+            raise RuntimeError("LLVM exploded")
+
+        affine_matmul_serial = affine_matmul
+
+    state = dict(cpu_jit._state)
+    try:
+        backend.kernels = cpu_jit._state["kernels"] = Broken
+        x = np.ones((1, 64), np.float32)
+        np.testing.assert_array_equal(backend.linear(x, weight), ref.linear(x, w_ref))
+        np.testing.assert_array_equal(backend.linear(x, weight), ref.linear(x, w_ref))
+        assert backend.kernels is None
+        err = capsys.readouterr().err
+        assert err.count("compiled CPU kernels failed (RuntimeError: LLVM exploded)") == 1
+    finally:
+        cpu_jit._state.clear()
+        cpu_jit._state.update(state)
+
+
+def test_kernels_can_be_switched_off_with_one_notice(monkeypatch, capsys):
+    state = dict(cpu_jit._state)
+    try:
+        cpu_jit._state.clear()
+        monkeypatch.setenv("MXQ_KERNELS", "numpy")
+        assert cpu_jit.kernels() is None and cpu_jit.kernels() is None
+        assert capsys.readouterr().err.count("compiled CPU kernels unavailable (MXQ_KERNELS=numpy)") == 1
+        assert NumpyBackend(threads=1).kernels is None
+    finally:
+        cpu_jit._state.clear()
+        cpu_jit._state.update(state)
+
+
+def test_numba_cache_goes_under_the_mxq_cache_dir():
+    import numba
+
+    assert numba.config.CACHE_DIR  # set before the kernels compiled (cpu_jit sets it when unset)
+
+
+def test_lean_metadata_stays_as_stored():
+    """Lean mode keeps the file's 8-bit scale/zero codes (views, no copies) and only the runs'
+    (step, min) pairs as float32: no (out, groups) float arrays."""
+    from conftest import random_affine_blobs
+
+    shape, config = (300, 512), StorageConfig.affine(4, 32, 10)
+    blobs = random_affine_blobs(np.random.default_rng(6), shape, config)
+    backend = NumpyBackend(threads=1)
+    weight = backend.prepare(_Entry("w", shape, config), blobs)
+    assert np.shares_memory(weight.scale_codes, blobs["scale_codes"])
+    assert np.shares_memory(weight.zero_codes, blobs["zero_codes"])
+    assert np.shares_memory(weight.packed, blobs["qweight"])
+    owned = [v.nbytes for v in vars(weight).values() if isinstance(v, np.ndarray) and v.base is None]
+    codes_bytes = blobs["qweight"].nbytes
+    assert sum(owned) <= codes_bytes / 100, owned  # only the per-run (step, min) pairs and column order
+    scale, zero = weight.meta_rows(slice(None))
+    from mxq.format_spec import decode_meta
+
+    np.testing.assert_array_equal(scale, decode_meta(blobs["scale_codes"], blobs["scale_meta"]))
+    np.testing.assert_array_equal(zero, decode_meta(blobs["zero_codes"], blobs["zero_meta"]))
+
+
+# ---- whole tiny models: kernel logits == NumPy-path logits ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """tiny-llama (2/3/4-bit matrices, fp16 embedding and lm_head) and tiny-qwen2 (q/k/v biases, 4/5/6-bit,
+    an 8-bit tied embedding used as the lm_head), every affine config allowed, 0.5% outliers, RTN."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    root = tmp_path_factory.mktemp("cpu-kernels")
+    paths = {}
+    for name, bpw, quantize_embeddings in (("tiny-llama", 3.5, None), ("tiny-qwen2", 5.5, 8)):
+        paths[name] = root / f"{name}.mxq"
+        convert(fixtures.ensure(name), paths[name], bpw=bpw, configs="all", outliers=0.5, quantizer="rtn",
+                quantize_embeddings=quantize_embeddings, cache_dir=None)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_tiny_model_logits_match_numpy_path(tiny_models, name):
+    import mxq
+
+    with mxq.load(tiny_models[name]) as lm:
+        assert lm.backend.kernels is not None
+        prompt = [1, 5, 9, 13, 2, 7]
+
+        def run():  # prefill (NumPy path: more tokens than the kernel limit is not needed here) + decode steps
+            cache = lm.model.new_cache(16)
+            out = [lm.backend.to_host(lm.model.forward(prompt, cache))]
+            for token in (3, 11, 4, 8):
+                out.append(lm.backend.to_host(lm.model.forward([token], cache)))
+            return np.concatenate(out)
+
+        fast = run()
+        kernels, lm.backend.kernels = lm.backend.kernels, None  # same weights, NumPy path
+        ref = run()
+        lm.backend.kernels = kernels
+    assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
+    np.testing.assert_array_equal(fast.argmax(-1), ref.argmax(-1))
