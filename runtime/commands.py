@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-MEMORY_HELP = ("Dequantize every matrix to float32 once at load and keep it: several times faster, "
-               "but needs 4 bytes per weight of extra memory. Default (lean): weights stay packed in "
-               "the memory-mapped file and are dequantized chunk by chunk as they are used; memory "
-               "stays close to the file size.")
+MEMORY_HELP = ("Dequantize every matrix to float32 once at load and keep it (4 bytes per weight of extra "
+               "memory; on a CPU this is rarely faster now). Default (lean): weights stay packed in the "
+               "memory-mapped file; decoding multiplies straight from the packed codes with compiled "
+               "kernels (NumPy fallback), prefill dequantizes chunk by chunk; memory stays close to the "
+               "file size.")
 DEVICE_OPTION = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                              help="Where to run: cpu (NumPy) or cuda (NVIDIA GPU via CuPy).")
 CACHE_OPTION = click.option("--cache-dequantized", is_flag=True, help=MEMORY_HELP)

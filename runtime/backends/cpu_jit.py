@@ -2,7 +2,7 @@
 
 `kernels()` returns the cpu_kernels module once every kernel is compiled — or loaded from the
 cache: Numba's cache lives in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
-numba/ ($MXQ_CACHE_DIR/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
+numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
 (~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
 the numpy backend keeps its NumPy path and one notice on stderr says why.
 
@@ -17,11 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from ...paths import cache_root
+
 
 def cache_dir() -> Path:
-    """Where compiled kernels are cached: $MXQ_CACHE_DIR/numba (default ~/.cache/mxq/numba)."""
-    base = os.environ.get("MXQ_CACHE_DIR") or Path.home() / ".cache" / "mxq"
-    return Path(base) / "numba"
+    """Where compiled kernels are cached: $MXQ_CACHE/numba (default ~/.cache/mxq/numba)."""
+    return cache_root() / "numba"
 
 
 _state: dict = {}
