@@ -111,8 +111,8 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     `weighted_error`. outlier_mode: `magnitude` keeps the largest |w|; `error` keeps the weights whose
     (importance-weighted) squared error is largest after a first quantization without outliers.
     rows: None, or sorted row indices (k,): quantize only these rows, exactly as they would be
-    quantized in the whole matrix except for the metadata runs they share (a sample to estimate
-    the whole matrix's error from; configs without outliers only).
+    quantized in the whole matrix except for the metadata runs they share (and `hqq`'s early stop,
+    decided per chunk of rows): a sample to estimate the whole matrix's error from; no outliers.
     """
     if rows is not None:
         if config.outliers:
