@@ -3,9 +3,12 @@ store (‖W − Ŵ‖²_F and the importance-weighted Σ F·ΔW²), and its exac
 cost model).
 
 Errors are estimated from a row sample: rows are quantized independently (groups run along rows),
-so quantizing an evenly spaced 1/k of a matrix's rows and scaling by k estimates its error at 1/k of
-the work; every config of a matrix sees the same rows, so their differences are measured more
-precisely still. Each estimate carries its standard error (rows as a simple random sample). Configs
+so quantizing an evenly spaced 1/k of a matrix's rows estimates its error at 1/k of the work. The
+sample's errors are scaled to the matrix by a per-row proxy known for every row (Σ over groups of
+span² × importance: a ratio estimate, far tighter than k × the sample's sum when row importances
+differ a lot, as Fisher diagonals do); every config of a matrix sees the same rows, so their
+differences are measured more precisely still. Each estimate carries its standard error (rows as a
+simple random sample). Configs
 with outliers (chosen over the whole matrix) and fp16 are measured on all rows. The write stage
 quantizes the chosen configs in full, and quantize() reports the exact errors of those bytes.
 
@@ -26,9 +29,9 @@ import numpy as np
 import torch
 
 from ..format_spec import tensor_nbytes
-from .quantize import quantize
+from .quantize import _groups, quantize
 
-CACHE_VERSION = 3  # bump when quantizer math changes
+CACHE_VERSION = 4  # bump when quantizer or estimator math changes
 SAMPLE_EVERY = 8  # default: measure 1 row in 8 ...
 MIN_SAMPLE_ROWS = 64  # ... but at least this many rows (all rows of smaller matrices)
 
@@ -62,7 +65,7 @@ def _is_norm(value) -> bool:
 
 class ErrorCache:
     """One JSON file per checkpoint hash:
-    {"v": 3, "errors": {"<quantizer>/<importance id>/<outlier mode>/<config>[/rows1in<k>]":
+    {"v": 4, "errors": {"<quantizer>/<importance id>/<outlier mode>/<config>[/rows1in<k>]":
                         {name: [err_sq, weighted, weighted_se]}}, "norms": {name: ‖W‖²}}.
     Entries are validated on read: damaged ones are dropped (and measured again), with one notice.
     Writes go to a temporary file, fsynced, then renamed over the cache: never a half-written cache."""
@@ -135,14 +138,33 @@ def sample_rows(out_features: int, every: int) -> torch.Tensor | None:
     return torch.arange(count, dtype=torch.int64) * out_features // count
 
 
-def estimate(row_errors: np.ndarray, out_features: int) -> tuple[float, float]:
-    """Total over out_features rows from a sample of per-row errors (n,), and its standard error."""
-    n = row_errors.size
-    total = out_features * float(row_errors.mean())
-    if n >= out_features:
-        return total, 0.0
-    variance = float(row_errors.var(ddof=1)) if n > 1 else 0.0
-    return total, out_features * math.sqrt(max(1.0 - n / out_features, 0.0) * variance / n)
+def group_spread(weight: torch.Tensor, importance: torch.Tensor | None, group_size: int):
+    """Per-row proxies of a config's error, for every row: (Σ_groups span²·Σ importance, Σ_groups span²·count)
+    over groups of group_size (a group's rounding error is ≈ count·step²/12 and its step ∝ its span, for
+    any bit width). Two passes over the matrix; the sample's errors are scaled by these (ratio estimate)."""
+    groups, real = _groups(weight, group_size)  # (out, G, g), (1, G, g)
+    big = torch.finfo(torch.float32).max
+    low, high = torch.where(real, groups, big).amin(2), torch.where(real, groups, -big).amax(2)
+    span_sq = (high - low).double() ** 2  # (out, G)
+    count = real.sum(2).double()  # (1, G)
+    weights = _groups(importance, group_size)[0].sum(2, dtype=torch.float64) if importance is not None else count
+    return (span_sq * weights).sum(1).numpy(), (span_sq * count).sum(1).numpy()
+
+
+def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+    """Total over all rows from the sampled rows' errors (n,): a ratio estimate Σ_all proxy · Σ_s err / Σ_s proxy
+    (the mean times the row count when the sample's proxy is 0), and its standard error."""
+    count, n = proxy.size, sample.size
+    if n >= count:
+        return float(sample.sum()), 0.0
+    sampled_proxy = float(proxy[rows].sum())
+    if sampled_proxy > 0:
+        ratio = float(sample.sum()) / sampled_proxy
+        total, residual = ratio * float(proxy.sum()), sample - ratio * proxy[rows]
+    else:
+        total, residual = count * float(sample.mean()), sample - sample.mean()
+    variance = float((residual ** 2).sum()) / (n - 1) if n > 1 else 0.0
+    return total, count * math.sqrt(max(1.0 - n / count, 0.0) * variance / n)
 
 
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
@@ -165,8 +187,8 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     for count, i in enumerate(todo):
         weight = checkpoint.load(names[i])
         weights = importance(names[i]) if importance is not None else None
-        out_features = weight.shape[0]
-        rows = sample_rows(out_features, sample_every)
+        rows = sample_rows(weight.shape[0], sample_every)
+        spread = {}  # group size -> per-row error proxies (weighted, plain)
         cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
         for key, candidate, sample in zip(keys, candidates, sampled):
             if cache.get(key, names[i]) is None:
@@ -176,8 +198,12 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
                 if subset is None:
                     cache.put(key, names[i], [result.error_sq, result.weighted_error, 0.0])
                 else:
-                    weighted, se = estimate(result.row_weighted.numpy(), out_features)
-                    cache.put(key, names[i], [result.error_sq * out_features / len(subset), weighted, se])
+                    if candidate.group_size not in spread:
+                        spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
+                    proxy_weighted, proxy_sq = spread[candidate.group_size]
+                    weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
+                    error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
+                    cache.put(key, names[i], [error_sq, weighted, se])
             if bar:
                 bar.update(1)
         if count % 16 == 15:

@@ -35,6 +35,7 @@ class Quantized:
     weighted_error: float  # Σ importance·(W − Ŵ)² (equals error_sq without importance)
     residual: torch.Tensor | None = None  # W − Ŵ (out, in) before outliers; only when asked for
     row_weighted: torch.Tensor | None = None  # (out,) float64: weighted_error of each row
+    row_error_sq: torch.Tensor | None = None  # (out,) float64: error_sq of each row (without outliers' leftovers)
 
 
 def _groups(weight: torch.Tensor, group_size: int):
@@ -126,7 +127,8 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         weighted = (diff_sq * importance) if importance is not None else diff_sq
         return Quantized({"data": weight.to(torch.float16).numpy()} if pack else {}, float(diff_sq.sum()),
                          float(weighted.sum()),
-                         row_weighted=weighted.sum(1, dtype=torch.float64) if weighted.dim() == 2 else None)
+                         row_weighted=weighted.sum(1, dtype=torch.float64) if weighted.dim() == 2 else None,
+                         row_error_sq=diff_sq.sum(1, dtype=torch.float64) if diff_sq.dim() == 2 else None)
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
@@ -212,4 +214,4 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
             "zero_codes": zero_codes, "zero_meta": zero_meta,
         })
     return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
-                     residual_2d if keep_residual else None, row_weighted)
+                     residual_2d if keep_residual else None, row_weighted, torch.from_numpy(row_sq))

@@ -9,7 +9,7 @@ import torch
 
 from mxq.converter.candidates import parse_candidates
 from mxq.converter.kernels import wls_scale_zero
-from mxq.converter.measure import ErrorCache, estimate, measure, sample_rows
+from mxq.converter.measure import ErrorCache, estimate, group_spread, measure, sample_rows
 from mxq.converter.quantize import quantize
 from mxq.format_spec import StorageConfig, dequantize
 
@@ -40,10 +40,23 @@ def test_sample_rows_are_evenly_spread_and_fall_back_to_all_rows():
     assert sample_rows(64, 8) is None and sample_rows(4096, 1) is None
 
 
-def test_estimate_scales_the_sample_and_states_its_standard_error():
-    assert estimate(np.array([1.0, 2.0, 3.0]), 3) == (6.0, 0.0)  # every row: exact
-    total, se = estimate(np.array([1.0, 3.0]), 4)
+def test_estimate_scales_the_sample_by_the_proxy_and_states_its_standard_error():
+    proxy = np.array([1.0, 2.0, 3.0, 4.0])
+    assert estimate(np.array([1.0, 2.0, 3.0, 5.0]), proxy, np.arange(4)) == (11.0, 0.0)  # every row: exact
+    assert estimate(np.array([2.0, 6.0]), proxy, np.array([0, 2])) == (20.0, 0.0)  # errors ∝ proxy: no doubt
+    total, se = estimate(np.array([2.0, 7.0]), proxy, np.array([0, 2]))
+    assert total == pytest.approx(22.5) and se > 0
+    total, se = estimate(np.array([1.0, 3.0]), np.zeros(4), np.array([0, 2]))  # no proxy: 4 × the mean
     assert total == 8.0 and se == pytest.approx(4 * np.sqrt(0.5 * 2.0 / 2))
+
+
+def test_group_spread_is_span_squared_times_importance():
+    weight = torch.tensor([[0.0, 1.0, 5.0], [2.0, 2.0, -1.0]])
+    importance = torch.tensor([[1.0, 3.0, 2.0], [0.0, 1.0, 1.0]])
+    weighted, plain = group_spread(weight, importance, 2)  # groups {0, 1}, {2, padding}
+    assert weighted.tolist() == [1.0 * 4, 0.0 * 1] and plain.tolist() == [1.0 * 2, 0.0 * 1]
+    weighted, plain = group_spread(weight, None, 32)
+    assert weighted.tolist() == plain.tolist() == [25.0 * 3, 9.0 * 3]
 
 
 @pytest.mark.parametrize("quantizer", ["wls", "hqq"])
@@ -54,7 +67,7 @@ def test_row_sample_estimates_the_whole_matrix_within_its_error_bar(quantizer):
     exact = quantize(weight, config, quantizer, pack=False, importance=importance)
     rows = sample_rows(1024, 8)
     sample = quantize(weight, config, quantizer, pack=False, importance=importance, rows=rows)
-    total, se = estimate(sample.row_weighted.numpy(), 1024)
+    total, se = estimate(sample.row_weighted.numpy(), group_spread(weight, importance, 64)[0], rows.numpy())
     assert 0 < se < 0.1 * total
     assert abs(total - exact.weighted_error) < 4 * se
     # a sampled row is quantized as in the whole matrix, up to the metadata runs it shares
@@ -111,7 +124,7 @@ def test_error_cache_drops_damaged_entries_with_one_notice(tmp_path, capsys):
 
 
 def test_unreadable_error_cache_is_rebuilt_with_a_notice(tmp_path, capsys):
-    (tmp_path / "h.json").write_text('{"v": 3, "errors": {"k": {"a": [1.0, ')  # cut short
+    (tmp_path / "h.json").write_text('{"v": 4, "errors": {"k": {"a": [1.0, ')  # cut short
     cache = ErrorCache(tmp_path, "h")
     assert cache.data["errors"] == {} and len(cache.notices) == 1
     assert capsys.readouterr().err.count("\n") == 1

@@ -80,7 +80,7 @@ def compile_kernels() -> None:
     """))
 
 
-def sample_check(hf_dir, cache: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.5)) -> None:
+def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.5)) -> None:
     """Allocation quality with sampled errors, scored with exact errors (see the module docstring)."""
     import math
     import time
@@ -93,12 +93,13 @@ def sample_check(hf_dir, cache: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.
 
     checkpoint = read_checkpoint(hf_dir)
     checkpoint_hash = checkpoint.content_hash()
-    options = ConvertOptions(bpw=4.25, cache_dir=str(cache))
-    fisher = _calibration(checkpoint, checkpoint_hash, options, str(cache), None).fisher
+    options = ConvertOptions(bpw=4.25, cache_dir=str(cache_dir))
+    fisher = _calibration(checkpoint, checkpoint_hash, options, str(cache_dir), None).fisher
     tables, seconds = {}, {}
     for every in (1, *everies):
         started = time.perf_counter()
-        tables[every] = measure(checkpoint, _candidates(options), "wls", ErrorCache(None, checkpoint_hash),
+        cache = ErrorCache(cache_dir / "errors" if every == 1 else None, checkpoint_hash)  # exact ones kept
+        tables[every] = measure(checkpoint, _candidates(options), "wls", cache,
                                 importance=fisher.__getitem__, importance_id="check", sample_every=every)
         seconds[every] = time.perf_counter() - started
     exact = tables[1]
@@ -156,12 +157,13 @@ def main():
     parser.add_argument("--jobs", type=int, default=None, help="threads (default: every core)")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--check-sample", action="store_true", help="only the row-sampling check")
+    parser.add_argument("--check-cache", type=Path, help="--check-sample: keep calibration and exact errors here")
     args = parser.parse_args()
     hf_dir = fixtures.ensure(args.fixture)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.check_sample:
-            sample_check(hf_dir, tmp / "cache")
+            sample_check(hf_dir, args.check_cache or tmp / "cache")
             return
         method = {**METHODS[args.method], "jobs": args.jobs}
         quantizer = method.get("quantizer", "wls")
