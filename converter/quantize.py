@@ -115,14 +115,7 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     quantized in the whole matrix except for the metadata runs they share (and `hqq`'s early stop,
     decided per chunk of rows): a sample to estimate the whole matrix's error from; no outliers.
     """
-    if rows is not None:
-        if config.outliers:
-            raise ValueError("a row sample cannot be quantized with outliers")
-        floor = _importance_floor(importance)
-        weight = weight[rows]
-        importance = importance[rows] if importance is not None else None
-        return _quantize(weight, config, quantizer, pack, importance, None, floor=floor)
-    if config.scheme == "fp16":
+    if config.scheme == "fp16" and rows is None:
         diff_sq = (weight.to(torch.float16).to(torch.float32) - weight) ** 2
         weighted = (diff_sq * importance) if importance is not None else diff_sq
         return Quantized({"data": weight.to(torch.float16).numpy()} if pack else {}, float(diff_sq.sum()),
@@ -133,6 +126,12 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
         raise ValueError(f"unknown outlier mode {outlier_mode!r}")
+    if rows is not None:
+        if config.scheme != "affine" or config.outliers:
+            raise ValueError("a row sample is quantized only to affine configs without outliers")
+        floor = _importance_floor(importance)  # of the whole matrix, as when it is quantized whole
+        importance = importance[rows] if importance is not None else None
+        return _quantize(weight[rows], config, quantizer, pack, importance, None, floor=floor)
     if config.outliers and outlier_mode == "error":
         first = _quantize(weight, StorageConfig.affine(config.bits, config.group_size), quantizer, False,
                           importance, None, keep_residual=True)

@@ -72,7 +72,7 @@ def test_row_sample_estimates_the_whole_matrix_within_its_error_bar(quantizer):
     assert abs(total - exact.weighted_error) < 4 * se
     # a sampled row is quantized as in the whole matrix, up to the metadata runs it shares
     assert sample.row_weighted.numpy() == pytest.approx(exact.row_weighted.numpy()[rows.numpy()], rel=0.05)
-    with pytest.raises(ValueError, match="outliers"):
+    with pytest.raises(ValueError, match="without outliers"):
         quantize(weight, StorageConfig.affine(3, 64, 10), quantizer, rows=rows)
 
 
