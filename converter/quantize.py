@@ -116,12 +116,13 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     decided per chunk of rows): a sample to estimate the whole matrix's error from; no outliers.
     """
     if config.scheme == "fp16" and rows is None:
-        diff_sq = (weight.to(torch.float16).to(torch.float32) - weight) ** 2
-        weighted = (diff_sq * importance) if importance is not None else diff_sq
-        return Quantized({"data": weight.to(torch.float16).numpy()} if pack else {}, float(diff_sq.sum()),
-                         float(weighted.sum()),
-                         row_weighted=weighted.sum(1, dtype=torch.float64) if weighted.dim() == 2 else None,
-                         row_error_sq=diff_sq.sum(1, dtype=torch.float64) if diff_sq.dim() == 2 else None)
+        half = weight.to(torch.float16)
+        diff_sq = (half.to(torch.float32) - weight).reshape(len(weight), -1) ** 2  # (out, in), 1-D as (n, 1)
+        row_error_sq = diff_sq.sum(1, dtype=torch.float64)
+        row_weighted = (diff_sq * importance.reshape(diff_sq.shape)).sum(1, dtype=torch.float64) \
+            if importance is not None else row_error_sq
+        return Quantized({"data": half.numpy()} if pack else {}, float(row_error_sq.sum()),
+                         float(row_weighted.sum()), row_weighted=row_weighted, row_error_sq=row_error_sq)
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
