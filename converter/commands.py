@@ -62,9 +62,11 @@ converting the same checkpoint at another budget skips measurement and calibrati
               help="Also quantize embeddings and an untied lm_head (8: b8g64, 4: b4g32).")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Threads for quantization  [default: every core available]; the file does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outlier_mode, quantizer, objective,
-                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, quiet):
+                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
@@ -81,7 +83,7 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
         bpw=bpw, size=parse_size(size_text) if size_text else None, configs=configs, quantizer=quantizer,
         objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
-        cache_dir=None if no_cache else (cache_dir or "default"))
+        cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
     budget = f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes"

@@ -1,22 +1,39 @@
-"""The error matrix: for every decoder linear × candidate config, ‖W − Ŵ‖²_F of exactly what the
-file would store, and its exact cost in bytes (format_spec's cost model).
+"""The error matrix: for every decoder linear × candidate config, the error of what the file would
+store (‖W − Ŵ‖²_F and the importance-weighted Σ F·ΔW²), and its exact cost in bytes (format_spec's
+cost model).
 
-Errors are cached on disk per checkpoint content hash, keyed by quantizer and config label, so
-converting the same model at another budget (or with more candidates) measures only what is new.
+Errors are estimated from a row sample: rows are quantized independently (groups run along rows),
+so quantizing an evenly spaced 1/k of a matrix's rows estimates its error at 1/k of the work. The
+sample's errors are scaled to the matrix by a per-row proxy known for every row (Σ over groups of
+span² × importance: a ratio estimate, far tighter than k × the sample's sum when row importances
+differ a lot, as Fisher diagonals do); every config of a matrix sees the same rows, so their
+differences are measured more precisely still. Each estimate carries its standard error (rows as a
+simple random sample). Configs
+with outliers (chosen over the whole matrix) and fp16 are measured on all rows. The write stage
+quantizes the chosen configs in full, and quantize() reports the exact errors of those bytes.
+
+Errors are cached on disk per checkpoint content hash, keyed by quantizer, importance, outlier mode,
+config label and sample, so converting the same model at another budget (or with more candidates)
+measures only what is new.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..format_spec import tensor_nbytes
-from .quantize import quantize
+from .quantize import _groups, quantize
 
-CACHE_VERSION = 2  # bump when quantizer math changes
+CACHE_VERSION = 4  # bump when quantizer or estimator math changes
+SAMPLE_EVERY = 8  # default: measure 1 row in 8 ...
+MIN_SAMPLE_ROWS = 64  # ... but at least this many rows (all rows of smaller matrices)
 
 
 @dataclass
@@ -25,6 +42,7 @@ class ErrorTable:
     candidates: list  # Candidate objects
     error_sq: np.ndarray  # (N, C) float64: ‖W − Ŵ‖²_F
     weighted: np.ndarray  # (N, C) float64: Σ importance·(W − Ŵ)² (= error_sq without importance)
+    weighted_se: np.ndarray  # (N, C) float64: standard error of `weighted` (0 where measured on all rows)
     costs: np.ndarray  # (N, C) int64 bytes
     numel: np.ndarray  # (N,) weights per matrix
     norms_sq: np.ndarray  # (N,) ‖W‖²_F
@@ -35,29 +53,64 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq"))
 
 
+def _is_value(value) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                    for v in value))
+
+
+def _is_norm(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 class ErrorCache:
     """One JSON file per checkpoint hash:
-    {"v": 2, "errors": {"<quantizer>/<importance id>/<outlier mode>/<config>": {name: [err_sq, weighted]}},
-     "norms": {name: ‖W‖²}}."""
+    {"v": 4, "errors": {"<quantizer>/<importance id>/<outlier mode>/<config>[/rows1in<k>]":
+                        {name: [err_sq, weighted, weighted_se]}}, "norms": {name: ‖W‖²}}.
+    Entries are validated on read: damaged ones are dropped (and measured again), with one notice.
+    Writes go to a temporary file, fsynced, then renamed over the cache: never a half-written cache."""
 
     def __init__(self, directory: Path | None, checkpoint_hash: str):
         self.path = None if directory is None else Path(directory) / f"{checkpoint_hash}.json"
         self.data = {"v": CACHE_VERSION, "errors": {}, "norms": {}}
+        self.notices: list[str] = []
         if self.path is not None and self.path.exists():
-            try:
-                loaded = json.loads(self.path.read_text())
-                if isinstance(loaded, dict) and loaded.get("v") == CACHE_VERSION:
-                    self.data = loaded
-            except (OSError, ValueError):
-                pass  # a damaged cache is ignored and rewritten
+            self._load()
+
+    def _load(self):
+        try:
+            loaded = json.loads(self.path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            self._notice(f"error cache {self.path} is unreadable ({type(error).__name__}); measuring again")
+            return
+        if not isinstance(loaded, dict) or loaded.get("v") != CACHE_VERSION:
+            return  # another version's cache: silently replaced
+        errors, norms = loaded.get("errors"), loaded.get("norms")
+        if not isinstance(errors, dict) or not isinstance(norms, dict):
+            self._notice(f"error cache {self.path} is damaged (no errors/norms tables); measuring again")
+            return
+        dropped = 0
+        for key, entries in errors.items():
+            if not isinstance(entries, dict):
+                dropped += 1
+                continue
+            good = {name: value for name, value in entries.items() if _is_value(value)}
+            dropped += len(entries) - len(good)
+            self.data["errors"][key] = good
+        good_norms = {name: value for name, value in norms.items() if _is_norm(value)}
+        dropped += len(norms) - len(good_norms)
+        self.data["norms"] = good_norms
+        if dropped:
+            self._notice(f"error cache {self.path}: {dropped} damaged entries dropped; measuring them again")
+
+    def _notice(self, text: str):
+        self.notices.append(text)
+        print(f"notice: {text}", file=sys.stderr)
 
     def get(self, key: str, name: str):
-        value = self.data["errors"].get(key, {}).get(name)
-        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-            return value
-        return None
+        return self.data["errors"].get(key, {}).get(name)
 
-    def put(self, key: str, name: str, value: float):
+    def put(self, key: str, name: str, value: list):
         self.data["errors"].setdefault(key, {})[name] = value
 
     def save(self):
@@ -65,40 +118,101 @@ class ErrorCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data))
+        with open(tmp, "w") as f:
+            json.dump(self.data, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def sample_rows(out_features: int, every: int) -> torch.Tensor | None:
+    """Evenly spaced row indices, ceil(out/every) of them but at least MIN_SAMPLE_ROWS; None for all rows."""
+    count = max(math.ceil(out_features / max(every, 1)), MIN_SAMPLE_ROWS)
+    if every <= 1 or count >= out_features:
+        return None
+    return torch.arange(count, dtype=torch.int64) * out_features // count
+
+
+def group_spread(weight: torch.Tensor, importance: torch.Tensor | None, group_size: int):
+    """Per-row proxies of a config's error, for every row: (Σ_groups span²·Σ importance, Σ_groups span²·count)
+    over groups of group_size (a group's rounding error is ≈ count·step²/12 and its step ∝ its span, for
+    any bit width). Two passes over the matrix; the sample's errors are scaled by these (ratio estimate)."""
+    groups, real = _groups(weight, group_size)  # (out, G, g), (1, G, g)
+    big = torch.finfo(torch.float32).max
+    low, high = torch.where(real, groups, big).amin(2), torch.where(real, groups, -big).amax(2)
+    span_sq = (high - low).double() ** 2  # (out, G)
+    count = real.sum(2).double()  # (1, G)
+    weights = _groups(importance, group_size)[0].sum(2, dtype=torch.float64) if importance is not None else count
+    return (span_sq * weights).sum(1).numpy(), (span_sq * count).sum(1).numpy()
+
+
+def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+    """Total over all rows from the sampled rows' errors (n,): a ratio estimate Σ_all proxy · Σ_s err / Σ_s proxy
+    (the mean times the row count when the sample's proxy is 0), and its standard error."""
+    count, n = proxy.size, sample.size
+    if n >= count:
+        return float(sample.sum()), 0.0
+    sampled_proxy = float(proxy[rows].sum())
+    if sampled_proxy > 0:
+        ratio = float(sample.sum()) / sampled_proxy
+        total, residual = ratio * float(proxy.sum()), sample - ratio * proxy[rows]
+    else:
+        total, residual = count * float(sample.mean()), sample - sample.mean()
+    variance = float((residual ** 2).sum()) / (n - 1) if n > 1 else 0.0
+    return total, count * math.sqrt(max(1.0 - n / count, 0.0) * variance / n)
 
 
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
-            importance_id: str = "none", outlier_mode: str = "magnitude") -> ErrorTable:
-    """importance: None or a function name -> (out, in) tensor weighing errors (see quantize)."""
+            importance_id: str = "none", outlier_mode: str = "magnitude",
+            sample_every: int = SAMPLE_EVERY) -> ErrorTable:
+    """importance: None or a function name -> (out, in) tensor weighing errors (see quantize).
+    sample_every: measure 1 row in this many (1: every row, exact errors)."""
     linears = checkpoint.linears
     names = [t.name for t in linears]
     costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
                      dtype=np.int64)
     numel = np.array([t.shape[0] * t.shape[1] for t in linears], dtype=np.int64)
-    keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}"
-            for c in candidates]
+    sampled = [c.scheme == "affine" and not c.outlier_percent and sample_every > 1 for c in candidates]
+    keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
+            f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
+            for c, s in zip(candidates, sampled)]
     todo = [i for i, name in enumerate(names)
             if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
-    for i in todo:
+    for count, i in enumerate(todo):
         weight = checkpoint.load(names[i])
         weights = importance(names[i]) if importance is not None else None
+        rows = sample_rows(weight.shape[0], sample_every)
+        spread = {}  # group size -> per-row error proxies (weighted, plain)
         cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
-        for key, candidate in zip(keys, candidates):
+        for key, candidate, sample in zip(keys, candidates, sampled):
             if cache.get(key, names[i]) is None:
+                subset = rows if sample else None
                 result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
-                                  importance=weights, outlier_mode=outlier_mode)
-                cache.put(key, names[i], [result.error_sq, result.weighted_error])
+                                  importance=weights, outlier_mode=outlier_mode, rows=subset)
+                if subset is None:
+                    cache.put(key, names[i], [result.error_sq, result.weighted_error, 0.0])
+                else:
+                    if candidate.group_size not in spread:
+                        spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
+                    proxy_weighted, proxy_sq = spread[candidate.group_size]
+                    weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
+                    error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
+                    cache.put(key, names[i], [error_sq, weighted, se])
             if bar:
                 bar.update(1)
-        if i % 16 == 15:
+        if count % 16 == 15:
             cache.save()
     if bar:
         bar.close()
     cache.save()
-    error_sq = np.array([[cache.get(k, n)[0] for k in keys] for n in names])
-    weighted = np.array([[cache.get(k, n)[1] for k in keys] for n in names])
+    values = np.array([[cache.get(k, n) for k in keys] for n in names], dtype=np.float64).reshape(
+        len(names), len(keys), 3)
     norms_sq = np.array([cache.data["norms"][n] for n in names])
-    return ErrorTable(names, list(candidates), error_sq, weighted, costs, numel, norms_sq)
+    return ErrorTable(names, list(candidates), values[..., 0], values[..., 1], values[..., 2], costs, numel,
+                      norms_sq)

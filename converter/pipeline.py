@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .allocate import allocate
 from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
-from .measure import ErrorCache, default_cache_dir, measure
+from .measure import SAMPLE_EVERY, ErrorCache, default_cache_dir, measure
 from .quantize import OUTLIER_MODES, QUANTIZERS, quantize
 
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
@@ -44,6 +45,8 @@ class ConvertOptions:
     calib: str | None = None  # calibration text file (default: the packaged Botchan excerpt)
     calib_tokens: int = 8192
     cache_dir: str | None = "default"  # "default": ~/.cache/mxq; None: no error/calibration cache
+    measure_every: int = SAMPLE_EVERY  # errors measured on 1 row in this many (1: every row, exact)
+    jobs: int | None = None  # threads for quantization (None: every core this process may use)
 
     def validate(self):
         if (self.bpw is None) == (self.size is None):
@@ -64,6 +67,10 @@ class ConvertOptions:
             raise ConversionError(f"--outlier-mode {self.outlier_mode!r}: choose from {', '.join(OUTLIER_MODES)}")
         if self.calib_tokens < 512:
             raise ConversionError("--calib-tokens must be at least 512")
+        if self.measure_every < 1:
+            raise ConversionError(f"measure_every {self.measure_every} must be at least 1")
+        if self.jobs is not None and self.jobs < 1:
+            raise ConversionError(f"--jobs {self.jobs} must be at least 1")
 
 
 @dataclass
@@ -178,6 +185,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     """
     options = options or ConvertOptions(**kwargs)
     options.validate()
+    _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
@@ -199,15 +207,15 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         seconds["calibrate"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
-    table = measure(checkpoint, candidates, options.quantizer, ErrorCache(cache_dir and Path(cache_dir) / "errors",
-                                                                          checkpoint_hash),
-                    progress, importance, importance_id, options.outlier_mode)
+    cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
+    table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
+                    options.outlier_mode, options.measure_every)
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
         "source": {"name": Path(hf_dir).resolve().name, "sha256": checkpoint_hash, **checkpoint.license},
         "converter": {"name": "mxq", "version": __version__},
-        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None},
+        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None},
     }
     if calibration is not None:
         provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
@@ -250,8 +258,31 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         bar.close()
     seconds["write"] = time.perf_counter() - stage
     seconds["total"] = time.perf_counter() - started
+    notes = checkpoint.notes + cache.notices + _sample_note(table, choice, options)
     return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
-                  _module_bits(table, choice), _config_counts(table, choice), seconds, checkpoint.notes)
+                  _module_bits(table, choice), _config_counts(table, choice), seconds, notes)
+
+
+def _use_cores(jobs: int | None) -> None:
+    """Quantization threads (Numba kernels and torch ops): `jobs`, or every core this process may use."""
+    import numba
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = min(jobs or cores, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(jobs)
+    torch.set_num_threads(jobs)
+
+
+def _sample_note(table, choice, options) -> list[str]:
+    """The error bar of row-sampled measurement, for the chosen allocation."""
+    rows = np.arange(len(choice))
+    se = table.weighted_se[rows, choice]
+    if options.objective == "frobenius" or not se.any():
+        return []
+    relative = math.sqrt(float((se ** 2).sum())) / max(float(table.weighted[rows, choice].sum()), 1e-300)
+    return [f"errors measured on 1 row in {options.measure_every}: the chosen allocation's total error is "
+            f"known to ±{100 * relative:.2f}% (one standard error); the file's errors are exact"]
 
 
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):

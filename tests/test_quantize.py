@@ -16,7 +16,7 @@ def _weight(shape, seed=0):
 
 
 @pytest.mark.parametrize("bits,group", list(itertools.product(SUPPORTED_BITS, GROUP_SIZES)))
-@pytest.mark.parametrize("quantizer", ["hqq", "rtn"])
+@pytest.mark.parametrize("quantizer", ["hqq", "rtn", "wls"])
 def test_reported_error_is_the_error_of_the_stored_bytes(bits, group, quantizer):
     shape = (37, 200)  # 200 is not a multiple of any group size: the last group is padded
     weight = _weight(shape, bits * group)

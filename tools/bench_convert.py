@@ -1,15 +1,19 @@
-"""Conversion benchmark: seconds per stage, peak RSS, and the ratio to one single-config pass.
+"""Conversion benchmark: seconds per stage and peak RSS, as ratios to one single-config pass.
 
-    python tools/bench_convert.py [--fixture smollm2] [--bpw 4.25] [--method default|paper] [--skip-synthetic]
+    python tools/bench_convert.py [--fixture smollm2] [--bpw 4.25] [--rebpw 3.5] [--method default|paper]
+                                  [--jobs N] [--skip-synthetic] [--check-sample]
 
-Prints, for the fixture (fresh error cache, so measurement really runs):
-  * seconds per stage (read, measure, solve, write), total, peak RSS of the conversion process;
-  * re-conversion at another budget with the cached error matrix (seconds, peak RSS);
-  * one single-config quantization pass (b4g64, same quantizer) over the same tensors, measured in the
-    same run, and the ratio total conversion / single pass (the cost of measuring every candidate);
-and peak RSS for two synthetic checkpoints whose largest tensor is the same but whose total size
-differs 4×: peak memory must track the largest tensor, not the model.
-Every process runs separately so its peak RSS is its own.
+In one run, each in its own process (so its peak RSS is its own), after compiling the Numba kernels once:
+  * baseline: one single-config quantization pass (b4g64, the method's quantizer, data-free weights, errors
+    only) over the fixture's decoder linears;
+  * the conversion at --bpw with cold caches (calibration and errors): seconds per stage (read,
+    calibrate, measure, solve, write), total, peak RSS, each as a ratio to the baseline;
+  * the re-conversion at --rebpw with warm caches, the same;
+  * (unless --skip-synthetic) peak RSS for two synthetic checkpoints whose largest tensor is the same but
+    whose total size differs 4×: peak memory must track the largest tensor, not the model.
+--check-sample measures the fixture's error matrix on every row and on row samples (1 in 4, 8, 16) and
+prints, at 3.5/4.25/5.5 bpw, how much the allocation chosen from sampled errors loses against the one
+chosen from exact errors (both scored with the exact errors), and the stated error bars.
 """
 import argparse
 import json
@@ -48,18 +52,72 @@ def conversion(hf_dir, out, cache, **options) -> dict:
 METHODS = {"default": {}, "paper": dict(configs="paper", quantizer="hqq", objective="frobenius")}
 
 
-def single_pass(hf_dir, quantizer) -> dict:
+def single_pass(hf_dir, quantizer, jobs) -> dict:
     return run_child(textwrap.dedent(f"""
         import time
         from mxq.converter.checkpoint import read_checkpoint
+        from mxq.converter.pipeline import _use_cores
         from mxq.converter.quantize import quantize
         from mxq.format_spec import StorageConfig
+        _use_cores({jobs!r})
         checkpoint = read_checkpoint({str(hf_dir)!r})
         started = time.perf_counter()
         for info in checkpoint.linears:
             quantize(checkpoint.load(info.name), StorageConfig.affine(4, 64), {quantizer!r}, pack=False)
         RESULT = {{"seconds": time.perf_counter() - started}}
     """))
+
+
+def compile_kernels() -> None:
+    """Numba compiles the kernels on first use and caches them on disk (like .pyc): do it outside the timings."""
+    run_child(textwrap.dedent("""
+        import torch
+        from mxq.converter.quantize import quantize
+        from mxq.format_spec import StorageConfig
+        for importance in (None, torch.ones(4, 64)):
+            quantize(torch.randn(4, 64), StorageConfig.affine(4, 32), "wls", importance=importance)
+        RESULT = {}
+    """))
+
+
+def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.5)) -> None:
+    """Allocation quality with sampled errors, scored with exact errors (see the module docstring)."""
+    import math
+    import time
+
+    import numpy as np
+    from mxq.converter.allocate import allocate
+    from mxq.converter.checkpoint import read_checkpoint
+    from mxq.converter.measure import ErrorCache, measure
+    from mxq.converter.pipeline import ConvertOptions, _calibration, _candidates
+
+    checkpoint = read_checkpoint(hf_dir)
+    checkpoint_hash = checkpoint.content_hash()
+    options = ConvertOptions(bpw=4.25, cache_dir=str(cache_dir))
+    fisher = _calibration(checkpoint, checkpoint_hash, options, str(cache_dir), None).fisher
+    tables, seconds = {}, {}
+    for every in (1, *everies):
+        started = time.perf_counter()
+        cache = ErrorCache(cache_dir / "errors" if every == 1 else None, checkpoint_hash)  # exact ones kept
+        tables[every] = measure(checkpoint, _candidates(options), "wls", cache,
+                                importance=fisher.__getitem__, importance_id="check", sample_every=every)
+        seconds[every] = time.perf_counter() - started
+    exact = tables[1]
+    rows = np.arange(len(exact.names))
+    print("row-sampled measurement vs exact (fisher objective, allocation scored with exact errors):")
+    print(f"  {'rows':>7} {'seconds':>8} {'bpw':>5} {'changed':>8} {'loss vs exact optimum':>22} "
+          f"{'estimate/exact':>15} {'stated ±1 s.e.':>15}")
+    for every in (1, *everies):
+        for bpw in budgets:
+            budget = int(math.floor(bpw * float(exact.numel.sum()) / 8 + 1e-9))
+            best = allocate(exact.costs, exact.weighted, budget)
+            table = tables[every]
+            choice = allocate(table.costs, table.weighted, budget)
+            optimum, scored = exact.weighted[rows, best].sum(), exact.weighted[rows, choice].sum()
+            estimated = table.weighted[rows, choice].sum()
+            stated = math.sqrt(float((table.weighted_se[rows, choice] ** 2).sum())) / estimated
+            print(f"  1 in {every:<2} {seconds[every]:8.1f} {bpw:5.2f} {int((choice != best).sum()):5d}/{len(rows)} "
+                  f"{100 * (scored / optimum - 1):+21.3f}% {estimated / scored:15.4f} {100 * stated:14.2f}%")
 
 
 def synthetic_checkpoint(directory: Path, layers: int, hidden=1024, intermediate=2816, vocab=32000):
@@ -92,24 +150,34 @@ def main():
     parser.add_argument("--rebpw", type=float, default=3.5)
     parser.add_argument("--method", choices=list(METHODS), default="default",
                         help="default: mxq's defaults (calibrated Fisher, wls, all bit widths); paper: data-free MXQ")
+    parser.add_argument("--jobs", type=int, default=None, help="threads (default: every core)")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--check-sample", action="store_true", help="only the row-sampling check")
+    parser.add_argument("--check-cache", type=Path, help="--check-sample: keep calibration and exact errors here")
     args = parser.parse_args()
     hf_dir = fixtures.ensure(args.fixture)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        method = METHODS[args.method]
+        if args.check_sample:
+            sample_check(hf_dir, args.check_cache or tmp / "cache")
+            return
+        method = {**METHODS[args.method], "jobs": args.jobs}
         quantizer = method.get("quantizer", "wls")
+        compile_kernels()
+        base = single_pass(hf_dir, quantizer, args.jobs)
         first = conversion(hf_dir, tmp / "a.mxq", tmp / "cache", bpw=args.bpw, **method)
         again = conversion(hf_dir, tmp / "b.mxq", tmp / "cache", bpw=args.rebpw, **method)
-        base = single_pass(hf_dir, quantizer)
-        print(f"fixture {args.fixture}: full conversion at --bpw {args.bpw}, method {args.method} (fresh cache)")
-        for stage, seconds in first["seconds"].items():
-            print(f"  {stage:<8} {seconds:8.2f} s")
-        print(f"  peak RSS {first['peak_rss_mib']:8.0f} MiB   file {first['file_bytes'] / 2**20:.1f} MiB")
-        print(f"re-conversion at --bpw {args.rebpw} with cached errors: {again['seconds']['total']:.2f} s, "
-              f"peak RSS {again['peak_rss_mib']:.0f} MiB")
-        print(f"single-config pass (b4g64 {quantizer} over the same {args.fixture} linears): {base['seconds']:.2f} s")
-        print(f"ratio full conversion / single pass: {first['seconds']['total'] / base['seconds']:.2f}x")
+        unit = base["seconds"]
+        print(f"baseline: one single-config pass (b4g64 {quantizer}, errors only) over the {args.fixture} "
+              f"decoder linears: {unit:.2f} s, peak RSS {base['peak_rss_mib']:.0f} MiB")
+        for title, result in ((f"conversion at --bpw {args.bpw}, method {args.method}, cold caches", first),
+                              (f"re-conversion at --bpw {args.rebpw}, warm caches", again)):
+            print(f"{title}:")
+            for stage, seconds in result["seconds"].items():
+                print(f"  {stage:<10} {seconds:8.2f} s {seconds / unit:7.2f}x")
+            mine = result["seconds"]["total"] - result["seconds"].get("calibrate", 0.0)
+            print(f"  {'total w/o calibrate':<10} {mine:8.2f} s {mine / unit:7.2f}x")
+            print(f"  peak RSS {result['peak_rss_mib']:.0f} MiB, file {result['file_bytes'] / 2**20:.1f} MiB")
         if args.skip_synthetic:
             return
         print("synthetic checkpoints (same largest tensor, 4x the layers): peak RSS of conversion")
