@@ -3,6 +3,12 @@ import sys
 
 import click
 
+from ..format_spec import GROUP_SIZES, SUPPORTED_BITS
+from .candidates import PRESETS
+from .options import OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
+
+_list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
+
 CONVERT_HELP = """Convert a Hugging Face checkpoint folder HF_DIR into one quantized .mxq file.
 
 \b
@@ -37,27 +43,27 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .mxq file (written atomically).")
 @click.option("--bpw", type=float, help="Budget: bits per weight over the decoder linears.")
 @click.option("--size", "size_text", help="Budget: whole-file size in bytes (suffixes B, KB, MB, GB, KiB, MiB, GiB).")
-@click.option("--configs", default="all", show_default=True,
-              help="Candidate configs, comma-separated: bBgG (B bits 2,3,4,5,6,8; G group 32,64,128), "
-                   "optionally +oP% outliers, fp16, or presets 'paper' (b2/3/4/8 × g32/64/128) and 'all'.")
-@click.option("--outliers", "outliers_text", default="0", show_default=True,
+@click.option("--configs", default=default("configs"), show_default=True,
+              help=f"Candidate configs, comma-separated: bBgG (B bits {_list(SUPPORTED_BITS)}; G group "
+                   f"{_list(GROUP_SIZES)}), optionally +oP% outliers, fp16, or presets {_list(PRESETS)} "
+                   "('paper': b2/3/4/8 × g32/64/128, the MXQ paper's space; 'all': every bit width).")
+@click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
               help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
                    "their bytes count against the budget.")
-@click.option("--outlier-mode", type=click.Choice(["magnitude", "error"]), default="magnitude", show_default=True,
+@click.option("--outlier-mode", type=click.Choice(OUTLIER_MODES), default=default("outlier_mode"), show_default=True,
               help="Outliers are the largest weights, or those with the largest (importance-weighted) error.")
-@click.option("--quantizer", type=click.Choice(["hqq", "rtn", "wls"]), default="wls", show_default=True,
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"), show_default=True,
               help="hqq: HQQ-style zero-point optimization; rtn: min-max round to nearest; wls: weighted "
                    "search over scales with a least-squares scale/offset fit (weights from calibration "
                    "with --objective fisher/output, else from |w|).")
-@click.option("--objective", type=click.Choice(["frobenius", "frobenius_sq", "output", "fisher"]),
-              default="fisher", show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=default("objective"), show_default=True,
               help="What the allocation minimizes: Σ‖W−Ŵ‖_F (the MXQ paper, data-free), Σ‖W−Ŵ‖²_F, "
                    "output: Σ_j E[x_j²]·‖ΔW_:,j‖² (calibration), fisher: Σ F·ΔW² with F the Fisher diagonal "
                    "(calibration; an estimate of the loss increase).")
 @click.option("--calib", type=click.Path(), default=None,
               help="Calibration text for --objective output/fisher (default: a public-domain Botchan excerpt "
                    "shipped with mxq). Never calibrate on your evaluation text.")
-@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
+@click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True, help="Calibration tokens to use.")
 @click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,
               help="Also quantize embeddings and an untied lm_head (8: b8g64, 4: b4g32).")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
@@ -70,7 +76,8 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
-    from .pipeline import ConvertOptions, convert, parse_size
+    from .options import ConvertOptions, parse_size
+    from .pipeline import convert
     from .errors import ConversionError
 
     check_output_path(output)  # before any expensive stage: the directory exists and is writable

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ..format_spec import tensor_nbytes
+from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 
 CACHE_VERSION = 4  # bump when quantizer or estimator math changes
-SAMPLE_EVERY = 8  # default: measure 1 row in 8 ...
-MIN_SAMPLE_ROWS = 64  # ... but at least this many rows (all rows of smaller matrices)
+MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 
 from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pack_codes
 from .kernels import round_groups, wls_scale_zero
+from .options import OUTLIER_MODES, QUANTIZERS
 
-QUANTIZERS = ("hqq", "rtn", "wls")
 CHUNK_WEIGHTS = 1 << 18
 HQQ_ITERS, HQQ_LP, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
 
@@ -99,7 +99,6 @@ def _decoded(values: torch.Tensor):
     return codes, meta, torch.from_numpy(decode_meta(codes, meta))
 
 
-OUTLIER_MODES = ("magnitude", "error")
 
 
 def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq", pack: bool = True,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from ..format_spec import GROUP_SIZES
+from ..format_spec import SUPPORTED_BITS as BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
