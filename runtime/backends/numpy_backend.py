@@ -4,6 +4,8 @@ Weights are handles from cpu_weights.py (DenseWeight, AffineWeight): lean mode m
 from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
 products when Numba is available (cpu_jit.py), else with NumPy — and cache_dequantized keeps a
 float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
+In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
+compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve both the compiled
 kernels (Numba's thread pool, one part of the rows per thread) and the NumPy path (a small thread
@@ -30,8 +32,8 @@ ATTENTION_PARALLEL_MIN_WORK = 1 << 20  # compiled attention: split heads over th
 
 class NumpyBackend(Backend):
     """threads: worker threads for products and attention (default: $MXQ_THREADS, else the CPU
-    count, at most 8). kernels: use the compiled CPU kernels when available (False: the NumPy
-    reference path only)."""
+    count, at most 8). kernels: use the compiled CPU kernels (cpu_kernels.py, lean mode) and ops
+    (cpu_ops.py) when available (False: the NumPy reference path only)."""
 
     name = "cpu"
     xp = np
