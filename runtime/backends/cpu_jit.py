@@ -6,6 +6,11 @@ numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a mach
 (~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
 the numpy backend keeps its NumPy path and one notice on stderr says why.
 
+Memory (resident, measured on x86-64 with every kernel cached): importing numba costs ~65 MiB and
+loading the first compiled kernel ~45 MiB more (LLVM's JIT engine); all affine specializations
+together add ~6 MiB and cpu_ops ~1 MiB. So loading only the (bits, group) variants a file uses
+would save at most ~6 MiB: the kernels are all loaded at once.
+
 Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): a
 decode step launches ~200 short parallel kernels with Python work in between, and spinning
 workers on a busy machine (more runnable threads than cores) made decoding 20x slower than one
