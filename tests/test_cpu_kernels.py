@@ -1,7 +1,8 @@
 """The compiled CPU kernels (runtime/backends/cpu_kernels.py) against the NumPy reference path.
 
 Every affine config (bits × group size), odd shapes with a padded last group, with and without CSR
-outliers, bias and residual, 1 and a few tokens; the fp16 kernel; thread splits; the fallback when
+outliers, bias and residual, 1 and a few tokens; the fp16 kernel; the per-token ops (cpu_ops.py:
+RMSNorm, RoPE with partial rotary, SwiGLU/GeGLU, decode attention with GQA and windows); thread splits; the fallback when
 the JIT is missing or fails; compact lean-mode metadata; and whole tiny models' logits.
 Tolerance: the kernels sum in a different order (fastmath), so |y − y_ref| ≤ 2e-5 · max|y_ref|.
 """
@@ -87,6 +88,76 @@ def test_more_tokens_than_the_kernel_limit_take_the_numpy_path(backends):
     np.testing.assert_array_equal(fast.linear(x, w_fast), ref.linear(x, w_ref))  # same code path
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
+def test_rms_norm_and_gated_activations_match_numpy(backends, tokens):
+    fast, ref = backends
+    assert fast.ops is not None
+    rng = np.random.default_rng(tokens)
+    for width in (1, 7, 64, 577):
+        x = (3 * rng.standard_normal((tokens, width))).astype(np.float32)
+        w = rng.standard_normal(width).astype(np.float32)
+        assert_close(fast.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        assert_close(fast.rms_norm(x[:, ::-1], w, 1e-5), ref.rms_norm(x[:, ::-1], w, 1e-5))  # non-contiguous
+        gate = (8 * rng.standard_normal((tokens, width))).astype(np.float32)
+        gate[0, 0] = -200.0  # exp overflow side of silu
+        up = rng.standard_normal((tokens, width)).astype(np.float32)
+        assert_close(fast.silu_mul(gate, up), ref.silu_mul(gate, up))
+        assert_close(fast.gelu_mul(gate, up), ref.gelu_mul(gate, up))
+
+
+@pytest.mark.parametrize("half,head_dim", [(32, 64), (8, 16), (16, 64), (3, 10), (1, 2)])
+def test_rope_matches_numpy_including_partial_rotary(backends, half, head_dim):
+    fast, ref = backends
+    rng = np.random.default_rng(half * head_dim)
+    inv_freq = (10000.0 ** (-np.arange(half) / half)).astype(np.float32)
+    for tokens, start in ((1, 0), (1, 4095), (5, 17), (33, 0)):
+        x = rng.standard_normal((tokens, 3 * head_dim)).astype(np.float32)
+        positions = np.arange(start, start + tokens, dtype=np.int64)
+        options = {} if head_dim == 2 * half else {"head_dim": head_dim}
+        got, want = fast.rope(x, positions, inv_freq, **options), ref.rope(x, positions, inv_freq, **options)
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()  # cos/sin of large angles differ in ulps
+        if head_dim > 2 * half:
+            np.testing.assert_array_equal(got.reshape(tokens, 3, head_dim)[..., 2 * half:],
+                                          x.reshape(tokens, 3, head_dim)[..., 2 * half:])
+
+
+@pytest.mark.parametrize("n_kv,n_rep,head_dim", [(1, 1, 8), (3, 3, 64), (2, 4, 12), (4, 1, 5)])
+@pytest.mark.parametrize("window", [None, 1, 5])
+def test_decode_attention_matches_numpy(backends, n_kv, n_rep, head_dim, window):
+    from mxq.runtime.backends.base import LayerCache
+
+    fast, ref = backends
+    rng = np.random.default_rng(n_kv * 100 + head_dim)
+    width, kv_width = n_kv * n_rep * head_dim, n_kv * head_dim
+    for threads in (1, 2):
+        fast_t = NumpyBackend(threads=threads)
+        caches = [LayerCache(np, n_kv, head_dim, 64) for _ in range(2)]
+        start = 0
+        for T in (7, 1, 1, 3, 16, 1):  # a prompt, then decode steps and short chunks
+            q, k, v = (rng.standard_normal((T, n)).astype(np.float32) for n in (width, kv_width, kv_width))
+            got = fast_t.attention(q, k, v, caches[0], start, scale=0.3, window=window)
+            want = ref.attention(q, k, v, caches[1], start, scale=0.3, window=window)
+            assert_close(got, want)
+            start += T
+        fast_t.close()
+
+
+def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch):
+    from mxq.runtime.backends import numpy_backend
+    from mxq.runtime.backends.base import LayerCache
+
+    fast, ref = backends
+    monkeypatch.setattr(numpy_backend, "ATTENTION_PARALLEL_MIN_WORK", 1)  # the parallel kernel at any size
+    rng = np.random.default_rng(9)
+    caches = [LayerCache(np, 2, 16, 300) for _ in range(2)]
+    k, v = (rng.standard_normal((299, 32)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((299, 96)).astype(np.float32)
+    ref.attention(q, k, v, caches[0], 0)
+    ref.attention(q, k, v, caches[1], 0)
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+    assert_close(fast.attention(q1, k1, v1, caches[0], 299), ref.attention(q1, k1, v1, caches[1], 299))
+
+
 def test_thread_splits_give_identical_rows():
     """1 thread runs affine_matmul_serial, more run the parallel kernel: the same numbers."""
     from conftest import random_affine_blobs
@@ -137,6 +208,27 @@ def test_a_failing_kernel_falls_back_with_one_notice(capsys):
         cpu_jit._state.update(state)
 
 
+def test_a_failing_op_falls_back_with_one_notice(capsys):
+    backend, ref = NumpyBackend(threads=1), NumpyBackend(threads=1, kernels=False)
+
+    class Broken:
+        @staticmethod
+        def rms_norm(*args):
+            raise RuntimeError("LLVM exploded")
+
+    state = dict(cpu_jit._state)
+    try:
+        backend.ops = Broken
+        x, w = np.ones((2, 8), np.float32), np.arange(8, dtype=np.float32)
+        np.testing.assert_array_equal(backend.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        np.testing.assert_array_equal(backend.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        assert backend.ops is None and backend.kernels is None
+        assert capsys.readouterr().err.count("compiled CPU kernels failed (RuntimeError: LLVM exploded)") == 1
+    finally:
+        cpu_jit._state.clear()
+        cpu_jit._state.update(state)
+
+
 def test_kernels_can_be_switched_off_with_one_notice(monkeypatch, capsys):
     state = dict(cpu_jit._state)
     try:
@@ -144,7 +236,8 @@ def test_kernels_can_be_switched_off_with_one_notice(monkeypatch, capsys):
         monkeypatch.setenv("MXQ_KERNELS", "numpy")
         assert cpu_jit.kernels() is None and cpu_jit.kernels() is None
         assert capsys.readouterr().err.count("compiled CPU kernels unavailable (MXQ_KERNELS=numpy)") == 1
-        assert NumpyBackend(threads=1).kernels is None
+        backend = NumpyBackend(threads=1)
+        assert backend.kernels is None and backend.ops is None
     finally:
         cpu_jit._state.clear()
         cpu_jit._state.update(state)
@@ -212,8 +305,9 @@ def test_tiny_model_logits_match_numpy_path(tiny_models, name):
             return np.concatenate(out)
 
         fast = run()
-        kernels, lm.backend.kernels = lm.backend.kernels, None  # same weights, NumPy path
+        saved = lm.backend.kernels, lm.backend.ops
+        lm.backend.kernels = lm.backend.ops = None  # same weights, NumPy path
         ref = run()
-        lm.backend.kernels = kernels
+        lm.backend.kernels, lm.backend.ops = saved
     assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
     np.testing.assert_array_equal(fast.argmax(-1), ref.argmax(-1))

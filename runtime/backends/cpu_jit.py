@@ -1,10 +1,15 @@
 """Loading the compiled CPU kernels (cpu_kernels.py) with a safe fallback.
 
-`kernels()` returns the cpu_kernels module once every kernel is compiled — or loaded from the
+`kernels()` returns the cpu_kernels module once every kernel (and cpu_ops') is compiled — or loaded from the
 cache: Numba's cache lives in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
 numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
 (~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
 the numpy backend keeps its NumPy path and one notice on stderr says why.
+
+Memory (resident, measured on x86-64 with every kernel cached): importing numba costs ~65 MiB and
+loading the first compiled kernel ~45 MiB more (LLVM's JIT engine); all affine specializations
+together add ~6 MiB and cpu_ops ~1 MiB. So loading only the (bits, group) variants a file uses
+would save at most ~6 MiB: the kernels are all loaded at once.
 
 Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): a
 decode step launches ~200 short parallel kernels with Python work in between, and spinning
@@ -65,12 +70,13 @@ def _load():
     if numba.config.CACHE_DIR != os.environ["NUMBA_CACHE_DIR"]:
         numba.core.config.reload_config()  # numba was imported before the cache directory was set
     try:
-        from . import cpu_kernels
+        from . import cpu_kernels, cpu_ops
 
         cache = Path(numba.config.CACHE_DIR)
         if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
             print(f"mxq: compiling the CPU kernels (once; about a minute; cached in {cache})", file=sys.stderr)
         cpu_kernels.warm_up()  # compile (or load from the cache) every kernel now, not mid-generation
+        cpu_ops.warm_up()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return cpu_kernels

@@ -4,6 +4,8 @@ Weights are handles from cpu_weights.py (DenseWeight, AffineWeight): lean mode m
 from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
 products when Numba is available (cpu_jit.py), else with NumPy — and cache_dequantized keeps a
 float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
+In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
+compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve both the compiled
 kernels (Numba's thread pool, one part of the rows per thread) and the NumPy path (a small thread
@@ -25,12 +27,13 @@ from .cpu_jit import kernels as load_kernels
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention (bounds the score matrix)
+ATTENTION_PARALLEL_MIN_WORK = 1 << 20  # compiled attention: split heads over threads from this many MACs
 
 
 class NumpyBackend(Backend):
     """threads: worker threads for products and attention (default: $MXQ_THREADS, else the CPU
-    count, at most 8). kernels: use the compiled CPU kernels when available (False: the NumPy
-    reference path only)."""
+    count, at most 8). kernels: use the compiled CPU kernels (cpu_kernels.py, lean mode) and ops
+    (cpu_ops.py) when available (False: the NumPy reference path only)."""
 
     name = "cpu"
     xp = np
@@ -42,7 +45,12 @@ class NumpyBackend(Backend):
         self.threads = max(1, threads or (int(env) if env.isdigit() and int(env) > 0 else min(cpus, 8)))
         # compiled kernels serve lean-mode decode; the cached mode's float32 products are BLAS
         self.kernels = load_kernels() if kernels and not self.cache_dequantized else None
-        if self.kernels is not None:
+        self.ops = None  # compiled per-token ops (cpu_ops.py): with the kernels, in either memory mode
+        if kernels and load_kernels() is not None:
+            from . import cpu_ops
+
+            self.ops = cpu_ops
+        if self.kernels is not None or self.ops is not None:
             import numba
 
             self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # Numba's pool size
@@ -66,6 +74,17 @@ class NumpyBackend(Backend):
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
             disable_kernels(f"{type(error).__name__}: {error}")
             self.kernels = None
+            return False
+
+    def run_op(self, op, *args) -> bool:
+        """op(*args) of cpu_ops; False if it failed — then every compiled kernel is switched off
+        for good (one notice) and the caller takes the NumPy path."""
+        try:
+            op(*args)
+            return True
+        except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
+            disable_kernels(f"{type(error).__name__}: {error}")
+            self.kernels = self.ops = None
             return False
 
     def close(self):
@@ -145,6 +164,11 @@ class NumpyBackend(Backend):
         return weight.matmul(np.ascontiguousarray(x, dtype=np.float32), bias, residual)  # (T, out)
 
     def rms_norm(self, x, weight, eps):
+        if self.ops is not None:  # one pass per row (few transcendental calls: any T)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.empty_like(x)
+            if self.run_op(self.ops.rms_norm, x, weight, float(eps), out):
+                return out
         variance = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
         return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
 
@@ -152,6 +176,11 @@ class NumpyBackend(Backend):
         half = inv_freq.shape[0]
         head_dim = head_dim or 2 * half
         T = x.shape[0]
+        if self.ops is not None:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.empty_like(x)
+            if self.run_op(self.ops.rope, x, np.asarray(positions, np.int64), inv_freq, int(head_dim), out):
+                return out
         angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, half)
         cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]  # (T, 1, half)
         xh = x.reshape(T, -1, head_dim)  # (T, n, head_dim)
@@ -168,9 +197,16 @@ class NumpyBackend(Backend):
         n_rep = q.shape[1] // head_dim // n_kv
         cache.k[:, start:start + T] = k.reshape(T, n_kv, head_dim).transpose(1, 0, 2)  # (n_kv, T, hd)
         cache.v[:, start:start + T] = v.reshape(T, n_kv, head_dim).transpose(1, 0, 2)
+        scale = np.float32(1.0 / math.sqrt(head_dim) if scale is None else scale)
+        if self.ops is not None and T <= KERNEL_MAX_TOKENS:  # decode: one loop over the cache per head
+            out = np.empty((T, q.shape[1]), np.float32)
+            work = T * (start + T) * q.shape[1]
+            kernel = self.ops.attention if work >= ATTENTION_PARALLEL_MIN_WORK else self.ops.attention_serial
+            if self.run_op(kernel, np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
+                           -1 if window is None else int(window), out, self.threads):
+                return out
         qh = q.reshape(T, n_kv, n_rep, head_dim).transpose(1, 2, 0, 3)  # (n_kv, n_rep, T, hd)
         out = np.empty((T, n_kv, n_rep, head_dim), dtype=np.float32)
-        scale = np.float32(1.0 / math.sqrt(head_dim) if scale is None else scale)
 
         def block(t0, t1):
             S = start + t1  # keys the last query of this block may see
@@ -192,8 +228,19 @@ class NumpyBackend(Backend):
         return out.reshape(T, -1)
 
     def silu_mul(self, gate, up):
+        if self.ops is not None and gate.shape[0] <= KERNEL_MAX_TOKENS:  # (NumPy's exp is SIMD: prefill)
+            out = np.empty(gate.shape, np.float32)
+            if self.run_op(self.ops.silu_mul, np.ascontiguousarray(gate), np.ascontiguousarray(up), out):
+                return out
         with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
             return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+    def gelu_mul(self, gate, up):
+        if self.ops is not None and gate.shape[0] <= KERNEL_MAX_TOKENS:
+            out = np.empty(gate.shape, np.float32)
+            if self.run_op(self.ops.gelu_mul, np.ascontiguousarray(gate), np.ascontiguousarray(up), out):
+                return out
+        return super().gelu_mul(gate, up)
 
     def add(self, a, b):
         a += b

@@ -1,0 +1,148 @@
+"""Compiled CPU kernels (Numba) for the small per-token operations of a decoder layer.
+
+Each replaces several NumPy calls (each a Python dispatch plus a pass over a temporary) by one
+loop; numpy_backend.py uses them for decode-sized inputs (the NumPy versions stay the reference):
+
+    rms_norm(x, w, eps, out)                      out = w · x / sqrt(mean(x²) + eps)      x (T, H)
+    rope(x, positions, inv_freq, head_dim, out)   rotate_half RoPE over the first 2·len(inv_freq)
+                                                  dims of each head; the rest pass through
+    silu_mul(gate, up, out)                       out = silu(gate) · up
+    gelu_mul(gate, up, out)                       out = gelu_tanh(gate) · up
+    attention(q, kc, vc, start, scale, window, out[, n_parts])   causal (optionally windowed)
+                                                  attention of T queries at start.. over the cache
+                                                  kc, vc (n_kv, capacity, hd) already holding them
+
+Types as the backend passes them: float32 2-D C arrays (the cache 3-D), positions int64 1-D,
+inv_freq and w float32 1-D. Reductions accumulate in float32 (fastmath: reassociated, SIMD).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu_kernels import PARALLEL, SERIAL
+
+SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+
+
+@njit(**SERIAL)
+def rms_norm(x, w, eps, out):
+    T, H = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for c in range(H):
+            ss += x[t, c] * x[t, c]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(H) + np.float32(eps))
+        for c in range(H):
+            out[t, c] = w[c] * (x[t, c] * inv)
+
+
+@njit(**SERIAL)
+def rope(x, positions, inv_freq, head_dim, out):
+    T, width = x.shape
+    half = inv_freq.shape[0]
+    n_heads = width // head_dim
+    cos = np.empty(half, np.float32)
+    sin = np.empty(half, np.float32)
+    for t in range(T):
+        for i in range(half):
+            angle = np.float32(positions[t]) * inv_freq[i]  # float32 angle, as the reference
+            cos[i] = np.cos(angle)
+            sin[i] = np.sin(angle)
+        for h in range(n_heads):
+            o = h * head_dim
+            for i in range(half):
+                x1, x2 = x[t, o + i], x[t, o + half + i]
+                out[t, o + i] = x1 * cos[i] - x2 * sin[i]
+                out[t, o + half + i] = x2 * cos[i] + x1 * sin[i]
+            for i in range(2 * half, head_dim):  # partial rotary: the rest passes through
+                out[t, o + i] = x[t, o + i]
+
+
+@njit(**SERIAL)
+def silu_mul(gate, up, out):
+    T, n = gate.shape
+    for t in range(T):
+        for c in range(n):
+            g = gate[t, c]
+            out[t, c] = g / (np.float32(1.0) + np.exp(-g)) * up[t, c]
+
+
+@njit(**SERIAL)
+def gelu_mul(gate, up, out):
+    T, n = gate.shape
+    for t in range(T):
+        for c in range(n):
+            g = gate[t, c]
+            inner = SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)
+            out[t, c] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[t, c]
+
+
+@njit(inline="always", **SERIAL)
+def _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh):
+    """Query head qh (all T queries) against kv head qh // n_rep: softmax(q·Kᵀ·scale) V."""
+    T = q.shape[0]
+    kv = qh // n_rep
+    o = qh * head_dim
+    scores = np.empty(start + T, np.float32)
+    acc = np.empty(head_dim, np.float32)
+    for t in range(T):
+        p = start + t  # this query's position: keys first..p
+        first = 0 if window < 0 else max(0, p - window + 1)
+        peak = -np.inf
+        for j in range(first, p + 1):
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += q[t, o + d] * kc[kv, j, d]
+            s *= scale
+            scores[j] = s
+            peak = max(peak, s)
+        total = np.float32(0.0)
+        for j in range(first, p + 1):
+            e = np.exp(scores[j] - peak)
+            scores[j] = e
+            total += e
+        acc[:] = 0.0
+        for j in range(first, p + 1):
+            e = scores[j]
+            for d in range(head_dim):
+                acc[d] += e * vc[kv, j, d]
+        inv = np.float32(1.0) / total
+        for d in range(head_dim):
+            out[t, o + d] = acc[d] * inv
+
+
+@njit(**PARALLEL)
+def attention(q, kc, vc, start, scale, window, out, n_parts):
+    """out (T, heads·hd) for q (T, heads·hd); window < 0: full causal. Heads split over n_parts."""
+    n_kv, _, head_dim = kc.shape
+    n_heads = q.shape[1] // head_dim
+    n_rep = n_heads // n_kv
+    step = -(-n_heads // n_parts)
+    for part in prange(n_parts):
+        for qh in range(part * step, min(n_heads, (part + 1) * step)):
+            _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh)
+
+
+@njit(**SERIAL)
+def attention_serial(q, kc, vc, start, scale, window, out, n_parts):
+    """attention on the calling thread (short contexts: no worker wake-ups); n_parts unused."""
+    n_kv, _, head_dim = kc.shape
+    n_heads = q.shape[1] // head_dim
+    for qh in range(n_heads):
+        _head(q, kc, vc, start, scale, window, out, n_heads // n_kv, head_dim, qh)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the backend uses."""
+    x = np.ones((1, 8), np.float32)
+    out = np.empty_like(x)
+    rms_norm(x, np.ones(8, np.float32), 1e-5, out)
+    rope(x, np.zeros(1, np.int64), np.ones(2, np.float32), 4, out)
+    silu_mul(x, x, out)
+    gelu_mul(x, x, out)
+    cache = np.zeros((1, 2, 4), np.float32)
+    for kernel in (attention, attention_serial):
+        kernel(x, cache, cache, 1, np.float32(0.5), -1, out, 2)
