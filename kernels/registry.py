@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..format_spec import GROUP_SIZES
-from ..format_spec import SUPPORTED_BITS as BITS
+# absolute: transformers probes for a top-level `kernels` package, which finds this folder when the
+# repository root is on sys.path; a relative import beyond it would fail there
+from mxq.format_spec import GROUP_SIZES
+from mxq.format_spec import SUPPORTED_BITS as BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
