@@ -14,6 +14,11 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
     allocator    freed blocks glibc keeps resident (measured)              verify's read buffers, prefill
     kernels      Numba + LLVM + compiled kernels (measured; 0 without)    cpu_jit.py (MXQ_KERNELS=numpy: 0)
 
+Not counted (each under 1 MiB on SmolLM2): the float32 (step, min) pairs of the metadata runs that
+lean mode widens at load (1/128 of the metadata), token lists, the sampler's per-step arrays. The
+tokenizer factor is measured for hf-tokenizers files; a sentencepiece model costs less (12 MiB for
+Llama's 0.5 MB model, 18 MiB predicted).
+
 The prediction is an upper bound of the peak (tests/test_footprint.py holds it to measured peak RSS
 within a stated margin). N is the context: prompt + new tokens, at most the model's context; the
 worst case runs a prompt of N tokens through one prefill. CPU only: the CUDA backend's device
@@ -91,7 +96,8 @@ def activation_bytes(c: ModelConfig, tokens: int, threads: int) -> int:
       MLP:       x, h, the down projection's output and its threads' sgemm results (≤ hidden,
                  cpu_weights._prefill_rows); gate, up, act(gate)·up and the down projection's padded
                  + permuted copies of its input (cpu_weights.numpy_matmul), one more for GeGLU's
-                 temporaries (intermediate)
+                 temporaries, and one for fragmentation (intermediate: the main heap's resident
+                 high-water mark exceeds the live arrays by about that much, measured at 2k–4k tokens)
     and each other worker thread its own score block plus its part of a product's sgemm result.
     Worker threads allocate from their own glibc arenas, which keep freed blocks resident, so their
     peaks add to the main thread's instead of taking turns with it (measured)."""
@@ -99,7 +105,7 @@ def activation_bytes(c: ModelConfig, tokens: int, threads: int) -> int:
     q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     score_block = min(tokens, ATTENTION_BLOCK) * tokens * (c.num_attention_heads * F32 + 3)
     attention = tokens * F32 * (2 * H + 3 * q_width + 2 * kv_width) + score_block
-    mlp = tokens * F32 * (4 * H + (6 if c.family.activation == "gelu_tanh" else 5) * I)
+    mlp = tokens * F32 * (4 * H + (7 if c.family.activation == "gelu_tanh" else 6) * I)
     widest = max(H, I, q_width)
     worker = score_block + tokens * -(-widest // threads) * F32
     return max(attention, mlp) + (threads - 1) * worker

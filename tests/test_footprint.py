@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = Path("/work/shared/data/botchan.txt")
 CONTEXTS = (64, 512, 2048)  # prompt + new tokens
 NEW_TOKENS = 8
-MARGIN, SLACK = 0.10, 32 * MiB  # the prediction may exceed the measurement by 10% + 32 MiB, never fall below it
+MARGIN, SLACK = 0.10, 48 * MiB  # the prediction may exceed the measurement by 10% + 48 MiB, never fall below it
 
 SMALL = {"architecture": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 160,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -125,6 +125,27 @@ def test_bad_requests_name_the_problem():
         footprint(c, 1, 10, device="cuda", tokenizer_bytes=0)
     with pytest.raises(ModelError, match="context and batch must be >= 1"):
         footprint(c, 1, 10, batch=0, tokenizer_bytes=0)
+
+
+def test_inspect_shows_the_footprint(tmp_path):
+    import json
+
+    import fixtures
+    from test_runtime_files import write_test_mxq
+
+    path = write_test_mxq(fixtures.ensure("tiny-llama"), tmp_path / "tiny.mxq")
+    shown = mxq("inspect", str(path), "--context", "100", "--batch", "2", "--json", env=_env(False))
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)["footprint"]
+    with MxqFile.open(path) as f:
+        expected = footprint(ModelConfig.from_json(f.model), f.file_nbytes, 100, 2, kernels=False,
+                             tokenizer_bytes=f.tokenizer_blob.nbytes)
+    assert report["bytes"] == expected.items and report["total_bytes"] == expected.total
+    assert report["bytes"]["file"] == path.stat().st_size
+    table = mxq("inspect", str(path), "--context", "100", "--no-tensors", env=_env(False))
+    assert "kv_cache" in table.stdout and "NumPy path" in table.stdout
+    too_long = mxq("inspect", str(path), "--context", "10000000", env=_env(False))
+    assert too_long.returncode == 1 and too_long.stderr.startswith("mxq: error: context 10000000 exceeds")
 
 
 if __name__ == "__main__":
