@@ -20,7 +20,9 @@ tokenizer factor is measured for hf-tokenizers files; a sentencepiece model cost
 Llama's 0.5 MB model, 18 MiB predicted).
 
 The prediction is an upper bound of the peak (tests/test_footprint.py holds it to measured peak RSS
-within a stated margin). N is the context: prompt + new tokens, at most the model's context; the
+within 10% + 48 MiB on SmolLM2). It is looser for a big tokenizer: parsing Gemma 3's 33 MB
+tokenizer.json frees ~140 MiB of heap that the KV cache and activations then reuse, while the
+terms here add up (Gemma 3 270M at 2048 positions: 864 MiB measured, 1115 predicted). N is the context: prompt + new tokens, at most the model's context; the
 worst case runs a prompt of N tokens through one prefill. CPU only: the CUDA backend's device
 memory (blobs as stored, fp16 KV cache, its own scratch) is not modelled yet.
 """
