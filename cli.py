@@ -81,10 +81,22 @@ def _open(path) -> MxqFile:
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 @click.option("--tensors/--no-tensors", default=True, show_default=True, help="List every tensor.")
-def inspect(file, as_json, tensors):
-    """Show what is inside an .mxq FILE: model, tokenizer, provenance, per-tensor storage, totals."""
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Also estimate the peak memory of `mxq generate` (lean, CPU) for N positions "
+                   "(prompt + new tokens), itemized: file, KV cache, working buffers, runtime.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Sequences generated at once, for --context (multiplies KV cache and activations).")
+def inspect(file, as_json, tensors, context, batch):
+    """Show what is inside an .mxq FILE: model, tokenizer, provenance, per-tensor storage, totals;
+    with --context N, the runtime memory footprint too."""
+    footprint = None
     with _open(file) as f:
         report = summarize(f)
+        if context is not None:
+            from .runtime.footprint import file_footprint
+
+            footprint = file_footprint(f, context, batch)
+            report["footprint"] = footprint.to_json()
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -110,6 +122,10 @@ def inspect(file, as_json, tensors):
     click.echo(f"linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))
     click.echo(f"bytes: tensors {report['tensor_bytes']:,}, tokenizer {report['tokenizer_bytes']:,}, "
                f"header+JSON {report['header_and_json_bytes']:,}, alignment padding {report['padding_bytes']:,}")
+    if footprint is not None:
+        kernels = "compiled kernels" if footprint.kernels else "NumPy path, no compiled kernels"
+        click.echo(f"\npeak memory of `mxq generate` (lean, cpu, {kernels}), context {context}, batch {batch}:")
+        click.echo("\n".join(footprint.lines()))
 
 
 @main.command()

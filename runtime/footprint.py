@@ -1,0 +1,159 @@
+"""How much memory `mxq generate` needs: the peak resident set (RSS) of the lean CPU runtime for a
+model, a file size and a context length — the number `--fit SIZE --context N` keeps within SIZE and
+`mxq inspect FILE --context N` prints.
+
+    item         bytes                                                     where it is allocated
+    file         file_bytes (every weight page is read per token)          the mmapped .mxq (lean mode)
+    kv_cache     layers · 2 · kv_heads · head_dim · N · 4 · batch          base.LayerCache, float32 on the CPU
+    activations  prefill peak of the whole prompt (≤ N tokens) · batch     model.block, numpy_backend
+                 (main thread + each worker thread's blocks)
+    scratch      threads · 2 · dequantization chunk                        cpu_weights._prefill_rows
+    logits       vocab · 4 · batch (the last token only)                   generate: forward(last_only=True)
+    tokenizer    library + 13 · tokenizer.json bytes (measured)            tokenizer.py (HF tokenizers)
+    python       interpreter + NumPy + mxq runtime modules (measured)      import
+    allocator    freed blocks glibc keeps resident (measured)              verify's read buffers, prefill
+    kernels      Numba + LLVM + compiled kernels (measured; 0 without)    cpu_jit.py (MXQ_KERNELS=numpy: 0)
+
+Not counted (each under 1 MiB on SmolLM2): the float32 (step, min) pairs of the metadata runs that
+lean mode widens at load (1/128 of the metadata), token lists, the sampler's per-step arrays. The
+tokenizer factor is measured for hf-tokenizers files; a sentencepiece model costs less (12 MiB for
+Llama's 0.5 MB model, 18 MiB predicted).
+
+The prediction is an upper bound of the peak (tests/test_footprint.py holds it to measured peak RSS
+within 10% + 48 MiB on SmolLM2). It is looser for a big tokenizer: parsing Gemma 3's 33 MB
+tokenizer.json frees ~140 MiB of heap that the KV cache and activations then reuse, while the
+terms here add up (Gemma 3 270M at 2048 positions: 864 MiB measured, 1115 predicted). N is the context: prompt + new tokens, at most the model's context; the
+worst case runs a prompt of N tokens through one prefill. CPU only: the CUDA backend's device
+memory (blobs as stored, fp16 KV cache, its own scratch) is not modelled yet.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from .backends.cpu_weights import PREFILL_CHUNK_BYTES
+from .backends.numpy_backend import ATTENTION_BLOCK  # queries per block of prefill attention
+from .config import ModelConfig
+from .errors import ModelError
+
+MiB = 1 << 20
+F32 = 4  # bytes of a float32: activations, the CPU KV cache, logits
+# Measured constants (peak RSS of `mxq generate` on this repository's runtime, Linux x86-64, CPython 3.12):
+PYTHON_BYTES = 32 * MiB  # interpreter + NumPy + the mxq runtime modules: 32 MiB RSS after import
+ALLOCATOR_BYTES = 16 * MiB  # freed blocks glibc keeps resident (its mmap threshold rises after the first
+# big free): verify's read buffers (reader.VERIFY_CHUNK = 8 MiB, +10 MiB measured) and prefill temporaries
+TOKENIZER_LIBRARY_BYTES = 12 * MiB  # the `tokenizers` shared library loaded and initialized
+TOKENIZER_BYTES_PER_JSON_BYTE = 13  # parsed tokenizer.json: 12.5x (SmolLM2, 3.5 MB), 12.2x (Gemma 3, 33 MB)
+KERNELS_BYTES = 120 * MiB  # Numba + LLVM + the cached kernels: +114 MiB RSS at load, +110 MiB at peak
+
+
+@dataclass
+class Footprint:
+    """An itemized estimate in bytes (`items`, in the order of the module docstring)."""
+    items: dict
+    context: int
+    batch: int
+    kernels: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    def to_json(self) -> dict:
+        return {"context": self.context, "batch": self.batch, "kernels": self.kernels, "device": "cpu",
+                "bytes": dict(self.items), "total_bytes": self.total}
+
+    def lines(self) -> list[str]:
+        rows = [f"  {name:<12} {value:>15,} bytes  {value / MiB:9.1f} MiB" for name, value in self.items.items()]
+        return rows + [f"  {'total':<12} {self.total:>15,} bytes  {self.total / MiB:9.1f} MiB"]
+
+
+def kernels_available() -> bool:
+    """Whether the CPU runtime would load the compiled kernels (Numba installed, not MXQ_KERNELS=numpy)."""
+    return os.environ.get("MXQ_KERNELS", "").lower() != "numpy" and importlib.util.find_spec("numba") is not None
+
+
+def default_threads() -> int:
+    """The CPU count, at most 8 (NumpyBackend's default when $MXQ_THREADS is unset)."""
+    env = os.environ.get("MXQ_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, 8)
+
+
+def kv_cache_bytes(c: ModelConfig, positions: int, batch: int = 1) -> int:
+    """base.LayerCache: k and v (kv_heads, capacity, head_dim) float32 per layer; generate reserves
+    capacity = prompt + new tokens up front (no doubling), every layer the full length (sliding-window
+    layers too)."""
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * positions * F32 * batch
+
+
+def activation_bytes(c: ModelConfig, tokens: int, threads: int) -> int:
+    """Float32 working arrays of one prefill of `tokens` rows (model.block; the prompt is not chunked).
+    The main thread holds the larger of a layer's two halves at once:
+      attention: x, h (hidden); q, its rotated copy, the output (heads·hd); k, v (kv·hd); one
+                 (heads, block, tokens) score block and its 3 boolean masks (numpy_backend.attention)
+      MLP:       x, h, the down projection's output and its threads' sgemm results (≤ hidden,
+                 cpu_weights._prefill_rows); gate, up, act(gate)·up and the down projection's padded
+                 + permuted copies of its input (cpu_weights.numpy_matmul), one more for GeGLU's
+                 temporaries, and one for fragmentation (intermediate: the main heap's resident
+                 high-water mark exceeds the live arrays by about that much, measured at 2k–4k tokens)
+    and each other worker thread its own score block plus its part of a product's sgemm result.
+    Worker threads allocate from their own glibc arenas, which keep freed blocks resident, so their
+    peaks add to the main thread's instead of taking turns with it (measured)."""
+    H, I = c.hidden_size, c.intermediate_size
+    q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    score_block = min(tokens, ATTENTION_BLOCK) * tokens * (c.num_attention_heads * F32 + 3)
+    attention = tokens * F32 * (2 * H + 3 * q_width + 2 * kv_width) + score_block
+    mlp = tokens * F32 * (4 * H + (7 if c.family.activation == "gelu_tanh" else 6) * I)
+    widest = max(H, I, q_width)
+    worker = score_block + tokens * -(-widest // threads) * F32
+    return max(attention, mlp) + (threads - 1) * worker
+
+
+def scratch_bytes(c: ModelConfig, threads: int) -> int:
+    """cpu_weights: each worker slot keeps reused buffers for the widest chunk of rows it dequantized —
+    the float32 weight chunk (PREFILL_CHUNK_BYTES, at least 8 rows) plus codes, byte planes and SWAR
+    words (≤ 3/4 of it) or the fp16 path's sign words (= it): 2 chunks per thread bounds both."""
+    widest = max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim)
+    chunk = max(PREFILL_CHUNK_BYTES, 8 * widest * F32)
+    return threads * 2 * chunk
+
+
+def footprint(model_config: ModelConfig, file_bytes: int, context: int, batch: int = 1, device: str = "cpu",
+              kernels: bool = True, *, tokenizer_bytes: int, threads: int | None = None) -> Footprint:
+    """Peak memory of generating `context` positions (prompt + new tokens) × `batch` sequences from a
+    `file_bytes` .mxq file in lean mode. tokenizer_bytes: the embedded tokenizer.json's size.
+    kernels: whether the compiled CPU kernels are loaded (False: MXQ_KERNELS=numpy). threads: the
+    backend's worker threads (default: as NumpyBackend chooses). Batch > 1 multiplies the
+    per-sequence terms (KV cache, activations, logits); `mxq generate` itself runs one sequence."""
+    if device != "cpu":
+        raise ModelError(f"the footprint model covers the CPU runtime only, not device {device!r}")
+    if context < 1 or batch < 1:
+        raise ModelError(f"context and batch must be >= 1, got context {context}, batch {batch}")
+    c = model_config
+    if context > c.max_position_embeddings:
+        raise ModelError(f"context {context} exceeds the model's context of {c.max_position_embeddings}")
+    threads = threads or default_threads()
+    items = {
+        "file": int(file_bytes),
+        "kv_cache": kv_cache_bytes(c, context, batch),
+        "activations": activation_bytes(c, context, threads) * batch,
+        "scratch": scratch_bytes(c, threads),
+        "logits": c.vocab_size * F32 * batch,
+        "tokenizer": TOKENIZER_LIBRARY_BYTES + TOKENIZER_BYTES_PER_JSON_BYTE * int(tokenizer_bytes),
+        "python": PYTHON_BYTES,
+        "allocator": ALLOCATOR_BYTES,
+        "kernels": KERNELS_BYTES if kernels else 0,
+    }
+    return Footprint(items, context, batch, bool(kernels))
+
+
+def file_footprint(mxq_file, context: int, batch: int = 1, kernels: bool | None = None) -> Footprint:
+    """The footprint of an open .mxq file (format_spec.MxqFile); kernels None: as this machine would run."""
+    config = ModelConfig.from_json(mxq_file.model)
+    return footprint(config, mxq_file.file_nbytes, context, batch,
+                     kernels=kernels_available() if kernels is None else kernels,
+                     tokenizer_bytes=mxq_file.tokenizer_blob.nbytes)
