@@ -1,13 +1,26 @@
 """The `mxq` command line: convert, generate, eval, inspect, verify, export-hf, serve."""
 from __future__ import annotations
 
-import json
-import os
+import signal
 import sys
 
-import click
+# Ctrl-C while the CLI is still importing (numpy, click, the command modules) exits quietly with 130,
+# like a Ctrl-C later on (the group's invoke), instead of a KeyboardInterrupt traceback.
+def _on_sigint(handler) -> None:
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # imported outside the main thread (as a library): leave signals alone
+        pass
 
-from . import __version__
+
+_on_sigint(lambda signum, frame: sys.exit(130))
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
 from .format_spec import MxqFile, MxqFormatError
 from .format_spec.strict_json import JsonError
 from .format_spec.summary import summarize
@@ -155,6 +168,7 @@ def _register_commands():
 
 
 _register_commands()
+_on_sigint(signal.default_int_handler)  # imports done: Ctrl-C is a KeyboardInterrupt again
 
 if __name__ == "__main__":
     main()
