@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.config import ModelConfig
+from ..runtime.errors import ModelError
 from .errors import ConversionError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
@@ -33,6 +32,7 @@ class TensorInfo:
 class Checkpoint:
     path: Path
     model: dict  # the .mxq `model` object (SPEC §3.1)
+    config: ModelConfig  # the same, validated (what the runtime will read)
     tensors: dict  # name -> TensorInfo, in a canonical order
     tokenizer: dict  # the .mxq `tokenizer` object without its blob
     tokenizer_data: bytes
@@ -86,111 +86,43 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def _int_field(config: dict, key: str, path: Path, default=None) -> int:
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConversionError(f"{path}: field '{key}' must be a positive integer, got {value!r}")
-    return value
-
-
-def _rope_scaling(config: dict, path: Path):
-    """Both spellings: older `rope_theta` + `rope_scaling`, newer `rope_parameters` (transformers 5)."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_type" in params:
-        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling = None if params.get("rope_type") == "default" else params
-    else:
-        theta = config.get("rope_theta", 10000.0)
-        scaling = config.get("rope_scaling")
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConversionError(f"{path}: rope_theta must be a positive number, got {theta!r}")
-    if scaling is None:
-        return float(theta), None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return float(theta), None
-    if kind == "linear":
-        return float(theta), {"rope_type": "linear", "factor": float(scaling["factor"])}
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in scaling]
-        if missing:
-            raise ConversionError(f"{path}: llama3 rope scaling lacks {', '.join(missing)}")
-        result = {"rope_type": "llama3", **{k: float(scaling[k]) for k in keys[:3]},
-                  "original_max_position_embeddings": int(scaling[keys[3]])}
-        return float(theta), result
-    raise ConversionError(f"{path}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+def model_config(config: dict, config_path: Path) -> ModelConfig:
+    """The validated model config of an HF config.json, through the family contract
+    (runtime/architectures): unsupported families, features and bad values fail here, in one line
+    naming the field, before any heavy work."""
+    try:
+        return ModelConfig.from_hf(config)
+    except ModelError as error:
+        raise ConversionError(f"{config_path}: {error}") from None
 
 
 def model_spec(config: dict, path: Path) -> tuple[dict, list]:
-    """The .mxq `model` object from an HF config.json; unsupported features fail here."""
-    architectures = config.get("architectures") or []
-    hf_arch = architectures[0] if architectures else None
-    if hf_arch not in ARCHITECTURES:
-        raise ConversionError(f"{path}: architecture {hf_arch!r} is not supported "
-                              f"(supported: {', '.join(ARCHITECTURES)})")
-    notes = []
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{path}: hidden_act {config.get('hidden_act')!r} is not supported (silu)")
-    if config.get("mlp_bias"):
-        raise ConversionError(f"{path}: mlp_bias is not supported")
-    hidden = _int_field(config, "hidden_size", path)
-    heads = _int_field(config, "num_attention_heads", path)
-    kv_heads = _int_field(config, "num_key_value_heads", path, heads)
-    head_dim = config.get("head_dim") or hidden // heads
-    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2 or heads % kv_heads:
-        raise ConversionError(f"{path}: head layout heads={heads} kv_heads={kv_heads} head_dim={head_dim} is invalid")
-    max_positions = _int_field(config, "max_position_embeddings", path, 2048)
-    sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if isinstance(sliding, int) and 0 < sliding < max_positions:
-        notes.append(f"sliding_window {sliding}: context capped at {sliding} tokens, where attention is exact")
-        max_positions = sliding
-    theta, scaling = _rope_scaling(config, path)
-    arch = ARCHITECTURES[hf_arch]
-    spec = {
-        "architecture": arch,
-        "hf_architecture": hf_arch,
-        "vocab_size": _int_field(config, "vocab_size", path),
-        "hidden_size": hidden,
-        "intermediate_size": _int_field(config, "intermediate_size", path),
-        "num_hidden_layers": _int_field(config, "num_hidden_layers", path),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "attention_bias": bool(config.get("attention_bias", arch == "qwen2")),
-        "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
-    }
-    return spec, notes
+    """The .mxq `model` object (SPEC §3.1) of an HF config.json, and notes for the report."""
+    return model_config(config, Path(path) / "config.json").to_json(), []
 
 
-def expected_tensors(spec: dict) -> dict:
-    """name -> (shape, role) of every tensor the model needs, in file order."""
-    hidden, inter = spec["hidden_size"], spec["intermediate_size"]
-    q_out = spec["num_attention_heads"] * spec["head_dim"]
-    kv_out = spec["num_key_value_heads"] * spec["head_dim"]
-    linear_shapes = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
-                     "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
-                     "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-                     "mlp.down_proj": (hidden, inter)}
-    tensors = {"model.embed_tokens.weight": ((spec["vocab_size"], hidden), "embedding")}
-    for i in range(spec["num_hidden_layers"]):
-        prefix = f"model.layers.{i}."
-        tensors[prefix + "input_layernorm.weight"] = ((hidden,), "norm")
-        for name in LINEAR_NAMES:
-            tensors[prefix + name + ".weight"] = (linear_shapes[name], "linear")
-            if spec["attention_bias"] and name in LINEAR_NAMES[:3]:
-                tensors[prefix + name + ".bias"] = ((linear_shapes[name][0],), "bias")
-        tensors[prefix + "post_attention_layernorm.weight"] = ((hidden,), "norm")
-    tensors["model.norm.weight"] = ((hidden,), "norm")
-    if not spec["tie_word_embeddings"]:
-        tensors["lm_head.weight"] = ((spec["vocab_size"], hidden), "lm_head")
-    return tensors
+def expected_tensors(config: ModelConfig) -> dict:
+    """name -> (shape, role) of every tensor the model stores, in file order (from the contract)."""
+    return {name: (tuple(getattr(config, d) for d in spec.shape), spec.role)
+            for name, spec in config.family.all_tensors(config)}
+
+
+def _fused_parts(config: ModelConfig, expected: dict, index: dict) -> dict:
+    """canonical name -> (checkpoint name, first row, end row, rows of the fused tensor) for tensors
+    the checkpoint stores fused (Phi-3's qkv_proj, gate_up_proj: see runtime/architectures/phi3.py)."""
+    parts = {}
+    for fused in config.family.fused:
+        for i in range(config.num_hidden_layers):
+            source = fused.source.format(i=i)
+            if source not in index:
+                continue
+            names = [part.format(i=i) for part in fused.parts]
+            total, row = sum(expected[name][0][0] for name in names), 0
+            for name in names:
+                rows = expected[name][0][0]
+                parts[name] = (source, row, row + rows, total)
+                row += rows
+    return parts
 
 
 def _index_tensors(path: Path) -> dict:
@@ -328,29 +260,64 @@ def _license(path: Path, config: dict) -> dict:
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Validate an HF directory completely (config, every tensor's presence, shape, dtype)."""
+    """Validate an HF directory completely (config, every tensor's presence, shape, dtype; no tensor
+    the family's contract does not know)."""
     path = Path(path)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
-    config = _read_json(path / "config.json", "config.json")
-    spec, notes = model_spec(config, path)
+    raw_config = _read_json(path / "config.json", "config.json")
+    config = model_config(raw_config, path / "config.json")
     index = _index_tensors(path)
-    expected = expected_tensors(spec)
-    if spec["tie_word_embeddings"] is False and "lm_head.weight" not in index:
-        raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing (config says embeddings are not tied)")
+    expected = expected_tensors(config)
+    fused = _fused_parts(config, expected, index)
     tensors = {}
     for name, (shape, role) in expected.items():
-        if name not in index:
+        source, rows = (name, None) if name in index or name not in fused else (fused[name][0], fused[name][1:])
+        # rows: (first, end, total) when `name` is a row block of the fused checkpoint tensor `source`
+        if source not in index:
+            if name == "lm_head.weight":
+                raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing (config says embeddings are not tied)")
             raise ConversionError(f"{path}: tensor '{name}' is missing from the checkpoint")
-        file, dtype, actual, span = index[name]
-        if tuple(actual) != tuple(shape):
-            raise ConversionError(f"{file.name}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
+        file, dtype, actual, span = index[source]
         if dtype not in SUPPORTED_DTYPES:
-            raise ConversionError(f"{file.name}: tensor '{name}' has dtype {dtype}, supported: {SUPPORTED_DTYPES}")
+            raise ConversionError(f"{file.name}: tensor '{source}' has dtype {dtype}, supported: {SUPPORTED_DTYPES}")
+        if rows is not None:  # a row block of a fused tensor: rows of a row-major tensor are one byte range
+            first, end, total = rows
+            if actual != (total, shape[1]):
+                raise ConversionError(f"{file.name}: tensor '{source}' has shape {list(actual)}, "
+                                      f"expected {[total, shape[1]]}")
+            row_bytes = DTYPE_BYTES[dtype] * shape[1]
+            span = (span[0] + first * row_bytes, span[0] + end * row_bytes)
+        elif tuple(actual) != tuple(shape):
+            raise ConversionError(f"{file.name}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
         tensors[name] = TensorInfo(name, tuple(shape), dtype, file, role, span)
-    tokenizer, tokenizer_data = _tokenizer(path, config)
+    notes = _check_unknown(config, index, set(tensors) | {fused[n][0] for n in tensors if n in fused}, path)
+    tokenizer, tokenizer_data = _tokenizer(path, raw_config)
+    spec = config.to_json()
     if spec["bos_token_id"] is None:
         spec["bos_token_id"] = tokenizer["bos_token_id"]
-    if spec["eos_token_id"] is None and tokenizer["eos_token_ids"]:
+    if not spec["eos_token_id"] and tokenizer["eos_token_ids"]:
         spec["eos_token_id"] = tokenizer["eos_token_ids"]
-    return Checkpoint(path, spec, tensors, tokenizer, tokenizer_data, _license(path, config), notes)
+    try:
+        config = ModelConfig.from_json(spec, where="")
+    except ModelError as error:
+        raise ConversionError(f"{path}: token ids from the tokenizer files: {error}") from None
+    return Checkpoint(path, config.to_json(), config, tensors, tokenizer, tokenizer_data,
+                      _license(path, raw_config), notes)
+
+
+def _check_unknown(config: ModelConfig, index: dict, used: set, path: Path) -> list:
+    """A checkpoint tensor the contract does not know is an error, never silently dropped. Known
+    but unused: the family's `unused` buffers, and lm_head.weight when the embeddings are tied
+    (transformers ignores it too). Returns notes for the report."""
+    fam, notes = config.family, []
+    unused = {pattern.format(i=i) for pattern in fam.unused for i in range(config.num_hidden_layers)}
+    for name in index:
+        if name in used or name in unused:
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            notes.append("lm_head.weight ignored: the config ties it to the embeddings")
+            continue
+        raise ConversionError(f"{path}: tensor '{name}' is not part of the {fam.name} model contract "
+                              f"({config.hf_architecture}); refusing to drop it silently")
+    return notes

@@ -56,7 +56,7 @@ class LoadedModel:
             self.config = ModelConfig.from_json(self.file.model)
             self.backend = get_backend(device, cache_dequantized=cache_dequantized)
             self.tokenizer = Tokenizer.from_file(self.file, self.config)
-            self.model = Model(self.file, self.config, self.backend)
+            self.model = Model.from_file(self.file, self.config, self.backend)
         except BaseException:
             if self.backend is not None:
                 self.backend.close()

@@ -1,14 +1,21 @@
-"""The Llama-family forward pass (llama, mistral, qwen2), written against the backend interface.
+"""The forward pass of every supported family, written against the backend interface. A family's
+contract (runtime/architectures) decides which tensors exist; the optional steps below run when
+their weights (or config values) are there:
 
-    x = embed(ids)                                              # (T, hidden)
-    for each layer:
-        h = rms_norm(x);  q, k, v = h @ Wq, Wk, Wv (+ biases)   # (T, heads·hd), (T, kv_heads·hd) ×2
-        q, k = rope(q), rope(k);  a = attention(q, k, v, cache) # (T, heads·hd)
-        x = x + a @ Wo
-        h = rms_norm(x);  x = x + (silu(h @ Wgate) * (h @ Wup)) @ Wdown
-    logits = rms_norm(x) @ W_lm_head                            # (T, vocab)
+    x = embed(ids) [* sqrt(hidden): Gemma]                                   # (T, hidden)
+    for each layer i:
+        h = rms_norm(x)
+        q, k, v = h @ Wq, Wk, Wv (+ biases)                                  # (T, heads·hd), (T, kv·hd) ×2
+        [q, k = rms_norm per head (q_norm, k_norm): Qwen3, Gemma]
+        q, k = rope(q), rope(k)          (layer i's frequencies; partial rotary: Phi-3/4)
+        a = attention(q, k, v, cache, scale, window of layer i)              # (T, heads·hd)
+        x = x + [rms_norm](a @ Wo (+ bias))         (the norm after the branch: Gemma)
+        h = rms_norm(x)
+        x = x + [rms_norm]((act(h @ Wgate) * (h @ Wup)) @ Wdown)   act = silu | gelu_tanh (Gemma)
+    logits = rms_norm(x) @ W_lm_head                                         # (T, vocab)
 
-Every array operation is a `backend` call, so the same code runs on NumPy or CuPy.
+Every array operation is a `backend` call, so the same code runs on NumPy, CuPy or torch
+(the converter's calibration). Gemma's (1 + w) norms are folded into the weights at load.
 """
 from __future__ import annotations
 
@@ -16,33 +23,85 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .architectures.base import present
 from .config import ModelConfig
 from .errors import ModelError
 
 
 @dataclass
-class Layer:
-    input_norm: object  # (hidden,)
-    q: object  # weight handles (out, in)
-    k: object
-    v: object
-    o: object
-    q_bias: object  # (heads·hd,) or None
-    k_bias: object
-    v_bias: object
-    post_norm: object  # (hidden,)
-    gate: object
-    up: object
-    down: object
+class LayerWeights:
+    """One decoder layer's prepared weights; None where the family has no such tensor."""
+    attn_norm: object = None  # (hidden,)
+    q: object = None  # weight handles (out, in)
+    k: object = None
+    v: object = None
+    o: object = None
+    q_bias: object = None  # (heads·hd,)
+    k_bias: object = None
+    v_bias: object = None
+    o_bias: object = None  # (hidden,)
+    q_norm: object = None  # (head_dim,) applied to every query head
+    k_norm: object = None
+    attn_out_norm: object = None  # (hidden,) on the attention branch's output
+    mlp_norm: object = None  # (hidden,)
+    gate: object = None
+    up: object = None
+    down: object = None
+    mlp_out_norm: object = None  # (hidden,) on the MLP branch's output
+
+
+def _shape(spec, config: ModelConfig) -> tuple:
+    return tuple(getattr(config, dim) for dim in spec.shape)
+
+
+def _weight(spec, name, config: ModelConfig, tensor):
+    weight = tensor(name, _shape(spec, config), required=True)
+    if spec.role == "norm" and config.family.norm_offset:
+        weight = weight + float(config.family.norm_offset)  # Gemma: (1 + w), folded once (a new array)
+    return weight
+
+
+def model_layer_weights(config: ModelConfig, i: int, tensor) -> LayerWeights:
+    """Layer i's weights alone (the converter streams layers): tensor(name, shape, required) →
+    prepared weight, for every tensor the family's contract lists for this config."""
+    weights = LayerWeights()
+    for spec in config.family.layer_tensors:
+        if present(spec, config):
+            setattr(weights, spec.key, _weight(spec, spec.for_layer(i), config, tensor))
+    return weights
 
 
 class Model:
-    """Weights prepared by a backend + the forward pass. Use `new_cache()` and `forward()`."""
+    """Weights prepared by a backend + the forward pass. Use `new_cache()` and `forward()`.
 
-    def __init__(self, mxq_file, config: ModelConfig, backend):
+    tensor(name, shape, required=True) returns the prepared weight of a canonical tensor name
+    (a backend array for 1-D tensors, a weight handle for 2-D ones), or None for a missing
+    optional one; it raises for a missing required one or a wrong shape."""
+
+    def __init__(self, config: ModelConfig, backend, tensor):
         self.config, self.backend = config, backend
         c = config
+        globals_ = {spec.key: spec for spec in c.family.tensors}
+        self.embed_tokens = _weight(globals_["embed_tokens"], globals_["embed_tokens"].name, c, tensor)
+        self.layers = [model_layer_weights(c, i, tensor) for i in range(c.num_hidden_layers)]
+        self.norm = _weight(globals_["norm"], globals_["norm"].name, c, tensor)
+        head = globals_["lm_head"]
+        # tied: the (possibly quantized) embedding matrix is the head
+        self.lm_head = _weight(head, head.name, c, tensor) if present(head, c) else self.embed_tokens
+        self.inv_freq = [backend.upload(c.inv_freq(i)) for i in range(c.num_hidden_layers)]  # (rotary_dim/2,)
+        # Backend options are passed only when they differ from the defaults (full rotary, 1/sqrt(hd),
+        # no window), so a backend without a feature still runs every family that does not use it.
+        self.rope_options = {} if c.rotary_dim == c.head_dim else {"head_dim": c.head_dim}
+        self.attention_options = [{k: v for k, v in (("scale", c.attention_scale), ("window", c.layer_window(i)))
+                                   if v is not None} for i in range(c.num_hidden_layers)]
+
+    @classmethod
+    def from_file(cls, mxq_file, config: ModelConfig, backend) -> "Model":
+        """The model of an open .mxq file (format_spec.MxqFile)."""
         tensors = mxq_file.tensors
+        c = config
+        if c.tie_word_embeddings and "lm_head.weight" in tensors:
+            raise ModelError(f"{mxq_file.path}: stores lm_head.weight but says the embeddings are tied")
 
         def tensor(name, shape, required=True):
             entry = tensors.get(name)
@@ -55,36 +114,7 @@ class Model:
                                  f"implies {list(shape)}")
             return backend.prepare(entry, mxq_file.blobs(name))
 
-        H, I, hd = c.hidden_size, c.intermediate_size, c.head_dim
-        q_dim, kv_dim = c.num_attention_heads * hd, c.num_key_value_heads * hd
-        self.embed = tensor("model.embed_tokens.weight", (c.vocab_size, H))
-        self.layers = []
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            biases = c.attention_bias or any(p + f"self_attn.{x}_proj.bias" in tensors for x in "qkv")
-            self.layers.append(Layer(
-                input_norm=tensor(p + "input_layernorm.weight", (H,)),
-                q=tensor(p + "self_attn.q_proj.weight", (q_dim, H)),
-                k=tensor(p + "self_attn.k_proj.weight", (kv_dim, H)),
-                v=tensor(p + "self_attn.v_proj.weight", (kv_dim, H)),
-                o=tensor(p + "self_attn.o_proj.weight", (H, q_dim)),
-                q_bias=tensor(p + "self_attn.q_proj.bias", (q_dim,), required=biases),
-                k_bias=tensor(p + "self_attn.k_proj.bias", (kv_dim,), required=biases),
-                v_bias=tensor(p + "self_attn.v_proj.bias", (kv_dim,), required=biases),
-                post_norm=tensor(p + "post_attention_layernorm.weight", (H,)),
-                gate=tensor(p + "mlp.gate_proj.weight", (I, H)),
-                up=tensor(p + "mlp.up_proj.weight", (I, H)),
-                down=tensor(p + "mlp.down_proj.weight", (H, I)),
-            ))
-        self.norm = tensor("model.norm.weight", (H,))
-        if "lm_head.weight" in tensors:
-            self.lm_head = tensor("lm_head.weight", (c.vocab_size, H))
-        elif c.tie_word_embeddings:
-            self.lm_head = self.embed  # tied: the (possibly quantized) embedding matrix
-        else:
-            raise ModelError(f"{mxq_file.path}: tensor 'lm_head.weight' is missing and the model's "
-                             "embeddings are not tied")
-        self.inv_freq = backend.upload(c.inv_freq())  # (hd/2,)
+        return cls(config, backend, tensor)
 
     def new_cache(self, capacity: int = 256):
         """An empty KV cache with room for `capacity` positions (it grows when needed)."""
@@ -92,6 +122,54 @@ class Model:
         return self.backend.new_cache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                                       max(1, min(capacity, c.max_position_embeddings)))
 
+    # -- the forward pass, one piece at a time ------------------------------------------------------
+    def embed(self, ids):
+        """Token ids host int64 (T,) → (T, hidden)."""
+        x = self.backend.embedding(self.embed_tokens, ids)
+        scale = self.config.embed_scale
+        return x if scale is None else self.backend.scale(x, scale)
+
+    def block(self, i: int, x, positions, layer_cache, start: int):
+        """Decoder layer i on x (T, hidden) at `positions` (host int64 (T,) = start .. start+T-1),
+        writing its keys/values into layer_cache. Returns the new residual stream (T, hidden)."""
+        c, be, w = self.config, self.backend, self.layers[i]
+        eps = c.rms_norm_eps
+        # attention block
+        h = be.rms_norm(x, w.attn_norm, eps)  # (T, hidden)
+        q = be.linear(h, w.q, w.q_bias)  # (T, heads·hd)
+        k = be.linear(h, w.k, w.k_bias)  # (T, kv·hd)
+        v = be.linear(h, w.v, w.v_bias)  # (T, kv·hd)
+        if w.q_norm is not None:
+            q, k = self.head_norm(q, w.q_norm), self.head_norm(k, w.k_norm)
+        q = be.rope(q, positions, self.inv_freq[i], **self.rope_options)
+        k = be.rope(k, positions, self.inv_freq[i], **self.rope_options)
+        a = be.attention(q, k, v, layer_cache, start, **self.attention_options[i])  # scale, window
+        x = self.residual(x, a, w.o, w.o_bias, w.attn_out_norm)
+        # MLP block (SwiGLU or GeGLU)
+        h = be.rms_norm(x, w.mlp_norm, eps)
+        gate, up = be.linear(h, w.gate), be.linear(h, w.up)  # (T, intermediate)
+        m = be.gelu_mul(gate, up) if c.family.activation == "gelu_tanh" else be.silu_mul(gate, up)
+        return self.residual(x, m, w.down, None, w.mlp_out_norm)
+
+    def residual(self, x, branch, weight, bias, out_norm):
+        """x + branch·Wᵀ (+ bias), the branch output normed first when the family says so."""
+        be = self.backend
+        if out_norm is None:
+            return be.linear(branch, weight, bias, residual=x)  # fused on a GPU
+        return be.add(be.rms_norm(be.linear(branch, weight, bias), out_norm, self.config.rms_norm_eps), x)
+
+    def head_norm(self, x, weight):
+        """RMSNorm over every head: (T, n·hd) → (T·n, hd) → norm → (T, n·hd)."""
+        T, hd = x.shape[0], self.config.head_dim
+        return self.backend.rms_norm(x.reshape(-1, hd), weight, self.config.rms_norm_eps).reshape(T, -1)
+
+    def final_norm(self, x):
+        return self.backend.rms_norm(x, self.norm, self.config.rms_norm_eps)  # (T, hidden)
+
+    def head(self, h):
+        return self.backend.linear(h, self.lm_head)  # (T, vocab)
+
+    # -- whole sequences ------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
         """Host float32 logits (len(ids), vocab) of a whole sequence run from an empty cache."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -103,11 +181,11 @@ class Model:
         hidden = self.hidden_states(ids, cache)
         if last_only:
             hidden = hidden[-1:]
-        return self.logits_from_hidden(hidden)
+        return self.head(hidden)
 
     def hidden_states(self, ids, cache):
         """Final-norm hidden states (T, hidden) of tokens `ids` following the cache's contents."""
-        c, be = self.config, self.backend
+        c = self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T, start = ids.shape[0], cache.length
         if T == 0:
@@ -119,24 +197,11 @@ class Model:
                              f"is outside the vocabulary (size {c.vocab_size})")
         cache.reserve(start + T)
         positions = np.arange(start, start + T, dtype=np.int64)  # (T,)
-
-        x = be.embedding(self.embed, ids)  # (T, hidden)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            # attention block
-            h = be.rms_norm(x, layer.input_norm, c.rms_norm_eps)  # (T, hidden)
-            q = be.linear(h, layer.q, layer.q_bias)  # (T, n_heads·hd)
-            k = be.linear(h, layer.k, layer.k_bias)  # (T, n_kv·hd)
-            v = be.linear(h, layer.v, layer.v_bias)  # (T, n_kv·hd)
-            q = be.rope(q, positions, self.inv_freq)
-            k = be.rope(k, positions, self.inv_freq)
-            a = be.attention(q, k, v, layer_cache, start)  # (T, n_heads·hd)
-            x = be.linear(a, layer.o, residual=x)  # x + a·Woᵀ (T, hidden)
-            # MLP block (SwiGLU)
-            h = be.rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            m = be.silu_mul(be.linear(h, layer.gate), be.linear(h, layer.up))  # (T, intermediate)
-            x = be.linear(m, layer.down, residual=x)  # x + m·Wdownᵀ
+        x = self.embed(ids)  # (T, hidden)
+        for i, layer_cache in enumerate(cache.layers):
+            x = self.block(i, x, positions, layer_cache, start)
         cache.length = start + T
-        return be.rms_norm(x, self.norm, c.rms_norm_eps)  # (T, hidden)
+        return self.final_norm(x)
 
     def logits_from_hidden(self, hidden):
-        return self.backend.linear(hidden, self.lm_head)  # (T, vocab)
+        return self.head(hidden)

@@ -27,11 +27,12 @@ def test_rope_config_spellings_agree(tmp_path):
         model_spec({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, tmp_path)
 
 
-def test_sliding_window_caps_the_context(tmp_path):
+def test_mistral_sliding_window_applies_to_every_layer(tmp_path):
     config = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10,
-              "intermediate_size": 96, "num_hidden_layers": 1, "max_position_embeddings": 32768, "sliding_window": 4096}
-    spec, notes = model_spec(config, tmp_path)
-    assert spec["max_position_embeddings"] == 4096 and "sliding_window" in notes[0]
+              "intermediate_size": 96, "num_hidden_layers": 2, "max_position_embeddings": 32768, "sliding_window": 4096}
+    spec, _ = model_spec(config, tmp_path)
+    assert spec["max_position_embeddings"] == 32768 and spec["sliding_window"] == 4096
+    assert spec["layer_types"] == ["sliding_attention"] * 2
 
 
 def test_sharded_bf16_checkpoint_converts_like_the_single_file(tmp_path):

