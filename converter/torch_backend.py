@@ -23,7 +23,7 @@ class TorchBackend(Backend):
     product (calibration accumulates input second moments with it)."""
 
     name = "torch"
-    xp = np  # KV caches (if any) are host numpy arrays, shared zero-copy with torch
+    xp = np  # the KV cache is host numpy arrays, shared zero-copy with torch
 
     def __init__(self, on_linear=None):
         self.on_linear = on_linear

@@ -136,7 +136,7 @@ def test_runtime_model_on_torch_matches_numpy(tmp_path, fixture):
         config = ModelConfig.from_json(f.model)
         results = []
         for backend in (NumpyBackend(threads=1), TorchBackend()):
-            model = Model(f, config, backend)
+            model = Model.from_file(f, config, backend)
             cache = model.new_cache(16)
             prefill = backend.to_host(model.forward(ids[:9], cache))
             steps = [backend.to_host(model.forward(ids[s:s + 1], cache)) for s in range(9, 12)]
