@@ -150,9 +150,11 @@ def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tens
     """Summed next-token CE of every chunk (C,) float64 and ∂L_c/∂x_L (C, T, hidden), reading the
     lm_head in vocabulary slices, in one pass (online softmax, as flash attention does): with the
     running peak m and Σexp(z − m) per token, acc = Σ_slices exp(z − m)·W_slice is rescaled whenever m
-    grows; at the end ∂L/∂h = acc / Σexp(z − m) − W[target] and L = m + log Σexp(z − m) − z[target]."""
+    grows; at the end ∂L/∂h = acc / Σexp(z − m) − W[target] and L = m + log Σexp(z − m) − z[target].
+    This is Model.head's math (logits = h·W_lm_headᵀ); a family with a non-linear head (logit
+    soft-capping) would need its Jacobian here."""
     C, T, H = x_last.shape
-    model, backend = stream.model, stream.backend
+    model = stream.model
     with torch.no_grad():
         h = torch.stack([model.final_norm(x_last[c]) for c in range(C)]).view(C * T, H)  # (N, H)
     targets = torch.cat([chunks[:, 1:], chunks[:, :1]], dim=1).reshape(-1)  # (N,); each chunk's last is unused
@@ -168,7 +170,7 @@ def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tens
     with torch.no_grad():
         for v0 in range(0, vocab, step):
             weight = head.slice(v0, min(vocab, v0 + step))  # (V_s, H)
-            z = backend.linear(h, weight)  # (N, V_s) logits of this slice
+            z = stream.backend.linear(h, weight)  # (N, V_s) logits of this slice
             local = targets - v0
             hit = (local >= 0) & (local < weight.shape[0])
             target_logit[hit] = z[hit, local[hit]]
