@@ -92,8 +92,9 @@ class ActivationStore:
         self.on_disk: dict[int, Path] = {}
 
     def put(self, index: int, x: torch.Tensor) -> None:
+        """Store boundary `index` (kept by reference in RAM: the caller does not modify x afterwards)."""
         if (len(self.in_ram) + 1) * self.nbytes <= self.ram_bytes:
-            self.in_ram[index] = x.detach().clone()
+            self.in_ram[index] = x.detach()
             return
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"boundary-{index:04d}.f32"

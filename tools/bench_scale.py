@@ -94,12 +94,28 @@ def build_checkpoint(directory: Path, shape: str, layers: int, tokenizer: Path) 
 
 
 def convert_child(hf_dir: Path, out: Path, cache: Path, options: dict) -> dict:
-    """Convert in a fresh process; its seconds per stage and its own peak RSS (MiB, from wait4)."""
+    """Convert in a fresh process; its seconds per stage, its own peak RSS (MiB, from wait4), and the
+    peak so far when each progress bar opens (a stage's bar opens when the previous stages are done)."""
     code = textwrap.dedent(f"""
         import json
         from mxq.converter import convert
-        report = convert({str(hf_dir)!r}, {str(out)!r}, cache_dir={str(cache)!r}, **{options!r})
-        print(json.dumps({{"seconds": report.seconds, "bpw": report.achieved_bpw}}))
+
+        def high_water_mib():
+            with open("/proc/self/status") as status:
+                return next(int(l.split()[1]) / 1024 for l in status if l.startswith("VmHWM"))
+
+        peaks = {{}}
+
+        class Bar:
+            def __init__(self, desc="", **_):
+                peaks.setdefault(desc, high_water_mib())
+            def update(self, n=1):
+                pass
+            def close(self):
+                pass
+
+        report = convert({str(hf_dir)!r}, {str(out)!r}, cache_dir={str(cache)!r}, progress=Bar, **{options!r})
+        print(json.dumps({{"seconds": report.seconds, "bpw": report.achieved_bpw, "peaks": peaks}}))
     """)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr, text=True)
@@ -145,27 +161,32 @@ def main():
     if not args.tokenizer.is_file():
         raise SystemExit(f"{args.tokenizer}: tokenizer not found (give --tokenizer)")
     print(f"{args.shape}, default method, options {options}")
-    print(f"{'N':>3} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'peak MiB':>9}   (seconds per stage)", flush=True)
+    print(f"{'N':>3} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'peak MiB':>9} {'calib MiB':>9}"
+          "   (seconds per stage; peak RSS of the whole conversion, and up to the end of calibration)", flush=True)
     rows = []
     for n in counts:
-        started = time.perf_counter()
-        hf_dir = build_checkpoint(workdir / f"{args.shape}-{n}", args.shape, n, args.tokenizer)
+        hf_dir, started = workdir / f"{args.shape}-{n}", time.perf_counter()
+        fresh = not (hf_dir / "model.safetensors.index.json").exists()
+        build_checkpoint(hf_dir, args.shape, n, args.tokenizer)
         built = time.perf_counter() - started
         scratch = workdir / "run"
         shutil.rmtree(scratch, ignore_errors=True)
         result = convert_child(hf_dir, scratch / "out.mxq", scratch / "cache", options)
         shutil.rmtree(scratch, ignore_errors=True)
         seconds = [result["seconds"].get(s, 0.0) for s in STAGES]
-        rows.append((n, seconds, result["peak_rss_mib"]))
-        print(f"{n:3d} " + " ".join(f"{s:10.1f}" for s in seconds) + f" {result['peak_rss_mib']:9.0f}"
-              + (f"   (checkpoint built in {built:.0f} s)" if built > 1 else ""), flush=True)
-    ns = [n for n, _, _ in rows]
+        calibration_peak = result["peaks"].get("measure", result["peaks"].get("write", float("nan")))
+        rows.append((n, seconds, result["peak_rss_mib"], calibration_peak))
+        print(f"{n:3d} " + " ".join(f"{s:10.1f}" for s in seconds)
+              + f" {result['peak_rss_mib']:9.0f} {calibration_peak:9.0f}"
+              + (f"   (checkpoint built in {built:.0f} s)" if fresh else ""), flush=True)
+    ns = [row[0] for row in rows]
     print(f"per-layer slope, and extrapolation to {full_depth} layers:")
     for k, stage in enumerate(STAGES):
         a, b = slope(ns, [r[1][k] for r in rows])
         print(f"  {stage:<10} {a:9.2f} s/layer   -> {a * full_depth + b:9.0f} s")
-    a, b = slope(ns, [r[2] for r in rows])
-    print(f"  {'peak RSS':<10} {a:9.1f} MiB/layer -> {a * full_depth + b:9.0f} MiB")
+    for label, column in (("peak RSS", 2), ("calib RSS", 3)):
+        a, b = slope(ns, [r[column] for r in rows])
+        print(f"  {label:<10} {a:9.1f} MiB/layer -> {a * full_depth + b:9.0f} MiB")
 
 
 if __name__ == "__main__":
