@@ -276,7 +276,8 @@ def read_checkpoint(path) -> Checkpoint:
         # rows: (first, end, total) when `name` is a row block of the fused checkpoint tensor `source`
         if source not in index:
             if name == "lm_head.weight":
-                raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing (config says embeddings are not tied)")
+                raise ConversionError(f"{path}: tensor 'lm_head.weight' is missing "
+                                      "(config says embeddings are not tied)")
             raise ConversionError(f"{path}: tensor '{name}' is missing from the checkpoint")
         file, dtype, actual, span = index[source]
         if dtype not in SUPPORTED_DTYPES:

@@ -80,8 +80,9 @@ class ModelConfig:
             raise ModelError(f"{where}architecture {architecture!r:.40} is not supported "
                              f"(supported: {', '.join(families())})")
         hf_architecture = model.get("hf_architecture", fam.hf_architectures[0])
-        if not isinstance(hf_architecture, str):
-            raise ModelError(f"{where}hf_architecture must be a string, got {hf_architecture!r:.40}")
+        if hf_architecture not in fam.hf_architectures:
+            raise ModelError(f"{where}hf_architecture must be one of {', '.join(fam.hf_architectures)} for a "
+                             f"{fam.name} model, got {hf_architecture!r:.40}")
         refuse(fam, model, where)
         values = _Grammar(model, where).read(fam.fields)
         if values["num_attention_heads"] % values["num_key_value_heads"]:
@@ -211,21 +212,18 @@ class _Grammar:
         self.values: dict = {}
 
     def read(self, fields) -> dict:
+        """{field name: checked value}; null or absent means the field's default."""
         for f in fields:
             raw = self.obj.get(f.name)
-            if raw is None and f.kind not in ("token", "tokens", "rope_scaling", "optional_positive_int"):
+            if raw is None:
                 if f.default is REQUIRED:
                     raise ModelError(f"{self.where}{f.name} is missing")
                 raw = f.default(self.values) if callable(f.default) else f.default
-            if raw is None and f.kind == "rope_scaling" or raw is None and f.kind == "layer_types":
-                self.values[f.name] = None
-            else:
-                self.values[f.name] = getattr(self, f.kind)(f.name, raw)
-        if "layer_types" in self.values:
-            self.values["layer_types"] = tuple(self.values["layer_types"] or
-                                               ["full_attention"] * self.values["num_hidden_layers"])
-        else:
-            self.values["layer_types"] = ("full_attention",) * self.values["num_hidden_layers"]
+            self.values[f.name] = getattr(self, f.kind)(f.name, raw)
+            if f.limit is not None and self.values[f.name] > f.limit:
+                raise ModelError(f"{self.where}{f.name} = {raw} is beyond the supported {f.limit}")
+        if "layer_types" not in self.values:  # families without sliding windows
+            self.values["layer_types"] = self.layer_types("layer_types", None)
         return self.values
 
     def fail(self, key, expected, value):
@@ -237,7 +235,7 @@ class _Grammar:
 
     def positive_int(self, key, value) -> int:
         if not self._is_int(value) or not 0 < value < MAX_INT:
-            self.fail(key, f"a positive integer below 2^31", value)
+            self.fail(key, "a positive integer below 2^31", value)
         return value
 
     def count(self, key, value) -> int:
@@ -283,6 +281,8 @@ class _Grammar:
 
     def layer_types(self, key, value) -> tuple:
         n = self.values["num_hidden_layers"]
+        if value is None:
+            return ("full_attention",) * n
         if not isinstance(value, list) or len(value) != n or not all(v in LAYER_TYPES for v in value):
             self.fail(key, f"a list of {n} entries from {LAYER_TYPES}", value)
         if "sliding_attention" in value and self.values.get("sliding_window") is None:

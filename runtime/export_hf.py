@@ -21,40 +21,53 @@ from .config import ModelConfig
 from .errors import ModelError
 from .tokenizer import Tokenizer
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
 def hf_config(c: ModelConfig) -> dict:
-    """config.json, with rope settings in both spellings (transformers 4: rope_theta/rope_scaling,
-    transformers 5: rope_parameters)."""
-    scaling = None
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        scaling = {"rope_type": s.rope_type, "factor": s.factor}
-        if s.rope_type == "llama3":
-            scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                           original_max_position_embeddings=s.original_max_position_embeddings)
-    eos = list(c.eos_token_ids)
-    config = {
-        "architectures": [c.hf_architecture or HF_ARCHITECTURES[c.architecture]],
-        "model_type": c.architecture,
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-        "hidden_act": "silu", "tie_word_embeddings": c.tie_word_embeddings,
-        "rope_theta": c.rope_theta, "rope_scaling": scaling,
-        "rope_parameters": {"rope_theta": c.rope_theta, **(scaling or {"rope_type": "default"})},
-        "bos_token_id": c.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "torch_dtype": "float32", "dtype": "float32", "use_cache": True,
-    }
-    if c.architecture == "qwen2":
-        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_hidden_layers)
-    else:
-        config.update(attention_bias=c.attention_bias, mlp_bias=False)
-    if c.architecture == "mistral":
-        config.update(sliding_window=None)  # the runtime attends over the whole context
+    """config.json from the family contract: the family's fields in HF spelling, its constant
+    entries, rope settings in both spellings (transformers 4: rope_theta/rope_scaling, transformers 5:
+    rope_parameters) unless the family spells them its own way (Gemma 3 per layer kind, Phi-3)."""
+    fam = c.family
+    config = {"architectures": [c.hf_architecture], "model_type": fam.model_type, **fam.hf_fixed}
+    skip = ("architecture", "hf_architecture", *fam.hf_omit)
+    config.update({key: value for key, value in c.to_json().items() if key not in skip})
+    eos = config.pop("eos_token_id")
+    config["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+    config["rope_parameters"] = {"rope_theta": c.rope_theta, **(config["rope_scaling"] or {"rope_type": "default"})}
+    if fam.hf_spelling is not None:
+        config.update(fam.hf_spelling(c))
+    # pad_token_id: the file keeps none (HF defaults such as Phi-3's 32000 may lie outside the vocabulary)
+    config.update(pad_token_id=None, torch_dtype="float32", dtype="float32", use_cache=True)
     return config
+
+
+def hf_tensors(f: MxqFile, c: ModelConfig) -> tuple[list, dict]:
+    """The HF checkpoint's [(name, shape)] in file order, and {fused HF name: [canonical parts]}
+    for tensors the family's checkpoints store fused (re-fused here: Phi-3's qkv_proj, gate_up_proj).
+    Every stored tensor must be one the contract lists, with its shape."""
+    expected = {name: tuple(getattr(c, d) for d in spec.shape) for name, spec in c.family.all_tensors(c)}
+    for name, entry in f.tensors.items():
+        if name not in expected:
+            raise ModelError(f"tensor '{name}' is not part of the {c.architecture} model contract")
+        if tuple(entry.shape) != expected[name]:
+            raise ModelError(f"tensor '{name}' has shape {list(entry.shape)}, the model config implies "
+                             f"{list(expected[name])}")
+    missing = [name for name in expected if name not in f.tensors]
+    if missing:
+        raise ModelError(f"tensor '{missing[0]}' is missing")
+    fused_of = {}  # canonical part name -> fused HF name
+    fused = {}
+    for spec in c.family.fused:
+        for i in range(c.num_hidden_layers):
+            parts = [part.format(i=i) for part in spec.parts]
+            fused[spec.source.format(i=i)] = parts
+            fused_of.update({part: spec.source.format(i=i) for part in parts})
+    tensors = []
+    for name, shape in expected.items():
+        if name not in fused_of:
+            tensors.append((name, shape))
+        elif fused[fused_of[name]][0] == name:  # the fused tensor takes its first part's place
+            parts = fused[fused_of[name]]
+            tensors.append((fused_of[name], (sum(expected[p][0] for p in parts), shape[1])))
+    return tensors, fused
 
 
 def write_safetensors(path: Path, tensors: list, produce, progress=None) -> None:
@@ -83,26 +96,19 @@ def export_hf(path, out_dir, progress=None) -> Path:
     with MxqFile.open(path) as f:
         config = ModelConfig.from_json(f.model)
         tokenizer = Tokenizer.from_file(f, config)
+        tensors, fused = hf_tensors(f, config)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = [(e.name, e.shape) for e in f.tensors.values()]
-        extra = []  # zero biases HF expects but the file does not store
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}.self_attn."
-            q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-            wanted = {"q": q_dim, "k": kv_dim, "v": kv_dim} if (config.attention_bias or config.architecture == "qwen2") else {}
-            if config.attention_bias and config.architecture != "qwen2":
-                wanted["o"] = config.hidden_size  # LlamaAttention gives o_proj a bias too
-            extra += [(p + f"{x}_proj.bias", (n,)) for x, n in wanted.items() if p + f"{x}_proj.bias" not in f.tensors]
-        if config.tie_word_embeddings and "lm_head.weight" in f.tensors:
-            raise ModelError("the file stores lm_head.weight but says the embeddings are tied")
 
-        def produce(name):
-            entry = f.tensors.get(name)
-            if entry is None:
-                return np.zeros(dict(extra)[name], dtype=np.float32)
+        def dequantized(name):
+            entry = f.tensors[name]
             return dequantize(f.blobs(name), entry.shape, entry.config)
 
-        write_safetensors(out_dir / "model.safetensors", tensors + extra, produce, progress)
+        def produce(name):
+            if name in fused:
+                return np.concatenate([dequantized(part) for part in fused[name]], axis=0)
+            return dequantized(name)
+
+        write_safetensors(out_dir / "model.safetensors", tensors, produce, progress)
         with open(out_dir / "config.json", "w") as out:
             json.dump(hf_config(config), out, indent=2)
         eos = sorted(tokenizer.eos_ids)

@@ -50,12 +50,10 @@ class LayerWeights:
     mlp_out_norm: object = None  # (hidden,) on the MLP branch's output
 
 
-def _shape(spec, config: ModelConfig) -> tuple:
-    return tuple(getattr(config, dim) for dim in spec.shape)
-
-
-def _weight(spec, name, config: ModelConfig, tensor):
-    weight = tensor(name, _shape(spec, config), required=True)
+def _weight(spec, config: ModelConfig, tensor, layer: int | None = None):
+    """The prepared weight of one contract tensor (of `layer` for per-layer ones)."""
+    name = spec.name if layer is None else spec.for_layer(layer)
+    weight = tensor(name, tuple(getattr(config, dim) for dim in spec.shape), required=True)
     if spec.role == "norm" and config.family.norm_offset:
         weight = weight + float(config.family.norm_offset)  # Gemma: (1 + w), folded once (a new array)
     return weight
@@ -67,7 +65,7 @@ def model_layer_weights(config: ModelConfig, i: int, tensor) -> LayerWeights:
     weights = LayerWeights()
     for spec in config.family.layer_tensors:
         if present(spec, config):
-            setattr(weights, spec.key, _weight(spec, spec.for_layer(i), config, tensor))
+            setattr(weights, spec.key, _weight(spec, config, tensor, i))
     return weights
 
 
@@ -75,19 +73,19 @@ class Model:
     """Weights prepared by a backend + the forward pass. Use `new_cache()` and `forward()`.
 
     tensor(name, shape, required=True) returns the prepared weight of a canonical tensor name
-    (a backend array for 1-D tensors, a weight handle for 2-D ones), or None for a missing
-    optional one; it raises for a missing required one or a wrong shape."""
+    (a backend array for 1-D tensors, a weight handle for 2-D ones) and raises for a missing one
+    or a wrong shape (or returns None for a missing one when required=False; the model asks only
+    for tensors its contract says exist, always with required=True)."""
 
     def __init__(self, config: ModelConfig, backend, tensor):
         self.config, self.backend = config, backend
         c = config
-        globals_ = {spec.key: spec for spec in c.family.tensors}
-        self.embed_tokens = _weight(globals_["embed_tokens"], globals_["embed_tokens"].name, c, tensor)
+        spec = {s.key: s for s in c.family.tensors}  # embed_tokens, norm, lm_head
+        self.embed_tokens = _weight(spec["embed_tokens"], c, tensor)
         self.layers = [model_layer_weights(c, i, tensor) for i in range(c.num_hidden_layers)]
-        self.norm = _weight(globals_["norm"], globals_["norm"].name, c, tensor)
-        head = globals_["lm_head"]
+        self.norm = _weight(spec["norm"], c, tensor)
         # tied: the (possibly quantized) embedding matrix is the head
-        self.lm_head = _weight(head, head.name, c, tensor) if present(head, c) else self.embed_tokens
+        self.lm_head = _weight(spec["lm_head"], c, tensor) if present(spec["lm_head"], c) else self.embed_tokens
         self.inv_freq = [backend.upload(c.inv_freq(i)) for i in range(c.num_hidden_layers)]  # (rotary_dim/2,)
         # Backend options are passed only when they differ from the defaults (full rotary, 1/sqrt(hd),
         # no window), so a backend without a feature still runs every family that does not use it.
@@ -100,8 +98,11 @@ class Model:
         """The model of an open .mxq file (format_spec.MxqFile)."""
         tensors = mxq_file.tensors
         c = config
-        if c.tie_word_embeddings and "lm_head.weight" in tensors:
-            raise ModelError(f"{mxq_file.path}: stores lm_head.weight but says the embeddings are tied")
+        known = {name for name, _ in c.family.all_tensors(c)}
+        unknown = [name for name in tensors if name not in known]
+        if unknown:  # e.g. lm_head.weight in a file that says the embeddings are tied
+            raise ModelError(f"{mxq_file.path}: tensor '{unknown[0]}' is not part of the {c.architecture} "
+                             "model its config describes")
 
         def tensor(name, shape, required=True):
             entry = tensors.get(name)

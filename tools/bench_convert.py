@@ -66,24 +66,20 @@ def synthetic_checkpoint(directory: Path, layers: int, hidden=1024, intermediate
     """A random Llama checkpoint (float32); the embedding (vocab × hidden) is the largest tensor."""
     import numpy as np
     from safetensors.numpy import save_file
+    from mxq.converter.checkpoint import expected_tensors
+    from mxq.runtime.config import ModelConfig
+
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden), dtype=np.float32) * 0.02,
-               "model.norm.weight": np.ones(hidden, np.float32)}
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
-              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-              "mlp.down_proj": (hidden, intermediate)}
-    for i in range(layers):
-        for name, shape in shapes.items():
-            tensors[f"model.layers.{i}.{name}.weight"] = rng.standard_normal(shape, dtype=np.float32) * 0.02
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{i}.{norm}.weight"] = np.ones(hidden, np.float32)
-    save_file(tensors, str(directory / "model.safetensors"))
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": intermediate,
               "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
               "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
               "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+    tensors = {}  # the tensors the model contract lists for this config
+    for name, (shape, role) in expected_tensors(ModelConfig.from_hf(config)).items():
+        tensors[name] = (np.ones(shape, np.float32) if role == "norm"
+                         else rng.standard_normal(shape, dtype=np.float32) * 0.02)
+    save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "tokenizer.model").write_bytes((fixtures.DATA_DIR / "llama2-tokenizer.model").read_bytes())
     return sum(t.nbytes for t in tensors.values()), max(t.nbytes for t in tensors.values())

@@ -18,6 +18,11 @@ tokenizer files, loadable with AutoModelForCausalLM / AutoTokenizer.from_pretrai
                        2 KV heads (GQA), head_dim 24, untied; Llama-2 sentencepiece tokenizer.model.
   tiny-qwen2           random Qwen2ForCausalLM: q/k/v biases, tied; byte-level BPE (512) tokenizer.json.
   tiny-llama3          tiny-llama's shapes with llama3 rope scaling, tied; the byte-level BPE tokenizer.
+  tiny-qwen3           random Qwen3ForCausalLM: q/k norms, head_dim 24 != hidden/heads, untied; BPE tokenizer.
+  tiny-gemma3          random Gemma3ForCausalLM: 2 sliding (window 8) + 1 global layer, local/global RoPE
+                       bases (global linearly scaled), query_pre_attn_scalar 20, head_dim 32, tied; BPE.
+  tiny-phi3            random Phi3ForCausalLM: fused qkv_proj/gate_up_proj, partial rotary 0.5, sliding
+                       window 12, untied; BPE tokenizer.
 
 Cache rule (ensure): $MXQ_FIXTURE_CACHE/<name>-v<N>/ if that variable is set, else
 ~/.cache/mxq/fixtures/<name>-v<N>/, where N is the fixture's recipe version below. Bump N whenever
@@ -356,6 +361,60 @@ def build_tiny_llama3(out_dir, permute=True):
     save_tokenizer(tokenizer, out_dir)
 
 
+def build_tiny_qwen3(out_dir, permute=True):
+    from transformers import Qwen3Config
+
+    tokenizer = train_bpe_tokenizer()
+    eot = tokenizer.eos_token_id
+    config = Qwen3Config(  # q/k norms, no biases, head_dim 24 != hidden / heads
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        tie_word_embeddings=False, max_position_embeddings=256, rope_theta=1e6, rms_norm_eps=1e-6,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+    )
+    build_tiny(out_dir, config, seed=4)
+    save_tokenizer(tokenizer, out_dir)
+
+
+def build_tiny_gemma3(out_dir, permute=True):
+    from transformers import Gemma3TextConfig
+
+    tokenizer = train_bpe_tokenizer()
+    eot = tokenizer.eos_token_id
+    # Two sliding layers (window 8: prompts of ~30 tokens see it act) around one global layer;
+    # head_dim 32 != hidden / heads; attention scale 20^-1/2 != head_dim^-1/2; local and global RoPE
+    # bases differ and the global one is linearly scaled (as Gemma 3 4B).
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+        query_pre_attn_scalar=20, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+    )
+    build_tiny(out_dir, config, seed=5)
+    save_tokenizer(tokenizer, out_dir)
+
+
+def build_tiny_phi3(out_dir, permute=True):
+    from transformers import Phi3Config
+
+    tokenizer = train_bpe_tokenizer()
+    eot = tokenizer.eos_token_id
+    # Fused qkv_proj / gate_up_proj in the checkpoint, partial rotary (12 of 24 dims per head),
+    # a sliding window of 12 over every layer.
+    config = Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, original_max_position_embeddings=256, sliding_window=12,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+    )
+    build_tiny(out_dir, config, seed=6)
+    save_tokenizer(tokenizer, out_dir)
+
+
 # -----------------------------------------------------------------------------
 # registry, build, cache
 
@@ -366,6 +425,9 @@ FIXTURES = {
     "tiny-llama": (build_tiny_llama, 1),
     "tiny-qwen2": (build_tiny_qwen2, 1),
     "tiny-llama3": (build_tiny_llama3, 1),
+    "tiny-qwen3": (build_tiny_qwen3, 1),
+    "tiny-gemma3": (build_tiny_gemma3, 1),
+    "tiny-phi3": (build_tiny_phi3, 1),
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REQUIRED = object()  # Field.default of a field that must be present
+MAX_LAYERS = 4096  # far beyond any released model; bounds what a config can make the reader allocate
+MAX_HEAD_DIM = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,13 @@ class Field:
     """One config field (HF spelling; a .mxq `model` object uses the same names).
     kind: positive_int | positive_number | fraction (0 < x <= 1) | boolean | token | tokens |
           optional_positive_int | rope_scaling | layer_types
-    default: a value, REQUIRED, or a function of the fields read so far (e.g. head_dim)."""
+    default: a value, REQUIRED, or a function of the fields read so far (e.g. head_dim).
+    limit: an upper bound (inclusive) for integer kinds, where a huge value would cost memory
+    before any tensor is read (per-layer tables, RoPE frequency arrays)."""
     name: str
     kind: str
     default: object = REQUIRED
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Family:
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): Gemma stores w - 1
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     hf_fixed: dict = field(default_factory=dict)  # config.json entries that are constant for the family
+    hf_omit: tuple = ()  # fields the family's HF config class does not have (derived ones), not exported
     hf_spelling: object = None  # function(config) -> dict: config.json entries whose spelling is the family's
     hf_reader: object = None  # function(raw HF config) -> dict of canonical field values (spellings)
 
@@ -131,10 +137,10 @@ def common_fields(**defaults) -> tuple:
         Field("vocab_size", "positive_int"),
         Field("hidden_size", "positive_int"),
         Field("intermediate_size", "positive_int"),
-        Field("num_hidden_layers", "positive_int"),
+        Field("num_hidden_layers", "positive_int", limit=MAX_LAYERS),
         Field("num_attention_heads", "positive_int"),
         Field("num_key_value_heads", "positive_int", lambda f: f["num_attention_heads"]),
-        Field("head_dim", "positive_int", lambda f: f["hidden_size"] // f["num_attention_heads"]),
+        Field("head_dim", "positive_int", lambda f: f["hidden_size"] // f["num_attention_heads"], limit=MAX_HEAD_DIM),
         Field("max_position_embeddings", "positive_int", d["max_position_embeddings"]),
         Field("rms_norm_eps", "positive_number", d["rms_norm_eps"]),
         Field("rope_theta", "positive_number", d["rope_theta"]),
@@ -161,19 +167,18 @@ def every_layer_slides(fields) -> list:
 
 def hf_rope(raw: dict) -> dict:
     """The two HF spellings of RoPE settings -> canonical rope_theta/rope_scaling: older top-level
-    `rope_theta` + `rope_scaling`, newer (transformers 5) `rope_parameters` holding both."""
-    out = {}
+    `rope_theta` + `rope_scaling`, newer (transformers 5) `rope_parameters` holding both. As in
+    transformers, a top-level rope_scaling wins over rope_parameters, and rope_parameters' theta over
+    a top-level one."""
+    out = {key: raw[key] for key in ("rope_theta", "rope_scaling") if key in raw}
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and ("rope_type" in params or "rope_theta" in params):
         if "rope_theta" in params:
             out["rope_theta"] = params["rope_theta"]
-        kind = params.get("rope_type", params.get("type", "default"))
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        out["rope_scaling"] = None if kind == "default" else scaling
-    else:
-        for key in ("rope_theta", "rope_scaling"):
-            if key in raw:
-                out[key] = raw[key]
+        if raw.get("rope_scaling") is None:
+            kind = params.get("rope_type", params.get("type", "default"))
+            scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            out["rope_scaling"] = None if kind == "default" else scaling
     return out
 
 

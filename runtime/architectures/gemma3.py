@@ -49,7 +49,10 @@ def hf_spelling(c) -> dict:
     full = {"rope_type": "default", **(c.rope_scaling.to_json() if c.rope_scaling else {}), "rope_theta": c.rope_theta}
     return {"rope_parameters": {"full_attention": full,
                                 "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base_freq}},
-            "rope_local_base_freq": c.rope_local_base_freq}
+            "rope_local_base_freq": c.rope_local_base_freq,
+            # transformers' Gemma3TextConfig insists on an int here
+            "query_pre_attn_scalar": int(c.query_pre_attn_scalar) if c.query_pre_attn_scalar.is_integer()
+            else c.query_pre_attn_scalar}
 
 
 GEMMA3 = register(Family(

@@ -45,15 +45,18 @@ LLAMA = register(Family(
 
 MISTRAL = register(Family(
     name="mistral", hf_architectures=("MistralForCausalLM",), model_type="mistral",
-    fields=tuple(f for f in common_fields() if f.name != "attention_bias") + window_fields(every_layer_slides),
+    fields=tuple(f for f in common_fields(max_position_embeddings=131072) if f.name != "attention_bias")
+    + window_fields(every_layer_slides),
     tensors=embedding_and_head(),
     layer_tensors=llama_like_layer(),
     refused=(SILU_ONLY,),
     unused=UNUSED_ROTARY,
     hf_fixed={"hidden_act": "silu"},
+    hf_omit=("layer_types",),  # derived from sliding_window (transformers reads a Mistral config with
+                               # layer_types as Ministral)
 ))
 
-QWEN2_FIELDS = (tuple(f for f in common_fields(attention_bias=True) if f.name != "attention_bias")
+QWEN2_FIELDS = (tuple(f for f in common_fields(max_position_embeddings=32768) if f.name != "attention_bias")
                 + (Field("attention_bias", "boolean", True),  # q/k/v biases: always there in Qwen2
                    Field("use_sliding_window", "boolean", False), Field("max_window_layers", "count", 28))
                 + window_fields(qwen_layer_types))

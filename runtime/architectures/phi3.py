@@ -43,6 +43,7 @@ PHI3 = register(Family(
                  ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"))),
     unused=UNUSED_ROTARY,
     hf_fixed={"hidden_act": "silu"},
+    hf_omit=("layer_types",),  # derived from sliding_window; Phi3Config has no such field
     hf_spelling=hf_spelling,
     hf_reader=read_hf,
 ))

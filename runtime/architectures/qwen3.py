@@ -6,7 +6,7 @@ from .llama import NO_MLP_BIAS, SILU_ONLY, qwen_layer_types, qwen_window
 
 QWEN3 = register(Family(
     name="qwen3", hf_architectures=("Qwen3ForCausalLM",), model_type="qwen3",
-    fields=common_fields(rms_norm_eps=1e-6) + (Field("use_sliding_window", "boolean", False),
+    fields=common_fields(max_position_embeddings=32768) + (Field("use_sliding_window", "boolean", False),
                                               Field("max_window_layers", "count", 28))
     + window_fields(qwen_layer_types),
     tensors=embedding_and_head(),
