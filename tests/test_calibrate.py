@@ -54,7 +54,7 @@ def assert_streamed_equals_reference(name, tmp_path, tokens, **options):
         assert torch.allclose(ours.input_sq[n], input_sq[n], rtol=1e-5, atol=1e-5 * float(input_sq[n].max())), n
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-llama3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-gemma3"])
 def test_streamed_statistics_equal_whole_model_autograd(name, tmp_path):
     assert_streamed_equals_reference(name, tmp_path, 1024)
 
