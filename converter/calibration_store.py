@@ -1,0 +1,248 @@
+"""Where calibration keeps its data: layer-boundary activations during the run, and the statistics it
+produces (on disk, read back one matrix at a time).
+
+Statistics directory (one per checkpoint/text/token count, see calibrate.load_or_calibrate):
+    meta.json                 {"version", "loss", "tokens", "fisher_dtype", "files": {file: {"bytes",
+                               "sha256"}}, "tensors": {linear name: file}}  — written last
+    layer-0000.safetensors    per decoder linear of the layer: "<name>.fisher" (out, in) bfloat16 (the
+                              Fisher diagonal; bf16 keeps fp32's exponent range, fp16 would underflow)
+                              and "<name>.input_sq" (in,) float32
+Files are written to a ".partial" sibling, fsynced, and the directory renamed into place at the end,
+so a crash never leaves a directory that looks complete. Opening checks every file's size and
+sha256 and every tensor's name, shape and dtype; reading a tensor checks it again and that it is finite.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import DTYPE_BYTES, TORCH_DTYPES
+from .errors import ConversionError
+
+FORMAT_VERSION = 2
+FISHER_DTYPE = torch.bfloat16  # default; float32 is there for exact comparisons (tests)
+INPUT_SQ_DTYPE = torch.float32
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+DTYPES_BY_NAME = {"BF16": torch.bfloat16, "F32": torch.float32}
+
+
+# -- checkpoint rows ---------------------------------------------------------------------------------
+
+class CheckpointRows:
+    """Rows of one 2-D checkpoint tensor read on demand as float32 (the embedding and the lm_head of
+    a 128k-vocabulary model are 2 GiB each in float32: never loaded whole). `rows[ids]` gathers rows
+    (what TorchBackend.embedding asks for), `rows.slice(r0, r1)` reads a contiguous block."""
+
+    def __init__(self, checkpoint, name: str):
+        self.info = info = checkpoint.tensors[name]
+        self.shape = info.shape
+        self.row_bytes = DTYPE_BYTES[info.dtype] * info.shape[1]
+        start, end = info.span
+        if end - start != self.row_bytes * info.shape[0] or end > info.file.stat().st_size:
+            raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with its "
+                                  f"shape and dtype or lie past the end of the file")
+
+    def _decode(self, data: bytearray, n_rows: int) -> torch.Tensor:
+        dtype = getattr(torch, TORCH_DTYPES[self.info.dtype])
+        rows = torch.frombuffer(data, dtype=dtype).reshape(n_rows, self.shape[1]).to(torch.float32)
+        if not torch.isfinite(rows).all():
+            raise ConversionError(f"{self.info.file.name}: tensor '{self.info.name}' contains NaN or Inf")
+        return rows
+
+    def slice(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1-1 → (r1 - r0, cols) float32."""
+        with open(self.info.file, "rb") as handle:
+            handle.seek(self.info.span[0] + r0 * self.row_bytes)
+            data = bytearray(handle.read((r1 - r0) * self.row_bytes))
+        return self._decode(data, r1 - r0)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) → (T, cols) float32, each distinct row read once."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        data = bytearray(len(unique) * self.row_bytes)
+        with open(self.info.file, "rb") as handle:
+            for k, row in enumerate(unique.tolist()):
+                handle.seek(self.info.span[0] + row * self.row_bytes)
+                data[k * self.row_bytes:(k + 1) * self.row_bytes] = handle.read(self.row_bytes)
+        return self._decode(data, len(unique))[inverse]
+
+
+# -- layer-boundary activations ----------------------------------------------------------------------
+
+class ActivationStore:
+    """Activations at the layer boundaries, each (chunks, T, hidden) float32: kept in RAM up to
+    `ram_bytes` in total, the rest in a memory-mapped file under `spill_dir` (mapped only while a
+    boundary is being written or read, so resident memory stays one boundary)."""
+
+    def __init__(self, shape: tuple, ram_bytes: int, spill_dir: Path):
+        self.shape = tuple(shape)
+        self.nbytes = 4 * math.prod(self.shape)
+        self.ram_bytes, self.spill_dir = ram_bytes, Path(spill_dir)
+        self.in_ram: dict[int, torch.Tensor] = {}
+        self.on_disk: dict[int, Path] = {}
+
+    def put(self, index: int, x: torch.Tensor) -> None:
+        """Store boundary `index` (kept by reference in RAM: the caller does not modify x afterwards)."""
+        if (len(self.in_ram) + 1) * self.nbytes <= self.ram_bytes:
+            self.in_ram[index] = x.detach()
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"boundary-{index:04d}.f32"
+        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=self.shape)
+        mapped[...] = x.detach().numpy()
+        mapped.flush()
+        del mapped
+        self.on_disk[index] = path
+
+    def get(self, index: int) -> torch.Tensor:
+        """(chunks, T, hidden) float32 — a view of the file for a spilled boundary (do not write to it)."""
+        if index in self.in_ram:
+            return self.in_ram[index]
+        return torch.from_numpy(np.load(self.on_disk[index], mmap_mode="c"))  # copy-on-write: never written
+
+    def drop(self, index: int) -> None:
+        self.in_ram.pop(index, None)
+        path = self.on_disk.pop(index, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for index in list(self.in_ram) + list(self.on_disk):
+            self.drop(index)
+
+
+# -- statistics on disk -------------------------------------------------------------------------------
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StatsWriter:
+    """Writes a statistics directory layer by layer into `<directory>.partial`; `commit` makes it
+    appear at `directory` atomically."""
+
+    def __init__(self, directory: Path, fisher_dtype=FISHER_DTYPE):
+        self.directory, self.fisher_dtype = Path(directory), fisher_dtype
+        self.partial = self.directory.with_name(self.directory.name + ".partial")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        self.files: dict[str, dict] = {}
+        self.tensors: dict[str, str] = {}
+
+    def write_layer(self, index: int, fisher: dict, input_sq: dict) -> None:
+        """fisher: name → float32 (out, in); input_sq: name → float32 (in,)."""
+        file = f"layer-{index:04d}.safetensors"
+        tensors = {}
+        for name in fisher:
+            tensors[f"{name}.fisher"] = fisher[name].detach().to(self.fisher_dtype).contiguous()
+            tensors[f"{name}.input_sq"] = input_sq[name].detach().to(INPUT_SQ_DTYPE).contiguous()
+            if not (torch.isfinite(tensors[f"{name}.fisher"]).all() and torch.isfinite(input_sq[name]).all()):
+                raise ConversionError(f"calibration: the statistics of '{name}' are not finite "
+                                      "(the model overflows in float32 on the calibration text)")
+            self.tensors[name] = file
+        path = self.partial / file
+        save_file(tensors, path)
+        _fsync_file(path)
+        self.files[file] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+    def commit(self, loss: float, tokens: int) -> dict:
+        """Finish the directory; returns its meta.json content."""
+        meta = {"version": FORMAT_VERSION, "loss": loss, "tokens": tokens,
+                "fisher_dtype": SAFETENSORS_DTYPES[self.fisher_dtype], "files": self.files,
+                "tensors": self.tensors}
+        (self.partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        _fsync_file(self.partial / "meta.json")
+        _fsync_file(self.partial)
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.partial.rename(self.directory)
+        _fsync_file(self.directory.parent)
+        return meta
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class LazyStats(Mapping):
+    """name → float32 tensor read from the statistics directory on access (never all at once).
+    kind "fisher": shaped like W (out, in); kind "input_sq": (in,)."""
+
+    def __init__(self, directory: Path, meta: dict, shapes: dict, kind: str):
+        self.directory, self.tensors, self.shapes, self.kind = Path(directory), meta["tensors"], shapes, kind
+        self.dtype = DTYPES_BY_NAME[meta["fisher_dtype"]] if kind == "fisher" else INPUT_SQ_DTYPE
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self.directory / self.tensors[name]  # KeyError for a name that is not a decoder linear
+        key, shape = f"{name}.{self.kind}", _stat_shape(self.shapes[name], self.kind)
+        try:
+            with safe_open(file, framework="pt") as handle:
+                value = handle.get_tensor(key)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise ConversionError(f"{file}: cannot read '{key}' ({str(error)[:80]}); delete {self.directory}") from None
+        if tuple(value.shape) != shape or value.dtype != self.dtype or not torch.isfinite(value).all():
+            raise ConversionError(f"{file}: '{key}' is damaged (shape {list(value.shape)}, {value.dtype}); "
+                                  f"delete {self.directory}")
+        return value.to(torch.float32)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+def _stat_shape(weight_shape: tuple, kind: str) -> tuple:
+    return tuple(weight_shape) if kind == "fisher" else (weight_shape[1],)
+
+
+def open_stats(directory: Path, shapes: dict) -> tuple[dict, str | None]:
+    """(meta, None) for a sound statistics directory covering every linear in `shapes`
+    (name → weight shape), else (None, why not) — an absent directory gives (None, None)."""
+    directory = Path(directory)
+    if not (directory / "meta.json").exists():
+        return None, None
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("version") != FORMAT_VERSION:
+            return None, f"format version {meta.get('version')!r}, expected {FORMAT_VERSION}"
+        if set(meta["tensors"]) != set(shapes):
+            return None, "it does not cover the checkpoint's linears"
+        for file, facts in meta["files"].items():
+            path = directory / file
+            if not path.exists() or path.stat().st_size != facts["bytes"] or _sha256(path) != facts["sha256"]:
+                return None, f"{file} is missing or its size/checksum differs"
+        fisher_dtype = DTYPES_BY_NAME[meta["fisher_dtype"]]
+        for name, file in meta["tensors"].items():
+            with safe_open(directory / file, framework="pt") as handle:
+                for kind, dtype in (("fisher", fisher_dtype), ("input_sq", INPUT_SQ_DTYPE)):
+                    piece = handle.get_slice(f"{name}.{kind}")
+                    if (tuple(piece.get_shape()) != _stat_shape(shapes[name], kind)
+                            or piece.get_dtype() != SAFETENSORS_DTYPES[dtype]):
+                        return None, f"{file}: '{name}.{kind}' has the wrong shape or dtype"
+        float(meta["loss"]), int(meta["tokens"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as error:
+        return None, f"unreadable ({str(error)[:80]})"
+    return meta, None
