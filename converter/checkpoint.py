@@ -116,8 +116,9 @@ def _read_file(path: Path, what: str, limit: int, head: bool = False) -> bytes:
             return handle.read(limit)
     except FileNotFoundError:
         raise ConversionError(f"{path}: {what} not found") from None
-    except OSError as error:
-        raise ConversionError(f"{path}: cannot read {what}: {error.strerror or error}") from None
+    except OSError as error:  # open_regular's own errors start with the path: not repeated
+        reason = error.strerror or str(error).removeprefix(f"{path}: ")
+        raise ConversionError(f"{path}: cannot read {what}: {reason}") from None
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -320,7 +321,10 @@ def _tokenizer(path: Path, config: ModelConfig) -> tuple[dict, bytes]:
         if not isinstance(add_bos, bool):
             raise ConversionError(f"{tok_config_file}: add_bos_token must be true or false, got {add_bos!r:.40}")
     else:  # tokenizer.json says it in its post-processor
-        with_special = library.encode("a", add_special_tokens=True).ids
+        try:
+            with_special = library.encode("a", add_special_tokens=True).ids
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise ConversionError(f"{file}: its post-processor fails: {' '.join(str(error).split())[:100]}") from None
         add_bos = bos is not None and bool(with_special) and with_special[0] == bos
     template, sources["chat_template"] = _chat_template(path, tok_config), tok_config_file
     if template is None and (path / "chat_template.jinja").exists():
@@ -358,6 +362,8 @@ def _check_template_syntax(template: str, file: Path) -> None:
     except jinja2.TemplateSyntaxError as error:
         raise ConversionError(f"{file}: chat_template does not parse: line {error.lineno}: "
                               f"{' '.join(str(error.message).split())[:100]}") from None
+    except RecursionError:
+        raise ConversionError(f"{file}: chat_template does not parse: nested too deeply") from None
 
 
 def _library_tokenizer(kind: str, data: bytes, file: Path):

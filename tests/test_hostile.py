@@ -560,6 +560,8 @@ def test_every_checkpoint_file_must_be_regular(checkpoint_copy, name):
     ("tokenizer_config.json", lambda text: _set(text, chat_template=[1]), "tokenizer_config.json: chat_template must"),
     ("tokenizer_config.json", lambda text: _set(text, chat_template="{% if %}"),
      "tokenizer_config.json: chat_template does not parse"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template="{{" + "(" * 5000 + "}}"),
+     "tokenizer_config.json: chat_template does not parse: nested too deeply"),
     ("tokenizer_config.json", lambda text: _set(text, chat_template="x" * 300_000),
      "tokenizer_config.json: .*chat_template.*characters"),
     ("generation_config.json", lambda text: _set(text, eos_token_id=2.0),

@@ -2,7 +2,7 @@
 
     python tools/fuzz_checkpoint.py --cases 2000 [--seed 0] [--fixtures tiny-qwen3 tiny-gemma3 ...]
 
-Each case copies a tiny real checkpoint (tools/fixtures.py), damages ONE thing in it and runs
+Each case copies a tiny real checkpoint (tools/fixtures.py), damages one or a few things in it and runs
 `mxq convert` in this process, exactly as the command line does (same click command, same error
 classification as cli.py), fast settings: `--bpw 16 --configs fp16` for most cases, a real
 quantization (`--objective frobenius --quantizer rtn`) for the rest.
@@ -95,7 +95,7 @@ TOKENIZER_CONFIG_ADDITIONS = {
     "add_bos_token": [True, False, "false", 1, None],
     "chat_template": fuzz.TEMPLATES + [5, [{"name": "default", "template": "{{ messages[0].content }}"}],
                                        [{"name": "x"}], [1], "{% if %}", {"a": 1}, "{{ bos_token }}" * 10,
-                                       "x" * 300_000],
+                                       "x" * 300_000, "{{" + "(" * 5000 + "}}", "{% if 1 %}" * 2000],
 }
 GENERATION_ADDITIONS = {"eos_token_id": [2, [1, 2], 2.0, "2", [True], 10**20, -1, [[]], [0] * 5000],
                         "bos_token_id": [1, "x"]}
@@ -338,7 +338,8 @@ def convert(folder: Path, out: Path, options: list) -> str:
         return "rejected:MemoryError"
     except Exception as error:  # noqa: BLE001 - classifying is the point
         if isinstance(error, cli.EXPECTED_ERRORS) or cli._is_known(error):
-            return f"rejected:{type(error).__name__}"
+            message = " ".join(str(error).replace(str(folder.parent), "").split())
+            return f"rejected:{type(error).__name__}: {message[:70]}"
         frames = traceback.extract_tb(error.__traceback__)
         where = next((f for f in reversed(frames) if "/mxq/" in f.filename), frames[-1])
         return (f"crash:{type(error).__name__}: {' '.join(str(error).split())[:120]} "
@@ -359,7 +360,7 @@ def check_written(path: Path) -> str | None:
         if f.verify():
             return "the written file fails verify"
     with load(path) as model:
-        ids = model.tokenizer.encode("Hello world")[:4] or [0]
+        ids = model.tokenizer.encode("Hello world")[: min(4, model.config.max_position_embeddings)] or [0]
         if not np.isfinite(model.logits(np.asarray(ids))).all():
             return "non-finite logits"
         if model.tokenizer.chat_template is not None:
@@ -370,15 +371,16 @@ def check_written(path: Path) -> str | None:
     return None
 
 
-def run_case(seed_dir: Path, work: Path, mutate, rng: random.Random, options: list, timeout: float):
-    """(description, outcome, seconds, peak memory growth)."""
+def run_case(seed_dir: Path, work: Path, mutations: list, rng: random.Random, options: list, timeout: float):
+    """Apply `mutations` to a copy of `seed_dir` and convert it: (description, outcome, seconds, peak
+    memory growth)."""
     folder, out_dir, outside = work / "ckpt", work / "out", work / "outside"
     for path in (folder, out_dir, outside):
         shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(seed_dir, folder)
     out_dir.mkdir()
     outside.mkdir()
-    what = mutate(folder, rng, outside) if mutate is mutate_file_kind else mutate(folder, rng)
+    what = "; ".join(m(folder, rng, outside) if m is mutate_file_kind else m(folder, rng) for m in mutations)
     out = out_dir / "model.mxq"
     before, measured = fuzz._rss_now(), fuzz._peak_reset()
     start = time.perf_counter()
@@ -405,7 +407,9 @@ def run_case(seed_dir: Path, work: Path, mutate, rng: random.Random, options: li
 
 
 def fuzz_checkpoints(cases: int, seed: int = 0, fixtures=FIXTURES, timeout: float = 60.0, quantized_share: float = 0.2,
-                     budget_seconds: float | None = None, log=print) -> dict:
+                     max_mutations: int = 2, budget_seconds: float | None = None, log=print) -> dict:
+    """Run `cases` cases (each 1..max_mutations mutations of one fixture; a share of them quantized
+    for real) and report outcomes, problems, the most common rejection messages and peak memory."""
     import fixtures as fixture_builder
 
     def alarm(signum, frame):
@@ -414,25 +418,28 @@ def fuzz_checkpoints(cases: int, seed: int = 0, fixtures=FIXTURES, timeout: floa
     previous = signal.signal(signal.SIGALRM, alarm)
     rng = random.Random(seed)
     started = time.perf_counter()
-    outcomes, problems = Counter(), []
+    outcomes, rejections, problems = Counter(), Counter(), []
     max_growth, slowest = 0, (0.0, "")
     try:
         with tempfile.TemporaryDirectory(prefix="mxq-fuzz-ckpt-") as tmp:
             work = Path(tmp)
             seeds = {name: fixture_builder.ensure(name) for name in fixtures}
             for name, path in seeds.items():  # warm-up (imports, kernels) and a check that the seeds convert
-                _, outcome, _, _ = run_case(path, work, lambda folder, rng: "unmutated", rng, FAST, 600)
+                _, outcome, _, _ = run_case(path, work, [], rng, FAST, 600)
                 if outcome != "ok":
                     raise SystemExit(f"fixture {name} does not convert unmutated: {outcome}")
             for done in range(cases):
                 if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
                     break
                 fixture = rng.choice(list(seeds))
-                mutate = rng.choices([m for m, _ in MUTATIONS], [w for _, w in MUTATIONS])[0]
+                mutations = rng.choices([m for m, _ in MUTATIONS], [w for _, w in MUTATIONS],
+                                        k=rng.randint(1, max_mutations))
                 options = QUANTIZED if rng.random() < quantized_share else FAST
-                what, outcome, seconds, growth = run_case(seeds[fixture], work, mutate, rng, options, timeout)
+                what, outcome, seconds, growth = run_case(seeds[fixture], work, mutations, rng, options, timeout)
                 label = outcome.split(":")[0].split(" ")[0]
                 outcomes[label] += 1
+                if label == "rejected":
+                    rejections[outcome.split(": ", 1)[-1]] += 1
                 if label in ("crash", "hang", "leftover", "unrunnable"):
                     problems.append(f"{fixture} [{options[1]} bpw] {what} -> {outcome}")
                 max_growth = max(max_growth, growth)
@@ -443,6 +450,7 @@ def fuzz_checkpoints(cases: int, seed: int = 0, fixtures=FIXTURES, timeout: floa
     finally:
         signal.signal(signal.SIGALRM, previous)
     return {"cases": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())), "problems": problems,
+            "rejections": dict(rejections.most_common(40)),
             "max_growth_mib": round(max_growth / 2**20, 1),
             "slowest_case": {"seconds": round(slowest[0], 2), "case": slowest[1]},
             "seconds": round(time.perf_counter() - started, 1)}
@@ -454,10 +462,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixtures", nargs="*", default=list(FIXTURES), help="tools/fixtures.py names")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds after which a case is a hang")
+    parser.add_argument("--max-mutations", type=int, default=2, help="mutations per case: 1 to this many")
     parser.add_argument("--json", dest="json_path", help="also write the report here")
     args = parser.parse_args()
     report = fuzz_checkpoints(args.cases, args.seed, tuple(args.fixtures), args.timeout,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+                              max_mutations=args.max_mutations, log=lambda m: print(m, file=sys.stderr, flush=True))
     distinct = Counter(p.split(" -> ", 1)[1] for p in report["problems"])
     print(json.dumps({**report, "problems": report["problems"][:60], "distinct": dict(distinct.most_common())},
                      indent=1))
