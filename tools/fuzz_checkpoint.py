@@ -4,8 +4,8 @@
 
 Each case copies a tiny real checkpoint (tools/fixtures.py), damages one or a few things in it and runs
 `mxq convert` in this process, exactly as the command line does (same click command, same error
-classification as cli.py), fast settings: `--bpw 16 --configs fp16` for most cases, a real
-quantization (`--objective frobenius --quantizer rtn`) for the rest.
+classification as cli.py), fast settings: `--bpw 16 --configs fp16` for most cases, a real data-free
+quantization (rtn or hqq, outliers, quantized embeddings: OPTION_SETS) for the rest.
   - config.json: one value at any depth replaced (wrong type, huge/negative/NaN numbers as text,
     nested lists, ...), deleted, or a duplicate key; or a known field added with a plausible or
     hostile value (rope_scaling, rope_parameters, layer_types, sliding windows, architectures, ...);
@@ -16,7 +16,9 @@ quantization (`--objective frobenius --quantizer rtn`) for the rest.
     header bytes, truncated or extended data, a NaN/Inf/beyond-fp16 value poked into a tensor;
   - file kinds: any file the converter opens replaced by a FIFO, a directory, a dangling symlink,
     a symlink outside the folder, an empty / non-UTF-8 / sparse 1 GiB file;
-  - a shard index with hostile weight_map entries (climbing paths, missing shards, wrong types).
+  - a shard index with hostile weight_map entries (climbing paths, missing shards, wrong types);
+  - a consistent checkpoint of unusual shape (sizes no group divides, head_dim apart from
+    hidden_size / heads, 1 layer, a padded vocabulary), so cases reach quantization and the runtime.
 Outcomes: ok (the written file must then verify, load and run a forward pass), rejected (a typed
 error: what cli.py prints as "mxq: error: ..."), crash ("internal error"), hang (> --timeout s),
 leftover (a failed case left something in the output folder), unrunnable (convert succeeded but
@@ -316,8 +318,51 @@ def mutate_index(folder: Path, rng: random.Random) -> str:
     return f"index {kind} ({name[:50]})"
 
 
-MUTATIONS = [(mutate_config, 30), (mutate_tokenizer_config, 18), (mutate_tokenizer, 10), (mutate_safetensors, 22),
-             (mutate_file_kind, 12), (mutate_index, 8)]
+def mutate_dims(folder: Path, rng: random.Random) -> str:
+    """A consistent checkpoint of unusual shape: sizes that no group size divides, head_dim apart
+    from hidden_size / heads, grouped-query ratios, 1 layer, an odd intermediate size, a padded
+    vocabulary; tensors of random values written for exactly what the contract expects (so the
+    case reaches measurement, quantization, writing and the runtime)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from mxq.converter.checkpoint import expected_tensors
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.errors import ModelError
+
+    config = json.loads((folder / "config.json").read_text())
+    heads = rng.choice([1, 2, 3, 4, 6])
+    config.update(hidden_size=rng.choice([8, 24, 40, 72, 100, 136]),
+                  intermediate_size=rng.choice([1, 17, 33, 96, 130, 200]),
+                  num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, 2, 3, heads) if heads % k == 0]),
+                  head_dim=rng.choice([2, 4, 6, 10, 16, 34, 66]), num_hidden_layers=rng.choice([1, 2, 3]),
+                  vocab_size=config["vocab_size"] + rng.choice([0, 0, 1, 13, 100]))
+    if rng.random() < 0.3:
+        config["tie_word_embeddings"] = not config.get("tie_word_embeddings", False)
+    config.pop("layer_types", None)
+    what = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                   "head_dim", "num_hidden_layers")}
+    (folder / "config.json").write_text(json.dumps(config))
+    try:
+        shapes = expected_tensors(ModelConfig.from_hf(config))
+    except ModelError as error:
+        return f"dims {what} (config refused: {str(error)[:60]})"
+    generator = np.random.default_rng(rng.randrange(1 << 30))
+    dtype = rng.choice([np.float32, np.float16])
+    tensors = {name: (np.ones(shape) if role == "norm" else generator.normal(0, 0.05, shape)).astype(dtype)
+               for name, (shape, role) in shapes.items()}
+    for name in [p.name for p in folder.glob("*.safetensors*")]:
+        (folder / name).unlink()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return f"dims {what} {np.dtype(dtype).name}"
+
+
+MUTATIONS = [(mutate_config, 28), (mutate_tokenizer_config, 16), (mutate_tokenizer, 9), (mutate_safetensors, 20),
+             (mutate_file_kind, 11), (mutate_index, 7), (mutate_dims, 12)]
+OPTION_SETS = [FAST, QUANTIZED, ["--bpw", "3.5", "--objective", "frobenius", "--quantizer", "hqq", "--configs", "paper"],
+               ["--bpw", "4.5", "--objective", "frobenius_sq", "--quantizer", "rtn", "--outliers", "1%"],
+               ["--bpw", "5", "--objective", "frobenius", "--quantizer", "rtn", "--configs", "b4g32,b8g128,fp16",
+                "--quantize-embeddings", "4"]]
 
 
 # -- running one case --------------------------------------------------------------------------------
@@ -407,9 +452,11 @@ def run_case(seed_dir: Path, work: Path, mutations: list, rng: random.Random, op
 
 
 def fuzz_checkpoints(cases: int, seed: int = 0, fixtures=FIXTURES, timeout: float = 60.0, quantized_share: float = 0.2,
-                     max_mutations: int = 2, budget_seconds: float | None = None, log=print) -> dict:
+                     max_mutations: int = 2, kinds=None, budget_seconds: float | None = None, log=print) -> dict:
     """Run `cases` cases (each 1..max_mutations mutations of one fixture; a share of them quantized
-    for real) and report outcomes, problems, the most common rejection messages and peak memory."""
+    for real) and report outcomes, problems, the most common rejection messages and peak memory.
+    `kinds`: names of the mutations to draw from (e.g. ("config", "dims")), default all."""
+    chosen = [(m, w) for m, w in MUTATIONS if kinds is None or m.__name__.removeprefix("mutate_") in kinds]
     import fixtures as fixture_builder
 
     def alarm(signum, frame):
@@ -432,16 +479,17 @@ def fuzz_checkpoints(cases: int, seed: int = 0, fixtures=FIXTURES, timeout: floa
                 if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
                     break
                 fixture = rng.choice(list(seeds))
-                mutations = rng.choices([m for m, _ in MUTATIONS], [w for _, w in MUTATIONS],
+                mutations = rng.choices([m for m, _ in chosen], [w for _, w in chosen],
                                         k=rng.randint(1, max_mutations))
-                options = QUANTIZED if rng.random() < quantized_share else FAST
+                share = 0.7 if mutate_dims in mutations else quantized_share  # odd shapes: quantize them
+                options = rng.choice(OPTION_SETS[1:]) if rng.random() < share else FAST
                 what, outcome, seconds, growth = run_case(seeds[fixture], work, mutations, rng, options, timeout)
                 label = outcome.split(":")[0].split(" ")[0]
                 outcomes[label] += 1
                 if label == "rejected":
                     rejections[outcome.split(": ", 1)[-1]] += 1
                 if label in ("crash", "hang", "leftover", "unrunnable"):
-                    problems.append(f"{fixture} [{options[1]} bpw] {what} -> {outcome}")
+                    problems.append(f"{fixture} [{' '.join(options)}] {what} -> {outcome}")
                 max_growth = max(max_growth, growth)
                 if seconds > slowest[0]:
                     slowest = (seconds, f"{fixture} {what} -> {outcome[:80]}")
@@ -463,10 +511,12 @@ def main():
     parser.add_argument("--fixtures", nargs="*", default=list(FIXTURES), help="tools/fixtures.py names")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds after which a case is a hang")
     parser.add_argument("--max-mutations", type=int, default=2, help="mutations per case: 1 to this many")
+    parser.add_argument("--kinds", nargs="*", default=None,
+                        help="mutations to use (default all): " + " ".join(m.__name__[7:] for m, _ in MUTATIONS))
     parser.add_argument("--json", dest="json_path", help="also write the report here")
     args = parser.parse_args()
     report = fuzz_checkpoints(args.cases, args.seed, tuple(args.fixtures), args.timeout,
-                              max_mutations=args.max_mutations, log=lambda m: print(m, file=sys.stderr, flush=True))
+                              max_mutations=args.max_mutations, kinds=args.kinds, log=lambda m: print(m, file=sys.stderr, flush=True))
     distinct = Counter(p.split(" -> ", 1)[1] for p in report["problems"])
     print(json.dumps({**report, "problems": report["problems"][:60], "distinct": dict(distinct.most_common())},
                      indent=1))
