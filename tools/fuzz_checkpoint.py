@@ -142,13 +142,24 @@ def _json_mutation(document, rng: random.Random, additions: dict) -> tuple[str, 
     return json.dumps(document, ensure_ascii=False), f"{where}: value {str(value)[:30]!r}"
 
 
+def _load_json(path: Path):
+    """A file's JSON as an earlier mutation of the same case may have left it: {} when it is gone,
+    not regular, large or not JSON any more."""
+    try:
+        if not path.is_file() or path.stat().st_size > 16 << 20:
+            return {}
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return {}
+
+
 def _write_text(path: Path, text: str) -> None:
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
 
 
 def mutate_config(folder: Path, rng: random.Random) -> str:
     file = folder / "config.json"
-    text, what = _json_mutation(json.loads(file.read_text()), rng, CONFIG_ADDITIONS)
+    text, what = _json_mutation(_load_json(file), rng, CONFIG_ADDITIONS)
     _write_text(file, text)
     return f"config.json {what}"
 
@@ -156,7 +167,7 @@ def mutate_config(folder: Path, rng: random.Random) -> str:
 def mutate_tokenizer_config(folder: Path, rng: random.Random) -> str:
     name = rng.choice(["tokenizer_config.json", "generation_config.json"])
     file = folder / name
-    document = json.loads(file.read_text()) if file.exists() else {}
+    document = _load_json(file)
     additions = TOKENIZER_CONFIG_ADDITIONS if name == "tokenizer_config.json" else GENERATION_ADDITIONS
     text, what = _json_mutation(document, rng, additions)
     _write_text(file, text)
@@ -184,22 +195,34 @@ def mutate_tokenizer(folder: Path, rng: random.Random) -> str:
     file = folder / "tokenizer.json"
     if not file.exists():
         file = folder / "tokenizer.model"
+        if not file.is_file() or file.stat().st_size > 16 << 20:
+            return "tokenizer.model (left as an earlier mutation made it)"
         data, what = _damage_bytes(file.read_bytes(), rng)
         file.write_bytes(data)
         return f"tokenizer.model {what}"
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and file.is_file() and file.stat().st_size < 16 << 20:
         data, what = _damage_bytes(file.read_bytes(), rng)
         file.write_bytes(data)
         return f"tokenizer.json bytes {what}"
-    text, what = _json_mutation(json.loads(file.read_text()), rng, {})
+    text, what = _json_mutation(_load_json(file), rng, {})
     _write_text(file, text)
     return f"tokenizer.json {what}"
 
 
 def _safetensors(file: Path) -> tuple[dict, bytes]:
+    """(header, data) of a safetensors file an earlier mutation left intact, else ValueError."""
+    if not file.is_file() or file.stat().st_size > 1 << 28:
+        raise ValueError("not a readable safetensors file any more")
     raw = file.read_bytes()
-    n = struct.unpack_from("<Q", raw)[0]
-    return json.loads(raw[8: 8 + n]), raw[8 + n:]
+    try:
+        n = struct.unpack_from("<Q", raw)[0]
+        header = json.loads(raw[8: 8 + n])
+    except (struct.error, ValueError):
+        raise ValueError("the header no longer parses") from None
+    if not isinstance(header, dict) or any(not isinstance(v, dict) or not isinstance(v.get("data_offsets"), list)
+                                           for k, v in header.items() if k != "__metadata__"):
+        raise ValueError("the header no longer has tensor entries")
+    return header, raw[8 + n:]
 
 
 def _pack_safetensors(header: dict, data: bytes) -> bytes:
@@ -210,8 +233,13 @@ def _pack_safetensors(header: dict, data: bytes) -> bytes:
 
 def mutate_safetensors(folder: Path, rng: random.Random) -> str:
     file = folder / "model.safetensors"
-    header, data = _safetensors(file)
+    try:
+        header, data = _safetensors(file)
+    except ValueError as error:
+        return f"model.safetensors ({error})"
     names = sorted(k for k in header if k != "__metadata__")
+    if not names:
+        return "model.safetensors (no tensors left)"
     name = rng.choice(names)
     kind = rng.choice(["dtype", "shape", "offsets", "entry", "metadata", "prefix", "header bytes", "data size",
                        "value", "value", "rename", "drop"])
@@ -268,7 +296,7 @@ def mutate_file_kind(folder: Path, rng: random.Random, outside: Path) -> str:
     present = sorted(p.name for p in folder.iterdir())
     name = rng.choice(present + list(OPTIONAL_FILES))
     file, kind = folder / name, rng.choice(FILE_KINDS)
-    original = file.read_bytes() if file.is_file() else b"{}"
+    original = file.read_bytes() if file.is_file() and file.stat().st_size < 1 << 28 else b"{}"
     if file.exists() or file.is_symlink():
         file.unlink()
     if kind == "fifo":
@@ -292,8 +320,11 @@ def mutate_file_kind(folder: Path, rng: random.Random, outside: Path) -> str:
 
 
 def mutate_index(folder: Path, rng: random.Random) -> str:
-    header, _ = _safetensors(folder / "model.safetensors")
-    weight_map = {name: "model.safetensors" for name in header if name != "__metadata__"}
+    try:
+        header, _ = _safetensors(folder / "model.safetensors")
+    except ValueError:
+        header = {}
+    weight_map = {name: "model.safetensors" for name in header if name != "__metadata__"} or {"x": "model.safetensors"}
     kind = rng.choice(["valid", "climb", "absolute", "missing", "type", "no map", "map type", "extra", "renamed"])
     name = rng.choice(sorted(weight_map))
     if kind == "climb":
@@ -330,13 +361,13 @@ def mutate_dims(folder: Path, rng: random.Random) -> str:
     from mxq.runtime.config import ModelConfig
     from mxq.runtime.errors import ModelError
 
-    config = json.loads((folder / "config.json").read_text())
+    config = _load_json(folder / "config.json")
     heads = rng.choice([1, 2, 3, 4, 6])
     config.update(hidden_size=rng.choice([8, 24, 40, 72, 100, 136]),
                   intermediate_size=rng.choice([1, 17, 33, 96, 130, 200]),
                   num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, 2, 3, heads) if heads % k == 0]),
                   head_dim=rng.choice([2, 4, 6, 10, 16, 34, 66]), num_hidden_layers=rng.choice([1, 2, 3]),
-                  vocab_size=config["vocab_size"] + rng.choice([0, 0, 1, 13, 100]))
+                  vocab_size=config.get("vocab_size", 512) + rng.choice([0, 0, 1, 13, 100]))
     if rng.random() < 0.3:
         config["tie_word_embeddings"] = not config.get("tie_word_embeddings", False)
     config.pop("layer_types", None)
@@ -425,6 +456,8 @@ def run_case(seed_dir: Path, work: Path, mutations: list, rng: random.Random, op
     shutil.copytree(seed_dir, folder)
     out_dir.mkdir()
     outside.mkdir()
+    order = {mutate_dims: 0, mutate_file_kind: 2}  # rebuilt checkpoints first, files swapped for FIFOs & co last
+    mutations = sorted(mutations, key=lambda m: order.get(m, 1))
     what = "; ".join(m(folder, rng, outside) if m is mutate_file_kind else m(folder, rng) for m in mutations)
     out = out_dir / "model.mxq"
     before, measured = fuzz._rss_now(), fuzz._peak_reset()
