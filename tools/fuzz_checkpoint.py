@@ -143,14 +143,15 @@ def _json_mutation(document, rng: random.Random, additions: dict) -> tuple[str, 
 
 
 def _load_json(path: Path):
-    """A file's JSON as an earlier mutation of the same case may have left it: {} when it is gone,
-    not regular, large or not JSON any more."""
+    """A file's JSON object as an earlier mutation of the same case may have left it: {} when it is
+    gone, not regular, large, or not a JSON object any more."""
     try:
         if not path.is_file() or path.stat().st_size > 16 << 20:
             return {}
-        return json.loads(path.read_bytes())
-    except (ValueError, OSError):
+        value = json.loads(path.read_bytes())
+    except (ValueError, OSError, RecursionError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _write_text(path: Path, text: str) -> None:
