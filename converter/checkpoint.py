@@ -3,7 +3,6 @@ tokenizer files, content hash, license fields. Everything is validated before an
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
