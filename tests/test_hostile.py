@@ -553,6 +553,17 @@ def test_every_checkpoint_file_must_be_regular(checkpoint_copy, name):
         _read_checkpoint_within(checkpoint_copy)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_checkpoint_file_reads_are_capped(checkpoint_copy, name):
+    """A (sparse) file far beyond any real one is refused by its size, not read into memory."""
+    from mxq.converter import ConversionError
+
+    with open(checkpoint_copy / name, "r+b") as handle:
+        handle.truncate(1 << 30)
+    with pytest.raises(ConversionError, match=f"{name}: {name} is 1,073,741,824 bytes \\(cap"):
+        _read_checkpoint_within(checkpoint_copy)
+
+
 @pytest.mark.parametrize("name, change, message", [
     ("config.json", lambda text: text.replace('"vocab_size"', '"vocab_size": NaN, "x"', 1), "config.json.*NaN"),
     ("config.json", lambda text: text.replace('"vocab_size"', '"vocab_size": 1, "vocab_size"', 1),
