@@ -298,7 +298,9 @@ def mutate_file_kind(folder: Path, rng: random.Random, outside: Path) -> str:
     name = rng.choice(present + list(OPTIONAL_FILES))
     file, kind = folder / name, rng.choice(FILE_KINDS)
     original = file.read_bytes() if file.is_file() and file.stat().st_size < 1 << 28 else b"{}"
-    if file.exists() or file.is_symlink():
+    if file.is_dir() and not file.is_symlink():  # an earlier mutation of this case made it a directory
+        shutil.rmtree(file)
+    elif file.exists() or file.is_symlink():
         file.unlink()
     if kind == "fifo":
         os.mkfifo(file)
