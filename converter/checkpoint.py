@@ -3,7 +3,6 @@ tokenizer files, content hash, license fields. Everything is validated before an
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -47,13 +46,18 @@ class Checkpoint:
 
     def content_hash(self) -> str:
         """sha256 over config.json and the tensor files (names and bytes), in a fixed order."""
+        from ..format_spec.reader import open_regular
+
         digest = hashlib.sha256()
         files = [self.path / "config.json"] + sorted({t.file for t in self.tensors.values()})
         for file in files:
             digest.update(file.name.encode() + b"\0")
-            with open(file, "rb") as handle:
-                while chunk := handle.read(1 << 22):
-                    digest.update(chunk)
+            try:
+                with os.fdopen(open_regular(file), "rb") as handle:  # regular files only (never blocks)
+                    while chunk := handle.read(1 << 22):
+                        digest.update(chunk)
+            except OSError as error:
+                raise ConversionError(f"{file}: cannot read: {error.strerror or error}") from None
         return digest.hexdigest()
 
     def load(self, name: str):
@@ -93,13 +97,38 @@ class Checkpoint:
         return tensor
 
 
-def _read_json(path: Path, what: str) -> dict:
+MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, generation_config.json, the shard index
+MAX_TOKENIZER_BYTES = 512 << 20  # tokenizer.json / tokenizer.model (the largest released are ~35 MB)
+MAX_README_BYTES = 1 << 20  # only the front matter at the start of README.md is read
+
+
+def _read_file(path: Path, what: str, limit: int, head: bool = False) -> bytes:
+    """The bytes of a regular file in the checkpoint (never a FIFO or device, which could block the
+    converter forever), at most `limit` of them: a larger file is an error, or cut when `head`."""
+    from ..format_spec.reader import open_regular
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        with os.fdopen(open_regular(path), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit and not head:
+                raise ConversionError(f"{path}: {what} is {size:,} bytes (cap {limit:,})")
+            return handle.read(limit)
     except FileNotFoundError:
         raise ConversionError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConversionError(f"{path}: cannot read {what}: {str(error)[:100]}") from None
+    except OSError as error:  # open_regular's own errors start with the path: not repeated
+        reason = error.strerror or str(error).removeprefix(f"{path}: ")
+        raise ConversionError(f"{path}: cannot read {what}: {reason}") from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from the checkpoint, parsed strictly (no NaN/Infinity, duplicate keys or lone
+    surrogates; nesting and element counts bounded: format_spec/strict_json.py)."""
+    from ..format_spec.strict_json import JsonError, loads
+
+    try:
+        value = loads(_read_file(path, what, MAX_JSON_BYTES))
+    except JsonError as error:
+        raise ConversionError(f"{path}: {what} {error}") from None
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: {what} is not a JSON object")
     return value
@@ -205,6 +234,8 @@ def _index_tensors(path: Path) -> dict:
                                                       for d in shape):
                 raise ConversionError(f"{file.name}: tensor '{name[:100]}' has an invalid shape")
             dtype = meta.get("dtype")
+            if not isinstance(dtype, str):
+                raise ConversionError(f"{file.name}: tensor '{name[:100]}' has an invalid dtype {dtype!r:.40}")
             if dtype in item_bytes and offsets[1] - offsets[0] != item_bytes[dtype] * math.prod(shape):
                 raise ConversionError(f"{file.name}: tensor '{name[:100]}' data_offsets span "
                                       f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs "
@@ -251,66 +282,134 @@ def _safetensors_header(file: Path) -> tuple[dict, int]:
     return header, 8 + header_len
 
 
-def _tokenizer(path: Path, config: dict) -> tuple[dict, bytes]:
-    """Prefer tokenizer.json (what transformers loads by default), else tokenizer.model."""
-    tok_config = {}
-    if (path / "tokenizer_config.json").exists():
-        tok_config = _read_json(path / "tokenizer_config.json", "tokenizer_config.json")
-    generation = {}
-    if (path / "generation_config.json").exists():
-        generation = _read_json(path / "generation_config.json", "generation_config.json")
+def _tokenizer(path: Path, config: ModelConfig) -> tuple[dict, bytes]:
+    """The .mxq `tokenizer` object (SPEC §3.2, blob aside) and its blob, from tokenizer.json (what
+    transformers loads by default) or tokenizer.model, with tokenizer_config.json,
+    generation_config.json and chat_template.jinja. Checked here, before any heavy work, against the
+    schema every .mxq file is read with (format_spec/tokenizer_schema.py), and loaded the way the
+    runtime will load it: a bad value fails in one line naming its file and field."""
+    from ..format_spec.tokenizer_schema import MetadataError, check_tokenizer
+    from ..runtime.tokenizer import Tokenizer
+
+    tok_config_file, generation_file = path / "tokenizer_config.json", path / "generation_config.json"
+    tok_config = _read_json(tok_config_file, "tokenizer_config.json") if tok_config_file.exists() else {}
+    generation = _read_json(generation_file, "generation_config.json") if generation_file.exists() else {}
     if (path / "tokenizer.json").exists():
-        kind, data = "hf-tokenizers", (path / "tokenizer.json").read_bytes()
+        kind, file = "hf-tokenizers", path / "tokenizer.json"
     elif (path / "tokenizer.model").exists():
-        kind, data = "sentencepiece", (path / "tokenizer.model").read_bytes()
+        kind, file = "sentencepiece", path / "tokenizer.model"
     else:
         raise ConversionError(f"{path}: no tokenizer.json or tokenizer.model found")
+    data = _read_file(file, file.name, MAX_TOKENIZER_BYTES)
+    library = _library_tokenizer(kind, data, file)
+    sources = {}  # tokenizer field -> the file its value came from (for error messages)
 
-    def token_id(value):
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            return _token_to_id(kind, data, value, path)
-        return None
-
-    bos = config.get("bos_token_id")
+    bos, sources["bos_token_id"] = config.bos_token_id, path / "config.json"
     if bos is None:
-        bos = token_id(tok_config.get("bos_token"))
-    eos = generation.get("eos_token_id", config.get("eos_token_id"))
-    if eos is None:
-        eos = token_id(tok_config.get("eos_token"))
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
-    if kind == "sentencepiece":
-        add_bos = bool(tok_config.get("add_bos_token", True))
+        bos, sources["bos_token_id"] = _token_id(kind, library, tok_config.get("bos_token")), tok_config_file
+    if generation.get("eos_token_id") is not None:
+        eos = _token_ids(generation["eos_token_id"], generation_file, "eos_token_id")
+        sources["eos_token_ids"] = generation_file
     else:
-        add_bos = _post_processor_adds_bos(data, bos, path)
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # named templates: keep the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        eos, sources["eos_token_ids"] = list(config.eos_token_ids), path / "config.json"
+    if not eos:
+        eos = [i for i in [_token_id(kind, library, tok_config.get("eos_token"))] if i is not None]
+        sources["eos_token_ids"] = tok_config_file
+    if kind == "sentencepiece":
+        add_bos = tok_config.get("add_bos_token", True)
+        if not isinstance(add_bos, bool):
+            raise ConversionError(f"{tok_config_file}: add_bos_token must be true or false, got {add_bos!r:.40}")
+    else:  # tokenizer.json says it in its post-processor
+        try:
+            with_special = library.encode("a", add_special_tokens=True).ids
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise ConversionError(f"{file}: its post-processor fails: {' '.join(str(error).split())[:100]}") from None
+        add_bos = bos is not None and bool(with_special) and with_special[0] == bos
+    template, sources["chat_template"] = _chat_template(path, tok_config), tok_config_file
     if template is None and (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    return {"kind": kind, "bos_token_id": bos if isinstance(bos, int) else None, "eos_token_ids": eos_ids,
-            "add_bos_token": add_bos and isinstance(bos, int), "chat_template": template}, data
-
-
-def _token_to_id(kind, data, token, path):
-    if kind == "hf-tokenizers":
-        from tokenizers import Tokenizer
-        return Tokenizer.from_str(data.decode("utf-8")).token_to_id(token)
-    import sentencepiece
-    processor = sentencepiece.SentencePieceProcessor(model_proto=data)
-    piece_id = processor.piece_to_id(token)
-    return piece_id if processor.id_to_piece(piece_id) == token else None
-
-
-def _post_processor_adds_bos(data: bytes, bos, path: Path) -> bool:
-    from tokenizers import Tokenizer
+        template_file = path / "chat_template.jinja"
+        try:
+            template = _read_file(template_file, "chat template", MAX_JSON_BYTES).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConversionError(f"{template_file}: not UTF-8 text") from None
+        sources["chat_template"] = template_file
+    meta = {"kind": kind, "bos_token_id": bos, "eos_token_ids": eos, "add_bos_token": add_bos and bos is not None,
+            "chat_template": template}
+    for name in sources:  # one field at a time, so the error names the file it came from
+        try:
+            check_tokenizer({"kind": kind, name: meta[name]}, config.vocab_size)
+        except MetadataError as error:
+            raise ConversionError(f"{sources[name]}: {error}") from None
     try:
-        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as error:  # noqa: BLE001 - the library raises plain Exception
-        raise ConversionError(f"{path / 'tokenizer.json'}: does not load: {str(error)[:100]}") from None
-    with_special = tokenizer.encode("a", add_special_tokens=True).ids
-    return isinstance(bos, int) and bool(with_special) and with_special[0] == bos
+        check_tokenizer(meta, config.vocab_size)
+        Tokenizer(meta, data, config.bos_token_id, config.eos_token_ids)  # exactly as the runtime loads it
+    except (MetadataError, ModelError) as error:
+        raise ConversionError(f"{file}: {error}") from None
+    if template is not None:
+        _check_template_syntax(template, sources["chat_template"])
+    return meta, data
+
+
+def _check_template_syntax(template: str, file: Path) -> None:
+    """A chat template that does not parse fails now, not at the first --chat after conversion."""
+    import jinja2
+
+    from ..runtime.chat_template import BoundedEnvironment
+
+    try:
+        BoundedEnvironment().parse(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ConversionError(f"{file}: chat_template does not parse: line {error.lineno}: "
+                              f"{' '.join(str(error.message).split())[:100]}") from None
+    except RecursionError:
+        raise ConversionError(f"{file}: chat_template does not parse: nested too deeply") from None
+
+
+def _library_tokenizer(kind: str, data: bytes, file: Path):
+    """The tokenizers / sentencepiece object of the tokenizer file; one-line error if it does not load."""
+    try:
+        if kind == "hf-tokenizers":
+            from tokenizers import Tokenizer
+            return Tokenizer.from_str(data.decode("utf-8"))
+        import sentencepiece
+        return sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception as error:  # noqa: BLE001 - both libraries raise plain Exception / RuntimeError
+        raise ConversionError(f"{file}: does not load: {' '.join(str(error).split())[:100]}") from None
+
+
+def _token_id(kind: str, library, token) -> int | None:
+    """The id of a special token given as tokenizer_config.json spells it (a string or an
+    AddedToken object), or None when it is absent or not in the vocabulary."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    if kind == "hf-tokenizers":
+        return library.token_to_id(token)
+    piece_id = library.piece_to_id(token)
+    return piece_id if library.id_to_piece(piece_id) == token else None
+
+
+def _token_ids(value, file: Path, key: str) -> list:
+    """A token id or a list of them, as generation_config.json spells eos_token_id (range checked later)."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConversionError(f"{file}: {key} must be a token id or a list of them, got {value!r:.60}")
+    return values
+
+
+def _chat_template(path: Path, tok_config: dict) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or named templates (the default one is kept)."""
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) for t in template):
+            raise ConversionError(f"{path / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                                  f"{{\"name\", \"template\"}} objects")
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise ConversionError(f"{path / 'tokenizer_config.json'}: chat_template must be a string, "
+                              f"got {type(template).__name__}")
+    return template
 
 
 def _license(path: Path, config: dict) -> dict:
@@ -318,17 +417,17 @@ def _license(path: Path, config: dict) -> dict:
     fields = {}
     readme = path / "README.md"
     if readme.exists():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        match = re.match(r"---\n(.*?)\n---", text, re.S)
+        text = _read_file(readme, "README.md", MAX_README_BYTES, head=True).decode("utf-8", errors="replace")
+        match = re.match(r"---\r?\n(.*?)\r?\n---", text, re.S)
         if match:
             for line in match.group(1).splitlines():
                 key, _, value = line.partition(":")
                 if key.strip() in ("license", "license_name", "license_link", "base_model", "language",
                                    "pipeline_tag") and value.strip():
-                    fields[key.strip()] = value.strip()
+                    fields[key.strip()] = value.strip()[:200]
     for key in ("_name_or_path",):
         if isinstance(config.get(key), str) and config[key]:
-            fields["name_or_path"] = config[key]
+            fields["name_or_path"] = config[key][:200]
     return fields
 
 
@@ -366,7 +465,7 @@ def read_checkpoint(path) -> Checkpoint:
             raise ConversionError(f"{file.name}: tensor '{name}' has shape {list(actual)}, expected {list(shape)}")
         tensors[name] = TensorInfo(name, tuple(shape), dtype, file, role, span)
     notes = _check_unknown(config, index, set(tensors) | {fused[n][0] for n in tensors if n in fused}, path)
-    tokenizer, tokenizer_data = _tokenizer(path, raw_config)
+    tokenizer, tokenizer_data = _tokenizer(path, config)
     spec = config.to_json()
     if spec["bos_token_id"] is None:
         spec["bos_token_id"] = tokenizer["bos_token_id"]

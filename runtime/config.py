@@ -18,6 +18,8 @@ from .architectures.base import REQUIRED, Family, hf_rope
 from .errors import ModelError
 
 MAX_INT = 2 ** 31  # ids and sizes fit an int32 everywhere (kernels, numpy indices)
+# real-valued fields are used in float32 arithmetic: they must be normal float32 numbers
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -94,6 +96,12 @@ class ModelConfig:
         if config.rotary_dim % 2 or config.rotary_dim == 0:
             raise ModelError(f"{where}head_dim ({config.head_dim}) × partial_rotary_factor "
                              f"({config.partial_rotary_factor}) must give an even number of rotary dims")
+        for kind in dict.fromkeys(config.layer_types):  # each kind of layer has its own RoPE settings
+            with np.errstate(all="ignore"):
+                finite = np.isfinite(config.inv_freq(config.layer_types.index(kind))).all()
+            if not finite:
+                raise ModelError(f"{where}rope_theta / rope_scaling give non-finite RoPE frequencies "
+                                 f"in float32 ({kind} layers)")
         return config
 
     @classmethod
@@ -247,8 +255,9 @@ class _Grammar:
         return None if value is None else self.positive_int(key, value)
 
     def positive_number(self, key, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value <= 0:
-            self.fail(key, "a positive number", value)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value)
+                or not FLOAT32_TINY <= value <= FLOAT32_MAX):
+            self.fail(key, f"a positive number in float32's range [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}]", value)
         return float(value)
 
     def fraction(self, key, value) -> float:

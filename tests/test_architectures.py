@@ -128,8 +128,9 @@ HOSTILE = [  # (field, raw JSON value, message)
     ("eos_token_id", "2.0", "eos_token_id must be a token id"),
     ("rms_norm_eps", "1" + "0" * 400, "rms_norm_eps must be a positive number"),
     ("rope_theta", "1" + "0" * 400, "rope_theta must be a positive number"),
-    ("rms_norm_eps", "NaN", "rms_norm_eps must be a positive number"),
-    ("rope_theta", "Infinity", "rope_theta must be a positive number"),
+    # NaN/Infinity: config.json is parsed strictly (SPEC §3: not JSON); a .mxq `model` object names the field
+    ("rms_norm_eps", "NaN", "rms_norm_eps must be a positive number|config.json contains NaN"),
+    ("rope_theta", "Infinity", "rope_theta must be a positive number|config.json contains Infinity"),
     ("bos_token_id", str(2 ** 53), "bos_token_id must be a token id"),
     ("bos_token_id", "-1", "bos_token_id must be a token id"),
     ("rms_norm_eps", "0", "rms_norm_eps must be a positive number"),

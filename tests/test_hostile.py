@@ -480,12 +480,9 @@ def test_values_beyond_fp16_are_rejected_by_name(tmp_path, name, value):
 # -- fuzz (fast tier: a bounded slice of tools/fuzz.py) --------------------------------------------
 def test_fuzz_metadata_and_bytes():
     """Metadata-level (types, ranges, huge numbers, NaN/Infinity text, duplicate keys, templates) and
-    byte-level mutations of a real model file: every case is ok, damaged or a typed rejection.
-    The `model` object's fields are validated by runtime/config.py (issue 10, the `contract` part);
-    until that lands they are left out here (tools/fuzz.py covers them)."""
+    byte-level mutations of a real model file: every case is ok, damaged or a typed rejection."""
     fuzz = pytest.importorskip("fuzz")
-    report = fuzz.fuzz(n_metadata=600, n_bytes=600, seed=1, timeout=20, budget_seconds=40, log=None,
-                       exclude=("model",))
+    report = fuzz.fuzz(n_metadata=600, n_bytes=600, seed=1, timeout=20, budget_seconds=40, log=None)
     assert sum(report["cases"].values()) >= 200, report["cases"]
     assert report["crashes"] == [] and report["hangs"] == [], report
     assert report["peak_memory"]["excess"] <= 64 << 20, report["peak_memory"]  # growth <= 4 x size + 64 MiB
@@ -499,3 +496,164 @@ def test_convert_checks_the_output_location_first(tmp_path):
     (tmp_path / "x.mxq").mkdir()
     assert "not a regular file" in _one_line_error(_cli("convert", tmp_path / "no-checkpoint", "-o",
                                                         tmp_path / "x.mxq", "--bpw", "4"))
+
+
+def test_fuzz_checkpoints():
+    """A bounded slice of tools/fuzz_checkpoint.py: `mxq convert` on damaged tiny checkpoints (config,
+    tokenizer files, safetensors headers and data, file kinds, shard index) ends ok (and the file then
+    verifies, loads and runs) or in a typed one-line error with nothing left behind."""
+    fuzz_checkpoint = pytest.importorskip("fuzz_checkpoint")
+    kinds = ("config", "tokenizer_config", "tokenizer", "safetensors", "file_kind", "index")  # "dims": see below
+    report = fuzz_checkpoint.fuzz_checkpoints(cases=300, seed=1, fixtures=("tiny-qwen3", "tiny-gemma3", "tiny-phi3"),
+                                              timeout=30, kinds=kinds, budget_seconds=30, log=None)
+    assert report["cases"] >= 10, report
+    assert report["problems"] == [], report
+
+
+# -- checkpoint files and fields (found by tools/fuzz_checkpoint.py) -------------------------------
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+    """A writable copy of a tiny hf-tokenizers checkpoint (tiny-qwen3) with a generation_config.json."""
+    import shutil
+
+    fixtures = pytest.importorskip("fixtures")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixtures.ensure("tiny-qwen3"), folder)
+    (folder / "generation_config.json").write_text('{"eos_token_id": 1}')
+    return folder
+
+
+def _read_checkpoint_within(folder, seconds=30):
+    """read_checkpoint, failing the test (not hanging the suite) if it blocks."""
+    from mxq.converter.checkpoint import read_checkpoint
+
+    def blocked(signum, frame):
+        raise AssertionError("read_checkpoint blocked")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(seconds)
+    try:
+        return read_checkpoint(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "README.md", "chat_template.jinja", "model.safetensors.index.json"])
+def test_every_checkpoint_file_must_be_regular(checkpoint_copy, name):
+    """A FIFO in place of any file the converter opens used to hang `convert` (plain open() blocks
+    until a writer comes); now it is one error naming the file."""
+    from mxq.converter import ConversionError
+
+    if name == "chat_template.jinja":  # read only when tokenizer_config.json has no template
+        config = checkpoint_copy / "tokenizer_config.json"
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
+    (checkpoint_copy / name).unlink(missing_ok=True)
+    os.mkfifo(checkpoint_copy / name)
+    with pytest.raises(ConversionError, match=f"{name}.*FIFO"):
+        _read_checkpoint_within(checkpoint_copy)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_checkpoint_file_reads_are_capped(checkpoint_copy, name):
+    """A (sparse) file far beyond any real one is refused by its size, not read into memory."""
+    from mxq.converter import ConversionError
+
+    with open(checkpoint_copy / name, "r+b") as handle:
+        handle.truncate(1 << 30)
+    with pytest.raises(ConversionError, match=f"{name}: {name} is 1,073,741,824 bytes \\(cap"):
+        _read_checkpoint_within(checkpoint_copy)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("config.json", lambda text: text.replace('"vocab_size"', '"vocab_size": NaN, "x"', 1), "config.json.*NaN"),
+    ("config.json", lambda text: text.replace('"vocab_size"', '"vocab_size": 1, "vocab_size"', 1),
+     "config.json.*twice"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template=5), "tokenizer_config.json: chat_template must"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template=[1]), "tokenizer_config.json: chat_template must"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template="{% if %}"),
+     "tokenizer_config.json: chat_template does not parse"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template="{{" + "(" * 5000 + "}}"),
+     "tokenizer_config.json: chat_template does not parse: nested too deeply"),
+    ("tokenizer_config.json", lambda text: _set(text, chat_template="x" * 300_000),
+     "tokenizer_config.json: .*chat_template.*characters"),
+    ("generation_config.json", lambda text: _set(text, eos_token_id=2.0),
+     "generation_config.json: eos_token_id must be a token id"),
+    ("generation_config.json", lambda text: _set(text, eos_token_id=[1, True]),
+     "generation_config.json: eos_token_id must be a token id"),
+    ("generation_config.json", lambda text: _set(text, eos_token_id=10**6),
+     "generation_config.json: .*eos_token_ids.0.*outside the vocabulary"),
+    ("tokenizer.json", lambda text: text[: len(text) // 2], "tokenizer.json: does not load"),
+])
+def test_checkpoint_field_errors_name_file_and_field(checkpoint_copy, name, change, message):
+    """Before any heavy work, one line naming the file and the field (some of these used to print
+    "internal error", or to fail only when the finished file was written)."""
+    from mxq.converter import ConversionError
+
+    file = checkpoint_copy / name
+    file.write_text(change(file.read_text()))
+    with pytest.raises(ConversionError, match=message):
+        _read_checkpoint_within(checkpoint_copy)
+
+
+def _set(text: str, **values) -> str:
+    return json.dumps({**json.loads(text), **values})
+
+
+def test_sentencepiece_add_bos_token_must_be_a_boolean(tmp_path):
+    """`"add_bos_token": "false"` (a string) was taken as true."""
+    import shutil
+
+    from mxq.converter import ConversionError
+
+    fixtures = pytest.importorskip("fixtures")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(fixtures.ensure("tiny-llama"), folder)
+    file = folder / "tokenizer_config.json"
+    file.write_text(_set(file.read_text(), add_bos_token="false"))
+    with pytest.raises(ConversionError, match="tokenizer_config.json: add_bos_token must be true or false"):
+        _read_checkpoint_within(folder)
+
+
+def test_safetensors_dtype_must_be_a_string(tmp_path):
+    """A list as dtype was an "internal error" (unhashable type)."""
+    from mxq.converter import ConversionError
+    from mxq.converter.checkpoint import _index_tensors
+
+    _safetensors(tmp_path / "model.safetensors", {"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}},
+                 bytes(4))
+    with pytest.raises(ConversionError, match="'a' has an invalid dtype"):
+        _index_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": 1e-300}, "rope_theta must be a positive number in float32's range"),
+    ({"rms_norm_eps": 1e39}, "rms_norm_eps must be a positive number in float32's range"),
+    ({"rms_norm_eps": 1e-45}, "rms_norm_eps must be a positive number in float32's range"),
+    ({"rope_theta": 1.2e-38, "rope_scaling": {"rope_type": "linear", "factor": 1.2e-38}}, "non-finite RoPE"),
+])
+def test_real_config_values_must_fit_float32(change, message):
+    """Values the runtime computes with in float32: 1e-300 became 0 and a NaN forward pass."""
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.errors import ModelError
+
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2}
+    ModelConfig.from_hf(config)
+    with pytest.raises(ModelError, match=message):
+        ModelConfig.from_hf({**config, **change})
+
+
+@pytest.mark.xfail(reason="converter/quantize.py (not this branch's file): an 8-bit group whose values are nearly "
+                          "equal and away from zero gets a zero point beyond fp16; found by fuzz_checkpoint.py's "
+                          "'dims' mutations, which the fast slice above leaves out until it is fixed")
+def test_a_nearly_constant_group_quantizes():
+    import torch
+
+    from mxq.converter.candidates import parse_candidates
+    from mxq.converter.quantize import quantize
+
+    (candidate,) = parse_candidates("b8g32")
+    weight = torch.tensor([[1.0] * 31 + [1.001]])
+    quantize(weight, candidate.storage(weight.shape), "rtn", pack=False)
