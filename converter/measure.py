@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from ..format_spec import tensor_nbytes
+from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 
-CACHE_VERSION = 4  # bump when quantizer or estimator math changes
+CACHE_VERSION = 5  # bump when quantizer or estimator math changes
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
 
 
@@ -50,7 +51,7 @@ class ErrorTable:
 
 def default_cache_dir() -> Path:
     """Root of mxq's caches (errors/, calibration/): $MXQ_CACHE or ~/.cache/mxq."""
-    return Path(os.environ.get("MXQ_CACHE", Path.home() / ".cache" / "mxq"))
+    return cache_root()
 
 
 def _is_value(value) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, tensor_nbytes
+from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
@@ -227,8 +228,9 @@ def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
 
     text = None
     if options.calib:
-        try:
-            text = Path(options.calib).read_text(encoding="utf-8")
+        try:  # a regular file only: a FIFO would block forever
+            with os.fdopen(open_regular(options.calib), "rb") as handle:
+                text = handle.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
     return load_or_calibrate(checkpoint, checkpoint_hash, text, options.calib_tokens,

@@ -25,6 +25,7 @@ from .kernels import round_groups, wls_scale_zero
 from .options import OUTLIER_MODES, QUANTIZERS
 
 CHUNK_WEIGHTS = 1 << 18
+ZERO_LIMIT = float(1 << 14)  # |zero point| in quantization steps; fp16 run metadata holds it exactly enough
 HQQ_ITERS, HQQ_LP, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
 
 
@@ -72,6 +73,18 @@ def _scale_zero(w: torch.Tensor, keep: torch.Tensor, bits: int, quantizer: str):
     if quantizer == "hqq":
         zero = _hqq_zero(w, keep, scale, zero, levels)
     return scale, zero
+
+
+def _bounded_zero(scale: torch.Tensor, zero: torch.Tensor):
+    """A nearly constant group far from 0 (span ≪ |values|) gets a zero point of ±|w|/span levels,
+    beyond what the fp16 run metadata can hold. Cap |zero| at ZERO_LIMIT by coarsening that group's
+    scale: the offset −zero·scale (the group's lowest value) is kept, the codes' step grows, and the
+    extra error is at most |w| / (2·ZERO_LIMIT) per weight. (out, G) tensors."""
+    over = zero.abs() > ZERO_LIMIT
+    if not bool(over.any()):
+        return scale, zero
+    factor = torch.where(over, zero.abs() / ZERO_LIMIT, torch.ones_like(zero))
+    return scale * factor, zero / factor
 
 
 def _hqq_zero(w, keep, scale, zero, levels):
@@ -181,6 +194,7 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
             rows = slice(start, start + rows_per_chunk)
             scale[rows], zero[rows] = _scale_zero(groups[rows], kept[rows], bits, quantizer)
 
+    scale, zero = _bounded_zero(scale, zero)
     scale_codes, scale_meta, scale_hat = _decoded(scale)
     zero_codes, zero_meta, zero_hat = _decoded(zero)
     codes = np.empty((out_features, n_groups, g), np.uint8) if pack else np.zeros((0, 0, 0), np.uint8)
