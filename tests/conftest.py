@@ -21,6 +21,19 @@ os.environ["MXQ_CACHE"] = str(TEST_CACHE)
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 
+def hf_greedy(hf, prompt, n):
+    """transformers' greedy tokens (n of them) after `prompt`, one at a time through its KV cache."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        for _ in range(n - 1):
+            out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
 def random_affine_blobs(rng, shape, config: StorageConfig) -> dict:
     """Valid blobs for an affine tensor: random codes (padding codes 0), plausible scales/zeros."""
     out_features, in_features = shape

@@ -18,6 +18,7 @@ from mxq.converter.checkpoint import read_checkpoint
 from mxq.runtime import ModelError
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 from mxq.runtime.config import ModelConfig
+from conftest import hf_greedy
 from mxq.runtime.export_hf import export_hf
 
 torch = pytest.importorskip("torch")
@@ -34,16 +35,6 @@ def hf_model(path, round_to_fp16=False):
             for p in model.parameters():
                 p.copy_(p.half().float())
     return model.eval()
-
-
-def hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf(torch.tensor([prompt]), use_cache=True)
-        tokens = [int(out.logits[0, -1].argmax())]
-        for _ in range(n - 1):
-            out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
 
 
 def mxq_greedy(lm, prompt, n):

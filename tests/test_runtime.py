@@ -18,6 +18,7 @@ from mxq.runtime.backends.numpy_backend import AffineWeight, DenseWeight, NumpyB
 from mxq.runtime.export_hf import export_hf
 from mxq.runtime.perplexity import perplexity
 from mxq.runtime.sampler import Sampler
+from conftest import hf_greedy
 from test_runtime_files import write_test_mxq
 
 torch = pytest.importorskip("torch")
@@ -67,16 +68,6 @@ def built(tmp_path_factory):
         return cache[(fixture, kind)]
 
     return get
-
-
-def hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf(torch.tensor([prompt]), use_cache=True)
-        tokens = [int(out.logits[0, -1].argmax())]
-        for _ in range(n - 1):
-            out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
 
 
 def mxq_greedy(lm, prompt, n):
