@@ -407,6 +407,7 @@ def convert(folder: Path, out: Path, options: list) -> str:
     it ("mxq: error" vs "mxq: internal error")."""
     from mxq import cli
 
+    debug = os.environ.get("MXQ_DEBUG")
     os.environ["MXQ_DEBUG"] = "1"  # cli.py re-raises instead of printing: we classify with its own rule
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -425,6 +426,11 @@ def convert(folder: Path, out: Path, options: list) -> str:
         where = next((f for f in reversed(frames) if "/mxq/" in f.filename), frames[-1])
         return (f"crash:{type(error).__name__}: {' '.join(str(error).split())[:120]} "
                 f"[{Path(where.filename).parent.name}/{Path(where.filename).name}:{where.lineno}]")
+    finally:  # the caller's environment (e.g. a pytest run) must not keep the debug switch
+        if debug is None:
+            del os.environ["MXQ_DEBUG"]
+        else:
+            os.environ["MXQ_DEBUG"] = debug
 
 
 def check_written(path: Path) -> str | None:
