@@ -73,6 +73,26 @@ def write_random_file(path, tensors, seed=0, tokenizer_data=b"tokenizer bytes", 
     return written
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Two converted tiny models that exercise every weight path of a backend (the CPU kernels and the
+    CUDA backend are both tested on them): tiny-llama (2/3/4-bit matrices, fp16 embedding and untied
+    fp16 lm_head) and tiny-qwen2 (q/k/v biases, 4/5/6-bit, a tied 8-bit embedding that is also the
+    lm_head: the quantized-embedding gather and an affine lm_head GEMV); every affine config allowed,
+    0.5% outliers, group sizes 32 and 64 picked by the allocator. RTN: what a backend sees is the same
+    stored format whatever chose the codes, and RTN measures the candidates in ~1 s."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = {}
+    for name, bpw, quantize_embeddings in (("tiny-llama", 3.5, None), ("tiny-qwen2", 5.5, 8)):
+        paths[name] = root / f"{name}.mxq"
+        convert(fixtures.ensure(name), paths[name], bpw=bpw, configs="all", outliers=0.5, quantizer="rtn",
+                quantize_embeddings=quantize_embeddings, cache_dir=None)
+    return paths
+
+
 @pytest.fixture
 def small_file(tmp_path):
     """A small valid file with affine (with and without outliers) and fp16 tensors."""

@@ -273,22 +273,6 @@ def test_lean_metadata_stays_as_stored():
 
 # ---- whole tiny models: kernel logits == NumPy-path logits ---------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """tiny-llama (2/3/4-bit matrices, fp16 embedding and lm_head) and tiny-qwen2 (q/k/v biases, 4/5/6-bit,
-    an 8-bit tied embedding used as the lm_head), every affine config allowed, 0.5% outliers, RTN."""
-    fixtures = pytest.importorskip("fixtures")
-    from mxq.converter import convert
-
-    root = tmp_path_factory.mktemp("cpu-kernels")
-    paths = {}
-    for name, bpw, quantize_embeddings in (("tiny-llama", 3.5, None), ("tiny-qwen2", 5.5, 8)):
-        paths[name] = root / f"{name}.mxq"
-        convert(fixtures.ensure(name), paths[name], bpw=bpw, configs="all", outliers=0.5, quantizer="rtn",
-                quantize_embeddings=quantize_embeddings, cache_dir=None)
-    return paths
-
-
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_tiny_model_logits_match_numpy_path(tiny_models, name):
     import mxq

@@ -610,26 +610,6 @@ def test_load_on_cuda_without_gpu_names_what_is_missing(tiny_models):
 
 # ---- end to end: converted tiny models -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """tiny-llama (fp16 embedding and untied fp16 lm_head) and tiny-qwen2 (q/k/v biases, a tied
-    8-bit embedding that is also the lm_head: the quantized-embedding gather and an affine lm_head GEMV),
-    converted by mxq.converter with every affine config allowed and 0.5% outliers. The budgets make the
-    allocator pick 2/3/4-bit (llama) and 4/5/6-bit (qwen2) matrices, group sizes 32 and 64. The RTN
-    quantizer: what the backend sees is the same stored format whatever chose the codes, and RTN
-    measures the candidates in ~1 s where HQQ takes ~40 s on 2 cores."""
-    fixtures = pytest.importorskip("fixtures")
-    from mxq.converter import convert
-
-    root = tmp_path_factory.mktemp("cuda-e2e")
-    paths = {}
-    for name, bpw, quantize_embeddings in (("tiny-llama", 3.5, None), ("tiny-qwen2", 5.5, 8)):
-        paths[name] = root / f"{name}.mxq"
-        convert(fixtures.ensure(name), paths[name], bpw=bpw, configs="all", outliers=0.5, quantizer="rtn",
-                quantize_embeddings=quantize_embeddings, cache_dir=None)
-    return paths
-
-
 def greedy(model, prompt, n):
     """Greedy tokens after `prompt` (prefill, then n − 1 decode steps) and each step's host logits."""
     cache = model.new_cache(len(prompt) + n)
