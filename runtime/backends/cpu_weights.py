@@ -100,24 +100,17 @@ def dense_matmul(backend: NumpyBackend, dense: np.ndarray, x: np.ndarray) -> np.
     return y
 
 
-class DenseWeight:
-    """An fp16 matrix (out, in): multiplied from the fp16 file bytes (lean: compiled kernel for few
-    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached)."""
+class Matrix:
+    """What both weight kinds share: `cache()` makes a float32 copy once (--cache-dequantized, or a tied
+    embedding when it is first used as the lm_head); without one, a product runs the compiled kernel
+    for decode-sized inputs and the NumPy path otherwise (or when the kernel is unavailable).
+    Subclasses give shape, backend, cache(), lean_rows(ids), kernel_matmul(...) and numpy_matmul(x)."""
 
-    def __init__(self, name, data: np.ndarray, backend: NumpyBackend):
-        self.name, self.data, self.backend = name, data, backend
-        self.shape = data.shape
-        self.half_bits = readonly(data.view(np.uint16))  # (out, in) fp16 bit patterns, zero-copy
-        self.dense = None  # float32 (out, in) once cached
-
-    def cache(self):
-        if self.dense is None:
-            self.dense = self.data.astype(np.float32)
+    dense = None  # float32 (out, in) once cached
 
     def rows(self, ids):
-        if self.dense is not None:
-            return self.dense[ids]
-        return self.data[ids].astype(np.float32)  # (T, in)
+        """Rows `ids` as float32 (T, in): the embedding gather."""
+        return self.dense[ids] if self.dense is not None else self.lean_rows(ids)
 
     def matmul(self, x, bias=None, residual=None):
         """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, out)."""
@@ -125,14 +118,38 @@ class DenseWeight:
             self.cache()  # a tied embedding, first used as lm_head
         if self.dense is not None:
             return add_bias_residual(dense_matmul(self.backend, self.dense, x), bias, residual)
+        kernels = self.backend.kernels_for(x.shape[0])
+        if kernels is not None:
+            y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+            if self.kernel_matmul(kernels, x, bias, residual, y):
+                return y
+        return add_bias_residual(self.numpy_matmul(x), bias, residual)
+
+
+class DenseWeight(Matrix):
+    """An fp16 matrix (out, in): multiplied from the fp16 file bytes (lean: compiled kernel for few
+    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached)."""
+
+    def __init__(self, name, data: np.ndarray, backend: NumpyBackend):
+        self.name, self.data, self.backend = name, data, backend
+        self.shape = data.shape
+        self.half_bits = readonly(data.view(np.uint16))  # (out, in) fp16 bit patterns, zero-copy
+
+    def cache(self):
+        if self.dense is None:
+            self.dense = self.data.astype(np.float32)
+
+    def lean_rows(self, ids):
+        return self.data[ids].astype(np.float32)  # (T, in)
+
+    def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
+        return self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits,
+                                       *kernel_extras(kernels, bias, residual), y)
+
+    def numpy_matmul(self, x):
+        """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""
         out_features, in_features = self.shape
         T = x.shape[0]
-        kernels = self.backend.kernels_for(T)
-        if kernels is not None:
-            y = np.empty((T, out_features), dtype=np.float32)
-            if self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits, *kernel_extras(kernels, bias, residual),
-                                       y):
-                return y
         y = np.empty((T, out_features), dtype=np.float32)
         chunk = _chunk_rows(T, in_features)
 
@@ -144,7 +161,7 @@ class DenseWeight:
                 y[:, c0:c1] = x @ w.T  # (T, rows)
 
         self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
-        return add_bias_residual(y, bias, residual)
+        return y
 
 
 def kernel_extras(kernels, bias, residual) -> tuple:
@@ -207,7 +224,7 @@ def column_order(in_features: int, bits: int, group_size: int) -> np.ndarray:
     return columns
 
 
-class AffineWeight:
+class AffineWeight(Matrix):
     """A packed `affine` matrix (out, in), multiplied straight from the mmapped file bytes (lean), or
     dequantized once to float32 (cached). Lean mode keeps only views of the file plus the metadata
     runs' (step, min) as float32 (one pair per 128 groups): scales and zeros are decoded when used."""
@@ -227,7 +244,6 @@ class AffineWeight:
         if entry.config.outliers:
             self.csr = (readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
                         readonly(blobs["outlier_values"].view(np.uint16)))
-        self.dense = None
 
     @cached_property
     def outliers(self):
@@ -287,31 +303,18 @@ class AffineWeight:
             for r0 in range(0, out_features, chunk):
                 self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
 
-    def rows(self, ids):
-        if self.dense is not None:
-            return self.dense[ids]
+    def lean_rows(self, ids):
         return self.dequantize_rows(ids)
 
     # -- products -------------------------------------------------------------------------------------
-    def matmul(self, x, bias=None, residual=None):
-        """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, out)."""
-        if self.dense is None and self.backend.cache_dequantized:
-            self.cache()  # a tied embedding, first used as lm_head
-        if self.dense is not None:
-            return add_bias_residual(dense_matmul(self.backend, self.dense, x), bias, residual)
-        T, in_features = x.shape
-        out_features = self.shape[0]
-        kernels = self.backend.kernels_for(T)
-        if kernels is not None:
-            y = np.empty((T, out_features), dtype=np.float32)
-            csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
-            parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
-            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
-            if self.backend.run_kernel(kernel, x, self.packed,
-                                       self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta, self.bits,
-                                       self.group_size, *csr, *kernel_extras(kernels, bias, residual), y):
-                return y
-        return add_bias_residual(self.numpy_matmul(x), bias, residual)
+    def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
+        out_features, in_features = self.shape
+        csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
+        parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
+        kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
+        return self.backend.run_kernel(kernel, x, self.packed, self.scale_codes, self.scale_meta, self.zero_codes,
+                                       self.zero_meta, self.bits, self.group_size, *csr,
+                                       *kernel_extras(kernels, bias, residual), y)
 
     def numpy_matmul(self, x):
         """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""
