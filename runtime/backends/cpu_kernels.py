@@ -31,6 +31,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ...format_spec import SUPPORTED_BITS
 from .cpu_weights import readonly
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -316,7 +317,7 @@ def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the weights use."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
-    for bits in (2, 3, 4, 5, 6, 8):
+    for bits in SUPPORTED_BITS:
         G = 2
         packed = readonly(rng.integers(0, 256, (3, G * 32 * bits // 8)).astype(np.uint8))
         codes = readonly(np.zeros((3, G), np.uint8))
