@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..runtime import model as runtime_model
-from .calibration_store import FISHER_DTYPE, ActivationStore, CheckpointRows, LazyStats, StatsWriter, open_stats
+from .calibration_store import (FISHER_DTYPE, ActivationStore, CheckpointRows, LazyStats, MatrixFisher, StatsWriter,
+                                open_stats)
 from .errors import ConversionError
 from .torch_backend import TorchBackend
 
@@ -52,6 +53,7 @@ class Calibration:
     text_sha256: str
     loss: float  # mean next-token loss of the fp32 model on the calibration text
     directory: Path  # the statistics directory (calibration_store.py)
+    matrices: Mapping = None  # embedding / lm_head name -> float32 Fisher (vocab, hidden), read on access
     keepalive: object = None  # the temporary directory holding it when there is no cache
 
 
@@ -146,7 +148,13 @@ class LayerStream:
             self.on_linear(self.names[id(weight)], x)
 
 
-def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tensor):
+def stored_once(checkpoint) -> tuple[str, str]:
+    """Names of the embedding matrix and of the matrix the head multiplies by (the embedding when tied)."""
+    roles = {info.role: name for name, info in checkpoint.tensors.items()}
+    return roles["embedding"], roles.get("lm_head", roles["embedding"])
+
+
+def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tensor, fisher_dtype=FISHER_DTYPE):
     """Summed next-token CE of every chunk (C,) float64 and ∂L_c/∂x_L (C, T, hidden), reading the
     lm_head in vocabulary slices, in one pass (online softmax, as flash attention does): with the
     running peak m and Σexp(z − m) per token, acc = Σ_slices exp(z − m)·W_slice is rescaled whenever m
@@ -159,8 +167,7 @@ def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tens
         h = torch.stack([model.final_norm(x_last[c]) for c in range(C)]).view(C * T, H)  # (N, H)
     targets = torch.cat([chunks[:, 1:], chunks[:, :1]], dim=1).reshape(-1)  # (N,); each chunk's last is unused
     has_target = (torch.arange(C * T) % T) != T - 1
-    roles = {info.role: name for name, info in stream.checkpoint.tensors.items()}
-    head = CheckpointRows(stream.checkpoint, roles.get("lm_head", roles["embedding"]))  # tied: the embedding
+    head = CheckpointRows(stream.checkpoint, stored_once(stream.checkpoint)[1])
     vocab = head.shape[0]
     step = max(1, HEAD_SLICE_BYTES // (4 * C * T))
     peak = torch.full((C * T,), -torch.inf)
@@ -183,11 +190,56 @@ def _head_gradient(stream: LayerStream, x_last: torch.Tensor, chunks: torch.Tens
         nll = torch.where(has_target, peak + torch.log(total) - target_logit, 0.0)  # (N,)
         dh = acc / total[:, None] - head[targets]  # (N, H)
         dh[~has_target] = 0.0
+        fisher = head_fisher(stream, head, h.view(C, T, H), targets.view(C, T), peak, total, step, fisher_dtype)
     grad = torch.empty_like(x_last)
     for c in range(C):
         x = x_last[c].clone().requires_grad_(True)
         (grad[c],) = torch.autograd.grad(model.final_norm(x), x, dh.view(C, T, H)[c])
-    return nll.view(C, T).sum(dim=1, dtype=torch.float64), grad
+    return nll.view(C, T).sum(dim=1, dtype=torch.float64), grad, fisher
+
+
+# -- Fisher of the stored-once matrices: the lm_head and the embedding ---------------------------------
+
+def head_fisher(stream: LayerStream, head: CheckpointRows, h: torch.Tensor, targets: torch.Tensor,
+                peak: torch.Tensor, total: torch.Tensor, step: int, dtype=FISHER_DTYPE) -> torch.Tensor:
+    """Fisher diagonal of the lm_head, (vocab, hidden) `dtype` (the statistics' dtype): Σ_chunks (∂L_c/∂W)²
+    with ∂L_c/∂W = (softmax − onehot)ᵀ·h_c, the same convention as the linears'. A second pass over
+    the vocabulary slices, now that the softmax normalizer (peak m, Σexp(z − m)) of every token is
+    known. h: (C, T, hidden) final-normed states; targets (C, T), each chunk's last position unused."""
+    C, T, H = h.shape
+    vocab = head.shape[0]
+    flat = h.reshape(C * T, H)
+    fisher = torch.empty(head.shape, dtype=dtype)
+    log_total = (peak + torch.log(total))[:, None]  # (N, 1): log Σ_v exp(z_v)
+    used = ((torch.arange(T) != T - 1).repeat(C)).float()[:, None]  # (N, 1)
+    for v0 in range(0, vocab, step):
+        weight = head.slice(v0, min(vocab, v0 + step))  # (V_s, H)
+        p = stream.backend.linear(flat, weight).sub_(log_total).exp_()  # (N, V_s) softmax of the slice
+        local = targets.reshape(-1) - v0
+        hit = torch.nonzero((local >= 0) & (local < weight.shape[0])).squeeze(1)
+        p[hit, local[hit]] -= 1.0
+        p.mul_(used)
+        accumulator = torch.zeros(weight.shape)
+        for c in range(C):
+            g = p[c * T:(c + 1) * T].T @ h[c]  # (V_s, H) ∂L_c/∂W_slice
+            accumulator.addcmul_(g, g)
+        fisher[v0:v0 + weight.shape[0]] = accumulator.to(dtype)
+    return fisher
+
+
+def embedding_fisher(stream: LayerStream, chunks: torch.Tensor, grad0: torch.Tensor):
+    """Fisher diagonal of the embedding's rows, from ∂L_c/∂x_0 (C, T, hidden), the gradient at the
+    embedding's output: ∂L_c/∂E[r] = scale · Σ_{t in c: id_t = r} ∂L_c/∂x_0[t], squared and summed over
+    chunks. Only rows the text uses have one: returns (rows (U,) int64, fisher (U, hidden) float32,
+    occurrences (U,) int64) of the U distinct token ids seen."""
+    scale = stream.config.embed_scale or 1.0
+    rows, inverse, counts = torch.unique(chunks.reshape(-1), return_inverse=True, return_counts=True)
+    inverse = inverse.view(chunks.shape)
+    fisher = torch.zeros(len(rows), grad0.shape[-1])
+    for c in range(chunks.shape[0]):
+        g = torch.zeros_like(fisher).index_add_(0, inverse[c], grad0[c] * scale)  # (U, H)
+        fisher.addcmul_(g, g)
+    return rows, fisher, counts
 
 
 def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
@@ -224,22 +276,20 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
                 stream.free_layer(i)
                 step()
         del x
-        losses, grad = _head_gradient(stream, acts.get(n_layers), chunks)  # grad: ∂L_c/∂x_L
+        losses, grad, lm_fisher = _head_gradient(stream, acts.get(n_layers), chunks, fisher_dtype)  # grad: ∂L_c/∂x_L
         acts.drop(n_layers)
         step()
         for i in reversed(range(n_layers)):  # backward, layer by layer
             linears = stream.load_layer(i, trainable=True)
             fisher = {name: torch.zeros_like(weight) for name, weight in linears.items()}
             x_in = acts.get(i)
-            grad_in = torch.empty_like(grad) if i else None
+            grad_in = torch.empty_like(grad)  # at i = 0: the gradient at the embedding's output
             for c in range(C):
-                x = x_in[c].clone().requires_grad_(i > 0)
-                wrt = list(linears.values()) + ([x] if i else [])
-                grads = torch.autograd.grad(stream.block(i, x), wrt, grad[c])
+                x = x_in[c].clone().requires_grad_(True)
+                grads = torch.autograd.grad(stream.block(i, x), list(linears.values()) + [x], grad[c])
                 for accumulator, g in zip(fisher.values(), grads):
                     accumulator.addcmul_(g, g)
-                if i:
-                    grad_in[c] = grads[-1]
+                grad_in[c] = grads[-1]
             missing = [name for name in linears if name not in input_sq]
             if missing:
                 raise ConversionError(f"calibration: the model never applied '{missing[0]}' as a linear")
@@ -249,6 +299,9 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
             acts.drop(i)
             grad = grad_in
             step()
+        embedding, lm_head = stored_once(checkpoint)
+        writer.write_matrices(embedding, lm_head, lm_fisher, *embedding_fisher(stream, chunks, grad))
+        del lm_fisher, grad
         n_tokens = chunks.numel()
         loss = float(losses.sum()) / (n_tokens - C)
         meta = writer.commit(loss, n_tokens)
@@ -267,7 +320,12 @@ def _calibration(checkpoint, directory: Path, meta: dict, text: str) -> Calibrat
     """The Calibration of a statistics directory whose meta.json says `meta`."""
     shapes = {t.name: t.shape for t in checkpoint.linears}
     return Calibration(LazyStats(directory, meta, shapes, "fisher"), LazyStats(directory, meta, shapes, "input_sq"),
-                       int(meta["tokens"]), hashlib.sha256(text.encode()).hexdigest(), float(meta["loss"]), directory)
+                       int(meta["tokens"]), hashlib.sha256(text.encode()).hexdigest(), float(meta["loss"]), directory,
+                       MatrixFisher(directory, meta, _matrix_shapes(checkpoint)))
+
+
+def _matrix_shapes(checkpoint) -> dict:
+    return {name: checkpoint.tensors[name].shape for name in stored_once(checkpoint)}
 
 
 def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens: int, cache_dir,
@@ -282,9 +340,9 @@ def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens
         result.keepalive = keepalive
         return result
     key = hashlib.sha256(f"{checkpoint_hash}/{hashlib.sha256(text.encode()).hexdigest()}/{tokens}/"
-                         f"{CHUNK_TOKENS}/v2".encode()).hexdigest()[:32]
+                         f"{CHUNK_TOKENS}/v3".encode()).hexdigest()[:32]
     directory = Path(cache_dir) / key
-    meta, problem = open_stats(directory, {t.name: t.shape for t in checkpoint.linears})
+    meta, problem = open_stats(directory, {t.name: t.shape for t in checkpoint.linears}, _matrix_shapes(checkpoint))
     if meta is not None:
         return _calibration(checkpoint, directory, meta, text)
     if problem:

@@ -7,6 +7,11 @@ Statistics directory (one per checkpoint/text/token count, see calibrate.load_or
     layer-0000.safetensors    per decoder linear of the layer: "<name>.fisher" (out, in) bfloat16 (the
                               Fisher diagonal; bf16 keeps fp32's exponent range, fp16 would underflow)
                               and "<name>.input_sq" (in,) float32
+    matrices.safetensors      the matrices stored once (meta "matrices": {"embedding", "lm_head"} names;
+                              lm_head = the embedding when tied): "head_fisher" (vocab, hidden) bfloat16,
+                              the Fisher of the head's use; the embedding's use, sparse over the U token
+                              ids the text contains: "embedding_rows" (U,) int64, "embedding_fisher"
+                              (U, hidden) float32, "embedding_counts" (U,) int64 occurrences
 Files are written to a ".partial" sibling, fsynced, and the directory renamed into place at the end,
 so a crash never leaves a directory that looks complete. Opening checks every file's size and
 sha256 and every tensor's name, shape and dtype; reading a tensor checks it again and that it is finite.
@@ -29,7 +34,8 @@ from safetensors.torch import save_file
 from .checkpoint import DTYPE_BYTES, TORCH_DTYPES
 from .errors import ConversionError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the embedding's and lm_head's Fisher (matrices.safetensors)
+MATRICES_FILE = "matrices.safetensors"
 FISHER_DTYPE = torch.bfloat16  # default; float32 is there for exact comparisons (tests)
 INPUT_SQ_DTYPE = torch.float32
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -151,6 +157,7 @@ class StatsWriter:
         self.partial.mkdir(parents=True)
         self.files: dict[str, dict] = {}
         self.tensors: dict[str, str] = {}
+        self.matrices: dict[str, str] = {}
 
     def write_layer(self, index: int, fisher: dict, input_sq: dict) -> None:
         """fisher: name → float32 (out, in); input_sq: name → float32 (in,)."""
@@ -168,11 +175,28 @@ class StatsWriter:
         _fsync_file(path)
         self.files[file] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
+    def write_matrices(self, embedding: str, lm_head: str, head_fisher: torch.Tensor, rows: torch.Tensor,
+                       embedding_fisher: torch.Tensor, counts: torch.Tensor) -> None:
+        """The stored-once matrices' Fisher: the head's use (vocab, hidden) and the embedding's use over
+        the rows seen (U,), (U, hidden), with their occurrence counts (U,)."""
+        tensors = {"head_fisher": head_fisher.to(self.fisher_dtype).contiguous(),
+                   "embedding_rows": rows.to(torch.int64).contiguous(),
+                   "embedding_fisher": embedding_fisher.to(torch.float32).contiguous(),
+                   "embedding_counts": counts.to(torch.int64).contiguous()}
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise ConversionError("calibration: the Fisher of the embedding or lm_head is not finite "
+                                  "(the model overflows in float32 on the calibration text)")
+        path = self.partial / MATRICES_FILE
+        save_file(tensors, path)
+        _fsync_file(path)
+        self.files[MATRICES_FILE] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        self.matrices = {"embedding": embedding, "lm_head": lm_head}
+
     def commit(self, loss: float, tokens: int) -> dict:
         """Finish the directory; returns its meta.json content."""
         meta = {"version": FORMAT_VERSION, "loss": loss, "tokens": tokens,
                 "fisher_dtype": SAFETENSORS_DTYPES[self.fisher_dtype], "files": self.files,
-                "tensors": self.tensors}
+                "tensors": self.tensors, "matrices": self.matrices}
         (self.partial / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_file(self.partial / "meta.json")
         _fsync_file(self.partial)
@@ -214,13 +238,64 @@ class LazyStats(Mapping):
         return len(self.tensors)
 
 
+class MatrixFisher(Mapping):
+    """name → float32 Fisher diagonal of a matrix stored once (the embedding, an untied lm_head), read
+    on access. A tied matrix serves both uses: its Fisher is the sum of the two (the diagonal
+    approximation ignores the cross term, as it does within every matrix).
+
+    The head's use covers every row (every token's logit is in every softmax). The embedding's use
+    covers only the token ids the calibration text contains; a row it never touches gets the mean
+    Fisher of one occurrence (Σ_seen F / Σ_seen occurrences, per column), as if that token appeared
+    once: on text like the calibration text an unseen row costs nothing, but on other text it is
+    used, and this estimate (an add-one prior on its frequency) keeps the allocator from spending
+    zero bits on it."""
+
+    def __init__(self, directory: Path, meta: dict, shapes: dict):
+        self.path, self.names = Path(directory) / MATRICES_FILE, meta["matrices"]
+        self.shapes, self.dtype = shapes, DTYPES_BY_NAME[meta["fisher_dtype"]]
+
+    def _read(self, key: str) -> torch.Tensor:
+        try:
+            with safe_open(self.path, framework="pt") as handle:
+                value = handle.get_tensor(key)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise ConversionError(f"{self.path}: cannot read '{key}' ({str(error)[:80]}); "
+                                  f"delete {self.path.parent}") from None
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ConversionError(f"{self.path}: '{key}' is damaged; delete {self.path.parent}")
+        return value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names.values():
+            raise KeyError(name)
+        fisher = torch.zeros(self.shapes[name], dtype=torch.float32)
+        if name == self.names["lm_head"]:
+            fisher += self._read("head_fisher").to(torch.float32)
+        if name == self.names["embedding"]:
+            rows, seen, counts = (self._read(k) for k in ("embedding_rows", "embedding_fisher", "embedding_counts"))
+            if rows.numel() and (rows.min() < 0 or rows.max() >= fisher.shape[0]):
+                raise ConversionError(f"{self.path}: 'embedding_rows' is damaged; delete {self.path.parent}")
+            unseen = torch.ones(fisher.shape[0], dtype=torch.bool)
+            unseen[rows] = False
+            fisher[unseen] += seen.sum(0) / max(int(counts.sum()), 1)  # one occurrence's mean Fisher
+            fisher[rows] += seen
+        return fisher
+
+    def __iter__(self):
+        return iter(dict.fromkeys(self.names.values()))
+
+    def __len__(self):
+        return len(set(self.names.values()))
+
+
 def _stat_shape(weight_shape: tuple, kind: str) -> tuple:
     return tuple(weight_shape) if kind == "fisher" else (weight_shape[1],)
 
 
-def open_stats(directory: Path, shapes: dict) -> tuple[dict, str | None]:
+def open_stats(directory: Path, shapes: dict, matrix_shapes: dict) -> tuple[dict, str | None]:
     """(meta, None) for a sound statistics directory covering every linear in `shapes`
-    (name → weight shape), else (None, why not) — an absent directory gives (None, None)."""
+    (name → weight shape) and the stored-once matrices in `matrix_shapes`, else (None, why not) —
+    an absent directory gives (None, None)."""
     directory = Path(directory)
     if not (directory / "meta.json").exists():
         return None, None
@@ -242,6 +317,12 @@ def open_stats(directory: Path, shapes: dict) -> tuple[dict, str | None]:
                     if (tuple(piece.get_shape()) != _stat_shape(shapes[name], kind)
                             or piece.get_dtype() != SAFETENSORS_DTYPES[dtype]):
                         return None, f"{file}: '{name}.{kind}' has the wrong shape or dtype"
+        if MATRICES_FILE not in meta["files"] or set(meta["matrices"]) != {"embedding", "lm_head"}:
+            return None, "it has no Fisher of the embedding and lm_head"
+        with safe_open(directory / MATRICES_FILE, framework="pt") as handle:
+            head_shape = tuple(handle.get_slice("head_fisher").get_shape())
+            if head_shape != tuple(matrix_shapes.get(meta["matrices"]["lm_head"], ())):
+                return None, f"{MATRICES_FILE}: 'head_fisher' has the wrong shape"
         float(meta["loss"]), int(meta["tokens"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as error:
         return None, f"unreadable ({str(error)[:80]})"

@@ -18,7 +18,12 @@ the budget exactly:
   --bpw X    bits per weight over the decoder linears, counting everything they store
              (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
   --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
-Embeddings, lm_head and norms stay fp16 unless --quantize-embeddings is given.
+  --fit S --context N [--batch B]
+             the whole runtime footprint of `mxq generate` (lean, CPU): file + KV cache
+             for N positions × B + working buffers, tokenizer, interpreter (runtime/footprint.py)
+With --size and --fit the embedding and lm_head are allocated too (fp16 or 8–3-bit affine,
+their Fisher error in the same units, a tied matrix stored once); with --bpw they stay fp16.
+--quantize-embeddings fixes them instead; norms are always fp16.
 
 \b
 The default method (best measured): a calibration pass over a small public-domain text
@@ -43,6 +48,9 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .mxq file (written atomically).")
 @click.option("--bpw", type=float, help="Budget: bits per weight over the decoder linears.")
 @click.option("--size", "size_text", help="Budget: whole-file size in bytes (suffixes B, KB, MB, GB, KiB, MiB, GiB).")
+@click.option("--fit", "fit_text", help="Budget: bytes for file + runtime memory at --context (suffixes as --size).")
+@click.option("--context", type=int, default=None, help="With --fit: positions (prompt + new tokens) to hold.")
+@click.option("--batch", type=int, default=default("batch"), show_default=True, help="With --fit: sequences.")
 @click.option("--configs", default=default("configs"), show_default=True,
               help=f"Candidate configs, comma-separated: bBgG (B bits {_list(SUPPORTED_BITS)}; G group "
                    f"{_list(GROUP_SIZES)}), optionally +oP% outliers, fp16, or presets {_list(PRESETS)} "
@@ -65,13 +73,15 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "shipped with mxq). Never calibrate on your evaluation text.")
 @click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True, help="Calibration tokens to use.")
 @click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,
-              help="Also quantize embeddings and an untied lm_head (8: b8g64, 4: b4g32).")
+              help="Fix the embeddings and an untied lm_head to 8: b8g64 or 4: b4g32 (default: fp16 with --bpw, "
+                   "allocated with --size/--fit).")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Threads for quantization  [default: every core available]; the file does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outlier_mode, quantizer, objective,
+def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, configs, outliers_text, outlier_mode,
+                    quantizer, objective,
                     calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, quiet):
     from tqdm import tqdm
 
@@ -87,17 +97,21 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
     except ValueError:
         raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
     options = ConvertOptions(
-        bpw=bpw, size=parse_size(size_text) if size_text else None, configs=configs, quantizer=quantizer,
+        bpw=bpw, size=parse_size(size_text) if size_text else None,
+        fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch, configs=configs, quantizer=quantizer,
         objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
-    budget = f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes"
+    budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.fit is None
+              else f"fit {options.fit:,} bytes at context {options.context} × {options.batch}")
     click.echo(f"wrote {report.path}: {report.file_bytes:,} bytes ({report.file_bytes / 2**20:.2f} MiB)")
     click.echo(f"budget {budget}; achieved {report.achieved_bpw:.4f} bpw over decoder linears")
     click.echo("average bits per module: " + ", ".join(f"{m} {b:.2f}" for m, b in report.module_bits.items()))
     click.echo("configs: " + ", ".join(f"{label}×{n}" for label, n in report.config_counts.items()))
+    if report.matrix_configs:
+        click.echo("stored once: " + ", ".join(f"{name} {label}" for name, label in report.matrix_configs.items()))
     click.echo("seconds: " + ", ".join(f"{stage} {t:.1f}" for stage, t in report.seconds.items()))
     for note in report.notes:
         click.echo(f"note: {note}")

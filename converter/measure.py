@@ -170,10 +170,11 @@ def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[f
 
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
             importance_id: str = "none", outlier_mode: str = "magnitude",
-            sample_every: int = SAMPLE_EVERY) -> ErrorTable:
+            sample_every: int = SAMPLE_EVERY, tensors=None) -> ErrorTable:
     """importance: None or a function name -> (out, in) tensor weighing errors (see quantize).
-    sample_every: measure 1 row in this many (1: every row, exact errors)."""
-    linears = checkpoint.linears
+    sample_every: measure 1 row in this many (1: every row, exact errors).
+    tensors: the 2-D tensors (checkpoint TensorInfos) to measure; default: the decoder linears."""
+    linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
                      dtype=np.int64)

@@ -22,7 +22,10 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10
 @dataclass
 class ConvertOptions:
     bpw: float | None = None  # bits per weight over the decoder linears (everything they store)
-    size: int | None = None  # or: bytes for the whole file
+    size: int | None = None  # or: bytes for the whole file (embeddings and lm_head allocated too)
+    fit: int | None = None  # or: bytes for the runtime's whole footprint at `context` × `batch`
+    context: int | None = None  # --fit: positions (prompt + new tokens) the KV cache holds
+    batch: int = 1  # --fit: sequences
     # Defaults are the best measured on SmolLM2 (tools/quality_sweep.py, README "Quality"); the MXQ
     # paper's data-free method is configs="paper", quantizer="hqq", objective="frobenius".
     configs: str = "all"
@@ -30,7 +33,7 @@ class ConvertOptions:
     objective: str = "fisher"
     outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
     outlier_mode: str = "magnitude"  # which weights become outliers: largest |w| or largest (weighted) error
-    quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) affine too
+    quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) fixed to b8g64 / b4g32
     calib: str | None = None  # calibration text file (default: the packaged Botchan excerpt)
     calib_tokens: int = 8192
     cache_dir: str | None = "default"  # "default": ~/.cache/mxq; None: no error/calibration cache
@@ -38,8 +41,16 @@ class ConvertOptions:
     jobs: int | None = None  # threads for quantization (None: every core this process may use)
 
     def validate(self):
-        if (self.bpw is None) == (self.size is None):
-            raise ConversionError("give exactly one budget: --bpw or --size")
+        if sum(budget is not None for budget in (self.bpw, self.size, self.fit)) != 1:
+            raise ConversionError("give exactly one budget: --bpw, --size or --fit")
+        if (self.fit is None) != (self.context is None):
+            raise ConversionError("--fit and --context go together: --fit SIZE --context N")
+        if self.fit is not None and self.fit <= 0:
+            raise ConversionError("--fit must be positive")
+        if self.context is not None and self.context < 1:
+            raise ConversionError(f"--context {self.context} must be at least 1")
+        if self.batch < 1:
+            raise ConversionError(f"--batch {self.batch} must be at least 1")
         if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
             raise ConversionError(f"--bpw {self.bpw} is outside [1, 16]")
         if self.size is not None and self.size <= 0:
@@ -62,12 +73,18 @@ class ConvertOptions:
             raise ConversionError(f"--jobs {self.jobs} must be at least 1")
 
 
+def whole_file(options: ConvertOptions) -> bool:
+    """Whether the allocation covers the embedding and lm_head too: a byte budget (--size, --fit) with
+    the Fisher objective (their errors in the linears' units) and no --quantize-embeddings override."""
+    return options.bpw is None and options.objective == "fisher" and options.quantize_embeddings is None
+
+
 def default(name: str):
     """The default of ConvertOptions field `name`."""
     return next(f.default for f in fields(ConvertOptions) if f.name == name)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--size") -> int:
     """'123456', '300MB', '1.5GiB' → bytes."""
     number = text.strip().lower().rstrip("s")
     for unit in sorted(SIZE_UNITS, key=len, reverse=True):
@@ -81,6 +98,6 @@ def parse_size(text: str) -> int:
     except ValueError:
         size = math.nan
     if not math.isfinite(size) or size <= 0:
-        raise ConversionError(f"--size {text!r}: expected a positive number of bytes, optionally with "
+        raise ConversionError(f"{flag} {text!r}: expected a positive number of bytes, optionally with "
                               "B/KB/MB/GB/KiB/MiB/GiB")
     return int(size)

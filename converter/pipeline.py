@@ -1,6 +1,11 @@
 """HF checkpoint → budget-exact mixed-precision .mxq: read, measure, solve, write.
 
     read_checkpoint ─► measure (error matrix, cached) ─► allocate (MILP) ─► quantize + write (streamed)
+
+With --bpw the allocation covers the decoder linears (embeddings fp16, or --quantize-embeddings).
+With a byte budget (--size, --fit) and the Fisher objective it covers every stored matrix: the
+embedding and an untied lm_head are measured with their own candidates (converter/budget.py) and
+join the linears in one MILP.
 """
 from __future__ import annotations
 
@@ -16,11 +21,12 @@ from .. import __version__
 from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, tensor_nbytes
 from ..format_spec.reader import open_regular
 from .allocate import allocate
+from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
 from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .options import CALIBRATED_OBJECTIVES, ConvertOptions, parse_size  # noqa: F401 (re-exported)
+from .options import CALIBRATED_OBJECTIVES, ConvertOptions, parse_size, whole_file  # noqa: F401 (re-exported)
 from .quantize import quantize
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
@@ -34,6 +40,7 @@ class Report:
     budget: dict
     module_bits: dict
     config_counts: dict
+    matrix_configs: dict = field(default_factory=dict)  # embedding / lm_head name -> config label
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -46,11 +53,13 @@ def _candidates(options: ConvertOptions) -> list[Candidate]:
     return candidates
 
 
-def _plans(checkpoint, linear_configs: dict, options: ConvertOptions) -> list[TensorPlan]:
+def _plans(checkpoint, configs: dict, options: ConvertOptions) -> list[TensorPlan]:
+    """configs: name -> StorageConfig of every allocated tensor (the linears, and the matrices stored
+    once when the budget covers the whole file)."""
     plans = []
     for name, info in checkpoint.tensors.items():
-        if info.role == "linear":
-            config = linear_configs[name]
+        if name in configs:
+            config = configs[name]
         elif info.role in ("embedding", "lm_head") and options.quantize_embeddings:
             config = EMBEDDING_CONFIGS[options.quantize_embeddings]
         else:
@@ -77,43 +86,65 @@ def _check_feasible(checkpoint, candidates, options) -> None:
                                   f"range is {8 * lowest / numel:.4f} to {8 * highest / numel:.4f} bpw")
         return
     cheapest = {t.name: candidates[int(np.argmin(row))].storage(t.shape) for t, row in zip(linears, costs)}
+    if whole_file(options):
+        for name in _matrix_names(checkpoint):
+            shape = checkpoint.tensors[name].shape
+            cheapest[name] = min((c.storage(shape) for c in MATRIX_CANDIDATES), key=lambda s: tensor_nbytes(shape, s))
     plans = _plans(checkpoint, cheapest, options)
     smallest = MxqWriter("unused.mxq", model=checkpoint.model, tokenizer=checkpoint.tokenizer,
                          tokenizer_data=checkpoint.tokenizer_data, tensors=plans).file_nbytes
-    if options.size < smallest:
-        raise ConversionError(f"--size {options.size:,} bytes is infeasible: the smallest file with configs "
+    budget = file_budget(checkpoint, options)
+    if budget < smallest:
+        raise ConversionError(f"{_budget_text(checkpoint, options)} is infeasible: the smallest file with configs "
                               f"{options.configs!r} is about {smallest:,} bytes")
 
 
-def _linear_configs(checkpoint, table, choice) -> dict:
-    return {name: table.candidates[c].storage(checkpoint.tensors[name].shape) for name, c in zip(table.names, choice)}
+def _matrix_names(checkpoint) -> list[str]:
+    """The matrices stored once that a whole-file budget allocates: the embedding, an untied lm_head."""
+    return [name for name, info in checkpoint.tensors.items() if info.role in ("embedding", "lm_head")]
 
 
-def _solve(checkpoint, table, options, make_writer) -> np.ndarray:
-    """Solve the MILP. For --size, iterate until the exact file layout (header, JSON, alignment,
-    fp16 tensors and all) fits: the JSON's length moves by a few bytes with the plan."""
-    objective = _objective(table, options.objective)
-    total_numel = int(table.numel.sum())
+def _budget_text(checkpoint, options) -> str:
+    if options.fit is None:
+        return f"--size {options.size:,} bytes"
+    return (f"--fit {options.fit:,} bytes at --context {options.context} --batch {options.batch} (a file budget of "
+            f"{file_budget(checkpoint, options):,} bytes)")
+
+
+def _configs(checkpoint, tables, choice) -> dict:
+    """name -> StorageConfig of every allocated tensor; choice indexes each tensor's own table's candidates."""
+    rows = [(name, table.candidates) for table in tables for name in table.names]
+    return {name: candidates[c].storage(checkpoint.tensors[name].shape) for (name, candidates), c in zip(rows, choice)}
+
+
+def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
+    """Solve the MILP over the tables' tensors (the linears; then the matrices stored once, when the
+    budget covers the whole file). For a byte budget, iterate until the exact file layout (header,
+    JSON, alignment, fp16 tensors and all) fits: the JSON's length moves by a few bytes with the plan."""
+    table = tables[0]
     if options.bpw is not None:
-        return allocate(table.costs, objective, int(math.floor(options.bpw * total_numel / 8 + 1e-9)))
-    shapes = [checkpoint.tensors[n].shape for n in table.names]
-    aligned = np.array([[aligned_nbytes(shape, c.storage(shape), 64) for c in table.candidates] for shape in shapes],
-                       dtype=np.int64)
+        return allocate(table.costs, _objective(table, options.objective),
+                        int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9)))
+    objective = padded([row for t in tables for row in _objective(t, options.objective)], fill_cost=False)
+    aligned = padded([np.array([aligned_nbytes(checkpoint.tensors[name].shape, c.storage(checkpoint.tensors[name].shape),
+                                               64) for c in t.candidates], dtype=np.int64)
+                      for t in tables for name in t.names], fill_cost=True)
     cheapest = aligned.argmin(axis=1)
-    rows = np.arange(len(shapes))
+    rows = np.arange(len(aligned))
     overhead = make_writer(cheapest).file_nbytes - int(aligned[rows, cheapest].sum())
     smallest = overhead + int(aligned[rows, cheapest].sum())
-    if options.size < smallest:
-        raise ConversionError(f"--size {options.size:,} bytes is infeasible: the smallest file with configs "
+    target = file_budget(checkpoint, options)
+    if target < smallest:
+        raise ConversionError(f"{_budget_text(checkpoint, options)} is infeasible: the smallest file with configs "
                               f"{options.configs!r} is {smallest:,} bytes")
-    budget = options.size - overhead
+    budget = target - overhead
     for _ in range(8):
         choice = allocate(aligned, objective, max(budget, int(aligned[rows, cheapest].sum())))
         size = make_writer(choice).file_nbytes
-        if size <= options.size:
+        if size <= target:
             return choice
-        budget -= size - options.size
-    raise ConversionError("could not fit the --size budget (layout did not converge)")
+        budget -= size - target
+    raise ConversionError("could not fit the byte budget (layout did not converge)")
 
 
 def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=None, **kwargs) -> Report:
@@ -148,6 +179,12 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
                     options.outlier_mode, options.measure_every)
+    tables = [table]
+    if whole_file(options) and calibration is not None:
+        matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
+        tables.append(measure(checkpoint, MATRIX_CANDIDATES, options.quantizer, cache, progress,
+                              calibration.matrices.__getitem__, f"{importance_id}/matrices1", options.outlier_mode,
+                              options.measure_every, tensors=matrices))
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
@@ -161,24 +198,30 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
                                      "text": Path(options.calib).name if options.calib else "packaged Botchan excerpt"}
     if checkpoint.notes:
         provenance["notes"] = checkpoint.notes
-    budget = {"bpw": options.bpw} if options.bpw is not None else {"size_bytes": options.size}
+    if options.bpw is not None:
+        budget = {"bpw": options.bpw}
+    elif options.fit is None:
+        budget = {"size_bytes": options.size}
+    else:
+        budget = {"fit_bytes": options.fit, "context": options.context, "batch": options.batch,
+                  "file_bytes": file_budget(checkpoint, options)}
 
     def make_writer(choice) -> MxqWriter:
-        rows = np.arange(len(choice))
+        rows, linear = np.arange(len(table.names)), choice[:len(table.names)]
         quantization = {
             "budget": budget, "objective": options.objective, "quantizer": options.quantizer,
             "configs": [c.label for c in candidates],
-            "achieved_bpw_linear": round(8.0 * float(table.costs[rows, choice].sum()) / float(table.numel.sum()), 6),
-            "expected_rel_error": round(math.sqrt(float(table.error_sq[rows, choice].sum())
+            "achieved_bpw_linear": round(8.0 * float(table.costs[rows, linear].sum()) / float(table.numel.sum()), 6),
+            "expected_rel_error": round(math.sqrt(float(table.error_sq[rows, linear].sum())
                                                   / max(float(table.norms_sq.sum()), 1e-300)), 6),
         }
-        plans = _plans(checkpoint, _linear_configs(checkpoint, table, choice), options)
+        plans = _plans(checkpoint, _configs(checkpoint, tables, choice), options)
         return MxqWriter(out_path, model=checkpoint.model, tokenizer=checkpoint.tokenizer,
                          tokenizer_data=checkpoint.tokenizer_data, tensors=plans, quantization=quantization,
                          provenance=provenance)
 
     stage = time.perf_counter()
-    choice = _solve(checkpoint, table, options, make_writer)
+    choice = _solve(checkpoint, tables, options, make_writer)
     seconds["solve"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -187,6 +230,8 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     with writer:
         for plan in writer.tensors:
             weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
+            if len(tables) > 1 and plan.name in tables[1].names:  # an allocated embedding / lm_head
+                weights = calibration.matrices[plan.name]
             result = quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
                               outlier_mode=options.outlier_mode)
             writer.write(plan.name, result.blobs)
@@ -196,9 +241,19 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         bar.close()
     seconds["write"] = time.perf_counter() - stage
     seconds["total"] = time.perf_counter() - started
-    notes = checkpoint.notes + cache.notices + _sample_note(table, choice, options)
+    notes = checkpoint.notes + cache.notices + _sample_note(table, choice[:len(table.names)], options)
+    if options.fit is not None:
+        notes.append(f"--fit: file {writer.file_nbytes:,} + runtime {runtime_overhead(checkpoint, options).total:,} "
+                     f"bytes at --context {options.context} --batch {options.batch} (runtime/footprint.py) "
+                     f"≤ {options.fit:,} bytes")
+    n = len(table.names)
+    matrix_configs = {name: tables[1].candidates[c].label for name, c in zip(tables[1].names, choice[n:])} \
+        if len(tables) > 1 else {}
+    module_bits = {**_module_bits(table, choice[:n])}
+    for t in tables[1:]:
+        module_bits.update(_module_bits(t, choice[n:]))
     return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
-                  _module_bits(table, choice), _config_counts(table, choice), seconds, notes)
+                  module_bits, _config_counts(table, choice[:n]), matrix_configs, seconds, notes)
 
 
 def _use_cores(jobs: int | None) -> None:

@@ -33,12 +33,38 @@ def whole_model_reference(path, checkpoint, tokens):
     for name, m in linears.items():
         m.register_forward_hook(hook(name))
     chunks, total = calibration_chunks(checkpoint, default_text(), tokens), 0.0
+    head = model.get_output_embeddings().weight.detach().clone().requires_grad_(True)  # the head's use alone
+    vocab, hidden = head.shape
+    head_fisher, embedding_fisher = torch.zeros(vocab, hidden), torch.zeros(vocab, hidden)
+    scale = checkpoint.config.embed_scale or 1.0
     for chunk in chunks:
-        loss = torch.nn.functional.cross_entropy(model(chunk[None]).logits[0, :-1], chunk[1:], reduction="sum")
-        for name, grad in zip(linears, torch.autograd.grad(loss, [m.weight for m in linears.values()])):
+        embedded = model.get_input_embeddings()(chunk[None]).detach().requires_grad_(True)  # (1, T, H), scaled
+        states = model.model(inputs_embeds=embedded).last_hidden_state[0]
+        loss = torch.nn.functional.cross_entropy((states @ head.T)[:-1], chunk[1:], reduction="sum")
+        grads = torch.autograd.grad(loss, [m.weight for m in linears.values()] + [head, embedded])
+        for name, grad in zip(linears, grads):
             fisher[name] += grad.pow(2)
+        head_fisher += grads[-2].pow(2)
+        embedding_fisher += torch.zeros(vocab, hidden).index_add_(0, chunk, grads[-1][0] * scale).pow(2)
         total += loss.item()
+    fisher["head use"], fisher["embedding use"] = head_fisher, embedding_fisher
     return fisher, input_sq, total / (chunks.numel() - len(chunks))
+
+
+def assert_matrices_equal_reference(ours, checkpoint, chunks, head_fisher, embedding_fisher):
+    """The embedding's and lm_head's Fisher: a tied matrix sums both uses; rows the text never uses get
+    the mean Fisher of one occurrence of the rows it does use."""
+    embedding = next(n for n, t in checkpoint.tensors.items() if t.role == "embedding")
+    lm_head = next((n for n, t in checkpoint.tensors.items() if t.role == "lm_head"), embedding)
+    seen = torch.zeros(head_fisher.shape[0], dtype=torch.bool)
+    seen[chunks.reshape(-1)] = True
+    floor = embedding_fisher.sum(0) / chunks.numel()
+    expected_embedding = torch.where(seen[:, None], embedding_fisher, floor)
+    expected = {lm_head: head_fisher}
+    expected[embedding] = expected.get(embedding, 0) + expected_embedding
+    assert set(ours.matrices) == set(expected)
+    for name, reference in expected.items():
+        assert (ours.matrices[name] - reference).abs().max() <= 2e-3 * reference.max(), name
 
 
 def assert_streamed_equals_reference(name, tmp_path, tokens, **options):
@@ -46,6 +72,8 @@ def assert_streamed_equals_reference(name, tmp_path, tokens, **options):
     checkpoint = read_checkpoint(path)
     ours = calibrate(checkpoint, tmp_path / "stats", tokens=tokens, fisher_dtype=torch.float32, **options)
     fisher, input_sq, loss = whole_model_reference(path, checkpoint, tokens)
+    assert_matrices_equal_reference(ours, checkpoint, calibration_chunks(checkpoint, default_text(), tokens),
+                                    fisher.pop("head use"), fisher.pop("embedding use"))
     assert ours.tokens == tokens and ours.loss == pytest.approx(loss, rel=1e-5)
     assert set(ours.fisher) == set(fisher) == set(ours.input_sq)
     for n in fisher:  # fp32 rounding: tiny fixtures ≤ 2e-5 of the max; SmolLM2 (30 layers of backprop) up to ~1e-3
