@@ -22,6 +22,7 @@ from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, 
 from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
+from .calibration_store import MatrixFisher
 from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
@@ -183,7 +184,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
         tables.append(measure(checkpoint, MATRIX_CANDIDATES, options.quantizer, cache, progress,
-                              calibration.matrices.__getitem__, f"{importance_id}/matrices1", options.outlier_mode,
+                              calibration.matrices.__getitem__, f"{importance_id}/matrices{MatrixFisher.VERSION}", options.outlier_mode,
                               options.measure_every, tensors=matrices))
     seconds["measure"] = time.perf_counter() - stage
 

@@ -52,13 +52,14 @@ def whole_model_reference(path, checkpoint, tokens):
 
 
 def assert_matrices_equal_reference(ours, checkpoint, chunks, head_fisher, embedding_fisher):
-    """The embedding's and lm_head's Fisher: a tied matrix sums both uses; rows the text never uses get
-    the mean Fisher of one occurrence of the rows it does use."""
+    """The embedding's and lm_head's Fisher: a tied matrix sums both uses; rows the text never uses share
+    n1 (ids seen once) occurrences, each worth the mean Fisher of one occurrence of the rows it does use."""
     embedding = next(n for n, t in checkpoint.tensors.items() if t.role == "embedding")
     lm_head = next((n for n, t in checkpoint.tensors.items() if t.role == "lm_head"), embedding)
     seen = torch.zeros(head_fisher.shape[0], dtype=torch.bool)
     seen[chunks.reshape(-1)] = True
-    floor = embedding_fisher.sum(0) / chunks.numel()
+    _, counts = torch.unique(chunks, return_counts=True)
+    floor = embedding_fisher.sum(0) / chunks.numel() * int((counts == 1).sum()) / int((~seen).sum())
     expected_embedding = torch.where(seen[:, None], embedding_fisher, floor)
     expected = {lm_head: head_fisher}
     expected[embedding] = expected.get(embedding, 0) + expected_embedding
