@@ -21,9 +21,9 @@ the budget exactly:
   --fit S --context N [--batch B]
              the whole runtime footprint of `mxq generate` (lean, CPU): file + KV cache
              for N positions × B + working buffers, tokenizer, interpreter (runtime/footprint.py)
-With --size and --fit the embedding and lm_head are allocated too (fp16 or 8–3-bit affine,
-their Fisher error in the same units, a tied matrix stored once); with --bpw they stay fp16.
---quantize-embeddings fixes them instead; norms are always fp16.
+With --size and --fit (and the default --objective fisher) the embedding and lm_head are
+allocated too: fp16 or 8–3-bit affine, their Fisher error in the linears' units, a tied
+matrix stored once. With --bpw they stay fp16; --quantize-embeddings fixes them; norms are fp16.
 
 \b
 The default method (best measured): a calibration pass over a small public-domain text
@@ -35,6 +35,7 @@ The MXQ paper's data-free method: --objective frobenius --quantizer hqq --config
 Examples:
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
   mxq convert ./SmolLM2-135M -o smol.mxq --size 90MiB
+  mxq convert ./SmolLM2-135M -o smol.mxq --fit 560MiB --context 2048
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25 --objective frobenius --quantizer hqq --configs paper
   mxq convert ./SmolLM2-135M -o smol-fp16.mxq --bpw 16 --configs fp16
 
