@@ -276,7 +276,8 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
                 stream.free_layer(i)
                 step()
         del x
-        losses, grad, lm_fisher = _head_gradient(stream, acts.get(n_layers), chunks, fisher_dtype)  # grad: ∂L_c/∂x_L
+        # grad: ∂L_c/∂x_L; lm_fisher: the head's (vocab, hidden) Fisher
+        losses, grad, lm_fisher = _head_gradient(stream, acts.get(n_layers), chunks, fisher_dtype)
         acts.drop(n_layers)
         step()
         for i in reversed(range(n_layers)):  # backward, layer by layer

@@ -99,8 +99,8 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, co
         raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
     options = ConvertOptions(
         bpw=bpw, size=parse_size(size_text) if size_text else None,
-        fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch, configs=configs, quantizer=quantizer,
-        objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
+        fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch, configs=configs,
+        quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))

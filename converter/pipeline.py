@@ -127,9 +127,10 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
         return allocate(table.costs, _objective(table, options.objective),
                         int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9)))
     objective = padded([row for t in tables for row in _objective(t, options.objective)], fill_cost=False)
-    aligned = padded([np.array([aligned_nbytes(checkpoint.tensors[name].shape, c.storage(checkpoint.tensors[name].shape),
-                                               64) for c in t.candidates], dtype=np.int64)
-                      for t in tables for name in t.names], fill_cost=True)
+    shapes = [checkpoint.tensors[name].shape for t in tables for name in t.names]
+    candidates = [t.candidates for t in tables for _ in t.names]
+    aligned = padded([np.array([aligned_nbytes(shape, c.storage(shape), 64) for c in row], dtype=np.int64)
+                      for shape, row in zip(shapes, candidates)], fill_cost=True)
     cheapest = aligned.argmin(axis=1)
     rows = np.arange(len(aligned))
     overhead = make_writer(cheapest).file_nbytes - int(aligned[rows, cheapest].sum())
@@ -184,7 +185,8 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
         tables.append(measure(checkpoint, MATRIX_CANDIDATES, options.quantizer, cache, progress,
-                              calibration.matrices.__getitem__, f"{importance_id}/matrices{MatrixFisher.VERSION}", options.outlier_mode,
+                              calibration.matrices.__getitem__, f"{importance_id}/matrices{MatrixFisher.VERSION}",
+                              options.outlier_mode,
                               options.measure_every, tensors=matrices))
     seconds["measure"] = time.perf_counter() - stage
 
