@@ -8,7 +8,9 @@ Two memory modes (chosen at load, see NumpyBackend):
   lean (default)      Weights stay packed in the memory-mapped file: codes, the 8-bit scale/zero
                       codes and CSR outliers are zero-copy views of it; only the fp16 (step, min)
                       pairs of the metadata runs are widened to float32 (1/128 of the metadata).
-                      Resident memory ≈ the file (+ ~100 MiB for Numba/LLVM when the kernels
+                      With the kernels, a big fp16 matrix (the lm_head) is moved off the mapping
+                      into anonymous memory (same resident size, faster to stream: off_the_mapping).
+                      Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
                       are loaded). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
                           cpu_kernels.py — unpack, dequantize and dot product fused, rows in
@@ -33,6 +35,7 @@ are added as y[:, r] += Σ v·x[:, c], the same as adding them to W.
 """
 from __future__ import annotations
 
+import mmap
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
@@ -46,12 +49,18 @@ if TYPE_CHECKING:
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
-KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices run on one thread (e.g. attention's q/k/v/o)
+# Smaller matrices run on the calling thread. Numba's OpenMP workers wait passively (cpu_jit.py), and a
+# woken worker tends to land on the caller's core and run after it: SmolLM2's 0.1–0.9M-weight matrices
+# (50–200 µs each) decoded no faster on 2 threads than on 1, idle or busy machine (measured). From ~4M
+# weights (≥ 0.5 ms of work) the wake-up is cheap next to the work.
+KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 22
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
 PARALLEL_MIN_WORK = 1 << 18  # split a product over threads from this many weights to dequantize ...
 PARALLEL_MIN_FLOPS = 1 << 23  # ... or multiply-adds with cached float32 weights
+PRIVATE_COPY_MIN_BYTES = 16 << 20  # lean: fp16 matrices this big are streamed from anonymous memory (DenseWeight)
+COPY_CHUNK_BYTES = 4 << 20  # ... copied this much at a time
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
@@ -126,11 +135,40 @@ class Matrix:
         return add_bias_residual(self.numpy_matmul(x), bias, residual)
 
 
+def off_the_mapping(view: np.ndarray) -> np.ndarray:
+    """A read-only copy of a view of the mmapped file in anonymous memory, made chunk by chunk; after
+    each chunk its whole pages of the mapping are dropped from this process (MADV_DONTNEED: the file
+    stays in the page cache; resident memory does not grow by the copy). Why: NumPy gives arrays this
+    big 2 MiB pages (transparent huge pages) where the kernel allows it, and streaming the fp16 lm_head
+    from those decodes faster than from the file's 4 KiB pages (SmolLM2's 54 MiB: 2.3 vs 3.3 ms per
+    token on one thread, measured). The view itself when it does not come from a releasable mmap."""
+    mapping = view
+    while mapping is not None and not isinstance(mapping, mmap.mmap):  # view → ... → memoryview → the mmap
+        mapping = mapping.obj if isinstance(mapping, memoryview) else getattr(mapping, "base", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+        return view
+    start = view.__array_interface__["data"][0] - np.frombuffer(mapping, np.uint8, count=1).__array_interface__["data"][0]
+    out = np.empty(view.shape, view.dtype)
+    flat_in, flat_out = view.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
+    for c0 in range(0, flat_in.size, COPY_CHUNK_BYTES):
+        c1 = min(flat_in.size, c0 + COPY_CHUNK_BYTES)
+        flat_out[c0:c1] = flat_in[c0:c1]
+        first, last = -(-(start + c0) // mmap.PAGESIZE), (start + c1) // mmap.PAGESIZE  # whole pages only
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+    out.flags.writeable = False
+    return out
+
+
 class DenseWeight(Matrix):
     """An fp16 matrix (out, in): multiplied from the fp16 file bytes (lean: compiled kernel for few
-    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached)."""
+    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached).
+    Lean mode streams a big one (≥ PRIVATE_COPY_MIN_BYTES, e.g. a tied embedding / lm_head) from a copy
+    in anonymous memory instead of the mapping (off_the_mapping: faster, same resident memory)."""
 
     def __init__(self, name, data: np.ndarray, backend: NumpyBackend):
+        if not backend.cache_dequantized and backend.kernels is not None and data.nbytes >= PRIVATE_COPY_MIN_BYTES:
+            data = off_the_mapping(data)
         self.name, self.data, self.backend = name, data, backend
         self.shape = data.shape
         self.half_bits = readonly(data.view(np.uint16))  # (out, in) fp16 bit patterns, zero-copy
