@@ -16,7 +16,8 @@ import pytest
 
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
-from mxq.runtime.backends.cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES, off_the_mapping
+from mxq.runtime.backends.cpu_weights import (KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES, ThreadChoice,
+                                              off_the_mapping)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 
 pytest.importorskip("numba")
@@ -162,21 +163,45 @@ def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch)
 
 
 def test_thread_splits_give_identical_rows():
-    """1 thread runs affine_matmul_serial, more run the parallel kernel: the same numbers."""
+    """1 thread runs the serial kernels; with more, ThreadChoice's first calls alternate the serial and
+    the parallel kernel (affine and fp16): the same numbers every time."""
     from conftest import random_affine_blobs
 
     rng = np.random.default_rng(4)
-    shape, config = (2051, 2050), StorageConfig.affine(3, 64, 25)  # above KERNEL_PARALLEL_MIN_WEIGHTS
+    shape = (1031, 520)  # above KERNEL_PARALLEL_MIN_WEIGHTS
     assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
-    blobs = random_affine_blobs(rng, shape, config)
-    x = rng.standard_normal((2, 2050)).astype(np.float32)
-    results = []
-    for threads in (1, 2, 5):
-        backend = NumpyBackend(threads=threads)
-        results.append(backend.linear(x, backend.prepare(_Entry("w", shape, config), blobs)))
-        backend.close()
-    for y in results[1:]:
-        np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
+    affine = StorageConfig.affine(3, 64, 25)
+    blobs = {"affine": random_affine_blobs(rng, shape, affine),
+             "fp16": {"data": rng.standard_normal(shape).astype(np.float16)}}
+    x = rng.standard_normal((2, 520)).astype(np.float32)
+    for kind, config in (("affine", affine), ("fp16", StorageConfig.fp16())):
+        results = []
+        for threads in (1, 2, 5):
+            backend = NumpyBackend(threads=threads)
+            weight = backend.prepare(_Entry("w", shape, config), blobs[kind])
+            results += [backend.linear(x, weight) for _ in range(2 * ThreadChoice.PROBE)]
+            backend.close()
+        for y in results[1:]:
+            np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
+
+
+def test_thread_choice_probes_both_ways_then_keeps_the_faster():
+    choice = ThreadChoice()
+    seconds = {False: 2.0, True: 1.0}  # parallel faster
+    picks = []
+    for _ in range(3 * ThreadChoice.RETRY):
+        parallel = choice.parallel()
+        picks.append(parallel)
+        choice.record(parallel, seconds[parallel])
+    probe = 2 * ThreadChoice.PROBE
+    assert picks[:probe] == [False, True] * ThreadChoice.PROBE
+    later = picks[probe:]
+    assert 0 < later.count(False) <= 3 and later.count(True) > 2 * ThreadChoice.RETRY  # serial only as retries
+    seconds = {False: 1.0, True: 5.0}  # the machine got busy: parallel now slower
+    for _ in range(3 * ThreadChoice.RETRY):
+        parallel = choice.parallel()
+        choice.record(parallel, seconds[parallel])
+    assert sum(choice.parallel() for _ in range(ThreadChoice.RETRY)) == 1  # only the retry
 
 
 def test_a_failing_kernel_falls_back_with_one_notice(capsys):
