@@ -8,12 +8,16 @@ Tolerance: the kernels sum in a different order (fastmath), so |y − y_ref| ≤
 """
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
 import pytest
 
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
-from mxq.runtime.backends.cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS
+from mxq.runtime.backends.cpu_weights import (KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES, ThreadChoice,
+                                              off_the_mapping)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 
 pytest.importorskip("numba")
@@ -159,21 +163,45 @@ def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch)
 
 
 def test_thread_splits_give_identical_rows():
-    """1 thread runs affine_matmul_serial, more run the parallel kernel: the same numbers."""
+    """1 thread runs the serial kernels; with more, ThreadChoice's first calls alternate the serial and
+    the parallel kernel (affine and fp16): the same numbers every time."""
     from conftest import random_affine_blobs
 
     rng = np.random.default_rng(4)
-    shape, config = (1031, 520), StorageConfig.affine(3, 64, 25)  # above KERNEL_PARALLEL_MIN_WEIGHTS
+    shape = (1031, 520)  # above KERNEL_PARALLEL_MIN_WEIGHTS
     assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
-    blobs = random_affine_blobs(rng, shape, config)
+    affine = StorageConfig.affine(3, 64, 25)
+    blobs = {"affine": random_affine_blobs(rng, shape, affine),
+             "fp16": {"data": rng.standard_normal(shape).astype(np.float16)}}
     x = rng.standard_normal((2, 520)).astype(np.float32)
-    results = []
-    for threads in (1, 2, 5):
-        backend = NumpyBackend(threads=threads)
-        results.append(backend.linear(x, backend.prepare(_Entry("w", shape, config), blobs)))
-        backend.close()
-    for y in results[1:]:
-        np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
+    for kind, config in (("affine", affine), ("fp16", StorageConfig.fp16())):
+        results = []
+        for threads in (1, 2, 5):
+            backend = NumpyBackend(threads=threads)
+            weight = backend.prepare(_Entry("w", shape, config), blobs[kind])
+            results += [backend.linear(x, weight) for _ in range(2 * ThreadChoice.PROBE)]
+            backend.close()
+        for y in results[1:]:
+            np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
+
+
+def test_thread_choice_probes_both_ways_then_keeps_the_faster():
+    choice = ThreadChoice()
+    seconds = {False: 2.0, True: 1.0}  # parallel faster
+    picks = []
+    for _ in range(3 * ThreadChoice.RETRY):
+        parallel = choice.parallel()
+        picks.append(parallel)
+        choice.record(parallel, seconds[parallel])
+    probe = 2 * ThreadChoice.PROBE
+    assert picks[:probe] == [False, True] * ThreadChoice.PROBE
+    later = picks[probe:]
+    assert 0 < later.count(False) <= 3 and later.count(True) > 2 * ThreadChoice.RETRY  # serial only as retries
+    seconds = {False: 1.0, True: 5.0}  # the machine got busy: parallel now slower
+    for _ in range(3 * ThreadChoice.RETRY):
+        parallel = choice.parallel()
+        choice.record(parallel, seconds[parallel])
+    assert sum(choice.parallel() for _ in range(ThreadChoice.RETRY)) == 1  # only the retry
 
 
 def test_a_failing_kernel_falls_back_with_one_notice(capsys):
@@ -269,6 +297,60 @@ def test_lean_metadata_stays_as_stored():
 
     np.testing.assert_array_equal(scale, decode_meta(blobs["scale_codes"], blobs["scale_meta"]))
     np.testing.assert_array_equal(zero, decode_meta(blobs["zero_codes"], blobs["zero_meta"]))
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+def _mapped(tmp_path, data: np.ndarray, offset: int = 100):
+    """(mapping, view of `data` written into a file at a page-unaligned offset and mmapped back)."""
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * offset + data.tobytes())
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return mapping, np.frombuffer(mapping, data.dtype, count=data.size, offset=offset).reshape(data.shape)
+
+
+LINUX = hasattr(mmap, "MADV_DONTNEED") and os.path.exists("/proc/self/status")
+
+
+@pytest.mark.skipif(not LINUX, reason="Linux: madvise and /proc")
+def test_a_big_fp16_matrix_moves_off_the_mapping_without_growing_rss(tmp_path):
+    """off_the_mapping copies a view of an mmapped file into anonymous memory and drops the mapping's
+    pages it read: the copy is equal and read-only, the file-backed resident memory does not grow."""
+    data = np.random.default_rng(7).standard_normal((4099, 1024)).astype(np.float16)  # ~8 MiB
+    mapping, view = _mapped(tmp_path, data)
+    before = _rss_file_kib()
+    copy = off_the_mapping(view)
+    grown_mib = (_rss_file_kib() - before) / 1024
+    assert not np.shares_memory(copy, view) and not copy.flags.writeable
+    np.testing.assert_array_equal(copy, data)
+    assert grown_mib < 1, grown_mib  # at most the two partial pages at the blob's ends stay mapped
+    plain = np.ones((3, 4), np.float16)
+    assert off_the_mapping(plain) is plain  # not from a mapping: left as it is
+    del view
+    mapping.close()
+
+
+@pytest.mark.skipif(not LINUX, reason="Linux: madvise and /proc")
+def test_lean_mode_streams_a_big_fp16_matrix_from_anonymous_memory(backends, tmp_path):
+    """With the kernels, lean mode moves an fp16 matrix of ≥ PRIVATE_COPY_MIN_BYTES (a tied lm_head) off
+    the mapping; smaller ones, and the NumPy path, keep the file's view. Products are unchanged."""
+    fast, ref = backends
+    rows = PRIVATE_COPY_MIN_BYTES // (2 * 64) + 3
+    data = np.random.default_rng(8).standard_normal((rows, 64)).astype(np.float16)
+    mapping, view = _mapped(tmp_path, data)
+    entry = _Entry("w", data.shape, StorageConfig.fp16())
+    big, numpy_path = fast.prepare(entry, {"data": view}), ref.prepare(entry, {"data": view})
+    small = fast.prepare(_Entry("w", (8, 64), StorageConfig.fp16()), {"data": view[:8]})
+    assert not np.shares_memory(big.data, view)
+    assert np.shares_memory(small.data, view) and np.shares_memory(numpy_path.data, view)
+    x = np.random.default_rng(9).standard_normal((1, 64)).astype(np.float32)
+    assert_close(fast.linear(x, big), ref.linear(x, numpy_path))
+    del view, big, small, numpy_path
+    mapping.close()
 
 
 # ---- whole tiny models: kernel logits == NumPy-path logits ---------------------------------------------

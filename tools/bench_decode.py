@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N]
-        [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -12,8 +12,14 @@ llama.cpp, in one run.
    (--cache-dequantized) and transformers fp32 (HF_DIR, the checkpoint the file came from), a fresh
    subprocess loads the model, prefills the same seeded random prompt, then decodes greedily token by
    token (no stopping at EOS): load time, prefill tok/s, decode tok/s, % of the roofline, peak RSS.
-   lean-numpy is the lean mode without the compiled kernels (MXQ_KERNELS=numpy): the NumPy path.
-4. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
+   lean-numpy is the lean mode without the compiled kernels (MXQ_KERNELS=numpy): the NumPy path;
+   lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run.
+   "cpu ms/tok" is the process's CPU time per decoded token (all threads): about the wall time per
+   token when only one thread works at a time, up to threads × it when they all work at once.
+4. --kernel-memory: where the compiled kernels' resident memory goes, in a fresh process: RSS
+   (anonymous + file-backed pages) after NumPy, after `import llvmlite.binding` (LLVM's shared
+   library), after `import numba`, and after cpu_jit loads every kernel from the cache.
+5. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
 """
@@ -27,7 +33,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-numpy", "cached", "transformers")  # lean-numpy: lean without the compiled kernels
+MODES = ("lean", "lean-1t", "lean-numpy", "cached", "transformers")  # lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
 
 
@@ -56,14 +62,46 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new) -> dict:
     logits = be.to_host(model.forward(ids, cache, last_only=True))[-1]
     prefill_s = time.perf_counter() - t0
     tokens = [int(np.argmax(logits))]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(n_new - 1):
         logits = be.to_host(model.forward([tokens[-1]], cache))[-1]
         tokens.append(int(np.argmax(logits)))
-    decode_s = time.perf_counter() - t0
+    decode_s, decode_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     kv_mib = cache.nbytes / 2**20
     return {"load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": (n_new - 1) / decode_s,
-            "kv_cache_mib": kv_mib, "tokens": tokens, "threads": lm.backend.threads}
+            "decode_cpu_ms_per_token": 1e3 * decode_cpu_s / (n_new - 1), "kv_cache_mib": kv_mib, "tokens": tokens,
+            "threads": lm.backend.threads}
+
+
+def rss_parts_mib() -> dict:
+    """This process's resident memory now: total, anonymous and file-backed pages (Linux)."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                fields[name] = int(value.split()[0]) / 1024.0
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"]}
+
+
+def kernel_memory() -> dict:
+    """RSS after each step of loading the compiled kernels (run in a fresh process)."""
+    stages = {"python + numpy": None, "import llvmlite.binding": None, "import numba": None, "kernels loaded": None}
+    import numpy  # noqa: F401
+
+    stages["python + numpy"] = rss_parts_mib()
+    import llvmlite.binding  # noqa: F401
+
+    stages["import llvmlite.binding"] = rss_parts_mib()
+    import numba  # noqa: F401
+
+    stages["import numba"] = rss_parts_mib()
+    from mxq.runtime.backends import cpu_jit
+
+    if cpu_jit.kernels() is None:
+        sys.exit("the compiled kernels did not load")
+    stages["kernels loaded"] = rss_parts_mib()
+    return {"stages": stages}
 
 
 def measure_bandwidth(threads) -> dict:
@@ -161,6 +199,8 @@ def worker(args) -> None:
         result = run_transformers(args.hf_dir, args.prompt_tokens, args.new_tokens)
     elif args.worker == "bandwidth":
         result = measure_bandwidth(args.threads)
+    elif args.worker == "kernel-memory":
+        result = kernel_memory()
     else:
         result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -178,14 +218,16 @@ def main(argv=None):
                     help="threads for every mode (MXQ_THREADS and torch.set_num_threads); default: each library's own")
     ap.add_argument("--compare-gguf", nargs=2, metavar=("GGUF", "LLAMA_BENCH"),
                     help="also run llama.cpp's llama-bench binary on a GGUF file")
+    ap.add_argument("--kernel-memory", action="store_true",
+                    help="also print where the compiled kernels' resident memory goes (a fresh process)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--worker", choices=MODES + ("bandwidth",), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
 
     results = {}
-    for mode in ["bandwidth"] + args.modes.split(","):
+    for mode in ["bandwidth"] + args.modes.split(",") + (["kernel-memory"] if args.kernel_memory else []):
         cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ)
@@ -194,11 +236,14 @@ def main(argv=None):
         if args.threads:
             cmd += ["--threads", str(args.threads)]
             env["MXQ_THREADS"] = str(args.threads)
+        if mode == "lean-1t":
+            env["MXQ_THREADS"] = "1"
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     bandwidth = results.pop("bandwidth")
+    memory = results.pop("kernel-memory", None)
     if args.compare_gguf:
         results["llama.cpp"] = run_llama_bench(*args.compare_gguf, args.prompt_tokens, args.new_tokens, args.threads)
     file_mib = os.path.getsize(args.file) / 2**20
@@ -206,7 +251,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-numpy", "cached"):
+        if mode in ("lean", "lean-1t", "lean-numpy", "cached"):
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)
@@ -219,7 +264,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"file": args.file, "file_mib": file_mib, "hf_dir": args.hf_dir, "bandwidth": bandwidth,
                           "decode_bytes": step_bytes, "roofline_tok_s": roofline, "prompt_tokens": args.prompt_tokens,
-                          "new_tokens": args.new_tokens, "results": results}, indent=1))
+                          "new_tokens": args.new_tokens, "results": results, "kernel_memory": memory}, indent=1))
         return
     print(f"{args.file}: {file_mib:.1f} MiB; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "
           f"{os.cpu_count()} CPUs; threads: {args.threads or 'library defaults'}; load average "
@@ -228,21 +273,34 @@ def main(argv=None):
           f"{bandwidth['gemv_gb_s']:.1f} GB/s, read-only sum {bandwidth['sum_gb_s']:.1f} GB/s -> "
           f"{bandwidth['gb_s']:.1f} GB/s")
     print(f"decode step reads {step_bytes / 2**20:.1f} MiB -> roofline {roofline:.1f} tok/s")
-    print(f"{'mode':<13} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'% roofline':>11}"
+    print(f"{'mode':<13} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'cpu ms/tok':>11} {'% roofline':>11}"
           f" {'peak RSS MiB':>13} {'decode x':>9} {'prefill x':>10}")
     for mode, r in results.items():
         ratios = (f" {r['decode_ratio']:>9.2f} {r['prefill_ratio']:>10.2f}" if "decode_ratio" in r else "")
         pct = f"{r['roofline_pct']:.1f}%" if "roofline_pct" in r else "-"
         load = f"{r['load_s']:.2f}" if "load_s" in r else "-"
         rss = f"{r['peak_rss_mib']:.1f}" if "peak_rss_mib" in r else "-"
-        print(f"{mode:<13} {load:>7} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {pct:>11}"
+        cpu = f"{r['decode_cpu_ms_per_token']:.1f}" if "decode_cpu_ms_per_token" in r else "-"
+        print(f"{mode:<13} {load:>7} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {cpu:>11} {pct:>11}"
               f" {rss:>13}{ratios}")
     if "llama.cpp" in results:
         print("llama.cpp's % roofline is against its own file's size at the same bandwidth")
+    if "lean" in results and "lean-1t" in results:
+        lean, one = results["lean"], results["lean-1t"]
+        print(f"thread scaling: lean on {lean['threads']} threads decodes {lean['decode_tok_s'] / one['decode_tok_s']:.2f}x"
+              f" as fast as on 1 ({lean['decode_cpu_ms_per_token'] * lean['decode_tok_s'] / 1e3:.2f} threads busy on"
+              " average while decoding)")
     if "lean" in results:
         lean = results["lean"]
         print(f"lean RSS budget (1.25 x file + KV cache + 64 MiB): {lean['rss_budget_mib']:.1f} MiB -> "
               f"{'within' if lean['peak_rss_mib'] <= lean['rss_budget_mib'] else 'OVER'}")
+    if memory:
+        print("compiled kernels' resident memory (MiB: total = anonymous + file-backed pages; step = growth):")
+        previous = None
+        for stage, m in memory["stages"].items():
+            step = f"  (+{m['rss'] - previous:.1f})" if previous is not None else ""
+            print(f"  {stage:<26} {m['rss']:7.1f} = {m['anon']:6.1f} + {m['file']:6.1f}{step}")
+            previous = m["rss"]
     for mode, r in results.items():
         if "same_greedy_tokens" in r:
             print(f"{mode}: greedy tokens {'match' if r['same_greedy_tokens'] else 'differ from'} transformers' "

@@ -6,15 +6,19 @@ numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a mach
 (~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
 the numpy backend keeps its NumPy path and one notice on stderr says why.
 
-Memory (resident, measured on x86-64 with every kernel cached): importing numba costs ~65 MiB and
-loading the first compiled kernel ~45 MiB more (LLVM's JIT engine); all affine specializations
-together add ~6 MiB and cpu_ops ~1 MiB. So loading only the (bits, group) variants a file uses
-would save at most ~6 MiB: the kernels are all loaded at once.
+Memory (resident, measured on x86-64 with every kernel cached; `tools/bench_decode.py --kernel-memory`):
+`import llvmlite.binding` +40 MiB (LLVM's 170 MB shared library, mostly file-backed pages touched
+while loading it), `import numba` +23 MiB (its Python modules), loading the cached kernels +60 MiB
+(LLVM's JIT engine and the code it runs; every (bits, group) variant lives in the same compiled
+function, cpu_ops ~1 MiB): ~120 MiB in all, whatever the model's size.
 
-Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): a
-decode step launches ~200 short parallel kernels with Python work in between, and spinning
-workers on a busy machine (more runnable threads than cores) made decoding 20x slower than one
-thread in our measurements; sleeping costs a wake-up per kernel instead.
+Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): spinning
+workers on a busy machine (more runnable threads than cores) made decoding 5-20x slower than one
+thread in our measurements. A sleeping worker's wake-up is cheap on an idle machine and can take a
+scheduler period on a busy one, so each big product runs on one thread or on all, whichever has
+been faster lately (cpu_weights.ThreadChoice). On a dedicated, otherwise idle machine a user may
+set OMP_WAIT_POLICY=active: SmolLM2 then decoded ~1.1x faster on 2 cores (measured); never on a
+shared one.
 """
 from __future__ import annotations
 

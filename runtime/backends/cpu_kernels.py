@@ -4,6 +4,7 @@
                   row_ptr, cols, values, bias, residual, y, n_parts)   y = x @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
     fp16_matmul(x, half_bits, bias, residual, y, n_parts)               the same for an fp16 matrix
+    fp16_matmul_serial(... the same ...)                                on the calling thread only
 
 How a row of an affine matrix is multiplied. The packed stream repeats every B bytes (a "unit")
 holding U codes (4-bit: 2 per byte; 3-bit: 8 per 3 bytes ...; code j of a unit sits at bit j·b).
@@ -287,22 +288,34 @@ def affine_rows(r0, r1, x, packed, scale_codes, scale_meta, zero_codes, zero_met
 @njit(**PARALLEL)
 def fp16_matmul(x, half_bits, bias, residual, y, n_parts):
     """y (T, out) = x (T, in) @ Wᵀ + bias + residual for W stored as fp16 bit patterns (uint16)."""
-    T, n_in = x.shape
     R = half_bits.shape[0]
-    has_bias, has_residual = bias.size > 0, residual.size > 0
     step = -(-R // n_parts)
     for part in prange(n_parts):
-        for r in range(part * step, min(R, (part + 1) * step)):
-            w = half_bits[r]
-            for t in range(T):
-                acc = np.float32(0.0)
-                for c in range(n_in):
-                    acc += half_to_float(w[c]) * x[t, c]
-                if has_bias:
-                    acc += bias[r]
-                if has_residual:
-                    acc += residual[t, r]
-                y[t, r] = acc
+        fp16_rows(part * step, min(R, (part + 1) * step), x, half_bits, bias, residual, y)
+
+
+@njit(**SERIAL)
+def fp16_matmul_serial(x, half_bits, bias, residual, y, n_parts):
+    """fp16_matmul on the calling thread; n_parts unused."""
+    fp16_rows(0, half_bits.shape[0], x, half_bits, bias, residual, y)
+
+
+@njit(**SERIAL)
+def fp16_rows(r0, r1, x, half_bits, bias, residual, y):
+    """y[:, r0:r1] of fp16_matmul."""
+    T, n_in = x.shape
+    has_bias, has_residual = bias.size > 0, residual.size > 0
+    for r in range(r0, r1):
+        w = half_bits[r]
+        for t in range(T):
+            acc = np.float32(0.0)
+            for c in range(n_in):
+                acc += half_to_float(w[c]) * x[t, c]
+            if has_bias:
+                acc += bias[r]
+            if has_residual:
+                acc += residual[t, r]
+            y[t, r] = acc
 
 
 # stand-ins for absent arguments (same types as present ones)
@@ -325,4 +338,5 @@ def warm_up() -> None:
         for kernel in (affine_matmul, affine_matmul_serial):
             kernel(x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                    NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
-    fp16_matmul(x, readonly(np.zeros((3, 40), np.uint16)), NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+    for kernel in (fp16_matmul, fp16_matmul_serial):
+        kernel(x, readonly(np.zeros((3, 40), np.uint16)), NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)

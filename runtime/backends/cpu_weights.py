@@ -8,11 +8,14 @@ Two memory modes (chosen at load, see NumpyBackend):
   lean (default)      Weights stay packed in the memory-mapped file: codes, the 8-bit scale/zero
                       codes and CSR outliers are zero-copy views of it; only the fp16 (step, min)
                       pairs of the metadata runs are widened to float32 (1/128 of the metadata).
-                      Resident memory ≈ the file (+ ~100 MiB for Numba/LLVM when the kernels
+                      With the kernels, a big fp16 matrix (the lm_head) is moved off the mapping
+                      into anonymous memory (same resident size, faster to stream: off_the_mapping).
+                      Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
                       are loaded). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
-                          cpu_kernels.py — unpack, dequantize and dot product fused, rows in
-                          parallel, each packed byte read once per token;
+                          cpu_kernels.py — unpack, dequantize and dot product fused, each
+                          packed byte read once per token; rows in parallel when that has
+                          been measured faster for the matrix (ThreadChoice);
                         * more tokens (prefill), or without the kernels: the NumPy path below.
   cache_dequantized   Every matrix is dequantized once at load to float32 and kept (4 bytes per
                       weight on top of the file); products are plain BLAS.
@@ -33,6 +36,8 @@ are added as y[:, r] += Σ v·x[:, c], the same as adding them to W.
 """
 from __future__ import annotations
 
+import mmap
+import time
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
@@ -46,12 +51,14 @@ if TYPE_CHECKING:
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
-KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices run on one thread (e.g. attention's q/k/v/o)
+KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
 PARALLEL_MIN_WORK = 1 << 18  # split a product over threads from this many weights to dequantize ...
 PARALLEL_MIN_FLOPS = 1 << 23  # ... or multiply-adds with cached float32 weights
+PRIVATE_COPY_MIN_BYTES = 16 << 20  # lean: fp16 matrices this big are streamed from anonymous memory (DenseWeight)
+COPY_CHUNK_BYTES = 4 << 20  # ... copied this much at a time
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
@@ -100,6 +107,32 @@ def dense_matmul(backend: NumpyBackend, dense: np.ndarray, x: np.ndarray) -> np.
     return y
 
 
+class ThreadChoice:
+    """Whether a matrix's compiled product runs on the calling thread or on all threads: whichever was
+    faster lately — measured, not guessed. Numba's OpenMP workers sleep between kernels (cpu_jit.py);
+    waking one costs microseconds on an idle machine but can take a scheduler period on a busy one,
+    where SmolLM2 decoded 0.77x as fast on 2 threads as on 1 with every big product parallel (measured).
+    Each way runs on PROBE of the first calls; then the faster one (wall time, moving average), the
+    other once every RETRY calls (the machine's load changes). Both ways give the same numbers."""
+
+    PROBE, RETRY, SMOOTHING = 3, 64, 0.25
+
+    def __init__(self):
+        self.seconds = [0.0, 0.0]  # moving average of a call's wall time: serial, parallel
+        self.calls = 0
+
+    def parallel(self) -> bool:
+        n, self.calls = self.calls, self.calls + 1
+        if n < 2 * self.PROBE:
+            return n % 2 == 1
+        faster = self.seconds[1] < self.seconds[0]
+        return faster != (n % self.RETRY == 0)
+
+    def record(self, parallel: bool, seconds: float) -> None:
+        old = self.seconds[parallel]
+        self.seconds[parallel] = seconds if old == 0.0 else old + self.SMOOTHING * (seconds - old)
+
+
 class Matrix:
     """What both weight kinds share: `cache()` makes a float32 copy once (--cache-dequantized, or a tied
     embedding when it is first used as the lm_head); without one, a product runs the compiled kernel
@@ -125,12 +158,58 @@ class Matrix:
                 return y
         return add_bias_residual(self.numpy_matmul(x), bias, residual)
 
+    @cached_property
+    def threads_choice(self) -> ThreadChoice | None:
+        """None: always the calling thread (one thread, or a small matrix)."""
+        big = self.shape[0] * self.shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
+        return ThreadChoice() if self.backend.threads > 1 and big else None
+
+    def run_product(self, serial, parallel, *args) -> bool:
+        """backend.run_kernel of the serial or the parallel kernel, as threads_choice picks (and times)."""
+        choice = self.threads_choice
+        if choice is None:
+            return self.backend.run_kernel(serial, *args)
+        use_parallel = choice.parallel()
+        t0 = time.perf_counter()
+        done = self.backend.run_kernel(parallel if use_parallel else serial, *args)
+        choice.record(use_parallel, time.perf_counter() - t0)
+        return done
+
+
+def off_the_mapping(view: np.ndarray) -> np.ndarray:
+    """A read-only copy of a view of the mmapped file in anonymous memory, made chunk by chunk; after
+    each chunk its whole pages of the mapping are dropped from this process (MADV_DONTNEED: the file
+    stays in the page cache; resident memory does not grow by the copy). Why: NumPy gives arrays this
+    big 2 MiB pages (transparent huge pages) where the kernel allows it, and streaming the fp16 lm_head
+    from those decodes faster than from the file's 4 KiB pages (SmolLM2's 54 MiB: 2.3 vs 3.3 ms per
+    token on one thread, measured). The view itself when it does not come from a releasable mmap."""
+    mapping = view
+    while mapping is not None and not isinstance(mapping, mmap.mmap):  # view → ... → memoryview → the mmap
+        mapping = mapping.obj if isinstance(mapping, memoryview) else getattr(mapping, "base", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+        return view
+    start = view.__array_interface__["data"][0] - np.frombuffer(mapping, np.uint8, count=1).__array_interface__["data"][0]
+    out = np.empty(view.shape, view.dtype)
+    flat_in, flat_out = view.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
+    for c0 in range(0, flat_in.size, COPY_CHUNK_BYTES):
+        c1 = min(flat_in.size, c0 + COPY_CHUNK_BYTES)
+        flat_out[c0:c1] = flat_in[c0:c1]
+        first, last = -(-(start + c0) // mmap.PAGESIZE), (start + c1) // mmap.PAGESIZE  # whole pages only
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+    out.flags.writeable = False
+    return out
+
 
 class DenseWeight(Matrix):
     """An fp16 matrix (out, in): multiplied from the fp16 file bytes (lean: compiled kernel for few
-    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached)."""
+    tokens, else converted to float32 chunk by chunk), or from a float32 copy made once (cached).
+    Lean mode streams a big one (≥ PRIVATE_COPY_MIN_BYTES, e.g. a tied embedding / lm_head) from a copy
+    in anonymous memory instead of the mapping (off_the_mapping: faster, same resident memory)."""
 
     def __init__(self, name, data: np.ndarray, backend: NumpyBackend):
+        if not backend.cache_dequantized and backend.kernels is not None and data.nbytes >= PRIVATE_COPY_MIN_BYTES:
+            data = off_the_mapping(data)
         self.name, self.data, self.backend = name, data, backend
         self.shape = data.shape
         self.half_bits = readonly(data.view(np.uint16))  # (out, in) fp16 bit patterns, zero-copy
@@ -143,8 +222,8 @@ class DenseWeight(Matrix):
         return self.data[ids].astype(np.float32)  # (T, in)
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        return self.backend.run_kernel(kernels.fp16_matmul, x, self.half_bits,
-                                       *kernel_extras(kernels, bias, residual), y)
+        return self.run_product(kernels.fp16_matmul_serial, kernels.fp16_matmul, x, self.half_bits,
+                                *kernel_extras(kernels, bias, residual), y)
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""
@@ -308,13 +387,10 @@ class AffineWeight(Matrix):
 
     # -- products -------------------------------------------------------------------------------------
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        out_features, in_features = self.shape
         csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
-        parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
-        kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
-        return self.backend.run_kernel(kernel, x, self.packed, self.scale_codes, self.scale_meta, self.zero_codes,
-                                       self.zero_meta, self.bits, self.group_size, *csr,
-                                       *kernel_extras(kernels, bias, residual), y)
+        return self.run_product(kernels.affine_matmul_serial, kernels.affine_matmul, x, self.packed, self.scale_codes,
+                                self.scale_meta, self.zero_codes, self.zero_meta, self.bits, self.group_size, *csr,
+                                *kernel_extras(kernels, bias, residual), y)
 
     def numpy_matmul(self, x):
         """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""
