@@ -18,6 +18,11 @@ the budget exactly:
   --bpw X    bits per weight over the decoder linears, counting everything they store
              (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
   --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
+  --max-loss P%  the smallest file whose loss on held-out calibration text (the text after
+             the calibrated tokens) is at most P% above the fp model's: the budget is searched
+             with the Fisher prediction, each file written is measured with the runtime (CPU),
+             and the prediction is rescaled by measured/predicted until a file meets P%
+             (at most 4 files); the summary shows predicted vs measured for each
 Embeddings, lm_head and norms stay fp16 unless --quantize-embeddings is given.
 
 \b
@@ -30,6 +35,7 @@ The MXQ paper's data-free method: --objective frobenius --quantizer hqq --config
 Examples:
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
   mxq convert ./SmolLM2-135M -o smol.mxq --size 90MiB
+  mxq convert ./SmolLM2-135M -o smol.mxq --max-loss 1%
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25 --objective frobenius --quantizer hqq --configs paper
   mxq convert ./SmolLM2-135M -o smol-fp16.mxq --bpw 16 --configs fp16
 
@@ -43,6 +49,9 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .mxq file (written atomically).")
 @click.option("--bpw", type=float, help="Budget: bits per weight over the decoder linears.")
 @click.option("--size", "size_text", help="Budget: whole-file size in bytes (suffixes B, KB, MB, GB, KiB, MiB, GiB).")
+@click.option("--max-loss", "max_loss_text",
+              help="Budget: the smallest file whose loss increase on held-out calibration text is at most this "
+                   "percentage of the fp model's loss (e.g. 1%), predicted, then measured with the runtime.")
 @click.option("--configs", default=default("configs"), show_default=True,
               help=f"Candidate configs, comma-separated: bBgG (B bits {_list(SUPPORTED_BITS)}; G group "
                    f"{_list(GROUP_SIZES)}), optionally +oP% outliers, fp16, or presets {_list(PRESETS)} "
@@ -71,12 +80,12 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Threads for quantization  [default: every core available]; the file does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outlier_mode, quantizer, objective,
+def convert_command(hf_dir, output, bpw, size_text, max_loss_text, configs, outliers_text, outlier_mode, quantizer, objective,
                     calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
-    from .options import ConvertOptions, parse_size
+    from .options import ConvertOptions, parse_percent, parse_size
     from .pipeline import convert
     from .errors import ConversionError
 
@@ -87,13 +96,15 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
     except ValueError:
         raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
     options = ConvertOptions(
-        bpw=bpw, size=parse_size(size_text) if size_text else None, configs=configs, quantizer=quantizer,
+        bpw=bpw, size=parse_size(size_text) if size_text else None,
+        max_loss=parse_percent(max_loss_text, "--max-loss") if max_loss_text else None, configs=configs, quantizer=quantizer,
         objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
-    budget = f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes"
+    budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.size else
+              f"loss increase ≤ {options.max_loss:g}% on held-out calibration text")
     click.echo(f"wrote {report.path}: {report.file_bytes:,} bytes ({report.file_bytes / 2**20:.2f} MiB)")
     click.echo(f"budget {budget}; achieved {report.achieved_bpw:.4f} bpw over decoder linears")
     click.echo("average bits per module: " + ", ".join(f"{m} {b:.2f}" for m, b in report.module_bits.items()))
