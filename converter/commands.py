@@ -18,11 +18,12 @@ the budget exactly:
   --bpw X    bits per weight over the decoder linears, counting everything they store
              (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
   --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
-  --max-loss P%  the smallest file whose loss on held-out calibration text (the text after
-             the calibrated tokens) is at most P% above the fp model's: the budget is searched
-             with the Fisher prediction, each file written is measured with the runtime (CPU),
-             and the prediction is rescaled by measured/predicted until a file meets P%
-             (at most 4 files); the summary shows predicted vs measured for each
+  --max-loss P
+             the smallest file whose loss on held-out calibration text (the tokens after
+             the calibrated ones) is at most P% above the fp model's: the budget is searched
+             with the Fisher prediction, each file written is measured with the runtime (CPU)
+             and the prediction rescaled by measured/predicted until a file meets P% (a few
+             files at most); the summary shows predicted beside measured for each
 Embeddings, lm_head and norms stay fp16 unless --quantize-embeddings is given.
 
 \b

@@ -27,6 +27,7 @@ from .allocate import allocate
 from .errors import ConversionError
 
 HELDOUT_TOKENS = 8192  # held-out tokens scored at most (beyond the calibration's own)
+DEQUANTIZED_CAP_BYTES = 2 << 30  # measure with float32 weights cached when they take at most this much RAM
 MIN_HELDOUT_TOKENS = 1024  # fewer than this and the measured loss is too noisy to steer by
 
 
@@ -166,9 +167,13 @@ def file_loss(path, evaluation: Evaluation) -> dict:
     """The runtime's (CPU) mean next-token loss of the .mxq file at `path` on `evaluation`:
     perplexity()'s report (nll, ppl, chunks, scored_tokens, seconds)."""
     import mxq
+    from ..format_spec import MxqFile
     from ..runtime.perplexity import perplexity
 
-    with mxq.load(path, verify=False) as model:  # just written by us
+    with MxqFile.open(path) as f:
+        dense_bytes = 4 * sum(entry.numel for entry in f.tensors.values())
+    # float32 weights made once are faster over many chunks than dequantizing per chunk; lean beyond the cap
+    with mxq.load(path, verify=False, cache_dequantized=dense_bytes <= DEQUANTIZED_CAP_BYTES) as model:
         ids = evaluation.ids if evaluation.ids is not None else model.tokenizer.encode(evaluation.text)
         return perplexity(model, ids, ctx=min(evaluation.ctx, model.context_length),
                           max_chunks=evaluation.max_chunks, progress=False)

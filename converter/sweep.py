@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .options import default
+from .options import QUANTIZERS, default
 
 MEASURED_POINTS = 4  # budgets converted and measured by default, spread over the feasible sweep
 HEATMAP_BPW = 4.25  # the default heatmap's budget (or the swept budget nearest to it)
@@ -222,7 +222,7 @@ Examples:
               help="With --text: score the first M chunks.")
 @click.option("--keep-files", is_flag=True, help="Keep the measured .mxq files in DIR.")
 @click.option("--configs", default=default("configs"), show_default=True, help="Candidate configs (as `mxq convert`).")
-@click.option("--quantizer", type=click.Choice(["hqq", "rtn", "wls"]), default=default("quantizer"),
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"),
               show_default=True, help="Quantizer (as `mxq convert`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text (as `mxq convert`).")
 @click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True,
