@@ -60,7 +60,7 @@ def heatmap_entries(table, choice) -> list:
 
 
 def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=None, ctx=2048, max_chunks=16,
-          keep_files=False, progress=None, log=print) -> dict:
+          keep_files=False, progress=None, log=print, text_name="--text") -> dict:
     """Run the sweep (see the module docstring); returns {"rows", "seconds", "paths", "scale", "fp"}.
     measure_at / heatmap_bpw None: MEASURED_POINTS spread over the feasible budgets / the one nearest HEATMAP_BPW."""
     from .prediction import Evaluation, convert_at, file_loss, fp_reference, heldout, predicted_increase, prepare
@@ -73,7 +73,7 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
     prepared = prepare(hf_dir, options, progress)
     seconds.update(prepared.seconds)
     table, calibration = prepared.table, prepared.calibration
-    evaluation = heldout(prepared) if text is None else Evaluation("--text", None, text, ctx, max_chunks)
+    evaluation = heldout(prepared) if text is None else Evaluation(text_name, None, text, ctx, max_chunks)
     stage = time.perf_counter()
     fp = fp_reference(prepared, evaluation, out_dir)
     seconds["fp reference"] = time.perf_counter() - stage
@@ -246,7 +246,7 @@ def sweep_command(hf_dir, out_dir, start, stop, step, measure_text, heatmap_bpw,
     options.validate()  # bpw is a placeholder: every budget of the sweep replaces it
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     result = sweep(hf_dir, out_dir, options, budgets, measure_at, heatmap_bpw, text, ctx, max_chunks, keep_files,
-                   progress, log=lambda line: click.echo(line))
+                   progress, log=lambda line: click.echo(line), text_name=text_path and Path(text_path).name)
     click.echo("seconds: " + ", ".join(f"{stage} {t:.1f}" for stage, t in result["seconds"].items()))
     for kind, path in result["paths"].items():
         click.echo(f"wrote {path}")

@@ -165,3 +165,17 @@ def test_smollm2_max_loss_is_met_measured(tmp_path, percent):
     chosen = report.target["rounds"][report.target["chosen"]]
     assert chosen["measured_pct"] <= 1.5 * percent  # the bar: the 1% file within 1.5% measured
     assert not report.target["met"] or chosen["measured_pct"] <= percent
+
+
+def test_sweep_measures_on_a_given_text(tiny_llama, tmp_path, cache):
+    text = tmp_path / "eval.txt"
+    text.write_text(default_text()[-3000:])
+    code, stdout, stderr = cli("sweep", tiny_llama, "-o", tmp_path / "s", "--from", "4", "--to", "4", "--measure-at",
+                               "4", "--text", text, "--ctx", "64", "--max-chunks", "2", "--calib-tokens", "1024",
+                               "--cache-dir", cache, "-q")
+    assert code == 0, stderr
+    assert "fp16 reference on eval.txt" in stdout and "(2 chunks of 64 tokens)" in stdout
+    (row,) = csv.DictReader(open(tmp_path / "s" / "sweep.csv"))
+    assert float(row["measured_ppl"]) == pytest.approx(math.exp(float(row["measured_nll"])), rel=1e-5)
+    code, _, stderr = cli("sweep", tiny_llama, "-o", tmp_path / "t", "--text", tmp_path / "missing.txt")
+    assert code == 1 and "missing.txt" in stderr and len(stderr.strip().splitlines()) == 1
