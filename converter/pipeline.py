@@ -141,7 +141,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
-        importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
+        importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
         else:
@@ -225,6 +225,11 @@ def _sample_note(table, choice, options) -> list[str]:
     relative = math.sqrt(float((se ** 2).sum())) / max(float(table.weighted[rows, choice].sum()), 1e-300)
     return [f"errors measured on 1 row in {options.measure_every}: the chosen allocation's total error is "
             f"known to ±{100 * relative:.2f}% (one standard error); the file's errors are exact"]
+
+
+def _importance_id(options, calibration) -> str:
+    """The error cache's key for errors weighted by this calibration."""
+    return f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
 
 
 def _read_calibration_text(options) -> str | None:

@@ -49,7 +49,7 @@ class Prepared:
 def prepare(hf_dir, options, progress=None) -> Prepared:
     """Read, calibrate and measure as `mxq convert` does (both cached), without solving or writing."""
     from .measure import ErrorCache, default_cache_dir, measure
-    from .pipeline import _calibration, _candidates, _use_cores
+    from .pipeline import _calibration, _candidates, _importance_id, _use_cores
     from .checkpoint import read_checkpoint
 
     if options.objective != "fisher":
@@ -72,7 +72,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
     seconds["calibrate"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
+    importance_id = _importance_id(options, calibration)
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     table = measure(checkpoint, candidates, options.quantizer, cache, progress, calibration.fisher.__getitem__,
                     importance_id, options.outlier_mode, options.measure_every)

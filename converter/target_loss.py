@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConversionError
 from .prediction import (convert_at, file_choice, file_loss, fp_reference, heldout, predicted_increase, prepare,
                          scored_tokens, smallest_budget, workdir_for)
 
@@ -64,10 +65,16 @@ def convert_max_loss(hf_dir, out_path, options, progress=None):
         fp_loss = fp_reference(prepared, evaluation, workdir)["nll"]
         reference_seconds = time.perf_counter() - stage
         target = options.max_loss / 100.0 * fp_loss  # nats per token
-        rounds, scale = [], 1.0
+        rounds, scale, unreachable = [], 1.0, None
         for r in range(MAX_ROUNDS):
             limit = target / scale * 2.0 * scored_tokens(calibration)  # in Σ F·ΔW² units
-            budget, _ = smallest_budget(table.costs, table.weighted, limit, resolution)
+            try:
+                budget, _ = smallest_budget(table.costs, table.weighted, limit, resolution)
+            except ConversionError as error:
+                if not rounds:
+                    raise
+                unreachable = f"round {r + 1} not tried: after rescaling, {error}"
+                break
             if any(done.budget == budget for done in rounds):
                 break
             path = os.path.join(workdir, f"round{r}.mxq")
@@ -96,7 +103,7 @@ def convert_max_loss(hf_dir, out_path, options, progress=None):
     verdict = (f"chose round {rounds.index(chosen) + 1}: the smallest file that meets the target measured" if met else
                f"NO file met the target: wrote the closest (round {rounds.index(chosen) + 1}), "
                f"{100.0 * (chosen.measured - target) / fp_loss:.2f} points over")
-    report.notes = prepared.notices + report.notes + lines + [verdict]
+    report.notes = prepared.notices + report.notes + lines + ([unreachable] if unreachable else []) + [verdict]
     report.target = {"max_loss_percent": options.max_loss, "fp_loss": fp_loss, "heldout_tokens": len(evaluation.ids),
                      "met": bool(met), "rounds": [{"bpw": d.bpw, "file_bytes": d.file_bytes, "scale": d.scale,
                                                    "predicted_pct": 100 * d.predicted / fp_loss,
