@@ -1,4 +1,4 @@
-"""The `mxq` command line: convert, generate, eval, inspect, verify, export-hf, serve."""
+"""The `mxq` command line: convert, sweep, generate, eval, inspect, verify, export-hf, serve."""
 from __future__ import annotations
 
 import signal
@@ -99,10 +99,20 @@ def _open(path) -> MxqFile:
                    "(prompt + new tokens), itemized: file, KV cache, working buffers, runtime.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Sequences generated at once, for --context (multiplies KV cache and activations).")
-def inspect(file, as_json, tensors, context, batch):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the allocation heatmap (decoder layer × module → bits per weight) as a PNG "
+                   "(needs matplotlib: pip install 'mxq[plot]').")
+def inspect(file, as_json, tensors, context, batch, plot_path):
     """Show what is inside an .mxq FILE: model, tokenizer, provenance, per-tensor storage, totals;
-    with --context N, the runtime memory footprint too."""
+    with --context N, the runtime memory footprint too; with --plot OUT.png, the allocation heatmap."""
     footprint = None
+    if plot_path is not None:
+        from . import plot
+
+        try:
+            plot.require()  # before any work: one line on how to install matplotlib
+        except plot.PlotUnavailable as error:
+            _fail(str(error))
     with _open(file) as f:
         report = summarize(f)
         if context is not None:
@@ -110,6 +120,8 @@ def inspect(file, as_json, tensors, context, batch):
 
             footprint = file_footprint(f, context, batch)
             report["footprint"] = footprint.to_json()
+    if plot_path is not None:
+        _plot_allocation(report, plot_path)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -141,6 +153,27 @@ def inspect(file, as_json, tensors, context, batch):
         click.echo("\n".join(footprint.lines()))
 
 
+def _fail(message: str) -> None:
+    click.echo(f"mxq: error: {message}", err=True)
+    sys.exit(1)
+
+
+def _plot_allocation(report: dict, path) -> None:
+    from pathlib import Path
+
+    from . import plot
+
+    linears = [(t["name"], t["label"], t["bpw"]) for t in report["tensors"] if t["role"] == "linear"]
+    if not any(plot.layer_of(name) is not None for name, _, _ in linears):
+        _fail(f"{report['file']}: no per-layer decoder linears to plot")
+    others = ", ".join(f"{t['role']} {t['label']}" for t in report["tensors"] if t["role"] in ("embedding", "lm_head"))
+    totals = report["totals"]
+    title = (f"{Path(report['file']).name}: {totals['bpw_linear']:.3f} bpw over decoder linears, "
+             f"{totals['bpw_all']:.3f} over all tensors" + (f"; {others}" if others else ""))
+    plot.heatmap(linears, path, title)
+    click.echo(f"wrote {path}", err=True)
+
+
 @main.command()
 @click.argument("file", type=click.Path())
 def verify(file):
@@ -160,10 +193,11 @@ def _register_commands():
     """convert lives with the converter, generate/eval/export-hf with the runtime, serve with the
     server; each module defines click commands whose heavy imports happen only when the command runs."""
     from .converter.commands import COMMANDS as converter_commands
+    from .converter.sweep import sweep_command
     from .runtime.commands import COMMANDS as runtime_commands
     from .server.commands import COMMANDS as server_commands
 
-    for command in converter_commands + runtime_commands + server_commands:
+    for command in converter_commands + [sweep_command] + runtime_commands + server_commands:
         main.add_command(command)
 
 

@@ -21,6 +21,12 @@ the budget exactly:
   --fit S --context N [--batch B]
              the whole runtime footprint of `mxq generate` (lean, CPU): file + KV cache
              for N positions × B + working buffers, tokenizer, interpreter (runtime/footprint.py)
+  --max-loss P
+             the smallest file whose loss on held-out calibration text (the tokens after
+             the calibrated ones) is at most P% above the fp model's: the budget is searched
+             with the Fisher prediction, each file written is measured with the runtime (CPU)
+             and the prediction rescaled by measured/predicted until a file meets P% (a few
+             files at most); the summary shows predicted beside measured for each
 With --size and --fit (and the default --objective fisher) the embedding and lm_head are
 allocated too: fp16 or 8–3-bit affine, their Fisher error in the linears' units, a tied
 matrix stored once. With --bpw they stay fp16; --quantize-embeddings fixes them; norms are fp16.
@@ -36,6 +42,7 @@ Examples:
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
   mxq convert ./SmolLM2-135M -o smol.mxq --size 90MiB
   mxq convert ./SmolLM2-135M -o smol.mxq --fit 560MiB --context 2048
+  mxq convert ./SmolLM2-135M -o smol.mxq --max-loss 1%
   mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25 --objective frobenius --quantizer hqq --configs paper
   mxq convert ./SmolLM2-135M -o smol-fp16.mxq --bpw 16 --configs fp16
 
@@ -52,6 +59,9 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--fit", "fit_text", help="Budget: bytes for file + runtime memory at --context (suffixes as --size).")
 @click.option("--context", type=int, default=None, help="With --fit: positions (prompt + new tokens) to hold.")
 @click.option("--batch", type=int, default=default("batch"), show_default=True, help="With --fit: sequences.")
+@click.option("--max-loss", "max_loss_text",
+              help="Budget: the smallest file whose loss increase on held-out calibration text is at most this "
+                   "percentage of the fp model's loss (e.g. 1%), predicted, then measured with the runtime.")
 @click.option("--configs", default=default("configs"), show_default=True,
               help=f"Candidate configs, comma-separated: bBgG (B bits {_list(SUPPORTED_BITS)}; G group "
                    f"{_list(GROUP_SIZES)}), optionally +oP% outliers, fp16, or presets {_list(PRESETS)} "
@@ -81,13 +91,13 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Threads for quantization  [default: every core available]; the file does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, configs, outliers_text, outlier_mode,
-                    quantizer, objective,
+def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, max_loss_text, configs,
+                    outliers_text, outlier_mode, quantizer, objective,
                     calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
-    from .options import ConvertOptions, parse_size
+    from .options import ConvertOptions, parse_percent, parse_size
     from .pipeline import convert
     from .errors import ConversionError
 
@@ -99,14 +109,16 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, co
         raise ConversionError(f"--outliers {outliers_text!r}: expected a percentage such as 0.5%") from None
     options = ConvertOptions(
         bpw=bpw, size=parse_size(size_text) if size_text else None,
-        fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch, configs=configs,
+        fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch,
+        max_loss=parse_percent(max_loss_text, "--max-loss") if max_loss_text else None, configs=configs,
         quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
-    budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.fit is None
-              else f"fit {options.fit:,} bytes at context {options.context} × {options.batch}")
+    budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.size
+              else f"fit {options.fit:,} bytes at context {options.context} × {options.batch}" if options.fit
+              else f"loss increase ≤ {options.max_loss:g}% on held-out calibration text")
     click.echo(f"wrote {report.path}: {report.file_bytes:,} bytes ({report.file_bytes / 2**20:.2f} MiB)")
     click.echo(f"budget {budget}; achieved {report.achieved_bpw:.4f} bpw over decoder linears")
     click.echo("average bits per module: " + ", ".join(f"{m} {b:.2f}" for m, b in report.module_bits.items()))

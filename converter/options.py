@@ -16,6 +16,7 @@ OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest
 OBJECTIVES = ("frobenius", "frobenius_sq", "output", "fisher")
 CALIBRATED_OBJECTIVES = ("output", "fisher")
 SAMPLE_EVERY = 8  # measurement quantizes 1 row in this many per config (converter/measure.py)
+MAX_LOSS_PERCENT = 100.0  # --max-loss P%: the loss increase allowed, as a percentage of the fp model's loss
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -26,6 +27,7 @@ class ConvertOptions:
     fit: int | None = None  # or: bytes for the runtime's whole footprint at `context` × `batch`
     context: int | None = None  # --fit: positions (prompt + new tokens) the KV cache holds
     batch: int = 1  # --fit: sequences
+    max_loss: float | None = None  # or: percent loss increase allowed on held-out calibration text (target_loss.py)
     # Defaults are the best measured on SmolLM2 (tools/quality_sweep.py, README "Quality"); the MXQ
     # paper's data-free method is configs="paper", quantizer="hqq", objective="frobenius".
     configs: str = "all"
@@ -41,8 +43,8 @@ class ConvertOptions:
     jobs: int | None = None  # threads for quantization (None: every core this process may use)
 
     def validate(self):
-        if sum(budget is not None for budget in (self.bpw, self.size, self.fit)) != 1:
-            raise ConversionError("give exactly one budget: --bpw, --size or --fit")
+        if sum(budget is not None for budget in (self.bpw, self.size, self.fit, self.max_loss)) != 1:
+            raise ConversionError("give exactly one budget: --bpw, --size, --fit or --max-loss")
         if (self.fit is None) != (self.context is None):
             raise ConversionError("--fit and --context go together: --fit SIZE --context N")
         if self.fit is not None and self.fit <= 0:
@@ -51,6 +53,10 @@ class ConvertOptions:
             raise ConversionError(f"--context {self.context} must be at least 1")
         if self.batch < 1:
             raise ConversionError(f"--batch {self.batch} must be at least 1")
+        if self.max_loss is not None and not 0.0 < self.max_loss <= MAX_LOSS_PERCENT:
+            raise ConversionError(f"--max-loss {self.max_loss:g}% is outside (0, {MAX_LOSS_PERCENT:g}]%")
+        if self.max_loss is not None and self.objective != "fisher":
+            raise ConversionError("--max-loss predicts the loss with the Fisher estimate: use --objective fisher")
         if self.bpw is not None and not 1.0 <= self.bpw <= 16.0:
             raise ConversionError(f"--bpw {self.bpw} is outside [1, 16]")
         if self.size is not None and self.size <= 0:
@@ -101,3 +107,14 @@ def parse_size(text: str, flag: str = "--size") -> int:
         raise ConversionError(f"{flag} {text!r}: expected a positive number of bytes, optionally with "
                               "B/KB/MB/GB/KiB/MiB/GiB")
     return int(size)
+
+
+def parse_percent(text: str, option: str) -> float:
+    """'1%', '0.5', ' 2.5 % ' → the number of percent."""
+    try:
+        value = float(text.strip().rstrip("%").strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConversionError(f"{option} {text!r}: expected a percentage such as 1%")
+    return value

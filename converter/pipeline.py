@@ -44,6 +44,7 @@ class Report:
     matrix_configs: dict = field(default_factory=dict)  # embedding / lm_head name -> config label
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    target: dict = field(default_factory=dict)  # --max-loss: target, rounds, predicted vs measured (target_loss.py)
 
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
@@ -156,6 +157,9 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     """
     options = options or ConvertOptions(**kwargs)
     options.validate()
+    if options.max_loss is not None:  # a search over budgets, each converted here (converter/target_loss.py)
+        from .target_loss import convert_max_loss
+        return convert_max_loss(hf_dir, out_path, options, progress)
     _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
@@ -170,7 +174,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
-        importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
+        importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
         else:
@@ -281,17 +285,26 @@ def _sample_note(table, choice, options) -> list[str]:
             f"known to ±{100 * relative:.2f}% (one standard error); the file's errors are exact"]
 
 
+def _importance_id(options, calibration) -> str:
+    """The error cache's key for errors weighted by this calibration."""
+    return f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
+
+
+def _read_calibration_text(options) -> str | None:
+    """The --calib file's text (None: the packaged default)."""
+    if not options.calib:
+        return None
+    try:  # a regular file only: a FIFO would block forever
+        with os.fdopen(open_regular(options.calib), "rb") as handle:
+            return handle.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
+
+
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
     from .calibrate import load_or_calibrate
 
-    text = None
-    if options.calib:
-        try:  # a regular file only: a FIFO would block forever
-            with os.fdopen(open_regular(options.calib), "rb") as handle:
-                text = handle.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
-    return load_or_calibrate(checkpoint, checkpoint_hash, text, options.calib_tokens,
+    return load_or_calibrate(checkpoint, checkpoint_hash, _read_calibration_text(options), options.calib_tokens,
                              cache_dir and Path(cache_dir) / "calibration", progress)
 
 
