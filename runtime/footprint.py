@@ -3,7 +3,9 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
 `mxq inspect FILE --context N` prints.
 
     item         bytes                                                     where it is allocated
-    file         file_bytes (every weight page is read per token)          the mmapped .mxq (lean mode)
+    file         file_bytes (every weight page is read per token)          the mmapped .mxq (lean mode); a big
+                                                                           fp16 lm_head moves to anonymous
+                                                                           memory, same bytes (cpu_weights)
     kv_cache     layers · 2 · kv_heads · head_dim · N · 4 · batch          base.LayerCache, float32 on the CPU
     activations  prefill peak of the whole prompt (≤ N tokens) · batch     model.block, numpy_backend
                  (main thread + each worker thread's blocks)
@@ -45,7 +47,8 @@ ALLOCATOR_BYTES = 16 * MiB  # freed blocks glibc keeps resident (its mmap thresh
 # big free): verify's read buffers (reader.VERIFY_CHUNK = 8 MiB, +10 MiB measured) and prefill temporaries
 TOKENIZER_LIBRARY_BYTES = 12 * MiB  # the `tokenizers` shared library loaded and initialized
 TOKENIZER_BYTES_PER_JSON_BYTE = 13  # parsed tokenizer.json: 12.5x (SmolLM2, 3.5 MB), 12.2x (Gemma 3, 33 MB)
-KERNELS_BYTES = 120 * MiB  # Numba + LLVM + the cached kernels: +114 MiB RSS at load, +110 MiB at peak
+KERNELS_BYTES = 120 * MiB  # Numba + LLVM + the cached kernels: +122 MiB RSS at load (llvmlite 40, numba 23,
+# the kernels 60: cpu_jit.py), +110 MiB at peak
 
 
 @dataclass

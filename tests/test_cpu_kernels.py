@@ -185,6 +185,21 @@ def test_thread_splits_give_identical_rows():
             np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
 
 
+def test_matrices_of_one_shape_share_a_thread_choice():
+    from conftest import random_affine_blobs
+
+    rng = np.random.default_rng(10)
+    config = StorageConfig.affine(4, 64, 0)
+    backend = NumpyBackend(threads=2)
+    a, b, c = (backend.prepare(_Entry("w", shape, config), random_affine_blobs(rng, shape, config))
+               for shape in ((1024, 512), (1024, 512), (512, 1024)))
+    small = backend.prepare(_Entry("w", (64, 64), config), random_affine_blobs(rng, (64, 64), config))
+    assert a.threads_choice is b.threads_choice and a.threads_choice is not c.threads_choice
+    assert small.threads_choice is None and NumpyBackend(threads=1).prepare(
+        _Entry("w", (1024, 512), config), random_affine_blobs(rng, (1024, 512), config)).threads_choice is None
+    backend.close()
+
+
 def test_thread_choice_probes_both_ways_then_keeps_the_faster():
     choice = ThreadChoice()
     seconds = {False: 2.0, True: 1.0}  # parallel faster

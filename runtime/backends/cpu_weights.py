@@ -112,10 +112,11 @@ class ThreadChoice:
     faster lately — measured, not guessed. Numba's OpenMP workers sleep between kernels (cpu_jit.py);
     waking one costs microseconds on an idle machine but can take a scheduler period on a busy one,
     where SmolLM2 decoded 0.77x as fast on 2 threads as on 1 with every big product parallel (measured).
+    Matrices of one shape and kind share a choice (the 30 gate projections of a 30-layer model: one).
     Each way runs on PROBE of the first calls; then the faster one (wall time, moving average), the
     other once every RETRY calls (the machine's load changes). Both ways give the same numbers."""
 
-    PROBE, RETRY, SMOOTHING = 3, 64, 0.25
+    PROBE, RETRY, SMOOTHING = 3, 256, 0.25
 
     def __init__(self):
         self.seconds = [0.0, 0.0]  # moving average of a call's wall time: serial, parallel
@@ -160,9 +161,11 @@ class Matrix:
 
     @cached_property
     def threads_choice(self) -> ThreadChoice | None:
-        """None: always the calling thread (one thread, or a small matrix)."""
-        big = self.shape[0] * self.shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
-        return ThreadChoice() if self.backend.threads > 1 and big else None
+        """The backend's ThreadChoice for this kind and shape; None: always the calling thread (one
+        thread, or a small matrix)."""
+        if self.backend.threads < 2 or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS:
+            return None
+        return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
     def run_product(self, serial, parallel, *args) -> bool:
         """backend.run_kernel of the serial or the parallel kernel, as threads_choice picks (and times)."""

@@ -57,6 +57,7 @@ class NumpyBackend(Backend):
             numba.set_num_threads(self.threads)
         self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
         self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
+        self.thread_choices = {}  # (weight kind, shape) → cpu_weights.ThreadChoice: serial or parallel products
         self.blas = blas_threads()
         self.blas.set(1)
 
