@@ -128,8 +128,9 @@ def frontier(rows, path, title: str = "") -> str:
     plt = _pyplot()
     bpw = np.array([r["bpw"] for r in rows], dtype=float)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    calibrated = any(r.get("calibrated_pct") is not None for r in rows)
     left.plot(bpw, [r["predicted_pct"] for r in rows], "-", color="tab:blue", label="predicted (Fisher)")
-    if any(r.get("calibrated_pct") is not None for r in rows):
+    if calibrated:
         left.plot(bpw, [r["calibrated_pct"] for r in rows], "--", color="tab:orange",
                   label="predicted, calibrated to the measured points")
     measured = [r for r in rows if r.get("measured_pct") is not None]
@@ -145,7 +146,9 @@ def frontier(rows, path, title: str = "") -> str:
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
     fp_ppl = rows[0].get("fp_ppl")
-    right.plot(bpw, [r["predicted_ppl"] for r in rows], "-", color="tab:blue", label="predicted")
+    right.plot(bpw, [r["predicted_ppl"] for r in rows], "--" if calibrated else "-",
+               color="tab:orange" if calibrated else "tab:blue",
+               label="predicted, calibrated" if calibrated else "predicted (Fisher)")
     if measured:
         right.plot([r["bpw"] for r in measured], [r["measured_ppl"] for r in measured], "o", color="tab:red",
                    label="measured (runtime)")

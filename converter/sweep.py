@@ -63,7 +63,8 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
           keep_files=False, progress=None, log=print, text_name="--text") -> dict:
     """Run the sweep (see the module docstring); returns {"rows", "seconds", "paths", "scale", "fp"}.
     measure_at / heatmap_bpw None: MEASURED_POINTS spread over the feasible budgets / the one nearest HEATMAP_BPW."""
-    from .prediction import Evaluation, convert_at, file_loss, fp_reference, heldout, predicted_increase, prepare
+    from .prediction import (PREDICTION_GAP, Evaluation, convert_at, file_loss, fp_reference, heldout,
+                             predicted_increase, prepare)
     from .allocate import allocate
     from .errors import ConversionError
 
@@ -98,7 +99,7 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
     for bpw in feasible:  # the sweep proper: one MILP per budget on the cached table
         budget = int(math.floor(bpw * numel / 8 + 1e-9))  # as pipeline._solve
         stage = time.perf_counter()
-        choice = allocate(table.costs, table.weighted, budget)
+        choice = allocate(table.costs, table.weighted, budget, rel_gap=PREDICTION_GAP)
         solve_seconds.append(time.perf_counter() - stage)
         solved[bpw] = (budget, choice, solve_seconds[-1],
                        predicted_increase(float(table.weighted[rows_index, choice].sum()), calibration))
