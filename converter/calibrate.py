@@ -338,6 +338,12 @@ def _calibration(checkpoint, directory: Path, meta: dict, text: str) -> Calibrat
                        int(meta["tokens"]), hashlib.sha256(text.encode()).hexdigest(), float(meta["loss"]), directory)
 
 
+def expanded_input_sq(input_sq: LazyStats, name: str) -> torch.Tensor:
+    """The `output` objective's importance of linear `name`: its input second moments (in,) broadcast to
+    its weight's shape (out, in)."""
+    return input_sq[name].expand(input_sq.shapes[name])
+
+
 def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens: int, cache_dir,
                       progress=None, runner=None) -> Calibration:
     """calibrate(), cached under `cache_dir` keyed by checkpoint, text and token count (cache_dir None:

@@ -4,10 +4,11 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ class Report:
     config_counts: dict
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    workers: dict = field(default_factory=dict)  # --cluster: stage -> worker -> (seconds in tasks, tasks)
 
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
@@ -123,6 +125,20 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     """
     options = options or ConvertOptions(**kwargs)
     options.validate()
+    if options.cluster is None:
+        return _convert(hf_dir, out_path, options, progress)
+    from .cluster import connect  # the only import of Ray (converter/cluster.py), and only with --cluster
+
+    cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
+    options = replace(options, cache_dir=cache_dir and str(Path(cache_dir).absolute()))  # paths the workers read
+    with connect(options.cluster) as cluster:
+        report = _convert(Path(hf_dir).absolute(), out_path, options, progress, cluster)
+        report.workers, report.notes = cluster.worker_seconds(), report.notes + cluster.notes
+        return report
+
+
+def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) -> Report:
+    """convert(); with `cluster` (converter/cluster.py), calibration and measurement run as its tasks."""
     _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
@@ -136,24 +152,29 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     importance, importance_id, calibration = None, "none", None
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
         stage = time.perf_counter()
-        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
+        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
+                                   cluster and cluster.calibration_runner(checkpoint))
         importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
-        else:
-            importance = lambda name: calibration.input_sq[name].expand(checkpoint.tensors[name].shape)  # noqa: E731
+        else:  # a partial, not a lambda: cluster workers receive it pickled
+            from .calibrate import expanded_input_sq
+            importance = functools.partial(expanded_input_sq, calibration.input_sq)
         seconds["calibrate"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
+    if cluster:  # workers read the checkpoint and the calibration statistics themselves
+        cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
     table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
-                    options.outlier_mode, options.measure_every)
+                    options.outlier_mode, options.measure_every, runner=cluster and cluster.map)
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
         "source": {"name": Path(hf_dir).resolve().name, "sha256": checkpoint_hash, **checkpoint.license},
         "converter": {"name": "mxq", "version": __version__},
-        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None},
+        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None,
+                    "cluster": None},
     }
     if calibration is not None:
         provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
@@ -223,7 +244,7 @@ def _sample_note(table, choice, options) -> list[str]:
             f"known to ±{100 * relative:.2f}% (one standard error); the file's errors are exact"]
 
 
-def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
+def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):
     from .calibrate import load_or_calibrate
 
     text = None
@@ -234,7 +255,7 @@ def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
         except (OSError, UnicodeDecodeError) as error:
             raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
     return load_or_calibrate(checkpoint, checkpoint_hash, text, options.calib_tokens,
-                             cache_dir and Path(cache_dir) / "calibration", progress)
+                             cache_dir and Path(cache_dir) / "calibration", progress, runner)
 
 
 def _module_bits(table, choice) -> dict:
