@@ -13,7 +13,8 @@
 Every task is a pure function of its arguments, computed with the same code as a local run, and the
 driver combines results in a fixed order: the file is byte-identical to a local conversion whatever the
 scheduling, the number of workers or the workers that die (Ray runs a task again, up to MAX_RETRIES
-times). A driver that dies loses only what it had not saved: the error cache is saved as results arrive.
+times). A driver that dies loses only what it had not saved: a finished calibration, and the error
+cache, which measure() saves every 16 matrices; the next run resumes from them.
 
 Workers read weights from the checkpoint path and calibration statistics from the cache directory, so
 both must be on storage every node sees under the same path (checked by a probe task on every node);
@@ -39,7 +40,6 @@ except ImportError:
 
 MAX_RETRIES = 5  # a task whose worker process (or node) dies runs again, this many times at most
 CPUS_PER_TASK = 1  # one task per core: tasks are many and independent
-SAVE_SECONDS = 30.0  # the driver saves the error cache at least this often while results arrive
 
 
 # -- on the workers ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ CALIBRATED_OBJECTIVES = ("output", "fisher")
 SAMPLE_EVERY = 8  # measurement quantizes 1 row in this many per config (converter/measure.py)
 # --cluster: "local" or "local:N" (start a Ray instance here with N worker processes), "ray://HOST:PORT"
 # (Ray Client to a running cluster's head) or "HOST:PORT" / "auto" (join a cluster this machine is part of)
-CLUSTER_ADDRESS = re.compile(r"local(:[1-9][0-9]*)?|ray://[^\s/:]+:[0-9]+|[^\s/:]+:[0-9]+|auto")
+CLUSTER_ADDRESS = re.compile(r"local(:[1-9][0-9]*)?|ray://[^\s/:]+:[0-9]+|(?!local:)[^\s/:]+:[0-9]+|auto")
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
