@@ -65,19 +65,19 @@ def _worker() -> str:
 
 
 def _task(function, *args):
-    """Run function(*args) with CPUS_PER_TASK threads → (value, worker, seconds). A ConversionError
-    gets the worker's name (a node that cannot read a file says which node it is)."""
+    """Run function(*args) with CPUS_PER_TASK threads → (value, worker, (seconds, CPU seconds)). A
+    ConversionError gets the worker's name (a node that cannot read a file says which node it is)."""
     import numba
     import torch
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     numba.set_num_threads(min(CPUS_PER_TASK, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(CPUS_PER_TASK)
     try:
         value = function(*args)
     except ConversionError as error:
         raise ConversionError(f"on worker {_worker()}: {error}") from None
-    return value, _worker(), time.perf_counter() - started
+    return value, _worker(), (time.perf_counter() - started, time.process_time() - cpu)
 
 
 def _layer(box: list, i: int, trainable: bool):
@@ -156,8 +156,8 @@ class Cluster:
 
     def __init__(self, address: str):
         self.address = address
-        self.busy: dict = defaultdict(lambda: defaultdict(float))  # stage -> worker -> seconds in tasks
-        self.tasks: dict = defaultdict(lambda: defaultdict(int))  # stage -> worker -> tasks
+        # stage -> worker -> {"seconds": in tasks, "cpu": CPU seconds in tasks, "tasks": count}
+        self.work: dict = defaultdict(lambda: defaultdict(lambda: {"seconds": 0.0, "cpu": 0.0, "tasks": 0}))
         self.notes: list[str] = []
         self.probed: set = set()
 
@@ -217,11 +217,11 @@ class Cluster:
 
     def _result(self, stage: str, ref):
         try:
-            value, worker, seconds = ray.get(ref)
+            value, worker, (seconds, cpu) = ray.get(ref)
         except ray.exceptions.RayError as error:
             raise ConversionError(f"--cluster: a {stage} task failed: {_reason(error)}") from None
-        self.busy[stage][worker] += seconds
-        self.tasks[stage][worker] += 1
+        work = self.work[stage][worker]
+        work["seconds"], work["cpu"], work["tasks"] = work["seconds"] + seconds, work["cpu"] + cpu, work["tasks"] + 1
         return value
 
     def calibration_runner(self, checkpoint):
@@ -240,9 +240,9 @@ class Cluster:
                 yield pending.pop(ref), self._result("measure", ref)
 
     def worker_seconds(self) -> dict:
-        """stage -> worker -> (seconds in tasks, tasks)."""
-        return {stage: {w: (round(s, 3), self.tasks[stage][w]) for w, s in sorted(workers.items())}
-                for stage, workers in self.busy.items()}
+        """stage -> worker ("ip/pid") -> {"seconds": in tasks, "cpu": CPU seconds in tasks, "tasks": count}."""
+        return {stage: {w: {k: round(v, 3) for k, v in work.items()} for w, work in sorted(workers.items())}
+                for stage, workers in self.work.items()}
 
 
 class _CalibrationRunner:

@@ -105,7 +105,8 @@ def convert_command(hf_dir, output, bpw, size_text, configs, outliers_text, outl
     click.echo("configs: " + ", ".join(f"{label}×{n}" for label, n in report.config_counts.items()))
     click.echo("seconds: " + ", ".join(f"{stage} {t:.1f}" for stage, t in report.seconds.items()))
     for stage, workers in report.workers.items():
-        click.echo(f"{stage} seconds per worker: " + ", ".join(f"{w} {s:.1f} ({n} tasks)" for w, (s, n) in workers.items()))
+        click.echo(f"{stage} seconds per worker: " + ", ".join(
+            f"{w} {t['seconds']:.1f} (CPU {t['cpu']:.1f}, {t['tasks']} tasks)" for w, t in workers.items()))
     for note in report.notes:
         click.echo(f"note: {note}")
 

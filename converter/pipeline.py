@@ -37,7 +37,7 @@ class Report:
     config_counts: dict
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
-    workers: dict = field(default_factory=dict)  # --cluster: stage -> worker -> (seconds in tasks, tasks)
+    workers: dict = field(default_factory=dict)  # --cluster: stage -> worker -> {seconds, cpu, tasks} (cluster.py)
 
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:

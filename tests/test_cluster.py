@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,9 +66,13 @@ class RayCluster:
         self.log = open(self.root / "ray.log", "wb")
         self.processes = [self._start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                                       f"--temp-dir={self.root}", *common)]
-        _wait(lambda: self._status() is not None, 180, "the Ray head did not start")
-        self.processes += [self._start(f"--address={self.address}", "--num-cpus=1", *common) for _ in range(2)]
-        _wait(lambda: "0.0/2.0 CPU" in (self._status() or ""), 180, "the Ray workers did not join")
+        try:
+            _wait(lambda: self._status() is not None, 180, "the Ray head did not start")
+            self.processes += [self._start(f"--address={self.address}", "--num-cpus=1", *common) for _ in range(2)]
+            _wait(lambda: "0.0/2.0 CPU" in (self._status() or ""), 180, "the Ray workers did not join")
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, *args):
         return subprocess.Popen([RAY, "start", *args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -94,7 +100,25 @@ class RayCluster:
                 process.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 process.kill()
+        for pid in _pids_mentioning(str(self.root).encode()):  # what `ray start` did not take down (GCS, raylets)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pids_mentioning(text: bytes) -> list:
+    """Processes whose command line contains `text` (every process of a Ray session names its directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +138,9 @@ def _finish(driver: subprocess.Popen) -> str:
 
 
 def _workers(summary: str, stage: str) -> dict:
-    """`<stage> seconds per worker: w s (n tasks), ...` → {worker: tasks}."""
+    """`<stage> seconds per worker: w s (CPU c, n tasks), ...` → {worker: tasks}."""
     line = next((line for line in summary.splitlines() if line.startswith(f"{stage} seconds per worker: ")), "")
-    entries = [entry.split() for entry in line.partition(": ")[2].split(", ") if entry]
-    return {entry[0]: int(entry[2].lstrip("(")) for entry in entries}
+    return {worker: int(tasks) for worker, tasks in re.findall(r"(\S+) [0-9.]+ \(CPU [0-9.]+, ([0-9]+) tasks\)", line)}
 
 
 ARGS = ["--bpw", "3.5", "--calib-tokens", "2048"]  # 8 chunks: two calibration batches per layer, summed in order
