@@ -60,12 +60,12 @@ class RayCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                     "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": os.pathsep.join([str(REPO.parent), os.environ.get("PYTHONPATH", "")])}
-        port, client_port = _free_port(), _free_port()
-        self.address, self.client = f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}"  # GCS; Ray Client
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
         common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         self.log = open(self.root / "ray.log", "wb")
-        self.processes = [self._start("--head", f"--port={port}", f"--ray-client-server-port={client_port}",
-                                      "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={self.root}", *common)]
+        self.processes = [self._start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                                      f"--temp-dir={self.root}", *common)]
         try:
             _wait(lambda: self._status() is not None, 180, "the Ray head did not start")
             self.processes += [self._start(f"--address={self.address}", "--num-cpus=1", *common) for _ in range(2)]
@@ -86,10 +86,10 @@ class RayCluster:
             return None
         return status.stdout if status.returncode == 0 else None
 
-    def convert(self, path, out, cache, *options, address=None) -> subprocess.Popen:
-        """`mxq convert --cluster` as a driver process (address: the GCS address unless given)."""
+    def convert(self, path, out, cache, *options) -> subprocess.Popen:
+        """`mxq convert --cluster HOST:PORT` as a driver process."""
         command = [sys.executable, "-c", "from mxq.cli import main; main()", "convert", str(path), "-o", str(out),
-                   "--cache-dir", str(cache), "--cluster", address or self.address, "-q", *options]
+                   "--cache-dir", str(cache), "--cluster", self.address, "-q", *options]
         return subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stop(self):
@@ -181,9 +181,9 @@ def test_a_worker_killed_during_measurement_changes_nothing(ray_cluster, tmp_pat
     killer = threading.Thread(target=_kill_first, args=(b"ray::_measure_task", stop, killed), daemon=True)
     path = fixtures.ensure("tiny-llama")
     killer.start()
-    try:  # data-free: measurement only; through the Ray Client port (ray://)
+    try:  # data-free: measurement only
         driver = ray_cluster.convert(path, tmp_path / "cluster.mxq", tmp_path / "cluster-cache", "--bpw", "3.5",
-                                     "--objective", "frobenius", address=ray_cluster.client)
+                                     "--objective", "frobenius")
         summary = _finish(driver)
     finally:
         stop.set()
