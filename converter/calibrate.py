@@ -16,6 +16,11 @@ independent sequences; with x_i (chunks, T, hidden) the activations entering lay
             x_i[c], backpropagate the stored ∂L_c/∂x_{i+1}[c], square-accumulate the weight gradients
             (Fisher) and keep ∂L_c/∂x_i[c] for the layer below; write layer i's statistics; free it.
 
+Within a layer the chunks run in batches of BATCH_CHUNKS (forward_batch, backward_batch): each batch's
+statistics are summed over its chunks, then the batches' sums are added in chunk order. That is the
+same arithmetic whether the batches run here one after another (LocalBatches) or as tasks on a cluster
+(converter/cluster.py), so the statistics are bit-identical either way.
+
 Resident memory: one layer's weights, gradients and Fisher (float32), two activation/gradient
 boundaries, one vocabulary slice, and whatever boundaries fit the RAM budget.
 """
@@ -41,6 +46,7 @@ from .torch_backend import TorchBackend
 
 DEFAULT_CALIB_TOKENS = 8192
 CHUNK_TOKENS = 256
+BATCH_CHUNKS = 4  # chunks per batch (one cluster task); part of the statistics' definition (summation order)
 ACTIVATION_RAM_BYTES = 256 << 20  # layer-boundary activations kept in RAM; the rest go to a memory-mapped file
 HEAD_SLICE_BYTES = 64 << 20  # float32 logits of one vocabulary slice over all calibration tokens
 
@@ -88,7 +94,7 @@ class LayerStream:
     time. Between loads a layer holds shape-only (meta) matrices; the embedding reads only the rows
     it is asked for. `on_linear(name, x)` sees the input of every linear while `recording`."""
 
-    def __init__(self, checkpoint, on_linear=None):
+    def __init__(self, checkpoint, on_linear=None):  # on_linear may also be set later (forward_batch does)
         self.checkpoint, self.on_linear, self.recording = checkpoint, on_linear, False
         self.config = checkpoint.config
         self.backend = TorchBackend(on_linear=self._observe)
@@ -242,21 +248,90 @@ def embedding_fisher(stream: LayerStream, chunks: torch.Tensor, grad0: torch.Ten
     return rows, fisher, counts
 
 
+def chunk_batches(n_chunks: int) -> list[slice]:
+    """The chunk batches of a layer, in chunk order."""
+    return [slice(b, min(b + BATCH_CHUNKS, n_chunks)) for b in range(0, n_chunks, BATCH_CHUNKS)]
+
+
+def add_in_order(total: dict, part: dict) -> None:
+    """total[name] += part[name] (out of place: `part` may be read-only), for a fixed summation order."""
+    for name, value in part.items():
+        total[name] = total[name] + value if name in total else value
+
+
+def forward_batch(stream: LayerStream, i: int, x: torch.Tensor):
+    """Loaded layer i over chunks x (B, T, hidden) → (outputs (B, T, hidden), {linear name: Σ x_j² over
+    the batch's tokens (in,)})."""
+    moments: dict[str, torch.Tensor] = {}
+
+    def record(name, inputs):
+        add_in_order(moments, {name: inputs.detach().pow(2).sum(dim=0)})
+
+    stream.on_linear, stream.recording = record, True
+    try:
+        with torch.no_grad():
+            outputs = torch.stack([stream.block(i, x[c]) for c in range(x.shape[0])])
+    finally:
+        stream.on_linear, stream.recording = None, False
+    return outputs, moments
+
+
+def backward_batch(stream: LayerStream, i: int, linears: dict, x: torch.Tensor, grad: torch.Tensor):
+    """Loaded trainable layer i (`linears`: name → weight): recompute it over chunks x (B, T, hidden) and
+    backpropagate ∂L_c/∂outputs grad (B, T, hidden) → ({name: Σ_c (∂L_c/∂W)² (out, in)}, ∂L_c/∂x (B, T,
+    hidden); at layer 0 the gradient at the embedding's output, for its Fisher)."""
+    fisher = {name: torch.zeros_like(weight) for name, weight in linears.items()}
+    grad_in = torch.empty_like(grad)
+    for c in range(x.shape[0]):
+        chunk = x[c].clone().requires_grad_(True)
+        wrt = list(linears.values()) + [chunk]
+        grads = torch.autograd.grad(stream.block(i, chunk), wrt, grad[c])
+        for accumulator, g in zip(fisher.values(), grads):
+            accumulator.addcmul_(g, g)
+        grad_in[c] = grads[-1]
+    return fisher, grad_in
+
+
+class LocalBatches:
+    """Runs a layer's chunk batches in this process, one after another, yielding their results in
+    order (converter/cluster.py's runner has the same two methods and runs them as cluster tasks)."""
+
+    def __init__(self, stream: LayerStream):
+        self.stream = stream
+
+    def forward(self, i: int, batches):
+        """batches: x (B, T, hidden) → yields forward_batch's (outputs, moments) per batch."""
+        self.stream.load_layer(i, trainable=False)
+        try:
+            for x in batches:
+                yield forward_batch(self.stream, i, x)
+        finally:
+            self.stream.free_layer(i)
+
+    def backward(self, i: int, batches):
+        """batches: (x, grad) → yields backward_batch's (fisher, grad_in) per batch."""
+        linears = self.stream.load_layer(i, trainable=True)
+        try:
+            for x, grad in batches:
+                yield backward_batch(self.stream, i, linears, x, grad)
+        finally:
+            self.stream.free_layer(i)
+
+
 def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFAULT_CALIB_TOKENS, progress=None,
-              activation_ram_bytes: int = ACTIVATION_RAM_BYTES, fisher_dtype=FISHER_DTYPE) -> Calibration:
+              activation_ram_bytes: int = ACTIVATION_RAM_BYTES, fisher_dtype=FISHER_DTYPE,
+              runner=None) -> Calibration:
     """Fisher diagonals and input second moments of every decoder linear over `tokens` tokens, written
     to the statistics directory `directory` (replaced if present; Fisher stored as `fisher_dtype`) and
-    returned as lazy mappings."""
+    returned as lazy mappings. `runner` runs the layers' chunk batches (default: LocalBatches, here)."""
     text = default_text() if text is None else text
     chunks = calibration_chunks(checkpoint, text, tokens)  # (C, T)
     directory = Path(directory)
     input_sq: dict[str, torch.Tensor] = {}
 
-    def record(name, x):
-        moments = x.detach().pow(2).sum(dim=0)
-        input_sq[name] = input_sq[name] + moments if name in input_sq else moments
-
-    stream = LayerStream(checkpoint, record)
+    stream = LayerStream(checkpoint)
+    runner = runner or LocalBatches(stream)
+    batches = chunk_batches(len(chunks))
     n_layers, (C, T) = stream.config.num_hidden_layers, chunks.shape
     acts = ActivationStore((C, T, stream.config.hidden_size), activation_ram_bytes,
                            directory.with_name(directory.name + ".activations"))
@@ -268,12 +343,12 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
             x = torch.stack([stream.model.embed(chunk.numpy()) for chunk in chunks])  # (C, T, H)
             acts.put(0, x)
             for i in range(n_layers):
-                stream.load_layer(i, trainable=False)
-                stream.recording = True
-                x = torch.stack([stream.block(i, x[c]) for c in range(C)])
-                stream.recording = False
+                outputs = []
+                for y, moments in runner.forward(i, (x[b] for b in batches)):
+                    outputs.append(y)
+                    add_in_order(input_sq, moments)
+                x = torch.cat(outputs)
                 acts.put(i + 1, x)
-                stream.free_layer(i)
                 step()
         del x
         # grad: ∂L_c/∂x_L; lm_fisher: the head's (vocab, hidden) Fisher
@@ -281,24 +356,18 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
         acts.drop(n_layers)
         step()
         for i in reversed(range(n_layers)):  # backward, layer by layer
-            linears = stream.load_layer(i, trainable=True)
-            fisher = {name: torch.zeros_like(weight) for name, weight in linears.items()}
             x_in = acts.get(i)
-            grad_in = torch.empty_like(grad)  # at i = 0: the gradient at the embedding's output
-            for c in range(C):
-                x = x_in[c].clone().requires_grad_(True)
-                grads = torch.autograd.grad(stream.block(i, x), list(linears.values()) + [x], grad[c])
-                for accumulator, g in zip(fisher.values(), grads):
-                    accumulator.addcmul_(g, g)
-                grad_in[c] = grads[-1]
-            missing = [name for name in linears if name not in input_sq]
+            fisher, grads_in = {}, []
+            for partial, grad_in in runner.backward(i, ((x_in[b], grad[b]) for b in batches)):
+                add_in_order(fisher, partial)
+                grads_in.append(grad_in)
+            missing = [name for name in fisher if name not in input_sq]
             if missing:
                 raise ConversionError(f"calibration: the model never applied '{missing[0]}' as a linear")
-            writer.write_layer(i, fisher, {name: input_sq.pop(name) for name in linears})
-            stream.free_layer(i)
-            del x_in, fisher, linears
+            writer.write_layer(i, fisher, {name: input_sq.pop(name) for name in fisher})
+            del x_in, fisher
             acts.drop(i)
-            grad = grad_in
+            grad = torch.cat(grads_in)  # at i = 0: the gradient at the embedding's output
             step()
         embedding, lm_head = stored_once(checkpoint)
         writer.write_matrices(embedding, lm_head, lm_fisher, *embedding_fisher(stream, chunks, grad))
@@ -329,23 +398,29 @@ def _matrix_shapes(checkpoint) -> dict:
     return {name: checkpoint.tensors[name].shape for name in stored_once(checkpoint)}
 
 
+def expanded_input_sq(input_sq: LazyStats, name: str) -> torch.Tensor:
+    """The `output` objective's importance of linear `name`: its input second moments (in,) broadcast to
+    its weight's shape (out, in)."""
+    return input_sq[name].expand(input_sq.shapes[name])
+
+
 def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens: int, cache_dir,
-                      progress=None) -> Calibration:
+                      progress=None, runner=None) -> Calibration:
     """calibrate(), cached under `cache_dir` keyed by checkpoint, text and token count (cache_dir None:
     a temporary directory that lives as long as the returned Calibration). A damaged cache entry is
     rebuilt with a one-line notice."""
     text = default_text() if text is None else text
     if cache_dir is None:
         keepalive = tempfile.TemporaryDirectory(prefix="mxq-calibration-")
-        result = calibrate(checkpoint, Path(keepalive.name) / "stats", text, tokens, progress)
+        result = calibrate(checkpoint, Path(keepalive.name) / "stats", text, tokens, progress, runner=runner)
         result.keepalive = keepalive
         return result
     key = hashlib.sha256(f"{checkpoint_hash}/{hashlib.sha256(text.encode()).hexdigest()}/{tokens}/"
-                         f"{CHUNK_TOKENS}/v3".encode()).hexdigest()[:32]
+                         f"{CHUNK_TOKENS}/{BATCH_CHUNKS}/v4".encode()).hexdigest()[:32]
     directory = Path(cache_dir) / key
     meta, problem = open_stats(directory, {t.name: t.shape for t in checkpoint.linears}, _matrix_shapes(checkpoint))
     if meta is not None:
         return _calibration(checkpoint, directory, meta, text)
     if problem:
         print(f"mxq: calibration cache {directory} is damaged ({problem}); rebuilding it", file=sys.stderr)
-    return calibrate(checkpoint, directory, text, tokens, progress)
+    return calibrate(checkpoint, directory, text, tokens, progress, runner=runner)

@@ -90,10 +90,15 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Threads for quantization  [default: every core available]; the file does not depend on it.")
+@click.option("--cluster", default=None, metavar="ADDRESS",
+              help="Run calibration and measurement as Ray tasks: local[:N] (a Ray instance here with N workers), "
+                   "ray://HOST:PORT (a cluster's Ray Client port) or HOST:PORT/auto (the cluster this machine "
+                   "belongs to). The checkpoint and the cache must be on storage all nodes share; the file is "
+                   "the same as without --cluster. Needs pip install 'mxq[cluster]'.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, max_loss_text, configs,
                     outliers_text, outlier_mode, quantizer, objective,
-                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, quiet):
+                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, cluster, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
@@ -113,7 +118,7 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, ma
         max_loss=parse_percent(max_loss_text, "--max-loss") if max_loss_text else None, configs=configs,
         quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
-        cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
+        cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs, cluster=cluster)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
     budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.size
@@ -126,6 +131,9 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, ma
     if report.matrix_configs:
         click.echo("stored once: " + ", ".join(f"{name} {label}" for name, label in report.matrix_configs.items()))
     click.echo("seconds: " + ", ".join(f"{stage} {t:.1f}" for stage, t in report.seconds.items()))
+    for stage, workers in report.workers.items():
+        click.echo(f"{stage} seconds per worker: " + ", ".join(
+            f"{w} {t['seconds']:.1f} (CPU {t['cpu']:.1f}, {t['tasks']} tasks)" for w, t in workers.items()))
     for note in report.notes:
         click.echo(f"note: {note}")
 

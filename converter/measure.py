@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +169,45 @@ def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[f
     return total, count * math.sqrt(max(1.0 - n / count, 0.0) * variance / n)
 
 
+def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sample_every: int, job):
+    """One matrix's missing entries. job: (name, [(cache key, candidate, row-sampled?)]) →
+    (‖W‖²_F, {cache key: [err_sq, weighted, weighted_se]}). A pure function of its arguments (the
+    quantizer's kernels give the same bits for any thread count), so it may run on any machine."""
+    name, entries = job
+    weight = checkpoint.load(name)
+    weights = importance(name) if importance is not None else None
+    rows = sample_rows(weight.shape[0], sample_every)
+    spread = {}  # group size -> per-row error proxies (weighted, plain)
+    values = {}
+    for key, candidate, sample in entries:
+        subset = rows if sample else None
+        result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
+                          importance=weights, outlier_mode=outlier_mode, rows=subset)
+        if subset is None:
+            values[key] = [result.error_sq, result.weighted_error, 0.0]
+        else:
+            if candidate.group_size not in spread:
+                spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
+            proxy_weighted, proxy_sq = spread[candidate.group_size]
+            weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
+            error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
+            values[key] = [error_sq, weighted, se]
+    return float((weight.double() ** 2).sum()), values
+
+
+def _map_here(function, jobs):
+    """The default runner: jobs one after another in this process, yielding (index, result)."""
+    return enumerate(map(function, jobs))
+
+
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
             importance_id: str = "none", outlier_mode: str = "magnitude",
-            sample_every: int = SAMPLE_EVERY, tensors=None) -> ErrorTable:
+            sample_every: int = SAMPLE_EVERY, tensors=None, runner=None) -> ErrorTable:
     """importance: None or a function name -> (out, in) tensor weighing errors (see quantize).
     sample_every: measure 1 row in this many (1: every row, exact errors).
-    tensors: the 2-D tensors (checkpoint TensorInfos) to measure; default: the decoder linears."""
+    tensors: the 2-D tensors (checkpoint TensorInfos) to measure; default: the decoder linears.
+    runner(function, jobs) yields (index into jobs, function(job)) in any order: the per-matrix work
+    (default: here, in order; converter/cluster.py runs it as cluster tasks)."""
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
@@ -186,28 +220,16 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     todo = [i for i, name in enumerate(names)
             if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
-    for count, i in enumerate(todo):
-        weight = checkpoint.load(names[i])
-        weights = importance(names[i]) if importance is not None else None
-        rows = sample_rows(weight.shape[0], sample_every)
-        spread = {}  # group size -> per-row error proxies (weighted, plain)
-        cache.data["norms"][names[i]] = float((weight.double() ** 2).sum())
-        for key, candidate, sample in zip(keys, candidates, sampled):
-            if cache.get(key, names[i]) is None:
-                subset = rows if sample else None
-                result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
-                                  importance=weights, outlier_mode=outlier_mode, rows=subset)
-                if subset is None:
-                    cache.put(key, names[i], [result.error_sq, result.weighted_error, 0.0])
-                else:
-                    if candidate.group_size not in spread:
-                        spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
-                    proxy_weighted, proxy_sq = spread[candidate.group_size]
-                    weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
-                    error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
-                    cache.put(key, names[i], [error_sq, weighted, se])
-            if bar:
-                bar.update(1)
+    jobs = [(names[i], [(k, c, s) for k, c, s in zip(keys, candidates, sampled) if cache.get(k, names[i]) is None])
+            for i in todo]
+    work = partial(measure_matrix, checkpoint, quantizer, importance, outlier_mode, sample_every)
+    for count, (j, (norm_sq, values)) in enumerate((runner or _map_here)(work, jobs)):
+        name = jobs[j][0]
+        cache.data["norms"][name] = norm_sq
+        for key, value in values.items():
+            cache.put(key, name, value)
+        if bar:
+            bar.update(len(candidates))
         if count % 16 == 15:
             cache.save()
     if bar:

@@ -4,6 +4,7 @@ Torch-free, so the CLI can build its --help without importing the converter's he
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 
 from .errors import ConversionError
@@ -17,6 +18,9 @@ OBJECTIVES = ("frobenius", "frobenius_sq", "output", "fisher")
 CALIBRATED_OBJECTIVES = ("output", "fisher")
 SAMPLE_EVERY = 8  # measurement quantizes 1 row in this many per config (converter/measure.py)
 MAX_LOSS_PERCENT = 100.0  # --max-loss P%: the loss increase allowed, as a percentage of the fp model's loss
+# --cluster: "local" or "local:N" (start a Ray instance here with N worker processes), "ray://HOST:PORT"
+# (Ray Client to a running cluster's head) or "HOST:PORT" / "auto" (join a cluster this machine is part of)
+CLUSTER_ADDRESS = re.compile(r"local(:[1-9][0-9]*)?|ray://[^\s/:]+:[0-9]+|(?!local:)[^\s/:]+:[0-9]+|auto")
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -41,6 +45,7 @@ class ConvertOptions:
     cache_dir: str | None = "default"  # "default": ~/.cache/mxq; None: no error/calibration cache
     measure_every: int = SAMPLE_EVERY  # errors measured on 1 row in this many (1: every row, exact)
     jobs: int | None = None  # threads for quantization (None: every core this process may use)
+    cluster: str | None = None  # run calibration and measurement as Ray tasks (CLUSTER_ADDRESS; converter/cluster.py)
 
     def validate(self):
         if sum(budget is not None for budget in (self.bpw, self.size, self.fit, self.max_loss)) != 1:
@@ -77,6 +82,9 @@ class ConvertOptions:
             raise ConversionError(f"measure_every {self.measure_every} must be at least 1")
         if self.jobs is not None and self.jobs < 1:
             raise ConversionError(f"--jobs {self.jobs} must be at least 1")
+        if self.cluster is not None and not CLUSTER_ADDRESS.fullmatch(self.cluster):
+            raise ConversionError(f"--cluster {self.cluster!r}: expected local, local:N, ray://HOST:PORT, HOST:PORT "
+                                  "or auto")
 
 
 def whole_file(options: ConvertOptions) -> bool:

@@ -9,10 +9,11 @@ join the linears in one MILP.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Report:
     seconds: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     target: dict = field(default_factory=dict)  # --max-loss: target, rounds, predicted vs measured (target_loss.py)
+    workers: dict = field(default_factory=dict)  # --cluster: stage -> worker -> {seconds, cpu, tasks} (cluster.py)
 
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
@@ -160,6 +162,20 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     if options.max_loss is not None:  # a search over budgets, each converted here (converter/target_loss.py)
         from .target_loss import convert_max_loss
         return convert_max_loss(hf_dir, out_path, options, progress)
+    if options.cluster is None:
+        return _convert(hf_dir, out_path, options, progress)
+    from .cluster import connect  # the only import of Ray (converter/cluster.py), and only with --cluster
+
+    cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
+    options = replace(options, cache_dir=cache_dir and str(Path(cache_dir).absolute()))  # paths the workers read
+    with connect(options.cluster) as cluster:
+        report = _convert(Path(hf_dir).absolute(), out_path, options, progress, cluster)
+        report.workers, report.notes = cluster.worker_seconds(), report.notes + cluster.notes
+        return report
+
+
+def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) -> Report:
+    """convert(); with `cluster` (converter/cluster.py), calibration and measurement run as its tasks."""
     _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
@@ -173,18 +189,22 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     importance, importance_id, calibration = None, "none", None
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
         stage = time.perf_counter()
-        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
+        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
+                                   cluster and cluster.calibration_runner(checkpoint))
         importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
-        else:
-            importance = lambda name: calibration.input_sq[name].expand(checkpoint.tensors[name].shape)  # noqa: E731
+        else:  # a partial, not a lambda: cluster workers receive it pickled
+            from .calibrate import expanded_input_sq
+            importance = functools.partial(expanded_input_sq, calibration.input_sq)
         seconds["calibrate"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
+    if cluster:  # workers read the checkpoint and the calibration statistics themselves
+        cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
     table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
-                    options.outlier_mode, options.measure_every)
+                    options.outlier_mode, options.measure_every, runner=cluster and cluster.map)
     tables = [table]
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
@@ -197,7 +217,8 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     provenance = {
         "source": {"name": Path(hf_dir).resolve().name, "sha256": checkpoint_hash, **checkpoint.license},
         "converter": {"name": "mxq", "version": __version__},
-        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None},
+        "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None,
+                    "cluster": None},
     }
     if calibration is not None:
         provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
@@ -301,11 +322,11 @@ def _read_calibration_text(options) -> str | None:
         raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
 
 
-def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
+def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):
     from .calibrate import load_or_calibrate
 
     return load_or_calibrate(checkpoint, checkpoint_hash, _read_calibration_text(options), options.calib_tokens,
-                             cache_dir and Path(cache_dir) / "calibration", progress)
+                             cache_dir and Path(cache_dir) / "calibration", progress, runner)
 
 
 def _module_bits(table, choice) -> dict:
