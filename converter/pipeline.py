@@ -16,7 +16,7 @@ from .. import __version__
 from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, tensor_nbytes
 from ..format_spec.reader import open_regular
 from .allocate import allocate
-from .candidates import Candidate, parse_candidates
+from .candidates import Candidate, parse_candidates, with_outliers
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
@@ -41,8 +41,7 @@ class Report:
 def _candidates(options: ConvertOptions) -> list[Candidate]:
     candidates = parse_candidates(options.configs)
     if options.outliers:
-        candidates = [Candidate(c.scheme, c.bits, c.group_size, options.outliers) if c.scheme == "affine" else c
-                      for c in candidates]
+        candidates = [with_outliers(c, options.outliers) for c in candidates]
     return candidates
 
 
@@ -134,7 +133,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
 
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     importance, importance_id, calibration = None, "none", None
-    if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
+    if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme != "fp16" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
         importance_id = f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
