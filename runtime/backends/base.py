@@ -131,7 +131,7 @@ class Backend(ABC):
     # -- helpers shared by backends ---------------------------------------------------------------
     @staticmethod
     def check_outliers(entry, blobs: dict) -> None:
-        """SPEC.md §7: CSR content rules are checked before a runtime uses a tensor's outliers."""
+        """SPEC.md §8: CSR content rules are checked before a runtime uses a tensor's outliers."""
         if entry.config.scheme != "fp16" and entry.config.outliers:
             problem = csr_problem(blobs, entry.shape)
             if problem:
