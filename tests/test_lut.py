@@ -174,3 +174,17 @@ def test_conversion_chooses_lut_and_keeps_the_budget(tmp_path):
     with load(out) as lean, load(out, cache_dequantized=True) as cached:
         a, b = lean.logits(ids), cached.logits(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("configs,message", [("b4g32,l4c3", "'l4c3': lut channels per codebook"),
+                                             ("b4g32+o12", "a candidate's outliers are a percent"),
+                                             ("b4g32,x7", "cannot parse config label 'x7'")])
+def test_cli_rejects_bad_labels_in_one_line(tmp_path, configs, message):
+    import subprocess
+    import sys
+
+    fixtures = pytest.importorskip("fixtures")
+    result = subprocess.run([sys.executable, "-m", "mxq.cli", "convert", str(fixtures.ensure("tiny-llama")), "-o", str(tmp_path / "o.mxq"),
+                             "--bpw", "3", "--configs", configs], capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
