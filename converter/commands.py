@@ -44,8 +44,8 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--bpw", type=float, help="Budget: bits per weight over the decoder linears.")
 @click.option("--size", "size_text", help="Budget: whole-file size in bytes (suffixes B, KB, MB, GB, KiB, MiB, GiB).")
 @click.option("--configs", default=default("configs"), show_default=True,
-              help=f"Candidate configs, comma-separated labels: {LABEL_GRAMMAR} (B bits {_list(SUPPORTED_BITS)}; "
-                   f"G {_list(GROUP_SIZES)}; C {_list(CODEBOOK_ROWS)}; a candidate's outliers are a percent), "
+              help=f"Candidate configs, comma-separated labels — {LABEL_GRAMMAR} — with B in {_list(SUPPORTED_BITS)}, "
+                   f"G in {_list(GROUP_SIZES)}, C in {_list(CODEBOOK_ROWS)} and a candidate's outliers a percent; "
                    f"or presets {_list(PRESETS)} ('paper': b2/3/4/8 × g32/64/128, the MXQ paper's space; "
                    "'all': every affine bit width; 'lut': l2–l5 per channel and per 4 and 16 channels).")
 @click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
