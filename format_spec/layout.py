@@ -1,8 +1,10 @@
 """Storage configs and the cost model: which blobs a tensor stores, and how many bytes.
 
-This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§6): the
-writer emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing
-else, and the converter's budget uses `tensor_nbytes`, which is the sum of those blobs.
+This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§7): the writer
+emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing else, and
+the converter's budget uses `tensor_nbytes`, which is the sum of those blobs. It also holds the one
+config label grammar (SPEC.md §10: `StorageConfig.parse` / `.label`) that the CLI, `mxq inspect`
+and the docs use.
 Alignment padding between blobs is not part of a tensor's cost; `aligned_nbytes` gives it.
 """
 from __future__ import annotations
