@@ -1,66 +1,53 @@
-"""Candidate storage configs the allocator chooses from, e.g. `b4g32`, `b3g64+o0.5%`, `fp16`.
+"""Candidate storage configs the allocator chooses from, e.g. `b4g32`, `b3g64+o0.5%`, `l4`, `fp16`.
 
-A candidate is matrix-independent; `storage(shape)` turns it into the exact StorageConfig (outlier
-fractions become counts) whose bytes the cost model knows.
+A candidate is a format_spec StorageConfig named by its label (one grammar: format_spec.LABEL_GRAMMAR);
+its outliers are a percent of the matrix's weights, which `candidate.storage(shape)` turns into the
+exact count of one matrix, whose bytes the cost model knows.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
-from ..format_spec import GROUP_SIZES, SUPPORTED_BITS, StorageConfig, outlier_count
+from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS, StorageConfig
 from .errors import ConversionError
+
+Candidate = StorageConfig  # a config whose outliers are a percent (resolved per matrix by storage(shape))
+MAX_OUTLIER_PERCENT = 10.0
 
 PRESETS = {
     # the MXQ paper's configuration space: b ∈ {2,3,4,8} × g ∈ {32,64,128}
     "paper": [f"b{b}g{g}" for b in (2, 3, 4, 8) for g in (32, 64, 128)],
-    # every bit width the format stores
+    # every bit width the format stores, affine
     "all": [f"b{b}g{g}" for b in SUPPORTED_BITS for g in GROUP_SIZES],
+    # non-uniform codebooks (CMPQ): 2–5 bits, one codebook per output channel or per 4 / 16 channels
+    "lut": [f"l{b}{suffix}" for b in (2, 3, 4, 5) for suffix in ("", "c4", "c16")],
 }
-_PATTERN = re.compile(r"^b(\d)g(\d+)(?:\+o(\d+(?:\.\d+)?)%)?$")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    scheme: str  # affine | fp16
-    bits: int = 16
-    group_size: int = 0
-    outlier_percent: float = 0.0
-
-    @property
-    def label(self) -> str:
-        if self.scheme == "fp16":
-            return "fp16"
-        suffix = f"+o{self.outlier_percent:g}%" if self.outlier_percent else ""
-        return f"b{self.bits}g{self.group_size}{suffix}"
-
-    def storage(self, shape) -> StorageConfig:
-        if self.scheme == "fp16":
-            return StorageConfig.fp16()
-        return StorageConfig.affine(self.bits, self.group_size, outlier_count(shape, self.outlier_percent / 100))
+PRESETS["all+lut"] = PRESETS["all"] + PRESETS["lut"]
 
 
 def parse_candidates(text: str) -> list[Candidate]:
-    """Comma-separated labels and presets ('paper', 'all'), e.g. 'paper,b5g32,b4g64+o0.5%,fp16'."""
+    """Comma-separated labels and presets, e.g. 'paper,b5g32,b4g64+o0.5%,l3c4,fp16'. Candidates' outliers
+    are percents (0–10%): a count (`+o12`) names one matrix's config, not a candidate."""
     labels = []
     for part in (p.strip() for p in text.split(",")):
         labels += PRESETS.get(part, [part]) if part else []
     candidates = []
     for label in labels:
-        if label == "fp16":
-            candidate = Candidate("fp16")
-        else:
-            match = _PATTERN.match(label)
-            if not match:
-                raise ConversionError(f"--configs: cannot parse {label!r} (expected e.g. b4g32, b3g64+o0.5%, fp16, "
-                                      f"or a preset: {', '.join(PRESETS)})")
-            bits, group, percent = int(match[1]), int(match[2]), float(match[3] or 0)
-            if bits not in SUPPORTED_BITS or group not in GROUP_SIZES or not 0 <= percent <= 10:
-                raise ConversionError(f"--configs: {label!r} is not supported (bits {SUPPORTED_BITS}, "
-                                      f"groups {GROUP_SIZES}, outliers 0–10%)")
-            candidate = Candidate("affine", bits, group, percent)
+        try:
+            candidate = StorageConfig.parse(label)
+        except ValueError as error:
+            raise ConversionError(f"--configs: {label!r}: {error}; presets: {', '.join(PRESETS)}") from None
+        if candidate.outliers:
+            raise ConversionError(f"--configs: {label!r}: a candidate's outliers are a percent (e.g. +o0.5%)")
+        if candidate.outlier_percent > MAX_OUTLIER_PERCENT:
+            raise ConversionError(f"--configs: {label!r}: outliers above {MAX_OUTLIER_PERCENT:g}%")
         if candidate not in candidates:
             candidates.append(candidate)
     if not candidates:
         raise ConversionError("--configs: no candidate configs given")
     return candidates
+
+
+def with_outliers(candidate: Candidate, percent: float) -> Candidate:
+    """`candidate` keeping `percent` of each matrix's weights as outliers (fp16 stays fp16)."""
+    if candidate.scheme == "fp16" or not percent:
+        return candidate
+    return StorageConfig(candidate.scheme, candidate.bits, candidate.group_size, 0, percent, candidate.codebook_rows)

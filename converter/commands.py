@@ -3,7 +3,7 @@ import sys
 
 import click
 
-from ..format_spec import GROUP_SIZES, SUPPORTED_BITS
+from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS
 from .candidates import PRESETS
 from .options import OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
 
@@ -63,9 +63,10 @@ converting the same checkpoint at another budget skips measurement and calibrati
               help="Budget: the smallest file whose loss increase on held-out calibration text is at most this "
                    "percentage of the fp model's loss (e.g. 1%), predicted, then measured with the runtime.")
 @click.option("--configs", default=default("configs"), show_default=True,
-              help=f"Candidate configs, comma-separated: bBgG (B bits {_list(SUPPORTED_BITS)}; G group "
-                   f"{_list(GROUP_SIZES)}), optionally +oP% outliers, fp16, or presets {_list(PRESETS)} "
-                   "('paper': b2/3/4/8 × g32/64/128, the MXQ paper's space; 'all': every bit width).")
+              help=f"Candidate configs, comma-separated labels — {LABEL_GRAMMAR} — with B in {_list(SUPPORTED_BITS)}, "
+                   f"G in {_list(GROUP_SIZES)}, C in {_list(CODEBOOK_ROWS)} and a candidate's outliers a percent; "
+                   f"or presets {_list(PRESETS)} ('paper': b2/3/4/8 × g32/64/128, the MXQ paper's space; "
+                   "'all': every affine bit width; 'lut': l2–l5 per channel and per 4 and 16 channels).")
 @click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
               help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
                    "their bytes count against the budget.")

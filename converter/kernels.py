@@ -134,3 +134,109 @@ def round_groups(w, keep, importance, in_features, scale, zero, levels, codes, r
                         total_weighted += sq * np.float64(importance[r, j, t])
         row_sq[r] = total
         row_weighted[r] = total_weighted if weighted else total
+
+
+# ---------------------------------------------------------------------------------------------------
+# lut: weighted 1-D k-means codebooks (CMPQ / SqueezeLLM's non-uniform levels)
+#
+# lut_kmeans: for each codebook (the weights of `rows_per_codebook` consecutive rows), K = 2^b levels
+# minimizing Σ v·(w − level(w))², v = importance + floor (data-free: 1). In 1-D the clusters of
+# sorted levels are contiguous runs of the sorted weights, so after one sort every Lloyd step is
+# K binary searches on the midpoints and K weighted means from prefix sums (O(K log n) per step).
+# Start: the levels at the weighted quantiles (k + ½)/K. Deterministic; codebooks run in parallel.
+
+LUT_ITERS = 64
+
+
+@numba.njit(parallel=True, cache=True)
+def lut_kmeans(w, keep, importance, in_features, rows_per_codebook, floor, levels_out):
+    """w (out, in) float32; keep (out, in) bool (empty (0, 0): every weight counts); importance (out, in)
+    float32 (empty: data-free, every weight weighs 1); floor added to importance. Writes levels_out
+    (n_codebooks, K) float32, ascending."""
+    out_features = w.shape[0]
+    n_codebooks, K = levels_out.shape
+    data_free, keep_all = importance.shape[0] == 0, keep.shape[0] == 0
+    for k in numba.prange(n_codebooks):
+        r0, r1 = k * rows_per_codebook, min((k + 1) * rows_per_codebook, out_features)
+        n = 0
+        values = np.empty((r1 - r0) * in_features, np.float64)
+        weights = np.empty((r1 - r0) * in_features, np.float64)
+        for r in range(r0, r1):
+            for c in range(in_features):
+                if keep_all or keep[r, c]:
+                    values[n] = w[r, c]
+                    weights[n] = 1.0 if data_free else importance[r, c] + floor
+                    n += 1
+        if n == 0:
+            for j in range(K):
+                levels_out[k, j] = 0.0
+            continue
+        order = np.argsort(values[:n])
+        xs = values[:n][order]
+        cum_w = np.zeros(n + 1)  # prefix sums over the sorted weights
+        cum_wx = np.zeros(n + 1)
+        for i in range(n):
+            cum_w[i + 1] = cum_w[i] + weights[order[i]]
+            cum_wx[i + 1] = cum_wx[i] + weights[order[i]] * xs[i]
+        total = cum_w[n]
+        level = np.empty(K)
+        for j in range(K):  # weighted quantiles
+            i = min(np.searchsorted(cum_w, total * (j + 0.5) / K, side="right") - 1, n - 1)
+            level[j] = xs[max(i, 0)]
+        bounds = np.empty(K + 1, np.int64)
+        for _ in range(LUT_ITERS):
+            level.sort()
+            bounds[0], bounds[K] = 0, n
+            for j in range(1, K):
+                bounds[j] = np.searchsorted(xs, 0.5 * (level[j - 1] + level[j]), side="left")
+            moved = False
+            for j in range(K):
+                mass = cum_w[bounds[j + 1]] - cum_w[bounds[j]]
+                if bounds[j + 1] > bounds[j] and mass > 0:
+                    new = (cum_wx[bounds[j + 1]] - cum_wx[bounds[j]]) / mass
+                    if new != level[j]:
+                        level[j], moved = new, True
+            if not moved:
+                break
+        level.sort()
+        for j in range(K):
+            levels_out[k, j] = level[j]
+
+
+@numba.njit(parallel=True, cache=True)
+def lut_round(w, keep, importance, in_features, rows_per_codebook, levels, codes, residual, row_sq, row_weighted):
+    """Codes = the nearest stored level (levels (n_codebooks, K) float32 ascending, the fp16 codebook
+    decoded), the per-row squared error of what is stored (plain and importance-weighted; weights
+    not kept — outliers — get codes but no error), optionally the codes (out, n_packs·32) uint8
+    (padding columns 0) and the residual (out, in) float32 (unless empty (0, 0))."""
+    out_features = w.shape[0]
+    K = levels.shape[1]
+    weighted, keep_all = importance.shape[0] != 0, keep.shape[0] == 0
+    pack, keep_residual = codes.shape[0] != 0, residual.shape[0] != 0
+    for r in numba.prange(out_features):
+        lv = levels[r // rows_per_codebook]
+        total = total_weighted = 0.0
+        for c in range(in_features):
+            x = w[r, c]
+            lo, hi = 0, K - 1  # binary search: the first level whose midpoint with the next is >= x
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if x > np.float32(0.5) * (lv[mid] + lv[mid + 1]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            diff = x - lv[lo]
+            if pack:
+                codes[r, c] = np.uint8(lo)
+            if keep_residual:
+                residual[r, c] = diff
+            if keep_all or keep[r, c]:
+                sq = np.float64(diff) * np.float64(diff)
+                total += sq
+                if weighted:
+                    total_weighted += sq * np.float64(importance[r, c])
+        if pack:
+            for c in range(in_features, codes.shape[1]):
+                codes[r, c] = 0
+        row_sq[r] = total
+        row_weighted[r] = total_weighted if weighted else total

@@ -24,7 +24,7 @@ from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
 from .calibration_store import MatrixFisher
-from .candidates import Candidate, parse_candidates
+from .candidates import Candidate, parse_candidates, with_outliers
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
@@ -52,8 +52,7 @@ class Report:
 def _candidates(options: ConvertOptions) -> list[Candidate]:
     candidates = parse_candidates(options.configs)
     if options.outliers:
-        candidates = [Candidate(c.scheme, c.bits, c.group_size, options.outliers) if c.scheme == "affine" else c
-                      for c in candidates]
+        candidates = [with_outliers(c, options.outliers) for c in candidates]
     return candidates
 
 
@@ -187,7 +186,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     importance, importance_id, calibration = None, "none", None
-    if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme == "affine" for c in candidates):
+    if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme != "fp16" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
                                    cluster and cluster.calibration_runner(checkpoint))

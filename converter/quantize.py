@@ -10,6 +10,10 @@
         └─ codes = clamp(round(w / ŝ + ẑ)) with the *decoded* ŝ, ẑ ─► error ‖W − Ŵ‖²_F of what is stored
            (kernels.round_groups, per row, so a row sample's errors can be scaled to the matrix)
 
+    W (out, in) ──lut──► per output channel (or per `codebook_rows` channels) 2^b levels by weighted
+        k-means (importance as above, data-free: plain k-means), rounded to fp16 ─► codes = the nearest
+        stored level; outliers as above (the `quantizer` knob is affine's: lut has one fit)
+
 `rtn`/`hqq` run in row chunks of ~256K weights so their many elementwise passes stay in cache.
 """
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 import torch
 
 from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pack_codes
-from .kernels import round_groups, wls_scale_zero
+from ..format_spec.layout import lut_dims
+from .kernels import lut_kmeans, lut_round, round_groups, wls_scale_zero
 from .options import OUTLIER_MODES, QUANTIZERS
 
 CHUNK_WEIGHTS = 1 << 18
@@ -139,6 +144,10 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
         raise ValueError(f"unknown outlier mode {outlier_mode!r}")
+    if config.scheme == "lut":
+        if rows is not None:
+            raise ValueError("a row sample is quantized only to affine configs without outliers")
+        return _quantize_lut_with_outliers(weight, config, pack, importance, outlier_mode)
     if rows is not None:
         if config.scheme != "affine" or config.outliers:
             raise ValueError("a row sample is quantized only to affine configs without outliers")
@@ -228,3 +237,51 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
         })
     return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
                      residual_2d if keep_residual else None, row_weighted, torch.from_numpy(row_sq))
+
+
+def _quantize_lut_with_outliers(weight, config, pack, importance, outlier_mode) -> Quantized:
+    if config.outliers and outlier_mode == "error":
+        first = _quantize_lut(weight, StorageConfig.lut(config.bits, config.codebook_rows), False, importance, None,
+                              keep_residual=True)
+        outliers = _top_mask(first.residual.pow(2) * (importance if importance is not None else 1.0), config.outliers)
+    else:
+        outliers = _top_mask(weight.abs(), config.outliers) if config.outliers else None
+    return _quantize_lut(weight, config, pack, importance, outliers)
+
+
+def _quantize_lut(weight, config, pack, importance, outliers, keep_residual=False) -> Quantized:
+    """The `lut` scheme: weighted k-means codebooks (kernels.lut_kmeans) fitted on the weights that are
+    not outliers, stored as fp16, then every weight coded to its nearest stored level (kernels.lut_round)."""
+    out_features, in_features, n_packs = lut_dims(weight.shape)
+    w = np.ascontiguousarray(weight.numpy(), dtype=np.float32)
+    imp = np.ascontiguousarray(importance.numpy(), dtype=np.float32) if importance is not None else \
+        np.zeros((0, 0), np.float32)
+    keep = (~outliers).numpy() if outliers is not None and config.outliers else np.zeros((0, 0), np.bool_)
+    n_codebooks = -(-out_features // config.codebook_rows)
+    levels = np.empty((n_codebooks, 1 << config.bits), np.float32)
+    lut_kmeans(w, keep, imp, in_features, config.codebook_rows, _importance_floor(importance), levels)
+    codebook = np.sort(np.clip(levels, -65504.0, 65504.0).astype(np.float16), axis=1)  # (n_codebooks, K)
+    codes = np.empty((out_features, n_packs * 32), np.uint8) if pack else np.zeros((0, 0), np.uint8)
+    residual = np.empty((out_features, in_features), np.float32) if (config.outliers or keep_residual) else \
+        np.zeros((0, 0), np.float32)
+    row_sq, row_weighted = np.empty(out_features), np.empty(out_features)
+    lut_round(w, keep, imp, in_features, config.codebook_rows, codebook.astype(np.float32), codes, residual,
+              row_sq, row_weighted)
+    blobs = {}
+    if config.outliers:  # the outliers' residuals, stored as fp16: their leftover rounding is the error
+        rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
+        exact = torch.from_numpy(residual)[rows_idx, cols_idx]
+        values = exact.to(torch.float16)
+        leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
+        np.add.at(row_sq, rows_idx.numpy(), leftover_sq.numpy())
+        if importance is not None:
+            leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
+        np.add.at(row_weighted, rows_idx.numpy(), leftover_sq.numpy())
+        if pack:
+            blobs.update(build_csr(weight.shape, rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
+    if pack:
+        blobs = {"qweight": pack_codes(codes, config.bits), "codebook": codebook, **blobs}
+    error_sq, weighted = float(row_sq.sum()), float(row_weighted.sum())
+    return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
+                     torch.from_numpy(residual) if keep_residual else None, torch.from_numpy(row_weighted),
+                     torch.from_numpy(row_sq))

@@ -6,14 +6,16 @@ nothing else of mxq.
 from .affine import build_csr, csr_problem, decode_meta, dequantize, encode_meta
 from .errors import MxqFormatError
 from .header import MAJOR_VERSION, MINOR_VERSION
-from .layout import (GROUP_SIZES, SCHEMES, BlobSpec, StorageConfig, aligned_nbytes, blob_specs, outlier_count,
-                     tensor_nbytes)
+from .layout import (CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SCHEMES, BlobSpec, StorageConfig, aligned_nbytes,
+                     blob_specs, outlier_count, tensor_nbytes)
+from .lut import codebook_of_rows, dequantize_lut
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 from .reader import BlobRef, MxqFile, TensorEntry
 from .writer import MxqWriter, TensorPlan
 
 __all__ = [
-    "MxqFormatError", "MAJOR_VERSION", "MINOR_VERSION", "GROUP_SIZES", "SCHEMES", "SUPPORTED_BITS",
+    "MxqFormatError", "MAJOR_VERSION", "MINOR_VERSION", "GROUP_SIZES", "CODEBOOK_ROWS", "LABEL_GRAMMAR", "SCHEMES",
+    "SUPPORTED_BITS", "codebook_of_rows", "dequantize_lut",
     "BlobSpec", "StorageConfig", "aligned_nbytes", "blob_specs", "outlier_count", "tensor_nbytes",
     "pack_codes", "unpack_codes", "encode_meta", "decode_meta", "dequantize", "build_csr", "csr_problem",
     "BlobRef", "MxqFile", "TensorEntry", "MxqWriter", "TensorPlan",

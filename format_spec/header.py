@@ -3,7 +3,7 @@ import struct
 
 MAGIC = b"\x89MXQ\r\n\x1a\n"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1
 HEADER_STRUCT = struct.Struct("<8sHHIQQ")  # magic, major, minor, json_crc32, json_nbytes, data_offset
 HEADER_NBYTES = HEADER_STRUCT.size  # 32
 MAX_JSON_NBYTES = 64 << 20

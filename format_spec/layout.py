@@ -1,49 +1,73 @@
 """Storage configs and the cost model: which blobs a tensor stores, and how many bytes.
 
-This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§6): the
-writer emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing
-else, and the converter's budget uses `tensor_nbytes`, which is the sum of those blobs.
+This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§7): the writer
+emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing else, and
+the converter's budget uses `tensor_nbytes`, which is the sum of those blobs. It also holds the one
+config label grammar (SPEC.md §10: `StorageConfig.parse` / `.label`) that the CLI, `mxq inspect`
+and the docs use.
 Alignment padding between blobs is not part of a tensor's cost; `aligned_nbytes` gives it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .packing import CODES_PER_PACK, SUPPORTED_BITS
 
-SCHEMES = ("affine", "fp16")
+SCHEMES = ("affine", "fp16", "lut")
 GROUP_SIZES = (32, 64, 128)
+CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
 META_BITS = 8  # scales and zeros are stored as 8-bit codes ...
 META_GROUP_SIZE = 128  # ... in groups of 128 consecutive values, each with fp16 (step, min)
 MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
 
+# The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
+#   fp16 | b<bits>g<group> | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
+LABEL_GRAMMAR = ("fp16; bBgG (affine: B bits, groups of G inputs); lB or lBcC (lut: B-bit codebook per "
+                 "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
+                 "of the matrix's weights)")
+_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
+                    r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
+
 
 @dataclass(frozen=True, order=True)
 class StorageConfig:
-    """How one tensor is stored. `fp16`: plain half floats. `affine`: b-bit codes in groups of g
-    along the input dimension, double-quantized scale/zero per group, `outliers` fp16 values in CSR."""
+    """How one tensor is stored (SPEC.md §4–§7).
+    `fp16`: plain half floats.
+    `affine`: b-bit codes in groups of `group_size` along the input dimension, a double-quantized
+        scale/zero per group.
+    `lut`: b-bit codes indexing a codebook of 2^b fp16 levels per `codebook_rows` output channels.
+    Both quantized schemes may keep `outliers` fp16 values in CSR. A config made from a label with
+    `+oP%` carries `outlier_percent` instead: a spec for any matrix, which `storage(shape)` turns into
+    the exact config (a count) of one matrix."""
 
     scheme: str
     bits: int = 16
-    group_size: int = 0
+    group_size: int = 0  # affine only
     outliers: int = 0  # number of stored outlier values (CSR nnz)
+    outlier_percent: float = 0.0  # a spec's outliers as a percent of the weights (resolved by storage())
+    codebook_rows: int = 0  # lut only
 
     def __post_init__(self):
         if self.scheme == "fp16":
-            if (self.bits, self.group_size, self.outliers) != (16, 0, 0):
-                raise ValueError("fp16 takes no bits, group size or outliers")
-        elif self.scheme == "affine":
-            if self.bits not in SUPPORTED_BITS:
-                raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-            if self.group_size not in GROUP_SIZES:
-                raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
-            if self.outliers < 0:
-                raise ValueError("outlier count must be >= 0")
-        else:
+            if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
+                raise ValueError("fp16 takes no bits, group size, codebook or outliers")
+            return
+        if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; known: {SCHEMES}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.scheme == "affine" and (self.group_size not in GROUP_SIZES or self.codebook_rows):
+            raise ValueError(f"affine group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.scheme == "lut" and (self.codebook_rows not in CODEBOOK_ROWS or self.group_size):
+            raise ValueError(f"lut channels per codebook must be one of {CODEBOOK_ROWS}, got {self.codebook_rows}")
+        if self.outliers < 0 or not 0 <= self.outlier_percent <= 100:
+            raise ValueError("outliers must be a count >= 0 or a percent in [0, 100]")
+        if self.outliers and self.outlier_percent:
+            raise ValueError("outliers are a count or a percent, not both")
 
     @staticmethod
     def fp16() -> "StorageConfig":
@@ -53,17 +77,52 @@ class StorageConfig:
     def affine(bits: int, group_size: int, outliers: int = 0) -> "StorageConfig":
         return StorageConfig("affine", bits, group_size, outliers)
 
+    @staticmethod
+    def lut(bits: int, codebook_rows: int = 1, outliers: int = 0) -> "StorageConfig":
+        return StorageConfig("lut", bits, 0, outliers, codebook_rows=codebook_rows)
+
+    @staticmethod
+    def parse(label: str) -> "StorageConfig":
+        """The config a label names (LABEL_GRAMMAR): 'fp16', 'b4g32', 'b3g64+o1234', 'l4', 'l3c8+o0.5%'."""
+        if label == "fp16":
+            return StorageConfig.fp16()
+        match = _LABEL.match(label)
+        if not match:
+            raise ValueError(f"cannot parse config label {label!r} (grammar: {LABEL_GRAMMAR})")
+        outliers = int(match["count"] or 0)
+        percent = float(match["percent"] or 0)
+        if match["bits"] is not None:
+            return StorageConfig("affine", int(match["bits"]), int(match["group"]), outliers, percent)
+        return StorageConfig("lut", int(match["lbits"]), 0, outliers, percent, int(match["rows"] or 1))
+
     @property
     def label(self) -> str:
-        """Short human name: 'fp16', 'b4g32', 'b3g64+o1234' (1234 outliers)."""
+        """The label (LABEL_GRAMMAR) that parse() maps back to this config."""
         if self.scheme == "fp16":
             return "fp16"
-        return f"b{self.bits}g{self.group_size}" + (f"+o{self.outliers}" if self.outliers else "")
+        if self.scheme == "affine":
+            base = f"b{self.bits}g{self.group_size}"
+        else:
+            base = f"l{self.bits}" + (f"c{self.codebook_rows}" if self.codebook_rows > 1 else "")
+        if self.outlier_percent:
+            return base + f"+o{self.outlier_percent:g}%"
+        return base + (f"+o{self.outliers}" if self.outliers else "")
+
+    def storage(self, shape) -> "StorageConfig":
+        """The exact config of a matrix of `shape`: a percent of outliers becomes a count (floor, so
+        budgets stay exact); a config with a count (or none) is returned as is."""
+        if not self.outlier_percent:
+            return self
+        return replace(self, outliers=outlier_count(shape, self.outlier_percent / 100), outlier_percent=0.0)
 
     def to_json(self) -> dict:
-        """The tensor entry's "config" object (SPEC.md §4.3)."""
+        """The tensor entry's "config" object (SPEC.md §4.1)."""
+        if self.outlier_percent:
+            raise ValueError(f"config {self.label} has an unresolved outlier percent (use storage(shape))")
         if self.scheme == "fp16":
             return {}
+        if self.scheme == "lut":
+            return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
         return {"bits": self.bits, "group_size": self.group_size, "meta_bits": META_BITS,
                 "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
 
@@ -84,23 +143,38 @@ def affine_dims(shape, group_size: int) -> tuple[int, int, int]:
     return out_features, in_features, math.ceil(in_features / group_size)
 
 
+def lut_dims(shape) -> tuple[int, int, int]:
+    """(out_features, in_features, n_packs) of a 2-D lut tensor; each row is padded to whole packs."""
+    out_features, in_features = shape
+    return out_features, in_features, math.ceil(in_features / CODES_PER_PACK)
+
+
 def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
     """Every blob a tensor of `shape` stored with `config` consists of, in file order."""
     shape = tuple(int(d) for d in shape)
     if config.scheme == "fp16":
         return {"data": BlobSpec("float16", shape)}
     if len(shape) != 2:
-        raise ValueError(f"affine needs a 2-D tensor, got shape {shape}")
-    out_features, in_features, n_groups = affine_dims(shape, config.group_size)
-    words_per_row = n_groups * config.group_size // CODES_PER_PACK * config.bits
-    n_meta_groups = math.ceil(out_features * n_groups / META_GROUP_SIZE)
-    specs = {
-        "qweight": BlobSpec("uint32", (out_features, words_per_row)),
-        "scale_codes": BlobSpec("uint8", (out_features, n_groups)),
-        "scale_meta": BlobSpec("float16", (n_meta_groups, 2)),
-        "zero_codes": BlobSpec("uint8", (out_features, n_groups)),
-        "zero_meta": BlobSpec("float16", (n_meta_groups, 2)),
-    }
+        raise ValueError(f"{config.scheme} needs a 2-D tensor, got shape {shape}")
+    if config.outlier_percent:
+        raise ValueError(f"config {config.label} has an unresolved outlier percent")
+    if config.scheme == "lut":
+        out_features, in_features, n_packs = lut_dims(shape)
+        specs = {
+            "qweight": BlobSpec("uint32", (out_features, n_packs * config.bits)),
+            "codebook": BlobSpec("float16", (math.ceil(out_features / config.codebook_rows), 1 << config.bits)),
+        }
+    else:
+        out_features, in_features, n_groups = affine_dims(shape, config.group_size)
+        words_per_row = n_groups * config.group_size // CODES_PER_PACK * config.bits
+        n_meta_groups = math.ceil(out_features * n_groups / META_GROUP_SIZE)
+        specs = {
+            "qweight": BlobSpec("uint32", (out_features, words_per_row)),
+            "scale_codes": BlobSpec("uint8", (out_features, n_groups)),
+            "scale_meta": BlobSpec("float16", (n_meta_groups, 2)),
+            "zero_codes": BlobSpec("uint8", (out_features, n_groups)),
+            "zero_meta": BlobSpec("float16", (n_meta_groups, 2)),
+        }
     if config.outliers:
         if config.outliers > out_features * in_features:
             raise ValueError(f"{config.outliers} outliers exceed the {out_features * in_features} weights")

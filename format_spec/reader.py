@@ -1,4 +1,4 @@
-"""Reader for .mxq files: mmap, validate everything, hand out zero-copy NumPy views (SPEC.md §7).
+"""Reader for .mxq files: mmap, validate everything, hand out zero-copy NumPy views (SPEC.md §8).
 
 Every number in the header and the JSON is checked (type, range, alignment, agreement with the
 cost model's layout, bounds against the file length, no overlaps) before any view is made, so a
@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
-from .layout import GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig, blob_specs
+from .layout import CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig, blob_specs
 from .packing import SUPPORTED_BITS
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
@@ -234,16 +234,24 @@ class MxqFile:
             config = StorageConfig.fp16()
         else:
             bits = check.get(config_raw, "bits", int, f"{where} config")
-            group_size = check.get(config_raw, "group_size", int, f"{where} config")
             outliers = check.get(config_raw, "outliers", int, f"{where} config")
-            if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES:
-                check.fail(f"{where}: config bits={bits} group_size={group_size} is not supported")
-            if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
-                    check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
-                check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
             if len(shape) != 2:
-                check.fail(f"{where}: scheme affine needs a 2-D shape, got {list(shape)}")
-            config = StorageConfig.affine(bits, group_size, outliers)
+                check.fail(f"{where}: scheme {scheme} needs a 2-D shape, got {list(shape)}")
+            if scheme == "lut":
+                rows = check.get(config_raw, "codebook_rows", int, f"{where} config")
+                if bits not in SUPPORTED_BITS or rows not in CODEBOOK_ROWS or outliers < 0:
+                    check.fail(f"{where}: config bits={bits} codebook_rows={rows} outliers={outliers} "
+                               "is not supported")
+                config = StorageConfig.lut(bits, rows, outliers)
+            else:
+                group_size = check.get(config_raw, "group_size", int, f"{where} config")
+                if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
+                    check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} "
+                               "is not supported")
+                if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
+                        check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
+                    check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
+                config = StorageConfig.affine(bits, group_size, outliers)
         try:
             specs = blob_specs(shape, config)
         except ValueError as error:

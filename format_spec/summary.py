@@ -15,6 +15,7 @@ def summarize(f: MxqFile) -> dict:
     entries = list(f.tensors.values())
     linears = [e for e in entries if e.role == "linear"]
     affine = [e for e in entries if e.config.scheme == "affine"]
+    lut = [e for e in entries if e.config.scheme == "lut"]
     by_label: dict[str, int] = {}
     for entry in linears:
         by_label[entry.config.label.split("+")[0]] = by_label.get(entry.config.label.split("+")[0], 0) + 1
@@ -37,6 +38,7 @@ def summarize(f: MxqFile) -> dict:
             "linear_parameters": sum(e.numel for e in linears),
             "bpw_linear": round(bits_per_weight(linears), 6),
             "bpw_affine": round(bits_per_weight(affine), 6),
+            "bpw_lut": round(bits_per_weight(lut), 6),
             "bpw_all": round(bits_per_weight(entries), 6),
             "linear_configs": dict(sorted(by_label.items())),
         },

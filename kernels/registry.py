@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from mxq.format_spec import GROUP_SIZES
 from mxq.format_spec import SUPPORTED_BITS as BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
+LUT_BITS = BITS  # gemv_lut.cu: one gemv_lut_b* and one dequant_lut_b*_f32 per bit width
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
 GEMV_MAX_WARPS = 8  # __launch_bounds__(256)
@@ -80,6 +81,33 @@ def _dequant_args(out_dtype: str) -> tuple:
     )
 
 
+_LUT_BLOBS = (
+    ("qweight", "const u32*"),  # (out, n_packs·b), n_packs = ceil(in/32)
+    ("codebook", "const f16*"),  # (ceil(out/codebook_rows), 2^b)
+    ("row_ptr", "const u32*"),  # (out+1,) or None
+    ("cols", "const u16*"),  # (nnz,) or None
+    ("vals", "const f16*"),  # (nnz,) or None
+)
+GEMV_LUT_ARGS = _LUT_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + (("codebook_rows", "i32"),)
+DEQUANT_LUT_ARGS = _LUT_BLOBS + (
+    ("row_ids", "const i32*"),  # (n_rows,) or None (rows 0..n_rows-1)
+    ("out", "f32*"),  # (n_rows, ld_out)
+    ("n_rows", "i32"),
+    ("out_features", "i32"),
+    ("in_features", "i32"),
+    ("ld_out", "i32"),
+    ("codebook_rows", "i32"),
+)
+
+
+def gemv_lut_name(bits: int) -> str:
+    return f"gemv_lut_b{bits}"
+
+
+def dequant_lut_name(bits: int) -> str:
+    return f"dequant_lut_b{bits}_f32"
+
+
 def gemv_name(bits: int, group_size: int) -> str:
     return f"gemv_affine_b{bits}_g{group_size}"
 
@@ -96,6 +124,9 @@ def _build() -> dict:
         kernels.append(Kernel(gemv_name(b, g), "gemv_affine.cu", GEMV_ARGS))
         for dt in ("f32", "f16"):
             kernels.append(Kernel(dequant_name(b, g, dt), "dequant_affine.cu", _dequant_args(dt)))
+    for b in LUT_BITS:
+        kernels.append(Kernel(gemv_lut_name(b), "gemv_lut.cu", GEMV_LUT_ARGS))
+        kernels.append(Kernel(dequant_lut_name(b), "gemv_lut.cu", DEQUANT_LUT_ARGS))
     kernels.append(Kernel(GEMV_F16, "gemv_f16.cu", GEMV_F16_ARGS))
     kernels += [
         Kernel("rmsnorm_f32", "ops.cu",
@@ -151,7 +182,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tuple]:
-    """(grid, block) for gemv_affine_* and gemv_f16: `warps` warps per block, 4 rows per warp. Default: 8 warps
+    """(grid, block) for gemv_affine_*, gemv_lut_* and gemv_f16: `warps` warps per block, 4 rows per warp. Default: 8 warps
     (32 rows per block: the activation tile staged per block is amortized over 32 rows), 4 for
     small matrices (< 1024 rows) so that they still spread over the GPU's SMs."""
     if warps is None:
@@ -162,7 +193,7 @@ def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tup
 
 
 def dequant_launch(n_rows: int, threads: int = 128) -> tuple[tuple, tuple]:
-    """(grid, block) for dequant_affine_*: one block per output row, 32..128 threads."""
+    """(grid, block) for dequant_affine_* and dequant_lut_*: one block per output row, 32..128 threads."""
     if threads % 32 or not 32 <= threads <= DEQUANT_MAX_THREADS:
         raise ValueError(f"dequant threads per block must be a multiple of 32 in 32..{DEQUANT_MAX_THREADS}")
     return (n_rows, 1, 1), (threads, 1, 1)

@@ -53,16 +53,32 @@ def random_affine_blobs(rng, shape, config: StorageConfig) -> dict:
     return blobs
 
 
+def random_lut_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Valid blobs for a lut tensor: random codes (padding codes 0), sorted random fp16 codebooks."""
+    out_features, in_features = shape
+    n_packs = -(-in_features // 32)
+    codes = rng.integers(0, 1 << config.bits, size=(out_features, n_packs * 32))
+    codes[:, in_features:] = 0
+    n_codebooks = -(-out_features // config.codebook_rows)
+    codebook = np.sort(rng.standard_normal((n_codebooks, 1 << config.bits)).astype(np.float16) * np.float16(0.05), 1)
+    blobs = {"qweight": pack_codes(codes, config.bits), "codebook": codebook}
+    if config.outliers:
+        flat = rng.choice(out_features * in_features, size=config.outliers, replace=False)
+        blobs.update(build_csr(shape, flat // in_features, flat % in_features,
+                               rng.standard_normal(config.outliers).astype(np.float32)))
+    return blobs
+
+
 def random_blobs(rng, shape, config: StorageConfig) -> dict:
     if config.scheme == "fp16":
         return {"data": rng.standard_normal(shape).astype(np.float16)}
-    return random_affine_blobs(rng, shape, config)
+    return (random_lut_blobs if config.scheme == "lut" else random_affine_blobs)(rng, shape, config)
 
 
 def write_random_file(path, tensors, seed=0, tokenizer_data=b"tokenizer bytes", **writer_options):
     """Write `tensors` [(name, shape, config)] with random content; returns {name: blobs}."""
     rng = np.random.default_rng(seed)
-    plans = [TensorPlan(name, shape, config, "linear" if config.scheme == "affine" else "norm")
+    plans = [TensorPlan(name, shape, config, "linear" if config.scheme != "fp16" else "norm")
              for name, shape, config in tensors]
     written = {}
     with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"},

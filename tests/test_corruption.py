@@ -9,7 +9,25 @@ import zlib
 import numpy as np
 import pytest
 
-from mxq.format_spec import MxqFile, MxqFormatError
+from mxq.format_spec import MxqFile, MxqFormatError, StorageConfig
+
+
+@pytest.fixture
+def small_lut_file(tmp_path):
+    """A small valid file with lut tensors (per channel with outliers, per 4 channels) and fp16."""
+    from conftest import write_random_file
+
+    path = tmp_path / "small-lut.mxq"
+    tensors = [("a", (5, 70), StorageConfig.lut(3, 1, 4)),
+               ("b", (6, 40), StorageConfig.lut(2, 4)),
+               ("n", (7,), StorageConfig.fp16())]
+    return path, tensors, write_random_file(path, tensors)
+
+
+@pytest.fixture(params=["affine", "lut"])
+def any_small_file(request):
+    """The small affine file and the small lut file: every corruption test runs on both."""
+    return request.getfixturevalue("small_file" if request.param == "affine" else "small_lut_file")
 
 
 def _outcome(path):
@@ -37,8 +55,8 @@ def _rewrite_json(image: bytes, edit, room: int = 256) -> bytes:
     return header + raw + b"\0" * (new_offset - 32 - len(raw)) + image[data_offset:]
 
 
-def test_every_truncation_is_rejected(small_file, tmp_path):
-    path, _, _ = small_file
+def test_every_truncation_is_rejected(any_small_file, tmp_path):
+    path, _, _ = any_small_file
     image = path.read_bytes()
     target = tmp_path / "cut.mxq"
     for length in range(len(image)):
@@ -46,8 +64,8 @@ def test_every_truncation_is_rejected(small_file, tmp_path):
         assert _outcome(target) == "error", length
 
 
-def test_every_single_byte_flip_is_caught(small_file, tmp_path):
-    path, _, _ = small_file
+def test_every_single_byte_flip_is_caught(any_small_file, tmp_path):
+    path, _, _ = any_small_file
     image = bytearray(path.read_bytes())
     target = tmp_path / "flip.mxq"
     rng = np.random.default_rng(0)
@@ -79,7 +97,8 @@ HOSTILE_EDITS = {
     "missing blob": lambda d: d["tensors"][0]["blobs"].pop("zero_meta"),
     "extra blob": lambda d: d["tensors"][0]["blobs"].update(extra=_first_blob(d)),
     "overlap": lambda d: d["tensors"][1]["blobs"]["qweight"].update(offset=_first_blob(d)["offset"]),
-    "unknown scheme": lambda d: d["tensors"][0].update(scheme="lut"),
+    "unknown scheme": lambda d: d["tensors"][0].update(scheme="vq"),
+    "affine read as lut": lambda d: d["tensors"][0].update(scheme="lut"),
     "bad bits": lambda d: d["tensors"][0]["config"].update(bits=7),
     "bad meta": lambda d: d["tensors"][0]["config"].update(meta_group_size=64),
     "string shape": lambda d: d["tensors"][0].update(shape="5x70"),
@@ -102,6 +121,61 @@ def test_hostile_metadata_is_rejected(small_file, tmp_path, name):
     with pytest.raises(MxqFormatError) as caught:
         MxqFile.open(target)
     assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+
+
+def _codebook(document, index=0):
+    return document["tensors"][index]["blobs"]["codebook"]
+
+
+HOSTILE_LUT_EDITS = {
+    "lut bits 7": lambda d: d["tensors"][0]["config"].update(bits=7),
+    "lut bits as string": lambda d: d["tensors"][0]["config"].update(bits="3"),
+    "lut codebook_rows 3": lambda d: d["tensors"][0]["config"].update(codebook_rows=3),
+    "lut codebook_rows 0": lambda d: d["tensors"][1]["config"].update(codebook_rows=0),
+    "lut codebook_rows missing": lambda d: d["tensors"][1]["config"].pop("codebook_rows"),
+    "lut codebook_rows changed": lambda d: d["tensors"][1]["config"].update(codebook_rows=2),
+    "lut bits changed": lambda d: d["tensors"][1]["config"].update(bits=3),
+    "lut negative outliers": lambda d: d["tensors"][0]["config"].update(outliers=-4),
+    "lut outliers dropped": lambda d: d["tensors"][0]["config"].update(outliers=0),
+    "lut codebook missing": lambda d: d["tensors"][0]["blobs"].pop("codebook"),
+    "lut codebook wrong dtype": lambda d: _codebook(d).update(dtype="float32", nbytes=_codebook(d)["nbytes"] * 2),
+    "lut codebook wrong shape": lambda d: _codebook(d).update(shape=[8, 5]),
+    "lut codebook overlaps codes": lambda d: _codebook(d).update(offset=d["tensors"][0]["blobs"]["qweight"]["offset"]),
+    "lut affine blobs": lambda d: d["tensors"][0].update(scheme="affine"),
+    "lut 1-D": lambda d: d["tensors"][1].update(shape=[240]),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_LUT_EDITS))
+def test_hostile_lut_metadata_is_rejected(small_lut_file, tmp_path, name):
+    path, _, _ = small_lut_file
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_LUT_EDITS[name]))
+    with pytest.raises(MxqFormatError) as caught:
+        MxqFile.open(target)
+    assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+
+
+def test_lut_runtime_rejects_bad_outliers_and_survives_any_codebook(small_lut_file, tmp_path):
+    """Content the reader cannot judge: unsound CSR outliers are a ModelError naming the tensor; codes
+    always index inside their codebook (b bits, 2^b levels), so any codebook bytes (NaN, inf) give
+    numbers, never an out-of-bounds read."""
+    from mxq.format_spec import dequantize
+    from mxq.runtime.errors import ModelError
+    from mxq.runtime.backends.numpy_backend import NumpyBackend
+
+    path, tensors, blobs = small_lut_file
+    backend = NumpyBackend(kernels=False, threads=1)
+    with MxqFile.open(path) as f:
+        entry = f.tensors["a"]
+        bad = dict(f.blobs("a"), outlier_cols=np.array([0, 0, 0, 99], np.uint16))
+        with pytest.raises(ModelError, match="tensor 'a': bad outliers"):
+            backend.prepare(entry, bad)
+        entry = f.tensors["b"]
+        wild = dict(f.blobs("b"), codebook=np.full((2, 4), np.inf, np.float16))
+        weight = backend.prepare(entry, wild)
+        y = backend.linear(np.ones((1, 40), np.float32), weight)
+        assert y.shape == (1, 6) and np.isnan(dequantize(wild, (6, 40), entry.config)).sum() == 0
 
 
 @pytest.mark.parametrize("patch", [

@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_affine_blobs
+from conftest import random_affine_blobs, random_lut_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.kernels.emulator import EmulatedModule
-from mxq.kernels.registry import AFFINE_CONFIGS
+from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS
 from mxq.runtime import ModelError
 from mxq.runtime.backends.base import LayerCache
-from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle
+from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle, LutHandle
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 from mxq.runtime.config import ModelConfig
 from mxq.runtime.model import Model
@@ -91,7 +91,7 @@ def ref():
 
 def magnitude(x, blobs, shape, config):
     """|x|·|W|ᵀ (T, out): the scale of the rounding error of any fp32 evaluation of x·Wᵀ."""
-    w = dequantize(blobs, shape, config) if config.scheme == "affine" else blobs["data"].astype(f32)
+    w = dequantize(blobs, shape, config) if config.scheme != "fp16" else blobs["data"].astype(f32)
     return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
 
 
@@ -130,6 +130,60 @@ def test_linear_matches_numpy_backend(cuda, ref, bits, group_size, outliers):
                 assert cuda.module.calls == [f"gemv_affine_b{bits}_g{group_size}"]  # bias fused
             else:
                 assert cuda.module.calls == [f"dequant_affine_b{bits}_g{group_size}_f32"]
+
+
+@pytest.mark.parametrize("codebook_rows,outliers", [(1, 0), (4, 19)], ids=["c1", "c4-outliers"])
+@pytest.mark.parametrize("bits", LUT_BITS)
+def test_lut_linear_and_embedding_match_numpy_backend(cuda, ref, bits, codebook_rows, outliers):
+    """Every lut bit width: T = 1 is one fused gemv_lut launch (bias fused), T = 5 one dequant_lut and a
+    GEMM; the embedding gather dequantizes the picked rows."""
+    shape = (37, 71)
+    rng = np.random.default_rng(bits * 100 + codebook_rows + outliers)
+    config = StorageConfig.lut(bits, codebook_rows, outliers)
+    blobs = random_lut_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    assert isinstance(w, LutHandle)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        mag = magnitude(x, blobs, shape, config)
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b))
+            want = ref.linear(x, w_ref, b).astype(np.float64)
+            check_close(y, want, mag, 0.0 if b is None else 2.0 ** -22 * np.abs(want))
+            assert cuda.module.calls == [f"gemv_lut_b{bits}" if T == 1 else f"dequant_lut_b{bits}_f32"]
+    ids = np.array([3, 0, 36, 3])
+    assert np.array_equal(cuda.embedding(w, ids), dequantize(blobs, shape, config)[ids])
+
+
+def test_lut_model_matches_numpy_backend(tmp_path):
+    """A converted tiny model whose linears are lut and affine: emulated CUDA (prefill: dequant_lut + GEMM,
+    decode: gemv_lut) gives the numpy backend's greedy tokens and logits."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    path = tmp_path / "lut.mxq"
+    convert(fixtures.ensure("tiny-llama"), path, bpw=3.0, configs="b2g64,b3g64,b4g64,l2,l3,l4,l3c4+o1%", quantizer="rtn",
+            objective="frobenius", cache_dir=None)
+    with MxqFile.open(path) as f:
+        config = ModelConfig.from_json(f.model)
+        prompt = np.random.default_rng(2).integers(0, config.vocab_size, 6).tolist()
+        reference = Model.from_file(f, config, NumpyBackend(threads=1))
+        backend = emulated(guard=False)
+        model = Model.from_file(f, config, backend)
+        linears = [w for layer in model.layers for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
+                                                          layer.down)]
+        assert any(isinstance(w, LutHandle) for w in linears), [type(w).__name__ for w in linears]
+        want_tokens, want_logits = greedy(reference, prompt, 4)
+        backend.module.calls.clear()
+        tokens, logits = greedy(model, prompt, 4)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    assert any(c.startswith("gemv_lut_b") for c in backend.module.calls)
+    assert any(c.startswith("dequant_lut_b") for c in backend.module.calls)
 
 
 ODD_SHAPES = [

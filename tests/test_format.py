@@ -7,18 +7,19 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import random_affine_blobs, write_random_file
-from mxq.format_spec import (GROUP_SIZES, SUPPORTED_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan,
+from mxq.format_spec import (CODEBOOK_ROWS, GROUP_SIZES, SUPPORTED_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan,
                              blob_specs, csr_problem, decode_meta, dequantize, encode_meta, tensor_nbytes,
                              unpack_codes)
 
 ODD_SHAPES = [(1, 1), (3, 31), (7, 33), (5, 96), (2, 130), (9, 576), (4, 1000)]
 ALL_AFFINE = [StorageConfig.affine(b, g, o) for b, g, o in itertools.product(SUPPORTED_BITS, GROUP_SIZES, (0, 3))]
+ALL_LUT = [StorageConfig.lut(b, c, o) for b, c, o in itertools.product(SUPPORTED_BITS, CODEBOOK_ROWS, (0, 3))]
 
 
 def test_cost_model_equals_bytes_written(tmp_path):
     """Every config × odd shapes: the cost model's bytes are exactly the bytes the writer emits."""
     tensors = [(f"t{i}", shape, config) for i, (shape, config) in
-               enumerate(itertools.product(ODD_SHAPES, ALL_AFFINE + [StorageConfig.fp16()]))
+               enumerate(itertools.product(ODD_SHAPES, ALL_AFFINE + ALL_LUT + [StorageConfig.fp16()]))
                if config.outliers <= math.prod(shape)]
     path = tmp_path / "all.mxq"
     write_random_file(path, tensors)
@@ -46,6 +47,16 @@ def test_cost_formula_in_spec():
         R = math.ceil(out * G / 128)
         expected = out * G * g * b // 8 + 2 * out * G + 8 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
         assert tensor_nbytes((out, inp), config) == expected
+
+
+def test_lut_cost_formula_in_spec():
+    """SPEC §5: lut cost = out·P·4·b + 2·C·2^b + [4·(out+1) + 4·nnz], P = ceil(in/32), C = ceil(out/c)."""
+    for (out, inp), config in itertools.product(ODD_SHAPES, ALL_LUT):
+        if config.outliers > out * inp:
+            continue
+        b, c, nnz = config.bits, config.codebook_rows, config.outliers
+        expected = out * math.ceil(inp / 32) * 4 * b + 2 * math.ceil(out / c) * 2 ** b
+        assert tensor_nbytes((out, inp), config) == expected + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -165,3 +176,50 @@ def test_layout_rejects_impossible_configs():
         blob_specs((2, 70000), StorageConfig.affine(4, 32, 1))
     with pytest.raises(ValueError):
         blob_specs((2, 2), StorageConfig.affine(4, 32, 5))
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 40), inp=st.integers(1, 300), bits=st.sampled_from(SUPPORTED_BITS),
+       rows=st.sampled_from(CODEBOOK_ROWS), outliers=st.integers(0, 5), seed=st.integers(0, 1000))
+def test_lut_round_trip_matches_spec_formula(tmp_path_factory, out, inp, bits, rows, outliers, seed):
+    """A lut tensor reads back bit-exact, and dequantizes as SPEC §7 says, element by element."""
+    config = StorageConfig.lut(bits, rows, min(outliers, out * inp))
+    path = tmp_path_factory.mktemp("lut") / "x.mxq"
+    written = write_random_file(path, [("w", (out, inp), config)], seed=seed)["w"]
+    with MxqFile.open(path) as f:
+        assert f.verify() == []
+        read = f.blobs("w")
+        assert read.keys() == written.keys()
+        for name in written:
+            np.testing.assert_array_equal(read[name], written[name])
+        weight = dequantize(read, (out, inp), config)
+    codes = unpack_codes(written["qweight"], bits)
+    expected = np.array([[np.float32(written["codebook"][r // rows, codes[r, c]]) for c in range(inp)]
+                         for r in range(out)], np.float32).reshape(out, inp)
+    if config.outliers:
+        row_ptr = written["outlier_row_ptr"]
+        for r in range(out):
+            for i in range(row_ptr[r], row_ptr[r + 1]):
+                expected[r, written["outlier_cols"][i]] += np.float32(written["outlier_values"][i])
+    np.testing.assert_array_equal(weight, expected)
+
+
+LABELS = ["fp16", "b4g32", "b3g64+o1234", "b2g128+o0.5%", "l4", "l3c8", "l2c32+o7", "l5c4+o0.25%", "l8"]
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_one_label_grammar_round_trips(label):
+    """StorageConfig.parse and .label are inverse: the one grammar of CLI, inspect and docs."""
+    config = StorageConfig.parse(label)
+    assert config.label == label and StorageConfig.parse(config.label) == config
+
+
+def test_label_grammar_rejects_and_resolves():
+    for bad in ("b4", "b7g32", "b4g48", "l4c3", "l9", "l4g32", "b4g32+o", "b4g32+o-1", "B4G32", "l4+o1.5", " l4"):
+        with pytest.raises(ValueError):
+            StorageConfig.parse(bad)
+    spec = StorageConfig.parse("l3c4+o1%")
+    with pytest.raises(ValueError, match="unresolved"):
+        tensor_nbytes((10, 100), spec)
+    exact = spec.storage((10, 100))
+    assert exact == StorageConfig.lut(3, 4, 10) and exact.label == "l3c4+o10" and exact.storage((1, 1)) == exact

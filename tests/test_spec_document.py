@@ -1,5 +1,5 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
-and checks that mxq's reader loads it and decodes the weights SPEC §6 says it holds."""
+and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine) and §7 (lut) say it holds."""
 import json
 import math
 import struct
@@ -38,6 +38,15 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         "outlier_values": ("float16", [1], vals),
     }
     norm = struct.pack("<4e", 1.0, 2.0, -0.5, 0.25)
+    # a lut tensor (SPEC §7): 5 rows, 40 inputs (P = 2 packs of 32, the second padded), 2 bits, one
+    # codebook per 2 rows (C = 3), no outliers
+    lut_out, lut_bits, lut_c = 5, 2, 2
+    lut_codes = [[(r + 3 * c) % 4 for c in range(inp)] + [0] * (64 - inp) for r in range(lut_out)]
+    levels = [[-1.5 + k + 0.25 * book for k in range(4)] for book in range(3)]
+    lut_blobs = {
+        "qweight": ("uint32", [lut_out, 2 * lut_bits], b"".join(_bitstring_pack(row, lut_bits) for row in lut_codes)),
+        "codebook": ("float16", [3, 4], struct.pack("<12e", *[v for book in levels for v in book])),
+    }
 
     alignment = 64
     data_offset = 4096  # generous, a multiple of alignment
@@ -54,6 +63,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     tokenizer_blob = place(tokenizer, "uint8", [len(tokenizer)])
     for name, (dtype, shape, data) in blobs.items():
         document_blobs[name] = place(data, dtype, shape)
+    lut_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in lut_blobs.items()}
     norm_blob = place(norm, "float16", [4])
     document = {
         "format": "mxq", "alignment": alignment,
@@ -65,12 +75,14 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
             {"name": "w", "shape": [out, inp], "role": "linear", "scheme": "affine",
              "config": {"bits": bits, "group_size": g, "meta_bits": 8, "meta_group_size": 128, "outliers": 1},
              "blobs": document_blobs, "unknown_key": "ignored"},
+            {"name": "v", "shape": [lut_out, inp], "role": "linear", "scheme": "lut",
+             "config": {"bits": lut_bits, "codebook_rows": lut_c, "outliers": 0}, "blobs": lut_document_blobs},
             {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, "blobs": {"data": norm_blob}},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 0, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 1, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -82,6 +94,8 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         assert f.tokenizer_data() == tokenizer
         entry = f.tensors["w"]
         weight = dequantize(f.blobs("w"), entry.shape, entry.config)
+        lut_entry = f.tensors["v"]
+        lut_weight = dequantize(f.blobs("v"), lut_entry.shape, lut_entry.config)
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     step_s, min_s = np.float16(0.001).astype(np.float32), np.float16(0.01).astype(np.float32)
@@ -95,3 +109,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
             expected[r, c] = (np.float32(codes[r][c]) - z) * s
     expected[0, 39] += np.float32(0.5)
     np.testing.assert_array_equal(weight, expected)
+    # SPEC §7: W[r, c] = codebook[r div codebook_rows, q]
+    lut_expected = np.array([[levels[r // lut_c][lut_codes[r][c]] for c in range(inp)] for r in range(lut_out)],
+                            np.float32)
+    np.testing.assert_array_equal(lut_weight, lut_expected)

@@ -26,6 +26,7 @@ class Backend(ABC):
     """One device's implementation of the forward pass's operations."""
 
     name = "abstract"
+    schemes = ("fp16", "affine", "lut")  # the 2-D storage schemes prepare_matrix handles
     xp = np  # the array module of this backend's arrays (numpy, cupy): used to allocate the KV cache
 
     # -- weights ----------------------------------------------------------------------------------
@@ -43,13 +44,13 @@ class Backend(ABC):
             return self.upload(blobs["data"].astype(np.float32))
         if len(entry.shape) != 2:
             raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
-        if scheme not in ("fp16", "affine"):
+        if scheme not in self.schemes:
             raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the {self.name} backend")
         return self.prepare_matrix(entry, blobs)
 
     @abstractmethod
     def prepare_matrix(self, entry, blobs: dict):
-        """The weight handle of a 2-D `fp16` or `affine` tensor that `linear` and `embedding` accept
+        """The weight handle of a 2-D tensor of one of `schemes` that `linear` and `embedding` accept
         (outliers and shape already checked by `prepare`)."""
 
     @abstractmethod
@@ -130,8 +131,8 @@ class Backend(ABC):
     # -- helpers shared by backends ---------------------------------------------------------------
     @staticmethod
     def check_outliers(entry, blobs: dict) -> None:
-        """SPEC.md §7: CSR content rules are checked before a runtime uses a tensor's outliers."""
-        if entry.config.scheme == "affine" and entry.config.outliers:
+        """SPEC.md §8: CSR content rules are checked before a runtime uses a tensor's outliers."""
+        if entry.config.scheme != "fp16" and entry.config.outliers:
             problem = csr_problem(blobs, entry.shape)
             if problem:
                 raise ModelError(f"tensor '{entry.name}': bad outliers: {problem}")

@@ -19,14 +19,15 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               must be 16-byte aligned: the file aligns blobs to 64 bytes and CuPy allocations are
               256-byte aligned; anything else is copied into an aligned buffer.
   linear      affine, T == 1: fused dequant + GEMV (gemv_affine_b*_g*), outliers fused, bias (and an
-              optional residual) fused through the kernel's `residual` argument.
-              affine, T > 1: dequantize the matrix on the device (dequant_affine_*_f32, in row chunks of
+              optional residual) fused through the kernel's `residual` argument; lut likewise with
+              gemv_lut_b* (codebooks widened into shared memory, one lookup per weight).
+              affine / lut, T > 1: dequantize the matrix on the device (dequant_{affine,lut}_*_f32, in row chunks of
               at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
               residual fused as above) — no fp32 copy of the matrix exists for decode.
               fp16, T > 1: converted to float32 on the device in row chunks of at most
               `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
-  embedding   fp16 table: embedding_f16; affine table: dequant_affine_*_f32 with row_ids = the ids.
+  embedding   fp16 table: embedding_f16; affine / lut table: dequant_*_f32 with row_ids = the ids.
   rms_norm, rope, silu_mul, gelu_mul, add, scale: rmsnorm_f32 (per-head q/k norms: the same kernel on
               a (T·n, head_dim) view), rope_f32 (partial rotary: the tail dims pass through),
               silu_mul_f32, gelu_mul_f32, add_f32 (in place), scale_f32.
@@ -48,8 +49,9 @@ import math
 
 import numpy as np
 
-from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, attention_launch, dequant_launch, dequant_name,
-                                 elementwise_launch, gemv_launch, gemv_name, rope_items, rowwise_launch)
+from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, attention_launch, dequant_launch, dequant_lut_name,
+                                 dequant_name, elementwise_launch, gemv_launch, gemv_lut_name, gemv_name, rope_items,
+                                 rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
 
@@ -150,22 +152,39 @@ class DenseHandle:
         return int(self.data.nbytes)
 
 
-class AffineHandle:
-    """A packed affine matrix (out, in) on the device, exactly as stored in the file."""
+class QuantizedHandle:
+    """A packed matrix (out, in) on the device, exactly as stored in the file: `blobs` are the kernels'
+    leading pointer arguments, `tail` their trailing scheme parameters (after the shape arguments);
+    `gemv` and `dequant` name its decode GEMV and its row dequantization (prefill, embedding gather)."""
 
-    def __init__(self, name, shape, bits, group_size, blobs: tuple, outliers: bool):
-        self.name, self.shape = name, tuple(shape)
-        self.bits, self.group_size = bits, group_size
-        self.blobs = blobs  # (qweight, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, vals)
-        self.outliers = outliers
-        self.gemv = gemv_name(bits, group_size)
-        self.dequant = dequant_name(bits, group_size, "f32")
+    def __init__(self, name, shape, bits, blobs: tuple, outliers: bool, gemv: str, dequant: str, tail: tuple = ()):
+        self.name, self.shape, self.bits = name, tuple(shape), bits
+        self.blobs, self.outliers = blobs, outliers
+        self.gemv, self.dequant, self.tail = gemv, dequant, tail
         self.dense = None  # float32 (out, in) on the device with cache_dequantized
         self.chunk_ids = {}  # (r0, r1) → device int32 row ids of a prefill chunk
 
     @property
     def nbytes(self) -> int:
         return sum(int(b.nbytes) for b in self.blobs if b is not None and hasattr(b, "nbytes"))
+
+
+class AffineHandle(QuantizedHandle):
+    """blobs: (qweight, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, vals)."""
+
+    def __init__(self, name, shape, bits, group_size, blobs: tuple, outliers: bool):
+        super().__init__(name, shape, bits, blobs, outliers, gemv_name(bits, group_size),
+                         dequant_name(bits, group_size, "f32"))
+        self.group_size = group_size
+
+
+class LutHandle(QuantizedHandle):
+    """blobs: (qweight, codebook, row_ptr, cols, vals); the kernels take codebook_rows last."""
+
+    def __init__(self, name, shape, bits, codebook_rows, blobs: tuple, outliers: bool):
+        super().__init__(name, shape, bits, blobs, outliers, gemv_lut_name(bits), dequant_lut_name(bits),
+                         (i32(codebook_rows),))
+        self.codebook_rows = codebook_rows
 
 
 # ---- the KV cache with a chosen dtype ----------------------------------------------------------------
@@ -210,7 +229,7 @@ class CudaBackend(Backend):
         self._positions = (None, None)  # (host int64, device int32) of the last rope call
         if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
             try:
-                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", GEMV_F16, "add_f32"):
+                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "gemv_lut_b4", GEMV_F16, "add_f32"):
                     self._fn(name)
             except ModelError:
                 raise
@@ -287,19 +306,21 @@ class CudaBackend(Backend):
             if self.cache_dequantized and entry.role != "embedding":
                 self._dense_f32(handle)
             return handle
-        bits, group_size = entry.config.bits, entry.config.group_size
-        if (bits, group_size) not in AFFINE_CONFIGS:
-            raise ModelError(f"tensor '{entry.name}': affine b{bits} g{group_size} has no CUDA kernel")
-        outliers = bool(entry.config.outliers)
-        device = (self._device_blob(blobs["qweight"], QWEIGHT_ALIGNMENT),
-                  self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
-                  self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4))
-        if outliers:
-            device += (self._device_blob(blobs["outlier_row_ptr"], 4), self._device_blob(blobs["outlier_cols"], 2),
-                       self._device_blob(blobs["outlier_values"], 2))
+        config = entry.config
+        bits, outliers = config.bits, bool(config.outliers)
+        if config.scheme == "lut" and bits not in LUT_BITS or \
+                config.scheme == "affine" and (bits, config.group_size) not in AFFINE_CONFIGS:
+            raise ModelError(f"tensor '{entry.name}': {config.scheme} {config.label} has no CUDA kernel")
+        qweight = self._device_blob(blobs["qweight"], QWEIGHT_ALIGNMENT)
+        csr = (self._device_blob(blobs["outlier_row_ptr"], 4), self._device_blob(blobs["outlier_cols"], 2),
+               self._device_blob(blobs["outlier_values"], 2)) if outliers else (None, None, None)
+        if config.scheme == "lut":
+            device = (qweight, self._device_blob(blobs["codebook"], 2)) + csr
+            handle = LutHandle(entry.name, entry.shape, bits, config.codebook_rows, device, outliers)
         else:
-            device += (None, None, None)
-        handle = AffineHandle(entry.name, entry.shape, bits, group_size, device, outliers)
+            device = (qweight, self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
+                      self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4)) + csr
+            handle = AffineHandle(entry.name, entry.shape, bits, config.group_size, device, outliers)
         if self.cache_dequantized and entry.role != "embedding":
             handle.dense = self._dequantize(handle, 0, handle.shape[0], self.xp.empty(handle.shape, self.xp.float32))
         return handle
@@ -313,11 +334,11 @@ class CudaBackend(Backend):
     def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache:
         return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
 
-    # -- affine helpers ---------------------------------------------------------------------------------
-    def _affine_args(self, w: AffineHandle) -> tuple:
+    # -- packed-matrix helpers (affine, lut) --------------------------------------------------------------
+    def _blob_args(self, w: QuantizedHandle) -> tuple:
         return tuple(self._ptr(b) for b in w.blobs)
 
-    def _dequantize(self, w: AffineHandle, r0: int, r1: int, out, row_ids=None):
+    def _dequantize(self, w: QuantizedHandle, r0: int, r1: int, out, row_ids=None):
         """Rows [r0, r1) of W (outliers included) into out (r1 − r0, in) float32 on the device.
         row_ids: device int32 ids of those rows (needed unless r0 == 0)."""
         out_features, in_features = w.shape
@@ -326,8 +347,8 @@ class CudaBackend(Backend):
             row_ids = self._i32(np.arange(r0, r1))
         grid, block = dequant_launch(n_rows)
         self._launch(w.dequant, grid, block,
-                     self._affine_args(w) + (self._ptr(row_ids), out, i32(n_rows), i32(out_features),
-                                             i32(in_features), i32(in_features)))
+                     self._blob_args(w) + (self._ptr(row_ids), out, i32(n_rows), i32(out_features),
+                                           i32(in_features), i32(in_features)) + w.tail)
         return out
 
     def _dense_f32(self, w: DenseHandle):
@@ -337,8 +358,8 @@ class CudaBackend(Backend):
         return w.dense
 
     def _gemv(self, w, x, add=None):
-        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* on the
-        packed blobs, gemv_f16 on the fp16 data."""
+        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* / gemv_lut_b*
+        on the packed blobs, gemv_f16 on the fp16 data."""
         out_features, in_features = w.shape
         y = self.xp.empty((1, out_features), dtype=self.xp.float32)
         grid, block = gemv_launch(out_features, self.gemv_warps)
@@ -347,7 +368,7 @@ class CudaBackend(Backend):
                          (w.data, x, self._ptr(add), y, i32(out_features), i32(in_features)))
         else:
             self._launch(w.gemv, grid, block,
-                         self._affine_args(w) + (x, self._ptr(add), y, i32(out_features), i32(in_features)))
+                         self._blob_args(w) + (x, self._ptr(add), y, i32(out_features), i32(in_features)) + w.tail)
         return y
 
     def _chunked_matmul(self, shape, x, fill):
@@ -363,7 +384,7 @@ class CudaBackend(Backend):
             y[:, r0:r1] = x @ fill(r0, r1, self.scratch("dequant", (r1 - r0, in_features), np.float32)).T
         return y
 
-    def _affine_matmul(self, w: AffineHandle, x):
+    def _quantized_matmul(self, w: QuantizedHandle, x):
         """y (T, out) = x (T, in) @ Wᵀ for T > 1: dequantize on the device, then GEMM (cuBLAS)."""
         if w.dense is not None:
             return x @ w.dense.T
@@ -405,7 +426,7 @@ class CudaBackend(Backend):
             return out
         grid, block = dequant_launch(T)
         self._launch(weight.dequant, grid, block,
-                     self._affine_args(weight) + (ids_dev, out, i32(T), i32(vocab), i32(dim), i32(dim)))
+                     self._blob_args(weight) + (ids_dev, out, i32(T), i32(vocab), i32(dim), i32(dim)) + weight.tail)
         return out
 
     def linear(self, x, weight, bias=None, residual=None):
@@ -420,8 +441,8 @@ class CudaBackend(Backend):
                 if bias is not None:
                     add = self.add(add.copy(), bias)
             return self._gemv(weight, x, add)
-        if isinstance(weight, AffineHandle):
-            y = self._affine_matmul(weight, x)
+        if isinstance(weight, QuantizedHandle):
+            y = self._quantized_matmul(weight, x)
         else:
             y = self._dense_matmul(weight, x)
         y = self._f32(y)

@@ -1,6 +1,6 @@
 """The NumPy backend: the CPU runtime, and the reference every other backend is tested against.
 
-Weights are handles from cpu_weights.py (DenseWeight, AffineWeight): lean mode multiplies straight
+Weights are handles from cpu_weights.py (DenseWeight, AffineWeight) and cpu_lut.py (LutWeight): lean mode multiplies straight
 from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
 products when Numba is available (cpu_jit.py), else with NumPy — and cache_dequantized keeps a
 float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
@@ -24,6 +24,7 @@ from .base import Backend, LayerCache
 from .blas import blas_threads
 from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
+from .cpu_lut import LutWeight
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention (bounds the score matrix)
@@ -145,6 +146,8 @@ class NumpyBackend(Backend):
     def prepare_matrix(self, entry, blobs: dict):
         if entry.config.scheme == "fp16":
             weight = DenseWeight(entry.name, blobs["data"], self)
+        elif entry.config.scheme == "lut":
+            weight = LutWeight(entry, blobs, self)
         else:
             weight = AffineWeight(entry, blobs, self)
         if self.cache_dequantized and entry.role != "embedding":
