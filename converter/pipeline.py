@@ -147,7 +147,7 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
         size = make_writer(choice).file_nbytes
         if size <= target:
             return choice
-        budget -= size - target
+        budget = min(budget, int(aligned[rows, choice].sum())) - (size - target)  # below what this plan spent
     raise ConversionError("could not fit the byte budget (layout did not converge)")
 
 

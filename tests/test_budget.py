@@ -157,3 +157,28 @@ def test_provenance_records_the_fit_budget(tmp_path, error_cache):
         assert f.file_nbytes <= 6 * MiB
     with pytest.raises(ConversionError, match="the runtime itself needs"):
         convert(path, tmp_path / "g.mxq", fit=overhead, context=128, batch=2, cache_dir=error_cache, **FAST)
+
+
+def test_size_loop_converges_when_the_layout_grows_with_the_plan():
+    """The file's non-tensor bytes (its JSON) grow with the plan: the next solve must spend less than the
+    plan that overshot, not merely less than the last budget (which could leave it stuck on that plan)."""
+    from types import SimpleNamespace
+
+    from mxq.converter.candidates import parse_candidates
+    from mxq.converter.pipeline import _solve
+    from mxq.format_spec import aligned_nbytes
+
+    candidates = parse_candidates("b2g32,b3g32,b4g32,b8g32")
+    names = [f"m{i}" for i in range(6)]
+    shape = (64, 96)
+    checkpoint = SimpleNamespace(tensors={n: SimpleNamespace(shape=shape) for n in names})
+    errors = np.array([[8.0, 4.0, 2.0, 0.1]] * len(names)) * np.arange(1, 7)[:, None]
+    table = SimpleNamespace(names=names, candidates=candidates, weighted=errors)
+    costs = np.array([aligned_nbytes(shape, c.storage(shape), 64) for c in candidates])
+
+    def make_writer(choice):  # 1000 bytes of header, +40 per matrix above the cheapest config
+        return SimpleNamespace(file_nbytes=1000 + int(costs[choice].sum()) + 40 * int((choice > 0).sum()))
+
+    for size in range(1000 + 6 * int(costs[0]), 1000 + 6 * int(costs[-1]) + 400, 97):
+        choice = _solve(checkpoint, [table], ConvertOptions(size=size), make_writer)
+        assert make_writer(choice).file_nbytes <= size
