@@ -13,6 +13,10 @@ times a 70B-shaped instance.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 
 from .errors import ConversionError
@@ -67,7 +71,8 @@ def allocate(costs: np.ndarray, errors: np.ndarray, budget: int, time_limit: flo
     scale = max(float(np.abs(errors[rows, cols]).max()), 1e-300)
     var_error = errors[rows, cols] / scale  # objective scaled to O(1) for the solver's tolerances
 
-    highs = highspy.Highs()
+    with _stdout_silenced():  # HiGHS ≥ 1.16 prints its banner to stdout on construction, before any option
+        highs = highspy.Highs()
     highs.setOptionValue("output_flag", False)
     highs.setOptionValue("mip_rel_gap", rel_gap)
     highs.setOptionValue("mip_abs_gap", 0.0)
@@ -105,6 +110,20 @@ def allocate(costs: np.ndarray, errors: np.ndarray, budget: int, time_limit: flo
     if (choice < 0).any() or int(costs[np.arange(n), choice].sum()) > budget:
         raise ConversionError("allocation MILP returned an invalid solution")
     return choice
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """File descriptor 1 points at /dev/null inside (C++ code writes there, past sys.stdout)."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _solution(highspy, rows, cols, start):
