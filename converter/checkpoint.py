@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 FP16_MAX = 65504.0
+RACY_NS = 2_000_000_000  # content_hash does not remember files modified this recently
 LOAD_BLOCK_BYTES = 4 << 20  # Checkpoint.load reads and checks a tensor in blocks of this many source bytes
 
 
@@ -45,12 +47,33 @@ class Checkpoint:
     def linears(self) -> list:
         return [t for t in self.tensors.values() if t.role == "linear"]
 
-    def content_hash(self) -> str:
-        """sha256 over config.json and the tensor files (names and bytes), in a fixed order."""
+    def content_hash(self, cache_dir=None) -> str:
+        """sha256 over config.json and the tensor files (names and bytes), in a fixed order.
+
+        With `cache_dir`, the digest is remembered in cache_dir/hashes/, keyed by every file's path,
+        size, inode, mtime and ctime (the kernel sets ctime on any write; make, git's index and ccache
+        judge a file unchanged the same way; files changed within the last RACY_NS are not remembered):
+        converting the same checkpoint again does not re-read all of it (16 GB for an 8B model) only to
+        name it."""
         from ..format_spec.reader import open_regular
 
-        digest = hashlib.sha256()
         files = [self.path / "config.json"] + sorted({t.file for t in self.tensors.values()})
+        remembered = None
+        if cache_dir is not None:
+            try:
+                signature = [(str(f.resolve()), *(getattr(os.stat(f), k) for k in ("st_size", "st_ino", "st_dev",
+                                                                                   "st_mtime_ns", "st_ctime_ns")))
+                             for f in files]
+            except OSError as error:
+                raise ConversionError(f"cannot stat a checkpoint file: {error}") from None
+            remembered = Path(cache_dir) / "hashes" / hashlib.sha256(repr(signature).encode()).hexdigest()
+            try:
+                digest = remembered.read_text().strip()
+                if re.fullmatch(r"[0-9a-f]{64}", digest):
+                    return digest
+            except (OSError, UnicodeDecodeError):
+                pass
+        digest = hashlib.sha256()
         for file in files:
             digest.update(file.name.encode() + b"\0")
             try:
@@ -59,6 +82,15 @@ class Checkpoint:
                         digest.update(chunk)
             except OSError as error:
                 raise ConversionError(f"{file}: cannot read: {error.strerror or error}") from None
+        racy = any(max(entry[-2:]) > time.time_ns() - RACY_NS for entry in signature) if remembered else True
+        if not racy:  # a file changed just now could change again within its timestamp's granularity (git's rule)
+            try:  # best effort: an unwritable cache only costs the next run the hashing again
+                remembered.parent.mkdir(parents=True, exist_ok=True)
+                partial = remembered.with_name(f"{remembered.name}.tmp{os.getpid()}")
+                partial.write_text(digest.hexdigest())
+                os.replace(partial, remembered)
+            except OSError:
+                pass
         return digest.hexdigest()
 
     def load(self, name: str):

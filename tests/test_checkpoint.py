@@ -95,3 +95,28 @@ def test_load_in_blocks_equals_the_whole_tensor_and_checks_every_block(tmp_path,
         save_file({**tensors, name: broken}, str(copy / "model.safetensors"))
         with pytest.raises(ConversionError, match=f"'{name}'.*{message}"):
             read_checkpoint(copy).load(name)
+
+
+def test_content_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    from mxq.converter import checkpoint as checkpoint_module
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fixtures.ensure("tiny-llama"), copy)
+    cache = tmp_path / "cache"
+    exact = read_checkpoint(copy).content_hash()
+    assert read_checkpoint(copy).content_hash(cache) == exact
+    assert not (cache / "hashes").exists() or not list((cache / "hashes").iterdir())  # files just written: racy
+    monkeypatch.setattr(checkpoint_module, "RACY_NS", 0)
+    assert read_checkpoint(copy).content_hash(cache) == exact
+    (remembered,) = (cache / "hashes").iterdir()
+    remembered.write_text("f" * 64)  # what is remembered is what is returned: no file is read
+    assert read_checkpoint(copy).content_hash(cache) == "f" * 64
+    tensors = load_file(str(copy / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name] * 2  # same size, new bytes: a new inode time stamp, so hashed again
+    save_file(tensors, str(copy / "model.safetensors"))
+    changed = read_checkpoint(copy).content_hash(cache)
+    assert changed not in (exact, "f" * 64) and changed == read_checkpoint(copy).content_hash()
+    (newer,) = set((cache / "hashes").iterdir()) - {remembered}
+    newer.write_text("not a digest")  # a damaged entry is recomputed
+    assert read_checkpoint(copy).content_hash(cache) == changed and newer.read_text() == changed
