@@ -240,6 +240,7 @@ def calibrate(checkpoint, directory, text: str | None = None, tokens: int = DEFA
                     accumulator.addcmul_(g, g)
                 if i:
                     grad_in[c] = grads[-1]
+                del grads, x  # before the next chunk's gradients exist: one layer's gradients resident, not two
             missing = [name for name in linears if name not in input_sq]
             if missing:
                 raise ConversionError(f"calibration: the model never applied '{missing[0]}' as a linear")
