@@ -289,6 +289,7 @@ def backward_batch(stream: LayerStream, i: int, linears: dict, x: torch.Tensor, 
         for accumulator, g in zip(fisher.values(), grads):
             accumulator.addcmul_(g, g)
         grad_in[c] = grads[-1]
+        del grads, chunk  # before the next chunk's gradients exist: one layer's gradients resident, not two
     return fisher, grad_in
 
 

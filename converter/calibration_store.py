@@ -14,7 +14,8 @@ Statistics directory (one per checkpoint/text/token count, see calibrate.load_or
                               (U, hidden) float32, "embedding_counts" (U,) int64 occurrences
 Files are written to a ".partial" sibling, fsynced, and the directory renamed into place at the end,
 so a crash never leaves a directory that looks complete. Opening checks every file's size and
-sha256 and every tensor's name, shape and dtype; reading a tensor checks it again and that it is finite.
+sha256 and every tensor's name, shape and dtype (from the headers); reading a tensor checks its header
+entry again and reads only its bytes.
 """
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPE_BYTES, TORCH_DTYPES
+from .checkpoint import DTYPE_BYTES, TORCH_DTYPES, _safetensors_header
 from .errors import ConversionError
 
 FORMAT_VERSION = 3  # 3: the embedding's and lm_head's Fisher (matrices.safetensors)
@@ -212,24 +212,47 @@ class StatsWriter:
 
 class LazyStats(Mapping):
     """name → float32 tensor read from the statistics directory on access (never all at once).
-    kind "fisher": shaped like W (out, in); kind "input_sq": (in,)."""
+    kind "fisher": shaped like W (out, in); kind "input_sq": (in,).
+
+    Each layer file's safetensors header is parsed once (on first use); a read then fetches only
+    that tensor's bytes with one plain file read and widens them to float32 (no mapping of the whole
+    layer file per access). Values are not scanned again: StatsWriter wrote only finite ones, and
+    open_stats checked each file's sha256 against meta.json."""
 
     def __init__(self, directory: Path, meta: dict, shapes: dict, kind: str):
         self.directory, self.tensors, self.shapes, self.kind = Path(directory), meta["tensors"], shapes, kind
         self.dtype = DTYPES_BY_NAME[meta["fisher_dtype"]] if kind == "fisher" else INPUT_SQ_DTYPE
+        self.headers: dict[str, tuple[dict, int]] = {}  # layer file → (header, data start)
+
+    def _header(self, file: Path) -> tuple[dict, int]:
+        if file.name not in self.headers:
+                self.headers[file.name] = _safetensors_header(file)
+        return self.headers[file.name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         file = self.directory / self.tensors[name]  # KeyError for a name that is not a decoder linear
         key, shape = f"{name}.{self.kind}", _stat_shape(self.shapes[name], self.kind)
+        nbytes = self.dtype.itemsize * math.prod(shape)
         try:
-            with safe_open(file, framework="pt") as handle:
-                value = handle.get_tensor(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            header, data_start = self._header(file)
+        except ConversionError as error:  # a damaged layer file; the message starts with its path
+            raise ConversionError(f"{file}: cannot read '{key}' ({str(error).removeprefix(f'{file}: ')[:80]}); "
+                                  f"delete {self.directory}") from None
+        try:
+            entry = header.get(key)
+            if (not isinstance(entry, dict) or entry.get("dtype") != SAFETENSORS_DTYPES[self.dtype]
+                    or tuple(entry.get("shape", ())) != shape
+                    or entry.get("data_offsets", [0, 0])[1] - entry["data_offsets"][0] != nbytes):
+                raise ConversionError(f"{file}: '{key}' is damaged (not {SAFETENSORS_DTYPES[self.dtype]} "
+                                      f"{list(shape)}); delete {self.directory}")
+            raw = bytearray(nbytes)
+            with open(file, "rb") as handle:
+                handle.seek(data_start + entry["data_offsets"][0])
+                if handle.readinto(raw) != nbytes:
+                    raise ConversionError(f"{file}: '{key}' is cut short; delete {self.directory}")
+        except (OSError, TypeError, IndexError) as error:
             raise ConversionError(f"{file}: cannot read '{key}' ({str(error)[:80]}); delete {self.directory}") from None
-        if tuple(value.shape) != shape or value.dtype != self.dtype or not torch.isfinite(value).all():
-            raise ConversionError(f"{file}: '{key}' is damaged (shape {list(value.shape)}, {value.dtype}); "
-                                  f"delete {self.directory}")
-        return value.to(torch.float32)
+        return torch.frombuffer(raw, dtype=self.dtype).reshape(shape).to(torch.float32)  # a copy for bf16
 
     def __iter__(self):
         return iter(self.tensors)
@@ -316,20 +339,19 @@ def open_stats(directory: Path, shapes: dict, matrix_shapes: dict) -> tuple[dict
             if not path.exists() or path.stat().st_size != facts["bytes"] or _sha256(path) != facts["sha256"]:
                 return None, f"{file} is missing or its size/checksum differs"
         fisher_dtype = DTYPES_BY_NAME[meta["fisher_dtype"]]
+        headers = {file: _safetensors_header(directory / file)[0] for file in set(meta["tensors"].values())}
         for name, file in meta["tensors"].items():
-            with safe_open(directory / file, framework="pt") as handle:
-                for kind, dtype in (("fisher", fisher_dtype), ("input_sq", INPUT_SQ_DTYPE)):
-                    piece = handle.get_slice(f"{name}.{kind}")
-                    if (tuple(piece.get_shape()) != _stat_shape(shapes[name], kind)
-                            or piece.get_dtype() != SAFETENSORS_DTYPES[dtype]):
-                        return None, f"{file}: '{name}.{kind}' has the wrong shape or dtype"
+            for kind, dtype in (("fisher", fisher_dtype), ("input_sq", INPUT_SQ_DTYPE)):
+                entry = headers[file][f"{name}.{kind}"]
+                if (tuple(entry["shape"]) != _stat_shape(shapes[name], kind)
+                        or entry["dtype"] != SAFETENSORS_DTYPES[dtype]):
+                    return None, f"{file}: '{name}.{kind}' has the wrong shape or dtype"
         if MATRICES_FILE not in meta["files"] or set(meta["matrices"]) != {"embedding", "lm_head"}:
             return None, "it has no Fisher of the embedding and lm_head"
-        with safe_open(directory / MATRICES_FILE, framework="pt") as handle:
-            head_shape = tuple(handle.get_slice("head_fisher").get_shape())
-            if head_shape != tuple(matrix_shapes.get(meta["matrices"]["lm_head"], ())):
-                return None, f"{MATRICES_FILE}: 'head_fisher' has the wrong shape"
+        head_shape = tuple(_safetensors_header(directory / MATRICES_FILE)[0]["head_fisher"]["shape"])
+        if head_shape != tuple(matrix_shapes.get(meta["matrices"]["lm_head"], ())):
+            return None, f"{MATRICES_FILE}: 'head_fisher' has the wrong shape"
         float(meta["loss"]), int(meta["tokens"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, ConversionError) as error:
         return None, f"unreadable ({str(error)[:80]})"
     return meta, None

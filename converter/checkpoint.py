@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 FP16_MAX = 65504.0
+RACY_NS = 2_000_000_000  # content_hash does not remember files modified this recently
+LOAD_BLOCK_BYTES = 4 << 20  # Checkpoint.load reads and checks a tensor in blocks of this many source bytes
 
 
 @dataclass
@@ -44,12 +47,33 @@ class Checkpoint:
     def linears(self) -> list:
         return [t for t in self.tensors.values() if t.role == "linear"]
 
-    def content_hash(self) -> str:
-        """sha256 over config.json and the tensor files (names and bytes), in a fixed order."""
+    def content_hash(self, cache_dir=None) -> str:
+        """sha256 over config.json and the tensor files (names and bytes), in a fixed order.
+
+        With `cache_dir`, the digest is remembered in cache_dir/hashes/, keyed by every file's path,
+        size, inode, mtime and ctime (the kernel sets ctime on any write; make, git's index and ccache
+        judge a file unchanged the same way; files changed within the last RACY_NS are not remembered):
+        converting the same checkpoint again does not re-read all of it (16 GB for an 8B model) only to
+        name it."""
         from ..format_spec.reader import open_regular
 
-        digest = hashlib.sha256()
         files = [self.path / "config.json"] + sorted({t.file for t in self.tensors.values()})
+        remembered = None
+        if cache_dir is not None:
+            try:
+                signature = [(str(f.resolve()), *(getattr(os.stat(f), k) for k in ("st_size", "st_ino", "st_dev",
+                                                                                   "st_mtime_ns", "st_ctime_ns")))
+                             for f in files]
+            except OSError as error:
+                raise ConversionError(f"cannot stat a checkpoint file: {error}") from None
+            remembered = Path(cache_dir) / "hashes" / hashlib.sha256(repr(signature).encode()).hexdigest()
+            try:
+                digest = remembered.read_text().strip()
+                if re.fullmatch(r"[0-9a-f]{64}", digest):
+                    return digest
+            except (OSError, UnicodeDecodeError):
+                pass
+        digest = hashlib.sha256()
         for file in files:
             digest.update(file.name.encode() + b"\0")
             try:
@@ -58,11 +82,23 @@ class Checkpoint:
                         digest.update(chunk)
             except OSError as error:
                 raise ConversionError(f"{file}: cannot read: {error.strerror or error}") from None
+        racy = any(max(entry[-2:]) > time.time_ns() - RACY_NS for entry in signature) if remembered else True
+        if not racy:  # a file changed just now could change again within its timestamp's granularity (git's rule)
+            try:  # best effort: an unwritable cache only costs the next run the hashing again
+                remembered.parent.mkdir(parents=True, exist_ok=True)
+                partial = remembered.with_name(f"{remembered.name}.tmp{os.getpid()}")
+                partial.write_text(digest.hexdigest())
+                os.replace(partial, remembered)
+            except OSError:
+                pass
         return digest.hexdigest()
 
     def load(self, name: str):
         """One tensor as float32 torch, read with plain bounds-checked file reads (no mmap: mapped
-        pages would stay resident and make peak memory track the whole model, not its largest tensor).
+        pages would stay resident and make peak memory track the whole model, not its largest tensor),
+        in blocks of LOAD_BLOCK_BYTES decoded straight into the result: resident memory is the float32
+        tensor plus one block (a 128k×4096 bf16 embedding costs 2 GiB, not 2 + 1 + 2 for its bytes,
+        its float32 copy and a temporary of the range check).
 
         Values must be finite and within fp16 range (|x| <= 65504): fp16 tensors (norms, biases,
         embeddings) would silently become inf, and affine tensors store their scales, zeros and
@@ -74,27 +110,37 @@ class Checkpoint:
 
         info = self.tensors[name]
         start, end = info.span
+        source = getattr(torch, TORCH_DTYPES[info.dtype])
+        item = DTYPE_BYTES[info.dtype]
+        result = torch.empty(info.shape, dtype=torch.float32)
+        flat = result.view(-1)  # (numel,)
+        block = max(1, LOAD_BLOCK_BYTES // item)  # elements per read
+        buffer = bytearray(min(block, flat.numel()) * item) if info.dtype != "F32" else None
+        peak = 0.0  # max |x| so far
         try:
             with open(open_regular(info.file), "rb") as handle:
-                if (end - start != DTYPE_BYTES[info.dtype] * math.prod(info.shape)
-                        or end > os.fstat(handle.fileno()).st_size):
+                if end - start != item * math.prod(info.shape) or end > os.fstat(handle.fileno()).st_size:
                     raise ConversionError(f"{info.file.name}: tensor '{name}' data offsets are inconsistent with "
                                           f"its shape and dtype or lie past the end of the file")
                 handle.seek(start)
-                data = bytearray(handle.read(end - start))
+                for e0 in range(0, flat.numel(), block):
+                    out = flat[e0:e0 + block]  # (n,) float32 view of the result
+                    n_bytes = out.numel() * item
+                    target = memoryview(out.numpy()).cast("B") if buffer is None else memoryview(buffer)[:n_bytes]
+                    if handle.readinto(target) != n_bytes:
+                        raise ConversionError(f"{info.file.name}: tensor '{name}' is cut short (the file shrank)")
+                    if buffer is not None:
+                        out.copy_(torch.frombuffer(buffer, dtype=source, count=out.numel()))
+                    low, high = (float(v) for v in torch.aminmax(out))  # NaN propagates into both
+                    if not (math.isfinite(low) and math.isfinite(high)):
+                        raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
+                    peak = max(peak, -low, high)
         except OSError as error:
             raise ConversionError(f"{info.file}: cannot read tensor '{name}': {error.strerror or error}") from None
-        if len(data) != end - start:
-            raise ConversionError(f"{info.file.name}: tensor '{name}' is cut short (the file shrank)")
-        tensor = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[info.dtype])).reshape(info.shape)
-        tensor = tensor.to(torch.float32)
-        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
-        if not math.isfinite(peak):
-            raise ConversionError(f"{info.file.name}: tensor '{name}' contains NaN or Inf")
         if peak > FP16_MAX:
             raise ConversionError(f"{info.file.name}: tensor '{name}' has values up to {peak:.6g}, beyond fp16's "
                                   f"range (±{FP16_MAX:g}) that .mxq tensors and their scales are stored in")
-        return tensor
+        return result
 
 
 MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, generation_config.json, the shard index

@@ -181,10 +181,10 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     checkpoint = read_checkpoint(hf_dir)
     candidates = _candidates(options)
     _check_feasible(checkpoint, candidates, options)  # before any expensive work
-    checkpoint_hash = checkpoint.content_hash()
+    cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
+    checkpoint_hash = checkpoint.content_hash(cache_dir)
     seconds["read"] = time.perf_counter() - started
 
-    cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     importance, importance_id, calibration = None, "none", None
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme != "fp16" for c in candidates):
         stage = time.perf_counter()

@@ -134,10 +134,16 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     """
     if config.scheme == "fp16" and rows is None:
         half = weight.to(torch.float16)
-        diff_sq = (half.to(torch.float32) - weight).reshape(len(weight), -1) ** 2  # (out, in), 1-D as (n, 1)
-        row_error_sq = diff_sq.sum(1, dtype=torch.float64)
-        row_weighted = (diff_sq * importance.reshape(diff_sq.shape)).sum(1, dtype=torch.float64) \
-            if importance is not None else row_error_sq
+        flat = weight.reshape(len(weight), -1)  # (out, in), 1-D as (n, 1)
+        row_error_sq = torch.empty(len(flat), dtype=torch.float64)
+        row_weighted = torch.empty(len(flat), dtype=torch.float64) if importance is not None else row_error_sq
+        step = max(1, CHUNK_WEIGHTS // max(flat.shape[1], 1))  # rows at a time: no whole-matrix temporaries
+        for r in range(0, len(flat), step):
+            diff_sq = (half.reshape(flat.shape)[r:r + step].to(torch.float32) - flat[r:r + step]) ** 2
+            row_error_sq[r:r + step] = diff_sq.sum(1, dtype=torch.float64)
+            if importance is not None:
+                weighted = diff_sq * importance.reshape(flat.shape)[r:r + step]
+                row_weighted[r:r + step] = weighted.sum(1, dtype=torch.float64)
         return Quantized({"data": half.numpy()} if pack else {}, float(row_error_sq.sum()),
                          float(row_weighted.sum()), row_weighted=row_weighted, row_error_sq=row_error_sq)
     if quantizer not in QUANTIZERS:

@@ -252,7 +252,8 @@ class MxqWriter:
         return self
 
     def _put(self, slot: _Slot, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array, dtype=np.dtype(slot.dtype).newbyteorder("<")).tobytes()
+        array = np.ascontiguousarray(array, dtype=np.dtype(slot.dtype).newbyteorder("<"))  # a view when it is
+        data = memoryview(array.reshape(-1).view(np.uint8))  # already that: no copy of a GiB-sized blob
         assert len(data) == slot.entry["nbytes"]
         position = self._file.tell()
         self._file.write(b"\0" * (slot.entry["offset"] - position))

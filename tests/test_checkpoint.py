@@ -69,3 +69,54 @@ def test_llama3_fixture_reads_rope_parameters():
     checkpoint = read_checkpoint(fixtures.ensure("tiny-llama3"))
     assert checkpoint.model["rope_scaling"]["rope_type"] == "llama3"
     assert checkpoint.model["rope_scaling"]["original_max_position_embeddings"] == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_load_in_blocks_equals_the_whole_tensor_and_checks_every_block(tmp_path, monkeypatch, dtype):
+    """Checkpoint.load decodes block by block into one float32 tensor: the same values as decoding
+    the whole tensor, and a NaN or an out-of-fp16-range value in any block (not just the first) is
+    named."""
+    from mxq.converter import checkpoint as checkpoint_module
+
+    source = fixtures.ensure("tiny-llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    tensors = {n: t.to(dtype) for n, t in load_file(str(source / "model.safetensors")).items()}
+    name = "model.layers.0.mlp.down_proj.weight"
+    save_file(tensors, str(copy / "model.safetensors"))
+    monkeypatch.setattr(checkpoint_module, "LOAD_BLOCK_BYTES", 1000)  # many blocks, the last one partial
+    checkpoint = read_checkpoint(copy)
+    assert torch.equal(checkpoint.load(name), tensors[name].to(torch.float32))
+    for bad, message in ((float("nan"), "NaN or Inf"), (float("-inf"), "NaN or Inf"), (-7e4, "beyond fp16")):
+        if dtype == torch.float16 and bad == -7e4:
+            continue  # not representable in fp16
+        broken = tensors[name].clone()
+        broken.view(-1)[-3] = bad  # in the last block
+        save_file({**tensors, name: broken}, str(copy / "model.safetensors"))
+        with pytest.raises(ConversionError, match=f"'{name}'.*{message}"):
+            read_checkpoint(copy).load(name)
+
+
+def test_content_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    from mxq.converter import checkpoint as checkpoint_module
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fixtures.ensure("tiny-llama"), copy)
+    cache = tmp_path / "cache"
+    exact = read_checkpoint(copy).content_hash()
+    assert read_checkpoint(copy).content_hash(cache) == exact
+    assert not (cache / "hashes").exists() or not list((cache / "hashes").iterdir())  # files just written: racy
+    monkeypatch.setattr(checkpoint_module, "RACY_NS", 0)
+    assert read_checkpoint(copy).content_hash(cache) == exact
+    (remembered,) = (cache / "hashes").iterdir()
+    remembered.write_text("f" * 64)  # what is remembered is what is returned: no file is read
+    assert read_checkpoint(copy).content_hash(cache) == "f" * 64
+    tensors = load_file(str(copy / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name] * 2  # same size, new bytes: a new inode time stamp, so hashed again
+    save_file(tensors, str(copy / "model.safetensors"))
+    changed = read_checkpoint(copy).content_hash(cache)
+    assert changed not in (exact, "f" * 64) and changed == read_checkpoint(copy).content_hash()
+    (newer,) = set((cache / "hashes").iterdir()) - {remembered}
+    newer.write_text("not a digest")  # a damaged entry is recomputed
+    assert read_checkpoint(copy).content_hash(cache) == changed and newer.read_text() == changed

@@ -1,7 +1,7 @@
 """Conversion benchmark: seconds per stage and peak RSS, as ratios to one single-config pass.
 
     python tools/bench_convert.py [--fixture smollm2] [--bpw 4.25] [--rebpw 3.5] [--method default|paper]
-                                  [--jobs N] [--skip-synthetic] [--check-sample]
+                                  [--jobs N] [--skip-synthetic] [--check-sample] [--check-fisher-dtype]
 
 In one run, each in its own process (so its peak RSS is its own), after compiling the Numba kernels once:
   * baseline: one single-config quantization pass (b4g64, the method's quantizer, data-free weights, errors
@@ -14,6 +14,8 @@ In one run, each in its own process (so its peak RSS is its own), after compilin
 --check-sample measures the fixture's error matrix on every row and on row samples (1 in 4, 8, 16) and
 prints, at 3.5/4.25/5.5 bpw, how much the allocation chosen from sampled errors loses against the one
 chosen from exact errors (both scored with the exact errors), and the stated error bars.
+--check-fisher-dtype compares the allocations made with the Fisher diagonal in float32 and in bfloat16
+(what the statistics store keeps) at 3.5/4.25/5.5 bpw.
 """
 import argparse
 import json
@@ -29,10 +31,12 @@ import fixtures  # noqa: E402
 
 
 def run_child(code: str) -> dict:
-    """Run python code in a fresh process; it prints one JSON line; add its peak RSS (MiB)."""
+    """Run python code in a fresh process; it prints one JSON line; add its peak RSS (MiB: VmHWM, its own
+    process image's high-water mark; ru_maxrss after fork+exec can start at the parent's peak)."""
     wrapper = code + textwrap.dedent("""
-        import resource, json as _json
-        RESULT["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import json as _json, re as _re
+        with open("/proc/self/status") as _status:
+            RESULT["peak_rss_mib"] = int(_re.search(r"VmHWM:\\s+(\\d+)", _status.read()).group(1)) / 1024
         print(_json.dumps(RESULT))
     """)
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True)
@@ -120,6 +124,42 @@ def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25
                   f"{100 * (scored / optimum - 1):+21.3f}% {estimated / scored:15.4f} {100 * stated:14.2f}%")
 
 
+def fisher_dtype_check(hf_dir, cache_dir: Path, budgets=(3.5, 4.25, 5.5)) -> None:
+    """Does storing the Fisher diagonal in bfloat16 change the MILP's choices? One float32 calibration;
+    its bfloat16 rounding is exactly what the statistics store keeps. Errors measured with each, the
+    allocations at each budget compared (matrices whose config differs, and the bf16 choice's error
+    scored with the float32 errors against the float32 choice's)."""
+    import math
+
+    import numpy as np
+    import torch
+    from mxq.converter.allocate import allocate
+    from mxq.converter.calibrate import calibrate
+    from mxq.converter.checkpoint import read_checkpoint
+    from mxq.converter.measure import ErrorCache, measure
+    from mxq.converter.pipeline import ConvertOptions, _candidates
+
+    checkpoint = read_checkpoint(hf_dir)
+    checkpoint_hash = checkpoint.content_hash()
+    exact = calibrate(checkpoint, cache_dir / "fp32-stats", fisher_dtype=torch.float32).fisher
+    importances = {"float32": exact.__getitem__,
+                   "bfloat16": lambda name: exact[name].to(torch.bfloat16).to(torch.float32)}
+    candidates = _candidates(ConvertOptions(bpw=4.25))
+    tables = {kind: measure(checkpoint, candidates, "wls", ErrorCache(None, checkpoint_hash),
+                            importance=importance, importance_id=kind)
+              for kind, importance in importances.items()}
+    reference, rounded = tables["float32"], tables["bfloat16"]
+    rows = np.arange(len(reference.names))
+    print("Fisher stored as bfloat16 vs float32 (same calibration; allocations at each budget):")
+    for bpw in budgets:
+        budget = int(math.floor(bpw * float(reference.numel.sum()) / 8 + 1e-9))
+        choice32 = allocate(reference.costs, reference.weighted, budget)
+        choice16 = allocate(rounded.costs, rounded.weighted, budget)
+        loss = reference.weighted[rows, choice16].sum() / reference.weighted[rows, choice32].sum() - 1
+        print(f"  {bpw:5.2f} bpw: {int((choice16 != choice32).sum())}/{len(rows)} matrices choose another config; "
+              f"objective of the bf16 choice {100 * loss:+.4f}% vs the float32 choice (float32 errors)")
+
+
 def synthetic_checkpoint(directory: Path, layers: int, hidden=1024, intermediate=2816, vocab=32000):
     """A random Llama checkpoint (float32); the embedding (vocab × hidden) is the largest tensor."""
     import numpy as np
@@ -154,12 +194,17 @@ def main():
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--check-sample", action="store_true", help="only the row-sampling check")
     parser.add_argument("--check-cache", type=Path, help="--check-sample: keep calibration and exact errors here")
+    parser.add_argument("--check-fisher-dtype", action="store_true",
+                        help="only: do the MILP's choices change with the Fisher stored in bfloat16 vs float32?")
     args = parser.parse_args()
     hf_dir = fixtures.ensure(args.fixture)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.check_sample:
             sample_check(hf_dir, args.check_cache or tmp / "cache")
+            return
+        if args.check_fisher_dtype:
+            fisher_dtype_check(hf_dir, tmp)
             return
         method = {**METHODS[args.method], "jobs": args.jobs}
         quantizer = method.get("quantizer", "wls")

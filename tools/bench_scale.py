@@ -94,8 +94,9 @@ def build_checkpoint(directory: Path, shape: str, layers: int, tokenizer: Path) 
 
 
 def convert_child(hf_dir: Path, out: Path, cache: Path, options: dict) -> dict:
-    """Convert in a fresh process; its seconds per stage, its own peak RSS (MiB, from wait4), and the
-    peak so far when each progress bar opens (a stage's bar opens when the previous stages are done)."""
+    """Convert in a fresh process; its seconds per stage, its own peak RSS (MiB: VmHWM, the high-water
+    mark of its process image — ru_maxrss would start at the forking parent's peak), and the peak so far
+    when each progress bar opens (a stage's bar opens when the previous stages are done)."""
     code = textwrap.dedent(f"""
         import json
         from mxq.converter import convert
@@ -115,18 +116,15 @@ def convert_child(hf_dir: Path, out: Path, cache: Path, options: dict) -> dict:
                 pass
 
         report = convert({str(hf_dir)!r}, {str(out)!r}, cache_dir={str(cache)!r}, progress=Bar, **{options!r})
-        print(json.dumps({{"seconds": report.seconds, "bpw": report.achieved_bpw, "peaks": peaks}}))
+        print(json.dumps({{"seconds": report.seconds, "bpw": report.achieved_bpw, "peaks": peaks,
+                           "peak_rss_mib": high_water_mib()}}))
     """)
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code], stdout=stdout, stderr=stderr, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        returncode = subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=stderr, text=True).returncode
         stdout.seek(0), stderr.seek(0)
-        if process.returncode:
+        if returncode:
             raise SystemExit(f"conversion of {hf_dir} failed:\n{stderr.read()[-3000:]}")
-        result = json.loads(stdout.read().strip().splitlines()[-1])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux: KiB
-    return result
+        return json.loads(stdout.read().strip().splitlines()[-1])
 
 
 def slope(ns, values):
@@ -161,8 +159,9 @@ def main():
     if not args.tokenizer.is_file():
         raise SystemExit(f"{args.tokenizer}: tokenizer not found (give --tokenizer)")
     print(f"{args.shape}, default method, options {options}")
-    print(f"{'N':>3} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'peak MiB':>9} {'calib MiB':>9}"
-          "   (seconds per stage; peak RSS of the whole conversion, and up to the end of calibration)", flush=True)
+    print(f"{'N':>3} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'peak MiB':>9} {'calib MiB':>9} {'meas. MiB':>9}"
+          "   (seconds per stage; peak RSS of the whole conversion, up to the end of calibration and of"
+          " measurement)", flush=True)
     rows = []
     for n in counts:
         hf_dir, started = workdir / f"{args.shape}-{n}", time.perf_counter()
@@ -175,16 +174,17 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
         seconds = [result["seconds"].get(s, 0.0) for s in STAGES]
         calibration_peak = result["peaks"].get("measure", result["peaks"].get("write", float("nan")))
-        rows.append((n, seconds, result["peak_rss_mib"], calibration_peak))
+        measure_peak = result["peaks"].get("write", float("nan"))
+        rows.append((n, seconds, result["peak_rss_mib"], calibration_peak, measure_peak))
         print(f"{n:3d} " + " ".join(f"{s:10.1f}" for s in seconds)
-              + f" {result['peak_rss_mib']:9.0f} {calibration_peak:9.0f}"
+              + f" {result['peak_rss_mib']:9.0f} {calibration_peak:9.0f} {measure_peak:9.0f}"
               + (f"   (checkpoint built in {built:.0f} s)" if fresh else ""), flush=True)
     ns = [row[0] for row in rows]
     print(f"per-layer slope, and extrapolation to {full_depth} layers:")
     for k, stage in enumerate(STAGES):
         a, b = slope(ns, [r[1][k] for r in rows])
         print(f"  {stage:<10} {a:9.2f} s/layer   -> {a * full_depth + b:9.0f} s")
-    for label, column in (("peak RSS", 2), ("calib RSS", 3)):
+    for label, column in (("peak RSS", 2), ("calib RSS", 3), ("meas. RSS", 4)):
         a, b = slope(ns, [r[column] for r in rows])
         print(f"  {label:<10} {a:9.1f} MiB/layer -> {a * full_depth + b:9.0f} MiB")
 
