@@ -20,7 +20,7 @@ from .candidates import Candidate, parse_candidates
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .options import CALIBRATED_OBJECTIVES, ConvertOptions, parse_size  # noqa: F401 (re-exported)
+from .options import CALIBRATED_OBJECTIVES, MEASURED_WITH, ConvertOptions, parse_size  # noqa: F401 (re-exported)
 from .quantize import quantize
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
@@ -127,6 +127,11 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     seconds = {}
     started = time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
+    rotation = None
+    if options.rotate:  # everything below reads the rotated copy (converter/rotate.py)
+        from .rotate import RotatedCheckpoint
+        rotation = RotatedCheckpoint(checkpoint, options.rotate_seed)
+        checkpoint = rotation.checkpoint
     candidates = _candidates(options)
     _check_feasible(checkpoint, candidates, options)  # before any expensive work
     checkpoint_hash = checkpoint.content_hash()
@@ -146,7 +151,7 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
 
     stage = time.perf_counter()
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
-    table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
+    table = measure(checkpoint, candidates, MEASURED_WITH.get(options.quantizer, options.quantizer), cache, progress, importance, importance_id,
                     options.outlier_mode, options.measure_every)
     seconds["measure"] = time.perf_counter() - stage
 
@@ -159,6 +164,9 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
                                      "fp_loss": round(calibration.loss, 6),
                                      "text": Path(options.calib).name if options.calib else "packaged Botchan excerpt"}
+    if rotation is not None:
+        provenance["source"]["sha256"] = rotation.source_sha256
+        provenance["rotation"] = rotation.provenance
     if checkpoint.notes:
         provenance["notes"] = checkpoint.notes
     budget = {"bpw": options.bpw} if options.bpw is not None else {"size_bytes": options.size}
@@ -185,11 +193,8 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     writer = make_writer(choice)
     bar = progress(total=len(writer.tensors), desc="write", unit="tensor") if progress else None
     with writer:
-        for plan in writer.tensors:
-            weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
-            result = quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
-                              outlier_mode=options.outlier_mode)
-            writer.write(plan.name, result.blobs)
+        for name, blobs in _quantized(checkpoint, writer.tensors, options, importance):
+            writer.write(name, blobs)
             if bar:
                 bar.update(1)
     if bar:
@@ -199,6 +204,20 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     notes = checkpoint.notes + cache.notices + _sample_note(table, choice, options)
     return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
                   _module_bits(table, choice), _config_counts(table, choice), seconds, notes)
+
+
+def _quantized(checkpoint, plans, options, importance):
+    """(name, blobs) of every planned tensor, in plan order."""
+    linear_importance = lambda name: importance(name) if importance is not None else None  # noqa: E731
+    if options.quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
+        from .gptq import quantized_tensors
+        yield from quantized_tensors(checkpoint, plans, linear_importance, options.outlier_mode,
+                                     _calibration_text(options), options.calib_tokens)
+        return
+    for plan in plans:
+        weights = linear_importance(plan.name) if plan.role == "linear" else None
+        yield plan.name, quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
+                                  outlier_mode=options.outlier_mode).blobs
 
 
 def _use_cores(jobs: int | None) -> None:
@@ -223,17 +242,21 @@ def _sample_note(table, choice, options) -> list[str]:
             f"known to ±{100 * relative:.2f}% (one standard error); the file's errors are exact"]
 
 
+def _calibration_text(options) -> str | None:
+    """The --calib text (None: the packaged default)."""
+    if not options.calib:
+        return None
+    try:  # a regular file only: a FIFO would block forever
+        with os.fdopen(open_regular(options.calib), "rb") as handle:
+            return handle.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
+
+
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress):
     from .calibrate import load_or_calibrate
 
-    text = None
-    if options.calib:
-        try:  # a regular file only: a FIFO would block forever
-            with os.fdopen(open_regular(options.calib), "rb") as handle:
-                text = handle.read().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
-    return load_or_calibrate(checkpoint, checkpoint_hash, text, options.calib_tokens,
+    return load_or_calibrate(checkpoint, checkpoint_hash, _calibration_text(options), options.calib_tokens,
                              cache_dir and Path(cache_dir) / "calibration", progress)
 
 
