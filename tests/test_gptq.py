@@ -116,6 +116,5 @@ def test_gptq_conversion_keeps_the_plan_and_is_closer_to_the_model(tiny_llama, t
 def test_gptq_conversion_is_deterministic(tiny_llama, tmp_path):
     for name in ("a", "b"):
         convert(tiny_llama, tmp_path / f"{name}.mxq", **{**FAST, "configs": "b2g64,b3g64", "calib_tokens": 512},
-                bpw=4.0,
-                quantizer="gptq", outliers=0.5)
+                bpw=4.0, quantizer="gptq", outliers=0.5)
     assert (tmp_path / "a.mxq").read_bytes() == (tmp_path / "b.mxq").read_bytes()
