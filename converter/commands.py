@@ -63,7 +63,7 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "output: Σ_j E[x_j²]·‖ΔW_:,j‖² (calibration), fisher: Σ F·ΔW² with F the Fisher diagonal "
                    "(calibration; an estimate of the loss increase).")
 @click.option("--calib", type=click.Path(), default=None,
-              help="Calibration text for --objective output/fisher (default: a public-domain Botchan excerpt "
+              help="Calibration text for --objective output/fisher and --quantizer gptq (default: a public-domain Botchan excerpt "
                    "shipped with mxq). Never calibrate on your evaluation text.")
 @click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True, help="Calibration tokens to use.")
 @click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,

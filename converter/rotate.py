@@ -118,14 +118,14 @@ def _write_rotated(checkpoint: Checkpoint, q: torch.Tensor, root: Path) -> None:
     weight_map = {}
 
     def save(tensors: dict, shard: str):
-        save_file({name: t.to(torch.float32, copy=True).contiguous() for name, t in tensors.items()}, str(root / shard))
+        save_file({name: t.to(torch.float32).contiguous() for name, t in tensors.items()}, str(root / shard))
         weight_map.update({name: shard for name in tensors})
 
     specs = {s.key: s for s in family.tensors}
     embed, norm, head = (specs[k].name for k in ("embed_tokens", "norm", "lm_head"))
     head_source = head if head in checkpoint.tensors else embed
     q32 = q.to(torch.float32)
-    save({embed: _rows_times(checkpoint.load(embed), q32), norm: unit_norm,
+    save({embed: _rows_times(checkpoint.load(embed), q32), norm: unit_norm.clone(),
           head: _rows_times(checkpoint.load(head_source) * gain(norm).to(torch.float32)[None, :], q32)},
          "rotated-outer.safetensors")
     for i in range(config.num_hidden_layers):
@@ -133,7 +133,7 @@ def _write_rotated(checkpoint: Checkpoint, q: torch.Tensor, root: Path) -> None:
         out = {}
         for norm_key, readers in READERS.items():
             g = gain(layer[norm_key])
-            out[layer[norm_key]] = unit_norm
+            out[layer[norm_key]] = unit_norm.clone()  # safetensors refuses shared storage
             for key in readers:
                 out[layer[key]] = (load64(layer[key]) * g[None, :]) @ q
         for key in WRITERS:
