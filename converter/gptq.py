@@ -193,3 +193,50 @@ def _round_layer(stream, hessians, i, x, plans, quantizer_importance, outlier_mo
         x = torch.stack([stream.block(i, x[c]) for c in range(x.shape[0])])
     stream.free_layer(i)
     return x
+
+
+def compensation_gains(checkpoint, names, candidate, importance, outlier_mode: str, text: str | None, tokens: int,
+                       progress=None) -> np.ndarray:
+    """Per decoder linear in `names`: the ratio of GPTQ's output error tr(ΔW H ΔWᵀ) to wls's at one
+    `candidate` config, with H from the fp model's calibration inputs (one layer-streamed forward).
+
+    The MILP's error table is measured with wls (cheap, row-sampled, cached); GPTQ lowers each
+    matrix's error by a factor that differs a lot between matrices (on SmolLM2 ~0.01 for o_proj,
+    ~0.25 for gate_proj: tools/gptq_proxy_check.py) but little between configs of one matrix, so the
+    table's rows are scaled by these gains and the MILP trades what GPTQ will actually store."""
+    chunks = calibration_chunks(checkpoint, default_text() if text is None else text, tokens)
+    wanted = set(names)
+    gains = {}
+    hessians = _Hessians()
+    stream = LayerStream(checkpoint, hessians)
+    n_layers = checkpoint.config.num_hidden_layers
+    bar = progress(total=n_layers, desc="gptq gains", unit="layer") if progress else None
+    with torch.no_grad():
+        x = torch.stack([stream.model.embed(chunk.numpy()) for chunk in chunks])  # (C, T, hidden)
+        for i in range(n_layers):
+            linears = stream.load_layer(i, trainable=False)
+            stream.recording = True
+            x = torch.stack([stream.block(i, x[c]) for c in range(x.shape[0])])
+            stream.recording = False
+            for name, weight in linears.items():
+                if name not in wanted:
+                    continue
+                config = candidate.storage(weight.shape)
+                weights = importance(name)
+                plain = quantize(weight, config, SCALES, importance=weights, outlier_mode=outlier_mode).blobs
+                _, stored = compensated_blobs(weight, hessians.of[name], config, weights, outlier_mode)
+                h = hessians.of[name].to(torch.float64)
+                errors = [float(torch.einsum("oi,ij,oj->", d, h, d)) for d in (
+                    (weight - torch.from_numpy(dequantize(plain, weight.shape, config))).to(torch.float64),
+                    (weight - stored).to(torch.float64))]
+                gains[name] = errors[1] / errors[0] if errors[0] > 0 else 1.0
+            hessians.clear()
+            stream.free_layer(i)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    missing = [name for name in names if name not in gains]
+    if missing:
+        raise ConversionError(f"gptq: the model never applied '{missing[0]}' as a linear")
+    return np.array([gains[name] for name in names])

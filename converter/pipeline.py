@@ -153,6 +153,8 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     table = measure(checkpoint, candidates, MEASURED_WITH.get(options.quantizer, options.quantizer), cache, progress, importance, importance_id,
                     options.outlier_mode, options.measure_every)
+    if options.quantizer == "gptq" and options.objective in CALIBRATED_OBJECTIVES:
+        table = _gptq_corrected(checkpoint, table, options, importance, progress)
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
@@ -218,6 +220,24 @@ def _quantized(checkpoint, plans, options, importance):
         weights = linear_importance(plan.name) if plan.role == "linear" else None
         yield plan.name, quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
                                   outlier_mode=options.outlier_mode).blobs
+
+
+def _gptq_corrected(checkpoint, table, options, importance, progress):
+    """The wls-measured table with each matrix's errors scaled by GPTQ's gain on it (gptq.py), measured
+    at the affine candidate whose bits per weight are nearest the budget's."""
+    from dataclasses import replace
+
+    from .gptq import compensation_gains
+
+    bpw = 8.0 * table.costs.sum(axis=0) / float(table.numel.sum())  # (C,) each candidate's bits per weight
+    target = options.bpw if options.bpw is not None else float(np.median(bpw))
+    affine = [c for c, candidate in enumerate(table.candidates) if candidate.scheme == "affine"]
+    if not affine:
+        return table
+    reference = min(affine, key=lambda c: abs(bpw[c] - target))
+    gains = compensation_gains(checkpoint, table.names, table.candidates[reference], importance,
+                               options.outlier_mode, _calibration_text(options), options.calib_tokens, progress)
+    return replace(table, weighted=table.weighted * gains[:, None], weighted_se=table.weighted_se * gains[:, None])
 
 
 def _use_cores(jobs: int | None) -> None:

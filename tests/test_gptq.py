@@ -118,3 +118,17 @@ def test_gptq_conversion_is_deterministic(tiny_llama, tmp_path):
         convert(tiny_llama, tmp_path / f"{name}.mxq", **{**FAST, "configs": "b2g64,b3g64", "calib_tokens": 512},
                 bpw=4.0, quantizer="gptq", outliers=0.5)
     assert (tmp_path / "a.mxq").read_bytes() == (tmp_path / "b.mxq").read_bytes()
+
+
+def test_compensation_gains_scale_the_proxy_errors_down(tiny_llama):
+    """The per-matrix factor the MILP's wls-measured errors are scaled by: GPTQ's output error over
+    wls's on the same stored grid, below 1 for every matrix, and not the same for all."""
+    from mxq.converter.candidates import parse_candidates
+    from mxq.converter.gptq import compensation_gains
+
+    checkpoint = read_checkpoint(tiny_llama)
+    names = [t.name for t in checkpoint.linears]
+    gains = compensation_gains(checkpoint, names, parse_candidates("b3g64")[0], lambda name: None, "magnitude",
+                               None, 512)
+    assert gains.shape == (len(names),) and (gains > 0).all() and (gains < 0.95).all()
+    assert gains.max() > 1.5 * gains.min()
