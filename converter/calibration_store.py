@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import DTYPE_BYTES, TORCH_DTYPES, _safetensors_header

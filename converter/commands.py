@@ -75,18 +75,26 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"), show_default=True,
               help="hqq: HQQ-style zero-point optimization; rtn: min-max round to nearest; wls: weighted "
                    "search over scales with a least-squares scale/offset fit (weights from calibration "
-                   "with --objective fisher/output, else from |w|).")
+                   "with --objective fisher/output, else from |w|); gptq: wls's scales, then GPTQ's "
+                   "error-compensating rounding with the calibration inputs' Hessian, layer by layer "
+                   "(errors for the allocation are measured with wls).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=default("objective"), show_default=True,
               help="What the allocation minimizes: Σ‖W−Ŵ‖_F (the MXQ paper, data-free), Σ‖W−Ŵ‖²_F, "
                    "output: Σ_j E[x_j²]·‖ΔW_:,j‖² (calibration), fisher: Σ F·ΔW² with F the Fisher diagonal "
                    "(calibration; an estimate of the loss increase).")
 @click.option("--calib", type=click.Path(), default=None,
-              help="Calibration text for --objective output/fisher (default: a public-domain Botchan excerpt "
+              help="Calibration text for --objective output/fisher and --quantizer gptq (default: a public-domain Botchan excerpt "
                    "shipped with mxq). Never calibrate on your evaluation text.")
 @click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True, help="Calibration tokens to use.")
 @click.option("--quantize-embeddings", type=click.Choice(["8", "4"]), default=None,
               help="Fix the embeddings and an untied lm_head to 8: b8g64 or 4: b4g32 (default: fp16 with --bpw, "
                    "allocated with --size/--fit).")
+@click.option("--rotate", is_flag=True, default=default("rotate"),
+              help="Rotate the residual stream by a random orthogonal matrix first (norms folded into the "
+                   "linears; the model's function is unchanged, outliers are spread). Unties tied "
+                   "embeddings: the lm_head is stored too. Not for Gemma 3.")
+@click.option("--rotate-seed", type=click.IntRange(min=0, max=2**63 - 1), default=default("rotate_seed"),
+              show_default=True, help="Seed of the --rotate rotation (recorded in the file).")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -99,7 +107,7 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, max_loss_text, configs,
                     outliers_text, outlier_mode, quantizer, objective,
-                    calib, calib_tokens, quantize_embeddings, cache_dir, no_cache, jobs, cluster, quiet):
+                    calib, calib_tokens, quantize_embeddings, rotate, rotate_seed, cache_dir, no_cache, jobs, cluster, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
@@ -119,7 +127,8 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, ma
         max_loss=parse_percent(max_loss_text, "--max-loss") if max_loss_text else None, configs=configs,
         quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
-        cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs, cluster=cluster)
+        cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs, cluster=cluster,
+        rotate=rotate, rotate_seed=rotate_seed)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
     budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.size

@@ -9,7 +9,10 @@ from dataclasses import dataclass, fields
 
 from .errors import ConversionError
 
-QUANTIZERS = ("hqq", "rtn", "wls")
+# gptq: wls's scales, codes rounded with error compensation layer by layer (converter/gptq.py); the
+# MILP's errors are measured with wls (MEASURED_WITH), the compensation happens at write time.
+QUANTIZERS = ("hqq", "rtn", "wls", "gptq")
+MEASURED_WITH = {"gptq": "wls"}
 OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest |w|, or largest (weighted) error
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
 # output: Σ_j m_j Σ_i ΔW_ij² with m_j = Σ x_j² over calibration tokens (diagonal of tr(ΔW XᵀX ΔWᵀ));
@@ -46,6 +49,8 @@ class ConvertOptions:
     measure_every: int = SAMPLE_EVERY  # errors measured on 1 row in this many (1: every row, exact)
     jobs: int | None = None  # threads for quantization (None: every core this process may use)
     cluster: str | None = None  # run calibration and measurement as Ray tasks (CLUSTER_ADDRESS; converter/cluster.py)
+    rotate: bool = False  # rotate the residual stream offline (converter/rotate.py) before everything else
+    rotate_seed: int = 0  # the random rotation's seed (recorded in the file's provenance)
 
     def validate(self):
         if sum(budget is not None for budget in (self.bpw, self.size, self.fit, self.max_loss)) != 1:
@@ -80,6 +85,8 @@ class ConvertOptions:
             raise ConversionError("--calib-tokens must be at least 512")
         if self.measure_every < 1:
             raise ConversionError(f"measure_every {self.measure_every} must be at least 1")
+        if not 0 <= self.rotate_seed < 2**63:
+            raise ConversionError(f"--rotate-seed {self.rotate_seed} is outside [0, 2^63)")
         if self.jobs is not None and self.jobs < 1:
             raise ConversionError(f"--jobs {self.jobs} must be at least 1")
         if self.cluster is not None and not CLUSTER_ADDRESS.fullmatch(self.cluster):

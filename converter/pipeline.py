@@ -28,7 +28,7 @@ from .candidates import Candidate, parse_candidates, with_outliers
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .options import CALIBRATED_OBJECTIVES, ConvertOptions, parse_size, whole_file  # noqa: F401 (re-exported)
+from .options import CALIBRATED_OBJECTIVES, MEASURED_WITH, ConvertOptions, parse_size, whole_file  # noqa: F401 (parse_size re-exported)
 from .quantize import quantize
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
@@ -179,6 +179,11 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     seconds = {}
     started = time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
+    rotation = None
+    if options.rotate:  # everything below reads the rotated copy (converter/rotate.py)
+        from .rotate import RotatedCheckpoint
+        rotation = RotatedCheckpoint(checkpoint, options.rotate_seed)
+        checkpoint = rotation.checkpoint
     candidates = _candidates(options)
     _check_feasible(checkpoint, candidates, options)  # before any expensive work
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
@@ -202,12 +207,16 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     if cluster:  # workers read the checkpoint and the calibration statistics themselves
         cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
-    table = measure(checkpoint, candidates, options.quantizer, cache, progress, importance, importance_id,
+    table = measure(checkpoint, candidates, MEASURED_WITH.get(options.quantizer, options.quantizer), cache, progress,
+                    importance, importance_id,
                     options.outlier_mode, options.measure_every, runner=cluster and cluster.map)
+    if options.quantizer == "gptq" and options.objective in CALIBRATED_OBJECTIVES:
+        table = _gptq_corrected(checkpoint, table, options, importance, progress)
     tables = [table]
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
-        tables.append(measure(checkpoint, MATRIX_CANDIDATES, options.quantizer, cache, progress,
+        tables.append(measure(checkpoint, MATRIX_CANDIDATES, MEASURED_WITH.get(options.quantizer, options.quantizer),
+                              cache, progress,
                               calibration.matrices.__getitem__, f"{importance_id}/matrices{MatrixFisher.VERSION}",
                               options.outlier_mode,
                               options.measure_every, tensors=matrices))
@@ -223,6 +232,9 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         provenance["calibration"] = {"text_sha256": calibration.text_sha256, "tokens": calibration.tokens,
                                      "fp_loss": round(calibration.loss, 6),
                                      "text": Path(options.calib).name if options.calib else "packaged Botchan excerpt"}
+    if rotation is not None:
+        provenance["source"]["sha256"] = rotation.source_sha256
+        provenance["rotation"] = rotation.provenance
     if checkpoint.notes:
         provenance["notes"] = checkpoint.notes
     if options.bpw is not None:
@@ -255,13 +267,15 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     writer = make_writer(choice)
     bar = progress(total=len(writer.tensors), desc="write", unit="tensor") if progress else None
     with writer:
-        for plan in writer.tensors:
-            weights = importance(plan.name) if importance is not None and plan.role == "linear" else None
-            if len(tables) > 1 and plan.name in tables[1].names:  # an allocated embedding / lm_head
-                weights = calibration.matrices[plan.name]
-            result = quantize(checkpoint.load(plan.name), plan.config, options.quantizer, importance=weights,
-                              outlier_mode=options.outlier_mode)
-            writer.write(plan.name, result.blobs)
+        matrices = set(tables[1].names) if len(tables) > 1 else set()
+
+        def weights_of(name):  # a stored tensor's importance weights (None: unweighted)
+            if name in matrices:  # an allocated embedding / lm_head
+                return calibration.matrices[name]
+            return importance(name) if importance is not None and checkpoint.tensors[name].role == "linear" else None
+
+        for name, blobs in _quantized(checkpoint, writer.tensors, options, weights_of):
+            writer.write(name, blobs)
             if bar:
                 bar.update(1)
     if bar:
@@ -281,6 +295,36 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         module_bits.update(_module_bits(t, choice[n:]))
     return Report(str(out_path), writer.file_nbytes, writer.quantization["achieved_bpw_linear"], budget,
                   module_bits, _config_counts(table, choice[:n]), matrix_configs, seconds, notes)
+
+
+def _quantized(checkpoint, plans, options, weights_of):
+    """(name, blobs) of every planned tensor, in plan order; weights_of(name): its importance or None."""
+    if options.quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
+        from .gptq import quantized_tensors
+        yield from quantized_tensors(checkpoint, plans, weights_of, options.outlier_mode,
+                                     _calibration_text(options), options.calib_tokens)
+        return
+    for plan in plans:
+        yield plan.name, quantize(checkpoint.load(plan.name), plan.config, options.quantizer,
+                                  importance=weights_of(plan.name), outlier_mode=options.outlier_mode).blobs
+
+
+def _gptq_corrected(checkpoint, table, options, importance, progress):
+    """The wls-measured table with each matrix's errors scaled by GPTQ's gain on it (gptq.py), measured
+    at the affine candidate whose bits per weight are nearest the budget's."""
+    from dataclasses import replace
+
+    from .gptq import compensation_gains
+
+    bpw = 8.0 * table.costs.sum(axis=0) / float(table.numel.sum())  # (C,) each candidate's bits per weight
+    target = options.bpw if options.bpw is not None else float(np.median(bpw))
+    affine = [c for c, candidate in enumerate(table.candidates) if candidate.scheme == "affine"]
+    if not affine:
+        return table
+    reference = min(affine, key=lambda c: abs(bpw[c] - target))
+    gains = compensation_gains(checkpoint, table.names, table.candidates[reference], importance,
+                               options.outlier_mode, _calibration_text(options), options.calib_tokens, progress)
+    return replace(table, weighted=table.weighted * gains[:, None], weighted_se=table.weighted_se * gains[:, None])
 
 
 def _use_cores(jobs: int | None) -> None:
@@ -310,7 +354,7 @@ def _importance_id(options, calibration) -> str:
     return f"{options.objective}-{calibration.text_sha256[:16]}-{calibration.tokens}"
 
 
-def _read_calibration_text(options) -> str | None:
+def _calibration_text(options) -> str | None:
     """The --calib file's text (None: the packaged default)."""
     if not options.calib:
         return None
@@ -324,7 +368,7 @@ def _read_calibration_text(options) -> str | None:
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):
     from .calibrate import load_or_calibrate
 
-    return load_or_calibrate(checkpoint, checkpoint_hash, _read_calibration_text(options), options.calib_tokens,
+    return load_or_calibrate(checkpoint, checkpoint_hash, _calibration_text(options), options.calib_tokens,
                              cache_dir and Path(cache_dir) / "calibration", progress, runner)
 
 

@@ -87,9 +87,9 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
 
 def calibration_text(options) -> str:
     from .calibrate import default_text
-    from .pipeline import _read_calibration_text
+    from .pipeline import _calibration_text
 
-    return _read_calibration_text(options) if options.calib else default_text()
+    return _calibration_text(options) if options.calib else default_text()
 
 
 def scored_tokens(calibration) -> int:

@@ -146,7 +146,7 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
                 row_weighted[r:r + step] = weighted.sum(1, dtype=torch.float64)
         return Quantized({"data": half.numpy()} if pack else {}, float(row_error_sq.sum()),
                          float(row_weighted.sum()), row_weighted=row_weighted, row_error_sq=row_error_sq)
-    if quantizer not in QUANTIZERS:
+    if quantizer not in QUANTIZERS or quantizer == "gptq":  # gptq rounds whole layers: converter/gptq.py
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
         raise ValueError(f"unknown outlier mode {outlier_mode!r}")
