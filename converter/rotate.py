@@ -77,7 +77,7 @@ def check_rotatable(config) -> None:
 class _RotatedCheckpoint(Checkpoint):
     derived_hash: str = ""
 
-    def content_hash(self) -> str:
+    def content_hash(self, cache_dir=None) -> str:  # derived from the source hash: nothing to remember
         return self.derived_hash  # the source's hash, the rotation's kind, seed and version
 
 
