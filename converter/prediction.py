@@ -69,9 +69,9 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     candidates = _candidates(options)
     if not any(c.scheme == "affine" for c in candidates):
         raise ConversionError(f"--configs {options.configs!r} has no quantized config: nothing to predict")
-    checkpoint_hash = checkpoint.content_hash()
-    seconds["read"] = time.perf_counter() - started
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
+    checkpoint_hash = checkpoint.content_hash(cache_dir)  # remembered in the cache: each round reads it once
+    seconds["read"] = time.perf_counter() - started
     stage = time.perf_counter()
     calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
     seconds["calibrate"] = time.perf_counter() - stage
