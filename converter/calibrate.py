@@ -27,6 +27,7 @@ boundaries, one vocabulary slice, and whatever boundaries fit the RAM budget.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -407,7 +408,7 @@ def expanded_input_sq(input_sq: LazyStats, name: str) -> torch.Tensor:
 
 def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens: int, cache_dir,
                       progress=None, runner=None) -> Calibration:
-    """calibrate(), cached under `cache_dir` keyed by checkpoint, text and token count (cache_dir None:
+    """calibrate(), cached under `cache_dir` keyed by checkpoint, tokenizer, text and token count (cache_dir None:
     a temporary directory that lives as long as the returned Calibration). A damaged cache entry is
     rebuilt with a one-line notice."""
     text = default_text() if text is None else text
@@ -416,8 +417,9 @@ def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens
         result = calibrate(checkpoint, Path(keepalive.name) / "stats", text, tokens, progress, runner=runner)
         result.keepalive = keepalive
         return result
-    key = hashlib.sha256(f"{checkpoint_hash}/{hashlib.sha256(text.encode()).hexdigest()}/{tokens}/"
-                         f"{CHUNK_TOKENS}/{BATCH_CHUNKS}/v4".encode()).hexdigest()[:32]
+    tokenizer = hashlib.sha256(checkpoint.tokenizer_data + json.dumps(checkpoint.tokenizer, sort_keys=True).encode())
+    key = hashlib.sha256(f"{checkpoint_hash}/{tokenizer.hexdigest()}/{hashlib.sha256(text.encode()).hexdigest()}/"
+                         f"{tokens}/{CHUNK_TOKENS}/{BATCH_CHUNKS}/v4".encode()).hexdigest()[:32]
     directory = Path(cache_dir) / key
     meta, problem = open_stats(directory, {t.name: t.shape for t in checkpoint.linears}, _matrix_shapes(checkpoint))
     if meta is not None:

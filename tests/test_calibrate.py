@@ -122,6 +122,17 @@ def test_cache_is_compact_read_per_matrix_and_rebuilt_when_damaged(tmp_path, cap
     assert not list((tmp_path / "cache").glob("*.partial")) and not list((tmp_path / "cache").glob("*.activations"))
 
 
+def test_the_cache_key_covers_the_tokenizer(tmp_path):
+    """Same weights and text, another tokenizer: other token ids, so other statistics — never the cached ones."""
+    import dataclasses
+    checkpoint = read_checkpoint(fixtures.ensure("tiny-llama"))
+    first = load_or_calibrate(checkpoint, "h", None, 256, tmp_path / "cache")
+    other = dataclasses.replace(checkpoint, tokenizer={**checkpoint.tokenizer, "add_bos_token": not checkpoint.tokenizer.get("add_bos_token")})
+    second = load_or_calibrate(other, "h", None, 256, tmp_path / "cache")
+    assert first.directory != second.directory
+    assert load_or_calibrate(checkpoint, "h", None, 256, tmp_path / "cache").directory == first.directory
+
+
 def test_a_matrix_damaged_after_opening_fails_with_its_name(tmp_path):
     checkpoint = read_checkpoint(fixtures.ensure("tiny-qwen2"))
     result = load_or_calibrate(checkpoint, "h", None, 512, None)  # no cache: a temporary directory
