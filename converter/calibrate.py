@@ -106,15 +106,9 @@ class LayerStream:
         self.cache = self.backend.new_cache(1, c.num_key_value_heads, c.head_dim, CHUNK_TOKENS).layers[0]
 
     def _tensor(self, name, shape, required, make):
-        info = self.checkpoint.tensors.get(name)
-        if info is None:
-            if required:
-                raise ConversionError(f"{self.checkpoint.path}: tensor '{name}' is missing")
-            return None
-        if tuple(info.shape) != tuple(shape):
-            raise ConversionError(f"{self.checkpoint.path}: tensor '{name}' has shape {list(info.shape)}, "
-                                  f"the model config implies {list(shape)}")
-        return make(info)
+        checked = runtime_model.checked_tensors(self.checkpoint.tensors, self.checkpoint.path, ConversionError,
+                                                lambda _, info: make(info))
+        return checked(name, shape, required)
 
     def _skeleton_tensor(self, name, shape, required=True):
         def make(info):

@@ -69,6 +69,24 @@ def model_layer_weights(config: ModelConfig, i: int, tensor) -> LayerWeights:
     return weights
 
 
+def checked_tensors(entries, where, error, make):
+    """The `tensor(name, shape, required=True)` callable Model takes, over `entries` (name -> anything
+    with .shape: a file's tensor entries, a checkpoint's): the entry checked against the shape the config
+    implies, then make(name, entry). A missing required tensor or another shape raises error(message
+    naming `where` and the tensor). Model.from_file and the converter's calibration both load through it."""
+    def tensor(name, shape, required=True):
+        entry = entries.get(name)
+        if entry is None:
+            if required:
+                raise error(f"{where}: tensor '{name}' is missing")
+            return None
+        if tuple(entry.shape) != tuple(shape):
+            raise error(f"{where}: tensor '{name}' has shape {list(entry.shape)}, the model config "
+                        f"implies {list(shape)}")
+        return make(name, entry)
+    return tensor
+
+
 class Model:
     """Weights prepared by a backend + the forward pass. Use `new_cache()` and `forward()`.
 
@@ -104,18 +122,8 @@ class Model:
             raise ModelError(f"{mxq_file.path}: tensor '{unknown[0]}' is not part of the {c.architecture} "
                              "model its config describes")
 
-        def tensor(name, shape, required=True):
-            entry = tensors.get(name)
-            if entry is None:
-                if required:
-                    raise ModelError(f"{mxq_file.path}: tensor '{name}' is missing")
-                return None
-            if tuple(entry.shape) != tuple(shape):
-                raise ModelError(f"tensor '{name}' has shape {list(entry.shape)}, the model config "
-                                 f"implies {list(shape)}")
-            return backend.prepare(entry, mxq_file.blobs(name))
-
-        return cls(config, backend, tensor)
+        return cls(config, backend, checked_tensors(tensors, mxq_file.path, ModelError,
+                                                    lambda name, entry: backend.prepare(entry, mxq_file.blobs(name))))
 
     def new_cache(self, capacity: int = 256):
         """An empty KV cache with room for `capacity` positions (it grows when needed)."""
