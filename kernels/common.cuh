@@ -92,6 +92,36 @@ __device__ __forceinline__ float warp_sum_4rows(const float (&acc)[4], int lane)
 // The row (0..3) whose sum warp_sum_4rows leaves in `lane`; lanes with (lane & 7) == 0 store it.
 __device__ __forceinline__ int gemv_row_of_lane(int lane) { return ((lane >> 4) & 1) * 2 + ((lane >> 3) & 1); }
 
+// The GEMVs' epilogue for a warp's 4 rows row0..row0+3: warp-sum the per-lane partial sums
+// (warp_sum_4rows) and let lanes 0, 8, 16, 24 write rows 0..3, plus the fused residual when given.
+__device__ __forceinline__ void store_4rows(const float (&acc)[4], int lane, int row0, int out_features,
+                                            const float* residual, float* y) {
+    const float v = warp_sum_4rows(acc, lane);
+    if ((lane & 7) == 0) {
+        const int r = row0 + gemv_row_of_lane(lane);
+        if (r < out_features) y[r] = residual != nullptr ? v + residual[r] : v;
+    }
+}
+
+// Adds the sparse fp16 outliers (CSR: row_ptr, cols, vals) of the warp's rows row0..row0+RPW-1 to the
+// lanes' partial sums, the lanes striding each row's entries (none when row_ptr is null).
+template <int RPW>
+__device__ __forceinline__ void add_csr_outliers(float (&acc)[RPW], int lane, int row0, int out_features,
+                                                 const uint32_t* __restrict__ row_ptr,
+                                                 const uint16_t* __restrict__ cols, const half_t* __restrict__ vals,
+                                                 const float* __restrict__ x) {
+    if (row_ptr == nullptr) return;
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int r = row0 + i;
+        if (r < out_features) {
+            const uint32_t end = __ldg(row_ptr + r + 1);
+            for (uint32_t e = __ldg(row_ptr + r) + lane; e < end; e += 32)
+                acc[i] = fmaf(load_f16(vals, e), __ldg(x + __ldg(cols + e)), acc[i]);
+        }
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // `scratch` is 33 floats of shared memory. Starts with a barrier so it can be called repeatedly.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

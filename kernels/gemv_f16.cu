@@ -121,12 +121,8 @@ __device__ __forceinline__ void gemv_f16_rows(float4* x_tile, const half_t* __re
     }
 
     if (!warp_active) return;  // no barrier follows
-    static_assert(RPW == 4, "warp_sum_4rows is written for 4 rows per warp");
-    const float v = warp_sum_4rows(acc, lane);
-    if ((lane & 7) == 0) {
-        const int r = row0 + gemv_row_of_lane(lane);
-        if (r < out_features) y[r] = residual != nullptr ? v + residual[r] : v;
-    }
+    static_assert(RPW == 4, "store_4rows (common.cuh) is written for 4 rows per warp");
+    store_4rows(acc, lane, row0, out_features, residual, y);
 }
 
 }  // namespace mxq

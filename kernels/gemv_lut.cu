@@ -104,23 +104,9 @@ __device__ __forceinline__ void gemv_lut(
     }
 
     if (!warp_active) return;  // no barrier follows
-    if (row_ptr != nullptr) {
-#pragma unroll
-        for (int i = 0; i < RPW; ++i) {
-            const int r = row0 + i;
-            if (r < out_features) {
-                const uint32_t end = __ldg(row_ptr + r + 1);
-                for (uint32_t e = __ldg(row_ptr + r) + lane; e < end; e += 32)
-                    acc[i] = fmaf(load_f16(vals, e), __ldg(x + __ldg(cols + e)), acc[i]);
-            }
-        }
-    }
-    static_assert(RPW == 4, "warp_sum_4rows is written for 4 rows per warp");
-    const float v = warp_sum_4rows(acc, lane);
-    if ((lane & 7) == 0) {
-        const int r = row0 + gemv_row_of_lane(lane);
-        if (r < out_features) y[r] = residual != nullptr ? v + residual[r] : v;
-    }
+    add_csr_outliers<RPW>(acc, lane, row0, out_features, row_ptr, cols, vals, x);
+    static_assert(RPW == 4, "store_4rows (common.cuh) is written for 4 rows per warp");
+    store_4rows(acc, lane, row0, out_features, residual, y);
 }
 
 template <int B>
