@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import DTYPE_BYTES, TORCH_DTYPES, _safetensors_header
@@ -41,6 +40,7 @@ FISHER_DTYPE = torch.bfloat16  # default; float32 is there for exact comparisons
 INPUT_SQ_DTYPE = torch.float32
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 DTYPES_BY_NAME = {"BF16": torch.bfloat16, "F32": torch.float32}
+STORED_DTYPES = {**DTYPES_BY_NAME, "I64": torch.int64}  # what a statistics file may hold
 
 
 # -- checkpoint rows ---------------------------------------------------------------------------------
@@ -211,49 +211,68 @@ class StatsWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
+class StatsFile:
+    """One statistics file (safetensors) read a tensor at a time: the header parsed once (on first use),
+    then each tensor's bytes with one plain file read (no mapping of the whole file per access), checked
+    against the header and, when given, the dtype and shape the caller expects. Values are not scanned:
+    StatsWriter wrote only finite ones and open_stats checked the file's sha256 against meta.json."""
+
+    def __init__(self, path: Path, directory: Path):
+        self.path, self.directory = Path(path), Path(directory)
+        self._header: tuple[dict, int, int] | None = None  # (header, data start, file size)
+
+    def _fail(self, what: str) -> ConversionError:
+        return ConversionError(f"{self.path}: {what}; delete {self.directory}")
+
+    def read(self, key: str, dtype: torch.dtype | None = None, shape: tuple | None = None) -> torch.Tensor:
+        """The tensor `key` in its stored dtype."""
+        try:
+            if self._header is None:
+                self._header = (*_safetensors_header(self.path), self.path.stat().st_size)
+        except (ConversionError, OSError) as error:  # a damaged file; the message starts with its path
+            raise self._fail(f"cannot read '{key}' ({str(error).removeprefix(f'{self.path}: ')[:80]})") from None
+        header, data_start, file_size = self._header
+        entry = header.get(key)
+        try:
+            stored, stored_shape = STORED_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            stored = None
+        expected = f" (not {SAFETENSORS_DTYPES[dtype]} {list(shape)})" if dtype is not None else ""
+        if (stored is None or (dtype is not None and stored != dtype)
+                or (shape is not None and stored_shape != tuple(shape))
+                or not 0 <= begin <= end or end - begin != stored.itemsize * math.prod(stored_shape)):
+            raise self._fail(f"'{key}' is damaged{expected}")
+        if data_start + end > file_size:
+            raise self._fail(f"'{key}' is cut short")
+        raw = bytearray(end - begin)
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(data_start + begin)
+                if handle.readinto(raw) != len(raw):
+                    raise self._fail(f"'{key}' is cut short")
+        except OSError as error:
+            raise self._fail(f"cannot read '{key}' ({str(error)[:80]})") from None
+        if not raw:
+            return torch.empty(stored_shape, dtype=stored)
+        return torch.frombuffer(raw, dtype=stored).reshape(stored_shape)
+
+
 class LazyStats(Mapping):
     """name → float32 tensor read from the statistics directory on access (never all at once).
-    kind "fisher": shaped like W (out, in); kind "input_sq": (in,).
-
-    Each layer file's safetensors header is parsed once (on first use); a read then fetches only
-    that tensor's bytes with one plain file read and widens them to float32 (no mapping of the whole
-    layer file per access). Values are not scanned again: StatsWriter wrote only finite ones, and
-    open_stats checked each file's sha256 against meta.json."""
+    kind "fisher": shaped like W (out, in); kind "input_sq": (in,). Each layer file is a StatsFile."""
 
     def __init__(self, directory: Path, meta: dict, shapes: dict, kind: str):
         self.directory, self.tensors, self.shapes, self.kind = Path(directory), meta["tensors"], shapes, kind
         self.dtype = DTYPES_BY_NAME[meta["fisher_dtype"]] if kind == "fisher" else INPUT_SQ_DTYPE
-        self.headers: dict[str, tuple[dict, int]] = {}  # layer file → (header, data start)
-
-    def _header(self, file: Path) -> tuple[dict, int]:
-        if file.name not in self.headers:
-                self.headers[file.name] = _safetensors_header(file)
-        return self.headers[file.name]
+        self.files: dict[str, StatsFile] = {}  # layer file name → its reader
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        file = self.directory / self.tensors[name]  # KeyError for a name that is not a decoder linear
-        key, shape = f"{name}.{self.kind}", _stat_shape(self.shapes[name], self.kind)
-        nbytes = self.dtype.itemsize * math.prod(shape)
-        try:
-            header, data_start = self._header(file)
-        except ConversionError as error:  # a damaged layer file; the message starts with its path
-            raise ConversionError(f"{file}: cannot read '{key}' ({str(error).removeprefix(f'{file}: ')[:80]}); "
-                                  f"delete {self.directory}") from None
-        try:
-            entry = header.get(key)
-            if (not isinstance(entry, dict) or entry.get("dtype") != SAFETENSORS_DTYPES[self.dtype]
-                    or tuple(entry.get("shape", ())) != shape
-                    or entry.get("data_offsets", [0, 0])[1] - entry["data_offsets"][0] != nbytes):
-                raise ConversionError(f"{file}: '{key}' is damaged (not {SAFETENSORS_DTYPES[self.dtype]} "
-                                      f"{list(shape)}); delete {self.directory}")
-            raw = bytearray(nbytes)
-            with open(file, "rb") as handle:
-                handle.seek(data_start + entry["data_offsets"][0])
-                if handle.readinto(raw) != nbytes:
-                    raise ConversionError(f"{file}: '{key}' is cut short; delete {self.directory}")
-        except (OSError, TypeError, IndexError) as error:
-            raise ConversionError(f"{file}: cannot read '{key}' ({str(error)[:80]}); delete {self.directory}") from None
-        return torch.frombuffer(raw, dtype=self.dtype).reshape(shape).to(torch.float32)  # a copy for bf16
+        file = self.tensors[name]  # KeyError for a name that is not a decoder linear
+        if file not in self.files:
+            self.files[file] = StatsFile(self.directory / file, self.directory)
+        shape = _stat_shape(self.shapes[name], self.kind)
+        return self.files[file].read(f"{name}.{self.kind}", self.dtype, shape).to(torch.float32)  # a copy for bf16
 
     def __iter__(self):
         return iter(self.tensors)
@@ -280,15 +299,11 @@ class MatrixFisher(Mapping):
 
     def __init__(self, directory: Path, meta: dict, shapes: dict):
         self.path, self.names = Path(directory) / MATRICES_FILE, meta["matrices"]
+        self.file = StatsFile(self.path, Path(directory))
         self.shapes, self.dtype = shapes, DTYPES_BY_NAME[meta["fisher_dtype"]]
 
     def _read(self, key: str) -> torch.Tensor:
-        try:
-            with safe_open(self.path, framework="pt") as handle:
-                value = handle.get_tensor(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            raise ConversionError(f"{self.path}: cannot read '{key}' ({str(error)[:80]}); "
-                                  f"delete {self.path.parent}") from None
+        value = self.file.read(key)
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ConversionError(f"{self.path}: '{key}' is damaged; delete {self.path.parent}")
         return value

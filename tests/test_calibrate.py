@@ -143,6 +143,24 @@ def test_a_matrix_damaged_after_opening_fails_with_its_name(tmp_path):
         result.fisher[name]
 
 
+def test_a_damaged_matrices_file_fails_with_its_name(tmp_path):
+    """The embedding/lm_head statistics are read like the layers' (one header, one read per tensor):
+    a cut-short file or a header that lies is a one-line error naming the file and the tensor."""
+    checkpoint = read_checkpoint(fixtures.ensure("tiny-llama"))  # untied: embedding and lm_head
+    result = load_or_calibrate(checkpoint, "h", None, 256, None)
+    file = result.directory / "matrices.safetensors"
+    intact = file.read_bytes()
+    for name in result.matrices:
+        assert result.matrices[name].shape == checkpoint.tensors[name].shape
+    damages = {"lm_head.weight": (intact[:-64], "'head_fisher' is cut short"),  # stored last
+               "model.embed_tokens.weight": (intact.replace(b'"I64"', b'"I32"', 1), "'embedding_counts' is damaged")}
+    for name, (damaged, message) in damages.items():
+        file.write_bytes(damaged)
+        result.matrices.file._header = None  # a header is read once per reader
+        with pytest.raises(ConversionError, match=f"matrices.safetensors: {message}; delete"):
+            result.matrices[name]
+
+
 def test_weighted_rounding_lowers_the_weighted_error():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(64, 256, generator=g) * 0.02
