@@ -22,6 +22,8 @@ activations and gradients travel through Ray's object store.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import sys
@@ -138,8 +140,21 @@ def _environment() -> dict:
 
     from .. import __version__
 
-    return {"mxq": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
-            "python": sys.version.split()[0], "cpu": llvmlite.binding.get_host_cpu_name()}
+    return {"mxq": __version__, "mxq code": _code_digest(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "numba": numba.__version__, "python": sys.version.split()[0], "cpu": llvmlite.binding.get_host_cpu_name()}
+
+
+@functools.cache
+def _code_digest() -> str:
+    """sha256 of mxq's Python sources (tests and tools aside), 12 hex digits: two checkouts that share a
+    version number but not their code compute different numbers."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] not in ("tests", "tools") and not any(p.startswith(".") for p in relative.parts):
+            digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 @ray.remote(num_cpus=0, max_retries=MAX_RETRIES)
