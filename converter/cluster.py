@@ -181,7 +181,7 @@ class Cluster:
         if self.address.startswith("local"):
             cpus = int(self.address.partition(":")[2] or os.cpu_count() or 1)
             options.update(num_cpus=cpus, include_dashboard=False)
-            address = None
+            address = "local"  # a new instance, even where RAY_ADDRESS or a `ray start` cluster would be found
         else:
             address = self.address
         try:

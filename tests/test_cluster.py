@@ -29,7 +29,8 @@ from mxq.converter.errors import ConversionError
 from mxq.converter.pipeline import convert
 
 RAY = Path(sys.executable).with_name("ray")
-PACKAGE_PARENT = Path(mxq.__file__).resolve().parents[1]  # every process of the test runs this mxq
+PACKAGE = Path(mxq.__file__).resolve().parent  # every process of the test runs this mxq
+PACKAGE_PARENT = PACKAGE.parent
 QUICK = dict(bpw=3.5, calib_tokens=2048)  # 8 chunks: two calibration batches per layer, summed in order
 START_SECONDS = 600  # per start-up step; ~10 s on a quiet machine, minutes when the 2 cores are oversubscribed
 STOP_SECONDS = 30
@@ -331,6 +332,24 @@ def test_a_killed_driver_resumes_from_the_cache(ray_cluster, tmp_path):
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), **QUICK)
     assert_same_intermediates(cache, tmp_path / "local-cache")
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
+
+
+@pytest.mark.slow
+def test_a_driver_running_other_code_than_the_workers_is_refused(ray_cluster, tmp_path):
+    """Same version number, one comment changed: the nodes would run other code than the driver, so
+    their numbers could differ; the driver names the node and stops before any work."""
+    copy = tmp_path / "other" / "mxq"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns(".*", "tests", "tools", "__pycache__"))
+    with open(copy / "converter" / "quantize.py", "a") as source:
+        source.write("# another checkout\n")
+    command = [sys.executable, "-c", "from mxq.cli import main; main()", "convert", str(fixtures.ensure("tiny-llama")),
+               "-o", str(tmp_path / "x.mxq"), "--bpw", "3.5", "--objective", "frobenius", "--cluster", ray_cluster.address]
+    result = subprocess.run(command, env={**ray_cluster.env, "PYTHONPATH": str(copy.parent)}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode != 0 and not (tmp_path / "x.mxq").exists()
+    assert re.fullmatch(r"mxq: error: --cluster: node \S+ runs mxq code [0-9a-f]{12} \(here [0-9a-f]{12}\): "
+                        r"install the same versions on every node \(identical results need identical code\)",
+                        result.stderr.strip().splitlines()[-1]), result.stderr
 
 
 def test_without_ray_the_option_says_how_to_install(tmp_path, monkeypatch):
