@@ -34,6 +34,7 @@ PACKAGE_PARENT = PACKAGE.parent
 QUICK = dict(bpw=3.5, calib_tokens=2048)  # 8 chunks: two calibration batches per layer, summed in order
 START_SECONDS = 600  # per start-up step; ~10 s on a quiet machine, minutes when the 2 cores are oversubscribed
 STOP_SECONDS = 30
+DIE_WITH_US = ["setpriv", "--pdeathsig", "SIGTERM"] if shutil.which("setpriv") else []  # should pytest be killed
 
 
 def sha256(path) -> str:
@@ -81,7 +82,8 @@ class RayCluster:
 
     Every process it starts carries the token's path in its environment: stop() SIGTERMs the `ray
     start --block` processes, then SIGKILLs whatever still carries it, and checks that nothing is
-    left; each `ray start` also gets SIGTERM should the test process die without stopping it."""
+    left. Each `ray start` and each driver also gets SIGTERM should the test process die without
+    stopping them (a killed pytest leaves only the session directory behind)."""
 
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="mxqray", dir="/tmp"))  # short: socket paths have a length cap
@@ -127,9 +129,8 @@ class RayCluster:
         """`ray start ARGS --block`, returning once it says the node runs."""
         log = self.root / f"{name}.log"
         self.logs.append(log)
-        die_with_us = ["setpriv", "--pdeathsig", "SIGTERM"] if shutil.which("setpriv") else []
         with open(log, "wb") as out:
-            process = subprocess.Popen([*die_with_us, str(RAY), "start", *args], env=self.env, stdout=out,
+            process = subprocess.Popen([*DIE_WITH_US, str(RAY), "start", *args], env=self.env, stdout=out,
                                        stderr=subprocess.STDOUT)
         self.processes.append(process)
 
@@ -141,8 +142,8 @@ class RayCluster:
 
     def convert(self, path, out, cache, *options) -> subprocess.Popen:
         """`mxq convert --cluster HOST:PORT` as a driver process."""
-        command = [sys.executable, "-c", "from mxq.cli import main; main()", "convert", str(path), "-o", str(out),
-                   "--cache-dir", str(cache), "--cluster", self.address, "-q", *options]
+        command = [*DIE_WITH_US, sys.executable, "-c", "from mxq.cli import main; main()", "convert", str(path),
+                   "-o", str(out), "--cache-dir", str(cache), "--cluster", self.address, "-q", *options]
         return subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def pids(self) -> list[int]:
@@ -228,11 +229,14 @@ def _intermediates(cache: Path) -> dict:
     return found
 
 
-def assert_same_intermediates(cluster_cache: Path, local_cache: Path):
+def assert_same_intermediates(cluster_cache: Path, local_cache: Path, calibrated: bool = True):
     cluster, local = _intermediates(cluster_cache), _intermediates(local_cache)
+    assert any(key.startswith("errors/") for key in local), f"no measured errors under {local_cache}"
+    assert calibrated == any(key.startswith("calibration/") for key in local), f"calibration under {local_cache}?"
     assert cluster.keys() == local.keys()
     differ = [key for key in local if cluster[key] != local[key]]
-    assert not differ, f"{len(differ)} of {len(local)} differ, first {differ[0]}: {cluster[differ[0]]} != {local[differ[0]]}"
+    first = differ[0] if differ else None
+    assert not differ, f"{len(differ)} of {len(local)} differ, first {first}: {cluster[first]} (cluster) != {local[first]}"
 
 
 def _workers(summary: str, stage: str) -> dict:
@@ -311,7 +315,7 @@ def test_a_worker_killed_during_measurement_changes_nothing(ray_cluster, tmp_pat
         killer.join()
     assert killed, "no measurement task was seen running"
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), bpw=3.5, objective="frobenius")
-    assert_same_intermediates(tmp_path / "cluster-cache", tmp_path / "local-cache")
+    assert_same_intermediates(tmp_path / "cluster-cache", tmp_path / "local-cache", calibrated=False)
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
     assert sum(_workers(summary, "measure").values()) == 14  # every matrix once: the killed one's result came from its retry
 
@@ -342,8 +346,9 @@ def test_a_driver_running_other_code_than_the_workers_is_refused(ray_cluster, tm
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns(".*", "tests", "tools", "__pycache__"))
     with open(copy / "converter" / "quantize.py", "a") as source:
         source.write("# another checkout\n")
-    command = [sys.executable, "-c", "from mxq.cli import main; main()", "convert", str(fixtures.ensure("tiny-llama")),
-               "-o", str(tmp_path / "x.mxq"), "--bpw", "3.5", "--objective", "frobenius", "--cluster", ray_cluster.address]
+    command = [*DIE_WITH_US, sys.executable, "-c", "from mxq.cli import main; main()", "convert",
+               str(fixtures.ensure("tiny-llama")), "-o", str(tmp_path / "x.mxq"), "--bpw", "3.5",
+               "--objective", "frobenius", "--cluster", ray_cluster.address]
     result = subprocess.run(command, env={**ray_cluster.env, "PYTHONPATH": str(copy.parent)}, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode != 0 and not (tmp_path / "x.mxq").exists()
