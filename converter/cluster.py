@@ -13,8 +13,12 @@
 Every task is a pure function of its arguments, computed with the same code as a local run, and the
 driver combines results in a fixed order: the file is byte-identical to a local conversion whatever the
 scheduling, the number of workers or the workers that die (Ray runs a task again, up to MAX_RETRIES
-times). A driver that dies loses only what it had not saved: a finished calibration, and the error
-cache, which measure() saves every 16 matrices; the next run resumes from them.
+times). A task computes with one thread (CPUS_PER_TASK) where a local run uses every core: the same
+bits, since the arithmetic does not depend on the thread count (tests/test_cluster.py compares every
+calibration statistic and measured error of SmolLM2 with a local run's). The probe refuses a node whose
+libraries or mxq sources differ from the driver's. A driver that dies loses only what it had not saved:
+a finished calibration, and the error cache, which measure() saves every 16 matrices; the next run
+resumes from them.
 
 Workers read weights from the checkpoint path and calibration statistics from the cache directory, so
 both must be on storage every node sees under the same path (checked by a probe task on every node);

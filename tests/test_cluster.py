@@ -195,7 +195,10 @@ def _pids_with(marker: bytes) -> list:
 @pytest.fixture(scope="module")
 def ray_cluster():
     pytest.importorskip("ray")
+    from mxq.converter.cluster import _code_digest
+
     cluster = RayCluster()
+    cluster.code = _code_digest()  # the sources on disk now, which this process imported moments ago
     try:
         yield cluster
     finally:
@@ -229,7 +232,11 @@ def _intermediates(cache: Path) -> dict:
     return found
 
 
-def assert_same_intermediates(cluster_cache: Path, local_cache: Path, calibrated: bool = True):
+def assert_same_intermediates(ray_cluster, cluster_cache: Path, local_cache: Path, calibrated: bool = True):
+    """Bit for bit; and this process (the local conversion) still runs the code on disk (the cluster's)."""
+    from mxq.converter.cluster import _code_digest
+
+    assert _code_digest.__wrapped__() == ray_cluster.code, "mxq's sources changed on disk during the test"
     cluster, local = _intermediates(cluster_cache), _intermediates(local_cache)
     assert any(key.startswith("errors/") for key in local), f"no measured errors under {local_cache}"
     assert calibrated == any(key.startswith("calibration/") for key in local), f"calibration under {local_cache}?"
@@ -256,7 +263,7 @@ def test_cluster_conversion_is_byte_identical_to_local(ray_cluster, tmp_path, na
                                  "--objective", objective)
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), objective=objective, **QUICK)
     summary = _finish(driver)
-    assert_same_intermediates(tmp_path / "cluster-cache", tmp_path / "local-cache")
+    assert_same_intermediates(ray_cluster, tmp_path / "cluster-cache", tmp_path / "local-cache")
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
     # both stages ran as tasks on the two worker processes, and the summary says so
     calibrate, measure = _workers(summary, "calibrate"), _workers(summary, "measure")
@@ -278,7 +285,7 @@ def test_smollm2_on_the_cluster_is_byte_identical_to_local(ray_cluster, tmp_path
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), bpw=4.25, calib_tokens=1280,
             configs=SMOLLM2_ARGS[-1])
     summary = _finish(driver)
-    assert_same_intermediates(tmp_path / "cluster-cache", tmp_path / "local-cache")
+    assert_same_intermediates(ray_cluster, tmp_path / "cluster-cache", tmp_path / "local-cache")
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
     assert sum(_workers(summary, "measure").values()) == 30 * 7
 
@@ -315,7 +322,7 @@ def test_a_worker_killed_during_measurement_changes_nothing(ray_cluster, tmp_pat
         killer.join()
     assert killed, "no measurement task was seen running"
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), bpw=3.5, objective="frobenius")
-    assert_same_intermediates(tmp_path / "cluster-cache", tmp_path / "local-cache", calibrated=False)
+    assert_same_intermediates(ray_cluster, tmp_path / "cluster-cache", tmp_path / "local-cache", calibrated=False)
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
     assert sum(_workers(summary, "measure").values()) == 14  # every matrix once: the killed one's result came from its retry
 
@@ -334,7 +341,7 @@ def test_a_killed_driver_resumes_from_the_cache(ray_cluster, tmp_path):
     summary = _finish(ray_cluster.convert(path, tmp_path / "cluster.mxq", cache, *ARGS))
     assert not _workers(summary, "calibrate") and _workers(summary, "measure")  # resumed after calibration
     convert(path, tmp_path / "local.mxq", cache_dir=str(tmp_path / "local-cache"), **QUICK)
-    assert_same_intermediates(cache, tmp_path / "local-cache")
+    assert_same_intermediates(ray_cluster, cache, tmp_path / "local-cache")
     assert sha256(tmp_path / "cluster.mxq") == sha256(tmp_path / "local.mxq")
 
 
