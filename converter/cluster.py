@@ -13,8 +13,12 @@
 Every task is a pure function of its arguments, computed with the same code as a local run, and the
 driver combines results in a fixed order: the file is byte-identical to a local conversion whatever the
 scheduling, the number of workers or the workers that die (Ray runs a task again, up to MAX_RETRIES
-times). A driver that dies loses only what it had not saved: a finished calibration, and the error
-cache, which measure() saves every 16 matrices; the next run resumes from them.
+times). A task computes with one thread (CPUS_PER_TASK) where a local run uses every core: the same
+bits, since the arithmetic does not depend on the thread count (tests/test_cluster.py compares every
+calibration statistic and measured error of SmolLM2 with a local run's). The probe refuses a node whose
+libraries or mxq sources differ from the driver's. A driver that dies loses only what it had not saved:
+a finished calibration, and the error cache, which measure() saves every 16 matrices; the next run
+resumes from them.
 
 Workers read weights from the checkpoint path and calibration statistics from the cache directory, so
 both must be on storage every node sees under the same path (checked by a probe task on every node);
@@ -22,6 +26,8 @@ activations and gradients travel through Ray's object store.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import sys
@@ -138,8 +144,21 @@ def _environment() -> dict:
 
     from .. import __version__
 
-    return {"mxq": __version__, "torch": torch.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
-            "python": sys.version.split()[0], "cpu": llvmlite.binding.get_host_cpu_name()}
+    return {"mxq": __version__, "mxq code": _code_digest(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "numba": numba.__version__, "python": sys.version.split()[0], "cpu": llvmlite.binding.get_host_cpu_name()}
+
+
+@functools.cache
+def _code_digest() -> str:
+    """sha256 of mxq's Python sources (tests and tools aside), 12 hex digits: two checkouts that share a
+    version number but not their code compute different numbers."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] not in ("tests", "tools") and not any(p.startswith(".") for p in relative.parts):
+            digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 @ray.remote(num_cpus=0, max_retries=MAX_RETRIES)
@@ -166,7 +185,7 @@ class Cluster:
         if self.address.startswith("local"):
             cpus = int(self.address.partition(":")[2] or os.cpu_count() or 1)
             options.update(num_cpus=cpus, include_dashboard=False)
-            address = None
+            address = "local"  # a new instance, even where RAY_ADDRESS or a `ray start` cluster would be found
         else:
             address = self.address
         try:

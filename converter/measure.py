@@ -192,7 +192,7 @@ def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sa
             weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
             error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
             values[key] = [error_sq, weighted, se]
-    return float((weight.double() ** 2).sum()), values
+    return float(np.square(weight.numpy(), dtype=np.float64).sum()), values  # NumPy: the same bits for any thread count
 
 
 def _map_here(function, jobs):

@@ -56,7 +56,8 @@ def task_overheads(tasks: int) -> dict:
     """An empty task's round trip (tasks submitted at once, one worker) and object store throughput."""
     return run_child(textwrap.dedent(f"""
         import time, logging, ray, torch
-        ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
 
         @ray.remote(num_cpus=1)
         def noop(x):
