@@ -23,7 +23,8 @@ would widen them to 64 bits and halve the SIMD width.
 Array types are fixed (see `warm_up`) so each kernel compiles exactly once:
 x, y, residual float32 2-D C; packed, codes, half_bits 2-D C read-only (views of the mmapped
 file; CSR row_ptr uint32, cols uint16, values as fp16 bits uint16, 1-D read-only); metas
-float32 (runs, 2); bias float32 (out,); the NO_* stand-ins mark absent arguments.
+float32 (runs, 2); bias float32 (out,); the NO_* stand-ins (cpu_weights.py) mark absent arguments.
+The *_serial kernels are also built ahead of time into a plain CPython extension (cpu_aot.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_weights import readonly
+from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -318,25 +319,25 @@ def fp16_rows(r0, r1, x, half_bits, bias, residual, y):
             y[t, r] = acc
 
 
-# stand-ins for absent arguments (same types as present ones)
-NO_ROWS = readonly(np.zeros(1, np.uint32))  # CSR row_ptr, cols, fp16 values without outliers
-NO_COLS = readonly(np.zeros(0, np.uint16))
-NO_VALUES = readonly(np.zeros(0, np.uint16))
-NO_FLOAT = np.zeros(0, np.float32)
-NO_RESIDUAL = np.zeros((0, 0), np.float32)
-
-
-def warm_up() -> None:
-    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+def examples():
+    """(kernel name, arguments) for every kernel and bit width, typed as the weights call them: warm_up
+    compiles them; the ahead-of-time build (cpu_aot_build.py) exports the serial ones for these types."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
     for bits in SUPPORTED_BITS:
         G = 2
         packed = readonly(rng.integers(0, 256, (3, G * 32 * bits // 8)).astype(np.uint8))
-        codes = readonly(np.zeros((3, G), np.uint8))
-        meta = np.ones((1, 2), np.float32)
-        for kernel in (affine_matmul, affine_matmul_serial):
-            kernel(x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
-                   NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
-    for kernel in (fp16_matmul, fp16_matmul_serial):
-        kernel(x, readonly(np.zeros((3, 40), np.uint16)), NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        codes = readonly(rng.integers(0, 256, (3, G)).astype(np.uint8))
+        meta = np.full((1, 2), 0.01, np.float32)
+        for name in ("affine_matmul", "affine_matmul_serial"):
+            yield name, (x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
+                         NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+    half_bits = readonly(rng.standard_normal((3, 40)).astype(np.float16).view(np.uint16))
+    for name in ("fp16_matmul", "fp16_matmul_serial"):
+        yield name, (x, half_bits, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+    for name, args in examples():
+        globals()[name](*args)

@@ -68,6 +68,14 @@ def readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+# stand-ins for absent kernel arguments (same types as present ones; the kernels' signatures fix them)
+NO_ROWS = readonly(np.zeros(1, np.uint32))  # CSR row_ptr, cols, fp16 values without outliers
+NO_COLS = readonly(np.zeros(0, np.uint16))
+NO_VALUES = readonly(np.zeros(0, np.uint16))
+NO_FLOAT = np.zeros(0, np.float32)
+NO_RESIDUAL = np.zeros((0, 0), np.float32)
+
+
 def add_bias_residual(y: np.ndarray, bias, residual) -> np.ndarray:
     if bias is not None:
         y += bias
@@ -162,8 +170,9 @@ class Matrix:
     @cached_property
     def threads_choice(self) -> ThreadChoice | None:
         """The backend's ThreadChoice for this kind and shape; None: always the calling thread (one
-        thread, or a small matrix)."""
-        if self.backend.threads < 2 or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS:
+        thread, serial-only kernels, or a small matrix)."""
+        if (self.backend.threads < 2 or not self.backend.kernels.parallel
+                or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS):
             return None
         return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
@@ -226,7 +235,7 @@ class DenseWeight(Matrix):
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.fp16_matmul_serial, kernels.fp16_matmul, x, self.half_bits,
-                                *kernel_extras(kernels, bias, residual), y)
+                                *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""
@@ -246,10 +255,10 @@ class DenseWeight(Matrix):
         return y
 
 
-def kernel_extras(kernels, bias, residual) -> tuple:
+def kernel_extras(bias, residual) -> tuple:
     """(bias, residual) as the kernels take them: the NO_* stand-ins when absent."""
-    return (kernels.NO_FLOAT if bias is None else bias,
-            kernels.NO_RESIDUAL if residual is None else np.ascontiguousarray(residual, dtype=np.float32))
+    return (NO_FLOAT if bias is None else bias,
+            NO_RESIDUAL if residual is None else np.ascontiguousarray(residual, dtype=np.float32))
 
 
 def _repeat_byte(value: int) -> np.uint64:
@@ -390,10 +399,10 @@ class AffineWeight(Matrix):
 
     # -- products -------------------------------------------------------------------------------------
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
+        csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
         return self.run_product(kernels.affine_matmul_serial, kernels.affine_matmul, x, self.packed, self.scale_codes,
                                 self.scale_meta, self.zero_codes, self.zero_meta, self.bits, self.group_size, *csr,
-                                *kernel_extras(kernels, bias, residual), y)
+                                *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
         """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""

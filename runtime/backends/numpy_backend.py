@@ -8,7 +8,8 @@ In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode atte
 compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve both the compiled
-kernels (Numba's thread pool, one part of the rows per thread) and the NumPy path (a small thread
+kernels when they are Numba's JIT (its thread pool, one part of the rows per thread; the ahead-of-time
+kernels run on the calling thread, cpu_jit.py) and the NumPy path (a small thread
 pool splitting products by output rows — NumPy and BLAS release the GIL — and prefill attention
 by query blocks); BLAS itself runs single-threaded (see blas.py).
 """
@@ -46,12 +47,9 @@ class NumpyBackend(Backend):
         self.threads = max(1, threads or (int(env) if env.isdigit() and int(env) > 0 else min(cpus, 8)))
         # compiled kernels serve lean-mode decode; the cached mode's float32 products are BLAS
         self.kernels = load_kernels() if kernels and not self.cache_dequantized else None
-        self.ops = None  # compiled per-token ops (cpu_ops.py): with the kernels, in either memory mode
-        if kernels and load_kernels() is not None:
-            from . import cpu_ops
-
-            self.ops = cpu_ops
-        if self.kernels is not None or self.ops is not None:
+        compiled = load_kernels() if kernels else None
+        self.ops = compiled.ops if compiled is not None else None  # per-token ops (cpu_ops.py), either memory mode
+        if compiled is not None and compiled.parallel:  # Numba's JIT: its OpenMP pool serves the kernels
             import numba
 
             self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # Numba's pool size
