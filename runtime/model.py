@@ -197,12 +197,16 @@ class Model:
             raise ModelError(f"token id {int(ids.max() if ids.max() >= c.vocab_size else ids.min())} "
                              f"is outside the vocabulary (size {c.vocab_size})")
         cache.reserve(start + T)
-        positions = np.arange(start, start + T, dtype=np.int64)  # (T,)
-        x = self.embed(ids)  # (T, hidden)
-        for i, layer_cache in enumerate(cache.layers):
-            x = self.block(i, x, positions, layer_cache, start)
-        cache.length = start + T
-        return self.final_norm(x)
+        chunk = self.backend.prefill_chunk or T  # pieces bound the activations (same result)
+        hidden = []
+        for c0 in range(0, T, chunk):
+            positions = np.arange(start + c0, start + min(T, c0 + chunk), dtype=np.int64)  # (t,)
+            x = self.embed(ids[c0:c0 + chunk])  # (t, hidden)
+            for i, layer_cache in enumerate(cache.layers):
+                x = self.block(i, x, positions, layer_cache, start + c0)
+            cache.length = start + c0 + len(positions)
+            hidden.append(self.final_norm(x))
+        return hidden[0] if len(hidden) == 1 else self.backend.xp.concatenate(hidden)  # (T, hidden)
 
     def logits_from_hidden(self, hidden):
         return self.head(hidden)

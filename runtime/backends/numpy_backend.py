@@ -28,8 +28,15 @@ from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 
-ATTENTION_BLOCK = 256  # queries per block in prefill attention (bounds the score matrix)
+ATTENTION_BLOCK = 256  # queries per block in prefill attention, at most ...
+ATTENTION_SCORE_BYTES = 4 << 20  # ... so many that a block's float32 scores (heads, block, keys) fit in this
+PREFILL_CHUNK = 256  # Model runs longer prompts in pieces of this many tokens: bounded activations
 ATTENTION_PARALLEL_MIN_WORK = 1 << 20  # compiled attention: split heads over threads from this many MACs
+
+
+def attention_block(n_heads: int, keys: int) -> int:
+    """Queries per block of prefill attention over `keys` keys: bounded score memory, at least 16."""
+    return max(16, min(ATTENTION_BLOCK, ATTENTION_SCORE_BYTES // (4 * n_heads * keys)))
 
 
 class NumpyBackend(Backend):
@@ -39,6 +46,7 @@ class NumpyBackend(Backend):
 
     name = "cpu"
     xp = np
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, cache_dequantized: bool = False, threads: int | None = None, kernels: bool = True):
         self.cache_dequantized = bool(cache_dequantized)
@@ -225,7 +233,8 @@ class NumpyBackend(Backend):
             scores /= scores.sum(axis=-1, keepdims=True)
             out[t0:t1] = np.matmul(scores, values).transpose(2, 0, 1, 3)  # (tb, n_kv, n_rep, hd)
 
-        blocks = [(t0, min(T, t0 + ATTENTION_BLOCK)) for t0 in range(0, T, ATTENTION_BLOCK)]
+        size = attention_block(q.shape[1] // head_dim, start + T)
+        blocks = [(t0, min(T, t0 + size)) for t0 in range(0, T, size)]
         self.parallel_tasks(block, blocks[::-1])  # the last blocks see the most keys: start them first
         return out.reshape(T, -1)
 
