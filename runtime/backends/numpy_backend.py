@@ -243,8 +243,13 @@ class NumpyBackend(Backend):
             out = np.empty(gate.shape, np.float32)
             if self.run_op(self.ops.silu_mul, np.ascontiguousarray(gate), np.ascontiguousarray(up), out):
                 return out
+        out = np.negative(gate)  # one (T, intermediate) array, updated in place: silu(g)·up = g / (1 + e^-g) · up
         with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
-            return gate / (np.float32(1.0) + np.exp(-gate)) * up
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.divide(gate, out, out=out)
+        out *= up
+        return out
 
     def gelu_mul(self, gate, up):
         if self.ops is not None and gate.shape[0] <= KERNEL_MAX_TOKENS:
