@@ -83,7 +83,7 @@ def test_affine_kernel_matches_numpy_path(backends, bits, group):
         w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
         dense = dequantize(blobs, shape, config)
         bias = rng.standard_normal(shape[0]).astype(np.float32)
-        for tokens in (1, 2, 5, 8):
+        for tokens in (1, 2, 5, 8, 20):  # 20 > KERNEL_MAX_TOKENS: compiled dequantization + sgemm (prefill)
             x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
             residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
             assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
@@ -106,16 +106,22 @@ def test_fp16_kernel_matches_reference(backends):
         assert_close(fast.linear(x, weight, bias, residual.copy()), x @ dense.T + bias + residual)
 
 
-def test_more_tokens_than_the_kernel_limit_take_the_numpy_path(backends):
+def test_more_tokens_than_the_kernel_limit_dequantize_then_multiply(backends, monkeypatch):
+    """Prefill-sized products: the compiled kernel dequantizes chunks of rows (the padded natural order)
+    for sgemm; the same W as the NumPy path's, for chunks that split the rows unevenly."""
     from conftest import random_affine_blobs
+    from mxq.runtime.backends import cpu_weights
 
     fast, ref = backends
     rng = np.random.default_rng(3)
     config = StorageConfig.affine(4, 32, 3)
-    blobs = random_affine_blobs(rng, (40, 96), config)
-    w_fast, w_ref = fast.prepare(_Entry("w", (40, 96), config), blobs), ref.prepare(_Entry("w", (40, 96), config), blobs)
+    shape = (1000, 96)
+    monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # 37 rows per chunk: several per thread
+    blobs = random_affine_blobs(rng, shape, config)
+    w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
     x = rng.standard_normal((40, 96)).astype(np.float32)
-    np.testing.assert_array_equal(fast.linear(x, w_fast), ref.linear(x, w_ref))  # same code path
+    assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
+    assert_close(fast.linear(x, w_fast), x @ dequantize(blobs, shape, config).T)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 16, 40])

@@ -39,7 +39,7 @@ from ...paths import cache_root
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
 EXPORTS = {
-    "cpu_kernels": ("affine_matmul_serial", "fp16_matmul_serial"),
+    "cpu_kernels": ("affine_matmul_serial", "fp16_matmul_serial", "affine_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
 }

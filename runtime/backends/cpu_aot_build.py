@@ -6,7 +6,9 @@ Each kernel of cpu_aot.EXPORTS is exported with the argument types of its module
 types the JIT kernels compile for) through a one-line Python wrapper that calls the @njit kernel: the
 kernel then compiles with its own options (fastmath, inlining) and is linked into the extension.
 Code is generated for this CPU's model and features, as Numba's JIT does (pycc's default would be the
-generic CPU of the architecture: no AVX). The extension is written to a temporary name, then loaded
+generic CPU of the architecture: no AVX), and the functions release the GIL while they run (as the JIT
+kernels' nogil=True), so the NumPy path's worker threads can run them side by side. (Both through
+two private hooks of numba.pycc/numba.core.codegen; a Numba without them fails the build: JIT fallback.) The extension is written to a temporary name, then loaded
 and run on every example in a child process (an illegal instruction or a crash there fails the build
 instead of a later run), then renamed into place atomically (concurrent builds are harmless).
 """
@@ -47,6 +49,7 @@ def wrapper(name: str, kernel):
 def compile_extension(out: Path) -> None:
     from numba.core import codegen
     from numba.pycc import CC
+    from numba.pycc import compiler as pycc_compiler
     from numba.pycc.platform import external_compiler_works
 
     if not external_compiler_works():
@@ -54,6 +57,13 @@ def compile_extension(out: Path) -> None:
 
     # pycc compiles for the named CPU without its feature flags; use exactly the host's, as the JIT does
     codegen.AOTCPUCodegen._customize_tm_features = lambda self: self._get_host_cpu_features()
+
+    class NoGilFlags(pycc_compiler.Flags):  # the wrappers release the GIL, as the JIT kernels' nogil=True
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.release_gil = True
+
+    pycc_compiler.Flags = NoGilFlags
     cc = CC(out.name.split(".")[0])
     cc.output_dir, cc.output_file, cc.target_cpu = str(out.parent), out.name, "host"
     for name, kernel, signature in exported_kernels():

@@ -119,6 +119,7 @@ def _load_jit():
     return SimpleNamespace(kind="jit", parallel=True, affine_matmul=cpu_kernels.affine_matmul,
                            affine_matmul_serial=cpu_kernels.affine_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
+                           affine_dequantize=cpu_kernels.affine_dequantize,
                            ops=cpu_ops, lut=_jit_lut)
 
 

@@ -319,6 +319,59 @@ def fp16_rows(r0, r1, x, half_bits, bias, residual, y):
             y[t, r] = acc
 
 
+@njit(**SERIAL)
+def affine_dequantize(packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size, r0, w):
+    """w (R, U·NU) float32 = rows r0 .. r0+R of the packed affine W in the natural column order,
+    (code − zero)·scale (SPEC.md §6.1), padding columns included (w[:, :in_features] is W; outliers
+    not included): the prefill path's dequantization in one pass (NumPy's takes several)."""
+    R = w.shape[0]
+    G = scale_codes.shape[1]
+    U, B = unit_shape(bits)
+    NU = packed.shape[1] // B
+    shift = 0  # log2(units per group)
+    while (1 << shift) * U < group_size:
+        shift += 1
+    scale = np.empty(G, np.float32)
+    zero = np.empty(G, np.float32)
+    for i in range(R):
+        r = r0 + i
+        for k in range(G):
+            run = (r * G + k) >> META_RUN_SHIFT
+            scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
+            zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
+        p, out = packed[r], w[i]
+        if bits == 4:
+            for u in range(NU):
+                k = u >> shift
+                out[2 * u] = (field(p[u], 0, 15) - zero[k]) * scale[k]
+                out[2 * u + 1] = (field(p[u], 4, 15) - zero[k]) * scale[k]
+        elif bits == 2:
+            for u in range(NU):
+                k = u >> shift
+                for j in range(4):
+                    out[4 * u + j] = (field(p[u], 2 * j, 3) - zero[k]) * scale[k]
+        elif bits == 8:
+            for u in range(NU):
+                k = u >> shift
+                out[u] = (field(p[u], 0, 255) - zero[k]) * scale[k]
+        elif bits == 3 or bits == 6:
+            for u in range(NU):
+                k = u >> shift
+                v = word(p[3 * u], p[3 * u + 1], p[3 * u + 2])
+                for j in range(U):
+                    out[U * u + j] = (field(v, bits * j, (1 << bits) - 1) - zero[k]) * scale[k]
+        else:  # 5 bits: a 40-bit unit as a low (bits 0..23) and a high (24..39) word
+            for u in range(NU):
+                k = u >> shift
+                lo = word(p[5 * u], p[5 * u + 1], p[5 * u + 2])
+                hi = word(p[5 * u + 3], p[5 * u + 4], 0)
+                for j in range(4):
+                    out[8 * u + j] = (field(lo, 5 * j, 31) - zero[k]) * scale[k]
+                out[8 * u + 4] = (field(lo, 20, 15) + np.float32(16.0) * field(hi, 0, 1) - zero[k]) * scale[k]
+                for j in range(5, 8):
+                    out[8 * u + j] = (field(hi, 5 * j - 24, 31) - zero[k]) * scale[k]
+
+
 def examples():
     """(kernel name, arguments) for every kernel and bit width, typed as the weights call them: warm_up
     compiles them; the ahead-of-time build (cpu_aot_build.py) exports the serial ones for these types."""
@@ -332,6 +385,7 @@ def examples():
         for name in ("affine_matmul", "affine_matmul_serial"):
             yield name, (x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                          NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        yield "affine_dequantize", (packed, codes, meta, codes, meta, bits, 32, 1, np.empty((2, G * 32), np.float32))
     half_bits = readonly(rng.standard_normal((3, 40)).astype(np.float16).view(np.uint16))
     for name in ("fp16_matmul", "fp16_matmul_serial"):
         yield name, (x, half_bits, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)

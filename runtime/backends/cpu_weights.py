@@ -16,7 +16,9 @@ Two memory modes (chosen at load, see NumpyBackend):
                           cpu_kernels.py — unpack, dequantize and dot product fused, each
                           packed byte read once per token; rows in parallel when that has
                           been measured faster for the matrix (ThreadChoice);
-                        * more tokens (prefill), or without the kernels: the NumPy path below.
+                        * more tokens (prefill): with the kernels, a compiled one-pass
+                          dequantization of a chunk of rows (affine_dequantize), then sgemm;
+                          without them, the NumPy path below.
   cache_dequantized   Every matrix is dequantized once at load to float32 and kept (4 bytes per
                       weight on top of the file); products are plain BLAS.
 
@@ -405,12 +407,19 @@ class AffineWeight(Matrix):
                                 *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
-        """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""
+        """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels); for more than
+        DECODE_MAX_TOKENS rows with the compiled kernels loaded, their one-pass dequantization
+        (cpu_kernels.affine_dequantize) replaces NumPy's before each sgemm."""
         T, in_features = x.shape
         out_features = self.shape[0]
+        y = np.empty((T, out_features), dtype=np.float32)
+        kernels = self.backend.kernels
+        if T > DECODE_MAX_TOKENS and kernels is not None:
+            part = lambda r0, r1, scratch: self._prefill_rows_compiled(kernels, x, y, r0, r1, scratch)
+            self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+            return self._add_outliers(x, y)
         x_perm = np.take(x, np.minimum(self.columns, in_features - 1), axis=1)  # (T, G·g) in unpack order ...
         x_perm[:, self.columns == in_features] = 0.0  # ... zeros at padding
-        y = np.empty((T, out_features), dtype=np.float32)
         if T <= DECODE_MAX_TOKENS:
             G, g = self.n_groups, self.group_size
             xg = np.ascontiguousarray(x_perm.reshape(T, G, g).transpose(1, 2, 0))  # (G, g, T)
@@ -419,10 +428,25 @@ class AffineWeight(Matrix):
         else:
             part = lambda r0, r1, scratch: self._prefill_rows(x_perm, y, r0, r1, scratch)
         self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        return self._add_outliers(x, y)
+
+    def _add_outliers(self, x, y):
+        """y (T, out) += x @ (CSR outliers)ᵀ."""
         if self.outliers is not None:
             rows, starts, cols, values, _ = self.outliers
             y[:, rows] += np.add.reduceat(x[:, cols] * values, starts, axis=1)  # (T, rows with outliers)
         return y
+
+    def _prefill_rows_compiled(self, kernels, x, y, r0, r1, scratch):
+        """y[:, r0:r1] for many tokens: the compiled kernel dequantizes a chunk of rows, then sgemm."""
+        in_features, padded = self.shape[1], self.n_groups * self.group_size
+        chunk = _chunk_rows(x.shape[0], padded)
+        for c0 in range(r0, r1, chunk):
+            c1 = min(r1, c0 + chunk)
+            w = scratch("weight", (c1 - c0, padded), np.float32)  # (rows, G·g), natural column order
+            kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta,
+                                      self.bits, self.group_size, c0, w)
+            y[:, c0:c1] = x @ w[:, :in_features].T  # (T, rows)
 
     def _decode_rows(self, xg, x_sum, y, r0, r1, scratch):
         """y[:, r0:r1] for a few tokens: per group, (codes as float32) @ x with BLAS, then scales."""
