@@ -115,8 +115,9 @@ def test_more_tokens_than_the_kernel_limit_dequantize_then_multiply(backends, mo
     fast, ref = backends
     rng = np.random.default_rng(3)
     config = StorageConfig.affine(4, 32, 3)
-    shape = (1000, 96)
-    monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # 37 rows per chunk: several per thread
+    shape = (3000, 96)  # split over the 2 threads (the compiled dequantization runs in both at once) ...
+    assert shape[0] * shape[1] >= cpu_weights.PARALLEL_MIN_WORK
+    monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # ... in chunks of 37 rows
     blobs = random_affine_blobs(rng, shape, config)
     w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
     x = rng.standard_normal((40, 96)).astype(np.float32)
