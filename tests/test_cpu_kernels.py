@@ -490,3 +490,26 @@ def test_kernels_mode_must_be_known(capsys):
     with kernels_mode("fast"):
         assert cpu_jit.kernels() is None
     assert "MXQ_KERNELS='fast' is not one of auto, aot, jit, numpy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-gemma3"])
+def test_a_prompt_run_in_pieces_gives_the_logits_of_one_pass(tmp_path, name):
+    """Model runs a long prompt in pieces of backend.prefill_chunk tokens (bounded activations): the same
+    logits as one pass, across Gemma 3's sliding window (8) and the kernels' token limit; last_only
+    gives the last row."""
+    import fixtures
+    from test_runtime_files import write_test_mxq
+
+    import mxq
+
+    path = write_test_mxq(fixtures.ensure(name), tmp_path / "m.mxq")
+    with mxq.load(path) as lm:
+        ids = np.random.default_rng(0).integers(3, lm.config.vocab_size, 40)
+        lm.backend.prefill_chunk = None
+        whole = lm.model.logits(ids)
+        lm.backend.prefill_chunk = 7  # 6 pieces of 7 tokens (decode kernels) and one of 5
+        pieces = lm.model.logits(ids)
+        last = lm.backend.to_host(lm.model.forward(ids, lm.model.new_cache(40), last_only=True))
+    assert whole.shape == pieces.shape == (40, lm.config.vocab_size) and last.shape == (1, lm.config.vocab_size)
+    assert np.abs(pieces - whole).max() <= 1e-4 * np.abs(whole).max()
+    np.testing.assert_array_equal(last, pieces[-1:])
