@@ -512,4 +512,4 @@ def test_a_prompt_run_in_pieces_gives_the_logits_of_one_pass(tmp_path, name):
         last = lm.backend.to_host(lm.model.forward(ids, lm.model.new_cache(40), last_only=True))
     assert whole.shape == pieces.shape == (40, lm.config.vocab_size) and last.shape == (1, lm.config.vocab_size)
     assert np.abs(pieces - whole).max() <= 1e-4 * np.abs(whole).max()
-    np.testing.assert_array_equal(last, pieces[-1:])
+    assert np.abs(last - pieces[-1:]).max() <= 1e-5 * np.abs(pieces).max()  # the lm_head on 1 row vs 5
