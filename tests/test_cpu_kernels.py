@@ -498,11 +498,12 @@ def test_a_prompt_run_in_pieces_gives_the_logits_of_one_pass(tmp_path, name):
     logits as one pass, across Gemma 3's sliding window (8) and the kernels' token limit; last_only
     gives the last row."""
     import fixtures
-    from test_runtime_files import write_test_mxq
 
     import mxq
+    from mxq.converter import convert
 
-    path = write_test_mxq(fixtures.ensure(name), tmp_path / "m.mxq")
+    path = tmp_path / "m.mxq"
+    convert(fixtures.ensure(name), path, bpw=4.5, quantizer="rtn", cache_dir=None)
     with mxq.load(path) as lm:
         ids = np.random.default_rng(0).integers(3, lm.config.vocab_size, 40)
         lm.backend.prefill_chunk = None
