@@ -158,6 +158,7 @@ class Model:
         h = be.rms_norm(x, w.mlp_norm, eps)
         gate, up = be.linear(h, w.gate), be.linear(h, w.up)  # (T, intermediate)
         m = be.gelu_mul(gate, up) if c.family.activation == "gelu_tanh" else be.silu_mul(gate, up)
+        del gate, up  # freed before the down projection (a long prompt's largest arrays)
         return self.residual(x, m, w.down, None, w.mlp_out_norm)
 
     def residual(self, x, branch, weight, bias, out_norm):
@@ -187,13 +188,11 @@ class Model:
     def forward(self, ids, cache, last_only: bool = False):
         """Run tokens `ids` (T,) that follow the cache's contents. Returns logits as a backend
         array, (T, vocab) or (1, vocab) with last_only; advances cache.length by T."""
-        hidden = self.hidden_states(ids, cache)
-        if last_only:
-            hidden = hidden[-1:]
-        return self.head(hidden)
+        return self.head(self.hidden_states(ids, cache, last_only))
 
-    def hidden_states(self, ids, cache):
-        """Final-norm hidden states (T, hidden) of tokens `ids` following the cache's contents."""
+    def hidden_states(self, ids, cache, last_only: bool = False):
+        """Final-norm hidden states (T, hidden) — (1, hidden) with last_only — of tokens `ids` following
+        the cache's contents."""
         c = self.config
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T, start = ids.shape[0], cache.length
@@ -205,12 +204,18 @@ class Model:
             raise ModelError(f"token id {int(ids.max() if ids.max() >= c.vocab_size else ids.min())} "
                              f"is outside the vocabulary (size {c.vocab_size})")
         cache.reserve(start + T)
-        positions = np.arange(start, start + T, dtype=np.int64)  # (T,)
-        x = self.embed(ids)  # (T, hidden)
-        for i, layer_cache in enumerate(cache.layers):
-            x = self.block(i, x, positions, layer_cache, start)
-        cache.length = start + T
-        return self.final_norm(x)
+        chunk = self.backend.prefill_chunk or T  # pieces bound the activations (same result)
+        hidden = []
+        for c0 in range(0, T, chunk):
+            positions = np.arange(start + c0, start + min(T, c0 + chunk), dtype=np.int64)  # (t,)
+            x = self.embed(ids[c0:c0 + chunk])  # (t, hidden)
+            for i, layer_cache in enumerate(cache.layers):
+                x = self.block(i, x, positions, layer_cache, start + c0)
+            cache.length = start + c0 + len(positions)
+            hidden.append(self.final_norm(x[-1:] if last_only else x))
+        if last_only:
+            return hidden[-1]  # (1, hidden)
+        return hidden[0] if len(hidden) == 1 else self.backend.xp.concatenate(hidden)  # (T, hidden)
 
     def logits_from_hidden(self, hidden):
         return self.head(hidden)

@@ -7,6 +7,8 @@ post-processor (the converter records BOS handling in `add_bos_token`).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 
 from .errors import ModelError
@@ -243,6 +245,7 @@ class _HfTokenizers:
         except Exception as error:  # noqa: BLE001 - the library raises its own Exception subclass
             raise ModelError(f"the embedded tokenizer.json does not load: {error}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        release_freed_heap()
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -252,3 +255,18 @@ class _HfTokenizers:
 
     def token_string(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""
+
+
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing happens).
+    Parsing a tokenizer.json allocates ~14x its size and frees most of it again (SmolLM2's 3.5 MB:
+    +50 MiB during the parse, 13 MiB kept), but glibc keeps freed heap pages resident, where the
+    big arrays that follow (mmapped by malloc) cannot reuse them: ~30 MiB of peak RSS for nothing
+    (measured; runtime/footprint.py counts what stays)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return
+    if trim is not None:
+        trim(0)

@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (runtime/backends/cpu_kernels.py) against the NumPy reference path.
+"""The compiled CPU kernels (runtime/backends/cpu_kernels.py) against the NumPy reference path, built ahead of
+time (cpu_aot.py, the default) and by Numba's JIT.
 
 Every affine config (bits × group size), odd shapes with a padded last group, with and without CSR
 outliers, bias and residual, 1 and a few tokens; the fp16 kernel; the per-token ops (cpu_ops.py:
@@ -8,6 +9,7 @@ Tolerance: the kernels sum in a different order (fastmath), so |y − y_ref| ≤
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -29,14 +31,38 @@ class _Entry:
         self.name, self.shape, self.config, self.role = name, shape, config, role
 
 
-@pytest.fixture(scope="module")
-def backends():
-    fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
-    if fast.kernels is None:
-        pytest.fail("the compiled kernels did not load (see the notice on stderr)")
-    yield fast, ref
-    fast.close()
-    ref.close()
+@contextlib.contextmanager
+def kernels_mode(mode: str):
+    """Run with MXQ_KERNELS=mode (aot, jit ...): backends created inside load those kernels."""
+    saved_env, saved_state = os.environ.get("MXQ_KERNELS"), dict(cpu_jit._state)
+    os.environ["MXQ_KERNELS"] = mode
+    cpu_jit._state.clear()
+    try:
+        yield
+    finally:
+        os.environ.pop("MXQ_KERNELS") if saved_env is None else os.environ.__setitem__("MXQ_KERNELS", saved_env)
+        cpu_jit._state.clear()
+        cpu_jit._state.update(saved_state)
+
+
+@pytest.fixture(scope="module", params=["aot", "jit"])
+def backends(request):
+    """(compiled, NumPy reference) backends; every test that takes them runs with the ahead-of-time
+    kernels (cpu_aot.py, the default) and with Numba's JIT (parallel kernels)."""
+    with kernels_mode(request.param):
+        fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
+        if fast.kernels is None or fast.kernels.kind != request.param:
+            pytest.fail(f"the {request.param} kernels did not load (see the notice on stderr)")
+        yield fast, ref
+        fast.close()
+        ref.close()
+
+
+@pytest.fixture
+def jit():
+    """Numba's JIT kernels: the parallel forms and ThreadChoice exist only there."""
+    with kernels_mode("jit"):
+        yield
 
 
 def assert_close(y, y_ref):
@@ -57,7 +83,7 @@ def test_affine_kernel_matches_numpy_path(backends, bits, group):
         w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
         dense = dequantize(blobs, shape, config)
         bias = rng.standard_normal(shape[0]).astype(np.float32)
-        for tokens in (1, 2, 5, 8):
+        for tokens in (1, 2, 5, 8, 20):  # 20 > KERNEL_MAX_TOKENS: compiled dequantization + sgemm (prefill)
             x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
             residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
             assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
@@ -80,16 +106,23 @@ def test_fp16_kernel_matches_reference(backends):
         assert_close(fast.linear(x, weight, bias, residual.copy()), x @ dense.T + bias + residual)
 
 
-def test_more_tokens_than_the_kernel_limit_take_the_numpy_path(backends):
+def test_more_tokens_than_the_kernel_limit_dequantize_then_multiply(backends, monkeypatch):
+    """Prefill-sized products: the compiled kernel dequantizes chunks of rows (the padded natural order)
+    for sgemm; the same W as the NumPy path's, for chunks that split the rows unevenly."""
     from conftest import random_affine_blobs
+    from mxq.runtime.backends import cpu_weights
 
     fast, ref = backends
     rng = np.random.default_rng(3)
     config = StorageConfig.affine(4, 32, 3)
-    blobs = random_affine_blobs(rng, (40, 96), config)
-    w_fast, w_ref = fast.prepare(_Entry("w", (40, 96), config), blobs), ref.prepare(_Entry("w", (40, 96), config), blobs)
+    shape = (3000, 96)  # split over the 2 threads (the compiled dequantization runs in both at once) ...
+    assert shape[0] * shape[1] >= cpu_weights.PARALLEL_MIN_WORK
+    monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # ... in chunks of 37 rows
+    blobs = random_affine_blobs(rng, shape, config)
+    w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
     x = rng.standard_normal((40, 96)).astype(np.float32)
-    np.testing.assert_array_equal(fast.linear(x, w_fast), ref.linear(x, w_ref))  # same code path
+    assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
+    assert_close(fast.linear(x, w_fast), x @ dequantize(blobs, shape, config).T)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 16, 40])
@@ -146,7 +179,7 @@ def test_decode_attention_matches_numpy(backends, n_kv, n_rep, head_dim, window)
         fast_t.close()
 
 
-def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch):
+def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch):  # (aot: serial)
     from mxq.runtime.backends import numpy_backend
     from mxq.runtime.backends.base import LayerCache
 
@@ -162,7 +195,7 @@ def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch)
     assert_close(fast.attention(q1, k1, v1, caches[0], 299), ref.attention(q1, k1, v1, caches[1], 299))
 
 
-def test_thread_splits_give_identical_rows():
+def test_thread_splits_give_identical_rows(jit):
     """1 thread runs the serial kernels; with more, ThreadChoice's first calls alternate the serial and
     the parallel kernel (affine and fp16): the same numbers every time."""
     from conftest import random_affine_blobs
@@ -185,7 +218,7 @@ def test_thread_splits_give_identical_rows():
             np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
 
 
-def test_matrices_of_one_shape_share_a_thread_choice():
+def test_matrices_of_one_shape_share_a_thread_choice(jit):
     from conftest import random_affine_blobs
 
     rng = np.random.default_rng(10)
@@ -286,7 +319,8 @@ def test_kernels_can_be_switched_off_with_one_notice(monkeypatch, capsys):
         cpu_jit._state.update(state)
 
 
-def test_numba_cache_goes_under_the_mxq_cache_dir():
+def test_numba_cache_goes_under_the_mxq_cache_dir(jit):
+    assert NumpyBackend(threads=1).kernels.kind == "jit"
     import numba
 
     assert numba.config.CACHE_DIR  # set before the kernels compiled (cpu_jit sets it when unset)
@@ -370,12 +404,13 @@ def test_lean_mode_streams_a_big_fp16_matrix_from_anonymous_memory(backends, tmp
 
 # ---- whole tiny models: kernel logits == NumPy-path logits ---------------------------------------------
 
+@pytest.mark.parametrize("mode", ["aot", "jit"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_tiny_model_logits_match_numpy_path(tiny_models, name):
+def test_tiny_model_logits_match_numpy_path(tiny_models, name, mode):
     import mxq
 
-    with mxq.load(tiny_models[name]) as lm:
-        assert lm.backend.kernels is not None
+    with kernels_mode(mode), mxq.load(tiny_models[name]) as lm:
+        assert lm.backend.kernels.kind == mode
         prompt = [1, 5, 9, 13, 2, 7]
 
         def run():  # prefill (NumPy path: more tokens than the kernel limit is not needed here) + decode steps
@@ -392,3 +427,90 @@ def test_tiny_model_logits_match_numpy_path(tiny_models, name):
         lm.backend.kernels, lm.backend.ops = saved
     assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
     np.testing.assert_array_equal(fast.argmax(-1), ref.argmax(-1))
+
+
+# ---- the ahead-of-time build (cpu_aot.py) -------------------------------------------------------------
+
+def test_ahead_of_time_kernels_load_without_numba_or_llvm():
+    """The default kernels come from the extension built once into the (test) cache: a process that
+    loads them and runs a product never imports Numba or llvmlite."""
+    import subprocess
+    import sys
+
+    from mxq.runtime.backends import cpu_aot
+
+    with kernels_mode("aot"):
+        assert NumpyBackend(threads=1).kernels is not None  # built (once per cache) or loaded
+    code = ("import sys, numpy as np; from mxq.runtime.backends.numpy_backend import NumpyBackend; "
+            "from mxq.format_spec import StorageConfig; b = NumpyBackend(threads=2); "
+            "assert b.kernels.kind == 'aot' and not b.kernels.parallel, b.kernels; "
+            "w = b.prepare(type('E', (), dict(name='w', shape=(4, 64), config=StorageConfig.fp16(), role='linear')), "
+            "{'data': np.ones((4, 64), np.float16)}); "
+            "y = b.linear(np.ones((1, 64), np.float32), w); assert (y == 64).all(), y; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
+    env = {**os.environ, "PYTHONPATH": str(cpu_aot.HERE.parents[2])}
+    env.pop("MXQ_KERNELS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]" and done.stderr == ""
+
+
+def test_a_failed_build_falls_back_to_the_jit_with_one_notice_and_is_not_retried(tmp_path, monkeypatch, capsys):
+    from mxq.runtime.backends import cpu_aot
+
+    monkeypatch.setattr(cpu_aot, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))  # the builder finds no C compiler
+    with kernels_mode("auto"):
+        assert cpu_jit.kernels().kind == "jit" and cpu_jit.kernels().kind == "jit"
+    err = capsys.readouterr().err
+    assert err.count("ahead-of-time CPU kernels unavailable (the kernel build failed: RuntimeError: no working C "
+                     "compiler") == 1, err
+    failed = cpu_aot.module_path().with_name(cpu_aot.module_path().name + ".failed")
+    assert "no working C compiler" in failed.read_text() and not cpu_aot.module_path().exists()
+    monkeypatch.setattr(cpu_aot, "build", lambda path: pytest.fail("retried a recorded failure"))
+    with kernels_mode("aot"):
+        assert cpu_jit.kernels() is None
+    assert f"recorded in {failed}; delete it to retry" in capsys.readouterr().err
+
+
+def test_the_build_key_follows_the_cpu_and_the_sources(monkeypatch):
+    from mxq.runtime.backends import cpu_aot
+
+    key = cpu_aot.key()
+    assert cpu_aot.key() == key and cpu_aot.module_path().name.startswith(f"mxq_cpu_{key}.")
+    monkeypatch.setattr(cpu_aot, "cpu_fingerprint", lambda: "another cpu")
+    assert cpu_aot.key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_aot, "SOURCES", cpu_aot.SOURCES[:-1])
+    assert cpu_aot.key() != key
+    assert {p.name for p in cpu_aot.SOURCES} >= {"cpu_kernels.py", "cpu_ops.py", "cpu_lut_kernels.py"}
+
+
+def test_kernels_mode_must_be_known(capsys):
+    with kernels_mode("fast"):
+        assert cpu_jit.kernels() is None
+    assert "MXQ_KERNELS='fast' is not one of auto, aot, jit, numpy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-gemma3"])
+def test_a_prompt_run_in_pieces_gives_the_logits_of_one_pass(tmp_path, name):
+    """Model runs a long prompt in pieces of backend.prefill_chunk tokens (bounded activations): the same
+    logits as one pass, across Gemma 3's sliding window (8) and the kernels' token limit; last_only
+    gives the last row."""
+    import fixtures
+
+    import mxq
+    from mxq.converter import convert
+
+    path = tmp_path / "m.mxq"
+    convert(fixtures.ensure(name), path, bpw=4.5, quantizer="rtn", cache_dir=None)
+    with mxq.load(path) as lm:
+        ids = np.random.default_rng(0).integers(3, lm.config.vocab_size, 40)
+        lm.backend.prefill_chunk = None
+        whole = lm.model.logits(ids)
+        lm.backend.prefill_chunk = 7  # 6 pieces of 7 tokens (decode kernels) and one of 5
+        pieces = lm.model.logits(ids)
+        last = lm.backend.to_host(lm.model.forward(ids, lm.model.new_cache(40), last_only=True))
+    assert whole.shape == pieces.shape == (40, lm.config.vocab_size) and last.shape == (1, lm.config.vocab_size)
+    assert np.abs(pieces - whole).max() <= 1e-4 * np.abs(whole).max()
+    assert np.abs(last - pieces[-1:]).max() <= 1e-5 * np.abs(pieces).max()  # the lm_head on 1 row vs 5

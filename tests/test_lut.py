@@ -100,15 +100,18 @@ def test_lut_candidates_resolve_per_matrix():
 
 # -- CPU runtime -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def backends():
+@pytest.fixture(scope="module", params=["aot", "jit"])
+def backends(request):
     pytest.importorskip("numba")
-    fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
-    if fast.kernels is None:
-        pytest.fail("the compiled kernels did not load (see the notice on stderr)")
-    yield fast, ref
-    fast.close()
-    ref.close()
+    from test_cpu_kernels import kernels_mode
+
+    with kernels_mode(request.param):
+        fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
+        if fast.kernels is None or fast.kernels.kind != request.param:
+            pytest.fail(f"the {request.param} kernels did not load (see the notice on stderr)")
+        yield fast, ref
+        fast.close()
+        ref.close()
 
 
 def _assert_close(y, y_ref):

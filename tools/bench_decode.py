@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N]
-        [--modes lean,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -12,13 +12,16 @@ llama.cpp, in one run.
    (--cache-dequantized) and transformers fp32 (HF_DIR, the checkpoint the file came from), a fresh
    subprocess loads the model, prefills the same seeded random prompt, then decodes greedily token by
    token (no stopping at EOS): load time, prefill tok/s, decode tok/s, % of the roofline, peak RSS.
-   lean-numpy is the lean mode without the compiled kernels (MXQ_KERNELS=numpy): the NumPy path;
+   lean uses the default kernels (built ahead of time, cpu_aot.py), lean-jit Numba's JIT kernels
+   (MXQ_KERNELS=jit: parallel, +~120 MiB); lean-numpy is the lean mode without the compiled kernels
+   (MXQ_KERNELS=numpy): the NumPy path;
    lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run.
    "cpu ms/tok" is the process's CPU time per decoded token (all threads): about the wall time per
    token when only one thread works at a time, up to threads × it when they all work at once.
-4. --kernel-memory: where the compiled kernels' resident memory goes, in a fresh process: RSS
-   (anonymous + file-backed pages) after NumPy, after `import llvmlite.binding` (LLVM's shared
-   library), after `import numba`, and after cpu_jit loads every kernel from the cache.
+4. --kernel-memory: where the compiled kernels' resident memory goes, in fresh processes: RSS
+   (anonymous + file-backed pages) after NumPy and after the ahead-of-time kernels load (no Numba);
+   for the JIT also after `import llvmlite.binding` (LLVM's shared library), after `import numba`,
+   and after cpu_jit loads every kernel from Numba's cache.
 5. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
@@ -33,7 +36,9 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-1t", "lean-numpy", "cached", "transformers")  # lean-numpy: lean without the compiled kernels
+MODES = ("lean", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+# lean: the default kernels (ahead-of-time built); lean-jit: Numba's JIT kernels (MXQ_KERNELS=jit, parallel);
+# lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
 
 
@@ -84,24 +89,26 @@ def rss_parts_mib() -> dict:
     return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"]}
 
 
-def kernel_memory() -> dict:
-    """RSS after each step of loading the compiled kernels (run in a fresh process)."""
-    stages = {"python + numpy": None, "import llvmlite.binding": None, "import numba": None, "kernels loaded": None}
+def kernel_memory(kind: str) -> dict:
+    """RSS after each step of loading the compiled kernels of `kind` (aot or jit; a fresh process)."""
     import numpy  # noqa: F401
 
-    stages["python + numpy"] = rss_parts_mib()
-    import llvmlite.binding  # noqa: F401
+    stages = {"python + numpy": rss_parts_mib()}
+    if kind == "jit":
+        import llvmlite.binding  # noqa: F401
 
-    stages["import llvmlite.binding"] = rss_parts_mib()
-    import numba  # noqa: F401
+        stages["import llvmlite.binding"] = rss_parts_mib()
+        import numba  # noqa: F401
 
-    stages["import numba"] = rss_parts_mib()
+        stages["import numba"] = rss_parts_mib()
     from mxq.runtime.backends import cpu_jit
 
-    if cpu_jit.kernels() is None:
-        sys.exit("the compiled kernels did not load")
-    stages["kernels loaded"] = rss_parts_mib()
-    return {"stages": stages}
+    os.environ["MXQ_KERNELS"] = kind
+    loaded = cpu_jit.kernels()
+    if loaded is None or loaded.kind != kind:
+        sys.exit(f"the {kind} kernels did not load")
+    stages[f"{kind} kernels loaded"] = rss_parts_mib()
+    return {"stages": stages, "numba_imported": "numba" in sys.modules}
 
 
 def measure_bandwidth(threads) -> dict:
@@ -199,8 +206,8 @@ def worker(args) -> None:
         result = run_transformers(args.hf_dir, args.prompt_tokens, args.new_tokens)
     elif args.worker == "bandwidth":
         result = measure_bandwidth(args.threads)
-    elif args.worker == "kernel-memory":
-        result = kernel_memory()
+    elif args.worker.startswith("kernel-memory-"):
+        result = kernel_memory(args.worker.removeprefix("kernel-memory-"))
     else:
         result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -221,18 +228,22 @@ def main(argv=None):
     ap.add_argument("--kernel-memory", action="store_true",
                     help="also print where the compiled kernels' resident memory goes (a fresh process)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory-aot", "kernel-memory-jit"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
 
     results = {}
-    for mode in ["bandwidth"] + args.modes.split(",") + (["kernel-memory"] if args.kernel_memory else []):
+    memory_modes = ["kernel-memory-aot", "kernel-memory-jit"] if args.kernel_memory else []
+    for mode in ["bandwidth"] + args.modes.split(",") + memory_modes:
         cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ)
         if mode == "lean-numpy":
             env["MXQ_KERNELS"] = "numpy"
+        if mode == "lean-jit":
+            env["MXQ_KERNELS"] = "jit"
         if args.threads:
             cmd += ["--threads", str(args.threads)]
             env["MXQ_THREADS"] = str(args.threads)
@@ -243,7 +254,7 @@ def main(argv=None):
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     bandwidth = results.pop("bandwidth")
-    memory = results.pop("kernel-memory", None)
+    memory = {kind: results.pop(f"kernel-memory-{kind}") for kind in ("aot", "jit")} if args.kernel_memory else None
     if args.compare_gguf:
         results["llama.cpp"] = run_llama_bench(*args.compare_gguf, args.prompt_tokens, args.new_tokens, args.threads)
     file_mib = os.path.getsize(args.file) / 2**20
@@ -251,7 +262,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-1t", "lean-numpy", "cached"):
+        if mode in ("lean", "lean-jit", "lean-1t", "lean-numpy", "cached"):
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)
@@ -296,11 +307,13 @@ def main(argv=None):
               f"{'within' if lean['peak_rss_mib'] <= lean['rss_budget_mib'] else 'OVER'}")
     if memory:
         print("compiled kernels' resident memory (MiB: total = anonymous + file-backed pages; step = growth):")
-        previous = None
-        for stage, m in memory["stages"].items():
-            step = f"  (+{m['rss'] - previous:.1f})" if previous is not None else ""
-            print(f"  {stage:<26} {m['rss']:7.1f} = {m['anon']:6.1f} + {m['file']:6.1f}{step}")
-            previous = m["rss"]
+        for kind, report in memory.items():
+            previous = None
+            for stage, m in report["stages"].items():
+                step = f"  (+{m['rss'] - previous:.1f})" if previous is not None else ""
+                print(f"  {kind}: {stage:<26} {m['rss']:7.1f} = {m['anon']:6.1f} + {m['file']:6.1f}{step}")
+                previous = m["rss"]
+            print(f"  {kind}: numba imported: {report['numba_imported']}")
     for mode, r in results.items():
         if "same_greedy_tokens" in r:
             print(f"{mode}: greedy tokens {'match' if r['same_greedy_tokens'] else 'differ from'} transformers' "

@@ -28,6 +28,7 @@ class Backend(ABC):
     name = "abstract"
     schemes = ("fp16", "affine", "lut")  # the 2-D storage schemes prepare_matrix handles
     xp = np  # the array module of this backend's arrays (numpy, cupy): used to allocate the KV cache
+    prefill_chunk = None  # Model runs a prompt in pieces of at most this many tokens (None: in one piece)
 
     # -- weights ----------------------------------------------------------------------------------
     def prepare(self, entry, blobs: dict):

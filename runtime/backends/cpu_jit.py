@@ -1,16 +1,24 @@
-"""Loading the compiled CPU kernels (cpu_kernels.py) with a safe fallback.
+"""Loading the compiled CPU kernels with a safe fallback: ahead-of-time built, else Numba's JIT, else NumPy.
 
-`kernels()` returns the cpu_kernels module once every kernel (and cpu_ops') is compiled — or loaded from the
-cache: Numba's cache lives in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
+`kernels()` returns one namespace of compiled kernels — the products of cpu_kernels.py (affine_matmul,
+fp16_matmul and their *_serial forms), `ops` (cpu_ops.py), `lut()` (cpu_lut_kernels.py), `kind` ("aot"
+or "jit") and `parallel` (whether the non-serial forms split rows over threads) — or None, and then
+the numpy backend keeps its NumPy path after one notice on stderr saying why. $MXQ_KERNELS chooses:
+
+    auto (default)  the ahead-of-time extension (cpu_aot.py: built once per machine, then loaded
+                    without Numba or LLVM: +0.3 MiB resident); if it cannot be built (no C compiler,
+                    no Numba, a build error), Numba's JIT with one notice
+    aot             the ahead-of-time extension only (else NumPy)
+    jit             Numba's JIT only (parallel kernels; ~120 MiB resident, see below)
+    numpy           no compiled kernels: the NumPy reference path
+
+The JIT's kernels are cached in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
 numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
-(~30 s) — or None when Numba is missing, disabled (MXQ_KERNELS=numpy) or fails to compile. Then
-the numpy backend keeps its NumPy path and one notice on stderr says why.
-
-Memory (resident, measured on x86-64 with every kernel cached; `tools/bench_decode.py --kernel-memory`):
-`import llvmlite.binding` +40 MiB (LLVM's 170 MB shared library, mostly file-backed pages touched
-while loading it), `import numba` +23 MiB (its Python modules), loading the cached kernels +60 MiB
-(LLVM's JIT engine and the code it runs; every (bits, group) variant lives in the same compiled
-function, cpu_ops ~1 MiB): ~120 MiB in all, whatever the model's size.
+(~30 s). Its memory (resident, measured on x86-64 with every kernel cached;
+`tools/bench_decode.py --kernel-memory`): `import llvmlite.binding` +40 MiB (LLVM's 170 MB shared
+library, mostly file-backed pages touched while loading it), `import numba` +23 MiB (its Python
+modules), loading the cached kernels +60 MiB (LLVM's JIT engine and the code it runs): ~120 MiB in all,
+whatever the model's size — the reason for the ahead-of-time build.
 
 Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): spinning
 workers on a busy machine (more runnable threads than cores) made decoding 5-20x slower than one
@@ -24,13 +32,15 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from ...paths import cache_root
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are cached: $MXQ_CACHE/numba (default ~/.cache/mxq/numba)."""
+    """Where Numba caches its JIT-compiled kernels: $MXQ_CACHE/numba (default ~/.cache/mxq/numba)."""
     return cache_root() / "numba"
 
 
@@ -57,9 +67,32 @@ def disable(reason: str) -> None:
     _state["kernels"] = None
 
 
+MODES = ("auto", "aot", "jit", "numpy")
+
+
 def _load():
-    if os.environ.get("MXQ_KERNELS", "").lower() == "numpy":
+    mode = os.environ.get("MXQ_KERNELS", "").lower() or "auto"
+    if mode == "numpy":
         return "MXQ_KERNELS=numpy"
+    if mode not in MODES:
+        return f"MXQ_KERNELS={mode!r} is not one of {', '.join(MODES)}"
+    if mode == "jit":
+        return _load_jit()
+    from . import cpu_aot
+
+    loaded = cpu_aot.load()
+    if not isinstance(loaded, str) or mode == "aot":
+        return loaded
+    jit = _load_jit()
+    if isinstance(jit, str):
+        return f"{loaded}; Numba's JIT: {jit}"
+    print(f"mxq: ahead-of-time CPU kernels unavailable ({loaded}); using Numba's JIT (+~120 MiB resident)",
+          file=sys.stderr)
+    return jit
+
+
+def _load_jit():
+    """Numba's JIT kernels as a namespace (see the module doc), or the reason they are unavailable."""
     if not os.environ.get("NUMBA_CACHE_DIR"):
         try:
             cache_dir().mkdir(parents=True, exist_ok=True)
@@ -83,4 +116,18 @@ def _load():
         cpu_ops.warm_up()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return cpu_kernels
+    return SimpleNamespace(kind="jit", parallel=True, affine_matmul=cpu_kernels.affine_matmul,
+                           affine_matmul_serial=cpu_kernels.affine_matmul_serial,
+                           fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
+                           affine_dequantize=cpu_kernels.affine_dequantize,
+                           ops=cpu_ops, lut=_jit_lut)
+
+
+@cache
+def _jit_lut():
+    """The lut kernels (cpu_lut_kernels.py), compiled (or loaded from Numba's cache) on first use: when
+    the first lut matrix is loaded, never mid-generation."""
+    from . import cpu_lut_kernels
+
+    cpu_lut_kernels.warm_up()
+    return cpu_lut_kernels

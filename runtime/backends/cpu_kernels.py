@@ -23,7 +23,8 @@ would widen them to 64 bits and halve the SIMD width.
 Array types are fixed (see `warm_up`) so each kernel compiles exactly once:
 x, y, residual float32 2-D C; packed, codes, half_bits 2-D C read-only (views of the mmapped
 file; CSR row_ptr uint32, cols uint16, values as fp16 bits uint16, 1-D read-only); metas
-float32 (runs, 2); bias float32 (out,); the NO_* stand-ins mark absent arguments.
+float32 (runs, 2); bias float32 (out,); the NO_* stand-ins (cpu_weights.py) mark absent arguments.
+The *_serial kernels are also built ahead of time into a plain CPython extension (cpu_aot.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_weights import readonly
+from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -318,25 +319,79 @@ def fp16_rows(r0, r1, x, half_bits, bias, residual, y):
             y[t, r] = acc
 
 
-# stand-ins for absent arguments (same types as present ones)
-NO_ROWS = readonly(np.zeros(1, np.uint32))  # CSR row_ptr, cols, fp16 values without outliers
-NO_COLS = readonly(np.zeros(0, np.uint16))
-NO_VALUES = readonly(np.zeros(0, np.uint16))
-NO_FLOAT = np.zeros(0, np.float32)
-NO_RESIDUAL = np.zeros((0, 0), np.float32)
+@njit(**SERIAL)
+def affine_dequantize(packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size, r0, w):
+    """w (R, U·NU) float32 = rows r0 .. r0+R of the packed affine W in the natural column order,
+    (code − zero)·scale (SPEC.md §6.1), padding columns included (w[:, :in_features] is W; outliers
+    not included): the prefill path's dequantization in one pass (NumPy's takes several)."""
+    R = w.shape[0]
+    G = scale_codes.shape[1]
+    U, B = unit_shape(bits)
+    NU = packed.shape[1] // B
+    shift = 0  # log2(units per group)
+    while (1 << shift) * U < group_size:
+        shift += 1
+    scale = np.empty(G, np.float32)
+    zero = np.empty(G, np.float32)
+    for i in range(R):
+        r = r0 + i
+        for k in range(G):
+            run = (r * G + k) >> META_RUN_SHIFT
+            scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
+            zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
+        p, out = packed[r], w[i]
+        if bits == 4:
+            for u in range(NU):
+                k = u >> shift
+                out[2 * u] = (field(p[u], 0, 15) - zero[k]) * scale[k]
+                out[2 * u + 1] = (field(p[u], 4, 15) - zero[k]) * scale[k]
+        elif bits == 2:
+            for u in range(NU):
+                k = u >> shift
+                for j in range(4):
+                    out[4 * u + j] = (field(p[u], 2 * j, 3) - zero[k]) * scale[k]
+        elif bits == 8:
+            for u in range(NU):
+                k = u >> shift
+                out[u] = (field(p[u], 0, 255) - zero[k]) * scale[k]
+        elif bits == 3 or bits == 6:
+            for u in range(NU):
+                k = u >> shift
+                v = word(p[3 * u], p[3 * u + 1], p[3 * u + 2])
+                for j in range(U):
+                    out[U * u + j] = (field(v, bits * j, (1 << bits) - 1) - zero[k]) * scale[k]
+        else:  # 5 bits: a 40-bit unit as a low (bits 0..23) and a high (24..39) word
+            for u in range(NU):
+                k = u >> shift
+                lo = word(p[5 * u], p[5 * u + 1], p[5 * u + 2])
+                hi = word(p[5 * u + 3], p[5 * u + 4], 0)
+                for j in range(4):
+                    out[8 * u + j] = (field(lo, 5 * j, 31) - zero[k]) * scale[k]
+                out[8 * u + 4] = (field(lo, 20, 15) + np.float32(16.0) * field(hi, 0, 1) - zero[k]) * scale[k]
+                for j in range(5, 8):
+                    out[8 * u + j] = (field(hi, 5 * j - 24, 31) - zero[k]) * scale[k]
 
 
-def warm_up() -> None:
-    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+def examples():
+    """(kernel name, arguments) for every kernel and bit width, typed as the weights call them: warm_up
+    compiles them; the ahead-of-time build (cpu_aot_build.py) exports the serial ones for these types."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
     for bits in SUPPORTED_BITS:
         G = 2
         packed = readonly(rng.integers(0, 256, (3, G * 32 * bits // 8)).astype(np.uint8))
-        codes = readonly(np.zeros((3, G), np.uint8))
-        meta = np.ones((1, 2), np.float32)
-        for kernel in (affine_matmul, affine_matmul_serial):
-            kernel(x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
-                   NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
-    for kernel in (fp16_matmul, fp16_matmul_serial):
-        kernel(x, readonly(np.zeros((3, 40), np.uint16)), NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        codes = readonly(rng.integers(0, 256, (3, G)).astype(np.uint8))
+        meta = np.full((1, 2), 0.01, np.float32)
+        for name in ("affine_matmul", "affine_matmul_serial"):
+            yield name, (x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
+                         NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        yield "affine_dequantize", (packed, codes, meta, codes, meta, bits, 32, 1, np.empty((2, G * 32), np.float32))
+    half_bits = readonly(rng.standard_normal((3, 40)).astype(np.float16).view(np.uint16))
+    for name in ("fp16_matmul", "fp16_matmul_serial"):
+        yield name, (x, half_bits, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+    for name, args in examples():
+        globals()[name](*args)

@@ -3,30 +3,20 @@
 Lean mode (default) keeps the file's bytes: the packed codes, the fp16 codebooks and the CSR outliers
 are zero-copy views of the mmapped file. Products:
   * up to KERNEL_MAX_TOKENS tokens (decode): the compiled fused LUT GEMV of cpu_lut_kernels.py
-    (codes unpacked, looked up and multiplied in one pass; every packed byte read once per call);
+    (codes unpacked, looked up and multiplied in one pass; every packed byte read once per call;
+    loaded with the other kernels, cpu_jit.py);
   * more tokens, or without the kernels: dequantize a chunk of rows to float32
     (W[r, c] = codebook[r div codebook_rows, q], format_spec.dequantize_lut), then sgemm.
 cache_dequantized keeps a float32 copy of W made once, as for the other schemes.
 """
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 
 from ...format_spec import codebook_of_rows, unpack_codes
 from ...format_spec.layout import lut_dims
-from .cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS, PARALLEL_MIN_WORK, Matrix, _chunk_rows, readonly
-
-
-@cache
-def compiled():
-    """The lut kernel module, compiled (or loaded from Numba's cache) once, when the first lut matrix
-    is loaded — never mid-generation."""
-    from . import cpu_lut_kernels
-
-    cpu_lut_kernels.warm_up()
-    return cpu_lut_kernels
+from .cpu_weights import (KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_ROWS, NO_VALUES, PARALLEL_MIN_WORK, Matrix, _chunk_rows,
+                          kernel_extras, readonly)
 
 
 class LutWeight(Matrix):
@@ -45,7 +35,7 @@ class LutWeight(Matrix):
             self.csr = (readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
                         readonly(blobs["outlier_values"].view(np.uint16)))
         if backend.kernels is not None:  # compile now; a failure switches the kernels off (NumPy path)
-            backend.run_kernel(lambda _threads: compiled())
+            backend.run_kernel(lambda _threads: backend.kernels.lut())
 
     def dequantize_rows(self, r: np.ndarray | slice) -> np.ndarray:
         """Float32 rows of W, outliers included: (R, in)."""
@@ -71,15 +61,14 @@ class LutWeight(Matrix):
         return self.dequantize_rows(ids)
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        lut = compiled()
+        lut = kernels.lut()
         out_features, in_features = self.shape
-        csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
-        parallel = self.backend.threads > 1 and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS
+        csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
+        parallel = (kernels.parallel and self.backend.threads > 1
+                    and out_features * in_features >= KERNEL_PARALLEL_MIN_WEIGHTS)
         kernel = lut.lut_matmul if parallel else lut.lut_matmul_serial
         return self.backend.run_kernel(kernel, x, self.packed, self.codebook_bits, self.codebook_rows, self.bits,
-                                       *csr, kernels.NO_FLOAT if bias is None else bias,
-                                       kernels.NO_RESIDUAL if residual is None else
-                                       np.ascontiguousarray(residual, dtype=np.float32), y)
+                                       *csr, *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, dequantizing chunks of rows to float32 (the reference for the kernel)."""

@@ -20,8 +20,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_kernels import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, _as_i32, half_to_float, unit_shape, word
-from .cpu_weights import readonly
+from .cpu_kernels import _as_i32, half_to_float, unit_shape, word
+from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
 
 @intrinsic
 def code(typingctx, value, shift, mask):
@@ -183,13 +183,19 @@ def _lut8(p, lv, xq, NU):
     return acc
 
 
-def warm_up() -> None:
-    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+def examples():
+    """(kernel name, arguments) typed as LutWeight calls them (see cpu_kernels.examples)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 40)).astype(np.float32)
     for bits in SUPPORTED_BITS:
         packed = readonly(rng.integers(0, 256, (3, 2 * 32 * bits // 8)).astype(np.uint8))
-        book = readonly(np.zeros((3, 1 << bits), np.uint16))
-        for kernel in (lut_matmul, lut_matmul_serial):
-            kernel(x, packed, book, 1, bits, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL,
-                   np.empty((1, 3), np.float32), 2)
+        book = readonly(rng.standard_normal((3, 1 << bits)).astype(np.float16).view(np.uint16))
+        for name in ("lut_matmul", "lut_matmul_serial"):
+            yield name, (x, packed, book, 1, bits, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL,
+                         np.empty((1, 3), np.float32), 2)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the weights use."""
+    for name, args in examples():
+        globals()[name](*args)

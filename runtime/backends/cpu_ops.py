@@ -135,14 +135,20 @@ def attention_serial(q, kc, vc, start, scale, window, out, n_parts):
         _head(q, kc, vc, start, scale, window, out, n_heads // n_kv, head_dim, qh)
 
 
+def examples():
+    """(op name, arguments) typed as the backend calls them (see cpu_kernels.examples)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    yield "rms_norm", (x, np.ones(8, np.float32), 1e-5, np.empty_like(x))
+    yield "rope", (x, np.arange(2, dtype=np.int64), np.ones(2, np.float32), 4, np.empty_like(x))
+    yield "silu_mul", (x, x, np.empty_like(x))
+    yield "gelu_mul", (x, x, np.empty_like(x))
+    cache = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    for name in ("attention", "attention_serial"):
+        yield name, (x[:1], cache, cache, 1, np.float32(0.5), -1, np.empty_like(x[:1]), 2)
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the backend uses."""
-    x = np.ones((1, 8), np.float32)
-    out = np.empty_like(x)
-    rms_norm(x, np.ones(8, np.float32), 1e-5, out)
-    rope(x, np.zeros(1, np.int64), np.ones(2, np.float32), 4, out)
-    silu_mul(x, x, out)
-    gelu_mul(x, x, out)
-    cache = np.zeros((1, 2, 4), np.float32)
-    for kernel in (attention, attention_serial):
-        kernel(x, cache, cache, 1, np.float32(0.5), -1, out, 2)
+    for name, args in examples():
+        globals()[name](*args)

@@ -16,7 +16,9 @@ Two memory modes (chosen at load, see NumpyBackend):
                           cpu_kernels.py — unpack, dequantize and dot product fused, each
                           packed byte read once per token; rows in parallel when that has
                           been measured faster for the matrix (ThreadChoice);
-                        * more tokens (prefill), or without the kernels: the NumPy path below.
+                        * more tokens (prefill): with the kernels, a compiled one-pass
+                          dequantization of a chunk of rows (affine_dequantize), then sgemm;
+                          without them, the NumPy path below.
   cache_dequantized   Every matrix is dequantized once at load to float32 and kept (4 bytes per
                       weight on top of the file); products are plain BLAS.
 
@@ -54,7 +56,7 @@ KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat de
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
-PREFILL_CHUNK_BYTES = 4 << 20  # ... while prefilling (bigger: better sgemm efficiency)
+PREFILL_CHUNK_BYTES = 1 << 20  # ... while prefilling (4 MiB was no faster on SmolLM2: measured)
 PARALLEL_MIN_WORK = 1 << 18  # split a product over threads from this many weights to dequantize ...
 PARALLEL_MIN_FLOPS = 1 << 23  # ... or multiply-adds with cached float32 weights
 PRIVATE_COPY_MIN_BYTES = 16 << 20  # lean: fp16 matrices this big are streamed from anonymous memory (DenseWeight)
@@ -66,6 +68,14 @@ def readonly(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a).view()
     a.flags.writeable = False
     return a
+
+
+# stand-ins for absent kernel arguments (same types as present ones; the kernels' signatures fix them)
+NO_ROWS = readonly(np.zeros(1, np.uint32))  # CSR row_ptr, cols, fp16 values without outliers
+NO_COLS = readonly(np.zeros(0, np.uint16))
+NO_VALUES = readonly(np.zeros(0, np.uint16))
+NO_FLOAT = np.zeros(0, np.float32)
+NO_RESIDUAL = np.zeros((0, 0), np.float32)
 
 
 def add_bias_residual(y: np.ndarray, bias, residual) -> np.ndarray:
@@ -162,8 +172,9 @@ class Matrix:
     @cached_property
     def threads_choice(self) -> ThreadChoice | None:
         """The backend's ThreadChoice for this kind and shape; None: always the calling thread (one
-        thread, or a small matrix)."""
-        if self.backend.threads < 2 or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS:
+        thread, serial-only kernels, or a small matrix)."""
+        if (self.backend.threads < 2 or not self.backend.kernels.parallel
+                or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS):
             return None
         return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
@@ -226,7 +237,7 @@ class DenseWeight(Matrix):
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.fp16_matmul_serial, kernels.fp16_matmul, x, self.half_bits,
-                                *kernel_extras(kernels, bias, residual), y)
+                                *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""
@@ -246,10 +257,10 @@ class DenseWeight(Matrix):
         return y
 
 
-def kernel_extras(kernels, bias, residual) -> tuple:
+def kernel_extras(bias, residual) -> tuple:
     """(bias, residual) as the kernels take them: the NO_* stand-ins when absent."""
-    return (kernels.NO_FLOAT if bias is None else bias,
-            kernels.NO_RESIDUAL if residual is None else np.ascontiguousarray(residual, dtype=np.float32))
+    return (NO_FLOAT if bias is None else bias,
+            NO_RESIDUAL if residual is None else np.ascontiguousarray(residual, dtype=np.float32))
 
 
 def _repeat_byte(value: int) -> np.uint64:
@@ -390,20 +401,25 @@ class AffineWeight(Matrix):
 
     # -- products -------------------------------------------------------------------------------------
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        csr = self.csr or (kernels.NO_ROWS, kernels.NO_COLS, kernels.NO_VALUES)
+        csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
         return self.run_product(kernels.affine_matmul_serial, kernels.affine_matmul, x, self.packed, self.scale_codes,
                                 self.scale_meta, self.zero_codes, self.zero_meta, self.bits, self.group_size, *csr,
-                                *kernel_extras(kernels, bias, residual), y)
+                                *kernel_extras(bias, residual), y)
 
     def numpy_matmul(self, x):
-        """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels)."""
+        """The NumPy path's x (T, in) @ Wᵀ (the reference for the kernels); for more than
+        DECODE_MAX_TOKENS rows with the compiled kernels loaded, their one-pass dequantization
+        (cpu_kernels.affine_dequantize) replaces NumPy's before each sgemm."""
         T, in_features = x.shape
         out_features = self.shape[0]
-        xe = np.empty((T, in_features + 1), np.float32)
-        xe[:, :in_features] = x
-        xe[:, in_features] = 0.0
-        x_perm = np.take(xe, self.columns, axis=1)  # (T, G·g) in unpack order, zeros at padding
         y = np.empty((T, out_features), dtype=np.float32)
+        kernels = self.backend.kernels
+        if T > DECODE_MAX_TOKENS and kernels is not None:
+            part = lambda r0, r1, scratch: self._prefill_rows_compiled(kernels, x, y, r0, r1, scratch)
+            self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+            return self._add_outliers(x, y)
+        x_perm = np.take(x, np.minimum(self.columns, in_features - 1), axis=1)  # (T, G·g) in unpack order ...
+        x_perm[:, self.columns == in_features] = 0.0  # ... zeros at padding
         if T <= DECODE_MAX_TOKENS:
             G, g = self.n_groups, self.group_size
             xg = np.ascontiguousarray(x_perm.reshape(T, G, g).transpose(1, 2, 0))  # (G, g, T)
@@ -412,10 +428,25 @@ class AffineWeight(Matrix):
         else:
             part = lambda r0, r1, scratch: self._prefill_rows(x_perm, y, r0, r1, scratch)
         self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        return self._add_outliers(x, y)
+
+    def _add_outliers(self, x, y):
+        """y (T, out) += x @ (CSR outliers)ᵀ."""
         if self.outliers is not None:
             rows, starts, cols, values, _ = self.outliers
             y[:, rows] += np.add.reduceat(x[:, cols] * values, starts, axis=1)  # (T, rows with outliers)
         return y
+
+    def _prefill_rows_compiled(self, kernels, x, y, r0, r1, scratch):
+        """y[:, r0:r1] for many tokens: the compiled kernel dequantizes a chunk of rows, then sgemm."""
+        in_features, padded = self.shape[1], self.n_groups * self.group_size
+        chunk = _chunk_rows(x.shape[0], padded)
+        for c0 in range(r0, r1, chunk):
+            c1 = min(r1, c0 + chunk)
+            w = scratch("weight", (c1 - c0, padded), np.float32)  # (rows, G·g), natural column order
+            kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta,
+                                      self.bits, self.group_size, c0, w)
+            y[:, c0:c1] = x @ w[:, :in_features].T  # (T, rows)
 
     def _decode_rows(self, xg, x_sum, y, r0, r1, scratch):
         """y[:, r0:r1] for a few tokens: per group, (codes as float32) @ x with BLAS, then scales."""

@@ -8,7 +8,8 @@ In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode atte
 compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve both the compiled
-kernels (Numba's thread pool, one part of the rows per thread) and the NumPy path (a small thread
+kernels when they are Numba's JIT (its thread pool, one part of the rows per thread; the ahead-of-time
+kernels run on the calling thread, cpu_jit.py) and the NumPy path (a small thread
 pool splitting products by output rows — NumPy and BLAS release the GIL — and prefill attention
 by query blocks); BLAS itself runs single-threaded (see blas.py).
 """
@@ -27,8 +28,15 @@ from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 
-ATTENTION_BLOCK = 256  # queries per block in prefill attention (bounds the score matrix)
+ATTENTION_BLOCK = 256  # queries per block in prefill attention, at most ...
+ATTENTION_SCORE_BYTES = 4 << 20  # ... so many that a block's float32 scores (heads, block, keys) fit in this
+PREFILL_CHUNK = 256  # Model runs longer prompts in pieces of this many tokens: bounded activations
 ATTENTION_PARALLEL_MIN_WORK = 1 << 20  # compiled attention: split heads over threads from this many MACs
+
+
+def attention_block(n_heads: int, keys: int) -> int:
+    """Queries per block of prefill attention over `keys` keys: bounded score memory, at least 16."""
+    return max(16, min(ATTENTION_BLOCK, ATTENTION_SCORE_BYTES // (4 * n_heads * keys)))
 
 
 class NumpyBackend(Backend):
@@ -38,6 +46,7 @@ class NumpyBackend(Backend):
 
     name = "cpu"
     xp = np
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, cache_dequantized: bool = False, threads: int | None = None, kernels: bool = True):
         self.cache_dequantized = bool(cache_dequantized)
@@ -46,12 +55,9 @@ class NumpyBackend(Backend):
         self.threads = max(1, threads or (int(env) if env.isdigit() and int(env) > 0 else min(cpus, 8)))
         # compiled kernels serve lean-mode decode; the cached mode's float32 products are BLAS
         self.kernels = load_kernels() if kernels and not self.cache_dequantized else None
-        self.ops = None  # compiled per-token ops (cpu_ops.py): with the kernels, in either memory mode
-        if kernels and load_kernels() is not None:
-            from . import cpu_ops
-
-            self.ops = cpu_ops
-        if self.kernels is not None or self.ops is not None:
+        compiled = load_kernels() if kernels else None
+        self.ops = compiled.ops if compiled is not None else None  # per-token ops (cpu_ops.py), either memory mode
+        if compiled is not None and compiled.parallel:  # Numba's JIT: its OpenMP pool serves the kernels
             import numba
 
             self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # Numba's pool size
@@ -227,7 +233,8 @@ class NumpyBackend(Backend):
             scores /= scores.sum(axis=-1, keepdims=True)
             out[t0:t1] = np.matmul(scores, values).transpose(2, 0, 1, 3)  # (tb, n_kv, n_rep, hd)
 
-        blocks = [(t0, min(T, t0 + ATTENTION_BLOCK)) for t0 in range(0, T, ATTENTION_BLOCK)]
+        size = attention_block(q.shape[1] // head_dim, start + T)
+        blocks = [(t0, min(T, t0 + size)) for t0 in range(0, T, size)]
         self.parallel_tasks(block, blocks[::-1])  # the last blocks see the most keys: start them first
         return out.reshape(T, -1)
 
@@ -236,8 +243,13 @@ class NumpyBackend(Backend):
             out = np.empty(gate.shape, np.float32)
             if self.run_op(self.ops.silu_mul, np.ascontiguousarray(gate), np.ascontiguousarray(up), out):
                 return out
+        out = np.negative(gate)  # one (T, intermediate) array, updated in place: silu(g)·up = g / (1 + e^-g) · up
         with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
-            return gate / (np.float32(1.0) + np.exp(-gate)) * up
+            np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.divide(gate, out, out=out)
+        out *= up
+        return out
 
     def gelu_mul(self, gate, up):
         if self.ops is not None and gate.shape[0] <= KERNEL_MAX_TOKENS:
