@@ -44,6 +44,13 @@ class Quantized:
     row_error_sq: torch.Tensor | None = None  # (out,) float64: error_sq of each row (without outliers' leftovers)
 
 
+def sum64(t) -> float:
+    """Σ t as a float, summed by NumPy in float64 (pairwise, one thread). torch splits a whole-tensor sum
+    of 32768+ elements over its threads, so the last bits would depend on the thread count — and a
+    1-thread cluster task must give the bits of an N-thread local run."""
+    return float(np.sum(t.detach().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64))
+
+
 def _groups(weight: torch.Tensor, group_size: int):
     """(out, in) → (out, G, g) weights, zero-padded to G·g columns (a view when no padding is needed),
     and a (1, G, g) mask of real positions."""
@@ -104,7 +111,7 @@ def _hqq_zero(w, keep, scale, zero, levels):
         shrunk = _shrink_lp(residual, beta, HQQ_LP)
         z = (((q - (w - shrunk) / s) * keep_f).sum(dim=2) / count).unsqueeze(2)
         beta *= HQQ_KAPPA
-        error = float((residual.abs() * keep_f).sum())
+        error = sum64(residual.abs() * keep_f)
         if error >= best:
             break
         best = error
@@ -144,8 +151,8 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
             if importance is not None:
                 weighted = diff_sq * importance.reshape(flat.shape)[r:r + step]
                 row_weighted[r:r + step] = weighted.sum(1, dtype=torch.float64)
-        return Quantized({"data": half.numpy()} if pack else {}, float(row_error_sq.sum()),
-                         float(row_weighted.sum()), row_weighted=row_weighted, row_error_sq=row_error_sq)
+        return Quantized({"data": half.numpy()} if pack else {}, sum64(row_error_sq),
+                         sum64(row_weighted), row_weighted=row_weighted, row_error_sq=row_error_sq)
     if quantizer not in QUANTIZERS or quantizer == "gptq":  # gptq rounds whole layers: converter/gptq.py
         raise ValueError(f"unknown quantizer {quantizer!r}")
     if outlier_mode not in OUTLIER_MODES:
@@ -218,7 +225,7 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
     round_groups(groups.numpy(), keep, imp_groups.numpy() if imp_groups is not None else empty_f32,
                  in_features, scale_hat.numpy(), zero_hat.numpy(), levels, codes,
                  residual.numpy() if residual is not None else empty_f32, row_sq, row_weighted)
-    error_sq, weighted = float(row_sq.sum()), float(row_weighted.sum())
+    error_sq, weighted = sum64(row_sq), sum64(row_weighted)
     row_weighted = torch.from_numpy(row_weighted)
     blobs = {}
     residual_2d = residual.view(out_features, n_groups * g)[:, :in_features] if residual is not None else None
@@ -227,10 +234,10 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
         exact = residual_2d[rows_idx, cols_idx]
         values = exact.to(torch.float16)
         leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
-        error_sq += float(leftover_sq.sum())
+        error_sq += sum64(leftover_sq)
         if importance is not None:
             leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
-            weighted += float(leftover_sq.sum())
+            weighted += sum64(leftover_sq)
         row_weighted.index_add_(0, rows_idx, leftover_sq)
         if pack:
             blobs.update(build_csr((out_features, in_features), rows_idx.numpy(), cols_idx.numpy(),
@@ -287,7 +294,7 @@ def _quantize_lut(weight, config, pack, importance, outliers, keep_residual=Fals
             blobs.update(build_csr(weight.shape, rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
     if pack:
         blobs = {"qweight": pack_codes(codes, config.bits), "codebook": codebook, **blobs}
-    error_sq, weighted = float(row_sq.sum()), float(row_weighted.sum())
+    error_sq, weighted = sum64(row_sq), sum64(row_weighted)
     return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
                      torch.from_numpy(residual) if keep_residual else None, torch.from_numpy(row_weighted),
                      torch.from_numpy(row_sq))
