@@ -5,7 +5,6 @@ of W in order and, after each column j, pushes its rounding error onto the colum
 through the inverse Hessian, so that the output error tr(ΔW H ΔWᵀ) = ‖X ΔWᵀ‖²_F stays small:
 
     U = chol(H⁻¹)ᵀ (upper)                                   H dampened: + 1% of its mean diagonal
-                                                             (no token counts for more than TOKEN_CAP)
     for j in order:  q_j = round(w_j)  e_j = (w_j − q_j) / U_jj  w_k −= e_j U_jk  (k after j)
 
 What is rounded is exactly what the file stores:
