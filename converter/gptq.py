@@ -39,11 +39,6 @@ DAMP = 0.01  # dampening: this share of H's mean diagonal is added to the diagon
 BLOCK = 128  # columns updated lazily in blocks (GPTQ's batched updates)
 ACT_ORDER = True  # round columns in decreasing H_jj
 SCALES = "wls"  # the quantizer that fits the groups' scales and zeros (and measures errors for the MILP)
-# A token's squared input norm counts at most TOKEN_CAP × the chunk's median in H. Each chunk's first
-# token is an attention sink with massive activations: on SmolLM2 (16 chunks of 256 tokens) these 16
-# tokens hold 99.8% of tr(XᵀX) at layer 11's down_proj and 30% at layer 9's, so uncapped GPTQ
-# compensates for them alone and pushes the error into what every other token reads.
-TOKEN_CAP = 10.0
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -115,19 +110,9 @@ def compensated_blobs(weight: torch.Tensor, hessian: torch.Tensor, config: Stora
     return blobs, torch.from_numpy(dequantize(blobs, weight.shape, config))
 
 
-def capped_tokens(flat: torch.Tensor, cap: float = TOKEN_CAP) -> torch.Tensor:
-    """flat (tokens, in) with every token's squared norm limited to `cap` × the median's (the token
-    scaled down, its direction kept), so no few tokens own H = Σ xᵀx."""
-    norm_sq = flat.pow(2).sum(1)  # (tokens,)
-    limit = cap * float(norm_sq.median())
-    if limit <= 0:
-        return flat
-    return flat * torch.clamp(limit / norm_sq.clamp_min(1e-30), max=1.0).sqrt()[:, None]
-
-
 class _Hessians:
-    """on_linear callback: H = Σ xᵀx per linear over the chunks, each chunk's tokens capped
-    (capped_tokens); linears that read the same input tensor (q/k/v, gate/up) share one accumulator."""
+    """on_linear callback: H = Σ xᵀx per linear over the chunks; linears that read the same input
+    tensor (q/k/v, gate/up) share one accumulator."""
 
     def __init__(self):
         self.of: dict[str, torch.Tensor] = {}
@@ -138,7 +123,7 @@ class _Hessians:
             self.of.setdefault(name, self.last_sum)
             return
         x = x.detach()
-        flat = capped_tokens(x.reshape(-1, x.shape[-1]).to(torch.float32))
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
         total = self.of.get(name)
         if total is None:
             total = self.of[name] = torch.zeros(flat.shape[1], flat.shape[1])
