@@ -122,7 +122,9 @@ def test_gptq_conversion_is_deterministic(tiny_llama, tmp_path):
 
 def test_compensation_gains_scale_the_proxy_errors_down(tiny_llama):
     """The per-matrix factor the MILP's wls-measured errors are scaled by: GPTQ's output error over
-    wls's on the same stored grid, below 1 for every matrix, and not the same for all."""
+    wls's on the same stored grid, measured on held-out chunks. The tiny model's weights are random and
+    its inputs nearly uncorrelated, so compensation fitted to 256 tokens gains little or loses on other
+    tokens (in-sample every gain was below 0.95); it differs between matrices."""
     from mxq.converter.candidates import parse_candidates
     from mxq.converter.gptq import compensation_gains
 
@@ -130,5 +132,22 @@ def test_compensation_gains_scale_the_proxy_errors_down(tiny_llama):
     names = [t.name for t in checkpoint.linears]
     gains = compensation_gains(checkpoint, names, parse_candidates("b3g64")[0], lambda name: None, "magnitude",
                                None, 512)
-    assert gains.shape == (len(names),) and (gains > 0).all() and (gains < 0.95).all()
+    assert gains.shape == (len(names),) and (gains > 0).all() and gains.min() < 1.0 < gains.max()
     assert gains.max() > 1.5 * gains.min()
+
+
+def test_held_out_gain_does_not_flatter_compensation_fitted_to_few_tokens():
+    """With fewer tokens than inputs GPTQ pushes its error into directions the sample Hessian has not
+    seen: measured on that same sample the gain looks large, on other tokens of the same distribution it
+    is much smaller. The MILP's gains are the held-out kind."""
+    from mxq.converter.gptq import held_out_gain
+
+    weight, _ = correlated()
+    g = torch.Generator().manual_seed(1)
+    mixing = torch.randn(96, 96, generator=g) * torch.linspace(0.05, 2.0, 96)[None, :]
+    fit_x, held_x = (torch.randn(64, 96, generator=g) @ mixing for _ in range(2))  # 64 tokens < 96 inputs
+    fit, held = fit_x.T @ fit_x, held_x.T @ held_x
+    config = StorageConfig.affine(3, 32)
+    in_sample, held_out = held_out_gain(weight, fit, fit, config), held_out_gain(weight, fit, held, config)
+    assert in_sample < 0.5 * held_out
+    assert held_out_gain(weight, held, held, config) < 1.0
