@@ -51,6 +51,11 @@ class Report:
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
     candidates = parse_candidates(options.configs)
+    lut = sorted({c.label for c in candidates if c.scheme == "lut"})
+    if options.quantizer == "gptq" and lut:  # before any measurement: gptq's gains describe affine rounding
+        raise ConversionError(f"--quantizer gptq rounds the affine scheme only; --configs {options.configs!r} "
+                              f"has lut configs ({', '.join(lut[:3])}{', …' if len(lut) > 3 else ''}): use "
+                              "--quantizer wls for them")
     if options.outliers:
         candidates = [with_outliers(c, options.outliers) for c in candidates]
     return candidates

@@ -151,3 +151,12 @@ def test_held_out_gain_does_not_flatter_compensation_fitted_to_few_tokens():
     in_sample, held_out = held_out_gain(weight, fit, fit, config), held_out_gain(weight, fit, held, config)
     assert in_sample < 0.5 * held_out
     assert held_out_gain(weight, held, held, config) < 1.0
+
+
+def test_gptq_with_lut_configs_fails_before_any_measurement(tiny_llama, tmp_path):
+    """gptq compensates affine rounding only: asking it to round lut configs is a one-line error at once,
+    not after calibration and measurement."""
+    from mxq.converter import ConversionError
+    with pytest.raises(ConversionError, match=r"--quantizer gptq rounds the affine scheme only.*'all\+lut'"):
+        convert(tiny_llama, tmp_path / "x.mxq", bpw=3.0, quantizer="gptq", configs="all+lut", cache_dir=None)
+    assert not (tmp_path / "x.mxq").exists()
