@@ -11,7 +11,10 @@ For each group of g weights (llama.cpp k-quants' search, importance-weighted):
     keep the (s, m) of the smallest err with s > 0;  zero = −m/s.
 Weights v: the importance (calibration) plus a tiny floor, else rms(group) + |w| (data-free).
 Everything per group is float64; groups are independent, so rows run in parallel (prange) and the
-result does not depend on the thread count.
+result does not depend on the thread count. No fastmath: with reassociation and FMA contraction
+allowed, a kernel compiled in this process and the same kernel loaded from Numba's cache gave
+different bits (2-bit scale searches flipped), so a cluster worker and the driver disagreed; strict
+IEEE order costs ~1.6× on this kernel and makes the result a pure function of its inputs.
 
 round_groups: codes = clamp(round(w/ŝ + ẑ)) with the decoded (stored) ŝ, ẑ, the per-row squared
 error of what is stored (plain and importance-weighted), and optionally the codes and the residual.
@@ -25,7 +28,7 @@ import numpy as np
 WLS_STEPS, WLS_RMIN, WLS_RDELTA = 24, -1.0, 0.1
 
 
-@numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
+@numba.njit(parallel=True, cache=True)
 def wls_scale_zero(w, keep, importance, in_features, floor, levels, scale, zero):
     """w (rows, G, g) float32, zero-padded past in_features; keep (rows, G, g) bool marks the weights
     that count (empty (0, 0, 0): all real ones); importance (rows, G, g) float32 (empty: data-free);
