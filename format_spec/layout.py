@@ -17,7 +17,8 @@ import numpy as np
 
 from .packing import CODES_PER_PACK, SUPPORTED_BITS
 
-SCHEMES = ("affine", "fp16", "lut")
+SCHEMES = ("affine", "fp16", "lut", "rows")
+BLOCK_SCHEMES = ("affine", "fp16", "lut")  # what a `rows` block may use (no nesting)
 GROUP_SIZES = (32, 64, 128)
 CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
 META_BITS = 8  # scales and zeros are stored as 8-bit codes ...
@@ -28,7 +29,8 @@ MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
 #   fp16 | b<bits>g<group> | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
 LABEL_GRAMMAR = ("fp16; bBgG (affine: B bits, groups of G inputs); lB or lBcC (lut: B-bit codebook per "
                  "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
-                 "of the matrix's weights)")
+                 "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
+                 "each, in a stored row order, with their own configs)")
 _LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
                     r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
@@ -50,8 +52,22 @@ class StorageConfig:
     outliers: int = 0  # number of stored outlier values (CSR nnz)
     outlier_percent: float = 0.0  # a spec's outliers as a percent of the weights (resolved by storage())
     codebook_rows: int = 0  # lut only
+    blocks: tuple = ()  # rows only: ((row count, StorageConfig of the block), ...) in stored order
 
     def __post_init__(self):
+        if self.scheme == "rows":
+            if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
+                raise ValueError("rows takes only blocks (each block has its own config)")
+            if len(self.blocks) < 2:
+                raise ValueError("rows needs at least 2 blocks")
+            for count, block in self.blocks:
+                if not isinstance(count, int) or count < 1:
+                    raise ValueError(f"a rows block needs a positive row count, got {count!r}")
+                if not isinstance(block, StorageConfig) or block.scheme not in BLOCK_SCHEMES:
+                    raise ValueError(f"a rows block is stored as one of {BLOCK_SCHEMES}")
+            return
+        if self.blocks:
+            raise ValueError(f"{self.scheme} takes no blocks")
         if self.scheme == "fp16":
             if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
                 raise ValueError("fp16 takes no bits, group size, codebook or outliers")
@@ -82,10 +98,29 @@ class StorageConfig:
         return StorageConfig("lut", bits, 0, outliers, codebook_rows=codebook_rows)
 
     @staticmethod
+    def rows(blocks) -> "StorageConfig":
+        """Row blocks: [(row count, config), ...] in stored order (SPEC.md §8)."""
+        return StorageConfig("rows", blocks=tuple((int(count), config) for count, config in blocks))
+
+    @property
+    def row_counts(self) -> tuple:
+        """rows: the blocks' row counts, in stored order."""
+        return tuple(count for count, _ in self.blocks)
+
+    @staticmethod
     def parse(label: str) -> "StorageConfig":
-        """The config a label names (LABEL_GRAMMAR): 'fp16', 'b4g32', 'b3g64+o1234', 'l4', 'l3c8+o0.5%'."""
+        """The config a label names (LABEL_GRAMMAR): 'fp16', 'b4g32', 'b3g64+o1234', 'l4', 'l3c8+o0.5%',
+        'rows(144:b3g64,432:b4g64)'."""
         if label == "fp16":
             return StorageConfig.fp16()
+        if label.startswith("rows(") and label.endswith(")"):
+            blocks = []
+            for part in label[5:-1].split(","):
+                count, sep, inner = part.partition(":")
+                if not sep or not count.isdigit() or inner.startswith("rows("):
+                    raise ValueError(f"cannot parse config label {label!r} (grammar: {LABEL_GRAMMAR})")
+                blocks.append((int(count), StorageConfig.parse(inner)))
+            return StorageConfig.rows(blocks)
         match = _LABEL.match(label)
         if not match:
             raise ValueError(f"cannot parse config label {label!r} (grammar: {LABEL_GRAMMAR})")
@@ -100,6 +135,8 @@ class StorageConfig:
         """The label (LABEL_GRAMMAR) that parse() maps back to this config."""
         if self.scheme == "fp16":
             return "fp16"
+        if self.scheme == "rows":
+            return "rows(" + ",".join(f"{count}:{block.label}" for count, block in self.blocks) + ")"
         if self.scheme == "affine":
             base = f"b{self.bits}g{self.group_size}"
         else:
@@ -111,6 +148,10 @@ class StorageConfig:
     def storage(self, shape) -> "StorageConfig":
         """The exact config of a matrix of `shape`: a percent of outliers becomes a count (floor, so
         budgets stay exact); a config with a count (or none) is returned as is."""
+        if self.scheme == "rows":
+            if sum(self.row_counts) != shape[0]:
+                raise ValueError(f"row blocks {self.label} cover {sum(self.row_counts)} rows, not {shape[0]}")
+            return StorageConfig.rows([(count, block.storage((count, *shape[1:]))) for count, block in self.blocks])
         if not self.outlier_percent:
             return self
         return replace(self, outliers=outlier_count(shape, self.outlier_percent / 100), outlier_percent=0.0)
@@ -121,6 +162,9 @@ class StorageConfig:
             raise ValueError(f"config {self.label} has an unresolved outlier percent (use storage(shape))")
         if self.scheme == "fp16":
             return {}
+        if self.scheme == "rows":
+            return {"blocks": [{"rows": count, "scheme": block.scheme, "config": block.to_json()}
+                               for count, block in self.blocks]}
         if self.scheme == "lut":
             return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
         return {"bits": self.bits, "group_size": self.group_size, "meta_bits": META_BITS,
@@ -156,6 +200,14 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         return {"data": BlobSpec("float16", shape)}
     if len(shape) != 2:
         raise ValueError(f"{config.scheme} needs a 2-D tensor, got shape {shape}")
+    if config.scheme == "rows":
+        out_features, in_features = shape
+        if sum(config.row_counts) != out_features:
+            raise ValueError(f"row blocks {config.label} cover {sum(config.row_counts)} rows, not {out_features}")
+        specs = {"row_order": BlobSpec(row_order_dtype(out_features), (out_features,))}
+        for i, (count, block) in enumerate(config.blocks):
+            specs.update({f"{i}.{name}": spec for name, spec in blob_specs((count, in_features), block).items()})
+        return specs
     if config.outlier_percent:
         raise ValueError(f"config {config.label} has an unresolved outlier percent")
     if config.scheme == "lut":
@@ -184,6 +236,17 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         specs["outlier_cols"] = BlobSpec("uint16", (config.outliers,))
         specs["outlier_values"] = BlobSpec("float16", (config.outliers,))
     return specs
+
+
+def row_order_dtype(out_features: int) -> str:
+    """The `rows` scheme's row_order blob: uint16 while the row indices fit, else uint32."""
+    return "uint16" if out_features <= 1 << 16 else "uint32"
+
+
+def block_blobs(blobs: dict, index: int) -> dict:
+    """The blobs of block `index` of a `rows` tensor, under their own scheme's names ('0.qweight' → 'qweight')."""
+    prefix = f"{index}."
+    return {name[len(prefix):]: blob for name, blob in blobs.items() if name.startswith(prefix)}
 
 
 def tensor_nbytes(shape, config: StorageConfig) -> int:
