@@ -3,7 +3,7 @@ import struct
 
 MAGIC = b"\x89MXQ\r\n\x1a\n"
 MAJOR_VERSION = 1
-MINOR_VERSION = 2  # the newest minor this package reads and writes (SPEC.md §9)
+MINOR_VERSION = 2  # the newest minor this package reads and writes (SPEC.md §10)
 SCHEME_MINOR = {"fp16": 1, "affine": 1, "lut": 1, "rows": 2}  # the minor a writer writes for a file using it
 
 

@@ -1,9 +1,9 @@
 """Storage configs and the cost model: which blobs a tensor stores, and how many bytes.
 
-This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§7): the writer
+This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§8): the writer
 emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing else, and
 the converter's budget uses `tensor_nbytes`, which is the sum of those blobs. It also holds the one
-config label grammar (SPEC.md §10: `StorageConfig.parse` / `.label`) that the CLI, `mxq inspect`
+config label grammar (SPEC.md §11: `StorageConfig.parse` / `.label`) that the CLI, `mxq inspect`
 and the docs use.
 Alignment padding between blobs is not part of a tensor's cost; `aligned_nbytes` gives it.
 """
@@ -37,12 +37,14 @@ _LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)|l(?P<lbits>\d+)(?:c(?P<r
 
 @dataclass(frozen=True, order=True)
 class StorageConfig:
-    """How one tensor is stored (SPEC.md §4–§7).
+    """How one tensor is stored (SPEC.md §4–§8).
     `fp16`: plain half floats.
     `affine`: b-bit codes in groups of `group_size` along the input dimension, a double-quantized
         scale/zero per group.
     `lut`: b-bit codes indexing a codebook of 2^b fp16 levels per `codebook_rows` output channels.
-    Both quantized schemes may keep `outliers` fp16 values in CSR. A config made from a label with
+    Both quantized schemes may keep `outliers` fp16 values in CSR.
+    `rows`: row blocks in a stored row order, each block (row count, one of the configs above).
+    A config made from a label with
     `+oP%` carries `outlier_percent` instead: a spec for any matrix, which `storage(shape)` turns into
     the exact config (a count) of one matrix."""
 

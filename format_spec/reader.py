@@ -1,4 +1,4 @@
-"""Reader for .mxq files: mmap, validate everything, hand out zero-copy NumPy views (SPEC.md §8).
+"""Reader for .mxq files: mmap, validate everything, hand out zero-copy NumPy views (SPEC.md §9).
 
 Every number in the header and the JSON is checked (type, range, alignment, agreement with the
 cost model's layout, bounds against the file length, no overlaps) before any view is made, so a

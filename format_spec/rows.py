@@ -47,7 +47,7 @@ def inverse_order(row_order: np.ndarray) -> np.ndarray:
 def content_problem(blobs: dict, shape, config: StorageConfig) -> str | None:
     """Why a tensor's blob CONTENT breaks the rules a reader checks before using it, or None:
     the CSR outliers (SPEC.md §6.1) and, for `rows`, the row_order permutation and every block's
-    outliers (shapes and dtypes are the reader's job, §8)."""
+    outliers (shapes and dtypes are the reader's job, §9)."""
     from .affine import csr_problem
 
     if config.scheme == "rows":

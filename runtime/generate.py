@@ -150,7 +150,7 @@ class LoadedModel:
 
 
 def _check_checksums(file: MxqFile) -> None:
-    """Every blob's crc32 and zero padding (SPEC.md §8), read once in bounded chunks."""
+    """Every blob's crc32 and zero padding (SPEC.md §9), read once in bounded chunks."""
     problems = file.verify()
     if problems:
         more = f" (and {len(problems) - 1} more; `mxq verify` lists them)" if len(problems) > 1 else ""

@@ -24,10 +24,20 @@ def small_lut_file(tmp_path):
     return path, tensors, write_random_file(path, tensors)
 
 
-@pytest.fixture(params=["affine", "lut"])
+@pytest.fixture
+def small_rows_file(tmp_path):
+    """A small valid file with a rows tensor (affine block with outliers, lut block) and fp16."""
+    from test_rows_scheme import write_rows_file
+
+    path = tmp_path / "small-rows.mxq"
+    tensors = [("a", (6, 40), StorageConfig.parse("rows(2:b3g32+o2,4:l2)")), ("n", (7,), StorageConfig.fp16())]
+    return path, tensors, write_rows_file(path, tensors)
+
+
+@pytest.fixture(params=["affine", "lut", "rows"])
 def any_small_file(request):
-    """The small affine file and the small lut file: every corruption test runs on both."""
-    return request.getfixturevalue("small_file" if request.param == "affine" else "small_lut_file")
+    """The small affine, lut and rows files: every corruption test runs on each."""
+    return request.getfixturevalue({"affine": "small_file", "lut": "small_lut_file", "rows": "small_rows_file"}[request.param])
 
 
 def _outcome(path):

@@ -223,3 +223,26 @@ def test_label_grammar_rejects_and_resolves():
         tensor_nbytes((10, 100), spec)
     exact = spec.storage((10, 100))
     assert exact == StorageConfig.lut(3, 4, 10) and exact.label == "l3c4+o10" and exact.storage((1, 1)) == exact
+
+
+def test_rows_cost_formula_in_spec_and_bytes_written(tmp_path):
+    """SPEC §5: rows cost = 2·out (4·out past 65536 rows) + Σ the blocks' costs as tensors of their own;
+    the writer emits exactly the cost model's bytes."""
+    from test_rows_scheme import write_rows_file
+
+    blocks = [StorageConfig.affine(3, 32, 2), StorageConfig.lut(4, 2), StorageConfig.fp16(), StorageConfig.affine(8, 128)]
+    tensors = []
+    for i, ((out, inp), k) in enumerate(itertools.product([(7, 33), (9, 130), (40, 64)], (2, 3, 4))):
+        counts = [out // k] * (k - 1) + [out - (k - 1) * (out // k)]
+        config = StorageConfig.rows(list(zip(counts, [blocks[(i + j) % 4] for j in range(k)])))
+        expected = 2 * out + sum(tensor_nbytes((n, inp), block) for n, block in config.blocks)
+        assert tensor_nbytes((out, inp), config) == expected
+        tensors.append((f"t{i}", (out, inp), config))
+    big = StorageConfig.rows([(65536, StorageConfig.fp16()), (1, StorageConfig.fp16())])
+    assert tensor_nbytes((65537, 1), big) == 4 * 65537 + 2 * 65537
+    path = tmp_path / "rows.mxq"
+    write_rows_file(path, tensors)
+    with MxqFile.open(path) as f:
+        for name, shape, config in tensors:
+            assert f.tensors[name].nbytes == tensor_nbytes(shape, config)
+            assert sum(ref.nbytes for ref in f.tensors[name].blobs.values()) == tensor_nbytes(shape, config)

@@ -348,21 +348,17 @@ def exact_blobs(rng, shape, config: StorageConfig) -> dict:
     return blobs
 
 
-def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
-    """tiny-qwen2 (tied embedding = lm_head, q/k/v biases) with every matrix and the embedding stored as
-    rows of affine (with outliers), lut and fp16 blocks in a random order, against the same weights as
-    fp16: identical greedy tokens and logits within fp32 reordering, on the NumPy path, the compiled
-    kernels and the cached mode."""
+def write_rows_model(tmp_path, fixture="tiny-qwen2"):
+    """(rows file, fp16 file) of a tiny fixture: every matrix and the embedding stored as 3 row blocks in a
+    random order (affine with and without outliers, lut, fp16: exact_blobs content), and the same weights
+    as fp16."""
+    import json
+
     fixtures = pytest.importorskip("fixtures")
     from safetensors.numpy import load_file
     from test_runtime_files import hf_model_json, hf_tokenizer, tensor_role
 
-    from mxq.runtime.config import ModelConfig
-    from mxq.runtime.model import Model
-
-    hf_dir = fixtures.ensure("tiny-qwen2")
-    import json
-
+    hf_dir = fixtures.ensure(fixture)
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = load_file(str(hf_dir / "model.safetensors"))
     model, (tokenizer, tokenizer_data) = hf_model_json(cfg), hf_tokenizer(hf_dir, cfg)
@@ -377,8 +373,8 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
             rows_blobs[name] = fp16_blobs[name] = {"data": weights[name].astype(np.float16)}
             continue
         cut = np.sort(rng.choice(np.arange(1, shape[0]), size=2, replace=False))  # 3 blocks
-        counts = np.diff(np.concatenate([[0], cut, [shape[0]]]))
-        config = StorageConfig.rows([(int(c), parse(mixes[(len(rows_plans) + i) % len(mixes)]).storage((int(c), shape[1])))
+        counts = [int(c) for c in np.diff(np.concatenate([[0], cut, [shape[0]]]))]
+        config = StorageConfig.rows([(c, parse(mixes[(len(rows_plans) + i) % len(mixes)]).storage((c, shape[1])))
                                      for i, c in enumerate(counts)])
         blobs = join_blocks(rng.permutation(shape[0]), [exact_blobs(rng, (count, shape[1]), block)
                                                           for count, block in config.blocks])
@@ -389,28 +385,45 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
         fp16_blobs[name] = {"data": dense.astype(np.float16)}
     paths = {}
     for kind, plans, blobs in (("rows", rows_plans, rows_blobs), ("fp16", fp16_plans, fp16_blobs)):
-        paths[kind] = tmp_path / f"{kind}.mxq"
+        paths[kind] = tmp_path / f"{fixture}-{kind}.mxq"
         with MxqWriter(paths[kind], model=model, tokenizer=tokenizer, tokenizer_data=tokenizer_data,
                        tensors=plans) as writer:
             for plan in plans:
                 writer.write(plan.name, blobs[plan.name])
+    return paths["rows"], paths["fp16"]
 
-    def greedy(path, backend, n=12):
-        with MxqFile.open(path) as f:
-            lm = Model.from_file(f, ModelConfig.from_json(f.model), backend)
-            cache, ids, steps = lm.new_cache(64), [1, 5, 9, 200, 17], []
-            logits = backend.to_host(lm.forward(ids, cache))  # (T, vocab): prefill
-            steps.append(logits)
-            for _ in range(n):
-                ids.append(int(logits[-1].argmax()))
-                logits = backend.to_host(lm.forward([ids[-1]], cache))
-                steps.append(logits)
-            backend.close()
-            return ids, steps
 
-    reference_ids, reference_steps = greedy(paths["fp16"], NumpyBackend(kernels=False, threads=1))
+def greedy_steps(path, backend, n=12):
+    """Prefill a fixed prompt, then decode n fixed tokens one at a time (random weights make greedy
+    generation repeat one token; fixed inputs exercise every row of the embedding and the head):
+    returns every step's greedy choice and logits (prefill: all positions)."""
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.model import Model
+
+    with MxqFile.open(path) as f:
+        config = ModelConfig.from_json(f.model)
+        lm = Model.from_file(f, config, backend)
+        tokens = np.random.default_rng(3).integers(0, config.vocab_size, 5 + n).tolist()
+        cache = lm.new_cache(64)
+        steps = [backend.to_host(lm.forward(tokens[:5], cache))]  # (5, vocab)
+        for token in tokens[5:]:
+            steps.append(backend.to_host(lm.forward([token], cache)))  # (1, vocab)
+        backend.close()
+        return [int(i) for step in steps for i in step.argmax(axis=1)], steps
+
+
+def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
+    """tiny-qwen2 (tied embedding = lm_head, q/k/v biases) with every matrix and the embedding stored as
+    rows, against the same weights as fp16: identical greedy tokens and logits within fp32 reordering, on
+    the NumPy path, the compiled kernels and the cached mode."""
+    rows_path, fp16_path = write_rows_model(tmp_path)
+    with MxqFile.open(rows_path) as f:
+        assert f.version == (1, 2) and f.verify() == []
+        assert f.tensors["model.embed_tokens.weight"].config.scheme == "rows"
+    reference_ids, reference_steps = greedy_steps(fp16_path, NumpyBackend(kernels=False, threads=1))
+    assert len(set(reference_ids)) > 3  # the greedy choices differ from step to step
     for make in BACKENDS.values():
-        ids, steps = greedy(paths["rows"], make())
+        ids, steps = greedy_steps(rows_path, make())
         assert ids == reference_ids
         for got, want in zip(steps, reference_steps):
             assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

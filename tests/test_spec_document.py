@@ -1,5 +1,5 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
-and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine) and §7 (lut) say it holds."""
+and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine), §7 (lut) and §8 (rows) say it holds."""
 import json
 import math
 import struct
@@ -47,6 +47,18 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         "qweight": ("uint32", [lut_out, 2 * lut_bits], b"".join(_bitstring_pack(row, lut_bits) for row in lut_codes)),
         "codebook": ("float16", [3, 4], struct.pack("<12e", *[v for book in levels for v in book])),
     }
+    # a rows tensor (SPEC §8): 3 rows of 40 inputs; block 0 = 1 fp16 row, block 1 = 2 rows of 2-bit lut with
+    # one codebook per row; stored rows 0, 1, 2 are logical rows 2, 0, 1
+    row_order = [2, 0, 1]
+    fp16_row = [0.125 * (c % 5) - 0.25 for c in range(inp)]
+    rows_codes = [[(2 * r + c) % 4 for c in range(inp)] + [0] * (64 - inp) for r in range(2)]
+    rows_levels = [[-1.0, -0.5, 0.5, 1.0], [-2.0, 0.0, 1.0, 3.0]]
+    rows_blobs = {
+        "row_order": ("uint16", [3], struct.pack("<3H", *row_order)),
+        "0.data": ("float16", [1, inp], struct.pack(f"<{inp}e", *fp16_row)),
+        "1.qweight": ("uint32", [2, 2 * 2], b"".join(_bitstring_pack(row, 2) for row in rows_codes)),
+        "1.codebook": ("float16", [2, 4], struct.pack("<8e", *[v for book in rows_levels for v in book])),
+    }
 
     alignment = 64
     data_offset = 4096  # generous, a multiple of alignment
@@ -64,6 +76,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     for name, (dtype, shape, data) in blobs.items():
         document_blobs[name] = place(data, dtype, shape)
     lut_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in lut_blobs.items()}
+    rows_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in rows_blobs.items()}
     norm_blob = place(norm, "float16", [4])
     document = {
         "format": "mxq", "alignment": alignment,
@@ -77,12 +90,16 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
              "blobs": document_blobs, "unknown_key": "ignored"},
             {"name": "v", "shape": [lut_out, inp], "role": "linear", "scheme": "lut",
              "config": {"bits": lut_bits, "codebook_rows": lut_c, "outliers": 0}, "blobs": lut_document_blobs},
+            {"name": "u", "shape": [3, inp], "role": "linear", "scheme": "rows",
+             "config": {"blocks": [{"rows": 1, "scheme": "fp16", "config": {}},
+                                   {"rows": 2, "scheme": "lut", "config": {"bits": 2, "codebook_rows": 1, "outliers": 0}}]},
+             "blobs": rows_document_blobs},
             {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, "blobs": {"data": norm_blob}},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 1, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 2, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -96,6 +113,8 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         weight = dequantize(f.blobs("w"), entry.shape, entry.config)
         lut_entry = f.tensors["v"]
         lut_weight = dequantize(f.blobs("v"), lut_entry.shape, lut_entry.config)
+        rows_entry = f.tensors["u"]
+        rows_weight = dequantize(f.blobs("u"), rows_entry.shape, rows_entry.config)
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     step_s, min_s = np.float16(0.001).astype(np.float32), np.float16(0.01).astype(np.float32)
@@ -113,3 +132,9 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     lut_expected = np.array([[levels[r // lut_c][lut_codes[r][c]] for c in range(inp)] for r in range(lut_out)],
                             np.float32)
     np.testing.assert_array_equal(lut_weight, lut_expected)
+    # SPEC §8: W[row_order[start_i + j]] = B_i[j]
+    rows_expected = np.zeros((3, inp), np.float32)
+    rows_expected[row_order[0]] = fp16_row
+    for j in range(2):
+        rows_expected[row_order[1 + j]] = [rows_levels[j][rows_codes[j][c]] for c in range(inp)]
+    np.testing.assert_array_equal(rows_weight, rows_expected)

@@ -135,7 +135,7 @@ class Backend(ABC):
     # -- helpers shared by backends ---------------------------------------------------------------
     @staticmethod
     def check_outliers(entry, blobs: dict) -> None:
-        """SPEC.md §8: content rules are checked before a runtime uses a tensor: CSR outliers, and a
+        """SPEC.md §9: content rules are checked before a runtime uses a tensor: CSR outliers, and a
         `rows` tensor's row_order (a permutation) and each of its blocks' outliers."""
         problem = content_problem(blobs, entry.shape, entry.config) if len(entry.shape) == 2 else None
         if problem:

@@ -28,6 +28,9 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               fp16, T > 1: converted to float32 on the device in row chunks of at most
               `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
   embedding   fp16 table: embedding_f16; affine / lut table: dequant_*_f32 with row_ids = the ids.
+  rows        a `rows` matrix (SPEC.md §8) is a RowBlocks (row_blocks.py) of the handles above, one per
+              block: linear and embedding run per block as above, the outputs scattered to the logical
+              rows by a device index (bias and residual added after, not fused).
   rms_norm, rope, silu_mul, gelu_mul, add, scale: rmsnorm_f32 (per-head q/k norms: the same kernel on
               a (T·n, head_dim) view), rope_f32 (partial rotary: the tail dims pass through),
               silu_mul_f32, gelu_mul_f32, add_f32 (in place), scale_f32.
@@ -54,6 +57,7 @@ from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, attention_l
                                  rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
+from .row_blocks import RowBlocks
 
 i32, f32 = np.int32, np.float32
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -415,6 +419,8 @@ class CudaBackend(Backend):
 
     # -- operations -------------------------------------------------------------------------------------
     def embedding(self, weight, ids):
+        if isinstance(weight, RowBlocks):  # a `rows` table: each block through this method
+            return weight.rows(ids)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T = ids.shape[0]
         ids_dev = self._i32(ids)
@@ -433,6 +439,8 @@ class CudaBackend(Backend):
         """The interface's linear, plus an optional `residual` (T, out) added to the result
         (fused into the GEMV at decode: y = W·x + bias + residual in one kernel)."""
         x = self._f32(x)
+        if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method
+            return weight.linear(x, bias, None if residual is None else self._f32(residual))
         T = x.shape[0]
         if T == 1:  # decode: one fused GEMV reads the stored weights once (affine or fp16)
             add = bias
