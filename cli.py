@@ -137,14 +137,18 @@ def inspect(file, as_json, tensors, context, batch, plot_path):
         if key != "plan":
             click.echo(f"quantization.{key}: {json.dumps(value) if not isinstance(value, str) else value}")
     if tensors:
-        click.echo(f"\n{'tensor':<48} {'shape':>14} {'storage':>12} {'bytes':>12} {'bpw':>7}")
+        width = max([12] + [len(t["short_label"]) for t in report["tensors"]])
+        click.echo(f"\n{'tensor':<48} {'shape':>14} {'storage':>{width}} {'bytes':>12} {'bpw':>7}")
         for t in report["tensors"]:
             shape = "x".join(str(d) for d in t["shape"])
-            click.echo(f"{t['name'][:48]:<48} {shape:>14} {t['label']:>12} {t['bytes']:>12,} {t['bpw']:>7.3f}")
+            click.echo(f"{t['name'][:48]:<48} {shape:>14} {t['short_label']:>{width}} {t['bytes']:>12,} {t['bpw']:>7.3f}")
     click.echo(f"\ntensors: {totals['tensors']}, parameters: {totals['parameters']:,}")
+    rows = f", rows tensors {totals['bpw_rows']:.4f}" if any(t["scheme"] == "rows" for t in report["tensors"]) else ""
     click.echo(f"bits per weight: decoder linears {totals['bpw_linear']:.4f}, affine tensors "
-               f"{totals['bpw_affine']:.4f}, all tensors {totals['bpw_all']:.4f}")
+               f"{totals['bpw_affine']:.4f}{rows}, all tensors {totals['bpw_all']:.4f}")
     click.echo(f"linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))
+    if totals["row_block_configs"]:
+        click.echo(f"row block configs: " + ", ".join(f"{k}×{v}" for k, v in totals["row_block_configs"].items()))
     click.echo(f"bytes: tensors {report['tensor_bytes']:,}, tokenizer {report['tokenizer_bytes']:,}, "
                f"header+JSON {report['header_and_json_bytes']:,}, alignment padding {report['padding_bytes']:,}")
     if footprint is not None:

@@ -5,7 +5,8 @@ is an 8-byte little-endian header length, a JSON header, then raw little-endian 
 tokenizer (tokenizer.model or tokenizer.json, plus tokenizer_config.json with BOS/EOS and the chat
 template). transformers loads the result with AutoModelForCausalLM/AutoTokenizer.from_pretrained,
 so quantized files can be compared in any tool. Weights are dequantized with the format's
-reference `dequantize` (SPEC.md §6), one tensor at a time.
+reference `dequantize` (SPEC.md §6–§8; a `rows` tensor in its logical row order), one tensor at a
+time, each after the content checks a runtime makes (CSR outliers, row_order).
 
 Safety: the file's checksums are verified first (a damaged file is not exported); everything is
 written into a fresh hidden directory next to OUT_DIR, fsynced, then renamed into place, so an
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..format_spec import MxqFile, MxqFormatError, dequantize
+from ..format_spec import MxqFile, MxqFormatError, content_problem, dequantize
 from ..format_spec.writer import (check_output_path, create_exclusive, fsync_directory, remove_stale_temporaries,
                                   temp_path, terminate_as_exception)
 from .config import ModelConfig
@@ -154,8 +155,11 @@ def export_hf(path, out_dir, progress=None, verify: bool = True) -> Path:
                 raise MxqFormatError(path, f"damaged, not exported: {problems[0]}{more}")
 
         def dequantized(name):
-            entry = f.tensors[name]
-            return dequantize(f.blobs(name), entry.shape, entry.config)
+            entry, blobs = f.tensors[name], f.blobs(name)
+            problem = content_problem(blobs, entry.shape, entry.config) if len(entry.shape) == 2 else None
+            if problem:  # unsound CSR outliers or row_order (SPEC.md §9): checked before use, as a runtime does
+                raise MxqFormatError(path, f"tensor '{name}': {problem}")
+            return dequantize(blobs, entry.shape, entry.config)  # `rows`: in the logical row order
 
         def produce(name):
             if name in fused:

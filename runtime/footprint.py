@@ -23,7 +23,9 @@ the OS before the weights are touched); `total` is the larger of the two — the
 tokenizer that is big next to the model (Gemma 3's 33 MB tokenizer.json).
 
 Not counted (each under 1 MiB on SmolLM2): the float32 (step, min) pairs of the metadata runs that
-lean mode widens at load (1/128 of the metadata), token lists, the sampler's per-step arrays. The
+lean mode widens at load (1/128 of the metadata), token lists, the sampler's per-step arrays; nor (3 MiB
+on SmolLM2, within the test's margin) the two transient (t, out) arrays a `rows` matrix's product makes
+beyond its result (its blocks' outputs side by side, then gathered: row_blocks.py), ≤ 2·t·widest·4 bytes. The
 tokenizer factors are measured for hf-tokenizers files; a sentencepiece model costs less (12 MiB for
 Llama's 0.5 MB model, 14 MiB predicted).
 

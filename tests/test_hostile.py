@@ -479,11 +479,13 @@ def test_values_beyond_fp16_are_rejected_by_name(tmp_path, name, value):
 
 # -- fuzz (fast tier: a bounded slice of tools/fuzz.py) --------------------------------------------
 def test_fuzz_metadata_and_bytes():
-    """Metadata-level (types, ranges, huge numbers, NaN/Infinity text, duplicate keys, templates) and
-    byte-level mutations of a real model file: every case is ok, damaged or a typed rejection."""
+    """Metadata-level (types, ranges, huge numbers, NaN/Infinity text, duplicate keys, templates),
+    byte-level and row_order (rows tensors, loaded without the checksum pass) mutations of a real model
+    file: every case is ok, damaged or a typed rejection."""
     fuzz = pytest.importorskip("fuzz")
-    report = fuzz.fuzz(n_metadata=600, n_bytes=600, seed=1, timeout=20, budget_seconds=40, log=None)
+    report = fuzz.fuzz(n_metadata=600, n_bytes=600, n_rows=200, seed=1, timeout=20, budget_seconds=40, log=None)
     assert sum(report["cases"].values()) >= 200, report["cases"]
+    assert report["outcomes"].get("rows rejected", 0) > 0, report["outcomes"]  # the runtime's own check
     assert report["crashes"] == [] and report["hangs"] == [], report
     assert report["peak_memory"]["excess"] <= 64 << 20, report["peak_memory"]  # growth <= 4 x size + 64 MiB
 

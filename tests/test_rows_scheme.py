@@ -427,3 +427,46 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
         assert ids == reference_ids
         for got, want in zip(steps, reference_steps):
             assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_export_hf_writes_the_logical_rows(tmp_path):
+    """export-hf of the rows model = export-hf of its fp16 twin, tensor for tensor; an unsound row_order is
+    a one-line format error naming the tensor even without the checksum pass."""
+    from safetensors.numpy import load_file
+
+    from mxq.runtime.export_hf import export_hf
+
+    rows_path, fp16_path = write_rows_model(tmp_path)
+    got = load_file(str(export_hf(rows_path, tmp_path / "rows-hf") / "model.safetensors"))
+    want = load_file(str(export_hf(fp16_path, tmp_path / "fp16-hf") / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    with MxqFile.open(rows_path) as f:
+        out_features = f.tensors["model.layers.0.mlp.up_proj.weight"].shape[0]
+    bad = tmp_path / "bad.mxq"
+    _patch_row_order(rows_path, bad, "model.layers.0.mlp.up_proj.weight", np.zeros(out_features))
+    with pytest.raises(MxqFormatError, match=r"tensor 'model.layers.0.mlp.up_proj.weight': row_order is not a "):
+        export_hf(bad, tmp_path / "bad-hf", verify=False)
+
+
+def test_inspect_shows_rows_tensors(tmp_path):
+    import json
+
+    rows_path, _ = write_rows_model(tmp_path)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mxq.cli", "inspect", str(rows_path), *args],
+                                       capture_output=True, text=True)
+    report = json.loads(run("--json").stdout)
+    with MxqFile.open(rows_path) as f:
+        for t in report["tensors"]:
+            entry = f.tensors[t["name"]]
+            assert t["bytes"] == tensor_nbytes(entry.shape, entry.config)
+            assert t["bpw"] == round(8 * t["bytes"] / entry.numel, 4) and parse(t["label"]) == entry.config
+    assert report["totals"]["linear_configs"] == {"rows×3": 14}
+    assert sum(report["totals"]["row_block_configs"].values()) == 3 * 14
+    text = run().stdout
+    line = next(line for line in text.splitlines() if line.startswith("model.layers.0.self_attn.q_proj.weight"))
+    q = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
+    blocks = parse(q["label"]).blocks
+    assert f"rows×3 {blocks[0][1].label}…{blocks[-1][1].label}" in line and f"{q['bytes']:,}" in line
+    assert "row block configs: " in text and "mxq format 1.2" in text

@@ -1,16 +1,20 @@
 """Fuzz the .mxq reader and runtime with hostile files; report crashes, hangs and peak memory.
 
-    python tools/fuzz.py --metadata 10000 --bytes 10000 [--seed 0] [--fixture tiny-qwen2]
+    python tools/fuzz.py --metadata 10000 --bytes 10000 --rows 2000 [--seed 0] [--fixture tiny-qwen2]
 
 A crash is any exception other than the typed ones bad input must raise (MxqFormatError, ModelError
 and the format's ValueError subclasses MetadataError/JsonError/OutputPathError, OSError).
-Each case: write a mutated copy of a small real model, open it, verify it, load it (config,
-tokenizer, weights), run a 4-token forward and, if it has one, its chat template.
+Each case: write a mutated copy of a small real model (every other decoder matrix stored as `rows`:
+an fp16 block and an affine block with outliers, in a random row order), open it, verify it, load
+it (config, tokenizer, weights), run a 4-token forward and, if it has one, its chat template.
   - metadata mutations: one JSON value (any depth) replaced by a hostile one (wrong type, huge or
     negative number, NaN/Infinity/1e999 as text, duplicated key, deep nesting, a hostile chat
     template, …) or deleted; the header checksum is fixed so the mutation reaches the validators;
   - byte mutations: flips, overwrites, insertions, deletions and truncations anywhere in the file,
-    half of them with the JSON checksum re-sealed.
+    half of them with the JSON checksum re-sealed;
+  - rows mutations: a `rows` tensor's row_order given a duplicate, an out-of-range row or a swap (a
+    valid order), its crc32 re-sealed, loaded without the checksum pass (`verify=False`) so that the
+    runtime's own check is what must catch it.
 Hangs: a case running longer than --timeout seconds (SIGALRM). Memory: the peak resident memory
 of each case above the resident memory before it (Linux: VmHWM, reset through clear_refs); the
 report gives the constant C such that growth <= 4 x file size + C held in every case.
@@ -55,7 +59,38 @@ def seed_file(fixture: str, folder: Path) -> Path:
     from test_runtime_files import write_test_mxq
 
     choose = lambda name, shape, role: (4, 32, 2) if role == "linear" else "fp16"  # noqa: E731
-    return write_test_mxq(fixtures.ensure(fixture), folder / "seed.mxq", choose)
+    return with_row_blocks(write_test_mxq(fixtures.ensure(fixture), folder / "affine.mxq", choose),
+                           folder / "seed.mxq")
+
+
+def with_row_blocks(path: Path, out: Path, every: int = 2) -> Path:
+    """A copy of `path` whose every `every`-th decoder matrix is stored as `rows` (SPEC.md §8): its rows in
+    a random order, the first third as an fp16 block, the rest as b4g32 with 2 outliers (RTN)."""
+    import numpy as np
+    from test_runtime_files import rtn_affine
+
+    from mxq.format_spec import MxqFile, MxqWriter, StorageConfig, TensorPlan, dequantize, join_blocks
+
+    rng = np.random.default_rng(0)
+    with MxqFile.open(path) as f:
+        linears = [name for name, entry in f.tensors.items() if entry.role == "linear"][::every]
+        plans, blobs = [], {}
+        for name, entry in f.tensors.items():
+            config, tensor_blobs = entry.config, f.blobs(name)
+            if name in linears:
+                out_features = entry.shape[0]
+                order, k = rng.permutation(out_features), max(1, out_features // 3)
+                stored = dequantize(tensor_blobs, entry.shape, config)[order]  # (out, in) in stored order
+                config = StorageConfig.rows([(k, StorageConfig.fp16()), (out_features - k, StorageConfig.affine(4, 32, 2))])
+                tensor_blobs = join_blocks(order, [{"data": stored[:k].astype(np.float16)}, rtn_affine(stored[k:], 4, 32, 2)])
+            plans.append(TensorPlan(name, entry.shape, config, entry.role))
+            blobs[name] = tensor_blobs
+        tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
+        with MxqWriter(out, model=f.model, tokenizer=tokenizer, tokenizer_data=f.tokenizer_data(), tensors=plans,
+                       quantization=f.quantization, provenance=f.provenance) as writer:
+            for plan in plans:
+                writer.write(plan.name, blobs[plan.name])
+    return out
 
 
 def split(image: bytes):
@@ -154,18 +189,46 @@ def mutate_bytes(image: bytes, rng: random.Random):
     return bytes(data), f"{region} {kind} @{position}"
 
 
+def mutate_rows(image: bytes, rng: random.Random):
+    """A `rows` tensor's row_order made a non-permutation (a duplicate, an out-of-range row) or another
+    permutation (a swap: still a valid file), with its crc32 and the JSON checksum re-sealed."""
+    data = bytearray(image)
+    _, _, raw, _ = split(image)
+    document = json.loads(raw)
+    entry = rng.choice([t for t in document["tensors"] if t["scheme"] == "rows"])
+    blob = entry["blobs"]["row_order"]
+    size = 2 if blob["dtype"] == "uint16" else 4
+    n = blob["shape"][0]
+    i, j = rng.randrange(n), rng.randrange(n)
+    at = lambda k: blob["offset"] + size * k  # noqa: E731
+    kind = rng.choice(["duplicate", "out of range", "swap"])
+    if kind == "duplicate":
+        data[at(i): at(i) + size] = data[at(j): at(j) + size]
+    elif kind == "out of range":
+        data[at(i): at(i) + size] = rng.choice([n, n + 1, 2 ** (8 * size) - 1]).to_bytes(size, "little")
+    else:
+        data[at(i): at(i) + size], data[at(j): at(j) + size] = data[at(j): at(j) + size], data[at(i): at(i) + size]
+    old_crc = blob["crc32"]
+    new_crc = f"{zlib.crc32(bytes(data[blob['offset']: blob['offset'] + blob['nbytes']])):08x}"
+    position = raw.find(f'"crc32":"{old_crc}"'.encode(), raw.find(f'"name":{json.dumps(entry["name"])}'.encode()))
+    data[32 + position: 32 + position + len(old_crc) + 10] = f'"crc32":"{new_crc}"'.encode()
+    struct.pack_into("<I", data, 12, zlib.crc32(bytes(data[32: 32 + len(raw)])))
+    return bytes(data), f"{entry['name']} row_order {kind} @{i}"
+
+
 # -- running one case --------------------------------------------------------------------------------
-def exercise(path: Path) -> str:
-    """Everything a user would do with the file; returns 'ok', 'damaged' or raises."""
+def exercise(path: Path, verify: bool = True) -> str:
+    """Everything a user would do with the file; returns 'ok', 'damaged' or raises. verify=False skips
+    the checksum pass (as `--no-verify` does): the runtime's own checks must hold."""
     import numpy as np
 
     from mxq.format_spec import MxqFile
     from mxq.runtime import load
 
     with MxqFile.open(path) as f:
-        if f.verify():
+        if verify and f.verify():
             return "damaged"
-    with load(path) as model:
+    with load(path, verify=verify) as model:
         ids = model.tokenizer.encode("Hello world")[:4] or [0]
         model.logits(np.asarray(ids))
         if model.tokenizer.chat_template is not None:
@@ -195,7 +258,7 @@ def _peak() -> int:
     return 0
 
 
-def run_case(image: bytes, folder: Path, timeout: float) -> tuple[str, float, int]:
+def run_case(image: bytes, folder: Path, timeout: float, verify: bool = True) -> tuple[str, float, int]:
     """(outcome, seconds, peak memory growth in bytes) where outcome is ok / damaged / rejected:Type
     / crash:Type: message / hang."""
     path = folder / "case.mxq"
@@ -205,7 +268,7 @@ def run_case(image: bytes, folder: Path, timeout: float) -> tuple[str, float, in
     start = time.perf_counter()
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        outcome = exercise(path)
+        outcome = exercise(path, verify)
     except Hang:
         outcome = "hang"
     except Exception as error:  # noqa: BLE001 - classifying is the point
@@ -224,7 +287,7 @@ def run_case(image: bytes, folder: Path, timeout: float) -> tuple[str, float, in
 
 
 def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen2", timeout: float = 30.0,
-         budget_seconds: float | None = None, log=print, exclude=()) -> dict:
+         budget_seconds: float | None = None, log=print, exclude=(), n_rows: int = 0) -> dict:
     def alarm(signum, frame):
         raise Hang()
 
@@ -240,14 +303,15 @@ def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen
             seed = seed_file(fixture, folder)
             image = seed.read_bytes()
             exercise(seed)  # warm-up, untimed: imports and compiled kernels are not a case's cost
-            plan = [("metadata", mutate_metadata)] * n_metadata + [("bytes", mutate_bytes)] * n_bytes
+            plan = ([("metadata", mutate_metadata)] * n_metadata + [("bytes", mutate_bytes)] * n_bytes +
+                    [("rows", mutate_rows)] * n_rows)
             rng.shuffle(plan)
             done = Counter()
             for i, (level, mutate) in enumerate(plan):
                 if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
                     break
                 mutant, what = mutate(image, rng, exclude) if level == "metadata" else mutate(image, rng)
-                outcome, seconds, growth = run_case(mutant, folder, timeout)
+                outcome, seconds, growth = run_case(mutant, folder, timeout, verify=level != "rows")
                 done[level] += 1
                 outcomes[f"{level} {outcome.split(':')[0]}"] += 1
                 if outcome.startswith("crash"):
@@ -274,6 +338,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metadata", type=int, default=10_000, help="metadata-level mutations")
     parser.add_argument("--bytes", type=int, default=10_000, help="byte-level mutations")
+    parser.add_argument("--rows", type=int, default=2_000, help="row_order mutations of rows tensors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixture", default="tiny-qwen2", help="tools/fixtures.py name of the seed model")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds after which a case is a hang")
@@ -281,7 +346,7 @@ def main():
     parser.add_argument("--json", dest="json_path", help="also write the report here")
     args = parser.parse_args()
     report = fuzz(args.metadata, args.bytes, args.seed, args.fixture, args.timeout,
-                  log=lambda m: print(m, file=sys.stderr, flush=True), exclude=tuple(args.exclude))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), exclude=tuple(args.exclude), n_rows=args.rows)
     distinct = Counter(c.split(" -> ")[1] for c in report["crashes"])
     print(json.dumps({**report, "crashes": report["crashes"][:50], "distinct_crashes": dict(distinct.most_common())},
                      indent=1))
