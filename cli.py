@@ -181,14 +181,16 @@ def _plot_allocation(report: dict, path) -> None:
 @main.command()
 @click.argument("file", type=click.Path())
 def verify(file):
-    """Check every checksum in FILE. Exit status 0: intact; 1: damaged or not a valid file."""
+    """Check every checksum in FILE, its zero padding and that every `rows` tensor's row order is a
+    permutation. Exit status 0: intact; 1: damaged or not a valid file."""
     with _open(file) as f:
         problems = f.verify()
         count = 1 + sum(len(e.blobs) for e in f.tensors.values())
     if problems:
         for problem in problems[:20]:
             click.echo(f"{file}: {problem}", err=True)
-        click.echo(f"{file}: DAMAGED ({len(problems)} of {count} blobs fail their checksum)", err=True)
+        click.echo(f"{file}: DAMAGED ({len(problems)} problems: checksums of {count} blobs, zero padding, "
+                   "row orders)", err=True)
         sys.exit(1)
     click.echo(f"{file}: OK ({count} blobs, all checksums match)")
 

@@ -208,7 +208,11 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
             raise ValueError(f"row blocks {config.label} cover {sum(config.row_counts)} rows, not {out_features}")
         specs = {"row_order": BlobSpec(row_order_dtype(out_features), (out_features,))}
         for i, (count, block) in enumerate(config.blocks):
-            specs.update({f"{i}.{name}": spec for name, spec in blob_specs((count, in_features), block).items()})
+            try:
+                block_specs = blob_specs((count, in_features), block)
+            except ValueError as error:
+                raise ValueError(f"block {i}: {error}") from None
+            specs.update({f"{i}.{name}": spec for name, spec in block_specs.items()})
         return specs
     if config.outlier_percent:
         raise ValueError(f"config {config.label} has an unresolved outlier percent")

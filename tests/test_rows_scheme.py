@@ -166,6 +166,7 @@ HOSTILE_ROWS_EDITS = {
     "zero rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows=0),
     "negative rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows=-3),
     "rows as string": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows="3"),
+    "block outliers beyond its weights": lambda d: _rows_entry(d)["config"]["blocks"][0]["config"].update(outliers=301),
     "nested rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(scheme="rows"),
     "unknown block scheme": lambda d: _rows_entry(d)["config"]["blocks"][0].update(scheme="int4"),
     "block scheme missing": lambda d: _rows_entry(d)["config"]["blocks"][0].pop("scheme"),
@@ -210,6 +211,9 @@ def test_block_errors_name_the_block(rows_file, tmp_path):
         MxqFile.open(target)
     target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS["block bits 7"]))
     with pytest.raises(MxqFormatError, match=r"tensor 't1' block 1: config bits=7"):
+        MxqFile.open(target)
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS["block outliers beyond its weights"]))
+    with pytest.raises(MxqFormatError, match=r"tensor 't1': block 0: 301 outliers exceed the 300 weights"):
         MxqFile.open(target)
 
 
