@@ -11,8 +11,11 @@ prepare_matrix as a (count_i, in) matrix named `NAME[rows i]`, so every product 
     embedding  id r lives at stored row inverse[r]: its block by a binary search of the block starts,
                gathered through that block's handle (decode: one block, no scatter)
 
-Everything is derived once at load; per product the cost over the blocks' own is one concatenation
-and one gather (SmolLM2-sized decode products: a few µs next to 50–150 µs).
+Everything is derived once at load. Per product, over one matrix's: a call per block (on the CPU kernels
+~6 µs each: Python dispatch and the kernel's per-call preparation of x), one concatenation and one gather
+(~4 µs at SmolLM2's sizes). Decoding SmolLM2-135M (1 thread) with every decoder matrix split in 2 / 4
+blocks: 0.85x / 0.71x the tokens per second (tools/bench_rows.py: +16 / +35 µs per product); the cost is
+per call, so it weighs less on bigger matrices.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class RowBlocks:
         """x (T, in) float32 @ Wᵀ (+ bias (out,)) (+ residual (T, out)) → (T, out) in the logical row order."""
         backend, xp = self.backend, self.backend.xp
         parts = [backend.linear(x, block) for block in self.blocks]  # (T, count_i) each
-        stored = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)  # (T, out) in stored order
+        stored = xp.concatenate(parts, axis=1)  # (T, out) in stored order
         y = stored[:, self.gather]  # (T, out): y[:, r] = stored[:, inverse[r]]
         if bias is not None:
             y += bias
