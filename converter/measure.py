@@ -12,6 +12,11 @@ simple random sample). Configs
 with outliers (chosen over the whole matrix) and fp16 are measured on all rows. The write stage
 quantizes the chosen configs in full, and quantize() reports the exact errors of those bytes.
 
+With --row-blocks K (row_blocks.py) the table's rows are allocation units: a matrix's row blocks (rows
+sorted by importance, cut into K), each quantized as its own (count, in) matrix — the bytes the file
+will hold — and, when sampled, estimated from an evenly spaced sample of the block's rows in importance
+order (at least MIN_BLOCK_SAMPLE_ROWS) against the same per-row proxies, with its own standard error.
+
 Errors are cached on disk per checkpoint content hash, keyed by quantizer, importance, outlier mode,
 config label and sample, so converting the same model at another budget (or with more candidates)
 measures only what is new.

@@ -5,7 +5,8 @@
 With --bpw the allocation covers the decoder linears (embeddings fp16, or --quantize-embeddings).
 With a byte budget (--size, --fit) and the Fisher objective it covers every stored matrix: the
 embedding and an untied lm_head are measured with their own candidates (converter/budget.py) and
-join the linears in one MILP.
+join the linears in one MILP. With --row-blocks K the linears' units are their row blocks (each a
+config, converter/row_blocks.py), written as the `rows` scheme; embeddings and lm_head stay whole.
 """
 from __future__ import annotations
 
