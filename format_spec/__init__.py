@@ -6,11 +6,12 @@ nothing else of mxq.
 from .affine import build_csr, csr_problem, decode_meta, dequantize, encode_meta
 from .errors import MxqFormatError
 from .header import MAJOR_VERSION, MINOR_VERSION
-from .layout import (CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SCHEMES, BlobSpec, StorageConfig, aligned_nbytes,
-                     blob_specs, outlier_count, tensor_nbytes)
+from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SCHEMES, BlobSpec, StorageConfig,
+                     aligned_nbytes, blob_specs, block_blobs, outlier_count, row_order_dtype, tensor_nbytes)
 from .lut import codebook_of_rows, dequantize_lut
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 from .reader import BlobRef, MxqFile, TensorEntry
+from .rows import block_starts, content_problem, inverse_order, join_blocks, row_order_problem
 from .writer import MxqWriter, TensorPlan
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "BlobSpec", "StorageConfig", "aligned_nbytes", "blob_specs", "outlier_count", "tensor_nbytes",
     "pack_codes", "unpack_codes", "encode_meta", "decode_meta", "dequantize", "build_csr", "csr_problem",
     "BlobRef", "MxqFile", "TensorEntry", "MxqWriter", "TensorPlan",
+    "BLOCK_SCHEMES", "block_blobs", "row_order_dtype", "block_starts", "content_problem", "inverse_order",
+    "join_blocks", "row_order_problem",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs
 from .lut import dequantize_lut
 from .packing import unpack_codes
+from .rows import dequantize_rows
 
 META_LEVELS = 255  # 8-bit metadata codes 0..255
 
@@ -63,11 +64,14 @@ def decode_meta(codes: np.ndarray, meta: np.ndarray) -> np.ndarray:
 
 
 def dequantize(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
-    """Reference dequantization of one stored tensor (any scheme) → float32 array of `shape`."""
+    """Reference dequantization of one stored tensor (any scheme) → float32 array of `shape` (`rows`: in
+    the logical row order; ValueError if its row_order is not a permutation)."""
     if config.scheme == "fp16":
         return np.asarray(blobs["data"], dtype=np.float32).reshape(shape)
     if config.scheme == "lut":
         return dequantize_lut(blobs, shape, config)
+    if config.scheme == "rows":
+        return dequantize_rows(blobs, shape, config)
     out_features, in_features, n_groups = affine_dims(shape, config.group_size)
     g = config.group_size
     codes = unpack_codes(blobs["qweight"], config.bits).reshape(out_features, n_groups, g)

@@ -19,8 +19,10 @@ import numpy as np
 
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
-from .layout import CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig, blob_specs
+from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig,
+                     blob_specs)
 from .packing import SUPPORTED_BITS
+from .rows import row_order_problem
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
 from .tokenizer_schema import MetadataError, check_tokenizer
@@ -229,29 +231,7 @@ class MxqFile:
         scheme = check.get(raw, "scheme", str, where)
         if scheme not in SCHEMES:
             check.fail(f"{where}: scheme {scheme!r:.40} is not supported by this reader (reads {', '.join(SCHEMES)})")
-        config_raw = check.get(raw, "config", dict, where)
-        if scheme == "fp16":
-            config = StorageConfig.fp16()
-        else:
-            bits = check.get(config_raw, "bits", int, f"{where} config")
-            outliers = check.get(config_raw, "outliers", int, f"{where} config")
-            if len(shape) != 2:
-                check.fail(f"{where}: scheme {scheme} needs a 2-D shape, got {list(shape)}")
-            if scheme == "lut":
-                rows = check.get(config_raw, "codebook_rows", int, f"{where} config")
-                if bits not in SUPPORTED_BITS or rows not in CODEBOOK_ROWS or outliers < 0:
-                    check.fail(f"{where}: config bits={bits} codebook_rows={rows} outliers={outliers} "
-                               "is not supported")
-                config = StorageConfig.lut(bits, rows, outliers)
-            else:
-                group_size = check.get(config_raw, "group_size", int, f"{where} config")
-                if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
-                    check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} "
-                               "is not supported")
-                if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
-                        check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
-                    check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
-                config = StorageConfig.affine(bits, group_size, outliers)
+        config = self._config(check.get(raw, "config", dict, where), scheme, shape, where, check)
         try:
             specs = blob_specs(shape, config)
         except ValueError as error:
@@ -264,6 +244,56 @@ class MxqFile:
                  for blob_name, spec in specs.items()}
         role = raw.get("role", "other")
         return TensorEntry(name, shape, config, role if isinstance(role, str) else "other", blobs)
+
+    def _config(self, config_raw, scheme, shape, where, check) -> StorageConfig:
+        """The StorageConfig of a tensor's (or a `rows` block's) "config" object, every field checked."""
+        if scheme == "fp16":
+            return StorageConfig.fp16()
+        if len(shape) != 2:
+            check.fail(f"{where}: scheme {scheme} needs a 2-D shape, got {list(shape)}")
+        if scheme == "rows":
+            return self._rows_config(config_raw, shape, where, check)
+        bits = check.get(config_raw, "bits", int, f"{where} config")
+        outliers = check.get(config_raw, "outliers", int, f"{where} config")
+        if scheme == "lut":
+            rows = check.get(config_raw, "codebook_rows", int, f"{where} config")
+            if bits not in SUPPORTED_BITS or rows not in CODEBOOK_ROWS or outliers < 0:
+                check.fail(f"{where}: config bits={bits} codebook_rows={rows} outliers={outliers} is not supported")
+            return StorageConfig.lut(bits, rows, outliers)
+        group_size = check.get(config_raw, "group_size", int, f"{where} config")
+        if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
+            check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} is not supported")
+        if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
+                check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
+            check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
+        return StorageConfig.affine(bits, group_size, outliers)
+
+    def _rows_config(self, config_raw, shape, where, check) -> StorageConfig:
+        """`rows` (SPEC.md §8): at least 2 blocks of positive row counts summing to out, each block one
+        of BLOCK_SCHEMES with a config parsed exactly like a tensor's of that scheme."""
+        raw_blocks = check.get(config_raw, "blocks", list, f"{where} config")
+        if len(raw_blocks) < 2:
+            check.fail(f"{where}: config 'blocks' lists {len(raw_blocks)} blocks (rows needs at least 2)")
+        if len(raw_blocks) > shape[0]:
+            check.fail(f"{where}: config 'blocks' lists {len(raw_blocks)} blocks for {shape[0]} rows")
+        counts = []
+        for i, raw_block in enumerate(raw_blocks):
+            count = check.get(raw_block, "rows", int, f"{where} block {i}")
+            if count < 1:
+                check.fail(f"{where} block {i}: field 'rows' must be a positive integer, got {count}")
+            counts.append(count)
+        if sum(counts) != shape[0]:
+            check.fail(f"{where}: row blocks cover {sum(counts)} rows, not {shape[0]}")
+        blocks = []
+        for i, (count, raw_block) in enumerate(zip(counts, raw_blocks)):
+            block_where = f"{where} block {i}"
+            scheme = check.get(raw_block, "scheme", str, block_where)
+            if scheme not in BLOCK_SCHEMES:
+                check.fail(f"{block_where}: scheme {scheme!r:.40} is not a block scheme (one of {', '.join(BLOCK_SCHEMES)})")
+            config = self._config(check.get(raw_block, "config", dict, block_where), scheme, (count, shape[1]),
+                                  block_where, check)
+            blocks.append((count, config))
+        return StorageConfig.rows(blocks)
 
     # -- access ----------------------------------------------------------------------------------
     def view(self, blob: BlobRef) -> np.ndarray:
@@ -307,7 +337,8 @@ class MxqFile:
 
     def verify(self, progress=None) -> list[str]:
         """Check every blob's crc32 and that every gap between blobs is zero, so that no byte of
-        the file goes unchecked; returns the problems found (empty when the file is intact).
+        the file goes unchecked, and that every `rows` tensor's row_order is a permutation (SPEC.md
+        §8); returns the problems found (empty when the file is intact).
         Reads the file once, in VERIFY_CHUNK pieces."""
         problems = []
         items = [("tokenizer blob", self.tokenizer_blob)] + [
@@ -324,6 +355,11 @@ class MxqFile:
         for start, end in gaps:
             if end > start and self._has_nonzero(start, end):
                 problems.append(f"padding bytes [{start}, {end}) are not zero")
+        for entry in self.tensors.values():  # content the layout cannot judge (small: one index per row)
+            if entry.config.scheme == "rows":
+                problem = row_order_problem(self.view(entry.blobs["row_order"]), entry.shape[0])
+                if problem:
+                    problems.append(f"tensor '{entry.name}': {problem}")
         return problems
 
     def _has_nonzero(self, start: int, end: int) -> bool:

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .affine import check_blobs
-from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MINOR_VERSION
+from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
 from .layout import StorageConfig, align_up, blob_specs
+from .rows import row_order_problem
 from .tokenizer_schema import check_tokenizer
 
 CRC_PLACEHOLDER = "00000000"
@@ -268,7 +269,14 @@ class MxqWriter:
             expected = self.tensors[self._next].name if self._next < len(self.tensors) else "nothing"
             raise ValueError(f"tensor {name!r} written out of order (expected {expected})")
         plan = self.tensors[self._next]
-        check_blobs(blobs, plan.shape, plan.config)
+        try:
+            check_blobs(blobs, plan.shape, plan.config)
+        except ValueError as error:
+            raise ValueError(f"tensor {name!r}: {error}") from None
+        if plan.config.scheme == "rows":
+            problem = row_order_problem(blobs["row_order"], plan.shape[0])
+            if problem:
+                raise ValueError(f"tensor {name!r}: {problem}")
         for blob_name, slot in self._slots[name].items():
             self._put(slot, blobs[blob_name])
         self._next += 1
@@ -279,7 +287,8 @@ class MxqWriter:
                 if self._next != len(self.tensors):
                     raise ValueError(f"only {self._next} of {len(self.tensors)} tensors were written")
                 json_data = _json_bytes(self._document)
-                header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, MINOR_VERSION, zlib.crc32(json_data),
+                minor = minor_version(plan.config.scheme for plan in self.tensors)
+                header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, minor, zlib.crc32(json_data),
                                             len(json_data), self._data_offset)
                 self._file.seek(0)
                 self._file.write(header + json_data)

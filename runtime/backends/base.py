@@ -18,8 +18,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ...format_spec import csr_problem
+from ...format_spec import content_problem
 from ..errors import ModelError
+from .row_blocks import RowBlocks
 
 
 class Backend(ABC):
@@ -45,6 +46,8 @@ class Backend(ABC):
             return self.upload(blobs["data"].astype(np.float32))
         if len(entry.shape) != 2:
             raise ModelError(f"tensor '{entry.name}': expected a 1-D or 2-D tensor, got shape {list(entry.shape)}")
+        if scheme == "rows":  # row blocks (SPEC.md §8): each block through prepare_matrix
+            return RowBlocks(self, entry, blobs)
         if scheme not in self.schemes:
             raise ModelError(f"tensor '{entry.name}': scheme {scheme!r} is not supported by the {self.name} backend")
         return self.prepare_matrix(entry, blobs)
@@ -132,11 +135,12 @@ class Backend(ABC):
     # -- helpers shared by backends ---------------------------------------------------------------
     @staticmethod
     def check_outliers(entry, blobs: dict) -> None:
-        """SPEC.md §8: CSR content rules are checked before a runtime uses a tensor's outliers."""
-        if entry.config.scheme != "fp16" and entry.config.outliers:
-            problem = csr_problem(blobs, entry.shape)
-            if problem:
-                raise ModelError(f"tensor '{entry.name}': bad outliers: {problem}")
+        """SPEC.md §8: content rules are checked before a runtime uses a tensor: CSR outliers, and a
+        `rows` tensor's row_order (a permutation) and each of its blocks' outliers."""
+        problem = content_problem(blobs, entry.shape, entry.config) if len(entry.shape) == 2 else None
+        if problem:
+            what = "bad row blocks" if entry.config.scheme == "rows" else "bad outliers"
+            raise ModelError(f"tensor '{entry.name}': {what}: {problem}")
 
     def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> "KVCache":
         return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity)

@@ -1,6 +1,7 @@
 """The NumPy backend: the CPU runtime, and the reference every other backend is tested against.
 
-Weights are handles from cpu_weights.py (DenseWeight, AffineWeight) and cpu_lut.py (LutWeight): lean mode multiplies straight
+Weights are handles from cpu_weights.py (DenseWeight, AffineWeight), cpu_lut.py (LutWeight) and, for
+`rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies straight
 from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
 products when Numba is available (cpu_jit.py), else with NumPy — and cache_dequantized keeps a
 float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
@@ -27,6 +28,7 @@ from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
+from .row_blocks import RowBlocks
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention, at most ...
 ATTENTION_SCORE_BYTES = 4 << 20  # ... so many that a block's float32 scores (heads, block, keys) fit in this
@@ -168,9 +170,11 @@ class NumpyBackend(Backend):
 
     # -- operations -----------------------------------------------------------------------------------
     def embedding(self, weight, ids):
-        return weight.rows(np.asarray(ids, dtype=np.int64))  # (T, hidden)
+        return weight.rows(np.asarray(ids, dtype=np.int64))  # (T, hidden) (RowBlocks too: its blocks' rows)
 
     def linear(self, x, weight, bias=None, residual=None):
+        if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method
+            return weight.linear(np.ascontiguousarray(x, dtype=np.float32), bias, residual)
         return weight.matmul(np.ascontiguousarray(x, dtype=np.float32), bias, residual)  # (T, out)
 
     def rms_norm(self, x, weight, eps):

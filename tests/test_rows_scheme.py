@@ -1,0 +1,416 @@
+"""The `rows` scheme (SPEC.md §8): row blocks with their own configs, in a stored row order — format,
+reference dequantization, every CPU product path, hostile files, and a whole model stored that way.
+
+Tolerances: a rows product is its blocks' products put in place, so it is held to the same bound as
+an affine product (test_runtime.py): |y − x·Wᵀ| ≤ 1e-5 · (|x|·|W|ᵀ) + 1e-6 per element, W the reference
+dequantization (fp32 sums in another order). Gathered rows (embedding) are exact.
+"""
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import random_blobs
+from mxq.format_spec import (MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, block_blobs, dequantize,
+                             encode_meta, join_blocks, pack_codes, tensor_nbytes)
+from mxq.format_spec.rows import content_problem, dequantize_rows
+from mxq.runtime.backends.numpy_backend import NumpyBackend
+from mxq.runtime.backends.row_blocks import RowBlocks
+from mxq.runtime.errors import ModelError
+
+parse = StorageConfig.parse
+
+# (shape, label): affine + lut + fp16 blocks, outliers in a block, odd shapes, many blocks
+MIXES = [
+    ((10, 70), "rows(4:b3g32+o5,6:b4g64)"),
+    ((13, 100), "rows(3:l3+o4,7:b2g32,3:fp16)"),
+    ((9, 33), "rows(1:fp16,2:l4c2,6:b5g128+o3)"),
+    ((40, 64), "rows(10:b8g32,10:l2c4,10:b6g64+o7,10:fp16)"),
+]
+
+
+def random_rows_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Valid blobs of a rows tensor: a random row order, random content in every block."""
+    out_features, in_features = shape
+    blocks = [random_blobs(rng, (count, in_features), block) for count, block in config.blocks]
+    return join_blocks(rng.permutation(out_features), blocks)
+
+
+def reference_weight(blobs, shape, config) -> np.ndarray:
+    """W by the definition: stored row s of the blocks is row row_order[s] of W."""
+    stored = np.concatenate([dequantize(block_blobs(blobs, i), (count, shape[1]), block)
+                             for i, (count, block) in enumerate(config.blocks)])  # (out, in) stored order
+    weight = np.full(shape, np.nan, np.float32)
+    weight[blobs["row_order"].astype(np.int64)] = stored
+    return weight
+
+
+def write_rows_file(path, tensors, seed=0):
+    """Write [(name, shape, config)] with random content; returns {name: blobs}."""
+    rng = np.random.default_rng(seed)
+    plans = [TensorPlan(name, shape, config, "linear") for name, shape, config in tensors]
+    written = {}
+    with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                   tensors=plans) as writer:
+        for plan in plans:
+            make = random_rows_blobs if plan.config.scheme == "rows" else random_blobs
+            written[plan.name] = make(rng, plan.shape, plan.config)
+            writer.write(plan.name, written[plan.name])
+    return written
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "rows.mxq"
+    tensors = [(f"t{i}", shape, parse(label)) for i, (shape, label) in enumerate(MIXES)]
+    tensors.append(("plain", (6, 40), StorageConfig.affine(4, 32)))
+    return path, tensors, write_rows_file(path, tensors)
+
+
+# ---- format -------------------------------------------------------------------------------------------
+
+def test_round_trip_and_cost_model(rows_file):
+    path, tensors, written = rows_file
+    with MxqFile.open(path) as f:
+        assert f.version == (1, 2)  # the lowest minor with `rows`
+        assert f.verify() == []
+        for name, shape, config in tensors:
+            entry = f.tensors[name]
+            assert entry.config == config and entry.nbytes == tensor_nbytes(shape, config)
+            blobs = f.blobs(name)
+            for blob_name, array in written[name].items():
+                np.testing.assert_array_equal(blobs[blob_name], array)
+            if config.scheme == "rows":
+                weight = dequantize(blobs, shape, config)
+                np.testing.assert_array_equal(weight, reference_weight(blobs, shape, config))  # every row filled
+    assert path.stat().st_size >= sum(tensor_nbytes(shape, config) for _, shape, config in tensors)
+
+
+def test_files_without_rows_keep_minor_version_1(small_file):
+    path, _, _ = small_file
+    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 1)
+
+
+def test_row_order_dtype_and_blob_table():
+    from mxq.format_spec import blob_specs
+
+    config = StorageConfig.rows([(70000, StorageConfig.fp16()), (1, StorageConfig.fp16())])
+    assert blob_specs((70001, 2), config)["row_order"].dtype == "uint32"
+    specs = blob_specs((10, 70), parse("rows(4:b3g32+o5,6:b4g64)"))
+    assert list(specs)[:3] == ["row_order", "0.qweight", "0.scale_codes"] and specs["row_order"].dtype == "uint16"
+    assert tensor_nbytes((10, 70), parse("rows(4:b3g32+o5,6:b4g64)")) == 20 + tensor_nbytes(
+        (4, 70), parse("b3g32+o5")) + tensor_nbytes((6, 70), parse("b4g64"))
+
+
+@pytest.mark.parametrize("order, message", [
+    ([0, 1, 2, 2, 4, 5], "row 2 appears 2 times"),
+    ([0, 1, 2, 3, 4, 6], "row 6, outside 0..5"),
+])
+def test_writer_refuses_a_row_order_that_is_not_a_permutation(tmp_path, order, message):
+    config = parse("rows(2:fp16,4:b4g32)")
+    blobs = random_rows_blobs(np.random.default_rng(0), (6, 32), config)
+    blobs["row_order"] = np.array(order, np.uint16)
+    plans = [TensorPlan("w", (6, 32), config)]
+    with pytest.raises(ValueError, match=f"tensor 'w': row_order .*{message}"):
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                       tensors=plans) as writer:
+            writer.write("w", blobs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_names_the_tensor_for_wrong_block_blobs(tmp_path):
+    config = parse("rows(2:fp16,4:b4g32)")
+    blobs = random_rows_blobs(np.random.default_rng(0), (6, 32), config)
+    blobs.pop("1.zero_meta")
+    with pytest.raises(ValueError, match="tensor 'w': blobs"):
+        with MxqWriter(tmp_path / "out.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                       tensors=[TensorPlan("w", (6, 32), config)]) as writer:
+            writer.write("w", blobs)
+
+
+def test_content_problems_are_found():
+    config = parse("rows(3:b4g32+o2,3:l3)")
+    blobs = random_rows_blobs(np.random.default_rng(1), (6, 40), config)
+    assert content_problem(blobs, (6, 40), config) is None
+    assert "appears 2 times" in content_problem(dict(blobs, row_order=np.array([0, 0, 1, 2, 3, 4], np.uint16)),
+                                                (6, 40), config)
+    bad = dict(blobs, **{"0.outlier_cols": np.array([50, 1], np.uint16)})
+    assert content_problem(bad, (6, 40), config).startswith("block 0: outlier column 50")
+    with pytest.raises(ValueError, match="not a permutation"):
+        dequantize_rows(dict(blobs, row_order=np.array([5, 5, 1, 2, 3, 4], np.uint16)), (6, 40), config)
+
+
+# ---- hostile files ----------------------------------------------------------------------------------------
+
+def _rows_entry(document, index=1):
+    return document["tensors"][index]
+
+
+def _swap_block_scheme(d):
+    block = _rows_entry(d)["config"]["blocks"][0]
+    block.update(scheme="affine", config={"bits": 3, "group_size": 32, "meta_bits": 8, "meta_group_size": 128,
+                                          "outliers": 4})
+
+
+HOSTILE_ROWS_EDITS = {
+    "one block": lambda d: _rows_entry(d)["config"].update(blocks=_rows_entry(d)["config"]["blocks"][:1]),
+    "no blocks": lambda d: _rows_entry(d)["config"].update(blocks=[]),
+    "blocks missing": lambda d: _rows_entry(d)["config"].pop("blocks"),
+    "blocks not a list": lambda d: _rows_entry(d)["config"].update(blocks={"0": 1}),
+    "block not an object": lambda d: _rows_entry(d)["config"]["blocks"].__setitem__(0, 3),
+    "counts do not sum": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows=4),
+    "zero rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows=0),
+    "negative rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows=-3),
+    "rows as string": lambda d: _rows_entry(d)["config"]["blocks"][0].update(rows="3"),
+    "nested rows": lambda d: _rows_entry(d)["config"]["blocks"][0].update(scheme="rows"),
+    "unknown block scheme": lambda d: _rows_entry(d)["config"]["blocks"][0].update(scheme="int4"),
+    "block scheme missing": lambda d: _rows_entry(d)["config"]["blocks"][0].pop("scheme"),
+    "block config missing": lambda d: _rows_entry(d)["config"]["blocks"][1].pop("config"),
+    "block bits 7": lambda d: _rows_entry(d)["config"]["blocks"][1]["config"].update(bits=7),
+    "block meta_bits 4": lambda d: _rows_entry(d)["config"]["blocks"][1]["config"].update(meta_bits=4),
+    "block scheme changed": _swap_block_scheme,
+    "missing block blob": lambda d: _rows_entry(d)["blobs"].pop("1.qweight"),
+    "extra block blob": lambda d: _rows_entry(d)["blobs"].update({"3.qweight": _rows_entry(d)["blobs"]["1.qweight"]}),
+    "unprefixed block blob": lambda d: _rows_entry(d)["blobs"].update(
+        qweight=_rows_entry(d)["blobs"].pop("1.qweight")),
+    "row_order missing": lambda d: _rows_entry(d)["blobs"].pop("row_order"),
+    "row_order uint32": lambda d: _rows_entry(d)["blobs"]["row_order"].update(
+        dtype="uint32", nbytes=2 * _rows_entry(d)["blobs"]["row_order"]["nbytes"]),
+    "row_order short": lambda d: _rows_entry(d)["blobs"]["row_order"].update(shape=[12], nbytes=24),
+    "1-D rows": lambda d: _rows_entry(d).update(shape=[1300]),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_ROWS_EDITS))
+def test_hostile_rows_metadata_is_rejected(rows_file, tmp_path, name):
+    from test_corruption import _rewrite_json
+
+    path, _, _ = rows_file
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS[name]))
+    try:
+        with MxqFile.open(target) as f:
+            pytest.fail(f"accepted: {f.tensors['t1'].config.label}")
+    except MxqFormatError as error:
+        message = str(error)
+    assert "\n" not in message and "tensor 't1'" in message, message
+
+
+def test_block_errors_name_the_block(rows_file, tmp_path):
+    from test_corruption import _rewrite_json
+
+    path, _, _ = rows_file
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS["nested rows"]))
+    with pytest.raises(MxqFormatError, match=r"tensor 't1' block 0: scheme 'rows' is not a block scheme"):
+        MxqFile.open(target)
+    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS["block bits 7"]))
+    with pytest.raises(MxqFormatError, match=r"tensor 't1' block 1: config bits=7"):
+        MxqFile.open(target)
+
+
+def _patch_row_order(path, target, name, values):
+    """A copy of `path` whose tensor `name` has row_order `values` (the crc32 left stale)."""
+    with MxqFile.open(path) as f:
+        ref = f.tensors[name].blobs["row_order"]
+    image = bytearray(path.read_bytes())
+    data = np.asarray(values, ref.dtype).tobytes()
+    image[ref.offset: ref.offset + len(data)] = data
+    target.write_bytes(bytes(image))
+
+
+@pytest.mark.parametrize("values, message", [
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 8], "row 8 appears 2 times"),
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 65535], "row 65535, outside 0..9"),
+])
+def test_bad_row_order_is_caught_by_verify_and_runtime(rows_file, tmp_path, values, message):
+    path, _, _ = rows_file
+    target = tmp_path / "bad-order.mxq"
+    _patch_row_order(path, target, "t0", values)
+    with MxqFile.open(target) as f:
+        problems = f.verify()
+        assert any(p.startswith("tensor 't0': row_order ") and message in p for p in problems), problems
+        with pytest.raises(ModelError, match=f"tensor 't0': bad row blocks: row_order .*{message}"):
+            NumpyBackend(kernels=False, threads=1).prepare(f.tensors["t0"], f.blobs("t0"))
+    result = subprocess.run([sys.executable, "-m", "mxq.cli", "verify", str(target)], capture_output=True, text=True)
+    assert result.returncode == 1 and message in result.stderr
+
+
+def test_runtime_checks_each_blocks_outliers(rows_file):
+    path, _, _ = rows_file
+    with MxqFile.open(path) as f:
+        bad = dict(f.blobs("t0"), **{"0.outlier_cols": np.array([0, 0, 0, 0, 99], np.uint16)})
+        with pytest.raises(ModelError, match="tensor 't0': bad row blocks: block 0: "):
+            NumpyBackend(kernels=False, threads=1).prepare(f.tensors["t0"], bad)
+
+
+# ---- products ---------------------------------------------------------------------------------------------
+
+class Entry:
+    def __init__(self, name, shape, config, role="linear"):
+        self.name, self.shape, self.config, self.role = name, tuple(shape), config, role
+
+
+BACKENDS = {
+    "numpy": lambda: NumpyBackend(kernels=False, threads=1),
+    "numpy-threads": lambda: NumpyBackend(kernels=False, threads=2),
+    "kernels": lambda: NumpyBackend(threads=1),
+    "cached": lambda: NumpyBackend(cache_dequantized=True, threads=1),
+}
+
+
+def assert_product_close(y, x, weight, bias=None, residual=None):
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64)
+    bound = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
+    if bias is not None:
+        expected += bias
+    if residual is not None:
+        expected += residual
+    assert y.shape == expected.shape and y.dtype == np.float32
+    assert np.all(np.abs(y - expected) <= 1e-5 * bound + 1e-6 * (1 + np.abs(expected)))
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("mix", range(len(MIXES)))
+@pytest.mark.parametrize("T", [1, 3, 20])
+def test_linear_and_embedding_match_reference(backend_name, mix, T):
+    shape, label = MIXES[mix]
+    config = parse(label)
+    rng = np.random.default_rng(mix * 31 + T)
+    blobs = random_rows_blobs(rng, shape, config)
+    weight = reference_weight(blobs, shape, config)
+    backend = BACKENDS[backend_name]()
+    handle = backend.prepare(Entry("w", shape, config), blobs)
+    assert isinstance(handle, RowBlocks) and [b.shape for b in handle.blocks] == [
+        (count, shape[1]) for count in config.row_counts]
+    x = rng.standard_normal((T, shape[1])).astype(np.float32)
+    assert_product_close(backend.linear(x, handle), x, weight)
+    bias = rng.standard_normal(shape[0]).astype(np.float32)
+    residual = rng.standard_normal((T, shape[0])).astype(np.float32)
+    assert_product_close(backend.linear(x, handle, bias, residual.copy()), x, weight, bias, residual)
+    ids = rng.integers(0, shape[0], size=T)
+    np.testing.assert_array_equal(backend.embedding(handle, ids), weight[ids])
+    backend.close()
+
+
+def test_embedding_handle_is_the_tied_lm_head():
+    """A rows embedding (gathered, not cached at load) is also multiplied as the lm_head."""
+    shape, config = (48, 32), parse("rows(16:b4g32,20:l3+o6,12:fp16)")
+    rng = np.random.default_rng(7)
+    blobs = random_rows_blobs(rng, shape, config)
+    weight = reference_weight(blobs, shape, config)
+    for make in BACKENDS.values():
+        backend = make()
+        handle = backend.prepare(Entry("embed", shape, config, role="embedding"), blobs)
+        ids = np.array([47, 0, 5, 5, 30])
+        np.testing.assert_array_equal(backend.embedding(handle, ids), weight[ids])
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        assert_product_close(backend.linear(x, handle), x, weight)
+        with pytest.raises(ModelError, match="token id outside"):
+            backend.embedding(handle, np.array([48]))
+        backend.close()
+
+
+# ---- a whole model ----------------------------------------------------------------------------------------
+
+def exact_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Blobs whose dequantized weights are exactly fp16 numbers (multiples of 1/256, small): then an fp16
+    file holds exactly the same weights, and two files can be compared for identical generation."""
+    out_features, in_features = shape
+    if config.scheme == "fp16":
+        return {"data": (rng.integers(-12, 13, size=shape) / 256).astype(np.float16)}
+    blobs = {}
+    if config.scheme == "lut":
+        n_packs = -(-in_features // 32)
+        codes = rng.integers(0, 1 << config.bits, size=(out_features, n_packs * 32))
+        codes[:, in_features:] = 0
+        n_codebooks = -(-out_features // config.codebook_rows)
+        blobs = {"qweight": pack_codes(codes, config.bits),
+                 "codebook": (rng.integers(-12, 13, (n_codebooks, 1 << config.bits)) / 256).astype(np.float16)}
+    else:
+        n_groups = -(-in_features // config.group_size)
+        codes = rng.integers(0, 1 << config.bits, size=(out_features, n_groups * config.group_size))
+        codes[:, in_features:] = 0
+        scale_codes, scale_meta = encode_meta(np.full((out_features, n_groups), 1 / 256, np.float32))
+        zero_codes, zero_meta = encode_meta(np.full((out_features, n_groups), (1 << config.bits) // 2, np.float32))
+        blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
+                 "zero_codes": zero_codes, "zero_meta": zero_meta}
+    if config.outliers:
+        from mxq.format_spec import build_csr
+
+        flat = rng.choice(out_features * in_features, size=config.outliers, replace=False)
+        blobs.update(build_csr(shape, flat // in_features, flat % in_features,
+                               (rng.integers(-8, 9, config.outliers) / 256).astype(np.float32)))
+    return blobs
+
+
+def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
+    """tiny-qwen2 (tied embedding = lm_head, q/k/v biases) with every matrix and the embedding stored as
+    rows of affine (with outliers), lut and fp16 blocks in a random order, against the same weights as
+    fp16: identical greedy tokens and logits within fp32 reordering, on the NumPy path, the compiled
+    kernels and the cached mode."""
+    fixtures = pytest.importorskip("fixtures")
+    from safetensors.numpy import load_file
+    from test_runtime_files import hf_model_json, hf_tokenizer, tensor_role
+
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.model import Model
+
+    hf_dir = fixtures.ensure("tiny-qwen2")
+    import json
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    model, (tokenizer, tokenizer_data) = hf_model_json(cfg), hf_tokenizer(hf_dir, cfg)
+    rng = np.random.default_rng(0)
+    mixes = ["b4g32+o3", "l3", "fp16", "b3g64", "l4c2+o2", "b8g32"]
+    rows_plans, fp16_plans, rows_blobs, fp16_blobs = [], [], {}, {}
+    for name in sorted(weights):
+        shape, role = weights[name].shape, tensor_role(name)
+        fp16_plans.append(TensorPlan(name, shape, StorageConfig.fp16(), role))
+        if len(shape) != 2:
+            rows_plans.append(fp16_plans[-1])
+            rows_blobs[name] = fp16_blobs[name] = {"data": weights[name].astype(np.float16)}
+            continue
+        cut = np.sort(rng.choice(np.arange(1, shape[0]), size=2, replace=False))  # 3 blocks
+        counts = np.diff(np.concatenate([[0], cut, [shape[0]]]))
+        config = StorageConfig.rows([(int(c), parse(mixes[(len(rows_plans) + i) % len(mixes)]).storage((int(c), shape[1])))
+                                     for i, c in enumerate(counts)])
+        blobs = join_blocks(rng.permutation(shape[0]), [exact_blobs(rng, (count, shape[1]), block)
+                                                          for count, block in config.blocks])
+        rows_plans.append(TensorPlan(name, shape, config, role))
+        rows_blobs[name] = blobs
+        dense = dequantize(blobs, shape, config)
+        assert np.array_equal(dense.astype(np.float16).astype(np.float32), dense)  # exactly fp16
+        fp16_blobs[name] = {"data": dense.astype(np.float16)}
+    paths = {}
+    for kind, plans, blobs in (("rows", rows_plans, rows_blobs), ("fp16", fp16_plans, fp16_blobs)):
+        paths[kind] = tmp_path / f"{kind}.mxq"
+        with MxqWriter(paths[kind], model=model, tokenizer=tokenizer, tokenizer_data=tokenizer_data,
+                       tensors=plans) as writer:
+            for plan in plans:
+                writer.write(plan.name, blobs[plan.name])
+
+    def greedy(path, backend, n=12):
+        with MxqFile.open(path) as f:
+            lm = Model.from_file(f, ModelConfig.from_json(f.model), backend)
+            cache, ids, steps = lm.new_cache(64), [1, 5, 9, 200, 17], []
+            logits = backend.to_host(lm.forward(ids, cache))  # (T, vocab): prefill
+            steps.append(logits)
+            for _ in range(n):
+                ids.append(int(logits[-1].argmax()))
+                logits = backend.to_host(lm.forward([ids[-1]], cache))
+                steps.append(logits)
+            backend.close()
+            return ids, steps
+
+    reference_ids, reference_steps = greedy(paths["fp16"], NumpyBackend(kernels=False, threads=1))
+    for make in BACKENDS.values():
+        ids, steps = greedy(paths["rows"], make())
+        assert ids == reference_ids
+        for got, want in zip(steps, reference_steps):
+            assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
