@@ -38,7 +38,7 @@ from ..format_spec import tensor_nbytes
 from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
-from .row_blocks import ORDER_VERSION, block_counts, split, unit_nbytes
+from .row_blocks import ORDER_VERSION, block_counts, blocks_wanted, split, unit_nbytes
 
 CACHE_VERSION = 5  # bump when quantizer or estimator math changes
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
@@ -245,6 +245,7 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     row_blocks: split each matrix into this many row blocks (row_blocks.py), each an allocation unit."""
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
+    row_blocks = blocks_wanted(row_blocks, candidates)
     counts = [block_counts(t.shape[0], row_blocks) for t in linears]
     units = [(i, b) for i, c in enumerate(counts) for b in range(len(c))]
 

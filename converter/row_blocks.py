@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..format_spec import StorageConfig, aligned_nbytes, tensor_nbytes
+from ..format_spec import StorageConfig, aligned_nbytes, join_blocks, tensor_nbytes
 from ..format_spec.layout import align_up, row_order_dtype
 from .options import MIN_BLOCK_ROWS
 
@@ -40,6 +40,12 @@ def block_counts(out_features: int, blocks: int) -> list[int]:
         return [out_features]
     base, extra = divmod(out_features, k)
     return [base + (b < extra) for b in range(k)]
+
+
+def blocks_wanted(row_blocks: int, candidates) -> int:
+    """--row-blocks as applied: 1 with a single candidate config (its blocks could not differ, and the
+    row_order would be bytes for nothing — `--configs fp16` stays plain fp16)."""
+    return row_blocks if len(candidates) > 1 else 1
 
 
 def row_importance(weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:
@@ -106,11 +112,9 @@ def quantize_rows(weight: torch.Tensor, config: StorageConfig, importance, order
     block's blobs as quantize_block(W_b, block config, importance_b) gives them, named `b.<blob>`."""
     if sum(config.row_counts) != weight.shape[0] or len(order) != weight.shape[0]:
         raise ValueError(f"row blocks {config.label} do not cover the {weight.shape[0]} rows")
-    blobs = {"row_order": order.astype(row_order_dtype(weight.shape[0]))}
-    start = 0
-    for b, (count, block) in enumerate(config.blocks):
+    parts, start = [], 0
+    for count, block in config.blocks:
         rows = torch.from_numpy(order[start:start + count])
         start += count
-        part = quantize_block(weight[rows], block, importance[rows] if importance is not None else None)
-        blobs.update({f"{b}.{name}": blob for name, blob in part.items()})
-    return blobs
+        parts.append(quantize_block(weight[rows], block, importance[rows] if importance is not None else None))
+    return join_blocks(order, parts)

@@ -30,11 +30,13 @@ def _weight(shape, seed=0):
 
 
 def _restored(blobs, shape, config) -> np.ndarray:
-    """A `rows` tensor decoded with format_spec's reference on each block, rows put back in W's order."""
+    """A `rows` tensor decoded with format_spec's NumPy reference on each block, rows put back in W's order
+    (by hand: independent of format_spec.rows)."""
     parts = [dequantize(block_blobs(blobs, b), (count, shape[1]), block) for b, (count, block) in
              enumerate(config.blocks)]
     restored = np.empty(shape, np.float32)
     restored[blobs["row_order"].astype(np.int64)] = np.concatenate(parts)
+    assert np.array_equal(restored, dequantize(blobs, shape, config))  # format_spec's reference agrees
     return restored
 
 
@@ -207,3 +209,30 @@ def test_heatmap_shows_a_split_matrixs_mean():
                             costs=np.array([[10, 20], [10, 20], [5, 9]]), numel=np.array([40, 40, 20]))
     entries = heatmap_entries(table, np.array([0, 1, 1]))
     assert entries == [("m.layers.0.q.weight", "3.0", 8.0 * 30 / 80), ("m.layers.0.k.weight", "b4g64", 8.0 * 9 / 20)]
+
+
+def test_split_files_load_and_run_in_the_runtime(tiny_llama, tmp_path):
+    import mxq
+    from mxq.format_spec import MxqFile
+
+    common = dict(cache_dir=str(tmp_path / "c"), **FAST)
+    fp16 = convert(tiny_llama, tmp_path / "fp16.mxq", bpw=16, configs="fp16", **common)
+    single = convert(tiny_llama, tmp_path / "single.mxq", bpw=16, configs="fp16", row_blocks=4, **common)
+    assert single.config_counts == {"fp16": 14}  # one candidate: nothing to split
+    rows16 = convert(tiny_llama, tmp_path / "rows16.mxq", size=fp16.file_bytes + 100_000, configs="fp16,b8g64",
+                     row_blocks=4, **common)
+    assert set(rows16.config_counts) == {"fp16"}
+    convert(tiny_llama, tmp_path / "rows3.mxq", bpw=3.0, row_blocks=4, **common)
+    ids = np.random.default_rng(3).integers(0, 200, size=24)
+    with MxqFile.open(tmp_path / "rows16.mxq") as f:
+        assert f.verify() == [] and any(e.config.scheme == "rows" for e in f.tensors.values())
+    with mxq.load(tmp_path / "fp16.mxq") as lm:
+        reference = lm.logits(ids)
+    with mxq.load(tmp_path / "rows16.mxq") as lm:  # fp16 blocks in a permuted order: the same model
+        assert np.abs(lm.logits(ids) - reference).max() <= 1e-4 * np.abs(reference).max()
+    with MxqFile.open(tmp_path / "rows3.mxq") as f:
+        assert f.verify() == []
+        assert {len(e.config.blocks) for e in f.tensors.values() if e.config.scheme == "rows"} == {3, 4}
+    with mxq.load(tmp_path / "rows3.mxq") as lm:
+        logits = lm.logits(ids)
+        assert logits.shape == reference.shape and np.isfinite(logits).all()
