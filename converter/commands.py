@@ -5,7 +5,7 @@ import click
 
 from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS
 from .candidates import PRESETS
-from .options import MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
+from .options import MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
 
 _list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
 
@@ -70,8 +70,11 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
               show_default=True,
               help="Split each decoder linear into this many blocks of output channels, sorted by importance "
-                   "(Σ F·W² of each row), each block with its own config chosen by the MILP (1: one config "
-                   f"per matrix). A matrix gets fewer blocks where a block would have fewer than {MIN_BLOCK_ROWS} rows.")
+                   "(Σ_j F_ij·W_ij² of row i; with --objective output the inputs' second moments for F, data-free "
+                   "‖W_i‖²), each block with its own config chosen by the MILP (1: one config "
+                   f"per matrix). A matrix gets fewer blocks where a block would have fewer than {MIN_BLOCK_ROWS} rows, "
+                   f"none when its rows have fewer than {MIN_SPLIT_COLUMNS} weights (the row order costs 16 bits "
+                   "a row).")
 @click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
               help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
                    "their bytes count against the budget.")

@@ -246,7 +246,7 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     row_blocks = blocks_wanted(row_blocks, candidates)
-    counts = [block_counts(t.shape[0], row_blocks) for t in linears]
+    counts = [block_counts(t.shape, row_blocks) for t in linears]
     units = [(i, b) for i, c in enumerate(counts) for b in range(len(c))]
 
     def entry(i, b):  # a unit's name in the cache: the order depends on weights, importance (in the key) and K

@@ -87,7 +87,7 @@ def _objective(table, objective: str) -> np.ndarray:
 def _check_feasible(checkpoint, candidates, options) -> None:
     """Fail early when no allocation can meet the budget (costs need no measurement)."""
     linears = checkpoint.linears
-    counts = [block_counts(t.shape[0], blocks_wanted(options.row_blocks, candidates)) for t in linears]
+    counts = [block_counts(t.shape, blocks_wanted(options.row_blocks, candidates)) for t in linears]
     costs = np.array([[unit_nbytes(t.shape, c_t, b, c) for c in candidates]
                       for t, c_t in zip(linears, counts) for b in range(len(c_t))])
     numel = sum(t.shape[0] * t.shape[1] for t in linears)

@@ -13,7 +13,7 @@ second moments broadcast over rows (`output`), or 1 (data-free objectives: r_i =
 the row index order, so the order is a pure function of the weights and the importance.
 
 A matrix is split only when every block gets at least MIN_BLOCK_ROWS rows (fewer blocks otherwise;
-none below 2). The cost of a split matrix is exact: `row_order` (uint16/uint32 per row) plus each
+none below 2) and its rows have at least MIN_SPLIT_COLUMNS weights. The cost of a split matrix is exact: `row_order` (uint16/uint32 per row) plus each
 block's own cost over its (count, in) shape — metadata runs are per block — which `unit_nbytes`
 gives per MILP unit (the row_order bytes ride on block 0).
 """
@@ -26,16 +26,18 @@ import torch
 
 from ..format_spec import StorageConfig, aligned_nbytes, join_blocks, tensor_nbytes
 from ..format_spec.layout import align_up, row_order_dtype
-from .options import MIN_BLOCK_ROWS
+from .options import MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS
 
 ORDER_VERSION = 1  # bump when the row order or the block cut changes (part of the error cache's key)
 
 
-def block_counts(out_features: int, blocks: int) -> list[int]:
-    """Row counts of the blocks a matrix with `out_features` rows is cut into (stored order): `blocks`
-    near-equal parts (the first ones one row longer), fewer when a block would get < MIN_BLOCK_ROWS rows;
-    [out_features] when the matrix stays whole."""
-    k = min(blocks, out_features // MIN_BLOCK_ROWS)
+def block_counts(shape, blocks: int) -> list[int]:
+    """Row counts of the blocks a (out, in) matrix is cut into (stored order): `blocks` near-equal parts
+    (the first ones one row longer), fewer when a block would get < MIN_BLOCK_ROWS rows; [out] when the
+    matrix stays whole (also when its rows are narrower than MIN_SPLIT_COLUMNS: there the row order's
+    16 bits a row cost more than 1/16 bpw, about what sorted blocks gain)."""
+    out_features, in_features = shape
+    k = min(blocks, out_features // MIN_BLOCK_ROWS) if in_features >= MIN_SPLIT_COLUMNS else 1
     if k < 2:
         return [out_features]
     base, extra = divmod(out_features, k)
@@ -79,7 +81,7 @@ class RowSplit:
 
 def split(weight: torch.Tensor, importance: torch.Tensor | None, blocks: int) -> RowSplit | None:
     """The row blocks of a 2-D matrix for `--row-blocks blocks` (None: it stays whole)."""
-    counts = block_counts(weight.shape[0], blocks) if weight.dim() == 2 else [0]
+    counts = block_counts(tuple(weight.shape), blocks) if weight.dim() == 2 else [0]
     if len(counts) < 2:
         return None
     return RowSplit(row_order(weight, importance), tuple(counts))

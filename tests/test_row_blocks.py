@@ -11,7 +11,8 @@ from mxq.converter import ConversionError, convert
 from mxq.converter import measure as measure_module
 from mxq.converter.candidates import parse_candidates
 from mxq.converter.measure import ErrorCache, measure
-from mxq.converter.options import MIN_BLOCK_ROWS
+from mxq.converter import row_blocks
+from mxq.converter.options import MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS
 from mxq.converter.quantize import quantize
 from mxq.converter.row_blocks import (block_counts, quantize_rows, row_importance, row_order, rows_config, split,
                                       unit_nbytes)
@@ -20,6 +21,12 @@ from mxq.format_spec import MxqWriter, StorageConfig, aligned_nbytes, blob_specs
 from mxq.format_spec.layout import block_blobs
 
 FAST = dict(calib_tokens=1024)
+
+
+@pytest.fixture(autouse=True)
+def narrow_rows_split(monkeypatch):
+    """The tiny fixtures' rows are 96 and 160 wide, narrower than MIN_SPLIT_COLUMNS: split them anyway."""
+    monkeypatch.setattr(row_blocks, "MIN_SPLIT_COLUMNS", 64)
 
 
 def _weight(shape, seed=0):
@@ -41,11 +48,17 @@ def _restored(blobs, shape, config) -> np.ndarray:
 
 
 def test_blocks_are_near_equal_and_never_below_the_minimum():
-    assert block_counts(576, 4) == [144] * 4
-    assert block_counts(578, 4) == [145, 145, 144, 144]
-    assert block_counts(96, 4) == [32, 32, 32]  # fewer blocks: each keeps MIN_BLOCK_ROWS rows
-    assert block_counts(2 * MIN_BLOCK_ROWS - 1, 4) == [2 * MIN_BLOCK_ROWS - 1]  # whole
-    assert block_counts(4096, 1) == [4096]
+    assert block_counts((576, 576), 4) == [144] * 4
+    assert block_counts((578, 96), 4) == [145, 145, 144, 144]
+    assert block_counts((96, 96), 4) == [32, 32, 32]  # fewer blocks: each keeps MIN_BLOCK_ROWS rows
+    assert block_counts((2 * MIN_BLOCK_ROWS - 1, 96), 4) == [2 * MIN_BLOCK_ROWS - 1]  # whole
+    assert block_counts((4096, 4096), 1) == [4096]
+
+
+def test_narrow_rows_stay_whole(monkeypatch):
+    monkeypatch.undo()  # the real MIN_SPLIT_COLUMNS
+    assert block_counts((576, MIN_SPLIT_COLUMNS), 4) == [144] * 4
+    assert block_counts((576, MIN_SPLIT_COLUMNS - 1), 4) == [576]
 
 
 def test_row_order_is_by_importance_with_ties_in_row_order():
@@ -61,7 +74,7 @@ def test_row_order_is_by_importance_with_ties_in_row_order():
 @pytest.mark.parametrize("labels", [["b3g64", "b4g32", "b2g128"], ["b3g64+o1%", "fp16", "l3c4"]])
 def test_unit_costs_add_up_to_the_rows_config_exactly(labels):
     shape = (300, 200)  # metadata runs over each block's own (count, in) shape, not a share of the matrix's
-    counts = block_counts(shape[0], 3)
+    counts = block_counts(shape, 3)
     candidates = parse_candidates(",".join(labels))
     config = rows_config(shape, counts, candidates)
     assert config.row_counts == tuple(counts)
@@ -163,7 +176,7 @@ def test_bpw_conversion_writes_the_cost_models_bytes(tiny_llama, tmp_path, writt
         linear_bytes += tensor_nbytes(plan.shape, plan.config)
         numel += plan.shape[0] * plan.shape[1]
         if plan.shape[0] >= 2 * MIN_BLOCK_ROWS:  # q/o/gate/up/down (96 and 160 rows) are split, k/v (48) not
-            assert plan.config.row_counts == tuple(block_counts(plan.shape[0], 4))
+            assert plan.config.row_counts == tuple(block_counts(plan.shape, 4))
             restored = _restored(blobs, plan.shape, plan.config)
             assert np.linalg.norm(restored - source[name]) < 0.5 * np.linalg.norm(source[name])
         else:
