@@ -249,3 +249,17 @@ def test_split_files_load_and_run_in_the_runtime(tiny_llama, tmp_path):
     with mxq.load(tmp_path / "rows3.mxq") as lm:
         logits = lm.logits(ids)
         assert logits.shape == reference.shape and np.isfinite(logits).all()
+
+
+def test_a_files_blocks_read_back_as_the_tables_choice(tiny_llama, tmp_path):
+    """--max-loss and `mxq sweep` read a written file's choice back per unit (prediction.file_choice)."""
+    from mxq.converter.allocate import allocate
+    from mxq.converter.options import ConvertOptions
+    from mxq.converter.prediction import convert_at, file_choice, prepare
+
+    prepared = prepare(tiny_llama, ConvertOptions(bpw=3.0, row_blocks=4, cache_dir=str(tmp_path / "c"), **FAST))
+    table = prepared.table
+    assert len(table.names) > len(set(table.names))  # split matrices: one unit per block
+    budget = int(3.0 * int(table.numel.sum()) / 8)
+    convert_at(prepared, budget, tmp_path / "m.mxq")
+    assert np.array_equal(file_choice(prepared, tmp_path / "m.mxq"), allocate(table.costs, table.weighted, budget))
