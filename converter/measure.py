@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..format_spec import tensor_nbytes
 from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize

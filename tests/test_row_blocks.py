@@ -8,7 +8,6 @@ import torch
 
 import fixtures
 from mxq.converter import ConversionError, convert
-from mxq.converter import measure as measure_module
 from mxq.converter.candidates import parse_candidates
 from mxq.converter.measure import ErrorCache, measure
 from mxq.converter import row_blocks
@@ -17,7 +16,7 @@ from mxq.converter.quantize import quantize
 from mxq.converter.row_blocks import (block_counts, quantize_rows, row_importance, row_order, rows_config, split,
                                       unit_nbytes)
 from mxq.converter.sweep import heatmap_entries
-from mxq.format_spec import MxqWriter, StorageConfig, aligned_nbytes, blob_specs, dequantize, tensor_nbytes
+from mxq.format_spec import MxqWriter, aligned_nbytes, blob_specs, dequantize, tensor_nbytes
 from mxq.format_spec.layout import block_blobs
 
 FAST = dict(calib_tokens=1024)
