@@ -12,9 +12,10 @@ _list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
 CONVERT_HELP = """Convert a Hugging Face checkpoint folder HF_DIR into one quantized .mxq file.
 
 \b
-Every decoder linear (q/k/v/o, gate/up/down) of every layer gets its own storage config,
-chosen by a mixed-integer program that minimizes total quantization error while keeping
-the budget exactly:
+Every decoder linear (q/k/v/o, gate/up/down) of every layer (by default each of its
+--row-blocks blocks of output channels, sorted by importance) gets its own storage
+config, chosen by a mixed-integer program that minimizes total quantization error
+while keeping the budget exactly:
   --bpw X    bits per weight over the decoder linears, counting everything they store
              (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
   --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
