@@ -5,16 +5,17 @@ import click
 
 from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS
 from .candidates import PRESETS
-from .options import OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
+from .options import MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
 
 _list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
 
 CONVERT_HELP = """Convert a Hugging Face checkpoint folder HF_DIR into one quantized .mxq file.
 
 \b
-Every decoder linear (q/k/v/o, gate/up/down) of every layer gets its own storage config,
-chosen by a mixed-integer program that minimizes total quantization error while keeping
-the budget exactly:
+Every decoder linear (q/k/v/o, gate/up/down) of every layer (by default each of its
+--row-blocks blocks of output channels, sorted by importance) gets its own storage
+config, chosen by a mixed-integer program that minimizes total quantization error
+while keeping the budget exactly:
   --bpw X    bits per weight over the decoder linears, counting everything they store
              (codes, double-quantized scales/zeros, outliers), as in the MXQ paper
   --size S   bytes for the whole file (e.g. 80MB, 75MiB, 1.5GiB)
@@ -67,6 +68,14 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    f"G in {_list(GROUP_SIZES)}, C in {_list(CODEBOOK_ROWS)} and a candidate's outliers a percent; "
                    f"or presets {_list(PRESETS)} ('paper': b2/3/4/8 × g32/64/128, the MXQ paper's space; "
                    "'all': every affine bit width; 'lut': l2–l5 per channel and per 4 and 16 channels).")
+@click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
+              show_default=True,
+              help="Split each decoder linear into this many blocks of output channels, sorted by importance "
+                   "(Σ_j F_ij·W_ij² of row i; with --objective output the inputs' second moments for F, data-free "
+                   "‖W_i‖²), each block with its own config chosen by the MILP (1: one config "
+                   f"per matrix). A matrix gets fewer blocks where a block would have fewer than {MIN_BLOCK_ROWS} rows, "
+                   f"none when its rows have fewer than {MIN_SPLIT_COLUMNS} weights (the row order costs 16 bits "
+                   "a row).")
 @click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
               help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
                    "their bytes count against the budget.")
@@ -106,7 +115,7 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "the same as without --cluster. Needs pip install 'mxq[cluster]'.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, max_loss_text, configs,
-                    outliers_text, outlier_mode, quantizer, objective,
+                    row_blocks, outliers_text, outlier_mode, quantizer, objective,
                     calib, calib_tokens, quantize_embeddings, rotate, rotate_seed, cache_dir, no_cache, jobs, cluster, quiet):
     from tqdm import tqdm
 
@@ -125,6 +134,7 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, ma
         bpw=bpw, size=parse_size(size_text) if size_text else None,
         fit=parse_size(fit_text, "--fit") if fit_text else None, context=context, batch=batch,
         max_loss=parse_percent(max_loss_text, "--max-loss") if max_loss_text else None, configs=configs,
+        row_blocks=row_blocks,
         quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs, cluster=cluster,

@@ -34,6 +34,7 @@ from ..format_spec.affine import build_csr, dequantize
 from .calibrate import LayerStream, calibration_chunks, default_text
 from .errors import ConversionError
 from .quantize import quantize
+from .row_blocks import quantize_rows, row_order
 
 DAMP = 0.01  # dampening: this share of H's mean diagonal is added to the diagonal
 BLOCK = 128  # columns updated lazily in blocks (GPTQ's batched updates)
@@ -108,6 +109,27 @@ def compensated_blobs(weight: torch.Tensor, hessian: torch.Tensor, config: Stora
     if outliers is not None:  # rows, cols and residual[outliers] are all row-major
         blobs.update(build_csr(weight.shape, rows, cols, residual[outliers].numpy()))
     return blobs, torch.from_numpy(dequantize(blobs, weight.shape, config))
+
+
+def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: StorageConfig, importance=None,
+                     outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER):
+    """compensated_blobs for a `rows` config (converter/row_blocks.py): GPTQ's rows are independent
+    given the Hessian, so each row block is rounded with the same H and its own config."""
+    order = row_order(weight, importance)  # as measure() split it: the same weights and importance
+    decoded = []
+
+    def block(w, block_config, block_importance):
+        if block_config.scheme == "fp16":
+            decoded.append(w.to(torch.float16).to(torch.float32))
+            return {"data": w.to(torch.float16).numpy()}
+        blobs, stored = compensated_blobs(w, hessian, block_config, block_importance, outlier_mode, act_order)
+        decoded.append(stored)
+        return blobs
+
+    blobs = quantize_rows(weight, config, importance, order, block)
+    stored = torch.empty_like(weight)
+    stored[torch.from_numpy(order)] = torch.cat(decoded)
+    return blobs, stored
 
 
 class _Hessians:
@@ -185,8 +207,9 @@ def _round_layer(stream, hessians, i, x, plans, quantizer_importance, outlier_mo
                 continue
             if name not in hessians.of:
                 raise ConversionError(f"gptq: the model never applied '{name}' as a linear")
-            blobs, stored = compensated_blobs(weight, hessians.of[name], config, quantizer_importance(name),
-                                              outlier_mode, act_order)
+            compensate = compensated_rows if config.scheme == "rows" else compensated_blobs
+            blobs, stored = compensate(weight, hessians.of[name], config, quantizer_importance(name),
+                                       outlier_mode, act_order)
             stored_blobs[name] = blobs
             weight.copy_(stored)
         hessians.clear()

@@ -12,6 +12,11 @@ simple random sample). Configs
 with outliers (chosen over the whole matrix) and fp16 are measured on all rows. The write stage
 quantizes the chosen configs in full, and quantize() reports the exact errors of those bytes.
 
+With --row-blocks K (row_blocks.py) the table's rows are allocation units: a matrix's row blocks (rows
+sorted by importance, cut into K), each quantized as its own (count, in) matrix — the bytes the file
+will hold — and, when sampled, estimated from an evenly spaced sample of the block's rows in importance
+order (at least MIN_BLOCK_SAMPLE_ROWS) against the same per-row proxies, with its own standard error.
+
 Errors are cached on disk per checkpoint content hash, keyed by quantizer, importance, outlier mode,
 config label and sample, so converting the same model at another budget (or with more candidates)
 measures only what is new.
@@ -22,32 +27,40 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..format_spec import tensor_nbytes
 from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
+from .row_blocks import ORDER_VERSION, block_counts, blocks_wanted, split, unit_nbytes
 
 CACHE_VERSION = 5  # bump when quantizer or estimator math changes
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
+MIN_BLOCK_SAMPLE_ROWS = 16  # a row block's sample has at least this many rows (all of smaller blocks)
 
 
 @dataclass
 class ErrorTable:
-    names: list  # decoder linear names, file order
+    """One row per allocation unit: a whole matrix, or one row block of a split matrix (row_blocks.py;
+    a split matrix's blocks are consecutive rows, block 0 first)."""
+    names: list  # (N,) the matrix of each unit (a split matrix's name repeats), file order
     candidates: list  # Candidate objects
     error_sq: np.ndarray  # (N, C) float64: ‖W − Ŵ‖²_F
     weighted: np.ndarray  # (N, C) float64: Σ importance·(W − Ŵ)² (= error_sq without importance)
     weighted_se: np.ndarray  # (N, C) float64: standard error of `weighted` (0 where measured on all rows)
-    costs: np.ndarray  # (N, C) int64 bytes
-    numel: np.ndarray  # (N,) weights per matrix
-    norms_sq: np.ndarray  # (N,) ‖W‖²_F
+    costs: np.ndarray  # (N, C) int64 bytes (block 0 of a split matrix includes its row_order)
+    numel: np.ndarray  # (N,) weights per unit
+    norms_sq: np.ndarray  # (N,) ‖W‖²_F of each matrix, on its first unit (0 on the others): sums are exact
+    blocks: list = field(default_factory=list)  # (N,) (block index, row counts of the matrix's blocks); [] = whole
+
+    def unit(self, i: int) -> tuple[int, tuple]:
+        """(block index, row counts) of unit i; (0, ()) for a whole matrix."""
+        return self.blocks[i] if self.blocks else (0, ())
 
 
 def default_cache_dir() -> Path:
@@ -132,9 +145,9 @@ class ErrorCache:
             os.close(directory)
 
 
-def sample_rows(out_features: int, every: int) -> torch.Tensor | None:
-    """Evenly spaced row indices, ceil(out/every) of them but at least MIN_SAMPLE_ROWS; None for all rows."""
-    count = max(math.ceil(out_features / max(every, 1)), MIN_SAMPLE_ROWS)
+def sample_rows(out_features: int, every: int, minimum: int = MIN_SAMPLE_ROWS) -> torch.Tensor | None:
+    """Evenly spaced row indices, ceil(out/every) of them but at least `minimum`; None for all rows."""
+    count = max(math.ceil(out_features / max(every, 1)), minimum)
     if every <= 1 or count >= out_features:
         return None
     return torch.arange(count, dtype=torch.int64) * out_features // count
@@ -169,30 +182,50 @@ def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[f
     return total, count * math.sqrt(max(1.0 - n / count, 0.0) * variance / n)
 
 
-def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sample_every: int, job):
+def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sample_every: int, job,
+                   row_blocks: int = 1):
     """One matrix's missing entries. job: (name, [(cache key, candidate, row-sampled?)]) →
-    (‖W‖²_F, {cache key: [err_sq, weighted, weighted_se]}). A pure function of its arguments (the
+    (‖W‖²_F, {cache key: [[err_sq, weighted, weighted_se] of each unit]}): one unit, the matrix, or
+    with row_blocks > 1 its row blocks (row_blocks.split), each quantized as its own matrix, its sample
+    evenly spread over the block's rows in importance order. A pure function of its arguments (the
     quantizer's kernels give the same bits for any thread count), so it may run on any machine."""
     name, entries = job
     weight = checkpoint.load(name)
     weights = importance(name) if importance is not None else None
-    rows = sample_rows(weight.shape[0], sample_every)
-    spread = {}  # group size -> per-row error proxies (weighted, plain)
+    blocks = split(weight, weights, row_blocks) if row_blocks > 1 else None
+    if blocks is None:
+        parts = [(None, weight, weights, sample_rows(weight.shape[0], sample_every))]
+    else:
+        parts = []
+        for b, count in enumerate(blocks.counts):
+            rows = torch.from_numpy(blocks.rows(b))
+            parts.append((rows.numpy(), weight[rows], weights[rows] if weights is not None else None,
+                          sample_rows(count, sample_every, MIN_BLOCK_SAMPLE_ROWS)))
+    spread = {}  # group size -> per-row error proxies of the whole matrix (weighted, plain)
     values = {}
     for key, candidate, sample in entries:
-        subset = rows if sample else None
-        result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False,
-                          importance=weights, outlier_mode=outlier_mode, rows=subset)
-        if subset is None:
-            values[key] = [result.error_sq, result.weighted_error, 0.0]
-        else:
-            if candidate.group_size not in spread:
-                spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
-            proxy_weighted, proxy_sq = spread[candidate.group_size]
-            weighted, se = estimate(result.row_weighted.numpy(), proxy_weighted, subset.numpy())
-            error_sq, _ = estimate(result.row_error_sq.numpy(), proxy_sq, subset.numpy())
-            values[key] = [error_sq, weighted, se]
+        if sample and candidate.group_size not in spread:
+            spread[candidate.group_size] = group_spread(weight, weights, candidate.group_size)
+        values[key] = []
+        for rows, part, part_weights, subset in parts:
+            proxies = None
+            if sample and subset is not None:
+                proxies = [p if rows is None else p[rows] for p in spread[candidate.group_size]]
+            values[key].append(_error(part, part_weights, candidate, quantizer, outlier_mode,
+                                      subset if sample else None, proxies))
     return float(np.square(weight.numpy(), dtype=np.float64).sum()), values  # NumPy: the same bits for any thread count
+
+
+def _error(weight, weights, candidate, quantizer, outlier_mode, rows, proxies) -> list:
+    """[err_sq, weighted, weighted_se] of `weight` (a matrix, or one row block) stored as `candidate`:
+    exact (rows None), or estimated from the row sample `rows` with the per-row proxies (weighted, plain)."""
+    result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False, importance=weights,
+                      outlier_mode=outlier_mode, rows=rows)
+    if rows is None:
+        return [result.error_sq, result.weighted_error, 0.0]
+    weighted, se = estimate(result.row_weighted.numpy(), proxies[0], rows.numpy())
+    error_sq, _ = estimate(result.row_error_sq.numpy(), proxies[1], rows.numpy())
+    return [error_sq, weighted, se]
 
 
 def _map_here(function, jobs):
@@ -202,32 +235,41 @@ def _map_here(function, jobs):
 
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
             importance_id: str = "none", outlier_mode: str = "magnitude",
-            sample_every: int = SAMPLE_EVERY, tensors=None, runner=None) -> ErrorTable:
+            sample_every: int = SAMPLE_EVERY, tensors=None, runner=None, row_blocks: int = 1) -> ErrorTable:
     """importance: None or a function name -> (out, in) tensor weighing errors (see quantize).
     sample_every: measure 1 row in this many (1: every row, exact errors).
     tensors: the 2-D tensors (checkpoint TensorInfos) to measure; default: the decoder linears.
     runner(function, jobs) yields (index into jobs, function(job)) in any order: the per-matrix work
-    (default: here, in order; converter/cluster.py runs it as cluster tasks)."""
+    (default: here, in order; converter/cluster.py runs it as cluster tasks).
+    row_blocks: split each matrix into this many row blocks (row_blocks.py), each an allocation unit."""
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
-    costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears],
+    row_blocks = blocks_wanted(row_blocks, candidates)
+    counts = [block_counts(t.shape, row_blocks) for t in linears]
+    units = [(i, b) for i, c in enumerate(counts) for b in range(len(c))]
+
+    def entry(i, b):  # a unit's name in the cache: the order depends on weights, importance (in the key) and K
+        return names[i] if len(counts[i]) < 2 else f"{names[i]}/rows{row_blocks}v{ORDER_VERSION}/{b}"
+
+    costs = np.array([[unit_nbytes(linears[i].shape, counts[i], b, c) for c in candidates] for i, b in units],
                      dtype=np.int64)
-    numel = np.array([t.shape[0] * t.shape[1] for t in linears], dtype=np.int64)
+    numel = np.array([counts[i][b] * linears[i].shape[1] for i, b in units], dtype=np.int64)
     sampled = [c.scheme == "affine" and not c.outlier_percent and sample_every > 1 for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
             f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
             for c, s in zip(candidates, sampled)]
-    todo = [i for i, name in enumerate(names)
-            if name not in cache.data["norms"] or any(cache.get(k, name) is None for k in keys)]
+    missing = lambda i, k: any(cache.get(k, entry(i, b)) is None for b in range(len(counts[i])))  # noqa: E731
+    todo = [i for i, name in enumerate(names) if name not in cache.data["norms"] or any(missing(i, k) for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
-    jobs = [(names[i], [(k, c, s) for k, c, s in zip(keys, candidates, sampled) if cache.get(k, names[i]) is None])
-            for i in todo]
-    work = partial(measure_matrix, checkpoint, quantizer, importance, outlier_mode, sample_every)
+    jobs = [(names[i], [(k, c, s) for k, c, s in zip(keys, candidates, sampled) if missing(i, k)]) for i in todo]
+    work = partial(measure_matrix, checkpoint, quantizer, importance, outlier_mode, sample_every,
+                   row_blocks=row_blocks)
     for count, (j, (norm_sq, values)) in enumerate((runner or _map_here)(work, jobs)):
-        name = jobs[j][0]
-        cache.data["norms"][name] = norm_sq
-        for key, value in values.items():
-            cache.put(key, name, value)
+        i = todo[j]
+        cache.data["norms"][names[i]] = norm_sq
+        for key, unit_values in values.items():
+            for b, value in enumerate(unit_values):
+                cache.put(key, entry(i, b), value)
         if bar:
             bar.update(len(candidates))
         if count % 16 == 15:
@@ -235,8 +277,9 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     if bar:
         bar.close()
     cache.save()
-    values = np.array([[cache.get(k, n) for k in keys] for n in names], dtype=np.float64).reshape(
-        len(names), len(keys), 3)
-    norms_sq = np.array([cache.data["norms"][n] for n in names])
-    return ErrorTable(names, list(candidates), values[..., 0], values[..., 1], values[..., 2], costs, numel,
-                      norms_sq)
+    values = np.array([[cache.get(k, entry(i, b)) for k in keys] for i, b in units], dtype=np.float64).reshape(
+        len(units), len(keys), 3)
+    norms_sq = np.array([cache.data["norms"][names[i]] if b == 0 else 0.0 for i, b in units])
+    blocks = [(b, tuple(counts[i])) for i, b in units] if row_blocks > 1 else []
+    return ErrorTable([names[i] for i, _ in units], list(candidates), values[..., 0], values[..., 1], values[..., 2],
+                      costs, numel, norms_sq, blocks)

@@ -19,6 +19,9 @@ OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest
 # fisher: Σ F·ΔW² with F the Fisher diagonal from calibration (≈ 2 × expected loss increase).
 OBJECTIVES = ("frobenius", "frobenius_sq", "output", "fisher")
 CALIBRATED_OBJECTIVES = ("output", "fisher")
+MAX_ROW_BLOCKS = 64  # --row-blocks: at most this many row blocks per matrix (converter/row_blocks.py) ...
+MIN_BLOCK_ROWS = 32  # ... each of at least this many rows (a matrix with fewer gets fewer blocks) ...
+MIN_SPLIT_COLUMNS = 256  # ... and only with rows this wide: the row order costs 16 bits a row, ≤ 1/16 bpw here
 SAMPLE_EVERY = 8  # measurement quantizes 1 row in this many per config (converter/measure.py)
 MAX_LOSS_PERCENT = 100.0  # --max-loss P%: the loss increase allowed, as a percentage of the fp model's loss
 # --cluster: "local" or "local:N" (start a Ray instance here with N worker processes), "ray://HOST:PORT"
@@ -40,6 +43,7 @@ class ConvertOptions:
     configs: str = "all"
     quantizer: str = "wls"
     objective: str = "fisher"
+    row_blocks: int = 4  # split each decoder linear into this many row blocks by importance, a config each
     outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
     outlier_mode: str = "magnitude"  # which weights become outliers: largest |w| or largest (weighted) error
     quantize_embeddings: int | None = None  # 8 or 4: embeddings (and an untied lm_head) fixed to b8g64 / b4g32
@@ -83,6 +87,8 @@ class ConvertOptions:
             raise ConversionError(f"--outlier-mode {self.outlier_mode!r}: choose from {', '.join(OUTLIER_MODES)}")
         if self.calib_tokens < 512:
             raise ConversionError("--calib-tokens must be at least 512")
+        if not 1 <= self.row_blocks <= MAX_ROW_BLOCKS:
+            raise ConversionError(f"--row-blocks {self.row_blocks} is outside [1, {MAX_ROW_BLOCKS}]")
         if self.measure_every < 1:
             raise ConversionError(f"measure_every {self.measure_every} must be at least 1")
         if not 0 <= self.rotate_seed < 2**63:

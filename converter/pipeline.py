@@ -5,7 +5,8 @@
 With --bpw the allocation covers the decoder linears (embeddings fp16, or --quantize-embeddings).
 With a byte budget (--size, --fit) and the Fisher objective it covers every stored matrix: the
 embedding and an untied lm_head are measured with their own candidates (converter/budget.py) and
-join the linears in one MILP.
+join the linears in one MILP. With --row-blocks K the linears' units are their row blocks (each a
+config, converter/row_blocks.py), written as the `rows` scheme; embeddings and lm_head stay whole.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..format_spec import MxqWriter, StorageConfig, TensorPlan, aligned_nbytes, tensor_nbytes
+from ..format_spec import MxqWriter, StorageConfig, TensorPlan, tensor_nbytes
 from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
@@ -30,6 +31,7 @@ from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
 from .options import CALIBRATED_OBJECTIVES, MEASURED_WITH, ConvertOptions, parse_size, whole_file  # noqa: F401 (parse_size re-exported)
 from .quantize import quantize
+from .row_blocks import block_counts, blocks_wanted, quantize_rows, row_order, rows_config, unit_nbytes
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
 
@@ -85,7 +87,9 @@ def _objective(table, objective: str) -> np.ndarray:
 def _check_feasible(checkpoint, candidates, options) -> None:
     """Fail early when no allocation can meet the budget (costs need no measurement)."""
     linears = checkpoint.linears
-    costs = np.array([[tensor_nbytes(t.shape, c.storage(t.shape)) for c in candidates] for t in linears])
+    counts = [block_counts(t.shape, blocks_wanted(options.row_blocks, candidates)) for t in linears]
+    costs = np.array([[unit_nbytes(t.shape, c_t, b, c) for c in candidates]
+                      for t, c_t in zip(linears, counts) for b in range(len(c_t))])
     numel = sum(t.shape[0] * t.shape[1] for t in linears)
     if options.bpw is not None:
         lowest, highest = costs.min(axis=1).sum(), costs.max(axis=1).sum()
@@ -93,7 +97,11 @@ def _check_feasible(checkpoint, candidates, options) -> None:
             raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
                                   f"range is {8 * lowest / numel:.4f} to {8 * highest / numel:.4f} bpw")
         return
-    cheapest = {t.name: candidates[int(np.argmin(row))].storage(t.shape) for t, row in zip(linears, costs)}
+    cheapest, unit = {}, 0
+    for t, c_t in zip(linears, counts):
+        picks = [candidates[int(np.argmin(row))] for row in costs[unit:unit + len(c_t)]]
+        cheapest[t.name] = picks[0].storage(t.shape) if len(c_t) < 2 else rows_config(t.shape, c_t, picks)
+        unit += len(c_t)
     if whole_file(options):
         for name in _matrix_names(checkpoint):
             shape = checkpoint.tensors[name].shape
@@ -120,9 +128,29 @@ def _budget_text(checkpoint, options) -> str:
 
 
 def _configs(checkpoint, tables, choice) -> dict:
-    """name -> StorageConfig of every allocated tensor; choice indexes each tensor's own table's candidates."""
-    rows = [(name, table.candidates) for table in tables for name in table.names]
-    return {name: candidates[c].storage(checkpoint.tensors[name].shape) for (name, candidates), c in zip(rows, choice)}
+    """name -> StorageConfig of every allocated tensor; choice indexes each unit's own table's candidates
+    (a split matrix's units are its row blocks: stored as one `rows` config, row_blocks.py)."""
+    configs, picks, unit = {}, {}, 0
+    for table in tables:
+        for i, name in enumerate(table.names):
+            b, counts = table.unit(i)
+            candidate = table.candidates[choice[unit]]
+            unit += 1
+            shape = checkpoint.tensors[name].shape
+            if len(counts) < 2:
+                configs[name] = candidate.storage(shape)
+                continue
+            picks.setdefault(name, []).append(candidate)
+            if b == len(counts) - 1:
+                configs[name] = rows_config(shape, counts, picks.pop(name))
+    return configs
+
+
+def _unit_nbytes(checkpoint, table, i, candidate, alignment=None) -> int:
+    """Bytes unit i of `table` (a matrix or one of its row blocks) takes stored as `candidate`."""
+    b, counts = table.unit(i)
+    shape = checkpoint.tensors[table.names[i]].shape
+    return unit_nbytes(shape, counts or (shape[0],), b, candidate, alignment)
 
 
 def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
@@ -134,10 +162,8 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
         return allocate(table.costs, _objective(table, options.objective),
                         int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9)))
     objective = padded([row for t in tables for row in _objective(t, options.objective)], fill_cost=False)
-    shapes = [checkpoint.tensors[name].shape for t in tables for name in t.names]
-    candidates = [t.candidates for t in tables for _ in t.names]
-    aligned = padded([np.array([aligned_nbytes(shape, c.storage(shape), 64) for c in row], dtype=np.int64)
-                      for shape, row in zip(shapes, candidates)], fill_cost=True)
+    aligned = padded([np.array([_unit_nbytes(checkpoint, t, i, c, 64) for c in t.candidates], dtype=np.int64)
+                      for t in tables for i in range(len(t.names))], fill_cost=True)
     cheapest = aligned.argmin(axis=1)
     rows = np.arange(len(aligned))
     overhead = make_writer(cheapest).file_nbytes - int(aligned[rows, cheapest].sum())
@@ -214,7 +240,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
     table = measure(checkpoint, candidates, MEASURED_WITH.get(options.quantizer, options.quantizer), cache, progress,
                     importance, importance_id,
-                    options.outlier_mode, options.measure_every, runner=cluster and cluster.map)
+                    options.outlier_mode, options.measure_every, runner=cluster and cluster.map,
+                    row_blocks=options.row_blocks)
     if options.quantizer == "gptq" and options.objective in CALIBRATED_OBJECTIVES:
         table = _gptq_corrected(checkpoint, table, options, importance, progress)
     tables = [table]
@@ -310,8 +337,18 @@ def _quantized(checkpoint, plans, options, weights_of):
                                      _calibration_text(options), options.calib_tokens)
         return
     for plan in plans:
-        yield plan.name, quantize(checkpoint.load(plan.name), plan.config, options.quantizer,
-                                  importance=weights_of(plan.name), outlier_mode=options.outlier_mode).blobs
+        weight, importance = checkpoint.load(plan.name), weights_of(plan.name)
+        if plan.config.scheme == "rows":  # the row order measure() used: the same weights and importance
+            yield plan.name, quantize_rows(weight, plan.config, importance, row_order(weight, importance),
+                                           functools.partial(_quantize_block, options))
+            continue
+        yield plan.name, quantize(weight, plan.config, options.quantizer, importance=importance,
+                                  outlier_mode=options.outlier_mode).blobs
+
+
+def _quantize_block(options, weight, config, importance) -> dict:
+    """One row block's blobs (row_blocks.quantize_rows)."""
+    return quantize(weight, config, options.quantizer, importance=importance, outlier_mode=options.outlier_mode).blobs
 
 
 def _gptq_corrected(checkpoint, table, options, importance, progress):

@@ -79,7 +79,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     importance_id = _importance_id(options, calibration)
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     table = measure(checkpoint, candidates, options.quantizer, cache, progress, calibration.fisher.__getitem__,
-                    importance_id, options.outlier_mode, options.measure_every)
+                    importance_id, options.outlier_mode, options.measure_every, row_blocks=options.row_blocks)
     seconds["measure"] = time.perf_counter() - stage
     return Prepared(str(hf_dir), replace(options, cache_dir=cache_dir), checkpoint, checkpoint_hash, table,
                     calibration, calibration_text(options), seconds, list(cache.notices), keepalive)
@@ -222,16 +222,23 @@ def convert_at(prepared: Prepared, budget: int, out_path, progress=None):
 
 
 def file_choice(prepared: Prepared, path) -> np.ndarray:
-    """The candidate index of every table row as stored in the .mxq file at `path` (N,)."""
+    """The candidate index of every table row (a matrix, or one of its row blocks) as stored in the .mxq
+    file at `path` (N,)."""
     from ..format_spec import MxqFile
 
     table = prepared.table
     with MxqFile.open(path) as f:
         stored = {name: f.tensors[name].config for name in table.names}
     choice = []
-    for name in table.names:
-        shape = prepared.checkpoint.tensors[name].shape
-        matches = [c for c, candidate in enumerate(table.candidates) if candidate.storage(shape) == stored[name]]
+    for i, name in enumerate(table.names):
+        shape, config = prepared.checkpoint.tensors[name].shape, stored[name]
+        b, counts = table.unit(i)
+        if len(counts) > 1:  # a row block: its own config over its own rows
+            if config.scheme != "rows" or config.row_counts != counts:
+                raise ConversionError(f"{path}: tensor '{name}' is stored as {config.label}, not in row blocks "
+                                      f"of {counts}")
+            shape, config = (counts[b], shape[1]), config.blocks[b][1]
+        matches = [c for c, candidate in enumerate(table.candidates) if candidate.storage(shape) == config]
         if not matches:
             raise ConversionError(f"{path}: tensor '{name}' is stored as {stored[name].label}, not a candidate")
         choice.append(matches[0])

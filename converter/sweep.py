@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .options import QUANTIZERS, default
+from .options import MAX_ROW_BLOCKS, QUANTIZERS, default
 
 MEASURED_POINTS = 4  # budgets converted and measured by default, spread over the feasible sweep
 HEATMAP_BPW = 4.25  # the default heatmap's budget (or the swept budget nearest to it)
@@ -53,10 +53,24 @@ def calibrated_scale(predicted: list[float], measured: list[float]) -> float | N
 
 
 def heatmap_entries(table, choice) -> list:
-    """(name, label, stored bits per weight) of every row of the error table under `choice`."""
-    rows = np.arange(len(choice))
-    bits = 8.0 * table.costs[rows, choice] / table.numel
-    return [(name, table.candidates[c].label, float(b)) for name, c, b in zip(table.names, choice, bits)]
+    """(name, label, stored bits per weight) of every matrix of the error table under `choice`. A matrix
+    split into row blocks shows its blocks' mean: bits per weight over all of them, and as its label the
+    blocks' common label or, when they differ, their mean code width (e.g. '3.5')."""
+    matrices: dict[str, list] = {}
+    for i, (name, c) in enumerate(zip(table.names, choice)):
+        matrices.setdefault(name, []).append((i, table.candidates[c]))
+    entries = []
+    for name, units in matrices.items():
+        rows = [i for i, _ in units]
+        bits = 8.0 * float(sum(table.costs[i, c] for i, c in zip(rows, choice[rows]))) / float(table.numel[rows].sum())
+        labels = {candidate.label for _, candidate in units}
+        if len(labels) == 1:
+            label = labels.pop()
+        else:
+            code_bits = sum(candidate.bits * float(table.numel[i]) for i, candidate in units)
+            label = f"{code_bits / float(table.numel[rows].sum()):.1f}"
+        entries.append((name, label, bits))
+    return entries
 
 
 def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=None, ctx=2048, max_chunks=16,
@@ -162,7 +176,7 @@ def _plots(out_dir, model_name, rows, evaluation, scale, table, solved, heatmap_
                                       f"{calibrated}")
         if heatmap_bpw in solved:
             entries = heatmap_entries(table, solved[heatmap_bpw][1])
-            bpw = 8.0 * table.costs[np.arange(len(entries)), solved[heatmap_bpw][1]].sum() / table.numel.sum()
+            bpw = 8.0 * table.costs[np.arange(len(table.names)), solved[heatmap_bpw][1]].sum() / table.numel.sum()
             paths["heatmap"] = plot.heatmap(entries, out_dir / f"heatmap-{heatmap_bpw:g}bpw.png",
                                             f"{model_name} at {heatmap_bpw:g} bpw (achieved {bpw:.3f} over decoder "
                                             "linears): bits per weight of each matrix")
@@ -225,6 +239,8 @@ Examples:
 @click.option("--configs", default=default("configs"), show_default=True, help="Candidate configs (as `mxq convert`).")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"),
               show_default=True, help="Quantizer (as `mxq convert`).")
+@click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
+              show_default=True, help="Row blocks per matrix (as `mxq convert`).")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text (as `mxq convert`).")
 @click.option("--calib-tokens", type=int, default=default("calib_tokens"), show_default=True,
               help="Calibration tokens; held-out text starts after them.")
@@ -233,7 +249,7 @@ Examples:
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Threads for quantization.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep_command(hf_dir, out_dir, start, stop, step, measure_text, heatmap_bpw, text_path, ctx, max_chunks,
-                  keep_files, configs, quantizer, calib, calib_tokens, cache_dir, no_cache, jobs, quiet):
+                  keep_files, configs, quantizer, row_blocks, calib, calib_tokens, cache_dir, no_cache, jobs, quiet):
     from tqdm import tqdm
 
     from ..runtime.commands import read_text_file
@@ -242,7 +258,7 @@ def sweep_command(hf_dir, out_dir, start, stop, step, measure_text, heatmap_bpw,
     budgets = grid(start, stop, step)
     measure_at = None if measure_text is None else _floats(measure_text, "--measure-at")
     text = read_text_file(text_path, "--text") if text_path else None
-    options = ConvertOptions(bpw=8.0, configs=configs, quantizer=quantizer, calib=calib, calib_tokens=calib_tokens,
+    options = ConvertOptions(bpw=8.0, configs=configs, quantizer=quantizer, row_blocks=row_blocks, calib=calib, calib_tokens=calib_tokens,
                              cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
     options.validate()  # bpw is a placeholder: every budget of the sweep replaces it
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))

@@ -178,7 +178,7 @@ def test_size_loop_converges_when_the_layout_grows_with_the_plan():
     shape = (64, 96)
     checkpoint = SimpleNamespace(tensors={n: SimpleNamespace(shape=shape) for n in names})
     errors = np.array([[8.0, 4.0, 2.0, 0.1]] * len(names)) * np.arange(1, 7)[:, None]
-    table = SimpleNamespace(names=names, candidates=candidates, weighted=errors)
+    table = SimpleNamespace(names=names, candidates=candidates, weighted=errors, unit=lambda i: (0, ()))  # whole matrices
     costs = np.array([aligned_nbytes(shape, c.storage(shape), 64) for c in candidates])
 
     def make_writer(choice):  # 1000 bytes of header, +40 per matrix above the cheapest config

@@ -38,6 +38,8 @@ def test_sample_rows_are_evenly_spread_and_fall_back_to_all_rows():
     assert len(sample_rows(1000, 8)) == 125 and sample_rows(1000, 8)[-1] < 1000
     assert len(sample_rows(192, 8)) == 64  # at least MIN_SAMPLE_ROWS
     assert sample_rows(64, 8) is None and sample_rows(4096, 1) is None
+    # a row block's sample (--row-blocks): 1 in 8 of its rows, at least its own smaller minimum
+    assert len(sample_rows(144, 8, 16)) == 18 and len(sample_rows(48, 8, 16)) == 16 and sample_rows(16, 8, 16) is None
 
 
 def test_estimate_scales_the_sample_by_the_proxy_and_states_its_standard_error():

@@ -1,7 +1,8 @@
 """Conversion benchmark: seconds per stage and peak RSS, as ratios to one single-config pass.
 
     python tools/bench_convert.py [--fixture smollm2] [--bpw 4.25] [--rebpw 3.5] [--method default|paper]
-                                  [--jobs N] [--skip-synthetic] [--check-sample] [--check-fisher-dtype]
+                                  [--row-blocks K] [--jobs N] [--skip-synthetic] [--check-sample]
+                                  [--check-fisher-dtype]
 
 In one run, each in its own process (so its peak RSS is its own), after compiling the Numba kernels once:
   * baseline: one single-config quantization pass (b4g64, the method's quantizer, data-free weights, errors
@@ -13,7 +14,8 @@ In one run, each in its own process (so its peak RSS is its own), after compilin
     whose total size differs 4×: peak memory must track the largest tensor, not the model.
 --check-sample measures the fixture's error matrix on every row and on row samples (1 in 4, 8, 16) and
 prints, at 3.5/4.25/5.5 bpw, how much the allocation chosen from sampled errors loses against the one
-chosen from exact errors (both scored with the exact errors), and the stated error bars.
+chosen from exact errors (both scored with the exact errors), and the stated error bars (with
+--row-blocks K: of the row blocks' estimates).
 --check-fisher-dtype compares the allocations made with the Fisher diagonal in float32 and in bfloat16
 (what the statistics store keeps) at 3.5/4.25/5.5 bpw.
 """
@@ -84,7 +86,7 @@ def compile_kernels() -> None:
     """))
 
 
-def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.5)) -> None:
+def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25, 5.5), row_blocks=1) -> None:
     """Allocation quality with sampled errors, scored with exact errors (see the module docstring)."""
     import math
     import time
@@ -104,11 +106,13 @@ def sample_check(hf_dir, cache_dir: Path, everies=(4, 8, 16), budgets=(3.5, 4.25
         started = time.perf_counter()
         cache = ErrorCache(cache_dir / "errors" if every == 1 else None, checkpoint_hash)  # exact ones kept
         tables[every] = measure(checkpoint, _candidates(options), "wls", cache,
-                                importance=fisher.__getitem__, importance_id="check", sample_every=every)
+                                importance=fisher.__getitem__, importance_id="check", sample_every=every,
+                                row_blocks=row_blocks)
         seconds[every] = time.perf_counter() - started
     exact = tables[1]
     rows = np.arange(len(exact.names))
-    print("row-sampled measurement vs exact (fisher objective, allocation scored with exact errors):")
+    print(f"row-sampled measurement vs exact (fisher objective, --row-blocks {row_blocks}, allocation scored with "
+          "exact errors):")
     print(f"  {'rows':>7} {'seconds':>8} {'bpw':>5} {'changed':>8} {'loss vs exact optimum':>22} "
           f"{'estimate/exact':>15} {'stated ±1 s.e.':>15}")
     for every in (1, *everies):
@@ -190,6 +194,7 @@ def main():
     parser.add_argument("--rebpw", type=float, default=3.5)
     parser.add_argument("--method", choices=list(METHODS), default="default",
                         help="default: mxq's defaults (calibrated Fisher, wls, all bit widths); paper: data-free MXQ")
+    parser.add_argument("--row-blocks", type=int, default=None, help="--row-blocks K (default: mxq's)")
     parser.add_argument("--jobs", type=int, default=None, help="threads (default: every core)")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--check-sample", action="store_true", help="only the row-sampling check")
@@ -201,12 +206,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.check_sample:
-            sample_check(hf_dir, args.check_cache or tmp / "cache")
+            sample_check(hf_dir, args.check_cache or tmp / "cache", row_blocks=args.row_blocks or 1)
             return
         if args.check_fisher_dtype:
             fisher_dtype_check(hf_dir, tmp)
             return
         method = {**METHODS[args.method], "jobs": args.jobs}
+        if args.row_blocks is not None:
+            method["row_blocks"] = args.row_blocks
         quantizer = method.get("quantizer", "wls")
         compile_kernels()
         base = single_pass(hf_dir, quantizer, args.jobs)

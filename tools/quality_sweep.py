@@ -30,6 +30,10 @@ METHODS = {
     "fisher-hqq": dict(configs="paper", quantizer="hqq", objective="fisher"),
     "fisher-wls": dict(configs="paper", quantizer="wls", objective="fisher"),
     "fisher-wls-all": dict(configs="all", quantizer="wls", objective="fisher"),
+    # one config per matrix, or per row block of 4 / 8 (rows sorted by importance; --row-blocks)
+    "fisher-wls-all-rows1": dict(configs="all", quantizer="wls", objective="fisher", row_blocks=1),
+    "fisher-wls-all-rows4": dict(configs="all", quantizer="wls", objective="fisher", row_blocks=4),
+    "fisher-wls-all-rows8": dict(configs="all", quantizer="wls", objective="fisher", row_blocks=8),
     "fisher-wls-all-o": dict(configs="all,b3g64+o0.25%,b3g64+o0.5%,b4g64+o0.25%,b4g64+o0.5%,b2g32+o0.5%,b3g32+o0.5%",
                              quantizer="wls", objective="fisher", outlier_mode="error"),
     "fisher-wls-all+lut": dict(configs="all+lut", quantizer="wls", objective="fisher"),
