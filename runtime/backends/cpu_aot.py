@@ -43,7 +43,7 @@ EXPORTS = {
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
 }
-SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_aot_build.py"]
+SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 
 
