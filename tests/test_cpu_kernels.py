@@ -501,6 +501,51 @@ def test_tiny_model_logits_match_numpy_path(tiny_models, name, mode):
     assert np.abs(fast - exact).max() <= LOGITS_TOLERANCE * np.abs(exact).max()
 
 
+GENERIC_DOT_CHECK = """
+import numpy as np
+from mxq.runtime.backends import cpu_qdot
+cpu_qdot.VNNI = False  # before anything compiles: LLVM's generic widening multiply-add, as on CPUs without VNNI
+from mxq.runtime.backends import cpu_kernels as K
+from mxq.format_spec import StorageConfig, dequantize
+from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
+from mxq.runtime.backends.numpy_backend import AffineWeight, NumpyBackend
+from conftest import random_affine_blobs
+Entry = type("E", (), {})
+rng, backend = np.random.default_rng(3), NumpyBackend(threads=1, kernels=False)
+for bits in (2, 3, 4, 5, 6, 8):
+    for group in (32, 64, 128):
+        shape = (19, 333)
+        config = StorageConfig.affine(bits, group, 0)
+        entry = Entry(); entry.name, entry.shape, entry.config, entry.role = "w", shape, config, "linear"
+        w = AffineWeight(entry, random_affine_blobs(rng, shape, config), backend)
+        x = rng.standard_normal((2, shape[1])).astype(np.float32)
+        y = np.empty((2, shape[0]), np.float32)
+        K.affine_matmul_serial(x, w.packed, w.scale_codes, w.scale_meta, w.zero_codes, w.zero_meta, bits, group,
+                               NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
+        want = w.numpy_matmul(quantize_activations(x))
+        assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
+    """cpu_qdot's lane dot product without AVX512-VNNI (LLVM's generic lowering, e.g. aarch64 or older
+    x86): compiled afresh in a subprocess (own Numba cache), every bit width and group size against the
+    NumPy path on x̂. (~half a minute: every kernel copy compiles.)"""
+    import subprocess
+    import sys
+
+    from mxq.runtime.backends import cpu_aot
+
+    tests = os.path.dirname(os.path.abspath(__file__))  # conftest.random_affine_blobs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cpu_aot.HERE.parents[2]), tests]),
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    done = subprocess.run([sys.executable, "-c", GENERIC_DOT_CHECK], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
 # ---- the ahead-of-time build (cpu_aot.py) -------------------------------------------------------------
 
 def test_ahead_of_time_kernels_load_without_numba_or_llvm():
