@@ -236,37 +236,6 @@ def test_thread_splits_give_identical_rows(jit):
             np.testing.assert_array_equal(y, results[0])  # each row is computed the same way in any part
 
 
-def test_ahead_of_time_kernels_split_big_products_over_the_pool(monkeypatch):
-    """Serial-only kernels (aot): a product of one token on a matrix ≥ SPLIT_MIN_WEIGHTS may run as parts of
-    the rows on the calling thread and the backend's pool (split_product, chosen by ThreadChoice): parts
-    start on metadata runs (odd G here), carry their outliers, bias and residual; the same numbers."""
-    from conftest import random_affine_blobs
-
-    from mxq.runtime.backends import cpu_weights
-
-    monkeypatch.setattr(cpu_weights, "SPLIT_MIN_WEIGHTS", 1 << 16)
-    rng = np.random.default_rng(5)
-    shape = (1031, 200)  # G = 7 groups of 32: parts start on multiples of 128 rows
-    affine = StorageConfig.affine(5, 32, 25)
-    blobs = {"affine": random_affine_blobs(rng, shape, affine),
-             "fp16": {"data": rng.standard_normal(shape).astype(np.float16)}}
-    x = rng.standard_normal((1, 200)).astype(np.float32)
-    bias = rng.standard_normal(shape[0]).astype(np.float32)
-    residual = rng.standard_normal((1, shape[0])).astype(np.float32)
-    with kernels_mode("aot"):
-        for kind, config in (("affine", affine), ("fp16", StorageConfig.fp16())):
-            results = []
-            for threads in (1, 2, 3):
-                backend = NumpyBackend(threads=threads)
-                assert backend.kernels.kind == "aot" and not backend.kernels.parallel
-                weight = backend.prepare(_Entry("w", shape, config), blobs[kind])
-                assert (weight.threads_choice is None) == (threads == 1)
-                results += [backend.linear(x, weight, bias, residual.copy()) for _ in range(2 * ThreadChoice.PROBE)]
-                backend.close()
-            for y in results[1:]:
-                np.testing.assert_array_equal(y, results[0])
-
-
 def test_matrices_of_one_shape_share_a_thread_choice(jit):
     from conftest import random_affine_blobs
 

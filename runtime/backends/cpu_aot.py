@@ -18,8 +18,8 @@ retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler 
 The extension's functions do not check their arguments' types (pycc: only the item size), so they are
 called only through the weight handles and the backend, which pass exactly the types of the
 kernels' examples() (the same as the JIT kernels compile for). They are serial: pycc cannot build
-Numba's parallel (OpenMP) loops; a big product (≥ cpu_weights.SPLIT_MIN_WEIGHTS) may instead run as parts of
-the rows on the backend's thread pool (Matrix.split_product), when ThreadChoice measures that faster.
+Numba's parallel (OpenMP) loops; decode on SmolLM2 ran as fast on one thread as on two (ThreadChoice; splitting
+the lm_head over the backend's pool measured 0.8–0.9x on this 2-core machine, so they do not).
 """
 from __future__ import annotations
 

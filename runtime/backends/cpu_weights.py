@@ -56,8 +56,6 @@ ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many colum
 ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
-SPLIT_MIN_WEIGHTS = 1 << 23  # ... the same with serial-only kernels (ahead of time), whose parallel form hands
-# a part of the rows to the backend's pool: ~70 µs a hand-off on a 2-core VM (measured), so only for big matrices
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 1 << 20  # ... while prefilling (4 MiB was no faster on SmolLM2: measured)
@@ -84,9 +82,10 @@ NO_RESIDUAL = np.zeros((0, 0), np.float32)
 
 def quantize_activations(x: np.ndarray) -> np.ndarray:
     """x (T, in) float32 rounded as the compiled affine kernels use it: per token and block of
-    ACTIVATION_BLOCK columns, v = x·127/max|x| is split into high = round(v) and low = round((v − high)·2^ACTIVATION_LOW_BITS)
-    (int8 each, round half to even), x̂ = (2^8·high + low)·max|x|/127/2^8: ~16-bit steps. The kernels
-    compute W·x̂ with this x̂ (two integer dot products of codes and int8 activations, cpu_qdot.py)."""
+    ACTIVATION_BLOCK columns, v = x·127/max|x| is split into high = round(v) and low = round((v − high)·2^L)
+    (L = ACTIVATION_LOW_BITS; int8 each, round half to even), x̂ = (2^L·high + low)·max|x|/127/2^L: ~16-bit
+    steps. The kernels compute W·x̂ with this x̂ (two integer dot products of codes and int8 activations,
+    cpu_qdot.py)."""
     T, n_in = x.shape
     n_blocks = -(-n_in // ACTIVATION_BLOCK)
     padded = np.zeros((T, n_blocks * ACTIVATION_BLOCK), np.float32)
@@ -197,53 +196,22 @@ class Matrix:
     @cached_property
     def threads_choice(self) -> ThreadChoice | None:
         """The backend's ThreadChoice for this kind and shape; None: always the calling thread (one
-        thread, or a small matrix: below KERNEL_PARALLEL_MIN_WEIGHTS with Numba's parallel kernels,
-        below SPLIT_MIN_WEIGHTS with serial-only ones, whose parallel form is split_product)."""
-        size, kernels = self.shape[0] * self.shape[1], self.backend.kernels
-        if self.backend.threads < 2 or size < (KERNEL_PARALLEL_MIN_WEIGHTS if kernels.parallel else SPLIT_MIN_WEIGHTS):
-            return None
-        if not kernels.parallel and self.backend.pool is None:
+        thread, serial-only kernels, or a small matrix)."""
+        if (self.backend.threads < 2 or not self.backend.kernels.parallel
+                or self.shape[0] * self.shape[1] < KERNEL_PARALLEL_MIN_WEIGHTS):
             return None
         return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
     def run_product(self, serial, parallel, *args) -> bool:
-        """backend.run_kernel of the serial or the parallel kernel (serial-only kernels: split_product),
-        as threads_choice picks (and times); args = (x, ..., y) as the kernels take them."""
+        """backend.run_kernel of the serial or the parallel kernel, as threads_choice picks (and times)."""
         choice = self.threads_choice
         if choice is None:
             return self.backend.run_kernel(serial, *args)
         use_parallel = choice.parallel()
         t0 = time.perf_counter()
-        if not use_parallel:
-            done = self.backend.run_kernel(serial, *args)
-        elif self.backend.kernels.parallel:
-            done = self.backend.run_kernel(parallel, *args)
-        else:
-            done = self.split_product(serial, args)
+        done = self.backend.run_kernel(parallel if use_parallel else serial, *args)
         choice.record(use_parallel, time.perf_counter() - t0)
         return done
-
-    def split_product(self, serial, args) -> bool:
-        """The serial kernel on one part of the rows per thread: the calling thread and the backend's
-        pool (the kernels release the GIL). One token only (then each part's y is a contiguous slice)."""
-        if args[0].shape[0] != 1:
-            return self.backend.run_kernel(serial, *args)
-        R, parts, align = self.shape[0], self.backend.threads, self.split_alignment
-        step = -(-(-(-R // parts)) // align) * align  # rows per part, a multiple of align
-        bounds = [(r, min(R, r + step)) for r in range(0, R, step)]
-        futures = [self.backend.pool.submit(self.backend.run_kernel, serial, *self.row_part(args, r0, r1))
-                   for r0, r1 in bounds[1:]]
-        done = self.backend.run_kernel(serial, *self.row_part(args, *bounds[0]))
-        return all([future.result() for future in futures]) and done
-
-    split_alignment = 1  # parts start on multiples of this many rows
-
-    @staticmethod
-    def _rows_of(a: np.ndarray, r0: int, r1: int, axis: int) -> np.ndarray:
-        """Columns/rows r0:r1 of an optional argument (an empty stand-in stays as it is)."""
-        if a.size == 0:
-            return a
-        return a[r0:r1] if axis == 0 else a[:, r0:r1]
 
 
 def off_the_mapping(view: np.ndarray) -> np.ndarray:
@@ -294,11 +262,6 @@ class DenseWeight(Matrix):
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.fp16_matmul_serial, kernels.fp16_matmul, x, self.half_bits,
                                 *kernel_extras(bias, residual), y)
-
-    def row_part(self, args, r0, r1):
-        """The fp16 kernel's arguments for output rows r0:r1 (split_product)."""
-        x, half_bits, bias, residual, y = args
-        return (x, half_bits[r0:r1], self._rows_of(bias, r0, r1, 0), self._rows_of(residual, r0, r1, 1), y[:, r0:r1])
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""
@@ -461,21 +424,6 @@ class AffineWeight(Matrix):
         return self.dequantize_rows(ids)
 
     # -- products -------------------------------------------------------------------------------------
-    @cached_property
-    def split_alignment(self) -> int:
-        """Parts of the rows start where a metadata run does (row · G a multiple of META_GROUP_SIZE), so
-        each part's scale_meta/zero_meta are a suffix of the matrix's."""
-        return META_GROUP_SIZE // np.gcd(self.n_groups, META_GROUP_SIZE)
-
-    def row_part(self, args, r0, r1):
-        """The affine kernel's arguments for output rows r0:r1 (split_product)."""
-        x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size, row_ptr, cols, values, bias, \
-            residual, y = args
-        run = r0 * self.n_groups // META_GROUP_SIZE
-        return (x, packed[r0:r1], scale_codes[r0:r1], scale_meta[run:], zero_codes[r0:r1], zero_meta[run:], bits,
-                group_size, row_ptr[r0:r1 + 1] if row_ptr.size > 1 else row_ptr, cols, values,
-                self._rows_of(bias, r0, r1, 0), self._rows_of(residual, r0, r1, 1), y[:, r0:r1])
-
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
         return self.run_product(kernels.affine_matmul_serial, kernels.affine_matmul, x, self.packed, self.scale_codes,
