@@ -86,7 +86,7 @@ def cuda():
 
 @pytest.fixture(scope="module")
 def ref():
-    return NumpyBackend(threads=1)
+    return NumpyBackend(threads=1, kernels=False)  # the exact NumPy path (the kernels round x)
 
 
 def magnitude(x, blobs, shape, config):
@@ -170,7 +170,7 @@ def test_lut_model_matches_numpy_backend(tmp_path):
     with MxqFile.open(path) as f:
         config = ModelConfig.from_json(f.model)
         prompt = np.random.default_rng(2).integers(0, config.vocab_size, 6).tolist()
-        reference = Model.from_file(f, config, NumpyBackend(threads=1))
+        reference = Model.from_file(f, config, NumpyBackend(threads=1, kernels=False))
         backend = emulated(guard=False)
         model = Model.from_file(f, config, backend)
         linears = [w for layer in model.layers for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
@@ -683,7 +683,7 @@ def test_tiny_model_generates_the_same_tokens(tiny_models, name, kv):
         labels = {e.config.label for e in f.tensors.values() if e.config.scheme == "affine"}
         assert any("+o" in label for label in labels)  # outliers are in play
         prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
-        reference = Model.from_file(f, config, NumpyBackend(threads=1))
+        reference = Model.from_file(f, config, NumpyBackend(threads=1, kernels=False))
         backend = emulated(kv_cache=kv, guard=False)
         model = Model.from_file(f, config, backend)
         n_affine = sum(isinstance(w, AffineHandle) for layer in model.layers
@@ -817,7 +817,7 @@ def test_gpu_backend_matches_numpy(tiny_models, ref):
         with MxqFile.open(tiny_models["tiny-llama"]) as f:
             config = ModelConfig.from_json(f.model)
             prompt = np.random.default_rng(1).integers(0, config.vocab_size, 8).tolist()
-            want_tokens, want_logits = greedy(Model.from_file(f, config, NumpyBackend(threads=1)), prompt, 16)
+            want_tokens, want_logits = greedy(Model.from_file(f, config, NumpyBackend(threads=1, kernels=False)), prompt, 16)
             tokens, logits = greedy(Model.from_file(f, config, CudaBackend(kv_cache=kv)), prompt, 16)
             assert tokens == want_tokens
             for got, want in zip(logits, want_logits):

@@ -135,7 +135,7 @@ def test_runtime_model_on_torch_matches_numpy(tmp_path, fixture):
     with MxqFile.open(path) as f:
         config = ModelConfig.from_json(f.model)
         results = []
-        for backend in (NumpyBackend(threads=1), TorchBackend()):
+        for backend in (NumpyBackend(threads=1, kernels=False), TorchBackend()):  # the exact NumPy path
             model = Model.from_file(f, config, backend)
             cache = model.new_cache(16)
             prefill = backend.to_host(model.forward(ids[:9], cache))

@@ -11,14 +11,15 @@ and every run imports that file with importlib: +0.3 MiB resident, no Numba impo
 key: a hash of the kernel sources, this builder, the Python ABI, NumPy's version and this CPU (its
 model and instruction-set flags: the code is compiled for the host CPU, as the JIT's is), so a changed
 kernel, interpreter or machine gets its own build. The build needs Numba and a C compiler (pycc
-compiles Numba's small runtime helpers in C) — 23 s on this 2-core machine. Without them, or if the build fails,
+compiles Numba's small runtime helpers in C) — 33 s on this 2-core machine (loaded). Without them, or if the build fails,
 `load` returns the reason (recorded next to the module's path, `<name>.failed`, so later runs do not
 retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler is ever required.
 
 The extension's functions do not check their arguments' types (pycc: only the item size), so they are
 called only through the weight handles and the backend, which pass exactly the types of the
 kernels' examples() (the same as the JIT kernels compile for). They are serial: pycc cannot build
-Numba's parallel (OpenMP) loops; decode on SmolLM2 ran as fast on one thread as on two (ThreadChoice).
+Numba's parallel (OpenMP) loops; decode on SmolLM2 ran as fast on one thread as on two (ThreadChoice; splitting
+the lm_head over the backend's pool measured 0.8–0.9x on this 2-core machine, so they do not).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ EXPORTS = {
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
 }
-SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_aot_build.py"]
+SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 
 

@@ -1,24 +1,29 @@
 """Compiled CPU kernels (Numba): products straight from the packed file bytes (lean mode).
 
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
-                  row_ptr, cols, values, bias, residual, y, n_parts)   y = x @ Wᵀ (+ bias) (+ residual)
+                  row_ptr, cols, values, bias, residual, y, n_parts)   y = x̂ @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
-    fp16_matmul(x, half_bits, bias, residual, y, n_parts)               the same for an fp16 matrix
+    fp16_matmul(x, half_bits, bias, residual, y, n_parts)               y = x @ Wᵀ ... for an fp16 matrix
     fp16_matmul_serial(... the same ...)                                on the calling thread only
+    affine_dequantize(...)                                              rows of W as float32 (prefill)
 
-How a row of an affine matrix is multiplied. The packed stream repeats every B bytes (a "unit")
-holding U codes (4-bit: 2 per byte; 3-bit: 8 per 3 bytes ...; code j of a unit sits at bit j·b).
-x is first rearranged into planes, xq[j·NU + u] = x[u·U + j] (NU units per row; zeros past
-in_features, so padding codes contribute nothing), and summed per group (Σx_k). Per row, the
-group scales s_k and zeros z_k are decoded from the file's 8-bit codes (value = code·step + min,
-one (step, min) per run of 128 values, SPEC.md §6.2), then with w = (q − z)·s (SPEC.md §6.1):
-    y[r] = Σ_u s_{k(u)} · Σ_j code_j(u)·xq[j·NU + u]  −  Σ_k s_k·z_k·Σx_k
-The first sum is one long SIMD loop over the row's units (`scaled_dot`), compiled once per
-(bits, units per group) so that the scale index k(u) = u >> shift has a constant shift. Then CSR
-outliers (y[r] += Σ v·x[c]), bias and residual. Rows are split into n_parts parallel parts
-(prange); every packed byte is read from memory once per call (T > 1 tokens re-read a row from L1).
-Integer codes are handled in 32-bit lanes by two tiny LLVM intrinsics (`word`, `field`): Numba
-would widen them to 64 bits and halve the SIMD width.
+How a row of an affine matrix is multiplied (llama.cpp's idea: integer dot products). x is first
+rounded once per call, per block of BLOCK = 32 columns, to x̂ = (2^LOW_BITS·high + low)·dx with high and
+low int8 and one step dx_b per block: ~16-bit precision (quantize_x; the same as
+cpu_weights.quantize_activations), laid out in cpu_qdot's order (the packed stream's unit/plane order,
+zeros past in_features so padding codes contribute nothing). Per row, the group scales s_k and zeros
+z_k are decoded from the file's 8-bit codes (value = code·step + min, one (step, min) per run of 128
+values, SPEC.md §6.2); with w = (q − z)·s (SPEC.md §6.1) and x̂_c = x̂q_c·dx_b:
+    y[r] = Σ_b s_{k(b)}·dx_b · Σ_{c in block b} q_c·x̂q_c  −  Σ_k s_k·z_k·Σ_{c in group k} x̂_c
+The first sum is cpu_qdot.block_dot: uint8 codes × int8 activations summed in int32 lanes (one
+vpdpbusd per 64 codes and activation byte on AVX512-VNNI), scaled per block in float32; it is compiled
+once per (bits, blocks per vector step, blocks per group) — affine_rows_for picks the copy. Then CSR
+outliers (y[r] += Σ v·x̂[c]), bias and residual. Rows are split into n_parts parallel parts (prange);
+every packed byte is read from memory once per call (T > 1 tokens re-read a row from L1).
+So the decode products are W·x̂, not W·x: |x̂ − x| ≤ max|x_b|/127/2^9 per element (SmolLM2 at 4.25 bpw,
+every product of a 16-chunk WikiText-2 evaluation run here: perplexity within 0.1%, see the README).
+Integer codes are handled in 32-bit lanes by two tiny LLVM intrinsics (`word`, `field`) in the
+dequantization: Numba would widen them to 64 bits and halve the SIMD width.
 
 Array types are fixed (see `warm_up`) so each kernel compiles exactly once:
 x, y, residual float32 2-D C; packed, codes, half_bits 2-D C read-only (views of the mmapped
@@ -34,10 +39,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
+from .cpu_qdot import block_dot
+from .cpu_weights import ACTIVATION_BLOCK as BLOCK
+from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
+EXACT = dict(cache=True, nogil=True)  # no fastmath: the activations round exactly as the NumPy reference
 META_RUN_SHIFT = 7  # runs of 128 metadata values
 
 
@@ -103,182 +112,167 @@ def unit_shape(bits):
     return 1, 1
 
 
-@njit(**SERIAL)
-def scaled_dot(p, bits, xq, NU, unit_scale, shift):
-    """Σ_u unit_scale[u >> shift] · Σ_j code_j(u)·xq[j·NU + u] over the NU units of a packed row p.
-
-    Each (bits, shift) pair gets its own copy of the loop (the helpers are inlined with a constant
-    shift): then 2^shift consecutive units share one scale load instead of a gather per lane."""
-    if bits == 4:  # shift 4..6 (g = 32..128)
-        if shift == 4:
-            return _dot4(p, xq, NU, unit_scale, 4)
-        if shift == 5:
-            return _dot4(p, xq, NU, unit_scale, 5)
-        return _dot4(p, xq, NU, unit_scale, 6)
-    if bits == 3:  # shift 2..4
-        if shift == 2:
-            return _dot3(p, xq, NU, unit_scale, 2)
-        if shift == 3:
-            return _dot3(p, xq, NU, unit_scale, 3)
-        return _dot3(p, xq, NU, unit_scale, 4)
-    if bits == 2:  # shift 3..5
-        if shift == 3:
-            return _dot2(p, xq, NU, unit_scale, 3)
-        if shift == 4:
-            return _dot2(p, xq, NU, unit_scale, 4)
-        return _dot2(p, xq, NU, unit_scale, 5)
-    if bits == 5:  # shift 2..4
-        if shift == 2:
-            return _dot5(p, xq, NU, unit_scale, 2)
-        if shift == 3:
-            return _dot5(p, xq, NU, unit_scale, 3)
-        return _dot5(p, xq, NU, unit_scale, 4)
-    if bits == 6:  # shift 3..5
-        if shift == 3:
-            return _dot6(p, xq, NU, unit_scale, 3)
-        if shift == 4:
-            return _dot6(p, xq, NU, unit_scale, 4)
-        return _dot6(p, xq, NU, unit_scale, 5)
-    if shift == 5:  # 8 bits: shift 5..7
-        return _dot8(p, xq, NU, unit_scale, 5)
-    if shift == 6:
-        return _dot8(p, xq, NU, unit_scale, 6)
-    return _dot8(p, xq, NU, unit_scale, 7)
-
-
-@njit(inline="always", **SERIAL)
-def _dot2(p, xq, NU, unit_scale, shift):
-    acc = np.float32(0.0)
-    for u in range(NU):
-        v = p[u]
-        acc += unit_scale[u >> shift] * (field(v, 0, 3) * xq[u] + field(v, 2, 3) * xq[NU + u]
-                                         + field(v, 4, 3) * xq[2 * NU + u] + field(v, 6, 3) * xq[3 * NU + u])
-    return acc
-
-
-@njit(inline="always", **SERIAL)
-def _dot3(p, xq, NU, unit_scale, shift):
-    acc = np.float32(0.0)
-    for u in range(NU):
-        w = word(p[3 * u], p[3 * u + 1], p[3 * u + 2])
-        d = np.float32(0.0)
-        for j in range(8):
-            d += field(w, 3 * j, 7) * xq[j * NU + u]
-        acc += unit_scale[u >> shift] * d
-    return acc
-
-
-@njit(inline="always", **SERIAL)
-def _dot4(p, xq, NU, unit_scale, shift):
-    acc = np.float32(0.0)
-    for u in range(NU):
-        v = p[u]
-        acc += unit_scale[u >> shift] * (field(v, 0, 15) * xq[u] + field(v, 4, 15) * xq[NU + u])
-    return acc
-
-
-@njit(inline="always", **SERIAL)
-def _dot5(p, xq, NU, unit_scale, shift):  # a 40-bit unit as a low (bits 0..23) and a high (24..39) word
-    acc = np.float32(0.0)
-    for u in range(NU):
-        lo = word(p[5 * u], p[5 * u + 1], p[5 * u + 2])
-        hi = word(p[5 * u + 3], p[5 * u + 4], 0)
-        d = np.float32(0.0)
-        for j in range(4):  # codes 0..3: bits 0..19
-            d += field(lo, 5 * j, 31) * xq[j * NU + u]
-        d += (field(lo, 20, 15) + np.float32(16.0) * field(hi, 0, 1)) * xq[4 * NU + u]  # bits 20..24
-        for j in range(5, 8):  # codes 5..7: bits 25..39
-            d += field(hi, 5 * j - 24, 31) * xq[j * NU + u]
-        acc += unit_scale[u >> shift] * d
-    return acc
-
-
-@njit(inline="always", **SERIAL)
-def _dot6(p, xq, NU, unit_scale, shift):
-    acc = np.float32(0.0)
-    for u in range(NU):
-        w = word(p[3 * u], p[3 * u + 1], p[3 * u + 2])
-        d = np.float32(0.0)
-        for j in range(4):
-            d += field(w, 6 * j, 63) * xq[j * NU + u]
-        acc += unit_scale[u >> shift] * d
-    return acc
-
-
-@njit(inline="always", **SERIAL)
-def _dot8(p, xq, NU, unit_scale, shift):
-    acc = np.float32(0.0)
-    for u in range(NU):
-        acc += unit_scale[u >> shift] * (field(p[u], 0, 255) * xq[u])
-    return acc
-
-
 @njit(**PARALLEL)
 def affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                   row_ptr, cols, values, bias, residual, y, n_parts):
     """y (T, out) = x (T, in) @ Wᵀ + bias + residual for a packed affine W (see the module doc);
     the rows are cut into n_parts contiguous parts run in parallel (one per thread)."""
-    xq, xsum = plane_x(x, bits, group_size, packed.shape[1], scale_codes.shape[1])
+    n_blocks = scale_codes.shape[1] * group_size // BLOCK  # 32-column blocks per row
+    pair = n_blocks % 2 == 0
+    high, low, dx, xsum, x_hat = quantize_x(x, bits, group_size, n_blocks, pair)
+    w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
+         xsum, x_hat)
     R = packed.shape[0]
     step = -(-R // n_parts)
     for part in prange(n_parts):
-        affine_rows(part * step, min(R, (part + 1) * step), x, packed, scale_codes, scale_meta, zero_codes,
-                    zero_meta, bits, group_size, row_ptr, cols, values, bias, residual, y, xq, xsum)
+        affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
 
 
 @njit(**SERIAL)
 def affine_matmul_serial(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                          row_ptr, cols, values, bias, residual, y, n_parts):
     """affine_matmul on the calling thread (small matrices: no worker wake-ups); n_parts unused."""
-    xq, xsum = plane_x(x, bits, group_size, packed.shape[1], scale_codes.shape[1])
-    affine_rows(0, packed.shape[0], x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
-                row_ptr, cols, values, bias, residual, y, xq, xsum)
+    n_blocks = scale_codes.shape[1] * group_size // BLOCK
+    pair = n_blocks % 2 == 0
+    high, low, dx, xsum, x_hat = quantize_x(x, bits, group_size, n_blocks, pair)
+    w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
+         xsum, x_hat)
+    affine_rows_for(0, packed.shape[0], w, bits, group_size, pair)
 
 
-@njit(**SERIAL)
-def plane_x(x, bits, group_size, n_bytes, G):
-    """x (T, in) → xq (T, U·NU) in plane order with zeros at padding, and xsum (T, G) = Σx per group."""
+@njit(**EXACT)
+def quantize_x(x, bits, group_size, n_blocks, pair):
+    """x (T, in) → its 16-bit form per block of BLOCK columns (the same as cpu_weights.quantize_activations):
+    x̂ = (2^LOW_BITS·high + low)·dx with high, low int8 (T, n_blocks·BLOCK) in cpu_qdot's order with 32-column
+    blocks, two per SIMD vector if pair (zeros at padding); dx (T, n_blocks) the blocks' steps; xsum (T, G)
+    = Σ x̂ per weight group; and x_hat (T, in) in the natural order (for the outliers)."""
     T, n_in = x.shape
     U, B = unit_shape(bits)
-    NU = n_bytes // B  # units per row
-    xq = np.empty((T, U * NU), np.float32)
-    xsum = np.zeros((T, G), np.float32)
+    M = (BLOCK // U) * (2 if pair else 1)  # units per SIMD vector
+    high = np.zeros((T, n_blocks * BLOCK), np.int8)
+    low = np.zeros((T, n_blocks * BLOCK), np.int8)
+    dx = np.zeros((T, n_blocks), np.float32)
+    xsum = np.zeros((T, n_blocks * BLOCK // group_size), np.float32)
+    x_hat = np.zeros((T, n_in), np.float32)
+    fine = np.float32(1 << LOW_BITS)
     for t in range(T):
-        for j in range(U):
-            for u in range(NU):
-                c = u * U + j
-                xq[t, j * NU + u] = x[t, c] if c < n_in else np.float32(0.0)
-        for c in range(n_in):
-            xsum[t, c // group_size] += x[t, c]
-    return xq, xsum
+        for b in range(n_blocks):
+            c0, c1 = b * BLOCK, min(n_in, (b + 1) * BLOCK)
+            amax = np.float32(0.0)
+            for c in range(c0, c1):
+                amax = max(amax, abs(x[t, c]))
+            if amax == 0.0:
+                continue
+            inv = np.float32(np.float32(127.0) / amax)  # float32 throughout, as the NumPy reference
+            step = np.float32(amax / np.float32(127.0) / fine)
+            total = 0
+            for c in range(c0, c1):
+                v = np.float32(x[t, c] * inv)
+                h = min(127.0, max(-127.0, np.rint(v)))
+                lo = min(127.0, max(-127.0, np.rint(np.float32((v - np.float32(h)) * fine))))
+                q = int(h) * (1 << LOW_BITS) + int(lo)
+                u = c // U
+                i = (u // M) * U * M + (c % U) * M + u % M
+                high[t, i], low[t, i] = int(h), int(lo)
+                x_hat[t, c] = np.float32(q) * step
+                total += q
+            dx[t, b] = step
+            xsum[t, c0 // group_size] += np.float32(total) * step
+    return high, low, dx, xsum, x_hat
 
 
 @njit(**SERIAL)
-def affine_rows(r0, r1, x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
-                row_ptr, cols, values, bias, residual, y, xq, xsum):
-    """y[:, r0:r1] of affine_matmul, given plane_x's xq and xsum."""
-    T = x.shape[0]
+def affine_rows_for(r0, r1, w, bits, group_size, pair):
+    """affine_rows with (bits, units per activation block, blocks per vector step: 2 if pair else 1,
+    blocks per weight group) as constants: each combination is its own compiled loop (Numba types the
+    constant arguments as literals)."""
+    if not pair:
+        if bits == 2:
+            affine_rows(r0, r1, w, 2, 8, 1, 1)
+        elif bits == 3:
+            affine_rows(r0, r1, w, 3, 4, 1, 1)
+        elif bits == 4:
+            affine_rows(r0, r1, w, 4, 16, 1, 1)
+        elif bits == 5:
+            affine_rows(r0, r1, w, 5, 4, 1, 1)
+        elif bits == 6:
+            affine_rows(r0, r1, w, 6, 8, 1, 1)
+        else:
+            affine_rows(r0, r1, w, 8, 32, 1, 1)
+    elif group_size == 32:
+        if bits == 2:
+            affine_rows(r0, r1, w, 2, 8, 2, 1)
+        elif bits == 3:
+            affine_rows(r0, r1, w, 3, 4, 2, 1)
+        elif bits == 4:
+            affine_rows(r0, r1, w, 4, 16, 2, 1)
+        elif bits == 5:
+            affine_rows(r0, r1, w, 5, 4, 2, 1)
+        elif bits == 6:
+            affine_rows(r0, r1, w, 6, 8, 2, 1)
+        else:
+            affine_rows(r0, r1, w, 8, 32, 2, 1)
+    elif group_size == 64:
+        if bits == 2:
+            affine_rows(r0, r1, w, 2, 8, 2, 2)
+        elif bits == 3:
+            affine_rows(r0, r1, w, 3, 4, 2, 2)
+        elif bits == 4:
+            affine_rows(r0, r1, w, 4, 16, 2, 2)
+        elif bits == 5:
+            affine_rows(r0, r1, w, 5, 4, 2, 2)
+        elif bits == 6:
+            affine_rows(r0, r1, w, 6, 8, 2, 2)
+        else:
+            affine_rows(r0, r1, w, 8, 32, 2, 2)
+    else:  # group_size 128
+        if bits == 2:
+            affine_rows(r0, r1, w, 2, 8, 2, 4)
+        elif bits == 3:
+            affine_rows(r0, r1, w, 3, 4, 2, 4)
+        elif bits == 4:
+            affine_rows(r0, r1, w, 4, 16, 2, 4)
+        elif bits == 5:
+            affine_rows(r0, r1, w, 5, 4, 2, 4)
+        elif bits == 6:
+            affine_rows(r0, r1, w, 6, 8, 2, 4)
+        else:
+            affine_rows(r0, r1, w, 8, 32, 2, 4)
+
+
+@njit(**SERIAL)
+def affine_rows(r0, r1, w, bits, units_per_block, blocks_per_vector, blocks_per_group):
+    """y[:, r0:r1] of affine_matmul; w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr,
+    cols, values, bias, residual, y, and quantize_x's high, low, dx, xsum, x_hat); the last four: constants
+    (cpu_qdot.block_dot's)."""
+    packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, \
+        x_hat = w
+    T, n_blocks = dx.shape
     G = scale_codes.shape[1]
-    U, B = unit_shape(bits)
-    NU = packed.shape[1] // B
-    shift = 0  # log2(units per group)
-    while (1 << shift) * U < group_size:
-        shift += 1
+    n_vectors = n_blocks // blocks_per_vector
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
     scale = np.empty(G, np.float32)  # this row's decoded scales and zeros
     zero = np.empty(G, np.float32)
     for r in range(r0, r1):
-        for k in range(G):
-            run = (r * G + k) >> META_RUN_SHIFT
-            scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
-            zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
+        run = (r * G) >> META_RUN_SHIFT
+        if run == (r * G + G - 1) >> META_RUN_SHIFT:  # the row's values lie in one metadata run (most rows)
+            s_step, s_min, z_step, z_min = scale_meta[run, 0], scale_meta[run, 1], zero_meta[run, 0], zero_meta[run, 1]
+            for k in range(G):
+                scale[k] = np.float32(scale_codes[r, k]) * s_step + s_min
+                zero[k] = np.float32(zero_codes[r, k]) * z_step + z_min
+        else:
+            for k in range(G):
+                run = (r * G + k) >> META_RUN_SHIFT
+                scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
+                zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
         for t in range(T):
-            acc = scaled_dot(packed[r], bits, xq[t], NU, scale, shift)
+            acc = block_dot(packed[r], high[t], low[t], dx[t], scale, n_vectors, bits, units_per_block,
+                            blocks_per_vector, blocks_per_group)
             for k in range(G):
                 acc -= scale[k] * zero[k] * xsum[t, k]
             if has_outliers:
                 for i in range(row_ptr[r], row_ptr[r + 1]):
-                    acc += half_to_float(values[i]) * x[t, cols[i]]
+                    acc += half_to_float(values[i]) * x_hat[t, cols[i]]
             if has_bias:
                 acc += bias[r]
             if has_residual:

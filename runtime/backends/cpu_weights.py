@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
+ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many columns (quantize_activations) ...
+ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
@@ -76,6 +78,28 @@ NO_COLS = readonly(np.zeros(0, np.uint16))
 NO_VALUES = readonly(np.zeros(0, np.uint16))
 NO_FLOAT = np.zeros(0, np.float32)
 NO_RESIDUAL = np.zeros((0, 0), np.float32)
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x (T, in) float32 rounded as the compiled affine kernels use it: per token and block of
+    ACTIVATION_BLOCK columns, v = x·127/max|x| is split into high = round(v) and low = round((v − high)·2^L)
+    (L = ACTIVATION_LOW_BITS; int8 each, round half to even), x̂ = (2^L·high + low)·max|x|/127/2^L: ~16-bit
+    steps. The kernels compute W·x̂ with this x̂ (two integer dot products of codes and int8 activations,
+    cpu_qdot.py)."""
+    T, n_in = x.shape
+    n_blocks = -(-n_in // ACTIVATION_BLOCK)
+    padded = np.zeros((T, n_blocks * ACTIVATION_BLOCK), np.float32)
+    padded[:, :n_in] = x
+    blocks = padded.reshape(T, n_blocks, ACTIVATION_BLOCK)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)  # (T, n_blocks, 1)
+    safe = np.where(amax > 0, amax, np.float32(1.0))
+    fine = np.float32(1 << ACTIVATION_LOW_BITS)
+    v = blocks * (np.float32(127.0) / safe)
+    high = np.clip(np.rint(v), -127, 127)
+    low = np.clip(np.rint((v - high) * fine), -127, 127)
+    step = np.where(amax > 0, amax / np.float32(127.0) / fine, np.float32(0.0))
+    x_hat = (high * fine + low) * step
+    return x_hat.reshape(T, -1)[:, :n_in].astype(np.float32)
 
 
 def add_bias_residual(y: np.ndarray, bias, residual) -> np.ndarray:

@@ -1,0 +1,185 @@
+"""The inner loop of the compiled affine kernels, written as LLVM vector IR: integer dot products of a
+packed row's codes with int8 activations (llama.cpp's idea), one SIMD vector of codes at a time.
+
+    block_dot(p, x_high, x_low, dx, wscale, n_vectors, bits, units_per_block, blocks_per_vector, blocks_per_group)
+        = Σ_b dx[b] · wscale[b // blocks_per_group] · Σ_{i in block b} code_i · (2^LOW_BITS·x_high + x_low)[i]
+
+p: one packed row (uint8, 1-D); x_high, x_low: the activations as two int8 arrays in *vector order*
+(below), in blocks of 32 columns with steps dx (float32, one per block); wscale: the row's weight scale
+per group (float32). The last four arguments must be literal integers (each combination is its own
+copy of the loop: constant shifts and vector sizes); units_per_block = 32 / U, blocks_per_vector 1 or 2,
+blocks_per_group 1, 2 or 4.
+
+Vector order. The packed stream is made of units of U codes in B bytes (code j of a unit at bit j·b);
+a vector step covers M = units_per_block·blocks_per_vector consecutive units (32 or 64 columns). Per step,
+the B·M bytes are loaded as one vector, split into B byte planes (stride-B shuffles), and code plane j
+(code j of every unit: (plane >> shift) & mask | spill from the next plane) is cut from them with
+byte-wide shifts and masks; the U code planes are concatenated, so the step's codes form one uint8
+vector in plane-major order. The activations are in the same order:
+    x_high[v·U·M + j·M + i] = high part of x[column (v·M + i)·U + j]        (zero past in_features)
+Products are summed four neighbours at a time into int32 lanes (x86 AVX512-VNNI: vpdpbusd, one
+instruction per 64 codes and activation byte; elsewhere LLVM's generic widening multiply-add), the high
+part's lanes shifted by LOW_BITS. Four neighbours are four units of one code plane, which lie in one block
+(units_per_block ≥ 4), so each lane is scaled by its block's dx · its group's wscale and accumulated in
+float32 lanes; one horizontal sum per row.
+"""
+from __future__ import annotations
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
+from .cpu_weights import UNITS  # bits -> (U codes, B bytes) per unit of the packed stream
+
+I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+CHUNK = 64  # codes per integer multiply-add step (one 512-bit vector of bytes)
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI (with VL for the 256-bit form): vpdpbusd."""
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni")) and bool(features.get("avx512vl"))
+
+
+VNNI = has_vnni()
+
+
+def _indices(values) -> ir.Constant:
+    values = list(values)
+    return ir.Constant(ir.VectorType(I32, len(values)), values)
+
+
+def _splat(vector_type, value) -> ir.Constant:
+    return ir.Constant(vector_type, [value] * vector_type.count)
+
+
+def _concat(builder, vectors):
+    """Concatenate equal-length vectors (a power-of-two count) into one."""
+    while len(vectors) > 1:
+        n = vectors[0].type.count
+        vectors = [builder.shuffle_vector(a, b, _indices(range(2 * n))) for a, b in zip(vectors[0::2], vectors[1::2])]
+    return vectors[0]
+
+
+def _block_codes(builder, raw, bits, M):
+    """raw <B·M x i8> (M units) → codes <U·M x i8>, plane-major (code j of unit i at j·M + i)."""
+    U, B = UNITS[bits]
+    V = ir.VectorType(I8, M)
+    planes = [raw] if B == 1 else [builder.shuffle_vector(raw, raw, _indices(range(k, B * M, B))) for k in range(B)]
+    codes = []
+    for j in range(U):
+        byte, shift = divmod(j * bits, 8)
+        low = min(bits, 8 - shift)  # bits of code j in this byte plane; the rest start the next one
+        c = builder.lshr(planes[byte], _splat(V, shift)) if shift else planes[byte]
+        if shift + low < 8:
+            c = builder.and_(c, _splat(V, (1 << low) - 1))
+        if low < bits:
+            spill = builder.and_(planes[byte + 1], _splat(V, (1 << (bits - low)) - 1))
+            c = builder.or_(c, builder.shl(spill, _splat(V, low)))
+        codes.append(c)
+    return _concat(builder, codes)
+
+
+def _lane_dot(builder, codes, xs):
+    """codes <w x i8> (unsigned) · xs <w x i8> (signed) → <w/4 x i32>, lane l = Σ of products 4l .. 4l+3."""
+    w = codes.type.count
+    lanes = ir.VectorType(I32, w // 4)
+    if VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
+                                            f"llvm.x86.avx512.vpdpbusd.{8 * w}")
+        return builder.call(fn, [_splat(lanes, 0), builder.bitcast(codes, lanes), builder.bitcast(xs, lanes)])
+    wide = ir.VectorType(I32, w)
+    products = builder.mul(builder.zext(codes, wide), builder.sext(xs, wide))
+    quarters = [builder.shuffle_vector(products, products, _indices(range(q, w, 4))) for q in range(4)]
+    return builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
+
+
+def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blocks_per_group: int):
+    U, B = UNITS[bits]
+    M = units_per_block * blocks_per_vector  # units per vector step
+    codes_per_vector = U * M
+    width = min(CHUNK, codes_per_vector)  # codes per multiply-add
+    n_lanes = width // 4
+    lanes_per_plane = M // 4
+    # lane l → which block of the vector step it sums (a vector step of several blocks is one multiply-add)
+    lane_block = [((l % lanes_per_plane) * 4) // units_per_block for l in range(n_lanes)]
+    group_shift = blocks_per_group.bit_length() - 1  # blocks per group: 1, 2 or 4
+
+    def codegen(context, builder, signature, args):
+        p_type, x_type, _, d_type, s_type = signature.args[:5]
+        p = context.make_array(p_type)(context, builder, args[0])
+        x_high = context.make_array(x_type)(context, builder, args[1])
+        x_low = context.make_array(x_type)(context, builder, args[2])
+        dx = context.make_array(d_type)(context, builder, args[3])
+        ws = context.make_array(s_type)(context, builder, args[4])
+        n_vectors = args[5]
+        VF = ir.VectorType(F32, n_lanes)
+        acc = cgutils.alloca_once_value(builder, _splat(VF, 0.0))
+
+        def per_lane(ptr):  # the blocks_per_vector floats at ptr → one per lane (by lane_block)
+            if blocks_per_vector == 1:
+                value = builder.load(ptr)
+                return builder.shuffle_vector(builder.insert_element(ir.Constant(VF, ir.Undefined), value, I32(0)),
+                                              ir.Constant(VF, ir.Undefined), _indices([0] * n_lanes))
+            pair = builder.load(builder.bitcast(ptr, ir.VectorType(F32, blocks_per_vector).as_pointer()), align=4)
+            return builder.shuffle_vector(pair, pair, _indices(lane_block))
+
+        with cgutils.for_range(builder, n_vectors) as loop:
+            v = loop.index
+            raw_ptr = builder.gep(p.data, [builder.mul(v, ir.Constant(v.type, B * M))])
+            raw = builder.load(builder.bitcast(raw_ptr, ir.VectorType(I8, B * M).as_pointer()), align=1)
+            codes = _block_codes(builder, raw, bits, M)
+            offset = builder.mul(v, ir.Constant(v.type, codes_per_vector))
+            total = None
+            for half, x in ((LOW_BITS, x_high), (0, x_low)):  # Σ code·(2^LOW_BITS·high + low) in int32 lanes
+                x_ptr = builder.bitcast(builder.gep(x.data, [offset]), ir.VectorType(I8, codes_per_vector).as_pointer())
+                xs = builder.load(x_ptr, align=1)
+                for start in range(0, codes_per_vector, width):
+                    step = _indices(range(start, start + width))
+                    part = _lane_dot(builder, builder.shuffle_vector(codes, codes, step) if width < codes_per_vector else codes,
+                                     builder.shuffle_vector(xs, xs, step) if width < codes_per_vector else xs)
+                    if half:
+                        part = builder.shl(part, _splat(part.type, half))
+                    total = part if total is None else builder.add(total, part)
+            first_block = builder.mul(v, ir.Constant(v.type, blocks_per_vector))
+            steps = per_lane(builder.gep(dx.data, [first_block]))  # the blocks' activation steps
+            if blocks_per_group == 1:  # one weight group per block: its scales lane by lane as well
+                scales = per_lane(builder.gep(ws.data, [first_block]))
+            else:  # the vector step lies in one group
+                group = builder.lshr(first_block, ir.Constant(v.type, group_shift))
+                value = builder.load(builder.gep(ws.data, [group]))
+                scales = builder.shuffle_vector(builder.insert_element(ir.Constant(VF, ir.Undefined), value, I32(0)),
+                                                ir.Constant(VF, ir.Undefined), _indices([0] * n_lanes))
+            lane_scale = builder.fmul(steps, scales, flags=("fast",))
+            product = builder.fmul(builder.sitofp(total, VF), lane_scale, flags=("fast",))
+            builder.store(builder.fadd(builder.load(acc), product, flags=("fast",)), acc)
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32, [F32, VF]),
+                                                f"llvm.vector.reduce.fadd.v{n_lanes}f32")
+        return builder.call(reduce, [ir.Constant(F32, 0.0), builder.load(acc)], fastmath=("fast",))
+
+    return codegen
+
+
+_CODEGENS: dict = {}
+
+
+@intrinsic
+def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, bits, units_per_block, blocks_per_vector,
+              blocks_per_group):
+    """See the module doc. p uint8, x_high and x_low int8, dx and wscale float32: 1-D C-contiguous;
+    n_vectors an integer."""
+    literals = (bits, units_per_block, blocks_per_vector, blocks_per_group)
+    if not all(isinstance(t, types.IntegerLiteral) for t in literals) or not isinstance(n_vectors, types.Integer):
+        return None
+    key = tuple(t.literal_value for t in literals)
+    if key not in _CODEGENS:
+        _CODEGENS[key] = _make_block_dot(*key)
+    codegen = _CODEGENS[key]
+
+    def lowered(context, builder, signature, args):
+        return codegen(context, builder, signature, args)
+
+    return types.float32(p, x_high, x_low, dx, wscale, n_vectors, *literals), lowered
