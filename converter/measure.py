@@ -37,7 +37,7 @@ import torch
 from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
-from .row_blocks import ORDER_VERSION, block_counts, blocks_wanted, split, unit_nbytes
+from .row_blocks import ORDER_VERSION, blocks_wanted, split, unit_costs
 
 CACHE_VERSION = 5  # bump when quantizer or estimator math changes
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
@@ -245,14 +245,12 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     row_blocks = blocks_wanted(row_blocks, candidates)
-    counts = [block_counts(t.shape, row_blocks) for t in linears]
+    counts, costs = unit_costs(linears, candidates, row_blocks)
     units = [(i, b) for i, c in enumerate(counts) for b in range(len(c))]
 
     def entry(i, b):  # a unit's name in the cache: the order depends on weights, importance (in the key) and K
         return names[i] if len(counts[i]) < 2 else f"{names[i]}/rows{row_blocks}v{ORDER_VERSION}/{b}"
 
-    costs = np.array([[unit_nbytes(linears[i].shape, counts[i], b, c) for c in candidates] for i, b in units],
-                     dtype=np.int64)
     numel = np.array([counts[i][b] * linears[i].shape[1] for i, b in units], dtype=np.int64)
     sampled = [c.scheme == "affine" and not c.outlier_percent and sample_every > 1 for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else

@@ -31,7 +31,7 @@ from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
 from .options import CALIBRATED_OBJECTIVES, MEASURED_WITH, ConvertOptions, parse_size, whole_file  # noqa: F401 (parse_size re-exported)
 from .quantize import quantize
-from .row_blocks import block_counts, blocks_wanted, quantize_rows, row_order, rows_config, unit_nbytes
+from .row_blocks import quantize_rows, row_order, rows_config, unit_costs, unit_nbytes
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
 
@@ -87,9 +87,7 @@ def _objective(table, objective: str) -> np.ndarray:
 def _check_feasible(checkpoint, candidates, options) -> None:
     """Fail early when no allocation can meet the budget (costs need no measurement)."""
     linears = checkpoint.linears
-    counts = [block_counts(t.shape, blocks_wanted(options.row_blocks, candidates)) for t in linears]
-    costs = np.array([[unit_nbytes(t.shape, c_t, b, c) for c in candidates]
-                      for t, c_t in zip(linears, counts) for b in range(len(c_t))])
+    counts, costs = unit_costs(linears, candidates, options.row_blocks)
     numel = sum(t.shape[0] * t.shape[1] for t in linears)
     if options.bpw is not None:
         lowest, highest = costs.min(axis=1).sum(), costs.max(axis=1).sum()

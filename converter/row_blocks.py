@@ -104,6 +104,17 @@ def unit_nbytes(shape, counts, b: int, config: StorageConfig, alignment: int | N
     return nbytes
 
 
+def unit_costs(tensors, candidates, row_blocks: int) -> tuple[list, np.ndarray]:
+    """The allocation units of `tensors` (2-D, with .shape) under --row-blocks: (row counts of each
+    tensor's blocks ([out] when whole), int64 (units, candidates) bytes, the units in tensor order and
+    a split tensor's blocks consecutive, block 0 first)."""
+    row_blocks = blocks_wanted(row_blocks, candidates)
+    counts = [block_counts(t.shape, row_blocks) for t in tensors]
+    costs = np.array([[unit_nbytes(t.shape, c_t, b, c) for c in candidates]
+                      for t, c_t in zip(tensors, counts) for b in range(len(c_t))], dtype=np.int64)
+    return counts, costs
+
+
 def rows_config(shape, counts, configs) -> StorageConfig:
     """The stored config of a split matrix: block b stored with configs[b] (a candidate) over its rows."""
     return StorageConfig.rows([(count, config.storage((count, shape[1]))) for count, config in zip(counts, configs)])
@@ -114,9 +125,8 @@ def quantize_rows(weight: torch.Tensor, config: StorageConfig, importance, order
     block's blobs as quantize_block(W_b, block config, importance_b) gives them, named `b.<blob>`."""
     if sum(config.row_counts) != weight.shape[0] or len(order) != weight.shape[0]:
         raise ValueError(f"row blocks {config.label} do not cover the {weight.shape[0]} rows")
-    parts, start = [], 0
-    for count, block in config.blocks:
-        rows = torch.from_numpy(order[start:start + count])
-        start += count
+    blocks, parts = RowSplit(order, config.row_counts), []
+    for b, (_, block) in enumerate(config.blocks):
+        rows = torch.from_numpy(blocks.rows(b))
         parts.append(quantize_block(weight[rows], block, importance[rows] if importance is not None else None))
     return join_blocks(order, parts)

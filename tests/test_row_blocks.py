@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fixtures
+from test_measure import _Checkpoint
 from mxq.converter import ConversionError, convert
 from mxq.converter.candidates import parse_candidates
 from mxq.converter.measure import ErrorCache, measure
@@ -101,15 +102,6 @@ def test_rows_blobs_are_the_blocks_quantized_in_row_order():
     assert np.array_equal(restored[parts.rows(0)], dequantize(block0, (50, 96), config.blocks[0][1]))
     assert np.abs(restored[parts.rows(3)] - weight.numpy()[parts.rows(3)]).max() < 1e-3  # the fp16 block
     assert np.linalg.norm(restored - weight.numpy()) < 0.2 * np.linalg.norm(weight.numpy())
-
-
-class _Checkpoint:
-    def __init__(self, weights: dict):
-        self.weights = weights
-        self.linears = [SimpleNamespace(name=n, shape=tuple(w.shape)) for n, w in weights.items()]
-
-    def load(self, name):
-        return self.weights[name]
 
 
 def test_block_errors_are_exact_on_every_row_and_cached_per_order(tmp_path):
