@@ -130,19 +130,20 @@ def smallest_budget(costs: np.ndarray, errors: np.ndarray, limit: float, resolut
 # ---- held-out text and measured loss --------------------------------------------------------------
 
 def heldout_ids(prepared: Prepared) -> np.ndarray:
-    """Token ids of the calibration text after the tokens calibration used: up to HELDOUT_TOKENS, in whole
-    calibration chunks. (n,) int64."""
-    from .calibrate import CHUNK_TOKENS, encode
+    """Token ids of the calibration text's chunks after those calibration used (calibrate.text_chunks: each
+    starts like a sequence of the model), up to HELDOUT_TOKENS, concatenated: scored in chunks of
+    CHUNK_TOKENS, each chunk is one such sequence. (n,) int64."""
+    from .calibrate import CHUNK_TOKENS, text_chunks
 
-    ids = encode(prepared.checkpoint, prepared.text)
-    used = prepared.calibration.tokens
-    n = min(len(ids) - used, HELDOUT_TOKENS) // CHUNK_TOKENS * CHUNK_TOKENS
-    if n < MIN_HELDOUT_TOKENS:
+    chunks = text_chunks(prepared.checkpoint, prepared.text)
+    used = prepared.calibration.tokens // CHUNK_TOKENS
+    left = chunks[used:used + HELDOUT_TOKENS // CHUNK_TOKENS]
+    if left.numel() < MIN_HELDOUT_TOKENS:
         raise ConversionError(
-            f"the calibration text has {len(ids):,} tokens and calibration uses {used:,}: {max(len(ids) - used, 0):,} "
-            f"are left to measure the loss on, at least {MIN_HELDOUT_TOKENS:,} are needed (give a longer --calib "
-            f"text or fewer --calib-tokens)")
-    return np.asarray(ids[used:used + n], dtype=np.int64)
+            f"the calibration text gives {len(chunks)} chunks of {CHUNK_TOKENS} tokens and calibration uses {used}: "
+            f"{left.numel():,} tokens are left to measure the loss on, at least {MIN_HELDOUT_TOKENS:,} are needed "
+            f"(give a longer --calib text or fewer --calib-tokens)")
+    return left.reshape(-1).numpy()
 
 
 @dataclass

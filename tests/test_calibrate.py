@@ -122,6 +122,30 @@ def test_cache_is_compact_read_per_matrix_and_rebuilt_when_damaged(tmp_path, cap
     assert not list((tmp_path / "cache").glob("*.partial")) and not list((tmp_path / "cache").glob("*.activations"))
 
 
+def test_every_calibration_chunk_starts_like_a_sequence():
+    """A tokenizer that adds BOS: every chunk is [BOS] + the next CHUNK_TOKENS − 1 text tokens, the text
+    contiguous across chunks; held-out chunks (--max-loss) continue where calibration stopped, the same
+    way. Without BOS the chunks are the plain token stream."""
+    import dataclasses
+    from mxq.converter import prediction
+    checkpoint = read_checkpoint(fixtures.ensure("tiny-llama"))
+    assert checkpoint.tokenizer["add_bos_token"]
+    text, T, bos = default_text(), calibration.CHUNK_TOKENS, checkpoint.tokenizer["bos_token_id"]
+    ids = calibration.text_ids(checkpoint, text)
+    chunks = calibration_chunks(checkpoint, text, 4 * T + 100)
+    assert chunks.shape == (4, T) and (chunks[:, 0] == bos).all()
+    assert chunks[:, 1:].reshape(-1).tolist() == ids[:4 * (T - 1)]
+    stand_in = type("Prepared", (), {"checkpoint": checkpoint, "text": text,
+                                     "calibration": type("Calibration", (), {"tokens": 4 * T})()})()
+    heldout = prediction.heldout_ids(stand_in).reshape(-1, T)
+    assert (heldout[:, 0] == bos).all()
+    assert heldout[:, 1:].reshape(-1).tolist() == ids[4 * (T - 1):(4 + len(heldout)) * (T - 1)]
+    plain = dataclasses.replace(checkpoint, tokenizer={**checkpoint.tokenizer, "add_bos_token": False})
+    assert calibration_chunks(plain, text, 4 * T).reshape(-1).tolist() == ids[:4 * T]
+    with pytest.raises(ConversionError, match="at least 2 are needed"):
+        calibration_chunks(checkpoint, "a few words", 4 * T)
+
+
 def test_the_cache_key_covers_the_tokenizer(tmp_path):
     """Same weights and text, another tokenizer: other token ids, so other statistics — never the cached ones."""
     import dataclasses
