@@ -157,7 +157,7 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
         writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row[k] is None else f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+            writer.writerow({k: ("" if row[k] is None else f"{row[k]:.10g}" if isinstance(row[k], float) else row[k])
                              for k in CSV_FIELDS})
     paths.update(_plots(out_dir, Path(hf_dir).resolve().name, rows, evaluation, scale, table, solved, heatmap_bpw,
                         log))
