@@ -49,7 +49,6 @@ DEFAULT_CALIB_TOKENS = 8192
 CHUNK_TOKENS = 256
 BATCH_CHUNKS = 4  # chunks per batch (one cluster task); part of the statistics' definition (summation order)
 ACTIVATION_RAM_BYTES = 256 << 20  # layer-boundary activations kept in RAM; the rest go to a memory-mapped file
-_CHUNKS_WITH_BOS = "/bos-every-chunk"  # in the statistics cache key of BOS models (their chunks changed)
 HEAD_SLICE_BYTES = 64 << 20  # float32 logits of one vocabulary slice over all calibration tokens
 
 
@@ -438,9 +437,9 @@ def load_or_calibrate(checkpoint, checkpoint_hash: str, text: str | None, tokens
         result.keepalive = keepalive
         return result
     tokenizer = hashlib.sha256(checkpoint.tokenizer_data + json.dumps(checkpoint.tokenizer, sort_keys=True).encode())
+    chunking = "/bos-every-chunk" if sequence_start(checkpoint) is not None else ""  # BOS models' chunks changed
     key = hashlib.sha256(f"{checkpoint_hash}/{tokenizer.hexdigest()}/{hashlib.sha256(text.encode()).hexdigest()}/"
-                         f"{tokens}/{CHUNK_TOKENS}/{BATCH_CHUNKS}/v4{_CHUNKS_WITH_BOS * (sequence_start(checkpoint) is not None)}"
-                         .encode()).hexdigest()[:32]
+                         f"{tokens}/{CHUNK_TOKENS}/{BATCH_CHUNKS}/v4{chunking}".encode()).hexdigest()[:32]
     directory = Path(cache_dir) / key
     meta, problem = open_stats(directory, {t.name: t.shape for t in checkpoint.linears}, _matrix_shapes(checkpoint))
     if meta is not None:

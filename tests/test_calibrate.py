@@ -127,6 +127,7 @@ def test_every_calibration_chunk_starts_like_a_sequence():
     contiguous across chunks; held-out chunks (--max-loss) continue where calibration stopped, the same
     way. Without BOS the chunks are the plain token stream."""
     import dataclasses
+    from types import SimpleNamespace
     from mxq.converter import prediction
     checkpoint = read_checkpoint(fixtures.ensure("tiny-llama"))
     assert checkpoint.tokenizer["add_bos_token"]
@@ -135,8 +136,7 @@ def test_every_calibration_chunk_starts_like_a_sequence():
     chunks = calibration_chunks(checkpoint, text, 4 * T + 100)
     assert chunks.shape == (4, T) and (chunks[:, 0] == bos).all()
     assert chunks[:, 1:].reshape(-1).tolist() == ids[:4 * (T - 1)]
-    stand_in = type("Prepared", (), {"checkpoint": checkpoint, "text": text,
-                                     "calibration": type("Calibration", (), {"tokens": 4 * T})()})()
+    stand_in = SimpleNamespace(checkpoint=checkpoint, text=text, calibration=SimpleNamespace(tokens=4 * T))
     heldout = prediction.heldout_ids(stand_in).reshape(-1, T)
     assert (heldout[:, 0] == bos).all()
     assert heldout[:, 1:].reshape(-1).tolist() == ids[4 * (T - 1):(4 + len(heldout)) * (T - 1)]
