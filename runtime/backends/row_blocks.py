@@ -52,6 +52,7 @@ class RowBlocks:
             block = BlockEntry(f"{entry.name}[rows {i}]", (count, in_features), config, entry.role)
             self.blocks.append(backend.prepare_matrix(block, block_blobs(blobs, i)))
         order = np.asarray(blobs["row_order"]).astype(np.int64)  # (out,) stored row → logical row
+        self.order = order  # host int64 (out,): stored row → logical row
         self.starts = block_starts(entry.config)  # host int64 (k + 1,)
         self.inverse = inverse_order(order)  # host int64 (out,): logical row → stored row
         self.gather = backend.xp.asarray(self.inverse)  # the same on the backend's device
