@@ -185,7 +185,8 @@ def round_x(x, n_blocks):
 @njit(**EXACT)
 def layout_x(q, dx, bits, group_size, n_blocks, pair):
     """round_x's first n_blocks blocks as one weight layout wants them: high, low int8 (T, n_blocks·BLOCK)
-    in cpu_qdot's order for `bits` (two blocks per SIMD vector if pair) and xsum (T, G) = Σ x̂ per group."""
+    in cpu_qdot's order for `bits` (two blocks per SIMD vector if pair) and xsum (T, G) = Σ x̂ per group.
+    (Loops over the order's structure — vector, code plane, unit — instead of dividing column numbers.)"""
     T = q.shape[0]
     U, B = unit_shape(bits)
     M = (BLOCK // U) * (2 if pair else 1)  # units per SIMD vector
@@ -193,13 +194,15 @@ def layout_x(q, dx, bits, group_size, n_blocks, pair):
     low = np.empty((T, n_blocks * BLOCK), np.int8)
     xsum = np.zeros((T, n_blocks * BLOCK // group_size), np.float32)
     for t in range(T):
+        for v in range(n_blocks * BLOCK // (U * M)):
+            for j in range(U):  # code plane j: code j of units v·M .. v·M + M − 1
+                for i in range(M):
+                    c = (v * M + i) * U + j
+                    h = (q[t, c] + (1 << (LOW_BITS - 1))) >> LOW_BITS  # low in −127 .. 127 < 2^(LOW_BITS−1)
+                    high[t, v * U * M + j * M + i], low[t, v * U * M + j * M + i] = h, q[t, c] - h * (1 << LOW_BITS)
         for b in range(n_blocks):
             total = 0
             for c in range(b * BLOCK, (b + 1) * BLOCK):
-                h = (q[t, c] + (1 << (LOW_BITS - 1))) >> LOW_BITS  # low in −127 .. 127 < 2^(LOW_BITS−1)
-                u = c // U
-                i = (u // M) * U * M + (c % U) * M + u % M
-                high[t, i], low[t, i] = h, q[t, c] - h * (1 << LOW_BITS)
                 total += q[t, c]
             xsum[t, b * BLOCK // group_size] += np.float32(total) * dx[t, b]
     return high, low, xsum
@@ -320,9 +323,25 @@ def pointer(typingctx, address):
 
 
 @njit(**SERIAL)
-def stack_entry(table, i, q, dx_all, x_hat, out_rows, bias, residual, y):
+def stack_layout(table, i, q, dx_all):
+    """x laid out for entry i's config: (high, low, dx, xsum) as quantize_x gives them (layout_x)."""
+    G, bits, group_size = table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
+    n_blocks = G * group_size // BLOCK
+    high, low, xsum = layout_x(q, dx_all, bits, group_size, n_blocks, n_blocks % 2 == 0)
+    return high, low, np.ascontiguousarray(dx_all[:, :n_blocks]), xsum
+
+
+@njit(**SERIAL)
+def same_layout(table, i, j):
+    """Whether entries i and j take x in the same layout (bits, group size, groups)."""
+    return (table[i, BITS] == table[j, BITS] and table[i, GROUP_SIZE] == table[j, GROUP_SIZE]
+            and table[i, GROUPS] == table[j, GROUPS])
+
+
+@njit(**SERIAL)
+def stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y):
     """Entry i of a stack table (cpu_stack.py) as affine_rows_for's arguments: (w, bits, group_size, pair)
-    with its arrays viewed at the table's addresses and x laid out for its config (layout_x)."""
+    with its arrays viewed at the table's addresses; x_parts: stack_layout's for its config."""
     R, G, bits, group_size = table[i, ROWS], table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
     packed = carray(pointer(table[i, PACKED]), (R, table[i, ROW_BYTES]), np.uint8)
     scale_codes = carray(pointer(table[i, SCALE_CODES]), (R, G), np.uint8)
@@ -332,14 +351,11 @@ def stack_entry(table, i, q, dx_all, x_hat, out_rows, bias, residual, y):
     row_ptr = carray(pointer(table[i, ROW_PTR]), (table[i, ROW_PTR_SIZE],), np.uint32)
     cols = carray(pointer(table[i, COLS]), (table[i, NNZ],), np.uint16)
     values = carray(pointer(table[i, VALUES]), (table[i, NNZ],), np.uint16)
-    n_blocks = G * group_size // BLOCK
-    pair = n_blocks % 2 == 0
-    high, low, xsum = layout_x(q, dx_all, bits, group_size, n_blocks, pair)
-    dx = np.ascontiguousarray(dx_all[:, :n_blocks])
+    high, low, dx, xsum = x_parts
     first = table[i, FIRST]
     w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
          xsum, x_hat, out_rows[first:first + R])
-    return w, bits, group_size, pair
+    return w, bits, group_size, dx.shape[1] % 2 == 0
 
 
 @njit(**SERIAL)
@@ -357,8 +373,11 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
     row r written to column out_rows[first + r] (cpu_stack.py); x rounded once; each entry's rows cut
     into n_parts parts run in parallel."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
+    x_parts = stack_layout(table, 0, q, dx)
     for i in range(table.shape[0]):
-        w, bits, group_size, pair = stack_entry(table, i, q, dx, x_hat, out_rows, bias, residual, y)
+        if i > 0 and not same_layout(table, i, i - 1):
+            x_parts = stack_layout(table, i, q, dx)
+        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
         R = table[i, ROWS]
         step = -(-R // n_parts)
         for part in prange(n_parts):
@@ -369,8 +388,11 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
 def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
     """stack_matmul on the calling thread; n_parts unused."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
+    x_parts = stack_layout(table, 0, q, dx)
     for i in range(table.shape[0]):
-        w, bits, group_size, pair = stack_entry(table, i, q, dx, x_hat, out_rows, bias, residual, y)
+        if i > 0 and not same_layout(table, i, i - 1):
+            x_parts = stack_layout(table, i, q, dx)
+        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
         affine_rows_for(0, table[i, ROWS], w, bits, group_size, pair)
 
 

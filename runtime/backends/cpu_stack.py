@@ -12,8 +12,9 @@ every member's affine pieces in one int64 table — one line per piece:
     runs, row_ptr_size, nnz                            their lengths
     first                                              its first entry in out_rows
 
-and cpu_kernels.stack_matmul rounds x once, then runs every piece's rows, writing stored row r of a
-piece straight to column out_rows[first + r] of y (T, width): members side by side in the order
+and cpu_kernels.stack_matmul rounds x once, lays it out once per run of pieces with one config (the
+lines are sorted by config), then runs every piece's rows, writing stored row r of a piece straight to
+column out_rows[first + r] of y (T, width): members side by side in the order
 given, a rows matrix's rows in their logical order (its row_order: no gather). The handles keep the
 arrays alive: the stack holds the handles. Pieces that are not affine (fp16, lut blocks) have no
 table line: such members are multiplied one by one as before (KernelStack.of returns None).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, AffineWeight, Matrix
+from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, AffineWeight, Matrix, kernel_extras
 
 FIELDS = ("rows", "groups", "bits", "group_size", "row_bytes", "packed", "scale_codes", "zero_codes", "scale_meta",
           "zero_meta", "row_ptr", "cols", "values", "runs", "row_ptr_size", "nnz", "first")
@@ -78,6 +79,7 @@ class KernelStack(Matrix):
                 lines.append(table_line(piece, sum(r.size for r in out_rows)))
                 out_rows.append(offset + rows)
             offset += member.shape[0]
+        lines.sort(key=lambda line: (line[BITS], line[GROUP_SIZE], line[GROUPS]))  # pieces of one x layout in a row
         self.table = np.array(lines, dtype=np.int64)  # (pieces, len(FIELDS))
         self.out_rows = np.concatenate(out_rows)  # (width,) stored row of the pieces → column of y
         self.bounds = np.cumsum([0] + self.widths)  # member i: columns bounds[i] .. bounds[i+1]
@@ -101,8 +103,6 @@ class KernelStack(Matrix):
         return [y[:, a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        from .cpu_weights import kernel_extras
-
         return self.run_product(kernels.stack_matmul_serial, kernels.stack_matmul, x, self.table, self.out_rows,
                                 *kernel_extras(bias, residual), y)
 

@@ -176,9 +176,11 @@ class NumpyBackend(Backend):
 
     def linear(self, x, weight, bias=None, residual=None):
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if isinstance(weight, RowBlocks):  # a `rows` matrix: all blocks in one kernel call, else one by one
-            stack = self.stack((weight,), x.shape[0])
-            return stack.matmul(x, bias, residual) if stack is not None else weight.linear(x, bias, residual)
+        stack = self.stack((weight,), x.shape[0])  # decode, affine throughout: one kernel call (cpu_stack.py)
+        if stack is not None:
+            return stack.matmul(x, bias, residual)
+        if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method, then a gather
+            return weight.linear(x, bias, residual)
         return weight.matmul(x, bias, residual)  # (T, out)
 
     def linears(self, x, weights, biases=None):
