@@ -3,6 +3,9 @@
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                   row_ptr, cols, values, bias, residual, y, n_parts)   y = x̂ @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
+    stack_matmul(x, table, out_rows, bias, residual, y, n_parts)       the same for several affine matrices
+    stack_matmul_serial(... the same ...)                              (a table of addresses, cpu_stack.py):
+                                                                       x rounded once, rows put in place
     fp16_matmul(x, half_bits, bias, residual, y, n_parts)               y = x @ Wᵀ ... for an fp16 matrix
     fp16_matmul_serial(... the same ...)                                on the calling thread only
     affine_dequantize(...)                                              rows of W as float32 (prefill)

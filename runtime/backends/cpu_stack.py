@@ -82,7 +82,8 @@ class KernelStack(Matrix):
         lines.sort(key=lambda line: (line[BITS], line[GROUP_SIZE], line[GROUPS]))  # pieces of one x layout in a row
         self.table = np.array(lines, dtype=np.int64)  # (pieces, len(FIELDS))
         self.out_rows = np.concatenate(out_rows)  # (width,) stored row of the pieces → column of y
-        self.bounds = np.cumsum([0] + self.widths)  # member i: columns bounds[i] .. bounds[i+1]
+        ends = np.cumsum(self.widths).tolist()
+        self.columns = [slice(end - width, end) for end, width in zip(ends, self.widths)]  # member i's columns of y
 
     @classmethod
     def of(cls, members, backend) -> KernelStack | None:
@@ -100,7 +101,7 @@ class KernelStack(Matrix):
 
     def split(self, y) -> list:
         """y (T, width) → the members' outputs (T, out_i), views."""
-        return [y[:, a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        return [y[:, columns] for columns in self.columns]
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.stack_matmul_serial, kernels.stack_matmul, x, self.table, self.out_rows,
