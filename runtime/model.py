@@ -145,9 +145,7 @@ class Model:
         eps = c.rms_norm_eps
         # attention block
         h = be.rms_norm(x, w.attn_norm, eps)  # (T, hidden)
-        q = be.linear(h, w.q, w.q_bias)  # (T, heads·hd)
-        k = be.linear(h, w.k, w.k_bias)  # (T, kv·hd)
-        v = be.linear(h, w.v, w.v_bias)  # (T, kv·hd)
+        q, k, v = be.linears(h, (w.q, w.k, w.v), (w.q_bias, w.k_bias, w.v_bias))  # (T, heads·hd), 2× (T, kv·hd)
         if w.q_norm is not None:
             q, k = self.head_norm(q, w.q_norm), self.head_norm(k, w.k_norm)
         q = be.rope(q, positions, self.inv_freq[i], **self.rope_options)
@@ -156,7 +154,7 @@ class Model:
         x = self.residual(x, a, w.o, w.o_bias, w.attn_out_norm)
         # MLP block (SwiGLU or GeGLU)
         h = be.rms_norm(x, w.mlp_norm, eps)
-        gate, up = be.linear(h, w.gate), be.linear(h, w.up)  # (T, intermediate)
+        gate, up = be.linears(h, (w.gate, w.up))  # (T, intermediate) each
         m = be.gelu_mul(gate, up) if c.family.activation == "gelu_tanh" else be.silu_mul(gate, up)
         del gate, up  # freed before the down projection (a long prompt's largest arrays)
         return self.residual(x, m, w.down, None, w.mlp_out_norm)

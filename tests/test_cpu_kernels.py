@@ -286,7 +286,7 @@ def test_a_failing_kernel_falls_back_with_one_notice(capsys):
         def affine_matmul(*args):
             raise RuntimeError("LLVM exploded")
 
-        affine_matmul_serial = affine_matmul
+        affine_matmul_serial = stack_matmul = stack_matmul_serial = affine_matmul
 
     state = dict(cpu_jit._state)
     try:
@@ -478,6 +478,7 @@ from mxq.runtime.backends import cpu_kernels as K
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
 from mxq.runtime.backends.numpy_backend import AffineWeight, NumpyBackend
+from mxq.runtime.backends.cpu_stack import KernelStack
 from conftest import random_affine_blobs
 Entry = type("E", (), {})
 rng, backend = np.random.default_rng(3), NumpyBackend(threads=1, kernels=False)
@@ -493,6 +494,9 @@ for bits in (2, 3, 4, 5, 6, 8):
                                NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
         want = w.numpy_matmul(quantize_activations(x))
         assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group)
+        stack = KernelStack((w,), backend)  # the same matrix through the stack kernel
+        K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
+        assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, "stack")
 print("ok")
 """
 

@@ -78,6 +78,12 @@ class Backend(ABC):
         (T, out) array added too (the residual stream: a GPU fuses it into the decode GEMV).
         T is the prompt length during prefill (matrix–matrix) and 1 during decode."""
 
+    def linears(self, x, weights, biases=None) -> list:
+        """[linear(x, W_i, b_i) for each handle]: several products of one input (q, k, v; gate, up), which
+        a backend may run as one; biases None or one (None or (out_i,)) per handle."""
+        biases = biases or (None,) * len(weights)
+        return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+
     @abstractmethod
     def rms_norm(self, x, weight, eps: float):
         """x (T, H), weight (H,) → weight * (x / sqrt(mean(x², axis=-1) + eps)), float32."""

@@ -40,11 +40,11 @@ from ...paths import cache_root
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
 EXPORTS = {
-    "cpu_kernels": ("affine_matmul_serial", "fp16_matmul_serial", "affine_dequantize"),
+    "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
 }
-SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_aot_build.py"]
+SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_stack.py", HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 
 

@@ -118,6 +118,7 @@ def _load_jit():
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return SimpleNamespace(kind="jit", parallel=True, affine_matmul=cpu_kernels.affine_matmul,
                            affine_matmul_serial=cpu_kernels.affine_matmul_serial,
+                           stack_matmul=cpu_kernels.stack_matmul, stack_matmul_serial=cpu_kernels.stack_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
                            affine_dequantize=cpu_kernels.affine_dequantize,
                            ops=cpu_ops, lut=_jit_lut)

@@ -3,6 +3,9 @@
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                   row_ptr, cols, values, bias, residual, y, n_parts)   y = x̂ @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
+    stack_matmul(x, table, out_rows, bias, residual, y, n_parts)       the same for several affine matrices
+    stack_matmul_serial(... the same ...)                              (a table of addresses, cpu_stack.py):
+                                                                       x rounded once, rows put in place
     fp16_matmul(x, half_bits, bias, residual, y, n_parts)               y = x @ Wᵀ ... for an fp16 matrix
     fp16_matmul_serial(... the same ...)                                on the calling thread only
     affine_dequantize(...)                                              rows of W as float32 (prefill)
@@ -35,14 +38,16 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
 from .cpu_qdot import block_dot
+from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, NNZ, PACKED, ROW_BYTES, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS,
+                        SCALE_CODES, SCALE_META, VALUES, ZERO_CODES, ZERO_META)
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
-from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
+from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -121,7 +126,7 @@ def affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bit
     pair = n_blocks % 2 == 0
     high, low, dx, xsum, x_hat = quantize_x(x, bits, group_size, n_blocks, pair)
     w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
-         xsum, x_hat)
+         xsum, x_hat, NO_MAP)
     R = packed.shape[0]
     step = -(-R // n_parts)
     for part in prange(n_parts):
@@ -136,7 +141,7 @@ def affine_matmul_serial(x, packed, scale_codes, scale_meta, zero_codes, zero_me
     pair = n_blocks % 2 == 0
     high, low, dx, xsum, x_hat = quantize_x(x, bits, group_size, n_blocks, pair)
     w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
-         xsum, x_hat)
+         xsum, x_hat, NO_MAP)
     affine_rows_for(0, packed.shape[0], w, bits, group_size, pair)
 
 
@@ -146,13 +151,18 @@ def quantize_x(x, bits, group_size, n_blocks, pair):
     x̂ = (2^LOW_BITS·high + low)·dx with high, low int8 (T, n_blocks·BLOCK) in cpu_qdot's order with 32-column
     blocks, two per SIMD vector if pair (zeros at padding); dx (T, n_blocks) the blocks' steps; xsum (T, G)
     = Σ x̂ per weight group; and x_hat (T, in) in the natural order (for the outliers)."""
+    q, dx, x_hat = round_x(x, n_blocks)
+    high, low, xsum = layout_x(q, dx, bits, group_size, n_blocks, pair)
+    return high, low, dx, xsum, x_hat
+
+
+@njit(**EXACT)
+def round_x(x, n_blocks):
+    """The rounding of quantize_x, in the natural column order: q int32 (T, n_blocks·BLOCK) = 2^LOW_BITS·high
+    + low, dx (T, n_blocks) and x_hat (T, in) = q·dx (blocks past in_features: zero)."""
     T, n_in = x.shape
-    U, B = unit_shape(bits)
-    M = (BLOCK // U) * (2 if pair else 1)  # units per SIMD vector
-    high = np.zeros((T, n_blocks * BLOCK), np.int8)
-    low = np.zeros((T, n_blocks * BLOCK), np.int8)
+    q = np.zeros((T, n_blocks * BLOCK), np.int32)
     dx = np.zeros((T, n_blocks), np.float32)
-    xsum = np.zeros((T, n_blocks * BLOCK // group_size), np.float32)
     x_hat = np.zeros((T, n_in), np.float32)
     fine = np.float32(1 << LOW_BITS)
     for t in range(T):
@@ -165,20 +175,40 @@ def quantize_x(x, bits, group_size, n_blocks, pair):
                 continue
             inv = np.float32(np.float32(127.0) / amax)  # float32 throughout, as the NumPy reference
             step = np.float32(amax / np.float32(127.0) / fine)
-            total = 0
             for c in range(c0, c1):
                 v = np.float32(x[t, c] * inv)
                 h = min(127.0, max(-127.0, np.rint(v)))
                 lo = min(127.0, max(-127.0, np.rint(np.float32((v - np.float32(h)) * fine))))
-                q = int(h) * (1 << LOW_BITS) + int(lo)
-                u = c // U
-                i = (u // M) * U * M + (c % U) * M + u % M
-                high[t, i], low[t, i] = int(h), int(lo)
-                x_hat[t, c] = np.float32(q) * step
-                total += q
+                q[t, c] = int(h) * (1 << LOW_BITS) + int(lo)
+                x_hat[t, c] = np.float32(q[t, c]) * step
             dx[t, b] = step
-            xsum[t, c0 // group_size] += np.float32(total) * step
-    return high, low, dx, xsum, x_hat
+    return q, dx, x_hat
+
+
+@njit(**EXACT)
+def layout_x(q, dx, bits, group_size, n_blocks, pair):
+    """round_x's first n_blocks blocks as one weight layout wants them: high, low int8 (T, n_blocks·BLOCK)
+    in cpu_qdot's order for `bits` (two blocks per SIMD vector if pair) and xsum (T, G) = Σ x̂ per group.
+    (Loops over the order's structure — vector, code plane, unit — instead of dividing column numbers.)"""
+    T = q.shape[0]
+    U, B = unit_shape(bits)
+    M = (BLOCK // U) * (2 if pair else 1)  # units per SIMD vector
+    high = np.empty((T, n_blocks * BLOCK), np.int8)
+    low = np.empty((T, n_blocks * BLOCK), np.int8)
+    xsum = np.zeros((T, n_blocks * BLOCK // group_size), np.float32)
+    for t in range(T):
+        for v in range(n_blocks * BLOCK // (U * M)):
+            for j in range(U):  # code plane j: code j of units v·M .. v·M + M − 1
+                for i in range(M):
+                    c = (v * M + i) * U + j
+                    h = (q[t, c] + (1 << (LOW_BITS - 1))) >> LOW_BITS  # low in −127 .. 127 < 2^(LOW_BITS−1)
+                    high[t, v * U * M + j * M + i], low[t, v * U * M + j * M + i] = h, q[t, c] - h * (1 << LOW_BITS)
+        for b in range(n_blocks):
+            total = 0
+            for c in range(b * BLOCK, (b + 1) * BLOCK):
+                total += q[t, c]
+            xsum[t, b * BLOCK // group_size] += np.float32(total) * dx[t, b]
+    return high, low, xsum
 
 
 @njit(**SERIAL)
@@ -243,14 +273,16 @@ def affine_rows_for(r0, r1, w, bits, group_size, pair):
 @njit(**SERIAL)
 def affine_rows(r0, r1, w, bits, units_per_block, blocks_per_vector, blocks_per_group):
     """y[:, r0:r1] of affine_matmul; w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr,
-    cols, values, bias, residual, y, and quantize_x's high, low, dx, xsum, x_hat); the last four: constants
+    cols, values, bias, residual, y, quantize_x's high, low, dx, xsum, x_hat, and out_rows: row r's column of
+    y, bias and residual — out_rows[r], or r itself when out_rows is empty); the last four: constants
     (cpu_qdot.block_dot's)."""
     packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, \
-        x_hat = w
+        x_hat, out_rows = w
     T, n_blocks = dx.shape
     G = scale_codes.shape[1]
     n_vectors = n_blocks // blocks_per_vector
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
+    mapped = out_rows.size > 0
     scale = np.empty(G, np.float32)  # this row's decoded scales and zeros
     zero = np.empty(G, np.float32)
     for r in range(r0, r1):
@@ -273,11 +305,98 @@ def affine_rows(r0, r1, w, bits, units_per_block, blocks_per_vector, blocks_per_
             if has_outliers:
                 for i in range(row_ptr[r], row_ptr[r + 1]):
                     acc += half_to_float(values[i]) * x_hat[t, cols[i]]
+            o = out_rows[r] if mapped else r
             if has_bias:
-                acc += bias[r]
+                acc += bias[o]
             if has_residual:
-                acc += residual[t, r]
-            y[t, r] = acc
+                acc += residual[t, o]
+            y[t, o] = acc
+
+
+@intrinsic
+def pointer(typingctx, address):
+    """An integer address → void* (for numba.carray: the arrays a stack table points to)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(address), codegen
+
+
+@njit(**SERIAL)
+def stack_layout(table, i, q, dx_all):
+    """x laid out for entry i's config: (high, low, dx, xsum) as quantize_x gives them (layout_x)."""
+    G, bits, group_size = table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
+    n_blocks = G * group_size // BLOCK
+    high, low, xsum = layout_x(q, dx_all, bits, group_size, n_blocks, n_blocks % 2 == 0)
+    return high, low, np.ascontiguousarray(dx_all[:, :n_blocks]), xsum
+
+
+@njit(**SERIAL)
+def same_layout(table, i, j):
+    """Whether entries i and j take x in the same layout (bits, group size, groups)."""
+    return (table[i, BITS] == table[j, BITS] and table[i, GROUP_SIZE] == table[j, GROUP_SIZE]
+            and table[i, GROUPS] == table[j, GROUPS])
+
+
+@njit(**SERIAL)
+def stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y):
+    """Entry i of a stack table (cpu_stack.py) as affine_rows_for's arguments: (w, bits, group_size, pair)
+    with its arrays viewed at the table's addresses; x_parts: stack_layout's for its config."""
+    R, G, bits, group_size = table[i, ROWS], table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
+    packed = carray(pointer(table[i, PACKED]), (R, table[i, ROW_BYTES]), np.uint8)
+    scale_codes = carray(pointer(table[i, SCALE_CODES]), (R, G), np.uint8)
+    zero_codes = carray(pointer(table[i, ZERO_CODES]), (R, G), np.uint8)
+    scale_meta = carray(pointer(table[i, SCALE_META]), (table[i, RUNS], 2), np.float32)
+    zero_meta = carray(pointer(table[i, ZERO_META]), (table[i, RUNS], 2), np.float32)
+    row_ptr = carray(pointer(table[i, ROW_PTR]), (table[i, ROW_PTR_SIZE],), np.uint32)
+    cols = carray(pointer(table[i, COLS]), (table[i, NNZ],), np.uint16)
+    values = carray(pointer(table[i, VALUES]), (table[i, NNZ],), np.uint16)
+    high, low, dx, xsum = x_parts
+    first = table[i, FIRST]
+    w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
+         xsum, x_hat, out_rows[first:first + R])
+    return w, bits, group_size, dx.shape[1] % 2 == 0
+
+
+@njit(**SERIAL)
+def stack_blocks(table):
+    """The most activation blocks any entry's padded width has (round_x rounds that many once)."""
+    n = 0
+    for i in range(table.shape[0]):
+        n = max(n, table[i, GROUPS] * table[i, GROUP_SIZE] // BLOCK)
+    return n
+
+
+@njit(**PARALLEL)
+def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
+    """y (T, width) = x (T, in) @ [every entry of the stack table]ᵀ + bias + residual, each entry's stored
+    row r written to column out_rows[first + r] (cpu_stack.py); x rounded once; each entry's rows cut
+    into n_parts parts run in parallel."""
+    q, dx, x_hat = round_x(x, stack_blocks(table))
+    x_parts = stack_layout(table, 0, q, dx)
+    for i in range(table.shape[0]):
+        if i > 0 and not same_layout(table, i, i - 1):
+            x_parts = stack_layout(table, i, q, dx)
+        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        R = table[i, ROWS]
+        step = -(-R // n_parts)
+        for part in prange(n_parts):
+            affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
+
+
+@njit(**SERIAL)
+def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
+    """stack_matmul on the calling thread; n_parts unused."""
+    q, dx, x_hat = round_x(x, stack_blocks(table))
+    x_parts = stack_layout(table, 0, q, dx)
+    for i in range(table.shape[0]):
+        if i > 0 and not same_layout(table, i, i - 1):
+            x_parts = stack_layout(table, i, q, dx)
+        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        affine_rows_for(0, table[i, ROWS], w, bits, group_size, pair)
 
 
 @njit(**PARALLEL)
@@ -380,9 +499,30 @@ def examples():
             yield name, (x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                          NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
         yield "affine_dequantize", (packed, codes, meta, codes, meta, bits, 32, 1, np.empty((2, G * 32), np.float32))
+        if bits == 4:  # a stack of this matrix (its rows reversed): the types stack_matmul is called with
+            table = example_table(packed, codes, meta, bits, 32)
+            for name in ("stack_matmul", "stack_matmul_serial"):
+                yield name, (x, table, np.arange(2, -1, -1, dtype=np.int64), NO_FLOAT, NO_RESIDUAL,
+                             np.empty((1, 3), np.float32), 2)
     half_bits = readonly(rng.standard_normal((3, 40)).astype(np.float16).view(np.uint16))
     for name in ("fp16_matmul", "fp16_matmul_serial"):
         yield name, (x, half_bits, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+
+
+_EXAMPLE_ARRAYS = []  # what example tables point to, kept alive
+
+
+def example_table(packed, codes, meta, bits, group_size) -> np.ndarray:
+    """A one-line stack table (cpu_stack.py) for these arrays (scales and zeros both `codes` and `meta`)."""
+    from .cpu_stack import FIELDS
+
+    _EXAMPLE_ARRAYS.extend([packed, codes, meta])
+    address = lambda a: a.__array_interface__["data"][0]  # noqa: E731
+    line = dict(rows=packed.shape[0], groups=codes.shape[1], bits=bits, group_size=group_size,
+                row_bytes=packed.shape[1], packed=address(packed), scale_codes=address(codes),
+                zero_codes=address(codes), scale_meta=address(meta), zero_meta=address(meta), row_ptr=address(NO_ROWS),
+                cols=address(NO_COLS), values=address(NO_VALUES), runs=meta.shape[0], row_ptr_size=1, nnz=0, first=0)
+    return np.array([[line[name] for name in FIELDS]], np.int64)
 
 
 def warm_up() -> None:

@@ -78,6 +78,7 @@ NO_COLS = readonly(np.zeros(0, np.uint16))
 NO_VALUES = readonly(np.zeros(0, np.uint16))
 NO_FLOAT = np.zeros(0, np.float32)
 NO_RESIDUAL = np.zeros((0, 0), np.float32)
+NO_MAP = readonly(np.zeros(0, np.int64))  # no row map: stored row r is output column r
 
 
 def quantize_activations(x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 Weights are handles from cpu_weights.py (DenseWeight, AffineWeight), cpu_lut.py (LutWeight) and, for
 `rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies straight
 from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
-products when Numba is available (cpu_jit.py), else with NumPy — and cache_dequantized keeps a
+products when Numba is available (cpu_jit.py; the affine ones of one input — a rows matrix's blocks,
+q/k/v, gate/up — as one call, cpu_stack.py), else with NumPy — and cache_dequantized keeps a
 float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
 In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
 compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
@@ -27,6 +28,7 @@ from .blas import blas_threads
 from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
+from .cpu_stack import KernelStack
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 from .row_blocks import RowBlocks
 
@@ -66,6 +68,7 @@ class NumpyBackend(Backend):
             numba.set_num_threads(self.threads)
         self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
         self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
+        self.stacks = {}  # ids of handles → (the handles, their KernelStack or None): see stack()
         self.thread_choices = {}  # (weight kind, shape) → cpu_weights.ThreadChoice: serial or parallel products
         self.blas = blas_threads()
         self.blas.set(1)
@@ -173,9 +176,31 @@ class NumpyBackend(Backend):
         return weight.rows(np.asarray(ids, dtype=np.int64))  # (T, hidden) (RowBlocks too: its blocks' rows)
 
     def linear(self, x, weight, bias=None, residual=None):
-        if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method
-            return weight.linear(np.ascontiguousarray(x, dtype=np.float32), bias, residual)
-        return weight.matmul(np.ascontiguousarray(x, dtype=np.float32), bias, residual)  # (T, out)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        stack = self.stack((weight,), x.shape[0])  # decode, affine throughout: one kernel call (cpu_stack.py)
+        if stack is not None:
+            return stack.matmul(x, bias, residual)
+        if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method, then a gather
+            return weight.linear(x, bias, residual)
+        return weight.matmul(x, bias, residual)  # (T, out)
+
+    def linears(self, x, weights, biases=None):
+        """Decode: the affine products of one input as one kernel call (cpu_stack.py)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        stack = self.stack(tuple(weights), x.shape[0])
+        if stack is None:
+            return super().linears(x, weights, biases)
+        return stack.split(stack.matmul(x, stack.bias(biases)))  # [(T, out_i)]
+
+    def stack(self, weights: tuple, n_tokens: int) -> KernelStack | None:
+        """The KernelStack of these handles when the compiled kernels multiply n_tokens rows and every
+        handle is affine throughout (made once per tuple of handles), else None."""
+        if self.kernels_for(n_tokens) is None:
+            return None
+        key = tuple(map(id, weights))
+        if key not in self.stacks:
+            self.stacks[key] = (weights, KernelStack.of(weights, self))  # the handles kept: their ids stay theirs
+        return self.stacks[key][1]
 
     def rms_norm(self, x, weight, eps):
         if self.ops is not None:  # one pass per row (few transcendental calls: any T)

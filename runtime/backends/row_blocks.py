@@ -13,9 +13,10 @@ prepare_matrix as a (count_i, in) matrix named `NAME[rows i]`, so every product 
 
 Everything is derived once at load. Per product, over one matrix's: a call per block (on the CPU kernels
 ~6 µs each: Python dispatch and the kernel's per-call preparation of x), one concatenation and one gather
-(~4 µs at SmolLM2's sizes). Decoding SmolLM2-135M (1 thread) with every decoder matrix split in 2 / 4
-blocks: 0.85x / 0.71x the tokens per second (tools/bench_rows.py: +16 / +35 µs per product); the cost is
-per call, so it weighs less on bigger matrices.
+(~4 µs at SmolLM2's sizes). So the CPU backend's decode does not come here when every block is affine: it
+multiplies such a matrix (and the q/k/v, gate/up it shares an input with) in one compiled call that
+writes each stored row straight to its logical row (cpu_stack.py, `order` below); this class remains
+its NumPy reference, its prefill path, and the path of matrices with fp16 or lut blocks.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class RowBlocks:
             block = BlockEntry(f"{entry.name}[rows {i}]", (count, in_features), config, entry.role)
             self.blocks.append(backend.prepare_matrix(block, block_blobs(blobs, i)))
         order = np.asarray(blobs["row_order"]).astype(np.int64)  # (out,) stored row → logical row
+        self.order = order  # host int64 (out,): stored row → logical row
         self.starts = block_starts(entry.config)  # host int64 (k + 1,)
         self.inverse = inverse_order(order)  # host int64 (out,): logical row → stored row
         self.gather = backend.xp.asarray(self.inverse)  # the same on the backend's device

@@ -1,0 +1,139 @@
+"""Kernel stacks (runtime/backends/cpu_stack.py): several affine matrices — plain ones and `rows` matrices of
+mixed configs — multiplied by one input in one compiled call, against the NumPy reference path on the same
+rounded x̂ (ahead-of-time and JIT kernels); the split x rounding (round_x + layout_x) against the one-pass
+rounding it replaced; members the kernels cannot stack fall back to one-by-one products.
+Tolerances: test_cpu_kernels.py's (fastmath sums in another order, plus two rounding steps of x̂).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_affine_blobs
+from mxq.format_spec import StorageConfig, dequantize, join_blocks
+from mxq.runtime.backends.cpu_stack import KernelStack
+from mxq.runtime.backends.row_blocks import RowBlocks
+from test_cpu_kernels import _Entry, assert_close, backends, quantized_input  # noqa: F401 - the fixture
+
+pytest.importorskip("numba")
+parse = StorageConfig.parse
+CONFIGS = [(bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128)]
+
+
+def rows_blobs(rng, shape, config):
+    """A rows tensor of affine blocks with random content and row order; and its dense W (logical rows)."""
+    blocks = [random_affine_blobs(rng, (count, shape[1]), block) for count, block in config.blocks]
+    order = rng.permutation(shape[0])
+    weight = np.empty(shape, np.float32)
+    weight[order] = np.concatenate([dequantize(b, (count, shape[1]), block)
+                                    for b, (count, block) in zip(blocks, config.blocks)])
+    return join_blocks(order, blocks), weight
+
+
+def members(rng, in_features, labels):
+    """[(name, shape, config, blobs, dense W)] for labels 'b4g64+o3' (affine) or 'rows(...)'."""
+    out = []
+    for i, label in enumerate(labels):
+        config = parse(label)
+        out_features = sum(config.row_counts) if config.scheme == "rows" else 7 + 13 * i
+        shape = (out_features, in_features)
+        if config.scheme == "rows":
+            blobs, dense = rows_blobs(rng, shape, config)
+        else:
+            blobs = random_affine_blobs(rng, shape, config)
+            dense = dequantize(blobs, shape, config)
+        out.append((f"m{i}", shape, config, blobs, dense))
+    return out
+
+
+def check_stack(fast, ref, rng, in_features, labels, tokens=(1, 3)):
+    parts = members(rng, in_features, labels)
+    w_fast = [fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts]
+    w_ref = [ref.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts]
+    dense = np.concatenate([d for *_, d in parts])
+    assert fast.stack(tuple(w_fast), 1) is not None
+    for T in tokens:
+        x = rng.standard_normal((T, in_features)).astype(np.float32)
+        x_hat, slack = quantized_input(x, dense)
+        biases = [rng.standard_normal(s[0]).astype(np.float32) if i % 2 else None for i, (_, s, *_) in enumerate(parts)]
+        got = fast.linears(x, w_fast, biases)
+        want = ref.linears(x_hat, w_ref, biases)
+        assert len(got) == len(parts)
+        for y, y_ref in zip(got, want):
+            assert_close(np.ascontiguousarray(y), y_ref, slack)
+        for w_f, w_r, (_, shape, *_) in zip(w_fast, w_ref, parts):  # one matrix alone, bias and residual fused
+            bias = rng.standard_normal(shape[0]).astype(np.float32)
+            residual = rng.standard_normal((T, shape[0])).astype(np.float32)
+            assert_close(fast.linear(x, w_f, bias, residual.copy()), ref.linear(x_hat, w_r, bias, residual.copy()), slack)
+
+
+@pytest.mark.parametrize("bits,group", CONFIGS)
+def test_every_config_in_a_stack_matches_numpy_path(backends, bits, group):
+    fast, ref = backends
+    rng = np.random.default_rng(10 * bits + group)
+    other = (4, 64) if (bits, group) != (4, 64) else (3, 32)
+    labels = [f"b{bits}g{group}+o5", f"rows(5:b{bits}g{group},9:b{other[0]}g{other[1]}+o2)", f"b{other[0]}g{other[1]}"]
+    check_stack(fast, ref, rng, 333, labels)  # 333: a padded last group for every group size
+
+
+def test_rows_matrices_of_mixed_configs_match_numpy_path(backends):
+    fast, ref = backends
+    rng = np.random.default_rng(7)
+    check_stack(fast, ref, rng, 576, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)",
+                                      "rows(16:b6g32+o1,16:b4g32)"], tokens=(1, 2, 5))
+    check_stack(fast, ref, rng, 31, ["rows(1:b4g32,2:b2g128)", "b8g32+o3"])  # narrower than one block
+
+
+def test_members_the_kernels_cannot_stack_run_one_by_one(backends):
+    fast, ref = backends
+    rng = np.random.default_rng(3)
+    affine = random_affine_blobs(rng, (8, 64), StorageConfig.affine(4, 32))
+    mixed_config = parse("rows(4:b4g32,4:fp16)")
+    mixed = join_blocks(rng.permutation(8), [random_affine_blobs(rng, (4, 64), StorageConfig.affine(4, 32)),
+                                             {"data": rng.standard_normal((4, 64)).astype(np.float16)}])
+    handles = (fast.prepare(_Entry("a", (8, 64), StorageConfig.affine(4, 32)), affine),
+               fast.prepare(_Entry("m", (8, 64), mixed_config), mixed))
+    assert isinstance(handles[1], RowBlocks) and fast.stack(handles, 1) is None
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    got = fast.linears(x, handles)
+    assert [y.shape for y in got] == [(1, 8), (1, 8)]
+    assert_close(got[1], fast.linear(x, handles[1]))
+
+
+def test_split_rounding_is_the_numpy_rounding(backends):
+    """round_x (once per stack) + layout_x (per config): x̂ exactly cpu_weights.quantize_activations', in
+    cpu_qdot's order for every config, and xsum its per-group sums."""
+    from mxq.runtime.backends import cpu_kernels
+    from mxq.runtime.backends.cpu_weights import ACTIVATION_LOW_BITS, UNITS, quantize_activations
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 333)) * np.exp(rng.standard_normal((3, 333)))).astype(np.float32)
+    x[1, 64:96] = 0.0  # an all-zero block
+    for bits, group in CONFIGS:
+        n_blocks = -(-333 // group) * group // 32
+        pair = n_blocks % 2 == 0
+        q, dx, x_hat = cpu_kernels.round_x(x, n_blocks + 2)  # rounded wider than needed, as a stack may
+        np.testing.assert_array_equal(x_hat, quantize_activations(x))
+        high, low, xsum = cpu_kernels.layout_x(q, dx, bits, group, n_blocks, pair)
+        U, _ = UNITS[bits]
+        M = 32 // U * (2 if pair else 1)
+        c = np.arange(n_blocks * 32)
+        u = c // U
+        at = (u // M) * U * M + (c % U) * M + u % M  # column c's place in cpu_qdot's order
+        assert np.array_equal(np.sort(at), c)
+        codes = high[:, at].astype(np.int32) * 2 ** ACTIVATION_LOW_BITS + low[:, at]  # (T, n_blocks·32) natural
+        np.testing.assert_array_equal(codes, q[:, :n_blocks * 32])
+        steps = np.repeat(dx[:, :n_blocks], 32, axis=1)
+        np.testing.assert_array_equal((codes * steps)[:, :333].astype(np.float32), x_hat)
+        sums = (codes * steps).reshape(3, -1, group).sum(axis=2)
+        np.testing.assert_allclose(xsum, sums, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stack_is_made_once_per_tuple_of_handles(backends):
+    fast, _ = backends
+    rng = np.random.default_rng(1)
+    config = StorageConfig.affine(4, 32)
+    a, b = (fast.prepare(_Entry(n, (8, 64), config), random_affine_blobs(rng, (8, 64), config)) for n in "ab")
+    stack = fast.stack((a, b), 1)
+    assert isinstance(stack, KernelStack) and fast.stack((a, b), 1) is stack and fast.stack((b, a), 1) is not stack
+    assert fast.stack((a, b), 17) is None  # prefill-sized: products one by one (dequantize + sgemm)
