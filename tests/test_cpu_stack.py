@@ -137,3 +137,37 @@ def test_a_stack_is_made_once_per_tuple_of_handles(backends):
     stack = fast.stack((a, b), 1)
     assert isinstance(stack, KernelStack) and fast.stack((a, b), 1) is stack and fast.stack((b, a), 1) is not stack
     assert fast.stack((a, b), 17) is None  # prefill-sized: products one by one (dequantize + sgemm)
+
+
+ROUNDING_UNDER_A_FASTMATH_CALLER = """
+import numpy as np
+from numba import njit
+from mxq.runtime.backends import cpu_kernels
+from mxq.runtime.backends.cpu_weights import quantize_activations
+
+@njit(fastmath=True)
+def caller(x, n_blocks):  # as every SERIAL/PARALLEL kernel calls quantize_x → round_x
+    return cpu_kernels.round_x(x, n_blocks)[2]
+
+rng = np.random.default_rng(5)
+x = (rng.standard_normal((3, 333)) * np.exp(rng.standard_normal((3, 333)))).astype(np.float32)
+want = quantize_activations(x)
+print(int((caller(x, 11) != want).sum()), int((cpu_kernels.round_x(x, 11)[2] != want).sum()))
+"""
+
+
+def test_rounding_stays_exact_when_a_fastmath_kernel_compiles_it_first(tmp_path):
+    """The EXACT kernels do not inherit a caller's fastmath (Numba does, for a flag left unset): compiled
+    afresh in a subprocess (own Numba cache), first from inside a fastmath kernel, round_x still gives
+    quantize_activations' x̂ bit for bit — from the caller and when called directly afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    from mxq.runtime.backends import cpu_aot
+
+    env = {**os.environ, "PYTHONPATH": str(cpu_aot.HERE.parents[2]), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    done = subprocess.run([sys.executable, "-c", ROUNDING_UNDER_A_FASTMATH_CALLER], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "0"]

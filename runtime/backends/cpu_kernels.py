@@ -51,7 +51,10 @@ from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VAL
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
-EXACT = dict(cache=True, nogil=True)  # no fastmath: the activations round exactly as the NumPy reference
+# No fastmath: the activations round exactly as the NumPy reference. Said explicitly: a kernel that leaves
+# fastmath unset inherits its caller's when a fastmath kernel compiles it first (Numba's CPU target,
+# inherit_if_not_set), and x̂ then moved by 1-2 ulps (127/amax as a reciprocal estimate).
+EXACT = dict(fastmath=False, cache=True, nogil=True)
 META_RUN_SHIFT = 7  # runs of 128 metadata values
 
 
