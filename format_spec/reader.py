@@ -25,7 +25,8 @@ from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
-from .tokenizer_schema import MetadataError, check_tokenizer
+from .tokenizer_blob import unpack as unpack_tokenizer
+from .tokenizer_schema import MetadataError, base_kind, check_tokenizer
 
 MAX_DIM = 1 << 40
 MAX_TENSORS = 1 << 20
@@ -309,11 +310,25 @@ class MxqFile:
         return {blob_name: self.view(ref) for blob_name, ref in self.tensors[name].blobs.items()}
 
     def tokenizer_data(self) -> bytes:
-        """The tokenizer blob's bytes, checked against their crc32 (small, so always checked)."""
+        """The tokenizer file: the blob's bytes, checked against their crc32 (small, so always checked),
+        unpacked when its kind is +xz (SPEC.md §3.2)."""
         data = bytes(self.view(self.tokenizer_blob))
         if f"{zlib.crc32(data):08x}" != self.tokenizer_blob.crc32:
             raise MxqFormatError(self.path, "tokenizer blob: crc32 mismatch (the file is damaged)")
-        return data
+        try:
+            return unpack_tokenizer(self.tokenizer, data)
+        except ValueError as error:
+            raise MxqFormatError(self.path, f"tokenizer blob: {error}") from None
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """What the tokenizer file is: 'sentencepiece' or 'hf-tokenizers' (without +xz)."""
+        return base_kind(self.tokenizer["kind"])[0]
+
+    @property
+    def tokenizer_nbytes(self) -> int:
+        """The tokenizer file's size (unpacked)."""
+        return self.tokenizer.get("raw_nbytes") or self.tokenizer_blob.nbytes
 
     def _chunks(self, start: int, end: int):
         """The bytes [start, end) as successive memoryviews of one reused buffer: reading with
@@ -348,6 +363,11 @@ class MxqFile:
             actual = self.blob_crc32(ref)
             if actual != ref.crc32:
                 problems.append(f"{where}: crc32 {actual} != recorded {ref.crc32}")
+        if not any(p.startswith("tokenizer blob:") for p in problems):
+            try:  # its crc holds: does it unpack (a hostile writer's xz stream may not)?
+                self.tokenizer_data()
+            except MxqFormatError as error:
+                problems.append(error.detail)
         json_end = HEADER_NBYTES + len(self._json_raw)
         spans = sorted((ref.offset, ref.offset + ref.nbytes) for _, ref in items)
         gaps = [(json_end, self.data_offset)] + [(a[1], b[0]) for a, b in zip(spans, spans[1:])]

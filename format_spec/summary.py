@@ -43,6 +43,7 @@ def summarize(f: MxqFile) -> dict:
         "file_bytes": f.file_nbytes,
         "header_and_json_bytes": f.data_offset,
         "tokenizer_bytes": f.tokenizer_blob.nbytes,
+        "tokenizer_raw_bytes": f.tokenizer_nbytes,
         "tensor_bytes": tensor_bytes,
         "padding_bytes": f.file_nbytes - f.data_offset - f.tokenizer_blob.nbytes - tensor_bytes,
         "model": f.model,

@@ -3,6 +3,8 @@ opened) and the writer (every file written), so a file mxq writes is always a fi
 from __future__ import annotations
 
 TOKENIZER_KINDS = ("sentencepiece", "hf-tokenizers")
+XZ = "+xz"  # a kind ending in it: the blob is the tokenizer file in an xz container (tokenizer_blob.py)
+MAX_TOKENIZER_NBYTES = 1 << 30  # cap on an xz blob's unpacked size (`raw_nbytes`): Gemma 3's tokenizer.json is 33 MB
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_EOS_IDS = 1024
 MAX_CHAT_TEMPLATE_CHARS = 256 << 10
@@ -21,6 +23,11 @@ def _token_id(value, field: str, vocab_size) -> int:
     return value
 
 
+def base_kind(kind: str) -> tuple[str, bool]:
+    """A checked `kind` → (the tokenizer kind, whether its blob is xz-compressed)."""
+    return (kind[: -len(XZ)], True) if kind.endswith(XZ) else (kind, False)
+
+
 def check_tokenizer(meta, vocab_size=None) -> None:
     """Raise MetadataError unless `meta` (the tokenizer object, blob aside) follows SPEC.md §3.2.
     `vocab_size`: the model's, when known (ids must be below it). Absent optional fields mean
@@ -28,9 +35,17 @@ def check_tokenizer(meta, vocab_size=None) -> None:
     if not isinstance(meta, dict):
         raise MetadataError("tokenizer metadata must be an object")
     kind = meta.get("kind")
-    if kind not in TOKENIZER_KINDS:
+    if kind not in TOKENIZER_KINDS + tuple(k + XZ for k in TOKENIZER_KINDS):
         raise MetadataError(f"tokenizer field 'kind' = {kind!r:.60} is not supported "
-                            f"(supported: {', '.join(TOKENIZER_KINDS)})")
+                            f"(supported: {', '.join(TOKENIZER_KINDS)}, each optionally {XZ})")
+    raw_nbytes = meta.get("raw_nbytes")
+    if base_kind(kind)[1]:
+        if not (isinstance(raw_nbytes, int) and not isinstance(raw_nbytes, bool)
+                and 0 <= raw_nbytes <= MAX_TOKENIZER_NBYTES):
+            raise MetadataError(f"tokenizer field 'raw_nbytes' = {raw_nbytes!r:.60} must be an integer in "
+                                f"[0, {MAX_TOKENIZER_NBYTES:,}] with kind {kind!r}")
+    elif raw_nbytes is not None:
+        raise MetadataError(f"tokenizer field 'raw_nbytes' is only allowed with an {XZ} kind, not {kind!r}")
     if not (isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size > 0):
         vocab_size = None
     bos = meta.get("bos_token_id")

@@ -29,6 +29,7 @@ from .affine import check_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
 from .layout import StorageConfig, align_up, blob_specs
 from .rows import row_order_problem
+from . import tokenizer_blob
 from .tokenizer_schema import check_tokenizer
 
 CRC_PLACEHOLDER = "00000000"
@@ -164,7 +165,8 @@ def _json_bytes(document: dict) -> bytes:
 @dataclass
 class MxqWriter:
     """with MxqWriter(path, model=..., tokenizer=..., tokenizer_data=..., tensors=[...]) as w:
-           for plan in tensors: w.write(plan.name, blobs)"""
+           for plan in tensors: w.write(plan.name, blobs)
+    tokenizer_data: the tokenizer file itself; it is stored xz-compressed (tokenizer_blob.pack)."""
 
     path: Path
     model: dict
@@ -180,7 +182,10 @@ class MxqWriter:
         names = [plan.name for plan in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in plan")
-        check_tokenizer(self.tokenizer, self.model.get("vocab_size") if isinstance(self.model, dict) else None)
+        vocab_size = self.model.get("vocab_size") if isinstance(self.model, dict) else None
+        check_tokenizer(self.tokenizer, vocab_size)
+        self._tokenizer_stored, self._tokenizer_blob = tokenizer_blob.pack(self.tokenizer, self.tokenizer_data)
+        check_tokenizer(self._tokenizer_stored, vocab_size)
         self._slots: dict[str, dict[str, _Slot]] = {}
         self._document, self._tokenizer_slot = self._layout()
         self._next = 0
@@ -214,7 +219,7 @@ class MxqWriter:
                      "crc32": CRC_PLACEHOLDER}
             return _Slot(entry, dtype, tuple(shape))
 
-        tokenizer_slot = place("uint8", (len(self.tokenizer_data),), len(self.tokenizer_data))
+        tokenizer_slot = place("uint8", (len(self._tokenizer_blob),), len(self._tokenizer_blob))
         slots, tensor_entries = {}, []
         for plan in self.tensors:
             specs = blob_specs(plan.shape, plan.config)
@@ -229,7 +234,7 @@ class MxqWriter:
             "format": "mxq",
             "alignment": self.alignment,
             "model": self.model,
-            "tokenizer": {**self.tokenizer, "blob": tokenizer_slot.entry},
+            "tokenizer": {**self._tokenizer_stored, "blob": tokenizer_slot.entry},
             "quantization": self.quantization,
             "provenance": self.provenance,
             "tensors": tensor_entries,
@@ -246,7 +251,7 @@ class MxqWriter:
             self._tmp_path = temp_path(self.path)
             self._file = create_exclusive(self._tmp_path)
             self._file.write(b"\0" * self._data_offset)  # header and JSON are written last
-            self._put(self._tokenizer_slot, np.frombuffer(self.tokenizer_data, dtype=np.uint8))
+            self._put(self._tokenizer_slot, np.frombuffer(self._tokenizer_blob, dtype=np.uint8))
         except BaseException:
             self._discard()
             raise
@@ -287,7 +292,7 @@ class MxqWriter:
                 if self._next != len(self.tensors):
                     raise ValueError(f"only {self._next} of {len(self.tensors)} tensors were written")
                 json_data = _json_bytes(self._document)
-                minor = minor_version(plan.config.scheme for plan in self.tensors)
+                minor = minor_version((plan.config.scheme for plan in self.tensors), self._tokenizer_stored["kind"])
                 header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, minor, zlib.crc32(json_data),
                                             len(json_data), self._data_offset)
                 self._file.seek(0)

@@ -194,4 +194,4 @@ def file_footprint(mxq_file, context: int, batch: int = 1, kernels: bool | str |
     config = ModelConfig.from_json(mxq_file.model)
     return footprint(config, mxq_file.file_nbytes, context, batch,
                      kernels=kernels_kind() if kernels is None else kernels,
-                     tokenizer_bytes=mxq_file.tokenizer_blob.nbytes)
+                     tokenizer_bytes=mxq_file.tokenizer_nbytes)

@@ -44,7 +44,8 @@ class Tokenizer:
     def from_file(cls, mxq_file, model_config=None) -> "Tokenizer":
         bos = model_config.bos_token_id if model_config else None
         eos = model_config.eos_token_ids if model_config else ()
-        return cls(mxq_file.tokenizer, mxq_file.tokenizer_data(), bos, eos)
+        meta = {**mxq_file.tokenizer, "kind": mxq_file.tokenizer_kind}  # the file's kind, unpacked (no +xz)
+        return cls(meta, mxq_file.tokenizer_data(), bos, eos)
 
     @property
     def vocab_size(self) -> int:

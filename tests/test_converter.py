@@ -124,7 +124,7 @@ def test_file_contents_match_the_plan(tiny_llama, tmp_path, error_cache):
     with MxqFile.open(out) as f:
         assert f.verify() == []
         assert f.tokenizer_data() == (tiny_llama / "tokenizer.model").read_bytes()
-        assert f.model["num_key_value_heads"] == 2 and f.tokenizer["kind"] == "sentencepiece"
+        assert f.model["num_key_value_heads"] == 2 and f.tokenizer_kind == "sentencepiece"
         assert f.provenance["source"]["sha256"] and f.provenance["options"]["bpw"] == 5.0
         for name, entry in f.tensors.items():
             restored = dequantize(f.blobs(name), entry.shape, entry.config)

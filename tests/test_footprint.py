@@ -139,7 +139,7 @@ def test_inspect_shows_the_footprint(tmp_path):
     report = json.loads(shown.stdout)["footprint"]
     with MxqFile.open(path) as f:
         expected = footprint(ModelConfig.from_json(f.model), f.file_nbytes, 100, 2, kernels=False,
-                             tokenizer_bytes=f.tokenizer_blob.nbytes)
+                             tokenizer_bytes=f.tokenizer_nbytes)
     assert report["bytes"] == expected.items and report["total_bytes"] == expected.total
     assert report["bytes"]["file"] == path.stat().st_size
     table = mxq("inspect", str(path), "--context", "100", "--no-tensors", env=_env(False))

@@ -77,7 +77,7 @@ def rows_file(tmp_path):
 def test_round_trip_and_cost_model(rows_file):
     path, tensors, written = rows_file
     with MxqFile.open(path) as f:
-        assert f.version == (1, 2)  # the lowest minor with `rows`
+        assert f.version == (1, 3)  # `rows` needs 1.2; mxq's writer packs every tokenizer +xz (1.3)
         assert f.verify() == []
         for name, shape, config in tensors:
             entry = f.tensors[name]
@@ -91,9 +91,14 @@ def test_round_trip_and_cost_model(rows_file):
     assert path.stat().st_size >= sum(tensor_nbytes(shape, config) for _, shape, config in tensors)
 
 
-def test_files_without_rows_keep_minor_version_1(small_file):
+def test_the_minor_version_is_the_lowest_the_file_needs(small_file):
+    from mxq.format_spec.header import minor_version
+
+    assert minor_version(["affine", "fp16"], "hf-tokenizers") == 1 and minor_version(["lut"], "sentencepiece") == 1
+    assert minor_version(["affine", "rows"], "sentencepiece") == 2
+    assert minor_version(["affine"], "sentencepiece+xz") == minor_version(["rows"], "hf-tokenizers+xz") == 3
     path, _, _ = small_file
-    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 1)
+    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 3)
 
 
 def test_row_order_dtype_and_blob_table():
@@ -429,7 +434,7 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
     compiled kernels: within their activation rounding), on the NumPy path, the kernels and the cached mode."""
     rows_path, fp16_path = write_rows_model(tmp_path)
     with MxqFile.open(rows_path) as f:
-        assert f.version == (1, 2) and f.verify() == []
+        assert f.version == (1, 3) and f.verify() == []
         assert f.tensors["model.embed_tokens.weight"].config.scheme == "rows"
     reference_ids, reference_steps = greedy_steps(fp16_path, NumpyBackend(kernels=False, threads=1))
     assert len(set(reference_ids)) > 3  # the greedy choices differ from step to step
@@ -483,4 +488,4 @@ def test_inspect_shows_rows_tensors(tmp_path):
     q = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
     blocks = parse(q["label"]).blocks
     assert f"rows×3 {blocks[0][1].label}…{blocks[-1][1].label}" in line and f"{q['bytes']:,}" in line
-    assert "row block configs: " in text and "mxq format 1.2" in text
+    assert "row block configs: " in text and "mxq format 1.3" in text
