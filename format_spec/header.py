@@ -1,6 +1,8 @@
 """The fixed 32-byte header at the start of every .mxq file (SPEC.md §2)."""
 import struct
 
+from .tokenizer_schema import base_kind
+
 MAGIC = b"\x89MXQ\r\n\x1a\n"
 MAJOR_VERSION = 1
 MINOR_VERSION = 3  # the newest minor this package reads and writes (SPEC.md §10)
@@ -11,7 +13,7 @@ XZ_TOKENIZER_MINOR = 3  # 1.3 added xz-compressed tokenizer blobs (a tokenizer k
 def minor_version(schemes, tokenizer_kind: str) -> int:
     """The minor version a file whose tensors use `schemes` is written with: the lowest that has them
     all and its tokenizer kind (1.3 added +xz kinds, 1.2 `rows`; 1.1 is what writers wrote before)."""
-    xz = XZ_TOKENIZER_MINOR if tokenizer_kind.endswith("+xz") else 1
+    xz = XZ_TOKENIZER_MINOR if base_kind(tokenizer_kind)[1] else 1
     return max([xz] + [SCHEME_MINOR[scheme] for scheme in schemes])
 HEADER_STRUCT = struct.Struct("<8sHHIQQ")  # magic, major, minor, json_crc32, json_nbytes, data_offset
 HEADER_NBYTES = HEADER_STRUCT.size  # 32

@@ -25,6 +25,7 @@ from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
+from .tokenizer_blob import ratio_problem
 from .tokenizer_blob import unpack as unpack_tokenizer
 from .tokenizer_schema import MetadataError, base_kind, check_tokenizer
 
@@ -181,6 +182,8 @@ class MxqFile:
         spans = []
         tokenizer_blob = f._blob_ref(document["tokenizer"].get("blob"), "uint8", None, "tokenizer blob", check)
         f.tokenizer_blob = tokenizer_blob
+        if problem := ratio_problem(document["tokenizer"], tokenizer_blob.nbytes):
+            check.fail(problem)
         spans.append((tokenizer_blob.offset, tokenizer_blob.nbytes, "tokenizer blob"))
         for index, raw_entry in enumerate(tensors):
             entry = f._tensor_entry(raw_entry, index, check)
@@ -328,7 +331,7 @@ class MxqFile:
     @property
     def tokenizer_nbytes(self) -> int:
         """The tokenizer file's size (unpacked)."""
-        return self.tokenizer.get("raw_nbytes") or self.tokenizer_blob.nbytes
+        return self.tokenizer["raw_nbytes"] if base_kind(self.tokenizer["kind"])[1] else self.tokenizer_blob.nbytes
 
     def _chunks(self, start: int, end: int):
         """The bytes [start, end) as successive memoryviews of one reused buffer: reading with
@@ -353,17 +356,19 @@ class MxqFile:
     def verify(self, progress=None) -> list[str]:
         """Check every blob's crc32 and that every gap between blobs is zero, so that no byte of
         the file goes unchecked, and that every `rows` tensor's row_order is a permutation (SPEC.md
-        §8); returns the problems found (empty when the file is intact).
-        Reads the file once, in VERIFY_CHUNK pieces."""
+        §8), and that an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the
+        file is intact). Reads the file once, in VERIFY_CHUNK pieces (and the tokenizer blob again)."""
         problems = []
         items = [("tokenizer blob", self.tokenizer_blob)] + [
             (f"tensor '{entry.name}' blob '{blob_name}'", ref)
             for entry in self.tensors.values() for blob_name, ref in entry.blobs.items()]
+        tokenizer_intact = True
         for where, ref in (progress(items) if progress else items):
             actual = self.blob_crc32(ref)
             if actual != ref.crc32:
                 problems.append(f"{where}: crc32 {actual} != recorded {ref.crc32}")
-        if not any(p.startswith("tokenizer blob:") for p in problems):
+                tokenizer_intact = tokenizer_intact and ref is not self.tokenizer_blob
+        if tokenizer_intact:
             try:  # its crc holds: does it unpack (a hostile writer's xz stream may not)?
                 self.tokenizer_data()
             except MxqFormatError as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 TOKENIZER_KINDS = ("sentencepiece", "hf-tokenizers")
 XZ = "+xz"  # a kind ending in it: the blob is the tokenizer file in an xz container (tokenizer_blob.py)
-MAX_TOKENIZER_NBYTES = 1 << 30  # cap on an xz blob's unpacked size (`raw_nbytes`): Gemma 3's tokenizer.json is 33 MB
+MAX_TOKENIZER_NBYTES = 1 << 28  # cap on an xz blob's unpacked size (`raw_nbytes`): Gemma 3's tokenizer.json is 33 MB
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_EOS_IDS = 1024
 MAX_CHAT_TEMPLATE_CHARS = 256 << 10
@@ -44,7 +44,7 @@ def check_tokenizer(meta, vocab_size=None) -> None:
                 and 0 <= raw_nbytes <= MAX_TOKENIZER_NBYTES):
             raise MetadataError(f"tokenizer field 'raw_nbytes' = {raw_nbytes!r:.60} must be an integer in "
                                 f"[0, {MAX_TOKENIZER_NBYTES:,}] with kind {kind!r}")
-    elif raw_nbytes is not None:
+    elif "raw_nbytes" in meta:
         raise MetadataError(f"tokenizer field 'raw_nbytes' is only allowed with an {XZ} kind, not {kind!r}")
     if not (isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size > 0):
         vocab_size = None

@@ -183,7 +183,6 @@ class MxqWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in plan")
         vocab_size = self.model.get("vocab_size") if isinstance(self.model, dict) else None
-        check_tokenizer(self.tokenizer, vocab_size)
         self._tokenizer_stored, self._tokenizer_blob = tokenizer_blob.pack(self.tokenizer, self.tokenizer_data)
         check_tokenizer(self._tokenizer_stored, vocab_size)
         self._slots: dict[str, dict[str, _Slot]] = {}

@@ -1,6 +1,7 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
 and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine), §7 (lut) and §8 (rows) say it holds."""
 import json
+import lzma
 import math
 import struct
 import zlib
@@ -72,7 +73,8 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         return {"dtype": dtype, "shape": shape, "offset": offset, "nbytes": len(data),
                 "crc32": format(zlib.crc32(data), "08x")}
 
-    tokenizer_blob = place(tokenizer, "uint8", [len(tokenizer)])
+    packed = lzma.compress(tokenizer, format=lzma.FORMAT_XZ)  # §3.2: a +xz kind
+    tokenizer_blob = place(packed, "uint8", [len(packed)])
     for name, (dtype, shape, data) in blobs.items():
         document_blobs[name] = place(data, dtype, shape)
     lut_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in lut_blobs.items()}
@@ -81,7 +83,8 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     document = {
         "format": "mxq", "alignment": alignment,
         "model": {"architecture": "llama", "hidden_size": 4, "a_future_key": [1, 2]},
-        "tokenizer": {"kind": "sentencepiece", "blob": tokenizer_blob, "bos_token_id": 1, "eos_token_ids": [2],
+        "tokenizer": {"kind": "sentencepiece+xz", "raw_nbytes": len(tokenizer), "blob": tokenizer_blob,
+                      "bos_token_id": 1, "eos_token_ids": [2],
                       "add_bos_token": True, "chat_template": None},
         "quantization": {}, "provenance": {"note": "hand-made"},
         "tensors": [
@@ -99,7 +102,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 2, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 3, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data

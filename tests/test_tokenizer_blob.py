@@ -8,7 +8,7 @@ import lzma
 import pytest
 
 from conftest import write_random_file
-from mxq.format_spec import MxqFile, MxqFormatError, StorageConfig, tokenizer_blob
+from mxq.format_spec import MxqFile, MxqFormatError, MxqWriter, StorageConfig, tokenizer_blob
 from mxq.format_spec.tokenizer_schema import MAX_TOKENIZER_NBYTES
 from test_corruption import _rewrite_json
 
@@ -31,9 +31,21 @@ def test_the_tokenizer_is_stored_packed_and_read_back_byte_for_byte(tmp_path):
 
 def test_a_stored_tokenizer_object_is_accepted_by_the_writer(tmp_path):
     """Tools copy a file's tokenizer object (kind +xz, raw_nbytes) with its unpacked data: stored once, packed."""
-    meta, blob = tokenizer_blob.pack({"kind": "hf-tokenizers+xz", "raw_nbytes": 1, "bos_token_id": 1}, TOKENIZER)
-    assert meta == {"kind": "hf-tokenizers+xz", "raw_nbytes": len(TOKENIZER), "bos_token_id": 1}
-    assert tokenizer_blob.unpack(meta, blob) == TOKENIZER
+    path = tmp_path / "copy.mxq"
+    stored = {"kind": "hf-tokenizers+xz", "raw_nbytes": 1, "bos_token_id": 1, "blob": {"offset": 0}}
+    with MxqWriter(path, model={"architecture": "llama"}, tokenizer=stored, tokenizer_data=TOKENIZER, tensors=[]):
+        pass
+    with MxqFile.open(path) as f:
+        assert {k: v for k, v in f.tokenizer.items() if k != "blob"} == {
+            "kind": "hf-tokenizers+xz", "raw_nbytes": len(TOKENIZER), "bos_token_id": 1}
+        assert f.tokenizer_data() == TOKENIZER
+
+
+def test_an_empty_tokenizer_file_packs_to_zero_raw_bytes(tmp_path):
+    path = tmp_path / "empty.mxq"
+    write_random_file(path, TENSORS, tokenizer_data=b"")
+    with MxqFile.open(path) as f:
+        assert f.tokenizer_nbytes == 0 < f.tokenizer_blob.nbytes and f.tokenizer_data() == b""
 
 
 def _hostile(monkeypatch, tmp_path, raw_nbytes, blob):
@@ -64,6 +76,14 @@ def test_a_blob_that_does_not_unpack_to_raw_nbytes_is_rejected(monkeypatch, tmp_
         assert "\n" not in str(error.value)
         problems = f.verify()
     assert len(problems) == 1 and problems[0].startswith("tokenizer blob: ") and message.split(" ")[0] in problems[0]
+
+
+def test_a_small_blob_claiming_a_large_tokenizer_is_rejected_at_open(monkeypatch, tmp_path):
+    """raw_nbytes is bounded by the blob's size (64x + 1 MiB): a ~10 KB stream of 64 MiB of zeros is not
+    unpacked at all."""
+    path = _hostile(monkeypatch, tmp_path, 64 << 20, BOMB)
+    with pytest.raises(MxqFormatError, match=r"tokenizer field 'raw_nbytes' = 67,108,864 is more than 64 x the blob's"):
+        MxqFile.open(path)
 
 
 @pytest.mark.parametrize("edit, field", [
