@@ -115,6 +115,26 @@ def test_error_cache_skips_measurement(tiny_llama, tmp_path, monkeypatch):
     assert report.achieved_bpw <= 3.0
 
 
+def test_errors_are_measured_again_under_other_calibration_statistics(tiny_llama, tmp_path, monkeypatch):
+    """The error cache's key names the calibration statistics the errors are weighted by, not only the
+    text and token count: the same text calibrated another way (here without the BOS the tokenizer adds,
+    as chunks were cut before Gemma 3's fix) is measured again, never served the other statistics' errors."""
+    import dataclasses
+
+    from mxq.converter import pipeline
+
+    cache = tmp_path / "cache"
+    convert(tiny_llama, tmp_path / "a.mxq", bpw=4.0, cache_dir=str(cache), **FAST)
+    read = pipeline.read_checkpoint
+    assert read(tiny_llama).tokenizer["add_bos_token"]
+    monkeypatch.setattr(pipeline, "read_checkpoint", lambda path: dataclasses.replace(
+        read(path), tokenizer={**read(path).tokenizer, "add_bos_token": False}))
+    measured, quantize = [], measure_module.quantize
+    monkeypatch.setattr(measure_module, "quantize", lambda *a, **k: measured.append(1) or quantize(*a, **k))
+    convert(tiny_llama, tmp_path / "b.mxq", bpw=4.0, cache_dir=str(cache), **FAST)
+    assert measured
+
+
 def test_file_contents_match_the_plan(tiny_llama, tmp_path, error_cache):
     """Every stored tensor decodes to the checkpoint's weights within the quantization error."""
     from safetensors.numpy import load_file
