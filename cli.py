@@ -130,9 +130,9 @@ def inspect(file, as_json, tensors, context, batch, plot_path):
     click.echo(f"{report['file']}: mxq format {report['version']}, {report['file_bytes']:,} bytes")
     click.echo(f"model: {model.get('architecture', '?')}, {model.get('num_hidden_layers', '?')} layers, "
                f"hidden {model.get('hidden_size', '?')}, vocab {model.get('vocab_size', '?')}")
-    packed = (f", {report['tokenizer_raw_bytes']:,} unpacked" if report["tokenizer_raw_bytes"] != report["tokenizer_bytes"]
-              else "")
-    click.echo(f"tokenizer: {report['tokenizer'].get('kind', '?')} ({report['tokenizer_bytes']:,} bytes{packed})")
+    raw = report["tokenizer_raw_bytes"]
+    unpacked = f", {raw:,} unpacked" if raw != report["tokenizer_bytes"] else ""
+    click.echo(f"tokenizer: {report['tokenizer'].get('kind', '?')} ({report['tokenizer_bytes']:,} bytes{unpacked})")
     for key, value in report["provenance"].items():
         click.echo(f"provenance.{key}: {json.dumps(value) if not isinstance(value, str) else value}")
     for key, value in report["quantization"].items():

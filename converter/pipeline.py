@@ -393,7 +393,7 @@ def _importance_id(options, calibration) -> str:
     """The error cache's key for errors weighted by this calibration: its statistics' own cache key (the
     directory's name: checkpoint, tokenizer, text, tokens and how chunks are cut), not only the text and
     token count — the same text chunked another way (BOS first, since Gemma 3's fix) weighs differently."""
-    return f"{options.objective}-{calibration.directory.name[:16]}-{calibration.tokens}"
+    return f"{options.objective}-{calibration.directory.name[:16]}"
 
 
 def _calibration_text(options) -> str | None:

@@ -25,8 +25,7 @@ from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
-from .tokenizer_blob import ratio_problem
-from .tokenizer_blob import unpack as unpack_tokenizer
+from .tokenizer_blob import ratio_problem, unpack as unpack_tokenizer
 from .tokenizer_schema import MetadataError, base_kind, check_tokenizer
 
 MAX_DIM = 1 << 40
