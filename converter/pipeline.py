@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..format_spec import MxqWriter, StorageConfig, TensorPlan, tensor_nbytes
+from ..format_spec.layout import unpacked_extra_nbytes
 from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
@@ -105,8 +106,8 @@ def _check_feasible(checkpoint, candidates, options) -> None:
             shape = checkpoint.tensors[name].shape
             cheapest[name] = min((c.storage(shape) for c in MATRIX_CANDIDATES), key=lambda s: tensor_nbytes(shape, s))
     plans = _plans(checkpoint, cheapest, options)
-    smallest = MxqWriter("unused.mxq", model=checkpoint.model, tokenizer=checkpoint.tokenizer,
-                         tokenizer_data=checkpoint.tokenizer_data, tensors=plans).file_nbytes
+    smallest = _held_bytes(MxqWriter("unused.mxq", model=checkpoint.model, tokenizer=checkpoint.tokenizer,
+                                     tokenizer_data=checkpoint.tokenizer_data, tensors=plans), options)
     budget = file_budget(checkpoint, options)
     if budget < smallest:
         raise ConversionError(f"{_budget_text(checkpoint, options)} is infeasible: the smallest file with configs "
@@ -144,11 +145,23 @@ def _configs(checkpoint, tables, choice) -> dict:
     return configs
 
 
-def _unit_nbytes(checkpoint, table, i, candidate, alignment=None) -> int:
-    """Bytes unit i of `table` (a matrix or one of its row blocks) takes stored as `candidate`."""
+def _unit_nbytes(checkpoint, table, i, candidate, alignment=None, memory=False) -> int:
+    """Bytes unit i of `table` (a matrix or one of its row blocks) takes stored as `candidate`; with
+    `memory`, plus what the runtime adds when it unpacks the unit's 6-bit metadata (--fit's bytes)."""
     b, counts = table.unit(i)
     shape = checkpoint.tensors[table.names[i]].shape
-    return unit_nbytes(shape, counts or (shape[0],), b, candidate, alignment)
+    nbytes = unit_nbytes(shape, counts or (shape[0],), b, candidate, alignment)
+    if memory:
+        block = (counts[b], shape[1]) if counts and len(counts) > 1 else shape
+        nbytes += unpacked_extra_nbytes(block, candidate.storage(block))
+    return nbytes
+
+
+def _held_bytes(writer, options) -> int:
+    """What the budget counts of a planned file: its bytes, and for --fit the runtime's unpacked metadata."""
+    if options.fit is None:
+        return writer.file_nbytes
+    return writer.file_nbytes + sum(unpacked_extra_nbytes(plan.shape, plan.config) for plan in writer.tensors)
 
 
 def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
@@ -160,11 +173,12 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
         return allocate(table.costs, _objective(table, options.objective),
                         int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9)))
     objective = padded([row for t in tables for row in _objective(t, options.objective)], fill_cost=False)
-    aligned = padded([np.array([_unit_nbytes(checkpoint, t, i, c, 64) for c in t.candidates], dtype=np.int64)
+    memory = options.fit is not None
+    aligned = padded([np.array([_unit_nbytes(checkpoint, t, i, c, 64, memory) for c in t.candidates], dtype=np.int64)
                       for t in tables for i in range(len(t.names))], fill_cost=True)
     cheapest = aligned.argmin(axis=1)
     rows = np.arange(len(aligned))
-    overhead = make_writer(cheapest).file_nbytes - int(aligned[rows, cheapest].sum())
+    overhead = _held_bytes(make_writer(cheapest), options) - int(aligned[rows, cheapest].sum())
     smallest = overhead + int(aligned[rows, cheapest].sum())
     target = file_budget(checkpoint, options)
     if target < smallest:
@@ -173,7 +187,7 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
     budget = target - overhead
     for _ in range(8):
         choice = allocate(aligned, objective, max(budget, int(aligned[rows, cheapest].sum())))
-        size = make_writer(choice).file_nbytes
+        size = _held_bytes(make_writer(choice), options)
         if size <= target:
             return choice
         budget = min(budget, int(aligned[rows, choice].sum())) - (size - target)  # below what this plan spent
@@ -314,7 +328,9 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     seconds["total"] = time.perf_counter() - started
     notes = checkpoint.notes + cache.notices + _sample_note(table, choice[:len(table.names)], options)
     if options.fit is not None:
-        notes.append(f"--fit: file {writer.file_nbytes:,} + runtime {runtime_overhead(checkpoint, options).total:,} "
+        unpacked = _held_bytes(writer, options) - writer.file_nbytes
+        notes.append(f"--fit: file {writer.file_nbytes:,} + unpacked metadata {unpacked:,} + runtime "
+                     f"{runtime_overhead(checkpoint, options).total:,} "
                      f"bytes at --context {options.context} --batch {options.batch} (runtime/footprint.py) "
                      f"≤ {options.fit:,} bytes")
     n = len(table.names)

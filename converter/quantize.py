@@ -6,7 +6,7 @@
         │  on an l_p<1 error (`hqq`, calibration-free), or an importance-weighted search over candidate
         │  scales with a weighted least-squares fit of scale and offset for each (`wls`, as llama.cpp's
         │  k-quants; weights from calibration when given, else |w|-based; a Numba kernel, kernels.py)
-        ├─ double-quantize scale and zero to 8-bit codes (format_spec.encode_meta), decode them back
+        ├─ double-quantize scale and zero to 8- or 6-bit codes (format_spec.encode_meta), decode them back
         └─ codes = clamp(round(w / ŝ + ẑ)) with the *decoded* ŝ, ẑ ─► error ‖W − Ŵ‖²_F of what is stored
            (kernels.round_groups, per row, so a row sample's errors can be scaled to the matrix)
 
@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -118,9 +118,9 @@ def _hqq_zero(w, keep, scale, zero, levels):
     return z.squeeze(2)
 
 
-def _decoded(values: torch.Tensor):
+def _decoded(values: torch.Tensor, meta_bits: int):
     """Double-quantize like the file does; returns (codes, meta, decoded float32 torch values)."""
-    codes, meta = encode_meta(values.numpy())
+    codes, meta = encode_meta(values.numpy(), meta_bits)
     return codes, meta, torch.from_numpy(decode_meta(codes, meta))
 
 
@@ -168,7 +168,7 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         importance = importance[rows] if importance is not None else None
         return _quantize(weight[rows], config, quantizer, pack, importance, None, floor=floor)
     if config.outliers and outlier_mode == "error":
-        first = _quantize(weight, StorageConfig.affine(config.bits, config.group_size), quantizer, False,
+        first = _quantize(weight, replace(config, outliers=0), quantizer, False,
                           importance, None, keep_residual=True)
         score = first.residual.pow(2) * (importance if importance is not None else 1.0)
         outliers = _top_mask(score, config.outliers)
@@ -217,8 +217,8 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
             scale[rows], zero[rows] = _scale_zero(groups[rows], kept[rows], bits, quantizer)
 
     scale, zero = _bounded_zero(scale, zero)
-    scale_codes, scale_meta, scale_hat = _decoded(scale)
-    zero_codes, zero_meta, zero_hat = _decoded(zero)
+    scale_codes, scale_meta, scale_hat = _decoded(scale, config.meta_bits)
+    zero_codes, zero_meta, zero_hat = _decoded(zero, config.meta_bits)
     codes = np.empty((out_features, n_groups, g), np.uint8) if pack else np.zeros((0, 0, 0), np.uint8)
     residual = torch.empty(out_features, n_groups, g) if (config.outliers or keep_residual) else None
     row_sq, row_weighted = np.empty(out_features), np.empty(out_features)

@@ -3,10 +3,10 @@
 SPEC.md in this folder is the normative description; this package implements it and imports
 nothing else of mxq.
 """
-from .affine import build_csr, csr_problem, decode_meta, dequantize, encode_meta
+from .affine import build_csr, csr_problem, decode_meta, dequantize, encode_meta, loaded_blobs, stored_blobs
 from .errors import MxqFormatError
 from .header import MAJOR_VERSION, MINOR_VERSION
-from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SCHEMES, BlobSpec, StorageConfig,
+from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, META_BITS, SCHEMES, BlobSpec, StorageConfig,
                      aligned_nbytes, blob_specs, block_blobs, outlier_count, row_order_dtype, tensor_nbytes)
 from .lut import codebook_of_rows, dequantize_lut
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
@@ -16,6 +16,7 @@ from .writer import MxqWriter, TensorPlan
 
 __all__ = [
     "MxqFormatError", "MAJOR_VERSION", "MINOR_VERSION", "GROUP_SIZES", "CODEBOOK_ROWS", "LABEL_GRAMMAR", "SCHEMES",
+    "META_BITS", "loaded_blobs", "stored_blobs",
     "SUPPORTED_BITS", "codebook_of_rows", "dequantize_lut",
     "BlobSpec", "StorageConfig", "aligned_nbytes", "blob_specs", "outlier_count", "tensor_nbytes",
     "pack_codes", "unpack_codes", "encode_meta", "decode_meta", "dequantize", "build_csr", "csr_problem",

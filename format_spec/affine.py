@@ -2,8 +2,10 @@
 
 Weight (out, in) is cut along `in` into groups of g (the last group padded). Each group has a
 scale s and a zero z (z in code units), and the weight is  w = (q - z) · s  with q a b-bit code.
-The (out, n_groups) scale and zero arrays are each stored as 8-bit codes in runs of 128
-consecutive values (row-major), every run with fp16 (step, min):  value = code · step + min.
+The (out, n_groups) scale and zero arrays are each stored as 8- or 6-bit codes (the config's
+meta_bits) in runs of 128 consecutive values (row-major), every run with fp16 (step, min):
+value = code · step + min. In memory codes are always uint8 (out, n_groups); 6-bit codes are
+bit-packed only in the file (stored_blobs / loaded_blobs convert, the writer and reader call them).
 This module is the NumPy reference every backend and kernel is tested against.
 """
 from __future__ import annotations
@@ -12,12 +14,12 @@ import math
 
 import numpy as np
 
-from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs
+from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, block_blobs
 from .lut import dequantize_lut
-from .packing import unpack_codes
+from .packing import CODES_PER_PACK, pack_codes, unpack_codes
 from .rows import dequantize_rows
 
-META_LEVELS = 255  # 8-bit metadata codes 0..255
+META_CODES = ("scale_codes", "zero_codes")  # the blobs whose file form depends on meta_bits
 
 
 def _fp16_toward(values: np.ndarray, direction: float) -> np.ndarray:
@@ -28,12 +30,13 @@ def _fp16_toward(values: np.ndarray, direction: float) -> np.ndarray:
     return half
 
 
-def encode_meta(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def encode_meta(values: np.ndarray, meta_bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Double-quantize (out, n_groups) float values → (uint8 codes (out, n_groups), fp16 (n_runs, 2)).
 
     Each run of 128 consecutive values (row-major; the last run may be short) gets min rounded
-    down and step rounded up to fp16, so every value is covered by codes 0..255.
+    down and step rounded up to fp16, so every value is covered by codes 0..2^meta_bits − 1.
     """
+    levels = (1 << meta_bits) - 1
     values = np.asarray(values, dtype=np.float32)
     if not np.all(np.isfinite(values)) or (values.size and np.abs(values).max() > 60000.0):
         raise ValueError("metadata values must be finite and within fp16 range")
@@ -44,11 +47,11 @@ def encode_meta(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     padded[flat.size:] = flat[-1] if flat.size else 0.0  # padding repeats the last value: no effect on min/max
     runs = padded.reshape(n_runs, META_GROUP_SIZE)  # (n_runs, 128)
     run_min = _fp16_toward(runs.min(axis=1), -np.inf)
-    run_step = _fp16_toward((runs.max(axis=1) - run_min.astype(np.float32)) / META_LEVELS, np.inf)
+    run_step = _fp16_toward((runs.max(axis=1) - run_min.astype(np.float32)) / levels, np.inf)
     step32 = run_step.astype(np.float32)
     safe_step = np.where(step32 > 0, step32, 1.0)
     codes = np.rint((runs - run_min.astype(np.float32)[:, None]) / safe_step[:, None])
-    codes = np.clip(codes, 0, META_LEVELS).astype(np.uint8)
+    codes = np.clip(codes, 0, levels).astype(np.uint8)
     codes[step32 == 0] = 0
     meta = np.stack([run_step, run_min], axis=1)  # (n_runs, 2): step, min
     return codes.reshape(-1)[: flat.size].reshape(values.shape), meta
@@ -121,6 +124,42 @@ def build_csr(shape, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> 
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=row_ptr[1:])
     return {"outlier_row_ptr": row_ptr, "outlier_cols": cols.astype(np.uint16),
             "outlier_values": values.astype(np.float16)}
+
+
+def _meta_form(blobs: dict, shape, config: StorageConfig, to_file: bool) -> dict:
+    """stored_blobs / loaded_blobs: 6-bit metadata codes between uint8 (out, G) and their packed file
+    blob (layout.meta_codes_spec); every other blob is passed through as is (views stay views)."""
+    if config.scheme == "rows":
+        out = dict(blobs)
+        for i, (count, block) in enumerate(config.blocks):
+            converted = _meta_form(block_blobs(blobs, i), (count, shape[1]), block, to_file)
+            out.update({f"{i}.{name}": blob for name, blob in converted.items()})
+        return out
+    if config.scheme != "affine" or config.meta_bits == 8:
+        return blobs
+    out_features, _, n_groups = affine_dims(shape, config.group_size)
+    n = out_features * n_groups
+    out = dict(blobs)
+    for name in META_CODES:
+        if to_file:
+            flat = np.zeros(-(-n // CODES_PER_PACK) * CODES_PER_PACK, np.uint8)
+            flat[:n] = np.asarray(blobs[name]).reshape(-1)
+            out[name] = pack_codes(flat, config.meta_bits)
+        else:
+            out[name] = unpack_codes(blobs[name], config.meta_bits)[:n].reshape(out_features, n_groups)
+    return out
+
+
+def stored_blobs(blobs: dict, shape, config: StorageConfig) -> dict:
+    """A tensor's blobs as the file stores them (what check_blobs and the cost model describe), from
+    their in-memory form (quantize's output; metadata codes uint8 (out, G) at any meta_bits)."""
+    return _meta_form(blobs, shape, config, to_file=True)
+
+
+def loaded_blobs(blobs: dict, shape, config: StorageConfig) -> dict:
+    """The in-memory form of a tensor's file blobs (6-bit metadata codes unpacked to uint8 (out, G));
+    8-bit codes and every other blob stay zero-copy views."""
+    return _meta_form(blobs, shape, config, to_file=False)
 
 
 def check_blobs(blobs: dict, shape, config: StorageConfig) -> None:

@@ -21,17 +21,26 @@ SCHEMES = ("affine", "fp16", "lut", "rows")
 BLOCK_SCHEMES = ("affine", "fp16", "lut")  # what a `rows` block may use (no nesting)
 GROUP_SIZES = (32, 64, 128)
 CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
-META_BITS = 8  # scales and zeros are stored as 8-bit codes ...
+META_BITS = (6, 8)  # scales and zeros are stored as 6- or 8-bit codes ...
 META_GROUP_SIZE = 128  # ... in groups of 128 consecutive values, each with fp16 (step, min)
+
+
+def default_meta_bits(bits: int) -> int:
+    """The metadata width an affine config of `bits` gets unless its label says otherwise (`mM`): 6 for
+    b ≤ 3, 8 above. A zero's code step is ~2^b/(2^m − 1) code units, so 6-bit zeros add ~(2^b/63)² of the
+    codes' own rounding error — ≤ 1.6% at b ≤ 3, 6% at b4, 26% at b5 — for 0.125 / 0.0625 / 0.03 bpw
+    saved at g32 / g64 / g128 (README, "6-bit metadata", has the measured perplexities)."""
+    return 6 if bits <= 3 else 8
 MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
 
 # The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
 #   fp16 | b<bits>g<group> | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
-LABEL_GRAMMAR = ("fp16; bBgG (affine: B bits, groups of G inputs); lB or lBcC (lut: B-bit codebook per "
+LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
+                 "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
                  "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
                  "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
                  "each, in a stored row order, with their own configs)")
-_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
+_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
                     r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
@@ -55,8 +64,13 @@ class StorageConfig:
     outlier_percent: float = 0.0  # a spec's outliers as a percent of the weights (resolved by storage())
     codebook_rows: int = 0  # lut only
     blocks: tuple = ()  # rows only: ((row count, StorageConfig of the block), ...) in stored order
+    meta_bits: int = 0  # affine only: 6 or 8-bit scale and zero codes (0 given: default_meta_bits(bits))
 
     def __post_init__(self):
+        if self.scheme == "affine" and self.meta_bits == 0 and self.bits in SUPPORTED_BITS:
+            object.__setattr__(self, "meta_bits", default_meta_bits(self.bits))
+        if self.scheme != "affine" and self.meta_bits:
+            raise ValueError(f"{self.scheme} takes no metadata bits")
         if self.scheme == "rows":
             if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
                 raise ValueError("rows takes only blocks (each block has its own config)")
@@ -80,6 +94,8 @@ class StorageConfig:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.scheme == "affine" and (self.group_size not in GROUP_SIZES or self.codebook_rows):
             raise ValueError(f"affine group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.scheme == "affine" and self.meta_bits not in META_BITS:
+            raise ValueError(f"affine metadata bits must be one of {META_BITS}, got {self.meta_bits}")
         if self.scheme == "lut" and (self.codebook_rows not in CODEBOOK_ROWS or self.group_size):
             raise ValueError(f"lut channels per codebook must be one of {CODEBOOK_ROWS}, got {self.codebook_rows}")
         if self.outliers < 0 or not 0 <= self.outlier_percent <= 100:
@@ -92,8 +108,9 @@ class StorageConfig:
         return StorageConfig("fp16")
 
     @staticmethod
-    def affine(bits: int, group_size: int, outliers: int = 0) -> "StorageConfig":
-        return StorageConfig("affine", bits, group_size, outliers)
+    def affine(bits: int, group_size: int, outliers: int = 0, meta_bits: int = 0) -> "StorageConfig":
+        """meta_bits 0: default_meta_bits(bits)."""
+        return StorageConfig("affine", bits, group_size, outliers, meta_bits=meta_bits)
 
     @staticmethod
     def lut(bits: int, codebook_rows: int = 1, outliers: int = 0) -> "StorageConfig":
@@ -129,7 +146,8 @@ class StorageConfig:
         outliers = int(match["count"] or 0)
         percent = float(match["percent"] or 0)
         if match["bits"] is not None:
-            return StorageConfig("affine", int(match["bits"]), int(match["group"]), outliers, percent)
+            return StorageConfig("affine", int(match["bits"]), int(match["group"]), outliers, percent,
+                                 meta_bits=int(match["meta"] or 0))
         return StorageConfig("lut", int(match["lbits"]), 0, outliers, percent, int(match["rows"] or 1))
 
     @property
@@ -141,6 +159,7 @@ class StorageConfig:
             return "rows(" + ",".join(f"{count}:{block.label}" for count, block in self.blocks) + ")"
         if self.scheme == "affine":
             base = f"b{self.bits}g{self.group_size}"
+            base += f"m{self.meta_bits}" if self.meta_bits != default_meta_bits(self.bits) else ""
         else:
             base = f"l{self.bits}" + (f"c{self.codebook_rows}" if self.codebook_rows > 1 else "")
         if self.outlier_percent:
@@ -169,7 +188,7 @@ class StorageConfig:
                                for count, block in self.blocks]}
         if self.scheme == "lut":
             return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
-        return {"bits": self.bits, "group_size": self.group_size, "meta_bits": META_BITS,
+        return {"bits": self.bits, "group_size": self.group_size, "meta_bits": self.meta_bits,
                 "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
 
 
@@ -193,6 +212,16 @@ def lut_dims(shape) -> tuple[int, int, int]:
     """(out_features, in_features, n_packs) of a 2-D lut tensor; each row is padded to whole packs."""
     out_features, in_features = shape
     return out_features, in_features, math.ceil(in_features / CODES_PER_PACK)
+
+
+def meta_codes_spec(out_features: int, n_groups: int, meta_bits: int) -> BlobSpec:
+    """The file blob of one (out, G) array of metadata codes: uint8 (out, G) for 8 bits; for 6 bits the
+    codes in row-major order bit-packed like weight codes (§5.1: packs of 32 codes in 6 uint32 words,
+    the last pack padded with 0 codes). Readers hand both to runtimes as uint8 (out, G)
+    (format_spec.affine.loaded_blobs)."""
+    if meta_bits == 8:
+        return BlobSpec("uint8", (out_features, n_groups))
+    return BlobSpec("uint32", (math.ceil(out_features * n_groups / CODES_PER_PACK) * meta_bits,))
 
 
 def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
@@ -226,11 +255,12 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         out_features, in_features, n_groups = affine_dims(shape, config.group_size)
         words_per_row = n_groups * config.group_size // CODES_PER_PACK * config.bits
         n_meta_groups = math.ceil(out_features * n_groups / META_GROUP_SIZE)
+        codes = meta_codes_spec(out_features, n_groups, config.meta_bits)
         specs = {
             "qweight": BlobSpec("uint32", (out_features, words_per_row)),
-            "scale_codes": BlobSpec("uint8", (out_features, n_groups)),
+            "scale_codes": codes,
             "scale_meta": BlobSpec("float16", (n_meta_groups, 2)),
-            "zero_codes": BlobSpec("uint8", (out_features, n_groups)),
+            "zero_codes": codes,
             "zero_meta": BlobSpec("float16", (n_meta_groups, 2)),
         }
     if config.outliers:
@@ -253,6 +283,18 @@ def block_blobs(blobs: dict, index: int) -> dict:
     """The blobs of block `index` of a `rows` tensor, under their own scheme's names ('0.qweight' → 'qweight')."""
     prefix = f"{index}."
     return {name[len(prefix):]: blob for name, blob in blobs.items() if name.startswith(prefix)}
+
+
+def unpacked_extra_nbytes(shape, config: StorageConfig) -> int:
+    """Bytes a runtime holds for this tensor beyond its file bytes: 6-bit metadata codes are unpacked
+    to uint8 (out, G) at load (format_spec.affine.loaded_blobs; the reader releases their packed pages),
+    8-bit ones and every other blob are used in place."""
+    if config.scheme == "rows":
+        return sum(unpacked_extra_nbytes((count, shape[1]), block) for count, block in config.blocks)
+    if config.scheme != "affine" or config.meta_bits == 8:
+        return 0
+    out_features, _, n_groups = affine_dims(shape, config.group_size)
+    return 2 * max(0, out_features * n_groups - meta_codes_spec(out_features, n_groups, config.meta_bits).nbytes)
 
 
 def tensor_nbytes(shape, config: StorageConfig) -> int:

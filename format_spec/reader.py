@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .affine import loaded_blobs
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
 from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig,
@@ -266,10 +267,11 @@ class MxqFile:
         group_size = check.get(config_raw, "group_size", int, f"{where} config")
         if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
             check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} is not supported")
-        if (check.get(config_raw, "meta_bits", int, f"{where} config") != META_BITS or
-                check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE):
-            check.fail(f"{where}: only meta_bits={META_BITS}, meta_group_size={META_GROUP_SIZE} are supported")
-        return StorageConfig.affine(bits, group_size, outliers)
+        meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
+        if meta_bits not in META_BITS or \
+                check.get(config_raw, "meta_group_size", int, f"{where} config") != META_GROUP_SIZE:
+            check.fail(f"{where}: only meta_bits in {list(META_BITS)}, meta_group_size={META_GROUP_SIZE} are supported")
+        return StorageConfig.affine(bits, group_size, outliers, meta_bits)
 
     def _rows_config(self, config_raw, shape, where, check) -> StorageConfig:
         """`rows` (SPEC.md §8): at least 2 blocks of positive row counts summing to out, each block one
@@ -309,7 +311,21 @@ class MxqFile:
 
     def blobs(self, name: str) -> dict:
         """All blobs of tensor `name` as zero-copy views, keyed by blob name."""
-        return {blob_name: self.view(ref) for blob_name, ref in self.tensors[name].blobs.items()}
+        entry = self.tensors[name]
+        views = {blob_name: self.view(ref) for blob_name, ref in entry.blobs.items()}
+        loaded = loaded_blobs(views, entry.shape, entry.config)
+        for blob_name, array in loaded.items():
+            if array is not views[blob_name]:  # unpacked 6-bit metadata codes: the packed bytes are done with
+                self._release(entry.blobs[blob_name])
+        return loaded
+
+    def _release(self, blob: BlobRef) -> None:
+        """Drop the whole pages of a blob from this process's resident memory (they are read again from
+        the file if ever touched): a blob used only to make an in-memory copy costs no RSS afterwards."""
+        page = mmap.PAGESIZE
+        start, end = -(-blob.offset // page) * page, (blob.offset + blob.nbytes) // page * page
+        if end > start and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def tokenizer_data(self) -> bytes:
         """The tokenizer file: the blob's bytes, checked against their crc32 (small, so always checked),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .affine import check_blobs
+from .affine import check_blobs, stored_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
 from .layout import StorageConfig, align_up, blob_specs
 from .rows import row_order_problem
@@ -274,6 +274,7 @@ class MxqWriter:
             raise ValueError(f"tensor {name!r} written out of order (expected {expected})")
         plan = self.tensors[self._next]
         try:
+            blobs = stored_blobs(blobs, plan.shape, plan.config)  # 6-bit metadata codes bit-packed
             check_blobs(blobs, plan.shape, plan.config)
         except ValueError as error:
             raise ValueError(f"tensor {name!r}: {error}") from None
@@ -291,7 +292,7 @@ class MxqWriter:
                 if self._next != len(self.tensors):
                     raise ValueError(f"only {self._next} of {len(self.tensors)} tensors were written")
                 json_data = _json_bytes(self._document)
-                minor = minor_version((plan.config.scheme for plan in self.tensors), self._tokenizer_stored["kind"])
+                minor = minor_version((plan.config for plan in self.tensors), self._tokenizer_stored["kind"])
                 header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, minor, zlib.crc32(json_data),
                                             len(json_data), self._data_offset)
                 self._file.seek(0)

@@ -6,6 +6,8 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
     file         file_bytes (every weight page is read per token)          the mmapped .mxq (lean mode); a big
                                                                            fp16 lm_head moves to anonymous
                                                                            memory, same bytes (cpu_weights)
+    unpacked     6-bit metadata codes widened to uint8 at load, beyond     format_spec reader (MxqFile.blobs,
+                 their packed bytes (released): layout.unpacked_extra_nbytes  which drops the packed pages)
     kv_cache     layers · 2 · kv_heads · head_dim · N · 4 · batch          base.LayerCache, float32 on the CPU
     activations  prefill peak of one piece of the prompt (≤ PREFILL_CHUNK  model.hidden_states, model.block,
                  tokens) over N keys · batch (main thread + each worker's) numpy_backend
@@ -41,6 +43,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from ..format_spec.layout import unpacked_extra_nbytes
 from .backends.cpu_weights import PREFILL_CHUNK_BYTES
 from .backends.numpy_backend import PREFILL_CHUNK, attention_block
 from .config import ModelConfig
@@ -155,9 +158,11 @@ def scratch_bytes(c: ModelConfig, threads: int) -> int:
 
 
 def footprint(model_config: ModelConfig, file_bytes: int, context: int, batch: int = 1, device: str = "cpu",
-              kernels: bool | str = True, *, tokenizer_bytes: int, threads: int | None = None) -> Footprint:
+              kernels: bool | str = True, *, tokenizer_bytes: int, threads: int | None = None,
+              unpacked_bytes: int = 0) -> Footprint:
     """Peak memory of generating `context` positions (prompt + new tokens) × `batch` sequences from a
     `file_bytes` .mxq file in lean mode. tokenizer_bytes: the embedded tokenizer.json's size.
+    unpacked_bytes: what the file's 6-bit metadata codes add once unpacked (unpacked_extra_nbytes).
     kernels: the compiled CPU kernels loaded — "aot" or True (built ahead of time, the default),
     "jit" (Numba's JIT), False or "" (none: MXQ_KERNELS=numpy). threads: the backend's worker threads
     (default: as NumpyBackend chooses). Batch > 1 multiplies the per-sequence terms (KV cache,
@@ -175,6 +180,7 @@ def footprint(model_config: ModelConfig, file_bytes: int, context: int, batch: i
         raise ModelError(f"kernels must be one of aot, jit or none, got {kernels!r}")
     items = {
         "file": int(file_bytes),
+        "unpacked": int(unpacked_bytes),
         "kv_cache": kv_cache_bytes(c, context, batch),
         "activations": activation_bytes(c, context, threads) * batch,
         "scratch": scratch_bytes(c, threads),
@@ -194,4 +200,5 @@ def file_footprint(mxq_file, context: int, batch: int = 1, kernels: bool | str |
     config = ModelConfig.from_json(mxq_file.model)
     return footprint(config, mxq_file.file_nbytes, context, batch,
                      kernels=kernels_kind() if kernels is None else kernels,
-                     tokenizer_bytes=mxq_file.tokenizer_nbytes)
+                     tokenizer_bytes=mxq_file.tokenizer_nbytes,
+                     unpacked_bytes=sum(unpacked_extra_nbytes(e.shape, e.config) for e in mxq_file.tensors.values()))

@@ -42,8 +42,8 @@ def random_affine_blobs(rng, shape, config: StorageConfig) -> dict:
     codes[:, in_features:] = 0
     scales = rng.uniform(0.001, 0.05, size=(out_features, n_groups)).astype(np.float32)
     zeros = rng.uniform(-1, (1 << config.bits) + 1, size=(out_features, n_groups)).astype(np.float32)
-    scale_codes, scale_meta = encode_meta(scales)
-    zero_codes, zero_meta = encode_meta(zeros)
+    scale_codes, scale_meta = encode_meta(scales, config.meta_bits)
+    zero_codes, zero_meta = encode_meta(zeros, config.meta_bits)
     blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
              "zero_codes": zero_codes, "zero_meta": zero_meta}
     if config.outliers:

@@ -111,6 +111,10 @@ HOSTILE_EDITS = {
     "affine read as lut": lambda d: d["tensors"][0].update(scheme="lut"),
     "bad bits": lambda d: d["tensors"][0]["config"].update(bits=7),
     "bad meta": lambda d: d["tensors"][0]["config"].update(meta_group_size=64),
+    "meta bits 7": lambda d: d["tensors"][0]["config"].update(meta_bits=7),
+    "meta bits 6 read as 8": lambda d: d["tensors"][0]["config"].update(meta_bits=8),  # packed blobs, uint8 expected
+    "meta bits 8 read as 6": lambda d: d["tensors"][1]["config"].update(meta_bits=6),
+    "meta bits as string": lambda d: d["tensors"][0]["config"].update(meta_bits="6"),
     "string shape": lambda d: d["tensors"][0].update(shape="5x70"),
     "tensors not a list": lambda d: d.update(tensors={}),
     "missing tokenizer": lambda d: d.pop("tokenizer"),

@@ -7,12 +7,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import random_affine_blobs, write_random_file
-from mxq.format_spec import (CODEBOOK_ROWS, GROUP_SIZES, SUPPORTED_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan,
+from mxq.format_spec import (CODEBOOK_ROWS, GROUP_SIZES, META_BITS, SUPPORTED_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan,
                              blob_specs, csr_problem, decode_meta, dequantize, encode_meta, tensor_nbytes,
                              unpack_codes)
 
 ODD_SHAPES = [(1, 1), (3, 31), (7, 33), (5, 96), (2, 130), (9, 576), (4, 1000)]
-ALL_AFFINE = [StorageConfig.affine(b, g, o) for b, g, o in itertools.product(SUPPORTED_BITS, GROUP_SIZES, (0, 3))]
+ALL_AFFINE = [StorageConfig.affine(b, g, o, m)
+              for b, g, o, m in itertools.product(SUPPORTED_BITS, GROUP_SIZES, (0, 3), META_BITS)]
 ALL_LUT = [StorageConfig.lut(b, c, o) for b, c, o in itertools.product(SUPPORTED_BITS, CODEBOOK_ROWS, (0, 3))]
 
 
@@ -38,14 +39,16 @@ def test_cost_model_equals_bytes_written(tmp_path):
 
 
 def test_cost_formula_in_spec():
-    """SPEC §5: cost = out·G·g·b/8 + 2·out·G + 8·R + [4·(out+1) + 4·nnz]."""
+    """SPEC §5: cost = out·G·g·b/8 + 2·M + 8·R + [4·(out+1) + 4·nnz], M = out·G (8-bit metadata codes)
+    or 24·ceil(out·G/32) (6-bit)."""
     for (out, inp), config in itertools.product(ODD_SHAPES, ALL_AFFINE):
         if config.outliers > out * inp:
             continue
         g, b, nnz = config.group_size, config.bits, config.outliers
         G = math.ceil(inp / g)
         R = math.ceil(out * G / 128)
-        expected = out * G * g * b // 8 + 2 * out * G + 8 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
+        M = out * G if config.meta_bits == 8 else 24 * math.ceil(out * G / 32)
+        expected = out * G * g * b // 8 + 2 * M + 8 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
         assert tensor_nbytes((out, inp), config) == expected
 
 
@@ -246,3 +249,33 @@ def test_rows_cost_formula_in_spec_and_bytes_written(tmp_path):
         for name, shape, config in tensors:
             assert f.tensors[name].nbytes == tensor_nbytes(shape, config)
             assert sum(ref.nbytes for ref in f.tensors[name].blobs.values()) == tensor_nbytes(shape, config)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_six_bit_metadata_round_trips_and_is_unpacked_on_read(tmp_path, bits):
+    """meta_bits 6 (SPEC §6.2): the writer packs the uint8 codes, the reader hands them back unpacked
+    (the form every backend reads); the file holds exactly the cost model's bytes, and
+    unpacked_extra_nbytes is what the unpacked codes take beyond their packed blobs."""
+    from mxq.format_spec.layout import unpacked_extra_nbytes
+
+    shape = (37, 200)  # out·G = 37·7 = 259 codes at g32: the last pack is padded
+    config = StorageConfig.affine(bits, 32, 2, 6)
+    assert config.label == (f"b{bits}g32+o2" if bits <= 3 else f"b{bits}g32m6+o2")
+    assert StorageConfig.parse(config.label) == config
+    path = tmp_path / "m6.mxq"
+    written = write_random_file(path, [("t", shape, config)])["t"]
+    assert (written["scale_codes"].max() < 64) and written["scale_codes"].shape == (37, 7)
+    with MxqFile.open(path) as f:
+        assert f.verify() == [] and f.version == (1, 4)
+        entry = f.tensors["t"]
+        assert entry.config == config and entry.nbytes == tensor_nbytes(shape, config)
+        assert entry.blobs["scale_codes"].dtype == "uint32" and entry.blobs["scale_codes"].shape == (6 * 9,)
+        blobs = f.blobs("t")
+        for name, array in written.items():
+            np.testing.assert_array_equal(blobs[name], array)
+        packed = entry.blobs["scale_codes"].nbytes + entry.blobs["zero_codes"].nbytes
+        assert unpacked_extra_nbytes(shape, config) == blobs["scale_codes"].nbytes + blobs["zero_codes"].nbytes - packed
+        np.testing.assert_array_equal(dequantize(blobs, shape, config), dequantize(written, shape, config))
+    eight = StorageConfig.affine(bits, 32, 2, 8)
+    assert unpacked_extra_nbytes(shape, eight) == 0 and tensor_nbytes(shape, eight) - tensor_nbytes(shape, config) == \
+        2 * (37 * 7 - 4 * 6 * 9)

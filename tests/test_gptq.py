@@ -10,7 +10,7 @@ from mxq.converter.checkpoint import read_checkpoint
 from mxq.converter.gptq import compensated_blobs, gptq_round
 from mxq.converter.quantize import quantize
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
-from mxq.format_spec.affine import check_blobs
+from mxq.format_spec.affine import check_blobs, stored_blobs
 
 # few candidates and a data-free allocation keep these quick; gptq still calibrates its Hessians
 FAST = dict(calib_tokens=1024, cache_dir=None, configs="b2g64,b3g64,b4g64", objective="frobenius")
@@ -47,7 +47,7 @@ def test_compensation_lowers_the_output_error_of_what_is_stored(bits, group_size
     weight, hessian = correlated(n_in=100)  # 100 columns: the last group is padded
     config = StorageConfig.affine(bits, group_size)
     blobs, stored = compensated_blobs(weight, hessian, config)
-    check_blobs(blobs, weight.shape, config)
+    check_blobs(stored_blobs(blobs, weight.shape, config), weight.shape, config)
     assert torch.equal(stored, torch.from_numpy(dequantize(blobs, weight.shape, config)))
     plain = quantize(weight, config, "wls").blobs
     for name in ("scale_codes", "scale_meta", "zero_codes", "zero_meta"):  # the same stored grid
@@ -61,7 +61,7 @@ def test_outliers_store_the_updated_weights_residual():
     weight[3, 5] = 40.0  # a clear outlier
     config = StorageConfig.affine(3, 32, outliers=20)
     blobs, stored = compensated_blobs(weight, hessian, config)
-    check_blobs(blobs, weight.shape, config)
+    check_blobs(stored_blobs(blobs, weight.shape, config), weight.shape, config)
     assert torch.equal(stored, torch.from_numpy(dequantize(blobs, weight.shape, config)))
     # kept: the fp16 residual of its compensated value (the grid alone reaches about ±3 here)
     assert abs(float(stored[3, 5]) - 40.0) < 0.5

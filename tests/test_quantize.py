@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mxq.converter.quantize import quantize
-from mxq.format_spec import GROUP_SIZES, SUPPORTED_BITS, StorageConfig, blob_specs, dequantize, unpack_codes
+from mxq.format_spec import (GROUP_SIZES, SUPPORTED_BITS, StorageConfig, blob_specs, dequantize, loaded_blobs,
+                             stored_blobs, unpack_codes)
 
 
 def _weight(shape, seed=0):
@@ -22,8 +23,9 @@ def test_reported_error_is_the_error_of_the_stored_bytes(bits, group, quantizer)
     weight = _weight(shape, bits * group)
     config = StorageConfig.affine(bits, group, outliers=11 if bits < 5 else 0)
     result = quantize(weight, config, quantizer)
-    specs = blob_specs(shape, config)
-    assert {k: (v.dtype.name, v.shape) for k, v in result.blobs.items()} == {k: (s.dtype, s.shape) for k, s in specs.items()}
+    specs, stored = blob_specs(shape, config), stored_blobs(result.blobs, shape, config)
+    assert {k: (v.dtype.name, v.shape) for k, v in stored.items()} == {k: (s.dtype, s.shape) for k, s in specs.items()}
+    assert all(np.array_equal(v, result.blobs[k]) for k, v in loaded_blobs(stored, shape, config).items())
     restored = torch.from_numpy(dequantize(result.blobs, shape, config))
     assert float(((restored - weight).double() ** 2).sum()) == pytest.approx(result.error_sq, rel=1e-6)
     codes = unpack_codes(result.blobs["qweight"], bits)

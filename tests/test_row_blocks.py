@@ -17,7 +17,7 @@ from mxq.converter.quantize import quantize
 from mxq.converter.row_blocks import (block_counts, quantize_rows, row_importance, row_order, rows_config, split,
                                       unit_nbytes)
 from mxq.converter.sweep import heatmap_entries
-from mxq.format_spec import MxqWriter, aligned_nbytes, blob_specs, dequantize, tensor_nbytes
+from mxq.format_spec import MxqWriter, aligned_nbytes, blob_specs, dequantize, stored_blobs, tensor_nbytes
 from mxq.format_spec.layout import block_blobs
 
 FAST = dict(calib_tokens=1024)
@@ -92,9 +92,9 @@ def test_rows_blobs_are_the_blocks_quantized_in_row_order():
     config = rows_config(weight.shape, parts.counts, parse_candidates("b4g32,b3g32+o2%,b2g32,fp16"))
     blobs = quantize_rows(weight, config, importance, parts.order,
                           lambda w, c, imp: quantize(w, c, "wls", importance=imp).blobs)
-    specs = blob_specs(weight.shape, config)
-    assert sorted(blobs) == sorted(specs)
-    assert all(blobs[n].dtype == np.dtype(s.dtype) and blobs[n].shape == s.shape for n, s in specs.items())
+    specs, stored = blob_specs(weight.shape, config), stored_blobs(blobs, weight.shape, config)
+    assert sorted(stored) == sorted(specs)
+    assert all(stored[n].dtype == np.dtype(s.dtype) and stored[n].shape == s.shape for n, s in specs.items())
     assert np.array_equal(np.sort(blobs["row_order"]), np.arange(200))
     restored = _restored(blobs, weight.shape, config)
     first = torch.from_numpy(parts.rows(0))
@@ -161,7 +161,8 @@ def test_bpw_conversion_writes_the_cost_models_bytes(tiny_llama, tmp_path, writt
     source = load_file(str(tiny_llama / "model.safetensors"))
     linear_bytes = numel = 0
     for name, (plan, blobs) in written.items():
-        assert sum(np.asarray(b).nbytes for b in blobs.values()) == tensor_nbytes(plan.shape, plan.config)
+        stored = stored_blobs(blobs, plan.shape, plan.config).values()
+        assert sum(np.asarray(b).nbytes for b in stored) == tensor_nbytes(plan.shape, plan.config)
         if plan.role != "linear":
             continue
         linear_bytes += tensor_nbytes(plan.shape, plan.config)
@@ -198,7 +199,8 @@ def test_gptq_rounds_each_row_block(tiny_llama, tmp_path, written):
     split_plans = [(plan, blobs) for plan, blobs in written.values() if plan.config.scheme == "rows"]
     assert split_plans
     for plan, blobs in split_plans:
-        assert sum(np.asarray(b).nbytes for b in blobs.values()) == tensor_nbytes(plan.shape, plan.config)
+        stored = stored_blobs(blobs, plan.shape, plan.config).values()
+        assert sum(np.asarray(b).nbytes for b in stored) == tensor_nbytes(plan.shape, plan.config)
 
 
 def test_bad_row_blocks_fail_cleanly(tiny_llama, tmp_path):

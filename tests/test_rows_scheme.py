@@ -77,7 +77,7 @@ def rows_file(tmp_path):
 def test_round_trip_and_cost_model(rows_file):
     path, tensors, written = rows_file
     with MxqFile.open(path) as f:
-        assert f.version == (1, 3)  # `rows` needs 1.2; mxq's writer packs every tokenizer +xz (1.3)
+        assert f.version == (1, 4)  # `rows` needs 1.2, tokenizers +xz 1.3, the b2/b3 blocks' 6-bit metadata 1.4
         assert f.verify() == []
         for name, shape, config in tensors:
             entry = f.tensors[name]
@@ -94,11 +94,15 @@ def test_round_trip_and_cost_model(rows_file):
 def test_the_minor_version_is_the_lowest_the_file_needs(small_file):
     from mxq.format_spec.header import minor_version
 
-    assert minor_version(["affine", "fp16"], "hf-tokenizers") == 1 and minor_version(["lut"], "sentencepiece") == 1
-    assert minor_version(["affine", "rows"], "sentencepiece") == 2
-    assert minor_version(["affine"], "sentencepiece+xz") == minor_version(["rows"], "hf-tokenizers+xz") == 3
+    b4, lut, fp16 = parse("b4g64"), parse("l3"), parse("fp16")
+    rows, rows6 = parse("rows(40:b4g64,24:b3g64m8)"), parse("rows(40:b4g64,24:b3g64)")
+    assert minor_version([b4, fp16, parse("b3g32m8")], "hf-tokenizers") == 1 and minor_version([lut], "sentencepiece") == 1
+    assert minor_version([b4, rows], "sentencepiece") == 2
+    assert minor_version([b4], "sentencepiece+xz") == minor_version([rows], "hf-tokenizers+xz") == 3
+    assert minor_version([parse("b3g32")], "sentencepiece") == minor_version([rows6], "sentencepiece") == 4
+    assert minor_version([parse("b5g32m6")], "sentencepiece") == 4
     path, _, _ = small_file
-    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 3)
+    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 4)  # its b3 tensor has 6-bit metadata
 
 
 def test_row_order_dtype_and_blob_table():
@@ -351,8 +355,9 @@ def exact_blobs(rng, shape, config: StorageConfig) -> dict:
         n_groups = -(-in_features // config.group_size)
         codes = rng.integers(0, 1 << config.bits, size=(out_features, n_groups * config.group_size))
         codes[:, in_features:] = 0
-        scale_codes, scale_meta = encode_meta(np.full((out_features, n_groups), 1 / 256, np.float32))
-        zero_codes, zero_meta = encode_meta(np.full((out_features, n_groups), (1 << config.bits) // 2, np.float32))
+        scale_codes, scale_meta = encode_meta(np.full((out_features, n_groups), 1 / 256, np.float32), config.meta_bits)
+        zero_codes, zero_meta = encode_meta(np.full((out_features, n_groups), (1 << config.bits) // 2, np.float32),
+                                             config.meta_bits)
         blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
                  "zero_codes": zero_codes, "zero_meta": zero_meta}
     if config.outliers:
@@ -434,7 +439,7 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
     compiled kernels: within their activation rounding), on the NumPy path, the kernels and the cached mode."""
     rows_path, fp16_path = write_rows_model(tmp_path)
     with MxqFile.open(rows_path) as f:
-        assert f.version == (1, 3) and f.verify() == []
+        assert f.version == (1, 4) and f.verify() == []
         assert f.tensors["model.embed_tokens.weight"].config.scheme == "rows"
     reference_ids, reference_steps = greedy_steps(fp16_path, NumpyBackend(kernels=False, threads=1))
     assert len(set(reference_ids)) > 3  # the greedy choices differ from step to step
@@ -488,4 +493,4 @@ def test_inspect_shows_rows_tensors(tmp_path):
     q = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
     blocks = parse(q["label"]).blocks
     assert f"rows×3 {blocks[0][1].label}…{blocks[-1][1].label}" in line and f"{q['bytes']:,}" in line
-    assert "row block configs: " in text and "mxq format 1.3" in text
+    assert "row block configs: " in text and "mxq format 1.4" in text

@@ -50,7 +50,7 @@ def hf_tokenizer(hf_dir: Path, cfg: dict) -> tuple[dict, bytes]:
             "chat_template": tc.get("chat_template")}, data
 
 
-def rtn_affine(w: np.ndarray, bits: int, group_size: int, n_outliers: int = 0) -> dict:
+def rtn_affine(w: np.ndarray, bits: int, group_size: int, n_outliers: int = 0, meta_bits: int = 8) -> dict:
     """Min-max round-to-nearest with double-quantized metadata; outliers = largest residuals."""
     out_features, in_features = w.shape
     n_groups = math.ceil(in_features / group_size)
@@ -58,10 +58,10 @@ def rtn_affine(w: np.ndarray, bits: int, group_size: int, n_outliers: int = 0) -
     groups = padded.reshape(out_features, n_groups, group_size)
     lo, hi = groups.min(axis=2), groups.max(axis=2)
     scale = np.maximum((hi - lo) / (2 ** bits - 1), 1e-6)
-    scale_codes, scale_meta = encode_meta(scale)
+    scale_codes, scale_meta = encode_meta(scale, meta_bits)
     s = decode_meta(scale_codes, scale_meta)
     s = np.where(s > 0, s, 1e-6).astype(np.float32)
-    zero_codes, zero_meta = encode_meta(-lo / s)
+    zero_codes, zero_meta = encode_meta(-lo / s, meta_bits)
     z = decode_meta(zero_codes, zero_meta)
     q = np.clip(np.rint(groups / s[:, :, None] + z[:, :, None]), 0, 2 ** bits - 1)
     q = q.reshape(out_features, -1)
@@ -118,7 +118,8 @@ def write_test_mxq(hf_dir, out_path, choose=lambda name, shape, role: "fp16") ->
             if plan.config.scheme == "fp16":
                 blobs = {"data": w.astype(np.float16)}
             else:
-                blobs = rtn_affine(w, plan.config.bits, plan.config.group_size, plan.config.outliers)
+                blobs = rtn_affine(w, plan.config.bits, plan.config.group_size, plan.config.outliers,
+                                   plan.config.meta_bits)
             writer.write(plan.name, blobs)
     return out_path
 

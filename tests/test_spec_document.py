@@ -1,5 +1,6 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
-and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine), §7 (lut) and §8 (rows) say it holds."""
+and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine, 8- and 6-bit metadata),
+§7 (lut) and §8 (rows) say it holds."""
 import json
 import lzma
 import math
@@ -61,6 +62,19 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         "1.codebook": ("float16", [2, 4], struct.pack("<8e", *[v for book in rows_levels for v in book])),
     }
 
+    # an affine tensor with 6-bit metadata (SPEC §5, §6.2): 3 rows of 40 inputs, 2 bits, g = 32 (G = 2), so
+    # out·G = 6 codes per metadata array, bit-packed as one §5.1 pack of 6-bit codes (6 words)
+    m6_out, m6_bits = 3, 2
+    m6_codes = [[(r + c) % 4 for c in range(inp)] + [0] * (G * g - inp) for r in range(m6_out)]
+    m6_scale_codes, m6_zero_codes = [5, 63, 0, 17, 42, 1], [0, 32, 63, 7, 16, 60]
+    m6_blobs = {
+        "qweight": ("uint32", [m6_out, G * g * m6_bits // 32], b"".join(_bitstring_pack(row, m6_bits) for row in m6_codes)),
+        "scale_codes": ("uint32", [6], _bitstring_pack(m6_scale_codes + [0] * 26, 6)),
+        "scale_meta": ("float16", [1, 2], struct.pack("<2e", 0.0005, 0.002)),
+        "zero_codes": ("uint32", [6], _bitstring_pack(m6_zero_codes + [0] * 26, 6)),
+        "zero_meta": ("float16", [1, 2], struct.pack("<2e", 0.0625, -0.5)),
+    }
+
     alignment = 64
     data_offset = 4096  # generous, a multiple of alignment
     cursor, payload, document_blobs = data_offset, [], {}
@@ -79,6 +93,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         document_blobs[name] = place(data, dtype, shape)
     lut_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in lut_blobs.items()}
     rows_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in rows_blobs.items()}
+    m6_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in m6_blobs.items()}
     norm_blob = place(norm, "float16", [4])
     document = {
         "format": "mxq", "alignment": alignment,
@@ -97,12 +112,15 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
              "config": {"blocks": [{"rows": 1, "scheme": "fp16", "config": {}},
                                    {"rows": 2, "scheme": "lut", "config": {"bits": 2, "codebook_rows": 1, "outliers": 0}}]},
              "blobs": rows_document_blobs},
+            {"name": "x", "shape": [m6_out, inp], "role": "linear", "scheme": "affine",
+             "config": {"bits": m6_bits, "group_size": g, "meta_bits": 6, "meta_group_size": 128, "outliers": 0},
+             "blobs": m6_document_blobs},
             {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, "blobs": {"data": norm_blob}},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 3, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 4, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -118,6 +136,9 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         lut_weight = dequantize(f.blobs("v"), lut_entry.shape, lut_entry.config)
         rows_entry = f.tensors["u"]
         rows_weight = dequantize(f.blobs("u"), rows_entry.shape, rows_entry.config)
+        m6_entry = f.tensors["x"]
+        assert m6_entry.config.meta_bits == 6 and m6_entry.config.label == "b2g32"
+        m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     step_s, min_s = np.float16(0.001).astype(np.float32), np.float16(0.01).astype(np.float32)
@@ -141,3 +162,14 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     for j in range(2):
         rows_expected[row_order[1 + j]] = [rows_levels[j][rows_codes[j][c]] for c in range(inp)]
     np.testing.assert_array_equal(rows_weight, rows_expected)
+    # SPEC §6.2 with m = 6: flat code i = r·G + k is code i of the packed stream
+    step_s, min_s = np.float16(0.0005).astype(np.float32), np.float16(0.002).astype(np.float32)
+    step_z, min_z = np.float32(0.0625), np.float32(-0.5)
+    m6_expected = np.zeros((m6_out, inp), np.float32)
+    for r in range(m6_out):
+        for c in range(inp):
+            k = c // g
+            s = np.float32(m6_scale_codes[r * G + k]) * step_s + min_s
+            z = np.float32(m6_zero_codes[r * G + k]) * step_z + min_z
+            m6_expected[r, c] = (np.float32(m6_codes[r][c]) - z) * s
+    np.testing.assert_array_equal(m6_weight, m6_expected)

@@ -126,12 +126,12 @@ def test_max_loss_cli_and_errors(tiny_llama, tmp_path, cache, short_heldout):
 
 def test_sweep_writes_csv_frontier_and_heatmap(tiny_llama, tmp_path, cache, short_heldout):
     out = tmp_path / "sweep"
-    code, stdout, stderr = cli("sweep", tiny_llama, "-o", out, "--from", "2.5", "--to", "5", "--step", "0.5",
+    code, stdout, stderr = cli("sweep", tiny_llama, "-o", out, "--from", "2.0", "--to", "5", "--step", "0.5",
                                "--measure-at", "4.5", "--calib-tokens", "1024", "--cache-dir", cache, "-q")
     assert code == 0, stderr
-    assert "MILP solves" in stdout and "skipped (outside the feasible" in stdout  # 2.5 < the cheapest
+    assert "MILP solves" in stdout and "skipped (outside the feasible" in stdout  # 2.0 < the cheapest (2.40)
     rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert [float(r["bpw"]) for r in rows] == [3.0, 3.5, 4.0, 4.5, 5.0]
+    assert [float(r["bpw"]) for r in rows] == [2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
     predicted = [float(r["predicted_nats"]) for r in rows]
     assert all(a >= b - 1e-12 for a, b in zip(predicted, predicted[1:]))  # more bits never predict more loss
     measured = [r for r in rows if r["measured_nll"]]

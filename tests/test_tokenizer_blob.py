@@ -12,7 +12,7 @@ from mxq.format_spec import MxqFile, MxqFormatError, MxqWriter, StorageConfig, t
 from mxq.format_spec.tokenizer_schema import MAX_TOKENIZER_NBYTES
 from test_corruption import _rewrite_json
 
-TENSORS = [("a", (5, 70), StorageConfig.affine(3, 32, 4)), ("n", (7,), StorageConfig.fp16())]
+TENSORS = [("a", (5, 70), StorageConfig.affine(3, 32, 4, 8)), ("n", (7,), StorageConfig.fp16())]
 TOKENIZER = json.dumps({"model": {"vocab": {f"token{i}": i for i in range(3000)}}}).encode()  # tokenizer.json-like
 
 

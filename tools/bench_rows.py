@@ -37,7 +37,7 @@ def rows_copy(path: Path, out: Path, n_blocks: int) -> Path:
             if entry.role == "linear" and config.scheme == "affine":
                 out_features = entry.shape[0]
                 counts = [len(part) for part in np.array_split(np.arange(out_features), n_blocks)]
-                block = StorageConfig.affine(config.bits, config.group_size)
+                block = StorageConfig.affine(config.bits, config.group_size, 0, config.meta_bits)
                 config = StorageConfig.rows([(count, block) for count in counts])
             plans.append(TensorPlan(name, entry.shape, config, entry.role))
         tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
