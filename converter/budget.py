@@ -17,12 +17,14 @@ import numpy as np
 from ..format_spec import GROUP_SIZES
 from ..runtime.errors import ModelError
 from ..runtime.footprint import Footprint, footprint
-from .candidates import parse_candidates
+from .candidates import META6_CHOICES, parse_candidates
 from .errors import ConversionError
 
 # fp16 and the affine widths an embedding can usefully take (the runtime gathers and dequantizes rows of
-# any affine config; 2 bits is not offered: one embedding row is a whole token's meaning)
-MATRIX_CANDIDATES = parse_candidates(",".join(["fp16"] + [f"b{b}g{g}" for b in (8, 6, 5, 4, 3) for g in GROUP_SIZES]))
+# any affine config; 2 bits is not offered: one embedding row is a whole token's meaning), with the
+# linears' 6-bit metadata choices
+MATRIX_CANDIDATES = parse_candidates(",".join(["fp16"] + [f"b{b}g{g}" for b in (8, 6, 5, 4, 3) for g in GROUP_SIZES]
+                                              + META6_CHOICES))
 
 
 def runtime_overhead(checkpoint, options) -> Footprint:

@@ -12,11 +12,15 @@ from .errors import ConversionError
 Candidate = StorageConfig  # a config whose outliers are a percent (resolved per matrix by storage(shape))
 MAX_OUTLIER_PERCENT = 10.0
 
+# 6-bit metadata as a choice beside 8-bit where it saves ≥ 1/16 bpw (g ≤ 64) and its zero's rounding costs
+# ≤ ~26% of the codes' own error (b ≤ 5); b ≤ 3 store 6 bits by default (format_spec.default_meta_bits)
+META6_CHOICES = [f"b{b}g{g}m6" for b in (4, 5) for g in (32, 64)]
+
 PRESETS = {
-    # the MXQ paper's configuration space: b ∈ {2,3,4,8} × g ∈ {32,64,128}
-    "paper": [f"b{b}g{g}" for b in (2, 3, 4, 8) for g in (32, 64, 128)],
-    # every bit width the format stores, affine
-    "all": [f"b{b}g{g}" for b in SUPPORTED_BITS for g in GROUP_SIZES],
+    # the MXQ paper's configuration space: b ∈ {2,3,4,8} × g ∈ {32,64,128}, 8-bit metadata as in the paper
+    "paper": [f"b{b}g{g}m8" if b <= 3 else f"b{b}g{g}" for b in (2, 3, 4, 8) for g in (32, 64, 128)],
+    # every bit width the format stores, affine, and 6-bit metadata where it can pay
+    "all": [f"b{b}g{g}" for b in SUPPORTED_BITS for g in GROUP_SIZES] + META6_CHOICES,
     # non-uniform codebooks (CMPQ): 2–5 bits, one codebook per output channel or per 4 / 16 channels
     "lut": [f"l{b}{suffix}" for b in (2, 3, 4, 5) for suffix in ("", "c4", "c16")],
 }

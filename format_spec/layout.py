@@ -23,6 +23,17 @@ GROUP_SIZES = (32, 64, 128)
 CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
 META_BITS = (6, 8)  # scales and zeros are stored as 6- or 8-bit codes ...
 META_GROUP_SIZE = 128  # ... in groups of 128 consecutive values, each with fp16 (step, min)
+MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
+
+# The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
+#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
+LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
+                 "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
+                 "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
+                 "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
+                 "each, in a stored row order, with their own configs)")
+_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
+                    r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
 def default_meta_bits(bits: int) -> int:
@@ -31,17 +42,6 @@ def default_meta_bits(bits: int) -> int:
     codes' own rounding error — ≤ 1.6% at b ≤ 3, 6% at b4, 26% at b5 — for 0.125 / 0.0625 / 0.03 bpw
     saved at g32 / g64 / g128 (README, "6-bit metadata", has the measured perplexities)."""
     return 6 if bits <= 3 else 8
-MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
-
-# The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
-#   fp16 | b<bits>g<group> | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
-LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
-                 "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
-                 "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
-                 "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
-                 "each, in a stored row order, with their own configs)")
-_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
-                    r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
 @dataclass(frozen=True, order=True)
