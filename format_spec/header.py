@@ -23,6 +23,8 @@ def minor_version(configs, tokenizer_kind: str) -> int:
     tokenizer kinds, 1.2 `rows`; 1.1 is what writers wrote before)."""
     xz = XZ_TOKENIZER_MINOR if base_kind(tokenizer_kind)[1] else 1
     return max([xz] + [_config_minor(config) for config in configs])
+
+
 HEADER_STRUCT = struct.Struct("<8sHHIQQ")  # magic, major, minor, json_crc32, json_nbytes, data_offset
 HEADER_NBYTES = HEADER_STRUCT.size  # 32
 MAX_JSON_NBYTES = 64 << 20
