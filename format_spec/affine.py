@@ -14,13 +14,10 @@ import math
 
 import numpy as np
 
-from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, block_blobs
+from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, leaves
 from .lut import dequantize_lut
 from .packing import CODES_PER_PACK, pack_codes, unpack_codes
 from .rows import dequantize_rows
-
-META_CODES = ("scale_codes", "zero_codes")  # the blobs whose file form depends on meta_bits
-
 
 def _fp16_toward(values: np.ndarray, direction: float) -> np.ndarray:
     """Round float32 values to fp16, stepping one ulp toward `direction` where rounding went past."""
@@ -129,38 +126,20 @@ def build_csr(shape, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> 
 def _meta_form(blobs: dict, shape, config: StorageConfig, to_file: bool) -> dict:
     """stored_blobs / loaded_blobs: 6-bit metadata codes between uint8 (out, G) and their packed file
     blob (layout.meta_codes_spec); every other blob is passed through as is (views stay views)."""
-    if config.scheme == "rows":
-        out = dict(blobs)
-        for i, (count, block) in enumerate(config.blocks):
-            converted = _meta_form(block_blobs(blobs, i), (count, shape[1]), block, to_file)
-            out.update({f"{i}.{name}": blob for name, blob in converted.items()})
-        return out
-    if config.scheme != "affine" or config.meta_bits == 8:
-        return blobs
-    out_features, _, n_groups = affine_dims(shape, config.group_size)
-    n = out_features * n_groups
     out = dict(blobs)
-    for name in META_CODES:
-        if to_file:
-            flat = np.zeros(-(-n // CODES_PER_PACK) * CODES_PER_PACK, np.uint8)
-            flat[:n] = np.asarray(blobs[name]).reshape(-1)
-            out[name] = pack_codes(flat, config.meta_bits)
-        else:
-            out[name] = _unpack6(blobs[name])[:n].reshape(out_features, n_groups)
+    for prefix, part_shape, part in leaves(shape, config):
+        if part.scheme != "affine" or part.meta_bits == 8:
+            continue
+        out_features, _, n_groups = affine_dims(part_shape, part.group_size)
+        n = out_features * n_groups
+        for name in (prefix + "scale_codes", prefix + "zero_codes"):
+            if to_file:
+                flat = np.zeros(-(-n // CODES_PER_PACK) * CODES_PER_PACK, np.uint8)
+                flat[:n] = np.asarray(blobs[name]).reshape(-1)
+                out[name] = pack_codes(flat, part.meta_bits)
+            else:
+                out[name] = unpack_codes(blobs[name], part.meta_bits)[:n].reshape(out_features, n_groups)
     return out
-
-
-def _unpack6(words: np.ndarray) -> np.ndarray:
-    """unpack_codes(words, 6) without its loop over pack positions: in the little-endian bit string 4
-    codes fill 3 whole bytes (code 4k + m is bits 6m … 6m + 5 of bytes 3k … 3k + 2), so each code is
-    two byte slices shifted and masked in uint8."""
-    b = np.ascontiguousarray(words, dtype="<u4").view(np.uint8).reshape(-1, 3)  # (n / 4, 3)
-    codes = np.empty((len(b), 4), np.uint8)
-    codes[:, 0] = b[:, 0] & 63
-    codes[:, 1] = (b[:, 0] >> 6) | ((b[:, 1] & 15) << 2)
-    codes[:, 2] = (b[:, 1] >> 4) | ((b[:, 2] & 3) << 4)
-    codes[:, 3] = b[:, 2] >> 2
-    return codes.reshape(-1)
 
 
 def stored_blobs(blobs: dict, shape, config: StorageConfig) -> dict:

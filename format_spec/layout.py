@@ -285,16 +285,25 @@ def block_blobs(blobs: dict, index: int) -> dict:
     return {name[len(prefix):]: blob for name, blob in blobs.items() if name.startswith(prefix)}
 
 
+def leaves(shape, config: StorageConfig) -> list[tuple[str, tuple, StorageConfig]]:
+    """(blob-name prefix, shape, config) of each part stored by a non-`rows` scheme: the tensor itself,
+    or each block of a `rows` tensor ('0.', (n_0, in), c_0), …"""
+    if config.scheme != "rows":
+        return [("", tuple(shape), config)]
+    return [(f"{i}.", (count, shape[1]), block) for i, (count, block) in enumerate(config.blocks)]
+
+
 def unpacked_extra_nbytes(shape, config: StorageConfig) -> int:
     """Bytes a runtime holds for this tensor beyond its file bytes: 6-bit metadata codes are unpacked
     to uint8 (out, G) at load (format_spec.affine.loaded_blobs; the reader releases their packed pages),
     8-bit ones and every other blob are used in place."""
-    if config.scheme == "rows":
-        return sum(unpacked_extra_nbytes((count, shape[1]), block) for count, block in config.blocks)
-    if config.scheme != "affine" or config.meta_bits == 8:
-        return 0
-    out_features, _, n_groups = affine_dims(shape, config.group_size)
-    return 2 * max(0, out_features * n_groups - meta_codes_spec(out_features, n_groups, config.meta_bits).nbytes)
+    extra = 0
+    for _, part_shape, part in leaves(shape, config):
+        if part.scheme == "affine" and part.meta_bits != 8:
+            out_features, _, n_groups = affine_dims(part_shape, part.group_size)
+            packed = meta_codes_spec(out_features, n_groups, part.meta_bits).nbytes
+            extra += 2 * max(0, out_features * n_groups - packed)
+    return extra
 
 
 def tensor_nbytes(shape, config: StorageConfig) -> int:

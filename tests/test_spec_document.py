@@ -141,15 +141,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
-    step_s, min_s = np.float16(0.001).astype(np.float32), np.float16(0.01).astype(np.float32)
-    step_z, min_z = np.float16(0.015625).astype(np.float32), np.float32(1.0)
-    expected = np.zeros((out, inp), np.float32)
-    for r in range(out):
-        for c in range(inp):
-            k = c // g
-            s = np.float32(scale_codes[r * G + k]) * step_s + min_s
-            z = np.float32(zero_codes[r * G + k]) * step_z + min_z
-            expected[r, c] = (np.float32(codes[r][c]) - z) * s
+    expected = _affine_by_hand(codes, scale_codes, (0.001, 0.01), zero_codes, (0.015625, 1.0), inp, g, G)
     expected[0, 39] += np.float32(0.5)
     np.testing.assert_array_equal(weight, expected)
     # SPEC §7: W[r, c] = codebook[r div codebook_rows, q]
@@ -163,13 +155,19 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         rows_expected[row_order[1 + j]] = [rows_levels[j][rows_codes[j][c]] for c in range(inp)]
     np.testing.assert_array_equal(rows_weight, rows_expected)
     # SPEC §6.2 with m = 6: flat code i = r·G + k is code i of the packed stream
-    step_s, min_s = np.float16(0.0005).astype(np.float32), np.float16(0.002).astype(np.float32)
-    step_z, min_z = np.float32(0.0625), np.float32(-0.5)
-    m6_expected = np.zeros((m6_out, inp), np.float32)
-    for r in range(m6_out):
+    m6_expected = _affine_by_hand(m6_codes, m6_scale_codes, (0.0005, 0.002), m6_zero_codes, (0.0625, -0.5), inp, g, G)
+    np.testing.assert_array_equal(m6_weight, m6_expected)
+
+
+def _affine_by_hand(codes, scale_codes, scale_meta, zero_codes, zero_meta, inp, g, G) -> np.ndarray:
+    """SPEC §6.1–6.2 for one run of metadata: W[r, c] = (q − z)·s with s = u·step + min (fp16 step, min)."""
+    (step_s, min_s), (step_z, min_z) = (np.float16(v).astype(np.float32) for v in scale_meta), \
+        (np.float16(v).astype(np.float32) for v in zero_meta)
+    expected = np.zeros((len(codes), inp), np.float32)
+    for r in range(len(codes)):
         for c in range(inp):
             k = c // g
-            s = np.float32(m6_scale_codes[r * G + k]) * step_s + min_s
-            z = np.float32(m6_zero_codes[r * G + k]) * step_z + min_z
-            m6_expected[r, c] = (np.float32(m6_codes[r][c]) - z) * s
-    np.testing.assert_array_equal(m6_weight, m6_expected)
+            s = np.float32(scale_codes[r * G + k]) * step_s + min_s
+            z = np.float32(zero_codes[r * G + k]) * step_z + min_z
+            expected[r, c] = (np.float32(codes[r][c]) - z) * s
+    return expected
