@@ -21,7 +21,7 @@ from .affine import loaded_blobs
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
 from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig,
-                     blob_specs)
+                     align_up, blob_specs)
 from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
@@ -58,7 +58,7 @@ class BlobRef:
     shape: tuple
     offset: int
     nbytes: int
-    crc32: str
+    crc32: str  # "" in a packed tensor entry: its crc32 covers all its blobs (TensorEntry.crc32)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class TensorEntry:
     config: StorageConfig
     role: str
     blobs: dict  # blob name -> BlobRef, in file order
+    crc32: str = ""  # packed entry (SPEC.md §4.1): CRC-32 of its blobs' bytes in order; else each blob has its own
 
     @property
     def nbytes(self) -> int:
@@ -185,13 +186,16 @@ class MxqFile:
         if problem := ratio_problem(document["tokenizer"], tokenizer_blob.nbytes):
             check.fail(problem)
         spans.append((tokenizer_blob.offset, tokenizer_blob.nbytes, "tokenizer blob"))
+        end = tokenizer_blob.offset + tokenizer_blob.nbytes  # where the previous tensor's last blob ends
         for index, raw_entry in enumerate(tensors):
-            entry = f._tensor_entry(raw_entry, index, check)
+            entry = f._tensor_entry(raw_entry, index, check, align_up(end, alignment))
             if entry.name in f.tensors:
                 check.fail(f"tensor '{entry.name}' appears twice")
             f.tensors[entry.name] = entry
             spans += [(blob.offset, blob.nbytes, f"tensor '{entry.name}' blob '{name}'")
                       for name, blob in entry.blobs.items()]
+            last = list(entry.blobs.values())[-1]
+            end = last.offset + last.nbytes
         spans.sort()
         previous_end, previous_name = data_offset, "the JSON metadata"
         for offset, nbytes, name in spans:
@@ -215,17 +219,39 @@ class MxqFile:
         nbytes = check.get(raw, "nbytes", int, where)
         if any(d > MAX_DIM for d in dims) or nbytes != math.prod(dims) * np.dtype(dtype).itemsize:
             check.fail(f"{where}: nbytes {nbytes} does not match dtype {dtype} and shape {list(dims)}")
+        self._check_span(offset, nbytes, where, check)
+        return BlobRef(dtype, dims, offset, nbytes, self._crc32_field(raw, where, check))
+
+    def _check_span(self, offset, nbytes, where, check) -> None:
         if offset % self.alignment:
             check.fail(f"{where}: offset {offset} is not aligned to {self.alignment}")
         if offset < self.data_offset or offset + nbytes > self.file_nbytes:
             check.fail(f"{where}: offset {offset} + nbytes {nbytes} lies outside the data region "
                        f"[{self.data_offset}, {self.file_nbytes})")
+
+    @staticmethod
+    def _crc32_field(raw, where, check) -> str:
         crc = check.get(raw, "crc32", str, where)
         if len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
             check.fail(f"{where}: crc32 must be 8 lowercase hex digits")
-        return BlobRef(dtype, dims, offset, nbytes, crc)
+        return crc
 
-    def _tensor_entry(self, raw, index, check) -> TensorEntry:
+    def _packed_blobs(self, raw, specs, start, where, check) -> dict:
+        """A packed entry's blobs (SPEC.md §4.1): §5's blobs in order, the first at the entry's `offset`,
+        which must be `start` (the first multiple of `alignment` after the previous tensor's data), each
+        next one at the first multiple of `alignment` at or after the previous one's end."""
+        cursor = check.get(raw, "offset", int, where)
+        if cursor != start:
+            check.fail(f"{where}: offset {cursor} != {start}, the first aligned byte after the previous tensor's data")
+        blobs = {}
+        for blob_name, spec in specs.items():
+            offset = align_up(cursor, self.alignment) if blobs else cursor
+            self._check_span(offset, spec.nbytes, f"{where} blob '{blob_name}'", check)
+            blobs[blob_name] = BlobRef(spec.dtype, tuple(spec.shape), offset, spec.nbytes, "")
+            cursor = offset + spec.nbytes
+        return blobs
+
+    def _tensor_entry(self, raw, index, check, start) -> TensorEntry:
         where = f"tensor #{index}"
         name = check.get(raw, "name", str, where)
         where = f"tensor '{name[:200]}'"
@@ -240,14 +266,22 @@ class MxqFile:
             specs = blob_specs(shape, config)
         except ValueError as error:
             check.fail(f"{where}: {error}")
+        role = raw.get("role", "other")
+        role = role if isinstance(role, str) else "other"
+        if "blobs" not in raw:  # the packed form (1.5)
+            if "offset" not in raw:
+                check.fail(f"{where}: missing field 'offset' (or 'blobs')")
+            blobs = self._packed_blobs(raw, specs, start, where, check)
+            return TensorEntry(name, shape, config, role, blobs, self._crc32_field(raw, where, check))
+        if "offset" in raw or "crc32" in raw:
+            check.fail(f"{where}: has both 'blobs' and the packed form's 'offset'/'crc32'")
         raw_blobs = check.get(raw, "blobs", dict, where)
         if set(raw_blobs) != set(specs):
             check.fail(f"{where}: blobs {sorted(raw_blobs)[:12]} != expected {sorted(specs)}")
         blobs = {blob_name: self._blob_ref(raw_blobs[blob_name], spec.dtype, spec.shape,
                                            f"{where} blob '{blob_name}'", check)
                  for blob_name, spec in specs.items()}
-        role = raw.get("role", "other")
-        return TensorEntry(name, shape, config, role if isinstance(role, str) else "other", blobs)
+        return TensorEntry(name, shape, config, role, blobs)
 
     def _config(self, config_raw, scheme, shape, where, check) -> StorageConfig:
         """The StorageConfig of a tensor's (or a `rows` block's) "config" object, every field checked."""
@@ -362,34 +396,46 @@ class MxqFile:
             yield view[:count]
             start += count
 
-    def blob_crc32(self, ref: BlobRef) -> str:
+    def blob_crc32(self, *refs: BlobRef) -> str:
+        """CRC-32 of the blobs' bytes, one after the other (gaps excluded)."""
         crc = 0
-        for chunk in self._chunks(ref.offset, ref.offset + ref.nbytes):
-            crc = zlib.crc32(chunk, crc)
+        for ref in refs:
+            for chunk in self._chunks(ref.offset, ref.offset + ref.nbytes):
+                crc = zlib.crc32(chunk, crc)
         return f"{crc:08x}"
 
+    def _checksummed(self) -> list:
+        """(where, blobs, recorded crc32) for every checksum of the file: the tokenizer blob, then each
+        packed tensor's (over all its blobs) or each blob's of a tensor with a blob table."""
+        items = [("tokenizer blob", (self.tokenizer_blob,), self.tokenizer_blob.crc32)]
+        for entry in self.tensors.values():
+            if entry.crc32:
+                items.append((f"tensor '{entry.name}'", tuple(entry.blobs.values()), entry.crc32))
+            else:
+                items += [(f"tensor '{entry.name}' blob '{blob_name}'", (ref,), ref.crc32)
+                          for blob_name, ref in entry.blobs.items()]
+        return items
+
     def verify(self, progress=None) -> list[str]:
-        """Check every blob's crc32 and that every gap between blobs is zero, so that no byte of
+        """Check every crc32 (a packed tensor's, or each blob's) and that every gap between blobs is zero, so that no byte of
         the file goes unchecked, and that every `rows` tensor's row_order is a permutation (SPEC.md
         §8), and that an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the
         file is intact). Reads the file once, in VERIFY_CHUNK pieces (and the tokenizer blob again)."""
         problems = []
-        items = [("tokenizer blob", self.tokenizer_blob)] + [
-            (f"tensor '{entry.name}' blob '{blob_name}'", ref)
-            for entry in self.tensors.values() for blob_name, ref in entry.blobs.items()]
+        items = self._checksummed()
         tokenizer_intact = True
-        for where, ref in (progress(items) if progress else items):
-            actual = self.blob_crc32(ref)
-            if actual != ref.crc32:
-                problems.append(f"{where}: crc32 {actual} != recorded {ref.crc32}")
-                tokenizer_intact = tokenizer_intact and ref is not self.tokenizer_blob
+        for where, refs, recorded in (progress(items) if progress else items):
+            actual = self.blob_crc32(*refs)
+            if actual != recorded:
+                problems.append(f"{where}: crc32 {actual} != recorded {recorded}")
+                tokenizer_intact = tokenizer_intact and refs[0] is not self.tokenizer_blob
         if tokenizer_intact:
             try:  # its crc holds: does it unpack (a hostile writer's xz stream may not)?
                 self.tokenizer_data()
             except MxqFormatError as error:
                 problems.append(error.detail)
         json_end = HEADER_NBYTES + len(self._json_raw)
-        spans = sorted((ref.offset, ref.offset + ref.nbytes) for _, ref in items)
+        spans = sorted((ref.offset, ref.offset + ref.nbytes) for _, refs, _ in items for ref in refs)
         gaps = [(json_end, self.data_offset)] + [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
         gaps.append((spans[-1][1], self.file_nbytes))
         for start, end in gaps:

@@ -153,7 +153,7 @@ class TensorPlan:
 
 @dataclass
 class _Slot:
-    entry: dict  # the blob's JSON object (offset, nbytes, crc32 ...)
+    entry: dict  # the blob's JSON object (offset, nbytes, crc32 ...); with a packed table, not in the JSON
     dtype: str
     shape: tuple
 
@@ -166,7 +166,10 @@ def _json_bytes(document: dict) -> bytes:
 class MxqWriter:
     """with MxqWriter(path, model=..., tokenizer=..., tokenizer_data=..., tensors=[...]) as w:
            for plan in tensors: w.write(plan.name, blobs)
-    tokenizer_data: the tokenizer file itself; it is stored xz-compressed (tokenizer_blob.pack)."""
+    tokenizer_data: the tokenizer file itself; it is stored xz-compressed (tokenizer_blob.pack).
+    Each tensor entry records its first blob's offset and one crc32 over its blobs (SPEC.md §4.1, the
+    packed form of 1.5); blob_table=True writes every blob's object instead (the form of 1.0–1.4, which
+    older readers read: ~100 JSON bytes more per blob)."""
 
     path: Path
     model: dict
@@ -176,6 +179,7 @@ class MxqWriter:
     quantization: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     alignment: int = DEFAULT_ALIGNMENT
+    blob_table: bool = False
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -186,6 +190,7 @@ class MxqWriter:
         self._tokenizer_stored, self._tokenizer_blob = tokenizer_blob.pack(self.tokenizer, self.tokenizer_data)
         check_tokenizer(self._tokenizer_stored, vocab_size)
         self._slots: dict[str, dict[str, _Slot]] = {}
+        self._entries: dict[str, dict] = {}  # tensor name -> its JSON entry
         self._document, self._tokenizer_slot = self._layout()
         self._next = 0
         self._file = None
@@ -219,16 +224,19 @@ class MxqWriter:
             return _Slot(entry, dtype, tuple(shape))
 
         tokenizer_slot = place("uint8", (len(self._tokenizer_blob),), len(self._tokenizer_blob))
-        slots, tensor_entries = {}, []
+        slots, entries = {}, {}
         for plan in self.tensors:
             specs = blob_specs(plan.shape, plan.config)
             slots[plan.name] = {name: place(spec.dtype, spec.shape, spec.nbytes) for name, spec in specs.items()}
-            tensor_entries.append({
-                "name": plan.name, "shape": [int(d) for d in plan.shape], "role": plan.role,
-                "scheme": plan.config.scheme, "config": plan.config.to_json(),
-                "blobs": {name: slot.entry for name, slot in slots[plan.name].items()},
-            })
+            entry = {"name": plan.name, "shape": [int(d) for d in plan.shape], "role": plan.role,
+                     "scheme": plan.config.scheme, "config": plan.config.to_json()}
+            if self.blob_table:
+                entry["blobs"] = {name: slot.entry for name, slot in slots[plan.name].items()}
+            else:  # packed (SPEC §4.1): the blobs follow each other from here, one crc32 over their bytes
+                entry.update(offset=next(iter(slots[plan.name].values())).entry["offset"], crc32=CRC_PLACEHOLDER)
+            entries[plan.name] = entry
         self._end = cursor
+        self._entries = entries
         document = {
             "format": "mxq",
             "alignment": self.alignment,
@@ -236,7 +244,7 @@ class MxqWriter:
             "tokenizer": {**self._tokenizer_stored, "blob": tokenizer_slot.entry},
             "quantization": self.quantization,
             "provenance": self.provenance,
-            "tensors": tensor_entries,
+            "tensors": list(entries.values()),
         }
         return document, tokenizer_slot, slots
 
@@ -256,7 +264,8 @@ class MxqWriter:
             raise
         return self
 
-    def _put(self, slot: _Slot, array: np.ndarray) -> None:
+    def _put(self, slot: _Slot, array: np.ndarray, crc: int = 0) -> int:
+        """Write one blob at its offset; returns zlib.crc32 of its bytes continued from `crc`."""
         array = np.ascontiguousarray(array, dtype=np.dtype(slot.dtype).newbyteorder("<"))  # a view when it is
         data = memoryview(array.reshape(-1).view(np.uint8))  # already that: no copy of a GiB-sized blob
         assert len(data) == slot.entry["nbytes"]
@@ -264,6 +273,7 @@ class MxqWriter:
         self._file.write(b"\0" * (slot.entry["offset"] - position))
         self._file.write(data)
         slot.entry["crc32"] = f"{zlib.crc32(data):08x}"
+        return zlib.crc32(data, crc)
 
     def write(self, name: str, blobs: dict) -> None:
         """Write one tensor's blobs; tensors must come in plan order."""
@@ -282,8 +292,11 @@ class MxqWriter:
             problem = row_order_problem(blobs["row_order"], plan.shape[0])
             if problem:
                 raise ValueError(f"tensor {name!r}: {problem}")
+        crc = 0
         for blob_name, slot in self._slots[name].items():
-            self._put(slot, blobs[blob_name])
+            crc = self._put(slot, blobs[blob_name], crc)
+        if not self.blob_table:
+            self._entries[name]["crc32"] = f"{crc:08x}"
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb):
@@ -292,7 +305,8 @@ class MxqWriter:
                 if self._next != len(self.tensors):
                     raise ValueError(f"only {self._next} of {len(self.tensors)} tensors were written")
                 json_data = _json_bytes(self._document)
-                minor = minor_version((plan.config for plan in self.tensors), self._tokenizer_stored["kind"])
+                minor = minor_version((plan.config for plan in self.tensors), self._tokenizer_stored["kind"],
+                                      packed=not self.blob_table)
                 header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, minor, zlib.crc32(json_data),
                                             len(json_data), self._data_offset)
                 self._file.seek(0)

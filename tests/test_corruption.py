@@ -12,32 +12,51 @@ import pytest
 from mxq.format_spec import MxqFile, MxqFormatError, StorageConfig
 
 
+SMALL_TENSORS = {  # the small valid files the corruption tests damage
+    "affine": [("a", (5, 70), StorageConfig.affine(3, 32, 4)),  # as conftest's small_file
+               ("b", (3, 128), StorageConfig.affine(4, 64)),
+               ("n", (7,), StorageConfig.fp16())],
+    "lut": [("a", (5, 70), StorageConfig.lut(3, 1, 4)),  # per channel with outliers, per 4 channels
+            ("b", (6, 40), StorageConfig.lut(2, 4)),
+            ("n", (7,), StorageConfig.fp16())],
+    "rows": [("a", (6, 40), StorageConfig.parse("rows(2:b3g32+o2,4:l2)")),  # affine block with outliers, lut block
+             ("n", (7,), StorageConfig.fp16())],
+}
+
+
+def _small(kind, tmp_path, **writer_options):
+    """(path, tensors, blobs) of a small valid file of SMALL_TENSORS[kind]; blob_table=True writes the
+    1.0–1.4 form of the tensor entries (a blob object each) instead of the packed one."""
+    from conftest import write_random_file
+    from test_rows_scheme import write_rows_file
+
+    path = tmp_path / f"small-{kind}{'-table' if writer_options.get('blob_table') else ''}.mxq"
+    tensors = SMALL_TENSORS[kind]
+    write = write_rows_file if kind == "rows" else write_random_file
+    return path, tensors, write(path, tensors, **writer_options)
+
+
 @pytest.fixture
 def small_lut_file(tmp_path):
-    """A small valid file with lut tensors (per channel with outliers, per 4 channels) and fp16."""
-    from conftest import write_random_file
-
-    path = tmp_path / "small-lut.mxq"
-    tensors = [("a", (5, 70), StorageConfig.lut(3, 1, 4)),
-               ("b", (6, 40), StorageConfig.lut(2, 4)),
-               ("n", (7,), StorageConfig.fp16())]
-    return path, tensors, write_random_file(path, tensors)
+    return _small("lut", tmp_path)
 
 
 @pytest.fixture
 def small_rows_file(tmp_path):
-    """A small valid file with a rows tensor (affine block with outliers, lut block) and fp16."""
-    from test_rows_scheme import write_rows_file
-
-    path = tmp_path / "small-rows.mxq"
-    tensors = [("a", (6, 40), StorageConfig.parse("rows(2:b3g32+o2,4:l2)")), ("n", (7,), StorageConfig.fp16())]
-    return path, tensors, write_rows_file(path, tensors)
+    return _small("rows", tmp_path)
 
 
-@pytest.fixture(params=["affine", "lut", "rows"])
+@pytest.fixture
+def small_table_file(tmp_path):
+    return _small("affine", tmp_path, blob_table=True)
+
+
+@pytest.fixture(params=["affine", "lut", "rows", "affine-table"])
 def any_small_file(request):
-    """The small affine, lut and rows files: every corruption test runs on each."""
-    return request.getfixturevalue({"affine": "small_file", "lut": "small_lut_file", "rows": "small_rows_file"}[request.param])
+    """The small affine, lut and rows files, and the affine one with a blob table: every corruption test
+    runs on each."""
+    return request.getfixturevalue({"affine": "small_file", "lut": "small_lut_file", "rows": "small_rows_file",
+                                    "affine-table": "small_table_file"}[request.param])
 
 
 def _outcome(path):
@@ -54,9 +73,9 @@ def _rewrite_json(image: bytes, edit, room: int = 256) -> bytes:
     The data region moves `room` bytes later (offsets adjusted first) so the JSON may grow."""
     _, major, minor, _, json_nbytes, data_offset = struct.unpack_from("<8sHHIQQ", image)
     document = json.loads(image[32: 32 + json_nbytes])
-    blobs = [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t["blobs"].values()]
-    for blob in blobs:
-        blob["offset"] += room
+    placed = [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t.get("blobs", {}).values()]
+    for item in placed + [t for t in document["tensors"] if "offset" in t]:  # blobs, packed tensor entries
+        item["offset"] += room
     edit(document)
     raw = json.dumps(document, separators=(",", ":")).encode()
     new_offset = data_offset + room
@@ -92,7 +111,11 @@ def _first_blob(document):
     return document["tensors"][0]["blobs"]["qweight"]
 
 
-HOSTILE_EDITS = {
+def _tensor(document, index=0):
+    return document["tensors"][index]
+
+
+BLOB_TABLE_EDITS = {  # on a file whose tensor entries list their blobs (the 1.0–1.4 form)
     "huge offset": lambda d: _first_blob(d).update(offset=2**61),
     "offset past end": lambda d: _first_blob(d).update(offset=_first_blob(d)["offset"] + 2**20),
     "negative offset": lambda d: _first_blob(d).update(offset=-64),
@@ -100,41 +123,79 @@ HOSTILE_EDITS = {
     "bool nbytes": lambda d: _first_blob(d).update(nbytes=True),
     "unaligned offset": lambda d: _first_blob(d).update(offset=_first_blob(d)["offset"] + 4),
     "nbytes mismatch": lambda d: _first_blob(d).update(nbytes=_first_blob(d)["nbytes"] + 4),
-    "huge shape": lambda d: d["tensors"][0].update(shape=[2**40, 2**40]),
-    "zero dim": lambda d: d["tensors"][0].update(shape=[0, 70]),
     "shape not matching blobs": lambda d: d["tensors"][0].update(shape=[5, 200]),
     "wrong dtype": lambda d: _first_blob(d).update(dtype="float64"),
     "missing blob": lambda d: d["tensors"][0]["blobs"].pop("zero_meta"),
     "extra blob": lambda d: d["tensors"][0]["blobs"].update(extra=_first_blob(d)),
     "overlap": lambda d: d["tensors"][1]["blobs"]["qweight"].update(offset=_first_blob(d)["offset"]),
+    "bad crc text": lambda d: _first_blob(d).update(crc32="xyz"),
+    "packed fields too": lambda d: _tensor(d).update(offset=_first_blob(d)["offset"], crc32="00000000"),
+    "meta bits 6 read as 8": lambda d: d["tensors"][0]["config"].update(meta_bits=8),  # packed blobs, uint8 expected
+    "meta bits 8 read as 6": lambda d: d["tensors"][1]["config"].update(meta_bits=6),
+}
+
+HOSTILE_EDITS = {  # on a file of packed tensor entries (1.5), as mxq writes them
+    "huge offset": lambda d: _tensor(d).update(offset=2**61),
+    "offset past end": lambda d: _tensor(d).update(offset=_tensor(d)["offset"] + 2**20),
+    "negative offset": lambda d: _tensor(d).update(offset=-64),
+    "float offset": lambda d: _tensor(d).update(offset=float(_tensor(d)["offset"])),
+    "unaligned offset": lambda d: _tensor(d).update(offset=_tensor(d)["offset"] + 4),
+    "offset one alignment later": lambda d: _tensor(d, 1).update(offset=_tensor(d, 1)["offset"] + 64),
+    "overlap": lambda d: _tensor(d, 1).update(offset=_tensor(d)["offset"]),
+    "missing offset": lambda d: _tensor(d).pop("offset"),
+    "missing crc": lambda d: _tensor(d).pop("crc32"),
+    "bad crc text": lambda d: _tensor(d).update(crc32="xyz"),
+    "upper-case crc": lambda d: _tensor(d).update(crc32="ABCDEF01"),
+    "blob table too": lambda d: _tensor(d).update(blobs={}),
+    "shape not matching blobs": lambda d: _tensor(d).update(shape=[5, 200]),  # more bytes: the next tensor moves
+    "far fewer rows": lambda d: _tensor(d, 1).update(shape=[1, 128]),  # the next tensor would start earlier
+    "huge shape": lambda d: d["tensors"][0].update(shape=[2**40, 2**40]),
+    "zero dim": lambda d: d["tensors"][0].update(shape=[0, 70]),
     "unknown scheme": lambda d: d["tensors"][0].update(scheme="vq"),
     "affine read as lut": lambda d: d["tensors"][0].update(scheme="lut"),
     "bad bits": lambda d: d["tensors"][0]["config"].update(bits=7),
     "bad meta": lambda d: d["tensors"][0]["config"].update(meta_group_size=64),
     "meta bits 7": lambda d: d["tensors"][0]["config"].update(meta_bits=7),
-    "meta bits 6 read as 8": lambda d: d["tensors"][0]["config"].update(meta_bits=8),  # packed blobs, uint8 expected
-    "meta bits 8 read as 6": lambda d: d["tensors"][1]["config"].update(meta_bits=6),
     "meta bits as string": lambda d: d["tensors"][0]["config"].update(meta_bits="6"),
     "string shape": lambda d: d["tensors"][0].update(shape="5x70"),
     "tensors not a list": lambda d: d.update(tensors={}),
     "missing tokenizer": lambda d: d.pop("tokenizer"),
     "tokenizer blob 2-D": lambda d: d["tokenizer"]["blob"].update(shape=[1, d["tokenizer"]["blob"]["shape"][0]]),
     "duplicate tensor": lambda d: d["tensors"].__setitem__(1, dict(d["tensors"][1], name=d["tensors"][0]["name"])),
-    "bad crc text": lambda d: _first_blob(d).update(crc32="xyz"),
     "wrong format": lambda d: d.update(format="gguf"),
     "alignment 3": lambda d: d.update(alignment=3),
     "outliers beyond weights": lambda d: d["tensors"][0]["config"].update(outliers=10**6),
 }
 
 
-@pytest.mark.parametrize("name", list(HOSTILE_EDITS))
-def test_hostile_metadata_is_rejected(small_file, tmp_path, name):
-    path, _, _ = small_file
+@pytest.mark.parametrize("name", list(HOSTILE_EDITS) + [f"table: {name}" for name in BLOB_TABLE_EDITS])
+def test_hostile_metadata_is_rejected(small_file, small_table_file, tmp_path, name):
+    path, _, _ = small_table_file if name.startswith("table: ") else small_file
+    edit = BLOB_TABLE_EDITS[name[7:]] if name.startswith("table: ") else HOSTILE_EDITS[name]
     target = tmp_path / "hostile.mxq"
-    target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_EDITS[name]))
+    target.write_bytes(_rewrite_json(path.read_bytes(), edit))
     with pytest.raises(MxqFormatError) as caught:
         MxqFile.open(target)
     assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+
+
+HIDDEN_BY_ALIGNMENT = {  # edits of packed entries that move no tensor: each blob still ends within its alignment gap
+    "one row fewer": lambda d: _tensor(d).update(shape=[4, 70]),
+    "meta bits 6 read as 8": lambda d: d["tensors"][0]["config"].update(meta_bits=8),  # 24 → 15 bytes
+    "meta bits 8 read as 6": lambda d: d["tensors"][1]["config"].update(meta_bits=6),  # 6 → 24 bytes
+    "last tensor shorter": lambda d: _tensor(d, -1).update(shape=[6]),
+}
+
+
+@pytest.mark.parametrize("name", list(HIDDEN_BY_ALIGNMENT))
+def test_a_packed_entry_edit_the_alignment_hides_is_caught_by_verify(small_file, tmp_path, name):
+    """The layout still holds, so the file opens, but the tensor's crc32 now covers other bytes (or a
+    blob now ends before non-zero bytes that became padding): verify reports it, and loading verifies."""
+    path, _, _ = small_file
+    target = tmp_path / "hidden.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HIDDEN_BY_ALIGNMENT[name]))
+    with MxqFile.open(target) as f:
+        assert f.verify()
 
 
 def _codebook(document, index=0):
@@ -147,14 +208,15 @@ HOSTILE_LUT_EDITS = {
     "lut codebook_rows 3": lambda d: d["tensors"][0]["config"].update(codebook_rows=3),
     "lut codebook_rows 0": lambda d: d["tensors"][1]["config"].update(codebook_rows=0),
     "lut codebook_rows missing": lambda d: d["tensors"][1]["config"].pop("codebook_rows"),
-    "lut codebook_rows changed": lambda d: d["tensors"][1]["config"].update(codebook_rows=2),
+    "table: lut codebook_rows changed": lambda d: d["tensors"][1]["config"].update(codebook_rows=2),
     "lut bits changed": lambda d: d["tensors"][1]["config"].update(bits=3),
     "lut negative outliers": lambda d: d["tensors"][0]["config"].update(outliers=-4),
     "lut outliers dropped": lambda d: d["tensors"][0]["config"].update(outliers=0),
-    "lut codebook missing": lambda d: d["tensors"][0]["blobs"].pop("codebook"),
-    "lut codebook wrong dtype": lambda d: _codebook(d).update(dtype="float32", nbytes=_codebook(d)["nbytes"] * 2),
-    "lut codebook wrong shape": lambda d: _codebook(d).update(shape=[8, 5]),
-    "lut codebook overlaps codes": lambda d: _codebook(d).update(offset=d["tensors"][0]["blobs"]["qweight"]["offset"]),
+    "table: lut codebook missing": lambda d: d["tensors"][0]["blobs"].pop("codebook"),
+    "table: lut codebook wrong dtype": lambda d: _codebook(d).update(dtype="float32", nbytes=_codebook(d)["nbytes"] * 2),
+    "table: lut codebook wrong shape": lambda d: _codebook(d).update(shape=[8, 5]),
+    "table: lut codebook overlaps codes": lambda d: _codebook(d).update(
+        offset=d["tensors"][0]["blobs"]["qweight"]["offset"]),
     "lut affine blobs": lambda d: d["tensors"][0].update(scheme="affine"),
     "lut 1-D": lambda d: d["tensors"][1].update(shape=[240]),
 }
@@ -162,7 +224,7 @@ HOSTILE_LUT_EDITS = {
 
 @pytest.mark.parametrize("name", list(HOSTILE_LUT_EDITS))
 def test_hostile_lut_metadata_is_rejected(small_lut_file, tmp_path, name):
-    path, _, _ = small_lut_file
+    path, _, _ = _small("lut", tmp_path, blob_table=True) if name.startswith("table: ") else small_lut_file
     target = tmp_path / "hostile.mxq"
     target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_LUT_EDITS[name]))
     with pytest.raises(MxqFormatError) as caught:

@@ -38,6 +38,26 @@ def test_cost_model_equals_bytes_written(tmp_path):
         assert spans[-1][0] + spans[-1][1] == os.path.getsize(path)
 
 
+def test_packed_entries_and_blob_tables_hold_the_same_data(tmp_path):
+    """SPEC §4.1: a packed entry (one offset and crc32 per tensor) places the blobs exactly where a blob
+    table would: the data regions are byte-identical, only the JSON (and so data_offset) differs."""
+    tensors = [("a", (5, 70), StorageConfig.parse("rows(2:b3g32+o2,3:l2)")), ("b", (9, 576), StorageConfig.affine(4, 64)),
+               ("c", (7, 33), StorageConfig.lut(3, 4, 3)), ("n", (7,), StorageConfig.fp16())]
+    from test_rows_scheme import write_rows_file
+
+    packed, table = tmp_path / "packed.mxq", tmp_path / "table.mxq"
+    written = write_rows_file(packed, tensors)
+    write_rows_file(table, tensors, blob_table=True)
+    with MxqFile.open(packed) as p, MxqFile.open(table) as t:
+        assert p.verify() == t.verify() == [] and (p.version, t.version) == ((1, 5), (1, 4))
+        assert len(p._json_raw) < len(t._json_raw) and p.data_offset <= t.data_offset
+        assert packed.read_bytes()[p.data_offset:] == table.read_bytes()[t.data_offset:]
+        for name, _, _ in tensors:
+            assert [(r.dtype, r.shape, r.offset - p.data_offset) for r in p.tensors[name].blobs.values()] == \
+                   [(r.dtype, r.shape, r.offset - t.data_offset) for r in t.tensors[name].blobs.values()]
+            assert all(np.array_equal(p.blobs(name)[k], v) for k, v in written[name].items())
+
+
 def test_cost_formula_in_spec():
     """SPEC §5: cost = out·G·g·b/8 + 2·M + 8·R + [4·(out+1) + 4·nnz], M = out·G (8-bit metadata codes)
     or 24·ceil(out·G/32) (6-bit)."""
@@ -263,7 +283,7 @@ def test_six_bit_metadata_round_trips_and_is_unpacked_on_read(tmp_path, bits):
     assert config.label == (f"b{bits}g32+o2" if bits <= 3 else f"b{bits}g32m6+o2")
     assert StorageConfig.parse(config.label) == config
     path = tmp_path / "m6.mxq"
-    written = write_random_file(path, [("t", shape, config)])["t"]
+    written = write_random_file(path, [("t", shape, config)], blob_table=True)["t"]  # 1.4 without packed entries
     assert (written["scale_codes"].max() < 64) and written["scale_codes"].shape == (37, 7)
     with MxqFile.open(path) as f:
         assert f.verify() == [] and f.version == (1, 4)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import random_blobs
+from conftest import random_blobs, write_random_file
 from mxq.format_spec import (MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, block_blobs, dequantize,
                              encode_meta, join_blocks, pack_codes, tensor_nbytes)
 from mxq.format_spec.rows import content_problem, dequantize_rows
@@ -50,13 +50,13 @@ def reference_weight(blobs, shape, config) -> np.ndarray:
     return weight
 
 
-def write_rows_file(path, tensors, seed=0):
+def write_rows_file(path, tensors, seed=0, **writer_options):
     """Write [(name, shape, config)] with random content; returns {name: blobs}."""
     rng = np.random.default_rng(seed)
     plans = [TensorPlan(name, shape, config, "linear") for name, shape, config in tensors]
     written = {}
     with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
-                   tensors=plans) as writer:
+                   tensors=plans, **writer_options) as writer:
         for plan in plans:
             make = random_rows_blobs if plan.config.scheme == "rows" else random_blobs
             written[plan.name] = make(rng, plan.shape, plan.config)
@@ -72,12 +72,20 @@ def rows_file(tmp_path):
     return path, tensors, write_rows_file(path, tensors)
 
 
+@pytest.fixture
+def rows_table_file(rows_file):
+    """rows_file's tensors in a file whose entries list their blobs (the 1.0–1.4 form)."""
+    path, tensors, _ = rows_file
+    table = path.with_name("rows-table.mxq")
+    return table, tensors, write_rows_file(table, tensors, blob_table=True)
+
+
 # ---- format -------------------------------------------------------------------------------------------
 
 def test_round_trip_and_cost_model(rows_file):
     path, tensors, written = rows_file
     with MxqFile.open(path) as f:
-        assert f.version == (1, 4)  # `rows` needs 1.2, tokenizers +xz 1.3, the b2/b3 blocks' 6-bit metadata 1.4
+        assert f.version == (1, 5)  # packed tensor entries need 1.5 (`rows` 1.2, the 6-bit metadata of b2/b3 1.4)
         assert f.verify() == []
         for name, shape, config in tensors:
             entry = f.tensors[name]
@@ -101,8 +109,12 @@ def test_the_minor_version_is_the_lowest_the_file_needs(small_file):
     assert minor_version([b4], "sentencepiece+xz") == minor_version([rows], "hf-tokenizers+xz") == 3
     assert minor_version([parse("b3g32")], "sentencepiece") == minor_version([rows6], "sentencepiece") == 4
     assert minor_version([parse("b5g32m6")], "sentencepiece") == 4
-    path, _, _ = small_file
-    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 4)  # its b3 tensor has 6-bit metadata
+    assert minor_version([b4], "sentencepiece", packed=True) == minor_version([rows6], "sentencepiece+xz", packed=True) == 5
+    path, tensors, _ = small_file
+    assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 5)  # mxq writes packed tensor entries
+    table = path.with_name("table.mxq")
+    write_random_file(table, tensors, blob_table=True)
+    assert struct.unpack_from("<HH", table.read_bytes(), 8) == (1, 4)  # its b3 tensor has 6-bit metadata
 
 
 def test_row_order_dtype_and_blob_table():
@@ -183,24 +195,24 @@ HOSTILE_ROWS_EDITS = {
     "block config missing": lambda d: _rows_entry(d)["config"]["blocks"][1].pop("config"),
     "block bits 7": lambda d: _rows_entry(d)["config"]["blocks"][1]["config"].update(bits=7),
     "block meta_bits 4": lambda d: _rows_entry(d)["config"]["blocks"][1]["config"].update(meta_bits=4),
-    "block scheme changed": _swap_block_scheme,
-    "missing block blob": lambda d: _rows_entry(d)["blobs"].pop("1.qweight"),
-    "extra block blob": lambda d: _rows_entry(d)["blobs"].update({"3.qweight": _rows_entry(d)["blobs"]["1.qweight"]}),
-    "unprefixed block blob": lambda d: _rows_entry(d)["blobs"].update(
+    "table: block scheme changed": _swap_block_scheme,
+    "table: missing block blob": lambda d: _rows_entry(d)["blobs"].pop("1.qweight"),
+    "table: extra block blob": lambda d: _rows_entry(d)["blobs"].update({"3.qweight": _rows_entry(d)["blobs"]["1.qweight"]}),
+    "table: unprefixed block blob": lambda d: _rows_entry(d)["blobs"].update(
         qweight=_rows_entry(d)["blobs"].pop("1.qweight")),
-    "row_order missing": lambda d: _rows_entry(d)["blobs"].pop("row_order"),
-    "row_order uint32": lambda d: _rows_entry(d)["blobs"]["row_order"].update(
+    "table: row_order missing": lambda d: _rows_entry(d)["blobs"].pop("row_order"),
+    "table: row_order uint32": lambda d: _rows_entry(d)["blobs"]["row_order"].update(
         dtype="uint32", nbytes=2 * _rows_entry(d)["blobs"]["row_order"]["nbytes"]),
-    "row_order short": lambda d: _rows_entry(d)["blobs"]["row_order"].update(shape=[12], nbytes=24),
+    "table: row_order short": lambda d: _rows_entry(d)["blobs"]["row_order"].update(shape=[12], nbytes=24),
     "1-D rows": lambda d: _rows_entry(d).update(shape=[1300]),
 }
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_ROWS_EDITS))
-def test_hostile_rows_metadata_is_rejected(rows_file, tmp_path, name):
+def test_hostile_rows_metadata_is_rejected(rows_file, rows_table_file, tmp_path, name):
     from test_corruption import _rewrite_json
 
-    path, _, _ = rows_file
+    path, _, _ = rows_table_file if name.startswith("table: ") else rows_file
     target = tmp_path / "hostile.mxq"
     target.write_bytes(_rewrite_json(path.read_bytes(), HOSTILE_ROWS_EDITS[name]))
     try:
@@ -439,7 +451,7 @@ def test_rows_model_generates_like_its_dequantized_fp16_file(tmp_path):
     compiled kernels: within their activation rounding), on the NumPy path, the kernels and the cached mode."""
     rows_path, fp16_path = write_rows_model(tmp_path)
     with MxqFile.open(rows_path) as f:
-        assert f.version == (1, 4) and f.verify() == []
+        assert f.version == (1, 5) and f.verify() == []
         assert f.tensors["model.embed_tokens.weight"].config.scheme == "rows"
     reference_ids, reference_steps = greedy_steps(fp16_path, NumpyBackend(kernels=False, threads=1))
     assert len(set(reference_ids)) > 3  # the greedy choices differ from step to step
@@ -493,4 +505,4 @@ def test_inspect_shows_rows_tensors(tmp_path):
     q = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
     blocks = parse(q["label"]).blocks
     assert f"rows×3 {blocks[0][1].label}…{blocks[-1][1].label}" in line and f"{q['bytes']:,}" in line
-    assert "row block configs: " in text and "mxq format 1.4" in text
+    assert "row block configs: " in text and "mxq format 1.5" in text

@@ -1,6 +1,6 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
 and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine, 8- and 6-bit metadata),
-§7 (lut) and §8 (rows) say it holds."""
+§7 (lut) and §8 (rows) say it holds; three tensors list their blobs (§4.2), two are packed (§4.1, 1.5)."""
 import json
 import lzma
 import math
@@ -95,6 +95,10 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     rows_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in rows_blobs.items()}
     m6_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in m6_blobs.items()}
     norm_blob = place(norm, "float16", [4])
+    # §4.1's packed form for the last two tensors: the first blob's offset, one CRC-32 over the blobs' bytes
+    m6_packed = {"offset": m6_document_blobs["qweight"]["offset"],
+                 "crc32": format(zlib.crc32(b"".join(data for _, _, data in m6_blobs.values())), "08x")}
+    norm_packed = {"offset": norm_blob["offset"], "crc32": norm_blob["crc32"]}
     document = {
         "format": "mxq", "alignment": alignment,
         "model": {"architecture": "llama", "hidden_size": 4, "a_future_key": [1, 2]},
@@ -114,13 +118,13 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
              "blobs": rows_document_blobs},
             {"name": "x", "shape": [m6_out, inp], "role": "linear", "scheme": "affine",
              "config": {"bits": m6_bits, "group_size": g, "meta_bits": 6, "meta_group_size": 128, "outliers": 0},
-             "blobs": m6_document_blobs},
-            {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, "blobs": {"data": norm_blob}},
+             **m6_packed},
+            {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, **norm_packed},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 4, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 5, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -139,6 +143,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         m6_entry = f.tensors["x"]
         assert m6_entry.config.meta_bits == 6 and m6_entry.config.label == "b2g32"
         m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
+        assert [ref.offset for ref in m6_entry.blobs.values()] == [b["offset"] for b in m6_document_blobs.values()]
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     expected = _affine_by_hand(codes, scale_codes, (0.001, 0.01), zero_codes, (0.015625, 1.0), inp, g, G)

@@ -109,7 +109,7 @@ def test_a_plain_tokenizer_blob_still_reads(monkeypatch, tmp_path):
     """Files written before 1.3 hold the tokenizer file as it is (no +xz, no raw_nbytes; minor 1)."""
     path = tmp_path / "plain.mxq"
     monkeypatch.setattr(tokenizer_blob, "pack", lambda meta, data: (meta, data))  # a writer of 1.1
-    write_random_file(path, TENSORS, tokenizer_data=TOKENIZER)
+    write_random_file(path, TENSORS, tokenizer_data=TOKENIZER, blob_table=True)
     with MxqFile.open(path) as f:
         assert f.version == (1, 1) and f.tokenizer == {"kind": "sentencepiece", "blob": f.tokenizer["blob"]}
         assert f.tokenizer_kind == "sentencepiece" and f.tokenizer_nbytes == f.tokenizer_blob.nbytes == len(TOKENIZER)

@@ -5,7 +5,8 @@
 A crash is any exception other than the typed ones bad input must raise (MxqFormatError, ModelError
 and the format's ValueError subclasses MetadataError/JsonError/OutputPathError, OSError).
 Each case: write a mutated copy of a small real model (every other decoder matrix stored as `rows`:
-an fp16 block and an affine block with outliers, in a random row order), open it, verify it, load
+an fp16 block and an affine block with outliers, in a random row order; its tensor entries packed, as
+mxq writes them, or with a blob table, the 1.0–1.4 form, half the cases each), open it, verify it, load
 it (config, tokenizer, weights), run a 4-token forward and, if it has one, its chat template.
   - metadata mutations: one JSON value (any depth) replaced by a hostile one (wrong type, huge or
     negative number, NaN/Infinity/1e999 as text, duplicated key, deep nesting, a hostile chat
@@ -53,19 +54,22 @@ class Hang(BaseException):  # BaseException: no `except Exception` in the code u
 
 
 # -- building the seed file and mutants --------------------------------------------------------------
-def seed_file(fixture: str, folder: Path) -> Path:
+def seed_files(fixture: str, folder: Path) -> list:
+    """The model as mxq writes it (packed tensor entries) and with a blob table (the 1.0–1.4 form)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import fixtures
     from test_runtime_files import write_test_mxq
 
     choose = lambda name, shape, role: (4, 32, 2) if role == "linear" else "fp16"  # noqa: E731
-    return with_row_blocks(write_test_mxq(fixtures.ensure(fixture), folder / "affine.mxq", choose),
-                           folder / "seed.mxq")
+    affine = write_test_mxq(fixtures.ensure(fixture), folder / "affine.mxq", choose)
+    return [with_row_blocks(affine, folder / "seed.mxq"), with_row_blocks(affine, folder / "seed-table.mxq",
+                                                                         blob_table=True)]
 
 
-def with_row_blocks(path: Path, out: Path, every: int = 2) -> Path:
+def with_row_blocks(path: Path, out: Path, every: int = 2, blob_table: bool = False) -> Path:
     """A copy of `path` whose every `every`-th decoder matrix is stored as `rows` (SPEC.md §8): its rows in
-    a random order, the first third as an fp16 block, the rest as b4g32 with 2 outliers (RTN)."""
+    a random order, the first third as an fp16 block, the rest as b4g32 with 2 outliers (RTN); blob_table:
+    tensor entries in the 1.0–1.4 form (a blob object each) instead of packed (§4.1)."""
     import numpy as np
     from test_runtime_files import rtn_affine
 
@@ -87,7 +91,7 @@ def with_row_blocks(path: Path, out: Path, every: int = 2) -> Path:
             blobs[name] = tensor_blobs
         tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
         with MxqWriter(out, model=f.model, tokenizer=tokenizer, tokenizer_data=f.tokenizer_data(), tensors=plans,
-                       quantization=f.quantization, provenance=f.provenance) as writer:
+                       quantization=f.quantization, provenance=f.provenance, blob_table=blob_table) as writer:
             for plan in plans:
                 writer.write(plan.name, blobs[plan.name])
     return out
@@ -124,8 +128,9 @@ def mutate_metadata(image: bytes, rng: random.Random, exclude=()):
     room = 1 << 20
     _, _, raw, _ = split(image)
     document = json.loads(raw)
-    for blob in [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t["blobs"].values()]:
-        blob["offset"] += room
+    placed = [document["tokenizer"]["blob"]] + [b for t in document["tensors"] for b in t.get("blobs", {}).values()]
+    for item in placed + [t for t in document["tensors"] if "offset" in t]:  # blobs, packed tensor entries
+        item["offset"] += room
     paths = [p for p in _paths(document) if p and p[0] not in exclude]
     weights = [5 if p[0] in ("model", "tokenizer") else 1 for p in paths]
     path = rng.choices(paths, weights)[0]
@@ -300,9 +305,9 @@ def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen
     try:
         with tempfile.TemporaryDirectory(prefix="mxq-fuzz-") as tmp:
             folder = Path(tmp)
-            seed = seed_file(fixture, folder)
-            image = seed.read_bytes()
-            exercise(seed)  # warm-up, untimed: imports and compiled kernels are not a case's cost
+            seeds = seed_files(fixture, folder)
+            images = [seed.read_bytes() for seed in seeds]  # packed, blob table
+            exercise(seeds[0])  # warm-up, untimed: imports and compiled kernels are not a case's cost
             plan = ([("metadata", mutate_metadata)] * n_metadata + [("bytes", mutate_bytes)] * n_bytes +
                     [("rows", mutate_rows)] * n_rows)
             rng.shuffle(plan)
@@ -310,7 +315,10 @@ def fuzz(n_metadata: int, n_bytes: int, seed: int = 0, fixture: str = "tiny-qwen
             for i, (level, mutate) in enumerate(plan):
                 if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
                     break
+                form = rng.randrange(2) if level != "rows" else 1  # rows: the table form locates row_order
+                image = images[form]
                 mutant, what = mutate(image, rng, exclude) if level == "metadata" else mutate(image, rng)
+                what = f"{what} ({'table' if form else 'packed'})"
                 outcome, seconds, growth = run_case(mutant, folder, timeout, verify=level != "rows")
                 done[level] += 1
                 outcomes[f"{level} {outcome.split(':')[0]}"] += 1
