@@ -187,14 +187,15 @@ def verify(file):
     permutation. Exit status 0: intact; 1: damaged or not a valid file."""
     with _open(file) as f:
         problems = f.verify()
-        count = 1 + sum(len(e.blobs) for e in f.tensors.values())
+        blobs = 1 + sum(len(e.blobs) for e in f.tensors.values())
+        checksums = 1 + sum(1 if e.crc32 else len(e.blobs) for e in f.tensors.values())
     if problems:
         for problem in problems[:20]:
             click.echo(f"{file}: {problem}", err=True)
-        click.echo(f"{file}: DAMAGED ({len(problems)} problems: checksums of {count} blobs, zero padding, "
-                   "row orders)", err=True)
+        click.echo(f"{file}: DAMAGED ({len(problems)} problems: {checksums} checksums over {blobs} blobs, zero "
+                   "padding, row orders)", err=True)
         sys.exit(1)
-    click.echo(f"{file}: OK ({count} blobs, all checksums match)")
+    click.echo(f"{file}: OK ({blobs} blobs, all {checksums} checksums match)")
 
 
 def _register_commands():

@@ -186,7 +186,7 @@ class MxqFile:
         if problem := ratio_problem(document["tokenizer"], tokenizer_blob.nbytes):
             check.fail(problem)
         spans.append((tokenizer_blob.offset, tokenizer_blob.nbytes, "tokenizer blob"))
-        end = tokenizer_blob.offset + tokenizer_blob.nbytes  # where the previous tensor's last blob ends
+        end = tokenizer_blob.offset + tokenizer_blob.nbytes  # where the previous tensor's data ends
         for index, raw_entry in enumerate(tensors):
             entry = f._tensor_entry(raw_entry, index, check, align_up(end, alignment))
             if entry.name in f.tensors:
@@ -194,8 +194,7 @@ class MxqFile:
             f.tensors[entry.name] = entry
             spans += [(blob.offset, blob.nbytes, f"tensor '{entry.name}' blob '{name}'")
                       for name, blob in entry.blobs.items()]
-            last = list(entry.blobs.values())[-1]
-            end = last.offset + last.nbytes
+            end = max(blob.offset + blob.nbytes for blob in entry.blobs.values())
         spans.sort()
         previous_end, previous_name = data_offset, "the JSON metadata"
         for offset, nbytes, name in spans:

@@ -153,7 +153,7 @@ class TensorPlan:
 
 @dataclass
 class _Slot:
-    entry: dict  # the blob's JSON object (offset, nbytes, crc32 ...); with a packed table, not in the JSON
+    entry: dict  # the blob's JSON object (offset, nbytes, crc32 ...); not in the JSON of a packed entry
     dtype: str
     shape: tuple
 
@@ -306,7 +306,7 @@ class MxqWriter:
                     raise ValueError(f"only {self._next} of {len(self.tensors)} tensors were written")
                 json_data = _json_bytes(self._document)
                 minor = minor_version((plan.config for plan in self.tensors), self._tokenizer_stored["kind"],
-                                      packed=not self.blob_table)
+                                      packed=not self.blob_table and bool(self.tensors))
                 header = HEADER_STRUCT.pack(MAGIC, MAJOR_VERSION, minor, zlib.crc32(json_data),
                                             len(json_data), self._data_offset)
                 self._file.seek(0)

@@ -150,7 +150,7 @@ class LoadedModel:
 
 
 def _check_checksums(file: MxqFile) -> None:
-    """Every blob's crc32 and zero padding (SPEC.md §9), read once in bounded chunks."""
+    """Every crc32 (a packed tensor's, or each blob's) and the zero padding (SPEC.md §9), read once in bounded chunks."""
     problems = file.verify()
     if problems:
         more = f" (and {len(problems) - 1} more; `mxq verify` lists them)" if len(problems) > 1 else ""
@@ -165,7 +165,7 @@ def load(path, device: str = "cpu", cache_dequantized: bool = False, verify: boo
     cache_dequantized: False (default, "lean") keeps weights packed in the memory-mapped file and
     dequantizes each matrix when it is used — memory ≈ the file size; True dequantizes every matrix
     once at load to float32 — 4 bytes per weight more memory, several times faster decoding.
-    verify: check every blob's checksum before use (one read of the file; False skips it). The JSON
+    verify: check every weight checksum before use (one read of the file; False skips it). The JSON
     metadata and the tokenizer blob are checked at every open regardless."""
     if options:
         raise ModelError(f"unknown option(s) for load: {', '.join(sorted(options))}")

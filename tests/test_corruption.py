@@ -130,6 +130,7 @@ BLOB_TABLE_EDITS = {  # on a file whose tensor entries list their blobs (the 1.0
     "overlap": lambda d: d["tensors"][1]["blobs"]["qweight"].update(offset=_first_blob(d)["offset"]),
     "bad crc text": lambda d: _first_blob(d).update(crc32="xyz"),
     "packed fields too": lambda d: _tensor(d).update(offset=_first_blob(d)["offset"], crc32="00000000"),
+    "packed crc32 too": lambda d: _tensor(d).update(crc32=_first_blob(d)["crc32"]),
     "meta bits 6 read as 8": lambda d: d["tensors"][0]["config"].update(meta_bits=8),  # packed blobs, uint8 expected
     "meta bits 8 read as 6": lambda d: d["tensors"][1]["config"].update(meta_bits=6),
 }
@@ -177,6 +178,25 @@ def test_hostile_metadata_is_rejected(small_file, small_table_file, tmp_path, na
     with pytest.raises(MxqFormatError) as caught:
         MxqFile.open(target)
     assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+
+
+def _pack_last(document):
+    """The last tensor entry (one blob: fp16) turned from a blob table into the packed form."""
+    (blob,) = document["tensors"][-1].pop("blobs").values()
+    document["tensors"][-1].update(offset=blob["offset"], crc32=blob["crc32"])
+
+
+def test_a_file_mixing_both_forms_reads(small_table_file, tmp_path):
+    path, _, written = small_table_file
+    target = tmp_path / "mixed.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), _pack_last))
+    with MxqFile.open(target) as f:
+        assert f.verify() == [] and [bool(e.crc32) for e in f.tensors.values()] == [False, False, True]
+        np.testing.assert_array_equal(f.blobs("n")["data"], written["n"]["data"])
+    moved = lambda d: (_pack_last(d), _tensor(d, -1).update(offset=_tensor(d, -1)["offset"] + 64))  # noqa: E731
+    target.write_bytes(_rewrite_json(path.read_bytes(), moved))
+    with pytest.raises(MxqFormatError, match="tensor 'n': offset .* the first aligned byte after"):
+        MxqFile.open(target)
 
 
 HIDDEN_BY_ALIGNMENT = {  # edits of packed entries that move no tensor: each blob still ends within its alignment gap

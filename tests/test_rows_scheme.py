@@ -112,6 +112,9 @@ def test_the_minor_version_is_the_lowest_the_file_needs(small_file):
     assert minor_version([b4], "sentencepiece", packed=True) == minor_version([rows6], "sentencepiece+xz", packed=True) == 5
     path, tensors, _ = small_file
     assert struct.unpack_from("<HH", path.read_bytes(), 8) == (1, 5)  # mxq writes packed tensor entries
+    empty = path.with_name("empty.mxq")
+    write_random_file(empty, [])
+    assert struct.unpack_from("<HH", empty.read_bytes(), 8) == (1, 3)  # no tensor entry: packed or not, +xz
     table = path.with_name("table.mxq")
     write_random_file(table, tensors, blob_table=True)
     assert struct.unpack_from("<HH", table.read_bytes(), 8) == (1, 4)  # its b3 tensor has 6-bit metadata
