@@ -84,6 +84,31 @@ def test_rows_matrices_of_mixed_configs_match_numpy_path(backends):
     check_stack(fast, ref, rng, 31, ["rows(1:b4g32,2:b2g128)", "b8g32+o3"])  # narrower than one block
 
 
+def test_the_parallel_stack_kernel_matches_the_serial_one(backends):
+    """cpu_kernels.stack_matmul (JIT only: one parallel region, each part a share of every entry's rows)
+    writes what stack_matmul_serial writes, for any number of parts — more parts than some entries have
+    rows included — with bias and residual fused. Each row is one part's, summed in the same order: equal."""
+    fast, _ = backends
+    if not fast.kernels.parallel:
+        pytest.skip("the ahead-of-time kernels are serial only")
+    rng = np.random.default_rng(11)
+    parts = members(rng, 333, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)", "b4g64+o3", "rows(2:b6g32,5:b3g32)"])
+    handles = tuple(fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts)
+    stack = fast.stack(handles, 1)
+    assert isinstance(stack, KernelStack)
+    width = stack.shape[0]
+    for T in (1, 3):
+        x = rng.standard_normal((T, 333)).astype(np.float32)
+        bias = rng.standard_normal(width).astype(np.float32)
+        residual = rng.standard_normal((T, width)).astype(np.float32)
+        want = np.empty((T, width), np.float32)
+        fast.kernels.stack_matmul_serial(x, stack.table, stack.out_rows, bias, residual, want, 1)
+        for n_parts in (1, 2, 3, 7, 50):
+            got = np.full((T, width), np.nan, np.float32)
+            fast.kernels.stack_matmul(x, stack.table, stack.out_rows, bias, residual, got, n_parts)
+            np.testing.assert_array_equal(got, want, err_msg=f"T={T} n_parts={n_parts}")
+
+
 def test_members_the_kernels_cannot_stack_run_one_by_one(backends):
     fast, ref = backends
     rng = np.random.default_rng(3)
