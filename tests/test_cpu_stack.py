@@ -87,7 +87,8 @@ def test_rows_matrices_of_mixed_configs_match_numpy_path(backends):
 def test_the_parallel_stack_kernel_matches_the_serial_one(backends):
     """cpu_kernels.stack_matmul (JIT only: one parallel region, each part a share of every entry's rows)
     writes what stack_matmul_serial writes, for any number of parts — more parts than some entries have
-    rows included — with bias and residual fused. Each row is one part's, summed in the same order: equal."""
+    rows included — with bias and residual fused: every row written (no NaN left), and equal up to the
+    summation order fastmath may choose differently in the two compiled functions."""
     fast, _ = backends
     if not fast.kernels.parallel:
         pytest.skip("the ahead-of-time kernels are serial only")
@@ -106,7 +107,8 @@ def test_the_parallel_stack_kernel_matches_the_serial_one(backends):
         for n_parts in (1, 2, 3, 7, 50):
             got = np.full((T, width), np.nan, np.float32)
             fast.kernels.stack_matmul(x, stack.table, stack.out_rows, bias, residual, got, n_parts)
-            np.testing.assert_array_equal(got, want, err_msg=f"T={T} n_parts={n_parts}")
+            assert not np.isnan(got).any(), (T, n_parts)
+            assert_close(got, want)
 
 
 def test_members_the_kernels_cannot_stack_run_one_by_one(backends):
