@@ -188,7 +188,7 @@ def verify(file):
     with _open(file) as f:
         problems = f.verify()
         blobs = 1 + sum(len(e.blobs) for e in f.tensors.values())
-        checksums = 1 + sum(1 if e.crc32 else len(e.blobs) for e in f.tensors.values())
+        checksums = len(f.checksums())
     if problems:
         for problem in problems[:20]:
             click.echo(f"{file}: {problem}", err=True)

@@ -244,7 +244,7 @@ class MxqFile:
             check.fail(f"{where}: offset {cursor} != {start}, the first aligned byte after the previous tensor's data")
         blobs = {}
         for blob_name, spec in specs.items():
-            offset = align_up(cursor, self.alignment) if blobs else cursor
+            offset = align_up(cursor, self.alignment)  # the first: `start`, aligned already
             self._check_span(offset, spec.nbytes, f"{where} blob '{blob_name}'", check)
             blobs[blob_name] = BlobRef(spec.dtype, tuple(spec.shape), offset, spec.nbytes, "")
             cursor = offset + spec.nbytes
@@ -403,7 +403,7 @@ class MxqFile:
                 crc = zlib.crc32(chunk, crc)
         return f"{crc:08x}"
 
-    def _checksummed(self) -> list:
+    def checksums(self) -> list:
         """(where, blobs, recorded crc32) for every checksum of the file: the tokenizer blob, then each
         packed tensor's (over all its blobs) or each blob's of a tensor with a blob table."""
         items = [("tokenizer blob", (self.tokenizer_blob,), self.tokenizer_blob.crc32)]
@@ -421,7 +421,7 @@ class MxqFile:
         §8), and that an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the
         file is intact). Reads the file once, in VERIFY_CHUNK pieces (and the tokenizer blob again)."""
         problems = []
-        items = self._checksummed()
+        items = self.checksums()
         tokenizer_intact = True
         for where, refs, recorded in (progress(items) if progress else items):
             actual = self.blob_crc32(*refs)

@@ -265,15 +265,18 @@ class MxqWriter:
         return self
 
     def _put(self, slot: _Slot, array: np.ndarray, crc: int = 0) -> int:
-        """Write one blob at its offset; returns zlib.crc32 of its bytes continued from `crc`."""
+        """Write one blob at its offset; returns zlib.crc32 of its bytes continued from `crc` (a packed
+        entry's running checksum), or of its bytes alone, recorded in its blob object (blob_table=True;
+        the tokenizer blob: crc 0). The bytes are checksummed once either way."""
         array = np.ascontiguousarray(array, dtype=np.dtype(slot.dtype).newbyteorder("<"))  # a view when it is
         data = memoryview(array.reshape(-1).view(np.uint8))  # already that: no copy of a GiB-sized blob
         assert len(data) == slot.entry["nbytes"]
         position = self._file.tell()
         self._file.write(b"\0" * (slot.entry["offset"] - position))
         self._file.write(data)
-        slot.entry["crc32"] = f"{zlib.crc32(data):08x}"
-        return zlib.crc32(data, crc)
+        crc = zlib.crc32(data, crc)
+        slot.entry["crc32"] = f"{crc:08x}"  # a blob object's (meaningful when crc started at 0)
+        return crc
 
     def write(self, name: str, blobs: dict) -> None:
         """Write one tensor's blobs; tensors must come in plan order."""
@@ -294,7 +297,7 @@ class MxqWriter:
                 raise ValueError(f"tensor {name!r}: {problem}")
         crc = 0
         for blob_name, slot in self._slots[name].items():
-            crc = self._put(slot, blobs[blob_name], crc)
+            crc = self._put(slot, blobs[blob_name], 0 if self.blob_table else crc)
         if not self.blob_table:
             self._entries[name]["crc32"] = f"{crc:08x}"
         self._next += 1
