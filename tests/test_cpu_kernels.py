@@ -197,12 +197,13 @@ def test_decode_attention_matches_numpy(backends, n_kv, n_rep, head_dim, window)
         fast_t.close()
 
 
-def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch):  # (aot: serial)
+def test_long_context_attention_splits_heads_over_threads(backends, monkeypatch):
     from mxq.runtime.backends import numpy_backend
     from mxq.runtime.backends.base import LayerCache
 
     fast, ref = backends
-    monkeypatch.setattr(numpy_backend, "ATTENTION_PARALLEL_MIN_WORK", 1)  # the parallel kernel at any size
+    monkeypatch.setattr(numpy_backend, "ATTENTION_TEAM_MIN_WORK", 1)  # the team's kernel (cpu_team.py) at any size
+    assert fast.team is not None
     rng = np.random.default_rng(9)
     caches = [LayerCache(np, 2, 16, 300) for _ in range(2)]
     k, v = (rng.standard_normal((299, 32)).astype(np.float32) for _ in range(2))
@@ -286,7 +287,7 @@ def test_a_failing_kernel_falls_back_with_one_notice(capsys):
         def affine_matmul(*args):
             raise RuntimeError("LLVM exploded")
 
-        affine_matmul_serial = stack_matmul = stack_matmul_serial = affine_matmul
+        affine_matmul_serial = stack_matmul = stack_matmul_serial = stack_matmul_team = affine_matmul
 
     state = dict(cpu_jit._state)
     try:

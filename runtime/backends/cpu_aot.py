@@ -17,9 +17,10 @@ retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler 
 
 The extension's functions do not check their arguments' types (pycc: only the item size), so they are
 called only through the weight handles and the backend, which pass exactly the types of the
-kernels' examples() (the same as the JIT kernels compile for). They are serial: pycc cannot build
-Numba's parallel (OpenMP) loops; decode on SmolLM2 ran as fast on one thread as on two (ThreadChoice; splitting
-the lm_head over the backend's pool measured 0.8–0.9x on this 2-core machine, so they do not).
+kernels' examples() (the same as the JIT kernels compile for). pycc cannot build Numba's parallel
+(OpenMP) loops: the big decode products and attention run on several threads through cpu_team.py's
+*_team kernels instead (worker threads that spin between jobs; the calling thread takes the parts no
+worker took).
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ EXPORTS = {
     "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
+    "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),
 }
-SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_stack.py", HERE / "cpu_aot_build.py"]
+SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_stack.py", HERE / "cpu_team.py",
+                                                          HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 
 

@@ -20,13 +20,13 @@ library, mostly file-backed pages touched while loading it), `import numba` +23 
 modules), loading the cached kernels +60 MiB (LLVM's JIT engine and the code it runs): ~120 MiB in all,
 whatever the model's size — the reason for the ahead-of-time build.
 
-Numba's OpenMP threads wait passively between kernels (OMP_WAIT_POLICY=passive unless set): spinning
-workers on a busy machine (more runnable threads than cores) made decoding 5-20x slower than one
-thread in our measurements. A sleeping worker's wake-up is cheap on an idle machine and can take a
-scheduler period on a busy one, so each big product runs on one thread or on all, whichever has
-been faster lately (cpu_weights.ThreadChoice). On a dedicated, otherwise idle machine a user may
-set OMP_WAIT_POLICY=active: SmolLM2 then decoded ~1.1x faster on 2 cores (measured); never on a
-shared one.
+Decode's big products and long-context attention run on the team of cpu_team.py in either build (its
+workers spin between jobs and never hold the caller up). The JIT's remaining parallel loops (lut
+matrices, a lone affine block) use Numba's OpenMP threads, which wait passively between kernels
+(OMP_WAIT_POLICY=passive unless set): spinning OpenMP workers on a busy machine (more runnable threads
+than cores) made decoding 5-20x slower than one thread in our measurements, and a sleeping worker's
+wake-up can take a scheduler period on a busy machine, so each such product runs on one thread or on
+all, whichever has been faster lately (cpu_weights.ThreadChoice).
 """
 from __future__ import annotations
 
@@ -107,13 +107,14 @@ def _load_jit():
     if numba.config.CACHE_DIR != os.environ["NUMBA_CACHE_DIR"]:
         numba.core.config.reload_config()  # numba was imported before the cache directory was set
     try:
-        from . import cpu_kernels, cpu_ops
+        from . import cpu_kernels, cpu_ops, cpu_team_kernels
 
         cache = Path(numba.config.CACHE_DIR)
         if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
             print(f"mxq: compiling the CPU kernels (once; about a minute; cached in {cache})", file=sys.stderr)
         cpu_kernels.warm_up()  # compile (or load from the cache) every kernel now, not mid-generation
         cpu_ops.warm_up()
+        cpu_team_kernels.warm_up()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return SimpleNamespace(kind="jit", parallel=True, affine_matmul=cpu_kernels.affine_matmul,
@@ -121,6 +122,8 @@ def _load_jit():
                            stack_matmul=cpu_kernels.stack_matmul, stack_matmul_serial=cpu_kernels.stack_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
                            affine_dequantize=cpu_kernels.affine_dequantize,
+                           stack_matmul_team=cpu_team_kernels.stack_matmul_team, fp16_matmul_team=cpu_team_kernels.fp16_matmul_team,
+                           attention_team=cpu_team_kernels.attention_team, team_serve=cpu_team_kernels.team_serve,
                            ops=cpu_ops, lut=_jit_lut)
 
 

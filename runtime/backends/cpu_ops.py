@@ -8,7 +8,7 @@ loop; numpy_backend.py uses them for decode-sized inputs (the NumPy versions sta
                                                   dims of each head; the rest pass through
     silu_mul(gate, up, out)                       out = silu(gate) · up
     gelu_mul(gate, up, out)                       out = gelu_tanh(gate) · up
-    attention(q, kc, vc, start, scale, window, out[, n_parts])   causal (optionally windowed)
+    attention_serial(q, kc, vc, start, scale, window, out, n_parts)   causal (optionally windowed)
                                                   attention of T queries at start.. over the cache
                                                   kc, vc (n_kv, capacity, hd) already holding them
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .cpu_kernels import PARALLEL, SERIAL
+from .cpu_kernels import SERIAL
 
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 
@@ -114,21 +114,10 @@ def _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh):
             out[t, o + d] = acc[d] * inv
 
 
-@njit(**PARALLEL)
-def attention(q, kc, vc, start, scale, window, out, n_parts):
-    """out (T, heads·hd) for q (T, heads·hd); window < 0: full causal. Heads split over n_parts."""
-    n_kv, _, head_dim = kc.shape
-    n_heads = q.shape[1] // head_dim
-    n_rep = n_heads // n_kv
-    step = -(-n_heads // n_parts)
-    for part in prange(n_parts):
-        for qh in range(part * step, min(n_heads, (part + 1) * step)):
-            _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh)
-
-
 @njit(**SERIAL)
 def attention_serial(q, kc, vc, start, scale, window, out, n_parts):
-    """attention on the calling thread (short contexts: no worker wake-ups); n_parts unused."""
+    """Decode attention on the calling thread; n_parts unused. (Long contexts: cpu_team_kernels.attention_team,
+    the kv heads over the team's threads.)"""
     n_kv, _, head_dim = kc.shape
     n_heads = q.shape[1] // head_dim
     for qh in range(n_heads):
@@ -144,8 +133,7 @@ def examples():
     yield "silu_mul", (x, x, np.empty_like(x))
     yield "gelu_mul", (x, x, np.empty_like(x))
     cache = rng.standard_normal((1, 2, 4)).astype(np.float32)
-    for name in ("attention", "attention_serial"):
-        yield name, (x[:1], cache, cache, 1, np.float32(0.5), -1, np.empty_like(x[:1]), 2)
+    yield "attention_serial", (x[:1], cache, cache, 1, np.float32(0.5), -1, np.empty_like(x[:1]), 2)
 
 
 def warm_up() -> None:

@@ -105,7 +105,7 @@ class KernelStack(Matrix):
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.stack_matmul_serial, kernels.stack_matmul, x, self.table, self.out_rows,
-                                *kernel_extras(bias, residual), y)
+                                *kernel_extras(bias, residual), y, team=kernels.stack_matmul_team)
 
     def numpy_matmul(self, x):
         """The members' own products side by side (the reference)."""

@@ -56,6 +56,7 @@ ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many colum
 ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
+TEAM_MIN_WEIGHTS = 1 << 16  # products on the team (cpu_team.py) from this many weights (a job costs ~1 µs)
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
 DECODE_CHUNK_BYTES = 1 << 20  # float32 weight chunk per BLAS call while decoding (fits in L2)
 PREFILL_CHUNK_BYTES = 1 << 20  # ... while prefilling (4 MiB was no faster on SmolLM2: measured)
@@ -203,8 +204,12 @@ class Matrix:
             return None
         return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
-    def run_product(self, serial, parallel, *args) -> bool:
-        """backend.run_kernel of the serial or the parallel kernel, as threads_choice picks (and times)."""
+    def run_product(self, serial, parallel, *args, team=None) -> bool:
+        """The product on the backend's team (cpu_team.py) with the `team` kernel when there is one and the
+        matrix is big enough; else backend.run_kernel of the serial or the parallel kernel, as
+        threads_choice picks (and times)."""
+        if team is not None and self.backend.team is not None and self.shape[0] * self.shape[1] >= TEAM_MIN_WEIGHTS:
+            return self.backend.run_team(team, self.shape[0], *args)
         choice = self.threads_choice
         if choice is None:
             return self.backend.run_kernel(serial, *args)
@@ -262,7 +267,7 @@ class DenseWeight(Matrix):
 
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         return self.run_product(kernels.fp16_matmul_serial, kernels.fp16_matmul, x, self.half_bits,
-                                *kernel_extras(bias, residual), y)
+                                *kernel_extras(bias, residual), y, team=kernels.fp16_matmul_team)
 
     def numpy_matmul(self, x):
         """x (T, in) @ Wᵀ, converting fp16 rows to float32 chunk by chunk."""

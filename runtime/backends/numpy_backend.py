@@ -9,11 +9,12 @@ float32 copy of every matrix (see cpu_weights.py for both modes' memory and spee
 In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
 compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
-Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve both the compiled
-kernels when they are Numba's JIT (its thread pool, one part of the rows per thread; the ahead-of-time
-kernels run on the calling thread, cpu_jit.py) and the NumPy path (a small thread
-pool splitting products by output rows — NumPy and BLAS release the GIL — and prefill attention
-by query blocks); BLAS itself runs single-threaded (see blas.py).
+Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve the compiled kernels'
+team (cpu_team.py: `threads - 1` workers that spin between jobs, the calling thread taking the parts no
+worker took) for decode's big products and long-context attention, in either kernel build; Numba's
+OpenMP pool for the JIT's few remaining parallel loops (lut matrices, lone affine blocks: ThreadChoice);
+and the NumPy path (a small thread pool splitting products by output rows — NumPy and BLAS release the
+GIL — and prefill attention by query blocks). BLAS itself runs single-threaded (see blas.py).
 """
 from __future__ import annotations
 
@@ -29,13 +30,16 @@ from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
 from .cpu_stack import KernelStack
+from .cpu_team import MAX_PARTS, Team
 from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 from .row_blocks import RowBlocks
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention, at most ...
 ATTENTION_SCORE_BYTES = 4 << 20  # ... so many that a block's float32 scores (heads, block, keys) fit in this
 PREFILL_CHUNK = 256  # Model runs longer prompts in pieces of this many tokens: bounded activations
-ATTENTION_PARALLEL_MIN_WORK = 1 << 20  # compiled attention: split heads over threads from this many MACs
+ATTENTION_TEAM_MIN_WORK = 1 << 15  # compiled decode attention: heads over the team's threads from this many MACs
+TEAM_PARTS_PER_THREAD = 1  # a team product's parts (cpu_team.py): so many per thread (claimed as they come) ...
+TEAM_MIN_PART_ROWS = 16  # ... of at least this many rows
 
 
 def attention_block(n_heads: int, keys: int) -> int:
@@ -66,6 +70,9 @@ class NumpyBackend(Backend):
 
             self.threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)  # Numba's pool size
             numba.set_num_threads(self.threads)
+        # decode's big products and attention: the compiled kernels' team (cpu_team.py), both memory modes
+        self.team = Team(compiled, self.threads - 1) if compiled is not None and self.threads > 1 else None
+        self.team_kernels = compiled
         self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
         self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
         self.stacks = {}  # ids of handles → (the handles, their KernelStack or None): see stack()
@@ -85,9 +92,31 @@ class NumpyBackend(Backend):
             kernel(*args, self.threads)
             return True
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
-            disable_kernels(f"{type(error).__name__}: {error}")
-            self.kernels = None
+            self.disable(error)
             return False
+
+    def run_team(self, kernel, rows: int, *args) -> bool:
+        """kernel(*args, team.ctrl, n_parts) of cpu_team: the rows in parts for the team's threads (the
+        workers woken first); False if it failed (as run_kernel)."""
+        team = self.team
+        team.wake()
+        n_parts = max(1, min(team.size * TEAM_PARTS_PER_THREAD, rows // TEAM_MIN_PART_ROWS, MAX_PARTS))
+        try:
+            kernel(*args, team.ctrl, n_parts)
+            return True
+        except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
+            self.disable(error)
+            return False
+
+    def disable(self, error: Exception, ops: bool = False) -> None:
+        """Switch the compiled kernels off for good (one notice): the NumPy path from now on."""
+        disable_kernels(f"{type(error).__name__}: {error}")
+        self.kernels = None
+        if ops:
+            self.ops = None
+        if self.team is not None:
+            self.team.close()
+            self.team = None
 
     def run_op(self, op, *args) -> bool:
         """op(*args) of cpu_ops; False if it failed — then every compiled kernel is switched off
@@ -96,11 +125,13 @@ class NumpyBackend(Backend):
             op(*args)
             return True
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
-            disable_kernels(f"{type(error).__name__}: {error}")
-            self.kernels = self.ops = None
+            self.disable(error, ops=True)
             return False
 
     def close(self):
+        if self.team is not None:
+            self.team.close()
+            self.team = None
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None
@@ -240,9 +271,13 @@ class NumpyBackend(Backend):
         if self.ops is not None and T <= KERNEL_MAX_TOKENS:  # decode: one loop over the cache per head
             out = np.empty((T, q.shape[1]), np.float32)
             work = T * (start + T) * q.shape[1]
-            kernel = self.ops.attention if work >= ATTENTION_PARALLEL_MIN_WORK else self.ops.attention_serial
-            if self.run_op(kernel, np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
-                           -1 if window is None else int(window), out, self.threads):
+            args = (np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
+                    -1 if window is None else int(window), out)
+            if self.team is not None and work >= ATTENTION_TEAM_MIN_WORK:  # a head per part (cpu_team.py)
+                self.team.wake()
+                if self.run_op(self.team_kernels.attention_team, *args, self.team.ctrl):
+                    return out
+            elif self.run_op(self.ops.attention_serial, *args, self.threads):
                 return out
         qh = q.reshape(T, n_kv, n_rep, head_dim).transpose(1, 2, 0, 3)  # (n_kv, n_rep, T, hd)
         out = np.empty((T, n_kv, n_rep, head_dim), dtype=np.float32)

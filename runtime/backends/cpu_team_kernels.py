@@ -1,0 +1,340 @@
+"""The compiled side of cpu_team.py (a team of threads for the decode products, without OpenMP): the calling thread publishes a
+product as a job of numbered parts, and every thread of the team — the caller included — claims parts
+until none is left; the caller then waits only for the parts others claimed and are still running.
+
+    stack_matmul_team(x, table, out_rows, bias, residual, y, ctrl, n_parts)   = stack_matmul (cpu_kernels)
+    fp16_matmul_team(x, half_bits, bias, residual, y, ctrl, n_parts)          = fp16_matmul
+    attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a kv head a part
+    team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
+                                       polls (~1 ms) without one, or when ctrl[STOP] is set
+
+Why. Numba's parallel loops (OpenMP) wake sleeping workers for every product: ~100 µs per wake-up on
+this 2-core machine, more than a SmolLM2 product takes, so decode ran on one thread (ThreadChoice), and
+the kernels built ahead of time (cpu_aot.py) cannot be parallel at all. Here a worker (a Python thread
+of Team, inside the nogil compiled team_serve) spins between jobs, polling one shared word, so a job
+starts on it within about a microsecond; it goes back to sleep (a threading.Event) after ~1 ms without
+work, and the caller wakes it again with the next job. A worker that is asleep, descheduled or slow
+never holds the caller up: the caller claims the parts nobody took. So on a busy machine a product
+degrades to the serial one instead of waiting a scheduler period for a worker.
+
+The shared words (ctrl, int64; each on its own cache line):
+    ctrl[TICKET]  (seq << 32) | (n_parts << 16) | next_part: the current job; a part is claimed by one
+                  compare-and-swap of next_part → next_part + 1 that also checks seq (a worker that
+                  looked at an older job can never claim a part of a newer one)
+    ctrl[DONE]    parts of the current job finished (atomic add after each part)
+    ctrl[JOB]     address of the current job's int64 argument array (written before the ticket; read
+                  only after a successful claim, when the caller is still waiting for that part)
+    ctrl[AWAKE]   workers inside team_serve (Team.wake sets the sleepers' events when fewer than all)
+    ctrl[STOP]    set by Team.close: workers return
+A job's arguments are addresses and sizes of its arrays (the caller's, alive until every part is done)
+and each part runs exactly the serial kernels' row loops (cpu_kernels.affine_rows_for, fp16_rows,
+cpu_ops._head) on its share of the rows or heads, so the results equal the serial kernels' up to the
+summation order fastmath may pick in another compiled function.
+Atomics are LLVM's (acquire loads, release stores, acq_rel read-modify-writes), and waiting polls with the
+CPU's spin hint (x86 pause, AArch64 yield): correct on weakly ordered CPUs as on x86.
+"""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, pointer, round_x, same_layout, stack_blocks,
+                          stack_entry, stack_layout)
+from .cpu_ops import _head
+from .cpu_stack import FIELDS, GROUP_SIZE, GROUPS, ROWS
+from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
+
+N_FIELDS = len(FIELDS)
+
+KIND_STACK, KIND_FP16, KIND_ATTENTION = 1, 2, 3
+I64 = ir.IntType(64)
+
+
+def _slot(context, builder, array_type, array, index, index_type):
+    """Pointer to array[index] of a 1-D int64 array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [context.cast(builder, index, index_type, types.intp)])
+
+
+def _int64_array(a):
+    return isinstance(a, types.Array) and a.dtype == types.int64 and a.ndim == 1
+
+
+@intrinsic
+def atomic_load(typingctx, array, index):
+    """array[index] (int64) read with acquire order."""
+    if not (_int64_array(array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(array, index), codegen
+
+
+@intrinsic
+def atomic_store(typingctx, array, index, value):
+    """array[index] = value (int64) with release order."""
+    if not (_int64_array(array) and isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int64), ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(array, index, value), codegen
+
+
+@intrinsic
+def atomic_add(typingctx, array, index, value):
+    """array[index] += value atomically (acq_rel); returns the old value."""
+    if not (_int64_array(array) and isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        return builder.atomic_rmw("add", ptr, context.cast(builder, args[2], signature.args[2], types.int64), "acq_rel")
+
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def compare_and_swap(typingctx, array, index, expected, new):
+    """If array[index] == expected, set it to new (acq_rel); whether it did."""
+    if not (_int64_array(array) and all(isinstance(t, types.Integer) for t in (index, expected, new))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        old, new_value = (context.cast(builder, a, t, types.int64) for a, t in zip(args[2:], signature.args[2:]))
+        result = builder.cmpxchg(ptr, old, new_value, "acq_rel", "acquire")
+        return builder.extract_value(result, 1)
+
+    return types.boolean(array, index, expected, new), codegen
+
+
+MACHINE = platform.machine().lower()
+
+
+@intrinsic
+def spin_hint(typingctx):
+    """The CPU's busy-wait hint (x86 pause, AArch64 yield; nothing elsewhere)."""
+    def codegen(context, builder, signature, args):
+        if MACHINE in ("x86_64", "amd64", "i686", "i386"):
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        elif MACHINE in ("aarch64", "arm64"):
+            fn = builder.module.declare_intrinsic("llvm.aarch64.hint", fnty=ir.FunctionType(ir.VoidType(), [ir.IntType(32)]))
+            builder.call(fn, [ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+# -- the protocol ----------------------------------------------------------------------------------------
+
+@njit(**SERIAL)
+def claim(ctrl, seq):
+    """The number of a part of job `seq` this thread now owns, or -1 when none is left (or a newer job runs)."""
+    while True:
+        ticket = atomic_load(ctrl, TICKET)
+        if (ticket >> 32) != seq:
+            return -1
+        part, n_parts = ticket & 0xFFFF, (ticket >> 16) & 0xFFFF
+        if part >= n_parts:
+            return -1
+        if compare_and_swap(ctrl, TICKET, ticket, ticket + 1):
+            return part
+
+
+@njit(**SERIAL)
+def work(ctrl, seq):
+    """Claim and run parts of job `seq` until none is left."""
+    while True:
+        part = claim(ctrl, seq)
+        if part < 0:
+            return
+        job = carray(pointer(ctrl[JOB]), (2,), np.int64)  # kind, n_parts (the rest: run_part)
+        run_part(ctrl[JOB], job[0], part, job[1])
+        atomic_add(ctrl, DONE, 1)
+
+
+@njit(**SERIAL)
+def run_job(ctrl, job, n_parts):
+    """Publish `job` (an int64 argument array, job[1] = n_parts) as the next job, work on it, and return
+    when all its parts are done. The caller keeps the job's arrays alive until then."""
+    ctrl[JOB] = job.ctypes.data
+    atomic_store(ctrl, DONE, 0)
+    seq = (atomic_load(ctrl, TICKET) >> 32) + 1
+    atomic_store(ctrl, TICKET, (seq << 32) | (n_parts << 16))
+    work(ctrl, seq)
+    while atomic_load(ctrl, DONE) < n_parts:
+        spin_hint()
+
+
+@njit(**SERIAL)
+def team_serve(ctrl, spins):
+    """A worker's loop (see the module doc): runs parts of every new job; returns after `spins` idle polls."""
+    atomic_add(ctrl, AWAKE, 1)
+    seen, idle = np.int64(-1), 0
+    while idle < spins and atomic_load(ctrl, STOP) == 0:
+        seq = atomic_load(ctrl, TICKET) >> 32
+        if seq != seen:
+            seen = seq
+            work(ctrl, seq)
+            idle = 0
+        else:
+            spin_hint()
+            idle += 1
+    atomic_add(ctrl, AWAKE, -1)
+
+
+# -- jobs ------------------------------------------------------------------------------------------------
+# Argument arrays (int64): [kind, n_parts, ...]; addresses are of C-contiguous arrays.
+# stack:     T, table, n entries, out_rows, out_rows size, bias, bias size, residual, residual cols (0: none),
+#            y, y cols, x_hat, x_hat cols, then per entry its x layout: high, low, dx, xsum
+# fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
+# attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
+STACK_ENTRY0 = 15
+
+
+@njit(**SERIAL)
+def run_part(address, kind, part, n_parts):
+    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    if kind == KIND_STACK:
+        stack_part(address, part, n_parts)
+    elif kind == KIND_FP16:
+        T, R, C = job[2], job[4], job[5]
+        half_bits = carray(pointer(job[3]), (R, C), np.uint16)
+        x = carray(pointer(job[6]), (T, C), np.float32)
+        bias = carray(pointer(job[7]), (job[8],), np.float32)
+        residual = carray(pointer(job[9]), (T, job[10]), np.float32)
+        y = carray(pointer(job[11]), (T, R), np.float32)
+        step = -(-R // n_parts)
+        fp16_rows(part * step, min(R, (part + 1) * step), x, half_bits, bias, residual, y)
+    elif kind == KIND_ATTENTION:
+        attention_part(address, part)
+
+
+@njit(**SERIAL)
+def attention_part(address, part):
+    """Part `part` of an attention job: the query heads of kv head `part` (its keys and values read once)."""
+    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    T, cols, n_kv, capacity, head_dim = job[2], job[4], job[6], job[7], job[8]
+    q = carray(pointer(job[3]), (T, cols), np.float32)
+    kc = carray(pointer(job[5]), (n_kv, capacity, head_dim), np.float32)
+    vc = carray(pointer(job[9]), (n_kv, capacity, head_dim), np.float32)
+    out = carray(pointer(job[12]), (T, cols), np.float32)
+    scale = np.float32(carray(pointer(address + 8 * 13), (1,), np.float64)[0])
+    n_rep = cols // head_dim // n_kv
+    heads(q, kc, vc, job[10], scale, job[11], out, part * n_rep, (part + 1) * n_rep)
+
+
+@njit(**SERIAL)
+def heads(q, kc, vc, start, scale, window, out, h0, h1):
+    """Query heads h0 .. h1-1 of cpu_ops.attention_serial. (The loop starts at 0: with qh from h0, Numba could
+    not prove the column indices non-negative and the head's loops, wrapping negative indices around, ran
+    2.7x slower — measured.)"""
+    n_kv, _, head_dim = kc.shape
+    n_rep = q.shape[1] // head_dim // n_kv
+    for qh in range(h1):
+        if qh >= h0:
+            _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh)
+
+
+@njit(**SERIAL)
+def stack_part(address, part, n_parts):
+    """Part `part` of a stack job: its share of every entry's rows (as cpu_kernels.stack_matmul's parts)."""
+    head = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    n = head[4]
+    job = carray(pointer(address), (STACK_ENTRY0 + 4 * n,), np.int64)
+    T = job[2]
+    table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
+    out_rows = carray(pointer(job[5]), (job[6],), np.int64)
+    bias = carray(pointer(job[7]), (job[8],), np.float32)
+    residual = carray(pointer(job[9]), (T, job[10]), np.float32)
+    y = carray(pointer(job[11]), (T, job[12]), np.float32)
+    x_hat = carray(pointer(job[13]), (T, job[14]), np.float32)
+    for i in range(n):
+        e = STACK_ENTRY0 + 4 * i
+        n_blocks = table[i, GROUPS] * table[i, GROUP_SIZE] // BLOCK
+        x_parts = (carray(pointer(job[e]), (T, n_blocks * BLOCK), np.int8),
+                   carray(pointer(job[e + 1]), (T, n_blocks * BLOCK), np.int8),
+                   carray(pointer(job[e + 2]), (T, n_blocks), np.float32),
+                   carray(pointer(job[e + 3]), (T, table[i, GROUPS]), np.float32))
+        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        R = table[i, ROWS]
+        step = -(-R // n_parts)
+        affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
+
+
+@njit(**SERIAL)
+def stack_matmul_team(x, table, out_rows, bias, residual, y, ctrl, n_parts):
+    """cpu_kernels.stack_matmul with the team: x rounded and laid out here, the rows in n_parts parts."""
+    q, dx, x_hat = round_x(x, stack_blocks(table))
+    n = table.shape[0]
+    layouts = [stack_layout(table, 0, q, dx)]
+    job = np.zeros(STACK_ENTRY0 + 4 * n, np.int64)
+    for i in range(n):
+        if i > 0 and not same_layout(table, i, i - 1):
+            layouts.append(stack_layout(table, i, q, dx))
+        high, low, steps, xsum = layouts[len(layouts) - 1]
+        e = STACK_ENTRY0 + 4 * i
+        job[e], job[e + 1], job[e + 2], job[e + 3] = (high.ctypes.data, low.ctypes.data, steps.ctypes.data,
+                                                      xsum.ctypes.data)
+    T = x.shape[0]
+    job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, T, table.ctypes.data, n
+    job[5], job[6], job[7], job[8] = out_rows.ctypes.data, out_rows.size, bias.ctypes.data, bias.size
+    job[9], job[10] = residual.ctypes.data, residual.shape[1] if residual.size > 0 else 0
+    job[11], job[12], job[13], job[14] = y.ctypes.data, y.shape[1], x_hat.ctypes.data, x_hat.shape[1]
+    run_job(ctrl, job, n_parts)
+    return len(layouts) + x_hat.shape[0] + job[0]  # used after the job: alive until every part is done
+
+
+@njit(**SERIAL)
+def fp16_matmul_team(x, half_bits, bias, residual, y, ctrl, n_parts):
+    """cpu_kernels.fp16_matmul with the team (rows in n_parts parts)."""
+    job = np.zeros(STACK_ENTRY0, np.int64)
+    job[0], job[1], job[2], job[3], job[4], job[5] = (KIND_FP16, n_parts, x.shape[0], half_bits.ctypes.data,
+                                                      half_bits.shape[0], half_bits.shape[1])
+    job[6], job[7], job[8], job[9] = x.ctypes.data, bias.ctypes.data, bias.size, residual.ctypes.data
+    job[10], job[11] = residual.shape[1] if residual.size > 0 else 0, y.ctypes.data
+    run_job(ctrl, job, n_parts)
+    return job[0]
+
+
+@njit(**SERIAL)
+def attention_team(q, kc, vc, start, scale, window, out, ctrl):
+    """cpu_ops.attention with the team: one part per kv head (its query heads)."""
+    n_kv, capacity, head_dim = kc.shape
+    job = np.zeros(STACK_ENTRY0, np.int64)
+    job[0], job[1], job[2], job[3], job[4], job[5] = KIND_ATTENTION, n_kv, q.shape[0], q.ctypes.data, q.shape[1], \
+        kc.ctypes.data
+    job[6], job[7], job[8], job[9], job[10], job[11] = n_kv, capacity, head_dim, vc.ctypes.data, start, window
+    job[12] = out.ctypes.data
+    job.view(np.float64)[13] = np.float64(scale)
+    run_job(ctrl, job, n_kv)
+    return job[0]
+
+
+def examples():
+    """(kernel name, arguments) typed as the backend calls them (see cpu_kernels.examples)."""
+    from . import cpu_kernels, cpu_ops
+
+    ctrl = np.zeros(CTRL_SIZE, np.int64)
+    kernels = dict(cpu_kernels.examples())
+    yield "stack_matmul_team", kernels["stack_matmul_serial"][:-1] + (ctrl, 2)
+    yield "fp16_matmul_team", kernels["fp16_matmul_serial"][:-1] + (ctrl, 2)
+    yield "attention_team", dict(cpu_ops.examples())["attention_serial"][:-1] + (ctrl,)
+    yield "team_serve", (ctrl, 0)
+
+
+def warm_up() -> None:
+    for name, args in examples():
+        globals()[name](*args)

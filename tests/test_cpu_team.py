@@ -1,0 +1,141 @@
+"""The team of threads (runtime/backends/cpu_team.py, cpu_team_kernels.py): its products and attention write
+what the serial kernels write — for any number of parts, with workers awake, asleep or absent, and after
+thousands of jobs back to back with more workers than cores — up to the summation order fastmath may pick
+in another compiled function (test_cpu_kernels.py's tolerance); ahead-of-time and JIT kernels alike.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from mxq.runtime.backends.cpu_team import AWAKE, CTRL_SIZE, TICKET, Team
+from mxq.runtime.backends.cpu_weights import NO_FLOAT, NO_RESIDUAL
+from test_cpu_kernels import _Entry, assert_close, backends  # noqa: F401 - the fixture
+from test_cpu_stack import members
+
+pytest.importorskip("numba")
+
+
+def stack_of(fast, rng, in_features=333):
+    parts = members(rng, in_features, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)", "b4g64+o3",
+                                       "rows(2:b6g32,5:b3g32)", "b5g32"])
+    stack = fast.stack(tuple(fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts), 1)
+    assert stack is not None
+    return stack
+
+
+def test_team_products_match_the_serial_kernels(backends):
+    fast, _ = backends
+    kernels, team = fast.kernels, fast.team
+    assert team is not None and team.size == 2
+    rng = np.random.default_rng(5)
+    stack = stack_of(fast, rng)
+    width = stack.shape[0]
+    half_bits = rng.standard_normal((301, 333)).astype(np.float16).view(np.uint16)
+    for T in (1, 3):
+        x = rng.standard_normal((T, 333)).astype(np.float32)
+        for bias, residual in ((NO_FLOAT, NO_RESIDUAL), (rng.standard_normal(width).astype(np.float32),
+                                                         rng.standard_normal((T, width)).astype(np.float32))):
+            want = np.empty((T, width), np.float32)
+            kernels.stack_matmul_serial(x, stack.table, stack.out_rows, bias, residual, want, 1)
+            for n_parts in (1, 2, 3, 7, 50):  # more parts than some entries have rows
+                got = np.full((T, width), np.nan, np.float32)
+                team.wake()
+                kernels.stack_matmul_team(x, stack.table, stack.out_rows, bias, residual, got, team.ctrl, n_parts)
+                assert not np.isnan(got).any(), (T, n_parts)
+                assert_close(got, want)
+        want = np.empty((T, 301), np.float32)
+        kernels.fp16_matmul_serial(x, half_bits, NO_FLOAT, NO_RESIDUAL, want, 1)
+        for n_parts in (1, 2, 5, 301):
+            got = np.full((T, 301), np.nan, np.float32)
+            kernels.fp16_matmul_team(x, half_bits, NO_FLOAT, NO_RESIDUAL, got, team.ctrl, n_parts)
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("n_kv,n_rep,window", [(1, 1, -1), (3, 3, -1), (2, 4, 5), (4, 1, 1)])
+def test_team_attention_matches_the_serial_kernel(backends, n_kv, n_rep, window):
+    fast, _ = backends
+    rng = np.random.default_rng(n_kv * 10 + n_rep)
+    head_dim, start = 16, 37
+    kc, vc = (rng.standard_normal((n_kv, 50, head_dim)).astype(np.float32) for _ in range(2))
+    for T in (1, 3):
+        q = rng.standard_normal((T, n_kv * n_rep * head_dim)).astype(np.float32)
+        want, got = np.empty_like(q), np.full_like(q, np.nan)
+        fast.kernels.ops.attention_serial(q, kc, vc, start, np.float32(0.3), window, want, 1)
+        fast.team.wake()
+        fast.kernels.attention_team(q, kc, vc, start, np.float32(0.3), window, got, fast.team.ctrl)
+        assert_close(got, want)
+
+
+def test_a_job_nobody_helps_with_is_done_by_the_caller(backends):
+    """No worker (a bare ctrl), or workers asleep and never woken: the caller claims every part itself."""
+    fast, _ = backends
+    rng = np.random.default_rng(6)
+    stack = stack_of(fast, rng)
+    x = rng.standard_normal((1, 333)).astype(np.float32)
+    want = np.empty((1, stack.shape[0]), np.float32)
+    fast.kernels.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, want, 1)
+    sleeping = Team(fast.kernels, 2, spins=0)  # its workers return at once and wait for a wake-up
+    for ctrl in (np.zeros(CTRL_SIZE, np.int64), sleeping.ctrl):
+        for _ in range(3):
+            got = np.full_like(want, np.nan)
+            fast.kernels.stack_matmul_team(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, ctrl, 4)
+            assert_close(got, want)
+        assert ctrl[TICKET] >> 32 == 3  # three jobs published, each finished
+    sleeping.close()
+
+
+def test_thousands_of_jobs_with_more_workers_than_cores(backends):
+    """The claim protocol under contention: 3 workers (this machine has 2 cores), workers falling asleep
+    between jobs (few spins) and woken again, parts of every size: every result right, no job lost."""
+    fast, _ = backends
+    rng = np.random.default_rng(7)
+    stack = stack_of(fast, rng)
+    team = Team(fast.kernels, 3, spins=50)
+    xs = rng.standard_normal((16, 1, 333)).astype(np.float32)
+    wants = []
+    for x in xs:
+        wants.append(np.empty((1, stack.shape[0]), np.float32))
+        fast.kernels.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, wants[-1], 1)
+    for i in range(2000):
+        got = np.full_like(wants[0], np.nan)
+        if i % 3:
+            team.wake()
+        fast.kernels.stack_matmul_team(xs[i % 16], stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, team.ctrl,
+                                       1 + i % 9)
+        assert_close(got, wants[i % 16])
+    team.close()
+
+
+def test_close_stops_the_workers(backends):
+    fast, _ = backends
+    team = Team(fast.kernels, 2)
+    team.wake()
+    deadline = time.monotonic() + 10
+    while team.ctrl[AWAKE] < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    team.close()
+    for thread in team.threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in team.threads)
+    assert team.ctrl[AWAKE] == 0
+
+
+def test_one_thread_has_no_team_and_products_agree_with_it(backends):
+    """threads=1: no team (the serial kernels); threads=2: a big product runs on the team — the same numbers
+    within tolerance."""
+    from mxq.runtime.backends.numpy_backend import NumpyBackend
+
+    fast, _ = backends
+    solo = NumpyBackend(threads=1)
+    assert solo.team is None and fast.team is not None
+    rng = np.random.default_rng(8)
+    (name, shape, config, blobs, _), = members(rng, 576, ["rows(100:b3g64,200:b5g32+o4)"])
+    w_solo, w_team = (backend.prepare(_Entry(name, shape, config), blobs) for backend in (solo, fast))
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    jobs = fast.team.ctrl[TICKET] >> 32
+    assert_close(fast.linear(x, w_team), solo.linear(x, w_solo))
+    assert fast.team.ctrl[TICKET] >> 32 == jobs + 1  # it ran on the team
+    solo.close()
