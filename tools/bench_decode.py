@@ -1,7 +1,7 @@
 """Benchmark mxq's CPU runtime against its memory roofline, transformers fp32 and (optionally)
 llama.cpp, in one run.
 
-    python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N]
+    python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
         [--modes lean,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
@@ -227,6 +227,9 @@ def main(argv=None):
                     help="also run llama.cpp's llama-bench binary on a GGUF file")
     ap.add_argument("--kernel-memory", action="store_true",
                     help="also print where the compiled kernels' resident memory goes (a fresh process)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the modes this many times, interleaved (every other round in reverse order), and "
+                         "report each mode's median-decode round: a noisy machine's drift hits every mode alike")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory-aot", "kernel-memory-jit"),
                     help=argparse.SUPPRESS)
@@ -234,9 +237,13 @@ def main(argv=None):
     if args.worker:
         return worker(args)
 
-    results = {}
+    runs = {}  # mode → [result of each round]
     memory_modes = ["kernel-memory-aot", "kernel-memory-jit"] if args.kernel_memory else []
-    for mode in ["bandwidth"] + args.modes.split(",") + memory_modes:
+    modes = list(dict.fromkeys(args.modes.split(",")))
+    order = ["bandwidth"] + memory_modes
+    for i in range(max(1, args.rounds)):
+        order += modes if i % 2 == 0 else modes[::-1]
+    for mode in order:
         cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ)
@@ -252,7 +259,13 @@ def main(argv=None):
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {}
+    for mode in ["bandwidth"] + modes + memory_modes:
+        rounds = sorted(runs[mode], key=lambda r: r.get("decode_tok_s", 0.0))
+        results[mode] = rounds[(len(rounds) - 1) // 2]  # the median round (the lower one of an even count)
+        if len(rounds) > 1:
+            results[mode]["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in runs[mode]]
     bandwidth = results.pop("bandwidth")
     memory = {kind: results.pop(f"kernel-memory-{kind}") for kind in ("aot", "jit")} if args.kernel_memory else None
     if args.compare_gguf:
@@ -296,6 +309,11 @@ def main(argv=None):
               f" {rss:>13}{ratios}")
     if "llama.cpp" in results:
         print("llama.cpp's % roofline is against its own file's size at the same bandwidth")
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds, interleaved; each row is its mode's median round. Decode tok/s per round:")
+        for mode, r in results.items():
+            if "decode_tok_s_rounds" in r:
+                print(f"  {mode:<13} " + " ".join(f"{v:.1f}" for v in r["decode_tok_s_rounds"]))
     if "lean" in results and "lean-1t" in results:
         lean, one = results["lean"], results["lean-1t"]
         print(f"thread scaling: lean on {lean['threads']} threads decodes {lean['decode_tok_s'] / one['decode_tok_s']:.2f}x"
