@@ -6,6 +6,7 @@ ahead-of-time kernels are loaded without it): the worker threads, waking them, t
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 
@@ -17,25 +18,19 @@ SPINS = 20000  # idle polls before a worker sleeps: ~0.5-2 ms (a spin hint is ~2
 
 class Team:
     """The calling thread plus `workers` Python threads running team_serve (compiled, nogil) of `kernels`.
-    Products call wake() first (cheap when the workers are awake) and then a *_team kernel with `ctrl`."""
+    Products call wake() first (cheap when the workers are awake) and then a *_team kernel with `ctrl`.
+    The workers stop on close(), when the Team is garbage-collected, and at interpreter exit (before
+    anything they read is freed)."""
 
     def __init__(self, kernels, workers: int, spins: int = SPINS):
-        self.kernels, self.spins = kernels, spins
         self.ctrl = np.zeros(CTRL_SIZE, np.int64)
         self.size = workers + 1
         self.events = [threading.Event() for _ in range(workers)]
-        self.threads = [threading.Thread(target=self._serve, args=(event,), name=f"mxq-team-{i}", daemon=True)
-                        for i, event in enumerate(self.events)]
+        self.threads = [threading.Thread(target=_serve, args=(kernels.team_serve, self.ctrl, event, spins),
+                                         name=f"mxq-team-{i}", daemon=True) for i, event in enumerate(self.events)]
         for thread in self.threads:
             thread.start()
-
-    def _serve(self, event: threading.Event) -> None:
-        while True:
-            event.wait()
-            event.clear()
-            if self.ctrl[STOP]:
-                return
-            self.kernels.team_serve(self.ctrl, self.spins)
+        self._finalizer = weakref.finalize(self, _stop, self.ctrl, self.events, self.threads)
 
     def wake(self) -> None:
         """Wake the sleeping workers (a job is coming); nothing to do when all are spinning."""
@@ -44,6 +39,23 @@ class Team:
                 event.set()
 
     def close(self) -> None:
-        self.ctrl[STOP] = 1
-        for event in self.events:
-            event.set()
+        self._finalizer()
+
+
+def _serve(team_serve, ctrl, event: threading.Event, spins: int) -> None:
+    """A worker thread: sleep until woken, then serve jobs until `spins` idle polls; until ctrl[STOP]."""
+    while True:
+        event.wait()
+        event.clear()
+        if ctrl[STOP]:
+            return
+        team_serve(ctrl, spins)
+
+
+def _stop(ctrl, events, threads) -> None:
+    ctrl[STOP] = 1
+    for event in events:
+        event.set()
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join(timeout=1.0)  # out of team_serve within one poll
