@@ -139,3 +139,31 @@ def test_one_thread_has_no_team_and_products_agree_with_it(backends):
     assert_close(fast.linear(x, w_team), solo.linear(x, w_solo))
     assert fast.team.ctrl[TICKET] >> 32 == jobs + 1  # it ran on the team
     solo.close()
+
+
+def test_two_threads_sharing_a_backend_take_turns_on_the_team(backends):
+    """The team runs one job at a time: a product asked for while another thread's holds it runs on its
+    own thread (serial kernels) — right results, no hang."""
+    import threading
+
+    fast, _ = backends
+    rng = np.random.default_rng(9)
+    (name, shape, config, blobs, _), = members(rng, 576, ["rows(150:b4g64,200:b3g32+o4)"])
+    weight = fast.prepare(_Entry(name, shape, config), blobs)
+    xs = rng.standard_normal((8, 1, 576)).astype(np.float32)
+    wants = [fast.linear(x, weight) for x in xs]
+    errors = []
+
+    def run(offset):
+        try:
+            for i in range(300):
+                assert_close(fast.linear(xs[(i + offset) % 8], weight), wants[(i + offset) % 8])
+        except AssertionError as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads) and not errors

@@ -18,12 +18,14 @@ SPINS = 20000  # idle polls before a worker sleeps: ~0.5-2 ms (a spin hint is ~2
 
 class Team:
     """The calling thread plus `workers` Python threads running team_serve (compiled, nogil) of `kernels`.
-    Products call wake() first (cheap when the workers are awake) and then a *_team kernel with `ctrl`.
+    Products call wake() first (cheap when the workers are awake) and then a *_team kernel with `ctrl`,
+    holding `lock` (one job at a time: a second caller's job would overwrite the first one's ticket).
     The workers stop on close(), when the Team is garbage-collected, and at interpreter exit (before
     anything they read is freed)."""
 
     def __init__(self, kernels, workers: int, spins: int = SPINS):
         self.ctrl = np.zeros(CTRL_SIZE, np.int64)
+        self.lock = threading.Lock()
         self.size = workers + 1
         self.events = [threading.Event() for _ in range(workers)]
         self.threads = [threading.Thread(target=_serve, args=(kernels.team_serve, self.ctrl, event, spins),

@@ -95,18 +95,23 @@ class NumpyBackend(Backend):
             self.disable(error)
             return False
 
-    def run_team(self, kernel, rows: int, *args) -> bool:
+    def run_team(self, kernel, rows: int, *args) -> bool | None:
         """kernel(*args, team.ctrl, n_parts) of cpu_team: the rows in parts for the team's threads (the
-        workers woken first); False if it failed (as run_kernel)."""
+        workers woken first); False if it failed (as run_kernel); None, having done nothing, while another
+        thread's product holds the team (one job at a time: the caller then runs its serial kernel)."""
         team = self.team
-        team.wake()
-        n_parts = max(1, min(team.size * TEAM_PARTS_PER_THREAD, rows // TEAM_MIN_PART_ROWS, MAX_PARTS))
+        if not team.lock.acquire(blocking=False):
+            return None
         try:
+            team.wake()
+            n_parts = max(1, min(team.size * TEAM_PARTS_PER_THREAD, rows // TEAM_MIN_PART_ROWS, MAX_PARTS))
             kernel(*args, team.ctrl, n_parts)
             return True
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
             self.disable(error)
             return False
+        finally:
+            team.lock.release()
 
     def disable(self, error: Exception, ops: bool = False) -> None:
         """Switch the compiled kernels off for good (one notice): the NumPy path from now on."""
@@ -273,9 +278,14 @@ class NumpyBackend(Backend):
             work = T * (start + T) * q.shape[1]
             args = (np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
                     -1 if window is None else int(window), out)
-            if self.team is not None and work >= ATTENTION_TEAM_MIN_WORK:  # a head per part (cpu_team.py)
-                self.team.wake()
-                if self.run_op(self.team_kernels.attention_team, *args, self.team.ctrl):
+            team = self.team
+            if team is not None and work >= ATTENTION_TEAM_MIN_WORK and team.lock.acquire(blocking=False):
+                try:  # a kv head per part (cpu_team.py); one job at a time (see run_team)
+                    team.wake()
+                    done = self.run_op(self.team_kernels.attention_team, *args, team.ctrl)
+                finally:
+                    team.lock.release()
+                if done:
                     return out
             elif self.run_op(self.ops.attention_serial, *args, self.threads):
                 return out
