@@ -43,14 +43,14 @@ def test_team_products_match_the_serial_kernels(backends):
             for n_parts in (1, 2, 3, 7, 50):  # more parts than some entries have rows
                 got = np.full((T, width), np.nan, np.float32)
                 team.wake()
-                kernels.stack_matmul_team(x, stack.table, stack.out_rows, bias, residual, got, team.ctrl, n_parts)
+                kernels.stack_matmul_team(x, stack.table, stack.out_rows, bias, residual, got, n_parts, team.ctrl)
                 assert not np.isnan(got).any(), (T, n_parts)
                 assert_close(got, want)
         want = np.empty((T, 301), np.float32)
         kernels.fp16_matmul_serial(x, half_bits, NO_FLOAT, NO_RESIDUAL, want, 1)
         for n_parts in (1, 2, 5, 301):
             got = np.full((T, 301), np.nan, np.float32)
-            kernels.fp16_matmul_team(x, half_bits, NO_FLOAT, NO_RESIDUAL, got, team.ctrl, n_parts)
+            kernels.fp16_matmul_team(x, half_bits, NO_FLOAT, NO_RESIDUAL, got, n_parts, team.ctrl)
             assert_close(got, want)
 
 
@@ -81,7 +81,7 @@ def test_a_job_nobody_helps_with_is_done_by_the_caller(backends):
     for ctrl in (np.zeros(CTRL_SIZE, np.int64), sleeping.ctrl):
         for _ in range(3):
             got = np.full_like(want, np.nan)
-            fast.kernels.stack_matmul_team(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, ctrl, 4)
+            fast.kernels.stack_matmul_team(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, 4, ctrl)
             assert_close(got, want)
         assert ctrl[TICKET] >> 32 == 3  # three jobs published, each finished
     sleeping.close()
@@ -103,8 +103,8 @@ def test_thousands_of_jobs_with_more_workers_than_cores(backends):
         got = np.full_like(wants[0], np.nan)
         if i % 3:
             team.wake()
-        fast.kernels.stack_matmul_team(xs[i % 16], stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, team.ctrl,
-                                       1 + i % 9)
+        fast.kernels.stack_matmul_team(xs[i % 16], stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, got, 1 + i % 9,
+                                       team.ctrl)
         assert_close(got, wants[i % 16])
     team.close()
 

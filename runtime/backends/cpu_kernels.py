@@ -338,6 +338,22 @@ def stack_layout(table, i, q, dx_all):
 
 
 @njit(**SERIAL)
+def stack_layouts(table, q, dx):
+    """x laid out once per run of entries with one config: (layouts, layout_of) — stack_layout's tuples and,
+    per entry, the index of its own."""
+    n = table.shape[0]
+    layouts = [stack_layout(table, 0, q, dx)]
+    layout_of = np.zeros(n, np.int64)
+    for i in range(1, n):
+        if same_layout(table, i, i - 1):
+            layout_of[i] = layout_of[i - 1]
+        else:
+            layouts.append(stack_layout(table, i, q, dx))
+            layout_of[i] = len(layouts) - 1
+    return layouts, layout_of
+
+
+@njit(**SERIAL)
 def same_layout(table, i, j):
     """Whether entries i and j take x in the same layout (bits, group size, groups)."""
     return (table[i, BITS] == table[j, BITS] and table[i, GROUP_SIZE] == table[j, GROUP_SIZE]
@@ -382,17 +398,9 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
     call: SmolLM2's decode with every product parallel, OMP_WAIT_POLICY=active, 2 threads, ran 10–13%
     slower in three paired runs, e.g. 77.3 vs 85.6 tok/s.)"""
     q, dx, x_hat = round_x(x, stack_blocks(table))
-    n = table.shape[0]
-    layouts = [stack_layout(table, 0, q, dx)]
-    layout_of = np.zeros(n, np.int64)  # entry → its layout in `layouts`
-    for i in range(1, n):
-        if same_layout(table, i, i - 1):
-            layout_of[i] = layout_of[i - 1]
-        else:
-            layouts.append(stack_layout(table, i, q, dx))
-            layout_of[i] = len(layouts) - 1
+    layouts, layout_of = stack_layouts(table, q, dx)
     for part in prange(n_parts):
-        for i in range(n):
+        for i in range(table.shape[0]):
             w, bits, group_size, pair = stack_entry(table, i, layouts[layout_of[i]], x_hat, out_rows, bias, residual, y)
             R = table[i, ROWS]
             step = -(-R // n_parts)
@@ -403,11 +411,9 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
 def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
     """stack_matmul on the calling thread; n_parts unused."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
-    x_parts = stack_layout(table, 0, q, dx)
+    layouts, layout_of = stack_layouts(table, q, dx)
     for i in range(table.shape[0]):
-        if i > 0 and not same_layout(table, i, i - 1):
-            x_parts = stack_layout(table, i, q, dx)
-        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        w, bits, group_size, pair = stack_entry(table, i, layouts[layout_of[i]], x_hat, out_rows, bias, residual, y)
         affine_rows_for(0, table[i, ROWS], w, bits, group_size, pair)
 
 

@@ -2,8 +2,8 @@
 product as a job of numbered parts, and every thread of the team — the caller included — claims parts
 until none is left; the caller then waits only for the parts others claimed and are still running.
 
-    stack_matmul_team(x, table, out_rows, bias, residual, y, ctrl, n_parts)   = stack_matmul (cpu_kernels)
-    fp16_matmul_team(x, half_bits, bias, residual, y, ctrl, n_parts)          = fp16_matmul
+    stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_kernels)
+    fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
     attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a kv head a part
     team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
                                        polls (~1 ms) without one, or when ctrl[STOP] is set
@@ -42,8 +42,8 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, pointer, round_x, same_layout, stack_blocks,
-                          stack_entry, stack_layout)
+from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, pointer, round_x, stack_blocks, stack_entry,
+                          stack_layouts)
 from .cpu_ops import _head
 from .cpu_stack import FIELDS, GROUP_SIZE, GROUPS, ROWS
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
@@ -51,28 +51,33 @@ from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
 N_FIELDS = len(FIELDS)
 
 KIND_STACK, KIND_FP16, KIND_ATTENTION = 1, 2, 3
-I64 = ir.IntType(64)
 
 
-def _slot(context, builder, array_type, array, index, index_type):
-    """Pointer to array[index] of a 1-D int64 array."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.gep(data, [context.cast(builder, index, index_type, types.intp)])
+def _slot(context, builder, signature, args):
+    """Pointer to array[index] for an intrinsic's first two arguments (a 1-D int64 array, an index)."""
+    data = context.make_array(signature.args[0])(context, builder, args[0]).data
+    return builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
 
 
-def _int64_array(a):
-    return isinstance(a, types.Array) and a.dtype == types.int64 and a.ndim == 1
+def _int64s(context, builder, signature, args):
+    """An intrinsic's arguments after the first two, as int64 values."""
+    return [context.cast(builder, a, t, types.int64) for a, t in zip(args[2:], signature.args[2:])]
+
+
+def _typed(array, *integers) -> bool:
+    """Whether an intrinsic's arguments are a 1-D int64 array and integers (else Numba tries others)."""
+    return (isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1
+            and all(isinstance(t, types.Integer) for t in integers))
 
 
 @intrinsic
 def atomic_load(typingctx, array, index):
     """array[index] (int64) read with acquire order."""
-    if not (_int64_array(array) and isinstance(index, types.Integer)):
+    if not _typed(array, index):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        return builder.load_atomic(ptr, "acquire", 8)
+        return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
 
     return types.int64(array, index), codegen
 
@@ -80,12 +85,12 @@ def atomic_load(typingctx, array, index):
 @intrinsic
 def atomic_store(typingctx, array, index, value):
     """array[index] = value (int64) with release order."""
-    if not (_int64_array(array) and isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+    if not _typed(array, index, value):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int64), ptr, "release", 8)
+        value, = _int64s(context, builder, signature, args)
+        builder.store_atomic(value, _slot(context, builder, signature, args), "release", 8)
         return context.get_dummy_value()
 
     return types.void(array, index, value), codegen
@@ -94,12 +99,12 @@ def atomic_store(typingctx, array, index, value):
 @intrinsic
 def atomic_add(typingctx, array, index, value):
     """array[index] += value atomically (acq_rel); returns the old value."""
-    if not (_int64_array(array) and isinstance(index, types.Integer) and isinstance(value, types.Integer)):
+    if not _typed(array, index, value):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        return builder.atomic_rmw("add", ptr, context.cast(builder, args[2], signature.args[2], types.int64), "acq_rel")
+        value, = _int64s(context, builder, signature, args)
+        return builder.atomic_rmw("add", _slot(context, builder, signature, args), value, "acq_rel")
 
     return types.int64(array, index, value), codegen
 
@@ -107,13 +112,12 @@ def atomic_add(typingctx, array, index, value):
 @intrinsic
 def compare_and_swap(typingctx, array, index, expected, new):
     """If array[index] == expected, set it to new (acq_rel); whether it did."""
-    if not (_int64_array(array) and all(isinstance(t, types.Integer) for t in (index, expected, new))):
+    if not _typed(array, index, expected, new):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _slot(context, builder, signature.args[0], args[0], args[1], signature.args[1])
-        old, new_value = (context.cast(builder, a, t, types.int64) for a, t in zip(args[2:], signature.args[2:]))
-        result = builder.cmpxchg(ptr, old, new_value, "acq_rel", "acquire")
+        old, new_value = _int64s(context, builder, signature, args)
+        result = builder.cmpxchg(_slot(context, builder, signature, args), old, new_value, "acq_rel", "acquire")
         return builder.extract_value(result, 1)
 
     return types.boolean(array, index, expected, new), codegen
@@ -160,8 +164,7 @@ def work(ctrl, seq):
         part = claim(ctrl, seq)
         if part < 0:
             return
-        job = carray(pointer(ctrl[JOB]), (2,), np.int64)  # kind, n_parts (the rest: run_part)
-        run_part(ctrl[JOB], job[0], part, job[1])
+        run_part(ctrl[JOB], part)
         atomic_add(ctrl, DONE, 1)
 
 
@@ -205,21 +208,30 @@ STACK_ENTRY0 = 15
 
 
 @njit(**SERIAL)
-def run_part(address, kind, part, n_parts):
-    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+def run_part(address, part):
+    """Part `part` of the job whose argument array is at `address` (its kind and n_parts: the first two)."""
+    head = carray(pointer(address), (2,), np.int64)
+    kind, n_parts = head[0], head[1]
     if kind == KIND_STACK:
         stack_part(address, part, n_parts)
     elif kind == KIND_FP16:
-        T, R, C = job[2], job[4], job[5]
-        half_bits = carray(pointer(job[3]), (R, C), np.uint16)
-        x = carray(pointer(job[6]), (T, C), np.float32)
-        bias = carray(pointer(job[7]), (job[8],), np.float32)
-        residual = carray(pointer(job[9]), (T, job[10]), np.float32)
-        y = carray(pointer(job[11]), (T, R), np.float32)
-        step = -(-R // n_parts)
-        fp16_rows(part * step, min(R, (part + 1) * step), x, half_bits, bias, residual, y)
+        fp16_part(address, part, n_parts)
     elif kind == KIND_ATTENTION:
         attention_part(address, part)
+
+
+@njit(**SERIAL)
+def fp16_part(address, part, n_parts):
+    """Part `part` of an fp16 job: its share of the rows (as cpu_kernels.fp16_matmul's parts)."""
+    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    T, R, C = job[2], job[4], job[5]
+    half_bits = carray(pointer(job[3]), (R, C), np.uint16)
+    x = carray(pointer(job[6]), (T, C), np.float32)
+    bias = carray(pointer(job[7]), (job[8],), np.float32)
+    residual = carray(pointer(job[9]), (T, job[10]), np.float32)
+    y = carray(pointer(job[11]), (T, R), np.float32)
+    step = -(-R // n_parts)
+    fp16_rows(part * step, min(R, (part + 1) * step), x, half_bits, bias, residual, y)
 
 
 @njit(**SERIAL)
@@ -275,16 +287,14 @@ def stack_part(address, part, n_parts):
 
 
 @njit(**SERIAL)
-def stack_matmul_team(x, table, out_rows, bias, residual, y, ctrl, n_parts):
+def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.stack_matmul with the team: x rounded and laid out here, the rows in n_parts parts."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
+    layouts, layout_of = stack_layouts(table, q, dx)
     n = table.shape[0]
-    layouts = [stack_layout(table, 0, q, dx)]
     job = np.zeros(STACK_ENTRY0 + 4 * n, np.int64)
     for i in range(n):
-        if i > 0 and not same_layout(table, i, i - 1):
-            layouts.append(stack_layout(table, i, q, dx))
-        high, low, steps, xsum = layouts[len(layouts) - 1]
+        high, low, steps, xsum = layouts[layout_of[i]]
         e = STACK_ENTRY0 + 4 * i
         job[e], job[e + 1], job[e + 2], job[e + 3] = (high.ctypes.data, low.ctypes.data, steps.ctypes.data,
                                                       xsum.ctypes.data)
@@ -298,7 +308,7 @@ def stack_matmul_team(x, table, out_rows, bias, residual, y, ctrl, n_parts):
 
 
 @njit(**SERIAL)
-def fp16_matmul_team(x, half_bits, bias, residual, y, ctrl, n_parts):
+def fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.fp16_matmul with the team (rows in n_parts parts)."""
     job = np.zeros(STACK_ENTRY0, np.int64)
     job[0], job[1], job[2], job[3], job[4], job[5] = (KIND_FP16, n_parts, x.shape[0], half_bits.ctypes.data,
@@ -329,8 +339,8 @@ def examples():
 
     ctrl = np.zeros(CTRL_SIZE, np.int64)
     kernels = dict(cpu_kernels.examples())
-    yield "stack_matmul_team", kernels["stack_matmul_serial"][:-1] + (ctrl, 2)
-    yield "fp16_matmul_team", kernels["fp16_matmul_serial"][:-1] + (ctrl, 2)
+    yield "stack_matmul_team", kernels["stack_matmul_serial"] + (ctrl,)  # ... y, n_parts, ctrl
+    yield "fp16_matmul_team", kernels["fp16_matmul_serial"] + (ctrl,)
     yield "attention_team", dict(cpu_ops.examples())["attention_serial"][:-1] + (ctrl,)
     yield "team_serve", (ctrl, 0)
 

@@ -209,7 +209,7 @@ class Matrix:
         matrix is big enough; else backend.run_kernel of the serial or the parallel kernel, as
         threads_choice picks (and times)."""
         if team is not None and self.backend.team is not None and self.shape[0] * self.shape[1] >= TEAM_MIN_WEIGHTS:
-            done = self.backend.run_team(team, self.shape[0], *args)
+            done = self.backend.run_team(team, *args, self.backend.team_parts(self.shape[0]))
             if done is not None:
                 return done  # (None: another thread's product holds the team; this one runs below)
         choice = self.threads_choice

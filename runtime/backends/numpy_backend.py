@@ -95,23 +95,26 @@ class NumpyBackend(Backend):
             self.disable(error)
             return False
 
-    def run_team(self, kernel, rows: int, *args) -> bool | None:
-        """kernel(*args, team.ctrl, n_parts) of cpu_team: the rows in parts for the team's threads (the
-        workers woken first); False if it failed (as run_kernel); None, having done nothing, while another
-        thread's product holds the team (one job at a time: the caller then runs its serial kernel)."""
+    def run_team(self, kernel, *args, op: bool = False) -> bool | None:
+        """kernel(*args, team.ctrl) of cpu_team_kernels, the team's workers woken first; False if it failed
+        (as run_kernel, or run_op when `op`); None, having done nothing, while another thread's job holds
+        the team (one job at a time: the caller then runs its serial kernel)."""
         team = self.team
         if not team.lock.acquire(blocking=False):
             return None
         try:
             team.wake()
-            n_parts = max(1, min(team.size * TEAM_PARTS_PER_THREAD, rows // TEAM_MIN_PART_ROWS, MAX_PARTS))
-            kernel(*args, team.ctrl, n_parts)
+            kernel(*args, team.ctrl)
             return True
         except Exception as error:  # noqa: BLE001 - a failing JIT must not stop generation
-            self.disable(error)
+            self.disable(error, ops=op)
             return False
         finally:
             team.lock.release()
+
+    def team_parts(self, rows: int) -> int:
+        """How many parts a team product of `rows` output rows is cut into."""
+        return max(1, min(self.team.size * TEAM_PARTS_PER_THREAD, rows // TEAM_MIN_PART_ROWS, MAX_PARTS))
 
     def disable(self, error: Exception, ops: bool = False) -> None:
         """Switch the compiled kernels off for good (one notice): the NumPy path from now on."""
@@ -278,16 +281,12 @@ class NumpyBackend(Backend):
             work = T * (start + T) * q.shape[1]
             args = (np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
                     -1 if window is None else int(window), out)
-            team = self.team
-            if team is not None and work >= ATTENTION_TEAM_MIN_WORK and team.lock.acquire(blocking=False):
-                try:  # a kv head per part (cpu_team.py); one job at a time (see run_team)
-                    team.wake()
-                    done = self.run_op(self.team_kernels.attention_team, *args, team.ctrl)
-                finally:
-                    team.lock.release()
-                if done:
-                    return out
-            elif self.run_op(self.ops.attention_serial, *args, self.threads):
+            done = None  # a kv head per part on the team (cpu_team.py), else the serial kernel
+            if self.team is not None and work >= ATTENTION_TEAM_MIN_WORK:
+                done = self.run_team(self.team_kernels.attention_team, *args, op=True)
+            if done is None:
+                done = self.run_op(self.ops.attention_serial, *args, self.threads)
+            if done:
                 return out
         qh = q.reshape(T, n_kv, n_rep, head_dim).transpose(1, 2, 0, 3)  # (n_kv, n_rep, T, hd)
         out = np.empty((T, n_kv, n_rep, head_dim), dtype=np.float32)
