@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -507,7 +509,6 @@ def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
     """cpu_qdot's lane dot product without AVX512-VNNI (LLVM's generic lowering, e.g. aarch64 or older
     x86): compiled afresh in a subprocess (own Numba cache), every bit width and group size against the
     NumPy path on x̂. (~half a minute: every kernel copy compiles.)"""
-    import subprocess
     import sys
 
     from mxq.runtime.backends import cpu_aot
@@ -525,7 +526,6 @@ def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
 def test_ahead_of_time_kernels_load_without_numba_or_llvm():
     """The default kernels come from the extension built once into the (test) cache: a process that
     loads them and runs a product never imports Numba or llvmlite."""
-    import subprocess
     import sys
 
     from mxq.runtime.backends import cpu_aot
@@ -575,6 +575,37 @@ def test_the_build_key_follows_the_cpu_and_the_sources(monkeypatch):
     monkeypatch.setattr(cpu_aot, "SOURCES", cpu_aot.SOURCES[:-1])
     assert cpu_aot.key() != key
     assert {p.name for p in cpu_aot.SOURCES} >= {"cpu_kernels.py", "cpu_ops.py", "cpu_lut_kernels.py"}
+
+
+def test_the_build_compiles_from_an_empty_numba_cache_of_its_own(tmp_path, monkeypatch):
+    """Numba checks a cached function against its own file only: a build reusing a warm cache embedded the
+    old machine code of kernels whose helpers had changed. Each build gets a new, empty cache directory,
+    whatever $NUMBA_CACHE_DIR says, removed afterwards."""
+    from mxq.runtime.backends import cpu_aot
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "users-cache"))
+    seen = []
+
+    def run(command, env, **kwargs):
+        cache = Path(env["NUMBA_CACHE_DIR"])
+        seen.append((cache, cache.is_dir() and not any(cache.iterdir())))
+        (cache / "stale.nbi").write_bytes(b"")  # what a build leaves behind
+        return subprocess.CompletedProcess(command, 1, "", "stopped here")
+
+    monkeypatch.setattr(cpu_aot.subprocess, "run", run)
+    for _ in range(2):
+        assert "stopped here" in cpu_aot.build(tmp_path / "kernels" / "k.so")
+    assert [empty for _, empty in seen] == [True, True]
+    assert all(cache != tmp_path / "users-cache" and not cache.exists() for cache, _ in seen)
+
+
+def test_the_jit_cache_follows_the_kernel_sources(monkeypatch):
+    from mxq.runtime.backends import cpu_aot
+
+    first = cpu_jit.cache_dir()
+    assert first.name == cpu_aot.key() and first.parent.name == "numba"
+    monkeypatch.setattr(cpu_aot, "SOURCES", cpu_aot.SOURCES[:-1])
+    assert cpu_jit.cache_dir() != first
 
 
 def test_kernels_mode_must_be_known(capsys):

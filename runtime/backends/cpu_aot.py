@@ -11,7 +11,8 @@ and every run imports that file with importlib: +0.3 MiB resident, no Numba impo
 key: a hash of the kernel sources, this builder, the Python ABI, NumPy's version and this CPU (its
 model and instruction-set flags: the code is compiled for the host CPU, as the JIT's is), so a changed
 kernel, interpreter or machine gets its own build. The build needs Numba and a C compiler (pycc
-compiles Numba's small runtime helpers in C) — 33 s on this 2-core machine (loaded). Without them, or if the build fails,
+compiles Numba's small runtime helpers in C) — about 2 minutes on this 2-core machine, from an empty
+Numba cache every time (see build). Without them, or if the build fails,
 `load` returns the reason (recorded next to the module's path, `<name>.failed`, so later runs do not
 retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler is ever required.
 
@@ -31,6 +32,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,10 +130,14 @@ def build(path: Path) -> str | None:
     print(f"mxq: compiling the CPU kernels (once, about half a minute; cached in {path.parent})", file=sys.stderr)
     package_root = str(HERE.parents[2])  # the directory holding the mxq package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    env.setdefault("NUMBA_CACHE_DIR", str(cache_root() / "numba"))
     try:
-        done = subprocess.run([sys.executable, "-m", f"{__package__}.cpu_aot_build", str(path)],
-                              capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+        # An empty Numba cache: Numba checks a cached function against its own file only, so with a warm
+        # cache a kernel of an unchanged file (cpu_kernels.affine_rows) whose helpers changed (cpu_qdot's
+        # inner loop) would be built from its old machine code (seen: a new inner loop silently absent).
+        with tempfile.TemporaryDirectory(prefix="mxq-kernel-build-") as numba_cache:
+            env["NUMBA_CACHE_DIR"] = numba_cache
+            done = subprocess.run([sys.executable, "-m", f"{__package__}.cpu_aot_build", str(path)],
+                                  capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"the kernel build did not finish: {error}"
     if done.returncode != 0 or not path.exists():

@@ -13,8 +13,8 @@ the numpy backend keeps its NumPy path after one notice on stderr saying why. $M
     numpy           no compiled kernels: the NumPy reference path
 
 The JIT's kernels are cached in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
-numba/ ($MXQ_CACHE/numba or ~/.cache/mxq/numba), so only the first use on a machine compiles
-(~30 s). Its memory (resident, measured on x86-64 with every kernel cached;
+numba/<hash of the kernel sources> ($MXQ_CACHE/numba/… or ~/.cache/mxq/numba/…), so only the first use
+of a version on a machine compiles (~30 s). Its memory (resident, measured on x86-64 with every kernel cached;
 `tools/bench_decode.py --kernel-memory`): `import llvmlite.binding` +40 MiB (LLVM's 170 MB shared
 library, mostly file-backed pages touched while loading it), `import numba` +23 MiB (its Python
 modules), loading the cached kernels +60 MiB (LLVM's JIT engine and the code it runs): ~120 MiB in all,
@@ -40,8 +40,13 @@ from ...paths import cache_root
 
 
 def cache_dir() -> Path:
-    """Where Numba caches its JIT-compiled kernels: $MXQ_CACHE/numba (default ~/.cache/mxq/numba)."""
-    return cache_root() / "numba"
+    """Where Numba caches its JIT-compiled kernels: $MXQ_CACHE/numba/<key> (default ~/.cache/mxq/numba/<key>),
+    key = cpu_aot.key(), the hash of every kernel source. Numba checks a cached function against its own
+    file only: in one directory for all versions, a kernel whose helpers changed (cpu_qdot's inner loop,
+    cpu_stack's table fields) would run its old machine code."""
+    from .cpu_aot import key
+
+    return cache_root() / "numba" / key()
 
 
 _state: dict = {}
