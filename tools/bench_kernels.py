@@ -1,0 +1,120 @@
+"""Speed of the compiled CPU affine kernel per config, against one thread's memory read bandwidth.
+
+    python tools/bench_kernels.py [--shape 1536x576] [--configs b2g32,b4g64,...] [--kernels aot|jit] [--json]
+
+For each config: random packed matrices of SHAPE (file layout: codes, 8-bit scale/zero codes and
+their runs), as many copies as make 64 MiB (twice this machine's largest cache here) so that every
+product reads its bytes from memory as in decode; one token's product on the calling thread (the
+serial kernel), the copies in turn, best of 5 rounds. Printed: µs per product, weights/s, GB/s of
+the matrix's bytes, and that as a share of the machine's one-thread read bandwidth measured in the
+same run (tools/bench_decode.py's probe on one thread) — the limit a kernel that only waits for
+memory would reach. Below 100%, the kernel's own arithmetic is what limits decode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO.parent))  # the repository root is the `mxq` package
+sys.path.insert(0, str(REPO / "tools"))
+
+CONFIGS = "b2g32,b3g32,b4g32,b5g32,b6g32,b8g32,b2g64,b3g64,b4g64,b5g64,b6g64,b8g64,b4g128"
+TOTAL_MIB = 64  # bytes cycled through per round: twice the 32 MiB L3 of the machine this was written on
+
+
+def random_matrix(rng, shape, bits, group_size):
+    """The kernel's arguments for a random packed affine matrix (what AffineWeight keeps of a file)."""
+    import numpy as np
+
+    from mxq.format_spec import encode_meta, pack_codes
+    from mxq.runtime.backends.cpu_weights import readonly
+
+    rows, cols = shape
+    groups = -(-cols // group_size)
+    codes = rng.integers(0, 1 << bits, size=(rows, groups * group_size))
+    codes[:, cols:] = 0
+    scale_codes, scale_meta = encode_meta(rng.uniform(0.001, 0.05, (rows, groups)).astype(np.float32), 8)
+    zero_codes, zero_meta = encode_meta(rng.uniform(0, 1 << bits, (rows, groups)).astype(np.float32), 8)
+    packed = readonly(pack_codes(codes, bits).view(np.uint8).reshape(rows, -1))
+    arrays = (packed, readonly(scale_codes.reshape(rows, -1)), scale_meta.reshape(-1, 2).astype(np.float32),
+              readonly(zero_codes.reshape(rows, -1)), zero_meta.reshape(-1, 2).astype(np.float32))
+    return arrays, sum(a.nbytes for a in arrays)
+
+
+def bench_config(kernels, label, shape, rounds=5) -> dict:
+    import numpy as np
+
+    from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES
+
+    bits, group_size = (int(v) for v in label[1:].split("g"))
+    rng = np.random.default_rng(0)
+    first, nbytes = random_matrix(rng, shape, bits, group_size)
+    copies = [first] + [random_matrix(rng, shape, bits, group_size)[0]
+                        for _ in range(max(1, TOTAL_MIB * 2**20 // nbytes) - 1)]
+    x = rng.standard_normal((1, shape[1])).astype(np.float32)
+    y = np.empty((1, shape[0]), np.float32)
+
+    def run():
+        for arrays in copies:
+            kernels.affine_matmul_serial(x, *arrays, bits, group_size, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
+                                         NO_RESIDUAL, y, 1)
+
+    run()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, (time.perf_counter() - t0) / len(copies))
+    return {"config": label, "us": best * 1e6, "gweights_s": shape[0] * shape[1] / best / 1e9,
+            "gb_s": nbytes / best / 1e9, "bytes": nbytes}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1536x576", help="ROWSxCOLS of each matrix (default: SmolLM2's gate)")
+    ap.add_argument("--configs", default=CONFIGS, help="comma-separated bBgG labels")
+    ap.add_argument("--kernels", choices=("aot", "jit"), default="aot",
+                    help="the kernels built ahead of time (default) or Numba's JIT")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+        labels = [label.strip() for label in args.configs.split(",") if label.strip()]
+        for label in labels:
+            bits, group = (int(v) for v in label[1:].split("g"))
+            if label[0] != "b" or bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
+                raise ValueError(label)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(args.shape)
+    except ValueError as error:
+        sys.exit(f"bench_kernels: not a shape or config label: {error}")
+
+    from bench_decode import measure_bandwidth
+
+    from mxq.runtime.backends import cpu_aot, cpu_jit
+
+    kernels = cpu_aot.load() if args.kernels == "aot" else cpu_jit._load_jit()
+    if kernels is None or isinstance(kernels, str):
+        sys.exit(f"bench_kernels: the {args.kernels} kernels are not available here ({kernels})")
+    bandwidth = measure_bandwidth(1)["gb_s"]
+    rows = [bench_config(kernels, label, shape) for label in labels]
+    for row in rows:
+        row["of_bandwidth"] = row["gb_s"] / bandwidth
+    if args.json:
+        print(json.dumps({"shape": shape, "kernels": args.kernels, "bandwidth_1t_gb_s": bandwidth, "configs": rows}))
+        return
+    print(f"{args.kernels} kernels, {shape[0]}x{shape[1]} matrices, one thread; read bandwidth of one thread "
+          f"{bandwidth:.1f} GB/s (float32 GEMV / sum over {512} MiB, this run)")
+    print(f"{'config':8} {'µs/product':>11} {'Gweights/s':>11} {'GB/s':>7} {'of bandwidth':>13}")
+    for row in rows:
+        print(f"{row['config']:8} {row['us']:11.1f} {row['gweights_s']:11.2f} {row['gb_s']:7.2f} "
+              f"{100 * row['of_bandwidth']:12.0f}%")
+
+
+if __name__ == "__main__":
+    main()
