@@ -20,7 +20,8 @@ values, SPEC.md §6.2); with w = (q − z)·s (SPEC.md §6.1) and x̂_c = x̂q_c
     y[r] = Σ_b s_{k(b)}·dx_b · Σ_{c in block b} q_c·x̂q_c  −  Σ_k s_k·z_k·Σ_{c in group k} x̂_c
 The first sum is cpu_qdot.block_dot: uint8 codes × int8 activations summed in int32 lanes (one
 vpdpbusd per 64 codes and activation byte on AVX512-VNNI), scaled per block in float32; it is compiled
-once per (bits, blocks per vector step, blocks per group) — affine_rows_for picks the copy. Then CSR
+once per (bits, blocks per vector step, blocks per group) — affine_rows_for picks the copy — and adds
+the second sum (−s_k·z_k per group times xsum) to the same float32 lanes before its one horizontal sum. Then CSR
 outliers (y[r] += Σ v·x̂[c]), bias and residual. Rows are split into n_parts parallel parts (prange);
 every packed byte is read from memory once per call (T > 1 tokens re-read a row from L1).
 So the decode products are W·x̂, not W·x: |x̂ − x| ≤ max|x_b|/127/2^9 per element (SmolLM2 at 4.25 bpw,
@@ -42,7 +43,7 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_qdot import block_dot
+from .cpu_qdot import CORR_PAD, block_dot
 from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, NNZ, PACKED, ROW_BYTES, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS,
                         SCALE_CODES, SCALE_META, VALUES, ZERO_CODES, ZERO_META)
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
@@ -152,8 +153,8 @@ def affine_matmul_serial(x, packed, scale_codes, scale_meta, zero_codes, zero_me
 def quantize_x(x, bits, group_size, n_blocks, pair):
     """x (T, in) → its 16-bit form per block of BLOCK columns (the same as cpu_weights.quantize_activations):
     x̂ = (2^LOW_BITS·high + low)·dx with high, low int8 (T, n_blocks·BLOCK) in cpu_qdot's order with 32-column
-    blocks, two per SIMD vector if pair (zeros at padding); dx (T, n_blocks) the blocks' steps; xsum (T, G)
-    = Σ x̂ per weight group; and x_hat (T, in) in the natural order (for the outliers)."""
+    blocks, two per SIMD vector if pair (zeros at padding); dx (T, n_blocks) the blocks' steps; xsum (T, G
+    padded: padded_groups) = Σ x̂ per weight group; and x_hat (T, in) in the natural order (for the outliers)."""
     q, dx, x_hat = round_x(x, n_blocks)
     high, low, xsum = layout_x(q, dx, bits, group_size, n_blocks, pair)
     return high, low, dx, xsum, x_hat
@@ -191,14 +192,15 @@ def round_x(x, n_blocks):
 @njit(**EXACT)
 def layout_x(q, dx, bits, group_size, n_blocks, pair):
     """round_x's first n_blocks blocks as one weight layout wants them: high, low int8 (T, n_blocks·BLOCK)
-    in cpu_qdot's order for `bits` (two blocks per SIMD vector if pair) and xsum (T, G) = Σ x̂ per group.
+    in cpu_qdot's order for `bits` (two blocks per SIMD vector if pair) and xsum (T, padded_groups(G)) = Σ x̂ per
+    group (zeros past G).
     (Loops over the order's structure — vector, code plane, unit — instead of dividing column numbers.)"""
     T = q.shape[0]
     U, B = unit_shape(bits)
     M = (BLOCK // U) * (2 if pair else 1)  # units per SIMD vector
     high = np.empty((T, n_blocks * BLOCK), np.int8)
     low = np.empty((T, n_blocks * BLOCK), np.int8)
-    xsum = np.zeros((T, n_blocks * BLOCK // group_size), np.float32)
+    xsum = np.zeros((T, padded_groups(n_blocks * BLOCK // group_size)), np.float32)  # zeros past G
     for t in range(T):
         for v in range(n_blocks * BLOCK // (U * M)):
             for j in range(U):  # code plane j: code j of units v·M .. v·M + M − 1
@@ -212,6 +214,12 @@ def layout_x(q, dx, bits, group_size, n_blocks, pair):
                 total += q[t, c]
             xsum[t, b * BLOCK // group_size] += np.float32(total) * dx[t, b]
     return high, low, xsum
+
+
+@njit(**SERIAL)
+def padded_groups(G):
+    """G rounded up to a whole number of cpu_qdot.CORR_PAD (the zero-point arrays block_dot sums)."""
+    return -(-G // CORR_PAD) * CORR_PAD
 
 
 @njit(**SERIAL)
@@ -286,25 +294,23 @@ def affine_rows(r0, r1, w, bits, units_per_block, blocks_per_vector, blocks_per_
     n_vectors = n_blocks // blocks_per_vector
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
     mapped = out_rows.size > 0
-    scale = np.empty(G, np.float32)  # this row's decoded scales and zeros
-    zero = np.empty(G, np.float32)
+    scale = np.empty(G, np.float32)  # this row's decoded scales
+    zero_term = np.zeros(padded_groups(G), np.float32)  # −scale·zero per group (zeros past G, as xsum)
     for r in range(r0, r1):
         run = (r * G) >> META_RUN_SHIFT
         if run == (r * G + G - 1) >> META_RUN_SHIFT:  # the row's values lie in one metadata run (most rows)
             s_step, s_min, z_step, z_min = scale_meta[run, 0], scale_meta[run, 1], zero_meta[run, 0], zero_meta[run, 1]
             for k in range(G):
                 scale[k] = np.float32(scale_codes[r, k]) * s_step + s_min
-                zero[k] = np.float32(zero_codes[r, k]) * z_step + z_min
+                zero_term[k] = -scale[k] * (np.float32(zero_codes[r, k]) * z_step + z_min)
         else:
             for k in range(G):
                 run = (r * G + k) >> META_RUN_SHIFT
                 scale[k] = np.float32(scale_codes[r, k]) * scale_meta[run, 0] + scale_meta[run, 1]
-                zero[k] = np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1]
-        for t in range(T):
-            acc = block_dot(packed[r], high[t], low[t], dx[t], scale, n_vectors, bits, units_per_block,
-                            blocks_per_vector, blocks_per_group)
-            for k in range(G):
-                acc -= scale[k] * zero[k] * xsum[t, k]
+                zero_term[k] = -scale[k] * (np.float32(zero_codes[r, k]) * zero_meta[run, 0] + zero_meta[run, 1])
+        for t in range(T):  # Σ_b s·dx·Σ q·x̂q − Σ_k s_k·z_k·xsum_k in one pass (cpu_qdot.block_dot)
+            acc = block_dot(packed[r], high[t], low[t], dx[t], scale, n_vectors, zero_term, xsum[t], zero_term.size,
+                            bits, units_per_block, blocks_per_vector, blocks_per_group)
             if has_outliers:
                 for i in range(row_ptr[r], row_ptr[r + 1]):
                     acc += half_to_float(values[i]) * x_hat[t, cols[i]]

@@ -1,8 +1,10 @@
 """The inner loop of the compiled affine kernels, written as LLVM vector IR: integer dot products of a
 packed row's codes with int8 activations (llama.cpp's idea), one SIMD vector of codes at a time.
 
-    block_dot(p, x_high, x_low, dx, wscale, n_vectors, bits, units_per_block, blocks_per_vector, blocks_per_group)
+    block_dot(p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr,
+              bits, units_per_block, blocks_per_vector, blocks_per_group)
         = Σ_b dx[b] · wscale[b // blocks_per_group] · Σ_{i in block b} code_i · (2^LOW_BITS·x_high + x_low)[i]
+          + Σ_{k < n_corr} corr_a[k] · corr_b[k]
 
 p: one packed row (uint8, 1-D); x_high, x_low: the activations as two int8 arrays in *vector order*
 (below), in blocks of 32 columns with steps dx (float32, one per block); wscale: the row's weight scale
@@ -23,7 +25,10 @@ Products are summed four neighbours at a time into int32 lanes (x86 AVX512-VNNI:
 instruction per 64 codes and activation byte; elsewhere LLVM's generic widening multiply-add), the high
 part's lanes shifted by LOW_BITS. Four neighbours are four units of one code plane, which lie in one block
 (units_per_block ≥ 4), so each lane is scaled by its block's dx · its group's wscale and accumulated in
-float32 lanes; one horizontal sum per row.
+float32 lanes; the second sum (n_corr a multiple of CORR_PAD: the affine kernels' zero-point term,
+−scale·zero per group times Σ x̂ per group, arrays padded with zeros) is added to the same lanes, so a
+row ends in one horizontal sum. (As a separate loop over a row's 18 groups it cost ~9 ns of a 4-bit
+576-wide row's ~40: its own vector loop, remainder and horizontal sum.)
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from .cpu_weights import UNITS  # bits -> (U codes, B bytes) per unit of the pac
 
 I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 CHUNK = 64  # codes per integer multiply-add step (one 512-bit vector of bytes)
+CORR_PAD = 16  # block_dot's second sum runs over whole vectors of float32 lanes (8 or 16: a multiple of both)
 # Widths whose codes are cut from 16-bit windows (_window_codes) rather than from byte planes.
 # tools/bench_kernels.py (built ahead of time, 1536×576, one thread, two alternated runs): b5g32 103.5 →
 # 84.5 µs, b5g64 93.7 → 71.8, b3g32 89.5 → 83.1, b3g64 83.9 → 72.1; 6 bits measured 1.07× slower with
@@ -140,13 +146,16 @@ def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blo
     group_shift = blocks_per_group.bit_length() - 1  # blocks per group: 1, 2 or 4
 
     def codegen(context, builder, signature, args):
-        p_type, x_type, _, d_type, s_type = signature.args[:5]
+        p_type, x_type, _, d_type, s_type, _, a_type, b_type = signature.args[:8]
         p = context.make_array(p_type)(context, builder, args[0])
         x_high = context.make_array(x_type)(context, builder, args[1])
         x_low = context.make_array(x_type)(context, builder, args[2])
         dx = context.make_array(d_type)(context, builder, args[3])
         ws = context.make_array(s_type)(context, builder, args[4])
         n_vectors = args[5]
+        corr_a = context.make_array(a_type)(context, builder, args[6])
+        corr_b = context.make_array(b_type)(context, builder, args[7])
+        n_corr = args[8]
         VF = ir.VectorType(F32, n_lanes)
         acc = cgutils.alloca_once_value(builder, _splat(VF, 0.0))
 
@@ -187,6 +196,12 @@ def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blo
             lane_scale = builder.fmul(steps, scales, flags=("fast",))
             product = builder.fmul(builder.sitofp(total, VF), lane_scale, flags=("fast",))
             builder.store(builder.fadd(builder.load(acc), product, flags=("fast",)), acc)
+        n_corr_vectors = builder.udiv(n_corr, ir.Constant(n_corr.type, n_lanes))
+        with cgutils.for_range(builder, n_corr_vectors) as loop:  # + Σ corr_a·corr_b, n_lanes at a time
+            at = builder.mul(loop.index, ir.Constant(loop.index.type, n_lanes))
+            a = builder.load(builder.bitcast(builder.gep(corr_a.data, [at]), VF.as_pointer()), align=4)
+            b = builder.load(builder.bitcast(builder.gep(corr_b.data, [at]), VF.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(a, b, flags=("fast",)), flags=("fast",)), acc)
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32, [F32, VF]),
                                                 f"llvm.vector.reduce.fadd.v{n_lanes}f32")
         return builder.call(reduce, [ir.Constant(F32, 0.0), builder.load(acc)], fastmath=("fast",))
@@ -198,12 +213,13 @@ _CODEGENS: dict = {}
 
 
 @intrinsic
-def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, bits, units_per_block, blocks_per_vector,
-              blocks_per_group):
-    """See the module doc. p uint8, x_high and x_low int8, dx and wscale float32: 1-D C-contiguous;
-    n_vectors an integer."""
+def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr, bits, units_per_block,
+              blocks_per_vector, blocks_per_group):
+    """See the module doc. p uint8, x_high and x_low int8, dx, wscale, corr_a and corr_b float32: 1-D
+    C-contiguous; n_vectors and n_corr (a multiple of CORR_PAD) integers."""
     literals = (bits, units_per_block, blocks_per_vector, blocks_per_group)
-    if not all(isinstance(t, types.IntegerLiteral) for t in literals) or not isinstance(n_vectors, types.Integer):
+    if (not all(isinstance(t, types.IntegerLiteral) for t in literals) or not isinstance(n_vectors, types.Integer)
+            or not isinstance(n_corr, types.Integer)):
         return None
     key = tuple(t.literal_value for t in literals)
     if key not in _CODEGENS:
@@ -213,4 +229,4 @@ def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, bits, units_pe
     def lowered(context, builder, signature, args):
         return codegen(context, builder, signature, args)
 
-    return types.float32(p, x_high, x_low, dx, wscale, n_vectors, *literals), lowered
+    return types.float32(p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr, *literals), lowered

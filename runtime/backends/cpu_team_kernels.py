@@ -42,8 +42,8 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, pointer, round_x, stack_blocks, stack_entry,
-                          stack_layouts)
+from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, padded_groups, pointer, round_x, stack_blocks,
+                          stack_entry, stack_layouts)
 from .cpu_ops import _head
 from .cpu_stack import FIELDS, GROUP_SIZE, GROUPS, ROWS
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
@@ -279,7 +279,7 @@ def stack_part(address, part, n_parts):
         x_parts = (carray(pointer(job[e]), (T, n_blocks * BLOCK), np.int8),
                    carray(pointer(job[e + 1]), (T, n_blocks * BLOCK), np.int8),
                    carray(pointer(job[e + 2]), (T, n_blocks), np.float32),
-                   carray(pointer(job[e + 3]), (T, table[i, GROUPS]), np.float32))
+                   carray(pointer(job[e + 3]), (T, padded_groups(table[i, GROUPS])), np.float32))
         w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
         R = table[i, ROWS]
         step = -(-R // n_parts)
