@@ -2,8 +2,8 @@
 
     python tools/bench_kernels.py [--shape 1536x576] [--configs b2g32,b4g64,...] [--kernels aot|jit] [--json]
 
-For each config: random packed matrices of SHAPE (file layout: codes, 8-bit scale/zero codes and
-their runs), as many copies as make 64 MiB (twice this machine's largest cache here) so that every
+For each config: random packed matrices of SHAPE (file layout: codes, scale/zero codes of the config's
+metadata bits and their runs), as many copies as make 64 MiB (twice this machine's largest cache here) so that every
 product reads its bytes from memory as in decode; one token's product on the calling thread (the
 serial kernel), the copies in turn, best of 5 rounds. Printed: µs per product, weights/s, GB/s of
 the matrix's bytes, and that as a share of the machine's one-thread read bandwidth measured in the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,34 +26,40 @@ CONFIGS = "b2g32,b3g32,b4g32,b5g32,b6g32,b8g32,b2g64,b3g64,b4g64,b5g64,b6g64,b8g
 TOTAL_MIB = 64  # bytes cycled through per round: twice the 32 MiB L3 of the machine this was written on
 
 
-def random_matrix(rng, shape, bits, group_size):
-    """The kernel's arguments for a random packed affine matrix (what AffineWeight keeps of a file)."""
+def random_matrix(rng, shape, config):
+    """A random packed affine matrix of `config` (file layout), prepared as lean mode keeps it: AffineWeight."""
+    from types import SimpleNamespace
+
     import numpy as np
 
     from mxq.format_spec import encode_meta, pack_codes
-    from mxq.runtime.backends.cpu_weights import readonly
+    from mxq.runtime.backends.cpu_weights import AffineWeight
 
     rows, cols = shape
-    groups = -(-cols // group_size)
-    codes = rng.integers(0, 1 << bits, size=(rows, groups * group_size))
+    groups = -(-cols // config.group_size)
+    codes = rng.integers(0, 1 << config.bits, size=(rows, groups * config.group_size))
     codes[:, cols:] = 0
-    scale_codes, scale_meta = encode_meta(rng.uniform(0.001, 0.05, (rows, groups)).astype(np.float32), 8)
-    zero_codes, zero_meta = encode_meta(rng.uniform(0, 1 << bits, (rows, groups)).astype(np.float32), 8)
-    packed = readonly(pack_codes(codes, bits).view(np.uint8).reshape(rows, -1))
-    arrays = (packed, readonly(scale_codes.reshape(rows, -1)), scale_meta.reshape(-1, 2).astype(np.float32),
-              readonly(zero_codes.reshape(rows, -1)), zero_meta.reshape(-1, 2).astype(np.float32))
+    scale_codes, scale_meta = encode_meta(rng.uniform(0.001, 0.05, (rows, groups)).astype(np.float32), config.meta_bits)
+    zero_codes, zero_meta = encode_meta(rng.uniform(0, 1 << config.bits, (rows, groups)).astype(np.float32),
+                                        config.meta_bits)
+    blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
+             "zero_codes": zero_codes, "zero_meta": zero_meta}
+    weight = AffineWeight(SimpleNamespace(name="bench", shape=shape, config=config), blobs, backend=None)
+    arrays = (weight.packed, weight.scale_codes, weight.scale_meta, weight.zero_codes, weight.zero_meta)
     return arrays, sum(a.nbytes for a in arrays)
 
 
 def bench_config(kernels, label, shape, rounds=5) -> dict:
     import numpy as np
 
+    from mxq.format_spec import StorageConfig
     from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES
 
-    bits, group_size = (int(v) for v in label[1:].split("g"))
+    config = StorageConfig.parse(label)
+    bits, group_size = config.bits, config.group_size
     rng = np.random.default_rng(0)
-    first, nbytes = random_matrix(rng, shape, bits, group_size)
-    copies = [first] + [random_matrix(rng, shape, bits, group_size)[0]
+    first, nbytes = random_matrix(rng, shape, config)
+    copies = [first] + [random_matrix(rng, shape, config)[0]
                         for _ in range(max(1, TOTAL_MIB * 2**20 // nbytes) - 1)]
     x = rng.standard_normal((1, shape[1])).astype(np.float32)
     y = np.empty((1, shape[0]), np.float32)
@@ -77,24 +82,26 @@ def bench_config(kernels, label, shape, rounds=5) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1536x576", help="ROWSxCOLS of each matrix (default: SmolLM2's gate)")
-    ap.add_argument("--configs", default=CONFIGS, help="comma-separated bBgG labels")
+    ap.add_argument("--configs", default=CONFIGS, help="comma-separated affine config labels (bBgG[mM])")
     ap.add_argument("--kernels", choices=("aot", "jit"), default="aot",
                     help="the kernels built ahead of time (default) or Numba's JIT")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
+    from mxq.format_spec import StorageConfig
+
     try:
         shape = tuple(int(v) for v in args.shape.lower().split("x"))
         labels = [label.strip() for label in args.configs.split(",") if label.strip()]
-        for label in labels:
-            bits, group = (int(v) for v in label[1:].split("g"))
-            if label[0] != "b" or bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
-                raise ValueError(label)
+        for label in labels:  # the config grammar's own parser; lean products of plain affine configs only
+            config = StorageConfig.parse(label)
+            if config.scheme != "affine" or config.outliers or config.outlier_percent:
+                raise ValueError(f"{label!r} is not a plain affine config (bBgG[mM])")
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(args.shape)
     except ValueError as error:
         sys.exit(f"bench_kernels: not a shape or config label: {error}")
 
-    from bench_decode import measure_bandwidth
+    from bench_decode import BANDWIDTH_MIB, measure_bandwidth
 
     from mxq.runtime.backends import cpu_aot, cpu_jit
 
@@ -109,7 +116,7 @@ def main(argv=None):
         print(json.dumps({"shape": shape, "kernels": args.kernels, "bandwidth_1t_gb_s": bandwidth, "configs": rows}))
         return
     print(f"{args.kernels} kernels, {shape[0]}x{shape[1]} matrices, one thread; read bandwidth of one thread "
-          f"{bandwidth:.1f} GB/s (float32 GEMV / sum over {512} MiB, this run)")
+          f"{bandwidth:.1f} GB/s (float32 GEMV / sum over {BANDWIDTH_MIB} MiB, this run)")
     print(f"{'config':8} {'µs/product':>11} {'Gweights/s':>11} {'GB/s':>7} {'of bandwidth':>13}")
     for row in rows:
         print(f"{row['config']:8} {row['us']:11.1f} {row['gweights_s']:11.2f} {row['gb_s']:7.2f} "

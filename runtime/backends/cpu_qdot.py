@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
 from .cpu_weights import UNITS  # bits -> (U codes, B bytes) per unit of the packed stream
 
-I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 CHUNK = 64  # codes per integer multiply-add step (one 512-bit vector of bytes)
 CORR_PAD = 16  # block_dot's second sum runs over whole vectors of float32 lanes (8 or 16: a multiple of both)
 # Widths whose codes are cut from 16-bit windows (_window_codes) rather than from byte planes.
@@ -99,25 +99,22 @@ def _block_codes(builder, raw, bits, M):
 
 
 def _window_codes(builder, raw, bits, M):
-    """_block_codes for codes that straddle bytes (3, 5, 6 bits): each code's two bytes gathered by one byte
+    """_block_codes for codes that straddle bytes (WINDOW_BITS): each code's two bytes gathered by one byte
     shuffle into a 16-bit lane (code j of unit i lies in bytes j·b//8 and the next of the unit), shifted right
     by its own j·b % 8 and masked, then narrowed to bytes: a handful of wide vector instructions (x86: a
     byte permute, vpsrlvw, vpand, vpmovwb) instead of shuffles and shifts on B·U narrow vectors."""
     U, B = UNITS[bits]
-    n = U * M
-    order = []  # byte pairs, little-endian: lane (j·M + i) ← bytes (i·B + j·b//8, +1)
-    shifts = []
+    lanes = ir.VectorType(I16, U * M)
+    order, shifts = [], []  # byte pairs, little-endian: lane (j·M + i) ← bytes (i·B + j·b//8, +1)
     for j in range(U):
         byte, shift = divmod(j * bits, 8)
         for i in range(M):
             first = i * B + byte
             order += [first, min(first + 1, B * M - 1)]  # the last unit's high byte past the end: masked off
             shifts.append(shift)
-    pairs = builder.bitcast(builder.shuffle_vector(raw, raw, _indices(order)), ir.VectorType(ir.IntType(16), n))
-    I16 = ir.IntType(16)
-    codes = builder.and_(builder.lshr(pairs, ir.Constant(ir.VectorType(I16, n), shifts)),
-                         _splat(ir.VectorType(I16, n), (1 << bits) - 1))
-    return builder.trunc(codes, ir.VectorType(I8, n))
+    pairs = builder.bitcast(builder.shuffle_vector(raw, raw, _indices(order)), lanes)
+    codes = builder.and_(builder.lshr(pairs, ir.Constant(lanes, shifts)), _splat(lanes, (1 << bits) - 1))
+    return builder.trunc(codes, ir.VectorType(I8, U * M))
 
 
 def _lane_dot(builder, codes, xs):
