@@ -117,7 +117,7 @@ def _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh):
 @njit(**SERIAL)
 def attention_serial(q, kc, vc, start, scale, window, out, n_parts):
     """Decode attention on the calling thread; n_parts unused. (Long contexts: cpu_team_kernels.attention_team,
-    the kv heads over the team's threads.)"""
+    the query heads over the team's threads.)"""
     n_kv, _, head_dim = kc.shape
     n_heads = q.shape[1] // head_dim
     for qh in range(n_heads):

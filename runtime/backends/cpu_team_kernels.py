@@ -4,7 +4,7 @@ until none is left; the caller then waits only for the parts others claimed and 
 
     stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_kernels)
     fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
-    attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a kv head a part
+    attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a query head a part
     team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
                                        polls (~1 ms) without one, or when ctrl[STOP] is set
 
@@ -43,7 +43,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, padded_groups, pointer, round_x, stack_blocks,
-                          stack_entry, stack_layouts)
+                          stack_layouts, staged_entry, unstage)
 from .cpu_ops import _head
 from .cpu_stack import FIELDS, GROUP_SIZE, GROUPS, ROWS
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
@@ -200,8 +200,9 @@ def team_serve(ctrl, spins):
 
 # -- jobs ------------------------------------------------------------------------------------------------
 # Argument arrays (int64): [kind, n_parts, ...]; addresses are of C-contiguous arrays.
-# stack:     T, table, n entries, out_rows, out_rows size, bias, bias size, residual, residual cols (0: none),
-#            y, y cols, x_hat, x_hat cols, then per entry its x layout: high, low, dx, xsum
+# stack:     T, table, n entries, stage, stage cols, x_hat, x_hat cols, (unused up to STACK_ENTRY0), then per
+#            entry its x layout: high, low, dx, xsum. Parts write stored rows to the stage (staged_entry); the
+#            caller then adds bias and residual and puts the rows in their places (unstage).
 # fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
 # attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
 STACK_ENTRY0 = 15
@@ -236,7 +237,9 @@ def fp16_part(address, part, n_parts):
 
 @njit(**SERIAL)
 def attention_part(address, part):
-    """Part `part` of an attention job: the query heads of kv head `part` (its keys and values read once)."""
+    """Part `part` of an attention job: query head `part` (cpu_ops._head reads its kv head's keys and values
+    once per query head, so parts of one kv head cost nothing extra; a part per kv head split SmolLM2's 3
+    over two threads 2:1)."""
     job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
     T, cols, n_kv, capacity, head_dim = job[2], job[4], job[6], job[7], job[8]
     q = carray(pointer(job[3]), (T, cols), np.float32)
@@ -244,8 +247,7 @@ def attention_part(address, part):
     vc = carray(pointer(job[9]), (n_kv, capacity, head_dim), np.float32)
     out = carray(pointer(job[12]), (T, cols), np.float32)
     scale = np.float32(carray(pointer(address + 8 * 13), (1,), np.float64)[0])
-    n_rep = cols // head_dim // n_kv
-    heads(q, kc, vc, job[10], scale, job[11], out, part * n_rep, (part + 1) * n_rep)
+    heads(q, kc, vc, job[10], scale, job[11], out, part, part + 1)
 
 
 @njit(**SERIAL)
@@ -268,11 +270,8 @@ def stack_part(address, part, n_parts):
     job = carray(pointer(address), (STACK_ENTRY0 + 4 * n,), np.int64)
     T = job[2]
     table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
-    out_rows = carray(pointer(job[5]), (job[6],), np.int64)
-    bias = carray(pointer(job[7]), (job[8],), np.float32)
-    residual = carray(pointer(job[9]), (T, job[10]), np.float32)
-    y = carray(pointer(job[11]), (T, job[12]), np.float32)
-    x_hat = carray(pointer(job[13]), (T, job[14]), np.float32)
+    stage = carray(pointer(job[5]), (T, job[6]), np.float32)
+    x_hat = carray(pointer(job[7]), (T, job[8]), np.float32)
     for i in range(n):
         e = STACK_ENTRY0 + 4 * i
         n_blocks = table[i, GROUPS] * table[i, GROUP_SIZE] // BLOCK
@@ -280,7 +279,7 @@ def stack_part(address, part, n_parts):
                    carray(pointer(job[e + 1]), (T, n_blocks * BLOCK), np.int8),
                    carray(pointer(job[e + 2]), (T, n_blocks), np.float32),
                    carray(pointer(job[e + 3]), (T, padded_groups(table[i, GROUPS])), np.float32))
-        w, bits, group_size, pair = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        w, bits, group_size, pair = staged_entry(table, i, x_parts, x_hat, stage)
         R = table[i, ROWS]
         step = -(-R // n_parts)
         affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
@@ -298,12 +297,11 @@ def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
         e = STACK_ENTRY0 + 4 * i
         job[e], job[e + 1], job[e + 2], job[e + 3] = (high.ctypes.data, low.ctypes.data, steps.ctypes.data,
                                                       xsum.ctypes.data)
-    T = x.shape[0]
-    job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, T, table.ctypes.data, n
-    job[5], job[6], job[7], job[8] = out_rows.ctypes.data, out_rows.size, bias.ctypes.data, bias.size
-    job[9], job[10] = residual.ctypes.data, residual.shape[1] if residual.size > 0 else 0
-    job[11], job[12], job[13], job[14] = y.ctypes.data, y.shape[1], x_hat.ctypes.data, x_hat.shape[1]
+    stage = np.empty(y.shape, np.float32)
+    job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, x.shape[0], table.ctypes.data, n
+    job[5], job[6], job[7], job[8] = stage.ctypes.data, stage.shape[1], x_hat.ctypes.data, x_hat.shape[1]
     run_job(ctrl, job, n_parts)
+    unstage(stage, out_rows, bias, residual, y)
     return len(layouts) + x_hat.shape[0] + job[0]  # used after the job: alive until every part is done
 
 
@@ -321,7 +319,7 @@ def fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl):
 
 @njit(**SERIAL)
 def attention_team(q, kc, vc, start, scale, window, out, ctrl):
-    """cpu_ops.attention with the team: one part per kv head (its query heads)."""
+    """cpu_ops.attention with the team: one part per query head."""
     n_kv, capacity, head_dim = kc.shape
     job = np.zeros(STACK_ENTRY0, np.int64)
     job[0], job[1], job[2], job[3], job[4], job[5] = KIND_ATTENTION, n_kv, q.shape[0], q.ctypes.data, q.shape[1], \
@@ -329,7 +327,7 @@ def attention_team(q, kc, vc, start, scale, window, out, ctrl):
     job[6], job[7], job[8], job[9], job[10], job[11] = n_kv, capacity, head_dim, vc.ctypes.data, start, window
     job[12] = out.ctypes.data
     job.view(np.float64)[13] = np.float64(scale)
-    run_job(ctrl, job, n_kv)
+    run_job(ctrl, job, q.shape[1] // head_dim)
     return job[0]
 
 

@@ -281,7 +281,7 @@ class NumpyBackend(Backend):
             work = T * (start + T) * q.shape[1]
             args = (np.ascontiguousarray(q, dtype=np.float32), cache.k, cache.v, int(start), scale,
                     -1 if window is None else int(window), out)
-            done = None  # a kv head per part on the team (cpu_team.py), else the serial kernel
+            done = None  # a query head per part on the team (cpu_team.py), else the serial kernel
             if self.team is not None and work >= ATTENTION_TEAM_MIN_WORK:
                 done = self.run_team(self.team_kernels.attention_team, *args, op=True)
             if done is None:
