@@ -167,3 +167,16 @@ def test_two_threads_sharing_a_backend_take_turns_on_the_team(backends):
     for thread in threads:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads) and not errors
+
+
+def test_the_team_bench_times_every_decode_stack_and_attention(tiny_models, monkeypatch, capsys):
+    """tools/bench_team.py runs end to end on a converted model: a row per stack kind and per position."""
+    import json
+
+    bench_team = pytest.importorskip("bench_team")
+    monkeypatch.setenv("MXQ_THREADS", "2")
+    bench_team.main([str(tiny_models["tiny-llama"]), "--rounds", "1", "--positions", "3,9", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["call"] for r in rows] == ["q/k/v stack", "o stack", "gate/up stack", "down stack",
+                                         "attention @3", "attention @9"]
+    assert all(r["serial_us"] > 0 and r["team_us"] > 0 for r in rows)
