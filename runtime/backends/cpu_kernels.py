@@ -394,7 +394,8 @@ def staged_entry(table, i, x_parts, x_hat, stage):
     its own stretch. (SmolLM2 on two threads: 1.17-1.57x faster stacks with a layer's weights in cache,
     level when the weights stream from memory as in decode.)"""
     T, width = stage.shape
-    y = carray(pointer(stage.ctypes.data + 4 * table[i, FIRST]), (T, width), np.float32)  # y[t, r] = stage[t, first + r]
+    # y[t, r] = stage[t, first + r] for the entry's r < rows (the view's last row reaches past the stage: unused)
+    y = carray(pointer(stage.ctypes.data + 4 * table[i, FIRST]), (T, width), np.float32)
     return stack_entry(table, i, x_parts, x_hat, NO_MAP, NO_FLOAT, NO_RESIDUAL, y)
 
 
