@@ -35,8 +35,10 @@ matrix stored once. With --bpw they stay fp16; --quantize-embeddings fixes them;
 \b
 The default method (best measured): a calibration pass over a small public-domain text
 collects Fisher diagonals, errors are measured as Σ F·ΔW² (an estimate of the loss each
-config adds), rounding is importance-weighted (wls), and all bit widths 2–8 are candidates.
-The MXQ paper's data-free method: --objective frobenius --quantizer hqq --configs paper.
+config adds), rounding is importance-weighted (wls), all bit widths 2–8 are candidates, and
+each linear's input channels are first scaled by their activations (--input-scaling 0.25).
+The MXQ paper's data-free method: --objective frobenius --quantizer hqq --configs paper
+(no calibration, so no input scaling either).
 
 \b
 Examples:
@@ -105,6 +107,11 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "embeddings: the lm_head is stored too. Not for Gemma 3.")
 @click.option("--rotate-seed", type=click.IntRange(min=0, max=2**63 - 1), default=default("rotate_seed"),
               show_default=True, help="Seed of the --rotate rotation (recorded in the file).")
+@click.option("--input-scaling", type=float, default=default("input_scaling"), show_default=True, metavar="ALPHA",
+              help="Scale each decoder linear's input channels by (calibration second moment)^(ALPHA/2), the "
+                   "producer (norm weight, v or up rows) divided by the same: the model's function is unchanged, "
+                   "channels with large activations get finer levels (AWQ). 0: off (better below ~3 bpw). Needs a "
+                   "calibrated objective.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Where measured errors are cached.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the error cache.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -117,7 +124,8 @@ converting the same checkpoint at another budget skips measurement and calibrati
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, max_loss_text, configs,
                     row_blocks, outliers_text, outlier_mode, quantizer, objective,
-                    calib, calib_tokens, quantize_embeddings, rotate, rotate_seed, cache_dir, no_cache, jobs, cluster, quiet):
+                    calib, calib_tokens, quantize_embeddings, rotate, rotate_seed, input_scaling, cache_dir, no_cache, jobs,
+                    cluster, quiet):
     from tqdm import tqdm
 
     from ..format_spec.writer import check_output_path
@@ -139,7 +147,7 @@ def convert_command(hf_dir, output, bpw, size_text, fit_text, context, batch, ma
         quantizer=quantizer, objective=objective, outliers=outliers, outlier_mode=outlier_mode, calib=calib, calib_tokens=calib_tokens,
         quantize_embeddings=int(quantize_embeddings) if quantize_embeddings else None,
         cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs, cluster=cluster,
-        rotate=rotate, rotate_seed=rotate_seed)
+        rotate=rotate, rotate_seed=rotate_seed, input_scaling=input_scaling)
     progress = None if quiet else (lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw))
     report = convert(hf_dir, output, options, progress=progress)
     budget = (f"{options.bpw} bpw" if options.bpw is not None else f"{options.size:,} bytes" if options.size

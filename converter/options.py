@@ -23,6 +23,7 @@ MAX_ROW_BLOCKS = 64  # --row-blocks: at most this many row blocks per matrix (co
 MIN_BLOCK_ROWS = 32  # ... each of at least this many rows (a matrix with fewer gets fewer blocks) ...
 MIN_SPLIT_COLUMNS = 256  # ... and only with rows this wide: the row order costs 16 bits a row, ≤ 1/16 bpw here
 SAMPLE_EVERY = 8  # measurement quantizes 1 row in this many per config (converter/measure.py)
+MAX_INPUT_SCALING = 1.0  # --input-scaling α: s = (second moment)^(α/2), AWQ's range
 MAX_LOSS_PERCENT = 100.0  # --max-loss P%: the loss increase allowed, as a percentage of the fp model's loss
 # --cluster: "local" or "local:N" (start a Ray instance here with N worker processes), "ray://HOST:PORT"
 # (Ray Client to a running cluster's head) or "HOST:PORT" / "auto" (join a cluster this machine is part of)
@@ -55,6 +56,8 @@ class ConvertOptions:
     cluster: str | None = None  # run calibration and measurement as Ray tasks (CLUSTER_ADDRESS; converter/cluster.py)
     rotate: bool = False  # rotate the residual stream offline (converter/rotate.py) before everything else
     rotate_seed: int = 0  # the random rotation's seed (recorded in the file's provenance)
+    # α: decoder linears' input channels scaled by (second moment)^(α/2), producers divided (converter/input_scaling.py)
+    input_scaling: float = 0.25
 
     def validate(self):
         if sum(budget is not None for budget in (self.bpw, self.size, self.fit, self.max_loss)) != 1:
@@ -93,6 +96,8 @@ class ConvertOptions:
             raise ConversionError(f"measure_every {self.measure_every} must be at least 1")
         if not 0 <= self.rotate_seed < 2**63:
             raise ConversionError(f"--rotate-seed {self.rotate_seed} is outside [0, 2^63)")
+        if not 0.0 <= self.input_scaling <= MAX_INPUT_SCALING:
+            raise ConversionError(f"--input-scaling {self.input_scaling:g} is outside [0, {MAX_INPUT_SCALING:g}]")
         if self.jobs is not None and self.jobs < 1:
             raise ConversionError(f"--jobs {self.jobs} must be at least 1")
         if self.cluster is not None and not CLUSTER_ADDRESS.fullmatch(self.cluster):

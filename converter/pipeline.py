@@ -233,11 +233,14 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     checkpoint_hash = checkpoint.content_hash(cache_dir)
     seconds["read"] = time.perf_counter() - started
 
-    importance, importance_id, calibration = None, "none", None
+    importance, importance_id, calibration, scaling = None, "none", None, None
+    source_hash = checkpoint_hash
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme != "fp16" for c in candidates):
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
                                    cluster and cluster.calibration_runner(checkpoint))
+        checkpoint, checkpoint_hash, calibration, scaling = _input_scaled(checkpoint, checkpoint_hash, calibration,
+                                                                          options)
         importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
@@ -267,7 +270,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     seconds["measure"] = time.perf_counter() - stage
 
     provenance = {
-        "source": {"name": Path(hf_dir).resolve().name, "sha256": checkpoint_hash, **checkpoint.license},
+        "source": {"name": Path(hf_dir).resolve().name, "sha256": source_hash, **checkpoint.license},
         "converter": {"name": "mxq", "version": __version__},
         "options": {**asdict(options), "configs": [c.label for c in candidates], "cache_dir": None, "jobs": None,
                     "cluster": None},
@@ -279,6 +282,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     if rotation is not None:
         provenance["source"]["sha256"] = rotation.source_sha256
         provenance["rotation"] = rotation.provenance
+    if scaling is not None:
+        provenance["input_scaling"] = scaling
     if checkpoint.notes:
         provenance["notes"] = checkpoint.notes
     if options.bpw is not None:
@@ -421,6 +426,15 @@ def _calibration_text(options) -> str | None:
             return handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
+
+
+def _input_scaled(checkpoint, checkpoint_hash, calibration, options):
+    """(checkpoint, its hash, calibration, provenance or None) with --input-scaling applied
+    (converter/input_scaling.py: the weights scaled on load, the statistics transformed to match)."""
+    from .input_scaling import scaled
+
+    checkpoint, calibration, provenance = scaled(checkpoint, checkpoint_hash, calibration, options.input_scaling)
+    return checkpoint, checkpoint_hash if provenance is None else checkpoint.content_hash(), calibration, provenance
 
 
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):

@@ -226,7 +226,7 @@ def test_split_files_load_and_run_in_the_runtime(tiny_llama, tmp_path):
     single = convert(tiny_llama, tmp_path / "single.mxq", bpw=16, configs="fp16", row_blocks=4, **common)
     assert single.config_counts == {"fp16": 14}  # one candidate: nothing to split
     rows16 = convert(tiny_llama, tmp_path / "rows16.mxq", size=fp16.file_bytes + 100_000, configs="fp16,b8g64",
-                     row_blocks=4, **common)
+                     row_blocks=4, input_scaling=0.0, **common)  # unscaled: the fp16 file's weights, permuted
     assert set(rows16.config_counts) == {"fp16"}
     convert(tiny_llama, tmp_path / "rows3.mxq", bpw=3.0, row_blocks=4, **common)
     ids = np.random.default_rng(3).integers(0, 200, size=24)

@@ -24,8 +24,13 @@ import mxq  # noqa: E402
 from mxq.converter import convert  # noqa: E402
 from mxq.runtime.perplexity import perplexity as runtime_perplexity  # noqa: E402
 
-# name -> conversion options; "uniform-*" methods ignore the budget (one config everywhere)
+# name -> conversion options; "uniform-*" methods ignore the budget (one config everywhere). "default" is
+# `mxq convert`'s own defaults; every other method runs without input scaling unless it says so (BASE),
+# as their README rows were measured.
+BASE = dict(input_scaling=0.0)
 METHODS = {
+    "default": dict(),
+    "fisher-wls-all-rows4-scaled": dict(configs="all", quantizer="wls", objective="fisher", input_scaling=0.25),
     "paper": dict(configs="paper", quantizer="hqq", objective="frobenius"),
     "fisher-hqq": dict(configs="paper", quantizer="hqq", objective="fisher"),
     "fisher-wls": dict(configs="paper", quantizer="wls", objective="fisher"),
@@ -75,7 +80,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            options = dict(METHODS[method])
+            options = dict(METHODS[method]) if method == "default" else {**BASE, **METHODS[method]}
             uniform = options.pop("uniform", False)
             budgets = [16.0] if uniform else [float(b) for b in args.budgets.split(",")]
             for bpw in budgets:
