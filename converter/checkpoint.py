@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..runtime.config import ModelConfig
@@ -46,6 +46,11 @@ class Checkpoint:
     @property
     def linears(self) -> list:
         return [t for t in self.tensors.values() if t.role == "linear"]
+
+    def layer_names(self, i: int) -> dict:
+        """Decoder layer i's tensors in this checkpoint: contract key (q, attn_norm, …) → tensor name."""
+        names = {spec.key: spec.for_layer(i) for spec in self.config.family.layer_tensors}
+        return {key: name for key, name in names.items() if name in self.tensors}
 
     def content_hash(self, cache_dir=None) -> str:
         """sha256 over config.json and the tensor files (names and bytes), in a fixed order.
@@ -141,6 +146,23 @@ class Checkpoint:
             raise ConversionError(f"{info.file.name}: tensor '{name}' has values up to {peak:.6g}, beyond fp16's "
                                   f"range (±{FP16_MAX:g}) that .mxq tensors and their scales are stored in")
         return result
+
+
+@dataclass
+class DerivedCheckpoint(Checkpoint):
+    """A checkpoint computed from another (rotated: converter/rotate.py, input-scaled:
+    converter/input_scaling.py). Its content hash derives from the source's hash and the transformation's
+    parameters (`key`), so caches keyed by it never mix the two and nothing needs re-reading to name it."""
+    derived_hash: str = ""
+
+    def content_hash(self, cache_dir=None) -> str:
+        return self.derived_hash
+
+    @classmethod
+    def of(cls, source: Checkpoint, key: str, **extra):
+        """`source`'s checkpoint fields, the hash of `key`, and this class's own `extra` fields."""
+        base = {f.name: getattr(source, f.name) for f in fields(Checkpoint)}
+        return cls(**base, derived_hash=hashlib.sha256(key.encode()).hexdigest(), **extra)
 
 
 MAX_JSON_BYTES = 64 << 20  # config.json, tokenizer_config.json, generation_config.json, the shard index

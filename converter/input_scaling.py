@@ -21,37 +21,31 @@ not change, so tied embeddings stay tied and no tensor is added.
 The calibration statistics follow exactly, without a second calibration (the gradient w.r.t. W'_ij is
 the gradient w.r.t. W_ij divided by s_j): a column-scaled W' has Fisher F/s² per column and input
 second moments m/s²; a row-scaled W' (v, up) has Fisher F·s² per row and the same input moments.
-So measurement, the MILP and the writer run unchanged on ScaledCheckpoint and scaled_calibration.
+So measurement, the MILP and the writer run unchanged on what scaled() returns.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Mapping
 
 import torch
 
-from .checkpoint import FP16_MAX, Checkpoint
+from .checkpoint import FP16_MAX, Checkpoint, DerivedCheckpoint
 from .errors import ConversionError
 
 SCALING_VERSION = 1  # bump when the scaled tensors change for the same alpha (cache keys derive from it)
 READERS = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}  # norm → the linears reading it
-ROW_PRODUCERS = {"o": ("v", "v_bias"), "down": ("up",)}  # linear → the tensors whose rows make its input
 MOMENT_FLOOR = 1e-6  # channels whose second moment is below this × the mean count as this (never divide by 0)
 
 
 @dataclasses.dataclass
-class ScaledCheckpoint(Checkpoint):
+class ScaledCheckpoint(DerivedCheckpoint):
     """The checkpoint with the scales applied on load: rules[name] = {how: s float64} with how "columns"
     (W·diag(s)), "rows" (diag(1/s)·W, or a bias / s) or "norm" ((offset + g)/s − offset); v and up
     have both "columns" (they read a norm) and "rows" (they make o's and down's input)."""
     rules: dict = dataclasses.field(default_factory=dict)
     norm_offset: float = 0.0
-    derived_hash: str = ""
-
-    def content_hash(self, cache_dir=None) -> str:  # derived from the source hash: nothing to remember
-        return self.derived_hash
 
     def load(self, name: str):
         weight = super().load(name)
@@ -83,36 +77,31 @@ def channel_scales(moments: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def scaling_rules(checkpoint: Checkpoint, input_sq: Mapping, alpha: float) -> dict:
     """name → {how: s} for every tensor the scaling changes (see the module doc and ScaledCheckpoint)."""
-    config, family = checkpoint.config, checkpoint.config.family
+    config = checkpoint.config
+    kv, hd = config.num_key_value_heads, config.head_dim
+    group = config.num_attention_heads // kv  # query heads per kv head
     rules: dict = {}
 
-    def add(name, how, s):
-        rules.setdefault(name, {})[how] = s
+    def add(names, how, s):
+        for name in names:
+            rules.setdefault(name, {})[how] = s
+
     for i in range(config.num_hidden_layers):
-        layer = {spec.key: spec.for_layer(i) for spec in family.layer_tensors if spec.for_layer(i) in checkpoint.tensors}
-        for norm_key, readers in READERS.items():
-            present = [layer[key] for key in readers if key in layer]
-            if norm_key not in layer or not present:
-                continue
-            s = channel_scales(input_sq[present[0]], alpha)
-            add(layer[norm_key], "norm", s)
-            for name in present:
-                add(name, "columns", s)
-        for reader, producers in ROW_PRODUCERS.items():
-            if reader not in layer or producers[0] not in layer:
-                continue
-            moments = input_sq[layer[reader]]
-            if reader == "o":  # (heads·hd,) → one value per kv channel: the mean over the query heads sharing it
-                kv, group, hd = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, \
-                    config.head_dim
-                s_kv = channel_scales(moments.reshape(kv, group, hd).mean(1).reshape(-1), alpha)  # (kv·hd,)
-                s_in = s_kv.reshape(kv, 1, hd).expand(kv, group, hd).reshape(-1)
-            else:
-                s_kv = s_in = channel_scales(moments, alpha)
-            add(layer[reader], "columns", s_in)
-            for key in producers:
-                if key in layer:
-                    add(layer[key], "rows", s_kv)
+        layer = checkpoint.layer_names(i)
+        for norm_key, reader_keys in READERS.items():  # norm weights absorb the readers' scales
+            readers = [layer[key] for key in reader_keys if key in layer]
+            if norm_key in layer and readers:
+                s = channel_scales(input_sq[readers[0]], alpha)
+                add([layer[norm_key]], "norm", s)
+                add(readers, "columns", s)
+        if "o" in layer and "v" in layer:  # v's rows absorb o's: one scale per kv channel (heads·hd → kv·hd)
+            s = channel_scales(input_sq[layer["o"]].reshape(kv, group, hd).mean(1).reshape(-1), alpha)
+            add([layer["o"]], "columns", s.reshape(kv, 1, hd).expand(kv, group, hd).reshape(-1))
+            add([layer[key] for key in ("v", "v_bias") if key in layer], "rows", s)
+        if "down" in layer and "up" in layer:  # up's rows absorb down's
+            s = channel_scales(input_sq[layer["down"]], alpha)
+            add([layer["down"]], "columns", s)
+            add([layer["up"]], "rows", s)
     return rules
 
 
@@ -142,18 +131,18 @@ class ScaledStats(Mapping):
         return len(self.stats)
 
 
-def scaled(checkpoint: Checkpoint, source_hash: str, calibration, alpha: float):
-    """(ScaledCheckpoint, Calibration with scaled statistics, provenance) — or the inputs unchanged for α 0."""
+def scaled(checkpoint: Checkpoint, checkpoint_hash: str, calibration, alpha: float):
+    """(checkpoint, its hash, calibration, provenance): the ScaledCheckpoint, its derived hash, the
+    calibration with scaled statistics and what the file records — or the inputs and None for α 0 or
+    no calibration (a data-free objective has no second moments to scale by)."""
     if alpha == 0 or calibration is None:
-        return checkpoint, calibration, None
+        return checkpoint, checkpoint_hash, calibration, None
     rules = scaling_rules(checkpoint, calibration.input_sq, alpha)
-    key = f"{source_hash}/input-scaling/{alpha!r}/{calibration.directory.name}/v{SCALING_VERSION}"
-    fields = {f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)}
-    result = ScaledCheckpoint(**fields, rules=rules, norm_offset=float(checkpoint.config.family.norm_offset),
-                              derived_hash=hashlib.sha256(key.encode()).hexdigest())
+    key = f"{checkpoint_hash}/input-scaling/{alpha!r}/{calibration.directory.name}/v{SCALING_VERSION}"
+    result = ScaledCheckpoint.of(checkpoint, key, rules=rules, norm_offset=float(checkpoint.config.family.norm_offset))
     stats = dataclasses.replace(calibration, fisher=ScaledStats(calibration.fisher, rules, "fisher"),
                                 input_sq=ScaledStats(calibration.input_sq, rules, "input_sq"))
     spread = max((float(s.max() / s.min()) for rule in rules.values() for s in rule.values()), default=1.0)
     provenance = {"alpha": alpha, "version": SCALING_VERSION, "tensors": len(rules),
                   "max_channel_ratio": round(spread, 3) if math.isfinite(spread) else None}
-    return result, stats, provenance
+    return result, result.content_hash(), stats, provenance

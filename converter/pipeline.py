@@ -239,8 +239,10 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         stage = time.perf_counter()
         calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
                                    cluster and cluster.calibration_runner(checkpoint))
-        checkpoint, checkpoint_hash, calibration, scaling = _input_scaled(checkpoint, checkpoint_hash, calibration,
-                                                                          options)
+        from .input_scaling import scaled  # the weights scaled on load, the statistics transformed to match
+
+        checkpoint, checkpoint_hash, calibration, scaling = scaled(checkpoint, checkpoint_hash, calibration,
+                                                                   options.input_scaling)
         importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
@@ -426,15 +428,6 @@ def _calibration_text(options) -> str | None:
             return handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConversionError(f"{options.calib}: cannot read calibration text: {error}") from None
-
-
-def _input_scaled(checkpoint, checkpoint_hash, calibration, options):
-    """(checkpoint, its hash, calibration, provenance or None) with --input-scaling applied
-    (converter/input_scaling.py: the weights scaled on load, the statistics transformed to match)."""
-    from .input_scaling import scaled
-
-    checkpoint, calibration, provenance = scaled(checkpoint, checkpoint_hash, calibration, options.input_scaling)
-    return checkpoint, checkpoint_hash if provenance is None else checkpoint.content_hash(), calibration, provenance
 
 
 def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):

@@ -53,7 +53,8 @@ class Prepared:
 def prepare(hf_dir, options, progress=None) -> Prepared:
     """Read, calibrate and measure as `mxq convert` does (both cached), without solving or writing."""
     from .measure import ErrorCache, default_cache_dir, measure
-    from .pipeline import _calibration, _candidates, _importance_id, _input_scaled, _use_cores
+    from .input_scaling import scaled
+    from .pipeline import _calibration, _candidates, _importance_id, _use_cores
     from .checkpoint import read_checkpoint
 
     if options.objective != "fisher":
@@ -74,7 +75,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     seconds["read"] = time.perf_counter() - started
     stage = time.perf_counter()
     calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
-    checkpoint, checkpoint_hash, calibration, _ = _input_scaled(checkpoint, checkpoint_hash, calibration, options)
+    checkpoint, checkpoint_hash, calibration, _ = scaled(checkpoint, checkpoint_hash, calibration, options.input_scaling)
     seconds["calibrate"] = time.perf_counter() - stage
     stage = time.perf_counter()
     importance_id = _importance_id(options, calibration)

@@ -31,8 +31,6 @@ matrix (QR of a Gaussian); both from `seed`, recorded in the file's provenance.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import shutil
 import tempfile
@@ -41,7 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, DerivedCheckpoint, read_checkpoint
 from .errors import ConversionError
 
 ROTATION_VERSION = 1  # bump when the rotated tensors change for the same seed (cache keys derive from it)
@@ -73,14 +71,6 @@ def check_rotatable(config) -> None:
                                   f"({spec.key}), which does not commute with a rotation of the residual stream")
 
 
-@dataclasses.dataclass
-class _RotatedCheckpoint(Checkpoint):
-    derived_hash: str = ""
-
-    def content_hash(self, cache_dir=None) -> str:  # derived from the source hash: nothing to remember
-        return self.derived_hash  # the source's hash, the rotation's kind, seed and version
-
-
 class RotatedCheckpoint:
     """The rotated copy of `checkpoint`, in a temporary directory that lives as long as this object.
     .checkpoint: the rotated Checkpoint; .provenance: what the file records."""
@@ -95,8 +85,7 @@ class RotatedCheckpoint:
         _write_rotated(checkpoint, q, root)
         rotated = read_checkpoint(root)
         key = f"{source_hash}/rotate/{kind}/{seed}/v{ROTATION_VERSION}"
-        self.checkpoint = _RotatedCheckpoint(**{f.name: getattr(rotated, f.name) for f in dataclasses.fields(rotated)},
-                                             derived_hash=hashlib.sha256(key.encode()).hexdigest())
+        self.checkpoint = DerivedCheckpoint.of(rotated, key)  # hash: the source's, the rotation's kind, seed, version
         self.checkpoint.path = checkpoint.path  # messages name the source
         self.provenance = {"kind": kind, "seed": seed, "version": ROTATION_VERSION, "source_sha256": source_hash,
                            "untied": bool(config.tie_word_embeddings)}
@@ -129,7 +118,7 @@ def _write_rotated(checkpoint: Checkpoint, q: torch.Tensor, root: Path) -> None:
           head: _rows_times(checkpoint.load(head_source) * gain(norm).to(torch.float32)[None, :], q32)},
          "rotated-outer.safetensors")
     for i in range(config.num_hidden_layers):
-        layer = {s.key: s.for_layer(i) for s in family.layer_tensors if s.for_layer(i) in checkpoint.tensors}
+        layer = checkpoint.layer_names(i)
         out = {}
         for norm_key, readers in READERS.items():
             g = gain(layer[norm_key])

@@ -56,7 +56,7 @@ def test_statistics_equal_a_calibration_of_the_scaled_model(name, tmp_path):
     """Transformed statistics == calibrating the scaled weights themselves (fp32 rounding apart)."""
     checkpoint = read_checkpoint(fixtures.ensure(name))
     original = calibrate(checkpoint, tmp_path / "original", tokens=512, fisher_dtype=torch.float32)
-    model, derived, _ = scaled(checkpoint, checkpoint.content_hash(), original, 0.5)
+    model, _, derived, _ = scaled(checkpoint, checkpoint.content_hash(), original, 0.5)
     direct = calibrate(model, tmp_path / "direct", tokens=512, fisher_dtype=torch.float32)
     assert abs(direct.loss - original.loss) < 1e-4  # the same function
     changed = 0
