@@ -33,9 +33,9 @@ import torch
 
 from .checkpoint import FP16_MAX, Checkpoint, DerivedCheckpoint
 from .errors import ConversionError
+from .rotate import READERS  # norm → the linears reading it (the same fold as the rotation's)
 
 SCALING_VERSION = 1  # bump when the scaled tensors change for the same alpha (cache keys derive from it)
-READERS = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}  # norm → the linears reading it
 MOMENT_FLOOR = 1e-6  # channels whose second moment is below this × the mean count as this (never divide by 0)
 
 

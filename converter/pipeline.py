@@ -237,12 +237,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     source_hash = checkpoint_hash
     if options.objective in CALIBRATED_OBJECTIVES and any(c.scheme != "fp16" for c in candidates):
         stage = time.perf_counter()
-        calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress,
-                                   cluster and cluster.calibration_runner(checkpoint))
-        from .input_scaling import scaled  # the weights scaled on load, the statistics transformed to match
-
-        checkpoint, checkpoint_hash, calibration, scaling = scaled(checkpoint, checkpoint_hash, calibration,
-                                                                   options.input_scaling)
+        checkpoint, checkpoint_hash, calibration, scaling = _calibrated(
+            checkpoint, checkpoint_hash, options, cache_dir, progress, cluster and cluster.calibration_runner(checkpoint))
         importance_id = _importance_id(options, calibration)
         if options.objective == "fisher":
             importance = calibration.fisher.__getitem__
@@ -435,6 +431,15 @@ def _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runn
 
     return load_or_calibrate(checkpoint, checkpoint_hash, _calibration_text(options), options.calib_tokens,
                              cache_dir and Path(cache_dir) / "calibration", progress, runner)
+
+
+def _calibrated(checkpoint, checkpoint_hash, options, cache_dir, progress, runner=None):
+    """Calibrate (or load the cached statistics), then apply --input-scaling: (checkpoint, its hash, calibration,
+    the scaling's provenance or None) — the weights scaled on load, the statistics transformed to match."""
+    from .input_scaling import scaled
+
+    calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress, runner)
+    return scaled(checkpoint, checkpoint_hash, calibration, options.input_scaling)
 
 
 def _module_bits(table, choice) -> dict:

@@ -53,8 +53,7 @@ class Prepared:
 def prepare(hf_dir, options, progress=None) -> Prepared:
     """Read, calibrate and measure as `mxq convert` does (both cached), without solving or writing."""
     from .measure import ErrorCache, default_cache_dir, measure
-    from .input_scaling import scaled
-    from .pipeline import _calibration, _candidates, _importance_id, _use_cores
+    from .pipeline import _calibrated, _candidates, _importance_id, _use_cores
     from .checkpoint import read_checkpoint
 
     if options.objective != "fisher":
@@ -74,8 +73,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     checkpoint_hash = checkpoint.content_hash(cache_dir)  # remembered in the cache: each round reads it once
     seconds["read"] = time.perf_counter() - started
     stage = time.perf_counter()
-    calibration = _calibration(checkpoint, checkpoint_hash, options, cache_dir, progress)
-    checkpoint, checkpoint_hash, calibration, _ = scaled(checkpoint, checkpoint_hash, calibration, options.input_scaling)
+    checkpoint, checkpoint_hash, calibration, _ = _calibrated(checkpoint, checkpoint_hash, options, cache_dir, progress)
     seconds["calibrate"] = time.perf_counter() - stage
     stage = time.perf_counter()
     importance_id = _importance_id(options, calibration)

@@ -30,7 +30,6 @@ from mxq.runtime.perplexity import perplexity as runtime_perplexity  # noqa: E40
 BASE = dict(input_scaling=0.0)
 METHODS = {
     "default": dict(),
-    "fisher-wls-all-rows4-scaled": dict(configs="all", quantizer="wls", objective="fisher", input_scaling=0.25),
     "paper": dict(configs="paper", quantizer="hqq", objective="frobenius"),
     "fisher-hqq": dict(configs="paper", quantizer="hqq", objective="fisher"),
     "fisher-wls": dict(configs="paper", quantizer="wls", objective="fisher"),
