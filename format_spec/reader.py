@@ -352,6 +352,12 @@ class MxqFile:
                 self._release(entry.blobs[blob_name])
         return loaded
 
+    def release_all(self) -> None:
+        """Drop every page of the mapping from this process's resident memory (views stay valid: what is
+        read again is faulted in from the file): for a reader that copied what it reads often."""
+        if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED") and len(self._mmap):
+            self._mmap.madvise(mmap.MADV_DONTNEED, 0, len(self._mmap) // mmap.PAGESIZE * mmap.PAGESIZE)
+
     def _release(self, blob: BlobRef) -> None:
         """Drop the whole pages of a blob from this process's resident memory (they are read again from
         the file if ever touched): a blob used only to make an in-memory copy costs no RSS afterwards."""

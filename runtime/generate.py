@@ -59,6 +59,7 @@ class LoadedModel:
             self.backend = get_backend(device, cache_dequantized=cache_dequantized)
             self.tokenizer = Tokenizer.from_file(self.file, self.config)
             self.model = Model.from_file(self.file, self.config, self.backend)
+            self.backend.loaded(self.file)
         except BaseException:
             if self.backend is not None:
                 self.backend.close()

@@ -57,6 +57,9 @@ class Backend(ABC):
         """The weight handle of a 2-D tensor of one of `schemes` that `linear` and `embedding` accept
         (outliers and shape already checked by `prepare`)."""
 
+    def loaded(self, file) -> None:
+        """Every tensor of `file` has its handle: the backend may let go of what it copied (default: nothing)."""
+
     @abstractmethod
     def upload(self, array: np.ndarray):
         """Host float32 numpy array → backend array (constants such as RoPE inverse frequencies)."""

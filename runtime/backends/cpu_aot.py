@@ -43,12 +43,14 @@ from ...paths import cache_root
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
 EXPORTS = {
-    "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize"),
+    "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize",
+                    "repack", "tiles_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
     "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),
 }
-SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_stack.py", HERE / "cpu_team.py",
+SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_tiles.py", HERE / "cpu_tiles_kernels.py",
+                                                          HERE / "cpu_stack.py", HERE / "cpu_team.py",
                                                           HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 

@@ -44,8 +44,10 @@ from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
 from .cpu_qdot import CORR_PAD, block_dot
-from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, NNZ, PACKED, ROW_BYTES, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS,
-                        SCALE_CODES, SCALE_META, VALUES, ZERO_CODES, ZERO_META)
+from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
+                        TILE_BYTES, TILES, VALUES, ZERO_TILES)
+from .cpu_tiles import TILE_ROWS
+from .cpu_tiles_kernels import repack, tile_dot, tiles_dequantize
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
@@ -334,56 +336,125 @@ def pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@njit(**SERIAL)
-def stack_layout(table, i, q, dx_all):
-    """x laid out for entry i's config: (high, low, dx, xsum) as quantize_x gives them (layout_x)."""
-    G, bits, group_size = table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
-    n_blocks = G * group_size // BLOCK
-    high, low, xsum = layout_x(q, dx_all, bits, group_size, n_blocks, n_blocks % 2 == 0)
-    return high, low, np.ascontiguousarray(dx_all[:, :n_blocks]), xsum
+@njit(**EXACT)
+def tile_x(q, dx):
+    """round_x's q (T, n_blocks·BLOCK) → what the tile kernels take: high, low int8 (T, n_blocks·BLOCK) in the
+    natural column order (x̂q = 2^LOW_BITS·high + low), dx (T, n_blocks) and xsum (T, n_blocks) = Σ x̂ per block."""
+    T, n = q.shape
+    high = np.empty((T, n), np.int8)
+    low = np.empty((T, n), np.int8)
+    xsum = np.zeros(dx.shape, np.float32)
+    for t in range(T):
+        for c in range(n):
+            h = (q[t, c] + (1 << (LOW_BITS - 1))) >> LOW_BITS  # low in −127 .. 127 < 2^(LOW_BITS−1)
+            high[t, c], low[t, c] = h, q[t, c] - h * (1 << LOW_BITS)
+        for b in range(dx.shape[1]):
+            total = 0
+            for c in range(b * BLOCK, (b + 1) * BLOCK):
+                total += q[t, c]
+            xsum[t, b] = np.float32(total) * dx[t, b]
+    return high, low, dx, xsum
 
 
 @njit(**SERIAL)
-def stack_layouts(table, q, dx):
-    """x laid out once per run of entries with one config: (layouts, layout_of) — stack_layout's tuples and,
-    per entry, the index of its own."""
-    n = table.shape[0]
-    layouts = [stack_layout(table, 0, q, dx)]
-    layout_of = np.zeros(n, np.int64)
-    for i in range(1, n):
-        if same_layout(table, i, i - 1):
-            layout_of[i] = layout_of[i - 1]
+def tile_rows_for(t0, t1, w, bits, group_size):
+    """tile_rows with (bits, blocks per group) as constants: each combination its own compiled loop."""
+    if group_size == 32:
+        if bits == 2:
+            tile_rows(t0, t1, w, 2, 1)
+        elif bits == 3:
+            tile_rows(t0, t1, w, 3, 1)
+        elif bits == 4:
+            tile_rows(t0, t1, w, 4, 1)
+        elif bits == 5:
+            tile_rows(t0, t1, w, 5, 1)
+        elif bits == 6:
+            tile_rows(t0, t1, w, 6, 1)
         else:
-            layouts.append(stack_layout(table, i, q, dx))
-            layout_of[i] = len(layouts) - 1
-    return layouts, layout_of
+            tile_rows(t0, t1, w, 8, 1)
+    elif group_size == 64:
+        if bits == 2:
+            tile_rows(t0, t1, w, 2, 2)
+        elif bits == 3:
+            tile_rows(t0, t1, w, 3, 2)
+        elif bits == 4:
+            tile_rows(t0, t1, w, 4, 2)
+        elif bits == 5:
+            tile_rows(t0, t1, w, 5, 2)
+        elif bits == 6:
+            tile_rows(t0, t1, w, 6, 2)
+        else:
+            tile_rows(t0, t1, w, 8, 2)
+    else:  # group_size 128
+        if bits == 2:
+            tile_rows(t0, t1, w, 2, 4)
+        elif bits == 3:
+            tile_rows(t0, t1, w, 3, 4)
+        elif bits == 4:
+            tile_rows(t0, t1, w, 4, 4)
+        elif bits == 5:
+            tile_rows(t0, t1, w, 5, 4)
+        elif bits == 6:
+            tile_rows(t0, t1, w, 6, 4)
+        else:
+            tile_rows(t0, t1, w, 8, 4)
 
 
 @njit(**SERIAL)
-def same_layout(table, i, j):
-    """Whether entries i and j take x in the same layout (bits, group size, groups)."""
-    return (table[i, BITS] == table[j, BITS] and table[i, GROUP_SIZE] == table[j, GROUP_SIZE]
-            and table[i, GROUPS] == table[j, GROUPS])
+def tile_rows(t0, t1, w, bits, blocks_per_group):
+    """Tiles t0 .. t1-1 of one affine matrix; w = (codes, scale_tiles, zero_tiles, meta (cpu_tiles.py), row_ptr,
+    cols, values, bias, residual, y, tile_x's high, low, dx, xsum, x_hat, out_rows: row r's column of y, bias and
+    residual — out_rows[r], or r itself when out_rows is empty — and the matrix's row count)."""
+    codes, scale_tiles, zero_tiles, meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat, \
+        out_rows, R = w
+    T = dx.shape[0]
+    G = scale_tiles.shape[1] // TILE_ROWS
+    last_run = meta.shape[0] // 4 - 1
+    has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
+    mapped = out_rows.size > 0
+    out = np.empty(TILE_ROWS, np.float32)
+    for tile in range(t0, t1):
+        r0 = tile * TILE_ROWS
+        for t in range(T):
+            tile_dot(codes[tile], scale_tiles[tile], zero_tiles[tile], meta, high[t], low[t], dx[t], xsum[t], out, G, r0,
+                     last_run, bits, blocks_per_group)
+            for lane in range(min(TILE_ROWS, R - r0)):
+                r = r0 + lane
+                acc = out[lane]
+                if has_outliers:
+                    for i in range(row_ptr[r], row_ptr[r + 1]):
+                        acc += half_to_float(values[i]) * x_hat[t, cols[i]]
+                o = out_rows[r] if mapped else r
+                if has_bias:
+                    acc += bias[o]
+                if has_residual:
+                    acc += residual[t, o]
+                y[t, o] = acc
+
+
+@njit(**SERIAL)
+def tile_count(table, i):
+    return -(-table[i, ROWS] // TILE_ROWS)
 
 
 @njit(**SERIAL)
 def stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y):
-    """Entry i of a stack table (cpu_stack.py) as affine_rows_for's arguments: (w, bits, group_size, pair)
-    with its arrays viewed at the table's addresses; x_parts: stack_layout's for its config."""
+    """Entry i of a stack table (cpu_stack.py) as tile_rows_for's arguments: (w, bits, group_size) with its
+    arrays viewed at the table's addresses; x_parts: tile_x's."""
     R, G, bits, group_size = table[i, ROWS], table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
-    packed = carray(pointer(table[i, PACKED]), (R, table[i, ROW_BYTES]), np.uint8)
-    scale_codes = carray(pointer(table[i, SCALE_CODES]), (R, G), np.uint8)
-    zero_codes = carray(pointer(table[i, ZERO_CODES]), (R, G), np.uint8)
-    scale_meta = carray(pointer(table[i, SCALE_META]), (table[i, RUNS], 2), np.float32)
-    zero_meta = carray(pointer(table[i, ZERO_META]), (table[i, RUNS], 2), np.float32)
+    n = tile_count(table, i)
+    codes = carray(pointer(table[i, TILES]), (n, table[i, TILE_BYTES]), np.uint8)
+    scale_tiles = carray(pointer(table[i, SCALE_TILES]), (n, G * TILE_ROWS), np.uint8)
+    zero_tiles = carray(pointer(table[i, ZERO_TILES]), (n, G * TILE_ROWS), np.uint8)
+    meta = carray(pointer(table[i, META]), (4 * table[i, RUNS],), np.float32)
     row_ptr = carray(pointer(table[i, ROW_PTR]), (table[i, ROW_PTR_SIZE],), np.uint32)
     cols = carray(pointer(table[i, COLS]), (table[i, NNZ],), np.uint16)
     values = carray(pointer(table[i, VALUES]), (table[i, NNZ],), np.uint16)
     high, low, dx, xsum = x_parts
     first = table[i, FIRST]
-    w = (packed, scale_codes, scale_meta, zero_codes, zero_meta, row_ptr, cols, values, bias, residual, y, high, low, dx,
-         xsum, x_hat, out_rows[first:first + R])
-    return w, bits, group_size, dx.shape[1] % 2 == 0
+    w = (codes, scale_tiles, zero_tiles, meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat,
+         out_rows[first:first + R], R)
+    return w, bits, group_size
 
 
 @njit(**SERIAL)
@@ -427,20 +498,19 @@ def stack_blocks(table):
 @njit(**PARALLEL)
 def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
     """y (T, width) = x (T, in) @ [every entry of the stack table]ᵀ + bias + residual, each entry's stored
-    row r written to column out_rows[first + r] (cpu_stack.py); x rounded once and laid out once per run
-    of entries with one config; then ONE parallel region, each of n_parts parts taking its share of every
-    entry's rows. (A region per entry — a rows matrix's every block — woke the workers up to 12 times a
-    call: SmolLM2's decode with every product parallel, OMP_WAIT_POLICY=active, 2 threads, ran 10–13%
-    slower in three paired runs, e.g. 77.3 vs 85.6 tok/s.)"""
+    row r written to column out_rows[first + r] (cpu_stack.py); x rounded once; then ONE parallel region,
+    each of n_parts parts taking its share of every entry's tiles. (A region per entry — a rows matrix's
+    every block — woke the workers up to 12 times a call: SmolLM2's decode with every product parallel,
+    OMP_WAIT_POLICY=active, 2 threads, ran 10–13% slower in three paired runs, e.g. 77.3 vs 85.6 tok/s.)"""
     q, dx, x_hat = round_x(x, stack_blocks(table))
-    layouts, layout_of = stack_layouts(table, q, dx)
+    x_parts = tile_x(q, dx)
     stage = np.empty(y.shape, np.float32)
     for part in prange(n_parts):
         for i in range(table.shape[0]):
-            w, bits, group_size, pair = staged_entry(table, i, layouts[layout_of[i]], x_hat, stage)
-            R = table[i, ROWS]
-            step = -(-R // n_parts)
-            affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
+            w, bits, group_size = staged_entry(table, i, x_parts, x_hat, stage)
+            n = tile_count(table, i)
+            step = -(-n // n_parts)
+            tile_rows_for(part * step, min(n, (part + 1) * step), w, bits, group_size)
     unstage(stage, out_rows, bias, residual, y)
 
 
@@ -448,10 +518,10 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
 def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
     """stack_matmul on the calling thread; n_parts unused."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
-    layouts, layout_of = stack_layouts(table, q, dx)
+    x_parts = tile_x(q, dx)
     for i in range(table.shape[0]):
-        w, bits, group_size, pair = stack_entry(table, i, layouts[layout_of[i]], x_hat, out_rows, bias, residual, y)
-        affine_rows_for(0, table[i, ROWS], w, bits, group_size, pair)
+        w, bits, group_size = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
+        tile_rows_for(0, tile_count(table, i), w, bits, group_size)
 
 
 @njit(**PARALLEL)
@@ -554,6 +624,11 @@ def examples():
             yield name, (x, packed, codes, meta, codes, meta, bits, 32, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                          NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
         yield "affine_dequantize", (packed, codes, meta, codes, meta, bits, 32, 1, np.empty((2, G * 32), np.float32))
+        if bits == 4:
+            tiles = np.zeros((1, G * 64 * bits), np.uint8)
+            yield "repack", (packed, codes, codes, bits, tiles, np.zeros((1, G * 16), np.uint8), np.zeros((1, G * 16), np.uint8))
+            yield "tiles_dequantize", (tiles, np.zeros((1, G * 16), np.uint8), np.zeros((1, G * 16), np.uint8),
+                                       np.zeros(4, np.float32), bits, 32, 1, np.empty((2, G * 32), np.float32))
         if bits == 4:  # a stack of this matrix (its rows reversed): the types stack_matmul is called with
             table = example_table(packed, codes, meta, bits, 32)
             for name in ("stack_matmul", "stack_matmul_serial"):
@@ -571,11 +646,14 @@ def example_table(packed, codes, meta, bits, group_size) -> np.ndarray:
     """A one-line stack table (cpu_stack.py) for these arrays (scales and zeros both `codes` and `meta`)."""
     from .cpu_stack import FIELDS
 
-    _EXAMPLE_ARRAYS.extend([packed, codes, meta])
+    from .cpu_tiles import build
+
+    tiles = build(packed, codes, codes, meta, meta, bits, repack)
+    _EXAMPLE_ARRAYS.append(tiles)
     address = lambda a: a.__array_interface__["data"][0]  # noqa: E731
     line = dict(rows=packed.shape[0], groups=codes.shape[1], bits=bits, group_size=group_size,
-                row_bytes=packed.shape[1], packed=address(packed), scale_codes=address(codes),
-                zero_codes=address(codes), scale_meta=address(meta), zero_meta=address(meta), row_ptr=address(NO_ROWS),
+                tile_bytes=tiles.codes.shape[1], tiles=address(tiles.codes), scale_tiles=address(tiles.scale_codes),
+                zero_tiles=address(tiles.zero_codes), meta=address(tiles.meta), row_ptr=address(NO_ROWS),
                 cols=address(NO_COLS), values=address(NO_VALUES), runs=meta.shape[0], row_ptr_size=1, nnz=0, first=0)
     return np.array([[line[name] for name in FIELDS]], np.int64)
 

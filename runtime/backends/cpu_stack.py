@@ -6,14 +6,13 @@ costs ~6 µs of per-call work (argument unboxing, rounding x) and ~3 µs of Pyth
 weights' ~8 µs (SmolLM2's 576×576 at 4 bits), and a rows matrix adds a gather. A KernelStack lists
 every member's affine pieces in one int64 table — one line per piece:
 
-    rows, groups, bits, group_size, row_bytes          the piece's shape and config
-    packed, scale_codes, zero_codes, scale_meta,       addresses of its arrays (views of the mapped
-    zero_meta, row_ptr, cols, values                   file, or the handle's own float32 metadata)
+    rows, groups, bits, group_size, tile_bytes         the piece's shape and config
+    tiles, scale_tiles, zero_tiles, meta,              addresses of its arrays: the handle's tiles
+    row_ptr, cols, values                              (cpu_tiles.py) and the file's CSR outliers
     runs, row_ptr_size, nnz                            their lengths
     first                                              its first entry in out_rows
 
-and cpu_kernels.stack_matmul rounds x once, lays it out once per run of pieces with one config (the
-lines are sorted by config), then runs every piece's rows, writing stored row r of a piece straight to
+and cpu_kernels.stack_matmul rounds x once, then runs every piece's tiles of 16 rows, writing stored row r of a piece straight to
 column out_rows[first + r] of y (T, width): members side by side in the order
 given, a rows matrix's rows in their logical order (its row_order: no gather). The handles keep the
 arrays alive: the stack holds the handles. Pieces that are not affine (fp16, lut blocks) have no
@@ -28,10 +27,10 @@ import numpy as np
 
 from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, AffineWeight, Matrix, kernel_extras
 
-FIELDS = ("rows", "groups", "bits", "group_size", "row_bytes", "packed", "scale_codes", "zero_codes", "scale_meta",
-          "zero_meta", "row_ptr", "cols", "values", "runs", "row_ptr_size", "nnz", "first")
-(ROWS, GROUPS, BITS, GROUP_SIZE, ROW_BYTES, PACKED, SCALE_CODES, ZERO_CODES, SCALE_META, ZERO_META, ROW_PTR, COLS,
- VALUES, RUNS, ROW_PTR_SIZE, NNZ, FIRST) = range(len(FIELDS))
+FIELDS = ("rows", "groups", "bits", "group_size", "tile_bytes", "tiles", "scale_tiles", "zero_tiles", "meta", "row_ptr",
+          "cols", "values", "runs", "row_ptr_size", "nnz", "first")
+(ROWS, GROUPS, BITS, GROUP_SIZE, TILE_BYTES, TILES, SCALE_TILES, ZERO_TILES, META, ROW_PTR, COLS, VALUES, RUNS,
+ ROW_PTR_SIZE, NNZ, FIRST) = range(len(FIELDS))
 
 
 def _address(a: np.ndarray) -> int:
@@ -42,13 +41,12 @@ def _address(a: np.ndarray) -> int:
 def table_line(weight: AffineWeight, first: int) -> list[int]:
     """One line of a stack table for an affine handle whose rows start at out_rows[first]."""
     row_ptr, cols, values = weight.csr or (NO_ROWS, NO_COLS, NO_VALUES)
+    tiles = weight.tiles()
     line = dict(rows=weight.shape[0], groups=weight.n_groups, bits=weight.bits, group_size=weight.group_size,
-                row_bytes=weight.packed.shape[1], packed=_address(weight.packed),
-                scale_codes=_address(weight.scale_codes), zero_codes=_address(weight.zero_codes),
-                scale_meta=_address(weight.scale_meta), zero_meta=_address(weight.zero_meta),
-                row_ptr=_address(row_ptr), cols=_address(cols), values=_address(values),
-                runs=weight.scale_meta.shape[0], row_ptr_size=row_ptr.size, nnz=cols.size, first=first)
-    assert weight.zero_meta.shape[0] == line["runs"]
+                tile_bytes=tiles.codes.shape[1], tiles=_address(tiles.codes), scale_tiles=_address(tiles.scale_codes),
+                zero_tiles=_address(tiles.zero_codes), meta=_address(tiles.meta), row_ptr=_address(row_ptr),
+                cols=_address(cols), values=_address(values), runs=tiles.meta.size // 4, row_ptr_size=row_ptr.size,
+                nnz=cols.size, first=first)
     return [int(line[name]) for name in FIELDS]
 
 
@@ -63,7 +61,8 @@ def affine_pieces(weight):
         pieces = [(block, weight.order[weight.starts[i]:weight.starts[i + 1]]) for i, block in enumerate(weight.blocks)]
     else:
         return None
-    return pieces if all(isinstance(p, AffineWeight) and p.dense is None for p, _ in pieces) else None
+    return pieces if all(isinstance(p, AffineWeight) and p.dense is None and p.tiles() is not None
+                         for p, _ in pieces) else None
 
 
 class KernelStack(Matrix):
@@ -79,7 +78,6 @@ class KernelStack(Matrix):
                 lines.append(table_line(piece, sum(r.size for r in out_rows)))
                 out_rows.append(offset + rows)
             offset += member.shape[0]
-        lines.sort(key=lambda line: (line[BITS], line[GROUP_SIZE], line[GROUPS]))  # pieces of one x layout in a row
         self.table = np.array(lines, dtype=np.int64)  # (pieces, len(FIELDS))
         self.out_rows = np.concatenate(out_rows)  # (width,) stored row of the pieces → column of y
         ends = np.cumsum(self.widths).tolist()

@@ -42,10 +42,10 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import (BLOCK, SERIAL, affine_rows_for, fp16_rows, padded_groups, pointer, round_x, stack_blocks,
-                          stack_layouts, staged_entry, unstage)
+from .cpu_kernels import (BLOCK, SERIAL, fp16_rows, pointer, round_x, stack_blocks, staged_entry, tile_count, tile_rows_for,
+                          tile_x, unstage)
 from .cpu_ops import _head
-from .cpu_stack import FIELDS, GROUP_SIZE, GROUPS, ROWS
+from .cpu_stack import FIELDS
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
 
 N_FIELDS = len(FIELDS)
@@ -200,9 +200,9 @@ def team_serve(ctrl, spins):
 
 # -- jobs ------------------------------------------------------------------------------------------------
 # Argument arrays (int64): [kind, n_parts, ...]; addresses are of C-contiguous arrays.
-# stack:     T, table, n entries, stage, stage cols, x_hat, x_hat cols, (unused up to STACK_ENTRY0), then per
-#            entry its x layout: high, low, dx, xsum. Parts write stored rows to the stage (staged_entry); the
-#            caller then adds bias and residual and puts the rows in their places (unstage).
+# stack:     T, table, n entries, stage, stage cols, x_hat, x_hat cols, x blocks, then x as the tile kernels take
+#            it (cpu_kernels.tile_x): high, low, dx, xsum. Parts write stored rows to the stage (staged_entry);
+#            the caller then adds bias and residual and puts the rows in their places (unstage).
 # fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
 # attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
 STACK_ENTRY0 = 15
@@ -264,45 +264,35 @@ def heads(q, kc, vc, start, scale, window, out, h0, h1):
 
 @njit(**SERIAL)
 def stack_part(address, part, n_parts):
-    """Part `part` of a stack job: its share of every entry's rows (as cpu_kernels.stack_matmul's parts)."""
-    head = carray(pointer(address), (STACK_ENTRY0,), np.int64)
-    n = head[4]
-    job = carray(pointer(address), (STACK_ENTRY0 + 4 * n,), np.int64)
-    T = job[2]
+    """Part `part` of a stack job: its share of every entry's tiles (as cpu_kernels.stack_matmul's parts)."""
+    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    T, n, blocks = job[2], job[4], job[9]
     table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
     stage = carray(pointer(job[5]), (T, job[6]), np.float32)
     x_hat = carray(pointer(job[7]), (T, job[8]), np.float32)
+    x_parts = (carray(pointer(job[10]), (T, blocks * BLOCK), np.int8), carray(pointer(job[11]), (T, blocks * BLOCK), np.int8),
+               carray(pointer(job[12]), (T, blocks), np.float32), carray(pointer(job[13]), (T, blocks), np.float32))
     for i in range(n):
-        e = STACK_ENTRY0 + 4 * i
-        n_blocks = table[i, GROUPS] * table[i, GROUP_SIZE] // BLOCK
-        x_parts = (carray(pointer(job[e]), (T, n_blocks * BLOCK), np.int8),
-                   carray(pointer(job[e + 1]), (T, n_blocks * BLOCK), np.int8),
-                   carray(pointer(job[e + 2]), (T, n_blocks), np.float32),
-                   carray(pointer(job[e + 3]), (T, padded_groups(table[i, GROUPS])), np.float32))
-        w, bits, group_size, pair = staged_entry(table, i, x_parts, x_hat, stage)
-        R = table[i, ROWS]
-        step = -(-R // n_parts)
-        affine_rows_for(part * step, min(R, (part + 1) * step), w, bits, group_size, pair)
+        w, bits, group_size = staged_entry(table, i, x_parts, x_hat, stage)
+        tiles = tile_count(table, i)
+        step = -(-tiles // n_parts)
+        tile_rows_for(part * step, min(tiles, (part + 1) * step), w, bits, group_size)
 
 
 @njit(**SERIAL)
 def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
-    """cpu_kernels.stack_matmul with the team: x rounded and laid out here, the rows in n_parts parts."""
+    """cpu_kernels.stack_matmul with the team: x rounded here, the tiles in n_parts parts."""
     q, dx, x_hat = round_x(x, stack_blocks(table))
-    layouts, layout_of = stack_layouts(table, q, dx)
-    n = table.shape[0]
-    job = np.zeros(STACK_ENTRY0 + 4 * n, np.int64)
-    for i in range(n):
-        high, low, steps, xsum = layouts[layout_of[i]]
-        e = STACK_ENTRY0 + 4 * i
-        job[e], job[e + 1], job[e + 2], job[e + 3] = (high.ctypes.data, low.ctypes.data, steps.ctypes.data,
-                                                      xsum.ctypes.data)
+    high, low, steps, xsum = tile_x(q, dx)
+    job = np.zeros(STACK_ENTRY0, np.int64)
     stage = np.empty(y.shape, np.float32)
-    job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, x.shape[0], table.ctypes.data, n
-    job[5], job[6], job[7], job[8] = stage.ctypes.data, stage.shape[1], x_hat.ctypes.data, x_hat.shape[1]
+    job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, x.shape[0], table.ctypes.data, table.shape[0]
+    job[5], job[6], job[7], job[8], job[9] = stage.ctypes.data, stage.shape[1], x_hat.ctypes.data, x_hat.shape[1], \
+        steps.shape[1]
+    job[10], job[11], job[12], job[13] = high.ctypes.data, low.ctypes.data, steps.ctypes.data, xsum.ctypes.data
     run_job(ctrl, job, n_parts)
     unstage(stage, out_rows, bias, residual, y)
-    return len(layouts) + x_hat.shape[0] + job[0]  # used after the job: alive until every part is done
+    return high.size + low.size + xsum.size + x_hat.shape[0] + job[0]  # used after the job: alive until every part is done
 
 
 @njit(**SERIAL)

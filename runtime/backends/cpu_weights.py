@@ -222,6 +222,28 @@ class Matrix:
         return done
 
 
+def _mapping_of(view: np.ndarray):
+    """(the mmap a C-contiguous view of the mapped file lies in, its byte offset there), or (None, 0)."""
+    mapping = view
+    while mapping is not None and not isinstance(mapping, mmap.mmap):  # view → ... → memoryview → the mmap
+        mapping = mapping.obj if isinstance(mapping, memoryview) else getattr(mapping, "base", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+        return None, 0
+    start = view.__array_interface__["data"][0] - np.frombuffer(mapping, np.uint8, count=1).__array_interface__["data"][0]
+    return mapping, start
+
+
+def release(view: np.ndarray) -> None:
+    """Drop the whole pages of a view of the mapped file from this process (MADV_DONTNEED; the file stays
+    in the page cache, and a later read faults them in again): for bytes kept elsewhere from now on."""
+    mapping, start = _mapping_of(view)
+    if mapping is None:
+        return
+    first, last = -(-start // mmap.PAGESIZE), (start + view.nbytes) // mmap.PAGESIZE  # whole pages only
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
+
+
 def off_the_mapping(view: np.ndarray) -> np.ndarray:
     """A read-only copy of a view of the mmapped file in anonymous memory, made chunk by chunk; after
     each chunk its whole pages of the mapping are dropped from this process (MADV_DONTNEED: the file
@@ -229,12 +251,9 @@ def off_the_mapping(view: np.ndarray) -> np.ndarray:
     big 2 MiB pages (transparent huge pages) where the kernel allows it, and streaming the fp16 lm_head
     from those decodes faster than from the file's 4 KiB pages (SmolLM2's 54 MiB: 2.3 vs 3.3 ms per
     token on one thread, measured). The view itself when it does not come from a releasable mmap."""
-    mapping = view
-    while mapping is not None and not isinstance(mapping, mmap.mmap):  # view → ... → memoryview → the mmap
-        mapping = mapping.obj if isinstance(mapping, memoryview) else getattr(mapping, "base", None)
-    if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or not view.flags.c_contiguous:
+    mapping, start = _mapping_of(view)
+    if mapping is None:
         return view
-    start = view.__array_interface__["data"][0] - np.frombuffer(mapping, np.uint8, count=1).__array_interface__["data"][0]
     out = np.empty(view.shape, view.dtype)
     flat_in, flat_out = view.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
     for c0 in range(0, flat_in.size, COPY_CHUNK_BYTES):
@@ -369,6 +388,23 @@ class AffineWeight(Matrix):
         if entry.config.outliers:
             self.csr = (readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
                         readonly(blobs["outlier_values"].view(np.uint16)))
+        self._tiles = None
+        if entry.role != "embedding":  # (an embedding gets its tiles only if it serves as the lm_head: tiles())
+            self.tiles()
+
+    def tiles(self):
+        """The codes in tiles of 16 rows (cpu_tiles.py) that decode's kernels read, made at the first call, or
+        None (no kernels, or --cache-dequantized). The file's pages of the codes they replace are released
+        (an embedding's gathered rows fault back in as they are read)."""
+        kernels = self.backend.kernels
+        if self._tiles is None and kernels is not None and not self.backend.cache_dequantized:
+            from .cpu_tiles import build
+
+            self._tiles = build(self.packed, self.scale_codes, self.zero_codes, self.scale_meta, self.zero_meta,
+                                self.bits, kernels.repack)
+            for view in (self.packed, self.scale_codes, self.zero_codes):
+                release(view)
+        return self._tiles
 
     @cached_property
     def outliers(self):
@@ -476,8 +512,12 @@ class AffineWeight(Matrix):
         for c0 in range(r0, r1, chunk):
             c1 = min(r1, c0 + chunk)
             w = scratch("weight", (c1 - c0, padded), np.float32)  # (rows, G·g), natural column order
-            kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta,
-                                      self.bits, self.group_size, c0, w)
+            tiles = self.tiles()
+            if tiles is not None:  # lean mode: from the tiles (the file's pages of these codes were released)
+                kernels.tiles_dequantize(*tiles, self.bits, self.group_size, c0, w)
+            else:
+                kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes,
+                                          self.zero_meta, self.bits, self.group_size, c0, w)
             y[:, c0:c1] = x @ w[:, :in_features].T  # (T, rows)
 
     def _decode_rows(self, xg, x_sum, y, r0, r1, scratch):

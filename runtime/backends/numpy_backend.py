@@ -204,6 +204,13 @@ class NumpyBackend(Backend):
             weight.cache()  # an untied embedding is only gathered from: dequantized when used as lm_head
         return weight
 
+    def loaded(self, file) -> None:
+        """Lean mode with the kernels: decode reads the codes from their tiles (cpu_tiles.py), so the file's
+        pages read while making them are dropped from resident memory; what is still read from the file
+        (outliers, small fp16 matrices, an embedding's gathered rows) faults back in as it is used."""
+        if self.kernels is not None and not self.cache_dequantized:
+            file.release_all()
+
     def upload(self, array):
         return np.ascontiguousarray(array, dtype=np.float32)
 

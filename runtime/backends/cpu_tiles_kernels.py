@@ -1,0 +1,235 @@
+"""The compiled side of cpu_tiles.py: repack (file rows → tiles), tile_dot (one tile's 16 dot products, LLVM
+vector IR) and tiles_dequantize (tiles → float32 rows, for prefill)."""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .cpu_qdot import VNNI
+from .cpu_tiles import BLOCK, META_SHIFT, PLANES, TILE_ROWS
+
+LOW_BITS = 8  # x̂ = (2^LOW_BITS·high + low)·dx (cpu_weights.ACTIVATION_LOW_BITS)
+SERIAL = dict(fastmath=True, cache=True, nogil=True)
+
+
+@njit(**SERIAL)
+def _planes(bits):
+    if bits == 3:
+        return 2, 1
+    if bits == 5:
+        return 4, 1
+    if bits == 6:
+        return 4, 2
+    return bits, 0
+
+
+@njit(**SERIAL)
+def repack(packed, scale_codes, zero_codes, bits, codes, scale_tiles, zero_tiles):
+    """The file's packed rows (R, C·bits/8) uint8 and metadata codes (R, G) → tiles: codes (n_tiles,
+    C/32 · 64 · bits), scale_tiles and zero_tiles (n_tiles, G · 16); all three zero-filled by the caller."""
+    R, row_bytes = packed.shape
+    G = scale_codes.shape[1]
+    n_cols = row_bytes * 8 // bits
+    low, high = _planes(bits)
+    low_mask, per_low = (1 << low) - 1, 8 // low
+    per_high = 8 // high if high else 1
+    block_bytes = 64 * bits
+    for r in range(R):
+        t, lane = r // TILE_ROWS, r % TILE_ROWS
+        row = packed[r]
+        tile = codes[t]
+        for c in range(n_cols):
+            bit = c * bits  # the row is one little-endian bit stream (SPEC.md §5)
+            byte, shift = bit >> 3, bit & 7
+            value = np.uint32(row[byte]) >> shift
+            if shift + bits > 8:
+                value |= np.uint32(row[byte + 1]) << (8 - shift)
+            value &= (1 << bits) - 1
+            b, q, i = c // BLOCK, (c % BLOCK) // 4, c % 4
+            v, j = q // per_low, q % per_low
+            at = b * block_bytes + v * 64 + lane * 4 + i
+            tile[at] = np.uint8(tile[at] | ((value & low_mask) << (j * low)))
+            if high:
+                v, j = q // per_high, q % per_high
+                at = b * block_bytes + low * 64 + v * 64 + lane * 4 + i
+                tile[at] = np.uint8(tile[at] | ((value >> low) << (j * high)))
+        for k in range(G):
+            scale_tiles[t, k * TILE_ROWS + lane] = scale_codes[r, k]
+            zero_tiles[t, k * TILE_ROWS + lane] = zero_codes[r, k]
+
+
+# -- the tile's dot product, as LLVM vector IR -------------------------------------------------------------
+I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+VI = ir.VectorType(I32, TILE_ROWS)
+VF = ir.VectorType(F32, TILE_ROWS)
+V64 = ir.VectorType(I64, TILE_ROWS)
+VB = ir.VectorType(I8, 64)
+MASK = ir.VectorType(ir.IntType(1), TILE_ROWS)
+
+
+def _splat(builder, vector_type, value):
+    """value (a scalar IR value) in every lane."""
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, I32(0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(VI, [0] * TILE_ROWS))
+
+
+def _const(vector_type, value):
+    return ir.Constant(vector_type, [value] * vector_type.count)
+
+
+def _dot(builder, acc, codes, x4):
+    """acc <16 x i32> + per lane l: Σ_i codes[4l + i] (unsigned) · x4's byte i (signed)."""
+    xs = _splat(builder, VI, x4)
+    if VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VI, [VI] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(codes, VI), xs])
+    wide = ir.VectorType(I32, 64)
+    products = builder.mul(builder.zext(codes, wide), builder.sext(builder.bitcast(xs, VB), wide))
+    quarters = [builder.shuffle_vector(products, products, ir.Constant(VI, list(range(q, 64, 4)))) for q in range(4)]
+    return builder.add(acc, builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3])))
+
+
+def _fma(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VF, [VF] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _make_tile_dot(bits: int, blocks_per_group: int):
+    low, high = PLANES[bits]
+    block_bytes = 64 * bits
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:9], args[:9])]
+        codes, scale_codes, zero_codes, meta, x_high, x_low, dx, xsum, out = arrays
+        n_groups, first_row, last_run = (context.cast(builder, a, t, types.int64)
+                                         for a, t in zip(args[9:12], signature.args[9:12]))
+        rows = builder.add(_splat(builder, VI, builder.trunc(first_row, I32)), ir.Constant(VI, list(range(TILE_ROWS))))
+        row_start = builder.mul(rows, _splat(builder, VI, builder.trunc(n_groups, I32)))  # (r·G) per lane
+        last = _splat(builder, VI, builder.trunc(last_run, I32))
+        meta_at = _splat(builder, V64, builder.ptrtoint(meta.data, I64))
+        acc = cgutils.alloca_once_value(builder, _const(VF, 0.0))
+        lane_run = cgutils.alloca_once_value(builder, _const(VI, -1))
+        lane_meta = [cgutils.alloca_once_value(builder, _const(VF, 0.0)) for _ in range(4)]  # s step, s min, z step, z min
+        gather = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(VF, [ir.VectorType(F32.as_pointer(), TILE_ROWS), I32, MASK, VF]),
+            "llvm.masked.gather.v16f32.v16p0")
+        with cgutils.for_range(builder, n_groups) as loop:
+            k = loop.index
+            group_acc = _const(VF, 0.0)
+            x_sum = None
+            for bb in range(blocks_per_group):
+                b = builder.add(builder.mul(k, ir.Constant(k.type, blocks_per_group)), ir.Constant(k.type, bb))
+                base = builder.gep(codes.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+                vectors = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(b.type, 64 * v)]), VB.as_pointer()),
+                                        align=1) for v in range(bits)]  # low part's `low` vectors, then high's
+                sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2  # two chains each
+                x_at = builder.mul(b, ir.Constant(b.type, BLOCK))
+                for q in range(8):
+                    v, j = divmod(q, 8 // low)
+                    c = vectors[v]
+                    if j:
+                        c = builder.lshr(c, _const(VB, j * low))
+                    if low < 8:
+                        c = builder.and_(c, _const(VB, (1 << low) - 1))
+                    if high:
+                        v, j = divmod(q, 8 // high)
+                        h = vectors[low + v]
+                        if j:
+                            h = builder.lshr(h, _const(VB, j * high))
+                        h = builder.and_(h, _const(VB, (1 << high) - 1))
+                        c = builder.or_(c, builder.shl(h, _const(VB, low)))
+                    at = builder.add(x_at, ir.Constant(b.type, 4 * q))
+                    xh = builder.load(builder.bitcast(builder.gep(x_high.data, [at]), I32.as_pointer()), align=1)
+                    xl = builder.load(builder.bitcast(builder.gep(x_low.data, [at]), I32.as_pointer()), align=1)
+                    sums_high[q % 2] = _dot(builder, sums_high[q % 2], c, xh)
+                    sums_low[q % 2] = _dot(builder, sums_low[q % 2], c, xl)
+                total = builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
+                step = _splat(builder, VF, builder.load(builder.gep(dx.data, [b])))
+                group_acc = _fma(builder, builder.sitofp(total, VF), step, group_acc)
+                s = builder.load(builder.gep(xsum.data, [b]))
+                x_sum = s if x_sum is None else builder.fadd(x_sum, s)
+            # the 16 lanes' scale and zero of group k: code·step + min of each lane's metadata run
+            run = builder.ashr(builder.add(row_start, _splat(builder, VI, builder.trunc(k, I32))), _const(VI, 7))
+            run = builder.select(builder.icmp_signed(">", run, last), last, run)  # padding rows: any valid run
+            changed = builder.icmp_signed("!=", run, builder.load(lane_run))
+            any_changed = builder.icmp_unsigned("!=", builder.bitcast(changed, ir.IntType(TILE_ROWS)),
+                                                ir.Constant(ir.IntType(TILE_ROWS), 0))
+            with builder.if_then(any_changed, likely=False):
+                address = builder.add(meta_at, builder.mul(builder.sext(run, V64), _const(V64, 16)))
+                for i, slot in enumerate(lane_meta):
+                    pointers = builder.inttoptr(builder.add(address, _const(V64, 4 * i)),
+                                                ir.VectorType(F32.as_pointer(), TILE_ROWS))
+                    builder.store(builder.call(gather, [pointers, I32(4), changed, builder.load(slot)]), slot)
+                builder.store(run, lane_run)
+            s_step, s_min, z_step, z_min = (builder.load(slot) for slot in lane_meta)
+            at = builder.mul(k, ir.Constant(k.type, TILE_ROWS))
+            scale_code = builder.load(builder.bitcast(builder.gep(scale_codes.data, [at]), ir.VectorType(I8, TILE_ROWS).as_pointer()), align=1)
+            zero_code = builder.load(builder.bitcast(builder.gep(zero_codes.data, [at]), ir.VectorType(I8, TILE_ROWS).as_pointer()), align=1)
+            scale = _fma(builder, builder.uitofp(scale_code, VF), s_step, s_min)
+            zero = _fma(builder, builder.uitofp(zero_code, VF), z_step, z_min)
+            zero_term = builder.fmul(builder.fneg(scale), zero, flags=("fast",))
+            total = _fma(builder, group_acc, scale, builder.load(acc))
+            builder.store(_fma(builder, zero_term, _splat(builder, VF, x_sum), total), acc)
+        builder.store(builder.load(acc), builder.bitcast(out.data, VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+_CODEGENS: dict = {}
+
+
+@intrinsic
+def tile_dot(typingctx, codes, scale_codes, zero_codes, meta, x_high, x_low, dx, xsum, out, n_groups, first_row,
+             last_run, bits, blocks_per_group):
+    """out[l] (16 float32) = Σ_k scale_lk · Σ_{b in group k} dx[b] · Σ_{c in block b} code_lc · x̂q_c
+                             − Σ_k scale_lk · zero_lk · Σ_{b in group k} xsum[b]
+    for lane l = row first_row + l of one tile (the module doc's layout): codes, scale_codes, zero_codes its
+    arrays (1-D uint8), meta the matrix's (runs · 4) float32 runs (last_run the last index), x_high and
+    x_low int8 (in natural column order; x̂q = 2^LOW_BITS·high + low), dx and xsum float32 per 32-column block
+    (the block's step and Σ x̂). bits and blocks_per_group must be literal integers."""
+    literals = (bits, blocks_per_group)
+    if not all(isinstance(t, types.IntegerLiteral) for t in literals):
+        return None
+    key = tuple(t.literal_value for t in literals)
+    if key not in _CODEGENS:
+        _CODEGENS[key] = _make_tile_dot(*key)
+    codegen = _CODEGENS[key]
+
+    def lowered(context, builder, signature, args):
+        return codegen(context, builder, signature, args)
+
+    return types.void(codes, scale_codes, zero_codes, meta, x_high, x_low, dx, xsum, out, n_groups, first_row, last_run,
+                      *literals), lowered
+
+
+@njit(**SERIAL)
+def tiles_dequantize(codes, scale_tiles, zero_tiles, meta, bits, group_size, r0, w):
+    """w (R, G·g) float32 = rows r0 .. r0+R of the matrix in the natural column order, (code − zero)·scale
+    (SPEC.md §6.1; padding columns included, outliers not): the prefill path's dequantization, from the tiles."""
+    R = w.shape[0]
+    G = scale_tiles.shape[1] // TILE_ROWS
+    low, high = _planes(bits)
+    per_low, low_mask = 8 // low, (1 << low) - 1
+    per_high, high_mask = (8 // high, (1 << high) - 1) if high else (1, 0)
+    block_bytes = 64 * bits
+    for i in range(R):
+        r = r0 + i
+        t, lane = r // TILE_ROWS, r % TILE_ROWS
+        tile, out = codes[t], w[i]
+        for k in range(G):
+            run = 4 * ((r * G + k) >> META_SHIFT)
+            scale = np.float32(scale_tiles[t, k * TILE_ROWS + lane]) * meta[run] + meta[run + 1]
+            zero = np.float32(zero_tiles[t, k * TILE_ROWS + lane]) * meta[run + 2] + meta[run + 3]
+            for b in range(k * group_size // BLOCK, (k + 1) * group_size // BLOCK):
+                at = b * block_bytes + lane * 4
+                for q in range(8):
+                    for i4 in range(4):
+                        code = (np.uint32(tile[at + (q // per_low) * 64 + i4]) >> ((q % per_low) * low)) & low_mask
+                        if high:
+                            part = np.uint32(tile[at + (low + q // per_high) * 64 + i4]) >> ((q % per_high) * high)
+                            code |= (part & high_mask) << low
+                        out[b * BLOCK + 4 * q + i4] = (np.float32(code) - zero) * scale
