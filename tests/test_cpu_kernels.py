@@ -24,7 +24,7 @@ import pytest
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
 from mxq.runtime.backends.cpu_weights import (ACTIVATION_LOW_BITS, KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES,
-                                              ThreadChoice, off_the_mapping, quantize_activations)
+                                              STACK_MAX_TOKENS, ThreadChoice, off_the_mapping, quantize_activations)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 
 pytest.importorskip("numba")
@@ -99,14 +99,14 @@ def test_affine_kernel_matches_numpy_path(backends, bits, group):
         w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
         dense = dequantize(blobs, shape, config)
         bias = rng.standard_normal(shape[0]).astype(np.float32)
-        for tokens in (1, 2, 5, 8, 20):  # 20 > KERNEL_MAX_TOKENS: compiled dequantization + sgemm (prefill)
-            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
-            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
-            x_in, slack = quantized_input(x, dense) if tokens <= KERNEL_MAX_TOKENS else (x, 0.0)
+        for tokens in (1, 2, 5, 8, 20, 300):  # up to STACK_MAX_TOKENS the tiles (a one-matrix stack); 300: more
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)  # than that, compiled dequantization +
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)  # sgemm on exact x
+            x_in, slack = quantized_input(x, dense) if tokens <= STACK_MAX_TOKENS else (x, 0.0)
             assert_close(fast.linear(x, w_fast), ref.linear(x_in, w_ref), slack)
             assert_close(fast.linear(x, w_fast), x_in @ dense.T, slack)
             assert_close(fast.linear(x, w_fast, bias, residual.copy()), ref.linear(x_in, w_ref, bias, residual.copy()), slack)
-            if tokens <= KERNEL_MAX_TOKENS:  # x̂ is within half a step of x: |W·x̂ − W·x| ≤ ½·step·Σ|W_r|
+            if tokens <= STACK_MAX_TOKENS:  # x̂ is within half a step of x: |W·x̂ − W·x| ≤ ½·step·Σ|W_r|
                 bound = 0.5 * np.abs(x).max() / 127 / 2 ** ACTIVATION_LOW_BITS * np.abs(dense).sum(axis=1).max()
                 assert_close(fast.linear(x, w_fast), x @ dense.T, 1.001 * bound)
 
@@ -140,7 +140,7 @@ def test_more_tokens_than_the_kernel_limit_dequantize_then_multiply(backends, mo
     monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # ... in chunks of 37 rows
     blobs = random_affine_blobs(rng, shape, config)
     w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
-    x = rng.standard_normal((40, 96)).astype(np.float32)
+    x = rng.standard_normal((STACK_MAX_TOKENS + 40, 96)).astype(np.float32)  # more than the stacks take
     assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
     assert_close(fast.linear(x, w_fast), x @ dequantize(blobs, shape, config).T)
 
@@ -427,14 +427,14 @@ def test_lean_mode_streams_a_big_fp16_matrix_from_anonymous_memory(backends, tmp
 
 @contextlib.contextmanager
 def numpy_path_rounding_activations():
-    """The NumPy path, for the products the affine kernels would do (≤ KERNEL_MAX_TOKENS tokens), multiplies
-    by x rounded as the kernels round it (quantize_activations): the same arithmetic up to float sums."""
+    """The NumPy path, for the products the affine kernels would do (≤ STACK_MAX_TOKENS tokens: the stacks),
+    multiplies by x rounded as the kernels round it (quantize_activations): the same arithmetic up to float sums."""
     from mxq.runtime.backends import cpu_weights
 
     original = cpu_weights.AffineWeight.numpy_matmul
 
     def rounding(self, x):
-        return original(self, quantize_activations(x) if x.shape[0] <= KERNEL_MAX_TOKENS else x)
+        return original(self, quantize_activations(x) if x.shape[0] <= STACK_MAX_TOKENS else x)
 
     cpu_weights.AffineWeight.numpy_matmul = rounding
     try:

@@ -1,7 +1,7 @@
 """Kernel stacks (runtime/backends/cpu_stack.py): several affine matrices — plain ones and `rows` matrices of
-mixed configs — multiplied by one input in one compiled call, against the NumPy reference path on the same
-rounded x̂ (ahead-of-time and JIT kernels); the split x rounding (round_x + layout_x) against the one-pass
-rounding it replaced; members the kernels cannot stack fall back to one-by-one products.
+mixed configs — multiplied by one input in one compiled call (through their tiles, cpu_tiles.py), against the
+NumPy reference path on the same rounded x̂ (ahead-of-time and JIT kernels); the x roundings of the row kernel
+(round_x + layout_x) and of the tiles (tile_x) against the one-pass NumPy rounding; members the kernels cannot stack fall back to one-by-one products.
 Tolerances: test_cpu_kernels.py's (fastmath sums in another order, plus two rounding steps of x̂).
 """
 from __future__ import annotations
@@ -159,6 +159,25 @@ def test_split_rounding_is_the_numpy_rounding(backends):
         assert xsum.shape[1] == cpu_kernels.padded_groups(G) and xsum.shape[1] % 16 == 0 and not xsum[:, G:].any()
 
 
+def test_tile_rounding_is_the_numpy_rounding():
+    """tile_x (once per stack, the tiles' form of x): x̂ exactly cpu_weights.quantize_activations', high and low
+    in the natural column order (zeros past the input), dx per block and xsum each block's Σ x̂."""
+    from mxq.runtime.backends import cpu_kernels
+    from mxq.runtime.backends.cpu_weights import ACTIVATION_LOW_BITS, quantize_activations
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((3, 333)) * np.exp(rng.standard_normal((3, 333)))).astype(np.float32)
+    x[1, 64:96] = 0.0  # an all-zero block
+    n_blocks = 13  # wider than needed (11), as a stack may round
+    high, low, dx, xsum, x_hat = cpu_kernels.tile_x(x, n_blocks)
+    np.testing.assert_array_equal(x_hat, quantize_activations(x))
+    codes = high.astype(np.int32) * 2 ** ACTIVATION_LOW_BITS + low  # (T, n_blocks·32), natural order
+    assert high.shape == (3, n_blocks * 32) and not codes[:, 333:].any()
+    values = codes * np.repeat(dx, 32, axis=1)
+    np.testing.assert_array_equal(values[:, :333].astype(np.float32), x_hat)
+    np.testing.assert_array_equal(xsum, (codes.reshape(3, n_blocks, 32).sum(axis=2) * dx).astype(np.float32))
+
+
 def test_a_stack_is_made_once_per_tuple_of_handles(backends):
     fast, _ = backends
     rng = np.random.default_rng(1)
@@ -166,7 +185,8 @@ def test_a_stack_is_made_once_per_tuple_of_handles(backends):
     a, b = (fast.prepare(_Entry(n, (8, 64), config), random_affine_blobs(rng, (8, 64), config)) for n in "ab")
     stack = fast.stack((a, b), 1)
     assert isinstance(stack, KernelStack) and fast.stack((a, b), 1) is stack and fast.stack((b, a), 1) is not stack
-    assert fast.stack((a, b), 17) is None  # prefill-sized: products one by one (dequantize + sgemm)
+    assert fast.stack((a, b), 256) is stack  # a whole prefill piece too ...
+    assert fast.stack((a, b), 257) is None  # ... but no more: products one by one (dequantize + sgemm)
 
 
 ROUNDING_UNDER_A_FASTMATH_CALLER = """

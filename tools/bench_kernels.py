@@ -1,14 +1,17 @@
-"""Speed of the compiled CPU affine kernel per config, against one thread's memory read bandwidth.
+"""Speed of the compiled CPU affine kernels per config: decode's tile kernel against the row kernel, and against
+one thread's memory read bandwidth.
 
     python tools/bench_kernels.py [--shape 1536x576] [--configs b2g32,b4g64,...] [--kernels aot|jit] [--json]
 
 For each config: random packed matrices of SHAPE (file layout: codes, scale/zero codes of the config's
 metadata bits and their runs), as many copies as make 64 MiB (twice this machine's largest cache here) so that every
-product reads its bytes from memory as in decode; one token's product on the calling thread (the
-serial kernel), the copies in turn, best of 5 rounds. Printed: µs per product, weights/s, GB/s of
-the matrix's bytes, and that as a share of the machine's one-thread read bandwidth measured in the
-same run (tools/bench_decode.py's probe on one thread) — the limit a kernel that only waits for
-memory would reach. Below 100%, the kernel's own arithmetic is what limits decode.
+product reads its bytes from memory as in decode; one token's product on the calling thread, the copies in
+turn, best of 5 alternated rounds, with the row kernel (cpu_kernels.affine_matmul_serial on the file's packed
+rows: what non-stack products use) and with decode's tile kernel (a one-matrix stack, stack_matmul_serial on
+the tiles of cpu_tiles.py). Printed: µs per product of each and their ratio, and for the tile kernel weights/s,
+GB/s of the matrix's bytes, and that as a share of the machine's one-thread read bandwidth measured in the
+same run (tools/bench_decode.py's probe on one thread) — the limit a kernel that only waits for memory would
+reach. Below 100%, the kernel's own arithmetic is what limits decode.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ CONFIGS = "b2g32,b3g32,b4g32,b5g32,b6g32,b8g32,b2g64,b3g64,b4g64,b5g64,b6g64,b8g
 TOTAL_MIB = 64  # bytes cycled through per round: twice the 32 MiB L3 of the machine this was written on
 
 
-def random_matrix(rng, shape, config):
-    """A random packed affine matrix of `config` (file layout), prepared as lean mode keeps it: AffineWeight."""
+def random_matrix(rng, shape, config, kernels):
+    """A random packed affine matrix of `config` (file layout), prepared as lean mode keeps it: AffineWeight
+    (its tiles made with `kernels`). Returns (the row kernel's arrays, the handle, their bytes)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -44,39 +48,50 @@ def random_matrix(rng, shape, config):
                                         config.meta_bits)
     blobs = {"qweight": pack_codes(codes, config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta,
              "zero_codes": zero_codes, "zero_meta": zero_meta}
-    weight = AffineWeight(SimpleNamespace(name="bench", shape=shape, config=config), blobs, backend=None)
+    backend = SimpleNamespace(kernels=kernels, cache_dequantized=False)
+    weight = AffineWeight(SimpleNamespace(name="bench", shape=shape, config=config, role="linear"), blobs, backend)
     arrays = (weight.packed, weight.scale_codes, weight.scale_meta, weight.zero_codes, weight.zero_meta)
-    return arrays, sum(a.nbytes for a in arrays)
+    return arrays, weight, sum(a.nbytes for a in arrays)
 
 
 def bench_config(kernels, label, shape, rounds=5) -> dict:
     import numpy as np
 
     from mxq.format_spec import StorageConfig
+    from mxq.runtime.backends.cpu_stack import table_line
     from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES
 
     config = StorageConfig.parse(label)
     bits, group_size = config.bits, config.group_size
     rng = np.random.default_rng(0)
-    first, nbytes = random_matrix(rng, shape, config)
-    copies = [first] + [random_matrix(rng, shape, config)[0]
-                        for _ in range(max(1, TOTAL_MIB * 2**20 // nbytes) - 1)]
+    first = random_matrix(rng, shape, config, kernels)
+    nbytes = first[2]
+    copies = [first] + [random_matrix(rng, shape, config, kernels) for _ in range(max(1, TOTAL_MIB * 2**20 // nbytes) - 1)]
+    tables = [(np.array([table_line(weight, 0)], np.int64), weight) for _, weight, _ in copies]
+    out_rows = np.arange(shape[0], dtype=np.int64)
     x = rng.standard_normal((1, shape[1])).astype(np.float32)
     y = np.empty((1, shape[0]), np.float32)
 
-    def run():
-        for arrays in copies:
+    def rows():  # the row kernel (cpu_kernels.affine_matmul_serial) on the file's packed rows
+        for arrays, _, _ in copies:
             kernels.affine_matmul_serial(x, *arrays, bits, group_size, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                                          NO_RESIDUAL, y, 1)
 
-    run()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, (time.perf_counter() - t0) / len(copies))
-    return {"config": label, "us": best * 1e6, "gweights_s": shape[0] * shape[1] / best / 1e9,
-            "gb_s": nbytes / best / 1e9, "bytes": nbytes}
+    def tiles():  # decode's kernel: a one-matrix stack (cpu_kernels.stack_matmul_serial) on the tiles
+        for table, _ in tables:
+            kernels.stack_matmul_serial(x, table, out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
+
+    best = {"rows": float("inf"), "tiles": float("inf")}
+    for kind in best:  # warm up
+        {"rows": rows, "tiles": tiles}[kind]()
+    for _ in range(rounds):  # alternated
+        for kind, run in (("rows", rows), ("tiles", tiles)):
+            t0 = time.perf_counter()
+            run()
+            best[kind] = min(best[kind], (time.perf_counter() - t0) / len(copies))
+    return {"config": label, "us": best["tiles"] * 1e6, "rows_us": best["rows"] * 1e6,
+            "gweights_s": shape[0] * shape[1] / best["tiles"] / 1e9, "gb_s": nbytes / best["tiles"] / 1e9,
+            "bytes": nbytes}
 
 
 def main(argv=None):
@@ -117,10 +132,11 @@ def main(argv=None):
         return
     print(f"{args.kernels} kernels, {shape[0]}x{shape[1]} matrices, one thread; read bandwidth of one thread "
           f"{bandwidth:.1f} GB/s (float32 GEMV / sum over {BANDWIDTH_MIB} MiB, this run)")
-    print(f"{'config':8} {'µs/product':>11} {'Gweights/s':>11} {'GB/s':>7} {'of bandwidth':>13}")
+    print(f"{'config':8} {'rows µs':>8} {'tiles µs':>9} {'rows/tiles':>11} {'Gweights/s':>11} {'GB/s':>7} "
+          f"{'of bandwidth':>13}")
     for row in rows:
-        print(f"{row['config']:8} {row['us']:11.1f} {row['gweights_s']:11.2f} {row['gb_s']:7.2f} "
-              f"{100 * row['of_bandwidth']:12.0f}%")
+        print(f"{row['config']:8} {row['rows_us']:8.1f} {row['us']:9.1f} {row['rows_us'] / row['us']:10.2f}x "
+              f"{row['gweights_s']:11.2f} {row['gb_s']:7.2f} {100 * row['of_bandwidth']:12.0f}%")
 
 
 if __name__ == "__main__":

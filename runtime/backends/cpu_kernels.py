@@ -1,16 +1,20 @@
-"""Compiled CPU kernels (Numba): products straight from the packed file bytes (lean mode).
+"""Compiled CPU kernels (Numba): lean mode's products, from the packed file bytes or from their tiles.
 
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                   row_ptr, cols, values, bias, residual, y, n_parts)   y = x̂ @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
     stack_matmul(x, table, out_rows, bias, residual, y, n_parts)       the same for several affine matrices
-    stack_matmul_serial(... the same ...)                              (a table of addresses, cpu_stack.py):
-                                                                       x rounded once, rows put in place
+    stack_matmul_serial(... the same ...)                              (a table of addresses, cpu_stack.py)
+                                                                       from their tiles of 16 rows (cpu_tiles.py,
+                                                                       tile_rows): x rounded once (tile_x), rows
+                                                                       put in place — decode's products
     fp16_matmul(x, half_bits, bias, residual, y, n_parts)               y = x @ Wᵀ ... for an fp16 matrix
     fp16_matmul_serial(... the same ...)                                on the calling thread only
     affine_dequantize(...)                                              rows of W as float32 (prefill)
+    repack(...)                                                         file rows → tiles (cpu_tiles_kernels.py)
 
-How a row of an affine matrix is multiplied (llama.cpp's idea: integer dot products). x is first
+How a row of an affine matrix is multiplied by affine_matmul (llama.cpp's idea: integer dot products; the
+tile kernels of the stacks compute the same sums 16 rows at a time, see cpu_tiles.py). x is first
 rounded once per call, per block of BLOCK = 32 columns, to x̂ = (2^LOW_BITS·high + low)·dx with high and
 low int8 and one step dx_b per block: ~16-bit precision (quantize_x; the same as
 cpu_weights.quantize_activations), laid out in cpu_qdot's order (the packed stream's unit/plane order,
@@ -43,11 +47,11 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_qdot import CORR_PAD, block_dot
+from .cpu_qdot import CORR_PAD, block_dot, field, word
 from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
                         TILE_BYTES, TILES, VALUES, ZERO_TILES)
 from .cpu_tiles import TILE_ROWS
-from .cpu_tiles_kernels import repack, tile_dot, tiles_dequantize
+from .cpu_tiles_kernels import repack, tile_dot
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
@@ -71,40 +75,6 @@ def half_to_float(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
-
-
-I32 = ir.IntType(32)
-
-
-def _as_i32(builder, value):
-    width = value.type.width
-    return value if width == 32 else builder.trunc(value, I32) if width > 32 else builder.zext(value, I32)
-
-
-@intrinsic
-def word(typingctx, b0, b1, b2):
-    """Three bytes → their little-endian uint32 (32-bit ops: Numba would widen to 64 bits)."""
-    if not all(isinstance(t, types.Integer) for t in (b0, b1, b2)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        b0, b1, b2 = (builder.and_(_as_i32(builder, a), I32(255)) for a in args)
-        return builder.or_(b0, builder.or_(builder.shl(b1, I32(8)), builder.shl(b2, I32(16))))
-
-    return types.uint32(b0, b1, b2), codegen
-
-
-@intrinsic
-def field(typingctx, value, shift, mask):
-    """float32((value >> shift) & mask) in 32-bit integer ops (vectorizes 16 lanes wide)."""
-    if not all(isinstance(t, types.Integer) for t in (value, shift, mask)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v, s, m = (_as_i32(builder, a) for a in args)
-        return builder.uitofp(builder.and_(builder.lshr(v, s), m), ir.FloatType())
-
-    return types.float32(value, shift, mask), codegen
 
 
 @njit(**SERIAL)
@@ -336,24 +306,47 @@ def pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
+@njit(**SERIAL)
+def block_amax(x, t, c0, c1):
+    """max |x[t, c0:c1]| (a max is exact in any order: fastmath lets it vectorize)."""
+    amax = np.float32(0.0)
+    for c in range(c0, c1):
+        amax = max(amax, abs(x[t, c]))
+    return amax
+
+
 @njit(**EXACT)
-def tile_x(q, dx):
-    """round_x's q (T, n_blocks·BLOCK) → what the tile kernels take: high, low int8 (T, n_blocks·BLOCK) in the
-    natural column order (x̂q = 2^LOW_BITS·high + low), dx (T, n_blocks) and xsum (T, n_blocks) = Σ x̂ per block."""
-    T, n = q.shape
-    high = np.empty((T, n), np.int8)
-    low = np.empty((T, n), np.int8)
-    xsum = np.zeros(dx.shape, np.float32)
+def tile_x(x, n_blocks):
+    """x (T, in) → what the tile kernels take, in one pass: high, low int8 (T, n_blocks·BLOCK) in the natural
+    column order, dx (T, n_blocks) and xsum (T, n_blocks) = Σ x̂ per block, and x_hat (T, in): the rounding of
+    round_x (x̂ = (2^LOW_BITS·high + low)·dx, the same numbers), without its int32 intermediate."""
+    T, n_in = x.shape
+    high = np.zeros((T, n_blocks * BLOCK), np.int8)
+    low = np.zeros((T, n_blocks * BLOCK), np.int8)
+    dx = np.zeros((T, n_blocks), np.float32)
+    xsum = np.zeros((T, n_blocks), np.float32)
+    x_hat = np.zeros((T, n_in), np.float32)
+    fine = np.float32(1 << LOW_BITS)
     for t in range(T):
-        for c in range(n):
-            h = (q[t, c] + (1 << (LOW_BITS - 1))) >> LOW_BITS  # low in −127 .. 127 < 2^(LOW_BITS−1)
-            high[t, c], low[t, c] = h, q[t, c] - h * (1 << LOW_BITS)
-        for b in range(dx.shape[1]):
-            total = 0
-            for c in range(b * BLOCK, (b + 1) * BLOCK):
-                total += q[t, c]
-            xsum[t, b] = np.float32(total) * dx[t, b]
-    return high, low, dx, xsum
+        for b in range(n_blocks):
+            c0, c1 = b * BLOCK, min(n_in, (b + 1) * BLOCK)
+            amax = block_amax(x, t, c0, c1) if c0 < c1 else np.float32(0.0)
+            if amax == 0.0:
+                continue
+            inv = np.float32(np.float32(127.0) / amax)  # float32 throughout, as the NumPy reference
+            step = np.float32(amax / np.float32(127.0) / fine)
+            total = np.float32(0.0)  # Σ q: integers below 2^24, exact in float32
+            for c in range(c0, c1):  # float32 ops only (exact on these integers): the loop vectorizes
+                v = np.float32(x[t, c] * inv)
+                h = np.float32(min(127.0, max(-127.0, np.rint(v))))
+                lo = np.float32(min(127.0, max(-127.0, np.rint(np.float32((v - h) * fine)))))
+                q = h * fine + lo
+                x_hat[t, c] = q * step
+                total += q
+                high[t, c], low[t, c] = np.int8(h), np.int8(lo)
+            dx[t, b] = step
+            xsum[t, b] = total * step
+    return high, low, dx, xsum, x_hat
 
 
 @njit(**SERIAL)
@@ -502,8 +495,8 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
     each of n_parts parts taking its share of every entry's tiles. (A region per entry — a rows matrix's
     every block — woke the workers up to 12 times a call: SmolLM2's decode with every product parallel,
     OMP_WAIT_POLICY=active, 2 threads, ran 10–13% slower in three paired runs, e.g. 77.3 vs 85.6 tok/s.)"""
-    q, dx, x_hat = round_x(x, stack_blocks(table))
-    x_parts = tile_x(q, dx)
+    high, low, dx, xsum, x_hat = tile_x(x, stack_blocks(table))
+    x_parts = (high, low, dx, xsum)
     stage = np.empty(y.shape, np.float32)
     for part in prange(n_parts):
         for i in range(table.shape[0]):
@@ -517,8 +510,8 @@ def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
 @njit(**SERIAL)
 def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
     """stack_matmul on the calling thread; n_parts unused."""
-    q, dx, x_hat = round_x(x, stack_blocks(table))
-    x_parts = tile_x(q, dx)
+    high, low, dx, xsum, x_hat = tile_x(x, stack_blocks(table))
+    x_parts = (high, low, dx, xsum)
     for i in range(table.shape[0]):
         w, bits, group_size = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
         tile_rows_for(0, tile_count(table, i), w, bits, group_size)
@@ -627,8 +620,6 @@ def examples():
         if bits == 4:
             tiles = np.zeros((1, G * 64 * bits), np.uint8)
             yield "repack", (packed, codes, codes, bits, tiles, np.zeros((1, G * 16), np.uint8), np.zeros((1, G * 16), np.uint8))
-            yield "tiles_dequantize", (tiles, np.zeros((1, G * 16), np.uint8), np.zeros((1, G * 16), np.uint8),
-                                       np.zeros(4, np.float32), bits, 32, 1, np.empty((2, G * 32), np.float32))
         if bits == 4:  # a stack of this matrix (its rows reversed): the types stack_matmul is called with
             table = example_table(packed, codes, meta, bits, 32)
             for name in ("stack_matmul", "stack_matmul_serial"):

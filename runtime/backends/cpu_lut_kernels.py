@@ -20,7 +20,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_kernels import _as_i32, half_to_float, unit_shape, word
+from .cpu_kernels import half_to_float, unit_shape
+from .cpu_qdot import _as_i32, word
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
 
 @intrinsic

@@ -227,3 +227,35 @@ def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b
         return codegen(context, builder, signature, args)
 
     return types.float32(p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr, *literals), lowered
+
+
+# -- scalar helpers of the kernels' unpacking loops (32-bit integer ops: Numba would widen to 64 bits) --------
+def _as_i32(builder, value):
+    width = value.type.width
+    return value if width == 32 else builder.trunc(value, I32) if width > 32 else builder.zext(value, I32)
+
+
+@intrinsic
+def word(typingctx, b0, b1, b2):
+    """Three bytes → their little-endian uint32 (32-bit ops: Numba would widen to 64 bits)."""
+    if not all(isinstance(t, types.Integer) for t in (b0, b1, b2)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        b0, b1, b2 = (builder.and_(_as_i32(builder, a), I32(255)) for a in args)
+        return builder.or_(b0, builder.or_(builder.shl(b1, I32(8)), builder.shl(b2, I32(16))))
+
+    return types.uint32(b0, b1, b2), codegen
+
+
+@intrinsic
+def field(typingctx, value, shift, mask):
+    """float32((value >> shift) & mask) in 32-bit integer ops (vectorizes 16 lanes wide)."""
+    if not all(isinstance(t, types.Integer) for t in (value, shift, mask)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v, s, m = (_as_i32(builder, a) for a in args)
+        return builder.uitofp(builder.and_(builder.lshr(v, s), m), ir.FloatType())
+
+    return types.float32(value, shift, mask), codegen

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, AffineWeight, Matrix, kernel_extras
+from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, AffineWeight, Matrix, kernel_extras
 
 FIELDS = ("rows", "groups", "bits", "group_size", "tile_bytes", "tiles", "scale_tiles", "zero_tiles", "meta", "row_ptr",
           "cols", "values", "runs", "row_ptr_size", "nnz", "first")
@@ -67,6 +67,8 @@ def affine_pieces(weight):
 
 class KernelStack(Matrix):
     """Members (weight handles, one input width) as one (width, in) matrix: their outputs side by side."""
+
+    kernel_tokens = STACK_MAX_TOKENS  # the tiles' kernel: decode and whole prefill pieces
 
     def __init__(self, members, backend):
         self.members, self.backend = tuple(members), backend

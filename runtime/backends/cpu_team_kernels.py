@@ -27,7 +27,7 @@ The shared words (ctrl, int64; each on its own cache line):
     ctrl[AWAKE]   workers inside team_serve (Team.wake sets the sleepers' events when fewer than all)
     ctrl[STOP]    set by Team.close: workers return
 A job's arguments are addresses and sizes of its arrays (the caller's, alive until every part is done)
-and each part runs exactly the serial kernels' row loops (cpu_kernels.affine_rows_for, fp16_rows,
+and each part runs exactly the serial kernels' loops (cpu_kernels.tile_rows_for, fp16_rows,
 cpu_ops._head) on its share of the rows or heads, so the results equal the serial kernels' up to the
 summation order fastmath may pick in another compiled function.
 Atomics are LLVM's (acquire loads, release stores, acq_rel read-modify-writes), and waiting polls with the
@@ -42,7 +42,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import (BLOCK, SERIAL, fp16_rows, pointer, round_x, stack_blocks, staged_entry, tile_count, tile_rows_for,
+from .cpu_kernels import (BLOCK, SERIAL, fp16_rows, pointer, stack_blocks, staged_entry, tile_count, tile_rows_for,
                           tile_x, unstage)
 from .cpu_ops import _head
 from .cpu_stack import FIELDS
@@ -282,8 +282,7 @@ def stack_part(address, part, n_parts):
 @njit(**SERIAL)
 def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.stack_matmul with the team: x rounded here, the tiles in n_parts parts."""
-    q, dx, x_hat = round_x(x, stack_blocks(table))
-    high, low, steps, xsum = tile_x(q, dx)
+    high, low, steps, xsum, x_hat = tile_x(x, stack_blocks(table))
     job = np.zeros(STACK_ENTRY0, np.int64)
     stage = np.empty(y.shape, np.float32)
     job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, x.shape[0], table.ctypes.data, table.shape[0]

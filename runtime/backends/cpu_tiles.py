@@ -29,10 +29,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ...format_spec.layout import META_GROUP_SIZE
+from .cpu_weights import ACTIVATION_BLOCK
+
 TILE_ROWS = 16
-BLOCK = 32  # columns per activation block (cpu_weights.ACTIVATION_BLOCK)
+BLOCK = ACTIVATION_BLOCK  # 32 columns: x's rounding block, and the columns of a tile's block of vectors
+assert BLOCK == 32
 PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 8: (8, 0)}  # bits → (low, high) part widths
-META_SHIFT = 7  # runs of 128 metadata values
+META_SHIFT = META_GROUP_SIZE.bit_length() - 1  # metadata runs of 2^META_SHIFT values (SPEC.md §6.2)
+assert 1 << META_SHIFT == META_GROUP_SIZE
 
 
 def n_tiles(rows: int) -> int:

@@ -1,5 +1,5 @@
-"""The compiled side of cpu_tiles.py: repack (file rows → tiles), tile_dot (one tile's 16 dot products, LLVM
-vector IR) and tiles_dequantize (tiles → float32 rows, for prefill)."""
+"""The compiled side of cpu_tiles.py: repack (file rows → tiles) and tile_dot (one tile's 16 dot products,
+LLVM vector IR)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,20 +10,19 @@ from numba.extending import intrinsic
 
 from .cpu_qdot import VNNI
 from .cpu_tiles import BLOCK, META_SHIFT, PLANES, TILE_ROWS
+from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
 
-LOW_BITS = 8  # x̂ = (2^LOW_BITS·high + low)·dx (cpu_weights.ACTIVATION_LOW_BITS)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
+
+
+LOW_PART = tuple(PLANES.get(bits, (0, 0))[0] for bits in range(9))  # PLANES as tuples a kernel can index
+HIGH_PART = tuple(PLANES.get(bits, (0, 0))[1] for bits in range(9))
 
 
 @njit(**SERIAL)
 def _planes(bits):
-    if bits == 3:
-        return 2, 1
-    if bits == 5:
-        return 4, 1
-    if bits == 6:
-        return 4, 2
-    return bits, 0
+    """PLANES[bits]: the widths of a code's low and high parts."""
+    return LOW_PART[bits], HIGH_PART[bits]
 
 
 @njit(**SERIAL)
@@ -152,7 +151,7 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                 s = builder.load(builder.gep(xsum.data, [b]))
                 x_sum = s if x_sum is None else builder.fadd(x_sum, s)
             # the 16 lanes' scale and zero of group k: code·step + min of each lane's metadata run
-            run = builder.ashr(builder.add(row_start, _splat(builder, VI, builder.trunc(k, I32))), _const(VI, 7))
+            run = builder.ashr(builder.add(row_start, _splat(builder, VI, builder.trunc(k, I32))), _const(VI, META_SHIFT))
             run = builder.select(builder.icmp_signed(">", run, last), last, run)  # padding rows: any valid run
             changed = builder.icmp_signed("!=", run, builder.load(lane_run))
             any_changed = builder.icmp_unsigned("!=", builder.bitcast(changed, ir.IntType(TILE_ROWS)),
@@ -204,32 +203,3 @@ def tile_dot(typingctx, codes, scale_codes, zero_codes, meta, x_high, x_low, dx,
 
     return types.void(codes, scale_codes, zero_codes, meta, x_high, x_low, dx, xsum, out, n_groups, first_row, last_run,
                       *literals), lowered
-
-
-@njit(**SERIAL)
-def tiles_dequantize(codes, scale_tiles, zero_tiles, meta, bits, group_size, r0, w):
-    """w (R, G·g) float32 = rows r0 .. r0+R of the matrix in the natural column order, (code − zero)·scale
-    (SPEC.md §6.1; padding columns included, outliers not): the prefill path's dequantization, from the tiles."""
-    R = w.shape[0]
-    G = scale_tiles.shape[1] // TILE_ROWS
-    low, high = _planes(bits)
-    per_low, low_mask = 8 // low, (1 << low) - 1
-    per_high, high_mask = (8 // high, (1 << high) - 1) if high else (1, 0)
-    block_bytes = 64 * bits
-    for i in range(R):
-        r = r0 + i
-        t, lane = r // TILE_ROWS, r % TILE_ROWS
-        tile, out = codes[t], w[i]
-        for k in range(G):
-            run = 4 * ((r * G + k) >> META_SHIFT)
-            scale = np.float32(scale_tiles[t, k * TILE_ROWS + lane]) * meta[run] + meta[run + 1]
-            zero = np.float32(zero_tiles[t, k * TILE_ROWS + lane]) * meta[run + 2] + meta[run + 3]
-            for b in range(k * group_size // BLOCK, (k + 1) * group_size // BLOCK):
-                at = b * block_bytes + lane * 4
-                for q in range(8):
-                    for i4 in range(4):
-                        code = (np.uint32(tile[at + (q // per_low) * 64 + i4]) >> ((q % per_low) * low)) & low_mask
-                        if high:
-                            part = np.uint32(tile[at + (low + q // per_high) * 64 + i4]) >> ((q % per_high) * high)
-                            code |= (part & high_mask) << low
-                        out[b * BLOCK + 4 * q + i4] = (np.float32(code) - zero) * scale

@@ -10,15 +10,20 @@ Two memory modes (chosen at load, see NumpyBackend):
                       pairs of the metadata runs are widened to float32 (1/128 of the metadata).
                       With the kernels, a big fp16 matrix (the lm_head) is moved off the mapping
                       into anonymous memory (same resident size, faster to stream: off_the_mapping).
+                      With the kernels, each affine matrix's codes are also moved once into
+                      tiles of 16 rows (cpu_tiles.py) and the file's pages dropped: the tiles
+                      take the place of the file's bytes in resident memory.
                       Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
                       are loaded). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
                           cpu_kernels.py — unpack, dequantize and dot product fused, each
-                          packed byte read once per token; rows in parallel when that has
-                          been measured faster for the matrix (ThreadChoice);
+                          tile byte read once per token (a matrix that is not part of a
+                          kernel stack: its packed file rows; in parallel when that has been
+                          measured faster for the matrix, ThreadChoice);
                         * more tokens (prefill): with the kernels, a compiled one-pass
-                          dequantization of a chunk of rows (affine_dequantize), then sgemm;
-                          without them, the NumPy path below.
+                          dequantization of a chunk of the file's rows (affine_dequantize;
+                          their pages dropped again after each chunk), then sgemm; without
+                          them, the NumPy path below.
   cache_dequantized   Every matrix is dequantized once at load to float32 and kept (4 bytes per
                       weight on top of the file); products are plain BLAS.
 
@@ -54,7 +59,8 @@ if TYPE_CHECKING:
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many columns (quantize_activations) ...
 ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps
-KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured)
+KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured) ...
+STACK_MAX_TOKENS = 256  # ... and kernel stacks (the tiles' integer dot products) a whole prefill piece (measured)
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
 TEAM_MIN_WEIGHTS = 1 << 16  # products on the team (cpu_team.py) from this many weights (a job costs ~1 µs)
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product
@@ -177,6 +183,7 @@ class Matrix:
     Subclasses give shape, backend, cache(), lean_rows(ids), kernel_matmul(...) and numpy_matmul(x)."""
 
     dense = None  # float32 (out, in) once cached
+    kernel_tokens = KERNEL_MAX_TOKENS  # the compiled kernel multiplies up to this many rows of x
 
     def rows(self, ids):
         """Rows `ids` as float32 (T, in): the embedding gather."""
@@ -188,7 +195,7 @@ class Matrix:
             self.cache()  # a tied embedding, first used as lm_head
         if self.dense is not None:
             return add_bias_residual(dense_matmul(self.backend, self.dense, x), bias, residual)
-        kernels = self.backend.kernels_for(x.shape[0])
+        kernels = self.backend.kernels_for(x.shape[0], self.kernel_tokens)
         if kernels is not None:
             y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
             if self.kernel_matmul(kernels, x, bias, residual, y):
@@ -234,12 +241,13 @@ def _mapping_of(view: np.ndarray):
 
 
 def release(view: np.ndarray) -> None:
-    """Drop the whole pages of a view of the mapped file from this process (MADV_DONTNEED; the file stays
-    in the page cache, and a later read faults them in again): for bytes kept elsewhere from now on."""
+    """Drop the pages a view of the mapped file touches from this process (MADV_DONTNEED; the file stays in
+    the page cache, and whatever is read there later — the view or a neighbouring blob — faults back in): for
+    bytes kept elsewhere from now on."""
     mapping, start = _mapping_of(view)
     if mapping is None:
         return
-    first, last = -(-start // mmap.PAGESIZE), (start + view.nbytes) // mmap.PAGESIZE  # whole pages only
+    first, last = start // mmap.PAGESIZE, -(-(start + view.nbytes) // mmap.PAGESIZE)  # every page it touches
     if last > first:
         mapping.madvise(mmap.MADV_DONTNEED, first * mmap.PAGESIZE, (last - first) * mmap.PAGESIZE)
 
@@ -485,6 +493,8 @@ class AffineWeight(Matrix):
         if T > DECODE_MAX_TOKENS and kernels is not None:
             part = lambda r0, r1, scratch: self._prefill_rows_compiled(kernels, x, y, r0, r1, scratch)
             self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+            if self._tiles is not None:  # the pages where the parts' chunks met
+                release(self.packed)
             return self._add_outliers(x, y)
         x_perm = np.take(x, np.minimum(self.columns, in_features - 1), axis=1)  # (T, G·g) in unpack order ...
         x_perm[:, self.columns == in_features] = 0.0  # ... zeros at padding
@@ -512,12 +522,10 @@ class AffineWeight(Matrix):
         for c0 in range(r0, r1, chunk):
             c1 = min(r1, c0 + chunk)
             w = scratch("weight", (c1 - c0, padded), np.float32)  # (rows, G·g), natural column order
-            tiles = self.tiles()
-            if tiles is not None:  # lean mode: from the tiles (the file's pages of these codes were released)
-                kernels.tiles_dequantize(*tiles, self.bits, self.group_size, c0, w)
-            else:
-                kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes,
-                                          self.zero_meta, self.bits, self.group_size, c0, w)
+            kernels.affine_dequantize(self.packed, self.scale_codes, self.scale_meta, self.zero_codes, self.zero_meta,
+                                      self.bits, self.group_size, c0, w)
+            if self._tiles is not None:  # decode reads the tiles: these rows' pages of the file go again
+                release(self.packed[c0:c1])
             y[:, c0:c1] = x @ w[:, :in_features].T  # (T, rows)
 
     def _decode_rows(self, xg, x_sum, y, r0, r1, scratch):

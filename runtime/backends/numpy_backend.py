@@ -31,7 +31,7 @@ from .cpu_jit import kernels as load_kernels
 from .cpu_lut import LutWeight
 from .cpu_stack import KernelStack
 from .cpu_team import MAX_PARTS, Team
-from .cpu_weights import KERNEL_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
+from .cpu_weights import KERNEL_MAX_TOKENS, STACK_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 from .row_blocks import RowBlocks
 
 ATTENTION_BLOCK = 256  # queries per block in prefill attention, at most ...
@@ -81,9 +81,9 @@ class NumpyBackend(Backend):
         self.blas.set(1)
 
     # -- compiled kernels --------------------------------------------------------------------------
-    def kernels_for(self, n_tokens: int):
-        """The compiled kernel module when it should multiply n_tokens rows of x, else None."""
-        return self.kernels if n_tokens <= KERNEL_MAX_TOKENS else None
+    def kernels_for(self, n_tokens: int, most: int = KERNEL_MAX_TOKENS):
+        """The compiled kernel module when it should multiply n_tokens rows of x (at most `most`), else None."""
+        return self.kernels if n_tokens <= most else None
 
     def run_kernel(self, kernel, *args) -> bool:
         """kernel(*args, self.threads); False if it failed — then the kernels are switched off for
@@ -241,7 +241,7 @@ class NumpyBackend(Backend):
     def stack(self, weights: tuple, n_tokens: int) -> KernelStack | None:
         """The KernelStack of these handles when the compiled kernels multiply n_tokens rows and every
         handle is affine throughout (made once per tuple of handles), else None."""
-        if self.kernels_for(n_tokens) is None:
+        if self.kernels_for(n_tokens, STACK_MAX_TOKENS) is None:
             return None
         key = tuple(map(id, weights))
         if key not in self.stacks:
