@@ -482,6 +482,7 @@ from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
 from mxq.runtime.backends.numpy_backend import AffineWeight, NumpyBackend
 from mxq.runtime.backends.cpu_stack import KernelStack
+from mxq.runtime.backends.cpu_tiles import build
 from conftest import random_affine_blobs
 Entry = type("E", (), {})
 rng, backend = np.random.default_rng(3), NumpyBackend(threads=1, kernels=False)
@@ -491,13 +492,14 @@ for bits in (2, 3, 4, 5, 6, 8):
         config = StorageConfig.affine(bits, group, 0)
         entry = Entry(); entry.name, entry.shape, entry.config, entry.role = "w", shape, config, "linear"
         w = AffineWeight(entry, random_affine_blobs(rng, shape, config), backend)
+        w._tiles = build(w.packed, w.scale_codes, w.zero_codes, w.scale_meta, w.zero_meta, bits, K.repack)  # as lean mode
         x = rng.standard_normal((2, shape[1])).astype(np.float32)
         y = np.empty((2, shape[0]), np.float32)
         K.affine_matmul_serial(x, w.packed, w.scale_codes, w.scale_meta, w.zero_codes, w.zero_meta, bits, group,
                                NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
         want = w.numpy_matmul(quantize_activations(x))
         assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group)
-        stack = KernelStack((w,), backend)  # the same matrix through the stack kernel
+        stack = KernelStack((w,), backend)  # the same matrix through the stack kernel (its tiles: cpu_tiles_kernels)
         K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
         assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, "stack")
 print("ok")
@@ -506,8 +508,8 @@ print("ok")
 
 @pytest.mark.slow
 def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
-    """cpu_qdot's lane dot product without AVX512-VNNI (LLVM's generic lowering, e.g. aarch64 or older
-    x86): compiled afresh in a subprocess (own Numba cache), every bit width and group size against the
+    """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) without AVX512-VNNI (LLVM's generic
+    lowering, e.g. aarch64 or older x86): compiled afresh in a subprocess (own Numba cache), every bit width and group size against the
     NumPy path on x̂. (~half a minute: every kernel copy compiles.)"""
     import sys
 
