@@ -1,11 +1,12 @@
 """The NumPy backend: the CPU runtime, and the reference every other backend is tested against.
 
 Weights are handles from cpu_weights.py (DenseWeight, AffineWeight), cpu_lut.py (LutWeight) and, for
-`rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies straight
-from the memory-mapped file — with the compiled kernels of cpu_kernels.py for decode-sized
-products when Numba is available (cpu_jit.py; the affine ones of one input — a rows matrix's blocks,
-q/k/v, gate/up — as one call, cpu_stack.py), else with NumPy — and cache_dequantized keeps a
-float32 copy of every matrix (see cpu_weights.py for both modes' memory and speed).
+`rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies the packed codes
+— with the compiled kernels of cpu_kernels.py when Numba is available (cpu_jit.py): the affine ones of
+one input — a rows matrix's blocks, q/k/v, gate/up — as one call from their tiles of 16 rows, for decode
+and whole prefill pieces (cpu_stack.py, cpu_tiles.py), other products for decode-sized inputs — else with
+NumPy from the memory-mapped file — and cache_dequantized keeps a float32 copy of every matrix (see
+cpu_weights.py for both modes' memory and speed).
 In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
 compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
 
