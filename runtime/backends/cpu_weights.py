@@ -15,12 +15,13 @@ Two memory modes (chosen at load, see NumpyBackend):
                       take the place of the file's bytes in resident memory.
                       Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
                       are loaded). Products:
-                        * up to KERNEL_MAX_TOKENS tokens (decode): the compiled kernels of
+                        * up to KERNEL_MAX_TOKENS tokens (decode), and up to STACK_MAX_TOKENS
+                          (a prefill piece) for kernel stacks: the compiled kernels of
                           cpu_kernels.py — unpack, dequantize and dot product fused, each
                           tile byte read once per token (a matrix that is not part of a
                           kernel stack: its packed file rows; in parallel when that has been
                           measured faster for the matrix, ThreadChoice);
-                        * more tokens (prefill): with the kernels, a compiled one-pass
+                        * more tokens: with the kernels, a compiled one-pass
                           dequantization of a chunk of the file's rows (affine_dequantize;
                           their pages dropped again after each chunk), then sgemm; without
                           them, the NumPy path below.
