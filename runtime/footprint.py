@@ -12,6 +12,9 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
     activations  prefill peak of one piece of the prompt (≤ PREFILL_CHUNK  model.hidden_states, model.block,
                  tokens) over N keys · batch (main thread + each worker's) numpy_backend
     scratch      threads · 2 · dequantization chunk                        cpu_weights._prefill_rows(_compiled)
+    stacks       with the kernels, a kernel stack's arrays for one prefill  cpu_kernels.stack_matmul*, tile_x
+                 piece: its staged output (t · widest stack) and x rounded
+                 for the tiles (t · widest input · (4 + 2 bytes))
     logits       vocab · 4 · batch (the last token only)                   generate: forward(last_only=True)
     tokenizer    library + 4 · tokenizer.json bytes (measured)             tokenizer.py (HF tokenizers)
     python       interpreter + NumPy + the mxq CLI and runtime (measured)  import
@@ -157,6 +160,17 @@ def scratch_bytes(c: ModelConfig, threads: int) -> int:
     return threads * 2 * chunk
 
 
+def stack_bytes(c: ModelConfig, tokens: int) -> int:
+    """A kernel stack's own arrays for one piece of t = min(tokens, PREFILL_CHUNK) rows (stacks multiply whole
+    prefill pieces from the tiles, cpu_stack.py): the staged float32 output of the widest stack (q/k/v or
+    gate/up side by side) and x rounded for the tiles (tile_x: x̂ float32 and the high and low int8 parts)."""
+    t = min(tokens, PREFILL_CHUNK)
+    q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    widest_stack = max(q_width + 2 * kv_width, 2 * c.intermediate_size, c.hidden_size)
+    widest_input = max(c.hidden_size, c.intermediate_size, q_width)
+    return t * (widest_stack * F32 + widest_input * (F32 + 2))
+
+
 def footprint(model_config: ModelConfig, file_bytes: int, context: int, batch: int = 1, device: str = "cpu",
               kernels: bool | str = True, *, tokenizer_bytes: int, threads: int | None = None,
               unpacked_bytes: int = 0) -> Footprint:
@@ -184,6 +198,7 @@ def footprint(model_config: ModelConfig, file_bytes: int, context: int, batch: i
         "kv_cache": kv_cache_bytes(c, context, batch),
         "activations": activation_bytes(c, context, threads) * batch,
         "scratch": scratch_bytes(c, threads),
+        "stacks": stack_bytes(c, context) * batch if kind else 0,
         "logits": c.vocab_size * F32 * batch,
         "tokenizer": TOKENIZER_LIBRARY_BYTES + TOKENIZER_BYTES_PER_JSON_BYTE * int(tokenizer_bytes),
         "python": PYTHON_BYTES,
