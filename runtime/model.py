@@ -104,6 +104,7 @@ class Model:
         self.norm = _weight(spec["norm"], c, tensor)
         # tied: the (possibly quantized) embedding matrix is the head
         self.lm_head = _weight(spec["lm_head"], c, tensor) if present(spec["lm_head"], c) else self.embed_tokens
+        backend.prepare_head(self.lm_head)  # (lean CPU: a tied embedding's tiles now, before any KV cache exists)
         self.inv_freq = [backend.upload(c.inv_freq(i)) for i in range(c.num_hidden_layers)]  # (rotary_dim/2,)
         # Backend options are passed only when they differ from the defaults (full rotary, 1/sqrt(hd),
         # no window), so a backend without a feature still runs every family that does not use it.

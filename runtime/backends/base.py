@@ -57,6 +57,10 @@ class Backend(ABC):
         """The weight handle of a 2-D tensor of one of `schemes` that `linear` and `embedding` accept
         (outliers and shape already checked by `prepare`)."""
 
+    def prepare_head(self, weight) -> None:
+        """The handle `weight` will also multiply as the lm_head (a tied embedding): get it ready at load
+        (default: nothing to do)."""
+
     def loaded(self, file) -> None:
         """Every tensor of `file` has its handle: the backend may let go of what it copied (default: nothing)."""
 

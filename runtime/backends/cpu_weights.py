@@ -388,8 +388,7 @@ class AffineWeight(Matrix):
         out_features, in_features = self.shape
         self.n_groups = -(-in_features // self.group_size)
         self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, G·g·b/8), zero-copy
-        self.scale_codes = readonly(blobs["scale_codes"])  # (out, G) uint8, zero-copy
-        self.zero_codes = readonly(blobs["zero_codes"])
+        self._meta_codes = [readonly(blobs["scale_codes"]), readonly(blobs["zero_codes"])]  # (out, G) uint8 each
         self.scale_meta = blobs["scale_meta"].astype(np.float32)  # (runs, 2): step, min
         self.zero_meta = blobs["zero_meta"].astype(np.float32)
         self.columns = column_order(in_features, self.bits, self.group_size)  # (G·g,)
@@ -411,9 +410,33 @@ class AffineWeight(Matrix):
 
             self._tiles = build(self.packed, self.scale_codes, self.zero_codes, self.scale_meta, self.zero_meta,
                                 self.bits, kernels.repack)
-            for view in (self.packed, self.scale_codes, self.zero_codes):
-                release(view)
+            release(self.packed)
+            for which, codes in enumerate(self._meta_codes):
+                if _mapping_of(codes)[0] is None:  # 6-bit codes unpacked at load: the tiles hold them now
+                    self._meta_codes[which] = None
+                else:
+                    release(codes)
         return self._tiles
+
+    @property
+    def scale_codes(self) -> np.ndarray:
+        """(out, G) uint8 scale codes: a view of the file, or read back from the tiles (6-bit codes, which
+        lean mode keeps unpacked once: in the tiles)."""
+        return self._codes_of(0)
+
+    @property
+    def zero_codes(self) -> np.ndarray:
+        return self._codes_of(1)
+
+    def _codes_of(self, which: int) -> np.ndarray:
+        codes = self._meta_codes[which]
+        if codes is None:
+            from .cpu_tiles import TILE_ROWS
+
+            lanes = (self._tiles.scale_codes, self._tiles.zero_codes)[which]  # (n_tiles, G · 16)
+            codes = lanes.reshape(-1, self.n_groups, TILE_ROWS).transpose(0, 2, 1).reshape(-1, self.n_groups)
+            return readonly(codes[:self.shape[0]])
+        return codes
 
     @cached_property
     def outliers(self):
