@@ -5,7 +5,10 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
     item         bytes                                                     where it is allocated
     file         file_bytes (every weight page is read per token)          the mmapped .mxq (lean mode); a big
                                                                            fp16 lm_head moves to anonymous
-                                                                           memory, same bytes (cpu_weights)
+                                                                           memory, same bytes (cpu_weights);
+                                                                           with the kernels, affine codes move
+                                                                           to tiles, same bytes (cpu_tiles),
+                                                                           and the file's pages are dropped
     unpacked     6-bit metadata codes widened to uint8 at load, beyond     format_spec reader (MxqFile.blobs,
                  their packed bytes (released): layout.unpacked_extra_nbytes  which drops the packed pages)
     kv_cache     layers · 2 · kv_heads · head_dim · N · 4 · batch          base.LayerCache, float32 on the CPU

@@ -1,5 +1,6 @@
 """Tiles of 16 rows (runtime/backends/cpu_tiles.py): the layout repack writes is the one the module documents
-(decoded here with NumPy from the doc's formula, for every bit width, padding rows included), and products
+(decoded here with NumPy from the doc's formula, for every bit width, padding rows included), tile_dequantize
+reads rows back from it exactly, and products
 whose rows cross many metadata runs (a lane's run changes several times along a row) match the NumPy path.
 The products of every config, rows matrices, outliers, bias, residual and the parallel parts are in
 test_cpu_stack.py, which multiplies through the tiles."""
@@ -52,6 +53,29 @@ def test_repack_writes_the_documented_layout(backends, bits):
         lanes = getattr(tiles, name).reshape(3, groups, TILE_ROWS).transpose(0, 2, 1).reshape(-1, groups)
         assert np.array_equal(lanes[:rows], want) and not lanes[rows:].any()
     assert np.array_equal(tiles.meta.reshape(-1, 4), np.concatenate([meta, 2 * meta], axis=1))
+
+
+@pytest.mark.parametrize("bits", sorted(PLANES))
+def test_tile_dequantize_reads_back_the_rows_the_file_holds(backends, bits):
+    """An embedding whose codes moved into tiles is looked up there: rows (in any order, repeated) come back as
+    (code − zero)·scale exactly as SPEC.md §6.1-6.2 decode them from the file, metadata runs crossed."""
+    fast, _ = backends
+    rng = np.random.default_rng(10 + bits)
+    rows, n_cols, group_size = 45, 96, 32
+    groups = n_cols // group_size  # 45 · 3 = 135 metadata values: two runs
+    codes = rng.integers(0, 1 << bits, (rows, n_cols)).astype(np.uint8)
+    packed = pack_codes(codes, bits).view(np.uint8).reshape(rows, -1)
+    scale_codes, zero_codes = (rng.integers(0, 256, (rows, groups)).astype(np.uint8) for _ in range(2))
+    scale_meta, zero_meta = (rng.random((2, 2)).astype(np.float32) for _ in range(2))
+    tiles = build(packed, scale_codes, zero_codes, scale_meta, zero_meta, bits, fast.kernels.repack)
+    ids = np.array([44, 0, 17, 17, 31, 2], np.int64)
+    out = np.empty((ids.size, n_cols), np.float32)
+    fast.kernels.tile_dequantize(*tiles, ids, bits, group_size, out)
+    run = (ids[:, None] * groups + np.arange(groups)) // 128  # (R, G)
+    scale = scale_codes[ids].astype(np.float32) * scale_meta[run, 0] + scale_meta[run, 1]
+    zero = zero_codes[ids].astype(np.float32) * zero_meta[run, 0] + zero_meta[run, 1]
+    want = (codes[ids].astype(np.float32).reshape(ids.size, groups, group_size) - zero[..., None]) * scale[..., None]
+    assert np.array_equal(out, want.reshape(ids.size, n_cols))
 
 
 def test_rows_across_many_metadata_runs_match_numpy_path(backends):

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
 EXPORTS = {
     "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize",
-                    "repack"),
+                    "repack", "tile_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
     "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),

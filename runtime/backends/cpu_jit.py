@@ -127,6 +127,7 @@ def _load_jit():
                            stack_matmul=cpu_kernels.stack_matmul, stack_matmul_serial=cpu_kernels.stack_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
                            affine_dequantize=cpu_kernels.affine_dequantize, repack=cpu_kernels.repack,
+                           tile_dequantize=cpu_kernels.tile_dequantize,
                            stack_matmul_team=cpu_team_kernels.stack_matmul_team, fp16_matmul_team=cpu_team_kernels.fp16_matmul_team,
                            attention_team=cpu_team_kernels.attention_team, team_serve=cpu_team_kernels.team_serve,
                            ops=cpu_ops, lut=_jit_lut)

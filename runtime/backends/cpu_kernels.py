@@ -12,6 +12,7 @@
     fp16_matmul_serial(... the same ...)                                on the calling thread only
     affine_dequantize(...)                                              rows of W as float32 (prefill)
     repack(...)                                                         file rows → tiles (cpu_tiles_kernels.py)
+    tile_dequantize(...)                                                tiles → rows of W as float32 (lookups)
 
 How a row of an affine matrix is multiplied by affine_matmul (llama.cpp's idea: integer dot products; the
 tile kernels of the stacks compute the same sums 16 rows at a time, see cpu_tiles.py). x is first
@@ -51,7 +52,7 @@ from .cpu_qdot import CORR_PAD, block_dot, field, word
 from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
                         TILE_BYTES, TILES, VALUES, ZERO_TILES)
 from .cpu_tiles import TILE_ROWS
-from .cpu_tiles_kernels import repack, tile_dot
+from .cpu_tiles_kernels import repack, tile_dequantize, tile_dot
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
@@ -620,6 +621,9 @@ def examples():
         if bits == 4:
             tiles = np.zeros((1, G * 64 * bits), np.uint8)
             yield "repack", (packed, codes, codes, bits, tiles, np.zeros((1, G * 16), np.uint8), np.zeros((1, G * 16), np.uint8))
+            lanes = np.zeros((1, G * 16), np.uint8)  # the types cpu_tiles.build makes: writable arrays
+            yield "tile_dequantize", (tiles, lanes, lanes, np.zeros(4, np.float32), np.arange(2, dtype=np.int64), bits, 32,
+                                      np.empty((2, G * 32), np.float32))
         if bits == 4:  # a stack of this matrix (its rows reversed): the types stack_matmul is called with
             table = example_table(packed, codes, meta, bits, 32)
             for name in ("stack_matmul", "stack_matmul_serial"):

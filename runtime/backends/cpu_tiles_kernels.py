@@ -1,5 +1,5 @@
-"""The compiled side of cpu_tiles.py: repack (file rows → tiles) and tile_dot (one tile's 16 dot products,
-LLVM vector IR)."""
+"""The compiled side of cpu_tiles.py: repack (file rows → tiles), tile_dequantize (tiles →
+float32 rows) and tile_dot (one tile's 16 dot products, LLVM vector IR)."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,6 +58,37 @@ def repack(packed, scale_codes, zero_codes, bits, codes, scale_tiles, zero_tiles
         for k in range(G):
             scale_tiles[t, k * TILE_ROWS + lane] = scale_codes[r, k]
             zero_tiles[t, k * TILE_ROWS + lane] = zero_codes[r, k]
+
+
+@njit(cache=True, nogil=True)  # no fastmath: the NumPy path's float32 operations, in its order (cpu_weights.meta_rows)
+def tile_dequantize(codes, scale_tiles, zero_tiles, meta, ids, bits, group_size, out):
+    """out (len(ids), C) float32 = rows ids of a matrix in tiles, dequantized: (code − zero)·scale (SPEC.md
+    §6.1), scale and zero = metadata code · step + min of the row's run, in natural column order (the file's
+    padding columns included). repack's layout read back; ids must be rows of the matrix (the caller checks).
+    What an embedding's lookups read once its codes live in tiles: not the file, whose pages a lookup
+    faults in 64 KiB at a time (the kernel's fault-around) and keeps resident."""
+    n_cols = out.shape[1]
+    G = scale_tiles.shape[1] // TILE_ROWS
+    low, high = _planes(bits)
+    low_mask, per_low = (1 << low) - 1, 8 // low
+    high_mask, per_high = (1 << high) - 1, (8 // high if high else 1)
+    block_bytes = 64 * bits
+    for n in range(ids.size):
+        r = ids[n]
+        t, lane = r // TILE_ROWS, r % TILE_ROWS
+        tile = codes[t]
+        for k in range(G):
+            run = 4 * ((r * G + k) >> META_SHIFT)
+            scale = np.float32(scale_tiles[t, k * TILE_ROWS + lane]) * meta[run] + meta[run + 1]
+            zero = np.float32(zero_tiles[t, k * TILE_ROWS + lane]) * meta[run + 2] + meta[run + 3]
+            for c in range(k * group_size, min(n_cols, (k + 1) * group_size)):
+                b, q, i = c // BLOCK, (c % BLOCK) // 4, c % 4
+                at = b * block_bytes + lane * 4 + i
+                value = (np.uint32(tile[at + (q // per_low) * 64]) >> ((q % per_low) * low)) & low_mask
+                if high:
+                    part = np.uint32(tile[at + (low + q // per_high) * 64]) >> ((q % per_high) * high)
+                    value |= (part & high_mask) << low
+                out[n, c] = (np.float32(value) - zero) * scale
 
 
 # -- the tile's dot product, as LLVM vector IR -------------------------------------------------------------

@@ -389,6 +389,7 @@ class AffineWeight(Matrix):
         self.n_groups = -(-in_features // self.group_size)
         self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, G·g·b/8), zero-copy
         self._meta_codes = [readonly(blobs["scale_codes"]), readonly(blobs["zero_codes"])]  # (out, G) uint8 each
+        self._meta_unpacked = entry.config.meta_bits != 8  # 6-bit codes: unpacked copies (format_spec.loaded_blobs)
         self.scale_meta = blobs["scale_meta"].astype(np.float32)  # (runs, 2): step, min
         self.zero_meta = blobs["zero_meta"].astype(np.float32)
         self.columns = column_order(in_features, self.bits, self.group_size)  # (G·g,)
@@ -412,9 +413,9 @@ class AffineWeight(Matrix):
                                 self.bits, kernels.repack)
             release(self.packed)
             for which, codes in enumerate(self._meta_codes):
-                if _mapping_of(codes)[0] is None:  # 6-bit codes unpacked at load: the tiles hold them now
+                if self._meta_unpacked:  # 6-bit codes unpacked at load: the tiles hold them now
                     self._meta_codes[which] = None
-                else:
+                else:  # 8-bit codes: views of the file, whose pages go (they fault back in if read)
                     release(codes)
         return self._tiles
 
@@ -470,15 +471,25 @@ class AffineWeight(Matrix):
 
     # -- full dequantization --------------------------------------------------------------------------
     def dequantize_rows(self, r: np.ndarray | slice) -> np.ndarray:
-        """Float32 rows of W in the natural column order, outliers included: (R, in)."""
-        packed = np.ascontiguousarray(self.packed[r])
-        R, (_, in_features) = packed.shape[0], self.shape
-        U, _ = UNITS[self.bits]
-        codes = self._codes(packed, _fresh)
-        w = self._dequantize_into(codes, r, np.empty((R, self.n_groups, U, self.group_size // U), np.float32))
-        out = np.empty((R, in_features + 1), dtype=np.float32)
-        out[:, self.columns] = w.reshape(R, -1)  # the padding positions all land in column in_features
-        out = out[:, :in_features]
+        """Float32 rows of W in the natural column order, outliers included: (R, in). Read from the tiles
+        when the codes live there (an embedding that is also the lm_head): the file's pages stay released."""
+        in_features, kernels = self.shape[1], self.backend.kernels
+        if self._tiles is not None and kernels is not None:
+            ids = np.arange(self.shape[0])[r]  # (R,): out-of-range ids raise here, before the kernel
+            R = ids.size
+            out = np.empty((R, self.n_groups * self.group_size), np.float32)
+            t = self._tiles
+            kernels.tile_dequantize(t.codes, t.scale_codes, t.zero_codes, t.meta, ids, self.bits, self.group_size, out)
+            out = out[:, :in_features]
+        else:
+            packed = np.ascontiguousarray(self.packed[r])
+            R = packed.shape[0]
+            U, _ = UNITS[self.bits]
+            codes = self._codes(packed, _fresh)
+            w = self._dequantize_into(codes, r, np.empty((R, self.n_groups, U, self.group_size // U), np.float32))
+            out = np.empty((R, in_features + 1), dtype=np.float32)
+            out[:, self.columns] = w.reshape(R, -1)  # the padding positions all land in column in_features
+            out = out[:, :in_features]
         if self.outliers is not None:
             _, _, cols, values, row_ptr = self.outliers
             row_ids = np.arange(self.shape[0])[r]
