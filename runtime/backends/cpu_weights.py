@@ -12,7 +12,8 @@ Two memory modes (chosen at load, see NumpyBackend):
                       into anonymous memory (same resident size, faster to stream: off_the_mapping).
                       With the kernels, each affine matrix's codes are also moved once into
                       tiles of 16 rows (cpu_tiles.py) and the file's pages dropped: the tiles
-                      take the place of the file's bytes in resident memory.
+                      take the place of the file's bytes in resident memory (a tied embedding's
+                      lookups read its tiles, not the file: tile_dequantize).
                       Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
                       are loaded). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode), and up to STACK_MAX_TOKENS
@@ -404,7 +405,7 @@ class AffineWeight(Matrix):
     def tiles(self):
         """The codes in tiles of 16 rows (cpu_tiles.py) that decode's kernels read, made at the first call, or
         None (no kernels, or --cache-dequantized). The file's pages of the codes they replace are released
-        (an embedding's gathered rows fault back in as they are read)."""
+        (an embedding with tiles — the tied lm_head — is looked up from them too: dequantize_rows)."""
         kernels = self.backend.kernels
         if self._tiles is None and kernels is not None and not self.backend.cache_dequantized:
             from .cpu_tiles import build
