@@ -209,23 +209,31 @@ def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blo
 _CODEGENS: dict = {}
 
 
+def literal_codegen(codegens: dict, make, literals):
+    """The lowering of an intrinsic compiled once per value of its literal integer arguments: make(*values)
+    → codegen, kept in `codegens`; None (no typing) unless every one of `literals` is an IntegerLiteral."""
+    if not all(isinstance(t, types.IntegerLiteral) for t in literals):
+        return None
+    key = tuple(t.literal_value for t in literals)
+    if key not in codegens:
+        codegens[key] = make(*key)
+    codegen = codegens[key]
+
+    def lowered(context, builder, signature, args):
+        return codegen(context, builder, signature, args)
+
+    return lowered
+
+
 @intrinsic
 def block_dot(typingctx, p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr, bits, units_per_block,
               blocks_per_vector, blocks_per_group):
     """See the module doc. p uint8, x_high and x_low int8, dx, wscale, corr_a and corr_b float32: 1-D
     C-contiguous; n_vectors and n_corr (a multiple of CORR_PAD) integers."""
     literals = (bits, units_per_block, blocks_per_vector, blocks_per_group)
-    if (not all(isinstance(t, types.IntegerLiteral) for t in literals) or not isinstance(n_vectors, types.Integer)
-            or not isinstance(n_corr, types.Integer)):
+    lowered = literal_codegen(_CODEGENS, _make_block_dot, literals)
+    if lowered is None or not isinstance(n_vectors, types.Integer) or not isinstance(n_corr, types.Integer):
         return None
-    key = tuple(t.literal_value for t in literals)
-    if key not in _CODEGENS:
-        _CODEGENS[key] = _make_block_dot(*key)
-    codegen = _CODEGENS[key]
-
-    def lowered(context, builder, signature, args):
-        return codegen(context, builder, signature, args)
-
     return types.float32(p, x_high, x_low, dx, wscale, n_vectors, corr_a, corr_b, n_corr, *literals), lowered
 
 

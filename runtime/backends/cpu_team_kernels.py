@@ -205,7 +205,7 @@ def team_serve(ctrl, spins):
 #            the caller then adds bias and residual and puts the rows in their places (unstage).
 # fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
 # attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
-STACK_ENTRY0 = 15
+JOB_WORDS = 15  # a job's argument array: the longest kind (stack, attention) uses 14
 
 
 @njit(**SERIAL)
@@ -224,7 +224,7 @@ def run_part(address, part):
 @njit(**SERIAL)
 def fp16_part(address, part, n_parts):
     """Part `part` of an fp16 job: its share of the rows (as cpu_kernels.fp16_matmul's parts)."""
-    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    job = carray(pointer(address), (JOB_WORDS,), np.int64)
     T, R, C = job[2], job[4], job[5]
     half_bits = carray(pointer(job[3]), (R, C), np.uint16)
     x = carray(pointer(job[6]), (T, C), np.float32)
@@ -240,7 +240,7 @@ def attention_part(address, part):
     """Part `part` of an attention job: query head `part` (cpu_ops._head reads its kv head's keys and values
     once per query head, so parts of one kv head cost nothing extra; a part per kv head split SmolLM2's 3
     over two threads 2:1)."""
-    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    job = carray(pointer(address), (JOB_WORDS,), np.int64)
     T, cols, n_kv, capacity, head_dim = job[2], job[4], job[6], job[7], job[8]
     q = carray(pointer(job[3]), (T, cols), np.float32)
     kc = carray(pointer(job[5]), (n_kv, capacity, head_dim), np.float32)
@@ -265,7 +265,7 @@ def heads(q, kc, vc, start, scale, window, out, h0, h1):
 @njit(**SERIAL)
 def stack_part(address, part, n_parts):
     """Part `part` of a stack job: its share of every entry's tiles (as cpu_kernels.stack_matmul's parts)."""
-    job = carray(pointer(address), (STACK_ENTRY0,), np.int64)
+    job = carray(pointer(address), (JOB_WORDS,), np.int64)
     T, n, blocks = job[2], job[4], job[9]
     table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
     stage = carray(pointer(job[5]), (T, job[6]), np.float32)
@@ -283,7 +283,7 @@ def stack_part(address, part, n_parts):
 def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.stack_matmul with the team: x rounded here, the tiles in n_parts parts."""
     high, low, steps, xsum, x_hat = tile_x(x, stack_blocks(table))
-    job = np.zeros(STACK_ENTRY0, np.int64)
+    job = np.zeros(JOB_WORDS, np.int64)
     stage = np.empty(y.shape, np.float32)
     job[0], job[1], job[2], job[3], job[4] = KIND_STACK, n_parts, x.shape[0], table.ctypes.data, table.shape[0]
     job[5], job[6], job[7], job[8], job[9] = stage.ctypes.data, stage.shape[1], x_hat.ctypes.data, x_hat.shape[1], \
@@ -297,7 +297,7 @@ def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
 @njit(**SERIAL)
 def fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.fp16_matmul with the team (rows in n_parts parts)."""
-    job = np.zeros(STACK_ENTRY0, np.int64)
+    job = np.zeros(JOB_WORDS, np.int64)
     job[0], job[1], job[2], job[3], job[4], job[5] = (KIND_FP16, n_parts, x.shape[0], half_bits.ctypes.data,
                                                       half_bits.shape[0], half_bits.shape[1])
     job[6], job[7], job[8], job[9] = x.ctypes.data, bias.ctypes.data, bias.size, residual.ctypes.data
@@ -310,7 +310,7 @@ def fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl):
 def attention_team(q, kc, vc, start, scale, window, out, ctrl):
     """cpu_ops.attention with the team: one part per query head."""
     n_kv, capacity, head_dim = kc.shape
-    job = np.zeros(STACK_ENTRY0, np.int64)
+    job = np.zeros(JOB_WORDS, np.int64)
     job[0], job[1], job[2], job[3], job[4], job[5] = KIND_ATTENTION, n_kv, q.shape[0], q.ctypes.data, q.shape[1], \
         kc.ctypes.data
     job[6], job[7], job[8], job[9], job[10], job[11] = n_kv, capacity, head_dim, vc.ctypes.data, start, window

@@ -8,7 +8,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_qdot import VNNI
+from .cpu_qdot import VNNI, literal_codegen
 from .cpu_tiles import BLOCK, META_SHIFT, PLANES, TILE_ROWS
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
 
@@ -222,15 +222,8 @@ def tile_dot(typingctx, codes, scale_codes, zero_codes, meta, x_high, x_low, dx,
     x_low int8 (in natural column order; x̂q = 2^LOW_BITS·high + low), dx and xsum float32 per 32-column block
     (the block's step and Σ x̂). bits and blocks_per_group must be literal integers."""
     literals = (bits, blocks_per_group)
-    if not all(isinstance(t, types.IntegerLiteral) for t in literals):
+    lowered = literal_codegen(_CODEGENS, _make_tile_dot, literals)
+    if lowered is None:
         return None
-    key = tuple(t.literal_value for t in literals)
-    if key not in _CODEGENS:
-        _CODEGENS[key] = _make_tile_dot(*key)
-    codegen = _CODEGENS[key]
-
-    def lowered(context, builder, signature, args):
-        return codegen(context, builder, signature, args)
-
     return types.void(codes, scale_codes, zero_codes, meta, x_high, x_low, dx, xsum, out, n_groups, first_row, last_run,
                       *literals), lowered

@@ -475,16 +475,16 @@ class AffineWeight(Matrix):
         """Float32 rows of W in the natural column order, outliers included: (R, in). Read from the tiles
         when the codes live there (an embedding that is also the lm_head): the file's pages stay released."""
         in_features, kernels = self.shape[1], self.backend.kernels
+        row_ids = np.arange(self.shape[0])[r]  # (R,): out-of-range ids raise here, before any kernel
+        R = row_ids.size
         if self._tiles is not None and kernels is not None:
-            ids = np.arange(self.shape[0])[r]  # (R,): out-of-range ids raise here, before the kernel
-            R = ids.size
             out = np.empty((R, self.n_groups * self.group_size), np.float32)
             t = self._tiles
-            kernels.tile_dequantize(t.codes, t.scale_codes, t.zero_codes, t.meta, ids, self.bits, self.group_size, out)
+            kernels.tile_dequantize(t.codes, t.scale_codes, t.zero_codes, t.meta, row_ids, self.bits, self.group_size,
+                                    out)
             out = out[:, :in_features]
         else:
             packed = np.ascontiguousarray(self.packed[r])
-            R = packed.shape[0]
             U, _ = UNITS[self.bits]
             codes = self._codes(packed, _fresh)
             w = self._dequantize_into(codes, r, np.empty((R, self.n_groups, U, self.group_size // U), np.float32))
@@ -493,7 +493,6 @@ class AffineWeight(Matrix):
             out = out[:, :in_features]
         if self.outliers is not None:
             _, _, cols, values, row_ptr = self.outliers
-            row_ids = np.arange(self.shape[0])[r]
             first, counts = row_ptr[row_ids], row_ptr[row_ids + 1] - row_ptr[row_ids]  # (R,)
             local = np.repeat(np.arange(R), counts)  # output row of each outlier taken
             index = np.arange(counts.sum()) + np.repeat(first - (np.cumsum(counts) - counts), counts)
