@@ -2,13 +2,17 @@
 
     python tools/bench_team.py model.mxq [--positions 150,500] [--rounds 5] [--json]
 
-For every kind of decode product of the file's decoder layers (q/k/v, o, gate/up, down: one compiled
-stack call each, cpu_stack.py), the stack kernels are called as decode calls them, cycling through all
-layers so that each call reads its weights from memory: the serial kernel and the team kernel
-(NumpyBackend.run_team, as decode runs it) alternately in every round, best of --rounds rounds each.
+The decode products of the file's decoder layers (q/k/v, o, gate/up, down: one compiled stack call each,
+cpu_stack.py) are called as decode calls them: layer after layer, the four stacks of each in turn, so
+that every call reads its weights from memory (one kind's stacks of all layers may fit the last-level
+cache: SmolLM2's 30 q/k/v stacks are 15 MiB, and cycling them alone measured them at half their decode
+time). Each call is timed and counted to its kind. A round runs all layers with the serial kernels, then
+all with the team kernels (NumpyBackend.run_team, as decode runs it); the best of --rounds rounds each.
 Then decode attention of one layer at each of --positions cached positions, serial and on the team.
 Printed: µs per call and the team's speed-up (serial ÷ team), both measured in the same run (this VM
-drifts over minutes: only the ratio compares across runs).
+drifts over minutes: only the ratio compares across runs), and a layer's four stacks together. With
+--baseline another build's kernels (e.g. of the commit before a kernel change) run the same stacks in the
+same rounds: a kernel change compared in one process.
 Needs the compiled kernels and MXQ_THREADS ≥ 2 (the default on a machine with 2 or more cores).
 """
 from __future__ import annotations
@@ -42,14 +46,34 @@ def paired_us(serial, teamed, rounds: int, repeat: int) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def product_calls(lm, members_of):
-    """(serial calls, team calls): one per layer, the stack of members_of(layer) multiplying a random x."""
+def decode_order_us(kinds: dict, rounds: int) -> dict:
+    """kind → [µs per mode]: the best over rounds of the mean per call, where kinds maps a kind to its calls
+    per mode (lists of no-argument functions, one per layer), and a round runs, mode after mode, layer after
+    layer all kinds' calls in turn."""
+    n_modes, n_layers = len(next(iter(kinds.values()))), len(next(iter(kinds.values()))[0])
+    best = {kind: [float("inf")] * n_modes for kind in kinds}
+    for _ in range(rounds + 1):  # the first round warms up
+        for mode in range(n_modes):
+            total = dict.fromkeys(kinds, 0.0)
+            for layer in range(n_layers):
+                for kind, calls in kinds.items():
+                    t0 = time.perf_counter()
+                    calls[mode][layer]()
+                    total[kind] += time.perf_counter() - t0
+            for kind in kinds:
+                best[kind][mode] = min(best[kind][mode], total[kind] / n_layers * 1e6)
+    return best
+
+
+def product_calls(lm, members_of, kernels=None, team=None):
+    """(serial calls, team calls): one per layer, the stack of members_of(layer) multiplying a random x, with
+    the loaded kernels on the backend's team (NumpyBackend.run_team, as decode runs them) or with another
+    build's `kernels` on its own `team`."""
     import numpy as np
 
     from mxq.runtime.backends.cpu_weights import kernel_extras
 
     be = lm.backend
-    kernels = be.team_kernels
     serial, teamed = [], []
     for layer in lm.model.layers:
         stack = be.stack(members_of(layer), 1)
@@ -59,9 +83,26 @@ def product_calls(lm, members_of):
         y = np.empty((1, stack.shape[0]), np.float32)
         args = (x, stack.table, stack.out_rows, *kernel_extras(None, None), y)
         parts = be.team_parts(stack.shape[0])
-        serial.append(lambda args=args: kernels.stack_matmul_serial(*args, 1))
-        teamed.append(lambda args=args, parts=parts: be.run_team(kernels.stack_matmul_team, *args, parts))
+        if kernels is None:
+            own = be.team_kernels
+            serial.append(lambda args=args: own.stack_matmul_serial(*args, 1))
+            teamed.append(lambda args=args, parts=parts: be.run_team(own.stack_matmul_team, *args, parts))
+        else:
+            serial.append(lambda args=args: kernels.stack_matmul_serial(*args, 1))
+            teamed.append(lambda args=args, parts=parts: (team.wake(), kernels.stack_matmul_team(*args, parts, team.ctrl)))
     return serial, teamed
+
+
+def load_baseline(path: str, be):
+    """(the kernels of another ahead-of-time build at `path`, a Team of its own with as many threads as the backend's)."""
+    import importlib.util
+
+    from mxq.runtime.backends.cpu_team import Team
+
+    spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, Team(module, be.team.size - 1)
 
 
 def attention_calls(lm, positions: int):
@@ -85,6 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--positions", default="150,500", help="cached positions of the attention calls")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--baseline", metavar="SO", help="another ahead-of-time kernel build (a mxq_cpu_*.so of "
+                    "$MXQ_CACHE/kernels, built by another checkout whose stack tables and tiles are laid out as "
+                    "this one's): its stacks are timed in the same rounds, and the ratios printed")
     args = ap.parse_args(argv)
 
     import mxq
@@ -95,13 +139,22 @@ def main(argv=None) -> None:
         sys.exit("bench_team: needs the compiled kernels and at least 2 threads (MXQ_THREADS)")
     kinds = {"q/k/v": lambda w: (w.q, w.k, w.v), "o": lambda w: (w.o,), "gate/up": lambda w: (w.gate, w.up),
              "down": lambda w: (w.down,)}
+    baseline = load_baseline(args.baseline, be) if args.baseline else None
     rows = []
+    calls = {}
     for kind, members_of in kinds.items():
-        calls = product_calls(lm, members_of)
-        if calls is None:
-            continue
-        s_us, t_us = paired_us(*calls, args.rounds, 20)
-        rows.append({"call": f"{kind} stack", "serial_us": s_us, "team_us": t_us})
+        ours = product_calls(lm, members_of)
+        if ours is not None:
+            calls[kind] = list(ours) + (list(product_calls(lm, members_of, *baseline)) if baseline else [])
+    if calls:
+        timed = decode_order_us(calls, args.rounds)
+        if len(calls) == len(kinds):
+            timed["sum of the four"] = [sum(t[mode] for t in timed.values()) for mode in range(len(calls["down"]))]
+        for kind, t in timed.items():
+            row = {"call": kind if kind.startswith("sum") else f"{kind} stack", "serial_us": t[0], "team_us": t[1]}
+            if baseline:
+                row.update(baseline_serial_us=t[2], baseline_team_us=t[3])
+            rows.append(row)
     for positions in map(int, args.positions.split(",")):
         serial, teamed = attention_calls(lm, positions)
         s_us, t_us = paired_us([serial], [teamed], args.rounds, 500)
@@ -113,6 +166,13 @@ def main(argv=None) -> None:
     print(f"{'call':<16} {'serial µs':>10} {'team µs':>9} {'speed-up':>9}")
     for r in rows:
         print(f"{r['call']:<16} {r['serial_us']:>10.1f} {r['team_us']:>9.1f} {r['serial_us'] / r['team_us']:>8.2f}x")
+    if baseline:
+        print(f"baseline {args.baseline} (the same stacks, its kernels, in the same rounds):")
+        print(f"{'call':<16} {'serial µs':>10} {'team µs':>9} {'serial: this/base':>18} {'team: this/base':>16}")
+        for r in rows:
+            if "baseline_serial_us" in r:
+                print(f"{r['call']:<16} {r['baseline_serial_us']:>10.1f} {r['baseline_team_us']:>9.1f} "
+                      f"{r['serial_us'] / r['baseline_serial_us']:>18.3f} {r['team_us'] / r['baseline_team_us']:>16.3f}")
 
 
 if __name__ == "__main__":
