@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, AffineWeight, Matrix, kernel_extras
+from .cpu_weights import (NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, TEAM_MIN_WEIGHTS, AffineWeight, Matrix,
+                          kernel_extras)
 
 FIELDS = ("rows", "groups", "bits", "group_size", "tile_bytes", "tiles", "scale_tiles", "zero_tiles", "meta", "row_ptr",
           "cols", "values", "runs", "row_ptr_size", "nnz", "first")
@@ -84,6 +85,20 @@ class KernelStack(Matrix):
         self.out_rows = np.concatenate(out_rows)  # (width,) stored row of the pieces → column of y
         ends = np.cumsum(self.widths).tolist()
         self.columns = [slice(end - width, end) for end, width in zip(ends, self.widths)]  # member i's columns of y
+        big = backend.team is not None and self.shape[0] * self.shape[1] >= TEAM_MIN_WEIGHTS
+        self.team_parts = backend.team_parts(self.shape[0]) if big else 0  # 0: never on the team
+
+    def matmul(self, x, bias=None, residual=None):
+        """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, width). Decode's path, called ~120 times a
+        token on SmolLM2, goes straight to the team kernel (what Matrix.matmul → run_product would pick, without
+        their general checks: a stack is never cached); anything else, or a busy or failed team, Matrix.matmul."""
+        be = self.backend
+        if self.team_parts and be.team is not None and x.shape[0] <= STACK_MAX_TOKENS:
+            y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+            if be.run_team(be.team_kernels.stack_matmul_team, x, self.table, self.out_rows, *kernel_extras(bias, residual),
+                           y, self.team_parts):
+                return y
+        return super().matmul(x, bias, residual)
 
     @classmethod
     def of(cls, members, backend) -> KernelStack | None:
