@@ -200,3 +200,15 @@ def test_the_team_bench_compares_another_kernel_build_in_the_same_rounds(tiny_mo
     stacks = [r for r in rows if "stack" in r["call"] or r["call"].startswith("sum")]
     assert len(stacks) == 5 and all(r["baseline_serial_us"] > 0 and r["baseline_team_us"] > 0 for r in stacks)
     assert "baseline_serial_us" not in rows[-1]  # attention: the loaded build only
+
+
+def test_the_decode_bench_breaks_a_step_down_into_its_kernels(tiny_models, monkeypatch):
+    """tools/bench_decode.py --breakdown: every compiled kernel call of decode timed; kernels plus the rest make
+    up the step's wall time."""
+    bench_decode = pytest.importorskip("bench_decode")
+    monkeypatch.setenv("MXQ_THREADS", "2")
+    r = bench_decode.run_mxq(str(tiny_models["tiny-llama"]), False, 5, 6, breakdown=True)
+    kernels = r["kernel_ms_per_token"]
+    assert any("stack_matmul" in name for name in kernels) and "rms_norm" in kernels
+    assert all(ms > 0 for ms in kernels.values()) and r["rest_ms_per_token"] > 0
+    assert sum(kernels.values()) + r["rest_ms_per_token"] == pytest.approx(1e3 / r["decode_tok_s"])

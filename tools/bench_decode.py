@@ -22,7 +22,10 @@ llama.cpp, in one run.
    (anonymous + file-backed pages) after NumPy and after the ahead-of-time kernels load (no Numba);
    for the JIT also after `import llvmlite.binding` (LLVM's shared library), after `import numba`,
    and after cpu_jit loads every kernel from Numba's cache.
-5. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
+5. --breakdown: one more lean run (a fresh subprocess, after the rounds) in which every compiled kernel call of
+   decode is timed (the backend's run_team / run_op / run_kernel wrapped): ms per token in each kernel, and
+   the rest of a decode step — Python, NumPy glue, sampling — as what remains of its wall time.
+6. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
 """
@@ -52,7 +55,27 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
     return np.random.default_rng(1234).integers(3, vocab_size, size=n).tolist()
 
 
-def run_mxq(path, cache_dequantized, n_prompt, n_new) -> dict:
+def time_kernels(be) -> dict:
+    """Wrap the backend's kernel runners so every compiled kernel call adds its seconds to the returned dict
+    (kernel name → seconds; clear it to start over)."""
+    spent = {}
+
+    def timed(run):
+        def runner(kernel, *args, **options):
+            t0 = time.perf_counter()
+            try:
+                return run(kernel, *args, **options)
+            finally:
+                name = getattr(kernel, "__name__", str(kernel))
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return runner
+
+    for name in ("run_team", "run_op", "run_kernel"):
+        setattr(be, name, timed(getattr(be, name)))
+    return spent
+
+
+def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False) -> dict:
     import numpy as np
 
     import mxq
@@ -60,6 +83,7 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new) -> dict:
     t0 = time.perf_counter()
     lm = mxq.load(path, cache_dequantized=cache_dequantized)
     load_s = time.perf_counter() - t0
+    spent = time_kernels(lm.backend) if breakdown else None
     ids = prompt_ids(lm.config.vocab_size, n_prompt)
     model, be = lm.model, lm.backend
     cache = model.new_cache(n_prompt + n_new)
@@ -67,13 +91,20 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new) -> dict:
     logits = be.to_host(model.forward(ids, cache, last_only=True))[-1]
     prefill_s = time.perf_counter() - t0
     tokens = [int(np.argmax(logits))]
+    if spent is not None:
+        spent.clear()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(n_new - 1):
         logits = be.to_host(model.forward([tokens[-1]], cache))[-1]
         tokens.append(int(np.argmax(logits)))
     decode_s, decode_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     kv_mib = cache.nbytes / 2**20
-    return {"load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": (n_new - 1) / decode_s,
+    extra = {}
+    if spent is not None:
+        per_token = {name: 1e3 * seconds / (n_new - 1) for name, seconds in sorted(spent.items(), key=lambda i: -i[1])}
+        extra["kernel_ms_per_token"] = per_token
+        extra["rest_ms_per_token"] = 1e3 * decode_s / (n_new - 1) - sum(per_token.values())
+    return {**extra, "load_s": load_s, "prefill_tok_s": n_prompt / prefill_s, "decode_tok_s": (n_new - 1) / decode_s,
             "decode_cpu_ms_per_token": 1e3 * decode_cpu_s / (n_new - 1), "kv_cache_mib": kv_mib, "tokens": tokens,
             "threads": lm.backend.threads}
 
@@ -209,7 +240,8 @@ def worker(args) -> None:
     elif args.worker.startswith("kernel-memory-"):
         result = kernel_memory(args.worker.removeprefix("kernel-memory-"))
     else:
-        result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens)
+        result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens,
+                         breakdown=args.worker == "lean-breakdown")
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -230,8 +262,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the modes this many times, interleaved (every other round in reverse order), and "
                          "report each mode's median-decode round: a noisy machine's drift hits every mode alike")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time every compiled kernel call of a lean decode (one more run): where a step goes")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory-aot", "kernel-memory-jit"),
+    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory-aot", "kernel-memory-jit", "lean-breakdown"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -243,6 +277,7 @@ def main(argv=None):
     order = ["bandwidth"] + memory_modes
     for i in range(max(1, args.rounds)):
         order += modes if i % 2 == 0 else modes[::-1]
+    order += ["lean-breakdown"] if args.breakdown else []
     for mode in order:
         cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
@@ -267,6 +302,7 @@ def main(argv=None):
         if len(rounds) > 1:
             results[mode]["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in runs[mode]]
     bandwidth = results.pop("bandwidth")
+    breakdown = runs["lean-breakdown"][0] if args.breakdown else None
     memory = {kind: results.pop(f"kernel-memory-{kind}") for kind in ("aot", "jit")} if args.kernel_memory else None
     if args.compare_gguf:
         results["llama.cpp"] = run_llama_bench(*args.compare_gguf, args.prompt_tokens, args.new_tokens, args.threads)
@@ -288,7 +324,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"file": args.file, "file_mib": file_mib, "hf_dir": args.hf_dir, "bandwidth": bandwidth,
                           "decode_bytes": step_bytes, "roofline_tok_s": roofline, "prompt_tokens": args.prompt_tokens,
-                          "new_tokens": args.new_tokens, "results": results, "kernel_memory": memory}, indent=1))
+                          "new_tokens": args.new_tokens, "results": results, "kernel_memory": memory,
+                          "breakdown": breakdown}, indent=1))
         return
     print(f"{args.file}: {file_mib:.1f} MiB; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "
           f"{os.cpu_count()} CPUs; threads: {args.threads or 'library defaults'}; load average "
@@ -323,6 +360,14 @@ def main(argv=None):
         lean = results["lean"]
         print(f"lean RSS budget (1.25 x file + KV cache + 64 MiB): {lean['rss_budget_mib']:.1f} MiB -> "
               f"{'within' if lean['peak_rss_mib'] <= lean['rss_budget_mib'] else 'OVER'}")
+    if breakdown:
+        step = 1e3 / breakdown["decode_tok_s"]
+        print(f"a lean decode step, every kernel call timed ({breakdown['decode_tok_s']:.1f} tok/s in that run, "
+              f"{step:.2f} ms per token):")
+        for name, ms in breakdown["kernel_ms_per_token"].items():
+            print(f"  {name:<22} {ms:6.3f} ms  {100 * ms / step:5.1f}%")
+        rest = breakdown["rest_ms_per_token"]
+        print(f"  {'the rest (Python, glue)':<22} {rest:6.3f} ms  {100 * rest / step:5.1f}%")
     if memory:
         print("compiled kernels' resident memory (MiB: total = anonymous + file-backed pages; step = growth):")
         for kind, report in memory.items():
