@@ -5,7 +5,7 @@
 The decode products of the file's decoder layers (q/k/v, o, gate/up, down: one compiled stack call each,
 cpu_stack.py) are called as decode calls them: layer after layer, the four stacks of each in turn, so
 that every call reads its weights from memory (one kind's stacks of all layers may fit the last-level
-cache: SmolLM2's 30 q/k/v stacks are 15 MiB, and cycling them alone measured them at half their decode
+cache: SmolLM2's 30 q/k/v stacks are 7.9 MiB, and cycling them alone measured them at half their decode
 time). Each call is timed and counted to its kind. A round runs all layers with the serial kernels, then
 all with the team kernels (NumpyBackend.run_team, as decode runs it); the best of --rounds rounds each.
 Then decode attention of one layer at each of --positions cached positions, serial and on the team.
