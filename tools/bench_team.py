@@ -65,13 +65,11 @@ def decode_order_us(kinds: dict, rounds: int) -> dict:
     return best
 
 
-def product_calls(lm, members_of, kernels=None, team=None):
-    """(serial calls, team calls): one per layer, the stack of members_of(layer) multiplying a random x, with
-    the loaded kernels on the backend's team (NumpyBackend.run_team, as decode runs them) or with another
-    build's `kernels` on its own `team`."""
+def product_calls(lm, members_of, kernels, run_team):
+    """(serial calls, team calls): one per layer, the stack of members_of(layer) multiplying a random x with
+    `kernels` (a build's stack_matmul_serial and stack_matmul_team), the team ones through run_team(kernel,
+    *args) (the loaded build: NumpyBackend.run_team, as decode runs them)."""
     import numpy as np
-
-    from mxq.runtime.backends.cpu_weights import kernel_extras
 
     be = lm.backend
     serial, teamed = [], []
@@ -80,21 +78,16 @@ def product_calls(lm, members_of, kernels=None, team=None):
         if stack is None:
             return None  # some member is not affine throughout: multiplied one by one, not as a stack
         x = np.random.default_rng(0).standard_normal((1, stack.shape[1])).astype(np.float32)
-        y = np.empty((1, stack.shape[0]), np.float32)
-        args = (x, stack.table, stack.out_rows, *kernel_extras(None, None), y)
-        parts = be.team_parts(stack.shape[0])
-        if kernels is None:
-            own = be.team_kernels
-            serial.append(lambda args=args: own.stack_matmul_serial(*args, 1))
-            teamed.append(lambda args=args, parts=parts: be.run_team(own.stack_matmul_team, *args, parts))
-        else:
-            serial.append(lambda args=args: kernels.stack_matmul_serial(*args, 1))
-            teamed.append(lambda args=args, parts=parts: (team.wake(), kernels.stack_matmul_team(*args, parts, team.ctrl)))
+        args = stack.kernel_args(x, None, None, np.empty((1, stack.shape[0]), np.float32))
+        serial.append(lambda args=args: kernels.stack_matmul_serial(*args, 1))
+        parts = be.team_parts(stack.shape[0])  # on the team whatever its size (decode: from TEAM_MIN_WEIGHTS)
+        teamed.append(lambda args=args, parts=parts: run_team(kernels.stack_matmul_team, *args, parts))
     return serial, teamed
 
 
 def load_baseline(path: str, be):
-    """(the kernels of another ahead-of-time build at `path`, a Team of its own with as many threads as the backend's)."""
+    """(the kernels of another ahead-of-time build at `path`, run_team for them: a Team of its own with as many
+    threads as the backend's)."""
     import importlib.util
 
     from mxq.runtime.backends.cpu_team import Team
@@ -102,7 +95,13 @@ def load_baseline(path: str, be):
     spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module, Team(module, be.team.size - 1)
+    team = Team(module, be.team.size - 1)
+
+    def run_team(kernel, *args):
+        team.wake()
+        return kernel(*args, team.ctrl)
+
+    return module, run_team
 
 
 def attention_calls(lm, positions: int):
@@ -143,13 +142,13 @@ def main(argv=None) -> None:
     rows = []
     calls = {}
     for kind, members_of in kinds.items():
-        ours = product_calls(lm, members_of)
+        ours = product_calls(lm, members_of, be.team_kernels, be.run_team)
         if ours is not None:
             calls[kind] = list(ours) + (list(product_calls(lm, members_of, *baseline)) if baseline else [])
     if calls:
         timed = decode_order_us(calls, args.rounds)
         if len(calls) == len(kinds):
-            timed["sum of the four"] = [sum(t[mode] for t in timed.values()) for mode in range(len(calls["down"]))]
+            timed["sum of the four"] = [sum(column) for column in zip(*timed.values())]
         for kind, t in timed.items():
             row = {"call": kind if kind.startswith("sum") else f"{kind} stack", "serial_us": t[0], "team_us": t[1]}
             if baseline:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_weights import (NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, TEAM_MIN_WEIGHTS, AffineWeight, Matrix,
-                          kernel_extras)
+from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, AffineWeight, Matrix, kernel_extras
 
 FIELDS = ("rows", "groups", "bits", "group_size", "tile_bytes", "tiles", "scale_tiles", "zero_tiles", "meta", "row_ptr",
           "cols", "values", "runs", "row_ptr_size", "nnz", "first")
@@ -85,8 +84,6 @@ class KernelStack(Matrix):
         self.out_rows = np.concatenate(out_rows)  # (width,) stored row of the pieces → column of y
         ends = np.cumsum(self.widths).tolist()
         self.columns = [slice(end - width, end) for end, width in zip(ends, self.widths)]  # member i's columns of y
-        big = backend.team is not None and self.shape[0] * self.shape[1] >= TEAM_MIN_WEIGHTS
-        self.team_parts = backend.team_parts(self.shape[0]) if big else 0  # 0: never on the team
 
     def matmul(self, x, bias=None, residual=None):
         """x (T, in) float32 C-contiguous → x @ Wᵀ + bias + residual (T, width). Decode's path, called ~120 times a
@@ -95,8 +92,7 @@ class KernelStack(Matrix):
         be = self.backend
         if self.team_parts and be.team is not None and x.shape[0] <= STACK_MAX_TOKENS:
             y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-            if be.run_team(be.team_kernels.stack_matmul_team, x, self.table, self.out_rows, *kernel_extras(bias, residual),
-                           y, self.team_parts):
+            if be.run_team(be.team_kernels.stack_matmul_team, *self.kernel_args(x, bias, residual, y), self.team_parts):
                 return y
         return super().matmul(x, bias, residual)
 
@@ -118,9 +114,13 @@ class KernelStack(Matrix):
         """y (T, width) → the members' outputs (T, out_i), views."""
         return [y[:, columns] for columns in self.columns]
 
+    def kernel_args(self, x, bias, residual, y) -> tuple:
+        """The stack kernels' arguments before n_parts (cpu_kernels.stack_matmul)."""
+        return (x, self.table, self.out_rows, *kernel_extras(bias, residual), y)
+
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
-        return self.run_product(kernels.stack_matmul_serial, kernels.stack_matmul, x, self.table, self.out_rows,
-                                *kernel_extras(bias, residual), y, team=kernels.stack_matmul_team)
+        return self.run_product(kernels.stack_matmul_serial, kernels.stack_matmul, *self.kernel_args(x, bias, residual, y),
+                                team=kernels.stack_matmul_team)
 
     def numpy_matmul(self, x):
         """The members' own products side by side (the reference)."""

@@ -213,12 +213,21 @@ class Matrix:
             return None
         return self.backend.thread_choices.setdefault((type(self).__name__, self.shape), ThreadChoice())
 
+    @cached_property
+    def team_parts(self) -> int:
+        """How many parts this product is cut into on the backend's team (cpu_team.py); 0: it never runs there
+        (no team, or fewer than TEAM_MIN_WEIGHTS weights)."""
+        be = self.backend
+        if be.team is None or self.shape[0] * self.shape[1] < TEAM_MIN_WEIGHTS:
+            return 0
+        return be.team_parts(self.shape[0])
+
     def run_product(self, serial, parallel, *args, team=None) -> bool:
         """The product on the backend's team (cpu_team.py) with the `team` kernel when there is one and the
         matrix is big enough; else backend.run_kernel of the serial or the parallel kernel, as
         threads_choice picks (and times)."""
-        if team is not None and self.backend.team is not None and self.shape[0] * self.shape[1] >= TEAM_MIN_WEIGHTS:
-            done = self.backend.run_team(team, *args, self.backend.team_parts(self.shape[0]))
+        if team is not None and self.team_parts and self.backend.team is not None:
+            done = self.backend.run_team(team, *args, self.team_parts)
             if done is not None:
                 return done  # (None: another thread's product holds the team; this one runs below)
         choice = self.threads_choice
