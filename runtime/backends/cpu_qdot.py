@@ -21,8 +21,9 @@ vector in plane-major order. (3- and 5-bit codes, which straddle bytes, are inst
 order from 16-bit windows: one byte shuffle puts each code's two bytes in a 16-bit lane, then a shift
 per lane, a mask and a narrowing: WINDOW_BITS.) The activations are in the same order:
     x_high[v·U·M + j·M + i] = high part of x[column (v·M + i)·U + j]        (zero past in_features)
-Products are summed four neighbours at a time into int32 lanes (x86 AVX512-VNNI: vpdpbusd, one
-instruction per 64 codes and activation byte; elsewhere LLVM's generic widening multiply-add), the high
+Products are summed four neighbours at a time into int32 lanes (lane_dot: x86 AVX512-VNNI vpdpbusd, one
+instruction per 64 codes and activation byte; AVX2 vpmaddubsw + vpmaddwd per 32; elsewhere LLVM's generic
+widening multiply-add), the high
 part's lanes shifted by LOW_BITS. Four neighbours are four units of one code plane, which lie in one block
 (units_per_block ≥ 4), so each lane is scaled by its block's dx · its group's wscale and accumulated in
 float32 lanes; the second sum (n_corr a multiple of CORR_PAD: the affine kernels' zero-point term,
@@ -51,13 +52,17 @@ CORR_PAD = 16  # block_dot's second sum runs over whole vectors of float32 lanes
 WINDOW_BITS = (3, 5)
 
 
-def has_vnni() -> bool:
-    """Whether this CPU has AVX512-VNNI (with VL for the 256-bit form): vpdpbusd."""
+def dot_isa() -> str:
+    """The instructions of the integer dot products on this CPU: "vnni" (x86 AVX512-VNNI with VL: vpdpbusd),
+    "avx2" (x86 AVX2: vpmaddubsw + vpmaddwd, as llama.cpp's AVX2 kernels), else "generic" (LLVM's widening
+    multiply-add: aarch64 and others)."""
     features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vnni")) and bool(features.get("avx512vl"))
+    if features.get("avx512vnni") and features.get("avx512vl"):
+        return "vnni"
+    return "avx2" if features.get("avx2") else "generic"
 
 
-VNNI = has_vnni()
+DOT_ISA = dot_isa()  # read when a kernel compiles (tests set it first to compile another lowering)
 
 
 def _indices(values) -> ir.Constant:
@@ -117,18 +122,47 @@ def _window_codes(builder, raw, bits, M):
     return builder.trunc(codes, ir.VectorType(I8, U * M))
 
 
-def _lane_dot(builder, codes, xs):
-    """codes <w x i8> (unsigned) · xs <w x i8> (signed) → <w/4 x i32>, lane l = Σ of products 4l .. 4l+3."""
+def lane_dot(builder, codes, xs, bits, acc=None):
+    """codes <w x i8> (unsigned, below 2^bits) · xs <w x i8> (signed) → <w/4 x i32>, lane l = Σ of products
+    4l .. 4l+3 (+ acc, the same type, when given)."""
     w = codes.type.count
     lanes = ir.VectorType(I32, w // 4)
-    if VNNI:
+    if DOT_ISA == "vnni":
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
                                             f"llvm.x86.avx512.vpdpbusd.{8 * w}")
-        return builder.call(fn, [_splat(lanes, 0), builder.bitcast(codes, lanes), builder.bitcast(xs, lanes)])
-    wide = ir.VectorType(I32, w)
-    products = builder.mul(builder.zext(codes, wide), builder.sext(xs, wide))
-    quarters = [builder.shuffle_vector(products, products, _indices(range(q, w, 4))) for q in range(4)]
-    return builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
+        return builder.call(fn, [_splat(lanes, 0) if acc is None else acc, builder.bitcast(codes, lanes), builder.bitcast(xs, lanes)])
+    if DOT_ISA == "avx2":
+        if bits < 8:
+            total = _madd_avx2(builder, codes, xs)
+        else:  # 8-bit codes as two nibbles, 16·high + low: each product pair then fits vpmaddubsw's int16
+            high = _madd_avx2(builder, builder.lshr(codes, _splat(codes.type, 4)), xs)
+            low = _madd_avx2(builder, builder.and_(codes, _splat(codes.type, 15)), xs)
+            total = builder.add(builder.shl(high, _splat(lanes, 4)), low)
+    else:
+        wide = ir.VectorType(I32, w)
+        products = builder.mul(builder.zext(codes, wide), builder.sext(xs, wide))
+        quarters = [builder.shuffle_vector(products, products, _indices(range(q, w, 4))) for q in range(4)]
+        total = builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
+    return total if acc is None else builder.add(acc, total)
+
+
+def _madd_avx2(builder, codes, xs):
+    """lane_dot on AVX2, 32 bytes at a time: vpmaddubsw (unsigned · signed bytes, neighbour pairs summed into
+    saturating int16) then vpmaddwd by ones (int16 pairs into int32). Exact for codes below 128: a pair is at
+    most 2 · 127 · 127 < 2^15."""
+    V8, V16, V32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16, [V32, V32]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8, [V16, V16]), "llvm.x86.avx2.pmadd.wd")
+    w = codes.type.count
+    assert w % 32 == 0, w
+    parts = []
+    for start in range(0, w, 32):
+        c, x = codes, xs
+        if w > 32:
+            half = _indices(range(start, start + 32))
+            c, x = builder.shuffle_vector(codes, codes, half), builder.shuffle_vector(xs, xs, half)
+        parts.append(builder.call(maddwd, [builder.call(maddubs, [c, x]), _splat(V16, 1)]))
+    return _concat(builder, parts)
 
 
 def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blocks_per_group: int):
@@ -176,8 +210,8 @@ def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blo
                 xs = builder.load(x_ptr, align=1)
                 for start in range(0, codes_per_vector, width):
                     step = _indices(range(start, start + width))
-                    part = _lane_dot(builder, builder.shuffle_vector(codes, codes, step) if width < codes_per_vector else codes,
-                                     builder.shuffle_vector(xs, xs, step) if width < codes_per_vector else xs)
+                    part = lane_dot(builder, builder.shuffle_vector(codes, codes, step) if width < codes_per_vector else codes,
+                                    builder.shuffle_vector(xs, xs, step) if width < codes_per_vector else xs, bits)
                     if half:
                         part = builder.shl(part, _splat(part.type, half))
                     total = part if total is None else builder.add(total, part)

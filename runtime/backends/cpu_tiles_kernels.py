@@ -8,7 +8,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_qdot import VNNI, literal_codegen
+from .cpu_qdot import lane_dot, literal_codegen
 from .cpu_tiles import BLOCK, META_SHIFT, PLANES, TILE_ROWS
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
 
@@ -118,16 +118,9 @@ def _const(vector_type, value):
     return ir.Constant(vector_type, [value] * vector_type.count)
 
 
-def _dot(builder, acc, codes, x4):
-    """acc <16 x i32> + per lane l: Σ_i codes[4l + i] (unsigned) · x4's byte i (signed)."""
-    xs = _splat(builder, VI, x4)
-    if VNNI:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VI, [VI] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, builder.bitcast(codes, VI), xs])
-    wide = ir.VectorType(I32, 64)
-    products = builder.mul(builder.zext(codes, wide), builder.sext(builder.bitcast(xs, VB), wide))
-    quarters = [builder.shuffle_vector(products, products, ir.Constant(VI, list(range(q, 64, 4)))) for q in range(4)]
-    return builder.add(acc, builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3])))
+def _dot(builder, acc, codes, x4, bits):
+    """acc <16 x i32> + per lane l: Σ_i codes[4l + i] (unsigned, below 2^bits) · x4's byte i (signed)."""
+    return lane_dot(builder, codes, builder.bitcast(_splat(builder, VI, x4), VB), bits, acc)
 
 
 def _fma(builder, a, b, c):
@@ -187,8 +180,8 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                     at = builder.add(x_at, ir.Constant(b.type, 4 * q))
                     xh = builder.load(builder.bitcast(builder.gep(x_high.data, [at]), I32.as_pointer()), align=1)
                     xl = builder.load(builder.bitcast(builder.gep(x_low.data, [at]), I32.as_pointer()), align=1)
-                    sums_high[q % 2] = _dot(builder, sums_high[q % 2], c, xh)
-                    sums_low[q % 2] = _dot(builder, sums_low[q % 2], c, xl)
+                    sums_high[q % 2] = _dot(builder, sums_high[q % 2], c, xh, bits)
+                    sums_low[q % 2] = _dot(builder, sums_low[q % 2], c, xl, bits)
                 total = builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
                 step = _splat(builder, VF, builder.load(builder.gep(dx.data, [b])))
                 group_acc = _fma(builder, builder.sitofp(total, VF), step, group_acc)
