@@ -473,10 +473,11 @@ def test_tiny_model_logits_match_numpy_path(tiny_models, name, mode):
     assert np.abs(fast - exact).max() <= LOGITS_TOLERANCE * np.abs(exact).max()
 
 
-GENERIC_DOT_CHECK = """
+DOT_LOWERING_CHECK = """
+import sys
 import numpy as np
 from mxq.runtime.backends import cpu_qdot
-cpu_qdot.VNNI = False  # before anything compiles: LLVM's generic widening multiply-add, as on CPUs without VNNI
+cpu_qdot.DOT_ISA = sys.argv[1]  # before anything compiles: the lowering under test (dot_isa picks one per CPU)
 from mxq.runtime.backends import cpu_kernels as K
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
@@ -506,11 +507,22 @@ print("ok")
 """
 
 
+def other_dot_lowerings() -> list[str]:
+    """The integer-dot lowerings (cpu_qdot.dot_isa) this CPU can run besides its default, which the other tests
+    use: generic always (aarch64 and older x86 take it), AVX2 on a VNNI machine."""
+    from mxq.runtime.backends import cpu_qdot
+
+    runnable = ["generic"] + (["avx2"] if cpu_qdot.llvm.get_host_cpu_features().get("avx2") else [])
+    return [isa for isa in runnable if isa != cpu_qdot.DOT_ISA]
+
+
 @pytest.mark.slow
-def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
-    """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) without AVX512-VNNI (LLVM's generic
-    lowering, e.g. aarch64 or older x86): compiled afresh in a subprocess (own Numba cache), every bit width and group size against the
-    NumPy path on x̂. (~half a minute: every kernel copy compiles.)"""
+@pytest.mark.parametrize("isa", other_dot_lowerings())
+def test_every_integer_dot_lowering_matches_numpy_path(tmp_path, isa):
+    """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) with a lowering this CPU does not pick by
+    default (LLVM's generic multiply-add; AVX2's on an AVX512-VNNI CPU): compiled afresh in a subprocess (own
+    Numba cache), every bit width and group size against the NumPy path on x̂. (1-2 minutes: every kernel copy
+    compiles.)"""
     import sys
 
     from mxq.runtime.backends import cpu_aot
@@ -518,7 +530,7 @@ def test_generic_integer_dot_without_vnni_matches_numpy_path(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))  # conftest.random_affine_blobs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cpu_aot.HERE.parents[2]), tests]),
            "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    done = subprocess.run([sys.executable, "-c", GENERIC_DOT_CHECK], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", DOT_LOWERING_CHECK, isa], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
 

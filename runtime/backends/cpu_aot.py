@@ -129,7 +129,7 @@ def build(path: Path) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         return f"cannot create the kernel cache {path.parent}: {error.strerror}"
-    print(f"mxq: compiling the CPU kernels (once, a minute or two; cached in {path.parent})", file=sys.stderr)
+    print(f"mxq: compiling the CPU kernels (once, a few minutes; cached in {path.parent})", file=sys.stderr)
     package_root = str(HERE.parents[2])  # the directory holding the mxq package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:

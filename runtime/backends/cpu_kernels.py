@@ -24,7 +24,7 @@ z_k are decoded from the file's 8-bit codes (value = code·step + min, one (step
 values, SPEC.md §6.2); with w = (q − z)·s (SPEC.md §6.1) and x̂_c = x̂q_c·dx_b:
     y[r] = Σ_b s_{k(b)}·dx_b · Σ_{c in block b} q_c·x̂q_c  −  Σ_k s_k·z_k·Σ_{c in group k} x̂_c
 The first sum is cpu_qdot.block_dot: uint8 codes × int8 activations summed in int32 lanes (one
-vpdpbusd per 64 codes and activation byte on AVX512-VNNI), scaled per block in float32; it is compiled
+vpdpbusd per 64 codes and activation byte on AVX512-VNNI, cpu_qdot.lane_dot), scaled per block in float32; it is compiled
 once per (bits, blocks per vector step, blocks per group) — affine_rows_for picks the copy — and adds
 the second sum (−s_k·z_k per group times xsum) to the same float32 lanes before its one horizontal sum. Then CSR
 outliers (y[r] += Σ v·x̂[c]), bias and residual. Rows are split into n_parts parallel parts (prange);

@@ -6,7 +6,8 @@ has only ~9 SIMD steps to spread that fixed work over (tools/bench_kernels.py: 1
 read bandwidth for 2-4 bits). At load the codes are moved once into tiles of TILE_ROWS = 16 rows, laid out
 so one 64-byte vector holds, for each of the 16 rows, 4 neighbouring columns' codes (llama.cpp's repacked
 formats do the same): an integer multiply-add of that vector with the 4 columns' int8 activations
-broadcast to every lane (AVX512-VNNI: one vpdpbusd with a broadcast memory operand) adds the 16 rows'
+broadcast to every lane (AVX512-VNNI: one vpdpbusd with a broadcast memory operand; AVX2: the 16-bit
+activations against the codes' even and odd bytes, two vpmaddwd per 32 bytes) adds the 16 rows'
 partial dot products in 16 int32 lanes. No shuffles, no horizontal sums: each lane is a row.
 
 Tile layout (per tile t, rows 16t .. 16t+15; rows past the matrix are zero codes):

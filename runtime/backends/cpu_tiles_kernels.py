@@ -8,6 +8,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import cpu_qdot
 from .cpu_qdot import lane_dot, literal_codegen
 from .cpu_tiles import BLOCK, META_SHIFT, PLANES, TILE_ROWS
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
@@ -100,8 +101,9 @@ def tile_dequantize(codes, scale_tiles, zero_tiles, meta, ids, bits, group_size,
 
 
 # -- the tile's dot product, as LLVM vector IR -------------------------------------------------------------
-I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 VI = ir.VectorType(I32, TILE_ROWS)
+V8 = ir.VectorType(I32, 8)
 VF = ir.VectorType(F32, TILE_ROWS)
 V64 = ir.VectorType(I64, TILE_ROWS)
 VB = ir.VectorType(I8, 64)
@@ -121,6 +123,33 @@ def _const(vector_type, value):
 def _dot(builder, acc, codes, x4, bits):
     """acc <16 x i32> + per lane l: Σ_i codes[4l + i] (unsigned, below 2^bits) · x4's byte i (signed)."""
     return lane_dot(builder, codes, builder.bitcast(_splat(builder, VI, x4), VB), bits, acc)
+
+
+def _block_words(builder, x_high, x_low, x_at):
+    """AVX2: a block's 32 activations as int16 x̂q = 2^LOW_BITS·high + low (|x̂q| ≤ 2^15 − 129: exact), in the order
+    (c0, c2, c1, c3) of every 4 columns, as <16 x i32>: element 2q holds columns 4q and 4q+2, element 2q+1
+    columns 4q+1 and 4q+3 (what _word_dot broadcasts)."""
+    V32B, V32W = ir.VectorType(I8, BLOCK), ir.VectorType(I16, BLOCK)
+    xh = builder.load(builder.bitcast(builder.gep(x_high.data, [x_at]), V32B.as_pointer()), align=1)
+    xl = builder.load(builder.bitcast(builder.gep(x_low.data, [x_at]), V32B.as_pointer()), align=1)
+    xq = builder.add(builder.shl(builder.sext(xh, V32W), _const(V32W, LOW_BITS)), builder.sext(xl, V32W))
+    order = [4 * q + i for q in range(BLOCK // 4) for i in (0, 2, 1, 3)]
+    return builder.bitcast(builder.shuffle_vector(xq, xq, ir.Constant(ir.VectorType(I32, BLOCK), order)), VI)
+
+
+def _word_dot(builder, acc, codes, half, words, q):
+    """AVX2: acc <8 x i32> + per lane l: Σ_i codes[32·half + 4l + i] · x̂q of column 4q + i. The codes' bytes read as
+    16-bit words split into even bytes (columns 0, 2 of each row) and odd bytes (1, 3): one vpmaddwd each with
+    the matching pair of x̂q broadcast — half the multiplies of two vpmaddubsw passes over high and low bytes."""
+    V16W, V16B = ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+    madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8, [V16W, V16W]), "llvm.x86.avx2.pmadd.wd")
+    part = builder.bitcast(builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), V16W)
+    even = builder.and_(part, _const(V16W, 0xFF))
+    odd = builder.lshr(part, _const(V16W, 8))
+    for element, value in ((2 * q, even), (2 * q + 1, odd)):
+        pair = builder.shuffle_vector(words, words, ir.Constant(V8, [element] * 8))
+        acc = builder.add(acc, builder.call(madd, [value, builder.bitcast(pair, V16W)]))
+    return acc
 
 
 def _fma(builder, a, b, c):
@@ -161,8 +190,10 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                                             I32(1)])
                 vectors = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(b.type, 64 * v)]), VB.as_pointer()),
                                         align=1) for v in range(bits)]  # low part's `low` vectors, then high's
-                sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2  # two chains each
                 x_at = builder.mul(b, ir.Constant(b.type, BLOCK))
+                words = _block_words(builder, x_high, x_low, x_at) if cpu_qdot.DOT_ISA == "avx2" else None
+                sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2  # two chains each
+                chains = [[_const(V8, 0)] * 2 for _ in range(2)]  # avx2: [rows 0-7, rows 8-15] × two chains
                 for q in range(8):
                     v, j = divmod(q, 8 // low)
                     c = vectors[v]
@@ -177,12 +208,19 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                             h = builder.lshr(h, _const(VB, j * high))
                         h = builder.and_(h, _const(VB, (1 << high) - 1))
                         c = builder.or_(c, builder.shl(h, _const(VB, low)))
+                    if words is not None:
+                        for half in range(2):
+                            chains[half][q % 2] = _word_dot(builder, chains[half][q % 2], c, half, words, q)
+                        continue
                     at = builder.add(x_at, ir.Constant(b.type, 4 * q))
                     xh = builder.load(builder.bitcast(builder.gep(x_high.data, [at]), I32.as_pointer()), align=1)
                     xl = builder.load(builder.bitcast(builder.gep(x_low.data, [at]), I32.as_pointer()), align=1)
                     sums_high[q % 2] = _dot(builder, sums_high[q % 2], c, xh, bits)
                     sums_low[q % 2] = _dot(builder, sums_low[q % 2], c, xl, bits)
-                total = builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
+                if words is not None:  # Σ code · (2^LOW_BITS·high + low): the same integers as below
+                    total = builder.shuffle_vector(builder.add(*chains[0]), builder.add(*chains[1]), ir.Constant(VI, list(range(16))))
+                else:
+                    total = builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
                 step = _splat(builder, VF, builder.load(builder.gep(dx.data, [b])))
                 group_acc = _fma(builder, builder.sitofp(total, VF), step, group_acc)
                 s = builder.load(builder.gep(xsum.data, [b]))
