@@ -68,7 +68,9 @@ def assert_matrices_equal_reference(ours, checkpoint, chunks, head_fisher, embed
         assert (ours.matrices[name] - reference).abs().max() <= 2e-3 * reference.max(), name
 
 
-def assert_streamed_equals_reference(name, tmp_path, tokens, **options):
+def assert_streamed_equals_reference(name, tmp_path, tokens, fisher_max=1e-4, fisher_norm=1e-4, **options):
+    """The streamed statistics against whole-model autograd: the Fisher within fisher_max · its max element-wise and
+    fisher_norm of its norm overall (fp32 rounding of two summation orders), the input moments within 1e-5."""
     path = fixtures.ensure(name)
     checkpoint = read_checkpoint(path)
     ours = calibrate(checkpoint, tmp_path / "stats", tokens=tokens, fisher_dtype=torch.float32, **options)
@@ -77,9 +79,10 @@ def assert_streamed_equals_reference(name, tmp_path, tokens, **options):
                                     fisher.pop("head use"), fisher.pop("embedding use"))
     assert ours.tokens == tokens and ours.loss == pytest.approx(loss, rel=1e-5)
     assert set(ours.fisher) == set(fisher) == set(ours.input_sq)
-    for n in fisher:  # fp32 rounding: tiny fixtures ≤ 2e-5 of the max; SmolLM2 (30 layers of backprop) up to ~1e-3
+    for n in fisher:
         assert ours.fisher[n].shape == fisher[n].shape and fisher[n].max() > 0
-        assert (ours.fisher[n] - fisher[n]).abs().max() <= 2e-3 * fisher[n].max(), n
+        assert (ours.fisher[n] - fisher[n]).abs().max() <= fisher_max * fisher[n].max(), n
+        assert torch.linalg.norm(ours.fisher[n] - fisher[n]) <= fisher_norm * torch.linalg.norm(fisher[n]), n
         assert torch.allclose(ours.input_sq[n], input_sq[n], rtol=1e-5, atol=1e-5 * float(input_sq[n].max())), n
 
 
@@ -96,7 +99,10 @@ def test_spilled_activations_and_small_vocabulary_slices_change_nothing(tmp_path
 
 @pytest.mark.slow
 def test_streamed_statistics_equal_whole_model_autograd_on_smollm2(tmp_path):
-    assert_streamed_equals_reference("smollm2", tmp_path, 1024)
+    """30 layers of backprop in fp32 in two orders, with BLAS kernels that differ by CPU: the largest element-wise
+    gap was ~1e-3 of the max on an AVX512 CPU, 2.0-2.4e-3 on an AVX2 one (Zen 1), where the gap's norm was
+    1.3e-3 of the Fisher's (the tiny fixtures: ≤ 2.6e-5 and ≤ 1.7e-5)."""
+    assert_streamed_equals_reference("smollm2", tmp_path, 1024, fisher_max=5e-3, fisher_norm=3e-3)
 
 
 def test_cache_is_compact_read_per_matrix_and_rebuilt_when_damaged(tmp_path, capsys):
