@@ -159,6 +159,7 @@ def test_heatmap_grid_and_inspect_plot(tiny_llama, tmp_path, cache):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # up to 4 conversions and held-out measurements of SmolLM2: 20+ min on a 2-core AVX2 machine
 @pytest.mark.parametrize("percent", [1.0])
 def test_smollm2_max_loss_is_met_measured(tmp_path, percent):
     report = convert(fixtures.ensure("smollm2"), tmp_path / "m.mxq", max_loss=percent)
