@@ -477,7 +477,7 @@ DOT_LOWERING_CHECK = """
 import sys
 import numpy as np
 from mxq.runtime.backends import cpu_qdot
-cpu_qdot.DOT_ISA = sys.argv[1]  # before anything compiles: the lowering under test (dot_isa picks one per CPU)
+cpu_qdot.DOT_ISA = sys.argv[1]  # before anything compiles: the lowering under test (dot_isas: what this CPU runs)
 from mxq.runtime.backends import cpu_kernels as K
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
@@ -508,12 +508,11 @@ print("ok")
 
 
 def other_dot_lowerings() -> list[str]:
-    """The integer-dot lowerings (cpu_qdot.dot_isa) this CPU can run besides its default, which the other tests
-    use: generic always (aarch64 and older x86 take it), AVX2 on a VNNI machine."""
+    """The integer-dot lowerings this CPU can run besides its default, which the other tests use: generic always
+    (aarch64 and older x86 take it), AVX2 on a VNNI machine."""
     from mxq.runtime.backends import cpu_qdot
 
-    runnable = ["generic"] + (["avx2"] if cpu_qdot.llvm.get_host_cpu_features().get("avx2") else [])
-    return [isa for isa in runnable if isa != cpu_qdot.DOT_ISA]
+    return cpu_qdot.dot_isas()[1:]
 
 
 @pytest.mark.slow

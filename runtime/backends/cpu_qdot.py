@@ -52,17 +52,16 @@ CORR_PAD = 16  # block_dot's second sum runs over whole vectors of float32 lanes
 WINDOW_BITS = (3, 5)
 
 
-def dot_isa() -> str:
-    """The instructions of the integer dot products on this CPU: "vnni" (x86 AVX512-VNNI with VL: vpdpbusd),
-    "avx2" (x86 AVX2: vpmaddubsw + vpmaddwd, as llama.cpp's AVX2 kernels), else "generic" (LLVM's widening
+def dot_isas() -> list[str]:
+    """The lowerings of the integer dot products this CPU can run, best first: "vnni" (x86 AVX512-VNNI with VL:
+    vpdpbusd), "avx2" (x86 AVX2: vpmaddubsw + vpmaddwd, as llama.cpp's AVX2 kernels), "generic" (LLVM's widening
     multiply-add: aarch64 and others)."""
     features = llvm.get_host_cpu_features()
-    if features.get("avx512vnni") and features.get("avx512vl"):
-        return "vnni"
-    return "avx2" if features.get("avx2") else "generic"
+    vnni = bool(features.get("avx512vnni")) and bool(features.get("avx512vl"))
+    return ["vnni"] * vnni + ["avx2"] * bool(features.get("avx2")) + ["generic"]
 
 
-DOT_ISA = dot_isa()  # read when a kernel compiles (tests set it first to compile another lowering)
+DOT_ISA = dot_isas()[0]  # read when a kernel compiles (tests set it first to compile another lowering)
 
 
 def _indices(values) -> ir.Constant:

@@ -120,36 +120,59 @@ def _const(vector_type, value):
     return ir.Constant(vector_type, [value] * vector_type.count)
 
 
-def _dot(builder, acc, codes, x4, bits):
-    """acc <16 x i32> + per lane l: Σ_i codes[4l + i] (unsigned, below 2^bits) · x4's byte i (signed)."""
-    return lane_dot(builder, codes, builder.bitcast(_splat(builder, VI, x4), VB), bits, acc)
+def _quad_codes(builder, vectors, q, low, high):
+    """The codes of column quad q of a block (<64 x i8>: byte 4l + i = row l's code at column 4q + i), cut from the
+    block's low-part vectors and, for 3, 5 and 6 bits, ORed with its high part."""
+    v, j = divmod(q, 8 // low)
+    c = vectors[v]
+    if j:
+        c = builder.lshr(c, _const(VB, j * low))
+    if low < 8:
+        c = builder.and_(c, _const(VB, (1 << low) - 1))
+    if high:
+        v, j = divmod(q, 8 // high)
+        h = vectors[low + v]
+        if j:
+            h = builder.lshr(h, _const(VB, j * high))
+        h = builder.and_(h, _const(VB, (1 << high) - 1))
+        c = builder.or_(c, builder.shl(h, _const(VB, low)))
+    return c
 
 
-def _block_words(builder, x_high, x_low, x_at):
-    """AVX2: a block's 32 activations as int16 x̂q = 2^LOW_BITS·high + low (|x̂q| ≤ 2^15 − 129: exact), in the order
-    (c0, c2, c1, c3) of every 4 columns, as <16 x i32>: element 2q holds columns 4q and 4q+2, element 2q+1
-    columns 4q+1 and 4q+3 (what _word_dot broadcasts)."""
-    V32B, V32W = ir.VectorType(I8, BLOCK), ir.VectorType(I16, BLOCK)
-    xh = builder.load(builder.bitcast(builder.gep(x_high.data, [x_at]), V32B.as_pointer()), align=1)
-    xl = builder.load(builder.bitcast(builder.gep(x_low.data, [x_at]), V32B.as_pointer()), align=1)
-    xq = builder.add(builder.shl(builder.sext(xh, V32W), _const(V32W, LOW_BITS)), builder.sext(xl, V32W))
-    order = [4 * q + i for q in range(BLOCK // 4) for i in (0, 2, 1, 3)]
-    return builder.bitcast(builder.shuffle_vector(xq, xq, ir.Constant(ir.VectorType(I32, BLOCK), order)), VI)
+def _byte_total(builder, codes_q, x_high, x_low, x_at, bits):
+    """Σ_q codes_q · x̂q per row (<16 x i32>) as two int8 passes, high and low bytes (cpu_qdot.lane_dot: vpdpbusd on
+    VNNI), each 4-column activation broadcast to every lane; two accumulator chains per pass."""
+    sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2
+    for q, c in enumerate(codes_q):
+        at = builder.add(x_at, ir.Constant(x_at.type, 4 * q))
+        for sums, x in ((sums_high, x_high), (sums_low, x_low)):
+            x4 = builder.load(builder.bitcast(builder.gep(x.data, [at]), I32.as_pointer()), align=1)
+            sums[q % 2] = lane_dot(builder, c, builder.bitcast(_splat(builder, VI, x4), VB), bits, sums[q % 2])
+    return builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
 
 
-def _word_dot(builder, acc, codes, half, words, q):
-    """AVX2: acc <8 x i32> + per lane l: Σ_i codes[32·half + 4l + i] · x̂q of column 4q + i. The codes' bytes read as
-    16-bit words split into even bytes (columns 0, 2 of each row) and odd bytes (1, 3): one vpmaddwd each with
-    the matching pair of x̂q broadcast — half the multiplies of two vpmaddubsw passes over high and low bytes."""
-    V16W, V16B = ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+def _word_total(builder, codes_q, x_high, x_low, x_at, bits):
+    """_byte_total's integers on AVX2 with half the multiplies: the block's activations as int16
+    x̂q = 2^LOW_BITS·high + low (|x̂q| ≤ 2^15 − 129: exact), the codes' bytes read as 16-bit words and split into
+    even bytes (columns 4q, 4q+2 of a row) and odd bytes (4q+1, 4q+3), each multiplied by the matching pair of
+    x̂q broadcast: one vpmaddwd per 32 code bytes and pair. Rows 0-7 and 8-15 (the two 32-byte halves) in two
+    accumulator chains each."""
+    V16W, V32B, V32W = ir.VectorType(I16, 16), ir.VectorType(I8, BLOCK), ir.VectorType(I16, BLOCK)
     madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8, [V16W, V16W]), "llvm.x86.avx2.pmadd.wd")
-    part = builder.bitcast(builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), V16W)
-    even = builder.and_(part, _const(V16W, 0xFF))
-    odd = builder.lshr(part, _const(V16W, 8))
-    for element, value in ((2 * q, even), (2 * q + 1, odd)):
-        pair = builder.shuffle_vector(words, words, ir.Constant(V8, [element] * 8))
-        acc = builder.add(acc, builder.call(madd, [value, builder.bitcast(pair, V16W)]))
-    return acc
+    xh, xl = (builder.load(builder.bitcast(builder.gep(x.data, [x_at]), V32B.as_pointer()), align=1) for x in (x_high, x_low))
+    xq = builder.add(builder.shl(builder.sext(xh, V32W), _const(V32W, LOW_BITS)), builder.sext(xl, V32W))
+    order = [4 * q + i for q in range(BLOCK // 4) for i in (0, 2, 1, 3)]  # int32 element 2q: columns 4q, 4q+2; 2q+1: 4q+1, 4q+3
+    pairs = builder.bitcast(builder.shuffle_vector(xq, xq, ir.Constant(ir.VectorType(I32, BLOCK), order)), VI)
+    chains = [[_const(V8, 0)] * 2 for _ in range(2)]  # [rows 0-7, rows 8-15] × two chains
+    for q, c in enumerate(codes_q):
+        even_x, odd_x = (builder.bitcast(builder.shuffle_vector(pairs, pairs, ir.Constant(V8, [e] * 8)), V16W)
+                         for e in (2 * q, 2 * q + 1))
+        for half, chain in enumerate(chains):
+            words = builder.bitcast(builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), V16W)
+            even, odd = builder.and_(words, _const(V16W, 0xFF)), builder.lshr(words, _const(V16W, 8))
+            product = builder.add(builder.call(madd, [even, even_x]), builder.call(madd, [odd, odd_x]))
+            chain[q % 2] = builder.add(chain[q % 2], product)
+    return builder.shuffle_vector(builder.add(*chains[0]), builder.add(*chains[1]), ir.Constant(VI, list(range(TILE_ROWS))))
 
 
 def _fma(builder, a, b, c):
@@ -191,36 +214,9 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                 vectors = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(b.type, 64 * v)]), VB.as_pointer()),
                                         align=1) for v in range(bits)]  # low part's `low` vectors, then high's
                 x_at = builder.mul(b, ir.Constant(b.type, BLOCK))
-                words = _block_words(builder, x_high, x_low, x_at) if cpu_qdot.DOT_ISA == "avx2" else None
-                sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2  # two chains each
-                chains = [[_const(V8, 0)] * 2 for _ in range(2)]  # avx2: [rows 0-7, rows 8-15] × two chains
-                for q in range(8):
-                    v, j = divmod(q, 8 // low)
-                    c = vectors[v]
-                    if j:
-                        c = builder.lshr(c, _const(VB, j * low))
-                    if low < 8:
-                        c = builder.and_(c, _const(VB, (1 << low) - 1))
-                    if high:
-                        v, j = divmod(q, 8 // high)
-                        h = vectors[low + v]
-                        if j:
-                            h = builder.lshr(h, _const(VB, j * high))
-                        h = builder.and_(h, _const(VB, (1 << high) - 1))
-                        c = builder.or_(c, builder.shl(h, _const(VB, low)))
-                    if words is not None:
-                        for half in range(2):
-                            chains[half][q % 2] = _word_dot(builder, chains[half][q % 2], c, half, words, q)
-                        continue
-                    at = builder.add(x_at, ir.Constant(b.type, 4 * q))
-                    xh = builder.load(builder.bitcast(builder.gep(x_high.data, [at]), I32.as_pointer()), align=1)
-                    xl = builder.load(builder.bitcast(builder.gep(x_low.data, [at]), I32.as_pointer()), align=1)
-                    sums_high[q % 2] = _dot(builder, sums_high[q % 2], c, xh, bits)
-                    sums_low[q % 2] = _dot(builder, sums_low[q % 2], c, xl, bits)
-                if words is not None:  # Σ code · (2^LOW_BITS·high + low): the same integers as below
-                    total = builder.shuffle_vector(builder.add(*chains[0]), builder.add(*chains[1]), ir.Constant(VI, list(range(16))))
-                else:
-                    total = builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
+                codes_q = [_quad_codes(builder, vectors, q, low, high) for q in range(8)]
+                block_total = _word_total if cpu_qdot.DOT_ISA == "avx2" else _byte_total
+                total = block_total(builder, codes_q, x_high, x_low, x_at, bits)  # Σ code · x̂q per row: <16 x i32>
                 step = _splat(builder, VF, builder.load(builder.gep(dx.data, [b])))
                 group_acc = _fma(builder, builder.sitofp(total, VF), step, group_acc)
                 s = builder.load(builder.gep(xsum.data, [b]))
