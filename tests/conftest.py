@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Fixture checkpoints are the exception: tools/fixtures.py builds them once into $MXQ_FIXTURE_CACHE.
 TEST_CACHE = Path(os.environ.get("MXQ_TEST_CACHE") or Path(tempfile.gettempdir()) / f"mxq-test-cache-{os.getuid()}")
 os.environ["MXQ_CACHE"] = str(TEST_CACHE)
+os.environ.pop("MXQ_ACTIVATIONS", None)  # the kernels' default rounding (~16-bit); tests set 8 where they check it
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 

@@ -6,7 +6,8 @@ outliers, bias and residual, 1 and a few tokens; the fp16 kernel; the per-token 
 RMSNorm, RoPE with partial rotary, SwiGLU/GeGLU, decode attention with GQA and windows); thread splits; the fallback when
 the JIT is missing or fails; compact lean-mode metadata; and whole tiny models' logits.
 Tolerance: the kernels sum in a different order (fastmath), so |y − y_ref| ≤ 2e-5 · max|y_ref|. The affine
-decode kernels multiply by x rounded to ~16 bits per 32 columns (cpu_weights.quantize_activations): they are held
+decode kernels multiply by x rounded to ~16 or 8 bits per 32 columns (cpu_weights.quantize_activations; which one:
+$MXQ_ACTIVATIONS, cpu_weights.activation_low_part): they are held
 to the NumPy path on that x̂ (plus two rounding steps, for a product landing on a rounding tie), and to W·x
 within the rounding's bound (½ step · Σ|W_r|).
 """
@@ -24,10 +25,13 @@ import pytest
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
 from mxq.runtime.backends.cpu_weights import (ACTIVATION_LOW_BITS, KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES,
-                                              STACK_MAX_TOKENS, ThreadChoice, off_the_mapping, quantize_activations)
+                                              STACK_MAX_TOKENS, ThreadChoice, activation_low_part, off_the_mapping,
+                                              quantize_activations)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 
 pytest.importorskip("numba")
+LOW_PART = activation_low_part()  # the kernels round x to ~16 bits (True, the default) or to 8 ($MXQ_ACTIVATIONS)
+ROUNDING_STEP = 1 / 127 / 2 ** (ACTIVATION_LOW_BITS if LOW_PART else 0)  # x̂'s step per max|x| of a block
 RTOL = 2e-5
 # logits of whole tiny random models, kernels (~16-bit activations) vs the exact NumPy path, relative to
 # max|logits|: measured 1.8e-4 on tiny-gemma3's prompt in pieces (with 8-bit activations it was 0.135)
@@ -81,8 +85,8 @@ def assert_close(y, y_ref, slack=0.0):
 def quantized_input(x, dense):
     """(x̂ the affine kernels multiply by, slack: two rounding steps of x̂ times the largest weight, for a
     product landing on a rounding tie)."""
-    x_hat = quantize_activations(x)
-    step = np.abs(x).max() / 127 / 2 ** ACTIVATION_LOW_BITS
+    x_hat = quantize_activations(x, LOW_PART)
+    step = np.abs(x).max() * ROUNDING_STEP
     return x_hat, 2 * step * np.abs(dense).max()
 
 
@@ -107,7 +111,7 @@ def test_affine_kernel_matches_numpy_path(backends, bits, group):
             assert_close(fast.linear(x, w_fast), x_in @ dense.T, slack)
             assert_close(fast.linear(x, w_fast, bias, residual.copy()), ref.linear(x_in, w_ref, bias, residual.copy()), slack)
             if tokens <= STACK_MAX_TOKENS:  # x̂ is within half a step of x: |W·x̂ − W·x| ≤ ½·step·Σ|W_r|
-                bound = 0.5 * np.abs(x).max() / 127 / 2 ** ACTIVATION_LOW_BITS * np.abs(dense).sum(axis=1).max()
+                bound = 0.5 * np.abs(x).max() * ROUNDING_STEP * np.abs(dense).sum(axis=1).max()
                 assert_close(fast.linear(x, w_fast), x @ dense.T, 1.001 * bound)
 
 
@@ -425,6 +429,29 @@ def test_lean_mode_streams_a_big_fp16_matrix_from_anonymous_memory(backends, tmp
 
 # ---- whole tiny models: kernel logits == NumPy-path logits ---------------------------------------------
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_integer_sums_do_not_wrap_at_the_largest_codes_and_activations(backends, bits):
+    """Every code at 2^bits − 1 and every activation at ±127 steps (x constant in magnitude, one sign per 32
+    columns or all one sign): the largest integer sums the kernels form (on AVX2 with 8-bit activations, int16
+    partial sums over several code quads) still equal the NumPy path's."""
+    from conftest import random_affine_blobs
+
+    fast, ref = backends
+    rng = np.random.default_rng(bits)
+    shape = (40, 256)
+    for group in (32, 128):
+        config = StorageConfig.affine(bits, group, 0)
+        blobs = random_affine_blobs(rng, shape, config)
+        blobs["qweight"] = np.full_like(blobs["qweight"], 0xFF)  # every code the largest
+        w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
+        dense = dequantize(blobs, shape, config)
+        ones = np.ones((3, shape[1]), np.float32)
+        signs = np.repeat(rng.choice([-1.0, 1.0], size=(3, shape[1] // 32)), 32, axis=1).astype(np.float32)
+        for x in (ones, -ones, signs, ones[:1]):
+            x_in, slack = quantized_input(x, dense)
+            assert_close(fast.linear(x, w_fast), ref.linear(x_in, w_ref), slack)
+
+
 @contextlib.contextmanager
 def numpy_path_rounding_activations():
     """The NumPy path, for the products the affine kernels would do (≤ STACK_MAX_TOKENS tokens: the stacks),
@@ -434,7 +461,7 @@ def numpy_path_rounding_activations():
     original = cpu_weights.AffineWeight.numpy_matmul
 
     def rounding(self, x):
-        return original(self, quantize_activations(x) if x.shape[0] <= STACK_MAX_TOKENS else x)
+        return original(self, quantize_activations(x, LOW_PART) if x.shape[0] <= STACK_MAX_TOKENS else x)
 
     cpu_weights.AffineWeight.numpy_matmul = rounding
     try:
@@ -492,46 +519,55 @@ for bits in (2, 3, 4, 5, 6, 8):
         shape = (19, 333)
         config = StorageConfig.affine(bits, group, 0)
         entry = Entry(); entry.name, entry.shape, entry.config, entry.role = "w", shape, config, "linear"
-        w = AffineWeight(entry, random_affine_blobs(rng, shape, config), backend)
+        blobs = random_affine_blobs(rng, shape, config)
+        w = AffineWeight(entry, blobs, backend)
         w._tiles = build(w.packed, w.scale_codes, w.zero_codes, w.scale_meta, w.zero_meta, bits, K.repack)  # as lean mode
         x = rng.standard_normal((2, shape[1])).astype(np.float32)
-        y = np.empty((2, shape[0]), np.float32)
-        K.affine_matmul_serial(x, w.packed, w.scale_codes, w.scale_meta, w.zero_codes, w.zero_meta, bits, group,
-                               NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
-        want = w.numpy_matmul(quantize_activations(x))
-        assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group)
-        stack = KernelStack((w,), backend)  # the same matrix through the stack kernel (its tiles: cpu_tiles_kernels)
-        K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
-        assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, "stack")
-print("ok")
+        for largest in (False, True):  # random codes; every code 2^bits - 1 times x at +-127 steps (the largest sums)
+            if largest:
+                w = AffineWeight(entry, {**blobs, "qweight": np.full_like(blobs["qweight"], 0xFF)}, backend)
+                w._tiles = build(w.packed, w.scale_codes, w.zero_codes, w.scale_meta, w.zero_meta, bits, K.repack)
+                x = np.repeat(rng.choice([-1.0, 1.0], size=(2, 11)), 32, axis=1)[:, :shape[1]].astype(np.float32)
+            y = np.empty((2, shape[0]), np.float32)
+            K.affine_matmul_serial(x, w.packed, w.scale_codes, w.scale_meta, w.zero_codes, w.zero_meta, bits, group,
+                                   NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
+            want = w.numpy_matmul(quantize_activations(x, K.LOW_PART))
+            assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest)
+            stack = KernelStack((w,), backend)  # the same matrix through the stack kernel (its tiles: cpu_tiles_kernels)
+            K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
+            assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest, "stack")
+print("ok", K.LOW_PART)
 """
 
 
-def other_dot_lowerings() -> list[str]:
-    """The integer-dot lowerings this CPU can run besides its default, which the other tests use: generic always
-    (aarch64 and older x86 take it), AVX2 on a VNNI machine."""
+def other_lowerings() -> list[tuple[str, str]]:
+    """(lowering, $MXQ_ACTIVATIONS) pairs the other tests do not compile: every integer-dot lowering this CPU
+    can run besides its default (generic always: aarch64 and older x86 take it; AVX2 on a VNNI machine) with the
+    default ~16-bit activations, and with 8-bit activations the default lowering and AVX2 (its own kernel)."""
     from mxq.runtime.backends import cpu_qdot
 
-    return cpu_qdot.dot_isas()[1:]
+    isas = cpu_qdot.dot_isas()
+    eight = [isas[0]] + ["avx2"] * ("avx2" in isas[1:])
+    return [(isa, "16") for isa in isas[1:]] + [(isa, "8") for isa in eight]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", other_dot_lowerings())
-def test_every_integer_dot_lowering_matches_numpy_path(tmp_path, isa):
+@pytest.mark.parametrize("isa, activations", other_lowerings())
+def test_every_integer_dot_lowering_matches_numpy_path(tmp_path, isa, activations):
     """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) with a lowering this CPU does not pick by
-    default (LLVM's generic multiply-add; AVX2's on an AVX512-VNNI CPU): compiled afresh in a subprocess (own
-    Numba cache), every bit width and group size against the NumPy path on x̂. (1-2 minutes: every kernel copy
-    compiles.)"""
+    default (LLVM's generic multiply-add; AVX2's on an AVX512-VNNI CPU) or with 8-bit activations: compiled
+    afresh in a subprocess (own Numba cache), every bit width and group size against the NumPy path on x̂,
+    random codes and the largest ones. (1-3 minutes: every kernel copy compiles.)"""
     import sys
 
     from mxq.runtime.backends import cpu_aot
 
     tests = os.path.dirname(os.path.abspath(__file__))  # conftest.random_affine_blobs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cpu_aot.HERE.parents[2]), tests]),
-           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "MXQ_ACTIVATIONS": activations}
     done = subprocess.run([sys.executable, "-c", DOT_LOWERING_CHECK, isa], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "ok"
+    assert done.stdout.strip() == f"ok {activations == '16'}"
 
 
 # ---- the ahead-of-time build (cpu_aot.py) -------------------------------------------------------------

@@ -19,7 +19,7 @@ from mxq.format_spec import (MxqFile, MxqFormatError, MxqWriter, StorageConfig, 
                              encode_meta, join_blocks, pack_codes, tensor_nbytes)
 from mxq.format_spec.rows import content_problem, dequantize_rows
 from mxq.runtime.backends.numpy_backend import NumpyBackend
-from mxq.runtime.backends.cpu_weights import quantize_activations
+from mxq.runtime.backends.cpu_weights import activation_low_part, quantize_activations
 from mxq.runtime.backends.row_blocks import RowBlocks
 from mxq.runtime.errors import ModelError
 
@@ -299,7 +299,7 @@ def assert_product_close(y, x, weight, bias=None, residual=None, rounded_x=False
     bound = np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
     rounding = 0.0
     if rounded_x:
-        rounding = np.abs(x - quantize_activations(x)).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
+        rounding = np.abs(x - quantize_activations(x, activation_low_part())).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
     if bias is not None:
         expected += bias
     if residual is not None:

@@ -15,7 +15,7 @@ import mxq
 from mxq.format_spec import StorageConfig
 from mxq.runtime import ModelError
 from mxq.runtime.backends.numpy_backend import AffineWeight, DenseWeight, NumpyBackend
-from mxq.runtime.backends.cpu_weights import KERNEL_MAX_TOKENS, quantize_activations
+from mxq.runtime.backends.cpu_weights import KERNEL_MAX_TOKENS, activation_low_part, quantize_activations
 from mxq.runtime.export_hf import export_hf
 from mxq.runtime.perplexity import perplexity
 from mxq.runtime.sampler import Sampler
@@ -166,8 +166,8 @@ def test_affine_products_match_reference(bits):
             np.testing.assert_allclose(weight.rows(np.array([2, 0, 2])), ref[[2, 0, 2]], rtol=1e-6, atol=1e-6)
             for tokens in (1, 5, 40):  # decode path (per-group products) and prefill path (dequantize + sgemm)
                 x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
-                kernel = backend.kernels is not None and tokens <= KERNEL_MAX_TOKENS  # W·x̂: x rounded to ~16 bits
-                y, y_ref = weight.matmul(x), (quantize_activations(x) if kernel else x) @ ref.T
+                kernel = backend.kernels is not None and tokens <= KERNEL_MAX_TOKENS  # W·x̂: x rounded to ~16 or 8 bits
+                y, y_ref = weight.matmul(x), (quantize_activations(x, activation_low_part()) if kernel else x) @ ref.T
                 assert np.abs(y - y_ref).max() <= (2e-5 if kernel else 1e-5) * np.abs(y_ref).max()  # as test_cpu_kernels
 
 

@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
-        [--modes lean,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-a8,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -15,7 +15,8 @@ llama.cpp, in one run.
    lean uses the default kernels (built ahead of time, cpu_aot.py), lean-jit Numba's JIT kernels
    (MXQ_KERNELS=jit: parallel, +~120 MiB); lean-numpy is the lean mode without the compiled kernels
    (MXQ_KERNELS=numpy): the NumPy path;
-   lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run.
+   lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run;
+   lean-a8 the lean mode with 8-bit activations (MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part).
    "cpu ms/tok" is the process's CPU time per decoded token (all threads): about the wall time per
    token when only one thread works at a time, up to threads × it when they all work at once.
 4. --kernel-memory: where the compiled kernels' resident memory goes, in fresh processes: RSS
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+MODES = ("lean", "lean-a8", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
 # lean: the default kernels (ahead-of-time built); lean-jit: Numba's JIT kernels (MXQ_KERNELS=jit, parallel);
 # lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
@@ -291,6 +292,8 @@ def main(argv=None):
             env["MXQ_THREADS"] = str(args.threads)
         if mode == "lean-1t":
             env["MXQ_THREADS"] = "1"
+        if mode == "lean-a8":
+            env["MXQ_ACTIVATIONS"] = "8"
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
@@ -311,7 +314,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-jit", "lean-1t", "lean-numpy", "cached"):
+        if mode in ("lean", "lean-a8", "lean-jit", "lean-1t", "lean-numpy", "cached"):
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)

@@ -8,9 +8,10 @@ subprocess: its LLVM never enters this process) into
     $MXQ_CACHE/kernels/mxq_cpu_<key>.<python extension suffix>      (default ~/.cache/mxq/kernels)
 
 and every run imports that file with importlib: +0.3 MiB resident, no Numba import (measured).
-key: a hash of the kernel sources, this builder, the Python ABI, NumPy's version and this CPU (its
-model and instruction-set flags: the code is compiled for the host CPU, as the JIT's is), so a changed
-kernel, interpreter or machine gets its own build. The build needs Numba and a C compiler (pycc
+key: a hash of the kernel sources, this builder, the Python ABI, NumPy's version, this CPU (its
+model and instruction-set flags: the code is compiled for the host CPU, as the JIT's is) and the
+activations' rounding ($MXQ_ACTIVATIONS, cpu_weights.activation_low_part), so a changed kernel,
+interpreter, machine or setting gets its own build. The build needs Numba and a C compiler (pycc
 compiles Numba's small runtime helpers in C) — about 2 minutes on this 2-core machine, from an empty
 Numba cache every time (see build). Without them, or if the build fails,
 `load` returns the reason (recorded next to the module's path, `<name>.failed`, so later runs do not
@@ -39,6 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...paths import cache_root
+from .cpu_weights import activation_low_part
 
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
@@ -77,12 +79,12 @@ def cpu_fingerprint() -> str:
 
 
 def key() -> str:
-    """16 hex digits naming the build (see the module doc: sources, Python ABI, NumPy, CPU)."""
+    """16 hex digits naming the build (see the module doc: sources, Python ABI, NumPy, CPU, activations)."""
     h = hashlib.sha256()
     for path in SOURCES:
         h.update(path.read_bytes())
     for part in (sys.implementation.cache_tag, platform.machine(), ".".join(np.__version__.split(".")[:2]),
-                 cpu_fingerprint()):
+                 cpu_fingerprint(), f"low part {activation_low_part()}"):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 

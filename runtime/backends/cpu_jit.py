@@ -12,6 +12,9 @@ the numpy backend keeps its NumPy path after one notice on stderr saying why. $M
     jit             Numba's JIT only (parallel kernels; ~120 MiB resident, see below)
     numpy           no compiled kernels: the NumPy reference path
 
+and $MXQ_ACTIVATIONS how the affine kernels round x (cpu_weights.activation_low_part): 16 (default: ~16 bits,
+two int8 parts) or 8 (faster, less exact; each setting is its own build).
+
 The JIT's kernels are cached in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
 numba/<hash of the kernel sources> ($MXQ_CACHE/numba/… or ~/.cache/mxq/numba/…), so only the first use
 of a version on a machine compiles (~30 s). Its memory (resident, measured on x86-64 with every kernel cached;
@@ -37,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ...paths import cache_root
+from .cpu_weights import ACTIVATIONS
 
 
 def cache_dir() -> Path:
@@ -81,6 +85,9 @@ def _load():
         return "MXQ_KERNELS=numpy"
     if mode not in MODES:
         return f"MXQ_KERNELS={mode!r} is not one of {', '.join(MODES)}"
+    activations = os.environ.get("MXQ_ACTIVATIONS", ACTIVATIONS[0])
+    if activations not in ACTIVATIONS:
+        return f"MXQ_ACTIVATIONS={activations!r} is not one of {', '.join(ACTIVATIONS)}"
     if mode == "jit":
         return _load_jit()
     from . import cpu_aot

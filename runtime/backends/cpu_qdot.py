@@ -41,6 +41,7 @@ from numba.extending import intrinsic
 
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
 from .cpu_weights import UNITS  # bits -> (U codes, B bytes) per unit of the packed stream
+from .cpu_weights import activation_low_part  # read when a kernel compiles: ~16-bit (True) or 8-bit activations
 
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 CHUNK = 64  # codes per integer multiply-add step (one 512-bit vector of bytes)
@@ -204,7 +205,8 @@ def _make_block_dot(bits: int, units_per_block: int, blocks_per_vector: int, blo
             codes = _block_codes(builder, raw, bits, M)
             offset = builder.mul(v, ir.Constant(v.type, codes_per_vector))
             total = None
-            for half, x in ((LOW_BITS, x_high), (0, x_low)):  # Σ code·(2^LOW_BITS·high + low) in int32 lanes
+            passes = ((LOW_BITS, x_high), (0, x_low)) if activation_low_part() else ((LOW_BITS, x_high),)
+            for half, x in passes:  # Σ code·(2^LOW_BITS·high + low) in int32 lanes (8-bit x̂: low is zero)
                 x_ptr = builder.bitcast(builder.gep(x.data, [offset]), ir.VectorType(I8, codes_per_vector).as_pointer())
                 xs = builder.load(x_ptr, align=1)
                 for start in range(0, codes_per_vector, width):

@@ -110,10 +110,10 @@ VB = ir.VectorType(I8, 64)
 MASK = ir.VectorType(ir.IntType(1), TILE_ROWS)
 
 
-def _splat(builder, vector_type, value):
+def _splat(builder, vector_type, value, lanes=TILE_ROWS):
     """value (a scalar IR value) in every lane."""
     one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, I32(0))
-    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(VI, [0] * TILE_ROWS))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
 
 
 def _const(vector_type, value):
@@ -141,11 +141,13 @@ def _quad_codes(builder, vectors, q, low, high):
 
 def _byte_total(builder, codes_q, x_high, x_low, x_at, bits):
     """Σ_q codes_q · x̂q per row (<16 x i32>) as two int8 passes, high and low bytes (cpu_qdot.lane_dot: vpdpbusd on
-    VNNI), each 4-column activation broadcast to every lane; two accumulator chains per pass."""
+    VNNI), each 4-column activation broadcast to every lane; two accumulator chains per pass (8-bit activations:
+    the high pass only)."""
     sums_high, sums_low = [_const(VI, 0)] * 2, [_const(VI, 0)] * 2
+    passes = ((sums_high, x_high), (sums_low, x_low)) if cpu_qdot.activation_low_part() else ((sums_high, x_high),)
     for q, c in enumerate(codes_q):
         at = builder.add(x_at, ir.Constant(x_at.type, 4 * q))
-        for sums, x in ((sums_high, x_high), (sums_low, x_low)):
+        for sums, x in passes:
             x4 = builder.load(builder.bitcast(builder.gep(x.data, [at]), I32.as_pointer()), align=1)
             sums[q % 2] = lane_dot(builder, c, builder.bitcast(_splat(builder, VI, x4), VB), bits, sums[q % 2])
     return builder.add(builder.shl(builder.add(*sums_high), _const(VI, LOW_BITS)), builder.add(*sums_low))
@@ -173,6 +175,44 @@ def _word_total(builder, codes_q, x_high, x_low, x_at, bits):
             product = builder.add(builder.call(madd, [even, even_x]), builder.call(madd, [odd, odd_x]))
             chain[q % 2] = builder.add(chain[q % 2], product)
     return builder.shuffle_vector(builder.add(*chains[0]), builder.add(*chains[1]), ir.Constant(VI, list(range(TILE_ROWS))))
+
+def _high_total(builder, codes_q, x_high, x_at, bits):
+    """_byte_total's integers when the activations are 8-bit ($MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part:
+    the low part is zero) on AVX2: vpmaddubsw of the code bytes by the quad's 4 int8 activations broadcast (neighbour pairs summed
+    into int16, |pair| ≤ 2·(2^b − 1)·127), summed in int16 over as many quads as cannot overflow (8 at 4 bits, 2 at
+    6), then one vpmaddwd by ones per row half (rows 0-7, 8-15: the two 32-byte halves) into int32; shifted by
+    LOW_BITS (x̂q = 2^LOW_BITS·high). 8-bit codes go as two nibbles, 16·high + low. Half the multiplies of ~16-bit
+    activations' two vpmaddwd per 32 code bytes, and the codes' bytes are used as they are."""
+    V16W, V32B = ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16W, [V32B, V32B]), "llvm.x86.avx2.pmadd.ub.sw")
+    madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8, [V16W, V16W]), "llvm.x86.avx2.pmadd.wd")
+    x4s = []
+    for q in range(len(codes_q)):
+        at = builder.add(x_at, ir.Constant(x_at.type, 4 * q))
+        x4 = builder.load(builder.bitcast(builder.gep(x_high.data, [at]), I32.as_pointer()), align=1)
+        x4s.append(builder.bitcast(_splat(builder, V8, x4, 8), V32B))
+    if bits < 8:
+        terms = {0: list(enumerate(codes_q))}  # weight shift → (quad, code bytes)
+    else:
+        terms = {4: [(q, builder.lshr(c, _const(VB, 4))) for q, c in enumerate(codes_q)],
+                 0: [(q, builder.and_(c, _const(VB, 15))) for q, c in enumerate(codes_q)]}
+    largest_code = 15 if bits == 8 else (1 << bits) - 1  # 8 bits: as nibbles
+    per_sum = 32767 // (2 * largest_code * 127)  # quads an int16 sum holds exactly
+    halves = []
+    for half in range(2):
+        total = None
+        for shift, quads in terms.items():
+            for first in range(0, len(quads), per_sum):
+                sums = [builder.call(maddubs, [builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), x4s[q]])
+                        for q, c in quads[first:first + per_sum]]
+                while len(sums) > 1:  # pairwise: a short dependency chain
+                    sums = [builder.add(a, b) for a, b in zip(sums[0::2], sums[1::2])] + sums[len(sums) & ~1:]
+                part = builder.call(madd, [sums[0], _const(V16W, 1)])
+                part = builder.shl(part, _const(V8, shift)) if shift else part
+                total = part if total is None else builder.add(total, part)
+        halves.append(total)
+    both = builder.shuffle_vector(halves[0], halves[1], ir.Constant(VI, list(range(TILE_ROWS))))
+    return builder.shl(both, _const(VI, LOW_BITS))
 
 
 def _fma(builder, a, b, c):
@@ -215,8 +255,12 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
                                         align=1) for v in range(bits)]  # low part's `low` vectors, then high's
                 x_at = builder.mul(b, ir.Constant(b.type, BLOCK))
                 codes_q = [_quad_codes(builder, vectors, q, low, high) for q in range(8)]
-                block_total = _word_total if cpu_qdot.DOT_ISA == "avx2" else _byte_total
-                total = block_total(builder, codes_q, x_high, x_low, x_at, bits)  # Σ code · x̂q per row: <16 x i32>
+                if cpu_qdot.DOT_ISA != "avx2":  # Σ code · x̂q per row: <16 x i32>
+                    total = _byte_total(builder, codes_q, x_high, x_low, x_at, bits)
+                elif cpu_qdot.activation_low_part():
+                    total = _word_total(builder, codes_q, x_high, x_low, x_at, bits)
+                else:
+                    total = _high_total(builder, codes_q, x_high, x_at, bits)
                 step = _splat(builder, VF, builder.load(builder.gep(dx.data, [b])))
                 group_acc = _fma(builder, builder.sitofp(total, VF), step, group_acc)
                 s = builder.load(builder.gep(xsum.data, [b]))

@@ -46,6 +46,7 @@ are added as y[:, r] += Σ v·x[:, c], the same as adding them to W.
 from __future__ import annotations
 
 import mmap
+import os
 import time
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 # bits -> (U codes per unit, B bytes per unit): the packed bit stream repeats every B bytes
 UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many columns (quantize_activations) ...
-ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps
+ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps (or low = 0: activation_low_part)
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured) ...
 STACK_MAX_TOKENS = 256  # ... and kernel stacks (the tiles' integer dot products) a whole prefill piece (measured)
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
@@ -90,12 +91,26 @@ NO_RESIDUAL = np.zeros((0, 0), np.float32)
 NO_MAP = readonly(np.zeros(0, np.int64))  # no row map: stored row r is output column r
 
 
-def quantize_activations(x: np.ndarray) -> np.ndarray:
+ACTIVATIONS = ("16", "8")  # $MXQ_ACTIVATIONS: the compiled kernels' rounding of x; the first is the default
+
+
+def activation_low_part() -> bool:
+    """Whether the compiled kernels round activations to ~16 bits — an int8 high and low part per column,
+    x̂ = (2^L·high + low)·dx ($MXQ_ACTIVATIONS=16, the default) — or to 8 bits, the low part left zero
+    ($MXQ_ACTIVATIONS=8: llama.cpp's Q8 activations). 8 bits halve the integer multiplies: on an AVX2-only
+    CPU, whose decode is compute-bound, the decode stacks took 0.72x the time (README), at a cost in exactness:
+    logits of the tiny random models moved by up to 4% of their largest instead of < 0.1%. The kernels are compiled for one
+    setting (cpu_aot.key includes it; cpu_jit rejects other values)."""
+    return os.environ.get("MXQ_ACTIVATIONS", ACTIVATIONS[0]) != "8"
+
+
+def quantize_activations(x: np.ndarray, low_part: bool) -> np.ndarray:
     """x (T, in) float32 rounded as the compiled affine kernels use it: per token and block of
     ACTIVATION_BLOCK columns, v = x·127/max|x| is split into high = round(v) and low = round((v − high)·2^L)
     (L = ACTIVATION_LOW_BITS; int8 each, round half to even), x̂ = (2^L·high + low)·max|x|/127/2^L: ~16-bit
-    steps. The kernels compute W·x̂ with this x̂ (two integer dot products of codes and int8 activations,
-    cpu_qdot.py)."""
+    steps; without the low part (low_part False: low = 0) 8-bit steps. The kernels compute W·x̂ with this x̂
+    (integer dot products of codes and int8 activations, cpu_qdot.py); activation_low_part() says which rounding
+    the kernels use."""
     T, n_in = x.shape
     n_blocks = -(-n_in // ACTIVATION_BLOCK)
     padded = np.zeros((T, n_blocks * ACTIVATION_BLOCK), np.float32)
@@ -106,7 +121,7 @@ def quantize_activations(x: np.ndarray) -> np.ndarray:
     fine = np.float32(1 << ACTIVATION_LOW_BITS)
     v = blocks * (np.float32(127.0) / safe)
     high = np.clip(np.rint(v), -127, 127)
-    low = np.clip(np.rint((v - high) * fine), -127, 127)
+    low = np.clip(np.rint((v - high) * fine), -127, 127) if low_part else np.zeros_like(high)
     step = np.where(amax > 0, amax / np.float32(127.0) / fine, np.float32(0.0))
     x_hat = (high * fine + low) * step
     return x_hat.reshape(T, -1)[:, :n_in].astype(np.float32)
