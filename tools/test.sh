@@ -7,6 +7,6 @@ bash tools/setup_env.sh
 VENV="${MXQ_VENV:-.venv}"
 started=$(date +%s)
 status=0
-"$VENV/bin/python" -m pytest -q -m "not heavy" "$@" || status=$?  # both tiers; `-m heavy` runs the rest
+"$VENV/bin/python" -m pytest -q -m "not heavy" --durations=25 "$@" || status=$?  # both tiers; `-m heavy` runs the rest
 echo "test suite: $(( $(date +%s) - started )) s"
 exit $status
