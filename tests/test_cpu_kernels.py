@@ -432,8 +432,9 @@ def test_lean_mode_streams_a_big_fp16_matrix_from_anonymous_memory(backends, tmp
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_integer_sums_do_not_wrap_at_the_largest_codes_and_activations(backends, bits):
     """Every code at 2^bits − 1 and every activation at ±127 steps (x constant in magnitude, one sign per 32
-    columns or all one sign): the largest integer sums the kernels form (on AVX2 with 8-bit activations, int16
-    partial sums over several code quads) still equal the NumPy path's."""
+    columns or all one sign): the largest integer sums the default kernels form still equal the NumPy path's
+    (8-bit activations, whose AVX2 kernel sums int16 pairs over several code quads: the same check in
+    test_every_integer_dot_lowering_matches_numpy_path)."""
     from conftest import random_affine_blobs
 
     fast, ref = backends
@@ -523,6 +524,8 @@ for bits in (2, 3, 4, 5, 6, 8):
         w = AffineWeight(entry, blobs, backend)
         w._tiles = build(w.packed, w.scale_codes, w.zero_codes, w.scale_meta, w.zero_meta, bits, K.repack)  # as lean mode
         x = rng.standard_normal((2, shape[1])).astype(np.float32)
+        high, low, dx, xsum, x_hat = K.tile_x(x, 11)  # the rounding this setting compiles: NumPy's, no low part at 8 bits
+        assert (x_hat == quantize_activations(x, K.ACTIVATION_LOW_PART)).all() and (K.ACTIVATION_LOW_PART or not low.any())
         for largest in (False, True):  # random codes; every code 2^bits - 1 times x at +-127 steps (the largest sums)
             if largest:
                 w = AffineWeight(entry, {**blobs, "qweight": np.full_like(blobs["qweight"], 0xFF)}, backend)
@@ -531,12 +534,12 @@ for bits in (2, 3, 4, 5, 6, 8):
             y = np.empty((2, shape[0]), np.float32)
             K.affine_matmul_serial(x, w.packed, w.scale_codes, w.scale_meta, w.zero_codes, w.zero_meta, bits, group,
                                    NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, y, 1)
-            want = w.numpy_matmul(quantize_activations(x, K.LOW_PART))
+            want = w.numpy_matmul(quantize_activations(x, K.ACTIVATION_LOW_PART))
             assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest)
             stack = KernelStack((w,), backend)  # the same matrix through the stack kernel (its tiles: cpu_tiles_kernels)
             K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
             assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest, "stack")
-print("ok", K.LOW_PART)
+print("ok", K.ACTIVATION_LOW_PART)
 """
 
 
@@ -655,6 +658,19 @@ def test_the_jit_cache_follows_the_kernel_sources(monkeypatch):
     assert first.name == cpu_aot.key() and first.parent.name == "numba"
     monkeypatch.setattr(cpu_aot, "SOURCES", cpu_aot.SOURCES[:-1])
     assert cpu_jit.cache_dir() != first
+
+
+def test_the_kernel_builds_follow_the_activation_setting(monkeypatch, capsys):
+    """Each $MXQ_ACTIVATIONS setting is its own build (AOT key and JIT cache); an unknown one: a notice, NumPy."""
+    from mxq.runtime.backends import cpu_aot, cpu_weights
+
+    first = cpu_aot.key()
+    monkeypatch.setattr(cpu_weights, "ACTIVATION_SETTING", "8")
+    assert cpu_aot.key() != first and cpu_jit.cache_dir().name == cpu_aot.key()
+    monkeypatch.setattr(cpu_weights, "ACTIVATION_SETTING", "12")
+    with kernels_mode("auto"):
+        assert cpu_jit.kernels() is None
+    assert "MXQ_ACTIVATIONS='12' is not one of 16, 8" in capsys.readouterr().err
 
 
 def test_kernels_mode_must_be_known(capsys):

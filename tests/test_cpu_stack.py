@@ -141,7 +141,7 @@ def test_split_rounding_is_the_numpy_rounding(backends):
         n_blocks = -(-333 // group) * group // 32
         pair = n_blocks % 2 == 0
         q, dx, x_hat = cpu_kernels.round_x(x, n_blocks + 2)  # rounded wider than needed, as a stack may
-        np.testing.assert_array_equal(x_hat, quantize_activations(x, cpu_kernels.LOW_PART))
+        np.testing.assert_array_equal(x_hat, quantize_activations(x, cpu_kernels.ACTIVATION_LOW_PART))
         high, low, xsum = cpu_kernels.layout_x(q, dx, bits, group, n_blocks, pair)
         U, _ = UNITS[bits]
         M = 32 // U * (2 if pair else 1)
@@ -170,7 +170,7 @@ def test_tile_rounding_is_the_numpy_rounding():
     x[1, 64:96] = 0.0  # an all-zero block
     n_blocks = 13  # wider than needed (11), as a stack may round
     high, low, dx, xsum, x_hat = cpu_kernels.tile_x(x, n_blocks)
-    np.testing.assert_array_equal(x_hat, quantize_activations(x, cpu_kernels.LOW_PART))
+    np.testing.assert_array_equal(x_hat, quantize_activations(x, cpu_kernels.ACTIVATION_LOW_PART))
     codes = high.astype(np.int32) * 2 ** ACTIVATION_LOW_BITS + low  # (T, n_blocks·32), natural order
     assert high.shape == (3, n_blocks * 32) and not codes[:, 333:].any()
     values = codes * np.repeat(dx, 32, axis=1)
@@ -201,7 +201,7 @@ def caller(x, n_blocks):  # as every SERIAL/PARALLEL kernel calls quantize_x →
 
 rng = np.random.default_rng(5)
 x = (rng.standard_normal((3, 333)) * np.exp(rng.standard_normal((3, 333)))).astype(np.float32)
-want = quantize_activations(x, cpu_kernels.LOW_PART)
+want = quantize_activations(x, cpu_kernels.ACTIVATION_LOW_PART)
 print(int((caller(x, 11) != want).sum()), int((cpu_kernels.round_x(x, 11)[2] != want).sum()))
 """
 

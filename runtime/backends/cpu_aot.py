@@ -52,7 +52,7 @@ EXPORTS = {
     "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),
 }
 SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_tiles.py", HERE / "cpu_tiles_kernels.py",
-                                                          HERE / "cpu_stack.py", HERE / "cpu_team.py",
+                                                          HERE / "cpu_stack.py", HERE / "cpu_team.py", HERE / "cpu_weights.py",
                                                           HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ...paths import cache_root
+from . import cpu_weights
 from .cpu_weights import ACTIVATIONS
 
 
@@ -85,9 +86,8 @@ def _load():
         return "MXQ_KERNELS=numpy"
     if mode not in MODES:
         return f"MXQ_KERNELS={mode!r} is not one of {', '.join(MODES)}"
-    activations = os.environ.get("MXQ_ACTIVATIONS", ACTIVATIONS[0])
-    if activations not in ACTIVATIONS:
-        return f"MXQ_ACTIVATIONS={activations!r} is not one of {', '.join(ACTIVATIONS)}"
+    if cpu_weights.ACTIVATION_SETTING not in ACTIVATIONS:
+        return f"MXQ_ACTIVATIONS={cpu_weights.ACTIVATION_SETTING!r} is not one of {', '.join(ACTIVATIONS)}"
     if mode == "jit":
         return _load_jit()
     from . import cpu_aot

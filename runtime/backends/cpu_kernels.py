@@ -18,7 +18,7 @@ How a row of an affine matrix is multiplied by affine_matmul (llama.cpp's idea: 
 tile kernels of the stacks compute the same sums 16 rows at a time, see cpu_tiles.py). x is first
 rounded once per call, per block of BLOCK = 32 columns, to x̂ = (2^LOW_BITS·high + low)·dx with high and
 low int8 and one step dx_b per block: ~16-bit precision, or 8 bits where the low part is left zero
-($MXQ_ACTIVATIONS=8: LOW_PART, cpu_weights.activation_low_part) (quantize_x; the same as
+($MXQ_ACTIVATIONS=8: ACTIVATION_LOW_PART, cpu_weights.activation_low_part) (quantize_x; the same as
 cpu_weights.quantize_activations), laid out in cpu_qdot's order (the packed stream's unit/plane order,
 zeros past in_features so padding codes contribute nothing). Per row, the group scales s_k and zeros
 z_k are decoded from the file's 8-bit codes (value = code·step + min, one (step, min) per run of 128
@@ -32,7 +32,7 @@ outliers (y[r] += Σ v·x̂[c]), bias and residual. Rows are split into n_parts 
 every packed byte is read from memory once per call (T > 1 tokens re-read a row from L1).
 So the decode products are W·x̂, not W·x: |x̂ − x| ≤ max|x_b|/127/2^9 per element (SmolLM2 at 4.25 bpw, every
 product of a 16-chunk WikiText-2 evaluation: perplexity within 0.1%, see the README), or max|x_b|/127/2 with 8-bit
-activations ($MXQ_ACTIVATIONS=8: +0.13% there).
+activations ($MXQ_ACTIVATIONS=8: +0.05% there).
 Integer codes are handled in 32-bit lanes by two tiny LLVM intrinsics (`word`, `field`) in the
 dequantization: Numba would widen them to 64 bits and halve the SIMD width.
 
@@ -66,7 +66,7 @@ SERIAL = dict(fastmath=True, cache=True, nogil=True)
 # inherit_if_not_set), and x̂ then moved by 1-2 ulps (127/amax as a reciprocal estimate).
 EXACT = dict(fastmath=False, cache=True, nogil=True)
 META_RUN_SHIFT = 7  # runs of 128 metadata values
-LOW_PART = activation_low_part()  # x rounded to ~16 bits (high + low int8 parts) or 8 (low zero): cpu_weights
+ACTIVATION_LOW_PART = activation_low_part()  # x rounded to ~16 bits (high + low int8 parts) or 8 (low zero): cpu_weights
 
 
 @intrinsic
@@ -127,7 +127,7 @@ def affine_matmul_serial(x, packed, scale_codes, scale_meta, zero_codes, zero_me
 
 @njit(**EXACT)
 def quantize_x(x, bits, group_size, n_blocks, pair):
-    """x (T, in) → its ~16-bit (or 8-bit: LOW_PART) form per block of BLOCK columns (cpu_weights.quantize_activations):
+    """x (T, in) → its ~16-bit (or 8-bit: ACTIVATION_LOW_PART) form per block of BLOCK columns (cpu_weights.quantize_activations):
     x̂ = (2^LOW_BITS·high + low)·dx with high, low int8 (T, n_blocks·BLOCK) in cpu_qdot's order with 32-column
     blocks, two per SIMD vector if pair (zeros at padding); dx (T, n_blocks) the blocks' steps; xsum (T, G
     padded: padded_groups) = Σ x̂ per weight group; and x_hat (T, in) in the natural order (for the outliers)."""
@@ -158,7 +158,9 @@ def round_x(x, n_blocks):
             for c in range(c0, c1):
                 v = np.float32(x[t, c] * inv)
                 h = min(127.0, max(-127.0, np.rint(v)))
-                lo = min(127.0, max(-127.0, np.rint(np.float32((v - np.float32(h)) * fine)))) if LOW_PART else 0.0
+                lo = 0.0  # 8-bit activations: no low part
+                if ACTIVATION_LOW_PART:
+                    lo = min(127.0, max(-127.0, np.rint(np.float32((v - np.float32(h)) * fine))))
                 q[t, c] = int(h) * (1 << LOW_BITS) + int(lo)
                 x_hat[t, c] = np.float32(q[t, c]) * step
             dx[t, b] = step
@@ -343,7 +345,9 @@ def tile_x(x, n_blocks):
             for c in range(c0, c1):  # float32 ops only (exact on these integers): the loop vectorizes
                 v = np.float32(x[t, c] * inv)
                 h = np.float32(min(127.0, max(-127.0, np.rint(v))))
-                lo = np.float32(min(127.0, max(-127.0, np.rint(np.float32((v - h) * fine))))) if LOW_PART else np.float32(0.0)
+                lo = np.float32(0.0)  # 8-bit activations: no low part
+                if ACTIVATION_LOW_PART:
+                    lo = np.float32(min(127.0, max(-127.0, np.rint(np.float32((v - h) * fine)))))
                 q = h * fine + lo
                 x_hat[t, c] = q * step
                 total += q

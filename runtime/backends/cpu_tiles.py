@@ -6,9 +6,10 @@ has only ~9 SIMD steps to spread that fixed work over (tools/bench_kernels.py: 1
 read bandwidth for 2-4 bits). At load the codes are moved once into tiles of TILE_ROWS = 16 rows, laid out
 so one 64-byte vector holds, for each of the 16 rows, 4 neighbouring columns' codes (llama.cpp's repacked
 formats do the same): an integer multiply-add of that vector with the 4 columns' int8 activations
-broadcast to every lane (AVX512-VNNI: one vpdpbusd with a broadcast memory operand; AVX2, whose
-activations are 8-bit: one vpmaddubsw per 32 bytes into int16, summed over several quads before one
-vpmaddwd widens them) adds the 16 rows' partial dot products in 16 int32 lanes. No shuffles, no horizontal sums: each lane is a row.
+broadcast to every lane (AVX512-VNNI: one vpdpbusd with a broadcast memory operand; AVX2: the 16-bit
+activations against the codes' even and odd bytes, two vpmaddwd per 32 bytes, or with 8-bit activations
+($MXQ_ACTIVATIONS=8) one vpmaddubsw per 32 bytes, summed in int16 over several quads before one vpmaddwd
+widens them) adds the 16 rows' partial dot products in 16 int32 lanes. No shuffles, no horizontal sums: each lane is a row.
 
 Tile layout (per tile t, rows 16t .. 16t+15; rows past the matrix are zero codes):
     codes[t]  (n_blocks · 64 · bits) uint8, block after block of 32 columns. A b-bit code is split into
