@@ -41,7 +41,6 @@ from types import SimpleNamespace
 
 from ...paths import cache_root
 from . import cpu_weights
-from .cpu_weights import ACTIVATIONS
 
 
 def cache_dir() -> Path:
@@ -86,8 +85,8 @@ def _load():
         return "MXQ_KERNELS=numpy"
     if mode not in MODES:
         return f"MXQ_KERNELS={mode!r} is not one of {', '.join(MODES)}"
-    if cpu_weights.ACTIVATION_SETTING not in ACTIVATIONS:
-        return f"MXQ_ACTIVATIONS={cpu_weights.ACTIVATION_SETTING!r} is not one of {', '.join(ACTIVATIONS)}"
+    if cpu_weights.ACTIVATION_SETTING not in cpu_weights.ACTIVATIONS:
+        return f"MXQ_ACTIVATIONS={cpu_weights.ACTIVATION_SETTING!r} is not one of {', '.join(cpu_weights.ACTIVATIONS)}"
     if mode == "jit":
         return _load_jit()
     from . import cpu_aot

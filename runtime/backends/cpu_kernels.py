@@ -50,13 +50,14 @@ from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
-from .cpu_qdot import CORR_PAD, activation_low_part, block_dot, field, word
+from .cpu_qdot import CORR_PAD, block_dot, field, word
 from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
                         TILE_BYTES, TILES, VALUES, ZERO_TILES)
 from .cpu_tiles import TILE_ROWS
 from .cpu_tiles_kernels import repack, tile_dequantize, tile_dot
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
+from .cpu_weights import activation_low_part
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly  # noqa: F401 - re-exported
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)

@@ -120,6 +120,11 @@ def _const(vector_type, value):
     return ir.Constant(vector_type, [value] * vector_type.count)
 
 
+def _row_half(builder, codes, half):
+    """The 32 bytes of rows 8·half .. 8·half + 7 of a <64 x i8> quad (an AVX2 register's worth)."""
+    return builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32))))
+
+
 def _quad_codes(builder, vectors, q, low, high):
     """The codes of column quad q of a block (<64 x i8>: byte 4l + i = row l's code at column 4q + i), cut from the
     block's low-part vectors and, for 3, 5 and 6 bits, ORed with its high part."""
@@ -170,11 +175,12 @@ def _word_total(builder, codes_q, x_high, x_low, x_at, bits):
         even_x, odd_x = (builder.bitcast(builder.shuffle_vector(pairs, pairs, ir.Constant(V8, [e] * 8)), V16W)
                          for e in (2 * q, 2 * q + 1))
         for half, chain in enumerate(chains):
-            words = builder.bitcast(builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), V16W)
+            words = builder.bitcast(_row_half(builder, c, half), V16W)
             even, odd = builder.and_(words, _const(V16W, 0xFF)), builder.lshr(words, _const(V16W, 8))
             product = builder.add(builder.call(madd, [even, even_x]), builder.call(madd, [odd, odd_x]))
             chain[q % 2] = builder.add(chain[q % 2], product)
     return builder.shuffle_vector(builder.add(*chains[0]), builder.add(*chains[1]), ir.Constant(VI, list(range(TILE_ROWS))))
+
 
 def _high_total(builder, codes_q, x_high, x_at, bits):
     """_byte_total's integers when the activations are 8-bit ($MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part:
@@ -203,8 +209,7 @@ def _high_total(builder, codes_q, x_high, x_at, bits):
         total = None
         for shift, quads in terms.items():
             for first in range(0, len(quads), per_sum):
-                sums = [builder.call(maddubs, [builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(I32, 32), list(range(32 * half, 32 * half + 32)))), x4s[q]])
-                        for q, c in quads[first:first + per_sum]]
+                sums = [builder.call(maddubs, [_row_half(builder, c, half), x4s[q]]) for q, c in quads[first:first + per_sum]]
                 while len(sums) > 1:  # pairwise: a short dependency chain
                     sums = [builder.add(a, b) for a, b in zip(sums[0::2], sums[1::2])] + sums[len(sums) & ~1:]
                 part = builder.call(madd, [sums[0], _const(V16W, 1)])
