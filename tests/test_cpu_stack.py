@@ -85,7 +85,7 @@ def test_rows_matrices_of_mixed_configs_match_numpy_path(backends):
 
 
 def test_the_parallel_stack_kernel_matches_the_serial_one(backends):
-    """cpu_kernels.stack_matmul (JIT only: one parallel region, each part a share of every entry's rows)
+    """cpu_kernels.stack_matmul (JIT only: one parallel region, each part a stretch of the entries' tiles)
     writes what stack_matmul_serial writes, for any number of parts — more parts than some entries have
     rows included — with bias and residual fused: every row written (no NaN left), and equal up to the
     summation order fastmath may choose differently in the two compiled functions."""

@@ -42,8 +42,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import (BLOCK, SERIAL, fp16_rows, pointer, stack_blocks, staged_entry, tile_count, tile_rows_for,
-                          tile_x, unstage)
+from .cpu_kernels import BLOCK, SERIAL, fp16_rows, pointer, stack_blocks, stack_part_tiles, tile_x, unstage
 from .cpu_ops import _head
 from .cpu_stack import FIELDS
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
@@ -264,7 +263,7 @@ def heads(q, kc, vc, start, scale, window, out, h0, h1):
 
 @njit(**SERIAL)
 def stack_part(address, part, n_parts):
-    """Part `part` of a stack job: its share of every entry's tiles (as cpu_kernels.stack_matmul's parts)."""
+    """Part `part` of a stack job: its stretch of the entries' tiles (as cpu_kernels.stack_matmul's parts)."""
     job = carray(pointer(address), (JOB_WORDS,), np.int64)
     T, n, blocks = job[2], job[4], job[9]
     table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
@@ -272,11 +271,7 @@ def stack_part(address, part, n_parts):
     x_hat = carray(pointer(job[7]), (T, job[8]), np.float32)
     x_parts = (carray(pointer(job[10]), (T, blocks * BLOCK), np.int8), carray(pointer(job[11]), (T, blocks * BLOCK), np.int8),
                carray(pointer(job[12]), (T, blocks), np.float32), carray(pointer(job[13]), (T, blocks), np.float32))
-    for i in range(n):
-        w, bits, group_size = staged_entry(table, i, x_parts, x_hat, stage)
-        tiles = tile_count(table, i)
-        step = -(-tiles // n_parts)
-        tile_rows_for(part * step, min(tiles, (part + 1) * step), w, bits, group_size)
+    stack_part_tiles(table, x_parts, x_hat, stage, part, n_parts)
 
 
 @njit(**SERIAL)
