@@ -8,11 +8,12 @@ that every call reads its weights from memory (one kind's stacks of all layers m
 cache: SmolLM2's 30 q/k/v stacks are 7.9 MiB, and cycling them alone measured them at half their decode
 time). Each call is timed and counted to its kind. A round runs all layers with the serial kernels, then
 all with the team kernels (NumpyBackend.run_team, as decode runs it); the best of --rounds rounds each.
-Then decode attention of one layer at each of --positions cached positions, serial and on the team.
+Then the lm_head product of one token, and decode attention of one layer at each of --positions cached
+positions, serial and on the team.
 Printed: µs per call and the team's speed-up (serial ÷ team), both measured in the same run (this VM
 drifts over minutes: only the ratio compares across runs), and a layer's four stacks together. With
 --baseline another build's kernels (e.g. of the commit before a kernel change) run the same stacks in the
-same rounds: a kernel change compared in one process.
+same rounds (stacks, head and attention): a kernel change compared in one process.
 Needs the compiled kernels and MXQ_THREADS ≥ 2 (the default on a machine with 2 or more cores).
 """
 from __future__ import annotations
@@ -85,6 +86,29 @@ def product_calls(lm, members_of, kernels, run_team):
     return serial, teamed
 
 
+def head_calls(lm, kernels, run_team):
+    """(serial call, team call) of the lm_head product of one token with `kernels` (fp16 head, or an affine one as a
+    stack), the team one through run_team; None when the head is neither (lut, or a cached copy)."""
+    import numpy as np
+
+    from mxq.runtime.backends.cpu_weights import DenseWeight, kernel_extras
+
+    be, head = lm.backend, lm.model.lm_head
+    x = np.random.default_rng(0).standard_normal((1, head.shape[1])).astype(np.float32)
+    y = np.empty((1, head.shape[0]), np.float32)
+    parts = be.team_parts(head.shape[0])
+    stack = be.stack((head,), 1)
+    if stack is not None:
+        args = stack.kernel_args(x, None, None, y)
+        return (lambda: kernels.stack_matmul_serial(*args, 1),
+                lambda: run_team(kernels.stack_matmul_team, *args, parts))
+    if isinstance(head, DenseWeight) and getattr(head, "half_bits", None) is not None:
+        args = (x, head.half_bits, *kernel_extras(None, None), y)
+        return (lambda: kernels.fp16_matmul_serial(*args, 1),
+                lambda: run_team(kernels.fp16_matmul_team, *args, parts))
+    return None
+
+
 def load_baseline(path: str, be):
     """(the kernels of another ahead-of-time build at `path`, run_team for them: a Team of its own with as many
     threads as the backend's)."""
@@ -104,19 +128,20 @@ def load_baseline(path: str, be):
     return module, run_team
 
 
-def attention_calls(lm, positions: int):
-    """(serial call, team call) of decode attention of layer 0 with `positions` cached positions."""
+def attention_calls(lm, positions: int, kernels, run_team):
+    """(serial call, team call) of decode attention of layer 0 with `positions` cached positions, with `kernels`."""
     import numpy as np
 
-    c, be = lm.config, lm.backend
+    c = lm.config
     rng = np.random.default_rng(0)
     kc = rng.standard_normal((c.num_key_value_heads, positions + 1, c.head_dim)).astype(np.float32)
     vc = rng.standard_normal(kc.shape).astype(np.float32)
     q = rng.standard_normal((1, c.num_attention_heads * c.head_dim)).astype(np.float32)
     out = np.empty_like(q)
     args = (q, kc, vc, positions, np.float32(c.head_dim ** -0.5), -1, out)  # any scale times the same
-    return (lambda: be.ops.attention_serial(*args, 1),
-            lambda: be.run_team(be.team_kernels.attention_team, *args, op=True))
+    serial = getattr(kernels, "attention_serial", None) or kernels.ops.attention_serial  # (the JIT's: in its ops)
+    return (lambda: serial(*args, 1),
+            lambda: run_team(kernels.attention_team, *args))
 
 
 def main(argv=None) -> None:
@@ -154,10 +179,23 @@ def main(argv=None) -> None:
             if baseline:
                 row.update(baseline_serial_us=t[2], baseline_team_us=t[3])
             rows.append(row)
+    builds = [(be.team_kernels, be.run_team)] + ([baseline] if baseline else [])
+
+    def paired_row(call, calls_of, repeat):
+        """A row of the calls that calls_of(kernels, run_team) makes, every build's timed in the same rounds."""
+        calls = [calls_of(*build) for build in builds]
+        if calls[0] is None:
+            return
+        timed = [paired_us([serial], [teamed], args.rounds, repeat) for serial, teamed in calls]
+        row = {"call": call, "serial_us": timed[0][0], "team_us": timed[0][1]}
+        if baseline:
+            row.update(baseline_serial_us=timed[1][0], baseline_team_us=timed[1][1])
+        rows.append(row)
+
+    paired_row("lm_head", lambda kernels, run_team: head_calls(lm, kernels, run_team), 20)
     for positions in map(int, args.positions.split(",")):
-        serial, teamed = attention_calls(lm, positions)
-        s_us, t_us = paired_us([serial], [teamed], args.rounds, 500)
-        rows.append({"call": f"attention @{positions}", "serial_us": s_us, "team_us": t_us})
+        paired_row(f"attention @{positions}",
+                   lambda kernels, run_team: attention_calls(lm, positions, kernels, run_team), 500)
     if args.json:
         print(json.dumps({"file": args.file, "threads": be.threads, "rows": rows}, indent=1))
         return

@@ -20,11 +20,52 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from .cpu_kernels import SERIAL
 
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+# The elementwise loops divide: Numba's default (Python) error model checks every float division for zero, a
+# branch that keeps LLVM from vectorizing the loop. Their divisors are ≥ 1 (1 + e^x) or a positive sum.
+ELEMENTWISE = dict(SERIAL, error_model="numpy")
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = LN2_HI + LN2_LO (Cephes)
+# e^x between the smallest normal float32 and 2^127·(1 + ...): a finite result, as fastmath assumes (a reciprocal of
+# an infinity there came out NaN, where NumPy's silu of -200 is -0)
+EXP_LOW, EXP_HIGH = np.float32(-87.33654), np.float32(88.0)
+
+
+@intrinsic
+def int_bits_to_float(typingctx, bits):
+    """The float32 whose bit pattern is an integer's low 32 bits."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(word, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(inline="always", **SERIAL)
+def exp32(x):
+    """e^x in float32 for x clamped to [EXP_LOW, EXP_HIGH], within 3 ulp: x = n·ln 2 + r, |r| ≤ ln 2 / 2, e^r by
+    Cephes' expf polynomial, times 2^n made from its bits. Unlike np.exp (a libm call per value) a loop of it
+    vectorizes: SwiGLU's exp over 1536 values measured 2x faster on AVX2."""
+    x = min(max(x, EXP_LOW), EXP_HIGH)
+    n = np.floor(x * LOG2E + np.float32(0.5))
+    r = x - n * LN2_HI - n * LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * int_bits_to_float((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @njit(**SERIAL)
@@ -61,23 +102,24 @@ def rope(x, positions, inv_freq, head_dim, out):
                 out[t, o + i] = x[t, o + i]
 
 
-@njit(**SERIAL)
+@njit(**ELEMENTWISE)
 def silu_mul(gate, up, out):
     T, n = gate.shape
     for t in range(T):
         for c in range(n):
             g = gate[t, c]
-            out[t, c] = g / (np.float32(1.0) + np.exp(-g)) * up[t, c]
+            out[t, c] = g / (np.float32(1.0) + exp32(-g)) * up[t, c]
 
 
-@njit(**SERIAL)
+@njit(**ELEMENTWISE)
 def gelu_mul(gate, up, out):
     T, n = gate.shape
     for t in range(T):
         for c in range(n):
             g = gate[t, c]
             inner = SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)
-            out[t, c] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[t, c]
+            # 0.5·(1 + tanh(u)) = 1 − 1 / (1 + e^{2u})
+            out[t, c] = g * (np.float32(1.0) - np.float32(1.0) / (np.float32(1.0) + exp32(np.float32(2.0) * inner))) * up[t, c]
 
 
 @njit(inline="always", **SERIAL)
@@ -101,7 +143,7 @@ def _head(q, kc, vc, start, scale, window, out, n_rep, head_dim, qh):
             peak = max(peak, s)
         total = np.float32(0.0)
         for j in range(first, p + 1):
-            e = np.exp(scores[j] - peak)
+            e = exp32(scores[j] - peak)
             scores[j] = e
             total += e
         acc[:] = 0.0
