@@ -88,7 +88,7 @@ def product_calls(lm, members_of, kernels, run_team):
 
 def head_calls(lm, kernels, run_team):
     """(serial call, team call) of the lm_head product of one token with `kernels` (fp16 head, or an affine one as a
-    stack), the team one through run_team; None when the head is neither (lut, or a cached copy)."""
+    stack), the team one through run_team; None when the head is neither (a lut head)."""
     import numpy as np
 
     from mxq.runtime.backends.cpu_weights import DenseWeight, kernel_extras
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--baseline", metavar="SO", help="another ahead-of-time kernel build (a mxq_cpu_*.so of "
                     "$MXQ_CACHE/kernels, built by another checkout whose stack tables and tiles are laid out as "
-                    "this one's): its stacks are timed in the same rounds, and the ratios printed")
+                    "this one's): its stacks, head and attention are timed in the same rounds, and the ratios printed")
     args = ap.parse_args(argv)
 
     import mxq
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['call']:<16} {r['serial_us']:>10.1f} {r['team_us']:>9.1f} {r['serial_us'] / r['team_us']:>8.2f}x")
     if baseline:
-        print(f"baseline {args.baseline} (the same stacks, its kernels, in the same rounds):")
+        print(f"baseline {args.baseline} (the same calls, its kernels, in the same rounds):")
         print(f"{'call':<16} {'serial µs':>10} {'team µs':>9} {'serial: this/base':>18} {'team: this/base':>16}")
         for r in rows:
             if "baseline_serial_us" in r:

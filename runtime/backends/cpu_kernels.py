@@ -492,15 +492,14 @@ def staged_entry(table, i, x_parts, x_hat, stage):
 @njit(**SERIAL)
 def stack_part_tiles(table, x_parts, x_hat, stage, part, n_parts):
     """Part `part` of n_parts of a stack's tiles, written to the stage (staged_entry): the entries' tiles taken
-    as one sequence, entry after entry, cut into n_parts stretches of equal length (±1 tile), so a part touches
-    only the entries its stretch overlaps. (Each part a share of every entry instead gave part 0 the larger
+    as one sequence, entry after entry, cut into n_parts stretches whose lengths differ by at most one tile, so
+    a part touches only the entries its stretch overlaps. (Each part a share of every entry instead gave part 0 the larger
     share of every entry: 5 of a 144-row block's 9 tiles, 2 of a 48-row block's 3 — SmolLM2's q/k/v stack
     36 of 60 tiles — and every part paid every entry's setup.)"""
     total = 0
     for i in range(table.shape[0]):
         total += tile_count(table, i)
-    step = -(-total // n_parts)
-    first, end = part * step, min(total, (part + 1) * step)  # this part's stretch of the sequence
+    first, end = part * total // n_parts, (part + 1) * total // n_parts  # this part's stretch of the sequence
     base = 0  # entry i's first tile in the sequence
     for i in range(table.shape[0]):
         n = tile_count(table, i)
