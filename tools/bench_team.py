@@ -70,20 +70,23 @@ def product_calls(lm, members_of, kernels, run_team):
     """(serial calls, team calls): one per layer, the stack of members_of(layer) multiplying a random x with
     `kernels` (a build's stack_matmul_serial and stack_matmul_team), the team ones through run_team(kernel,
     *args) (the loaded build: NumpyBackend.run_team, as decode runs them)."""
+    be = lm.backend
+    stacks = [be.stack(members_of(layer), 1) for layer in lm.model.layers]
+    if any(stack is None for stack in stacks):
+        return None  # some member is not affine throughout: multiplied one by one, not as a stack
+    pairs = [stack_calls(be, stack, kernels, run_team) for stack in stacks]
+    return [serial for serial, _ in pairs], [teamed for _, teamed in pairs]
+
+
+def stack_calls(be, stack, kernels, run_team):
+    """(serial call, team call) of one KernelStack multiplying a random token with `kernels`."""
     import numpy as np
 
-    be = lm.backend
-    serial, teamed = [], []
-    for layer in lm.model.layers:
-        stack = be.stack(members_of(layer), 1)
-        if stack is None:
-            return None  # some member is not affine throughout: multiplied one by one, not as a stack
-        x = np.random.default_rng(0).standard_normal((1, stack.shape[1])).astype(np.float32)
-        args = stack.kernel_args(x, None, None, np.empty((1, stack.shape[0]), np.float32))
-        serial.append(lambda args=args: kernels.stack_matmul_serial(*args, 1))
-        parts = be.team_parts(stack.shape[0])  # on the team whatever its size (decode: from TEAM_MIN_WEIGHTS)
-        teamed.append(lambda args=args, parts=parts: run_team(kernels.stack_matmul_team, *args, parts))
-    return serial, teamed
+    x = np.random.default_rng(0).standard_normal((1, stack.shape[1])).astype(np.float32)
+    args = stack.kernel_args(x, None, None, np.empty((1, stack.shape[0]), np.float32))
+    parts = be.team_parts(stack.shape[0])  # on the team whatever its size (decode: from TEAM_MIN_WEIGHTS)
+    return (lambda: kernels.stack_matmul_serial(*args, 1),
+            lambda: run_team(kernels.stack_matmul_team, *args, parts))
 
 
 def head_calls(lm, kernels, run_team):
@@ -94,16 +97,13 @@ def head_calls(lm, kernels, run_team):
     from mxq.runtime.backends.cpu_weights import DenseWeight, kernel_extras
 
     be, head = lm.backend, lm.model.lm_head
-    x = np.random.default_rng(0).standard_normal((1, head.shape[1])).astype(np.float32)
-    y = np.empty((1, head.shape[0]), np.float32)
-    parts = be.team_parts(head.shape[0])
     stack = be.stack((head,), 1)
     if stack is not None:
-        args = stack.kernel_args(x, None, None, y)
-        return (lambda: kernels.stack_matmul_serial(*args, 1),
-                lambda: run_team(kernels.stack_matmul_team, *args, parts))
-    if isinstance(head, DenseWeight) and getattr(head, "half_bits", None) is not None:
-        args = (x, head.half_bits, *kernel_extras(None, None), y)
+        return stack_calls(be, stack, kernels, run_team)
+    if isinstance(head, DenseWeight):
+        x = np.random.default_rng(0).standard_normal((1, head.shape[1])).astype(np.float32)
+        args = (x, head.half_bits, *kernel_extras(None, None), np.empty((1, head.shape[0]), np.float32))
+        parts = be.team_parts(head.shape[0])
         return (lambda: kernels.fp16_matmul_serial(*args, 1),
                 lambda: run_team(kernels.fp16_matmul_team, *args, parts))
     return None
@@ -119,6 +119,7 @@ def load_baseline(path: str, be):
     spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.ops = module  # as cpu_aot's namespace: the per-token ops live in the same module
     team = Team(module, be.team.size - 1)
 
     def run_team(kernel, *args):
@@ -139,8 +140,7 @@ def attention_calls(lm, positions: int, kernels, run_team):
     q = rng.standard_normal((1, c.num_attention_heads * c.head_dim)).astype(np.float32)
     out = np.empty_like(q)
     args = (q, kc, vc, positions, np.float32(c.head_dim ** -0.5), -1, out)  # any scale times the same
-    serial = getattr(kernels, "attention_serial", None) or kernels.ops.attention_serial  # (the JIT's: in its ops)
-    return (lambda: serial(*args, 1),
+    return (lambda: kernels.ops.attention_serial(*args, 1),
             lambda: run_team(kernels.attention_team, *args))
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
@@ -55,7 +54,7 @@ from .cpu_qdot import CORR_PAD, block_dot, field, word
 from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
                         TILE_BYTES, TILES, VALUES, ZERO_TILES)
 from .cpu_tiles import TILE_ROWS
-from .cpu_tiles_kernels import PREFETCH_BYTES, repack, tile_dequantize, tile_dot
+from .cpu_tiles_kernels import PREFETCH_BYTES, prefetch, repack, tile_dequantize, tile_dot
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS
 from .cpu_weights import activation_low_part
@@ -312,22 +311,6 @@ def pointer(typingctx, address):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
 
     return types.voidptr(address), codegen
-
-
-@intrinsic
-def prefetch(typingctx, address):
-    """Ask for the cache line at an integer address (read, kept in every cache level); a prefetch never faults."""
-    if not isinstance(address, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(address), codegen
 
 
 @njit(**SERIAL)

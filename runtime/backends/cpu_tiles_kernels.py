@@ -116,6 +116,26 @@ def _splat(builder, vector_type, value, lanes=TILE_ROWS):
     return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
 
 
+def emit_prefetch(builder, address) -> None:
+    """A prefetch of the cache line at `address` (an i8*): read, kept in every cache level, data. Never faults."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [address, I32(0), I32(3), I32(1)])
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """emit_prefetch for an integer address, in a kernel (cpu_kernels.fp16_rows)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        emit_prefetch(builder, builder.inttoptr(args[0], I8.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(address), codegen
+
+
 def _const(vector_type, value):
     return ir.Constant(vector_type, [value] * vector_type.count)
 
@@ -244,8 +264,6 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
         gather = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(VF, [ir.VectorType(F32.as_pointer(), TILE_ROWS), I32, MASK, VF]),
             "llvm.masked.gather.v16f32.v16p0")
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
-                                                  "llvm.prefetch.p0")
         with cgutils.for_range(builder, n_groups) as loop:
             k = loop.index
             group_acc = _const(VF, 0.0)
@@ -253,9 +271,8 @@ def _make_tile_dot(bits: int, blocks_per_group: int):
             for bb in range(blocks_per_group):
                 b = builder.add(builder.mul(k, ir.Constant(k.type, blocks_per_group)), ir.Constant(k.type, bb))
                 base = builder.gep(codes.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-                for v in range(bits):  # read, keep in all cache levels, data
-                    builder.call(prefetch, [builder.gep(base, [ir.Constant(b.type, PREFETCH_BYTES + 64 * v)]), I32(0), I32(3),
-                                            I32(1)])
+                for v in range(bits):
+                    emit_prefetch(builder, builder.gep(base, [ir.Constant(b.type, PREFETCH_BYTES + 64 * v)]))
                 vectors = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(b.type, 64 * v)]), VB.as_pointer()),
                                         align=1) for v in range(bits)]  # low part's `low` vectors, then high's
                 x_at = builder.mul(b, ir.Constant(b.type, BLOCK))
