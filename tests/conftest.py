@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -119,3 +120,43 @@ def small_file(tmp_path):
                ("n", (7,), StorageConfig.fp16())]
     blobs = write_random_file(path, tensors)
     return path, tensors, blobs
+
+
+# ---- subprocesses started early ---------------------------------------------------------------------------------
+# A few slow tests wait on a single-threaded compile in a subprocess (test_cpu_kernels: Numba's JIT kernels into the
+# test cache, the integer-dot lowerings this CPU does not pick by default). Marked @pytest.mark.early(key, argv,
+# env), such a subprocess starts once the tests are collected, at the lowest CPU priority, so it runs on what CPU
+# the tests before it leave idle (the second core of a 2-core machine during the first test's kernel build, a
+# conversion's single-threaded stages); the test then only waits for it (early_result). Nothing else changes:
+# the same command, environment and checks as when the test ran it itself.
+EARLY: dict = {}  # key → subprocess.Popen
+
+
+def early_start(key: str, argv: list, env: dict) -> subprocess.Popen:
+    """Start argv (niced) under `key`, once."""
+    if key not in EARLY:
+        EARLY[key] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      preexec_fn=lambda: os.nice(19))
+    return EARLY[key]
+
+
+def early_result(key: str, argv: list, env: dict) -> subprocess.CompletedProcess:
+    """What `argv` printed and returned: the run started at collection, or one started now."""
+    process = early_start(key, argv, env)
+    if not hasattr(process, "result"):
+        stdout, stderr = process.communicate()
+        process.result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    return process.result
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # the selected tests, after -m and -k
+        for marker in item.iter_markers("early"):
+            early_start(*marker.args)
+
+
+def pytest_sessionfinish(session):
+    for process in EARLY.values():  # not waited for (the test deselected by -x, or failed before)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -17,6 +17,7 @@ import contextlib
 import mmap
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,19 @@ import pytest
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends import cpu_jit
 from mxq.runtime.backends.cpu_weights import (ACTIVATION_LOW_BITS, KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, PRIVATE_COPY_MIN_BYTES,
-                                              STACK_MAX_TOKENS, ThreadChoice, activation_low_part, off_the_mapping,
+                                              ThreadChoice, activation_low_part, off_the_mapping,
                                               quantize_activations)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
+
+from conftest import TEST_CACHE, early_result
+
+PACKAGE_ROOT = str(Path(cpu_jit.__file__).resolve().parents[3])  # the directory holding the mxq package
+# Numba's JIT kernels compiled into the test cache (cpu_jit.cache_dir) by a subprocess started when the tests are
+# collected (conftest: early): kernels_mode("jit") waits for it, then loads them from that cache
+JIT_KERNELS = ("jit kernels", [sys.executable, "-c", "from mxq.runtime.backends import cpu_jit; "
+                                                    "assert cpu_jit.kernels().kind == 'jit'"],
+               {**os.environ, "MXQ_KERNELS": "jit", "PYTHONPATH": PACKAGE_ROOT})
+pytestmark = pytest.mark.early(*JIT_KERNELS)
 
 pytest.importorskip("numba")
 LOW_PART = activation_low_part()  # the kernels round x to ~16 bits (True, the default) or to 8 ($MXQ_ACTIVATIONS)
@@ -46,6 +57,8 @@ class _Entry:
 @contextlib.contextmanager
 def kernels_mode(mode: str):
     """Run with MXQ_KERNELS=mode (aot, jit ...): backends created inside load those kernels."""
+    if mode == "jit":
+        early_result(*JIT_KERNELS)  # compiled (or failed: then the load below says why)
     saved_env, saved_state = os.environ.get("MXQ_KERNELS"), dict(cpu_jit._state)
     os.environ["MXQ_KERNELS"] = mode
     cpu_jit._state.clear()
@@ -103,14 +116,15 @@ def test_affine_kernel_matches_numpy_path(backends, bits, group):
         w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
         dense = dequantize(blobs, shape, config)
         bias = rng.standard_normal(shape[0]).astype(np.float32)
-        for tokens in (1, 2, 5, 8, 20, 300):  # up to STACK_MAX_TOKENS the tiles (a one-matrix stack); 300: more
-            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)  # than that, compiled dequantization +
+        for tokens in (1, 2, 5, 8, 20, 100, 300):  # up to fast.stack_max_tokens the tiles (a one-matrix stack);
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)  # more: compiled dequantization +
             residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)  # sgemm on exact x
-            x_in, slack = quantized_input(x, dense) if tokens <= STACK_MAX_TOKENS else (x, 0.0)
+            tiles = tokens <= fast.stack_max_tokens
+            x_in, slack = quantized_input(x, dense) if tiles else (x, 0.0)
             assert_close(fast.linear(x, w_fast), ref.linear(x_in, w_ref), slack)
             assert_close(fast.linear(x, w_fast), x_in @ dense.T, slack)
             assert_close(fast.linear(x, w_fast, bias, residual.copy()), ref.linear(x_in, w_ref, bias, residual.copy()), slack)
-            if tokens <= STACK_MAX_TOKENS:  # x̂ is within half a step of x: |W·x̂ − W·x| ≤ ½·step·Σ|W_r|
+            if tiles:  # x̂ is within half a step of x: |W·x̂ − W·x| ≤ ½·step·Σ|W_r|
                 bound = 0.5 * np.abs(x).max() * ROUNDING_STEP * np.abs(dense).sum(axis=1).max()
                 assert_close(fast.linear(x, w_fast), x @ dense.T, 1.001 * bound)
 
@@ -144,7 +158,7 @@ def test_more_tokens_than_the_kernel_limit_dequantize_then_multiply(backends, mo
     monkeypatch.setattr(cpu_weights, "PREFILL_CHUNK_BYTES", 37 * 96 * 4)  # ... in chunks of 37 rows
     blobs = random_affine_blobs(rng, shape, config)
     w_fast, w_ref = fast.prepare(_Entry("w", shape, config), blobs), ref.prepare(_Entry("w", shape, config), blobs)
-    x = rng.standard_normal((STACK_MAX_TOKENS + 40, 96)).astype(np.float32)  # more than the stacks take
+    x = rng.standard_normal((fast.stack_max_tokens + 40, 96)).astype(np.float32)  # more than the stacks take
     assert_close(fast.linear(x, w_fast), ref.linear(x, w_ref))
     assert_close(fast.linear(x, w_fast), x @ dequantize(blobs, shape, config).T)
 
@@ -454,15 +468,15 @@ def test_integer_sums_do_not_wrap_at_the_largest_codes_and_activations(backends,
 
 
 @contextlib.contextmanager
-def numpy_path_rounding_activations():
-    """The NumPy path, for the products the affine kernels would do (≤ STACK_MAX_TOKENS tokens: the stacks),
+def numpy_path_rounding_activations(stack_max_tokens: int):
+    """The NumPy path, for the products the affine kernels would do (≤ stack_max_tokens: the stacks),
     multiplies by x rounded as the kernels round it (quantize_activations): the same arithmetic up to float sums."""
     from mxq.runtime.backends import cpu_weights
 
     original = cpu_weights.AffineWeight.numpy_matmul
 
     def rounding(self, x):
-        return original(self, quantize_activations(x, LOW_PART) if x.shape[0] <= STACK_MAX_TOKENS else x)
+        return original(self, quantize_activations(x, LOW_PART) if x.shape[0] <= stack_max_tokens else x)
 
     cpu_weights.AffineWeight.numpy_matmul = rounding
     try:
@@ -493,7 +507,7 @@ def test_tiny_model_logits_match_numpy_path(tiny_models, name, mode):
         saved = lm.backend.kernels, lm.backend.ops
         lm.backend.kernels = lm.backend.ops = None  # same weights, NumPy path
         exact = run()
-        with numpy_path_rounding_activations():
+        with numpy_path_rounding_activations(lm.backend.stack_max_tokens):
             rounded = run()
         lm.backend.kernels, lm.backend.ops = saved
     assert np.abs(fast - rounded).max() <= 1e-4 * np.abs(rounded).max()
@@ -554,21 +568,27 @@ def other_lowerings() -> list[tuple[str, str]]:
     return [(isa, "16") for isa in isas[1:]] + [(isa, "8") for isa in eight]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("isa, activations", other_lowerings())
-def test_every_integer_dot_lowering_matches_numpy_path(tmp_path, isa, activations):
-    """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) with a lowering this CPU does not pick by
-    default (LLVM's generic multiply-add; AVX2's on an AVX512-VNNI CPU) or with 8-bit activations: compiled
-    afresh in a subprocess (own Numba cache), every bit width and group size against the NumPy path on x̂,
-    random codes and the largest ones. (1-3 minutes: every kernel copy compiles.)"""
-    import sys
-
+def lowering_check(isa: str, activations: str) -> tuple:
+    """(key, argv, env) of DOT_LOWERING_CHECK for one lowering and activation setting, in a subprocess with its own
+    Numba cache in the test cache, one per version of the kernel sources (cpu_jit.cache_dir's rule)."""
     from mxq.runtime.backends import cpu_aot
 
     tests = os.path.dirname(os.path.abspath(__file__))  # conftest.random_affine_blobs
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cpu_aot.HERE.parents[2]), tests]),
-           "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "MXQ_ACTIVATIONS": activations}
-    done = subprocess.run([sys.executable, "-c", DOT_LOWERING_CHECK, isa], capture_output=True, text=True, env=env)
+    numba_cache = TEST_CACHE / "numba-lowerings" / f"{cpu_aot.key()}-{isa}-{activations}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, tests]), "NUMBA_CACHE_DIR": str(numba_cache),
+           "MXQ_ACTIVATIONS": activations}
+    return f"lowering {isa} {activations}", [sys.executable, "-c", DOT_LOWERING_CHECK, isa], env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa, activations", [pytest.param(*pair, marks=pytest.mark.early(*lowering_check(*pair)))
+                                              for pair in other_lowerings()])
+def test_every_integer_dot_lowering_matches_numpy_path(isa, activations):
+    """cpu_qdot's lane dot product and the tiles' (cpu_tiles_kernels) with a lowering this CPU does not pick by
+    default (LLVM's generic multiply-add; AVX2's on an AVX512-VNNI CPU) or with 8-bit activations: compiled in a
+    subprocess (started early, see conftest), every bit width and group size against the NumPy path on x̂,
+    random codes and the largest ones. (1-3 minutes of compiling, once per version of the kernel sources.)"""
+    done = early_result(*lowering_check(isa, activations))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"ok {activations == '16'}"
 
@@ -578,15 +598,16 @@ def test_every_integer_dot_lowering_matches_numpy_path(tmp_path, isa, activation
 def test_ahead_of_time_kernels_load_without_numba_or_llvm():
     """The default kernels come from the extension built once into the (test) cache: a process that
     loads them and runs a product never imports Numba or llvmlite."""
-    import sys
-
     from mxq.runtime.backends import cpu_aot
+
+    from mxq.runtime.backends import cpu_qdot
 
     with kernels_mode("aot"):
         assert NumpyBackend(threads=1).kernels is not None  # built (once per cache) or loaded
     code = ("import sys, numpy as np; from mxq.runtime.backends.numpy_backend import NumpyBackend; "
             "from mxq.format_spec import StorageConfig; b = NumpyBackend(threads=2); "
             "assert b.kernels.kind == 'aot' and not b.kernels.parallel, b.kernels; "
+            f"assert b.kernels.dot_isa == {cpu_qdot.DOT_ISA!r}, b.kernels.dot_isa; "  # what the JIT would compile
             "w = b.prepare(type('E', (), dict(name='w', shape=(4, 64), config=StorageConfig.fp16(), role='linear')), "
             "{'data': np.ones((4, 64), np.float16)}); "
             "y = b.linear(np.ones((1, 64), np.float32), w); assert (y == 64).all(), y; "

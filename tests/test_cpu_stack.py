@@ -11,7 +11,9 @@ import pytest
 
 from conftest import random_affine_blobs
 from mxq.format_spec import StorageConfig, dequantize, join_blocks
+from mxq.runtime.backends import cpu_weights
 from mxq.runtime.backends.cpu_stack import KernelStack
+from mxq.runtime.backends.cpu_weights import KERNEL_MAX_TOKENS, STACK_MAX_TOKENS
 from mxq.runtime.backends.row_blocks import RowBlocks
 from test_cpu_kernels import _Entry, assert_close, backends, quantized_input  # noqa: F401 - the fixture
 
@@ -185,8 +187,10 @@ def test_a_stack_is_made_once_per_tuple_of_handles(backends):
     a, b = (fast.prepare(_Entry(n, (8, 64), config), random_affine_blobs(rng, (8, 64), config)) for n in "ab")
     stack = fast.stack((a, b), 1)
     assert isinstance(stack, KernelStack) and fast.stack((a, b), 1) is stack and fast.stack((b, a), 1) is not stack
-    assert fast.stack((a, b), 256) is stack  # a whole prefill piece too ...
-    assert fast.stack((a, b), 257) is None  # ... but no more: products one by one (dequantize + sgemm)
+    most = STACK_MAX_TOKENS[fast.kernels.dot_isa, cpu_weights.ACTIVATION_SETTING]  # this CPU's and setting's entry
+    assert fast.stack_max_tokens == most >= KERNEL_MAX_TOKENS
+    assert fast.stack((a, b), most) is stack  # prefill pieces up to that too ...
+    assert fast.stack((a, b), most + 1) is None  # ... but no more: products one by one (dequantize + sgemm)
 
 
 ROUNDING_UNDER_A_FASTMATH_CALLER = """

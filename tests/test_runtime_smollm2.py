@@ -21,13 +21,14 @@ PROMPT = "Once upon a time, there was a little girl named"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """fp16 file, and a quantized one (3/4/5-bit mix with outliers; rtn keeps measurement quick)."""
+    """fp16 file, and a quantized one (3/4/5-bit mix with outliers; rtn and the shortest calibration keep the
+    conversion quick: what is checked here is the runtime against transformers on the same weights)."""
     root = tmp_path_factory.mktemp("smol")
     source = fixtures.ensure("smollm2")
     built = {}
     for kind, options in {"fp16": dict(bpw=16, configs="fp16"),
                           "quantized": dict(bpw=4.25, configs="b3g64,b4g32,b5g128", outliers=0.25,
-                                            quantizer="rtn")}.items():
+                                            quantizer="rtn", calib_tokens=512)}.items():
         path = root / f"{kind}.mxq"
         convert(source, path, cache_dir=None, **options)
         export_hf(path, root / f"{kind}-hf")

@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
-        [--modes lean,lean-a8,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-a8,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -16,7 +16,9 @@ llama.cpp, in one run.
    (MXQ_KERNELS=jit: parallel, +~120 MiB); lean-numpy is the lean mode without the compiled kernels
    (MXQ_KERNELS=numpy): the NumPy path;
    lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run;
-   lean-a8 the lean mode with 8-bit activations (MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part).
+   lean-a8 the lean mode with 8-bit activations (MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part);
+   lean-tiles the lean mode with kernel stacks taking whole prefill pieces on every CPU (the largest of
+   cpu_weights.STACK_MAX_TOKENS; the default takes them only where the tiles beat dequantize + sgemm).
    "cpu ms/tok" is the process's CPU time per decoded token (all threads): about the wall time per
    token when only one thread works at a time, up to threads × it when they all work at once.
 4. --kernel-memory: where the compiled kernels' resident memory goes, in fresh processes: RSS
@@ -40,7 +42,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-a8", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+MODES = ("lean", "lean-a8", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
 # lean: the default kernels (ahead-of-time built); lean-jit: Numba's JIT kernels (MXQ_KERNELS=jit, parallel);
 # lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
@@ -76,14 +78,17 @@ def time_kernels(be) -> dict:
     return spent
 
 
-def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False) -> dict:
+def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False, whole_pieces=False) -> dict:
     import numpy as np
 
     import mxq
+    from mxq.runtime.backends.cpu_weights import STACK_MAX_TOKENS
 
     t0 = time.perf_counter()
     lm = mxq.load(path, cache_dequantized=cache_dequantized)
     load_s = time.perf_counter() - t0
+    if whole_pieces and lm.backend.kernels is not None:  # before the first product makes its stacks
+        lm.backend.stack_max_tokens = max(STACK_MAX_TOKENS.values())
     spent = time_kernels(lm.backend) if breakdown else None
     ids = prompt_ids(lm.config.vocab_size, n_prompt)
     model, be = lm.model, lm.backend
@@ -242,7 +247,7 @@ def worker(args) -> None:
         result = kernel_memory(args.worker.removeprefix("kernel-memory-"))
     else:
         result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens,
-                         breakdown=args.worker == "lean-breakdown")
+                         breakdown=args.worker == "lean-breakdown", whole_pieces=args.worker == "lean-tiles")
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -314,7 +319,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-a8", "lean-jit", "lean-1t", "lean-numpy", "cached"):
+        if mode in ("lean", "lean-a8", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached"):
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)

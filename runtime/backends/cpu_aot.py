@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...paths import cache_root
-from .cpu_weights import activation_low_part
+from .cpu_weights import DOT_ISAS, activation_low_part
 
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
@@ -119,7 +119,11 @@ def load():
     functions = {name: getattr(module, name) for names in EXPORTS.values() for name in names}
     for name in list(functions):  # serial only: e.g. `affine_matmul` runs affine_matmul_serial
         functions.setdefault(name.removesuffix("_serial"), functions[name])
-    kernels = SimpleNamespace(kind="aot", parallel=False, path=path, **functions)
+    try:
+        dot_isa = DOT_ISAS[module.dot_isa_index()]
+    except (AttributeError, IndexError) as error:
+        return f"{path} does not name its integer dot products' lowering: {error}"
+    kernels = SimpleNamespace(kind="aot", parallel=False, path=path, dot_isa=dot_isa, **functions)
     kernels.ops = kernels  # the per-token ops (cpu_ops.py) and the lut kernels live in the same module
     kernels.lut = lambda: kernels
     return kernels

@@ -68,7 +68,19 @@ def compile_extension(out: Path) -> None:
     cc.output_dir, cc.output_file, cc.target_cpu = str(out.parent), out.name, "host"
     for name, kernel, signature in exported_kernels():
         cc.export(name, signature)(wrapper(name, kernel))
+    cc.export("dot_isa_index", "i8()")(dot_isa_index())
     cc.compile()
+
+
+def dot_isa_index():
+    """def dot_isa_index(): return <the position in cpu_weights.DOT_ISAS of the lowering these kernels are built
+    with> — how cpu_aot.load learns it without LLVM."""
+    from .cpu_qdot import DOT_ISA
+    from .cpu_weights import DOT_ISAS
+
+    namespace = {}
+    exec(f"def dot_isa_index():\n    return {DOT_ISAS.index(DOT_ISA)}\n", namespace)  # noqa: S102 - a constant
+    return namespace["dot_isa_index"]
 
 
 def smoke_test(path: Path) -> None:

@@ -118,7 +118,7 @@ def _load_jit():
     if numba.config.CACHE_DIR != os.environ["NUMBA_CACHE_DIR"]:
         numba.core.config.reload_config()  # numba was imported before the cache directory was set
     try:
-        from . import cpu_kernels, cpu_ops, cpu_team_kernels
+        from . import cpu_kernels, cpu_ops, cpu_qdot, cpu_team_kernels
 
         cache = Path(numba.config.CACHE_DIR)
         if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
@@ -128,7 +128,7 @@ def _load_jit():
         cpu_team_kernels.warm_up()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return SimpleNamespace(kind="jit", parallel=True, affine_matmul=cpu_kernels.affine_matmul,
+    return SimpleNamespace(kind="jit", parallel=True, dot_isa=cpu_qdot.DOT_ISA, affine_matmul=cpu_kernels.affine_matmul,
                            affine_matmul_serial=cpu_kernels.affine_matmul_serial,
                            stack_matmul=cpu_kernels.stack_matmul, stack_matmul_serial=cpu_kernels.stack_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,

@@ -40,6 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .cpu_weights import ACTIVATION_LOW_BITS as LOW_BITS  # x̂ = (2^LOW_BITS·high + low)·dx
+from .cpu_weights import DOT_ISAS  # the lowerings' names
 from .cpu_weights import UNITS  # bits -> (U codes, B bytes) per unit of the packed stream
 from .cpu_weights import activation_low_part  # read when a kernel compiles: ~16-bit (True) or 8-bit activations
 
@@ -59,7 +60,8 @@ def dot_isas() -> list[str]:
     multiply-add: aarch64 and others)."""
     features = llvm.get_host_cpu_features()
     vnni = bool(features.get("avx512vnni")) and bool(features.get("avx512vl"))
-    return ["vnni"] * vnni + ["avx2"] * bool(features.get("avx2")) + ["generic"]
+    runs = {"vnni": vnni, "avx2": bool(features.get("avx2")), "generic": True}
+    return [isa for isa in DOT_ISAS if runs[isa]]
 
 
 DOT_ISA = dot_isas()[0]  # read when a kernel compiles (tests set it first to compile another lowering)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, STACK_MAX_TOKENS, AffineWeight, Matrix, kernel_extras
+from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, AffineWeight, Matrix, kernel_extras
 
 FIELDS = ("rows", "groups", "bits", "group_size", "tile_bytes", "tiles", "scale_tiles", "zero_tiles", "meta", "row_ptr",
           "cols", "values", "runs", "row_ptr_size", "nnz", "first")
@@ -68,10 +68,9 @@ def affine_pieces(weight):
 class KernelStack(Matrix):
     """Members (weight handles, one input width) as one (width, in) matrix: their outputs side by side."""
 
-    kernel_tokens = STACK_MAX_TOKENS  # the tiles' kernel: decode and whole prefill pieces
-
     def __init__(self, members, backend):
         self.members, self.backend = tuple(members), backend
+        self.kernel_tokens = backend.stack_max_tokens  # the tiles' kernel: decode, and prefill pieces where it wins
         self.widths = [m.shape[0] for m in self.members]
         self.shape = (sum(self.widths), self.members[0].shape[1])
         lines, out_rows, offset = [], [], 0
@@ -90,7 +89,7 @@ class KernelStack(Matrix):
         token on SmolLM2, goes straight to the team kernel (what Matrix.matmul → run_product would pick, without
         their general checks: a stack is never cached); anything else, or a busy or failed team, Matrix.matmul."""
         be = self.backend
-        if self.team_parts and be.team is not None and x.shape[0] <= STACK_MAX_TOKENS:
+        if self.team_parts and be.team is not None and x.shape[0] <= self.kernel_tokens:
             y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
             if be.run_team(be.team_kernels.stack_matmul_team, *self.kernel_args(x, bias, residual, y), self.team_parts):
                 return y

@@ -63,7 +63,14 @@ UNITS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}
 ACTIVATION_BLOCK = 32  # the affine kernels round x per block of this many columns (quantize_activations) ...
 ACTIVATION_LOW_BITS = 8  # ... to 2^this·high + low, both int8: ~16-bit steps (or low = 0: activation_low_part)
 KERNEL_MAX_TOKENS = 16  # up to this many rows of x the compiled kernels beat dequantize + sgemm (measured) ...
-STACK_MAX_TOKENS = 256  # ... and kernel stacks (the tiles' integer dot products) a whole prefill piece (measured)
+DOT_ISAS = ("vnni", "avx2", "generic")  # the integer dot products' lowerings, best first (cpu_qdot.dot_isas)
+# ... and kernel stacks (the tiles' integer dot products) up to this many, by the kernels' lowering and
+# $MXQ_ACTIVATIONS: as far as the tiles beat dequantize + sgemm on SmolLM2's prefill (measured, README "Prefill
+# pieces"): whole 256-token pieces with VNNI; with AVX2 alone (Zen 1) 64 rows at ~16-bit activations (1.27× the
+# time of sgemm at 128 rows) and 128 at 8-bit (1.09× at 256); LLVM's generic lowering, several times slower than
+# AVX2's, decode-sized inputs only
+STACK_MAX_TOKENS = {("vnni", "16"): 256, ("vnni", "8"): 256, ("avx2", "16"): 64, ("avx2", "8"): 128,
+                    ("generic", "16"): KERNEL_MAX_TOKENS, ("generic", "8"): KERNEL_MAX_TOKENS}
 KERNEL_PARALLEL_MIN_WEIGHTS = 1 << 19  # smaller matrices always run on the calling thread; bigger: ThreadChoice
 TEAM_MIN_WEIGHTS = 1 << 16  # products on the team (cpu_team.py) from this many weights (a job costs ~1 µs)
 DECODE_MAX_TOKENS = 8  # NumPy path: up to this many rows of x, use the per-group (decode) product

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import cpu_weights
 from .base import Backend, LayerCache
 from .blas import blas_threads
 from .cpu_jit import disable as disable_kernels
@@ -64,6 +65,9 @@ class NumpyBackend(Backend):
         self.threads = max(1, threads or (int(env) if env.isdigit() and int(env) > 0 else min(cpus, 8)))
         # compiled kernels serve lean-mode decode; the cached mode's float32 products are BLAS
         self.kernels = load_kernels() if kernels and not self.cache_dequantized else None
+        # kernel stacks multiply up to this many rows of x (decode; prefill pieces where the tiles beat sgemm)
+        self.stack_max_tokens = (STACK_MAX_TOKENS[self.kernels.dot_isa, cpu_weights.ACTIVATION_SETTING]
+                                 if self.kernels is not None else 0)
         compiled = load_kernels() if kernels else None
         self.ops = compiled.ops if compiled is not None else None  # per-token ops (cpu_ops.py), either memory mode
         if compiled is not None and compiled.parallel:  # Numba's JIT: its OpenMP pool serves the kernels
@@ -248,7 +252,7 @@ class NumpyBackend(Backend):
     def stack(self, weights: tuple, n_tokens: int) -> KernelStack | None:
         """The KernelStack of these handles when the compiled kernels multiply n_tokens rows and every
         handle is affine throughout (made once per tuple of handles), else None."""
-        if self.kernels_for(n_tokens, STACK_MAX_TOKENS) is None:
+        if self.kernels_for(n_tokens, self.stack_max_tokens) is None:
             return None
         key = tuple(map(id, weights))
         if key not in self.stacks:
