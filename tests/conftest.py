@@ -111,6 +111,13 @@ def tiny_models(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """One error and calibration cache (cache_dir) for the session's SmolLM2 conversions with the default
+    calibration (test_convert_smollm2's budgets, test_budget's --fit): calibrated and measured once."""
+    return str(tmp_path_factory.mktemp("smollm2-cache"))
+
+
 @pytest.fixture
 def small_file(tmp_path):
     """A small valid file with affine (with and without outliers) and fp16 tensors."""

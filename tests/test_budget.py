@@ -110,13 +110,13 @@ def warm_kernels(tmp_path):
     peak_rss(["generate", str(warm), "Hi", "-n", "2"], _env(True))
 
 
-def fit_and_measure(path, tmp_path, fit: int, context: int, error_cache) -> tuple[int, int]:
+def fit_and_measure(path, tmp_path, fit: int, context: int, error_cache, options=FAST) -> tuple[int, int]:
     """(file bytes, measured peak RSS) of `mxq generate` with a prompt of about `context` tokens on the
-    file `--fit fit --context context` wrote."""
+    file `--fit fit --context context` (and `options`) wrote."""
     from test_footprint import NEW_TOKENS, _env, peak_rss, prompt_of
 
     out = tmp_path / f"fit{fit}.mxq"
-    report = convert(path, out, fit=fit, context=context, cache_dir=error_cache, **FAST)
+    report = convert(path, out, fit=fit, context=context, cache_dir=error_cache, **options)
     overhead = runtime_overhead(read_checkpoint(path), ConvertOptions(fit=fit, context=context)).total
     assert report.file_bytes <= fit - overhead
     rss, err = peak_rss(["generate", str(out), prompt_of(out, context - NEW_TOKENS), "-n", str(NEW_TOKENS)],
@@ -138,14 +138,14 @@ def test_fit_keeps_measured_peak_rss_within_size_on_a_tiny_model(tmp_path, error
 
 
 @pytest.mark.slow
-def test_fit_keeps_measured_peak_rss_within_size_on_smollm2(tmp_path, error_cache):
+def test_fit_keeps_measured_peak_rss_within_size_on_smollm2(tmp_path, smollm2_cache):
     path = fixtures.ensure("smollm2")
     overhead = runtime_overhead(read_checkpoint(path), ConvertOptions(fit=1, context=2048)).total  # ~190 MiB
     warm_kernels(tmp_path)
     files = []
     for extra in (64 * MiB, 90 * MiB, 120 * MiB):  # the file's share of SIZE: ~3.5 to ~5 bits per weight
         fit = overhead + extra
-        file_bytes, rss = fit_and_measure(path, tmp_path, fit, 2048, error_cache)
+        file_bytes, rss = fit_and_measure(path, tmp_path, fit, 2048, smollm2_cache, {})  # default calibration
         print(f"--fit {fit / MiB:.0f} MiB --context 2048: file {file_bytes / MiB:.1f} MiB, peak RSS {rss / MiB:.1f} MiB")
         assert rss <= fit, (fit, file_bytes, rss)
         files.append(file_bytes)

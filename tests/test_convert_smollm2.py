@@ -16,8 +16,8 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def error_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("errors"))
+def error_cache(smollm2_cache):
+    return smollm2_cache  # shared with test_budget's --fit conversions (conftest)
 
 
 @pytest.mark.parametrize("bpw", BUDGETS)
