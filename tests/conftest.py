@@ -137,6 +137,7 @@ def small_file(tmp_path):
 # conversion's single-threaded stages); the test then only waits for it (early_result). Nothing else changes:
 # the same command, environment and checks as when the test ran it itself.
 EARLY: dict = {}  # key → subprocess.Popen
+EARLY_RESULTS: dict = {}  # key → its subprocess.CompletedProcess, once waited for
 
 
 def early_start(key: str, argv: list, env: dict) -> subprocess.Popen:
@@ -149,11 +150,11 @@ def early_start(key: str, argv: list, env: dict) -> subprocess.Popen:
 
 def early_result(key: str, argv: list, env: dict) -> subprocess.CompletedProcess:
     """What `argv` printed and returned: the run started at collection, or one started now."""
-    process = early_start(key, argv, env)
-    if not hasattr(process, "result"):
+    if key not in EARLY_RESULTS:
+        process = early_start(key, argv, env)
         stdout, stderr = process.communicate()
-        process.result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-    return process.result
+        EARLY_RESULTS[key] = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    return EARLY_RESULTS[key]
 
 
 def pytest_collection_finish(session):

@@ -598,8 +598,6 @@ def test_every_integer_dot_lowering_matches_numpy_path(isa, activations):
 def test_ahead_of_time_kernels_load_without_numba_or_llvm():
     """The default kernels come from the extension built once into the (test) cache: a process that
     loads them and runs a product never imports Numba or llvmlite."""
-    from mxq.runtime.backends import cpu_aot
-
     from mxq.runtime.backends import cpu_qdot
 
     with kernels_mode("aot"):
@@ -612,7 +610,7 @@ def test_ahead_of_time_kernels_load_without_numba_or_llvm():
             "{'data': np.ones((4, 64), np.float16)}); "
             "y = b.linear(np.ones((1, 64), np.float32), w); assert (y == 64).all(), y; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
-    env = {**os.environ, "PYTHONPATH": str(cpu_aot.HERE.parents[2])}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
     env.pop("MXQ_KERNELS", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

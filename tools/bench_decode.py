@@ -87,7 +87,7 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False, whole_pie
     t0 = time.perf_counter()
     lm = mxq.load(path, cache_dequantized=cache_dequantized)
     load_s = time.perf_counter() - t0
-    if whole_pieces and lm.backend.kernels is not None:  # before the first product makes its stacks
+    if whole_pieces and lm.backend.kernels is not None:
         lm.backend.stack_max_tokens = max(STACK_MAX_TOKENS.values())
     spent = time_kernels(lm.backend) if breakdown else None
     ids = prompt_ids(lm.config.vocab_size, n_prompt)

@@ -114,15 +114,12 @@ def load():
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        functions = {name: getattr(module, name) for names in EXPORTS.values() for name in names}
+        dot_isa = DOT_ISAS[module.dot_isa_index()]  # the lowering it was built with (cpu_aot_build.dot_isa_index)
     except Exception as error:  # noqa: BLE001 - any import failure means: use the JIT
         return f"{path} does not load: {type(error).__name__}: {error}"
-    functions = {name: getattr(module, name) for names in EXPORTS.values() for name in names}
     for name in list(functions):  # serial only: e.g. `affine_matmul` runs affine_matmul_serial
         functions.setdefault(name.removesuffix("_serial"), functions[name])
-    try:
-        dot_isa = DOT_ISAS[module.dot_isa_index()]
-    except (AttributeError, IndexError) as error:
-        return f"{path} does not name its integer dot products' lowering: {error}"
     kernels = SimpleNamespace(kind="aot", parallel=False, path=path, dot_isa=dot_isa, **functions)
     kernels.ops = kernels  # the per-token ops (cpu_ops.py) and the lut kernels live in the same module
     kernels.lut = lambda: kernels

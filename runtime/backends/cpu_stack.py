@@ -70,7 +70,6 @@ class KernelStack(Matrix):
 
     def __init__(self, members, backend):
         self.members, self.backend = tuple(members), backend
-        self.kernel_tokens = backend.stack_max_tokens  # the tiles' kernel: decode, and prefill pieces where it wins
         self.widths = [m.shape[0] for m in self.members]
         self.shape = (sum(self.widths), self.members[0].shape[1])
         lines, out_rows, offset = [], [], 0
@@ -89,11 +88,16 @@ class KernelStack(Matrix):
         token on SmolLM2, goes straight to the team kernel (what Matrix.matmul → run_product would pick, without
         their general checks: a stack is never cached); anything else, or a busy or failed team, Matrix.matmul."""
         be = self.backend
-        if self.team_parts and be.team is not None and x.shape[0] <= self.kernel_tokens:
+        if self.team_parts and be.team is not None and x.shape[0] <= be.stack_max_tokens:
             y = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
             if be.run_team(be.team_kernels.stack_matmul_team, *self.kernel_args(x, bias, residual, y), self.team_parts):
                 return y
         return super().matmul(x, bias, residual)
+
+    @property
+    def kernel_tokens(self) -> int:
+        """The tiles' kernel takes decode, and prefill pieces as far as it beats sgemm (the backend's limit)."""
+        return self.backend.stack_max_tokens
 
     @classmethod
     def of(cls, members, backend) -> KernelStack | None:
