@@ -160,6 +160,17 @@ class Model:
         del gate, up  # freed before the down projection (a long prompt's largest arrays)
         return self.residual(x, m, w.down, None, w.mlp_out_norm)
 
+    def blocks(self, x, positions, cache, start: int):
+        """Every decoder layer on x (T, hidden), in order. The CPU backend runs decode's layers as one compiled call
+        of the same steps (cpu_layers.py; block is its reference)."""
+        fused = self.backend.fused_layers(self, x.shape[0])
+        y = fused.run(x, positions, cache, start) if fused is not None else None
+        if y is not None:
+            return y
+        for i, layer_cache in enumerate(cache.layers):
+            x = self.block(i, x, positions, layer_cache, start)
+        return x
+
     def residual(self, x, branch, weight, bias, out_norm):
         """x + branch·Wᵀ (+ bias), the branch output normed first when the family says so."""
         be = self.backend
@@ -208,8 +219,7 @@ class Model:
         for c0 in range(0, T, chunk):
             positions = np.arange(start + c0, start + min(T, c0 + chunk), dtype=np.int64)  # (t,)
             x = self.embed(ids[c0:c0 + chunk])  # (t, hidden)
-            for i, layer_cache in enumerate(cache.layers):
-                x = self.block(i, x, positions, layer_cache, start + c0)
+            x = self.blocks(x, positions, cache, start + c0)
             cache.length = start + c0 + len(positions)
             hidden.append(self.final_norm(x[-1:] if last_only else x))
         if last_only:

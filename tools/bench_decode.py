@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
-        [--modes lean,lean-a8,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-a8,lean-unfused,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -18,7 +18,9 @@ llama.cpp, in one run.
    lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run;
    lean-a8 the lean mode with 8-bit activations (MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part);
    lean-tiles the lean mode with kernel stacks taking whole prefill pieces on every CPU (the largest of
-   cpu_weights.STACK_MAX_TOKENS; the default takes them only where the tiles beat dequantize + sgemm).
+   cpu_weights.STACK_MAX_TOKENS; the default takes them only where the tiles beat dequantize + sgemm);
+   lean-unfused the lean mode with decode's layers run op by op (a compiled call per op, Model.block) instead
+   of as one compiled call (cpu_layers.py).
    "cpu ms/tok" is the process's CPU time per decoded token (all threads): about the wall time per
    token when only one thread works at a time, up to threads × it when they all work at once.
 4. --kernel-memory: where the compiled kernels' resident memory goes, in fresh processes: RSS
@@ -26,8 +28,9 @@ llama.cpp, in one run.
    for the JIT also after `import llvmlite.binding` (LLVM's shared library), after `import numba`,
    and after cpu_jit loads every kernel from Numba's cache.
 5. --breakdown: one more lean run (a fresh subprocess, after the rounds) in which every compiled kernel call of
-   decode is timed (the backend's run_team / run_op / run_kernel wrapped): ms per token in each kernel, and
-   the rest of a decode step — Python, NumPy glue, sampling — as what remains of its wall time.
+   decode is timed (the backend's run_team / run_op / run_kernel wrapped): ms per token in each kernel (all
+   decoder layers are one call, decode_layers, unless lean-unfused's setting is on), and the rest of a decode
+   step — Python, NumPy glue, sampling — as what remains of its wall time.
 6. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
@@ -42,7 +45,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-a8", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+MODES = ("lean", "lean-a8", "lean-unfused", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
 # lean: the default kernels (ahead-of-time built); lean-jit: Numba's JIT kernels (MXQ_KERNELS=jit, parallel);
 # lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
@@ -78,7 +81,7 @@ def time_kernels(be) -> dict:
     return spent
 
 
-def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False, whole_pieces=False) -> dict:
+def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False, whole_pieces=False, fused=True) -> dict:
     import numpy as np
 
     import mxq
@@ -89,6 +92,7 @@ def run_mxq(path, cache_dequantized, n_prompt, n_new, breakdown=False, whole_pie
     load_s = time.perf_counter() - t0
     if whole_pieces and lm.backend.kernels is not None:
         lm.backend.stack_max_tokens = max(STACK_MAX_TOKENS.values())
+    lm.backend.fuse_layers = fused
     spent = time_kernels(lm.backend) if breakdown else None
     ids = prompt_ids(lm.config.vocab_size, n_prompt)
     model, be = lm.model, lm.backend
@@ -247,7 +251,8 @@ def worker(args) -> None:
         result = kernel_memory(args.worker.removeprefix("kernel-memory-"))
     else:
         result = run_mxq(args.file, args.worker == "cached", args.prompt_tokens, args.new_tokens,
-                         breakdown=args.worker == "lean-breakdown", whole_pieces=args.worker == "lean-tiles")
+                         breakdown=args.worker == "lean-breakdown", whole_pieces=args.worker == "lean-tiles",
+                         fused=args.worker != "lean-unfused")
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -319,7 +324,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-a8", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached"):
+        if mode in ("lean", "lean-a8", "lean-unfused", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached"):
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)

@@ -91,6 +91,11 @@ class Backend(ABC):
         biases = biases or (None,) * len(weights)
         return [self.linear(x, w, b) for w, b in zip(weights, biases)]
 
+    def fused_layers(self, model, n_tokens: int):
+        """An object whose run(x, positions, cache, start) runs all of model's decoder layers on n_tokens tokens (or
+        returns None: then Model.block runs them), or None when this backend has none (the CPU's: cpu_layers.py)."""
+        return None
+
     @abstractmethod
     def rms_norm(self, x, weight, eps: float):
         """x (T, H), weight (H,) → weight * (x / sqrt(mean(x², axis=-1) + eps)), float32."""

@@ -2,8 +2,8 @@
 
 Numba's JIT (cpu_jit.py) keeps LLVM and Numba resident in every process that runs the kernels: ~120 MiB,
 as much as the whole SmolLM2 file. So the first run on a machine builds the serial kernels of
-cpu_kernels.py, cpu_ops.py and cpu_lut_kernels.py once with numba.pycc (cpu_aot_build.py, in a
-subprocess: its LLVM never enters this process) into
+cpu_kernels.py, cpu_ops.py, cpu_lut_kernels.py, cpu_team_kernels.py and cpu_layers_kernels.py once with
+numba.pycc (cpu_aot_build.py, in a subprocess: its LLVM never enters this process) into
 
     $MXQ_CACHE/kernels/mxq_cpu_<key>.<python extension suffix>      (default ~/.cache/mxq/kernels)
 
@@ -50,9 +50,10 @@ EXPORTS = {
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
     "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),
+    "cpu_layers_kernels": ("decode_layers",),
 }
 SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_tiles.py", HERE / "cpu_tiles_kernels.py",
-                                                          HERE / "cpu_stack.py", HERE / "cpu_team.py", HERE / "cpu_weights.py",
+                                                          HERE / "cpu_stack.py", HERE / "cpu_team.py", HERE / "cpu_weights.py", HERE / "cpu_layers.py",
                                                           HERE / "cpu_aot_build.py"]
 BUILD_TIMEOUT_S = 900
 

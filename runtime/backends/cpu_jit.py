@@ -118,7 +118,7 @@ def _load_jit():
     if numba.config.CACHE_DIR != os.environ["NUMBA_CACHE_DIR"]:
         numba.core.config.reload_config()  # numba was imported before the cache directory was set
     try:
-        from . import cpu_kernels, cpu_ops, cpu_qdot, cpu_team_kernels
+        from . import cpu_kernels, cpu_layers_kernels, cpu_ops, cpu_qdot, cpu_team_kernels
 
         cache = Path(numba.config.CACHE_DIR)
         if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
@@ -126,6 +126,7 @@ def _load_jit():
         cpu_kernels.warm_up()  # compile (or load from the cache) every kernel now, not mid-generation
         cpu_ops.warm_up()
         cpu_team_kernels.warm_up()
+        cpu_layers_kernels.warm_up()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the NumPy path
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return SimpleNamespace(kind="jit", parallel=True, dot_isa=cpu_qdot.DOT_ISA, affine_matmul=cpu_kernels.affine_matmul,
@@ -136,6 +137,7 @@ def _load_jit():
                            tile_dequantize=cpu_kernels.tile_dequantize,
                            stack_matmul_team=cpu_team_kernels.stack_matmul_team, fp16_matmul_team=cpu_team_kernels.fp16_matmul_team,
                            attention_team=cpu_team_kernels.attention_team, team_serve=cpu_team_kernels.team_serve,
+                           decode_layers=cpu_layers_kernels.decode_layers,
                            ops=cpu_ops, lut=_jit_lut)
 
 

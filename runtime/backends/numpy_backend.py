@@ -8,7 +8,9 @@ and whole prefill pieces (cpu_stack.py, cpu_tiles.py), other products for decode
 NumPy from the memory-mapped file — and cache_dequantized keeps a float32 copy of every matrix (see
 cpu_weights.py for both modes' memory and speed).
 In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
-compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference.
+compiled loops (cpu_ops.py) when Numba is available; the NumPy code below is their reference. Lean decode
+runs every decoder layer whose products are kernel stacks in ONE compiled call of those same pieces
+(cpu_layers.py: fused_layers), instead of ~10 calls a layer from Model.block.
 
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve the compiled kernels'
 team (cpu_team.py: `threads - 1` workers that spin between jobs, the calling thread taking the parts no
@@ -30,6 +32,7 @@ from .base import Backend, LayerCache
 from .blas import blas_threads
 from .cpu_jit import disable as disable_kernels
 from .cpu_jit import kernels as load_kernels
+from .cpu_layers import FusedLayers
 from .cpu_lut import LutWeight
 from .cpu_stack import KernelStack
 from .cpu_team import MAX_PARTS, Team
@@ -57,6 +60,7 @@ class NumpyBackend(Backend):
     name = "cpu"
     xp = np
     prefill_chunk = PREFILL_CHUNK
+    fuse_layers = True  # decode's decoder layers as one compiled call (cpu_layers.py); False: a call per op
 
     def __init__(self, cache_dequantized: bool = False, threads: int | None = None, kernels: bool = True):
         self.cache_dequantized = bool(cache_dequantized)
@@ -81,6 +85,7 @@ class NumpyBackend(Backend):
         self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="mxq") if self.threads > 1 else None
         self._buffers = [{} for _ in range(self.threads)]  # per worker slot: reused scratch buffers
         self.stacks = {}  # ids of handles → (the handles, their KernelStack or None): see stack()
+        self.fused = {}  # id of a Model → (the model, its FusedLayers): see fused_layers()
         self.thread_choices = {}  # (weight kind, shape) → cpu_weights.ThreadChoice: serial or parallel products
         self.blas = blas_threads()
         self.blas.set(1)
@@ -258,6 +263,16 @@ class NumpyBackend(Backend):
         if key not in self.stacks:
             self.stacks[key] = (weights, KernelStack.of(weights, self))  # the handles kept: their ids stay theirs
         return self.stacks[key][1]
+
+    def fused_layers(self, model, n_tokens: int) -> FusedLayers | None:
+        """The model's layers as one compiled call (cpu_layers.py) for decode-sized inputs when the compiled kernels
+        and ops run (made once per model), else None."""
+        if (not self.fuse_layers or self.ops is None or self.kernels_for(n_tokens) is None
+                or not hasattr(self.team_kernels, "decode_layers")):
+            return None
+        if id(model) not in self.fused:
+            self.fused[id(model)] = (model, FusedLayers(model, self, ATTENTION_TEAM_MIN_WORK))  # the model kept: its id stays its
+        return self.fused[id(model)][1]
 
     def rms_norm(self, x, weight, eps):
         if self.ops is not None:  # one pass per row (few transcendental calls: any T)

@@ -1,0 +1,95 @@
+"""Decode's decoder layers as one compiled call (runtime/backends/cpu_layers.py) against Model.block run op by op
+(the reference), for every family, both kernel builds, with and without the team; layers it cannot fuse run
+Model.block; a failing compiled call falls back with one notice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mxq
+from mxq.converter import convert
+from mxq.runtime.backends import cpu_jit
+from test_cpu_kernels import kernels_mode
+from test_runtime_files import write_test_mxq
+
+fixtures = pytest.importorskip("fixtures")  # tools/fixtures.py (conftest puts tools/ on sys.path)
+
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-gemma3", "tiny-phi3")
+RTOL = 1e-4  # of the largest logit: the same compiled pieces, summed in the order fastmath picks in each function
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """name → a 4.5-bpw data-free conversion of that fixture (row blocks, every product affine), made once."""
+    files = {}
+
+    def get(name):
+        if name not in files:
+            path = tmp_path_factory.mktemp(name) / "q.mxq"
+            convert(fixtures.ensure(name), path, bpw=4.5, objective="frobenius", quantizer="rtn", cache_dir=None)
+            files[name] = path
+        return files[name]
+
+    return get
+
+
+def decode_logits(lm, fuse: bool, steps=(1, 1, 3, 1, 1, 1, 1)) -> np.ndarray:
+    """Logits of a 20-token prompt's continuation fed `steps` tokens at a time (a cache of 8 positions: it grows
+    while decoding), with the fused layers on or off."""
+    lm.backend.fuse_layers = fuse
+    ids = np.random.default_rng(3).integers(0, lm.config.vocab_size, size=20 + sum(steps))
+    cache = lm.model.new_cache(8)
+    lm.model.forward(ids[:20], cache)
+    out, t = [], 20
+    for n in steps:
+        out.append(lm.backend.to_host(lm.model.forward(ids[t:t + n], cache)))
+        t += n
+    return np.concatenate(out)  # (sum(steps), vocab)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("kind", ["aot", "jit"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_layers_match_model_block(quantized, monkeypatch, name, kind, threads):
+    monkeypatch.setenv("MXQ_THREADS", threads)
+    with kernels_mode(kind), mxq.load(quantized(name)) as lm:
+        assert lm.backend.kernels is not None and lm.backend.kernels.kind == kind
+        fused = lm.backend.fused_layers(lm.model, 1)
+        assert fused is not None and all(fused.fused)  # every product affine: every layer in one call
+        assert (lm.backend.team is None) == (threads == "1")
+        got, ref = decode_logits(lm, True), decode_logits(lm, False)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_layers_with_a_product_it_cannot_fuse_run_model_block(tmp_path):
+    """tiny-llama with layer 1's o_proj in fp16: layer 0 fused, layer 1 by Model.block, the same logits."""
+    def choose(name, shape, role):
+        return "fp16" if name == "model.layers.1.self_attn.o_proj.weight" or role == "embedding" else (4, 32, 0)
+
+    path = write_test_mxq(fixtures.ensure("tiny-llama"), tmp_path / "m.mxq", choose)
+    with mxq.load(path) as lm:
+        fused = lm.backend.fused_layers(lm.model, 1)
+        assert fused.fused == [True, False] and fused.runs == [(0, 1, True), (1, 2, False)]
+        got, ref = decode_logits(lm, True), decode_logits(lm, False)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+
+
+def test_a_failing_fused_call_falls_back_with_one_notice(quantized, capsys, monkeypatch):
+    with mxq.load(quantized("tiny-qwen2")) as lm:
+        ref = decode_logits(lm, False)
+        kernels = lm.backend.team_kernels
+
+        class Broken:
+            def __getattr__(self, name):
+                return getattr(kernels, name)
+
+            def decode_layers(self, *args):
+                raise RuntimeError("simulated kernel failure")
+
+        lm.backend.team_kernels = Broken()
+        monkeypatch.setattr(cpu_jit, "_state", dict(cpu_jit._state))  # the notice's once-only state, restored after
+        got = decode_logits(lm, True)
+        assert lm.backend.kernels is None and lm.backend.ops is None  # the NumPy path from now on
+    assert capsys.readouterr().err.count("simulated kernel failure") == 1
+    assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()  # the NumPy path: its own float32 rounding
