@@ -62,6 +62,26 @@ def test_fused_layers_match_model_block(quantized, monkeypatch, name, kind, thre
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_two_caches_decoded_in_turn_keep_their_own_keys_and_values(quantized):
+    """Each cache has its own kv table (and a cache that grows gets a new one): two sequences decoded step by step in
+    turn give what each gives alone."""
+    with mxq.load(quantized("tiny-qwen3")) as lm:
+        model, rng = lm.model, np.random.default_rng(5)
+        prompts = [rng.integers(0, lm.config.vocab_size, size=n).tolist() for n in (5, 11)]
+
+        def decode(seqs, steps=6):
+            caches = [model.new_cache(4) for _ in seqs]  # too small: both grow while decoding
+            tokens = [[int(np.argmax(model.forward(p, c, last_only=True)[-1]))] for p, c in zip(seqs, caches)]
+            for _ in range(steps):
+                for seq, cache in zip(tokens, caches):
+                    seq.append(int(np.argmax(model.forward([seq[-1]], cache)[-1])))
+            return tokens
+
+        together = decode(prompts)
+        assert together == [decode([p])[0] for p in prompts]
+        assert len(lm.backend.fused_layers(model, 1).kv_tables) == 0  # dropped with their caches
+
+
 def test_layers_with_a_product_it_cannot_fuse_run_model_block(tmp_path):
     """tiny-llama with layer 1's o_proj in fp16: layer 0 fused, layer 1 by Model.block, the same logits."""
     def choose(name, shape, role):

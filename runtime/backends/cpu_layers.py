@@ -4,8 +4,9 @@ Model.block (runtime/model.py) as backend calls costs ~10 calls a layer — RMSN
 attention, o, RMSNorm, the gate/up stack, SwiGLU, down — each a Python method, argument checks and a compiled
 call's unboxing: ~3.8 ms of a SmolLM2 decode step's ~16 (bench_decode --breakdown: "rest"), more than the whole
 attention. Here the same layer runs inside one compiled function, from a table of addresses made once per
-model: per layer its norm weights, its four kernel stacks (cpu_stack.py), its rotary frequencies and its KV
-cache. Model.block stays the reference: the fused layers run the same compiled pieces (cpu_ops, the stack and
+model — per layer its norm weights, its four kernel stacks (cpu_stack.py) and its rotary frequencies — and
+one per KV cache (its arrays' addresses: two threads may decode two caches of one model). Model.block stays
+the reference: the fused layers run the same compiled pieces (cpu_ops, the stack and
 team kernels) in the same order, and tests hold every family's logits to it.
 
 A layer is fused when all four of its products are kernel stacks (affine throughout: no fp16 or lut block)
@@ -15,6 +16,7 @@ This module has no Numba: the ahead-of-time kernels load without it.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 
@@ -24,13 +26,13 @@ from .cpu_team import CTRL_SIZE
 NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
 STACK_FIELDS = ("table", "entries", "rows", "bias", "parts")  # a stack's fields, from its first
 STACKS = ("qkv", "o", "gate_up", "down")
-FIELDS = (NORMS + tuple(f"{s}_{f}" for s in STACKS for f in STACK_FIELDS)
-          + ("inv_freq", "n_freq", "kc", "vc", "capacity", "window"))
+FIELDS = NORMS + tuple(f"{s}_{f}" for s in STACKS for f in STACK_FIELDS) + ("inv_freq", "n_freq", "window")
 (ATTN_NORM, MLP_NORM, Q_NORM, K_NORM, ATTN_OUT_NORM, MLP_OUT_NORM) = range(len(NORMS))
 STACK_TABLE, STACK_ENTRIES, STACK_ROWS, STACK_BIAS, STACK_PARTS = range(len(STACK_FIELDS))
 QKV, O, GATE_UP, DOWN = (FIELDS.index(f"{s}_table") for s in STACKS)
-INV_FREQ, N_FREQ, KC, VC, CAPACITY, WINDOW = (FIELDS.index(f) for f in ("inv_freq", "n_freq", "kc", "vc", "capacity",
-                                                                         "window"))
+INV_FREQ, N_FREQ, WINDOW = (FIELDS.index(f) for f in ("inv_freq", "n_freq", "window"))
+KV_FIELDS = ("kc", "vc", "capacity")  # a layer's line of a cache's kv table: its keys' and values' addresses
+KC, VC, CAPACITY = range(len(KV_FIELDS))
 # the model's sizes (int64)
 DIMS = ("hidden", "q_width", "kv_width", "intermediate", "head_dim", "n_kv", "activation", "team_size",
         "attention_min_work")
@@ -65,7 +67,7 @@ class FusedLayers:
         self.dims = np.array([dims[name] for name in DIMS], np.int64)
         self.private_ctrl = np.zeros(CTRL_SIZE, np.int64)  # no team: its products all run serial (n_parts ≤ 1)
         self.runs = runs(self.fused)
-        self.kv = None  # the cache arrays the table points to (see bind)
+        self.kv_tables = weakref.WeakKeyDictionary()  # cache → (its layers' key arrays, its kv table): see kv
 
     def array(self, a) -> int:
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -90,21 +92,21 @@ class FusedLayers:
         line["window"] = -1 if window is None else int(window)
         return [int(line[name]) for name in FIELDS]
 
-    def bind(self, cache) -> None:
-        """Point the table at this cache's arrays (again when it grew or is another cache)."""
-        if self.kv is not None and all(layer.k is k for layer, k in zip(cache.layers, self.kv)):
-            return
-        for i, layer in enumerate(cache.layers):
-            self.table[i, KC], self.table[i, VC] = address(layer.k), address(layer.v)
-            self.table[i, CAPACITY] = layer.k.shape[1]
-        self.kv = [layer.k for layer in cache.layers]
+    def kv(self, cache) -> np.ndarray:
+        """The cache's kv table (layers, KV_FIELDS) int64, made again when it grew. One per cache, apart from the
+        shared table: two threads may decode two caches of one model."""
+        arrays, table = self.kv_tables.get(cache, (None, None))
+        if arrays is None or any(layer.k is not k for layer, k in zip(cache.layers, arrays)):
+            table = np.array([[address(layer.k), address(layer.v), layer.k.shape[1]] for layer in cache.layers], np.int64)
+            self.kv_tables[cache] = [layer.k for layer in cache.layers], table
+        return table
 
     def run(self, x, positions, cache, start: int):
         """x (T, hidden) after every layer (Model.block's loop), or None when the compiled call failed or the team
         is busy with another thread's job (nothing written then but this step's cache positions, which the
         caller's Model.block rewrites)."""
         be, model = self.backend, self.model
-        self.bind(cache)
+        kv = self.kv(cache)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         eps = float(model.config.rms_norm_eps)
         for first, end, fused in self.runs:
@@ -114,7 +116,7 @@ class FusedLayers:
                 continue
             x = np.ascontiguousarray(x, dtype=np.float32)
             out = np.empty_like(x)
-            args = (x, self.table[first:end], self.scales[first:end], positions, int(start), self.dims, eps)
+            args = (x, self.table[first:end], kv[first:end], self.scales[first:end], positions, int(start), self.dims, eps)
             if be.team is None:
                 done = be.run_op(be.team_kernels.decode_layers, *args, out, self.private_ctrl)
             else:
@@ -161,7 +163,7 @@ def example_layers() -> tuple:
         _EXAMPLE_ARRAYS.append(a)
         return address(a)
 
-    lines = []
+    lines, kv = [], []
     for i in range(2):
         line = dict.fromkeys(FIELDS, 0)
         line.update(attn_norm=vec(hidden), mlp_norm=vec(hidden))
@@ -173,13 +175,13 @@ def example_layers() -> tuple:
                                               (hidden, inter))):
             table, out_rows = stack(rows, cols)
             line.update({f"{name}_table": address(table), f"{name}_entries": 1, f"{name}_rows": address(out_rows)})
+        line.update(inv_freq=vec(head_dim // 2), n_freq=head_dim // 2, window=-1)
+        lines.append([int(line[name]) for name in FIELDS])
         kc, vc = (np.zeros((n_kv, 4, head_dim), np.float32) for _ in range(2))
         _EXAMPLE_ARRAYS.extend((kc, vc))
-        line.update(inv_freq=vec(head_dim // 2), n_freq=head_dim // 2, kc=address(kc), vc=address(vc), capacity=4,
-                    window=-1)
-        lines.append([int(line[name]) for name in FIELDS])
+        kv.append([address(kc), address(vc), 4])
     dims = dict(hidden=hidden, q_width=2 * head_dim, kv_width=n_kv * head_dim, intermediate=inter, head_dim=head_dim,
                 n_kv=n_kv, activation=0, team_size=1, attention_min_work=1 << 15)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
-    return (x, np.array(lines, np.int64), np.full(2, 0.125), np.arange(1, dtype=np.int64), 0,
+    return (x, np.array(lines, np.int64), np.array(kv, np.int64), np.full(2, 0.125), np.arange(1, dtype=np.int64), 0,
             np.array([dims[name] for name in DIMS], np.int64), 1e-5, np.empty_like(x), np.zeros(CTRL_SIZE, np.int64))

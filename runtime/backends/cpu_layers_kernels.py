@@ -1,6 +1,6 @@
 """The compiled side of cpu_layers.py: a decode step's decoder layers as ONE compiled call.
 
-    decode_layers(x, layers, scales, positions, start, dims, eps, out, ctrl)
+    decode_layers(x, layers, kv, scales, positions, start, dims, eps, out, ctrl)
 
 runs runtime/model.py's Model.block — the reference, read it first — for every row of `layers`, in order, on
 x (T, hidden) float32 at `positions` (T,) = start .. start+T-1, writing each layer's keys and values into its
@@ -11,7 +11,9 @@ the summation order fastmath may pick in another compiled function.
 
     layers  (n, len(cpu_layers.FIELDS)) int64: per layer the addresses of its norm weights (0: absent),
             its four kernel stacks (table, entries, out_rows, bias or 0, team parts), its rotary
-            frequencies, its KV cache (n_kv, capacity, head_dim) float32 ×2, and its window (-1: none)
+            frequencies and its window (-1: none)
+    kv      (n, len(cpu_layers.KV_FIELDS)) int64: per layer its cache's keys and values (n_kv, capacity, head_dim)
+            float32: their addresses and the capacity
     scales  (n,) float64: each layer's attention scale
     dims    (len(cpu_layers.DIMS),) int64: the model's widths, head_dim, the activation (0 SwiGLU, 1 GeGLU),
             the team's size (1: no team) and the work (MACs) from which attention runs on the team
@@ -78,7 +80,7 @@ def branch_sum(x, layer, which, width, branch, out_norm, eps, ctrl):
 
 
 @njit(**SERIAL)
-def decode_layers(x, layers, scales, positions, start, dims, eps, out, ctrl):
+def decode_layers(x, layers, kv, scales, positions, start, dims, eps, out, ctrl):
     T, hidden = x.shape
     q_width, kv_width, inter, head_dim = dims[Q_WIDTH], dims[KV_WIDTH], dims[INTERMEDIATE], dims[HEAD_DIM]
     n_kv = dims[N_KV]
@@ -98,8 +100,8 @@ def decode_layers(x, layers, scales, positions, start, dims, eps, out, ctrl):
         k_rot = np.empty((T, kv_width), np.float32)
         rope(q, positions, inv_freq, head_dim, q_rot)
         rope(k, positions, inv_freq, head_dim, k_rot)
-        kc = carray(pointer(layer[KC]), (n_kv, layer[CAPACITY], head_dim), np.float32)
-        vc = carray(pointer(layer[VC]), (n_kv, layer[CAPACITY], head_dim), np.float32)
+        kc = carray(pointer(kv[i, KC]), (n_kv, kv[i, CAPACITY], head_dim), np.float32)
+        vc = carray(pointer(kv[i, VC]), (n_kv, kv[i, CAPACITY], head_dim), np.float32)
         for t in range(T):  # this step's keys and values into the cache (the backend's attention does the same)
             for j in range(n_kv):
                 for d in range(head_dim):
