@@ -34,9 +34,8 @@ INV_FREQ, N_FREQ, WINDOW = (FIELDS.index(f) for f in ("inv_freq", "n_freq", "win
 KV_FIELDS = ("kc", "vc", "capacity")  # a layer's line of a cache's kv table: its keys' and values' addresses
 KC, VC, CAPACITY = range(len(KV_FIELDS))
 # the model's sizes (int64)
-DIMS = ("hidden", "q_width", "kv_width", "intermediate", "head_dim", "n_kv", "activation", "team_size",
-        "attention_min_work")
-(HIDDEN, Q_WIDTH, KV_WIDTH, INTERMEDIATE, HEAD_DIM, N_KV, ACTIVATION, TEAM_SIZE, ATTENTION_MIN_WORK) = range(len(DIMS))
+DIMS = ("q_width", "kv_width", "intermediate", "head_dim", "n_kv", "activation", "team_size", "attention_min_work")
+(Q_WIDTH, KV_WIDTH, INTERMEDIATE, HEAD_DIM, N_KV, ACTIVATION, TEAM_SIZE, ATTENTION_MIN_WORK) = range(len(DIMS))
 
 
 def address(a: np.ndarray) -> int:
@@ -59,7 +58,7 @@ class FusedLayers:
         self.table = np.array([line or [0] * len(FIELDS) for line in lines], np.int64)  # (layers, FIELDS)
         self.scales = np.array([1.0 / math.sqrt(c.head_dim) if c.attention_scale is None else c.attention_scale
                                 for _ in model.layers], np.float64)
-        dims = dict(hidden=c.hidden_size, q_width=c.num_attention_heads * c.head_dim,
+        dims = dict(q_width=c.num_attention_heads * c.head_dim,
                     kv_width=c.num_key_value_heads * c.head_dim, intermediate=c.intermediate_size,
                     head_dim=c.head_dim, n_kv=c.num_key_value_heads,
                     activation=int(c.family.activation == "gelu_tanh"),
@@ -75,7 +74,6 @@ class FusedLayers:
         return address(a)
 
     def line(self, model, i: int, w, stacks) -> list[int]:
-        be = self.backend
         line = dict.fromkeys(FIELDS, 0)
         for name in NORMS:
             if getattr(w, name) is not None:
@@ -85,7 +83,7 @@ class FusedLayers:
             bias = stack.bias(biases[name])
             line.update({f"{name}_table": address(stack.table), f"{name}_entries": stack.table.shape[0],
                          f"{name}_rows": address(stack.out_rows), f"{name}_bias": 0 if bias is None else self.array(bias),
-                         f"{name}_parts": stack.team_parts if be.team is not None else 0})
+                         f"{name}_parts": stack.team_parts})  # (0: the serial kernel)
         inv_freq = model.inv_freq[i]
         line.update(inv_freq=self.array(inv_freq), n_freq=inv_freq.shape[0])
         window = model.config.layer_window(i)
@@ -180,7 +178,7 @@ def example_layers() -> tuple:
         kc, vc = (np.zeros((n_kv, 4, head_dim), np.float32) for _ in range(2))
         _EXAMPLE_ARRAYS.extend((kc, vc))
         kv.append([address(kc), address(vc), 4])
-    dims = dict(hidden=hidden, q_width=2 * head_dim, kv_width=n_kv * head_dim, intermediate=inter, head_dim=head_dim,
+    dims = dict(q_width=2 * head_dim, kv_width=n_kv * head_dim, intermediate=inter, head_dim=head_dim,
                 n_kv=n_kv, activation=0, team_size=1, attention_min_work=1 << 15)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
     return (x, np.array(lines, np.int64), np.array(kv, np.int64), np.full(2, 0.125), np.arange(1, dtype=np.int64), 0,

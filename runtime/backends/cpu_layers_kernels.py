@@ -15,7 +15,7 @@ the summation order fastmath may pick in another compiled function.
     kv      (n, len(cpu_layers.KV_FIELDS)) int64: per layer its cache's keys and values (n_kv, capacity, head_dim)
             float32: their addresses and the capacity
     scales  (n,) float64: each layer's attention scale
-    dims    (len(cpu_layers.DIMS),) int64: the model's widths, head_dim, the activation (0 SwiGLU, 1 GeGLU),
+    dims    (len(cpu_layers.DIMS),) int64: the q/k/v and MLP widths, head_dim, the activation (0 SwiGLU, 1 GeGLU),
             the team's size (1: no team) and the work (MACs) from which attention runs on the team
     ctrl    the team's shared words (cpu_team.py); a private array when there is no team
 """
@@ -25,15 +25,15 @@ import numpy as np
 from numba import carray, njit
 
 from .cpu_kernels import SERIAL, pointer, stack_matmul_serial
-from .cpu_layers import (ACTIVATION, ATTENTION_MIN_WORK, ATTN_NORM, ATTN_OUT_NORM, CAPACITY, DOWN, FIELDS, GATE_UP,
-                         HEAD_DIM, HIDDEN, INTERMEDIATE, INV_FREQ, K_NORM, KC, KV_WIDTH, MLP_NORM, MLP_OUT_NORM, N_FREQ,
+from .cpu_layers import (ACTIVATION, ATTENTION_MIN_WORK, ATTN_NORM, ATTN_OUT_NORM, CAPACITY, DOWN, GATE_UP,
+                         HEAD_DIM, INTERMEDIATE, INV_FREQ, K_NORM, KC, KV_WIDTH, MLP_NORM, MLP_OUT_NORM, N_FREQ,
                          N_KV, O, Q_NORM, Q_WIDTH, QKV, STACK_BIAS, STACK_ENTRIES, STACK_PARTS, STACK_ROWS, STACK_TABLE,
                          TEAM_SIZE, VC, WINDOW)
 from .cpu_ops import attention_serial, gelu_mul, rms_norm, rope, silu_mul
 from .cpu_stack import FIELDS as STACK_FIELDS
 from .cpu_team_kernels import attention_team, stack_matmul_team
 
-N_FIELDS, N_STACK_FIELDS = len(FIELDS), len(STACK_FIELDS)
+N_STACK_FIELDS = len(STACK_FIELDS)
 
 
 @njit(**SERIAL)
