@@ -324,7 +324,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in ("lean", "lean-a8", "lean-unfused", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached"):
+        if mode in MODES and mode != "transformers":  # mxq's modes
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)

@@ -13,9 +13,10 @@ model and instruction-set flags: the code is compiled for the host CPU, as the J
 activations' rounding ($MXQ_ACTIVATIONS, cpu_weights.activation_low_part), so a changed kernel,
 interpreter, machine or setting gets its own build. The build needs Numba and a C compiler (pycc
 compiles Numba's small runtime helpers in C) — 7.6 minutes on a 2-core AVX2 machine (5 without the fused
-decode layers, cpu_layers_kernels.py), from an empty Numba cache every time (see build). Without them, or if the build fails,
-`load` returns the reason (recorded next to the module's path, `<name>.failed`, so later runs do not
-retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler is ever required.
+decode layers, cpu_layers_kernels.py), from an empty Numba cache every time (see build). Without them, or
+if the build fails, `load` returns the reason (recorded next to the module's path, `<name>.failed`, so
+later runs do not retry; delete it to retry) and cpu_jit falls back to Numba's JIT. No C compiler is ever
+required.
 
 The extension's functions do not check their arguments' types (pycc: only the item size), so they are
 called only through the weight handles and the backend, which pass exactly the types of the

@@ -267,8 +267,7 @@ class NumpyBackend(Backend):
     def fused_layers(self, model, n_tokens: int) -> FusedLayers | None:
         """The model's layers as one compiled call (cpu_layers.py) for decode-sized inputs when the compiled kernels
         and ops run (made once per model), else None."""
-        if (not self.fuse_layers or self.ops is None or self.kernels_for(n_tokens) is None
-                or not hasattr(self.team_kernels, "decode_layers")):
+        if not self.fuse_layers or self.ops is None or self.kernels_for(n_tokens) is None:
             return None
         if id(model) not in self.fused:
             self.fused[id(model)] = (model, FusedLayers(model, self, ATTENTION_TEAM_MIN_WORK))  # the model kept: its id stays its
