@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Fixture checkpoints are the exception: tools/fixtures.py builds them once into $MXQ_FIXTURE_CACHE.
 TEST_CACHE = Path(os.environ.get("MXQ_TEST_CACHE") or Path(tempfile.gettempdir()) / f"mxq-test-cache-{os.getuid()}")
 os.environ["MXQ_CACHE"] = str(TEST_CACHE)
-os.environ.pop("MXQ_ACTIVATIONS", None)  # the kernels' default rounding (~16-bit); tests set 8 where they check it
+# the kernels' ~16-bit rounding of activations, whatever this CPU's default (cpu_weights.DEFAULT_ACTIVATIONS: 8 bits
+# with AVX2 alone): the parity tests' tolerances are ~16-bit ones; tests set 8 where they check it
+os.environ["MXQ_ACTIVATIONS"] = "16"
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 

@@ -41,7 +41,7 @@ JIT_KERNELS = ("jit kernels", [sys.executable, "-c", "from mxq.runtime.backends 
 pytestmark = pytest.mark.early(*JIT_KERNELS)
 
 pytest.importorskip("numba")
-LOW_PART = activation_low_part()  # the kernels round x to ~16 bits (True, the default) or to 8 ($MXQ_ACTIVATIONS)
+LOW_PART = activation_low_part()  # the kernels round x to ~16 bits (True, the tests' setting) or to 8 ($MXQ_ACTIVATIONS)
 ROUNDING_STEP = 1 / 127 / 2 ** (ACTIVATION_LOW_BITS if LOW_PART else 0)  # x̂'s step per max|x| of a block
 RTOL = 2e-5
 # logits of whole tiny random models, kernels (~16-bit activations) vs the exact NumPy path, relative to
@@ -559,8 +559,9 @@ print("ok", K.ACTIVATION_LOW_PART)
 
 def other_lowerings() -> list[tuple[str, str]]:
     """(lowering, $MXQ_ACTIVATIONS) pairs the other tests do not compile: every integer-dot lowering this CPU
-    can run besides its default (generic always: aarch64 and older x86 take it; AVX2 on a VNNI machine) with the
-    default ~16-bit activations, and with 8-bit activations the default lowering and AVX2 (its own kernel)."""
+    can run besides its default (generic always: aarch64 and older x86 take it; AVX2 on a VNNI machine) with
+    ~16-bit activations (the tests' setting, conftest), and with 8-bit activations the default lowering and AVX2 (its
+    own kernel)."""
     from mxq.runtime.backends import cpu_qdot
 
     isas = cpu_qdot.dot_isas()
@@ -690,6 +691,26 @@ def test_the_kernel_builds_follow_the_activation_setting(monkeypatch, capsys):
     with kernels_mode("auto"):
         assert cpu_jit.kernels() is None
     assert "MXQ_ACTIVATIONS='12' is not one of 16, 8" in capsys.readouterr().err
+
+
+def test_the_default_activations_follow_the_cpus_integer_dot_product():
+    """Unset, $MXQ_ACTIVATIONS is cpu_weights.DEFAULT_ACTIVATIONS of the CPU's integer dot product (8 bits where
+    AVX2 alone multiplies), which /proc/cpuinfo's flags give without LLVM: the lowering cpu_qdot asks LLVM for."""
+    from mxq.runtime.backends import cpu_qdot, cpu_weights
+
+    assert cpu_weights.dot_isa_of(["fpu", "avx", "avx2", "fma"]) == "avx2"
+    assert cpu_weights.dot_isa_of(["avx2", "avx512f", "avx512vl", "avx512_vnni"]) == "vnni"
+    assert cpu_weights.dot_isa_of(["avx2", "avx512f", "avx512_vnni"]) == "avx2"  # 256-bit vpdpbusd needs VL
+    assert cpu_weights.dot_isa_of(["fp", "asimd", "asimddp"]) == cpu_weights.dot_isa_of([]) == "generic"
+    flags = cpu_weights.cpu_info().get("flags")  # x86 Linux ("Features" on Arm)
+    if flags is not None:
+        assert cpu_weights.dot_isa_of(flags.split()) == cpu_qdot.dot_isas()[0]
+    env = {**{k: v for k, v in os.environ.items() if k != "MXQ_ACTIVATIONS"}, "PYTHONPATH": PACKAGE_ROOT}
+    show = ("from mxq.runtime.backends import cpu_weights as w; "
+            "print(w.ACTIVATION_SETTING, w.DEFAULT_ACTIVATIONS[w.dot_isa_of(w.cpu_info().get('flags', '').split())])")
+    setting, default = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+    assert setting == default in cpu_weights.ACTIVATIONS
 
 
 def test_kernels_mode_must_be_known(capsys):

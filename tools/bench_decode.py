@@ -2,7 +2,7 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
-        [--modes lean,lean-a8,lean-unfused,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-a8,lean-a16,lean-unfused,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -16,7 +16,8 @@ llama.cpp, in one run.
    (MXQ_KERNELS=jit: parallel, +~120 MiB); lean-numpy is the lean mode without the compiled kernels
    (MXQ_KERNELS=numpy): the NumPy path;
    lean-1t the lean mode on one thread (MXQ_THREADS=1): the thread scaling, measured in the same run;
-   lean-a8 the lean mode with 8-bit activations (MXQ_ACTIVATIONS=8, cpu_weights.activation_low_part);
+   lean-a8 and lean-a16 the lean mode with 8-bit or ~16-bit activations (MXQ_ACTIVATIONS=8 or 16,
+   cpu_weights.activation_low_part; lean: this CPU's default, cpu_weights.DEFAULT_ACTIVATIONS);
    lean-tiles the lean mode with kernel stacks taking whole prefill pieces on every CPU (the largest of
    cpu_weights.STACK_MAX_TOKENS; the default takes them only where the tiles beat dequantize + sgemm);
    lean-unfused the lean mode with decode's layers run op by op (a compiled call per op, Model.block) instead
@@ -45,7 +46,8 @@ import subprocess
 import sys
 import time
 
-MODES = ("lean", "lean-a8", "lean-unfused", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+MODES = ("lean", "lean-a8", "lean-a16", "lean-unfused", "lean-tiles", "lean-jit", "lean-1t", "lean-numpy", "cached", "transformers")
+ACTIVATION_MODES = {"lean-a8": "8", "lean-a16": "16"}  # mode → $MXQ_ACTIVATIONS
 # lean: the default kernels (ahead-of-time built); lean-jit: Numba's JIT kernels (MXQ_KERNELS=jit, parallel);
 # lean-numpy: lean without the compiled kernels
 BANDWIDTH_MIB = 512  # the probe's matrix: far larger than any cache
@@ -302,8 +304,8 @@ def main(argv=None):
             env["MXQ_THREADS"] = str(args.threads)
         if mode == "lean-1t":
             env["MXQ_THREADS"] = "1"
-        if mode == "lean-a8":
-            env["MXQ_ACTIVATIONS"] = "8"
+        if mode in ACTIVATION_MODES:
+            env["MXQ_ACTIVATIONS"] = ACTIVATION_MODES[mode]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ...paths import cache_root
-from .cpu_weights import DOT_ISAS, activation_low_part
+from .cpu_weights import DOT_ISAS, activation_low_part, cpu_info
 
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
@@ -66,18 +66,11 @@ def cache_dir() -> Path:
 
 def cpu_fingerprint() -> str:
     """This CPU's model and instruction-set flags (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            fields = {}
-            for line in info:
-                if not line.strip():
-                    break  # the first processor is enough
-                name, _, value = line.partition(":")
-                fields[name.strip()] = value.strip()
-        keep = ("vendor_id", "model name", "flags", "CPU implementer", "CPU part", "Features")
-        return "|".join(f"{k}={fields[k]}" for k in keep if k in fields)
-    except OSError:
+    fields = cpu_info()
+    if not fields:
         return platform.processor() or platform.machine()
+    keep = ("vendor_id", "model name", "flags", "CPU implementer", "CPU part", "Features")
+    return "|".join(f"{k}={fields[k]}" for k in keep if k in fields)
 
 
 def key() -> str:

@@ -12,8 +12,9 @@ the numpy backend keeps its NumPy path after one notice on stderr saying why. $M
     jit             Numba's JIT only (parallel kernels; ~120 MiB resident, see below)
     numpy           no compiled kernels: the NumPy reference path
 
-and $MXQ_ACTIVATIONS how the affine kernels round x (cpu_weights.activation_low_part): 16 (default: ~16 bits,
-two int8 parts) or 8 (faster, less exact; each setting is its own build).
+and $MXQ_ACTIVATIONS how the affine kernels round x (cpu_weights.activation_low_part): 16 (~16 bits, two int8
+parts) or 8 (faster, less exact); unset, cpu_weights.DEFAULT_ACTIVATIONS of this CPU (8 with AVX2 alone). Each
+setting is its own build.
 
 The JIT's kernels are cached in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's
 numba/<hash of the kernel sources> ($MXQ_CACHE/numba/… or ~/.cache/mxq/numba/…), so only the first use

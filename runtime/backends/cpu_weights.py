@@ -98,18 +98,47 @@ NO_RESIDUAL = np.zeros((0, 0), np.float32)
 NO_MAP = readonly(np.zeros(0, np.int64))  # no row map: stored row r is output column r
 
 
-ACTIVATIONS = ("16", "8")  # $MXQ_ACTIVATIONS: the compiled kernels' rounding of x; the first is the default
-ACTIVATION_SETTING = os.environ.get("MXQ_ACTIVATIONS") or ACTIVATIONS[0]  # read once: rounding and kernels agree
+def cpu_info() -> dict:
+    """The first processor's fields in Linux's /proc/cpuinfo ({} where there is none)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def dot_isa_of(flags) -> str:
+    """The best of DOT_ISAS a CPU with these /proc/cpuinfo flags runs — what cpu_qdot.dot_isas() asks LLVM
+    about the host, answered without LLVM (the kernels built ahead of time load without it; a test holds
+    the two equal on the machine that runs it)."""
+    flags = set(flags)
+    if {"avx512_vnni", "avx512vl"} <= flags:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "generic"
+
+
+ACTIVATIONS = ("16", "8")  # $MXQ_ACTIVATIONS: the compiled kernels' rounding of x (activation_low_part) ...
+# ... and its default by the CPU's integer dot product: 8 bits where AVX2 alone multiplies (decode is compute-bound
+# there: the stacks took 0.72-0.88x the time, README "8-bit activations"), ~16 where VNNI or LLVM's generic lowering does
+DEFAULT_ACTIVATIONS = {"vnni": "16", "avx2": "8", "generic": "16"}
+ACTIVATION_SETTING = (os.environ.get("MXQ_ACTIVATIONS")  # read once: rounding and kernels agree
+                      or DEFAULT_ACTIVATIONS[dot_isa_of(cpu_info().get("flags", "").split())])
 
 
 def activation_low_part() -> bool:
     """Whether the compiled kernels round activations to ~16 bits — an int8 high and low part per column,
-    x̂ = (2^L·high + low)·dx ($MXQ_ACTIVATIONS=16, the default) — or to 8 bits, the low part left zero
-    ($MXQ_ACTIVATIONS=8: llama.cpp's Q8 activations). 8 bits halve the integer multiplies: on an AVX2-only
-    CPU, whose decode is compute-bound, the decode stacks took 0.72x the time (README), at a cost in exactness:
-    the tiny random models' logits moved by 2-4% of their largest against transformers instead of < 0.1%. Read
-    once per process (ACTIVATION_SETTING); the kernels are compiled for one setting (cpu_aot.key includes it;
-    cpu_jit rejects values not in ACTIVATIONS)."""
+    x̂ = (2^L·high + low)·dx ($MXQ_ACTIVATIONS=16) — or to 8 bits, the low part left zero ($MXQ_ACTIVATIONS=8:
+    llama.cpp's Q8 activations); unset, DEFAULT_ACTIVATIONS for this CPU. 8 bits halve the integer multiplies:
+    on an AVX2-only CPU, whose decode is compute-bound, the decode stacks took 0.72-0.88x the time (README), at a
+    cost in exactness: SmolLM2's perplexity +0.05%, but the tiny random models' logits moved by 2-4% of their
+    largest against transformers instead of < 0.1%. Read once per process (ACTIVATION_SETTING); the kernels are
+    compiled for one setting (cpu_aot.key includes it; cpu_jit rejects values not in ACTIVATIONS)."""
     return ACTIVATION_SETTING != "8"
 
 
