@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from mxq.runtime.backends.cpu_team import AWAKE, CTRL_SIZE, TICKET, Team
+from mxq.runtime.backends.cpu_team import AWAKE, CTRL_SIZE, TICKET, Team, idle_spins
 from mxq.runtime.backends.cpu_weights import NO_FLOAT, NO_RESIDUAL
 from test_cpu_kernels import _Entry, assert_close, backends  # noqa: F401 - the fixture
 from test_cpu_stack import members
@@ -121,6 +121,21 @@ def test_close_stops_the_workers(backends):
         thread.join(timeout=10)
     assert not any(thread.is_alive() for thread in team.threads)
     assert team.ctrl[AWAKE] == 0
+
+
+def test_workers_spin_for_a_time_not_a_count():
+    """idle_spins turns cpu_team.IDLE_S into polls at this CPU's cost of one, timed on a private ctrl word (a
+    Team's workers, test_close_stops_the_workers, spin that many): here with a stand-in for team_serve whose polls
+    take at least 1 µs each (a sleep)."""
+    seen = []
+
+    def slow_polls(ctrl, polls):
+        seen.append((ctrl.shape, int(ctrl.sum()), polls))
+        time.sleep(polls * 1e-6)
+
+    assert 1000 <= idle_spins(slow_polls, seconds=0.01, probe=1000) <= 10000
+    assert idle_spins(slow_polls, seconds=0.0, probe=1000) == 1000  # never fewer than the probe
+    assert seen == [((CTRL_SIZE,), 0, 1000)] * 2  # a fresh, empty ctrl: no job, no STOP
 
 
 def test_one_thread_has_no_team_and_products_agree_with_it(backends):

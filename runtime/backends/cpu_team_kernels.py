@@ -6,14 +6,14 @@ until none is left; the caller then waits only for the parts others claimed and 
     fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
     attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a query head a part
     team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
-                                       polls (~1 ms) without one, or when ctrl[STOP] is set
+                                       polls (cpu_team.IDLE_S, ~5 ms) without one, or when ctrl[STOP] is set
 
 Why. Numba's parallel loops (OpenMP) wake sleeping workers for every product: ~100 µs per wake-up on
 this 2-core machine, more than a SmolLM2 product takes, so decode ran on one thread (ThreadChoice), and
 the kernels built ahead of time (cpu_aot.py) cannot be parallel at all. Here a worker (a Python thread
 of Team, inside the nogil compiled team_serve) spins between jobs, polling one shared word, so a job
-starts on it within about a microsecond; it goes back to sleep (a threading.Event) after ~1 ms without
-work, and the caller wakes it again with the next job. A worker that is asleep, descheduled or slow
+starts on it within about a microsecond; it goes back to sleep (a threading.Event) after ~5 ms without
+work (cpu_team.IDLE_S), and the caller wakes it again with the next job. A worker that is asleep, descheduled or slow
 never holds the caller up: the caller claims the parts nobody took. So on a busy machine a product
 degrades to the serial one instead of waiting a scheduler period for a worker.
 
