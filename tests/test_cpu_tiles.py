@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mxq.format_spec import pack_codes
+from mxq.runtime.backends import cpu_tiles
 from mxq.runtime.backends.cpu_tiles import BLOCK, PLANES, TILE_ROWS, build, n_tiles
 from test_cpu_kernels import backends  # noqa: F401 - the fixture
 from test_cpu_stack import check_stack
@@ -53,6 +54,24 @@ def test_repack_writes_the_documented_layout(backends, bits):
         lanes = getattr(tiles, name).reshape(3, groups, TILE_ROWS).transpose(0, 2, 1).reshape(-1, groups)
         assert np.array_equal(lanes[:rows], want) and not lanes[rows:].any()
     assert np.array_equal(tiles.meta.reshape(-1, 4), np.concatenate([meta, 2 * meta], axis=1))
+
+
+def test_tiles_are_built_a_chunk_of_rows_at_a_time(backends, monkeypatch):
+    """build repacks whole tiles' rows a chunk at a time and hands each chunk's file rows to release before the
+    next (so a big matrix's file pages and tiles are not resident together): the tiles of a build in one piece."""
+    fast, _ = backends
+    rng = np.random.default_rng(11)
+    rows, n_cols, groups, bits = 37, 96, 3, 5
+    packed = pack_codes(rng.integers(0, 1 << bits, (rows, n_cols)).astype(np.uint8), bits).view(np.uint8).reshape(rows, -1)
+    scale_codes, zero_codes = (rng.integers(0, 256, (rows, groups)).astype(np.uint8) for _ in range(2))
+    meta = rng.random((1, 2)).astype(np.float32)
+    whole = build(packed, scale_codes, zero_codes, meta, meta, bits, fast.kernels.repack)
+    released = []
+    monkeypatch.setattr(cpu_tiles, "REPACK_CHUNK_BYTES", 1)  # a tile's rows a chunk
+    chunked = build(packed, scale_codes, zero_codes, meta, meta, bits, fast.kernels.repack,
+                    lambda part: released.append((part.base is not None, part.shape[0], part.flags.c_contiguous)))
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
+    assert released == [(True, 16, True), (True, 16, True), (True, 5, True)]  # views of the packed rows, in order
 
 
 @pytest.mark.parametrize("bits", sorted(PLANES))

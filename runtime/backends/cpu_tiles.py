@@ -42,6 +42,11 @@ META_SHIFT = META_GROUP_SIZE.bit_length() - 1  # metadata runs of 2^META_SHIFT v
 assert 1 << META_SHIFT == META_GROUP_SIZE
 
 
+# build repacks about this many bytes of a matrix's packed rows at a time, releasing them before the next: a
+# quantized 49152×576 tied embedding (SmolLM2 --size 80MiB, 17.7 MB) was resident twice at load, file pages and tiles
+REPACK_CHUNK_BYTES = 4 << 20
+
+
 def n_tiles(rows: int) -> int:
     return -(-rows // TILE_ROWS)
 
@@ -55,15 +60,25 @@ class Tiles(NamedTuple):
     meta: np.ndarray
 
 
-def build(packed, scale_codes, zero_codes, scale_meta, zero_meta, bits: int, repack) -> Tiles:
+def build(packed, scale_codes, zero_codes, scale_meta, zero_meta, bits: int, repack, release=None) -> Tiles:
     """The tiles of a matrix stored as the file holds it: packed (R, C·bits/8) uint8, metadata codes (R, G) uint8,
     metadata runs (runs, 2) float32 each; repack: cpu_tiles_kernels.repack as the loaded kernels have it (this
-    module imports no Numba: the kernels built ahead of time run without it)."""
+    module imports no Numba: the kernels built ahead of time run without it). Repacked whole tiles' rows at a
+    time, about REPACK_CHUNK_BYTES of packed rows each, and release(rows of packed) called after each chunk: the
+    caller drops those file pages as the tiles that replace them fill (cpu_weights.release), so a big matrix
+    is not resident twice at load."""
     R, G = scale_codes.shape
     n, n_cols = n_tiles(R), packed.shape[1] * 8 // bits
     codes = np.zeros((n, n_cols // BLOCK * 64 * bits), np.uint8)
     scale_tiles = np.zeros((n, G * TILE_ROWS), np.uint8)
     zero_tiles = np.zeros((n, G * TILE_ROWS), np.uint8)
-    repack(packed, scale_codes, zero_codes, bits, codes, scale_tiles, zero_tiles)
+    step = TILE_ROWS * max(1, REPACK_CHUNK_BYTES // max(1, TILE_ROWS * packed.shape[1]))  # rows a chunk
+    for r0 in range(0, R, step):
+        r1, t0 = min(R, r0 + step), r0 // TILE_ROWS
+        t1 = n_tiles(r1)
+        repack(packed[r0:r1], scale_codes[r0:r1], zero_codes[r0:r1], bits, codes[t0:t1], scale_tiles[t0:t1],
+               zero_tiles[t0:t1])
+        if release is not None:
+            release(packed[r0:r1])
     meta = np.ascontiguousarray(np.concatenate([scale_meta, zero_meta], axis=1), dtype=np.float32).reshape(-1)
     return Tiles(codes, scale_tiles, zero_tiles, meta)

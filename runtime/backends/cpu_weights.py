@@ -466,15 +466,15 @@ class AffineWeight(Matrix):
 
     def tiles(self):
         """The codes in tiles of 16 rows (cpu_tiles.py) that decode's kernels read, made at the first call, or
-        None (no kernels, or --cache-dequantized). The file's pages of the codes they replace are released
-        (an embedding with tiles — the tied lm_head — is looked up from them too: dequantize_rows)."""
+        None (no kernels, or --cache-dequantized). The file's pages of the codes they replace are released, a
+        chunk of rows at a time as the tiles fill (an embedding with tiles — the tied lm_head — is looked up
+        from them too: dequantize_rows)."""
         kernels = self.backend.kernels
         if self._tiles is None and kernels is not None and not self.backend.cache_dequantized:
             from .cpu_tiles import build
 
             self._tiles = build(self.packed, self.scale_codes, self.zero_codes, self.scale_meta, self.zero_meta,
-                                self.bits, kernels.repack)
-            release(self.packed)
+                                self.bits, kernels.repack, release)
             for which, codes in enumerate(self._meta_codes):
                 if self._meta_unpacked:  # 6-bit codes unpacked at load: the tiles hold them now
                     self._meta_codes[which] = None
