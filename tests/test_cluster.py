@@ -331,9 +331,10 @@ def test_a_worker_killed_during_measurement_changes_nothing(ray_cluster, tmp_pat
 def test_a_killed_driver_resumes_from_the_cache(ray_cluster, tmp_path):
     path, cache = fixtures.ensure("tiny-qwen3"), tmp_path / "cluster-cache"
     driver = ray_cluster.convert(path, tmp_path / "cluster.mxq", cache, *ARGS)
-    try:  # killed once calibration is cached, during measurement
-        _wait(lambda: any((cache / "calibration").glob("*/meta.json")) or driver.poll() is not None, 900,
-              "calibration did not finish")
+    try:  # killed once calibration is cached (its directory renamed into place: a `.partial` one's meta.json is
+        # written just before that), during measurement
+        _wait(lambda: any(not meta.parent.name.endswith(".partial") for meta in (cache / "calibration").glob("*/meta.json"))
+              or driver.poll() is not None, 900, "calibration did not finish")
         driver.kill()
     finally:
         driver.communicate()
