@@ -702,12 +702,11 @@ def test_the_default_activations_follow_the_cpus_integer_dot_product():
     assert cpu_weights.dot_isa_of(["avx2", "avx512f", "avx512vl", "avx512_vnni"]) == "vnni"
     assert cpu_weights.dot_isa_of(["avx2", "avx512f", "avx512_vnni"]) == "avx2"  # 256-bit vpdpbusd needs VL
     assert cpu_weights.dot_isa_of(["fp", "asimd", "asimddp"]) == cpu_weights.dot_isa_of([]) == "generic"
-    flags = cpu_weights.cpu_info().get("flags")  # x86 Linux ("Features" on Arm)
-    if flags is not None:
-        assert cpu_weights.dot_isa_of(flags.split()) == cpu_qdot.dot_isas()[0]
+    if "flags" in cpu_weights.cpu_info():  # x86 Linux ("Features" on Arm)
+        assert cpu_weights.host_dot_isa() == cpu_qdot.dot_isas()[0]
     env = {**{k: v for k, v in os.environ.items() if k != "MXQ_ACTIVATIONS"}, "PYTHONPATH": PACKAGE_ROOT}
     show = ("from mxq.runtime.backends import cpu_weights as w; "
-            "print(w.ACTIVATION_SETTING, w.DEFAULT_ACTIVATIONS[w.dot_isa_of(w.cpu_info().get('flags', '').split())])")
+            "print(w.ACTIVATION_SETTING, w.DEFAULT_ACTIVATIONS[w.host_dot_isa()])")
     setting, default = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True,
                                       check=True).stdout.split()
     assert setting == default in cpu_weights.ACTIVATIONS

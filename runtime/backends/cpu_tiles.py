@@ -72,7 +72,7 @@ def build(packed, scale_codes, zero_codes, scale_meta, zero_meta, bits: int, rep
     codes = np.zeros((n, n_cols // BLOCK * 64 * bits), np.uint8)
     scale_tiles = np.zeros((n, G * TILE_ROWS), np.uint8)
     zero_tiles = np.zeros((n, G * TILE_ROWS), np.uint8)
-    step = TILE_ROWS * max(1, REPACK_CHUNK_BYTES // max(1, TILE_ROWS * packed.shape[1]))  # rows a chunk
+    step = TILE_ROWS * max(1, REPACK_CHUNK_BYTES // (TILE_ROWS * packed.shape[1]))  # rows a chunk
     for r0 in range(0, R, step):
         r1, t0 = min(R, r0 + step), r0 // TILE_ROWS
         t1 = n_tiles(r1)

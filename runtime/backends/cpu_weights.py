@@ -123,12 +123,17 @@ def dot_isa_of(flags) -> str:
     return "avx2" if "avx2" in flags else "generic"
 
 
+def host_dot_isa() -> str:
+    """dot_isa_of this CPU (no flags line, as on Arm: "generic", LLVM's answer there too)."""
+    return dot_isa_of(cpu_info().get("flags", "").split())
+
+
 ACTIVATIONS = ("16", "8")  # $MXQ_ACTIVATIONS: the compiled kernels' rounding of x (activation_low_part) ...
 # ... and its default by the CPU's integer dot product: 8 bits where AVX2 alone multiplies (decode is compute-bound
 # there: the stacks took 0.72-0.88x the time, README "8-bit activations"), ~16 where VNNI or LLVM's generic lowering does
 DEFAULT_ACTIVATIONS = {"vnni": "16", "avx2": "8", "generic": "16"}
 ACTIVATION_SETTING = (os.environ.get("MXQ_ACTIVATIONS")  # read once: rounding and kernels agree
-                      or DEFAULT_ACTIVATIONS[dot_isa_of(cpu_info().get("flags", "").split())])
+                      or DEFAULT_ACTIVATIONS[host_dot_isa()])
 
 
 def activation_low_part() -> bool:
