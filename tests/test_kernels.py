@@ -621,7 +621,10 @@ def test_silu_mul(emu, ref):
     grid, block = elementwise_launch(T * inter)
     flat = gate_up.reshape(-1)
     emu.launch("silu_mul_f32", grid, block, (flat, flat[inter:], out, i32(T), i32(inter), i32(2 * inter), i32(inter)))
-    np.testing.assert_allclose(out, want, rtol=1e-6, atol=0)
+    # A saturated gate gives -0 here (expf overflows to inf); the reference gives -0 too on its NumPy path, but
+    # ~1e-36 when its compiled kernels are built (cpu_ops.exp32 clamps to a finite e^x): both are silu's zero.
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-30)
+    assert np.all(out[0, :2] == 0.0)
 
 
 def test_gelu_mul(emu):
