@@ -333,7 +333,8 @@ def main(argv=None):
         if ref and mode != "transformers":
             r["decode_ratio"] = r["decode_tok_s"] / ref["decode_tok_s"]
             r["prefill_ratio"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
-            r["same_greedy_tokens"] = r["tokens"] == ref["tokens"]
+            if "tokens" in r:  # (llama-bench's row has no tokens: its prompt is not this one)
+                r["same_greedy_tokens"] = r["tokens"] == ref["tokens"]
         if mode == "lean":
             r["rss_budget_mib"] = 1.25 * file_mib + r["kv_cache_mib"] + 64
     if args.json:
