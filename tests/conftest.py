@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = Path(os.environ.get("MXQ_TEST_CACHE") or Path(tempfile.gettempdir()) / f"mxq-test-cache-{os.getuid()}")
 os.environ["MXQ_CACHE"] = str(TEST_CACHE)
 # the kernels' ~16-bit rounding of activations, whatever this CPU's default (cpu_weights.DEFAULT_ACTIVATIONS: 8 bits
-# with AVX2 alone): the parity tests' tolerances are ~16-bit ones; tests set 8 where they check it
+# with AVX2 or VNNI): the parity tests' tolerances are ~16-bit ones; tests set 8 where they check it
 os.environ["MXQ_ACTIVATIONS"] = "16"
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 

@@ -695,7 +695,7 @@ def test_the_kernel_builds_follow_the_activation_setting(monkeypatch, capsys):
 
 def test_the_default_activations_follow_the_cpus_integer_dot_product():
     """Unset, $MXQ_ACTIVATIONS is cpu_weights.DEFAULT_ACTIVATIONS of the CPU's integer dot product (8 bits where
-    AVX2 alone multiplies), which /proc/cpuinfo's flags give without LLVM: the lowering cpu_qdot asks LLVM for."""
+    AVX2 or VNNI multiplies), which /proc/cpuinfo's flags give without LLVM: the lowering cpu_qdot asks LLVM for."""
     from mxq.runtime.backends import cpu_qdot, cpu_weights
 
     assert cpu_weights.dot_isa_of(["fpu", "avx", "avx2", "fma"]) == "avx2"

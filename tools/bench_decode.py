@@ -32,7 +32,8 @@ llama.cpp, in one run.
    decode is timed (the backend's run_team / run_op / run_kernel wrapped): ms per token in each kernel (all
    decoder layers are one call, decode_layers, unless lean-unfused's setting is on), and the rest of a decode
    step — Python, NumPy glue, sampling — as what remains of its wall time.
-6. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n <new> -t <threads> -o json`.
+6. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n 0` for prefill and
+   `-p 0 -n <new> -d <prompt>` for decode after the same context as mxq's (`-t <threads> -o json`).
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
 """
@@ -206,15 +207,26 @@ def decode_bytes(path) -> int:
 
 
 def run_llama_bench(gguf, llama_bench, n_prompt, n_new, threads) -> dict:
-    cmd = [llama_bench, "-m", gguf, "-p", str(n_prompt), "-n", str(n_new), "-o", "json"]
-    if threads:
-        cmd += ["-t", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"llama-bench failed:\n{done.stderr[-2000:]}")
-    rows = json.loads(done.stdout)
-    rate = lambda kind: next(r["avg_ts"] for r in rows if (r["n_gen"] > 0) == (kind == "gen"))
-    return {"prefill_tok_s": rate("prompt"), "decode_tok_s": rate("gen"), "file_mib": os.path.getsize(gguf) / 2**20}
+    """llama.cpp's prefill of n_prompt tokens, and its decode of n_new tokens after n_prompt of context
+    (`-d`, as mxq's decode here follows its prompt; a llama-bench without -d decodes from an empty context)."""
+    def bench(*args):
+        cmd = [llama_bench, "-m", gguf, *args, "-o", "json"] + (["-t", str(threads)] if threads else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = bench("-p", str(n_prompt), "-n", "0")
+    if code:
+        sys.exit(f"llama-bench failed:\n{err[-2000:]}")
+    prefill = json.loads(out)[0]["avg_ts"]
+    depth = n_prompt
+    code, out, err = bench("-p", "0", "-n", str(n_new), "-d", str(depth))
+    if code:  # an older llama-bench: no -d
+        depth = 0
+        code, out, err = bench("-p", "0", "-n", str(n_new))
+        if code:
+            sys.exit(f"llama-bench failed:\n{err[-2000:]}")
+    return {"prefill_tok_s": prefill, "decode_tok_s": json.loads(out)[0]["avg_ts"], "decode_depth": depth,
+            "file_mib": os.path.getsize(gguf) / 2**20}
 
 
 def run_transformers(hf_dir, n_prompt, n_new) -> dict:
@@ -361,7 +373,9 @@ def main(argv=None):
         print(f"{mode:<13} {load:>7} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {cpu:>11} {pct:>11}"
               f" {rss:>13}{ratios}")
     if "llama.cpp" in results:
-        print("llama.cpp's % roofline is against its own file's size at the same bandwidth")
+        depth = results["llama.cpp"]["decode_depth"]
+        print(f"llama.cpp's % roofline is against its own file's size at the same bandwidth; it decoded after "
+              f"{depth} tokens of context" + (" (its llama-bench has no -d)" if depth != args.prompt_tokens else ""))
     if args.rounds > 1:
         print(f"{args.rounds} rounds, interleaved; each row is its mode's median round. Decode tok/s per round:")
         for mode, r in results.items():

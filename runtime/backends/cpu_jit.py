@@ -13,7 +13,7 @@ the numpy backend keeps its NumPy path after one notice on stderr saying why. $M
     numpy           no compiled kernels: the NumPy reference path
 
 and $MXQ_ACTIVATIONS how the affine kernels round x (cpu_weights.activation_low_part): 16 (~16 bits, two int8
-parts) or 8 (faster, less exact); unset, cpu_weights.DEFAULT_ACTIVATIONS of this CPU (8 with AVX2 alone). Each
+parts) or 8 (faster, less exact); unset, cpu_weights.DEFAULT_ACTIVATIONS of this CPU (8 with AVX2 or VNNI). Each
 setting is its own build.
 
 The JIT's kernels are cached in $NUMBA_CACHE_DIR, which defaults here to the mxq cache directory's

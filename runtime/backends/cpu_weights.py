@@ -129,9 +129,11 @@ def host_dot_isa() -> str:
 
 
 ACTIVATIONS = ("16", "8")  # $MXQ_ACTIVATIONS: the compiled kernels' rounding of x (activation_low_part) ...
-# ... and its default by the CPU's integer dot product: 8 bits where AVX2 alone multiplies (decode is compute-bound
-# there: the stacks took 0.72-0.88x the time, README "8-bit activations"), ~16 where VNNI or LLVM's generic lowering does
-DEFAULT_ACTIVATIONS = {"vnni": "16", "avx2": "8", "generic": "16"}
+# ... and its default by the CPU's integer dot product: 8 bits where AVX2 or AVX512-VNNI multiplies (one integer dot
+# product per code vector instead of two: on Zen 1 (AVX2) the decode stacks took 0.72-0.88x the time, on Zen 4 (VNNI)
+# prefill was 1.28-1.52x as fast, decode level; perplexity +0.04%: README "8-bit activations"), ~16 with LLVM's
+# generic lowering (aarch64 and others: not measured)
+DEFAULT_ACTIVATIONS = {"vnni": "8", "avx2": "8", "generic": "16"}
 ACTIVATION_SETTING = (os.environ.get("MXQ_ACTIVATIONS")  # read once: rounding and kernels agree
                       or DEFAULT_ACTIVATIONS[host_dot_isa()])
 
@@ -140,8 +142,8 @@ def activation_low_part() -> bool:
     """Whether the compiled kernels round activations to ~16 bits — an int8 high and low part per column,
     x̂ = (2^L·high + low)·dx ($MXQ_ACTIVATIONS=16) — or to 8 bits, the low part left zero ($MXQ_ACTIVATIONS=8:
     llama.cpp's Q8 activations); unset, DEFAULT_ACTIVATIONS for this CPU. 8 bits halve the integer multiplies:
-    on an AVX2-only CPU, whose decode is compute-bound, the decode stacks took 0.72-0.88x the time (README), at a
-    cost in exactness: SmolLM2's perplexity +0.05%, but the tiny random models' logits moved by 2-4% of their
+    on an AVX2-only CPU, whose decode is compute-bound, the decode stacks took 0.72-0.88x the time, and prefill
+    was 1.3-1.5x as fast on an AVX512-VNNI one (README), at a cost in exactness: SmolLM2's perplexity +0.05%, but the tiny random models' logits moved by 2-4% of their
     largest against transformers instead of < 0.1%. Read once per process (ACTIVATION_SETTING); the kernels are
     compiled for one setting (cpu_aot.key includes it; cpu_jit rejects values not in ACTIVATIONS)."""
     return ACTIVATION_SETTING != "8"
