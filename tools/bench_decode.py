@@ -209,23 +209,19 @@ def decode_bytes(path) -> int:
 def run_llama_bench(gguf, llama_bench, n_prompt, n_new, threads) -> dict:
     """llama.cpp's prefill of n_prompt tokens, and its decode of n_new tokens after n_prompt of context
     (`-d`, as mxq's decode here follows its prompt; a llama-bench without -d decodes from an empty context)."""
-    def bench(*args):
+    def rate(*args, required=True):
+        """llama-bench's tok/s for one test (args: -p/-n/-d), or None when it failed and need not succeed."""
         cmd = [llama_bench, "-m", gguf, *args, "-o", "json"] + (["-t", str(threads)] if threads else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
-        return done.returncode, done.stdout, done.stderr
+        if done.returncode and required:
+            sys.exit(f"llama-bench failed:\n{done.stderr[-2000:]}")
+        return None if done.returncode else json.loads(done.stdout)[0]["avg_ts"]
 
-    code, out, err = bench("-p", str(n_prompt), "-n", "0")
-    if code:
-        sys.exit(f"llama-bench failed:\n{err[-2000:]}")
-    prefill = json.loads(out)[0]["avg_ts"]
-    depth = n_prompt
-    code, out, err = bench("-p", "0", "-n", str(n_new), "-d", str(depth))
-    if code:  # an older llama-bench: no -d
-        depth = 0
-        code, out, err = bench("-p", "0", "-n", str(n_new))
-        if code:
-            sys.exit(f"llama-bench failed:\n{err[-2000:]}")
-    return {"prefill_tok_s": prefill, "decode_tok_s": json.loads(out)[0]["avg_ts"], "decode_depth": depth,
+    prefill = rate("-p", str(n_prompt), "-n", "0")
+    depth, decode = n_prompt, rate("-p", "0", "-n", str(n_new), "-d", str(n_prompt), required=False)
+    if decode is None:  # an older llama-bench: no -d
+        depth, decode = 0, rate("-p", "0", "-n", str(n_new))
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "decode_depth": depth,
             "file_mib": os.path.getsize(gguf) / 2**20}
 
 

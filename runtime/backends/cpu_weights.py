@@ -141,11 +141,11 @@ ACTIVATION_SETTING = (os.environ.get("MXQ_ACTIVATIONS")  # read once: rounding a
 def activation_low_part() -> bool:
     """Whether the compiled kernels round activations to ~16 bits — an int8 high and low part per column,
     x̂ = (2^L·high + low)·dx ($MXQ_ACTIVATIONS=16) — or to 8 bits, the low part left zero ($MXQ_ACTIVATIONS=8:
-    llama.cpp's Q8 activations); unset, DEFAULT_ACTIVATIONS for this CPU. 8 bits halve the integer multiplies:
-    on an AVX2-only CPU, whose decode is compute-bound, the decode stacks took 0.72-0.88x the time, and prefill
-    was 1.3-1.5x as fast on an AVX512-VNNI one (README), at a cost in exactness: SmolLM2's perplexity +0.05%, but the tiny random models' logits moved by 2-4% of their
-    largest against transformers instead of < 0.1%. Read once per process (ACTIVATION_SETTING); the kernels are
-    compiled for one setting (cpu_aot.key includes it; cpu_jit rejects values not in ACTIVATIONS)."""
+    llama.cpp's Q8 activations); unset, DEFAULT_ACTIVATIONS for this CPU. 8 bits halve the integer multiplies
+    (what that buys: DEFAULT_ACTIVATIONS' comment, README "8-bit activations") at a cost in exactness: SmolLM2's
+    perplexity +0.05%, but the tiny random models' logits moved by 2-4% of their largest against transformers
+    instead of < 0.1%. Read once per process (ACTIVATION_SETTING); the kernels are compiled for one setting
+    (cpu_aot.key includes it; cpu_jit rejects values not in ACTIVATIONS)."""
     return ACTIVATION_SETTING != "8"
 
 
