@@ -255,8 +255,6 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
                     importance, importance_id,
                     options.outlier_mode, options.measure_every, runner=cluster and cluster.map,
                     row_blocks=options.row_blocks)
-    if options.quantizer == "gptq" and options.objective in CALIBRATED_OBJECTIVES:
-        table = _gptq_corrected(checkpoint, table, options, importance, progress)
     tables = [table]
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
@@ -366,24 +364,6 @@ def _quantized(checkpoint, plans, options, weights_of):
 def _quantize_block(options, weight, config, importance) -> dict:
     """One row block's blobs (row_blocks.quantize_rows)."""
     return quantize(weight, config, options.quantizer, importance=importance, outlier_mode=options.outlier_mode).blobs
-
-
-def _gptq_corrected(checkpoint, table, options, importance, progress):
-    """The wls-measured table with each matrix's errors scaled by GPTQ's gain on it (gptq.py), measured
-    at the affine candidate whose bits per weight are nearest the budget's."""
-    from dataclasses import replace
-
-    from .gptq import compensation_gains
-
-    bpw = 8.0 * table.costs.sum(axis=0) / float(table.numel.sum())  # (C,) each candidate's bits per weight
-    target = options.bpw if options.bpw is not None else float(np.median(bpw))
-    affine = [c for c, candidate in enumerate(table.candidates) if candidate.scheme == "affine"]
-    if not affine:
-        return table
-    reference = min(affine, key=lambda c: abs(bpw[c] - target))
-    gains = compensation_gains(checkpoint, table.names, table.candidates[reference], importance,
-                               options.outlier_mode, _calibration_text(options), options.calib_tokens, progress)
-    return replace(table, weighted=table.weighted * gains[:, None], weighted_se=table.weighted_se * gains[:, None])
 
 
 def _use_cores(jobs: int | None) -> None:
