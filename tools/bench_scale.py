@@ -1,7 +1,8 @@
 """Scaling benchmark: real-size shapes, N decoder layers, seconds per stage and peak RSS against N.
 
     python tools/bench_scale.py [--shape llama3-8b|qwen2.5-7b] [--layers 1,2,4,8] [--full]
-                                [--calib-tokens 2048] [--configs b4g64,b5g64] [--bpw 4.25] [--workdir DIR]
+                                [--calib-tokens 2048] [--configs b4g64,b5g64] [--bpw 4.25] [--quantizer gptq]
+                                [--workdir DIR]
                                 [--tokenizer tokenizer.model]
 
 For each N it builds (once, kept in --workdir) a synthetic bf16 checkpoint with the real model's shapes
@@ -142,6 +143,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="convert the whole-depth checkpoint only")
     parser.add_argument("--calib-tokens", type=int, default=None, help="passed to the converter")
     parser.add_argument("--configs", default=None, help="passed to the converter (default: its default)")
+    parser.add_argument("--quantizer", default=None, help="passed to the converter (default: its default)")
     parser.add_argument("--bpw", type=float, default=4.25)
     parser.add_argument("--tokenizer", type=Path, default=fixtures.DATA_DIR / "llama2-tokenizer.model",
                         help="a sentencepiece tokenizer.model for the synthetic checkpoints")
@@ -155,6 +157,8 @@ def main():
         options["calib_tokens"] = args.calib_tokens
     if args.configs is not None:
         options["configs"] = args.configs
+    if args.quantizer is not None:
+        options["quantizer"] = args.quantizer
     workdir = Path(args.workdir)
     if not args.tokenizer.is_file():
         raise SystemExit(f"{args.tokenizer}: tokenizer not found (give --tokenizer)")
