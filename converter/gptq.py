@@ -19,8 +19,8 @@ What is rounded is exactly what the file stores:
 Dampening is strong (DAMP = 1: the mean diagonal added to every diagonal entry, where GPTQ's paper
 adds 1%). A few massive-activation directions hold most of tr(H) (SmolLM2: one holds 54–71% at the
 q/k/v inputs), so this leaves them almost undamped and shrinks the compensation along the many small
-directions, which the calibration text fits to its own style. The allocation is wls's: the MILP's errors are measured with
-wls (MEASURED_WITH in options.py) and compensation happens only at write time.
+directions, which the calibration text fits to its own style. The allocation is wls's: the MILP's
+errors are measured with wls (MEASURED_WITH in options.py); compensation happens only at write time.
 
 Layer-sequential (as GPTQ): the calibration chunks run through the runtime Model on TorchBackend
 (calibrate.LayerStream), one decoder layer at a time; layer i's Hessians come from the outputs of the

@@ -94,9 +94,9 @@ def main():
                     total += per[n]
                     if n + 1 in fits:
                         fitted[n + 1] = total.clone()
+                importance = calibration.fisher[name]  # (out, in), read once per matrix
                 for candidate in candidates:
                     config = candidate.storage(weight.shape)
-                    importance = calibration.fisher[name]
                     plain = quantize(weight, config, "wls", importance=importance).blobs
                     wls = output_error(weight, torch.from_numpy(dequantize(plain, weight.shape, config)), per["held"])
                     cells = []
