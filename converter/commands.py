@@ -5,7 +5,8 @@ import click
 
 from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS
 from .candidates import PRESETS
-from .options import MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES, QUANTIZERS, default
+from .options import (AUTO_GPTQ_BELOW, MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES,
+                      QUANTIZERS, default)
 
 _list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
 
@@ -89,7 +90,9 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "search over scales with a least-squares scale/offset fit (weights from calibration "
                    "with --objective fisher/output, else from |w|); gptq: wls's scales, then GPTQ's "
                    "error-compensating rounding with the calibration inputs' Hessian, layer by layer "
-                   "(errors for the allocation are measured with wls).")
+                   "(errors for the allocation are measured with wls); auto: the allocation is wls's, "
+                   f"the file is rounded with gptq below {AUTO_GPTQ_BELOW:g} bits per decoder-linear weight "
+                   "(with --objective fisher/output), else with wls.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=default("objective"), show_default=True,
               help="What the allocation minimizes: Σ‖W−Ŵ‖_F (the MXQ paper, data-free), Σ‖W−Ŵ‖²_F, "
                    "output: Σ_j E[x_j²]·‖ΔW_:,j‖² (calibration), fisher: Σ F·ΔW² with F the Fisher diagonal "

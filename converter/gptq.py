@@ -30,13 +30,16 @@ and Hessians (one per distinct input: q/k/v share one, gate/up share one) and tw
 """
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..format_spec import StorageConfig, decode_meta, pack_codes
+from ..format_spec import StorageConfig, codebook_of_rows, decode_meta, pack_codes
 from ..format_spec.affine import build_csr, dequantize
+from ..format_spec.layout import CODES_PER_PACK, lut_dims
 from .calibrate import LayerStream, calibration_chunks, default_text
 from .errors import ConversionError
 from .quantize import quantize
@@ -55,68 +58,145 @@ SCALES = "wls"  # the quantizer that fits the groups' scales and zeros (and meas
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                group_size: int, bits: int, outliers: torch.Tensor | None = None, act_order: bool = ACT_ORDER,
                damp: float = DAMP):
-    """Round W (out, in) to the fixed grid scale/zero (out, G) with GPTQ's error compensation for
-    Hessian H (in, in). outliers: None or an (out, in) bool mask of positions that also store an fp16
-    residual. Returns (codes (out, in) uint8, stored (out, in) float32 = what the file decodes to,
+    """Round W (out, in) to the fixed affine grid scale/zero (out, G) with GPTQ's error compensation
+    for Hessian H (in, in). outliers: None or an (out, in) bool mask of positions that also store an
+    fp16 residual. Returns (codes (out, in) uint8, stored (out, in) float32 = what the file decodes to,
     the outliers' residuals (out, in) float32, 0 elsewhere)."""
-    group = torch.arange(weight.shape[1]) // group_size  # (in,) each column's group
-    levels = torch.full((weight.shape[0],), float((1 << bits) - 1))
-    return _round(weight, hessian, scale[:, group], zero[:, group], levels, outliers, act_order, damp)
+    top = torch.full((weight.shape[0],), float((1 << bits) - 1))
+    levels = _Levels([(group_size, scale.T.contiguous(), zero.T.contiguous())], top, None, None)
+    return _round(weight, hessian, levels, outliers, act_order, damp)
 
 
-def _round(weight, hessian, scale, zero, levels, outliers, act_order: bool, damp: float):
-    """gptq_round with the grid given per weight: scale and zero (out, in), the top code per row
-    levels (out,). Rows stored with different configs (a matrix's row blocks) round together: one
-    factorization of H and one column loop."""
+@dataclass
+class _Levels:
+    """What each row of W may store. Affine rows: per group size g their groups' scales and zeros
+    (G, out) as decoded (0 in the rows of other group sizes and of lut rows: column c's scale is the
+    sum of the tables' rows c // g) and the top code per row (out,); lut rows: their codebook
+    (out, K) ascending, +inf past a row's own levels; `lut` (out,) bool marks the lut rows. A part no
+    row uses is empty / None."""
+    groups: list[tuple[int, torch.Tensor, torch.Tensor]]
+    top: torch.Tensor | None
+    codebook: torch.Tensor | None
+    lut: torch.Tensor | None
+
+    def grid(self, c: int):
+        """Column c's scale and zero (out,), or (None, None) without affine rows."""
+        if not self.groups:
+            return None, None
+        tables = [(scale[c // g], zero[c // g]) for g, scale, zero in self.groups]
+        if len(tables) == 1:
+            return tables[0]
+        return sum(t[0] for t in tables), sum(t[1] for t in tables)
+
+
+def _nearest(col, s, z, top, codebook, midpoints, lut):
+    """(codes, values) (out,) of one column (out,): affine rows rounded on their grid (s, z: this column's
+    scale and zero), lut rows to their nearest level (the first whose midpoint with the next is ≥ the
+    weight, as kernels.lut_round)."""
+    if s is not None:
+        q = torch.where(s != 0, torch.minimum(torch.clamp(torch.round(col / s + z), min=0.0), top), 0.0)
+        value = (q - z) * s
+    if codebook is None:
+        return q, value
+    q_lut = (col[:, None] > midpoints).sum(1)  # (out,)
+    value_lut = codebook.gather(1, q_lut[:, None])[:, 0]
+    if s is None:
+        return q_lut, value_lut
+    return torch.where(lut, q_lut.to(q.dtype), q), torch.where(lut, value_lut, value)
+
+
+def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: float):
+    """gptq_round onto `levels`, row by row: rows stored with different configs (a matrix's row blocks,
+    affine or lut) round together, in one factorization of H and one column loop. The loop runs on Wᵀ,
+    so a column is a contiguous row."""
     out_features, in_features = weight.shape
-    w = weight.to(torch.float32).clone()
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) == 0  # inputs never seen: nothing to compensate through them
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * float(torch.diag(h).mean()))
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
-    h = h[order][:, order]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    w, scale, zero = w[:, order], scale[:, order], zero[:, order]
-    keep = outliers[:, order] if outliers is not None else None
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
-    stored = torch.empty(out_features, in_features)
-    residual = torch.zeros(out_features, in_features)  # the outliers' fp16 residuals (as float32)
+    diag = torch.diag(hessian).to(torch.float64)
+    diag[diag == 0] = 1.0  # inputs never seen (dead): nothing to compensate through them
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(in_features)
+    u = _inverse_factor(hessian, diag, order.numpy(), damp)  # (in, in) upper, rows and columns in `order`
+    wt = weight.T[order].to(torch.float32)  # (in, out): row k is column order[k] of W, updated in place
+    codebook = levels.codebook
+    midpoints = (codebook[:, :-1] + codebook[:, 1:]) * 0.5 if codebook is not None else None  # (out, K-1)
+    keep = outliers.T[order] if outliers is not None else None
+    codes = torch.empty(in_features, out_features, dtype=torch.uint8)  # (in, out) by W's column index
+    stored = torch.empty(in_features, out_features)
+    residual = torch.zeros(in_features, out_features)  # the outliers' fp16 residuals (as float32)
     for b0 in range(0, in_features, BLOCK):
         b1 = min(b0 + BLOCK, in_features)
-        errors = torch.empty(out_features, b1 - b0)
+        errors = torch.empty(b1 - b0, out_features)
         for j in range(b0, b1):
-            s, z = scale[:, j], zero[:, j]  # (out,)
-            col = w[:, j]
-            q = torch.where(s != 0, torch.minimum(torch.clamp(torch.round(col / s + z), min=0.0), levels), 0.0)
-            value = (q - z) * s
+            col, c = wt[j], int(order[j])  # (out,); c: the column's index in W
+            q, value = _nearest(col, *levels.grid(c), levels.top, codebook, midpoints, levels.lut)
             if keep is not None:  # an outlier stores the fp16 residual of the updated weight
-                residual[:, j] = torch.where(keep[:, j], (col - value).to(torch.float16).to(torch.float32), 0.0)
-                value = value + residual[:, j]
-            codes[:, j], stored[:, j] = q.to(torch.uint8), value
-            error = (col - value) / u[j, j]
-            w[:, j + 1:b1] -= error[:, None] * u[j, j + 1:b1][None, :]
-            errors[:, j - b0] = error
-        w[:, b1:] -= errors @ u[b0:b1, b1:]
-    inverse = torch.argsort(order)
-    return codes[:, inverse], stored[:, inverse], residual[:, inverse]
+                residual[c] = torch.where(keep[j], (col - value).to(torch.float16).to(torch.float32), 0.0)
+                value = value + residual[c]
+            codes[c], stored[c] = q.to(torch.uint8), value
+            torch.div(col - value, u[j, j], out=errors[j - b0])
+            wt[j + 1:b1].addr_(u[j, j + 1:b1], errors[j - b0], alpha=-1.0)  # onto the block's later columns
+        wt[b1:].addmm_(u[b0:b1, b1:].T, errors, alpha=-1.0)  # the block's errors onto all later columns
+    return codes.T, stored.T, residual.T
+
+
+def _inverse_factor(hessian, diag, order, damp: float) -> torch.Tensor:
+    """U = chol(H⁻¹)ᵀ (upper, (in, in), rows and columns in `order`) of H dampened: dead inputs'
+    diagonal set to 1 (diag: H's diagonal so fixed), + damp × the mean diagonal on every entry.
+
+    With P the reversal and L = chol(P H P), H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and P L⁻¹ P is upper, so
+    U = P L⁻¹ P: one Cholesky and one triangular inverse, both in place (LAPACK potrf, trtri), where
+    inverting H first costs 5× the flops and four n² float64 copies (down_proj of an 8B model: n =
+    14336, 822 MB per float32 copy). The damped H's condition number is at most (n + damp) / damp
+    (its eigenvalues sum to n × mean, each is ≥ damp × mean), so float32 is exact enough under 1e5
+    (DAMP = 1: n ≤ 99,999); beyond, float64."""
+    from scipy.linalg import lapack
+
+    n = len(order)
+    dtype = np.float32 if (n + damp) / damp <= 1e5 else np.float64
+    reverse = order[::-1].copy()
+    h = np.take(hessian.numpy(), reverse, axis=0).astype(dtype, copy=False)  # (in, in) P H
+    for r0 in range(0, n, 1024):  # P H P, its columns permuted 1024 rows at a time: no third n² array
+        h[r0:r0 + 1024] = np.take(h[r0:r0 + 1024], reverse, axis=1)
+    h[np.diag_indices(n)] = diag.numpy()[reverse] + damp * float(diag.mean())
+    potrf, trtri = (lapack.spotrf, lapack.strtri) if dtype == np.float32 else (lapack.dpotrf, lapack.dtrtri)
+    # h is symmetric and C-ordered, so h.T is the same matrix in Fortran order: both run in place
+    factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)
+    if info != 0:
+        raise ConversionError("gptq: the calibration Hessian is not positive definite (non-finite activations?)")
+    inverse, info = trtri(factor, lower=1, overwrite_c=1)
+    if info != 0:
+        raise ConversionError("gptq: the calibration Hessian's Cholesky factor is singular")
+    if not np.may_share_memory(inverse, h):  # a LAPACK wrapper that copied after all
+        h.T[...] = inverse
+    # P L⁻¹ P: the factor is h's memory in Fortran order (inverse = hᵀ); reversing h's memory in place
+    # reverses both axes, so P L⁻¹ P = (reversed h)ᵀ, a transposed view (no second n² array)
+    flat = h.reshape(-1)
+    half, chunk = flat.size // 2, 1 << 22
+    for i0 in range(0, half, chunk):
+        i1 = min(i0 + chunk, half)
+        front = flat[i0:i1].copy()
+        flat[i0:i1] = flat[flat.size - i1:flat.size - i0][::-1]
+        flat[flat.size - i1:flat.size - i0] = front[::-1]
+    return torch.from_numpy(h.astype(np.float32, copy=False)).T
 
 
 class _Grid:
-    """wls's stored grid for W at an affine config (GPTQ's static groups): the blobs `quantize` gives
-    (its codes are replaced), scale and zero per weight (out, in) as decoded, the top code, and the
-    outlier positions (row-major) when the config keeps outliers."""
+    """wls's stored levels for W at an affine or lut config (GPTQ's static groups; a lut config's
+    codebooks): the blobs `quantize` gives (its codes are replaced), the levels each row may store
+    (_Levels, as decoded), and the outlier positions (row-major) when the config keeps outliers."""
 
     def __init__(self, weight, config: StorageConfig, importance, outlier_mode: str):
-        if config.scheme != "affine":
-            raise ConversionError(f"--quantizer gptq rounds the affine scheme, not {config.scheme!r}")
+        if config.scheme not in ("affine", "lut"):
+            raise ConversionError(f"--quantizer gptq rounds the affine and lut schemes, not {config.scheme!r}")
         self.shape, self.config = tuple(weight.shape), config
         self.blobs = quantize(weight, config, SCALES, importance=importance, outlier_mode=outlier_mode).blobs
         out_features, in_features = weight.shape
-        group = torch.arange(in_features) // config.group_size
-        self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))[:, group]
-        self.zero = torch.from_numpy(decode_meta(self.blobs["zero_codes"], self.blobs["zero_meta"]))[:, group]
-        self.levels = torch.full((out_features,), float((1 << config.bits) - 1))
+        self.scale = self.zero = self.top = self.codebook = None
+        if config.scheme == "affine":  # per group (out, G)
+            self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))
+            self.zero = torch.from_numpy(decode_meta(self.blobs["zero_codes"], self.blobs["zero_meta"]))
+            self.top = torch.full((out_features,), float((1 << config.bits) - 1))
+        else:
+            self.codebook = torch.from_numpy(codebook_of_rows(self.blobs["codebook"], np.arange(out_features),
+                                                              config.codebook_rows))  # (out, 2^b)
         self.outliers, self.rows, self.cols = torch.zeros(out_features, in_features, dtype=torch.bool), None, None
         if config.outliers:
             row_ptr = self.blobs["outlier_row_ptr"].astype(np.int64)
@@ -127,8 +207,9 @@ class _Grid:
     def stored_blobs(self, codes: torch.Tensor, residual: torch.Tensor):
         """The blobs with GPTQ's codes (out, in) and outlier residuals, and what they decode to."""
         out_features, in_features = self.shape
-        g = self.config.group_size
-        padded = np.zeros((out_features, -(-in_features // g) * g), np.uint8)  # padding columns get code 0
+        width = -(-in_features // self.config.group_size) * self.config.group_size \
+            if self.config.scheme == "affine" else lut_dims(self.shape)[2] * CODES_PER_PACK
+        padded = np.zeros((out_features, width), np.uint8)  # padding columns get code 0
         padded[:, :in_features] = codes.numpy()
         blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.bits)}
         if self.rows is not None:  # rows, cols and residual[outliers] are all row-major
@@ -136,39 +217,66 @@ class _Grid:
         return blobs, torch.from_numpy(dequantize(blobs, self.shape, self.config))
 
 
+def _levels(grids: list[_Grid]) -> _Levels:
+    """The _Levels of the grids' rows stacked in order."""
+    out_total = sum(g.shape[0] for g in grids)
+    starts = np.cumsum([0] + [g.shape[0] for g in grids])
+    groups = {}  # group size -> (scale, zero) (G, out_total)
+    top = torch.zeros(out_total)
+    width = max((g.codebook.shape[1] for g in grids if g.codebook is not None), default=0)
+    codebook = torch.full((out_total, width), math.inf) if width else None
+    lut = torch.zeros(out_total, dtype=torch.bool)
+    for grid, start, end in zip(grids, starts[:-1], starts[1:]):
+        if grid.codebook is not None:
+            codebook[start:end, :grid.codebook.shape[1]], lut[start:end] = grid.codebook, True
+            continue
+        g = grid.config.group_size
+        scale, zero = groups.setdefault(g, (torch.zeros(grid.scale.shape[1], out_total),
+                                            torch.zeros(grid.scale.shape[1], out_total)))
+        scale[:, start:end], zero[:, start:end], top[start:end] = grid.scale.T, grid.zero.T, grid.top
+    return _Levels([(g, scale, zero) for g, (scale, zero) in groups.items()], top if groups else None, codebook,
+                   lut if width else None)
+
+
+def _rounded(weight, hessian, grids: list[_Grid], act_order: bool, damp: float):
+    """GPTQ rounding of W's rows (the grids' rows, stacked in order) → each grid's (blobs, stored)."""
+    outliers = torch.cat([g.outliers for g in grids]) if any(g.rows is not None for g in grids) else None
+    codes, _, residual = _round(weight, hessian, _levels(grids), outliers, act_order, damp)
+    parts, start = [], 0
+    for grid in grids:
+        end = start + grid.shape[0]
+        parts.append(grid.stored_blobs(codes[start:end], residual[start:end]))
+        start = end
+    return parts
+
+
 def compensated_blobs(weight: torch.Tensor, hessian: torch.Tensor, config: StorageConfig, importance=None,
                       outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP):
-    """The blobs of `config` for W with GPTQ rounding, and what they decode to (out, in) float32."""
-    grid = _Grid(weight, config, importance, outlier_mode)
-    outliers = grid.outliers if grid.rows is not None else None
-    codes, _, residual = _round(weight, hessian, grid.scale, grid.zero, grid.levels, outliers, act_order, damp)
-    return grid.stored_blobs(codes, residual)
+    """The blobs of an affine or lut `config` for W with GPTQ rounding, and what they decode to (out, in)
+    float32."""
+    return _rounded(weight, hessian, [_Grid(weight, config, importance, outlier_mode)], act_order, damp)[0]
 
 
 def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: StorageConfig, importance=None,
                      outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP):
     """compensated_blobs for a `rows` config (converter/row_blocks.py): GPTQ's rows are independent
-    given the Hessian, so the rows of every affine block (each on its own config's grid) are rounded
-    together, in one pass; fp16 blocks are stored as they are."""
+    given the Hessian, so the rows of every quantized block (each on its own config's levels) are
+    rounded together, in one pass; fp16 blocks are stored as they are."""
     order = row_order(weight, importance)  # as measure() split it: the same weights and importance
     split = RowSplit(order, config.row_counts)
-    grids = {}  # block -> (its rows of W, its grid)
+    blocks = {}  # block -> its rows of W and its grid
     for b, (_, block_config) in enumerate(config.blocks):
         if block_config.scheme != "fp16":
             rows = torch.from_numpy(split.rows(b))
-            grids[b] = rows, _Grid(weight[rows], block_config, importance[rows] if importance is not None else None,
-                                   outlier_mode)
+            blocks[b] = rows, _Grid(weight[rows], block_config, importance[rows] if importance is not None else None,
+                                    outlier_mode)
     stored = weight.to(torch.float16).to(torch.float32)  # fp16 blocks' rows stay so
-    if grids:
-        rows = torch.cat([r for r, _ in grids.values()])
-        cat = [torch.cat([getattr(g, key) for _, g in grids.values()]) for key in ("scale", "zero", "levels", "outliers")]
-        any_outliers = any(g.rows is not None for _, g in grids.values())
-        codes, _, residual = _round(weight[rows], hessian, *cat[:3], cat[3] if any_outliers else None, act_order, damp)
-    parts, start = {}, 0
-    for b, (rows, grid) in grids.items():
-        end = start + len(rows)
-        parts[b], stored[rows] = grid.stored_blobs(codes[start:end], residual[start:end])
-        start = end
+    parts = {}
+    if blocks:
+        rows = torch.cat([r for r, _ in blocks.values()])
+        for (b, (block_rows, _)), (blobs, block_stored) in zip(
+                blocks.items(), _rounded(weight[rows], hessian, [g for _, g in blocks.values()], act_order, damp)):
+            parts[b], stored[block_rows] = blobs, block_stored
 
     numbers = iter(range(len(config.blocks)))  # quantize_rows asks for the blocks in order
 

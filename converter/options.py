@@ -11,8 +11,13 @@ from .errors import ConversionError
 
 # gptq: wls's scales, codes rounded with error compensation layer by layer (converter/gptq.py); the
 # MILP's errors are measured with wls (MEASURED_WITH), the compensation happens at write time.
-QUANTIZERS = ("hqq", "rtn", "wls", "gptq")
-MEASURED_WITH = {"gptq": "wls"}
+# auto: the allocation is wls's; the file is rounded with gptq when it is below AUTO_GPTQ_BELOW bits per
+# decoder-linear weight and calibrated (write_quantizer), else with wls.
+QUANTIZERS = ("auto", "hqq", "rtn", "wls", "gptq")
+MEASURED_WITH = {"gptq": "wls", "auto": "wls"}
+# GPTQ's gain over wls by the allocation's bits (SmolLM2, WikiText-2 ppl, README "Quality"): 4.25 bpw
+# +0.02%, 3.5 −2.8%, 3.0 −4.9%, 2.5 −16%; Gemma 3 270M at 3.0 −8.9%. Above, it only costs time.
+AUTO_GPTQ_BELOW = 4.0
 OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest |w|, or largest (weighted) error
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
 # output: Σ_j m_j Σ_i ΔW_ij² with m_j = Σ x_j² over calibration tokens (diagonal of tr(ΔW XᵀX ΔWᵀ));
@@ -42,7 +47,7 @@ class ConvertOptions:
     # Defaults are the best measured on SmolLM2 (tools/quality_sweep.py, README "Quality"); the MXQ
     # paper's data-free method is configs="paper", quantizer="hqq", objective="frobenius".
     configs: str = "all"
-    quantizer: str = "wls"
+    quantizer: str = "auto"
     objective: str = "fisher"
     row_blocks: int = 4  # split each decoder linear into this many row blocks by importance, a config each
     outliers: float = 0.0  # percent of each matrix's weights kept as fp16 outliers, added to every candidate
@@ -109,6 +114,21 @@ def whole_file(options: ConvertOptions) -> bool:
     """Whether the allocation covers the embedding and lm_head too: a byte budget (--size, --fit) with
     the Fisher objective (their errors in the linears' units) and no --quantize-embeddings override."""
     return options.bpw is None and options.objective == "fisher" and options.quantize_embeddings is None
+
+
+def write_quantizer(options: ConvertOptions, bpw_linear: float) -> str:
+    """The quantizer that rounds the file's weights: --quantizer, or for auto gptq when the allocation
+    stores fewer than AUTO_GPTQ_BELOW bits per decoder-linear weight (bpw_linear) and the objective is
+    calibrated (the run reads calibration text anyway; a data-free objective stays data-free), else wls."""
+    if options.quantizer != "auto":
+        return options.quantizer
+    calibrated = options.objective in CALIBRATED_OBJECTIVES
+    return "gptq" if bpw_linear < AUTO_GPTQ_BELOW and calibrated else "wls"
+
+
+def measured_with(quantizer: str) -> str:
+    """The quantizer whose errors the allocation measures for --quantizer `quantizer`."""
+    return MEASURED_WITH.get(quantizer, quantizer)
 
 
 def default(name: str):

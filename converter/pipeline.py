@@ -30,7 +30,8 @@ from .candidates import Candidate, parse_candidates, with_outliers
 from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
-from .options import CALIBRATED_OBJECTIVES, MEASURED_WITH, ConvertOptions, parse_size, whole_file  # noqa: F401 (parse_size re-exported)
+from .options import parse_size  # noqa: F401 (re-exported)
+from .options import CALIBRATED_OBJECTIVES, ConvertOptions, measured_with, whole_file, write_quantizer
 from .quantize import quantize
 from .row_blocks import quantize_rows, row_order, rows_config, unit_costs, unit_nbytes
 
@@ -54,11 +55,6 @@ class Report:
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
     candidates = parse_candidates(options.configs)
-    lut = sorted({c.label for c in candidates if c.scheme == "lut"})
-    if options.quantizer == "gptq" and lut:  # before any measurement: gptq's gains describe affine rounding
-        raise ConversionError(f"--quantizer gptq rounds the affine scheme only; --configs {options.configs!r} "
-                              f"has lut configs ({', '.join(lut[:3])}{', …' if len(lut) > 3 else ''}): use "
-                              "--quantizer wls for them")
     if options.outliers:
         candidates = [with_outliers(c, options.outliers) for c in candidates]
     return candidates
@@ -251,14 +247,14 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     if cluster:  # workers read the checkpoint and the calibration statistics themselves
         cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
-    table = measure(checkpoint, candidates, MEASURED_WITH.get(options.quantizer, options.quantizer), cache, progress,
+    table = measure(checkpoint, candidates, measured_with(options.quantizer), cache, progress,
                     importance, importance_id,
                     options.outlier_mode, options.measure_every, runner=cluster and cluster.map,
                     row_blocks=options.row_blocks)
     tables = [table]
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
-        tables.append(measure(checkpoint, MATRIX_CANDIDATES, MEASURED_WITH.get(options.quantizer, options.quantizer),
+        tables.append(measure(checkpoint, MATRIX_CANDIDATES, measured_with(options.quantizer),
                               cache, progress,
                               calibration.matrices.__getitem__, f"{importance_id}/matrices{MatrixFisher.VERSION}",
                               options.outlier_mode,
@@ -292,10 +288,11 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
     def make_writer(choice) -> MxqWriter:
         rows, linear = np.arange(len(table.names)), choice[:len(table.names)]
+        bpw_linear = round(8.0 * float(table.costs[rows, linear].sum()) / float(table.numel.sum()), 6)
         quantization = {
-            "budget": budget, "objective": options.objective, "quantizer": options.quantizer,
+            "budget": budget, "objective": options.objective, "quantizer": write_quantizer(options, bpw_linear),
             "configs": [c.label for c in candidates],
-            "achieved_bpw_linear": round(8.0 * float(table.costs[rows, linear].sum()) / float(table.numel.sum()), 6),
+            "achieved_bpw_linear": bpw_linear,
             "expected_rel_error": round(math.sqrt(float(table.error_sq[rows, linear].sum())
                                                   / max(float(table.norms_sq.sum()), 1e-300)), 6),
         }
@@ -319,7 +316,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
                 return calibration.matrices[name]
             return importance(name) if importance is not None and checkpoint.tensors[name].role == "linear" else None
 
-        for name, blobs in _quantized(checkpoint, writer.tensors, options, weights_of):
+        for name, blobs in _quantized(checkpoint, writer.tensors, writer.quantization["quantizer"], options,
+                                      weights_of):
             writer.write(name, blobs)
             if bar:
                 bar.update(1)
@@ -344,9 +342,10 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
                   module_bits, _config_counts(table, choice[:n]), matrix_configs, seconds, notes)
 
 
-def _quantized(checkpoint, plans, options, weights_of):
-    """(name, blobs) of every planned tensor, in plan order; weights_of(name): its importance or None."""
-    if options.quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
+def _quantized(checkpoint, plans, quantizer: str, options, weights_of):
+    """(name, blobs) of every planned tensor, in plan order, rounded by `quantizer` (options.write_quantizer);
+    weights_of(name): its importance or None."""
+    if quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
         from .gptq import quantized_tensors
         yield from quantized_tensors(checkpoint, plans, weights_of, options.outlier_mode,
                                      _calibration_text(options), options.calib_tokens)
@@ -355,15 +354,15 @@ def _quantized(checkpoint, plans, options, weights_of):
         weight, importance = checkpoint.load(plan.name), weights_of(plan.name)
         if plan.config.scheme == "rows":  # the row order measure() used: the same weights and importance
             yield plan.name, quantize_rows(weight, plan.config, importance, row_order(weight, importance),
-                                           functools.partial(_quantize_block, options))
+                                           functools.partial(_quantize_block, quantizer, options.outlier_mode))
             continue
-        yield plan.name, quantize(weight, plan.config, options.quantizer, importance=importance,
+        yield plan.name, quantize(weight, plan.config, quantizer, importance=importance,
                                   outlier_mode=options.outlier_mode).blobs
 
 
-def _quantize_block(options, weight, config, importance) -> dict:
+def _quantize_block(quantizer: str, outlier_mode: str, weight, config, importance) -> dict:
     """One row block's blobs (row_blocks.quantize_rows)."""
-    return quantize(weight, config, options.quantizer, importance=importance, outlier_mode=options.outlier_mode).blobs
+    return quantize(weight, config, quantizer, importance=importance, outlier_mode=outlier_mode).blobs
 
 
 def _use_cores(jobs: int | None) -> None:

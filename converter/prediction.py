@@ -25,6 +25,7 @@ import numpy as np
 
 from .allocate import allocate
 from .errors import ConversionError
+from .options import measured_with
 
 HELDOUT_TOKENS = 8192  # held-out tokens scored at most (beyond the calibration's own)
 DEQUANTIZED_CAP_BYTES = 2 << 30  # measure with float32 weights cached when they take at most this much RAM
@@ -78,7 +79,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     stage = time.perf_counter()
     importance_id = _importance_id(options, calibration)
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
-    table = measure(checkpoint, candidates, options.quantizer, cache, progress, calibration.fisher.__getitem__,
+    table = measure(checkpoint, candidates, measured_with(options.quantizer), cache, progress, calibration.fisher.__getitem__,
                     importance_id, options.outlier_mode, options.measure_every, row_blocks=options.row_blocks)
     seconds["measure"] = time.perf_counter() - stage
     return Prepared(str(hf_dir), replace(options, cache_dir=cache_dir), checkpoint, checkpoint_hash, table,

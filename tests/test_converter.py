@@ -90,8 +90,12 @@ def test_conversion_is_deterministic(tiny_llama, tmp_path):
     assert digests[0] == digests[1]
 
 
-def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch):
-    convert_module = sys.modules["mxq.converter.pipeline"]
+@pytest.mark.parametrize("quantizer, module", [("wls", "pipeline"), ("gptq", "gptq")])
+def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch, quantizer, module):
+    """Interrupted while writing (the third tensor quantized), with either write path: no file is left."""
+    import mxq.converter.gptq  # noqa: F401 (imported on demand by the pipeline)
+
+    convert_module = sys.modules[f"mxq.converter.{module}"]
     calls = {"n": 0}
     real = convert_module.quantize
 
@@ -103,7 +107,8 @@ def test_interrupted_conversion_leaves_no_file(tiny_llama, tmp_path, monkeypatch
 
     monkeypatch.setattr(convert_module, "quantize", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_llama, tmp_path / "m.mxq", bpw=4.0, cache_dir=str(tmp_path / "cache"), **FAST)
+        convert(tiny_llama, tmp_path / "m.mxq", bpw=4.0, cache_dir=str(tmp_path / "cache"), quantizer=quantizer, **FAST)
+    assert calls["n"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 

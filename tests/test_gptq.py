@@ -8,6 +8,7 @@ from mxq.converter import convert
 from mxq.converter.calibrate import default_text, encode
 from mxq.converter.checkpoint import read_checkpoint
 from mxq.converter.gptq import compensated_blobs, gptq_round
+from mxq.converter.options import AUTO_GPTQ_BELOW, ConvertOptions, write_quantizer
 from mxq.converter.quantize import quantize
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.format_spec.affine import check_blobs, stored_blobs
@@ -73,6 +74,27 @@ def test_outliers_store_the_updated_weights_residual():
     assert output_error(weight, stored, hessian) < output_error(weight, plain, hessian)
 
 
+@pytest.mark.parametrize("damp", [1.0, 1e-4])  # float32, and float64 where the condition bound is too large
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inverse_factor_is_the_cholesky_factor_of_the_dampened_inverse(damp, act_order):
+    from mxq.converter.gptq import _inverse_factor
+
+    _, hessian = correlated(n_in=60)
+    hessian[7, :] = hessian[:, 7] = 0.0  # a dead input
+    diag = torch.diag(hessian).to(torch.float64)
+    diag[7] = 1.0
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(60)
+    u = _inverse_factor(hessian, diag, order.numpy(), damp)
+    h = hessian.to(torch.float64).clone()
+    h.diagonal().copy_(diag + damp * float(diag.mean()))
+    h = h[order][:, order]
+    wanted = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    assert torch.equal(torch.triu(u), u)
+    tolerance = 2e-3 if damp == 1.0 else 1e-6  # float64's result is only rounded to float32 at the end
+    torch.testing.assert_close(u.to(torch.float64), wanted, rtol=tolerance,
+                               atol=tolerance * float(wanted.abs().max()))
+
+
 def test_gptq_round_follows_the_grid_it_is_given():
     weight, hessian = correlated(n_in=64, n_out=8)
     scale, zero = torch.full((8, 2), 0.5), torch.full((8, 2), 1.5)
@@ -85,17 +107,17 @@ def test_gptq_round_follows_the_grid_it_is_given():
 
 
 def test_row_blocks_round_together_as_each_would_alone():
-    """compensated_rows rounds every affine block's rows in one pass (one factorization, one column loop):
-    each block's codes and outliers are what compensated_blobs gives for that block alone, fp16 blocks
-    stay fp16, and `stored` is what the blobs decode to."""
+    """compensated_rows rounds every quantized block's rows (affine and lut) in one pass (one
+    factorization, one column loop): each block's codes and outliers are what compensated_blobs gives
+    for that block alone, fp16 blocks stay fp16, and `stored` is what the blobs decode to."""
     from mxq.converter.gptq import compensated_rows
     from mxq.converter.row_blocks import RowSplit, row_order
 
     weight, hessian = correlated(n_in=100, n_out=70)
     weight[5, 7] = 30.0  # an outlier for the block that keeps some
     importance = torch.rand(weight.shape, generator=torch.Generator().manual_seed(3)) + 0.1
-    config = StorageConfig.rows([(30, StorageConfig.affine(2, 32)), (20, StorageConfig.affine(4, 64, outliers=20)),
-                                 (20, StorageConfig.fp16())])
+    config = StorageConfig.rows([(25, StorageConfig.affine(2, 32)), (15, StorageConfig.affine(4, 64, outliers=20)),
+                                 (15, StorageConfig.lut(3, 1, outliers=10)), (15, StorageConfig.fp16())])
     blobs, stored = compensated_rows(weight, hessian, config, importance)
     assert torch.equal(stored, torch.from_numpy(dequantize(blobs, weight.shape, config)))
     split = RowSplit(row_order(weight, importance), config.row_counts)
@@ -150,10 +172,67 @@ def test_gptq_conversion_is_deterministic(tiny_llama, tmp_path):
     assert (tmp_path / "a.mxq").read_bytes() == (tmp_path / "b.mxq").read_bytes()
 
 
-def test_gptq_with_lut_configs_fails_before_any_measurement(tiny_llama, tmp_path):
-    """gptq compensates affine rounding only: asking it to round lut configs is a one-line error at once,
-    not after calibration and measurement."""
-    from mxq.converter import ConversionError
-    with pytest.raises(ConversionError, match=r"--quantizer gptq rounds the affine scheme only.*'all\+lut'"):
-        convert(tiny_llama, tmp_path / "x.mxq", bpw=3.0, quantizer="gptq", configs="all+lut", cache_dir=None)
-    assert not (tmp_path / "x.mxq").exists()
+@pytest.mark.parametrize("rows_per_codebook, outliers", [(1, 0), (4, 0), (1, 20)])
+def test_lut_rounds_to_its_codebooks_with_compensation(rows_per_codebook, outliers):
+    """A lut config keeps wls's codebooks; GPTQ picks the levels: with a diagonal Hessian they are the
+    plain nearest levels bit for bit, with correlated inputs the output error falls."""
+    weight, hessian = correlated(n_in=100)  # 100 columns: the last pack is padded
+    config = StorageConfig.lut(3, rows_per_codebook, outliers=outliers)
+    plain = quantize(weight, config, "wls").blobs
+    diagonal, _ = compensated_blobs(weight, torch.diag(torch.linspace(0.5, 3.0, 100)), config)
+    for name in plain:
+        assert np.array_equal(diagonal[name], plain[name]), name
+    blobs, stored = compensated_blobs(weight, hessian, config)
+    check_blobs(stored_blobs(blobs, weight.shape, config), weight.shape, config)
+    assert torch.equal(stored, torch.from_numpy(dequantize(blobs, weight.shape, config)))
+    assert np.array_equal(blobs["codebook"], plain["codebook"])
+    plain_stored = torch.from_numpy(dequantize(plain, weight.shape, config))
+    assert output_error(weight, stored, hessian) < 0.9 * output_error(weight, plain_stored, hessian)
+
+
+def test_gptq_converts_with_lut_candidates(tiny_llama, tmp_path):
+    """--configs all+lut with gptq: lut matrices are compensated too; same plan and bytes as wls."""
+    options = dict(bpw=3.0, configs="b2g64,l2,l3,b4g64", calib_tokens=512, cache_dir=None, objective="frobenius")
+    gptq = convert(tiny_llama, tmp_path / "gptq.mxq", quantizer="gptq", **options)
+    wls = convert(tiny_llama, tmp_path / "wls.mxq", quantizer="wls", **options)
+    assert gptq.file_bytes == wls.file_bytes and gptq.config_counts == wls.config_counts
+    assert any(label.startswith("l") for label in gptq.config_counts)
+    (_, a), (_, b) = tensors_of(tmp_path / "gptq.mxq"), tensors_of(tmp_path / "wls.mxq")
+    assert any(not np.array_equal(a[n]["qweight"], b[n]["qweight"]) for n in a if "codebook" in a[n])
+
+
+@pytest.mark.parametrize("bpw, objective, chosen", [
+    (AUTO_GPTQ_BELOW - 0.01, "fisher", "gptq"), (AUTO_GPTQ_BELOW - 0.01, "output", "gptq"),
+    (AUTO_GPTQ_BELOW, "fisher", "wls"), (2.5, "frobenius", "wls")])
+def test_auto_rounds_with_gptq_only_below_the_threshold(bpw, objective, chosen):
+    """auto: gptq below AUTO_GPTQ_BELOW bits per decoder-linear weight, with calibration (a data-free
+    objective stays data-free); explicit quantizers are kept as given."""
+    assert write_quantizer(ConvertOptions(bpw=3.0, objective=objective), bpw) == chosen
+    assert write_quantizer(ConvertOptions(bpw=3.0, quantizer="hqq"), 2.5) == "hqq"
+
+
+def tensors_of(path):
+    with MxqFile.open(path) as file:
+        quantizer = file.quantization["quantizer"]
+        blobs = {name: {k: np.array(v) for k, v in file.blobs(name).items()} for name in file.tensors}
+    return quantizer, blobs
+
+
+def test_auto_writes_the_file_of_the_quantizer_it_chose(tiny_llama, tmp_path):
+    """The default (auto) file below the threshold holds exactly the explicit gptq file's tensors, above
+    it the wls file's; the file records what it chose."""
+    fast = {**FAST, "objective": "output", "configs": "b2g64,b3g64,b5g64", "calib_tokens": 512}
+    for bpw, explicit, other in ((3.0, "gptq", "wls"), (4.5, "wls", "gptq")):
+        convert(tiny_llama, tmp_path / "auto.mxq", bpw=bpw, **fast)
+        convert(tiny_llama, tmp_path / "explicit.mxq", bpw=bpw, quantizer=explicit, **fast)
+        convert(tiny_llama, tmp_path / "other.mxq", bpw=bpw, quantizer=other, **fast)
+        (auto_quantizer, auto), (explicit_quantizer, wanted), (_, unwanted) = (
+            tensors_of(tmp_path / f"{n}.mxq") for n in ("auto", "explicit", "other"))
+        assert auto_quantizer == explicit_quantizer == explicit
+        assert any(not np.array_equal(auto[name]["qweight"], unwanted[name]["qweight"])
+                   for name in auto if "qweight" in auto[name])  # the two quantizers do write different files
+        assert auto.keys() == wanted.keys()
+        for name in auto:
+            assert auto[name].keys() == wanted[name].keys(), name
+            for blob in auto[name]:
+                np.testing.assert_array_equal(auto[name][blob], wanted[name][blob], err_msg=f"{name}/{blob}")
