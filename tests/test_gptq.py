@@ -223,7 +223,8 @@ def test_auto_writes_the_file_of_the_quantizer_it_chose(tiny_llama, tmp_path):
     it the wls file's; the file records what it chose."""
     fast = {**FAST, "objective": "output", "configs": "b2g64,b3g64,b5g64", "calib_tokens": 512}
     for bpw, explicit, other in ((3.0, "gptq", "wls"), (4.5, "wls", "gptq")):
-        convert(tiny_llama, tmp_path / "auto.mxq", bpw=bpw, **fast)
+        report = convert(tiny_llama, tmp_path / "auto.mxq", bpw=bpw, **fast)
+        assert any(note.startswith(f"--quantizer auto rounded with {explicit} (") for note in report.notes)
         convert(tiny_llama, tmp_path / "explicit.mxq", bpw=bpw, quantizer=explicit, **fast)
         convert(tiny_llama, tmp_path / "other.mxq", bpw=bpw, quantizer=other, **fast)
         (auto_quantizer, auto), (explicit_quantizer, wanted), (_, unwanted) = (
