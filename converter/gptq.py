@@ -274,8 +274,8 @@ def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: Storag
     parts = {}
     if blocks:
         rows = torch.cat([r for r, _ in blocks.values()])
-        for (b, (block_rows, _)), (blobs, block_stored) in zip(
-                blocks.items(), _rounded(weight[rows], hessian, [g for _, g in blocks.values()], act_order, damp)):
+        rounded = _rounded(weight[rows], hessian, [grid for _, grid in blocks.values()], act_order, damp)
+        for (b, (block_rows, _)), (blobs, block_stored) in zip(blocks.items(), rounded):
             parts[b], stored[block_rows] = blobs, block_stored
 
     numbers = iter(range(len(config.blocks)))  # quantize_rows asks for the blocks in order

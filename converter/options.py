@@ -117,13 +117,25 @@ def whole_file(options: ConvertOptions) -> bool:
 
 
 def write_quantizer(options: ConvertOptions, bpw_linear: float) -> str:
-    """The quantizer that rounds the file's weights: --quantizer, or for auto gptq when the allocation
-    stores fewer than AUTO_GPTQ_BELOW bits per decoder-linear weight (bpw_linear) and the objective is
-    calibrated (the run reads calibration text anyway; a data-free objective stays data-free), else wls."""
-    if options.quantizer != "auto":
-        return options.quantizer
-    calibrated = options.objective in CALIBRATED_OBJECTIVES
-    return "gptq" if bpw_linear < AUTO_GPTQ_BELOW and calibrated else "wls"
+    """The quantizer that rounds the file's weights: --quantizer, or auto's choice (_auto)."""
+    return options.quantizer if options.quantizer != "auto" else _auto(options, bpw_linear)[0]
+
+
+def auto_note(options: ConvertOptions, bpw_linear: float) -> str:
+    """What --quantizer auto chose and why, for the conversion's notes."""
+    chosen, why = _auto(options, bpw_linear)
+    return f"--quantizer auto rounded with {chosen} ({why})"
+
+
+def _auto(options: ConvertOptions, bpw_linear: float) -> tuple[str, str]:
+    """(quantizer, why): gptq when the allocation stores fewer than AUTO_GPTQ_BELOW bits per
+    decoder-linear weight (bpw_linear) and the objective is calibrated (the run reads calibration text
+    anyway; a data-free objective stays data-free), else wls."""
+    if bpw_linear >= AUTO_GPTQ_BELOW:
+        return "wls", f"{bpw_linear:.4f} bpw ≥ {AUTO_GPTQ_BELOW:g}"
+    if options.objective not in CALIBRATED_OBJECTIVES:
+        return "wls", f"--objective {options.objective} is data-free"
+    return "gptq", f"{bpw_linear:.4f} bpw < {AUTO_GPTQ_BELOW:g}"
 
 
 def measured_with(quantizer: str) -> str:

@@ -31,7 +31,8 @@ from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
 from .options import parse_size  # noqa: F401 (re-exported)
-from .options import AUTO_GPTQ_BELOW, CALIBRATED_OBJECTIVES, ConvertOptions, measured_with, whole_file, write_quantizer
+from .options import (CALIBRATED_OBJECTIVES, ConvertOptions, auto_note, measured_with, whole_file,
+                      write_quantizer)
 from .quantize import quantize
 from .row_blocks import quantize_rows, row_order, rows_config, unit_costs, unit_nbytes
 
@@ -327,11 +328,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     seconds["total"] = time.perf_counter() - started
     notes = checkpoint.notes + cache.notices + _sample_note(table, choice[:len(table.names)], options)
     if options.quantizer == "auto":
-        chosen, bpw = writer.quantization["quantizer"], writer.quantization["achieved_bpw_linear"]
-        why = f"{bpw:.4f} bpw {'<' if bpw < AUTO_GPTQ_BELOW else '≥'} {AUTO_GPTQ_BELOW:g}"
-        if bpw < AUTO_GPTQ_BELOW and chosen != "gptq":
-            why = f"--objective {options.objective} is data-free"
-        notes.append(f"--quantizer auto rounded with {chosen} ({why})")
+        notes.append(auto_note(options, writer.quantization["achieved_bpw_linear"]))
     if options.fit is not None:
         unpacked = _held_bytes(writer, options) - writer.file_nbytes
         notes.append(f"--fit: file {writer.file_nbytes:,} + unpacked metadata {unpacked:,} + runtime "
@@ -349,7 +346,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
 
 def _quantized(checkpoint, plans, quantizer: str, options, weights_of):
-    """(name, blobs) of every planned tensor, in plan order, rounded by `quantizer` (options.write_quantizer);
+    """(name, blobs) of every planned tensor, in plan order, rounded by `quantizer` (options.write_quantizer's);
     weights_of(name): its importance or None."""
     if quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
         from .gptq import quantized_tensors

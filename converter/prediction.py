@@ -79,8 +79,9 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     stage = time.perf_counter()
     importance_id = _importance_id(options, calibration)
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
-    table = measure(checkpoint, candidates, measured_with(options.quantizer), cache, progress, calibration.fisher.__getitem__,
-                    importance_id, options.outlier_mode, options.measure_every, row_blocks=options.row_blocks)
+    table = measure(checkpoint, candidates, measured_with(options.quantizer), cache, progress,
+                    calibration.fisher.__getitem__, importance_id, options.outlier_mode, options.measure_every,
+                    row_blocks=options.row_blocks)
     seconds["measure"] = time.perf_counter() - stage
     return Prepared(str(hf_dir), replace(options, cache_dir=cache_dir), checkpoint, checkpoint_hash, table,
                     calibration, calibration_text(options), seconds, list(cache.notices), keepalive)
