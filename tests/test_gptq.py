@@ -7,7 +7,7 @@ import fixtures
 from mxq.converter import convert
 from mxq.converter.calibrate import default_text, encode
 from mxq.converter.checkpoint import read_checkpoint
-from mxq.converter.gptq import compensated_blobs, gptq_round
+from mxq.converter.gptq import _Hessians, asymmetric_target, compensated_blobs, gptq_round, quantized_tensors
 from mxq.converter.options import AUTO_GPTQ_BELOW, ConvertOptions, write_quantizer
 from mxq.converter.quantize import quantize
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
@@ -163,6 +163,64 @@ def test_gptq_conversion_keeps_the_plan_and_is_closer_to_the_model(tiny_llama, t
         reference = model.logits(held_out)
     wls, gptq = (logits_error(tmp_path / f"{q}.mxq", reference, held_out) for q in ("wls", "gptq"))
     assert gptq < 0.97 * wls
+
+
+def test_hessians_share_one_input_and_sum_the_cross_term():
+    """q and k read one tensor: one H, one cross; H = Σ x_qᵀx_q and cross = Σ x_qᵀ(x_fp − x_q) over chunks,
+    each quantized input paired with the float input captured for the same linear before it."""
+    hessians, generator = _Hessians(), torch.Generator().manual_seed(0)
+    expected_h, expected_cross = torch.zeros(8, 8), torch.zeros(8, 8)
+    for _ in range(2):
+        x_fp = torch.randn(16, 8, generator=generator)
+        x_q = x_fp + 0.1 * torch.randn(16, 8, generator=generator)
+        o_fp, o_q = torch.randn(16, 8, generator=generator), torch.randn(16, 8, generator=generator)
+        hessians.capturing = True
+        for name, x in (("q", x_fp), ("k", x_fp), ("o", o_fp)):
+            hessians(name, x)
+        hessians.capturing = False
+        for name, x in (("q", x_q), ("k", x_q), ("o", o_q)):
+            hessians(name, x)
+        expected_h += x_q.T @ x_q
+        expected_cross += x_q.T @ (x_fp - x_q)
+    assert hessians.of["q"] is hessians.of["k"] and hessians.cross["q"] is hessians.cross["k"]
+    torch.testing.assert_close(hessians.of["k"], expected_h)
+    torch.testing.assert_close(hessians.cross["k"], expected_cross)
+    assert not torch.allclose(hessians.cross["o"], hessians.cross["q"])
+
+
+@pytest.mark.parametrize("damp", [1.0, 1e-4])  # float32; float64 (the bound (n + damp) / damp above 1e5)
+def test_asymmetric_target_is_the_ridge_fit_of_the_float_output(damp):
+    generator = torch.Generator().manual_seed(1)
+    x_q = torch.randn(300, 24, generator=generator, dtype=torch.float64)
+    x_fp = x_q + 0.2 * torch.randn(300, 24, generator=generator, dtype=torch.float64)
+    weight = torch.randn(10, 24, generator=generator, dtype=torch.float64)
+    hessian, cross = x_q.T @ x_q, x_q.T @ (x_fp - x_q)
+    ridge = damp * float(hessian.diagonal().mean())
+    a = torch.cat([x_q, ridge ** 0.5 * torch.eye(24, dtype=torch.float64)])  # min ‖a Dᵀ − b‖²
+    b = torch.cat([(x_fp - x_q) @ weight.T, torch.zeros(24, 10, dtype=torch.float64)])
+    d = torch.linalg.lstsq(a, b).solution.T  # (10, 24)
+    for asymmetry in (1.0, 0.5):
+        target = asymmetric_target(weight.float(), hessian.float(), cross.float(), asymmetry, damp)
+        torch.testing.assert_close(target, (weight + asymmetry * d).float(), rtol=1e-4, atol=1e-4)
+    target = asymmetric_target(weight.float(), hessian.float(), cross.float(), 1.0, damp).double()
+    assert ((x_q @ target.T - x_fp @ weight.T) ** 2).sum() < ((x_q @ weight.T - x_fp @ weight.T) ** 2).sum()
+    assert torch.equal(asymmetric_target(weight.float(), hessian.float(), torch.zeros(24, 24), 1.0), weight.float())
+
+
+def test_asymmetry_changes_only_the_layers_after_the_first(tiny_llama):
+    """Layer 0 sees the embeddings in both streams (no shift to undo: its tensors are the symmetric
+    ones); every later layer is rounded towards the float model's outputs (different codes)."""
+    from mxq.format_spec import TensorPlan
+
+    checkpoint = read_checkpoint(tiny_llama)
+    plans = [TensorPlan(name, info.shape, StorageConfig.affine(3, 64) if info.role == "linear" else StorageConfig.fp16(),
+                        info.role) for name, info in checkpoint.tensors.items()]
+    tensors = {a: dict(quantized_tensors(checkpoint, plans, lambda name: None, "magnitude", None, 1024, asymmetry=a))
+               for a in (0.0, 0.5)}
+    linears = [plan.name for plan in plans if plan.role == "linear"]
+    for name in linears:
+        same = all(np.array_equal(tensors[0.0][name][k], tensors[0.5][name][k]) for k in tensors[0.0][name])
+        assert same == name.startswith("model.layers.0."), name
 
 
 def test_gptq_conversion_is_deterministic(tiny_llama, tmp_path):
