@@ -374,25 +374,31 @@ def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str
                                       outlier_mode=outlier_mode).blobs
 
 
-def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, asymmetry: float,
-                      damp: float = DAMP) -> torch.Tensor:
-    """W + asymmetry × D (out, in), D the ridge fit of the float model's output shift from the quantized
-    stream's inputs: D = argmin ‖X_q Dᵀ − (X_fp − X_q) Wᵀ‖² + λ‖D‖², i.e. Dᵀ = (H + λI)⁻¹ cross Wᵀ with
-    H = X_qᵀX_q, cross = X_qᵀ(X_fp − X_q), λ = damp × H's mean diagonal (GPTQ's dampening). Float32
-    (the damped H's condition number is at most (n + damp) / damp, as in _inverse_factor; float64 beyond
-    1e5); one n² copy for the factor, factored and solved in place (LAPACK potrf, potrs)."""
+def ridge_factor(hessian: torch.Tensor, damp: float = DAMP) -> np.ndarray:
+    """The lower Cholesky factor of H + λI (λ = damp × H's mean diagonal, GPTQ's dampening), as LAPACK
+    returns it (Fortran order): float32, since the damped H's condition number is at most
+    (n + damp) / damp (as in _inverse_factor); float64 beyond 1e5. One n² copy, factored in place."""
     from scipy.linalg import lapack
 
     n = hessian.shape[0]
-    dtype = np.float32 if (n + damp) / damp <= 1e5 else np.float64
-    rhs = (cross @ weight.T).numpy().astype(dtype, copy=False)  # (in, out)
-    h = hessian.numpy().astype(dtype, copy=True)  # (in, in)
+    h = hessian.numpy().astype(np.float32 if (n + damp) / damp <= 1e5 else np.float64, copy=True)  # (in, in)
     h[np.diag_indices(n)] += damp * float(np.diagonal(h).mean())
-    potrf, potrs = (lapack.spotrf, lapack.spotrs) if dtype == np.float32 else (lapack.dpotrf, lapack.dpotrs)
+    potrf = lapack.spotrf if h.dtype == np.float32 else lapack.dpotrf
     factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)  # h symmetric: h.T is it in Fortran order
     if info != 0:
         raise ConversionError("gptq: the calibration Hessian is not positive definite (non-finite activations?)")
-    solved, info = potrs(factor, np.asfortranarray(rhs), lower=1, overwrite_b=1)
+    return factor
+
+
+def asymmetric_target(weight: torch.Tensor, factor: np.ndarray, cross: torch.Tensor, asymmetry: float) -> torch.Tensor:
+    """W + asymmetry × D (out, in), D the ridge fit of the float model's output shift from the quantized
+    stream's inputs: D = argmin ‖X_q Dᵀ − (X_fp − X_q) Wᵀ‖² + λ‖D‖², i.e. Dᵀ = (H + λI)⁻¹ cross Wᵀ with
+    H = X_qᵀX_q, cross = X_qᵀ(X_fp − X_q); factor: ridge_factor(H) (shared by the linears of one input)."""
+    from scipy.linalg import lapack
+
+    potrs = lapack.spotrs if factor.dtype == np.float32 else lapack.dpotrs
+    rhs = np.asfortranarray((cross @ weight.T).numpy(), dtype=factor.dtype)  # (in, out)
+    solved, info = potrs(factor, rhs, lower=1, overwrite_b=1)
     if info != 0:
         raise ConversionError("gptq: the asymmetric target's solve failed")
     return weight + asymmetry * torch.from_numpy(np.ascontiguousarray(solved.T, dtype=np.float32))
@@ -416,25 +422,33 @@ def _round_layer(stream, hessians, i, x, x_fp, plans, quantizer_importance, outl
             stream.block(i, x[c])
         stream.recording = False
         x_fp = torch.stack(fp_out) if x_fp is not None else None
+        groups: dict[int, list] = {}  # id(H) -> the quantized linears that read that input, in order
         for name, weight in linears.items():
-            config = configs[name]
-            if config.scheme == "fp16":
+            if configs[name].scheme == "fp16":
                 weight.copy_(weight.to(torch.float16).to(torch.float32))
-                continue
-            if name not in hessians.of:
+            elif name not in hessians.of:
                 raise ConversionError(f"gptq: the model never applied '{name}' as a linear")
-            importance = quantizer_importance(name)
-            target = weight
-            if name in hessians.cross:
-                target = asymmetric_target(weight, hessians.of[name], hessians.cross[name], asymmetry)
-            if config.scheme == "rows":  # split as measure() split the checkpoint's weights
-                blobs, stored = compensated_rows(target, hessians.of[name], config, importance, outlier_mode,
-                                                 act_order, order=row_order(weight, importance))
             else:
-                blobs, stored = compensated_blobs(target, hessians.of[name], config, importance, outlier_mode,
-                                                  act_order)
-            stored_blobs[name] = blobs
-            weight.copy_(stored)
+                groups.setdefault(id(hessians.of[name]), []).append(name)
+        for names in groups.values():
+            hessian, cross = hessians.of[names[0]], hessians.cross.get(names[0])
+            targets = {name: linears[name] for name in names}
+            if cross is not None:  # one factor per input; it and the cross term are freed before rounding
+                factor = ridge_factor(hessian)
+                targets = {name: asymmetric_target(w, factor, cross, asymmetry) for name, w in targets.items()}
+                for key in [key for key, value in hessians.cross.items() if value is cross]:
+                    del hessians.cross[key]
+                del factor, cross
+            for name in names:
+                weight, importance = linears[name], quantizer_importance(name)
+                if configs[name].scheme == "rows":  # split as measure() split the checkpoint's weights
+                    blobs, stored = compensated_rows(targets.pop(name), hessian, configs[name], importance,
+                                                     outlier_mode, act_order, order=row_order(weight, importance))
+                else:
+                    blobs, stored = compensated_blobs(targets.pop(name), hessian, configs[name], importance,
+                                                      outlier_mode, act_order)
+                stored_blobs[name] = blobs
+                weight.copy_(stored)
         hessians.clear()
         x = torch.stack([stream.block(i, x[c]) for c in range(x.shape[0])])
     stream.free_layer(i)

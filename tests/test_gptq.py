@@ -7,7 +7,8 @@ import fixtures
 from mxq.converter import convert
 from mxq.converter.calibrate import default_text, encode
 from mxq.converter.checkpoint import read_checkpoint
-from mxq.converter.gptq import _Hessians, asymmetric_target, compensated_blobs, gptq_round, quantized_tensors
+from mxq.converter.gptq import (_Hessians, asymmetric_target, compensated_blobs, gptq_round, quantized_tensors,
+                                ridge_factor)
 from mxq.converter.options import AUTO_GPTQ_BELOW, ConvertOptions, write_quantizer
 from mxq.converter.quantize import quantize
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
@@ -199,12 +200,14 @@ def test_asymmetric_target_is_the_ridge_fit_of_the_float_output(damp):
     a = torch.cat([x_q, ridge ** 0.5 * torch.eye(24, dtype=torch.float64)])  # min ‖a Dᵀ − b‖²
     b = torch.cat([(x_fp - x_q) @ weight.T, torch.zeros(24, 10, dtype=torch.float64)])
     d = torch.linalg.lstsq(a, b).solution.T  # (10, 24)
+    factor = ridge_factor(hessian.float(), damp)
+    assert factor.dtype == (np.float32 if damp == 1.0 else np.float64)
     for asymmetry in (1.0, 0.5):
-        target = asymmetric_target(weight.float(), hessian.float(), cross.float(), asymmetry, damp)
+        target = asymmetric_target(weight.float(), factor, cross.float(), asymmetry)
         torch.testing.assert_close(target, (weight + asymmetry * d).float(), rtol=1e-4, atol=1e-4)
-    target = asymmetric_target(weight.float(), hessian.float(), cross.float(), 1.0, damp).double()
+    target = asymmetric_target(weight.float(), factor, cross.float(), 1.0).double()
     assert ((x_q @ target.T - x_fp @ weight.T) ** 2).sum() < ((x_q @ weight.T - x_fp @ weight.T) ** 2).sum()
-    assert torch.equal(asymmetric_target(weight.float(), hessian.float(), torch.zeros(24, 24), 1.0), weight.float())
+    assert torch.equal(asymmetric_target(weight.float(), factor, torch.zeros(24, 24), 1.0), weight.float())
 
 
 def test_asymmetry_changes_only_the_layers_after_the_first(tiny_llama):
