@@ -375,14 +375,17 @@ def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str
 
 
 def ridge_factor(hessian: torch.Tensor, damp: float = DAMP) -> np.ndarray:
-    """The lower Cholesky factor of H + λI (λ = damp × H's mean diagonal, GPTQ's dampening), as LAPACK
-    returns it (Fortran order): float32, since the damped H's condition number is at most
-    (n + damp) / damp (as in _inverse_factor); float64 beyond 1e5. One n² copy, factored in place."""
+    """The lower Cholesky factor of H dampened as _inverse_factor dampens it (dead inputs' diagonal set
+    to 1, + λ = damp × the mean diagonal), as LAPACK returns it (Fortran order): float32, since the
+    damped H's condition number is at most (n + damp) / damp; float64 beyond 1e5. One n² copy,
+    factored in place."""
     from scipy.linalg import lapack
 
     n = hessian.shape[0]
     h = hessian.numpy().astype(np.float32 if (n + damp) / damp <= 1e5 else np.float64, copy=True)  # (in, in)
-    h[np.diag_indices(n)] += damp * float(np.diagonal(h).mean())
+    diag = np.diagonal(h).copy()
+    diag[diag == 0] = 1.0  # inputs never seen (dead): an all-zero H still factors
+    h[np.diag_indices(n)] = diag + damp * float(diag.mean())
     potrf = lapack.spotrf if h.dtype == np.float32 else lapack.dpotrf
     factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)  # h symmetric: h.T is it in Fortran order
     if info != 0:

@@ -208,6 +208,8 @@ def test_asymmetric_target_is_the_ridge_fit_of_the_float_output(damp):
     target = asymmetric_target(weight.float(), factor, cross.float(), 1.0).double()
     assert ((x_q @ target.T - x_fp @ weight.T) ** 2).sum() < ((x_q @ weight.T - x_fp @ weight.T) ** 2).sum()
     assert torch.equal(asymmetric_target(weight.float(), factor, torch.zeros(24, 24), 1.0), weight.float())
+    dead = ridge_factor(torch.zeros(24, 24), damp)  # an input never seen: no shift to fit, and no failure
+    assert torch.equal(asymmetric_target(weight.float(), dead, torch.zeros(24, 24), 1.0), weight.float())
 
 
 def test_asymmetry_changes_only_the_layers_after_the_first(tiny_llama):
