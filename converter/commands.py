@@ -89,7 +89,8 @@ converting the same checkpoint at another budget skips measurement and calibrati
               help="hqq: HQQ-style zero-point optimization; rtn: min-max round to nearest; wls: weighted "
                    "search over scales with a least-squares scale/offset fit (weights from calibration "
                    "with --objective fisher/output, else from |w|); gptq: wls's scales, then GPTQ's "
-                   "error-compensating rounding with the calibration inputs' Hessian, layer by layer "
+                   "error-compensating rounding with the calibration inputs' Hessian, layer by layer, "
+                   "towards the float model's outputs "
                    "(errors for the allocation are measured with wls); auto: the allocation is wls's, "
                    f"the file is rounded with gptq below {AUTO_GPTQ_BELOW:g} bits per decoder-linear weight "
                    "(with --objective fisher/output), else with wls.")

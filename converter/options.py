@@ -15,8 +15,8 @@ from .errors import ConversionError
 # decoder-linear weight and calibrated (write_quantizer), else with wls.
 QUANTIZERS = ("auto", "hqq", "rtn", "wls", "gptq")
 MEASURED_WITH = {"gptq": "wls", "auto": "wls"}
-# GPTQ's gain over wls by the allocation's bits (SmolLM2, WikiText-2 ppl, README "Quality"): 4.25 bpw
-# +0.02%, 3.5 −2.8%, 3.0 −4.9%, 2.5 −16%; Gemma 3 270M at 3.0 −8.9%. Above, it only costs time.
+# GPTQ's gain over wls by the allocation's bits (SmolLM2, WikiText-2 ppl, README "Quality"; with its
+# asymmetric target): 4.25 bpw +0.5%, 3.5 −3.1%, 3.0 −8.4%, 2.5 −24%; Gemma 3 270M at 3.0 −16.7%.
 AUTO_GPTQ_BELOW = 4.0
 OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest |w|, or largest (weighted) error
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
