@@ -150,6 +150,24 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
     return codes.T, stored.T, residual.T
 
 
+def _factor_dtype(n: int, damp: float):
+    """float32 while the damped H's condition number bound (n + damp) / damp stays under 1e5 (its
+    eigenvalues sum to n × mean, each is ≥ damp × mean), else float64."""
+    return np.float32 if (n + damp) / damp <= 1e5 else np.float64
+
+
+def _cholesky(h: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor of the symmetric C-ordered h, in place (h.T is the same matrix in
+    Fortran order): LAPACK potrf's result, in Fortran order."""
+    from scipy.linalg import lapack
+
+    potrf = lapack.spotrf if h.dtype == np.float32 else lapack.dpotrf
+    factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)
+    if info != 0:
+        raise ConversionError("gptq: the calibration Hessian is not positive definite (non-finite activations?)")
+    return factor
+
+
 def _inverse_factor(hessian, diag, order, damp: float) -> torch.Tensor:
     """U = chol(H⁻¹)ᵀ (upper, (in, in), rows and columns in `order`) of H dampened: dead inputs'
     diagonal set to 1 (diag: H's diagonal so fixed), + damp × the mean diagonal on every entry.
@@ -157,24 +175,18 @@ def _inverse_factor(hessian, diag, order, damp: float) -> torch.Tensor:
     With P the reversal and L = chol(P H P), H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and P L⁻¹ P is upper, so
     U = P L⁻¹ P: one Cholesky and one triangular inverse, both in place (LAPACK potrf, trtri), where
     inverting H first costs 5× the flops and four n² float64 copies (down_proj of an 8B model: n =
-    14336, 822 MB per float32 copy). The damped H's condition number is at most (n + damp) / damp
-    (its eigenvalues sum to n × mean, each is ≥ damp × mean), so float32 is exact enough under 1e5
-    (DAMP = 1: n ≤ 99,999); beyond, float64."""
+    14336, 822 MB per float32 copy). In _factor_dtype: float32 for DAMP = 1 up to n = 99,999."""
     from scipy.linalg import lapack
 
     n = len(order)
-    dtype = np.float32 if (n + damp) / damp <= 1e5 else np.float64
     reverse = order[::-1].copy()
-    h = np.take(hessian.numpy(), reverse, axis=0).astype(dtype, copy=False)  # (in, in) P H
+    h = np.take(hessian.numpy(), reverse, axis=0).astype(_factor_dtype(n, damp), copy=False)  # (in, in) P H
     for r0 in range(0, n, 1024):  # P H P, its columns permuted 1024 rows at a time: no third n² array
         h[r0:r0 + 1024] = np.take(h[r0:r0 + 1024], reverse, axis=1)
     h[np.diag_indices(n)] = diag.numpy()[reverse] + damp * float(diag.mean())
-    potrf, trtri = (lapack.spotrf, lapack.strtri) if dtype == np.float32 else (lapack.dpotrf, lapack.dtrtri)
-    # h is symmetric and C-ordered, so h.T is the same matrix in Fortran order: both run in place
-    factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)
-    if info != 0:
-        raise ConversionError("gptq: the calibration Hessian is not positive definite (non-finite activations?)")
-    inverse, info = trtri(factor, lower=1, overwrite_c=1)
+    factor = _cholesky(h)
+    trtri = lapack.strtri if h.dtype == np.float32 else lapack.dtrtri
+    inverse, info = trtri(factor, lower=1, overwrite_c=1)  # in place too
     if info != 0:
         raise ConversionError("gptq: the calibration Hessian's Cholesky factor is singular")
     if not np.may_share_memory(inverse, h):  # a LAPACK wrapper that copied after all
@@ -375,22 +387,14 @@ def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str
 
 
 def ridge_factor(hessian: torch.Tensor, damp: float = DAMP) -> np.ndarray:
-    """The lower Cholesky factor of H dampened as _inverse_factor dampens it (dead inputs' diagonal set
-    to 1, + λ = damp × the mean diagonal), as LAPACK returns it (Fortran order): float32, since the
-    damped H's condition number is at most (n + damp) / damp; float64 beyond 1e5. One n² copy,
-    factored in place."""
-    from scipy.linalg import lapack
-
+    """The lower Cholesky factor (Fortran order) of H dampened as _inverse_factor dampens it (dead
+    inputs' diagonal set to 1, + λ = damp × the mean diagonal), in _factor_dtype: one n² copy."""
     n = hessian.shape[0]
-    h = hessian.numpy().astype(np.float32 if (n + damp) / damp <= 1e5 else np.float64, copy=True)  # (in, in)
+    h = hessian.numpy().astype(_factor_dtype(n, damp), copy=True)  # (in, in)
     diag = np.diagonal(h).copy()
     diag[diag == 0] = 1.0  # inputs never seen (dead): an all-zero H still factors
     h[np.diag_indices(n)] = diag + damp * float(diag.mean())
-    potrf = lapack.spotrf if h.dtype == np.float32 else lapack.dpotrf
-    factor, info = potrf(h.T, lower=1, overwrite_a=1, clean=1)  # h symmetric: h.T is it in Fortran order
-    if info != 0:
-        raise ConversionError("gptq: the calibration Hessian is not positive definite (non-finite activations?)")
-    return factor
+    return _cholesky(h)
 
 
 def asymmetric_target(weight: torch.Tensor, factor: np.ndarray, cross: torch.Tensor, asymmetry: float) -> torch.Tensor:
