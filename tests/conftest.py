@@ -22,6 +22,11 @@ os.environ["MXQ_CACHE"] = str(TEST_CACHE)
 # the kernels' ~16-bit rounding of activations, whatever this CPU's default (cpu_weights.DEFAULT_ACTIVATIONS: 8 bits
 # with AVX2 or VNNI): the parity tests' tolerances are ~16-bit ones; tests set 8 where they check it
 os.environ["MXQ_ACTIVATIONS"] = "16"
+# `python -m pytest` puts the working directory (the repository root) first on sys.path, which makes mxq's own
+# folders importable as top-level packages: `kernels/` then shadows Hugging Face's `kernels` distribution,
+# which transformers (a dependency of the tests, ≥ 5.25) imports. mxq itself is imported as `mxq` through its
+# installed distribution, so the root is taken off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 sys.path.insert(0, str(REPO / "tools"))  # tools/ scripts (fixtures) are importable as plain modules
 
 
