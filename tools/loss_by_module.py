@@ -26,7 +26,7 @@ import fixtures  # noqa: E402
 from mxq.runtime.export_hf import export_hf  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
 
 
 def scaled_like(float_weight: torch.Tensor, stored: torch.Tensor, rounds: int = 4) -> torch.Tensor:
@@ -68,13 +68,18 @@ def main():
     floats = {name: scaled_like(p.detach(), stored[name]) for name, p in reference.named_parameters()
               if name in stored and p.ndim == 2 and re.search(r"layers\.\d+\..*_proj", name)}
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in floats:
-            params[name].copy_(floats[name])
-        float_ppl = perplexity()
-        for name in floats:
-            params[name].copy_(stored[name])
-    quantized_ppl = perplexity()
+
+    def restored_perplexity(names) -> float:  # the file's perplexity with these linears' float weights
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(floats[n])
+            try:
+                return perplexity()
+            finally:
+                for n in names:
+                    params[n].copy_(stored[n])
+
+    float_ppl, quantized_ppl = restored_perplexity(list(floats)), perplexity()
     gap = math.log(quantized_ppl) - math.log(float_ppl)
     print(f"{Path(args.file).name}: ppl {quantized_ppl:.3f}, all linears restored {float_ppl:.3f} "
           f"({args.chunks} chunks of {args.ctx} from chunk {args.skip})")
@@ -84,13 +89,7 @@ def main():
                 lambda n, a=a: a <= int(re.search(r"layers\.(\d+)\.", n).group(1)) < a + 3)
                for a in range(0, n_layers, 3)]
     for label, member in groups:
-        names = [n for n in floats if member(n)]
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(floats[n])
-            ppl = perplexity()
-            for n in names:
-                params[n].copy_(stored[n])
+        ppl = restored_perplexity([n for n in floats if member(n)])
         share = 100 * (math.log(quantized_ppl) - math.log(ppl)) / gap if gap else 0.0
         print(f"  {label:14s} restored: ppl {ppl:8.3f}  recovers {share:5.1f}% of the gap", flush=True)
 
