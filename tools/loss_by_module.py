@@ -6,9 +6,10 @@ restored is printed (embeddings and norms stay as the file stores them).
     python tools/loss_by_module.py FILE.mxq [--fixture smollm2] [--chunks 6] [--ctx 1024] [--skip 40]
 
 The file is exported with `mxq export-hf` and run with transformers (a dev dependency). A file
-converted with --input-scaling (the default) computes with input-scaled weights and norms, so a
-restored linear is the float weight in the file's scaling: diag(r)·W·diag(c), r and c fitted by
-alternating least squares to the file's weights (1 for an unscaled axis). The text is WikiText-2's
+converted with --rotate or --input-scaling (the default) computes with transformed weights and norms,
+so a restored linear is the float weight as the converter transformed it: the checkpoint is read and
+transformed by the converter's own code with the options the file's provenance records (the
+calibration statistics come from the cache, or are computed again). The text is WikiText-2's
 test split from chunk `--skip` on (the README's quality table reads the first 16 chunks of 2,048).
 Shares of single groups add up to about 100% when the groups' errors act independently.
 """
@@ -29,15 +30,28 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
 
 
-def scaled_like(float_weight: torch.Tensor, stored: torch.Tensor, rounds: int = 4) -> torch.Tensor:
-    """diag(r)·W·diag(c) (out, in) closest to `stored` in least squares, by alternating fits of c and r."""
-    r = torch.ones(float_weight.shape[0])
-    for _ in range(rounds):
-        a = r[:, None] * float_weight
-        c = (a * stored).sum(0) / (a * a).sum(0).clamp(min=1e-30)
-        b = float_weight * c[None]
-        r = (b * stored).sum(1) / (b * b).sum(1).clamp(min=1e-30)
-    return r[:, None] * float_weight * c[None]
+def converted_weights(float_dir, path) -> dict:
+    """name -> the float weight (out, in) of every decoder linear as the converter quantized it: the
+    checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py)."""
+    from dataclasses import fields
+
+    from mxq.converter.checkpoint import read_checkpoint
+    from mxq.converter.measure import default_cache_dir
+    from mxq.converter.options import ConvertOptions
+    from mxq.converter.pipeline import _calibrated
+    from mxq.format_spec.reader import MxqFile
+
+    with MxqFile.open(path) as f:
+        recorded = f.document["provenance"]["options"]
+    options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
+    checkpoint = read_checkpoint(float_dir)
+    if options.rotate:
+        from mxq.converter.rotate import RotatedCheckpoint
+        checkpoint = RotatedCheckpoint(checkpoint, options.rotate_seed).checkpoint
+    cache_dir = default_cache_dir()
+    checkpoint = _calibrated(checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)[0]
+    return {name: torch.as_tensor(checkpoint.load(name)) for name in checkpoint.tensors
+            if checkpoint.tensors[name].role == "linear"}
 
 
 def main():
@@ -53,7 +67,6 @@ def main():
 
     float_dir = fixtures.ensure(args.fixture)
     tokenizer = AutoTokenizer.from_pretrained(float_dir)
-    reference = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(args.file, Path(tmp) / "hf")
         model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
@@ -64,10 +77,9 @@ def main():
         with torch.no_grad():
             return math.exp(sum(model(x, labels=x).loss.item() for x in chunks) / len(chunks))
 
-    stored = {name: p.detach().clone() for name, p in model.named_parameters()}
-    floats = {name: scaled_like(p.detach(), stored[name]) for name, p in reference.named_parameters()
-              if name in stored and p.ndim == 2 and re.search(r"layers\.\d+\..*_proj", name)}
+    floats = converted_weights(float_dir, args.file)
     params = dict(model.named_parameters())
+    stored = {name: params[name].detach().clone() for name in floats}
 
     def restored_perplexity(names) -> float:  # the file's perplexity with these linears' float weights
         with torch.no_grad():
@@ -83,7 +95,7 @@ def main():
     gap = math.log(quantized_ppl) - math.log(float_ppl)
     print(f"{Path(args.file).name}: ppl {quantized_ppl:.3f}, all linears restored {float_ppl:.3f} "
           f"({args.chunks} chunks of {args.ctx} from chunk {args.skip})")
-    n_layers = reference.config.num_hidden_layers
+    n_layers = model.config.num_hidden_layers
     groups = [(m, lambda n, m=m: f".{m}." in n) for m in MODULES]
     groups += [(f"layers {a}-{min(a + 2, n_layers - 1)}",
                 lambda n, a=a: a <= int(re.search(r"layers\.(\d+)\.", n).group(1)) < a + 3)
