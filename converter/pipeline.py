@@ -213,17 +213,23 @@ def convert(hf_dir, out_path, options: ConvertOptions | None = None, progress=No
         return report
 
 
+def read_source(hf_dir, options: ConvertOptions):
+    """The checkpoint the converter quantizes, before calibration and input scaling: (checkpoint, its
+    RotatedCheckpoint or None). With --rotate everything after reads the rotated copy (converter/rotate.py)."""
+    checkpoint = read_checkpoint(hf_dir)
+    if not options.rotate:
+        return checkpoint, None
+    from .rotate import RotatedCheckpoint
+    rotation = RotatedCheckpoint(checkpoint, options.rotate_seed)
+    return rotation.checkpoint, rotation
+
+
 def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) -> Report:
     """convert(); with `cluster` (converter/cluster.py), calibration and measurement run as its tasks."""
     _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
-    checkpoint = read_checkpoint(hf_dir)
-    rotation = None
-    if options.rotate:  # everything below reads the rotated copy (converter/rotate.py)
-        from .rotate import RotatedCheckpoint
-        rotation = RotatedCheckpoint(checkpoint, options.rotate_seed)
-        checkpoint = rotation.checkpoint
+    checkpoint, rotation = read_source(hf_dir, options)
     candidates = _candidates(options)
     _check_feasible(checkpoint, candidates, options)  # before any expensive work
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir

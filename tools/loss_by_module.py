@@ -35,19 +35,15 @@ def converted_weights(float_dir, path) -> dict:
     checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py)."""
     from dataclasses import fields
 
-    from mxq.converter.checkpoint import read_checkpoint
     from mxq.converter.measure import default_cache_dir
     from mxq.converter.options import ConvertOptions
-    from mxq.converter.pipeline import _calibrated
+    from mxq.converter.pipeline import _calibrated, read_source
     from mxq.format_spec.reader import MxqFile
 
     with MxqFile.open(path) as f:
         recorded = f.document["provenance"]["options"]
     options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
-    checkpoint = read_checkpoint(float_dir)
-    if options.rotate:
-        from mxq.converter.rotate import RotatedCheckpoint
-        checkpoint = RotatedCheckpoint(checkpoint, options.rotate_seed).checkpoint
+    checkpoint = read_source(float_dir, options)[0]
     cache_dir = default_cache_dir()
     checkpoint = _calibrated(checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)[0]
     return {name: torch.as_tensor(checkpoint.load(name)) for name in checkpoint.tensors
