@@ -16,6 +16,7 @@ import numpy as np
 
 from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, leaves
 from .lut import dequantize_lut
+from .vq import dequantize_vq
 from .packing import CODES_PER_PACK, pack_codes, unpack_codes
 from .rows import dequantize_rows
 
@@ -70,6 +71,8 @@ def dequantize(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
         return np.asarray(blobs["data"], dtype=np.float32).reshape(shape)
     if config.scheme == "lut":
         return dequantize_lut(blobs, shape, config)
+    if config.scheme == "vq":
+        return dequantize_vq(blobs, shape, config)
     if config.scheme == "rows":
         return dequantize_rows(blobs, shape, config)
     out_features, in_features, n_groups = affine_dims(shape, config.group_size)
@@ -124,15 +127,17 @@ def build_csr(shape, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> 
 
 
 def _meta_form(blobs: dict, shape, config: StorageConfig, to_file: bool) -> dict:
-    """stored_blobs / loaded_blobs: 6-bit metadata codes between uint8 (out, G) and their packed file
-    blob (layout.meta_codes_spec); every other blob is passed through as is (views stay views)."""
+    """stored_blobs / loaded_blobs: 6-bit metadata codes (affine's scales and zeros, vq's scales) between
+    uint8 (out, G) and their packed file blob (layout.meta_codes_spec); every other blob is passed
+    through as is (views stay views)."""
     out = dict(blobs)
     for prefix, part_shape, part in leaves(shape, config):
-        if part.scheme != "affine" or part.meta_bits == 8:
+        if part.scheme not in ("affine", "vq") or part.meta_bits == 8:
             continue
         out_features, _, n_groups = affine_dims(part_shape, part.group_size)
         n = out_features * n_groups
-        for name in (prefix + "scale_codes", prefix + "zero_codes"):
+        names = ("scale_codes", "zero_codes") if part.scheme == "affine" else ("scale_codes",)
+        for name in (prefix + name for name in names):
             if to_file:
                 flat = np.zeros(-(-n // CODES_PER_PACK) * CODES_PER_PACK, np.uint8)
                 flat[:n] = np.asarray(blobs[name]).reshape(-1)

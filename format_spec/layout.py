@@ -17,22 +17,31 @@ import numpy as np
 
 from .packing import CODES_PER_PACK, SUPPORTED_BITS
 
-SCHEMES = ("affine", "fp16", "lut", "rows")
-BLOCK_SCHEMES = ("affine", "fp16", "lut")  # what a `rows` block may use (no nesting)
+SCHEMES = ("affine", "fp16", "lut", "rows", "vq")
+BLOCK_SCHEMES = ("affine", "fp16", "lut", "vq")  # what a `rows` block may use (no nesting)
 GROUP_SIZES = (32, 64, 128)
 CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
 META_BITS = (6, 8)  # scales and zeros are stored as 6- or 8-bit codes ...
 META_GROUP_SIZE = 128  # ... in groups of 128 consecutive values, each with fp16 (step, min)
 MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
+VQ_DIMS = (2, 4)  # vq: consecutive inputs that share one codebook index
+VQ_BITS = (2, 3, 4)  # vq: bits per weight, so an index has dim · bits bits ...
+VQ_INDEX_BITS = (4, 6, 8)  # ... which must be one of these (a codebook of 16, 64 or 256 points)
+VQ_META_BITS = 6  # vq: the default width of its scale codes (8 also allowed: v..m8)
 
 # The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
-#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] , optionally +o<count> or +o<percent>%
+#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>],
+#   optionally +o<count> or +o<percent>%
 LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
                  "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
-                 "output channel, or per C channels); each optionally +oN (N outliers) or +oP% (P percent "
+                 "output channel, or per C channels); vBdDgG or vBdDgGmM (vq: every D consecutive inputs "
+                 "share one index into the matrix's codebook of 2^(B·D) D-dimensional points, B·D in 4, 6, 8; "
+                 "a signed scale per G inputs in M-bit codes, default 6); "
+                 "each optionally +oN (N outliers) or +oP% (P percent "
                  "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
                  "each, in a stored row order, with their own configs)")
-_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?)"
+_LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?"
+                    r"|v(?P<vbits>\d+)d(?P<dim>\d+)g(?P<vgroup>\d+)(?:m(?P<vmeta>\d+))?)"
                     r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
@@ -51,7 +60,9 @@ class StorageConfig:
     `affine`: b-bit codes in groups of `group_size` along the input dimension, a double-quantized
         scale/zero per group.
     `lut`: b-bit codes indexing a codebook of 2^b fp16 levels per `codebook_rows` output channels.
-    Both quantized schemes may keep `outliers` fp16 values in CSR.
+    `vq`: every `dim` consecutive inputs of a row share one (dim·b)-bit index into the tensor's codebook
+        of 2^(dim·b) fp16 points of `dim` coordinates; a double-quantized scale per `group_size` inputs.
+    The quantized schemes may keep `outliers` fp16 values in CSR.
     `rows`: row blocks in a stored row order, each block (row count, one of the configs above).
     A config made from a label with
     `+oP%` carries `outlier_percent` instead: a spec for any matrix, which `storage(shape)` turns into
@@ -64,13 +75,18 @@ class StorageConfig:
     outlier_percent: float = 0.0  # a spec's outliers as a percent of the weights (resolved by storage())
     codebook_rows: int = 0  # lut only
     blocks: tuple = ()  # rows only: ((row count, StorageConfig of the block), ...) in stored order
-    meta_bits: int = 0  # affine only: 6 or 8-bit scale and zero codes (0 given: default_meta_bits(bits))
+    meta_bits: int = 0  # affine, vq: 6 or 8-bit metadata codes (0 given: default_meta_bits(bits) / VQ_META_BITS)
+    dim: int = 0  # vq only: inputs per codebook index
 
     def __post_init__(self):
         if self.scheme == "affine" and self.meta_bits == 0 and self.bits in SUPPORTED_BITS:
             object.__setattr__(self, "meta_bits", default_meta_bits(self.bits))
-        if self.scheme != "affine" and self.meta_bits:
+        if self.scheme == "vq" and self.meta_bits == 0:
+            object.__setattr__(self, "meta_bits", VQ_META_BITS)
+        if self.scheme not in ("affine", "vq") and self.meta_bits:
             raise ValueError(f"{self.scheme} takes no metadata bits")
+        if self.scheme != "vq" and self.dim:
+            raise ValueError(f"{self.scheme} takes no vector dimension")
         if self.scheme == "rows":
             if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
                 raise ValueError("rows takes only blocks (each block has its own config)")
@@ -90,7 +106,15 @@ class StorageConfig:
             return
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; known: {SCHEMES}")
-        if self.bits not in SUPPORTED_BITS:
+        if self.scheme == "vq":
+            if self.bits not in VQ_BITS or self.dim not in VQ_DIMS or self.bits * self.dim not in VQ_INDEX_BITS:
+                raise ValueError(f"vq needs bits in {VQ_BITS}, dim in {VQ_DIMS} and bits·dim in {VQ_INDEX_BITS}, "
+                                 f"got bits {self.bits}, dim {self.dim}")
+            if self.group_size not in GROUP_SIZES or self.codebook_rows:
+                raise ValueError(f"vq group size must be one of {GROUP_SIZES}, got {self.group_size}")
+            if self.meta_bits not in META_BITS:
+                raise ValueError(f"vq metadata bits must be one of {META_BITS}, got {self.meta_bits}")
+        elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.scheme == "affine" and (self.group_size not in GROUP_SIZES or self.codebook_rows):
             raise ValueError(f"affine group size must be one of {GROUP_SIZES}, got {self.group_size}")
@@ -115,6 +139,16 @@ class StorageConfig:
     @staticmethod
     def lut(bits: int, codebook_rows: int = 1, outliers: int = 0) -> "StorageConfig":
         return StorageConfig("lut", bits, 0, outliers, codebook_rows=codebook_rows)
+
+    @staticmethod
+    def vq(bits: int, dim: int, group_size: int, outliers: int = 0, meta_bits: int = 0) -> "StorageConfig":
+        """meta_bits 0: VQ_META_BITS."""
+        return StorageConfig("vq", bits, group_size, outliers, meta_bits=meta_bits, dim=dim)
+
+    @property
+    def index_bits(self) -> int:
+        """vq: the bits of one codebook index (dim · bits)."""
+        return self.bits * self.dim
 
     @staticmethod
     def rows(blocks) -> "StorageConfig":
@@ -148,6 +182,9 @@ class StorageConfig:
         if match["bits"] is not None:
             return StorageConfig("affine", int(match["bits"]), int(match["group"]), outliers, percent,
                                  meta_bits=int(match["meta"] or 0))
+        if match["vbits"] is not None:
+            return StorageConfig("vq", int(match["vbits"]), int(match["vgroup"]), outliers, percent,
+                                 meta_bits=int(match["vmeta"] or 0), dim=int(match["dim"]))
         return StorageConfig("lut", int(match["lbits"]), 0, outliers, percent, int(match["rows"] or 1))
 
     @property
@@ -160,6 +197,9 @@ class StorageConfig:
         if self.scheme == "affine":
             base = f"b{self.bits}g{self.group_size}"
             base += f"m{self.meta_bits}" if self.meta_bits != default_meta_bits(self.bits) else ""
+        elif self.scheme == "vq":
+            base = f"v{self.bits}d{self.dim}g{self.group_size}"
+            base += f"m{self.meta_bits}" if self.meta_bits != VQ_META_BITS else ""
         else:
             base = f"l{self.bits}" + (f"c{self.codebook_rows}" if self.codebook_rows > 1 else "")
         if self.outlier_percent:
@@ -188,6 +228,9 @@ class StorageConfig:
                                for count, block in self.blocks]}
         if self.scheme == "lut":
             return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
+        if self.scheme == "vq":
+            return {"bits": self.bits, "dim": self.dim, "group_size": self.group_size, "meta_bits": self.meta_bits,
+                    "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
         return {"bits": self.bits, "group_size": self.group_size, "meta_bits": self.meta_bits,
                 "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
 
@@ -212,6 +255,14 @@ def lut_dims(shape) -> tuple[int, int, int]:
     """(out_features, in_features, n_packs) of a 2-D lut tensor; each row is padded to whole packs."""
     out_features, in_features = shape
     return out_features, in_features, math.ceil(in_features / CODES_PER_PACK)
+
+
+def vq_dims(shape, config: "StorageConfig") -> tuple[int, int, int, int]:
+    """(out_features, in_features, n_packs, n_groups) of a 2-D vq tensor: each row's ceil(in / dim) indices
+    padded to whole packs of 32, and ceil(in / group_size) scales per row."""
+    out_features, in_features = shape
+    n_vectors = math.ceil(in_features / config.dim)
+    return out_features, in_features, math.ceil(n_vectors / CODES_PER_PACK), math.ceil(in_features / config.group_size)
 
 
 def meta_codes_spec(out_features: int, n_groups: int, meta_bits: int) -> BlobSpec:
@@ -250,6 +301,14 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         specs = {
             "qweight": BlobSpec("uint32", (out_features, n_packs * config.bits)),
             "codebook": BlobSpec("float16", (math.ceil(out_features / config.codebook_rows), 1 << config.bits)),
+        }
+    elif config.scheme == "vq":
+        out_features, in_features, n_packs, n_groups = vq_dims(shape, config)
+        specs = {
+            "qweight": BlobSpec("uint32", (out_features, n_packs * config.index_bits)),
+            "codebook": BlobSpec("float16", (1 << config.index_bits, config.dim)),
+            "scale_codes": meta_codes_spec(out_features, n_groups, config.meta_bits),
+            "scale_meta": BlobSpec("float16", (math.ceil(out_features * n_groups / META_GROUP_SIZE), 2)),
         }
     else:
         out_features, in_features, n_groups = affine_dims(shape, config.group_size)
@@ -299,10 +358,11 @@ def unpacked_extra_nbytes(shape, config: StorageConfig) -> int:
     8-bit ones and every other blob are used in place."""
     extra = 0
     for _, part_shape, part in leaves(shape, config):
-        if part.scheme == "affine" and part.meta_bits != 8:
+        if part.scheme in ("affine", "vq") and part.meta_bits != 8:
             out_features, _, n_groups = affine_dims(part_shape, part.group_size)
             packed = meta_codes_spec(out_features, n_groups, part.meta_bits).nbytes
-            extra += 2 * max(0, out_features * n_groups - packed)
+            n_arrays = 2 if part.scheme == "affine" else 1  # affine: scales and zeros; vq: scales
+            extra += n_arrays * max(0, out_features * n_groups - packed)
     return extra
 
 
