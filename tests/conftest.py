@@ -78,10 +78,30 @@ def random_lut_blobs(rng, shape, config: StorageConfig) -> dict:
     return blobs
 
 
+def random_vq_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Valid blobs for a vq tensor (in-memory form: scale codes uint8 (out, G)): random indices (padding
+    indices 0), a random fp16 codebook, signed scales, outliers as for lut."""
+    out_features, in_features = shape
+    n_vectors = -(-in_features // config.dim)
+    n_groups = -(-in_features // config.group_size)
+    index = rng.integers(0, 1 << config.index_bits, size=(out_features, -(-n_vectors // 32) * 32))
+    index[:, n_vectors:] = 0
+    codebook = (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)
+    scale_codes, scale_meta = encode_meta(rng.normal(0.0, 0.02, (out_features, n_groups)), config.meta_bits)
+    blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": codebook, "scale_codes": scale_codes,
+             "scale_meta": scale_meta}
+    if config.outliers:
+        flat = rng.choice(out_features * in_features, size=config.outliers, replace=False)
+        blobs.update(build_csr(shape, flat // in_features, flat % in_features,
+                               rng.standard_normal(config.outliers).astype(np.float32)))
+    return blobs
+
+
 def random_blobs(rng, shape, config: StorageConfig) -> dict:
     if config.scheme == "fp16":
         return {"data": rng.standard_normal(shape).astype(np.float16)}
-    return (random_lut_blobs if config.scheme == "lut" else random_affine_blobs)(rng, shape, config)
+    make = {"lut": random_lut_blobs, "vq": random_vq_blobs}.get(config.scheme, random_affine_blobs)
+    return make(rng, shape, config)
 
 
 def write_random_file(path, tensors, seed=0, tokenizer_data=b"tokenizer bytes", **writer_options):
