@@ -6,6 +6,8 @@ exact count of one matrix, whose bytes the cost model knows.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS, StorageConfig
 from .errors import ConversionError
 
@@ -23,8 +25,11 @@ PRESETS = {
     "all": [f"b{b}g{g}" for b in SUPPORTED_BITS for g in GROUP_SIZES] + META6_CHOICES,
     # non-uniform codebooks (CMPQ): 2–5 bits, one codebook per output channel or per 4 / 16 channels
     "lut": [f"l{b}{suffix}" for b in (2, 3, 4, 5) for suffix in ("", "c4", "c16")],
+    # vector quantization (SPEC.md §12): 2 bits in 4-D (256 points), 3 bits in 2-D (64 points), a scale per g
+    "vq": [f"v{b}d{d}g{g}" for b, d in ((2, 4), (3, 2)) for g in GROUP_SIZES],
 }
 PRESETS["all+lut"] = PRESETS["all"] + PRESETS["lut"]
+PRESETS["all+vq"] = PRESETS["all"] + PRESETS["vq"]
 
 
 def parse_candidates(text: str) -> list[Candidate]:
@@ -54,4 +59,4 @@ def with_outliers(candidate: Candidate, percent: float) -> Candidate:
     """`candidate` keeping `percent` of each matrix's weights as outliers (fp16 stays fp16)."""
     if candidate.scheme == "fp16" or not percent:
         return candidate
-    return StorageConfig(candidate.scheme, candidate.bits, candidate.group_size, 0, percent, candidate.codebook_rows)
+    return replace(candidate, outliers=0, outlier_percent=percent)

@@ -45,7 +45,7 @@ import torch
 
 from ..format_spec import StorageConfig, codebook_of_rows, decode_meta, pack_codes
 from ..format_spec.affine import build_csr, dequantize
-from ..format_spec.layout import CODES_PER_PACK, lut_dims
+from ..format_spec.layout import CODES_PER_PACK, lut_dims, vq_dims
 from .calibrate import LayerStream, calibration_chunks, default_text
 from .errors import ConversionError
 from .quantize import quantize
@@ -77,7 +77,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     the outliers' residuals (out, in) float32, 0 elsewhere)."""
     top = torch.full((weight.shape[0],), float((1 << bits) - 1))
     levels = _Levels([(group_size, scale.T.contiguous(), zero.T.contiguous())], top, None, None)
-    return _round(weight, hessian, levels, outliers, act_order, damp)
+    return _round(weight, hessian, levels, outliers, act_order, damp)[:3]
 
 
 @dataclass
@@ -86,11 +86,13 @@ class _Levels:
     (G, out) as decoded (0 in the rows of other group sizes and of lut rows: column c's scale is the
     sum of the tables' rows c // g) and the top code per row (out,); lut rows: their codebook
     (out, K) ascending, +inf past a row's own levels; `lut` (out,) bool marks the lut rows. A part no
-    row uses is empty / None."""
+    row uses is empty / None. vq rows: one _VqRows per run of rows with one codebook (their values in
+    the affine tables are 0)."""
     groups: list[tuple[int, torch.Tensor, torch.Tensor]]
     top: torch.Tensor | None
     codebook: torch.Tensor | None
     lut: torch.Tensor | None
+    vq: list = ()
 
     def grid(self, c: int):
         """Column c's scale and zero (out,), or (None, None) without affine rows."""
@@ -102,6 +104,48 @@ class _Levels:
         return sum(t[0] for t in tables), sum(t[1] for t in tables)
 
 
+@dataclass
+class _VqRows:
+    """Rows start … end − 1 of the stacked rows, stored as one vq tensor: its decoded codebook points
+    (K, dim), its decoded scales (G, rows) and group size."""
+    start: int
+    end: int
+    points: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+
+def _nearest_vectors(x, a, s, points):
+    """GPTVQ's joint choice: indices (n,) of argmin_k Σ_i a_i (x_i − s·p_ki)² for vectors x (n, m) with
+    weights a (n, m) and scales s (n,), points (K, ≥ m) (a vector cut short by the matrix edge uses its
+    first m coordinates)."""
+    p = points[:, :x.shape[1]]  # (K, m)
+    cross = (x * a) @ p.T  # (n, K)
+    square = a @ (p * p).T  # (n, K)
+    return (s[:, None] * (s[:, None] * square - 2.0 * cross)).argmin(1)
+
+
+def _order(diag: torch.Tensor, act_order: bool, slab: int) -> torch.Tensor:
+    """The columns' rounding order: decreasing H_jj (act-order) or index order; with vq rows, act-order
+    sorts slabs of `slab` consecutive columns (a vector's columns stay together, in index order) by
+    their summed H_jj; a short last slab stays last, so every slab starts at a multiple of `slab` (and of
+    BLOCK: no slab straddles a block of lazy updates)."""
+    n = len(diag)
+    if not act_order:
+        return torch.arange(n)
+    if slab == 1:
+        return torch.argsort(diag, descending=True)
+    n_full = n // slab
+    mass = diag[:n_full * slab].reshape(n_full, slab).sum(1)
+    slabs = torch.argsort(mass, descending=True)
+    columns = (slabs[:, None] * slab + torch.arange(slab)[None, :]).reshape(-1)
+    return torch.cat([columns, torch.arange(n_full * slab, n)])
+
+
 def _nearest(col, s, z, top, codebook, midpoints, lut):
     """(codes, values) (out,) of one column (out,): affine rows rounded on their grid (s, z: this column's
     scale and zero), lut rows to their nearest level (the first whose midpoint with the next is ≥ the
@@ -110,6 +154,8 @@ def _nearest(col, s, z, top, codebook, midpoints, lut):
         q = torch.where(s != 0, torch.minimum(torch.clamp(torch.round(col / s + z), min=0.0), top), 0.0)
         value = (q - z) * s
     if codebook is None:
+        if s is None:  # vq rows only: their values are set by the caller
+            return torch.zeros_like(col), torch.zeros_like(col)
         return q, value
     q_lut = (col[:, None] > midpoints).sum(1)  # (out,)
     value_lut = codebook.gather(1, q_lut[:, None])[:, 0]
@@ -125,7 +171,7 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
     out_features, in_features = weight.shape
     diag = torch.diag(hessian).to(torch.float64)
     diag[diag == 0] = 1.0  # inputs never seen (dead): nothing to compensate through them
-    order = torch.argsort(diag, descending=True) if act_order else torch.arange(in_features)
+    order = _order(diag, act_order, max((v.dim for v in levels.vq), default=1))
     u = _inverse_factor(hessian, diag, order.numpy(), damp)  # (in, in) upper, rows and columns in `order`
     wt = weight.T[order].to(torch.float32)  # (in, out): row k is column order[k] of W, updated in place
     codebook = levels.codebook
@@ -134,12 +180,26 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
     codes = torch.empty(in_features, out_features, dtype=torch.uint8)  # (in, out) by W's column index
     stored = torch.empty(in_features, out_features)
     residual = torch.zeros(in_features, out_features)  # the outliers' fp16 residuals (as float32)
+    vq_index = [torch.zeros(-(-in_features // v.dim), v.end - v.start, dtype=torch.int64) for v in levels.vq]
+    vq_value = [None] * len(levels.vq)  # per vq run: (m, rows) values of its current vectors' columns
     for b0 in range(0, in_features, BLOCK):
         b1 = min(b0 + BLOCK, in_features)
         errors = torch.empty(b1 - b0, out_features)
         for j in range(b0, b1):
             col, c = wt[j], int(order[j])  # (out,); c: the column's index in W
             q, value = _nearest(col, *levels.grid(c), levels.top, codebook, midpoints, levels.lut)
+            for k, run in enumerate(levels.vq):  # vq rows: a vector's columns are chosen together at its first
+                if c % run.dim == 0:
+                    m = min(run.dim, in_features - c)  # columns c … c+m−1 sit at j … j+m−1
+                    x = wt[j:j + m, run.start:run.end].T  # (rows, m), updated by every column before
+                    a = (1.0 / torch.diagonal(u[j:j + m, j:j + m]).pow(2))[None, :].expand_as(x)
+                    if keep is not None:  # an outlier's error is only its fp16 rounding
+                        a = a * (~keep[j:j + m, run.start:run.end].T)
+                    scale = run.scale[c // run.group_size]  # (rows,)
+                    index = _nearest_vectors(x, a, scale, run.points)
+                    vq_index[k][c // run.dim] = index
+                    vq_value[k] = (scale[:, None] * run.points[index, :m]).T  # (m, rows), as the dequantizer
+                value[run.start:run.end] = vq_value[k][c % run.dim]
             if keep is not None:  # an outlier stores the fp16 residual of the updated weight
                 residual[c] = torch.where(keep[j], (col - value).to(torch.float16).to(torch.float32), 0.0)
                 value = value + residual[c]
@@ -147,7 +207,7 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
             torch.div(col - value, u[j, j], out=errors[j - b0])
             wt[j + 1:b1].addr_(u[j, j + 1:b1], errors[j - b0], alpha=-1.0)  # onto the block's later columns
         wt[b1:].addmm_(u[b0:b1, b1:].T, errors, alpha=-1.0)  # the block's errors onto all later columns
-    return codes.T, stored.T, residual.T
+    return codes.T, stored.T, residual.T, vq_index
 
 
 def _factor_dtype(n: int, damp: float):
@@ -209,13 +269,16 @@ class _Grid:
     (_Levels, as decoded), and the outlier positions (row-major) when the config keeps outliers."""
 
     def __init__(self, weight, config: StorageConfig, importance, outlier_mode: str):
-        if config.scheme not in ("affine", "lut"):
-            raise ConversionError(f"--quantizer gptq rounds the affine and lut schemes, not {config.scheme!r}")
+        if config.scheme not in ("affine", "lut", "vq"):
+            raise ConversionError(f"--quantizer gptq rounds the affine, lut and vq schemes, not {config.scheme!r}")
         self.shape, self.config = tuple(weight.shape), config
         self.blobs = quantize(weight, config, SCALES, importance=importance, outlier_mode=outlier_mode).blobs
         out_features, in_features = weight.shape
-        self.scale = self.zero = self.top = self.codebook = None
-        if config.scheme == "affine":  # per group (out, G)
+        self.scale = self.zero = self.top = self.codebook = self.points = None
+        if config.scheme == "vq":  # its codebook and scales stay; GPTQ picks the indices
+            self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))
+            self.points = torch.from_numpy(self.blobs["codebook"].astype(np.float32))  # (K, dim)
+        elif config.scheme == "affine":  # per group (out, G)
             self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))
             self.zero = torch.from_numpy(decode_meta(self.blobs["zero_codes"], self.blobs["zero_meta"]))
             self.top = torch.full((out_features,), float((1 << config.bits) - 1))
@@ -229,14 +292,20 @@ class _Grid:
             self.cols = self.blobs["outlier_cols"].astype(np.int64)
             self.outliers[self.rows, self.cols] = True
 
-    def stored_blobs(self, codes: torch.Tensor, residual: torch.Tensor):
-        """The blobs with GPTQ's codes (out, in) and outlier residuals, and what they decode to."""
+    def stored_blobs(self, codes: torch.Tensor, residual: torch.Tensor, vq_index: torch.Tensor | None = None):
+        """The blobs with GPTQ's codes (out, in) (vq: its indices (n_vectors, out)) and outlier residuals,
+        and what they decode to."""
         out_features, in_features = self.shape
-        width = -(-in_features // self.config.group_size) * self.config.group_size \
-            if self.config.scheme == "affine" else lut_dims(self.shape)[2] * CODES_PER_PACK
-        padded = np.zeros((out_features, width), np.uint8)  # padding columns get code 0
-        padded[:, :in_features] = codes.numpy()
-        blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.bits)}
+        if self.config.scheme == "vq":
+            padded = np.zeros((out_features, vq_dims(self.shape, self.config)[2] * CODES_PER_PACK), np.uint8)
+            padded[:, :vq_index.shape[0]] = vq_index.T.numpy()
+            blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.index_bits)}
+        else:
+            width = -(-in_features // self.config.group_size) * self.config.group_size \
+                if self.config.scheme == "affine" else lut_dims(self.shape)[2] * CODES_PER_PACK
+            padded = np.zeros((out_features, width), np.uint8)  # padding columns get code 0
+            padded[:, :in_features] = codes.numpy()
+            blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.bits)}
         if self.rows is not None:  # rows, cols and residual[outliers] are all row-major
             blobs.update(build_csr(self.shape, self.rows, self.cols, residual[self.outliers].numpy()))
         return blobs, torch.from_numpy(dequantize(blobs, self.shape, self.config))
@@ -251,7 +320,11 @@ def _levels(grids: list[_Grid]) -> _Levels:
     width = max((g.codebook.shape[1] for g in grids if g.codebook is not None), default=0)
     codebook = torch.full((out_total, width), math.inf) if width else None
     lut = torch.zeros(out_total, dtype=torch.bool)
+    vq = []
     for grid, start, end in zip(grids, starts[:-1], starts[1:]):
+        if grid.points is not None:
+            vq.append(_VqRows(int(start), int(end), grid.points, grid.scale.T.contiguous(), grid.config.group_size))
+            continue
         if grid.codebook is not None:
             codebook[start:end, :grid.codebook.shape[1]], lut[start:end] = grid.codebook, True
             continue
@@ -260,17 +333,19 @@ def _levels(grids: list[_Grid]) -> _Levels:
                                             torch.zeros(grid.scale.shape[1], out_total)))
         scale[:, start:end], zero[:, start:end], top[start:end] = grid.scale.T, grid.zero.T, grid.top
     return _Levels([(g, scale, zero) for g, (scale, zero) in groups.items()], top if groups else None, codebook,
-                   lut if width else None)
+                   lut if width else None, vq)
 
 
 def _rounded(weight, hessian, grids: list[_Grid], act_order: bool, damp: float):
     """GPTQ rounding of W's rows (the grids' rows, stacked in order) → each grid's (blobs, stored)."""
     outliers = torch.cat([g.outliers for g in grids]) if any(g.rows is not None for g in grids) else None
-    codes, _, residual = _round(weight, hessian, _levels(grids), outliers, act_order, damp)
+    codes, _, residual, vq_index = _round(weight, hessian, _levels(grids), outliers, act_order, damp)
+    vq_index = iter(vq_index)  # one per vq grid, in order
     parts, start = [], 0
     for grid in grids:
         end = start + grid.shape[0]
-        parts.append(grid.stored_blobs(codes[start:end], residual[start:end]))
+        index = next(vq_index) if grid.points is not None else None
+        parts.append(grid.stored_blobs(codes[start:end], residual[start:end], index))
         start = end
     return parts
 

@@ -243,3 +243,83 @@ def lut_round(w, keep, importance, in_features, rows_per_codebook, levels, codes
                 codes[r, c] = 0
         row_sq[r] = total
         row_weighted[r] = total_weighted if weighted else total
+
+
+@numba.njit(parallel=True, cache=True)
+def vq_kmeans(x, a, points, iters):
+    """Weighted k-means (Lloyd) of vectors x (n, d) float32 with per-coordinate weights a (n, d) float32
+    (Σ_i a_i (x_i − p_i)² the distance), starting from and writing points (K, d) float32. A point no
+    vector picks keeps its place. Assignment runs in parallel, the means are summed serially in vector
+    order: the result does not depend on the thread count."""
+    n, d = x.shape
+    K = points.shape[0]
+    index = np.empty(n, np.int64)
+    for _ in range(iters):
+        for v in numba.prange(n):
+            best, best_k = np.inf, 0
+            for k in range(K):
+                dist = 0.0
+                for i in range(d):
+                    diff = np.float64(x[v, i]) - np.float64(points[k, i])
+                    dist += np.float64(a[v, i]) * diff * diff
+                if dist < best:
+                    best, best_k = dist, k
+            index[v] = best_k
+        num = np.zeros((K, d))
+        den = np.zeros((K, d))
+        for v in range(n):
+            for i in range(d):
+                num[index[v], i] += np.float64(a[v, i]) * np.float64(x[v, i])
+                den[index[v], i] += np.float64(a[v, i])
+        moved = False
+        for k in range(K):
+            for i in range(d):
+                if den[k, i] > 0:
+                    new = np.float32(num[k, i] / den[k, i])
+                    if new != points[k, i]:
+                        points[k, i], moved = new, True
+        if not moved:
+            break
+
+
+@numba.njit(parallel=True, cache=True)
+def vq_round(w, a, keep, in_features, scale, group_size, points, index, residual, row_sq, row_weighted):
+    """Each vector of `dim` consecutive weights → the codebook point whose scaled copy is nearest:
+    argmin_k Σ_i a_i (w_i − ŝ·p_ki)² over the vector's real positions (a: importance + floor, or 1 when
+    `a` is empty (0, 0, 0); outliers — keep False — weigh 0), ŝ the decoded scale of the vector's group.
+    w (out, V, d) float32, zero-padded past in_features; scale (out, G) float32; points (K, d) float32
+    (the stored fp16 codebook, decoded). Writes index (out, V) (unless empty), the per-row squared error
+    of what is stored (plain, and weighted by `a` — kept positions only) and optionally the residual
+    w − ŝ·p (out, V, d) (unless empty). Its float32 product ŝ·p is the dequantizer's."""
+    out_features, V, d = w.shape
+    K = points.shape[0]
+    weighted, keep_all = a.shape[0] != 0, keep.shape[0] == 0
+    pack, keep_residual = index.shape[0] != 0, residual.shape[0] != 0
+    for r in numba.prange(out_features):
+        total = total_weighted = 0.0
+        for v in range(V):
+            s = scale[r, (v * d) // group_size]
+            best, best_k = np.inf, 0
+            for k in range(K):
+                dist = 0.0
+                for i in range(d):
+                    if v * d + i < in_features and (keep_all or keep[r, v, i]):
+                        diff = np.float64(w[r, v, i]) - np.float64(s * points[k, i])
+                        dist += (np.float64(a[r, v, i]) if weighted else 1.0) * diff * diff
+                if dist < best:
+                    best, best_k = dist, k
+            if pack:
+                index[r, v] = best_k
+            for i in range(d):
+                diff = w[r, v, i] - s * points[best_k, i] if v * d + i < in_features else np.float32(0.0)
+                if keep_residual:
+                    residual[r, v, i] = diff
+                if v * d + i < in_features and (keep_all or keep[r, v, i]):
+                    sq = np.float64(diff) * np.float64(diff)
+                    total += sq
+                    total_weighted += sq * (np.float64(a[r, v, i]) if weighted else 1.0)
+        if pack:
+            for v in range(V, index.shape[1]):
+                index[r, v] = 0
+        row_sq[r] = total
+        row_weighted[r] = total_weighted

@@ -252,7 +252,7 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
         return names[i] if len(counts[i]) < 2 else f"{names[i]}/rows{row_blocks}v{ORDER_VERSION}/{b}"
 
     numel = np.array([counts[i][b] * linears[i].shape[1] for i, b in units], dtype=np.int64)
-    sampled = [c.scheme == "affine" and not c.outlier_percent and sample_every > 1 for c in candidates]
+    sampled = [c.scheme in ("affine", "vq") and not c.outlier_percent and sample_every > 1 for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
             f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
             for c, s in zip(candidates, sampled)]

@@ -10,6 +10,9 @@
         └─ codes = clamp(round(w / ŝ + ẑ)) with the *decoded* ŝ, ẑ ─► error ‖W − Ŵ‖²_F of what is stored
            (kernels.round_groups, per row, so a row sample's errors can be scaled to the matrix)
 
+    W (out, in) ──vq──► a codebook of `dim`-dimensional points per matrix, a scale per group, an index per
+        `dim` weights (converter/vq.py)
+
     W (out, in) ──lut──► per output channel (or per `codebook_rows` channels) 2^b levels by weighted
         k-means (importance as above, data-free: plain k-means), rounded to fp16 ─► codes = the nearest
         stored level; outliers as above (the `quantizer` knob is affine's: lut has one fit)
@@ -28,6 +31,7 @@ from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pa
 from ..format_spec.layout import lut_dims
 from .kernels import lut_kmeans, lut_round, round_groups, wls_scale_zero
 from .options import OUTLIER_MODES, QUANTIZERS
+from .vq import build_outliers, quantize_vq
 
 CHUNK_WEIGHTS = 1 << 18
 ZERO_LIMIT = float(1 << 14)  # |zero point| in quantization steps; fp16 run metadata holds it exactly enough
@@ -159,11 +163,13 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         raise ValueError(f"unknown outlier mode {outlier_mode!r}")
     if config.scheme == "lut":
         if rows is not None:
-            raise ValueError("a row sample is quantized only to affine configs without outliers")
+            raise ValueError("a row sample is quantized only to affine and vq configs without outliers")
         return _quantize_lut_with_outliers(weight, config, pack, importance, outlier_mode)
+    if rows is not None and (config.scheme not in ("affine", "vq") or config.outliers):
+        raise ValueError("a row sample is quantized only to affine and vq configs without outliers")
+    if config.scheme == "vq":
+        return _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows)
     if rows is not None:
-        if config.scheme != "affine" or config.outliers:
-            raise ValueError("a row sample is quantized only to affine configs without outliers")
         floor = _importance_floor(importance)  # of the whole matrix, as when it is quantized whole
         importance = importance[rows] if importance is not None else None
         return _quantize(weight[rows], config, quantizer, pack, importance, None, floor=floor)
@@ -250,6 +256,25 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
         })
     return Quantized(blobs, error_sq, weighted if importance is not None else error_sq,
                      residual_2d if keep_residual else None, row_weighted, torch.from_numpy(row_sq))
+
+
+def _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows) -> Quantized:
+    """The `vq` scheme (converter/vq.py), its outliers chosen as affine's and lut's are."""
+    floor = _importance_floor(importance)  # of the whole matrix, also for a row sample
+    outliers = None
+    if config.outliers and outlier_mode == "error":
+        residual = quantize_vq(weight, replace(config, outliers=0), False, importance, None, keep_residual=True,
+                               floor=floor)[3]
+        outliers = _top_mask(residual.pow(2) * (importance if importance is not None else 1.0), config.outliers)
+    elif config.outliers:
+        outliers = _top_mask(weight.abs(), config.outliers)
+    blobs, row_sq, row_weighted, residual = quantize_vq(weight, config, pack, importance, outliers, rows,
+                                                        keep_residual=outliers is not None, floor=floor)
+    if outliers is not None:
+        build_outliers(blobs, tuple(weight.shape), outliers, residual, row_sq, row_weighted, importance, pack)
+    error_sq, weighted = sum64(row_sq), sum64(row_weighted)
+    return Quantized(blobs, error_sq, weighted if importance is not None else error_sq, residual,
+                     torch.from_numpy(row_weighted), torch.from_numpy(row_sq))
 
 
 def _quantize_lut_with_outliers(weight, config, pack, importance, outlier_mode) -> Quantized:

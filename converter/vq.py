@@ -1,0 +1,159 @@
+"""The `vq` scheme's quantizer (SPEC.md §12): one matrix's codebook, scales and indices.
+
+    W (out, in) ──groups of g──► initial scales s₀ = rms(group)
+        ├─ codebook: weighted k-means (kernels.vq_kmeans) of the normalized vectors w/s₀ (`dim` consecutive
+        │  weights), each coordinate weighing importance·s₀² (its weight in ‖W − Ŵ‖ terms), on an evenly
+        │  spread sample of FIT_VECTORS vectors of the whole matrix; rounded to fp16
+        ├─ REFITS × { indices = the nearest scaled point (kernels.vq_round, importance-weighted)
+        │             scales  = weighted least squares Σ a·w·p / Σ a·p² per group, double-quantized to the
+        │                       config's metadata codes and decoded }
+        └─ indices for the decoded scales ─► error ‖W − Ŵ‖²_F of what is stored (per row)
+
+The codebook depends on the whole matrix only (not on a row sample), so quantizing a sample of rows
+gives exactly those rows of the whole matrix's quantization (but for the metadata runs they share, as
+affine): measure.py estimates a vq config's error from a row sample as it does an affine one's.
+Outliers (+oN) are excluded from every fit and store their fp16 residual, as in affine and lut.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pack_codes
+from ..format_spec.layout import vq_dims
+from .kernels import vq_kmeans, vq_round
+
+FIT_VECTORS = 16384  # vectors the codebook is fitted on (an even spread over the matrix)
+KMEANS_ITERS = 16
+REFITS = 2  # rounds of (indices, least-squares scales) before the final indices
+
+
+def _padded(array: np.ndarray, width: int) -> np.ndarray:
+    """(out, in) → (out, width) float32, zero columns appended."""
+    out = np.zeros((array.shape[0], width), np.float32)
+    out[:, :array.shape[1]] = array
+    return out
+
+
+def _initial_scales(w: np.ndarray, in_features: int, group_size: int) -> np.ndarray:
+    """(out, G) float32: each group's RMS over its real weights (1 for an all-zero group)."""
+    n_groups = w.shape[1] // group_size
+    counts = np.minimum(group_size, in_features - np.arange(n_groups) * group_size)  # (G,)
+    rms = np.sqrt(np.square(w, dtype=np.float64).reshape(len(w), n_groups, group_size).sum(2) / counts)
+    return np.where(rms > 0, rms, 1.0).astype(np.float32)
+
+
+def fit_codebook(weight: np.ndarray, importance: np.ndarray | None, config: StorageConfig) -> np.ndarray:
+    """The fp16 codebook (2^(dim·bits), dim) of W (out, in) for `config`: weighted k-means of its
+    normalized vectors (module doc). Deterministic: a function of W, the importance and the config."""
+    out_features, in_features = weight.shape
+    g, d, K = config.group_size, config.dim, 1 << config.index_bits
+    width = math.ceil(in_features / g) * g
+    w = _padded(weight, width)  # (out, G·g)
+    s0 = np.repeat(_initial_scales(w, in_features, g), g, axis=1)  # (out, G·g)
+    a = _padded(importance, width) if importance is not None else \
+        _padded(np.ones((out_features, in_features), np.float32), width)
+    x = (w / s0).reshape(-1, d)  # (n, d) normalized vectors
+    aw = (a * s0 * s0).reshape(-1, d).astype(np.float64)
+    alive = np.flatnonzero(aw.sum(1) > 0)
+    if alive.size == 0:
+        return np.zeros((K, d), np.float16)
+    pick = alive[np.linspace(0, alive.size - 1, min(FIT_VECTORS, alive.size)).round().astype(np.int64)]
+    xs, ws = np.ascontiguousarray(x[pick]), aw[pick]
+    ws = np.ascontiguousarray(ws / ws.mean(), dtype=np.float32)
+    start = np.random.default_rng(K * 7919 + d).permutation(len(xs))[:K]  # K distinct sample vectors
+    points = np.zeros((K, d), np.float32)
+    points[:len(start)] = xs[start]
+    vq_kmeans(xs, ws, points, KMEANS_ITERS)
+    return np.clip(points, -65504.0, 65504.0).astype(np.float16)
+
+
+def _round(w3, a3, keep3, in_features, scale, config, points, pack: bool, keep_residual: bool):
+    """vq_round's (index, residual, row_sq, row_weighted) for the decoded `scale` (out, G)."""
+    out_features, n_vectors, d = w3.shape
+    width = -(-n_vectors // 32) * 32
+    index = np.empty((out_features, width), np.uint8) if pack else np.zeros((0, 0), np.uint8)
+    residual = np.empty(w3.shape, np.float32) if keep_residual else np.zeros((0, 0, 0), np.float32)
+    row_sq, row_weighted = np.empty(out_features), np.empty(out_features)
+    vq_round(w3, a3, keep3, in_features, scale, config.group_size, points, index, residual, row_sq, row_weighted)
+    return index, residual, row_sq, row_weighted
+
+
+def _least_squares_scales(w, a, points, index, scale, config, in_features):
+    """Per group: s = Σ a·w·p / Σ a·p² for the chosen points (the old scale where Σ a·p² = 0)."""
+    out_features, n_groups = scale.shape
+    g, d = config.group_size, config.dim
+    n_vectors = -(-in_features // d)
+    p = points[index[:, :n_vectors].astype(np.intp)].reshape(out_features, n_vectors * d)  # (out, V·d)
+    p = _padded(p[:, :in_features], n_groups * g).reshape(out_features, n_groups, g)
+    wg = w.reshape(out_features, n_groups, g)
+    ag = a.reshape(out_features, n_groups, g)
+    num = (ag * wg * p).sum(2, dtype=np.float64)
+    den = (ag * p * p).sum(2, dtype=np.float64)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), scale).astype(np.float32)
+
+
+def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importance, outliers,
+                rows: torch.Tensor | None = None, keep_residual: bool = False, floor: float = 0.0):
+    """(blobs, row_sq, row_weighted, residual (out, in) or None) of W (out, in) at a vq `config`: the
+    module doc's fit. outliers: None or an (out, in) bool mask (they weigh nothing in the fits and their
+    residuals are returned for the caller to store). rows: quantize only these rows (a sample), with the
+    whole matrix's codebook. floor: added to the importance in the fits."""
+    w_full = np.ascontiguousarray(weight.numpy(), dtype=np.float32)
+    imp_full = importance.numpy().astype(np.float32) + np.float32(floor) if importance is not None else None
+    if outliers is not None:
+        imp_full = np.where(outliers.numpy(), 0.0, imp_full if imp_full is not None else 1.0).astype(np.float32)
+    points = fit_codebook(w_full, imp_full, config)
+    decoded_points = points.astype(np.float32)
+    if rows is not None:
+        w_full = w_full[rows.numpy()]
+        imp_full = imp_full[rows.numpy()] if imp_full is not None else None
+    out_features, in_features = w_full.shape
+    _, _, n_packs, n_groups = vq_dims(w_full.shape, config)
+    g, d = config.group_size, config.dim
+    w = _padded(w_full, n_groups * g)  # (out, G·g)
+    a = _padded(imp_full, n_groups * g) if imp_full is not None else None
+    n_vectors = -(-in_features // d)
+    w3 = np.ascontiguousarray(w[:, :n_vectors * d].reshape(out_features, n_vectors, d))
+    a3 = np.ascontiguousarray(a[:, :n_vectors * d].reshape(out_features, n_vectors, d)) if a is not None else \
+        np.zeros((0, 0, 0), np.float32)
+    keep3 = np.zeros((0, 0, 0), np.bool_)  # every real position counts in the errors ...
+    if outliers is not None:  # ... but the outliers' (they also weigh 0 in a3)
+        kept = ~outliers.numpy()[rows.numpy()] if rows is not None else ~outliers.numpy()
+        keep3 = np.ascontiguousarray(np.pad(kept, ((0, 0), (0, n_vectors * d - in_features))).reshape(w3.shape))
+    scale = _initial_scales(w, in_features, g)  # (out, G)
+    ones = a if a is not None else _padded(np.ones(w_full.shape, np.float32), n_groups * g)
+    for _ in range(REFITS):
+        index = _round(w3, a3, keep3, in_features, scale, config, decoded_points, True, False)[0]
+        fitted = _least_squares_scales(w, ones, decoded_points, index, scale, config, in_features)
+        codes, meta = encode_meta(fitted, config.meta_bits)
+        scale = decode_meta(codes, meta).astype(np.float32)
+    index, residual, row_sq, row_weighted = _round(w3, a3, keep3, in_features, scale, config, decoded_points,
+                                                   pack, keep_residual or outliers is not None)
+    blobs = {}
+    if pack:
+        blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": points, "scale_codes": codes,
+                 "scale_meta": meta}
+    residual_2d = None
+    if residual.size:
+        residual_2d = torch.from_numpy(_padded(residual.reshape(out_features, -1), n_vectors * d)[:, :in_features]
+                                       .copy())
+    return blobs, row_sq, row_weighted, residual_2d
+
+
+def build_outliers(blobs: dict, shape, outliers: torch.Tensor, residual: torch.Tensor, row_sq: np.ndarray,
+                   row_weighted: np.ndarray, importance, pack: bool) -> None:
+    """Store the outliers' residuals as fp16 CSR in `blobs` (when pack) and add their leftover fp16
+    rounding to the row errors (in place), as affine and lut do."""
+    rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
+    exact = residual[rows_idx, cols_idx]
+    values = exact.to(torch.float16)
+    leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
+    np.add.at(row_sq, rows_idx.numpy(), leftover_sq.numpy())
+    if importance is not None:
+        leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
+    np.add.at(row_weighted, rows_idx.numpy(), leftover_sq.numpy())
+    if pack:
+        blobs.update(build_csr(shape, rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
