@@ -68,7 +68,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     seconds, started = {}, time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
     candidates = _candidates(options)
-    if not any(c.scheme == "affine" for c in candidates):
+    if all(c.scheme == "fp16" for c in candidates):
         raise ConversionError(f"--configs {options.configs!r} has no quantized config: nothing to predict")
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     checkpoint_hash = checkpoint.content_hash(cache_dir)  # remembered in the cache: each round reads it once

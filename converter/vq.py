@@ -25,7 +25,7 @@ from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pa
 from ..format_spec.layout import vq_dims
 from .kernels import vq_kmeans, vq_round
 
-FIT_VECTORS = 16384  # vectors the codebook is fitted on (an even spread over the matrix)
+FIT_VECTORS = 32768  # vectors the codebook is fitted on (an even spread over the matrix; 128 per point at 256)
 KMEANS_ITERS = 16
 REFITS = 2  # rounds of (indices, least-squares scales) before the final indices
 
@@ -38,31 +38,41 @@ def _padded(array: np.ndarray, width: int) -> np.ndarray:
 
 
 def _initial_scales(w: np.ndarray, in_features: int, group_size: int) -> np.ndarray:
-    """(out, G) float32: each group's RMS over its real weights (1 for an all-zero group)."""
-    n_groups = w.shape[1] // group_size
-    counts = np.minimum(group_size, in_features - np.arange(n_groups) * group_size)  # (G,)
-    rms = np.sqrt(np.square(w, dtype=np.float64).reshape(len(w), n_groups, group_size).sum(2) / counts)
+    """(out, G) float32: each group's RMS over its real weights (1 for an all-zero group); w (out, ≥ in),
+    columns past in_features ignored."""
+    n_groups = math.ceil(in_features / group_size)
+    starts = np.arange(n_groups) * group_size
+    counts = np.minimum(group_size, in_features - starts)  # (G,)
+    sums = np.add.reduceat(np.square(w[:, :in_features], dtype=np.float64), starts, axis=1)  # (out, G)
+    rms = np.sqrt(sums / counts)
     return np.where(rms > 0, rms, 1.0).astype(np.float32)
 
 
 def fit_codebook(weight: np.ndarray, importance: np.ndarray | None, config: StorageConfig) -> np.ndarray:
     """The fp16 codebook (2^(dim·bits), dim) of W (out, in) for `config`: weighted k-means of its
-    normalized vectors (module doc). Deterministic: a function of W, the importance and the config."""
+    normalized vectors (module doc), on an evenly spaced sample of them (memory: the sample and the
+    (out, G) scales, not copies of W). Deterministic: a function of W, the importance and the config."""
     out_features, in_features = weight.shape
     g, d, K = config.group_size, config.dim, 1 << config.index_bits
-    width = math.ceil(in_features / g) * g
-    w = _padded(weight, width)  # (out, G·g)
-    s0 = np.repeat(_initial_scales(w, in_features, g), g, axis=1)  # (out, G·g)
-    a = _padded(importance, width) if importance is not None else \
-        _padded(np.ones((out_features, in_features), np.float32), width)
-    x = (w / s0).reshape(-1, d)  # (n, d) normalized vectors
-    aw = (a * s0 * s0).reshape(-1, d).astype(np.float64)
+    n_groups = math.ceil(in_features / g)
+    scale = _initial_scales(weight, in_features, g)  # (out, G)
+    per_row = n_groups * g // d  # vectors per row, padding included
+    total = out_features * per_row
+    pick = np.unique(np.linspace(0, total - 1, min(2 * FIT_VECTORS, total)).round().astype(np.int64))
+    rows = pick // per_row
+    cols = (pick % per_row)[:, None] * d + np.arange(d)[None, :]  # (n, d)
+    real = cols < in_features
+    safe = np.minimum(cols, in_features - 1)
+    s = scale[rows, cols[:, 0] // g][:, None]  # (n, 1)
+    x = np.where(real, weight[rows[:, None], safe], 0.0) / s  # (n, d) normalized vectors
+    a = importance[rows[:, None], safe] if importance is not None else np.ones(cols.shape, np.float32)
+    aw = np.where(real, a, 0.0).astype(np.float64) * (s.astype(np.float64) ** 2)
     alive = np.flatnonzero(aw.sum(1) > 0)
     if alive.size == 0:
         return np.zeros((K, d), np.float16)
-    pick = alive[np.linspace(0, alive.size - 1, min(FIT_VECTORS, alive.size)).round().astype(np.int64)]
-    xs, ws = np.ascontiguousarray(x[pick]), aw[pick]
-    ws = np.ascontiguousarray(ws / ws.mean(), dtype=np.float32)
+    alive = alive[np.linspace(0, alive.size - 1, min(FIT_VECTORS, alive.size)).round().astype(np.int64)]
+    xs = np.ascontiguousarray(x[alive], dtype=np.float32)
+    ws = np.ascontiguousarray(aw[alive] / aw[alive].mean(), dtype=np.float32)
     start = np.random.default_rng(K * 7919 + d).permutation(len(xs))[:K]  # K distinct sample vectors
     points = np.zeros((K, d), np.float32)
     points[:len(start)] = xs[start]
