@@ -1,6 +1,6 @@
 """Storage configs and the cost model: which blobs a tensor stores, and how many bytes.
 
-This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§8): the writer
+This module is the single source of truth for the bytes of a tensor (SPEC.md §4–§8, §12): the writer
 emits exactly `blob_specs(shape, config)`, the reader accepts exactly that and nothing else, and
 the converter's budget uses `tensor_nbytes`, which is the sum of those blobs. It also holds the one
 config label grammar (SPEC.md §11: `StorageConfig.parse` / `.label`) that the CLI, `mxq inspect`
@@ -55,7 +55,7 @@ def default_meta_bits(bits: int) -> int:
 
 @dataclass(frozen=True, order=True)
 class StorageConfig:
-    """How one tensor is stored (SPEC.md §4–§8).
+    """How one tensor is stored (SPEC.md §4–§8, §12).
     `fp16`: plain half floats.
     `affine`: b-bit codes in groups of `group_size` along the input dimension, a double-quantized
         scale/zero per group.
@@ -110,7 +110,9 @@ class StorageConfig:
             if self.bits not in VQ_BITS or self.dim not in VQ_DIMS or self.bits * self.dim not in VQ_INDEX_BITS:
                 raise ValueError(f"vq needs bits in {VQ_BITS}, dim in {VQ_DIMS} and bits·dim in {VQ_INDEX_BITS}, "
                                  f"got bits {self.bits}, dim {self.dim}")
-            if self.group_size not in GROUP_SIZES or self.codebook_rows:
+            if self.codebook_rows:
+                raise ValueError("vq takes no codebook_rows (its codebook serves the whole tensor)")
+            if self.group_size not in GROUP_SIZES:
                 raise ValueError(f"vq group size must be one of {GROUP_SIZES}, got {self.group_size}")
             if self.meta_bits not in META_BITS:
                 raise ValueError(f"vq metadata bits must be one of {META_BITS}, got {self.meta_bits}")

@@ -1,7 +1,7 @@
 """The `rows` scheme's reference codec (SPEC.md §8): row blocks with their own configs, in a stored row order.
 
 A (out, in) matrix W is stored as k ≥ 2 blocks of whole rows; block i holds `count_i` rows and is
-stored by its own scheme (affine, lut or fp16) as a (count_i, in) matrix B_i. The stored rows are
+stored by its own scheme (affine, lut, vq or fp16) as a (count_i, in) matrix B_i. The stored rows are
 block 0's, then block 1's, ... and stored row s is row `row_order[s]` of W:
 
     W[row_order[start_i + j], :] = B_i[j, :]        (start_i = count_0 + ... + count_{i-1}, 0 ≤ j < count_i)

@@ -27,6 +27,7 @@ def summarize(f: MxqFile) -> dict:
     linears = [e for e in entries if e.role == "linear"]
     affine = [e for e in entries if e.config.scheme == "affine"]
     lut = [e for e in entries if e.config.scheme == "lut"]
+    vq = [e for e in entries if e.config.scheme == "vq"]
     rows = [e for e in entries if e.config.scheme == "rows"]
     by_label: dict[str, int] = {}  # linears by config without outliers; a rows tensor as rows×k
     by_block: dict[str, int] = {}  # the blocks of rows linears, by config without outliers
@@ -57,6 +58,7 @@ def summarize(f: MxqFile) -> dict:
             "bpw_linear": round(bits_per_weight(linears), 6),
             "bpw_affine": round(bits_per_weight(affine), 6),
             "bpw_lut": round(bits_per_weight(lut), 6),
+            "bpw_vq": round(bits_per_weight(vq), 6),
             "bpw_rows": round(bits_per_weight(rows), 6),
             "bpw_all": round(bits_per_weight(entries), 6),
             "linear_configs": dict(sorted(by_label.items())),

@@ -1,4 +1,4 @@
-"""The `vq` scheme's reference codec (SPEC.md §7a): vector quantization with a per-tensor codebook.
+"""The `vq` scheme's reference codec (SPEC.md §12): vector quantization with a per-tensor codebook.
 
 Every `dim` consecutive inputs of a row form a vector; its (dim·b)-bit index picks one of the tensor's
 2^(dim·b) codebook points (fp16, `dim` coordinates each), and a double-quantized scale per `group_size`

@@ -21,6 +21,10 @@ SMALL_TENSORS = {  # the small valid files the corruption tests damage
             ("n", (7,), StorageConfig.fp16())],
     "rows": [("a", (6, 40), StorageConfig.parse("rows(2:b3g32+o2,4:l2)")),  # affine block with outliers, lut block
              ("n", (7,), StorageConfig.fp16())],
+    "vq": [("a", (5, 70), StorageConfig.parse("v3d2g32+o4")),  # 6-bit indices and scale codes, outliers
+           ("b", (6, 40), StorageConfig.parse("v2d4g64m8")),  # 8-bit indices into 4-D points, 8-bit scale codes
+           ("r", (6, 40), StorageConfig.parse("rows(2:v2d2g32+o1,4:b3g32)")),  # a vq block (1.6)
+           ("n", (7,), StorageConfig.fp16())],
 }
 
 
@@ -32,7 +36,7 @@ def _small(kind, tmp_path, **writer_options):
 
     path = tmp_path / f"small-{kind}{'-table' if writer_options.get('blob_table') else ''}.mxq"
     tensors = SMALL_TENSORS[kind]
-    write = write_rows_file if kind == "rows" else write_random_file
+    write = write_rows_file if kind in ("rows", "vq") else write_random_file
     return path, tensors, write(path, tensors, **writer_options)
 
 
@@ -47,16 +51,21 @@ def small_rows_file(tmp_path):
 
 
 @pytest.fixture
+def small_vq_file(tmp_path):
+    return _small("vq", tmp_path)
+
+
+@pytest.fixture
 def small_table_file(tmp_path):
     return _small("affine", tmp_path, blob_table=True)
 
 
-@pytest.fixture(params=["affine", "lut", "rows", "affine-table"])
+@pytest.fixture(params=["affine", "lut", "rows", "vq", "affine-table"])
 def any_small_file(request):
-    """The small affine, lut and rows files, and the affine one with a blob table: every corruption test
+    """The small affine, lut, rows and vq files, and the affine one with a blob table: every corruption test
     runs on each."""
     return request.getfixturevalue({"affine": "small_file", "lut": "small_lut_file", "rows": "small_rows_file",
-                                    "affine-table": "small_table_file"}[request.param])
+                                    "vq": "small_vq_file", "affine-table": "small_table_file"}[request.param])
 
 
 def _outcome(path):
@@ -152,8 +161,10 @@ HOSTILE_EDITS = {  # on a file of packed tensor entries (1.5), as mxq writes the
     "far fewer rows": lambda d: _tensor(d, 1).update(shape=[1, 128]),  # the next tensor would start earlier
     "huge shape": lambda d: d["tensors"][0].update(shape=[2**40, 2**40]),
     "zero dim": lambda d: d["tensors"][0].update(shape=[0, 70]),
-    "unknown scheme": lambda d: d["tensors"][0].update(scheme="vq"),
+    "unknown scheme": lambda d: d["tensors"][0].update(scheme="gptq"),
     "affine read as lut": lambda d: d["tensors"][0].update(scheme="lut"),
+    "affine read as vq": lambda d: d["tensors"][0].update(scheme="vq"),  # no "dim"
+    "affine read as vq with a dim": lambda d: (d["tensors"][0].update(scheme="vq"), d["tensors"][0]["config"].update(dim=2)),
     "bad bits": lambda d: d["tensors"][0]["config"].update(bits=7),
     "bad meta": lambda d: d["tensors"][0]["config"].update(meta_group_size=64),
     "meta bits 7": lambda d: d["tensors"][0]["config"].update(meta_bits=7),
@@ -272,6 +283,103 @@ def test_lut_runtime_rejects_bad_outliers_and_survives_any_codebook(small_lut_fi
         weight = backend.prepare(entry, wild)
         y = backend.linear(np.ones((1, 40), np.float32), weight)
         assert y.shape == (1, 6) and np.isnan(dequantize(wild, (6, 40), entry.config)).sum() == 0
+
+
+def _vq_config(document, index=0, block=None):
+    config = document["tensors"][index]["config"]
+    return config if block is None else config["blocks"][block]["config"]
+
+
+def _vq_blob(document, name, index=0):
+    return document["tensors"][index]["blobs"][name]
+
+
+VQ_KEYS = ("bits", "dim", "group_size", "meta_bits", "meta_group_size", "outliers")
+HOSTILE_VQ_EDITS = {  # name: (edit of SMALL_TENSORS["vq"]'s JSON, the tensor the error must name; None: any)
+    **{f"vq {key} {value!r}": (lambda d, key=key, value=value: _vq_config(d, 0).update({key: value}), "a")
+       for key, values in {"bits": (1, 5, 8, 0, -3, 2**70, "3", 3.0, True, None, [3]),
+                           "dim": (0, 1, 3, 4, 8, 2.0, True, "2", {}),  # dim 4 with bits 3: 12-bit indices
+                           "group_size": (0, 16, 48, 256, 32.5, "32"),
+                           "meta_bits": (0, 4, 7, 16, "6", False),
+                           "meta_group_size": (0, 64, 127, 256, "128"),
+                           "outliers": (-4, 10**6, 4.5, "4")}.items() for value in values},
+    **{f"vq without {key}": (lambda d, key=key: _vq_config(d, 0).pop(key), "a") for key in VQ_KEYS},
+    "vq bits 4 with dim 4": (lambda d: _vq_config(d, 1).update(bits=4), "b"),
+    "vq bits 3 with dim 4": (lambda d: _vq_config(d, 1).update(bits=3), "b"),
+    "vq config a list": (lambda d: d["tensors"][0].update(config=[3, 2, 32]), "a"),
+    "vq config empty": (lambda d: d["tensors"][0].update(config={}), "a"),
+    "vq 1-D": (lambda d: d["tensors"][1].update(shape=[240]), "b"),
+    "vq 3-D": (lambda d: d["tensors"][1].update(shape=[2, 3, 40]), "b"),
+    "vq read as lut": (lambda d: d["tensors"][0].update(scheme="lut"), "a"),
+    "vq read as fp16": (lambda d: d["tensors"][0].update(scheme="fp16"), None),  # other blobs: the next tensor moves
+    "vq read as affine": (lambda d: d["tensors"][0].update(scheme="affine"), None),
+    "vq bits changed": (lambda d: _vq_config(d, 0).update(bits=2), None),  # 4-bit indices: smaller blobs
+    "vq dim changed": (lambda d: _vq_config(d, 1).update(dim=2), None),  # 4-bit indices into 2-D points
+    "vq outliers dropped": (lambda d: _vq_config(d, 0).update(outliers=0), None),
+    "rows: vq block dim 3": (lambda d: _vq_config(d, 2, 0).update(dim=3), "r"),
+    "rows: vq block meta bits 7": (lambda d: _vq_config(d, 2, 0).update(meta_bits=7), "r"),
+    "rows: vq block without group_size": (lambda d: _vq_config(d, 2, 0).pop("group_size"), "r"),
+    "rows: affine block read as vq": (lambda d: d["tensors"][2]["config"]["blocks"][1].update(scheme="vq"), "r"),
+    "rows: vq block bits changed": (lambda d: _vq_config(d, 2, 0).update(bits=3), None),
+    "table: vq codebook too few points": (lambda d: _vq_blob(d, "codebook").update(shape=[16, 2], nbytes=64), "a"),
+    "table: vq codebook transposed": (lambda d: _vq_blob(d, "codebook").update(shape=[2, 64]), "a"),
+    "table: vq codebook 1-D": (lambda d: _vq_blob(d, "codebook").update(shape=[128]), "a"),
+    "table: vq codebook as float32": (lambda d: _vq_blob(d, "codebook").update(dtype="float32", nbytes=512), "a"),
+    "table: vq codebook missing": (lambda d: d["tensors"][0]["blobs"].pop("codebook"), "a"),
+    "table: vq zero codes added": (lambda d: d["tensors"][0]["blobs"].update(zero_codes=_vq_blob(d, "scale_codes")), "a"),
+    "table: vq 6-bit scale codes as uint8": (lambda d: _vq_blob(d, "scale_codes").update(dtype="uint8", shape=[5, 3],
+                                                                                          nbytes=15), "a"),
+    "table: vq 8-bit scale codes packed": (lambda d: _vq_blob(d, "scale_codes", 1).update(dtype="uint32", shape=[6],
+                                                                                          nbytes=24), "b"),
+    "table: vq qweight a pack short": (lambda d: _vq_blob(d, "qweight").update(shape=[5, 6], nbytes=120), "a"),
+    "table: vq scale_meta two runs": (lambda d: _vq_blob(d, "scale_meta").update(shape=[2, 2], nbytes=8), "a"),
+    "table: vq dim changed": (lambda d: _vq_config(d, 1).update(dim=2), "b"),
+    "table: vq group size changed": (lambda d: _vq_config(d, 1).update(group_size=32), "b"),  # 2 scales a row, not 1
+    "table: vq block codebook short": (lambda d: _vq_blob(d, "0.codebook", 2).update(shape=[8, 2], nbytes=32), "r"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_VQ_EDITS))
+def test_hostile_vq_metadata_is_rejected(small_vq_file, tmp_path, name):
+    """Every hostile edit of a vq tensor's config, shape, scheme or blobs is one MxqFormatError naming the file
+    and the tensor (and the block), never another exception."""
+    path, _, _ = _small("vq", tmp_path, blob_table=True) if name.startswith("table: ") else small_vq_file
+    edit, tensor = HOSTILE_VQ_EDITS[name]
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), edit))
+    with pytest.raises(MxqFormatError) as caught:
+        MxqFile.open(target)
+    message = str(caught.value)
+    assert "\n" not in message and str(target) in message
+    assert f"tensor '{tensor}'" in message if tensor else "tensor '" in message, message
+    if name.startswith("rows: ") and tensor:
+        assert "block" in message, message
+
+
+HIDDEN_VQ_EDITS = {  # edits of packed vq entries that move no tensor: the file opens
+    "meta bits 6 read as 8": lambda d: _vq_config(d, 0).update(meta_bits=8),  # 24 → 15 bytes
+    "meta bits 8 read as 6": lambda d: _vq_config(d, 1).update(meta_bits=6),  # 6 → 24 bytes
+    "group size 32 read as 64": lambda d: _vq_config(d, 0).update(group_size=64),  # 15 or 10 codes: one pack either way
+}
+
+
+@pytest.mark.parametrize("name", list(HIDDEN_VQ_EDITS))
+def test_a_vq_edit_the_layout_hides_opens_and_decodes(small_vq_file, tmp_path, name):
+    """A config edit that moves no blob: the file opens, verify reports the bytes that changed meaning where
+    the crc32 can see it (a group-size edit that keeps every blob's size changes only how the same bytes
+    decode, as a hostile writer could), and every tensor still decodes to numbers without an exception."""
+    from mxq.format_spec import dequantize
+    from mxq.format_spec.rows import content_problem
+
+    path, _, _ = small_vq_file
+    target = tmp_path / "hidden.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), HIDDEN_VQ_EDITS[name]))
+    with MxqFile.open(target) as f:
+        assert bool(f.verify()) == name.startswith("meta bits")
+        for entry in f.tensors.values():
+            blobs = f.blobs(entry.name)
+            if content_problem(blobs, entry.shape, entry.config) is None:
+                assert dequantize(blobs, entry.shape, entry.config).shape == entry.shape
 
 
 @pytest.mark.parametrize("patch", [

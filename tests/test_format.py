@@ -227,7 +227,8 @@ def test_lut_round_trip_matches_spec_formula(tmp_path_factory, out, inp, bits, r
     np.testing.assert_array_equal(weight, expected)
 
 
-LABELS = ["fp16", "b4g32", "b3g64+o1234", "b2g128+o0.5%", "l4", "l3c8", "l2c32+o7", "l5c4+o0.25%", "l8"]
+LABELS = ["fp16", "b4g32", "b3g64+o1234", "b2g128+o0.5%", "l4", "l3c8", "l2c32+o7", "l5c4+o0.25%", "l8",
+          "v2d4g32", "v3d2g64+o12", "v4d2g128m8+o0.5%", "rows(3:v2d2g32,5:b4g64)"]
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -238,7 +239,8 @@ def test_one_label_grammar_round_trips(label):
 
 
 def test_label_grammar_rejects_and_resolves():
-    for bad in ("b4", "b7g32", "b4g48", "l4c3", "l9", "l4g32", "b4g32+o", "b4g32+o-1", "B4G32", "l4+o1.5", " l4"):
+    for bad in ("b4", "b7g32", "b4g48", "l4c3", "l9", "l4g32", "b4g32+o", "b4g32+o-1", "B4G32", "l4+o1.5", " l4",
+                "v3d4g32", "v2d3g32", "v2d4g48", "v2d4g32m7", "v2d4", "v2g32", "v2d4g32c2"):
         with pytest.raises(ValueError):
             StorageConfig.parse(bad)
     spec = StorageConfig.parse("l3c4+o1%")

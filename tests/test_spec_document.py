@@ -1,14 +1,18 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
 and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine, 8- and 6-bit metadata),
-§7 (lut) and §8 (rows) say it holds; three tensors list their blobs (§4.2), two are packed (§4.1, 1.5)."""
+§7 (lut), §8 (rows) and §12 (vq, 1.6) say it holds; four tensors list their blobs (§4.2), three are packed
+(§4.1, 1.5). Also holds SPEC's text to the code where both state the same facts (schemes, grammar, versions)."""
+import itertools
 import json
 import lzma
 import math
+import re
 import struct
 import zlib
 
 import numpy as np
 
+from conftest import REPO
 from mxq.format_spec import MxqFile, dequantize
 
 
@@ -75,8 +79,42 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         "zero_meta": ("float16", [1, 2], struct.pack("<2e", 0.0625, -0.5)),
     }
 
+    # a vq tensor (SPEC §5, §12): 3 rows of 70 inputs, bits 3, dim 2, so 6-bit indices (some cross words, §5.1);
+    # V = 35 vectors per row (the last one's second coordinate, column 70, is padding), P = 2 packs of 32; g = 32
+    # (G = 3, the last group padded); 6-bit scale codes (out·G = 9 codes, one packed §5.1 pack), signed scales;
+    # one outlier at (1, 69). Listed with a blob table.
+    vq_out, vq_in, vq_bits, vq_dim, vq_g = 3, 70, 3, 2, 32
+    vq_k, vq_V, vq_G = vq_bits * vq_dim, math.ceil(vq_in / vq_dim), math.ceil(vq_in / vq_g)
+    vq_P = math.ceil(vq_V / 32)
+    vq_index = [[(r * 29 + j * 11 + 5) % 64 for j in range(vq_V)] + [0] * (vq_P * 32 - vq_V) for r in range(vq_out)]
+    vq_points = [[(i - 32) * 0.0625, (i % 7) * 0.25 - 0.75] for i in range(1 << vq_k)]
+    vq_scale_codes = [0, 63, 31, 7, 50, 12, 1, 40, 22]
+    vq_scale_meta = (0.0078125, -0.25)  # step, min: scales from -0.25 to 0.242
+    vq_blobs = {
+        "qweight": ("uint32", [vq_out, vq_P * vq_k], b"".join(_bitstring_pack(row, vq_k) for row in vq_index)),
+        "codebook": ("float16", [1 << vq_k, vq_dim], struct.pack(f"<{2 << vq_k}e", *[v for p in vq_points for v in p])),
+        "scale_codes": ("uint32", [6], _bitstring_pack(vq_scale_codes + [0] * 23, 6)),
+        "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vq_scale_meta)),
+        "outlier_row_ptr": ("uint32", [vq_out + 1], struct.pack("<4I", 0, 0, 1, 1)),
+        "outlier_cols": ("uint16", [1], struct.pack("<H", 69)), "outlier_values": ("float16", [1], struct.pack("<e", -2.0)),
+    }
+    # a packed vq tensor: 2 rows of 70 inputs, bits 2, dim 4 (8-bit indices into 256 points of 4 coordinates),
+    # V = 18 (columns 70, 71 padding), P = 1; g = 64 (G = 2); 8-bit scale codes, uint8 (out, G); no outliers
+    vq8_out, vq8_dim, vq8_g = 2, 4, 64
+    vq8_V, vq8_G = math.ceil(vq_in / vq8_dim), math.ceil(vq_in / vq8_g)
+    vq8_index = [[(r * 97 + j * 37 + 3) % 256 for j in range(vq8_V)] + [0] * (32 - vq8_V) for r in range(vq8_out)]
+    vq8_points = [[(i % 16) * 0.125 - 1.0, (i // 16) * 0.0625, -0.5 * (i % 3), 0.25 * (i % 5) - 0.5] for i in range(256)]
+    vq8_scale_codes = [200, 3, 255, 128]
+    vq8_scale_meta = (0.001, -0.12)
+    vq8_blobs = {
+        "qweight": ("uint32", [vq8_out, 8], b"".join(_bitstring_pack(row, 8) for row in vq8_index)),
+        "codebook": ("float16", [256, vq8_dim], struct.pack("<1024e", *[v for p in vq8_points for v in p])),
+        "scale_codes": ("uint8", [vq8_out, vq8_G], bytes(vq8_scale_codes)),
+        "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vq8_scale_meta)),
+    }
+
     alignment = 64
-    data_offset = 4096  # generous, a multiple of alignment
+    data_offset = 8192  # generous, a multiple of alignment
     cursor, payload, document_blobs = data_offset, [], {}
 
     def place(data, dtype, shape):
@@ -93,11 +131,15 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         document_blobs[name] = place(data, dtype, shape)
     lut_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in lut_blobs.items()}
     rows_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in rows_blobs.items()}
+    vq_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in vq_blobs.items()}
     m6_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in m6_blobs.items()}
+    vq8_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in vq8_blobs.items()}
     norm_blob = place(norm, "float16", [4])
-    # §4.1's packed form for the last two tensors: the first blob's offset, one CRC-32 over the blobs' bytes
+    # §4.1's packed form for x, p and norm: the first blob's offset, one CRC-32 over the blobs' bytes
     m6_packed = {"offset": m6_document_blobs["qweight"]["offset"],
                  "crc32": format(zlib.crc32(b"".join(data for _, _, data in m6_blobs.values())), "08x")}
+    vq8_packed = {"offset": vq8_document_blobs["qweight"]["offset"],
+                  "crc32": format(zlib.crc32(b"".join(data for _, _, data in vq8_blobs.values())), "08x")}
     norm_packed = {"offset": norm_blob["offset"], "crc32": norm_blob["crc32"]}
     document = {
         "format": "mxq", "alignment": alignment,
@@ -116,15 +158,21 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
              "config": {"blocks": [{"rows": 1, "scheme": "fp16", "config": {}},
                                    {"rows": 2, "scheme": "lut", "config": {"bits": 2, "codebook_rows": 1, "outliers": 0}}]},
              "blobs": rows_document_blobs},
+            {"name": "q", "shape": [vq_out, vq_in], "role": "linear", "scheme": "vq",
+             "config": {"bits": vq_bits, "dim": vq_dim, "group_size": vq_g, "meta_bits": 6, "meta_group_size": 128,
+                        "outliers": 1}, "blobs": vq_document_blobs},
             {"name": "x", "shape": [m6_out, inp], "role": "linear", "scheme": "affine",
              "config": {"bits": m6_bits, "group_size": g, "meta_bits": 6, "meta_group_size": 128, "outliers": 0},
              **m6_packed},
+            {"name": "p", "shape": [vq8_out, vq_in], "role": "linear", "scheme": "vq",
+             "config": {"bits": 2, "dim": vq8_dim, "group_size": vq8_g, "meta_bits": 8, "meta_group_size": 128,
+                        "outliers": 0}, **vq8_packed},
             {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, **norm_packed},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 5, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 6, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -144,6 +192,12 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         assert m6_entry.config.meta_bits == 6 and m6_entry.config.label == "b2g32"
         m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
         assert [ref.offset for ref in m6_entry.blobs.values()] == [b["offset"] for b in m6_document_blobs.values()]
+        assert f.version == (1, 6)
+        vq_entry, vq8_entry = f.tensors["q"], f.tensors["p"]
+        assert (vq_entry.config.label, vq8_entry.config.label) == ("v3d2g32+o1", "v2d4g64m8")
+        vq_weight = dequantize(f.blobs("q"), vq_entry.shape, vq_entry.config)
+        vq8_weight = dequantize(f.blobs("p"), vq8_entry.shape, vq8_entry.config)
+        assert [ref.offset for ref in vq8_entry.blobs.values()] == [b["offset"] for b in vq8_document_blobs.values()]
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     expected = _affine_by_hand(codes, scale_codes, (0.001, 0.01), zero_codes, (0.015625, 1.0), inp, g, G)
@@ -162,6 +216,26 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     # SPEC §6.2 with m = 6: flat code i = r·G + k is code i of the packed stream
     m6_expected = _affine_by_hand(m6_codes, m6_scale_codes, (0.0005, 0.002), m6_zero_codes, (0.0625, -0.5), inp, g, G)
     np.testing.assert_array_equal(m6_weight, m6_expected)
+    # SPEC §12.2: W[r, c] = s[r, c div g] · codebook[index[r, c div d], c mod d], s by §6.2; outlier added (§6.1)
+    vq_expected = _vq_by_hand(vq_index, vq_points, vq_scale_codes, vq_scale_meta, vq_in, vq_dim, vq_g)
+    vq_expected[1, 69] += np.float32(-2.0)
+    np.testing.assert_array_equal(vq_weight, vq_expected)
+    assert np.any(vq_expected < 0) and np.any(vq_expected > 0)
+    np.testing.assert_array_equal(vq8_weight, _vq_by_hand(vq8_index, vq8_points, vq8_scale_codes, vq8_scale_meta,
+                                                          vq_in, vq8_dim, vq8_g))
+
+
+def _vq_by_hand(index, points, scale_codes, scale_meta, inp, dim, g) -> np.ndarray:
+    """SPEC §12.2 for one run of metadata, element by element: the fp16 coordinate widened to fp32 times the
+    fp32 scale u·step + min (fp16 step and min), the scale code of (r, k) at flat index r·G + k."""
+    step, low = (np.float32(np.float16(v)) for v in scale_meta)
+    G = math.ceil(inp / g)
+    expected = np.zeros((len(index), inp), np.float32)
+    for r in range(len(index)):
+        for c in range(inp):
+            s = np.float32(scale_codes[r * G + c // g]) * step + low
+            expected[r, c] = s * np.float32(np.float16(points[index[r][c // dim]][c % dim]))
+    return expected
 
 
 def _affine_by_hand(codes, scale_codes, scale_meta, zero_codes, zero_meta, inp, g, G) -> np.ndarray:
@@ -176,3 +250,37 @@ def _affine_by_hand(codes, scale_codes, scale_meta, zero_codes, zero_meta, inp, 
             z = np.float32(zero_codes[r * G + k]) * step_z + min_z
             expected[r, c] = (np.float32(codes[r][c]) - z) * s
     return expected
+
+
+def test_spec_text_agrees_with_the_code():
+    """Where SPEC.md and format_spec state the same facts, they agree: the version in the title, the schemes
+    of §4.1, the block schemes of §8 and §9, the minors of §10, every label example of §11, and §12's
+    config keys and allowed values."""
+    from mxq.format_spec import BLOCK_SCHEMES, GROUP_SIZES, META_BITS, MINOR_VERSION, SCHEMES, StorageConfig
+    from mxq.format_spec.header import SCHEME_MINOR
+    from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS
+
+    text = (REPO / "format_spec" / "SPEC.md").read_text(encoding="utf-8")
+    flat = " ".join(text.split())  # sentences broken across lines read as one
+    ticked = lambda fragment: set(re.findall(r"`([^`]+)`", fragment))  # noqa: E731
+    assert text.splitlines()[0] == f"# The `.mxq` file format, version 1.{MINOR_VERSION}"
+    scheme_row = next(line for line in text.splitlines() if line.startswith("| `scheme` |"))
+    assert ticked(scheme_row.split("|")[3]) == set(SCHEMES)
+    config_row = next(line for line in text.splitlines() if line.startswith("| `config` |"))
+    assert ticked(config_row.split("|")[3]) - {"{}"} == set(SCHEMES)
+    assert ticked(re.search(r"`s_i` one of (.*?) \(a block", flat)[1]) == set(BLOCK_SCHEMES)
+    assert ticked(re.search(r"a block whose scheme is not (.*?) or whose config", flat)[1]) == set(BLOCK_SCHEMES)
+    for scheme, minor in SCHEME_MINOR.items():
+        if minor > 1 or scheme == "lut":
+            assert re.search(rf"1\.{minor}(?: added)? the `{scheme}` scheme", flat), (scheme, minor)
+    assert f"{SCHEME_MINOR['vq']} when a tensor or a `rows` block uses `vq`" in flat
+    examples = ticked(re.search(r"## 11\. .*? Examples: (.*?)\. ##", flat)[1])
+    assert {"v2d4g32", "rows(144:v2d4g64,432:b4g64)"} <= examples
+    for label in examples:
+        assert StorageConfig.parse(label).label == label, label
+    vq = flat[flat.index("## 12. The `vq` scheme"):]
+    keys = re.search(r"config`: \{(.*?)\}", vq)[1]
+    assert re.findall(r'"(\w+)"', keys) == list(StorageConfig.vq(2, 4, 32).to_json())
+    pairs = {tuple(map(int, pair)) for pair in re.findall(r"\((\d), (\d)\)", re.search(r"`\(b, d\)` ∈ \{(.*?)\} ", vq)[1])}
+    assert pairs == {(b, d) for b, d in itertools.product(VQ_BITS, VQ_DIMS) if b * d in VQ_INDEX_BITS}
+    assert f"g ∈ {{{', '.join(map(str, GROUP_SIZES))}}}, m ∈ {{{', '.join(map(str, sorted(META_BITS)))}}}" in vq

@@ -38,8 +38,8 @@ from collections import Counter
 from pathlib import Path
 
 HOSTILE_VALUES = [None, True, False, 0, -1, 1, 3, 2**31, 2**53 + 1, 2**63, 2**64, 10**400, -10**400, 0.5, -0.0,
-                  1e308, 5e-324, "", "x", "llama", "linear", "fp16", "affine", "\u0000", "\ud7ff" * 3, [], {}, [0],
-                  [1, 2], {"a": 1}, [[[[]]]], "a" * 100_000, list(range(2000))]
+                  1e308, 5e-324, "", "x", "llama", "linear", "fp16", "affine", "vq", "\u0000", "\ud7ff" * 3, [], {},
+                  [0], [1, 2], {"a": 1}, [[[[]]]], "a" * 100_000, list(range(2000))]
 TEMPLATES = ["{{ 'a' * 1000000000 }}", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
              "{% endfor %}", "{{ messages.__class__ }}", "{% for %}", "{{ raise_exception('no') }}",
              "{{ (range(100000)|list)|join('x' * 4000000) }}", "{{ 1/0 }}", "{{ 'x'|center(10**10) }}",
