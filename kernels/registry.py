@@ -19,8 +19,12 @@ from dataclasses import dataclass
 # repository root is on sys.path; a relative import beyond it would fail there
 from mxq.format_spec import GROUP_SIZES
 from mxq.format_spec import SUPPORTED_BITS as BITS
+from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 LUT_BITS = BITS  # gemv_lut.cu: one gemv_lut_b* and one dequant_lut_b*_f32 per bit width
+# gemv_vq.cu: one gemv_vq_b*_d* and one dequant_vq_b*_d*_f32 per (bits, dim) — (2,2) (3,2) (4,2) (2,4);
+# the group size (32, 64, 128) is a runtime argument
+VQ_CONFIGS = tuple((b, d) for d in VQ_DIMS for b in VQ_BITS if b * d in VQ_INDEX_BITS)
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
 GEMV_MAX_WARPS = 8  # __launch_bounds__(256)
@@ -100,12 +104,33 @@ DEQUANT_LUT_ARGS = _LUT_BLOBS + (
 )
 
 
+_VQ_BLOBS = (
+    ("qweight", "const u32*"),  # (out, n_packs·b·d), n_packs = ceil(ceil(in/d)/32)
+    ("codebook", "const f16*"),  # (2^(b·d), d)
+    ("scale_codes", "const u8*"),  # (out, n_groups), n_groups = ceil(in/group_size)
+    ("scale_meta", "const f16*"),  # (ceil(out·n_groups/128), 2)
+    ("row_ptr", "const u32*"),  # (out+1,) or None
+    ("cols", "const u16*"),  # (nnz,) or None
+    ("vals", "const f16*"),  # (nnz,) or None
+)
+GEMV_VQ_ARGS = _VQ_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + (("group_size", "i32"),)
+DEQUANT_VQ_ARGS = _VQ_BLOBS + DEQUANT_LUT_ARGS[len(_LUT_BLOBS):-1] + (("group_size", "i32"),)
+
+
 def gemv_lut_name(bits: int) -> str:
     return f"gemv_lut_b{bits}"
 
 
 def dequant_lut_name(bits: int) -> str:
     return f"dequant_lut_b{bits}_f32"
+
+
+def gemv_vq_name(bits: int, dim: int) -> str:
+    return f"gemv_vq_b{bits}_d{dim}"
+
+
+def dequant_vq_name(bits: int, dim: int) -> str:
+    return f"dequant_vq_b{bits}_d{dim}_f32"
 
 
 def gemv_name(bits: int, group_size: int) -> str:
@@ -127,6 +152,9 @@ def _build() -> dict:
     for b in LUT_BITS:
         kernels.append(Kernel(gemv_lut_name(b), "gemv_lut.cu", GEMV_LUT_ARGS))
         kernels.append(Kernel(dequant_lut_name(b), "gemv_lut.cu", DEQUANT_LUT_ARGS))
+    for b, d in VQ_CONFIGS:
+        kernels.append(Kernel(gemv_vq_name(b, d), "gemv_vq.cu", GEMV_VQ_ARGS))
+        kernels.append(Kernel(dequant_vq_name(b, d), "gemv_vq.cu", DEQUANT_VQ_ARGS))
     kernels.append(Kernel(GEMV_F16, "gemv_f16.cu", GEMV_F16_ARGS))
     kernels += [
         Kernel("rmsnorm_f32", "ops.cu",
@@ -182,9 +210,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tuple]:
-    """(grid, block) for gemv_affine_*, gemv_lut_* and gemv_f16: `warps` warps per block, 4 rows per warp. Default: 8 warps
-    (32 rows per block: the activation tile staged per block is amortized over 32 rows), 4 for
-    small matrices (< 1024 rows) so that they still spread over the GPU's SMs."""
+    """(grid, block) for gemv_affine_*, gemv_lut_*, gemv_vq_* and gemv_f16: `warps` warps per block, 4 rows
+    per warp. Default: 8 warps (32 rows per block: the activation tile staged per block is amortized over
+    32 rows), 4 for small matrices (< 1024 rows) so that they still spread over the GPU's SMs."""
     if warps is None:
         warps = GEMV_MAX_WARPS if out_features >= 1024 else 4
     if not 1 <= warps <= GEMV_MAX_WARPS:
@@ -193,7 +221,7 @@ def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tup
 
 
 def dequant_launch(n_rows: int, threads: int = 128) -> tuple[tuple, tuple]:
-    """(grid, block) for dequant_affine_* and dequant_lut_*: one block per output row, 32..128 threads."""
+    """(grid, block) for dequant_affine_*, dequant_lut_* and dequant_vq_*: one block per output row, 32..128 threads."""
     if threads % 32 or not 32 <= threads <= DEQUANT_MAX_THREADS:
         raise ValueError(f"dequant threads per block must be a multiple of 32 in 32..{DEQUANT_MAX_THREADS}")
     return (n_rows, 1, 1), (threads, 1, 1)

@@ -7,7 +7,7 @@ guard=True (every argument between poisoned margins: a launch that writes past a
 const one fails). A `gpu`-marked test runs the real CuPy path where a GPU exists.
 
 Tolerances (and why):
-  * linear, affine and fp16, every path (gemv_affine_* / gemv_f16 at T = 1, dequantize or fp16 → fp32
+  * linear, affine, lut, vq and fp16, every path (gemv_affine_* / gemv_f16 at T = 1, dequantize or fp16 → fp32
     conversion + GEMM at T > 1, prefill chunks, cache_dequantized): |y − y_numpy| ≤ 4e-6 · (|x|·|W|ᵀ) per element. Both backends compute the same
     products of the same dequantized weights in fp32 but sum in different orders (per-pack partial sums
     and a shuffle tree in the GEMV; the numpy backend's per-group BLAS products; different BLAS
@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_affine_blobs, random_lut_blobs
+from conftest import random_affine_blobs, random_lut_blobs, random_vq_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.kernels.emulator import EmulatedModule
-from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS
+from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS, VQ_CONFIGS
 from mxq.runtime import ModelError
 from mxq.runtime.backends.base import LayerCache
-from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle, LutHandle
+from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle, LutHandle, VqHandle
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 from mxq.runtime.config import ModelConfig
 from mxq.runtime.model import Model
@@ -184,6 +184,84 @@ def test_lut_model_matches_numpy_backend(tmp_path):
         assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
     assert any(c.startswith("gemv_lut_b") for c in backend.module.calls)
     assert any(c.startswith("dequant_lut_b") for c in backend.module.calls)
+
+
+@pytest.mark.parametrize("group_size,outliers,meta_bits", [(32, 0, 6), (128, 19, 8)], ids=["g32", "g128m8-outliers"])
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=[f"b{b}d{d}" for b, d in VQ_CONFIGS])
+def test_vq_linear_and_embedding_match_numpy_backend(cuda, ref, bits, dim, group_size, outliers, meta_bits):
+    """Every vq (bits, dim): T = 1 is one fused gemv_vq launch (bias fused), T = 5 one dequant_vq and a
+    GEMM; the embedding gather dequantizes the picked rows (bit-exact)."""
+    shape = (37, 71)  # a partial last vector for dim 4, a partial last group
+    rng = np.random.default_rng(bits * 100 + dim * 10 + group_size + outliers)
+    config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)
+    blobs = random_vq_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
+    assert isinstance(w, VqHandle) and w.tail == (np.int32(group_size),)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        mag = magnitude(x, blobs, shape, config)
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b))
+            want = ref.linear(x, w_ref, b).astype(np.float64)
+            check_close(y, want, mag, 0.0 if b is None else 2.0 ** -22 * np.abs(want))
+            assert cuda.module.calls == [f"gemv_vq_b{bits}_d{dim}" if T == 1 else f"dequant_vq_b{bits}_d{dim}_f32"]
+    ids = np.array([3, 0, 36, 3])
+    cuda.module.calls.clear()
+    assert np.array_equal(cuda.embedding(w, ids), dequantize(blobs, shape, config)[ids])
+    assert cuda.module.calls == [f"dequant_vq_b{bits}_d{dim}_f32"]
+
+
+def test_vq_prefill_in_row_chunks_and_cache_dequantized(ref):
+    """A vq matrix dequantized in row chunks for prefill (one dequant_vq per chunk, with row ids), and
+    with cache_dequantized once at prepare (prefill is then a plain GEMM, decode still the GEMV)."""
+    shape, config = (70, 200), StorageConfig.vq(2, 4, 64, 11)
+    rng = np.random.default_rng(8)
+    blobs = random_vq_blobs(rng, shape, config)
+    w_ref = ref.prepare(Entry("w", shape, config), blobs)
+    x = rng.standard_normal((3, shape[1])).astype(f32)
+    want, mag = ref.linear(x, w_ref).astype(np.float64), magnitude(x, blobs, shape, config)
+    chunked = emulated(prefill_chunk_bytes=4 * shape[1] * 16)  # 16 rows per chunk: 5 chunks
+    w = chunked.prepare(Entry("w", shape, config), blobs)
+    check_close(chunked.linear(x, w), want, mag)
+    assert chunked.module.calls == ["dequant_vq_b2_d4_f32"] * 5
+    cached = emulated(cache_dequantized=True)
+    w = cached.prepare(Entry("w", shape, config), blobs)
+    assert np.array_equal(w.dense, dequantize(blobs, shape, config))
+    for T, launched in ((3, []), (1, ["gemv_vq_b2_d4"])):
+        cached.module.calls.clear()
+        check_close(cached.linear(x[:T], w), want[:T], mag[:T])
+        assert cached.module.calls == launched
+
+
+def test_vq_model_matches_numpy_backend(tmp_path):
+    """A converted tiny model whose linears are vq and affine: emulated CUDA (prefill: dequant_vq + GEMM,
+    decode: gemv_vq) gives the numpy backend's greedy tokens and logits."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    path = tmp_path / "vq.mxq"
+    convert(fixtures.ensure("tiny-llama"), path, bpw=4.0, configs="b3g64,v2d4g64,v2d2g32,v3d2g128+o1%",
+            quantizer="rtn", objective="frobenius", cache_dir=None)
+    with MxqFile.open(path) as f:
+        config = ModelConfig.from_json(f.model)
+        prompt = np.random.default_rng(2).integers(0, config.vocab_size, 6).tolist()
+        reference = Model.from_file(f, config, NumpyBackend(threads=1, kernels=False))
+        backend = emulated(guard=False)
+        model = Model.from_file(f, config, backend)
+        linears = [w for layer in model.layers for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
+                                                          layer.down)]
+        assert any(isinstance(w, VqHandle) for w in linears), [type(w).__name__ for w in linears]
+        want_tokens, want_logits = greedy(reference, prompt, 4)
+        backend.module.calls.clear()
+        tokens, logits = greedy(model, prompt, 4)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    assert any(c.startswith("gemv_vq_b") for c in backend.module.calls)
+    assert any(c.startswith("dequant_vq_b") for c in backend.module.calls)
 
 
 ODD_SHAPES = [
@@ -922,6 +1000,35 @@ def test_rows_linear_and_embedding_match_numpy_backend(ref, cache_dequantized):
         else:
             assert backend.module.calls == (["gemv_affine_b3_g32", "gemv_lut_b4", "gemv_f16"] if T == 1 else
                                             ["dequant_affine_b3_g32_f32", "dequant_lut_b4_f32"])
+    for ids in ([44], [3, 0, 44, 3, 30, 12]):
+        assert np.array_equal(backend.embedding(w, np.array(ids)), weight[ids])
+
+
+def test_rows_with_vq_blocks_match_numpy_backend(ref):
+    """A rows matrix with vq blocks (outliers, 8-bit scale codes) beside a lut one: each vq block through
+    gemv_vq / dequant_vq, the embedding gather per block; the numpy backend's numbers."""
+    from test_rows_scheme import random_rows_blobs, reference_weight
+
+    from mxq.runtime.backends.row_blocks import RowBlocks
+
+    backend = emulated()
+    shape, config = (45, 71), StorageConfig.parse("rows(20:v2d4g32+o9,16:v3d2g64m8,9:l3)")
+    rng = np.random.default_rng(22)
+    blobs = random_rows_blobs(rng, shape, config)
+    entry = Entry("w", shape, config)
+    w, w_ref = backend.prepare(entry, blobs), ref.prepare(entry, blobs)
+    assert isinstance(w, RowBlocks) and [type(b) for b in w.blocks] == [VqHandle, VqHandle, LutHandle]
+    weight = reference_weight(blobs, shape, config)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        backend.module.calls.clear()
+        y = backend.linear(x, w, backend.upload(bias))
+        want = ref.linear(x, w_ref, bias).astype(np.float64)
+        mag = np.abs(x.astype(np.float64)) @ np.abs(weight.astype(np.float64)).T
+        check_close(y, want, mag, 2.0 ** -22 * np.abs(want))
+        assert backend.module.calls == (["gemv_vq_b2_d4", "gemv_vq_b3_d2", "gemv_lut_b3"] if T == 1 else
+                                        ["dequant_vq_b2_d4_f32", "dequant_vq_b3_d2_f32", "dequant_lut_b3_f32"])
     for ids in ([44], [3, 0, 44, 3, 30, 12]):
         assert np.array_equal(backend.embedding(w, np.array(ids)), weight[ids])
 

@@ -20,14 +20,16 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               256-byte aligned; anything else is copied into an aligned buffer.
   linear      affine, T == 1: fused dequant + GEMV (gemv_affine_b*_g*), outliers fused, bias (and an
               optional residual) fused through the kernel's `residual` argument; lut likewise with
-              gemv_lut_b* (codebooks widened into shared memory, one lookup per weight).
-              affine / lut, T > 1: dequantize the matrix on the device (dequant_{affine,lut}_*_f32, in row chunks of
-              at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
+              gemv_lut_b* (codebooks widened into shared memory, one lookup per weight), vq with
+              gemv_vq_b*_d* (the tensor's codebook in shared memory, one lookup per dim-vector, the
+              double-quantized scales decoded like affine's; group size a kernel argument).
+              affine / lut / vq, T > 1: dequantize the matrix on the device (dequant_{affine,lut,vq}_*_f32, in
+              row chunks of at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
               residual fused as above) — no fp32 copy of the matrix exists for decode.
               fp16, T > 1: converted to float32 on the device in row chunks of at most
               `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
-  embedding   fp16 table: embedding_f16; affine / lut table: dequant_*_f32 with row_ids = the ids.
+  embedding   fp16 table: embedding_f16; affine / lut / vq table: dequant_*_f32 with row_ids = the ids.
   rows        a `rows` matrix (SPEC.md §8) is a RowBlocks (row_blocks.py) of the handles above, one per
               block: linear and embedding run per block as above, the outputs scattered to the logical
               rows by a device index (bias and residual added after, not fused).
@@ -41,10 +43,10 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               numpy backend's float32 cache exactly.
   token_nll   on the host (logits are copied once).
 
-`cache_dequantized=True` (the runtime's memory option) additionally keeps every affine and fp16 matrix
+`cache_dequantized=True` (the runtime's memory option) additionally keeps every quantized and fp16 matrix
 as float32 on the device (a tied embedding once it is first used as the lm_head, as in the numpy
 backend), so prefill skips the conversion (4 bytes per weight more GPU memory); decode still uses the
-GEMVs, which read b/8 (affine) or 2 (fp16) bytes per weight instead of 4.
+GEMVs, which read about b/8 (affine, lut, vq) or 2 (fp16) bytes per weight instead of 4.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ import math
 
 import numpy as np
 
-from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, attention_launch, dequant_launch, dequant_lut_name,
-                                 dequant_name, elementwise_launch, gemv_launch, gemv_lut_name, gemv_name, rope_items,
-                                 rowwise_launch)
+from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, VQ_CONFIGS, attention_launch, dequant_launch,
+                                 dequant_lut_name, dequant_name, dequant_vq_name, elementwise_launch, gemv_launch,
+                                 gemv_lut_name, gemv_name, gemv_vq_name, rope_items, rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
 from .row_blocks import RowBlocks
@@ -191,6 +193,15 @@ class LutHandle(QuantizedHandle):
         self.codebook_rows = codebook_rows
 
 
+class VqHandle(QuantizedHandle):
+    """blobs: (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals); the kernels take group_size last."""
+
+    def __init__(self, name, shape, bits, dim, group_size, blobs: tuple, outliers: bool):
+        super().__init__(name, shape, bits, blobs, outliers, gemv_vq_name(bits, dim), dequant_vq_name(bits, dim),
+                         (i32(group_size),))
+        self.dim, self.group_size = dim, group_size
+
+
 # ---- the KV cache with a chosen dtype ----------------------------------------------------------------
 
 # ---- the backend --------------------------------------------------------------------------------------
@@ -203,12 +214,13 @@ class CudaBackend(Backend):
     module    kernel launcher with .get_function(name)(grid, block, args): None → kernels.nvrtc.load_module()
               on the GPU; with xp=numpy a CPU launcher (the tests pass the emulator's EmulatedModule).
     kv_cache  "f16" (default: the GPU cache) or "f32" (exactly the numpy backend's cache).
-    cache_dequantized  also keep affine and fp16 matrices as float32 on the device (faster prefill).
+    cache_dequantized  also keep quantized and fp16 matrices as float32 on the device (faster prefill).
     prefill_chunk_bytes  largest float32 block of a matrix dequantized / converted at once for a prefill GEMM.
     gemv_warps  warps per GEMV block (None: kernels.registry.gemv_launch's choice).
     """
 
     name = "cuda"
+    schemes = ("fp16", "affine", "lut", "vq")  # the 2-D storage schemes prepare_matrix handles
     fuses_residual = True  # linear(x, W, bias, residual=r) adds r inside the decode GEMV (see linear)
 
     def __init__(self, xp=None, module=None, *, kv_cache: str = "f16", cache_dequantized: bool = False,
@@ -233,7 +245,8 @@ class CudaBackend(Backend):
         self._positions = (None, None)  # (host int64, device int32) of the last rope call
         if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
             try:
-                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "gemv_lut_b4", GEMV_F16, "add_f32"):
+                for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "gemv_lut_b4", "gemv_vq_b2_d4",
+                             GEMV_F16, "add_f32"):
                     self._fn(name)
             except ModelError:
                 raise
@@ -313,7 +326,8 @@ class CudaBackend(Backend):
         config = entry.config
         bits, outliers = config.bits, bool(config.outliers)
         if config.scheme == "lut" and bits not in LUT_BITS or \
-                config.scheme == "affine" and (bits, config.group_size) not in AFFINE_CONFIGS:
+                config.scheme == "affine" and (bits, config.group_size) not in AFFINE_CONFIGS or \
+                config.scheme == "vq" and (bits, config.dim) not in VQ_CONFIGS:
             raise ModelError(f"tensor '{entry.name}': {config.scheme} {config.label} has no CUDA kernel")
         qweight = self._device_blob(blobs["qweight"], QWEIGHT_ALIGNMENT)
         csr = (self._device_blob(blobs["outlier_row_ptr"], 4), self._device_blob(blobs["outlier_cols"], 2),
@@ -321,6 +335,10 @@ class CudaBackend(Backend):
         if config.scheme == "lut":
             device = (qweight, self._device_blob(blobs["codebook"], 2)) + csr
             handle = LutHandle(entry.name, entry.shape, bits, config.codebook_rows, device, outliers)
+        elif config.scheme == "vq":
+            device = (qweight, self._device_blob(blobs["codebook"], 2), self._device_blob(blobs["scale_codes"]),
+                      self._device_blob(blobs["scale_meta"], 4)) + csr
+            handle = VqHandle(entry.name, entry.shape, bits, config.dim, config.group_size, device, outliers)
         else:
             device = (qweight, self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
                       self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4)) + csr
@@ -338,7 +356,7 @@ class CudaBackend(Backend):
     def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache:
         return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
 
-    # -- packed-matrix helpers (affine, lut) --------------------------------------------------------------
+    # -- packed-matrix helpers (affine, lut, vq) ----------------------------------------------------------
     def _blob_args(self, w: QuantizedHandle) -> tuple:
         return tuple(self._ptr(b) for b in w.blobs)
 
@@ -362,8 +380,8 @@ class CudaBackend(Backend):
         return w.dense
 
     def _gemv(self, w, x, add=None):
-        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* / gemv_lut_b*
-        on the packed blobs, gemv_f16 on the fp16 data."""
+        """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* / gemv_lut_b* /
+        gemv_vq_b*_d* on the packed blobs, gemv_f16 on the fp16 data."""
         out_features, in_features = w.shape
         y = self.xp.empty((1, out_features), dtype=self.xp.float32)
         grid, block = gemv_launch(out_features, self.gemv_warps)
@@ -442,7 +460,7 @@ class CudaBackend(Backend):
         if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method
             return weight.linear(x, bias, None if residual is None else self._f32(residual))
         T = x.shape[0]
-        if T == 1:  # decode: one fused GEMV reads the stored weights once (affine or fp16)
+        if T == 1:  # decode: one fused GEMV reads the stored weights once (affine, lut, vq or fp16)
             add = bias
             if residual is not None:
                 add = self._f32(residual).reshape(-1)

@@ -1,0 +1,259 @@
+// The `vq` scheme on the device (format_spec/SPEC.md §12; NumPy reference: format_spec/vq.py):
+//   W[r, c] = scale[r, c / g] · codebook[index[r, c / D], c % D]   (+ CSR outliers)
+// Every D consecutive inputs of a row form a vector whose K = B·D-bit index picks one of the tensor's
+// 2^K codebook points (fp16, D coordinates each). Indices are packed exactly like affine codes with
+// K bits (affine.cuh): a row holds n_packs = ceil(ceil(in / D) / 32) packs of K words. The scales are
+// double-quantized exactly as affine's (affine.cuh: decode_meta; uint8 codes (out, G), G = ceil(in / g),
+// fp16 (step, min) per run of 128).
+//
+// The unit of work is a *chunk* of 32 columns = 32 / D vectors: their 32·B index bits are exactly
+// words [q·B, q·B + B) of the row (a pack is D chunks; 32·B-bit chunks start on word boundaries), so
+// chunk q is loaded like a B-bit affine pack (load_pack<B>: 8-byte loads for B = 2, 16-byte for B = 4)
+// and, as g ≥ 32, lies in one scale group (q·32 / g). Chunks past in_features (the tail of the last
+// pack) are never touched.
+//
+// gemv_vq_b{B}_d{D}, (B, D) ∈ {(2,2), (3,2), (4,2), (2,4)} — fused dequant + GEMV at batch 1: y = W·x (+ residual)
+//   (const uint32_t* qweight,      (out, n_packs·K)
+//    const half_t*   codebook,     (2^K, D)
+//    const uint8_t*  scale_codes,  (out, G)
+//    const half_t*   scale_meta,   (ceil(out·G / 128), 2)
+//    const uint32_t* row_ptr, const uint16_t* cols, const half_t* vals,   CSR outliers or all NULL
+//    const float* x,               (in,)
+//    const float* residual,        (out,) or NULL; may equal y
+//    float* y,                     (out,)
+//    int out_features, int in_features, int group_size)   group_size ∈ {32, 64, 128}
+//   block = (32·k, 1, 1) for k = 1..8 warps, grid = (ceil(out / (k·4)), 1, 1)  (registry.gemv_launch).
+//
+// The work split is gemv_lut's with chunks for packs: each warp owns 4 consecutive rows, lane l takes
+// chunks l, l+32, … (coalesced vector loads, every index byte read once), the activation is staged
+// per block in swizzled shared-memory tiles of 128 chunks (16 KiB) and each lane copies its chunk's
+// 32 activations into registers once for its 4 rows. The block first widens the codebook to fp32 in
+// shared memory (2^K points of D floats: at most 256·4 floats = 4 KiB; one float2 / float4 load per
+// vector). Per chunk and row:
+//   acc_r += s · Σ_v point[index_v] · x_v      (two fp32 FMA chains of 16, then one FMA)
+// with s the chunk's decoded scale. Padding columns of the last chunk see x = 0 (a non-finite codebook
+// coordinate there still propagates, as a padding level does in gemv_lut). Outliers are fused,
+// then the transposed butterfly (common.cuh) reduces the 4 row sums.
+//
+// dequant_vq_b{B}_d{D}_f32 — rows of W (outliers included) as fp32, for prefill GEMMs and the quantized
+// embedding gather; bit-exact with format_spec.vq.dequantize_vq (one fp32 multiply point · scale, an
+// outlier one fp32 add more):
+//   (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals,
+//    const int32_t* row_ids (n_rows,) or NULL, float* out (n_rows, ld_out),
+//    int n_rows, int out_features, int in_features, int ld_out, int group_size)
+//   block = (32·k, 1, 1), k = 1..4, grid = (n_rows, 1, 1)  (registry.dequant_launch). A row id outside
+//   [0, out_features) yields a zero row.
+#include "affine.cuh"
+
+namespace mxq {
+
+constexpr int VQ_ROWS_PER_WARP = 4;
+constexpr int VQ_TILE_CHUNKS = 128;  // activation chunks (of 32 columns) staged per tile
+constexpr int VQ_MAX_THREADS = 256;
+// Occupancy hint for ptxas: 3 resident 256-thread blocks per SM (≤ 80 registers; no spills on any target,
+// tools/kernel_report.py), and ≤ 20.5 KiB of shared memory per block fits 3 blocks even on sm_75.
+constexpr int VQ_MIN_BLOCKS = 3;
+constexpr int VQ_DEQUANT_MAX_THREADS = 128;
+
+// One codebook point in shared memory: D fp32 coordinates, read with one vector load.
+template <int D> struct VqPoint;
+template <> struct VqPoint<2> { typedef float2 type; };
+template <> struct VqPoint<4> { typedef float4 type; };
+
+// log2(group_size / 32): chunk q lies in scale group q >> vq_chunk_shift (group_size ∈ {32, 64, 128}).
+__device__ __forceinline__ int vq_chunk_shift(int group_size) { return __ffs(group_size) - 6; }
+
+// Index v (0 .. 32/D − 1) of a chunk held in registers (B words, K-bit indices, little-endian bit
+// string as in pack_code); v must be a compile-time constant after unrolling.
+template <int K, int B>
+__device__ __forceinline__ uint32_t chunk_index(const uint32_t (&w)[B], int v) {
+    constexpr uint32_t MASK = (1u << K) - 1u;
+    const int bit = v * K, wi = bit >> 5, sh = bit & 31;
+    if (sh + K <= 32) return (w[wi] >> sh) & MASK;
+    return __funnelshift_r(w[wi], w[wi + 1], sh) & MASK;  // 6-bit indices: low bits in wi, high in wi + 1
+}
+
+// a0 / a1 += the point's coordinates · x[0 .. D), alternating between the two chains.
+__device__ __forceinline__ void point_fma(const float2 pt, const float* xv, float& a0, float& a1) {
+    a0 = fmaf(pt.x, xv[0], a0);
+    a1 = fmaf(pt.y, xv[1], a1);
+}
+__device__ __forceinline__ void point_fma(const float4 pt, const float* xv, float& a0, float& a1) {
+    a0 = fmaf(pt.x, xv[0], a0);
+    a1 = fmaf(pt.y, xv[1], a1);
+    a0 = fmaf(pt.z, xv[2], a0);
+    a1 = fmaf(pt.w, xv[3], a1);
+}
+
+// dst[0 .. D) = point · s, each one fp32 rounding (the reference's).
+__device__ __forceinline__ void store_scaled(float* dst, const float2 pt, float s) {
+    dst[0] = __fmul_rn(pt.x, s);
+    dst[1] = __fmul_rn(pt.y, s);
+}
+__device__ __forceinline__ void store_scaled(float* dst, const float4 pt, float s) {
+    dst[0] = __fmul_rn(pt.x, s);
+    dst[1] = __fmul_rn(pt.y, s);
+    dst[2] = __fmul_rn(pt.z, s);
+    dst[3] = __fmul_rn(pt.w, s);
+}
+
+template <int B, int D>
+__device__ __forceinline__ void gemv_vq(
+    const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
+    const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
+    const half_t* __restrict__ vals, const float* __restrict__ x, const float* residual, float* y, int out_features,
+    int in_features, int group_size) {
+    typedef typename VqPoint<D>::type Point;
+    constexpr int K = B * D;                 // index bits
+    constexpr int N_POINTS = 1 << K;
+    constexpr int VPC = CODES_PER_PACK / D;  // vectors per chunk
+    constexpr int RPW = VQ_ROWS_PER_WARP;
+    __shared__ float4 x_tile[VQ_TILE_CHUNKS * 8];  // swizzled: chunk q, slot k → unit q·8 + (k + q) % 8
+    __shared__ Point book[N_POINTS];               // (2^K, D) fp32
+
+    const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int n_groups = (in_features + group_size - 1) / group_size;
+    const int chunk_shift = vq_chunk_shift(group_size);
+    const size_t words_per_row = (size_t)n_packs * K;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int row0 = (blockIdx.x * n_warps + warp) * RPW;
+    const bool warp_active = row0 < out_features;
+
+    float* book_flat = reinterpret_cast<float*>(book);
+    for (int i = threadIdx.x; i < N_POINTS * D; i += blockDim.x) book_flat[i] = load_f16(codebook, i);
+    const uint32_t* row_words[RPW];
+    size_t meta_base[RPW];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int r = min(row0 + i, out_features - 1);  // rows past the end compute a copy, never stored
+        row_words[i] = qweight + (size_t)r * words_per_row;
+        meta_base[i] = (size_t)r * n_groups;
+    }
+    float acc[RPW];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
+
+    float* x_flat = reinterpret_cast<float*>(x_tile);
+    for (int tile = 0; tile < n_chunks; tile += VQ_TILE_CHUNKS) {
+        const int tile_chunks = min(VQ_TILE_CHUNKS, n_chunks - tile);
+        if (tile > 0) __syncthreads();  // every warp is done with the previous tile
+        for (int i = threadIdx.x; i < tile_chunks * CODES_PER_PACK; i += blockDim.x) {
+            const int c = tile * CODES_PER_PACK + i;
+            const int q = i >> 5, j = i & 31;
+            x_flat[((q << 3) + (((j >> 2) + q) & 7)) * 4 + (j & 3)] = c < in_features ? __ldg(x + c) : 0.0f;
+        }
+        __syncthreads();  // (the first one also publishes the codebook)
+        if (warp_active) {
+            for (int ql = lane; ql < tile_chunks; ql += 32) {
+                float xv[CODES_PER_PACK];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const float4 v = x_tile[(ql << 3) + ((k + ql) & 7)];
+                    xv[4 * k] = v.x; xv[4 * k + 1] = v.y; xv[4 * k + 2] = v.z; xv[4 * k + 3] = v.w;
+                }
+                const int q = tile + ql;
+                const int group = q >> chunk_shift;
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) {
+                    uint32_t w[B];
+                    load_pack<B>(row_words[i], q, w);  // chunk q: words [q·B, q·B + B)
+                    const float s = decode_meta(scale_codes, scale_meta, meta_base[i] + group);
+                    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+                    for (int v = 0; v < VPC; ++v) point_fma(book[chunk_index<K, B>(w, v)], xv + v * D, a0, a1);
+                    acc[i] = fmaf(s, a0 + a1, acc[i]);
+                }
+            }
+        }
+    }
+
+    if (!warp_active) return;  // no barrier follows
+    add_csr_outliers<RPW>(acc, lane, row0, out_features, row_ptr, cols, vals, x);
+    static_assert(RPW == 4, "store_4rows (common.cuh) is written for 4 rows per warp");
+    store_4rows(acc, lane, row0, out_features, residual, y);
+}
+
+template <int B, int D>
+__device__ __forceinline__ void dequant_vq(
+    const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
+    const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
+    const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
+    int out_features, int in_features, int ld_out, int group_size) {
+    typedef typename VqPoint<D>::type Point;
+    constexpr int K = B * D;
+    constexpr int N_POINTS = 1 << K;
+    constexpr int VPC = CODES_PER_PACK / D;
+    __shared__ Point book[N_POINTS];
+    __shared__ float tile[VQ_DEQUANT_MAX_THREADS * (CODES_PER_PACK + 1)];  // thread t's chunk: [t·33, t·33 + 32)
+
+    const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int n_groups = (in_features + group_size - 1) / group_size;
+    const int chunk_shift = vq_chunk_shift(group_size);
+    const int out_row = blockIdx.x;
+    if (out_row >= n_rows) return;  // uniform over the block
+    const int r = row_ids != nullptr ? __ldg(row_ids + out_row) : out_row;
+    float* dst = out + (size_t)out_row * ld_out;
+    if (r < 0 || r >= out_features) {
+        for (int c = threadIdx.x; c < in_features; c += blockDim.x) dst[c] = 0.0f;
+        return;
+    }
+    float* book_flat = reinterpret_cast<float*>(book);
+    for (int i = threadIdx.x; i < N_POINTS * D; i += blockDim.x) book_flat[i] = load_f16(codebook, i);
+    const uint32_t* row = qweight + (size_t)r * n_packs * K;
+    const size_t meta_base = (size_t)r * n_groups;
+    // Tiles of blockDim.x chunks, decoded into shared memory (row stride 33: conflict-free), then
+    // written out coalesced, as in dequant_lut.
+    for (int q0 = 0; q0 < n_chunks; q0 += blockDim.x) {
+        __syncthreads();  // the codebook is in place; the previous tile is written out
+        const int q = q0 + threadIdx.x;
+        if (q < n_chunks) {
+            uint32_t w[B];
+            load_pack<B>(row, q, w);
+            const float s = decode_meta(scale_codes, scale_meta, meta_base + (q >> chunk_shift));
+            float* t = tile + threadIdx.x * (CODES_PER_PACK + 1);
+#pragma unroll
+            for (int v = 0; v < VPC; ++v) store_scaled(t + v * D, book[chunk_index<K, B>(w, v)], s);
+        }
+        __syncthreads();
+        const int c0 = q0 * CODES_PER_PACK;
+        const int n_cols = min((int)blockDim.x * CODES_PER_PACK, in_features - c0);
+        for (int i = threadIdx.x; i < n_cols; i += blockDim.x)
+            dst[c0 + i] = tile[(i >> 5) * (CODES_PER_PACK + 1) + (i & 31)];
+    }
+    if (row_ptr == nullptr) return;
+    __syncthreads();  // the plain values are written before the outliers overwrite theirs
+    const uint32_t end = __ldg(row_ptr + r + 1);
+    for (uint32_t e = __ldg(row_ptr + r) + threadIdx.x; e < end; e += blockDim.x) {
+        const int c = __ldg(cols + e);
+        const int v = c / D;  // vector v: index v % 32 of pack v / 32
+        const uint32_t index = pack_code_dynamic<K>(row + (size_t)(v / CODES_PER_PACK) * K, v % CODES_PER_PACK);
+        const float s = decode_meta(scale_codes, scale_meta, meta_base + (c >> (5 + chunk_shift)));
+        dst[c] = __fadd_rn(__fmul_rn(book_flat[index * D + c % D], s), load_f16(vals, e));
+    }
+}
+
+}  // namespace mxq
+
+#define MXQ_VQ_ENTRIES(B, D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(mxq::VQ_MAX_THREADS, mxq::VQ_MIN_BLOCKS) gemv_vq_b##B##_d##D(    \
+        const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook,                                \
+        const uint8_t* __restrict__ scale_codes, const half_t* __restrict__ scale_meta,                           \
+        const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols, const half_t* __restrict__ vals, \
+        const float* __restrict__ x, const float* residual, float* y, int out_features, int in_features,          \
+        int group_size) {                                                                                         \
+        mxq::gemv_vq<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, x, residual, y,       \
+                           out_features, in_features, group_size);                                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(mxq::VQ_DEQUANT_MAX_THREADS) dequant_vq_b##B##_d##D##_f32(       \
+        const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook,                                \
+        const uint8_t* __restrict__ scale_codes, const half_t* __restrict__ scale_meta,                           \
+        const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols, const half_t* __restrict__ vals, \
+        const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows, int out_features,               \
+        int in_features, int ld_out, int group_size) {                                                            \
+        mxq::dequant_vq<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out,      \
+                              n_rows, out_features, in_features, ld_out, group_size);                             \
+    }
+
+MXQ_VQ_ENTRIES(2, 2) MXQ_VQ_ENTRIES(3, 2) MXQ_VQ_ENTRIES(4, 2) MXQ_VQ_ENTRIES(2, 4)

@@ -1,0 +1,204 @@
+"""The `vq` CUDA kernels (kernels/gemv_vq.cu): NVRTC compiles them for every target GPU without
+warnings or spills, and the same source run on the CPU through the emulation harness matches
+format_spec.vq.dequantize_vq for every (bits, dim) × group size × odd shapes, with and without
+outliers, in both emulator modes.
+
+Tolerances (as in test_kernels_lut.py, and why):
+  * dequant_vq_b*_d*_f32: bit-exact (a codebook coordinate is an fp16 widened exactly, times the scale
+    decoded with separately rounded fp32 multiply and add: one fp32 rounding, as in the reference;
+    an outlier is one fp32 add more).
+  * gemv_vq_b*_d*: against dequantize(blobs) @ x in float64. Per 32-column chunk and row the kernel
+    sums the points · x in two FMA chains of 16, adds them, and FMAs the scaled sum into the lane's
+    accumulator; a lane adds ≤ 5 chunks here (in ≤ 4200), then the outliers and 5 shuffle levels, and
+    the reference rounds W = scale · point once: far fewer than 128 fp32 roundings, so
+    |y − y64| ≤ 2⁻¹⁷·(Σ_c |W_rc·x_c| + Σ_outliers |v·x_c|) (W without outliers); we also check
+    ≤ 2e-6 · the same, as for gemv_affine and gemv_lut. A residual adds one rounding (2⁻²³·|residual|).
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import random_vq_blobs
+from mxq.format_spec import StorageConfig, dequantize, pack_codes, unpack_codes
+from mxq.format_spec.affine import csr_entries
+from mxq.format_spec.layout import VQ_BITS, VQ_DIMS
+from mxq.kernels import nvrtc
+from mxq.kernels.emulator import MODES, Emulator, get_emulator
+from mxq.kernels.registry import (VQ_CONFIGS, dequant_launch, dequant_vq_name, gemv_launch, gemv_vq_name,
+                                  kernels_in)
+
+i32, f32 = np.int32, np.float32
+GROUPS = (32, 64, 128)
+VQ_IDS = [f"b{b}d{d}" for b, d in VQ_CONFIGS]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def emu(request):
+    return Emulator(get_emulator().path, mode=request.param)
+
+
+def test_vq_configs_are_the_formats():
+    """One kernel pair per (bits, dim) the format accepts: (2,2) (3,2) (4,2) (2,4)."""
+    accepted = []
+    for d in VQ_DIMS:
+        for b in VQ_BITS:
+            try:
+                StorageConfig.vq(b, d, 32)
+            except ValueError:
+                continue
+            accepted.append((b, d))
+    assert sorted(VQ_CONFIGS) == sorted(accepted) == [(2, 2), (2, 4), (3, 2), (4, 2)]
+
+
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
+def test_nvrtc_compiles_the_vq_kernels_for(arch):
+    result = nvrtc.compile_source("gemv_vq.cu", arch)
+    assert result.ok, result.log
+    assert "warning" not in result.log.lower(), result.log
+    assert sorted(result.entries) == sorted(kernels_in("gemv_vq.cu"))
+    assert len(result.entries) == 2 * len(VQ_CONFIGS)
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="ptxas (CUDA toolkit) not on PATH")
+def test_no_vq_kernel_spills():
+    import kernel_report
+    for arch in nvrtc.ARCHS:
+        for name, u in kernel_report.usage("gemv_vq.cu", arch, "ptxas").items():
+            assert u["spill_stores"] == u["spill_loads"] == 0, f"{name} spills on {arch}: {u}"
+            assert u["stack"] == 0, f"{name} uses local memory on {arch}: {u}"
+
+
+def vq_args(blobs):
+    return (blobs["qweight"], blobs["codebook"], blobs["scale_codes"], blobs["scale_meta"],
+            blobs.get("outlier_row_ptr"), blobs.get("outlier_cols"), blobs.get("outlier_values"))
+
+
+def run_gemv_vq(emu, blobs, shape, config, x, residual=None, y=None, warps=None):
+    out_features, in_features = shape
+    y = np.full(out_features, np.nan, f32) if y is None else y
+    grid, block = gemv_launch(out_features, warps)
+    emu.launch(gemv_vq_name(config.bits, config.dim), grid, block,
+               vq_args(blobs) + (x, residual, y, i32(out_features), i32(in_features), i32(config.group_size)))
+    return y
+
+
+def check_gemv_vq(y, blobs, shape, config, x, residual=None):
+    out_features, _ = shape
+    ax = np.abs(x.astype(np.float64))
+    plain = {k: v for k, v in blobs.items() if not k.startswith("outlier_")}
+    plain_config = StorageConfig.vq(config.bits, config.dim, config.group_size, 0, config.meta_bits)
+    magnitude = np.abs(dequantize(plain, shape, plain_config).astype(np.float64)) @ ax  # Σ |W·x|
+    if config.outliers:
+        rows, cols, values = csr_entries(blobs)
+        magnitude += np.bincount(rows, np.abs(values) * ax[cols], minlength=out_features)
+    want = dequantize(blobs, shape, config).astype(np.float64) @ x.astype(np.float64)
+    extra = 0.0
+    if residual is not None:
+        want += residual
+        extra = np.abs(residual) * 2.0 ** -23
+    err = np.abs(y.astype(np.float64) - want)
+    assert np.all(np.isfinite(y))
+    assert np.all(err <= 2.0 ** -17 * magnitude + extra), f"max err {err.max():.3g}"
+    assert np.all(err <= 2e-6 * magnitude + extra)
+
+
+@pytest.mark.parametrize("outliers", [0, 23], ids=["plain", "outliers"])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_gemv_vq_matches_dequantize(emu, bits, dim, group_size, outliers):
+    shape = (37, 2 * group_size + 7)  # a partial last chunk, group and (dim 2, 4) vector; 37 rows = 2 blocks of 16 + 5
+    rng = np.random.default_rng(bits * 1000 + dim * 100 + group_size + outliers)
+    config = StorageConfig.vq(bits, dim, group_size, outliers)
+    blobs = random_vq_blobs(rng, shape, config)
+    x = rng.standard_normal(shape[1]).astype(f32)
+    check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x), blobs, shape, config, x)
+
+
+GEMV_ODD = [
+    # bits, dim, group, shape, outliers, warps
+    (3, 2, 128, (5, 4200), 7, None),  # 132 chunks: two activation tiles, lanes 0-3 take 5 chunks
+    (2, 4, 64, (9, 4099), 0, 2),  # a one-chunk second tile (3 columns: a partial 4-vector); warps=2
+    (4, 2, 32, (3, 1100), 5, 1),  # a one-warp block
+    (2, 2, 64, (1, 40), 2, None),  # a single row, the second chunk mostly padding
+    (2, 4, 128, (70, 20), 0, 3),  # in < 32: one chunk, one group; 3-warp blocks
+    (3, 2, 32, (1030, 65), 9, None),  # ≥ 1024 rows: 8-warp blocks of 32 rows, last block 6 rows
+    (4, 2, 128, (6, 1), 1, None),  # in = 1: one column of one vector
+]
+
+
+@pytest.mark.parametrize("bits,dim,group_size,shape,outliers,warps", GEMV_ODD,
+                         ids=[f"b{c[0]}d{c[1]}g{c[2]}-{c[3][0]}x{c[3][1]}" for c in GEMV_ODD])
+def test_gemv_vq_odd_shapes(emu, bits, dim, group_size, shape, outliers, warps):
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    config = StorageConfig.vq(bits, dim, group_size, outliers)
+    blobs = random_vq_blobs(rng, shape, config)
+    x = rng.standard_normal(shape[1]).astype(f32)
+    check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, warps=warps), blobs, shape, config, x)
+
+
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_gemv_vq_residual_in_place_and_padding_indices(emu, bits, dim):
+    """y += W·x with the residual as the output array; nonzero padding indices (SPEC §5.1) are ignored;
+    8-bit scale codes (m8) run the same kernel."""
+    group_size = GROUPS[(bits + dim) % 3]
+    shape, config = (21, 101), StorageConfig.vq(bits, dim, group_size, 4, meta_bits=8)
+    rng = np.random.default_rng(5 + bits * dim)
+    blobs = random_vq_blobs(rng, shape, config)
+    assert blobs["scale_codes"].max() > 63  # the full 8-bit range of codes
+    x = rng.standard_normal(shape[1]).astype(f32)
+    residual = rng.standard_normal(shape[0]).astype(f32)
+    check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, residual=residual), blobs, shape, config, x, residual)
+    y = residual.copy()
+    check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, residual=y, y=y), blobs, shape, config, x, residual)
+    k, n_vectors = config.index_bits, -(-shape[1] // dim)
+    index = unpack_codes(blobs["qweight"], k)
+    index[:, n_vectors:] = (1 << k) - 1
+    dirty = dict(blobs, qweight=pack_codes(index, k))
+    assert np.array_equal(run_gemv_vq(emu, dirty, shape, config, x), run_gemv_vq(emu, blobs, shape, config, x))
+
+
+def run_dequant_vq(emu, blobs, shape, config, n_rows, row_ids=None, ld=None, threads=128):
+    ld = shape[1] if ld is None else ld
+    out = np.full((n_rows, ld), np.nan, f32)
+    grid, block = dequant_launch(n_rows, threads)
+    emu.launch(dequant_vq_name(config.bits, config.dim), grid, block,
+               vq_args(blobs) + (row_ids, out, i32(n_rows), i32(shape[0]), i32(shape[1]), i32(ld),
+                                 i32(config.group_size)))
+    return out
+
+
+DEQUANT_SHAPES = [
+    # shape, outliers, threads, meta bits
+    ((13, 73), 17, 128, 6),
+    ((7, 4200), 40, 32, 8),  # 132 chunks: five tiles of 32 chunks, the last one 4 chunks
+    ((33, 31), 0, 64, 6),  # in < 32 and odd: a partial vector for both dims
+    ((5, 1), 1, 32, 6),  # one column, an outlier on it in one row
+]
+
+
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size):
+    for shape, outliers, threads, meta_bits in DEQUANT_SHAPES:
+        config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)
+        blobs = random_vq_blobs(np.random.default_rng(bits * dim + shape[1] + group_size), shape, config)
+        want = dequantize(blobs, shape, config)
+        ld = shape[1] + 3  # columns past in_features stay untouched
+        out = run_dequant_vq(emu, blobs, shape, config, shape[0], ld=ld, threads=threads)
+        assert np.array_equal(out[:, :shape[1]].view(np.uint32), want.view(np.uint32)), (shape, outliers)
+        assert np.isnan(out[:, shape[1]:]).all()
+
+
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_dequant_vq_gathers_rows(emu, bits, dim):
+    """The quantized-embedding path: rows picked by id; ids outside the table give zero rows."""
+    shape, config = (40, 101), StorageConfig.vq(bits, dim, 64, 30)
+    blobs = random_vq_blobs(np.random.default_rng(3 + bits * dim), shape, config)
+    ids = np.array([7, 0, 39, 7, -1, 40], dtype=np.int32)
+    out = run_dequant_vq(emu, blobs, shape, config, ids.size, row_ids=ids, threads=64)
+    want = dequantize(blobs, shape, config)[np.clip(ids, 0, shape[0] - 1)]
+    want[4:] = 0
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
