@@ -51,6 +51,29 @@ def mixed_plan(fixture):
     return choose
 
 
+VQ_MIX = [("v2d4g32", 0), ("v3d2g64", 1), ("v4d2g128m8", 0), ("v2d2g32", 1), ("v2d2g128m8", 0), ("v3d2g32", 0),
+          ("v4d2g64", 1), (4, 64, 0)]
+
+
+def vq_plan(fixture):
+    """RTN vq configs cycling through VQ_MIX (every (bits, dim), group size and metadata width, outliers; an
+    affine matrix among them); the embedding and lm_head vq too (tiny-qwen2's tied one), except tiny-llama3's
+    embedding (a tied fp16 one)."""
+    counter = iter(range(10_000))
+
+    def choose(name, shape, role):
+        if role == "embedding" and fixture == "tiny-llama3":
+            return "fp16"
+        choice = VQ_MIX[next(counter) % len(VQ_MIX)] if role == "linear" else ("v4d2g64", 1)
+        if len(choice) == 3:
+            return choice
+        label, outliers = choice
+        n = outliers * max(1, shape[0] * shape[1] // 200)
+        return StorageConfig.parse(label + (f"+o{n}" if n else ""))
+
+    return choose
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """{(fixture, kind): (mxq path, transformers model of its export-hf output)}, built lazily."""
@@ -59,7 +82,8 @@ def built(tmp_path_factory):
     def get(fixture, kind):
         if (fixture, kind) not in cache:
             root = tmp_path_factory.mktemp(f"{fixture}-{kind}")
-            choose = (lambda name, shape, role: "fp16") if kind == "fp16" else mixed_plan(fixture)
+            plans = {"fp16": lambda _: (lambda name, shape, role: "fp16"), "mixed": mixed_plan, "vq": vq_plan}
+            choose = plans[kind](fixture)
             path = write_test_mxq(fixtures.ensure(fixture), root / "model.mxq", choose)
             export_hf(path, root / "hf")
             hf, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -83,7 +107,7 @@ def mxq_greedy(lm, prompt, n):
 
 # -- parity with transformers ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["fp16", "mixed"])
+@pytest.mark.parametrize("kind", ["fp16", "mixed", "vq"])
 @pytest.mark.parametrize("fixture", TINY)
 def test_parity_with_transformers(built, fixture, kind):
     path, hf = built(fixture, kind)

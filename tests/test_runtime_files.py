@@ -2,7 +2,7 @@
 
 Stand-in for mxq.converter while it is being written (tests and tools/bench_decode.py use it);
 it knows nothing about budgets or error measurement. `write_test_mxq(hf_dir, out, choose)` where
-choose(name, shape, role) returns "fp16" or (bits, group_size, n_outliers).
+choose(name, shape, role) returns "fp16", (bits, group_size, n_outliers) (affine) or a vq StorageConfig.
 """
 from __future__ import annotations
 
@@ -77,6 +77,39 @@ def rtn_affine(w: np.ndarray, bits: int, group_size: int, n_outliers: int = 0, m
     return blobs
 
 
+def rtn_vq(w: np.ndarray, config: StorageConfig) -> dict:
+    """Round-to-nearest on a product grid: the codebook is every combination of 2^bits uniform levels in [-1, 1]
+    per coordinate (point p's coordinate i: level (p >> bits·i) mod 2^bits), each group's scale its largest |w|;
+    each vector's index is the nearest point. Outliers = largest residuals."""
+    out_features, in_features = w.shape
+    bits, dim, group_size = config.bits, config.dim, config.group_size
+    n_levels = 1 << bits
+    levels = np.linspace(-1.0, 1.0, n_levels, dtype=np.float32)
+    points = np.arange(1 << config.index_bits)
+    codebook = np.stack([levels[(points >> (bits * i)) % n_levels] for i in range(dim)], axis=1).astype(np.float16)
+    n_groups, n_vectors = math.ceil(in_features / group_size), math.ceil(in_features / dim)
+    padded = np.zeros((out_features, n_groups * group_size), np.float32)  # ≥ n_vectors · dim columns
+    padded[:, :in_features] = w
+    scale_codes, scale_meta = encode_meta(np.abs(padded.reshape(out_features, n_groups, group_size)).max(axis=2),
+                                          config.meta_bits)
+    s = decode_meta(scale_codes, scale_meta)
+    s = np.where(s > 0, s, 1e-6).astype(np.float32)
+    unit = padded / np.repeat(s, group_size, axis=1)  # (out, G·g) in about [-1, 1]
+    level = np.clip(np.rint((unit + 1) / 2 * (n_levels - 1)), 0, n_levels - 1).astype(np.int64)
+    level = level[:, :n_vectors * dim].reshape(out_features, n_vectors, dim)
+    index = np.zeros((out_features, math.ceil(n_vectors / 32) * 32), np.int64)
+    index[:, :n_vectors] = sum(level[:, :, i] << (bits * i) for i in range(dim))
+    blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": codebook, "scale_codes": scale_codes,
+             "scale_meta": scale_meta}
+    if config.outliers:
+        deq = codebook.astype(np.float32)[index[:, :n_vectors]].reshape(out_features, -1)[:, :in_features]
+        residual = w - deq * np.repeat(s, group_size, axis=1)[:, :in_features]
+        flat = np.argsort(-np.abs(residual), axis=None, kind="stable")[:config.outliers]
+        rows, cols = flat // in_features, flat % in_features
+        blobs.update(build_csr(w.shape, rows, cols, residual[rows, cols]))
+    return blobs
+
+
 def tensor_role(name: str) -> str:
     if name == "model.embed_tokens.weight":
         return "embedding"
@@ -108,7 +141,8 @@ def write_test_mxq(hf_dir, out_path, choose=lambda name, shape, role: "fp16") ->
     for name in names:
         shape, role = weights[name].shape, tensor_role(name)
         choice = choose(name, shape, role) if len(shape) == 2 else "fp16"
-        config = StorageConfig.fp16() if choice == "fp16" else StorageConfig.affine(*choice)
+        config = (StorageConfig.fp16() if choice == "fp16" else choice if isinstance(choice, StorageConfig)
+                  else StorageConfig.affine(*choice))
         plans.append(TensorPlan(name, shape, config, role))
     with MxqWriter(out_path, model=model, tokenizer=tokenizer, tokenizer_data=tokenizer_data, tensors=plans,
                    provenance={"source": {"name": hf_dir.name}, "converter": {"name": "tests/test_runtime_files.py"}},
@@ -117,6 +151,8 @@ def write_test_mxq(hf_dir, out_path, choose=lambda name, shape, role: "fp16") ->
             w = weights[plan.name].astype(np.float32)
             if plan.config.scheme == "fp16":
                 blobs = {"data": w.astype(np.float16)}
+            elif plan.config.scheme == "vq":
+                blobs = rtn_vq(w, plan.config)
             else:
                 blobs = rtn_affine(w, plan.config.bits, plan.config.group_size, plan.config.outliers,
                                    plan.config.meta_bits)
@@ -134,3 +170,18 @@ def test_rtn_affine_roundtrip_is_close():
         deq = dequantize(blobs, w.shape, StorageConfig.affine(bits, 32, 5))
         step = (w.max() - w.min()) / (2 ** bits - 1)
         assert np.abs(deq - w).max() <= step  # within one quantization step (metadata rounding included)
+
+
+def test_rtn_vq_roundtrip_is_close():
+    from mxq.format_spec import dequantize
+    from mxq.format_spec.affine import check_blobs, stored_blobs
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 100)).astype(np.float32)
+    for label in ("v2d2g32", "v3d2g64+o5", "v4d2g128m8", "v2d4g32+o3"):
+        config = StorageConfig.parse(label)
+        blobs = rtn_vq(w, config)
+        check_blobs(stored_blobs(blobs, w.shape, config), w.shape, config)
+        deq = dequantize(blobs, w.shape, config)
+        half_step = np.abs(w).max() / (2 ** config.bits - 1) * 1.02  # half a level step of the largest scale (+ fp16)
+        assert np.abs(deq - w).max() <= half_step

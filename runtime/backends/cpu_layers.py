@@ -9,7 +9,7 @@ one per KV cache (its arrays' addresses: two threads may decode two caches of on
 the reference: the fused layers run the same compiled pieces (cpu_ops, the stack and
 team kernels) in the same order, and tests hold every family's logits to it.
 
-A layer is fused when all four of its products are kernel stacks (affine throughout: no fp16 or lut block)
+A layer is fused when all four of its products are kernel stacks (affine throughout: no fp16, lut or vq block)
 and the backend's compiled ops run; consecutive fused layers are one call, the others run Model.block.
 This module has no Numba: the ahead-of-time kernels load without it.
 """

@@ -15,7 +15,7 @@ every member's affine pieces in one int64 table — one line per piece:
 and cpu_kernels.stack_matmul rounds x once, then runs every piece's tiles of 16 rows, writing stored row r of a piece straight to
 column out_rows[first + r] of y (T, width): members side by side in the order
 given, a rows matrix's rows in their logical order (its row_order: no gather). The handles keep the
-arrays alive: the stack holds the handles. Pieces that are not affine (fp16, lut blocks) have no
+arrays alive: the stack holds the handles. Pieces that are not affine (fp16, lut, vq blocks) have no
 table line: such members are multiplied one by one as before (KernelStack.of returns None).
 
 The NumPy path of a stack (no kernels, or a kernel failed) is its members' own products put side by
@@ -52,7 +52,7 @@ def table_line(weight: AffineWeight, first: int) -> list[int]:
 
 def affine_pieces(weight):
     """[(affine handle, its stored rows' logical rows in the member (int64))], or None when some part of
-    the member is not an affine handle the kernels multiply from the file (fp16, lut, or cached)."""
+    the member is not an affine handle the kernels multiply from the file (fp16, lut, vq, or cached)."""
     from .row_blocks import RowBlocks
 
     if isinstance(weight, AffineWeight):

@@ -3,7 +3,7 @@ in the logical row order.
 
 Each block i — count_i stored rows, its own scheme and config — is prepared by the backend's own
 prepare_matrix as a (count_i, in) matrix named `NAME[rows i]`, so every product path the backend has
-(compiled kernels, NumPy, cached float32, lut, CUDA GEMVs) serves blocks unchanged. What is added:
+(compiled kernels, NumPy, cached float32, lut, vq, CUDA GEMVs) serves blocks unchanged. What is added:
 
     linear     y_i = x @ B_iᵀ (T, count_i) for each block, side by side in stored order, then one gather
                y[:, r] = stored[:, inverse[r]] (inverse = row_order⁻¹, on the backend's device), then bias
@@ -16,7 +16,7 @@ Everything is derived once at load. Per product, over one matrix's: a call per b
 (~4 µs at SmolLM2's sizes). So the CPU backend's decode does not come here when every block is affine: it
 multiplies such a matrix (and the q/k/v, gate/up it shares an input with) in one compiled call that
 writes each stored row straight to its logical row (cpu_stack.py, `order` below); this class remains
-its NumPy reference, its prefill path, and the path of matrices with fp16 or lut blocks.
+its NumPy reference, its prefill path, and the path of matrices with fp16, lut or vq blocks.
 """
 from __future__ import annotations
 

@@ -1,0 +1,116 @@
+"""The CPU backend's handle of a `vq` matrix (SPEC.md §7a): every `dim` inputs of a row share one index into the
+matrix's codebook, a double-quantized scale per group of inputs stretches it.
+
+Lean mode (default) keeps the file's bytes: the packed indices, the 8-bit scale codes (6-bit ones: their uint8
+copy, made at load by format_spec.loaded_blobs) and the CSR outliers are zero-copy views of the mmapped file;
+what is widened at load is small: the codebook to float32, as (2^k, dim) points and (dim, 2^k) coordinate planes
+(≤ 8 KiB), and the (step, min) pairs of the scales' runs to float32 (1/128 of the scales). The scales stay codes,
+decoded per row where used (in the kernel: a few operations per group of inputs). Products:
+  * up to KERNEL_MAX_TOKENS tokens (decode): the compiled fused GEMV of cpu_vq_kernels.py (indices unpacked,
+    looked up, scaled and multiplied in one pass; every packed byte read once per call; loaded with the other
+    kernels, cpu_jit.py); on one thread or all, whichever has been faster (cpu_weights.ThreadChoice);
+  * more tokens, or without the kernels: dequantize a chunk of rows to float32
+    (W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim], format_spec.dequantize_vq), then sgemm.
+cache_dequantized keeps a float32 copy of W made once, as for the other schemes. An embedding's rows are
+dequantized as looked up (lean_rows).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from ...format_spec import unpack_codes
+from ...format_spec.layout import META_GROUP_SIZE, vq_dims
+from .cpu_weights import (NO_COLS, NO_ROWS, NO_VALUES, PARALLEL_MIN_WORK, Matrix, _chunk_rows, _fresh, kernel_extras,
+                          readonly)
+
+
+class VqWeight(Matrix):
+    """A packed `vq` matrix (out, in), multiplied from the mmapped file bytes (lean) or from a float32 copy
+    (cached)."""
+
+    def __init__(self, entry, blobs: dict, backend):
+        self.name, self.shape, self.backend = entry.name, tuple(entry.shape), backend
+        config = entry.config
+        self.index_bits, self.dim, self.group_size = config.index_bits, config.dim, config.group_size
+        _, _, _, self.n_groups = vq_dims(self.shape, config)
+        self.n_vectors = -(-self.shape[1] // self.dim)
+        self.packed_words = blobs["qweight"]  # (out, P·k) uint32
+        self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, P·k·4) bytes, zero-copy
+        self.points = readonly(blobs["codebook"].astype(np.float32))  # (2^k, dim): the NumPy path's lookups
+        self.planes = readonly(self.points.T)  # (dim, 2^k): the kernel's, one plane per coordinate
+        self.scale_codes = readonly(blobs["scale_codes"])  # (out, G) uint8
+        self.scale_meta = readonly(blobs["scale_meta"].astype(np.float32))  # (runs, 2): step, min
+        self.csr = None  # (row_ptr uint32 (out+1,), cols uint16 (nnz,), fp16 bits uint16 (nnz,)), zero-copy
+        if config.outliers:
+            self.csr = (readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
+                        readonly(blobs["outlier_values"].view(np.uint16)))
+        if backend.kernels is not None:  # compile now; a failure switches the kernels off (NumPy path)
+            backend.run_kernel(lambda _threads: backend.kernels.vq())
+
+    @cached_property
+    def outliers(self):
+        """The NumPy path's outliers: (cols intp (nnz,), float32 values (nnz,), row_ptr int64 (out+1,)), or None."""
+        if self.csr is None:
+            return None
+        row_ptr, cols, values = self.csr
+        return cols.astype(np.intp), values.view(np.float16).astype(np.float32), row_ptr.astype(np.int64)
+
+    def scales(self, rows: np.ndarray) -> np.ndarray:
+        """Decoded scales of `rows` (R,): (R, G) float32, scale = code·step + min (SPEC.md §6.2; = decode_meta)."""
+        run = (rows[:, None] * self.n_groups + np.arange(self.n_groups)[None, :]) // META_GROUP_SIZE  # (R, G)
+        return self.scale_codes[rows].astype(np.float32) * self.scale_meta[run, 0] + self.scale_meta[run, 1]
+
+    def dequantize_rows(self, r: np.ndarray | slice, scratch=_fresh) -> np.ndarray:
+        """Float32 rows r of W, outliers included: (R, in), a view of scratch("weight", (R, n_vectors, dim))
+        (the NumPy path's reused buffer; by default a new array)."""
+        in_features, g = self.shape[1], self.group_size
+        rows = np.arange(self.shape[0])[r]  # (R,): out-of-range ids raise here
+        R = rows.size
+        index = unpack_codes(self.packed_words[r], self.index_bits)[:, :self.n_vectors]  # (R, n_vectors) uint8
+        w = scratch("weight", (R, self.n_vectors, self.dim), np.float32)
+        np.take(self.points, index, axis=0, out=w, mode="clip")  # every index is < 2^k: nothing clipped
+        w = w.reshape(R, -1)  # (R, n_vectors·dim): the codebook coordinates, padding columns past in_features
+        scales = self.scales(rows)  # (R, G)
+        for k in range(self.n_groups):
+            w[:, k * g:(k + 1) * g] *= scales[:, k, None]
+        if self.outliers is not None:
+            cols, values, row_ptr = self.outliers
+            first, counts = row_ptr[rows], row_ptr[rows + 1] - row_ptr[rows]  # (R,)
+            local = np.repeat(np.arange(R), counts)  # output row of each outlier taken
+            at = np.arange(counts.sum()) + np.repeat(first - (np.cumsum(counts) - counts), counts)
+            w[local, cols[at]] += values[at]  # (row, col) pairs are unique: no lost updates
+        return w[:, :in_features]
+
+    def cache(self):
+        if self.dense is None:
+            self.dense = np.empty(self.shape, dtype=np.float32)
+            chunk = max(1, (64 << 20) // (4 * self.shape[1]))
+            for r0 in range(0, self.shape[0], chunk):
+                self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
+
+    def lean_rows(self, ids):
+        return np.ascontiguousarray(self.dequantize_rows(ids))
+
+    def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
+        vq = kernels.vq()
+        csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
+        return self.run_product(vq.vq_matmul_serial, vq.vq_matmul, x, self.packed, self.planes, self.index_bits,
+                                self.dim, self.scale_codes, self.scale_meta, self.group_size, *csr,
+                                *kernel_extras(bias, residual), y)
+
+    def numpy_matmul(self, x):
+        """x (T, in) @ Wᵀ, dequantizing chunks of rows to float32 (the reference for the kernel)."""
+        T = x.shape[0]
+        out_features, in_features = self.shape
+        y = np.empty((T, out_features), dtype=np.float32)
+        chunk = _chunk_rows(T, in_features)
+
+        def part(r0, r1, scratch):
+            for c0 in range(r0, r1, chunk):
+                c1 = min(r1, c0 + chunk)
+                y[:, c0:c1] = x @ self.dequantize_rows(slice(c0, c1), scratch).T  # (T, rows)
+
+        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        return y

@@ -1,0 +1,262 @@
+"""The `vq` scheme on the CPU: the compiled fused GEMV of cpu_vq_kernels.py (parallel and serial forms) and the
+handle of cpu_vq.py (kernel path, NumPy path, cached mode, embedding rows, vq blocks of a `rows` matrix in a
+written file) against format_spec's reference dequantization, every (bits, dim) × group size × 6/8-bit scale
+codes × odd shapes, with and without outliers. A whole model with vq linears: test_runtime.py (kind "vq").
+
+Tolerance: a product is float32 sums in another order than the float64 reference x·Wᵀ (W = dequantize(blobs),
+itself exact in float32): |y − x·Wᵀ| ≤ RTOL·(|x|·|W|ᵀ) + 1e-6·(1 + |x·Wᵀ|) per element, RTOL = 1e-5 (fp32's
+worst case for sums of ~300 terms is ~2e-5 of |x|·|W|ᵀ; measured here: below 3e-7). The kernels multiply x as
+given (no activation rounding, unlike the affine kernels). Looked-up rows (embedding) are exact.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import random_vq_blobs
+from mxq.format_spec import MxqFile, StorageConfig, dequantize
+from mxq.runtime.backends.cpu_weights import (KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_FLOAT,
+                                              NO_RESIDUAL, NO_ROWS, NO_VALUES, ThreadChoice, activation_low_part,
+                                              quantize_activations, readonly)
+from mxq.runtime.backends.numpy_backend import NumpyBackend
+from test_cpu_kernels import JIT_KERNELS
+
+pytestmark = pytest.mark.early(*JIT_KERNELS)  # the JIT's kernels compiled while other tests run (conftest: early)
+
+RTOL = 1e-5
+KINDS = [(2, 2), (3, 2), (4, 2), (2, 4)]  # (bits, dim): index bits 4, 6, 8, 8
+GROUPS = [32, 64, 128]
+# (shape, outliers): one weight, in < dim, padded last packs and groups, in = one group + 1, several packs
+ODD_SHAPES = [((1, 1), 1), ((7, 33), 3), ((37, 70), 6), ((9, 129), 5), ((20, 256), 7), ((131, 333), 40)]
+
+
+class _Entry:
+    def __init__(self, name, shape, config, role="linear"):
+        self.name, self.shape, self.config, self.role = name, tuple(shape), config, role
+
+
+def assert_close(y, x, weight, bias=None, residual=None, rounded_x=False):
+    """y ≈ x @ Wᵀ (+ bias) (+ residual) within the module doc's bound; rounded_x: some rows come from the affine
+    kernels, which multiply a rounded x̂ (cpu_weights.quantize_activations): |x − x̂|·|W|ᵀ more allowed."""
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    expected = x64 @ w64.T
+    allowed = RTOL * (np.abs(x64) @ np.abs(w64).T)
+    if rounded_x:
+        allowed += np.abs(x64 - quantize_activations(x, activation_low_part())) @ np.abs(w64).T
+    if bias is not None:
+        expected += bias
+    if residual is not None:
+        expected += residual
+    assert y.shape == expected.shape and y.dtype == np.float32
+    assert np.all(np.abs(y - expected) <= allowed + 1e-6 * (1 + np.abs(expected)))
+
+
+@pytest.fixture(scope="module")
+def vq_kernels():
+    """cpu_vq_kernels compiled by Numba's JIT (into the test cache: cpu_jit.cache_dir)."""
+    pytest.importorskip("numba")
+    from test_cpu_kernels import kernels_mode
+
+    from mxq.runtime.backends import cpu_jit
+
+    with kernels_mode("jit"):
+        kernels = cpu_jit.kernels()
+        if kernels is None:
+            pytest.fail("the jit kernels did not load (see the notice on stderr)")
+        return kernels.vq()
+
+
+@pytest.fixture(scope="module", params=["aot", "jit"])
+def backends(request):
+    """(compiled, NumPy reference) backends, with the ahead-of-time kernels and with Numba's JIT."""
+    pytest.importorskip("numba")
+    from test_cpu_kernels import kernels_mode
+
+    with kernels_mode(request.param):
+        fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
+        if fast.kernels is None or fast.kernels.kind != request.param:
+            pytest.fail(f"the {request.param} kernels did not load (see the notice on stderr)")
+        yield fast, ref
+        fast.close()
+        ref.close()
+
+
+def kernel_args(blobs, config: StorageConfig):
+    """vq_matmul's weight arguments as VqWeight passes them."""
+    csr = ((readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
+            readonly(blobs["outlier_values"].view(np.uint16))) if config.outliers else (NO_ROWS, NO_COLS, NO_VALUES))
+    return (readonly(blobs["qweight"].view(np.uint8)), readonly(blobs["codebook"].astype(np.float32).T),
+            config.index_bits, config.dim, readonly(blobs["scale_codes"]),
+            readonly(blobs["scale_meta"].astype(np.float32)), config.group_size, *csr)
+
+
+# -- the kernels --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("meta_bits", [6, 8])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("bits,dim", KINDS)
+def test_kernels_match_the_reference(vq_kernels, bits, dim, group, meta_bits):
+    """vq_matmul (3 parallel parts) and vq_matmul_serial, T = 1 and 5, bias and residual, with and without
+    outliers, against the float64 product with dequantize(blobs)."""
+    rng = np.random.default_rng(bits * 1000 + dim * 100 + group + meta_bits)
+    for (shape, nnz), outliers in itertools.product(ODD_SHAPES, (False, True)):
+        config = StorageConfig.vq(bits, dim, group, nnz if outliers else 0, meta_bits)
+        blobs = random_vq_blobs(rng, shape, config)
+        weight = dequantize(blobs, shape, config)
+        args = kernel_args(blobs, config)
+        for tokens, extras in ((1, False), (5, False), (5, True)):
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+            bias = rng.standard_normal(shape[0]).astype(np.float32) if extras else None
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32) if extras else None
+            for kernel in (vq_kernels.vq_matmul, vq_kernels.vq_matmul_serial):
+                y = np.full((tokens, shape[0]), np.nan, np.float32)
+                kernel(x, *args, NO_FLOAT if bias is None else bias, NO_RESIDUAL if residual is None else residual,
+                       y, 3)
+                assert_close(y, x, weight, bias, residual)
+
+
+def test_kernels_read_every_index_position_and_scale(vq_kernels):
+    """One nonzero input at a time: y = column c of W exactly as far as fp32 allows, for every column of a
+    matrix whose indices, codebook and scales all differ (a wrong shift, plane or group would show)."""
+    rng = np.random.default_rng(3)
+    for bits, dim in KINDS:
+        shape = (5, 160)
+        config = StorageConfig.vq(bits, dim, 32)
+        blobs = random_vq_blobs(rng, shape, config)
+        weight = dequantize(blobs, shape, config)
+        x = np.eye(shape[1], dtype=np.float32)  # (in, in): token c picks column c
+        y = np.empty((shape[1], shape[0]), np.float32)
+        vq_kernels.vq_matmul_serial(x, *kernel_args(blobs, config), NO_FLOAT, NO_RESIDUAL, y, 1)
+        np.testing.assert_allclose(y, weight.T, rtol=1e-6, atol=0)
+
+
+# -- the handle ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,dim", KINDS)
+def test_handle_kernel_and_numpy_path_match_the_reference(backends, bits, dim):
+    """Products of 1, 3 (the kernel) and 20 tokens (> KERNEL_MAX_TOKENS: dequantize + sgemm) on the compiled
+    and the NumPy backend, bias and residual; embedding rows exact."""
+    fast, ref = backends
+    rng = np.random.default_rng(bits * 10 + dim)
+    assert 20 > KERNEL_MAX_TOKENS
+    for (shape, nnz), group, meta_bits in itertools.product(ODD_SHAPES, GROUPS, (6, 8)):
+        config = StorageConfig.vq(bits, dim, group, nnz if group != 64 else 0, meta_bits)
+        blobs = random_vq_blobs(rng, shape, config)
+        weight = dequantize(blobs, shape, config)
+        w_fast, w_ref = (backend.prepare(_Entry("w", shape, config), blobs) for backend in (fast, ref))
+        bias = rng.standard_normal(shape[0]).astype(np.float32)
+        for tokens in (1, 3, 20):
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
+            assert_close(fast.linear(x, w_fast), x, weight)
+            assert_close(ref.linear(x, w_ref), x, weight)
+            assert_close(fast.linear(x, w_fast, bias, residual.copy()), x, weight, bias, residual)
+        ids = np.array([0, shape[0] - 1, 0, shape[0] // 2])
+        np.testing.assert_array_equal(fast.embedding(w_fast, ids), weight[ids])
+        np.testing.assert_array_equal(ref.embedding(w_ref, ids), weight[ids])
+    assert fast.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
+
+
+def test_the_kernel_serves_decode_and_sgemm_serves_prefill(backends, monkeypatch):
+    """Up to KERNEL_MAX_TOKENS tokens the compiled kernel multiplies (the NumPy path is not called), above it
+    the NumPy path."""
+    from mxq.runtime.backends.cpu_vq import VqWeight
+
+    fast, _ = backends
+    rng = np.random.default_rng(11)
+    shape, config = (40, 96), StorageConfig.vq(3, 2, 32, 4)
+    blobs = random_vq_blobs(rng, shape, config)
+    weight = dequantize(blobs, shape, config)
+    handle = fast.prepare(_Entry("w", shape, config), blobs)
+    calls = []
+    original = VqWeight.numpy_matmul
+    monkeypatch.setattr(VqWeight, "numpy_matmul", lambda self, x: calls.append(x.shape[0]) or original(self, x))
+    for tokens in (1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 1):
+        x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+        assert_close(fast.linear(x, handle), x, weight)
+    assert calls == [KERNEL_MAX_TOKENS + 1]
+
+
+def test_parallel_parts_and_cached_mode_match():
+    """A matrix big enough for ThreadChoice (Numba's JIT): its first calls alternate the serial and the parallel
+    kernel — identical numbers; the cached mode (float32 copy, BLAS) matches too."""
+    pytest.importorskip("numba")
+    from test_cpu_kernels import kernels_mode
+
+    rng = np.random.default_rng(7)
+    shape, config = (600, 1000), StorageConfig.vq(2, 4, 64, 50)
+    assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
+    blobs = random_vq_blobs(rng, shape, config)
+    weight = dequantize(blobs, shape, config)
+    x = rng.standard_normal((2, shape[1])).astype(np.float32)
+    with kernels_mode("jit"):
+        lean, cached = NumpyBackend(threads=2), NumpyBackend(threads=2, cache_dequantized=True)
+    handle = lean.prepare(_Entry("w", shape, config), blobs)
+    assert lean.kernels.parallel and handle.threads_choice is not None
+    results = [lean.linear(x, handle) for _ in range(2 * ThreadChoice.PROBE)]
+    for y in results:
+        np.testing.assert_array_equal(y, results[0])
+    assert_close(results[0], x, weight)
+    cached_handle = cached.prepare(_Entry("w", shape, config), blobs)
+    assert cached_handle.dense is not None
+    assert_close(cached.linear(x, cached_handle), x, weight)
+    np.testing.assert_array_equal(cached_handle.dense, weight)
+    lean.close()
+    cached.close()
+
+
+def test_a_written_file_with_vq_tensors_and_vq_row_blocks(tmp_path, backends):
+    """write → MxqFile → the backend's handles: plain vq matrices and a `rows` matrix with vq blocks next to
+    affine, lut and fp16 ones; products (kernel and sgemm sizes) and embedding lookups."""
+    from test_rows_scheme import write_rows_file
+
+    fast, ref = backends
+    parse = StorageConfig.parse
+    tensors = [("a", (37, 70), parse("v3d2g64+o6")), ("b", (50, 40), parse("v2d4g32m8")),
+               ("c", (96, 130), parse("v4d2g128")),
+               ("r", (40, 64), parse("rows(10:v2d2g32+o3,10:b4g32,12:v2d4g64m8,4:l3,4:fp16)"))]
+    path = tmp_path / "vq.mxq"
+    written = write_rows_file(path, tensors)
+    rng = np.random.default_rng(5)
+    with MxqFile.open(path) as f:
+        assert f.version == (1, 6) and f.verify() == []
+        for name, shape, config in tensors:
+            blobs = f.blobs(name)
+            for blob_name, array in written[name].items():
+                np.testing.assert_array_equal(blobs[blob_name], array)
+            weight = dequantize(blobs, shape, config)
+            affine_rows = config.scheme == "rows"  # its affine block's kernels (stacks: prefill pieces too) round x
+            for backend in (fast, ref):
+                handle = backend.prepare(f.tensors[name], blobs)
+                for tokens in (1, 20):
+                    x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+                    rounded = affine_rows and backend.kernels is not None
+                    assert_close(backend.linear(x, handle), x, weight, rounded_x=rounded)
+                ids = np.array([shape[0] - 1, 0, 3, 3])
+                np.testing.assert_array_equal(backend.embedding(handle, ids), weight[ids])
+    assert fast.kernels is not None
+
+
+def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends):
+    """Content the reader cannot judge: unsound CSR outliers are a ModelError naming the tensor; indices always
+    fall inside the codebook (k bits, 2^k points), so any codebook or scale bytes (inf, NaN) give numbers on
+    every path — NaN where the reference has them — never an out-of-bounds read."""
+    from mxq.runtime.errors import ModelError
+
+    fast, ref = backends
+    rng = np.random.default_rng(13)
+    shape, config = (6, 40), StorageConfig.vq(2, 4, 32, 4)
+    blobs = random_vq_blobs(rng, shape, config)
+    with pytest.raises(ModelError, match="tensor 'w': bad outliers"):
+        fast.prepare(_Entry("w", shape, config), dict(blobs, outlier_cols=np.array([0, 0, 0, 99], np.uint16)))
+    wild = dict(blobs, codebook=np.where(rng.random((256, 4)) < 0.5, np.inf, np.nan).astype(np.float16),
+                scale_meta=np.full_like(blobs["scale_meta"], np.inf))
+    with np.errstate(invalid="ignore"):  # inf · 0 (a zero scale code or input)
+        for backend in (fast, ref):
+            handle = backend.prepare(_Entry("w", shape, config), wild)
+            for tokens in (1, 20):
+                y = backend.linear(np.ones((tokens, shape[1]), np.float32), handle)
+                assert y.shape == (tokens, shape[0]) and y.dtype == np.float32 and np.isnan(y).all()
+        assert np.isnan(dequantize(wild, shape, config)).any()
