@@ -121,12 +121,13 @@ class _VqRows:
 
 def _nearest_vectors(x, a, s, points):
     """GPTVQ's joint choice: indices (n,) of argmin_k Σ_i a_i (x_i − s·p_ki)² for vectors x (n, m) with
-    weights a (n, m) and scales s (n,), points (K, ≥ m) (a vector cut short by the matrix edge uses its
-    first m coordinates)."""
-    p = points[:, :x.shape[1]]  # (K, m)
-    cross = (x * a) @ p.T  # (n, K)
-    square = a @ (p * p).T  # (n, K)
-    return (s[:, None] * (s[:, None] * square - 2.0 * cross)).argmin(1)
+    weights a (n, m), or (1, m) shared by every vector, and scales s (n,), points (K, ≥ m) (a vector cut
+    short by the matrix edge uses its first m coordinates). In NumPy: these (n, K) products are small,
+    and torch's threaded kernels cost ~100× as much on them when the cores are busy."""
+    x, a, s, p = x.numpy(), a.numpy(), s.numpy()[:, None], points[:, :x.shape[1]].numpy()  # p (K, m)
+    distance = s * (a @ (p * p).T) - 2.0 * ((x * a) @ p.T)  # (n, K)
+    distance *= s  # Σ a·(x − s·p)² less Σ a·x², which has no bearing on the choice
+    return torch.from_numpy(np.argmin(distance, axis=1))
 
 
 def _order(diag: torch.Tensor, act_order: bool, slab: int) -> torch.Tensor:
@@ -192,7 +193,7 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
                 if c % run.dim == 0:
                     m = min(run.dim, in_features - c)  # columns c … c+m−1 sit at j … j+m−1
                     x = wt[j:j + m, run.start:run.end].T  # (rows, m), updated by every column before
-                    a = (1.0 / torch.diagonal(u[j:j + m, j:j + m]).pow(2))[None, :].expand_as(x)
+                    a = (1.0 / torch.diagonal(u[j:j + m, j:j + m]).pow(2))[None, :]  # (1, m)
                     if keep is not None:  # an outlier's error is only its fp16 rounding
                         a = a * (~keep[j:j + m, run.start:run.end].T)
                     scale = run.scale[c // run.group_size]  # (rows,)
