@@ -5,7 +5,7 @@
 A crash is any exception other than the typed ones bad input must raise (MxqFormatError, ModelError
 and the format's ValueError subclasses MetadataError/JsonError/OutputPathError, OSError).
 Each case: write a mutated copy of a small real model (every other decoder matrix stored as `rows`:
-an fp16 block and an affine block with outliers, in a random row order; its tensor entries packed, as
+an fp16 block, a vq block and an affine block with outliers, in a random row order; its tensor entries packed, as
 mxq writes them, or with a blob table, the 1.0–1.4 form, half the cases each), open it, verify it, load
 it (config, tokenizer, weights), run a 4-token forward and, if it has one, its chat template.
   - metadata mutations: one JSON value (any depth) replaced by a hostile one (wrong type, huge or
@@ -68,10 +68,11 @@ def seed_files(fixture: str, folder: Path) -> list:
 
 def with_row_blocks(path: Path, out: Path, every: int = 2, blob_table: bool = False) -> Path:
     """A copy of `path` whose every `every`-th decoder matrix is stored as `rows` (SPEC.md §8): its rows in
-    a random order, the first third as an fp16 block, the rest as b4g32 with 2 outliers (RTN); blob_table:
-    tensor entries in the 1.0–1.4 form (a blob object each) instead of packed (§4.1)."""
+    a random order, the first third as an fp16 block, the second as v3d2g32 with 2 outliers (§12), the rest
+    as b4g32 with 2 outliers (RTN); blob_table: tensor entries in the 1.0–1.4 form (a blob object each)
+    instead of packed (§4.1)."""
     import numpy as np
-    from test_runtime_files import rtn_affine
+    from test_runtime_files import rtn_affine, rtn_vq
 
     from mxq.format_spec import MxqFile, MxqWriter, StorageConfig, TensorPlan, dequantize, join_blocks
 
@@ -85,8 +86,11 @@ def with_row_blocks(path: Path, out: Path, every: int = 2, blob_table: bool = Fa
                 out_features = entry.shape[0]
                 order, k = rng.permutation(out_features), max(1, out_features // 3)
                 stored = dequantize(tensor_blobs, entry.shape, config)[order]  # (out, in) in stored order
-                config = StorageConfig.rows([(k, StorageConfig.fp16()), (out_features - k, StorageConfig.affine(4, 32, 2))])
-                tensor_blobs = join_blocks(order, [{"data": stored[:k].astype(np.float16)}, rtn_affine(stored[k:], 4, 32, 2)])
+                vq = StorageConfig.vq(3, 2, 32, 2)
+                config = StorageConfig.rows([(k, StorageConfig.fp16()), (k, vq),
+                                             (out_features - 2 * k, StorageConfig.affine(4, 32, 2))])
+                tensor_blobs = join_blocks(order, [{"data": stored[:k].astype(np.float16)}, rtn_vq(stored[k:2 * k], vq),
+                                                   rtn_affine(stored[2 * k:], 4, 32, 2)])
             plans.append(TensorPlan(name, entry.shape, config, entry.role))
             blobs[name] = tensor_blobs
         tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
