@@ -121,7 +121,7 @@ def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importa
         w_full = w_full[rows.numpy()]
         imp_full = imp_full[rows.numpy()] if imp_full is not None else None
     out_features, in_features = w_full.shape
-    _, _, n_packs, n_groups = vq_dims(w_full.shape, config)
+    n_groups = vq_dims(w_full.shape, config)[3]
     g, d = config.group_size, config.dim
     w = _padded(w_full, n_groups * g)  # (out, G·g)
     a = _padded(imp_full, n_groups * g) if imp_full is not None else None
@@ -134,10 +134,10 @@ def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importa
         kept = ~outliers.numpy()[rows.numpy()] if rows is not None else ~outliers.numpy()
         keep3 = np.ascontiguousarray(np.pad(kept, ((0, 0), (0, n_vectors * d - in_features))).reshape(w3.shape))
     scale = _initial_scales(w, in_features, g)  # (out, G)
-    ones = a if a is not None else _padded(np.ones(w_full.shape, np.float32), n_groups * g)
+    fit_weights = a if a is not None else _padded(np.ones(w_full.shape, np.float32), n_groups * g)  # (out, G·g)
     for _ in range(REFITS):
         index = _round(w3, a3, keep3, in_features, scale, config, decoded_points, True, False)[0]
-        fitted = _least_squares_scales(w, ones, decoded_points, index, scale, config, in_features)
+        fitted = _least_squares_scales(w, fit_weights, decoded_points, index, scale, config, in_features)
         codes, meta = encode_meta(fitted, config.meta_bits)
         scale = decode_meta(codes, meta).astype(np.float32)
     index, residual, row_sq, row_weighted = _round(w3, a3, keep3, in_features, scale, config, decoded_points,
