@@ -27,6 +27,28 @@ __device__ __forceinline__ float decode_meta(const uint8_t* __restrict__ codes, 
     return __fadd_rn(__fmul_rn((float)__ldg(codes + i), step), low);
 }
 
+// x staged in shared memory a tile of whole packs at a time (32 inputs each, zero past in_features),
+// swizzled: pack p's 4-float chunk k sits at float4 slot p·8 + (k + p) % 8, so the 32 lanes of a warp,
+// each reading its own pack's chunk k, spread over the banks. Every thread of the block calls
+// stage_x_packs (the caller places the barriers); a lane reads its pack back with load_x_pack.
+__device__ __forceinline__ void stage_x_packs(float4* x_tile, const float* __restrict__ x, int first_pack,
+                                              int tile_packs, int in_features) {
+    float* x_flat = reinterpret_cast<float*>(x_tile);
+    for (int i = threadIdx.x; i < tile_packs * CODES_PER_PACK; i += blockDim.x) {
+        const int c = first_pack * CODES_PER_PACK + i;
+        const int p = i >> 5, j = i & 31;
+        x_flat[((p << 3) + (((j >> 2) + p) & 7)) * 4 + (j & 3)] = c < in_features ? __ldg(x + c) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void load_x_pack(const float4* x_tile, int p, float (&xv)[CODES_PER_PACK]) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const float4 v = x_tile[(p << 3) + ((k + p) & 7)];
+        xv[4 * k] = v.x; xv[4 * k + 1] = v.y; xv[4 * k + 2] = v.z; xv[4 * k + 3] = v.w;
+    }
+}
+
 // The B words of pack p of a row, with the widest aligned vector loads the pack size allows
 // (a pack is 4·B bytes: B = 4, 8 → 16-byte loads; B = 2, 6 → 8-byte; B = 3, 5 → 4-byte).
 // Needs the qweight base 16-byte aligned (blobs are 64-aligned in the file, 256 on the device).

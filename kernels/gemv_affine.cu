@@ -76,24 +76,15 @@ __device__ __forceinline__ void gemv_affine(
 #pragma unroll
     for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
 
-    float* x_flat = reinterpret_cast<float*>(x_tile);
     for (int tile = 0; tile < n_packs; tile += GEMV_TILE_PACKS) {
         const int tile_packs = min(GEMV_TILE_PACKS, n_packs - tile);
         if (tile > 0) __syncthreads();  // every warp is done with the previous tile
-        for (int i = threadIdx.x; i < tile_packs * CODES_PER_PACK; i += blockDim.x) {
-            const int c = tile * CODES_PER_PACK + i;
-            const int p = i >> 5, j = i & 31;
-            x_flat[((p << 3) + (((j >> 2) + p) & 7)) * 4 + (j & 3)] = c < in_features ? __ldg(x + c) : 0.0f;
-        }
+        stage_x_packs(x_tile, x, tile, tile_packs, in_features);
         __syncthreads();
         if (warp_active) {
             for (int pl = lane; pl < tile_packs; pl += 32) {
                 float xv[CODES_PER_PACK];
-#pragma unroll
-                for (int ch = 0; ch < 8; ++ch) {
-                    const float4 v = x_tile[(pl << 3) + ((ch + pl) & 7)];
-                    xv[4 * ch] = v.x; xv[4 * ch + 1] = v.y; xv[4 * ch + 2] = v.z; xv[4 * ch + 3] = v.w;
-                }
+                load_x_pack(x_tile, pl, xv);
                 float xsum = 0.0f;
 #pragma unroll
                 for (int j = 0; j < CODES_PER_PACK; ++j) xsum += xv[j];

@@ -134,24 +134,15 @@ __device__ __forceinline__ void gemv_vq(
 #pragma unroll
     for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
 
-    float* x_flat = reinterpret_cast<float*>(x_tile);
     for (int tile = 0; tile < n_chunks; tile += VQ_TILE_CHUNKS) {
         const int tile_chunks = min(VQ_TILE_CHUNKS, n_chunks - tile);
         if (tile > 0) __syncthreads();  // every warp is done with the previous tile
-        for (int i = threadIdx.x; i < tile_chunks * CODES_PER_PACK; i += blockDim.x) {
-            const int c = tile * CODES_PER_PACK + i;
-            const int q = i >> 5, j = i & 31;
-            x_flat[((q << 3) + (((j >> 2) + q) & 7)) * 4 + (j & 3)] = c < in_features ? __ldg(x + c) : 0.0f;
-        }
+        stage_x_packs(x_tile, x, tile, tile_chunks, in_features);
         __syncthreads();  // (the first one also publishes the codebook)
         if (warp_active) {
             for (int ql = lane; ql < tile_chunks; ql += 32) {
                 float xv[CODES_PER_PACK];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    const float4 v = x_tile[(ql << 3) + ((k + ql) & 7)];
-                    xv[4 * k] = v.x; xv[4 * k + 1] = v.y; xv[4 * k + 2] = v.z; xv[4 * k + 3] = v.w;
-                }
+                load_x_pack(x_tile, ql, xv);
                 const int q = tile + ql;
                 const int group = q >> chunk_shift;
 #pragma unroll
