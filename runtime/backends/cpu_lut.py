@@ -15,11 +15,10 @@ import numpy as np
 
 from ...format_spec import codebook_of_rows, unpack_codes
 from ...format_spec.layout import lut_dims
-from .cpu_weights import (KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_ROWS, NO_VALUES, PARALLEL_MIN_WORK, Matrix, _chunk_rows,
-                          kernel_extras, readonly)
+from .cpu_weights import KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, kernel_extras, readonly
 
 
-class LutWeight(Matrix):
+class LutWeight(RowDequantized):
     """A packed `lut` matrix (out, in), multiplied from the mmapped file bytes (lean) or from a float32
     copy (cached)."""
 
@@ -37,8 +36,8 @@ class LutWeight(Matrix):
         if backend.kernels is not None:  # compile now; a failure switches the kernels off (NumPy path)
             backend.run_kernel(lambda _threads: backend.kernels.lut())
 
-    def dequantize_rows(self, r: np.ndarray | slice) -> np.ndarray:
-        """Float32 rows of W, outliers included: (R, in)."""
+    def dequantize_rows(self, r: np.ndarray | slice, scratch=None) -> np.ndarray:
+        """Float32 rows of W, outliers included: (R, in), a new array (no scratch buffer)."""
         _, in_features, _ = lut_dims(self.shape)
         rows = np.arange(self.shape[0])[r]
         codes = unpack_codes(self.packed_words[r], self.bits)[:, :in_features]  # (R, in)
@@ -50,16 +49,6 @@ class LutWeight(Matrix):
                 w[i, self.csr[1][span].astype(np.intp)] += self.csr[2][span].view(np.float16).astype(np.float32)
         return w
 
-    def cache(self):
-        if self.dense is None:
-            self.dense = np.empty(self.shape, dtype=np.float32)
-            chunk = max(1, (64 << 20) // (4 * self.shape[1]))
-            for r0 in range(0, self.shape[0], chunk):
-                self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
-
-    def lean_rows(self, ids):
-        return self.dequantize_rows(ids)
-
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         lut = kernels.lut()
         out_features, in_features = self.shape
@@ -69,18 +58,3 @@ class LutWeight(Matrix):
         kernel = lut.lut_matmul if parallel else lut.lut_matmul_serial
         return self.backend.run_kernel(kernel, x, self.packed, self.codebook_bits, self.codebook_rows, self.bits,
                                        *csr, *kernel_extras(bias, residual), y)
-
-    def numpy_matmul(self, x):
-        """x (T, in) @ Wᵀ, dequantizing chunks of rows to float32 (the reference for the kernel)."""
-        T = x.shape[0]
-        out_features, in_features = self.shape
-        y = np.empty((T, out_features), dtype=np.float32)
-        chunk = _chunk_rows(T, in_features)
-
-        def part(r0, r1, scratch):
-            for c0 in range(r0, r1, chunk):
-                c1 = min(r1, c0 + chunk)
-                y[:, c0:c1] = x @ self.dequantize_rows(slice(c0, c1)).T  # (T, rows)
-
-        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
-        return y

@@ -1,4 +1,4 @@
-"""The CPU backend's handle of a `vq` matrix (SPEC.md §7a): every `dim` inputs of a row share one index into the
+"""The CPU backend's handle of a `vq` matrix (SPEC.md §12): every `dim` inputs of a row share one index into the
 matrix's codebook, a double-quantized scale per group of inputs stretches it.
 
 Lean mode (default) keeps the file's bytes: the packed indices, the 8-bit scale codes (6-bit ones: their uint8
@@ -22,11 +22,10 @@ import numpy as np
 
 from ...format_spec import unpack_codes
 from ...format_spec.layout import META_GROUP_SIZE, vq_dims
-from .cpu_weights import (NO_COLS, NO_ROWS, NO_VALUES, PARALLEL_MIN_WORK, Matrix, _chunk_rows, _fresh, kernel_extras,
-                          readonly)
+from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, kernel_extras, readonly
 
 
-class VqWeight(Matrix):
+class VqWeight(RowDequantized):
     """A packed `vq` matrix (out, in), multiplied from the mmapped file bytes (lean) or from a float32 copy
     (cached)."""
 
@@ -83,34 +82,9 @@ class VqWeight(Matrix):
             w[local, cols[at]] += values[at]  # (row, col) pairs are unique: no lost updates
         return w[:, :in_features]
 
-    def cache(self):
-        if self.dense is None:
-            self.dense = np.empty(self.shape, dtype=np.float32)
-            chunk = max(1, (64 << 20) // (4 * self.shape[1]))
-            for r0 in range(0, self.shape[0], chunk):
-                self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
-
-    def lean_rows(self, ids):
-        return np.ascontiguousarray(self.dequantize_rows(ids))
-
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         vq = kernels.vq()
         csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
         return self.run_product(vq.vq_matmul_serial, vq.vq_matmul, x, self.packed, self.planes, self.index_bits,
                                 self.dim, self.scale_codes, self.scale_meta, self.group_size, *csr,
                                 *kernel_extras(bias, residual), y)
-
-    def numpy_matmul(self, x):
-        """x (T, in) @ Wᵀ, dequantizing chunks of rows to float32 (the reference for the kernel)."""
-        T = x.shape[0]
-        out_features, in_features = self.shape
-        y = np.empty((T, out_features), dtype=np.float32)
-        chunk = _chunk_rows(T, in_features)
-
-        def part(r0, r1, scratch):
-            for c0 in range(r0, r1, chunk):
-                c1 = min(r1, c0 + chunk)
-                y[:, c0:c1] = x @ self.dequantize_rows(slice(c0, c1), scratch).T  # (T, rows)
-
-        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
-        return y

@@ -665,6 +665,39 @@ def _fresh(name, shape, dtype):
     return np.empty(shape, dtype)
 
 
+class RowDequantized(Matrix):
+    """A codebook matrix (lut, vq) whose NumPy path and cached copy come from `dequantize_rows(r, scratch)`:
+    float32 rows r (R, in), outliers included, possibly a view of scratch's reused buffer."""
+
+    def dequantize_rows(self, r, scratch=_fresh) -> np.ndarray:
+        raise NotImplementedError
+
+    def cache(self):
+        if self.dense is None:
+            self.dense = np.empty(self.shape, dtype=np.float32)
+            chunk = max(1, (64 << 20) // (4 * self.shape[1]))
+            for r0 in range(0, self.shape[0], chunk):
+                self.dense[r0:r0 + chunk] = self.dequantize_rows(slice(r0, r0 + chunk))
+
+    def lean_rows(self, ids):
+        return np.ascontiguousarray(self.dequantize_rows(ids))
+
+    def numpy_matmul(self, x):
+        """x (T, in) @ Wᵀ, dequantizing chunks of rows to float32 (the reference for the kernel)."""
+        T = x.shape[0]
+        out_features, in_features = self.shape
+        y = np.empty((T, out_features), dtype=np.float32)
+        chunk = _chunk_rows(T, in_features)
+
+        def part(r0, r1, scratch):
+            for c0 in range(r0, r1, chunk):
+                c1 = min(r1, c0 + chunk)
+                y[:, c0:c1] = x @ self.dequantize_rows(slice(c0, c1), scratch).T  # (T, rows)
+
+        self.backend.parallel_rows(out_features, out_features * in_features >= PARALLEL_MIN_WORK, part)
+        return y
+
+
 def _chunk_rows(T: int, row_elements: int) -> int:
     budget = DECODE_CHUNK_BYTES if T <= DECODE_MAX_TOKENS else PREFILL_CHUNK_BYTES
     return max(8, budget // (4 * row_elements))
