@@ -31,7 +31,7 @@ from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pa
 from ..format_spec.layout import lut_dims
 from .kernels import lut_kmeans, lut_round, round_groups, wls_scale_zero
 from .options import OUTLIER_MODES, QUANTIZERS
-from .vq import build_outliers, quantize_vq
+from .vq import quantize_vq
 
 CHUNK_WEIGHTS = 1 << 18
 ZERO_LIMIT = float(1 << 14)  # |zero point| in quantization steps; fp16 run metadata holds it exactly enough
@@ -258,6 +258,22 @@ def _quantize(weight, config, quantizer, pack, importance, outliers, keep_residu
                      residual_2d if keep_residual else None, row_weighted, torch.from_numpy(row_sq))
 
 
+def _store_outliers(blobs: dict, shape, outliers: torch.Tensor, residual: torch.Tensor, row_sq: np.ndarray,
+                    row_weighted: np.ndarray, importance, pack: bool) -> None:
+    """A codebook scheme's (lut, vq) outliers: their residuals (out, in) stored as fp16 CSR in `blobs` (when
+    pack), their leftover fp16 rounding added to the row errors (in place)."""
+    rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
+    exact = residual[rows_idx, cols_idx]
+    values = exact.to(torch.float16)
+    leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
+    np.add.at(row_sq, rows_idx.numpy(), leftover_sq.numpy())
+    if importance is not None:
+        leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
+    np.add.at(row_weighted, rows_idx.numpy(), leftover_sq.numpy())
+    if pack:
+        blobs.update(build_csr(tuple(shape), rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
+
+
 def _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows) -> Quantized:
     """The `vq` scheme (converter/vq.py), its outliers chosen as affine's and lut's are."""
     floor = _importance_floor(importance)  # of the whole matrix, also for a row sample
@@ -271,7 +287,7 @@ def _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, r
     blobs, row_sq, row_weighted, residual = quantize_vq(weight, config, pack, importance, outliers, rows,
                                                         keep_residual=outliers is not None, floor=floor)
     if outliers is not None:
-        build_outliers(blobs, tuple(weight.shape), outliers, residual, row_sq, row_weighted, importance, pack)
+        _store_outliers(blobs, weight.shape, outliers, residual, row_sq, row_weighted, importance, pack)
     error_sq, weighted = sum64(row_sq), sum64(row_weighted)
     return Quantized(blobs, error_sq, weighted if importance is not None else error_sq, residual,
                      torch.from_numpy(row_weighted), torch.from_numpy(row_sq))
@@ -306,17 +322,9 @@ def _quantize_lut(weight, config, pack, importance, outliers, keep_residual=Fals
     lut_round(w, keep, imp, in_features, config.codebook_rows, codebook.astype(np.float32), codes, residual,
               row_sq, row_weighted)
     blobs = {}
-    if config.outliers:  # the outliers' residuals, stored as fp16: their leftover rounding is the error
-        rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
-        exact = torch.from_numpy(residual)[rows_idx, cols_idx]
-        values = exact.to(torch.float16)
-        leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
-        np.add.at(row_sq, rows_idx.numpy(), leftover_sq.numpy())
-        if importance is not None:
-            leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
-        np.add.at(row_weighted, rows_idx.numpy(), leftover_sq.numpy())
-        if pack:
-            blobs.update(build_csr(weight.shape, rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
+    if config.outliers:
+        _store_outliers(blobs, weight.shape, outliers, torch.from_numpy(residual), row_sq, row_weighted, importance,
+                        pack)
     if pack:
         blobs = {"qweight": pack_codes(codes, config.bits), "codebook": codebook, **blobs}
     error_sq, weighted = sum64(row_sq), sum64(row_weighted)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pack_codes
+from ..format_spec import StorageConfig, decode_meta, encode_meta, pack_codes
 from ..format_spec.layout import vq_dims
 from .kernels import vq_kmeans, vq_round
 
@@ -152,18 +152,3 @@ def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importa
                                        .copy())
     return blobs, row_sq, row_weighted, residual_2d
 
-
-def build_outliers(blobs: dict, shape, outliers: torch.Tensor, residual: torch.Tensor, row_sq: np.ndarray,
-                   row_weighted: np.ndarray, importance, pack: bool) -> None:
-    """Store the outliers' residuals as fp16 CSR in `blobs` (when pack) and add their leftover fp16
-    rounding to the row errors (in place), as affine and lut do."""
-    rows_idx, cols_idx = torch.nonzero(outliers, as_tuple=True)
-    exact = residual[rows_idx, cols_idx]
-    values = exact.to(torch.float16)
-    leftover_sq = (values.to(torch.float32) - exact).to(torch.float64) ** 2
-    np.add.at(row_sq, rows_idx.numpy(), leftover_sq.numpy())
-    if importance is not None:
-        leftover_sq = leftover_sq * importance[rows_idx, cols_idx]
-    np.add.at(row_weighted, rows_idx.numpy(), leftover_sq.numpy())
-    if pack:
-        blobs.update(build_csr(shape, rows_idx.numpy(), cols_idx.numpy(), values.numpy()))

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .layout import META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, leaves
+from .layout import META_ARRAYS, META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, leaves
 from .lut import dequantize_lut
 from .vq import dequantize_vq
 from .packing import CODES_PER_PACK, pack_codes, unpack_codes
@@ -132,12 +132,11 @@ def _meta_form(blobs: dict, shape, config: StorageConfig, to_file: bool) -> dict
     through as is (views stay views)."""
     out = dict(blobs)
     for prefix, part_shape, part in leaves(shape, config):
-        if part.scheme not in ("affine", "vq") or part.meta_bits == 8:
+        if part.scheme not in META_ARRAYS or part.meta_bits == 8:
             continue
         out_features, _, n_groups = affine_dims(part_shape, part.group_size)
         n = out_features * n_groups
-        names = ("scale_codes", "zero_codes") if part.scheme == "affine" else ("scale_codes",)
-        for name in (prefix + name for name in names):
+        for name in (prefix + array for array in META_ARRAYS[part.scheme]):
             if to_file:
                 flat = np.zeros(-(-n // CODES_PER_PACK) * CODES_PER_PACK, np.uint8)
                 flat[:n] = np.asarray(blobs[name]).reshape(-1)

@@ -28,6 +28,7 @@ VQ_DIMS = (2, 4)  # vq: consecutive inputs that share one codebook index
 VQ_BITS = (2, 3, 4)  # vq: bits per weight, so an index has dim · bits bits ...
 VQ_INDEX_BITS = (4, 6, 8)  # ... which must be one of these (a codebook of 16, 64 or 256 points)
 VQ_META_BITS = 6  # vq: the default width of its scale codes (8 also allowed: v..m8)
+META_ARRAYS = {"affine": ("scale_codes", "zero_codes"), "vq": ("scale_codes",)}  # double-quantized (out, G) codes
 
 # The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
 #   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>],
@@ -83,7 +84,7 @@ class StorageConfig:
             object.__setattr__(self, "meta_bits", default_meta_bits(self.bits))
         if self.scheme == "vq" and self.meta_bits == 0:
             object.__setattr__(self, "meta_bits", VQ_META_BITS)
-        if self.scheme not in ("affine", "vq") and self.meta_bits:
+        if self.scheme not in META_ARRAYS and self.meta_bits:
             raise ValueError(f"{self.scheme} takes no metadata bits")
         if self.scheme != "vq" and self.dim:
             raise ValueError(f"{self.scheme} takes no vector dimension")
@@ -360,11 +361,10 @@ def unpacked_extra_nbytes(shape, config: StorageConfig) -> int:
     8-bit ones and every other blob are used in place."""
     extra = 0
     for _, part_shape, part in leaves(shape, config):
-        if part.scheme in ("affine", "vq") and part.meta_bits != 8:
+        if part.scheme in META_ARRAYS and part.meta_bits != 8:
             out_features, _, n_groups = affine_dims(part_shape, part.group_size)
             packed = meta_codes_spec(out_features, n_groups, part.meta_bits).nbytes
-            n_arrays = 2 if part.scheme == "affine" else 1  # affine: scales and zeros; vq: scales
-            extra += n_arrays * max(0, out_features * n_groups - packed)
+            extra += len(META_ARRAYS[part.scheme]) * max(0, out_features * n_groups - packed)
     return extra
 
 

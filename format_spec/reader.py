@@ -20,8 +20,8 @@ import numpy as np
 from .affine import loaded_blobs
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
-from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, VQ_BITS, VQ_DIMS,
-                     VQ_INDEX_BITS, StorageConfig, align_up, blob_specs)
+from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig,
+                     align_up, blob_specs)
 from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
@@ -302,12 +302,16 @@ class MxqFile:
             dim = check.get(config_raw, "dim", int, f"{where} config")
             meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
             meta_group_size = check.get(config_raw, "meta_group_size", int, f"{where} config")
-            if bits not in VQ_BITS or dim not in VQ_DIMS or bits * dim not in VQ_INDEX_BITS or \
-                    group_size not in GROUP_SIZES or outliers < 0 or meta_bits not in META_BITS or \
-                    meta_group_size != META_GROUP_SIZE:
+            config = None
+            if meta_group_size == META_GROUP_SIZE and outliers >= 0 and meta_bits:  # 0 would mean "the default"
+                try:
+                    config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)  # layout.py's rules
+                except ValueError:
+                    pass
+            if config is None:
                 check.fail(f"{where}: config bits={bits} dim={dim} group_size={group_size} meta_bits={meta_bits} "
                            f"meta_group_size={meta_group_size} outliers={outliers} is not supported")
-            return StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)
+            return config
         if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
             check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} is not supported")
         meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
