@@ -5,7 +5,7 @@
     vq_matmul_serial(... the same ...)   on the calling thread only (small matrices, the ahead-of-time build)
 
 A row of W is ceil(in / dim) vectors of `dim` inputs; vector j holds a k-bit index (k = index_bits = dim·bits:
-4, 6 or 8) into the matrix's codebook of 2^k points, and every group_size inputs share a scale (SPEC.md §7a):
+4, 6 or 8) into the matrix's codebook of 2^k points, and every group_size inputs share a scale (SPEC.md §12):
     W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim]
 The packed indices repeat every B bytes (a "unit") holding U indices, as in cpu_lut_kernels.py (k = 4: 2 per
 byte, 6: 4 per 3 bytes, 8: 1 per byte); a unit's U·dim inputs lie in one group (g is a multiple of U·dim).
