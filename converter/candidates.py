@@ -27,9 +27,12 @@ PRESETS = {
     "lut": [f"l{b}{suffix}" for b in (2, 3, 4, 5) for suffix in ("", "c4", "c16")],
     # vector quantization (SPEC.md §12): 2 bits in 4-D (256 points), 3 bits in 2-D (64 points), a scale per g
     "vq": [f"v{b}d{d}g{g}" for b, d in ((2, 4), (3, 2)) for g in GROUP_SIZES],
+    # vq with codebooks shared by the file (SPEC.md §12.4): 2 bits in 4-D (256 points), 3 bits in 4-D (4096)
+    "vqs": [f"v{b}d4g{g}s" for b in (2, 3) for g in GROUP_SIZES],
 }
 PRESETS["all+lut"] = PRESETS["all"] + PRESETS["lut"]
 PRESETS["all+vq"] = PRESETS["all"] + PRESETS["vq"]
+PRESETS["all+vqs"] = PRESETS["all"] + PRESETS["vqs"]
 
 
 def parse_candidates(text: str) -> list[Candidate]:

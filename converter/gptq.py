@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -48,8 +49,10 @@ from ..format_spec.affine import build_csr, dequantize
 from ..format_spec.layout import CODES_PER_PACK, lut_dims, vq_dims
 from .calibrate import LayerStream, calibration_chunks, default_text
 from .errors import ConversionError
+from .kernels import vq_nearest
 from .quantize import quantize
 from .row_blocks import RowSplit, quantize_rows, row_order
+from .vq import shared_points
 
 # Dampening: this share of H's mean diagonal is added to the diagonal. SmolLM2 at 3.0 bpw (WikiText-2,
 # 16 chunks; calibrated on Botchan; wls alone 34.43): 0.01 → 35.03, 0.1 → 33.43, 1 → 32.76, 3 → 32.92.
@@ -118,16 +121,21 @@ class _VqRows:
     def dim(self) -> int:
         return self.points.shape[1]
 
+    @cached_property
+    def planes(self) -> np.ndarray:
+        """(dim, K) float32: the points' coordinates, one plane each (kernels.vq_nearest's layout)."""
+        return np.ascontiguousarray(self.points.numpy().T)
 
-def _nearest_vectors(x, a, s, points):
+
+def _nearest_vectors(x, a, s, planes):
     """GPTVQ's joint choice: indices (n,) of argmin_k Σ_i a_i (x_i − s·p_ki)² for vectors x (n, m) with
-    weights a (n, m), or (1, m) shared by every vector, and scales s (n,), points (K, ≥ m) (a vector cut
-    short by the matrix edge uses its first m coordinates). In NumPy: these (n, K) products are small,
-    and torch's threaded kernels cost ~100× as much on them when the cores are busy."""
-    x, a, s, p = x.numpy(), a.numpy(), s.numpy()[:, None], points[:, :x.shape[1]].numpy()  # p (K, m)
-    distance = s * (a @ (p * p).T) - 2.0 * ((x * a) @ p.T)  # (n, K)
-    distance *= s  # Σ a·(x − s·p)² less Σ a·x², which has no bearing on the choice
-    return torch.from_numpy(np.argmin(distance, axis=1))
+    weights a (n, m), or (1, m) shared by every vector, and scales s (n,), planes (≥ m, K) the points'
+    coordinates (a vector cut short by the matrix edge uses its first m): kernels.vq_nearest, ~1.5 µs a
+    vector for 4096 points (torch's threaded products cost ~100× as much when the cores are busy)."""
+    index = np.empty(len(x), np.int64)
+    vq_nearest(np.ascontiguousarray(x.numpy(), dtype=np.float32), np.ascontiguousarray(a.numpy(), dtype=np.float32),
+               np.ascontiguousarray(s.numpy(), dtype=np.float32), planes[:x.shape[1]], index)
+    return torch.from_numpy(index)
 
 
 def _order(diag: torch.Tensor, act_order: bool, slab: int) -> torch.Tensor:
@@ -197,7 +205,7 @@ def _round(weight, hessian, levels: _Levels, outliers, act_order: bool, damp: fl
                     if keep is not None:  # an outlier's error is only its fp16 rounding
                         a = a * (~keep[j:j + m, run.start:run.end].T)
                     scale = run.scale[c // run.group_size]  # (rows,)
-                    index = _nearest_vectors(x, a, scale, run.points)
+                    index = _nearest_vectors(x, a, scale, run.planes)
                     vq_index[k][c // run.dim] = index
                     vq_value[k] = (scale[:, None] * run.points[index, :m]).T  # (m, rows), as the dequantizer
                 value[run.start:run.end] = vq_value[k][c % run.dim]
@@ -269,16 +277,19 @@ class _Grid:
     codebooks): the blobs `quantize` gives (its codes are replaced), the levels each row may store
     (_Levels, as decoded), and the outlier positions (row-major) when the config keeps outliers."""
 
-    def __init__(self, weight, config: StorageConfig, importance, outlier_mode: str):
+    def __init__(self, weight, config: StorageConfig, importance, outlier_mode: str, codebooks: dict | None = None):
         if config.scheme not in ("affine", "lut", "vq"):
             raise ConversionError(f"--quantizer gptq rounds the affine, lut and vq schemes, not {config.scheme!r}")
         self.shape, self.config = tuple(weight.shape), config
-        self.blobs = quantize(weight, config, SCALES, importance=importance, outlier_mode=outlier_mode).blobs
+        self.blobs = quantize(weight, config, SCALES, importance=importance, outlier_mode=outlier_mode,
+                              codebooks=codebooks).blobs
+        self.shared = shared_points(codebooks, config) if config.scheme == "vq" and config.shared else None
         out_features, in_features = weight.shape
         self.scale = self.zero = self.top = self.codebook = self.points = None
         if config.scheme == "vq":  # its codebook and scales stay; GPTQ picks the indices
             self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))
-            self.points = torch.from_numpy(self.blobs["codebook"].astype(np.float32))  # (K, dim)
+            points = self.shared if self.shared is not None else self.blobs["codebook"]  # (K, dim) fp16
+            self.points = torch.from_numpy(points.astype(np.float32))
         elif config.scheme == "affine":  # per group (out, G)
             self.scale = torch.from_numpy(decode_meta(self.blobs["scale_codes"], self.blobs["scale_meta"]))
             self.zero = torch.from_numpy(decode_meta(self.blobs["zero_codes"], self.blobs["zero_meta"]))
@@ -298,7 +309,7 @@ class _Grid:
         and what they decode to."""
         out_features, in_features = self.shape
         if self.config.scheme == "vq":
-            padded = np.zeros((out_features, vq_dims(self.shape, self.config)[2] * CODES_PER_PACK), np.uint8)
+            padded = np.zeros((out_features, vq_dims(self.shape, self.config)[2] * CODES_PER_PACK), np.uint16)
             padded[:, :vq_index.shape[0]] = vq_index.T.numpy()
             blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.index_bits)}
         else:
@@ -309,7 +320,8 @@ class _Grid:
             blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.bits)}
         if self.rows is not None:  # rows, cols and residual[outliers] are all row-major
             blobs.update(build_csr(self.shape, self.rows, self.cols, residual[self.outliers].numpy()))
-        return blobs, torch.from_numpy(dequantize(blobs, self.shape, self.config))
+        readable = blobs if self.shared is None else {**blobs, "codebook": self.shared}  # as the reader gives them
+        return blobs, torch.from_numpy(dequantize(readable, self.shape, self.config))
 
 
 def _levels(grids: list[_Grid]) -> _Levels:
@@ -352,15 +364,17 @@ def _rounded(weight, hessian, grids: list[_Grid], act_order: bool, damp: float):
 
 
 def compensated_blobs(weight: torch.Tensor, hessian: torch.Tensor, config: StorageConfig, importance=None,
-                      outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP):
-    """The blobs of an affine or lut `config` for W with GPTQ rounding, and what they decode to (out, in)
-    float32."""
-    return _rounded(weight, hessian, [_Grid(weight, config, importance, outlier_mode)], act_order, damp)[0]
+                      outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP,
+                      codebooks: dict | None = None):
+    """The blobs of an affine, lut or vq `config` for W with GPTQ rounding, and what they decode to (out, in)
+    float32. codebooks: the file's shared vq codebooks (quantize)."""
+    return _rounded(weight, hessian, [_Grid(weight, config, importance, outlier_mode, codebooks)], act_order,
+                    damp)[0]
 
 
 def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: StorageConfig, importance=None,
                      outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP,
-                     order: np.ndarray | None = None):
+                     order: np.ndarray | None = None, codebooks: dict | None = None):
     """compensated_blobs for a `rows` config (converter/row_blocks.py): GPTQ's rows are independent
     given the Hessian, so the rows of every quantized block (each on its own config's levels) are
     rounded together, in one pass; fp16 blocks are stored as they are. `order`: the rows' split
@@ -372,7 +386,7 @@ def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: Storag
         if block_config.scheme != "fp16":
             rows = torch.from_numpy(split.rows(b))
             blocks[b] = rows, _Grid(weight[rows], block_config, importance[rows] if importance is not None else None,
-                                    outlier_mode)
+                                    outlier_mode, codebooks)
     stored = weight.to(torch.float16).to(torch.float32)  # fp16 blocks' rows stay so
     parts = {}
     if blocks:
@@ -434,10 +448,11 @@ def _layer_of(name: str) -> int | None:
 
 
 def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str, text: str | None, tokens: int,
-                      act_order: bool = ACT_ORDER, asymmetry: float = ASYMMETRY):
+                      act_order: bool = ACT_ORDER, asymmetry: float = ASYMMETRY, codebooks: dict | None = None):
     """Yield (name, blobs) for every plan in order: decoder linears with layer-sequential GPTQ
     rounding over the calibration text (`tokens` tokens; None: the packaged text), everything else as
-    `quantize` stores it. quantizer_importance(name) → (out, in) importance or None."""
+    `quantize` stores it. quantizer_importance(name) → (out, in) importance or None. codebooks: the
+    file's shared vq codebooks (quantize)."""
     chunks = calibration_chunks(checkpoint, default_text() if text is None else text, tokens)  # (C, T)
     hessians = _Hessians()
     stream = LayerStream(checkpoint, hessians)
@@ -452,14 +467,14 @@ def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str
             if layer != done + 1:
                 raise ConversionError(f"gptq: layer {layer}'s tensors come before layer {done + 1}'s")
             x, x_fp = _round_layer(stream, hessians, layer, x, x_fp, plans, quantizer_importance, outlier_mode,
-                                   act_order, asymmetry, stored_blobs)
+                                   act_order, asymmetry, stored_blobs, codebooks)
             done = layer
         if plan.role == "linear" and plan.config.scheme != "fp16":
             yield plan.name, stored_blobs.pop(plan.name)
         else:
             importance = quantizer_importance(plan.name)
             yield plan.name, quantize(checkpoint.load(plan.name), plan.config, SCALES, importance=importance,
-                                      outlier_mode=outlier_mode).blobs
+                                      outlier_mode=outlier_mode, codebooks=codebooks).blobs
 
 
 def ridge_factor(hessian: torch.Tensor, damp: float = DAMP) -> np.ndarray:
@@ -488,7 +503,7 @@ def asymmetric_target(weight: torch.Tensor, factor: np.ndarray, cross: torch.Ten
 
 
 def _round_layer(stream, hessians, i, x, x_fp, plans, quantizer_importance, outlier_mode, act_order, asymmetry,
-                 stored_blobs):
+                 stored_blobs, codebooks=None):
     """Round decoder layer i's linears against Hessians from inputs x (C, T, hidden) (outputs of the
     quantized layers below) and, with x_fp (the float model's inputs), towards the float outputs;
     returns the quantized layer's outputs and the float layer's."""
@@ -526,10 +541,11 @@ def _round_layer(stream, hessians, i, x, x_fp, plans, quantizer_importance, outl
                 weight, importance = linears[name], quantizer_importance(name)
                 if configs[name].scheme == "rows":  # split as measure() split the checkpoint's weights
                     blobs, stored = compensated_rows(targets.pop(name), hessian, configs[name], importance,
-                                                     outlier_mode, act_order, order=row_order(weight, importance))
+                                                     outlier_mode, act_order, order=row_order(weight, importance),
+                                                     codebooks=codebooks)
                 else:
                     blobs, stored = compensated_blobs(targets.pop(name), hessian, configs[name], importance,
-                                                      outlier_mode, act_order)
+                                                      outlier_mode, act_order, codebooks=codebooks)
                 stored_blobs[name] = blobs
                 weight.copy_(stored)
         hessians.clear()

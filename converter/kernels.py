@@ -245,6 +245,78 @@ def lut_round(w, keep, importance, in_features, rows_per_codebook, levels, codes
         row_weighted[r] = total_weighted if weighted else total
 
 
+@numba.njit(cache=True, inline="always")
+def nearest_point(alpha, beta, c, planes, dist):
+    """argmin_k c + Σ_i planes[i, k]·(alpha[i]·planes[i, k] − beta[i]) over the K points of planes (d, K) float32
+    (coordinate i of every point contiguous): with alpha_i = a_i·s², beta_i = 2·a_i·s·w_i and c = Σ a_i w_i² this
+    is Σ_i a_i (w_i − s·p_ki)² ≥ 0. dist (K,) float32 scratch. float32, all points at once (the loop
+    vectorizes without reassociation); the minimum is taken over the distances' bit patterns as int32 (for
+    floats ≥ 0 they order alike, and an integer minimum vectorizes; a distance that rounding made negative
+    counts as 0), then the first point holding it: a 4096-point codebook in ~1.7 µs, a pure function of the
+    inputs. The errors callers report are recomputed in float64 for the chosen point."""
+    d, K = planes.shape
+    if d == 4:
+        a0, a1, a2, a3 = np.float32(alpha[0]), np.float32(alpha[1]), np.float32(alpha[2]), np.float32(alpha[3])
+        b0, b1, b2, b3 = np.float32(beta[0]), np.float32(beta[1]), np.float32(beta[2]), np.float32(beta[3])
+        p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
+        for k in range(K):
+            dist[k] = c + p0[k] * (a0 * p0[k] - b0) + p1[k] * (a1 * p1[k] - b1) + p2[k] * (a2 * p2[k] - b2) \
+                + p3[k] * (a3 * p3[k] - b3)
+    elif d == 2:
+        a0, a1, b0, b1 = np.float32(alpha[0]), np.float32(alpha[1]), np.float32(beta[0]), np.float32(beta[1])
+        p0, p1 = planes[0], planes[1]
+        for k in range(K):
+            dist[k] = c + p0[k] * (a0 * p0[k] - b0) + p1[k] * (a1 * p1[k] - b1)
+    else:
+        for k in range(K):
+            dist[k] = c
+        for i in range(d):
+            al, be = np.float32(alpha[i]), np.float32(beta[i])
+            for k in range(K):
+                dist[k] += planes[i, k] * (al * planes[i, k] - be)
+    bits = dist.view(np.int32)
+    low = np.int32(2147483647)
+    for k in range(K):
+        b = bits[k]
+        b = b if b > 0 else np.int32(0)  # negative floats (sign bit set) are negative int32: 0
+        bits[k] = b
+        low = b if b < low else low
+    block = min(K, ARGMIN_BLOCK)
+    for k0 in range(0, K, block):  # the first block holding the minimum (K is a power of 2) ...
+        block_low = np.int32(2147483647)
+        for i in range(block):
+            b = bits[k0 + i]
+            block_low = b if b < block_low else block_low
+        if block_low == low:
+            for k in range(k0, k0 + block):  # ... and its first point
+                if bits[k] == low:
+                    return k
+    return 0  # unreachable: some point holds the minimum
+
+
+ARGMIN_BLOCK = 64
+
+
+@numba.njit(parallel=True, cache=True)
+def vq_nearest(x, a, s, planes, index):
+    """index[v] = the point nearest vector v: argmin_k Σ_i a[v, i]·(x[v, i] − s[v]·p_ki)², x (n, m) float32,
+    a (n, m) float32 (or (1, m): shared by every vector), s (n,) float32, planes (m, K) float32."""
+    n, m = x.shape
+    K = planes.shape[1]
+    shared = a.shape[0] == 1
+    for v in numba.prange(n):
+        alpha = np.empty(m, np.float32)
+        beta = np.empty(m, np.float32)
+        dist = np.empty(K, np.float32)
+        c = np.float32(0.0)
+        for i in range(m):
+            ai = a[0, i] if shared else a[v, i]
+            alpha[i] = ai * s[v] * s[v]
+            beta[i] = np.float32(2.0) * ai * s[v] * x[v, i]
+            c += ai * x[v, i] * x[v, i]
+        index[v] = nearest_point(alpha, beta, c, planes, dist)
+
+
 @numba.njit(parallel=True, cache=True)
 def vq_kmeans(x, a, points, iters):
     """Weighted k-means (Lloyd) of vectors x (n, d) float32 with per-coordinate weights a (n, d) float32
@@ -255,16 +327,17 @@ def vq_kmeans(x, a, points, iters):
     K = points.shape[0]
     index = np.empty(n, np.int64)
     for _ in range(iters):
+        planes = np.ascontiguousarray(points.T)  # (d, K)
         for v in numba.prange(n):
-            best, best_k = np.inf, 0
-            for k in range(K):
-                dist = 0.0
-                for i in range(d):
-                    diff = np.float64(x[v, i]) - np.float64(points[k, i])
-                    dist += np.float64(a[v, i]) * diff * diff
-                if dist < best:
-                    best, best_k = dist, k
-            index[v] = best_k
+            alpha = np.empty(d, np.float32)
+            beta = np.empty(d, np.float32)
+            dist = np.empty(K, np.float32)
+            c = np.float32(0.0)
+            for i in range(d):
+                alpha[i] = a[v, i]
+                beta[i] = np.float32(2.0) * a[v, i] * x[v, i]
+                c += a[v, i] * x[v, i] * x[v, i]
+            index[v] = nearest_point(alpha, beta, c, planes, dist)
         num = np.zeros((K, d))
         den = np.zeros((K, d))
         for v in range(n):
@@ -295,19 +368,22 @@ def vq_round(w, a, keep, in_features, scale, group_size, points, index, residual
     K = points.shape[0]
     weighted, keep_all = a.shape[0] != 0, keep.shape[0] == 0
     pack, keep_residual = index.shape[0] != 0, residual.shape[0] != 0
+    planes = np.ascontiguousarray(points.T)  # (d, K)
     for r in numba.prange(out_features):
+        alpha = np.empty(d, np.float32)
+        beta = np.empty(d, np.float32)
+        dist = np.empty(K, np.float32)
         total = total_weighted = 0.0
         for v in range(V):
             s = scale[r, (v * d) // group_size]
-            best, best_k = np.inf, 0
-            for k in range(K):
-                dist = 0.0
-                for i in range(d):
-                    if v * d + i < in_features and (keep_all or keep[r, v, i]):
-                        diff = np.float64(w[r, v, i]) - np.float64(s * points[k, i])
-                        dist += (np.float64(a[r, v, i]) if weighted else 1.0) * diff * diff
-                if dist < best:
-                    best, best_k = dist, k
+            c = np.float32(0.0)
+            for i in range(d):
+                counts = v * d + i < in_features and (keep_all or keep[r, v, i])
+                ai = (a[r, v, i] if weighted else np.float32(1.0)) if counts else np.float32(0.0)
+                alpha[i] = ai * s * s
+                beta[i] = np.float32(2.0) * ai * s * w[r, v, i]
+                c += ai * w[r, v, i] * w[r, v, i]
+            best_k = nearest_point(alpha, beta, c, planes, dist)
             if pack:
                 index[r, v] = best_k
             for i in range(d):

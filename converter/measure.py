@@ -38,6 +38,7 @@ from ..paths import cache_root
 from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 from .row_blocks import ORDER_VERSION, blocks_wanted, split, unit_costs
+from .shared_codebooks import digest
 
 CACHE_VERSION = 6  # bump when quantizer or estimator math changes (6: 6-bit metadata for b <= 3)
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
@@ -183,12 +184,13 @@ def estimate(sample: np.ndarray, proxy: np.ndarray, rows: np.ndarray) -> tuple[f
 
 
 def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sample_every: int, job,
-                   row_blocks: int = 1):
+                   row_blocks: int = 1, codebooks: dict | None = None):
     """One matrix's missing entries. job: (name, [(cache key, candidate, row-sampled?)]) →
     (‖W‖²_F, {cache key: [[err_sq, weighted, weighted_se] of each unit]}): one unit, the matrix, or
     with row_blocks > 1 its row blocks (row_blocks.split), each quantized as its own matrix, its sample
-    evenly spread over the block's rows in importance order. A pure function of its arguments (the
-    quantizer's kernels give the same bits for any thread count), so it may run on any machine."""
+    evenly spread over the block's rows in importance order. codebooks: the file's shared vq codebooks
+    (quantize). A pure function of its arguments (the quantizer's kernels give the same bits for any thread
+    count), so it may run on any machine."""
     name, entries = job
     weight = checkpoint.load(name)
     weights = importance(name) if importance is not None else None
@@ -212,15 +214,15 @@ def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sa
             if sample and subset is not None:
                 proxies = [p if rows is None else p[rows] for p in spread[candidate.group_size]]
             values[key].append(_error(part, part_weights, candidate, quantizer, outlier_mode,
-                                      subset if sample else None, proxies))
+                                      subset if sample else None, proxies, codebooks))
     return float(np.square(weight.numpy(), dtype=np.float64).sum()), values  # NumPy: the same bits for any thread count
 
 
-def _error(weight, weights, candidate, quantizer, outlier_mode, rows, proxies) -> list:
+def _error(weight, weights, candidate, quantizer, outlier_mode, rows, proxies, codebooks=None) -> list:
     """[err_sq, weighted, weighted_se] of `weight` (a matrix, or one row block) stored as `candidate`:
     exact (rows None), or estimated from the row sample `rows` with the per-row proxies (weighted, plain)."""
     result = quantize(weight, candidate.storage(weight.shape), quantizer, pack=False, importance=weights,
-                      outlier_mode=outlier_mode, rows=rows)
+                      outlier_mode=outlier_mode, rows=rows, codebooks=codebooks)
     if rows is None:
         return [result.error_sq, result.weighted_error, 0.0]
     weighted, se = estimate(result.row_weighted.numpy(), proxies[0], rows.numpy())
@@ -235,13 +237,16 @@ def _map_here(function, jobs):
 
 def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=None, importance=None,
             importance_id: str = "none", outlier_mode: str = "magnitude",
-            sample_every: int = SAMPLE_EVERY, tensors=None, runner=None, row_blocks: int = 1) -> ErrorTable:
+            sample_every: int = SAMPLE_EVERY, tensors=None, runner=None, row_blocks: int = 1,
+            codebooks: dict | None = None) -> ErrorTable:
     """importance: None or a function name -> (out, in) tensor weighing errors (see quantize).
     sample_every: measure 1 row in this many (1: every row, exact errors).
     tensors: the 2-D tensors (checkpoint TensorInfos) to measure; default: the decoder linears.
     runner(function, jobs) yields (index into jobs, function(job)) in any order: the per-matrix work
     (default: here, in order; converter/cluster.py runs it as cluster tasks).
-    row_blocks: split each matrix into this many row blocks (row_blocks.py), each an allocation unit."""
+    row_blocks: split each matrix into this many row blocks (row_blocks.py), each an allocation unit.
+    codebooks: the file's shared vq codebooks (converter/shared_codebooks.py; their digest keys the errors of
+    the candidates that use them)."""
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     row_blocks = blocks_wanted(row_blocks, candidates)
@@ -255,13 +260,14 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     sampled = [c.scheme in ("affine", "vq") and not c.outlier_percent and sample_every > 1 for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
             f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
+            + (f"/codebook-{digest(codebooks, c)}" if c.scheme == "vq" and c.shared else "")
             for c, s in zip(candidates, sampled)]
     missing = lambda i, k: any(cache.get(k, entry(i, b)) is None for b in range(len(counts[i])))  # noqa: E731
     todo = [i for i, name in enumerate(names) if name not in cache.data["norms"] or any(missing(i, k) for k in keys)]
     bar = progress(total=len(todo) * len(candidates), desc="measure", unit="quant") if progress and todo else None
     jobs = [(names[i], [(k, c, s) for k, c, s in zip(keys, candidates, sampled) if missing(i, k)]) for i in todo]
     work = partial(measure_matrix, checkpoint, quantizer, importance, outlier_mode, sample_every,
-                   row_blocks=row_blocks)
+                   row_blocks=row_blocks, codebooks=codebooks)
     for count, (j, (norm_sq, values)) in enumerate((runner or _map_here)(work, jobs)):
         i = todo[j]
         cache.data["norms"][names[i]] = norm_sq

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..format_spec import MxqWriter, StorageConfig, TensorPlan, tensor_nbytes
-from ..format_spec.layout import unpacked_extra_nbytes
+from ..format_spec.layout import CODEBOOK_ROLE, unpacked_extra_nbytes
 from ..format_spec.reader import open_regular
 from .allocate import allocate
 from .budget import MATRIX_CANDIDATES, file_budget, padded, runtime_overhead
@@ -35,6 +35,7 @@ from .options import (CALIBRATED_OBJECTIVES, ConvertOptions, auto_note, measured
                       write_quantizer)
 from .quantize import quantize
 from .row_blocks import quantize_rows, row_order, rows_config, unit_costs, unit_nbytes
+from .shared_codebooks import codebook_plans, fit_shared_codebooks, reserved_nbytes, shared_pairs
 
 EMBEDDING_CONFIGS = {8: StorageConfig.affine(8, 64), 4: StorageConfig.affine(4, 32)}
 
@@ -63,7 +64,8 @@ def _candidates(options: ConvertOptions) -> list[Candidate]:
 
 def _plans(checkpoint, configs: dict, options: ConvertOptions) -> list[TensorPlan]:
     """configs: name -> StorageConfig of every allocated tensor (the linears, and the matrices stored
-    once when the budget covers the whole file)."""
+    once when the budget covers the whole file); then the shared vq codebooks the candidates allow (always
+    stored: their bytes are reserved, converter/shared_codebooks.py)."""
     plans = []
     for name, info in checkpoint.tensors.items():
         if name in configs:
@@ -73,7 +75,7 @@ def _plans(checkpoint, configs: dict, options: ConvertOptions) -> list[TensorPla
         else:
             config = StorageConfig.fp16()
         plans.append(TensorPlan(name, info.shape, config, info.role))
-    return plans
+    return plans + codebook_plans(shared_pairs(_candidates(options)))
 
 
 def _objective(table, objective: str) -> np.ndarray:
@@ -88,7 +90,8 @@ def _check_feasible(checkpoint, candidates, options) -> None:
     counts, costs = unit_costs(linears, candidates, options.row_blocks)
     numel = sum(t.shape[0] * t.shape[1] for t in linears)
     if options.bpw is not None:
-        lowest, highest = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+        reserved = reserved_nbytes(shared_pairs(candidates))  # shared codebooks: bytes of the linears' budget
+        lowest, highest = costs.min(axis=1).sum() + reserved, costs.max(axis=1).sum() + reserved
         if options.bpw * numel / 8 < lowest:
             raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
                                   f"range is {8 * lowest / numel:.4f} to {8 * highest / numel:.4f} bpw")
@@ -166,9 +169,10 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
     budget covers the whole file). For a byte budget, iterate until the exact file layout (header,
     JSON, alignment, fp16 tensors and all) fits: the JSON's length moves by a few bytes with the plan."""
     table = tables[0]
-    if options.bpw is not None:
+    if options.bpw is not None:  # the linears' bytes, the shared codebooks they may use included
         return allocate(table.costs, _objective(table, options.objective),
-                        int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9)))
+                        int(math.floor(options.bpw * int(table.numel.sum()) / 8 + 1e-9))
+                        - reserved_nbytes(shared_pairs(table.candidates)))
     objective = padded([row for t in tables for row in _objective(t, options.objective)], fill_cost=False)
     memory = options.fit is not None
     aligned = padded([np.array([_unit_nbytes(checkpoint, t, i, c, 64, memory) for c in t.candidates], dtype=np.int64)
@@ -251,13 +255,19 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         seconds["calibrate"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
+    codebooks = fit_shared_codebooks(checkpoint, candidates, importance, progress,  # {} without shared candidates
+                                     cache_dir and Path(cache_dir) / "codebooks", f"{checkpoint_hash[:16]}-{importance_id}")
+    if codebooks:
+        seconds["codebooks"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
     cache = ErrorCache(cache_dir and Path(cache_dir) / "errors", checkpoint_hash)
     if cluster:  # workers read the checkpoint and the calibration statistics themselves
         cluster.require([checkpoint.path] + ([calibration.directory] if calibration else []))
     table = measure(checkpoint, candidates, measured_with(options.quantizer), cache, progress,
                     importance, importance_id,
                     options.outlier_mode, options.measure_every, runner=cluster and cluster.map,
-                    row_blocks=options.row_blocks)
+                    row_blocks=options.row_blocks, codebooks=codebooks)
     tables = [table]
     if whole_file(options) and calibration is not None:
         matrices = [checkpoint.tensors[name] for name in _matrix_names(checkpoint)]
@@ -295,7 +305,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
     def make_writer(choice) -> MxqWriter:
         rows, linear = np.arange(len(table.names)), choice[:len(table.names)]
-        bpw_linear = round(8.0 * float(table.costs[rows, linear].sum()) / float(table.numel.sum()), 6)
+        linear_bytes = float(table.costs[rows, linear].sum()) + reserved_nbytes(codebooks)  # + shared codebooks
+        bpw_linear = round(8.0 * linear_bytes / float(table.numel.sum()), 6)
         quantization = {
             "budget": budget, "objective": options.objective, "quantizer": write_quantizer(options, bpw_linear),
             "configs": [c.label for c in candidates],
@@ -324,7 +335,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
             return importance(name) if importance is not None and checkpoint.tensors[name].role == "linear" else None
 
         for name, blobs in _quantized(checkpoint, writer.tensors, writer.quantization["quantizer"], options,
-                                      weights_of):
+                                      weights_of, codebooks):
             writer.write(name, blobs)
             if bar:
                 bar.update(1)
@@ -351,27 +362,32 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
                   module_bits, _config_counts(table, choice[:n]), matrix_configs, seconds, notes)
 
 
-def _quantized(checkpoint, plans, quantizer: str, options, weights_of):
+def _quantized(checkpoint, plans, quantizer: str, options, weights_of, codebooks: dict):
     """(name, blobs) of every planned tensor, in plan order, rounded by `quantizer` (options.write_quantizer's);
-    weights_of(name): its importance or None."""
+    weights_of(name): its importance or None; codebooks: the shared vq codebooks, whose tensors come last."""
+    books = [plan for plan in plans if plan.role == CODEBOOK_ROLE]
+    plans = plans[:len(plans) - len(books)]
     if quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)
         from .gptq import quantized_tensors
         yield from quantized_tensors(checkpoint, plans, weights_of, options.outlier_mode,
-                                     _calibration_text(options), options.calib_tokens)
-        return
-    for plan in plans:
-        weight, importance = checkpoint.load(plan.name), weights_of(plan.name)
-        if plan.config.scheme == "rows":  # the row order measure() used: the same weights and importance
-            yield plan.name, quantize_rows(weight, plan.config, importance, row_order(weight, importance),
-                                           functools.partial(_quantize_block, quantizer, options.outlier_mode))
-            continue
-        yield plan.name, quantize(weight, plan.config, quantizer, importance=importance,
-                                  outlier_mode=options.outlier_mode).blobs
+                                     _calibration_text(options), options.calib_tokens, codebooks=codebooks)
+    else:
+        for plan in plans:
+            weight, importance = checkpoint.load(plan.name), weights_of(plan.name)
+            if plan.config.scheme == "rows":  # the row order measure() used: the same weights and importance
+                block = functools.partial(_quantize_block, quantizer, options.outlier_mode, codebooks)
+                yield plan.name, quantize_rows(weight, plan.config, importance, row_order(weight, importance), block)
+                continue
+            yield plan.name, quantize(weight, plan.config, quantizer, importance=importance,
+                                      outlier_mode=options.outlier_mode, codebooks=codebooks).blobs
+    for pair, plan in zip(sorted(codebooks), books):  # codebook_plans' order
+        yield plan.name, {"data": codebooks[pair]}
 
 
-def _quantize_block(quantizer: str, outlier_mode: str, weight, config, importance) -> dict:
+def _quantize_block(quantizer: str, outlier_mode: str, codebooks, weight, config, importance) -> dict:
     """One row block's blobs (row_blocks.quantize_rows)."""
-    return quantize(weight, config, quantizer, importance=importance, outlier_mode=outlier_mode).blobs
+    return quantize(weight, config, quantizer, importance=importance, outlier_mode=outlier_mode,
+                    codebooks=codebooks).blobs
 
 
 def _use_cores(jobs: int | None) -> None:

@@ -70,6 +70,9 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     candidates = _candidates(options)
     if all(c.scheme == "fp16" for c in candidates):
         raise ConversionError(f"--configs {options.configs!r} has no quantized config: nothing to predict")
+    if any(c.scheme == "vq" and c.shared for c in candidates):  # their codebooks' reserved bytes move every budget
+        raise ConversionError(f"--configs {options.configs!r}: loss prediction (--max-loss, mxq sweep) does not take "
+                              "shared-codebook candidates (labels ending in s, the vqs presets)")
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     checkpoint_hash = checkpoint.content_hash(cache_dir)  # remembered in the cache: each round reads it once
     seconds["read"] = time.perf_counter() - started

@@ -132,7 +132,7 @@ def _decoded(values: torch.Tensor, meta_bits: int):
 
 def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq", pack: bool = True,
              importance: torch.Tensor | None = None, outlier_mode: str = "magnitude",
-             rows: torch.Tensor | None = None) -> Quantized:
+             rows: torch.Tensor | None = None, codebooks: dict | None = None) -> Quantized:
     """Quantize a float32 (out, in) matrix to `config`. With pack=False only the errors are computed.
 
     importance: None or a non-negative (out, in) tensor (e.g. a Fisher diagonal, or input second
@@ -142,6 +142,7 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     rows: None, or sorted row indices (k,): quantize only these rows, exactly as they would be
     quantized in the whole matrix except for the metadata runs they share (and `hqq`'s early stop,
     decided per chunk of rows): a sample to estimate the whole matrix's error from; no outliers.
+    codebooks: {(bits, dim): fp16 points}, the file's shared vq codebooks a `shared` vq config uses.
     """
     if config.scheme == "fp16" and rows is None:
         half = weight.to(torch.float16)
@@ -168,7 +169,7 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     if rows is not None and (config.scheme not in ("affine", "vq") or config.outliers):
         raise ValueError("a row sample is quantized only to affine and vq configs without outliers")
     if config.scheme == "vq":
-        return _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows)
+        return _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows, codebooks)
     if rows is not None:
         floor = _importance_floor(importance)  # of the whole matrix, as when it is quantized whole
         importance = importance[rows] if importance is not None else None
@@ -274,18 +275,19 @@ def _store_outliers(blobs: dict, shape, outliers: torch.Tensor, residual: torch.
         blobs.update(build_csr(tuple(shape), rows_idx.numpy(), cols_idx.numpy(), values.numpy()))
 
 
-def _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows) -> Quantized:
+def _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows, codebooks) -> Quantized:
     """The `vq` scheme (converter/vq.py), its outliers chosen as affine's and lut's are."""
     floor = _importance_floor(importance)  # of the whole matrix, also for a row sample
     outliers = None
     if config.outliers and outlier_mode == "error":
         residual = quantize_vq(weight, replace(config, outliers=0), False, importance, None, keep_residual=True,
-                               floor=floor)[3]
+                               floor=floor, codebooks=codebooks)[3]
         outliers = _top_mask(residual.pow(2) * (importance if importance is not None else 1.0), config.outliers)
     elif config.outliers:
         outliers = _top_mask(weight.abs(), config.outliers)
     blobs, row_sq, row_weighted, residual = quantize_vq(weight, config, pack, importance, outliers, rows,
-                                                        keep_residual=outliers is not None, floor=floor)
+                                                        keep_residual=outliers is not None, floor=floor,
+                                                        codebooks=codebooks)
     if outliers is not None:
         _store_outliers(blobs, weight.shape, outliers, residual, row_sq, row_weighted, importance, pack)
     error_sq, weighted = sum64(row_sq), sum64(row_weighted)

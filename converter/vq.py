@@ -52,13 +52,34 @@ def fit_codebook(weight: np.ndarray, importance: np.ndarray | None, config: Stor
     """The fp16 codebook (2^(dim·bits), dim) of W (out, in) for `config`: weighted k-means of its
     normalized vectors (module doc), on an evenly spaced sample of them (memory: the sample and the
     (out, G) scales, not copies of W). Deterministic: a function of W, the importance and the config."""
+    xs, ws = sample_vectors(weight, importance, config.group_size, config.dim, FIT_VECTORS)
+    return kmeans_codebook(xs, ws, config.index_bits, KMEANS_ITERS)
+
+
+def kmeans_codebook(xs: np.ndarray, ws: np.ndarray, index_bits: int, iters: int) -> np.ndarray:
+    """fp16 (2^index_bits, d): weighted k-means (kernels.vq_kmeans) of vectors xs (n, d) with weights ws (n, d),
+    started from 2^index_bits distinct sample vectors chosen by a fixed seed (zeros when xs is empty)."""
+    K, d = 1 << index_bits, xs.shape[1]
+    if len(xs) == 0:
+        return np.zeros((K, d), np.float16)
+    start = np.random.default_rng(K * 7919 + d).permutation(len(xs))[:K]  # K distinct sample vectors
+    points = np.zeros((K, d), np.float32)
+    points[:len(start)] = xs[start]
+    vq_kmeans(np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ws, dtype=np.float32), points, iters)
+    return np.clip(points, -65504.0, 65504.0).astype(np.float16)
+
+
+def sample_vectors(weight: np.ndarray, importance: np.ndarray | None, group_size: int, dim: int, count: int):
+    """(xs (n, dim), ws (n, dim)) float32, n ≤ count: W's vectors of `dim` consecutive weights at evenly spaced
+    places, each divided by its group's RMS s₀, with the k-means weights importance·s₀² (1·s₀² without
+    importance) normalized to mean 1; vectors whose weights are all 0 (padding, outliers) left out."""
     out_features, in_features = weight.shape
-    g, d, K = config.group_size, config.dim, 1 << config.index_bits
+    g, d = group_size, dim
     n_groups = math.ceil(in_features / g)
     scale = _initial_scales(weight, in_features, g)  # (out, G)
     per_row = n_groups * g // d  # vectors per row, padding included
     total = out_features * per_row
-    pick = np.unique(np.linspace(0, total - 1, min(2 * FIT_VECTORS, total)).round().astype(np.int64))
+    pick = np.unique(np.linspace(0, total - 1, min(2 * count, total)).round().astype(np.int64))
     rows = pick // per_row
     cols = (pick % per_row)[:, None] * d + np.arange(d)[None, :]  # (n, d)
     real = cols < in_features
@@ -69,22 +90,27 @@ def fit_codebook(weight: np.ndarray, importance: np.ndarray | None, config: Stor
     aw = np.where(real, a, 0.0).astype(np.float64) * (s.astype(np.float64) ** 2)
     alive = np.flatnonzero(aw.sum(1) > 0)
     if alive.size == 0:
-        return np.zeros((K, d), np.float16)
-    alive = alive[np.linspace(0, alive.size - 1, min(FIT_VECTORS, alive.size)).round().astype(np.int64)]
+        return np.zeros((0, d), np.float32), np.zeros((0, d), np.float32)
+    alive = alive[np.linspace(0, alive.size - 1, min(count, alive.size)).round().astype(np.int64)]
     xs = np.ascontiguousarray(x[alive], dtype=np.float32)
     ws = np.ascontiguousarray(aw[alive] / aw[alive].mean(), dtype=np.float32)
-    start = np.random.default_rng(K * 7919 + d).permutation(len(xs))[:K]  # K distinct sample vectors
-    points = np.zeros((K, d), np.float32)
-    points[:len(start)] = xs[start]
-    vq_kmeans(xs, ws, points, KMEANS_ITERS)
-    return np.clip(points, -65504.0, 65504.0).astype(np.float16)
+    return xs, ws
+
+
+def shared_points(codebooks: dict | None, config: StorageConfig) -> np.ndarray:
+    """The fp16 shared codebook (2^k, dim) a `shared` config uses."""
+    points = (codebooks or {}).get((config.bits, config.dim))
+    if points is None:
+        raise ValueError(f"{config.label}: no shared codebook for bits {config.bits}, dim {config.dim} was given")
+    return points
 
 
 def _round(w3, a3, keep3, in_features, scale, config, points, pack: bool, keep_residual: bool):
     """vq_round's (index, residual, row_sq, row_weighted) for the decoded `scale` (out, G)."""
     out_features, n_vectors, d = w3.shape
     width = -(-n_vectors // 32) * 32
-    index = np.empty((out_features, width), np.uint8) if pack else np.zeros((0, 0), np.uint8)
+    index_dtype = np.uint8 if config.index_bits <= 8 else np.uint16
+    index = np.empty((out_features, width), index_dtype) if pack else np.zeros((0, 0), index_dtype)
     residual = np.empty(w3.shape, np.float32) if keep_residual else np.zeros((0, 0, 0), np.float32)
     row_sq, row_weighted = np.empty(out_features), np.empty(out_features)
     vq_round(w3, a3, keep3, in_features, scale, config.group_size, points, index, residual, row_sq, row_weighted)
@@ -106,16 +132,19 @@ def _least_squares_scales(w, a, points, index, scale, config, in_features):
 
 
 def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importance, outliers,
-                rows: torch.Tensor | None = None, keep_residual: bool = False, floor: float = 0.0):
+                rows: torch.Tensor | None = None, keep_residual: bool = False, floor: float = 0.0,
+                codebooks: dict | None = None):
     """(blobs, row_sq, row_weighted, residual (out, in) or None) of W (out, in) at a vq `config`: the
     module doc's fit. outliers: None or an (out, in) bool mask (they weigh nothing in the fits and their
     residuals are returned for the caller to store). rows: quantize only these rows (a sample), with the
-    whole matrix's codebook. floor: added to the importance in the fits."""
+    whole matrix's codebook. floor: added to the importance in the fits. codebooks: {(bits, dim): fp16
+    points} of the file's shared codebooks (converter/shared_codebooks.py), which a `shared` config uses
+    instead of fitting its own (its blobs then have no codebook: SPEC.md §12.4)."""
     w_full = np.ascontiguousarray(weight.numpy(), dtype=np.float32)
     imp_full = importance.numpy().astype(np.float32) + np.float32(floor) if importance is not None else None
     if outliers is not None:
         imp_full = np.where(outliers.numpy(), 0.0, imp_full if imp_full is not None else 1.0).astype(np.float32)
-    points = fit_codebook(w_full, imp_full, config)
+    points = shared_points(codebooks, config) if config.shared else fit_codebook(w_full, imp_full, config)
     decoded_points = points.astype(np.float32)
     if rows is not None:
         w_full = w_full[rows.numpy()]
@@ -146,6 +175,8 @@ def quantize_vq(weight: torch.Tensor, config: StorageConfig, pack: bool, importa
     if pack:
         blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": points, "scale_codes": codes,
                  "scale_meta": meta}
+        if config.shared:  # the file's codebook tensor
+            del blobs["codebook"]
     residual_2d = None
     if residual.size:
         residual_2d = torch.from_numpy(_padded(residual.reshape(out_features, -1), n_vectors * d)[:, :in_features]

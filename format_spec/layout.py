@@ -26,23 +26,26 @@ META_GROUP_SIZE = 128  # ... in groups of 128 consecutive values, each with fp16
 MAX_OUTLIER_COLUMNS = 1 << 16  # outlier column indices are uint16
 VQ_DIMS = (2, 4)  # vq: consecutive inputs that share one codebook index
 VQ_BITS = (2, 3, 4)  # vq: bits per weight, so an index has dim · bits bits ...
-VQ_INDEX_BITS = (4, 6, 8)  # ... which must be one of these (a codebook of 16, 64 or 256 points)
+VQ_INDEX_BITS = (4, 6, 8)  # ... which must be one of these (a codebook of 16, 64 or 256 points) ...
+VQ_SHARED_INDEX_BITS = (4, 6, 8, 12)  # ... or of these with a codebook shared by the file (12: 4096 points)
+CODEBOOK_ROLE = "codebook"  # the role of a file's shared vq codebook tensors (shared_codebook_name)
 VQ_META_BITS = 6  # vq: the default width of its scale codes (8 also allowed: v..m8)
 META_ARRAYS = {"affine": ("scale_codes", "zero_codes"), "vq": ("scale_codes",)}  # double-quantized (out, G) codes
 
 # The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
-#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>],
+#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>][s],
 #   optionally +o<count> or +o<percent>%
 LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
                  "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
                  "output channel, or per C channels); vBdDgG or vBdDgGmM (vq: every D consecutive inputs "
                  "share one index into the matrix's codebook of 2^(B·D) D-dimensional points, B·D in 4, 6, 8; "
-                 "a signed scale per G inputs in M-bit codes, default 6); "
+                 "a signed scale per G inputs in M-bit codes, default 6; a trailing s: the codebook is the file's "
+                 "shared one for (B, D), which also allows B·D = 12); "
                  "each optionally +oN (N outliers) or +oP% (P percent "
                  "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
                  "each, in a stored row order, with their own configs)")
 _LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?"
-                    r"|v(?P<vbits>\d+)d(?P<dim>\d+)g(?P<vgroup>\d+)(?:m(?P<vmeta>\d+))?)"
+                    r"|v(?P<vbits>\d+)d(?P<dim>\d+)g(?P<vgroup>\d+)(?:m(?P<vmeta>\d+))?(?P<shared>s)?)"
                     r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
@@ -62,7 +65,8 @@ class StorageConfig:
         scale/zero per group.
     `lut`: b-bit codes indexing a codebook of 2^b fp16 levels per `codebook_rows` output channels.
     `vq`: every `dim` consecutive inputs of a row share one (dim·b)-bit index into the tensor's codebook
-        of 2^(dim·b) fp16 points of `dim` coordinates; a double-quantized scale per `group_size` inputs.
+        of 2^(dim·b) fp16 points of `dim` coordinates; a double-quantized scale per `group_size` inputs;
+        `shared`: the codebook is the file's tensor shared_codebook_name(bits, dim), not a blob of its own.
     The quantized schemes may keep `outliers` fp16 values in CSR.
     `rows`: row blocks in a stored row order, each block (row count, one of the configs above).
     A config made from a label with
@@ -78,6 +82,7 @@ class StorageConfig:
     blocks: tuple = ()  # rows only: ((row count, StorageConfig of the block), ...) in stored order
     meta_bits: int = 0  # affine, vq: 6 or 8-bit metadata codes (0 given: default_meta_bits(bits) / VQ_META_BITS)
     dim: int = 0  # vq only: inputs per codebook index
+    shared: bool = False  # vq only: the codebook is the file's shared one (SPEC.md §12.4)
 
     def __post_init__(self):
         if self.scheme == "affine" and self.meta_bits == 0 and self.bits in SUPPORTED_BITS:
@@ -86,8 +91,8 @@ class StorageConfig:
             object.__setattr__(self, "meta_bits", VQ_META_BITS)
         if self.scheme not in META_ARRAYS and self.meta_bits:
             raise ValueError(f"{self.scheme} takes no metadata bits")
-        if self.scheme != "vq" and self.dim:
-            raise ValueError(f"{self.scheme} takes no vector dimension")
+        if self.scheme != "vq" and (self.dim or self.shared):
+            raise ValueError(f"{self.scheme} takes no vector dimension or shared codebook")
         if self.scheme == "rows":
             if (self.bits, self.group_size, self.outliers, self.outlier_percent, self.codebook_rows) != (16, 0, 0, 0, 0):
                 raise ValueError("rows takes only blocks (each block has its own config)")
@@ -108,9 +113,11 @@ class StorageConfig:
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; known: {SCHEMES}")
         if self.scheme == "vq":
-            if self.bits not in VQ_BITS or self.dim not in VQ_DIMS or self.bits * self.dim not in VQ_INDEX_BITS:
-                raise ValueError(f"vq needs bits in {VQ_BITS}, dim in {VQ_DIMS} and bits·dim in {VQ_INDEX_BITS}, "
-                                 f"got bits {self.bits}, dim {self.dim}")
+            index_bits = VQ_SHARED_INDEX_BITS if self.shared else VQ_INDEX_BITS
+            if self.bits not in VQ_BITS or self.dim not in VQ_DIMS or self.bits * self.dim not in index_bits:
+                raise ValueError(f"vq needs bits in {VQ_BITS}, dim in {VQ_DIMS} and bits·dim in {VQ_INDEX_BITS} "
+                                 f"({VQ_SHARED_INDEX_BITS} with a shared codebook), got bits {self.bits}, "
+                                 f"dim {self.dim}{', shared' if self.shared else ''}")
             if self.codebook_rows:
                 raise ValueError("vq takes no codebook_rows (its codebook serves the whole tensor)")
             if self.group_size not in GROUP_SIZES:
@@ -144,9 +151,10 @@ class StorageConfig:
         return StorageConfig("lut", bits, 0, outliers, codebook_rows=codebook_rows)
 
     @staticmethod
-    def vq(bits: int, dim: int, group_size: int, outliers: int = 0, meta_bits: int = 0) -> "StorageConfig":
+    def vq(bits: int, dim: int, group_size: int, outliers: int = 0, meta_bits: int = 0,
+           shared: bool = False) -> "StorageConfig":
         """meta_bits 0: VQ_META_BITS."""
-        return StorageConfig("vq", bits, group_size, outliers, meta_bits=meta_bits, dim=dim)
+        return StorageConfig("vq", bits, group_size, outliers, meta_bits=meta_bits, dim=dim, shared=shared)
 
     @property
     def index_bits(self) -> int:
@@ -187,7 +195,8 @@ class StorageConfig:
                                  meta_bits=int(match["meta"] or 0))
         if match["vbits"] is not None:
             return StorageConfig("vq", int(match["vbits"]), int(match["vgroup"]), outliers, percent,
-                                 meta_bits=int(match["vmeta"] or 0), dim=int(match["dim"]))
+                                 meta_bits=int(match["vmeta"] or 0), dim=int(match["dim"]),
+                                 shared=match["shared"] is not None)
         return StorageConfig("lut", int(match["lbits"]), 0, outliers, percent, int(match["rows"] or 1))
 
     @property
@@ -203,6 +212,7 @@ class StorageConfig:
         elif self.scheme == "vq":
             base = f"v{self.bits}d{self.dim}g{self.group_size}"
             base += f"m{self.meta_bits}" if self.meta_bits != VQ_META_BITS else ""
+            base += "s" if self.shared else ""
         else:
             base = f"l{self.bits}" + (f"c{self.codebook_rows}" if self.codebook_rows > 1 else "")
         if self.outlier_percent:
@@ -232,8 +242,9 @@ class StorageConfig:
         if self.scheme == "lut":
             return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
         if self.scheme == "vq":
+            shared = {"shared": True} if self.shared else {}  # written only when true (older readers: 1.6 files)
             return {"bits": self.bits, "dim": self.dim, "group_size": self.group_size, "meta_bits": self.meta_bits,
-                    "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
+                    "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers, **shared}
         return {"bits": self.bits, "group_size": self.group_size, "meta_bits": self.meta_bits,
                 "meta_group_size": META_GROUP_SIZE, "outliers": self.outliers}
 
@@ -309,10 +320,12 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         out_features, in_features, n_packs, n_groups = vq_dims(shape, config)
         specs = {
             "qweight": BlobSpec("uint32", (out_features, n_packs * config.index_bits)),
-            "codebook": BlobSpec("float16", (1 << config.index_bits, config.dim)),
+            "codebook": codebook_spec(config),
             "scale_codes": meta_codes_spec(out_features, n_groups, config.meta_bits),
             "scale_meta": BlobSpec("float16", (math.ceil(out_features * n_groups / META_GROUP_SIZE), 2)),
         }
+        if config.shared:  # the file's codebook tensor (shared_codebook_name), resolved by the reader
+            del specs["codebook"]
     else:
         out_features, in_features, n_groups = affine_dims(shape, config.group_size)
         words_per_row = n_groups * config.group_size // CODES_PER_PACK * config.bits
@@ -334,6 +347,24 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         specs["outlier_cols"] = BlobSpec("uint16", (config.outliers,))
         specs["outlier_values"] = BlobSpec("float16", (config.outliers,))
     return specs
+
+
+def codebook_spec(config: StorageConfig) -> BlobSpec:
+    """A vq config's codebook: fp16 (2^(dim·bits), dim), a blob of the tensor or (shared) the file's tensor."""
+    return BlobSpec("float16", (1 << config.index_bits, config.dim))
+
+
+def shared_codebook_name(bits: int, dim: int) -> str:
+    """The name of the file tensor (role CODEBOOK_ROLE, fp16 codebook_spec's shape) that every `vq` tensor
+    or block with `shared` and this (bits, dim) uses (SPEC.md §12.4)."""
+    return f"codebook.v{bits}d{dim}"
+
+
+def shared_codebooks(config: StorageConfig) -> set:
+    """{(bits, dim)} of the shared codebooks a config (a `rows` config: its blocks) uses."""
+    if config.scheme == "rows":
+        return set().union(*(shared_codebooks(block) for _, block in config.blocks))
+    return {(config.bits, config.dim)} if config.scheme == "vq" and config.shared else set()
 
 
 def row_order_dtype(out_features: int) -> str:

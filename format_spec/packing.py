@@ -8,13 +8,14 @@ some do, and their low bits sit in word w, their high bits at the bottom of word
 """
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)  # affine and lut code widths
+PACK_BITS = SUPPORTED_BITS + (12,)  # what packing handles: those, and 12-bit vq indices (SPEC.md §12.1)
 CODES_PER_PACK = 32
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+    if bits not in PACK_BITS:
+        raise ValueError(f"unsupported bit width {bits}; supported: {PACK_BITS}")
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -37,17 +38,18 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
-    """(..., m) uint32 words with m % bits == 0 → (..., m // bits * 32) uint8 codes."""
+    """(..., m) uint32 words with m % bits == 0 → (..., m // bits * 32) codes: uint8, uint16 for 12 bits."""
     _check_bits(bits)
     words = np.asarray(words, dtype=np.uint32)
     m = words.shape[-1]
     if m % bits:
         raise ValueError(f"word count {m} is not a multiple of {bits}")
-    if bits == 6:
-        return _unpack6(words).reshape(words.shape[:-1] + (m // bits * CODES_PER_PACK,))
+    if bits in (6, 12):
+        unpack = _unpack6 if bits == 6 else _unpack12
+        return unpack(words).reshape(words.shape[:-1] + (m // bits * CODES_PER_PACK,))
     packs = words.reshape(-1, m // bits, bits).astype(np.uint64)  # (rows, packs, b)
     mask = np.uint64((1 << bits) - 1)
-    codes = np.empty(packs.shape[:2] + (CODES_PER_PACK,), dtype=np.uint8)  # (rows, packs, 32)
+    codes = np.empty(packs.shape[:2] + (CODES_PER_PACK,), dtype=np.uint8 if bits <= 8 else np.uint16)  # (rows, packs, 32)
     for j in range(CODES_PER_PACK):
         word, shift = divmod(j * bits, 32)
         value = packs[..., word] >> np.uint64(shift)
@@ -67,4 +69,14 @@ def _unpack6(words: np.ndarray) -> np.ndarray:
     codes[:, 1] = (b[:, 0] >> 6) | ((b[:, 1] & 15) << 2)
     codes[:, 2] = (b[:, 1] >> 4) | ((b[:, 2] & 3) << 4)
     codes[:, 3] = b[:, 2] >> 2
+    return codes.reshape(-1)
+
+
+def _unpack12(words: np.ndarray) -> np.ndarray:
+    """12-bit codes (vq indices, SPEC.md §12.1) as _unpack6 does 6-bit ones: 2 codes fill 3 whole bytes (code
+    2k is the low 12 bits of the little-endian bytes 3k … 3k + 2, code 2k + 1 the high 12)."""
+    b = np.ascontiguousarray(words, dtype="<u4").view(np.uint8).reshape(-1, 3).astype(np.uint16)  # (n / 2, 3)
+    codes = np.empty((len(b), 2), np.uint16)
+    codes[:, 0] = b[:, 0] | ((b[:, 1] & 15) << 8)
+    codes[:, 1] = (b[:, 1] >> 4) | (b[:, 2] << 4)
     return codes.reshape(-1)

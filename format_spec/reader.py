@@ -20,8 +20,8 @@ import numpy as np
 from .affine import loaded_blobs
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
-from .layout import (BLOCK_SCHEMES, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES, StorageConfig,
-                     align_up, blob_specs)
+from .layout import (BLOCK_SCHEMES, CODEBOOK_ROLE, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES,
+                     StorageConfig, align_up, blob_specs, codebook_spec, leaves, shared_codebook_name)
 from .packing import SUPPORTED_BITS
 from .rows import row_order_problem
 from .strict_json import JsonError
@@ -117,7 +117,8 @@ class MxqFile:
         self.tokenizer = document["tokenizer"]
         self.quantization = document.get("quantization", {}) if isinstance(document.get("quantization"), dict) else {}
         self.provenance = document.get("provenance", {}) if isinstance(document.get("provenance"), dict) else {}
-        self.tensors: dict[str, TensorEntry] = {}
+        self.tensors: dict[str, TensorEntry] = {}  # the model's tensors (every role but CODEBOOK_ROLE)
+        self.codebooks: dict[str, TensorEntry] = {}  # shared vq codebooks (role CODEBOOK_ROLE, SPEC.md §12.4)
         self.tokenizer_blob: BlobRef | None = None
 
     # -- opening ---------------------------------------------------------------------------------
@@ -189,9 +190,9 @@ class MxqFile:
         end = tokenizer_blob.offset + tokenizer_blob.nbytes  # where the previous tensor's data ends
         for index, raw_entry in enumerate(tensors):
             entry = f._tensor_entry(raw_entry, index, check, align_up(end, alignment))
-            if entry.name in f.tensors:
+            if entry.name in f.tensors or entry.name in f.codebooks:
                 check.fail(f"tensor '{entry.name}' appears twice")
-            f.tensors[entry.name] = entry
+            (f.codebooks if entry.role == CODEBOOK_ROLE else f.tensors)[entry.name] = entry
             spans += [(blob.offset, blob.nbytes, f"tensor '{entry.name}' blob '{name}'")
                       for name, blob in entry.blobs.items()]
             end = max(blob.offset + blob.nbytes for blob in entry.blobs.values())
@@ -201,7 +202,28 @@ class MxqFile:
             if offset < previous_end:
                 check.fail(f"{name} at offset {offset} overlaps {previous_name}")
             previous_end, previous_name = offset + nbytes, name
+        f._check_codebooks(check)
         return f
+
+    def _check_codebooks(self, check) -> None:
+        """Every shared codebook a tensor (or block) uses is a codebook tensor of the right name, scheme and
+        shape (SPEC.md §12.4); every codebook tensor is fp16."""
+        for entry in self.codebooks.values():
+            if entry.config.scheme != "fp16" or len(entry.shape) != 2:
+                check.fail(f"codebook tensor '{entry.name}': scheme {entry.config.scheme} shape {list(entry.shape)} "
+                           "(a codebook is a 2-D fp16 tensor)")
+        for entry in self.tensors.values():
+            for _, _, part in leaves(entry.shape, entry.config):
+                if not (part.scheme == "vq" and part.shared):
+                    continue
+                name, spec = shared_codebook_name(part.bits, part.dim), codebook_spec(part)
+                codebook = self.codebooks.get(name)
+                if codebook is None:
+                    check.fail(f"tensor '{entry.name}': its shared codebook '{name}' is not in the file "
+                               f"(a tensor of role '{CODEBOOK_ROLE}')")
+                if tuple(codebook.shape) != spec.shape:
+                    check.fail(f"codebook tensor '{name}': shape {list(codebook.shape)} != {list(spec.shape)}, "
+                               f"which tensor '{entry.name}' needs")
 
     def _blob_ref(self, raw, dtype, shape, where, check) -> BlobRef:
         if not isinstance(raw, dict):
@@ -302,15 +324,18 @@ class MxqFile:
             dim = check.get(config_raw, "dim", int, f"{where} config")
             meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
             meta_group_size = check.get(config_raw, "meta_group_size", int, f"{where} config")
+            shared = config_raw.get("shared", False)  # 1.7; absent: the tensor's own codebook
+            if not isinstance(shared, bool):
+                check.fail(f"{where} config: field 'shared' must be true or false, got {shared!r:.40}")
             config = None
             if meta_group_size == META_GROUP_SIZE and outliers >= 0 and meta_bits:  # 0 would mean "the default"
                 try:
-                    config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)  # layout.py's rules
+                    config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits, shared)  # layout.py's rules
                 except ValueError:
                     pass
             if config is None:
                 check.fail(f"{where}: config bits={bits} dim={dim} group_size={group_size} meta_bits={meta_bits} "
-                           f"meta_group_size={meta_group_size} outliers={outliers} is not supported")
+                           f"meta_group_size={meta_group_size} outliers={outliers} shared={shared} is not supported")
             return config
         if bits not in SUPPORTED_BITS or group_size not in GROUP_SIZES or outliers < 0:
             check.fail(f"{where}: config bits={bits} group_size={group_size} outliers={outliers} is not supported")
@@ -357,13 +382,19 @@ class MxqFile:
         return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=blob.offset).reshape(blob.shape)
 
     def blobs(self, name: str) -> dict:
-        """All blobs of tensor `name` as zero-copy views, keyed by blob name."""
-        entry = self.tensors[name]
+        """All blobs of tensor `name` (a model tensor or a codebook) as zero-copy views, keyed by blob name; a
+        `vq` tensor (or block) with a shared codebook gets it as its `codebook` (`i.codebook`) blob, a view of
+        the codebook tensor's bytes, so that every consumer sees the blobs of SPEC.md §5's per-tensor form."""
+        entry = self.tensors[name] if name in self.tensors else self.codebooks[name]
         views = {blob_name: self.view(ref) for blob_name, ref in entry.blobs.items()}
         loaded = loaded_blobs(views, entry.shape, entry.config)
         for blob_name, array in loaded.items():
             if array is not views[blob_name]:  # unpacked 6-bit metadata codes: the packed bytes are done with
                 self._release(entry.blobs[blob_name])
+        for prefix, _, part in leaves(entry.shape, entry.config):
+            if part.scheme == "vq" and part.shared:
+                loaded[prefix + "codebook"] = self.view(self.codebooks[shared_codebook_name(part.bits, part.dim)]
+                                                        .blobs["data"])
         return loaded
 
     def release_all(self) -> None:
@@ -427,7 +458,7 @@ class MxqFile:
         """(where, blobs, recorded crc32) for every checksum of the file: the tokenizer blob, then each
         packed tensor's (over all its blobs) or each blob's of a tensor with a blob table."""
         items = [("tokenizer blob", (self.tokenizer_blob,), self.tokenizer_blob.crc32)]
-        for entry in self.tensors.values():
+        for entry in [*self.tensors.values(), *self.codebooks.values()]:
             if entry.crc32:
                 items.append((f"tensor '{entry.name}'", tuple(entry.blobs.values()), entry.crc32))
             else:

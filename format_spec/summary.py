@@ -11,6 +11,10 @@ def bits_per_weight(entries) -> float:
     return 8.0 * sum(entry.nbytes for entry in entries) / numel if numel else 0.0
 
 
+def _numel(entries) -> int:
+    return sum(entry.numel for entry in entries)
+
+
 def short_label(config: StorageConfig) -> str:
     """The config label, a `rows` one shortened for a table column: 'rows×4 b3g64…b5g64+o12' (first and
     last block; both blocks when there are two)."""
@@ -37,7 +41,9 @@ def summarize(f: MxqFile) -> dict:
         by_label[key] = by_label.get(key, 0) + 1
         for _, block in config.blocks:
             by_block[block.label.split("+")[0]] = by_block.get(block.label.split("+")[0], 0) + 1
-    tensor_bytes = sum(e.nbytes for e in entries)
+    codebooks = list(f.codebooks.values())  # shared vq codebooks (SPEC.md §12.4): bytes of the linears that use them
+    codebook_bytes = sum(e.nbytes for e in codebooks)
+    tensor_bytes = sum(e.nbytes for e in entries) + codebook_bytes
     return {
         "file": str(f.path),
         "version": f"{f.version[0]}.{f.version[1]}",
@@ -46,6 +52,7 @@ def summarize(f: MxqFile) -> dict:
         "tokenizer_bytes": f.tokenizer_blob.nbytes,
         "tokenizer_raw_bytes": f.tokenizer_nbytes,
         "tensor_bytes": tensor_bytes,
+        "codebook_bytes": codebook_bytes,
         "padding_bytes": f.file_nbytes - f.data_offset - f.tokenizer_blob.nbytes - tensor_bytes,
         "model": f.model,
         "tokenizer": {k: v for k, v in f.tokenizer.items() if k != "blob"},
@@ -55,7 +62,8 @@ def summarize(f: MxqFile) -> dict:
             "tensors": len(entries),
             "parameters": sum(e.numel for e in entries),
             "linear_parameters": sum(e.numel for e in linears),
-            "bpw_linear": round(bits_per_weight(linears), 6),
+            "bpw_linear": round(bits_per_weight(linears + codebooks) * _numel(linears + codebooks) / _numel(linears)
+                                if linears else 0.0, 6),  # shared codebooks counted, their numel not
             "bpw_affine": round(bits_per_weight(affine), 6),
             "bpw_lut": round(bits_per_weight(lut), 6),
             "bpw_vq": round(bits_per_weight(vq), 6),
@@ -69,6 +77,6 @@ def summarize(f: MxqFile) -> dict:
              "config": e.config.to_json(), "label": e.config.label, "short_label": short_label(e.config),
              "bytes": e.nbytes,
              "bpw": round(8.0 * e.nbytes / e.numel, 4)}
-            for e in entries
+            for e in entries + codebooks
         ],
     }

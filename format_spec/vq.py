@@ -18,7 +18,7 @@ from .packing import unpack_codes
 
 
 def vq_indices(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
-    """uint8 (out, ceil(in / dim)): each row's codebook indices, padding dropped."""
+    """(out, ceil(in / dim)) uint8 (uint16 for 12-bit indices): each row's codebook indices, padding dropped."""
     out_features, in_features, _, _ = vq_dims(shape, config)
     n_vectors = -(-in_features // config.dim)
     return unpack_codes(blobs["qweight"], config.index_bits)[:, :n_vectors]

@@ -27,7 +27,7 @@ import numpy as np
 
 from .affine import check_blobs, stored_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
-from .layout import StorageConfig, align_up, blob_specs
+from .layout import CODEBOOK_ROLE, StorageConfig, align_up, blob_specs, codebook_spec, shared_codebook_name, shared_codebooks
 from .rows import row_order_problem
 from . import tokenizer_blob
 from .tokenizer_schema import check_tokenizer
@@ -148,7 +148,7 @@ class TensorPlan:
     name: str
     shape: tuple
     config: StorageConfig
-    role: str = "other"  # linear | embedding | lm_head | norm | bias | other (SPEC.md §4.3)
+    role: str = "other"  # linear | embedding | lm_head | norm | bias | codebook | other (SPEC.md §4.1)
 
 
 @dataclass
@@ -186,6 +186,16 @@ class MxqWriter:
         names = [plan.name for plan in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in plan")
+        plans = {plan.name: plan for plan in self.tensors}
+        for plan in self.tensors:  # every shared codebook a config uses is planned (SPEC.md §12.4)
+            for bits, dim in sorted(shared_codebooks(plan.config)):
+                name = shared_codebook_name(bits, dim)
+                book = plans.get(name)
+                shape = codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).shape
+                if book is None or book.role != CODEBOOK_ROLE or book.config.scheme != "fp16" or \
+                        tuple(book.shape) != shape:
+                    raise ValueError(f"tensor {plan.name!r} uses the shared codebook {name!r}: plan it as an fp16 "
+                                     f"tensor of shape {list(shape)} and role {CODEBOOK_ROLE!r}")
         vocab_size = self.model.get("vocab_size") if isinstance(self.model, dict) else None
         self._tokenizer_stored, self._tokenizer_blob = tokenizer_blob.pack(self.tokenizer, self.tokenizer_data)
         check_tokenizer(self._tokenizer_stored, vocab_size)

@@ -12,9 +12,10 @@
 // and, as g ≥ 32, lies in one scale group (q·32 / g). Chunks past in_features (the tail of the last
 // pack) are never touched.
 //
-// gemv_vq_b{B}_d{D}, (B, D) ∈ {(2,2), (3,2), (4,2), (2,4)} — fused dequant + GEMV at batch 1: y = W·x (+ residual)
+// gemv_vq_b{B}_d{D}, (B, D) ∈ {(2,2), (3,2), (4,2), (2,4), (3,4)} — fused dequant + GEMV at batch 1: y = W·x (+ residual)
 //   (const uint32_t* qweight,      (out, n_packs·K)
-//    const half_t*   codebook,     (2^K, D)
+//    const half_t*   codebook,     (2^K, D); K = 12: 16-byte aligned for the vector staging loads
+//                                  (a 2-aligned one is staged with 2-byte loads)
 //    const uint8_t*  scale_codes,  (out, G)
 //    const half_t*   scale_meta,   (ceil(out·G / 128), 2)
 //    const uint32_t* row_ptr, const uint16_t* cols, const half_t* vals,   CSR outliers or all NULL
@@ -27,9 +28,13 @@
 // The work split is gemv_lut's with chunks for packs: each warp owns 4 consecutive rows, lane l takes
 // chunks l, l+32, … (coalesced vector loads, every index byte read once), the activation is staged
 // per block in swizzled shared-memory tiles of 128 chunks (16 KiB) and each lane copies its chunk's
-// 32 activations into registers once for its 4 rows. The block first widens the codebook to fp32 in
-// shared memory (2^K points of D floats: at most 256·4 floats = 4 KiB; one float2 / float4 load per
-// vector). Per chunk and row:
+// 32 activations into registers once for its 4 rows. The block first stages the codebook in shared
+// memory (VqBook): for K ≤ 8 widened to fp32 (2^K points of D floats: at most 256·4 floats = 4 KiB; one
+// float2 / float4 load per vector); for K = 12 (b3d4: 4096 points, the shared codebooks of format 1.7)
+// as stored, fp16 (32 KiB, one 8-byte load per vector, its 4 coordinates widened in registers), with
+// x tiles of 64 chunks (8 KiB) so that the block's static shared memory is 40 KiB (< 48 KiB on every
+// target; occupancy is then bounded by shared memory: 1 block per SM on sm_75, 2 on sm_86/89, and the
+// 3 of VQ_MIN_BLOCKS on sm_80/87/90). Per chunk and row:
 //   acc_r += s · Σ_v point[index_v] · x_v      (two fp32 FMA chains of 16, then one FMA)
 // with s the chunk's decoded scale. Padding columns of the last chunk see x = 0 (a non-finite codebook
 // coordinate there still propagates, as a padding level does in gemv_lut). Outliers are fused,
@@ -37,7 +42,11 @@
 //
 // dequant_vq_b{B}_d{D}_f32 — rows of W (outliers included) as fp32, for prefill GEMMs and the quantized
 // embedding gather; bit-exact with format_spec.vq.dequantize_vq (one fp32 multiply point · scale, an
-// outlier one fp32 add more):
+// outlier one fp32 add more). K ≤ 8: the codebook widened in shared memory and a tile of chunks per
+// thread, as in dequant_lut; K = 12: staging a 32 KiB codebook per row (one block per row) would cost
+// far more than the row itself, so threads stride the row's columns (coalesced stores), each reading
+// its vector's index (pack_code_dynamic) and its fp16 coordinate straight from the codebook (__ldg,
+// L1/L2-resident):
 //   (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals,
 //    const int32_t* row_ids (n_rows,) or NULL, float* out (n_rows, ld_out),
 //    int n_rows, int out_features, int in_features, int ld_out, int group_size)
@@ -51,14 +60,61 @@ constexpr int VQ_ROWS_PER_WARP = 4;
 constexpr int VQ_TILE_CHUNKS = 128;  // activation chunks (of 32 columns) staged per tile
 constexpr int VQ_MAX_THREADS = 256;
 // Occupancy hint for ptxas: 3 resident 256-thread blocks per SM (≤ 80 registers; no spills on any target,
-// tools/kernel_report.py), and ≤ 20.5 KiB of shared memory per block fits 3 blocks even on sm_75.
+// tools/kernel_report.py), and ≤ 20.5 KiB of shared memory per block fits 3 blocks even on sm_75 (b3d4's
+// 40 KiB do not: its occupancy is bounded by shared memory, see above).
 constexpr int VQ_MIN_BLOCKS = 3;
 constexpr int VQ_DEQUANT_MAX_THREADS = 128;
+constexpr int VQ_WIDE_INDEX_BITS = 12;  // b3d4: the fp16 codebook stays fp16 in shared memory
 
-// One codebook point in shared memory: D fp32 coordinates, read with one vector load.
+// One codebook point in registers: D fp32 coordinates.
 template <int D> struct VqPoint;
 template <> struct VqPoint<2> { typedef float2 type; };
 template <> struct VqPoint<4> { typedef float4 type; };
+
+// The codebook in shared memory, per index width K and dimension D: `Stored` is one point's shared-memory
+// form, stage() fills it (every thread of the block calls it; the caller places the barrier), point()
+// reads point i into registers with one vector load. TILE_CHUNKS: the GEMV's x tile, sized so that the
+// block's static shared memory stays under 48 KiB.
+template <int K, int D>
+struct VqBook {  // K ≤ 8: widened to fp32 once, 2^K·D·4 bytes ≤ 4 KiB
+    typedef typename VqPoint<D>::type Stored;
+    static constexpr int TILE_CHUNKS = VQ_TILE_CHUNKS;
+    __device__ static void stage(Stored* book, const half_t* __restrict__ codebook) {
+        float* flat = reinterpret_cast<float*>(book);
+        for (int i = threadIdx.x; i < (1 << K) * D; i += blockDim.x) flat[i] = load_f16(codebook, i);
+    }
+    __device__ static Stored point(const Stored* book, uint32_t i) { return book[i]; }
+    __device__ static float coordinate(const Stored* book, uint32_t i, int k) {
+        return reinterpret_cast<const float*>(book)[i * D + k];
+    }
+};
+
+template <>
+struct VqBook<VQ_WIDE_INDEX_BITS, 4> {  // 4096 points of 4 fp16: 32 KiB as stored, 8 bytes per point
+    typedef uint2 Stored;
+    static constexpr int TILE_CHUNKS = VQ_TILE_CHUNKS / 2;  // 8 KiB of x: 40 KiB in all
+    static constexpr int N_WORDS = (1 << VQ_WIDE_INDEX_BITS) * 4 / 2;  // 32-bit words of the codebook
+    __device__ static void stage(Stored* book, const half_t* __restrict__ codebook) {
+        if ((reinterpret_cast<size_t>(codebook) & 15) == 0) {  // 16-byte loads: 8 per thread at 256 threads
+            const uint4* src = reinterpret_cast<const uint4*>(codebook);
+            uint4* dst = reinterpret_cast<uint4*>(book);
+            for (int i = threadIdx.x; i < N_WORDS / 4; i += blockDim.x) dst[i] = __ldg(src + i);
+        } else {  // only 2-byte aligned (never from the file, whose blobs are 64-aligned)
+            const unsigned short* src = reinterpret_cast<const unsigned short*>(codebook);
+            unsigned short* dst = reinterpret_cast<unsigned short*>(book);
+            for (int i = threadIdx.x; i < 2 * N_WORDS; i += blockDim.x) dst[i] = __ldg(src + i);
+        }
+    }
+    __device__ static float4 point(const Stored* book, uint32_t i) {
+        const uint2 p = book[i];
+        float4 f;
+        f.x = h2f_bits((unsigned short)(p.x & 0xffffu));
+        f.y = h2f_bits((unsigned short)(p.x >> 16));
+        f.z = h2f_bits((unsigned short)(p.y & 0xffffu));
+        f.w = h2f_bits((unsigned short)(p.y >> 16));
+        return f;
+    }
+};
 
 // log2(group_size / 32): chunk q lies in scale group q >> vq_chunk_shift (group_size ∈ {32, 64, 128}).
 __device__ __forceinline__ int vq_chunk_shift(int group_size) { return __ffs(group_size) - 6; }
@@ -70,7 +126,7 @@ __device__ __forceinline__ uint32_t chunk_index(const uint32_t (&w)[B], int v) {
     constexpr uint32_t MASK = (1u << K) - 1u;
     const int bit = v * K, wi = bit >> 5, sh = bit & 31;
     if (sh + K <= 32) return (w[wi] >> sh) & MASK;
-    return __funnelshift_r(w[wi], w[wi + 1], sh) & MASK;  // 6-bit indices: low bits in wi, high in wi + 1
+    return __funnelshift_r(w[wi], w[wi + 1], sh) & MASK;  // 6-, 12-bit indices: low bits in wi, high in wi + 1
 }
 
 // a0 / a1 += the point's coordinates · x[0 .. D), alternating between the two chains.
@@ -103,13 +159,14 @@ __device__ __forceinline__ void gemv_vq(
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const float* __restrict__ x, const float* residual, float* y, int out_features,
     int in_features, int group_size) {
-    typedef typename VqPoint<D>::type Point;
     constexpr int K = B * D;                 // index bits
+    typedef VqBook<K, D> Book;
     constexpr int N_POINTS = 1 << K;
     constexpr int VPC = CODES_PER_PACK / D;  // vectors per chunk
     constexpr int RPW = VQ_ROWS_PER_WARP;
-    __shared__ float4 x_tile[VQ_TILE_CHUNKS * 8];  // swizzled: chunk q, slot k → unit q·8 + (k + q) % 8
-    __shared__ Point book[N_POINTS];               // (2^K, D) fp32
+    constexpr int TILE = Book::TILE_CHUNKS;
+    __shared__ float4 x_tile[TILE * 8];                   // swizzled: chunk q, slot k → unit q·8 + (k + q) % 8
+    __shared__ typename Book::Stored book[N_POINTS];      // (2^K, D): fp32, or fp16 for K = 12
 
     const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
     const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
@@ -120,8 +177,7 @@ __device__ __forceinline__ void gemv_vq(
     const int row0 = (blockIdx.x * n_warps + warp) * RPW;
     const bool warp_active = row0 < out_features;
 
-    float* book_flat = reinterpret_cast<float*>(book);
-    for (int i = threadIdx.x; i < N_POINTS * D; i += blockDim.x) book_flat[i] = load_f16(codebook, i);
+    Book::stage(book, codebook);
     const uint32_t* row_words[RPW];
     size_t meta_base[RPW];
 #pragma unroll
@@ -134,8 +190,8 @@ __device__ __forceinline__ void gemv_vq(
 #pragma unroll
     for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
 
-    for (int tile = 0; tile < n_chunks; tile += VQ_TILE_CHUNKS) {
-        const int tile_chunks = min(VQ_TILE_CHUNKS, n_chunks - tile);
+    for (int tile = 0; tile < n_chunks; tile += TILE) {
+        const int tile_chunks = min(TILE, n_chunks - tile);
         if (tile > 0) __syncthreads();  // every warp is done with the previous tile
         stage_x_packs(x_tile, x, tile, tile_chunks, in_features);
         __syncthreads();  // (the first one also publishes the codebook)
@@ -152,7 +208,8 @@ __device__ __forceinline__ void gemv_vq(
                     const float s = decode_meta(scale_codes, scale_meta, meta_base[i] + group);
                     float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
-                    for (int v = 0; v < VPC; ++v) point_fma(book[chunk_index<K, B>(w, v)], xv + v * D, a0, a1);
+                    for (int v = 0; v < VPC; ++v)
+                        point_fma(Book::point(book, chunk_index<K, B>(w, v)), xv + v * D, a0, a1);
                     acc[i] = fmaf(s, a0 + a1, acc[i]);
                 }
             }
@@ -165,17 +222,18 @@ __device__ __forceinline__ void gemv_vq(
     store_4rows(acc, lane, row0, out_features, residual, y);
 }
 
+// K ≤ 8: the codebook widened in shared memory, a chunk per thread (see the header).
 template <int B, int D>
-__device__ __forceinline__ void dequant_vq(
+__device__ __forceinline__ void dequant_vq_staged(
     const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
     int out_features, int in_features, int ld_out, int group_size) {
-    typedef typename VqPoint<D>::type Point;
     constexpr int K = B * D;
+    typedef VqBook<K, D> Book;
     constexpr int N_POINTS = 1 << K;
     constexpr int VPC = CODES_PER_PACK / D;
-    __shared__ Point book[N_POINTS];
+    __shared__ typename Book::Stored book[N_POINTS];
     __shared__ float tile[VQ_DEQUANT_MAX_THREADS * (CODES_PER_PACK + 1)];  // thread t's chunk: [t·33, t·33 + 32)
 
     const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
@@ -190,8 +248,7 @@ __device__ __forceinline__ void dequant_vq(
         for (int c = threadIdx.x; c < in_features; c += blockDim.x) dst[c] = 0.0f;
         return;
     }
-    float* book_flat = reinterpret_cast<float*>(book);
-    for (int i = threadIdx.x; i < N_POINTS * D; i += blockDim.x) book_flat[i] = load_f16(codebook, i);
+    Book::stage(book, codebook);
     const uint32_t* row = qweight + (size_t)r * n_packs * K;
     const size_t meta_base = (size_t)r * n_groups;
     // Tiles of blockDim.x chunks, decoded into shared memory (row stride 33: conflict-free), then
@@ -205,7 +262,7 @@ __device__ __forceinline__ void dequant_vq(
             const float s = decode_meta(scale_codes, scale_meta, meta_base + (q >> chunk_shift));
             float* t = tile + threadIdx.x * (CODES_PER_PACK + 1);
 #pragma unroll
-            for (int v = 0; v < VPC; ++v) store_scaled(t + v * D, book[chunk_index<K, B>(w, v)], s);
+            for (int v = 0; v < VPC; ++v) store_scaled(t + v * D, Book::point(book, chunk_index<K, B>(w, v)), s);
         }
         __syncthreads();
         const int c0 = q0 * CODES_PER_PACK;
@@ -221,8 +278,61 @@ __device__ __forceinline__ void dequant_vq(
         const int v = c / D;  // vector v: index v % 32 of pack v / 32
         const uint32_t index = pack_code_dynamic<K>(row + (size_t)(v / CODES_PER_PACK) * K, v % CODES_PER_PACK);
         const float s = decode_meta(scale_codes, scale_meta, meta_base + (c >> (5 + chunk_shift)));
-        dst[c] = __fadd_rn(__fmul_rn(book_flat[index * D + c % D], s), load_f16(vals, e));
+        dst[c] = __fadd_rn(__fmul_rn(Book::coordinate(book, index, c % D), s), load_f16(vals, e));
     }
+}
+
+// K = 12: no staging; thread t writes columns t, t + blockDim.x, … of the row (see the header).
+template <int B, int D>
+__device__ __forceinline__ void dequant_vq_direct(
+    const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
+    const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
+    const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
+    int out_features, int in_features, int ld_out, int group_size) {
+    constexpr int K = B * D;
+    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int n_groups = (in_features + group_size - 1) / group_size;
+    const int group_shift = 5 + vq_chunk_shift(group_size);  // log2(group_size)
+    const int out_row = blockIdx.x;
+    if (out_row >= n_rows) return;  // uniform over the block
+    const int r = row_ids != nullptr ? __ldg(row_ids + out_row) : out_row;
+    float* dst = out + (size_t)out_row * ld_out;
+    if (r < 0 || r >= out_features) {
+        for (int c = threadIdx.x; c < in_features; c += blockDim.x) dst[c] = 0.0f;
+        return;
+    }
+    const uint32_t* row = qweight + (size_t)r * n_packs * K;
+    const size_t meta_base = (size_t)r * n_groups;
+    // The value of column c without its outlier: D neighbouring threads share the vector's index (a
+    // 12-bit index may straddle two words of its pack) and read neighbouring coordinates of one point.
+    auto plain = [&](int c) {
+        const int v = c / D;  // vector v: index v % 32 of pack v / 32
+        const uint32_t index = pack_code_dynamic<K>(row + (size_t)(v / CODES_PER_PACK) * K, v % CODES_PER_PACK);
+        const float s = decode_meta(scale_codes, scale_meta, meta_base + (c >> group_shift));
+        return __fmul_rn(load_f16(codebook, (size_t)index * D + c % D), s);
+    };
+    for (int c = threadIdx.x; c < in_features; c += blockDim.x) dst[c] = plain(c);
+    if (row_ptr == nullptr) return;
+    __syncthreads();  // the plain values are written before the outliers overwrite theirs
+    const uint32_t end = __ldg(row_ptr + r + 1);
+    for (uint32_t e = __ldg(row_ptr + r) + threadIdx.x; e < end; e += blockDim.x) {
+        const int c = __ldg(cols + e);
+        dst[c] = __fadd_rn(plain(c), load_f16(vals, e));
+    }
+}
+
+template <int B, int D>
+__device__ __forceinline__ void dequant_vq(
+    const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
+    const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
+    const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
+    int out_features, int in_features, int ld_out, int group_size) {
+    if constexpr (B * D == VQ_WIDE_INDEX_BITS)
+        dequant_vq_direct<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out, n_rows,
+                                out_features, in_features, ld_out, group_size);
+    else
+        dequant_vq_staged<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out, n_rows,
+                                out_features, in_features, ld_out, group_size);
 }
 
 }  // namespace mxq
@@ -247,4 +357,4 @@ __device__ __forceinline__ void dequant_vq(
                               n_rows, out_features, in_features, ld_out, group_size);                             \
     }
 
-MXQ_VQ_ENTRIES(2, 2) MXQ_VQ_ENTRIES(3, 2) MXQ_VQ_ENTRIES(4, 2) MXQ_VQ_ENTRIES(2, 4)
+MXQ_VQ_ENTRIES(2, 2) MXQ_VQ_ENTRIES(3, 2) MXQ_VQ_ENTRIES(4, 2) MXQ_VQ_ENTRIES(2, 4) MXQ_VQ_ENTRIES(3, 4)

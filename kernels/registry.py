@@ -19,12 +19,14 @@ from dataclasses import dataclass
 # repository root is on sys.path; a relative import beyond it would fail there
 from mxq.format_spec import GROUP_SIZES
 from mxq.format_spec import SUPPORTED_BITS as BITS
-from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS
+from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_SHARED_INDEX_BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 LUT_BITS = BITS  # gemv_lut.cu: one gemv_lut_b* and one dequant_lut_b*_f32 per bit width
-# gemv_vq.cu: one gemv_vq_b*_d* and one dequant_vq_b*_d*_f32 per (bits, dim) — (2,2) (3,2) (4,2) (2,4);
-# the group size (32, 64, 128) is a runtime argument
-VQ_CONFIGS = tuple((b, d) for d in VQ_DIMS for b in VQ_BITS if b * d in VQ_INDEX_BITS)
+# gemv_vq.cu: one gemv_vq_b*_d* and one dequant_vq_b*_d*_f32 per (bits, dim) — (2,2) (3,2) (4,2) (2,4), and
+# (3,4) (12-bit indices, 4096 points: only with a shared codebook); the same kernels serve a tensor's own
+# codebook and the file's shared one (both arrive as the `codebook` pointer); the group size (32, 64, 128)
+# is a runtime argument
+VQ_CONFIGS = tuple((b, d) for d in VQ_DIMS for b in VQ_BITS if b * d in VQ_SHARED_INDEX_BITS)
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
 GEMV_MAX_WARPS = 8  # __launch_bounds__(256)
@@ -106,7 +108,7 @@ DEQUANT_LUT_ARGS = _LUT_BLOBS + (
 
 _VQ_BLOBS = (
     ("qweight", "const u32*"),  # (out, n_packs·b·d), n_packs = ceil(ceil(in/d)/32)
-    ("codebook", "const f16*"),  # (2^(b·d), d)
+    ("codebook", "const f16*"),  # (2^(b·d), d): the tensor's own or the file's shared one; 16-byte aligned for (3,4)
     ("scale_codes", "const u8*"),  # (out, n_groups), n_groups = ceil(in/group_size)
     ("scale_meta", "const f16*"),  # (ceil(out·n_groups/128), 2)
     ("row_ptr", "const u32*"),  # (out+1,) or None

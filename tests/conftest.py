@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta, pack_codes
+from mxq.format_spec.layout import CODEBOOK_ROLE, leaves, shared_codebook_name, shared_codebooks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,8 @@ def random_vq_blobs(rng, shape, config: StorageConfig) -> dict:
     n_groups = -(-in_features // config.group_size)
     index = rng.integers(0, 1 << config.index_bits, size=(out_features, -(-n_vectors // 32) * 32))
     index[:, n_vectors:] = 0
-    codebook = (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)
+    codebook = shared_codebook(config) if config.shared else \
+        (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)
     scale_codes, scale_meta = encode_meta(rng.normal(0.0, 0.02, (out_features, n_groups)), config.meta_bits)
     blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": codebook, "scale_codes": scale_codes,
              "scale_meta": scale_meta}
@@ -95,6 +97,31 @@ def random_vq_blobs(rng, shape, config: StorageConfig) -> dict:
         blobs.update(build_csr(shape, flat // in_features, flat % in_features,
                                rng.standard_normal(config.outliers).astype(np.float32)))
     return blobs
+
+
+def shared_codebook(config: StorageConfig) -> np.ndarray:
+    """The random fp16 codebook every test file uses as its shared one for config's (bits, dim): one per (bits,
+    dim), the same in every tensor (what the reader hands each shared tensor as its `codebook` blob)."""
+    rng = np.random.default_rng(1000 * config.bits + config.dim)
+    return (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)
+
+
+def file_plans_and_blobs(plans, blobs_of):
+    """The writer's view of test tensors: `plans` [TensorPlan] plus a codebook tensor (SPEC §12.4) for each shared
+    codebook they use, and {name: blobs to write}: blobs_of(name) without the shared `codebook` blobs (which the
+    reader puts back)."""
+    needed = sorted(set().union(*(shared_codebooks(plan.config) for plan in plans)))
+    books = [TensorPlan(shared_codebook_name(b, d), (1 << b * d, d), StorageConfig.fp16(), CODEBOOK_ROLE) for b, d in needed]
+    stored = {}
+    for plan in plans:
+        blobs = dict(blobs_of(plan.name))
+        for prefix, _, part in leaves(plan.shape, plan.config):
+            if part.scheme == "vq" and part.shared:
+                del blobs[prefix + "codebook"]
+        stored[plan.name] = blobs
+    for (b, d), book in zip(needed, books):
+        stored[book.name] = {"data": shared_codebook(StorageConfig.vq(b, d, 32, shared=True))}
+    return plans + books, stored
 
 
 def random_blobs(rng, shape, config: StorageConfig) -> dict:
@@ -109,12 +136,12 @@ def write_random_file(path, tensors, seed=0, tokenizer_data=b"tokenizer bytes", 
     rng = np.random.default_rng(seed)
     plans = [TensorPlan(name, shape, config, "linear" if config.scheme != "fp16" else "norm")
              for name, shape, config in tensors]
-    written = {}
+    written = {plan.name: random_blobs(rng, plan.shape, plan.config) for plan in plans}
+    plans, stored = file_plans_and_blobs(plans, written.get)
     with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"},
                    tokenizer_data=tokenizer_data, tensors=plans, **writer_options) as writer:
         for plan in plans:
-            written[plan.name] = random_blobs(rng, plan.shape, plan.config)
-            writer.write(plan.name, written[plan.name])
+            writer.write(plan.name, stored[plan.name])
     return written
 
 

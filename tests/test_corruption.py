@@ -25,6 +25,9 @@ SMALL_TENSORS = {  # the small valid files the corruption tests damage
            ("b", (6, 40), StorageConfig.parse("v2d4g64m8")),  # 8-bit indices into 4-D points, 8-bit scale codes
            ("r", (6, 40), StorageConfig.parse("rows(2:v2d2g32+o1,4:b3g32)")),  # a vq block (1.6)
            ("n", (7,), StorageConfig.fp16())],
+    "vq-shared": [("a", (5, 70), StorageConfig.parse("v3d4g32s+o4")),  # 12-bit indices into the shared codebook
+                  ("r", (6, 40), StorageConfig.parse("rows(2:v2d4g32s,4:v3d4g64m8s)")),  # shared-codebook blocks
+                  ("n", (7,), StorageConfig.fp16())],  # then the codebook tensors codebook.v2d4, codebook.v3d4 (1.7)
 }
 
 
@@ -36,7 +39,7 @@ def _small(kind, tmp_path, **writer_options):
 
     path = tmp_path / f"small-{kind}{'-table' if writer_options.get('blob_table') else ''}.mxq"
     tensors = SMALL_TENSORS[kind]
-    write = write_rows_file if kind in ("rows", "vq") else write_random_file
+    write = write_rows_file if kind in ("rows", "vq", "vq-shared") else write_random_file
     return path, tensors, write(path, tensors, **writer_options)
 
 
@@ -60,12 +63,18 @@ def small_table_file(tmp_path):
     return _small("affine", tmp_path, blob_table=True)
 
 
-@pytest.fixture(params=["affine", "lut", "rows", "vq", "affine-table"])
+@pytest.fixture
+def small_vq_shared_file(tmp_path):
+    return _small("vq-shared", tmp_path)
+
+
+@pytest.fixture(params=["affine", "lut", "rows", "vq", "vq-shared", "affine-table"])
 def any_small_file(request):
-    """The small affine, lut, rows and vq files, and the affine one with a blob table: every corruption test
-    runs on each."""
+    """The small affine, lut, rows, vq and shared-codebook vq files, and the affine one with a blob table: every
+    corruption test runs on each."""
     return request.getfixturevalue({"affine": "small_file", "lut": "small_lut_file", "rows": "small_rows_file",
-                                    "vq": "small_vq_file", "affine-table": "small_table_file"}[request.param])
+                                    "vq": "small_vq_file", "vq-shared": "small_vq_shared_file",
+                                    "affine-table": "small_table_file"}[request.param])
 
 
 def _outcome(path):

@@ -1,7 +1,9 @@
 """The `vq` scheme on the CPU: the compiled fused GEMV of cpu_vq_kernels.py (parallel and serial forms) and the
 handle of cpu_vq.py (kernel path, NumPy path, cached mode, embedding rows, vq blocks of a `rows` matrix in a
 written file) against format_spec's reference dequantization, every (bits, dim) × group size × 6/8-bit scale
-codes × odd shapes, with and without outliers. A whole model with vq linears: test_runtime.py (kind "vq").
+codes × odd shapes, with and without outliers; 12-bit indices (v3d4, a file's shared codebook of 4096 points,
+format 1.7) included: their own kernel (points_dot), their handles' one widened codebook per distinct codebook,
+a written file whose tensors and row blocks share one. A whole model with vq linears: test_runtime.py (kind "vq").
 
 Tolerance: a product is float32 sums in another order than the float64 reference x·Wᵀ (W = dequantize(blobs),
 itself exact in float32): |y − x·Wᵀ| ≤ RTOL·(|x|·|W|ᵀ) + 1e-6·(1 + |x·Wᵀ|) per element, RTOL = 1e-5 (fp32's
@@ -17,6 +19,7 @@ import pytest
 
 from conftest import random_vq_blobs
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
+from mxq.format_spec.layout import VQ_INDEX_BITS
 from mxq.runtime.backends.cpu_weights import (KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_FLOAT,
                                               NO_RESIDUAL, NO_ROWS, NO_VALUES, ThreadChoice, activation_low_part,
                                               quantize_activations, readonly)
@@ -26,7 +29,7 @@ from test_cpu_kernels import JIT_KERNELS
 pytestmark = pytest.mark.early(*JIT_KERNELS)  # the JIT's kernels compiled while other tests run (conftest: early)
 
 RTOL = 1e-5
-KINDS = [(2, 2), (3, 2), (4, 2), (2, 4)]  # (bits, dim): index bits 4, 6, 8, 8
+KINDS = [(2, 2), (3, 2), (4, 2), (2, 4), (3, 4)]  # (bits, dim): index bits 4, 6, 8, 8, 12 (a shared codebook)
 GROUPS = [32, 64, 128]
 # (shape, outliers): one weight, in < dim, padded last packs and groups, in = one group + 1, several packs
 ODD_SHAPES = [((1, 1), 1), ((7, 33), 3), ((37, 70), 6), ((9, 129), 5), ((20, 256), 7), ((131, 333), 40)]
@@ -83,13 +86,34 @@ def backends(request):
         ref.close()
 
 
+def vq_config(bits, dim, group, outliers=0, meta_bits=0) -> StorageConfig:
+    """StorageConfig.vq, with a shared codebook where the index bits need one (12: v3d4)."""
+    return StorageConfig.vq(bits, dim, group, outliers, meta_bits, shared=bits * dim not in VQ_INDEX_BITS)
+
+
+def vq_blobs(rng, shape, config: StorageConfig) -> dict:
+    """random_vq_blobs with a random codebook for shared configs too (conftest's shared one is fixed): every test
+    matrix its own points, as a file's blobs would give them (the reader's shared `codebook` blob)."""
+    blobs = random_vq_blobs(rng, shape, config)
+    if config.shared:
+        blobs["codebook"] = (rng.standard_normal(blobs["codebook"].shape) * 1.5).astype(np.float16)
+    return blobs
+
+
+def kernel_codebook(blobs, config: StorageConfig):
+    """vq_matmul's codebook argument: float32 coordinate planes (dim, 2^k); for 12-bit indices the fp16 points'
+    bytes as float32 (4096, 2) (cpu_vq_kernels' module doc)."""
+    if config.index_bits == 12:
+        return readonly(blobs["codebook"].view(np.float32))
+    return readonly(blobs["codebook"].astype(np.float32).T)
+
+
 def kernel_args(blobs, config: StorageConfig):
     """vq_matmul's weight arguments as VqWeight passes them."""
     csr = ((readonly(blobs["outlier_row_ptr"]), readonly(blobs["outlier_cols"]),
             readonly(blobs["outlier_values"].view(np.uint16))) if config.outliers else (NO_ROWS, NO_COLS, NO_VALUES))
-    return (readonly(blobs["qweight"].view(np.uint8)), readonly(blobs["codebook"].astype(np.float32).T),
-            config.index_bits, config.dim, readonly(blobs["scale_codes"]),
-            readonly(blobs["scale_meta"].astype(np.float32)), config.group_size, *csr)
+    return (readonly(blobs["qweight"].view(np.uint8)), kernel_codebook(blobs, config), config.index_bits, config.dim,
+            readonly(blobs["scale_codes"]), readonly(blobs["scale_meta"].astype(np.float32)), config.group_size, *csr)
 
 
 # -- the kernels --------------------------------------------------------------------------------------
@@ -102,8 +126,8 @@ def test_kernels_match_the_reference(vq_kernels, bits, dim, group, meta_bits):
     outliers, against the float64 product with dequantize(blobs)."""
     rng = np.random.default_rng(bits * 1000 + dim * 100 + group + meta_bits)
     for (shape, nnz), outliers in itertools.product(ODD_SHAPES, (False, True)):
-        config = StorageConfig.vq(bits, dim, group, nnz if outliers else 0, meta_bits)
-        blobs = random_vq_blobs(rng, shape, config)
+        config = vq_config(bits, dim, group, nnz if outliers else 0, meta_bits)
+        blobs = vq_blobs(rng, shape, config)
         weight = dequantize(blobs, shape, config)
         args = kernel_args(blobs, config)
         for tokens, extras in ((1, False), (5, False), (5, True)):
@@ -123,8 +147,8 @@ def test_kernels_read_every_index_position_and_scale(vq_kernels):
     rng = np.random.default_rng(3)
     for bits, dim in KINDS:
         shape = (5, 160)
-        config = StorageConfig.vq(bits, dim, 32)
-        blobs = random_vq_blobs(rng, shape, config)
+        config = vq_config(bits, dim, 32)
+        blobs = vq_blobs(rng, shape, config)
         weight = dequantize(blobs, shape, config)
         x = np.eye(shape[1], dtype=np.float32)  # (in, in): token c picks column c
         y = np.empty((shape[1], shape[0]), np.float32)
@@ -135,15 +159,18 @@ def test_kernels_read_every_index_position_and_scale(vq_kernels):
 # -- the handle ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,dim", KINDS)
-def test_handle_kernel_and_numpy_path_match_the_reference(backends, bits, dim):
-    """Products of 1, 3 (the kernel) and 20 tokens (> KERNEL_MAX_TOKENS: dequantize + sgemm) on the compiled
-    and the NumPy backend, bias and residual; embedding rows exact."""
+def test_handle_kernel_and_numpy_path_match_the_reference(backends, bits, dim, monkeypatch):
+    """Products of 1, 3 (the kernel) and 20 tokens (> KERNEL_MAX_TOKENS: dequantize + sgemm, in chunks of 8 rows)
+    on the compiled and the NumPy backend, bias and residual; embedding rows exact."""
+    from mxq.runtime.backends import cpu_weights
+
+    monkeypatch.setattr(cpu_weights, "_chunk_rows", lambda tokens, row_elements: 8)  # several chunks per matrix
     fast, ref = backends
     rng = np.random.default_rng(bits * 10 + dim)
     assert 20 > KERNEL_MAX_TOKENS
     for (shape, nnz), group, meta_bits in itertools.product(ODD_SHAPES, GROUPS, (6, 8)):
-        config = StorageConfig.vq(bits, dim, group, nnz if group != 64 else 0, meta_bits)
-        blobs = random_vq_blobs(rng, shape, config)
+        config = vq_config(bits, dim, group, nnz if group != 64 else 0, meta_bits)
+        blobs = vq_blobs(rng, shape, config)
         weight = dequantize(blobs, shape, config)
         w_fast, w_ref = (backend.prepare(_Entry("w", shape, config), blobs) for backend in (fast, ref))
         bias = rng.standard_normal(shape[0]).astype(np.float32)
@@ -179,16 +206,17 @@ def test_the_kernel_serves_decode_and_sgemm_serves_prefill(backends, monkeypatch
     assert calls == [KERNEL_MAX_TOKENS + 1]
 
 
-def test_parallel_parts_and_cached_mode_match():
+@pytest.mark.parametrize("bits,dim", [(2, 4), (3, 4)])
+def test_parallel_parts_and_cached_mode_match(bits, dim):
     """A matrix big enough for ThreadChoice (Numba's JIT): its first calls alternate the serial and the parallel
     kernel — identical numbers; the cached mode (float32 copy, BLAS) matches too."""
     pytest.importorskip("numba")
     from test_cpu_kernels import kernels_mode
 
     rng = np.random.default_rng(7)
-    shape, config = (600, 1000), StorageConfig.vq(2, 4, 64, 50)
+    shape, config = (600, 1000), vq_config(bits, dim, 64, 50)
     assert shape[0] * shape[1] >= KERNEL_PARALLEL_MIN_WEIGHTS
-    blobs = random_vq_blobs(rng, shape, config)
+    blobs = vq_blobs(rng, shape, config)
     weight = dequantize(blobs, shape, config)
     x = rng.standard_normal((2, shape[1])).astype(np.float32)
     with kernels_mode("jit"):
@@ -239,7 +267,8 @@ def test_a_written_file_with_vq_tensors_and_vq_row_blocks(tmp_path, backends):
     assert fast.kernels is not None
 
 
-def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends):
+@pytest.mark.parametrize("bits,dim", [(2, 4), (3, 4)])
+def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends, bits, dim):
     """Content the reader cannot judge: unsound CSR outliers are a ModelError naming the tensor; indices always
     fall inside the codebook (k bits, 2^k points), so any codebook or scale bytes (inf, NaN) give numbers on
     every path — NaN where the reference has them — never an out-of-bounds read."""
@@ -247,12 +276,12 @@ def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends)
 
     fast, ref = backends
     rng = np.random.default_rng(13)
-    shape, config = (6, 40), StorageConfig.vq(2, 4, 32, 4)
-    blobs = random_vq_blobs(rng, shape, config)
+    shape, config = (6, 40), vq_config(bits, dim, 32, 4)
+    blobs = vq_blobs(rng, shape, config)
     with pytest.raises(ModelError, match="tensor 'w': bad outliers"):
         fast.prepare(_Entry("w", shape, config), dict(blobs, outlier_cols=np.array([0, 0, 0, 99], np.uint16)))
-    wild = dict(blobs, codebook=np.where(rng.random((256, 4)) < 0.5, np.inf, np.nan).astype(np.float16),
-                scale_meta=np.full_like(blobs["scale_meta"], np.inf))
+    wild_points = np.where(rng.random(blobs["codebook"].shape) < 0.5, np.inf, np.nan).astype(np.float16)
+    wild = dict(blobs, codebook=wild_points, scale_meta=np.full_like(blobs["scale_meta"], np.inf))
     with np.errstate(invalid="ignore"):  # inf · 0 (a zero scale code or input)
         for backend in (fast, ref):
             handle = backend.prepare(_Entry("w", shape, config), wild)
@@ -260,3 +289,81 @@ def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends)
                 y = backend.linear(np.ones((tokens, shape[1]), np.float32), handle)
                 assert y.shape == (tokens, shape[0]) and y.dtype == np.float32 and np.isnan(y).all()
         assert np.isnan(dequantize(wild, shape, config)).any()
+
+
+# -- 12-bit indices: one widened codebook per distinct codebook -----------------------------------------------
+
+def test_a_written_file_whose_tensors_and_blocks_share_a_codebook(tmp_path, backends):
+    """Format 1.7: vq tensors and `rows` blocks that use the file's shared 12-bit codebook (v3d4…s), beside a block
+    with a codebook of its own: products (kernel and sgemm sizes) and embedding rows as the reference says; the
+    shared codebook widened once for every handle of a backend (one Widened), each kernel reading the file's own
+    fp16 bytes (a view of the codebook tensor, no copy). Opened twice: the second file's handles are right too."""
+    from test_rows_scheme import write_rows_file
+
+    from mxq.runtime.backends.cpu_vq import VqWeight
+
+    fast, ref = backends
+    parse = StorageConfig.parse
+    tensors = [("a", (37, 70), parse("v3d4g64s+o6")), ("b", (50, 40), parse("v3d4g32m8s")),
+               ("c", (96, 130), parse("v3d4g128s")),
+               ("r", (40, 64), parse("rows(10:v3d4g32s+o3,10:b4g32,12:v2d4g64m8,8:v3d4g128m8s)"))]
+    path = tmp_path / "shared.mxq"
+    write_rows_file(path, tensors)
+    rng = np.random.default_rng(17)
+    for _ in range(2):
+        with MxqFile.open(path) as f:
+            assert f.version == (1, 7) and f.verify() == []
+            book = f.blobs("codebook.v3d4")["data"]  # (4096, 4) fp16: the file's shared codebook tensor
+            for backend in (fast, ref):
+                shared = []  # the backend's handles of 12-bit matrices and blocks
+                for name, shape, config in tensors:
+                    blobs = f.blobs(name)
+                    weight = dequantize(blobs, shape, config)
+                    handle = backend.prepare(f.tensors[name], blobs)
+                    parts = handle.blocks if config.scheme == "rows" else [handle]
+                    shared += [w for w in parts if isinstance(w, VqWeight) and w.index_bits == 12]
+                    for tokens in (1, 4, 20):
+                        x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+                        rounded = config.scheme == "rows" and backend.kernels is not None  # its affine block
+                        assert_close(backend.linear(x, handle), x, weight, rounded_x=rounded)
+                    ids = np.array([shape[0] - 1, 0, 3, 3])
+                    np.testing.assert_array_equal(backend.embedding(handle, ids), weight[ids])
+                assert len(shared) == 5
+                assert all(w.codebook is shared[0].codebook for w in shared)  # widened once
+                np.testing.assert_array_equal(shared[0].points, book.astype(np.float32))
+                for w in shared:  # the kernel's codebook: the codebook tensor's bytes themselves
+                    assert w.kernel_codebook.__array_interface__["data"][0] == book.__array_interface__["data"][0]
+                    assert w.kernel_codebook.nbytes == book.nbytes
+    assert fast.kernels is not None
+
+
+def test_widened_codebooks_are_found_by_content_not_address():
+    """cpu_vq.widened: equal codebook bytes (the same blob, or a copy) give the same Widened; other bytes at the
+    same address (a buffer rewritten, as a file reopened at the same place could be) give their own; a Widened
+    lives while a handle holds it."""
+    import gc
+    import weakref
+
+    from mxq.runtime.backends.cpu_vq import widened
+
+    rng = np.random.default_rng(19)
+    shape, config = (24, 200), vq_config(3, 4, 64, 5)
+    blobs = vq_blobs(rng, shape, config)
+    backend = NumpyBackend(threads=1, kernels=False)
+    first = backend.prepare(_Entry("w", shape, config), blobs)
+    assert widened(blobs["codebook"]) is first.codebook
+    assert widened(blobs["codebook"].copy()) is first.codebook
+    buffer = blobs["codebook"]  # rewritten in place: same address, new content
+    old_points = first.points.copy()
+    buffer[...] = (rng.standard_normal(buffer.shape) * 1.5).astype(np.float16)
+    second = backend.prepare(_Entry("w", shape, config), blobs)
+    assert second.codebook is not first.codebook
+    np.testing.assert_array_equal(first.points, old_points)  # the first handle's copy is untouched
+    np.testing.assert_array_equal(second.points, buffer.astype(np.float32))
+    x = rng.standard_normal((20, shape[1])).astype(np.float32)
+    assert_close(backend.linear(x, second), x, dequantize(blobs, shape, config))
+    alive = weakref.ref(second.codebook)
+    del second
+    gc.collect()
+    assert alive() is None
+    backend.close()

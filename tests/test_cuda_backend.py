@@ -41,6 +41,7 @@ import pytest
 from conftest import random_affine_blobs, random_lut_blobs, random_vq_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
+from mxq.format_spec.layout import VQ_INDEX_BITS
 from mxq.kernels.emulator import EmulatedModule
 from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS, VQ_CONFIGS
 from mxq.runtime import ModelError
@@ -186,18 +187,24 @@ def test_lut_model_matches_numpy_backend(tmp_path):
     assert any(c.startswith("dequant_lut_b") for c in backend.module.calls)
 
 
+def vq_config(bits, dim, group_size, outliers=0, meta_bits=0):
+    """A tensor's own codebook where the format allows one, else (b3d4: 12-bit indices) the file's shared one
+    (random_vq_blobs then hands it over as the reader does: the `codebook` blob)."""
+    return StorageConfig.vq(bits, dim, group_size, outliers, meta_bits, shared=bits * dim not in VQ_INDEX_BITS)
+
+
 @pytest.mark.parametrize("group_size,outliers,meta_bits", [(32, 0, 6), (128, 19, 8)], ids=["g32", "g128m8-outliers"])
 @pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=[f"b{b}d{d}" for b, d in VQ_CONFIGS])
 def test_vq_linear_and_embedding_match_numpy_backend(cuda, ref, bits, dim, group_size, outliers, meta_bits):
-    """Every vq (bits, dim): T = 1 is one fused gemv_vq launch (bias fused), T = 5 one dequant_vq and a
-    GEMM; the embedding gather dequantizes the picked rows (bit-exact)."""
+    """Every vq (bits, dim), b3d4 with a shared codebook: T = 1 is one fused gemv_vq launch (bias fused),
+    T = 5 one dequant_vq and a GEMM; the embedding gather dequantizes the picked rows (bit-exact)."""
     shape = (37, 71)  # a partial last vector for dim 4, a partial last group
     rng = np.random.default_rng(bits * 100 + dim * 10 + group_size + outliers)
-    config = StorageConfig.vq(bits, dim, group_size, outliers, meta_bits)
+    config = vq_config(bits, dim, group_size, outliers, meta_bits)
     blobs = random_vq_blobs(rng, shape, config)
     entry = Entry("w", shape, config)
     w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
-    assert isinstance(w, VqHandle) and w.tail == (np.int32(group_size),)
+    assert isinstance(w, VqHandle) and w.tail == (np.int32(group_size),) and w.shared == config.shared
     bias = rng.standard_normal(shape[0]).astype(f32)
     for T in (1, 5):
         x = rng.standard_normal((T, shape[1])).astype(f32)
@@ -214,10 +221,11 @@ def test_vq_linear_and_embedding_match_numpy_backend(cuda, ref, bits, dim, group
     assert cuda.module.calls == [f"dequant_vq_b{bits}_d{dim}_f32"]
 
 
-def test_vq_prefill_in_row_chunks_and_cache_dequantized(ref):
+@pytest.mark.parametrize("bits", [2, 3], ids=["b2d4", "b3d4-shared"])
+def test_vq_prefill_in_row_chunks_and_cache_dequantized(ref, bits):
     """A vq matrix dequantized in row chunks for prefill (one dequant_vq per chunk, with row ids), and
     with cache_dequantized once at prepare (prefill is then a plain GEMM, decode still the GEMV)."""
-    shape, config = (70, 200), StorageConfig.vq(2, 4, 64, 11)
+    shape, config = (70, 200), vq_config(bits, 4, 64, 11)
     rng = np.random.default_rng(8)
     blobs = random_vq_blobs(rng, shape, config)
     w_ref = ref.prepare(Entry("w", shape, config), blobs)
@@ -226,14 +234,70 @@ def test_vq_prefill_in_row_chunks_and_cache_dequantized(ref):
     chunked = emulated(prefill_chunk_bytes=4 * shape[1] * 16)  # 16 rows per chunk: 5 chunks
     w = chunked.prepare(Entry("w", shape, config), blobs)
     check_close(chunked.linear(x, w), want, mag)
-    assert chunked.module.calls == ["dequant_vq_b2_d4_f32"] * 5
+    assert chunked.module.calls == [f"dequant_vq_b{bits}_d4_f32"] * 5
     cached = emulated(cache_dequantized=True)
     w = cached.prepare(Entry("w", shape, config), blobs)
     assert np.array_equal(w.dense, dequantize(blobs, shape, config))
-    for T, launched in ((3, []), (1, ["gemv_vq_b2_d4"])):
+    for T, launched in ((3, []), (1, [f"gemv_vq_b{bits}_d4"])):
         cached.module.calls.clear()
         check_close(cached.linear(x[:T], w), want[:T], mag[:T])
         assert cached.module.calls == launched
+
+
+class CountingBinding:
+    """Wraps a backend's binding and records the shape of every host → device upload."""
+
+    def __init__(self, binding):
+        self.binding, self.uploads = binding, []
+
+    def __getattr__(self, name):
+        return getattr(self.binding, name)
+
+    def to_device(self, array):
+        self.uploads.append(tuple(np.shape(array)))
+        return self.binding.to_device(array)
+
+
+def test_shared_codebook_is_uploaded_once(tmp_path, ref):
+    """A file whose vq tensors and row blocks use its shared codebooks (format 1.7: the reader hands each a view
+    of the same codebook tensor's bytes): the backend uploads each shared codebook once, every handle using it
+    holds that one device array, and each tensor gives the numpy backend's products."""
+    from test_rows_scheme import reference_weight, write_rows_file
+
+    from mxq.runtime.backends.row_blocks import RowBlocks
+
+    tensors = [("a", (40, 136), vq_config(3, 4, 64, 5)), ("b", (24, 64), vq_config(3, 4, 32)),
+               ("c", (33, 100), vq_config(3, 4, 128, 2, 8)),
+               ("d", (20, 64), StorageConfig.vq(2, 4, 32, shared=True)), ("e", (20, 64), StorageConfig.vq(2, 4, 32)),
+               ("r", (45, 71), StorageConfig.parse("rows(20:v3d4g64s+o9,16:v3d4g32m8s,9:v2d4g32s)"))]
+    write_rows_file(tmp_path / "shared.mxq", tensors)
+    backend = emulated()
+    backend.binding = counting = CountingBinding(backend.binding)
+    rng = np.random.default_rng(3)
+    with MxqFile.open(tmp_path / "shared.mxq") as f:
+        assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"]
+        handles = {}
+        for name, shape, config in tensors:
+            entry, blobs = f.tensors[name], f.blobs(name)
+            w, w_ref = backend.prepare(entry, blobs), ref.prepare(entry, blobs)
+            handles[name] = w
+            x = rng.standard_normal((1, shape[1])).astype(f32)
+            want = ref.linear(x, w_ref).astype(np.float64)
+            weight = (reference_weight if config.scheme == "rows" else dequantize)(blobs, shape, config)
+            check_close(backend.linear(x, w), want, np.abs(x.astype(np.float64)) @ np.abs(weight.astype(np.float64)).T)
+        # one upload per distinct codebook: v3d4 (4096, 4) and v2d4 (256, 4) shared, and e's own (256, 4)
+        assert counting.uploads.count((4096, 4)) == 1
+        assert counting.uploads.count((256, 4)) == 2
+        assert len(backend._codebooks) == 3
+        blocks = handles["r"].blocks
+        assert isinstance(handles["r"], RowBlocks) and all(isinstance(b, VqHandle) and b.shared for b in blocks)
+        v3d4 = [handles["a"], handles["b"], handles["c"], blocks[0], blocks[1]]
+        assert all(w.shared and w.blobs[1] is v3d4[0].blobs[1] for w in v3d4)
+        assert blocks[2].blobs[1] is handles["d"].blobs[1] and handles["e"].blobs[1] is not handles["d"].blobs[1]
+        assert backend.binding.address(v3d4[0].blobs[1]) % 16 == 0  # gemv_vq_b3_d4's 16-byte staging loads
+        assert np.array_equal(v3d4[0].blobs[1], f.blobs("codebook.v3d4")["data"])
+    backend.close()
+    assert not backend._codebooks
 
 
 def test_vq_model_matches_numpy_backend(tmp_path):

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import random_blobs, write_random_file
+from conftest import file_plans_and_blobs, random_blobs, write_random_file
 from mxq.format_spec import (MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, block_blobs, dequantize,
                              encode_meta, join_blocks, pack_codes, tensor_nbytes)
 from mxq.format_spec.rows import content_problem, dequantize_rows
@@ -54,13 +54,14 @@ def write_rows_file(path, tensors, seed=0, **writer_options):
     """Write [(name, shape, config)] with random content; returns {name: blobs}."""
     rng = np.random.default_rng(seed)
     plans = [TensorPlan(name, shape, config, "linear") for name, shape, config in tensors]
-    written = {}
+    written = {plan.name: (random_rows_blobs if plan.config.scheme == "rows" else random_blobs)(rng, plan.shape,
+                                                                                                 plan.config)
+               for plan in plans}
+    plans, stored = file_plans_and_blobs(plans, written.get)  # + the shared vq codebooks they use
     with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
                    tensors=plans, **writer_options) as writer:
         for plan in plans:
-            make = random_rows_blobs if plan.config.scheme == "rows" else random_blobs
-            written[plan.name] = make(rng, plan.shape, plan.config)
-            writer.write(plan.name, written[plan.name])
+            writer.write(plan.name, stored[plan.name])
     return written
 
 

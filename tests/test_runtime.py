@@ -52,7 +52,7 @@ def mixed_plan(fixture):
 
 
 VQ_MIX = [("v2d4g32", 0), ("v3d2g64", 1), ("v4d2g128m8", 0), ("v2d2g32", 1), ("v2d2g128m8", 0), ("v3d2g32", 0),
-          ("v4d2g64", 1), (4, 64, 0)]
+          ("v4d2g64", 1), (4, 64, 0), ("v3d4g64s", 1), ("v2d4g32s", 0), ("v3d4g128m8s", 0)]  # shared codebooks (1.7)
 
 
 def vq_plan(fixture):

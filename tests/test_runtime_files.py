@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, build_csr, decode_meta, encode_meta, pack_codes
+from mxq.format_spec.layout import CODEBOOK_ROLE, shared_codebook_name, shared_codebooks
 
 
 def hf_model_json(cfg: dict) -> dict:
@@ -77,6 +78,15 @@ def rtn_affine(w: np.ndarray, bits: int, group_size: int, n_outliers: int = 0, m
     return blobs
 
 
+def product_codebook(bits: int, dim: int) -> np.ndarray:
+    """fp16 (2^(bits·dim), dim): every combination of 2^bits uniform levels in [-1, 1] per coordinate (point p's
+    coordinate i: level (p >> bits·i) mod 2^bits): the same for every tensor of (bits, dim), so also the file's
+    shared codebook of a `shared` config (SPEC.md §12.4)."""
+    levels = np.linspace(-1.0, 1.0, 1 << bits, dtype=np.float32)
+    points = np.arange(1 << (bits * dim))
+    return np.stack([levels[(points >> (bits * i)) % (1 << bits)] for i in range(dim)], axis=1).astype(np.float16)
+
+
 def rtn_vq(w: np.ndarray, config: StorageConfig) -> dict:
     """Round-to-nearest on a product grid: the codebook is every combination of 2^bits uniform levels in [-1, 1]
     per coordinate (point p's coordinate i: level (p >> bits·i) mod 2^bits), each group's scale its largest |w|;
@@ -84,9 +94,7 @@ def rtn_vq(w: np.ndarray, config: StorageConfig) -> dict:
     out_features, in_features = w.shape
     bits, dim, group_size = config.bits, config.dim, config.group_size
     n_levels = 1 << bits
-    levels = np.linspace(-1.0, 1.0, n_levels, dtype=np.float32)
-    points = np.arange(1 << config.index_bits)
-    codebook = np.stack([levels[(points >> (bits * i)) % n_levels] for i in range(dim)], axis=1).astype(np.float16)
+    codebook = product_codebook(bits, dim)
     n_groups, n_vectors = math.ceil(in_features / group_size), math.ceil(in_features / dim)
     padded = np.zeros((out_features, n_groups * group_size), np.float32)  # ≥ n_vectors · dim columns
     padded[:, :in_features] = w
@@ -144,15 +152,24 @@ def write_test_mxq(hf_dir, out_path, choose=lambda name, shape, role: "fp16") ->
         config = (StorageConfig.fp16() if choice == "fp16" else choice if isinstance(choice, StorageConfig)
                   else StorageConfig.affine(*choice))
         plans.append(TensorPlan(name, shape, config, role))
+    pairs = sorted(set().union(*(shared_codebooks(plan.config) for plan in plans)))
+    plans += [TensorPlan(shared_codebook_name(b, d), (1 << b * d, d), StorageConfig.fp16(), CODEBOOK_ROLE)
+              for b, d in pairs]  # the shared codebooks (the product grids), last
     with MxqWriter(out_path, model=model, tokenizer=tokenizer, tokenizer_data=tokenizer_data, tensors=plans,
                    provenance={"source": {"name": hf_dir.name}, "converter": {"name": "tests/test_runtime_files.py"}},
                    ) as writer:
         for plan in plans:
+            if plan.role == CODEBOOK_ROLE:
+                b, d = (int(n) for n in plan.name.split(".v")[1].split("d"))
+                writer.write(plan.name, {"data": product_codebook(b, d)})
+                continue
             w = weights[plan.name].astype(np.float32)
             if plan.config.scheme == "fp16":
                 blobs = {"data": w.astype(np.float16)}
             elif plan.config.scheme == "vq":
                 blobs = rtn_vq(w, plan.config)
+                if plan.config.shared:  # the file's codebook tensor
+                    del blobs["codebook"]
             else:
                 blobs = rtn_affine(w, plan.config.bits, plan.config.group_size, plan.config.outliers,
                                    plan.config.meta_bits)

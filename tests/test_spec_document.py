@@ -1,7 +1,7 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
 and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine, 8- and 6-bit metadata),
-§7 (lut), §8 (rows) and §12 (vq, 1.6) say it holds; four tensors list their blobs (§4.2), three are packed
-(§4.1, 1.5). Also holds SPEC's text to the code where both state the same facts (schemes, grammar, versions)."""
+§7 (lut), §8 (rows) and §12 (vq, 1.6; with the file's shared codebook, §12.4, 1.7) say it holds; six tensors
+list their blobs (§4.2), three are packed (§4.1, 1.5). Also holds SPEC's text to the code where both state the same facts (schemes, grammar, versions)."""
 import itertools
 import json
 import lzma
@@ -112,6 +112,22 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         "scale_codes": ("uint8", [vq8_out, vq8_G], bytes(vq8_scale_codes)),
         "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vq8_scale_meta)),
     }
+    # a vq tensor with the file's shared codebook (SPEC §12.4, 1.7): 2 rows of 70 inputs, bits 3, dim 4, so 12-bit
+    # indices (§12.1: two indices in 3 bytes) into the tensor codebook.v3d4 of 4096 points; no codebook blob of
+    # its own; g = 32 (G = 3), 6-bit scale codes
+    vs_out, vs_dim, vs_g = 2, 4, 32
+    vs_V, vs_G = math.ceil(vq_in / vs_dim), math.ceil(vq_in / vs_g)
+    vs_index = [[(r * 1237 + j * 389 + 17) % 4096 for j in range(vs_V)] + [0] * (32 - vs_V) for r in range(vs_out)]
+    vs_points = [[(i % 64) * 0.03125 - 1.0, (i // 64) * 0.015625, 0.5 - 0.25 * (i % 5), -0.125 * (i % 9)]
+                 for i in range(4096)]
+    vs_scale_codes = [5, 60, 33, 0, 63, 17]
+    vs_scale_meta = (0.0039062, -0.1)
+    vs_blobs = {
+        "qweight": ("uint32", [vs_out, 12], b"".join(_bitstring_pack(row, 12) for row in vs_index)),
+        "scale_codes": ("uint32", [6], _bitstring_pack(vs_scale_codes + [0] * 26, 6)),
+        "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vs_scale_meta)),
+    }
+    vs_codebook = struct.pack("<16384e", *[v for p in vs_points for v in p])
 
     alignment = 64
     data_offset = 8192  # generous, a multiple of alignment
@@ -135,6 +151,8 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     m6_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in m6_blobs.items()}
     vq8_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in vq8_blobs.items()}
     norm_blob = place(norm, "float16", [4])
+    vs_document_blobs = {name: place(data, dtype, shape) for name, (dtype, shape, data) in vs_blobs.items()}
+    codebook_blob = place(vs_codebook, "float16", [4096, 4])
     # §4.1's packed form for x, p and norm: the first blob's offset, one CRC-32 over the blobs' bytes
     m6_packed = {"offset": m6_document_blobs["qweight"]["offset"],
                  "crc32": format(zlib.crc32(b"".join(data for _, _, data in m6_blobs.values())), "08x")}
@@ -168,11 +186,16 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
              "config": {"bits": 2, "dim": vq8_dim, "group_size": vq8_g, "meta_bits": 8, "meta_group_size": 128,
                         "outliers": 0}, **vq8_packed},
             {"name": "norm", "shape": [4], "role": "norm", "scheme": "fp16", "config": {}, **norm_packed},
+            {"name": "s", "shape": [vs_out, vq_in], "role": "linear", "scheme": "vq",
+             "config": {"bits": 3, "dim": vs_dim, "group_size": vs_g, "meta_bits": 6, "meta_group_size": 128,
+                        "outliers": 0, "shared": True}, "blobs": vs_document_blobs},
+            {"name": "codebook.v3d4", "shape": [4096, 4], "role": "codebook", "scheme": "fp16", "config": {},
+             "blobs": {"data": codebook_blob}},
         ],
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 6, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 7, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -192,13 +215,16 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         assert m6_entry.config.meta_bits == 6 and m6_entry.config.label == "b2g32"
         m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
         assert [ref.offset for ref in m6_entry.blobs.values()] == [b["offset"] for b in m6_document_blobs.values()]
-        assert f.version == (1, 6)
+        assert f.version == (1, 7) and list(f.codebooks) == ["codebook.v3d4"] and "codebook.v3d4" not in f.tensors
         vq_entry, vq8_entry = f.tensors["q"], f.tensors["p"]
         assert (vq_entry.config.label, vq8_entry.config.label) == ("v3d2g32+o1", "v2d4g64m8")
         vq_weight = dequantize(f.blobs("q"), vq_entry.shape, vq_entry.config)
         vq8_weight = dequantize(f.blobs("p"), vq8_entry.shape, vq8_entry.config)
         assert [ref.offset for ref in vq8_entry.blobs.values()] == [b["offset"] for b in vq8_document_blobs.values()]
         np.testing.assert_array_equal(f.blobs("norm")["data"], np.array([1.0, 2.0, -0.5, 0.25], np.float16))
+        vs_entry = f.tensors["s"]
+        assert vs_entry.config.label == "v3d4g32s" and vs_entry.config.index_bits == 12
+        vs_weight = dequantize(f.blobs("s"), vs_entry.shape, vs_entry.config)
     # SPEC §6: w = (q - z)·s, s = u·step + min per run of 128 flat (row, group) values; outlier added.
     expected = _affine_by_hand(codes, scale_codes, (0.001, 0.01), zero_codes, (0.015625, 1.0), inp, g, G)
     expected[0, 39] += np.float32(0.5)
@@ -223,6 +249,9 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     assert np.any(vq_expected < 0) and np.any(vq_expected > 0)
     np.testing.assert_array_equal(vq8_weight, _vq_by_hand(vq8_index, vq8_points, vq8_scale_codes, vq8_scale_meta,
                                                           vq_in, vq8_dim, vq8_g))
+    # SPEC §12.4: the same formula with the file's codebook tensor
+    np.testing.assert_array_equal(vs_weight, _vq_by_hand(vs_index, vs_points, vs_scale_codes, vs_scale_meta, vq_in,
+                                                         vs_dim, vs_g))
 
 
 def _vq_by_hand(index, points, scale_codes, scale_meta, inp, dim, g) -> np.ndarray:
@@ -257,8 +286,9 @@ def test_spec_text_agrees_with_the_code():
     of §4.1, the block schemes of §8 and §9, the minors of §10, every label example of §11, and §12's
     config keys and allowed values."""
     from mxq.format_spec import BLOCK_SCHEMES, GROUP_SIZES, META_BITS, MINOR_VERSION, SCHEMES, StorageConfig
-    from mxq.format_spec.header import SCHEME_MINOR
-    from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS
+    from mxq.format_spec.header import SCHEME_MINOR, SHARED_CODEBOOK_MINOR
+    from mxq.format_spec.layout import (CODEBOOK_ROLE, VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, VQ_SHARED_INDEX_BITS,
+                                        shared_codebook_name)
 
     text = (REPO / "format_spec" / "SPEC.md").read_text(encoding="utf-8")
     flat = " ".join(text.split())  # sentences broken across lines read as one
@@ -274,13 +304,17 @@ def test_spec_text_agrees_with_the_code():
         if minor > 1 or scheme == "lut":
             assert re.search(rf"1\.{minor}(?: added)? the `{scheme}` scheme", flat), (scheme, minor)
     assert f"{SCHEME_MINOR['vq']} when a tensor or a `rows` block uses `vq`" in flat
+    assert f"{SHARED_CODEBOOK_MINOR} when a tensor or a `rows` block uses a shared codebook" in flat
     examples = ticked(re.search(r"## 11\. .*? Examples: (.*?)\. ##", flat)[1])
     assert {"v2d4g32", "rows(144:v2d4g64,432:b4g64)"} <= examples
     for label in examples:
         assert StorageConfig.parse(label).label == label, label
     vq = flat[flat.index("## 12. The `vq` scheme"):]
     keys = re.search(r"config`: \{(.*?)\}", vq)[1]
-    assert re.findall(r'"(\w+)"', keys) == list(StorageConfig.vq(2, 4, 32).to_json())
+    assert re.findall(r'"(\w+)"', keys) == list(StorageConfig.vq(2, 4, 32, shared=True).to_json())
     pairs = {tuple(map(int, pair)) for pair in re.findall(r"\((\d), (\d)\)", re.search(r"`\(b, d\)` ∈ \{(.*?)\} ", vq)[1])}
     assert pairs == {(b, d) for b, d in itertools.product(VQ_BITS, VQ_DIMS) if b * d in VQ_INDEX_BITS}
+    shared_pair = tuple(map(int, re.search(r"a shared config may also have `\(b, d\)` = \((\d), (\d)\)", vq).groups()))
+    assert {(b, d) for b, d in itertools.product(VQ_BITS, VQ_DIMS) if b * d in VQ_SHARED_INDEX_BITS} == pairs | {shared_pair}
+    assert shared_codebook_name(3, 4) in flat and f"`{CODEBOOK_ROLE}`" in flat
     assert f"g ∈ {{{', '.join(map(str, GROUP_SIZES))}}}, m ∈ {{{', '.join(map(str, sorted(META_BITS)))}}}" in vq

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import random_blobs, random_vq_blobs, write_random_file
-from mxq.format_spec import (GROUP_SIZES, META_BITS, MxqFile, MxqWriter, StorageConfig, TensorPlan, blob_specs,
+from conftest import file_plans_and_blobs, random_blobs, random_vq_blobs, shared_codebook, write_random_file
+from mxq.format_spec import (GROUP_SIZES, META_BITS, MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, blob_specs,
                              content_problem, dequantize, join_blocks, pack_codes, tensor_nbytes, unpack_codes)
 from mxq.format_spec.header import SCHEME_MINOR, minor_version
 from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, VQ_META_BITS, unpacked_extra_nbytes, vq_dims
@@ -160,13 +160,13 @@ def _write(path, tensors, seed=0, **writer_options) -> dict:
     rng = np.random.default_rng(seed)
     plans = [TensorPlan(name, shape, config, "linear" if config.scheme != "fp16" else "norm")
              for name, shape, config in tensors]
-    written = {}
+    written = {plan.name: (_rows_of if plan.config.scheme == "rows" else random_blobs)(rng, plan.shape, plan.config)
+               for plan in plans}
+    plans, stored = file_plans_and_blobs(plans, written.get)  # + the shared codebooks they use (SPEC §12.4)
     with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
                    tensors=plans, **writer_options) as writer:
         for plan in plans:
-            make = _rows_of if plan.config.scheme == "rows" else random_blobs
-            written[plan.name] = make(rng, plan.shape, plan.config)
-            writer.write(plan.name, written[plan.name])
+            writer.write(plan.name, stored[plan.name])
     return written
 
 
@@ -353,3 +353,95 @@ def test_summary_and_inspect_report_vq(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mxq.cli", "inspect", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"vq tensors {totals['bpw_vq']:.4f}" in result.stdout and "mxq format 1.6" in result.stdout
+
+
+# -- shared codebooks (1.7, SPEC §12.4) ----------------------------------------------------------------------------
+SHARED = [("a", (5, 70), StorageConfig.parse("v3d4g32s+o4")), ("b", (6, 130), StorageConfig.parse("v2d4g64m8s")),
+          ("r", (9, 40), StorageConfig.parse("rows(2:v2d4g32s,4:v3d4g64s,3:b4g32)")), ("n", (7,), StorageConfig.fp16())]
+
+
+def test_shared_labels_configs_and_costs():
+    config = StorageConfig.parse("v3d4g32m8s+o5")
+    assert (config.bits, config.dim, config.shared, config.meta_bits, config.index_bits) == (3, 4, True, 8, 12)
+    assert config.label == "v3d4g32m8s+o5" and config.to_json()["shared"] is True
+    assert "shared" not in StorageConfig.vq(2, 4, 32).to_json()  # 1.6 files keep their config objects
+    with pytest.raises(ValueError, match="shared"):
+        StorageConfig.vq(3, 4, 32)  # 12-bit indices only with a shared codebook
+    with pytest.raises(ValueError):
+        StorageConfig.parse("v3d4g32")
+    with pytest.raises(ValueError, match="shared codebook"):
+        StorageConfig("affine", 4, 32, shared=True)
+    for shape, label in itertools.product(ODD_SHAPES, ["v3d4g32s", "v2d4g128s+o1", "v2d2g64m8s"]):
+        config = StorageConfig.parse(label)
+        specs = blob_specs(shape, config)
+        assert "codebook" not in specs and list(specs)[:3] == ["qweight", "scale_codes", "scale_meta"]
+        own = 2 * config.dim * 2 ** config.index_bits
+        assert tensor_nbytes(shape, config) == _spec_cost(shape, config) - own
+    assert minor_version([StorageConfig.parse("v2d4g32s")], "sentencepiece") == 7
+    assert minor_version([StorageConfig.parse("rows(2:v3d4g32s,3:b4g32)")], "sentencepiece") == 7
+
+
+def test_shared_codebooks_round_trip(tmp_path):
+    """Written with their codebook tensors, read back: 1.7, the codebooks are apart from the model's tensors,
+    every shared tensor and block gets the same codebook bytes, decodes by §12.2, and the file holds nothing
+    else (cost model = bytes)."""
+    path = tmp_path / "shared.mxq"
+    written = _write(path, SHARED)
+    with MxqFile.open(path) as f:
+        assert f.version == (1, 7) and f.verify() == []
+        assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"] and sorted(f.tensors) == ["a", "b", "n", "r"]
+        assert all(e.role == "codebook" and e.shape == (1 << (3 * 4 if "v3" in e.name else 8), 4)
+                   for e in f.codebooks.values())
+        a, r = f.blobs("a"), f.blobs("r")
+        np.testing.assert_array_equal(a["codebook"], shared_codebook(StorageConfig.parse("v3d4g32s")))
+        assert np.shares_memory(a["codebook"], r["1.codebook"])  # views of the one codebook tensor
+        for name, shape, config in SHARED:
+            blobs = f.blobs(name)
+            for blob_name, array in written[name].items():
+                np.testing.assert_array_equal(blobs[blob_name], array)
+            assert f.tensors[name].nbytes == tensor_nbytes(shape, config)
+            if config.scheme == "vq":
+                np.testing.assert_array_equal(dequantize(blobs, shape, config), _spec_formula(blobs, shape, config))
+        total = sum(tensor_nbytes(s, c) for _, s, c in SHARED) + 2 * 4 * (4096 + 256)
+        assert sum(e.nbytes for e in [*f.tensors.values(), *f.codebooks.values()]) == total
+        assert summarize(f)["codebook_bytes"] == 2 * 4 * (4096 + 256)
+
+
+def test_writer_needs_the_codebook_tensors(tmp_path):
+    plans = [TensorPlan("a", (5, 70), StorageConfig.parse("v3d4g32s"), "linear")]
+    for extra in ([], [TensorPlan("codebook.v3d4", (2048, 4), StorageConfig.fp16(), "codebook")],
+                  [TensorPlan("codebook.v3d4", (4096, 4), StorageConfig.fp16(), "other")]):
+        with pytest.raises(ValueError, match="shared codebook 'codebook.v3d4'"):
+            MxqWriter(tmp_path / "x.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                      tensors=plans + extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _entry(document, name):
+    return next(t for t in document["tensors"] if t["name"] == name)
+
+
+SHARED_HOSTILE = {  # edits of the shared file's JSON, each rejected at open with one line naming the tensor
+    "codebook missing": (lambda d: d["tensors"].pop(), "'codebook.v3d4' is not in the file"),
+    "codebook as a model tensor": (lambda d: _entry(d, "codebook.v3d4").update(role="other"), "not in the file"),
+    "codebook shorter": (lambda d: _entry(d, "codebook.v3d4").update(shape=[2048, 4]), "shape [2048, 4] != [4096, 4]"),
+    "codebook 1-D": (lambda d: _entry(d, "codebook.v2d4").update(shape=[1024]), "codebook tensor 'codebook.v2d4'"),
+    "shared as a string": (lambda d: _entry(d, "a")["config"].update(shared="true"), "field 'shared'"),
+    "12-bit indices unshared": (lambda d: _entry(d, "a")["config"].update(shared=False), "is not supported"),
+    "block unshared": (lambda d: _entry(d, "r")["config"]["blocks"][1]["config"].pop("shared"), "block 1"),
+    "dim 3": (lambda d: _entry(d, "a")["config"].update(dim=3), "is not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARED_HOSTILE))
+def test_hostile_shared_references_are_rejected(tmp_path, name):
+    from test_corruption import _rewrite_json
+
+    path = tmp_path / "shared.mxq"
+    _write(path, SHARED)
+    edit, message = SHARED_HOSTILE[name]
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), edit))
+    with pytest.raises(MxqFormatError) as caught:
+        MxqFile.open(target)
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)

@@ -135,3 +135,114 @@ def test_conversion_with_vq_candidates_keeps_the_budget_and_runs(tmp_path, quant
     with load(out) as lean, load(out, cache_dequantized=True) as cached:
         a, b = lean.logits(ids), cached.logits(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+# -- shared codebooks (SPEC.md §12.4; converter/shared_codebooks.py) ---------------------------------------------
+def _books(weight, importance, pairs=((3, 4), (2, 4))):
+    from mxq.converter.vq import kmeans_codebook, sample_vectors
+
+    out = {}
+    for bits, dim in pairs:
+        xs, ws = sample_vectors(weight.numpy(), importance.numpy(), 32, dim, 8192)
+        out[(bits, dim)] = kmeans_codebook(xs, ws, bits * dim, 8)
+    return out
+
+
+@pytest.mark.parametrize("label", ["v3d4g32s", "v3d4g128m8s", "v2d4g64s", "v3d4g64s+o25"])
+def test_shared_configs_store_no_codebook_and_their_errors_are_the_bytes(label):
+    weight, importance = _matrix(n=203)
+    books = _books(weight, importance)
+    config = StorageConfig.parse(label).storage(weight.shape)
+    result = quantize(weight, config, "wls", importance=importance, codebooks=books)
+    assert "codebook" not in result.blobs
+    check_blobs(stored_blobs(result.blobs, weight.shape, config), weight.shape, config)
+    readable = {**result.blobs, "codebook": books[(config.bits, config.dim)]}  # as the reader hands it out
+    diff = dequantize(readable, weight.shape, config).astype(np.float64) - weight.numpy()
+    assert np.isclose(result.error_sq, np.square(diff).sum(), rtol=1e-9)
+    assert np.isclose(result.weighted_error, (np.square(diff) * importance.numpy()).sum(), rtol=1e-6)
+    with pytest.raises(ValueError, match="no shared codebook"):
+        quantize(weight, config, "wls", importance=importance, codebooks={})
+
+
+def test_the_nearest_point_search_is_the_exact_argmin():
+    """kernels.vq_nearest (float32, int32 minimum) picks a point whose float64 distance is the minimum's up
+    to float32 rounding, for 16…4096 points, shared and per-vector weights, zero weights (padding)."""
+    from mxq.converter.kernels import vq_nearest
+
+    rng = np.random.default_rng(0)
+    for K, m in ((16, 2), (64, 2), (256, 4), (4096, 4), (4096, 3)):
+        x = rng.standard_normal((500, m)).astype(np.float32)
+        s = rng.uniform(0.2, 2.0, 500).astype(np.float32)
+        planes = rng.standard_normal((4, K)).astype(np.float32)
+        for a in (rng.random((500, m)).astype(np.float32), rng.random((1, m)).astype(np.float32),
+                  np.where(rng.random((500, m)) < 0.3, 0, 1).astype(np.float32)):
+            index = np.empty(500, np.int64)
+            vq_nearest(x, a, s, planes[:m], index)
+            p = planes[:m].T.astype(np.float64)  # (K, m)
+            dist = (np.broadcast_to(a, x.shape)[:, None, :] * (x[:, None, :] - s[:, None, None] * p[None]) ** 2).sum(2)
+            chosen = dist[np.arange(500), index]
+            assert np.all(chosen <= dist.min(1) + 1e-5 * (1 + dist.max(1))), (K, m)
+
+
+def test_gptvq_with_a_shared_codebook_decodes_to_what_it_stores():
+    torch.manual_seed(0)
+    weight, importance = _matrix(out=96, n=130)
+    books = _books(weight, importance)
+    x = torch.randn(1024, 130)
+    config = StorageConfig.parse("rows(32:v3d4g32s,32:b3g64,32:v2d4g64s+o5)")
+    blobs, stored = compensated_rows(weight, x.T @ x, config, importance=importance, codebooks=books)
+    assert "0.codebook" not in blobs and "2.codebook" not in blobs
+    readable = {**blobs, "0.codebook": books[(3, 4)], "2.codebook": books[(2, 4)]}
+    assert torch.equal(torch.from_numpy(dequantize(readable, weight.shape, config)), stored)
+
+
+def test_shared_codebook_fit_is_deterministic_and_covers_every_pair(tmp_path):
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter.candidates import parse_candidates
+    from mxq.converter.checkpoint import read_checkpoint
+    from mxq.converter.shared_codebooks import fit_shared_codebooks
+
+    checkpoint = read_checkpoint(fixtures.ensure("tiny-llama"))
+    candidates = parse_candidates("b3g64,v3d4g64s,v3d4g32s,v2d4g128s,v3d2g32")
+    a = fit_shared_codebooks(checkpoint, candidates, None)
+    b = fit_shared_codebooks(checkpoint, candidates, None)
+    assert sorted(a) == [(2, 4), (3, 4)] and a[(3, 4)].shape == (4096, 4) and a[(2, 4)].dtype == np.float16
+    assert all(np.array_equal(a[k], b[k]) for k in a) and np.isfinite(a[(3, 4)]).all()
+    assert fit_shared_codebooks(checkpoint, parse_candidates("b3g64,v3d2g32"), None) == {}
+    cache = tmp_path / "codebooks"
+    c = fit_shared_codebooks(checkpoint, candidates, None, cache=cache, key="k")
+    files = sorted(cache.iterdir())
+    assert len(files) == 2 and all(np.array_equal(a[k], c[k]) for k in a)
+    files[0].write_bytes(b"damaged")  # refitted, and stored again
+    d = fit_shared_codebooks(checkpoint, candidates, None, cache=cache, key="k")
+    assert all(np.array_equal(a[k], d[k]) for k in a) and np.load(files[0]).shape in ((256, 4), (4096, 4))
+
+
+@pytest.mark.parametrize("quantizer", ["wls", "gptq"])
+def test_conversion_with_shared_codebooks_keeps_the_budget(tmp_path, quantizer):
+    """tiny-llama with shared-codebook candidates: the file is 1.7 and holds the codebook tensors once, the
+    linears' bpw with them counted is what the converter reports and within the budget (cost model = bytes),
+    and lean and cached logits agree."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+    from mxq.format_spec.summary import summarize
+    from mxq.runtime.generate import load
+
+    out = tmp_path / "vqs.mxq"
+    report = convert(fixtures.ensure("tiny-llama"), out, bpw=5.0, configs="b2g64,b3g64,b4g64,v3d4g32s,v2d4g64s",
+                     quantizer=quantizer, cache_dir=None)  # 36 KiB of codebooks on 147k weights: ~2 bpw
+    with MxqFile.open(out) as f:
+        assert f.version == (1, 7) and not f.verify()
+        assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"]
+        assert not any(name.startswith("codebook.") for name in f.tensors)
+        linears = [e for e in f.tensors.values() if e.role == "linear"]
+        assert any(e.config.scheme == "vq" and e.config.shared for e in linears)
+        assert all(e.nbytes == tensor_nbytes(e.shape, e.config) for e in linears)
+        held = sum(e.nbytes for e in linears) + sum(e.nbytes for e in f.codebooks.values())
+        bpw = 8 * held / sum(e.numel for e in linears)
+        assert bpw <= 5.0 and bpw == pytest.approx(report.achieved_bpw, abs=1e-6)
+        assert summarize(f)["totals"]["bpw_linear"] == pytest.approx(bpw, abs=1e-6)
+    ids = np.array([1, 5, 9, 200, 3])
+    with load(out) as lean, load(out, cache_dequantized=True) as cached:
+        a, b = lean.logits(ids), cached.logits(ids)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

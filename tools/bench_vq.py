@@ -5,20 +5,21 @@ and against this machine's memory read bandwidth, all measured in one run.
                              [--group 64] [--rounds 7] [--calls 30] [--json]
 
 For each shape: random matrices (synthetic blobs in the file's in-memory layout) of every vq kind (v2d2, v3d2,
-v4d2, v2d4: index bits 4, 6, 8, 8) and of affine b4 and b2, all with groups of --group inputs; the handles lean
-mode makes of them (cpu_vq.VqWeight, cpu_weights.AffineWeight), multiplied through their own kernel_matmul —
-what Matrix.matmul runs for decode-sized inputs — with the serial kernel on one thread and the parallel one
-(n_parts = threads, Numba's JIT OpenMP loop) on more, forced rather than left to ThreadChoice. The affine
-matrices also through decode's tile kernel (a one-matrix stack: stack_matmul_serial / stack_matmul on
-cpu_tiles.py's tiles), which is what a model's decoder layers run. Timing: every call timed alone, the kinds
-interleaved call by call over --rounds rounds of --calls calls, the median per kind. The same matrix is
-multiplied again and again, so small matrices are read from the caches: this measures the kernels' own work;
-the memory limit printed beside (the matrix's bytes at the read bandwidth of that many threads, measured in
-this run by bench_decode.measure_bandwidth: a float32 GEMV and a sum over 512 MiB) is what a model's decode,
-which reads each matrix from memory once per token, cannot beat.
+v4d2, v2d4: index bits 4, 6, 8, 8; v3d4s: 12, a file's shared codebook of 4096 points) and of affine b4 and b2,
+all with groups of --group inputs; the handles lean mode makes of them (cpu_vq.VqWeight, cpu_weights.AffineWeight),
+multiplied through their own kernel_matmul — what Matrix.matmul runs for decode-sized inputs — with the serial
+kernel on one thread and the parallel one (n_parts = threads, Numba's JIT OpenMP loop) on more, forced rather
+than left to ThreadChoice. The affine matrices also through decode's tile kernel (a one-matrix stack:
+stack_matmul_serial / stack_matmul on cpu_tiles.py's tiles), which is what a model's decoder layers run.
+Timing: every call timed alone, the kinds interleaved call by call over --rounds rounds of --calls calls, the
+median per kind. The same matrix is multiplied again and again, so small matrices are read from the caches: this
+measures the kernels' own work; the memory limit printed beside (the matrix's bytes at the read bandwidth of that
+many threads, measured in this run by bench_decode.measure_bandwidth: a float32 GEMV and a sum over 512 MiB) is
+what a model's decode, which reads each matrix from memory once per token, cannot beat.
 
-Columns: µs per call (median), the bytes a call reads, × the memory limit (µs / (bytes / bandwidth)), and the
-ratio to the affine b4 and b2 handle products (rows kernel) and to b4's tile kernel.
+Columns: µs per call (median), the bytes a call reads (a vq matrix's codebook in the form its kernel reads: float32
+planes, or a 12-bit codebook's fp16 points), × the memory limit (µs / (bytes / bandwidth)), and the ratio to the
+affine b4 and b2 handle products (rows kernel) and to b4's tile kernel.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent))  # the repository root is the `mxq` package
 sys.path.insert(0, str(REPO / "tools"))
 
-VQ_KINDS = ((2, 2), (3, 2), (4, 2), (2, 4))  # (bits, dim): index bits 4, 6, 8, 8
+VQ_KINDS = ((2, 2), (3, 2), (4, 2), (2, 4), (3, 4))  # (bits, dim): index bits 4, 6, 8, 8, 12 (a shared codebook)
 AFFINE_BITS = (4, 2)
 
 
@@ -88,6 +89,7 @@ def products(kernels, shape, group):
     import numpy as np
 
     from mxq.format_spec import StorageConfig
+    from mxq.format_spec.layout import VQ_INDEX_BITS
     from mxq.runtime.backends.cpu_stack import table_line
     from mxq.runtime.backends.cpu_vq import VqWeight
     from mxq.runtime.backends.cpu_weights import NO_FLOAT, NO_RESIDUAL, AffineWeight
@@ -97,10 +99,10 @@ def products(kernels, shape, group):
     out = {}
     vq = kernels.vq()
     for bits, dim in VQ_KINDS:
-        config = StorageConfig.vq(bits, dim, group)
+        config = StorageConfig.vq(bits, dim, group, shared=bits * dim not in VQ_INDEX_BITS)
         entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
         weight = VqWeight(entry, vq_blobs(rng, shape, config), backend)
-        nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.scale_meta, weight.points))
+        nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.scale_meta, weight.kernel_codebook))
 
         def run(x, y, n_parts, parallel, weight=weight):
             backend.n_parts = n_parts

@@ -5,7 +5,8 @@
 A crash is any exception other than the typed ones bad input must raise (MxqFormatError, ModelError
 and the format's ValueError subclasses MetadataError/JsonError/OutputPathError, OSError).
 Each case: write a mutated copy of a small real model (every other decoder matrix stored as `rows`:
-an fp16 block, a vq block and an affine block with outliers, in a random row order; its tensor entries packed, as
+an fp16 block, a vq block (its own codebook, or every other time the file's shared one) and an affine block
+with outliers, in a random row order; its tensor entries packed, as
 mxq writes them, or with a blob table, the 1.0–1.4 form, half the cases each), open it, verify it, load
 it (config, tokenizer, weights), run a 4-token forward and, if it has one, its chat template.
   - metadata mutations: one JSON value (any depth) replaced by a hostile one (wrong type, huge or
@@ -68,13 +69,14 @@ def seed_files(fixture: str, folder: Path) -> list:
 
 def with_row_blocks(path: Path, out: Path, every: int = 2, blob_table: bool = False) -> Path:
     """A copy of `path` whose every `every`-th decoder matrix is stored as `rows` (SPEC.md §8): its rows in
-    a random order, the first third as an fp16 block, the second as v3d2g32 with 2 outliers (§12), the rest
-    as b4g32 with 2 outliers (RTN); blob_table: tensor entries in the 1.0–1.4 form (a blob object each)
-    instead of packed (§4.1)."""
+    a random order, the first third as an fp16 block, the second as v3d2g32 with 2 outliers (§12; every other
+    matrix v3d4g32s, the file's shared codebook, §12.4), the rest as b4g32 with 2 outliers (RTN); blob_table:
+    tensor entries in the 1.0–1.4 form (a blob object each) instead of packed (§4.1)."""
     import numpy as np
-    from test_runtime_files import rtn_affine, rtn_vq
+    from test_runtime_files import product_codebook, rtn_affine, rtn_vq
 
     from mxq.format_spec import MxqFile, MxqWriter, StorageConfig, TensorPlan, dequantize, join_blocks
+    from mxq.format_spec.layout import CODEBOOK_ROLE, shared_codebook_name
 
     rng = np.random.default_rng(0)
     with MxqFile.open(path) as f:
@@ -86,13 +88,21 @@ def with_row_blocks(path: Path, out: Path, every: int = 2, blob_table: bool = Fa
                 out_features = entry.shape[0]
                 order, k = rng.permutation(out_features), max(1, out_features // 3)
                 stored = dequantize(tensor_blobs, entry.shape, config)[order]  # (out, in) in stored order
-                vq = StorageConfig.vq(3, 2, 32, 2)
+                vq = StorageConfig.vq(3, 4, 32, 2, shared=True) if linears.index(name) % 2 else \
+                    StorageConfig.vq(3, 2, 32, 2)
                 config = StorageConfig.rows([(k, StorageConfig.fp16()), (k, vq),
                                              (out_features - 2 * k, StorageConfig.affine(4, 32, 2))])
-                tensor_blobs = join_blocks(order, [{"data": stored[:k].astype(np.float16)}, rtn_vq(stored[k:2 * k], vq),
+                vq_blobs = rtn_vq(stored[k:2 * k], vq)
+                if vq.shared:
+                    del vq_blobs["codebook"]  # the file's codebook.v3d4 (product_codebook, rtn_vq's)
+                tensor_blobs = join_blocks(order, [{"data": stored[:k].astype(np.float16)}, vq_blobs,
                                                    rtn_affine(stored[2 * k:], 4, 32, 2)])
             plans.append(TensorPlan(name, entry.shape, config, entry.role))
             blobs[name] = tensor_blobs
+        if len(linears) > 1:
+            book = TensorPlan(shared_codebook_name(3, 4), (4096, 4), StorageConfig.fp16(), CODEBOOK_ROLE)
+            plans.append(book)
+            blobs[book.name] = {"data": product_codebook(3, 4)}
         tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
         with MxqWriter(out, model=f.model, tokenizer=tokenizer, tokenizer_data=f.tokenizer_data(), tensors=plans,
                        quantization=f.quantization, provenance=f.provenance, blob_table=blob_table) as writer:

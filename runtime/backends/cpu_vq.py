@@ -4,8 +4,10 @@ matrix's codebook, a double-quantized scale per group of inputs stretches it.
 Lean mode (default) keeps the file's bytes: the packed indices, the 8-bit scale codes (6-bit ones: their uint8
 copy, made at load by format_spec.loaded_blobs) and the CSR outliers are zero-copy views of the mmapped file;
 what is widened at load is small: the codebook to float32, as (2^k, dim) points and (dim, 2^k) coordinate planes
-(≤ 8 KiB), and the (step, min) pairs of the scales' runs to float32 (1/128 of the scales). The scales stay codes,
-decoded per row where used (in the kernel: a few operations per group of inputs). Products:
+(≤ 8 KiB; a 12-bit codebook's 4096 points only as points, 64 KiB, its kernel reading the file's fp16 bytes), once
+per distinct codebook (`widened`: the tensors sharing a file's codebook share one copy), and the (step, min) pairs
+of the scales' runs to float32 (1/128 of the scales). The scales stay codes, decoded per row where used (in the
+kernel: a few operations per group of inputs). Products:
   * up to KERNEL_MAX_TOKENS tokens (decode): the compiled fused GEMV of cpu_vq_kernels.py (indices unpacked,
     looked up, scaled and multiplied in one pass; every packed byte read once per call; loaded with the other
     kernels, cpu_jit.py); on one thread or all, whichever has been faster (cpu_weights.ThreadChoice);
@@ -16,6 +18,8 @@ dequantized as looked up (lean_rows).
 """
 from __future__ import annotations
 
+import hashlib
+import weakref
 from functools import cached_property
 
 import numpy as np
@@ -23,6 +27,35 @@ import numpy as np
 from ...format_spec import unpack_codes
 from ...format_spec.layout import META_GROUP_SIZE, vq_dims
 from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, kernel_extras, readonly
+
+
+class Widened:
+    """A codebook widened to float32: `points` (2^k, dim), the NumPy path's lookups, and `planes` (dim, 2^k), the
+    kernel's, one plane per coordinate (None for 12-bit indices: that kernel gathers the fp16 points)."""
+
+    __slots__ = ("points", "planes", "__weakref__")
+
+    def __init__(self, codebook: np.ndarray):
+        self.points = readonly(codebook.astype(np.float32))
+        self.planes = readonly(self.points.T) if len(codebook) <= PLANAR_POINTS else None
+
+
+PLANAR_POINTS = 256  # codebooks up to 8-bit indices: the kernels look their points up in coordinate planes
+_widened = weakref.WeakValueDictionary()  # (content hash, shape) → Widened, alive while a handle holds it
+
+
+def widened(codebook: np.ndarray) -> Widened:
+    """The float32 forms of an fp16 codebook (2^k, dim), made once per distinct content: the tensors of a file
+    that share its codebook (format 1.7: a view of the same file bytes each) share one Widened. Keyed by the
+    content's hash, not the blob's address: equal content gives equal arrays, and a closed file's address
+    may be reused by another file's bytes."""
+    codebook = np.ascontiguousarray(codebook)
+    key = (hashlib.blake2b(codebook.view(np.uint8).reshape(-1), digest_size=16).digest(), codebook.shape,
+           codebook.dtype.str)
+    found = _widened.get(key)
+    if found is None:
+        found = _widened[key] = Widened(codebook)
+    return found
 
 
 class VqWeight(RowDequantized):
@@ -37,8 +70,12 @@ class VqWeight(RowDequantized):
         self.n_vectors = -(-self.shape[1] // self.dim)
         self.packed_words = blobs["qweight"]  # (out, P·k) uint32
         self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, P·k·4) bytes, zero-copy
-        self.points = readonly(blobs["codebook"].astype(np.float32))  # (2^k, dim): the NumPy path's lookups
-        self.planes = readonly(self.points.T)  # (dim, 2^k): the kernel's, one plane per coordinate
+        self.codebook = widened(blobs["codebook"])  # one per distinct codebook: shared ones are widened once
+        self.points = self.codebook.points  # (2^k, dim) float32
+        # the kernel's codebook: the planes, or for 12-bit indices the fp16 points' own bytes as float32 (2^k, dim/2),
+        # zero-copy (cpu_vq_kernels.points_dot gathers a point's 4 coordinates as one 64-bit word)
+        self.kernel_codebook = (self.codebook.planes if self.codebook.planes is not None else
+                                readonly(np.ascontiguousarray(blobs["codebook"]).view(np.float32)))
         self.scale_codes = readonly(blobs["scale_codes"])  # (out, G) uint8
         self.scale_meta = readonly(blobs["scale_meta"].astype(np.float32))  # (runs, 2): step, min
         self.csr = None  # (row_ptr uint32 (out+1,), cols uint16 (nnz,), fp16 bits uint16 (nnz,)), zero-copy
@@ -67,7 +104,7 @@ class VqWeight(RowDequantized):
         in_features, g = self.shape[1], self.group_size
         rows = np.arange(self.shape[0])[r]  # (R,): out-of-range ids raise here
         R = rows.size
-        index = unpack_codes(self.packed_words[r], self.index_bits)[:, :self.n_vectors]  # (R, n_vectors) uint8
+        index = unpack_codes(self.packed_words[r], self.index_bits)[:, :self.n_vectors]  # (R, n_vectors) uint8/16
         w = scratch("weight", (R, self.n_vectors, self.dim), np.float32)
         np.take(self.points, index, axis=0, out=w, mode="clip")  # every index is < 2^k: nothing clipped
         w = w.reshape(R, -1)  # (R, n_vectors·dim): the codebook coordinates, padding columns past in_features
@@ -85,6 +122,6 @@ class VqWeight(RowDequantized):
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         vq = kernels.vq()
         csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
-        return self.run_product(vq.vq_matmul_serial, vq.vq_matmul, x, self.packed, self.planes, self.index_bits,
-                                self.dim, self.scale_codes, self.scale_meta, self.group_size, *csr,
+        return self.run_product(vq.vq_matmul_serial, vq.vq_matmul, x, self.packed, self.kernel_codebook,
+                                self.index_bits, self.dim, self.scale_codes, self.scale_meta, self.group_size, *csr,
                                 *kernel_extras(bias, residual), y)

@@ -22,7 +22,9 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               optional residual) fused through the kernel's `residual` argument; lut likewise with
               gemv_lut_b* (codebooks widened into shared memory, one lookup per weight), vq with
               gemv_vq_b*_d* (the tensor's codebook in shared memory, one lookup per dim-vector, the
-              double-quantized scales decoded like affine's; group size a kernel argument).
+              double-quantized scales decoded like affine's; group size a kernel argument). A vq codebook
+              is uploaded once per distinct content (`_codebook`): the tensors and row blocks that use a
+              file's shared codebook (format 1.7, e.g. b3d4's 4096 points, 32 KiB) all get one device array.
               affine / lut / vq, T > 1: dequantize the matrix on the device (dequant_{affine,lut,vq}_*_f32, in
               row chunks of at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
@@ -50,6 +52,7 @@ GEMVs, which read about b/8 (affine, lut, vq) or 2 (fp16) bytes per weight inste
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -65,6 +68,7 @@ i32, f32 = np.int32, np.float32
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 PREFILL_CHUNK_BYTES = 64 << 20  # largest float32 block of a dequantized matrix at prefill
 QWEIGHT_ALIGNMENT = 16  # the GEMVs' widest vector load (uint4): qweight and fp16 matrices
+CODEBOOK_ALIGNMENT = 16  # gemv_vq_b3_d4 stages its fp16 codebook with uint4 loads (2-byte loads otherwise)
 CUDA_HINT = "use --device cpu"
 
 
@@ -194,12 +198,15 @@ class LutHandle(QuantizedHandle):
 
 
 class VqHandle(QuantizedHandle):
-    """blobs: (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals); the kernels take group_size last."""
+    """blobs: (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals); the kernels take group_size last.
+    The codebook is the backend's one device array for its content (CudaBackend._codebook), so handles whose
+    codebook is the file's shared one (`shared`) hold the same array; nbytes counts it in each (the bytes a
+    launch reads)."""
 
-    def __init__(self, name, shape, bits, dim, group_size, blobs: tuple, outliers: bool):
+    def __init__(self, name, shape, bits, dim, group_size, blobs: tuple, outliers: bool, shared: bool = False):
         super().__init__(name, shape, bits, blobs, outliers, gemv_vq_name(bits, dim), dequant_vq_name(bits, dim),
                          (i32(group_size),))
-        self.dim, self.group_size = dim, group_size
+        self.dim, self.group_size, self.shared = dim, group_size, shared
 
 
 # ---- the KV cache with a chosen dtype ----------------------------------------------------------------
@@ -242,6 +249,7 @@ class CudaBackend(Backend):
         self.gemv_warps = gemv_warps
         self._functions: dict = {}
         self._scratch: dict = {}
+        self._codebooks: dict = {}  # (sha1 of the bytes, shape, dtype) → device vq codebook (see _codebook)
         self._positions = (None, None)  # (host int64, device int32) of the last rope call
         if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
             try:
@@ -305,8 +313,21 @@ class CudaBackend(Backend):
             device = aligned
         return device
 
+    def _codebook(self, array: np.ndarray):
+        """A vq codebook on the device, uploaded once per distinct content: every tensor (or row block) with a
+        file's shared codebook gets a view of the same file bytes, so all of them share one device array instead
+        of one upload each. Keyed by the content (sha1 of the bytes, shape, dtype), not the host address: equal
+        content is interchangeable, and a closed file's addresses may be reused by another's bytes."""
+        array = np.ascontiguousarray(array)
+        key = (hashlib.sha1(array.reshape(-1).view(np.uint8)).digest(), array.shape, array.dtype.str)
+        device = self._codebooks.get(key)
+        if device is None:
+            device = self._codebooks[key] = self._device_blob(array, CODEBOOK_ALIGNMENT)
+        return device
+
     def close(self) -> None:
         self._scratch.clear()
+        self._codebooks.clear()
         self._functions.clear()
         self._positions = (None, None)
         self.binding.close()
@@ -336,9 +357,10 @@ class CudaBackend(Backend):
             device = (qweight, self._device_blob(blobs["codebook"], 2)) + csr
             handle = LutHandle(entry.name, entry.shape, bits, config.codebook_rows, device, outliers)
         elif config.scheme == "vq":
-            device = (qweight, self._device_blob(blobs["codebook"], 2), self._device_blob(blobs["scale_codes"]),
+            device = (qweight, self._codebook(blobs["codebook"]), self._device_blob(blobs["scale_codes"]),
                       self._device_blob(blobs["scale_meta"], 4)) + csr
-            handle = VqHandle(entry.name, entry.shape, bits, config.dim, config.group_size, device, outliers)
+            handle = VqHandle(entry.name, entry.shape, bits, config.dim, config.group_size, device, outliers,
+                              config.shared)
         else:
             device = (qweight, self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
                       self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4)) + csr

@@ -1,0 +1,114 @@
+"""The file's shared vq codebooks (SPEC.md §12.4): one per (bits, dim) the candidates use with `shared`.
+
+    every decoder linear W (streamed, one at a time)
+        └─ SAMPLE_VECTORS vectors of `dim` consecutive weights, evenly spaced over W, each divided by its
+           group's RMS (groups of the smallest group size the pair's candidates use), weighted by the
+           importance · RMS² and normalized to mean 1 per matrix, so every matrix counts alike
+    all samples ─► weighted k-means (kernels.vq_kmeans, KMEANS_ITERS rounds) of 2^(bits·dim) points ─► fp16
+
+Fitted before measurement, so the MILP sees every shared candidate's error with the codebook the file will
+store; measured errors are cached under the codebook's digest, and the codebooks themselves in the cache
+(`codebooks/`, keyed by checkpoint, importance, pair and fit settings). Deterministic: a function of the weights, the
+importance and the pair (k-means starts from sample vectors chosen by a fixed seed; the kernels give the
+same bits for any thread count). Their bytes are reserved in the budget whenever a shared candidate is
+allowed, whether or not the allocation picks one (the file always holds them): 32 KiB for (3, 4).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..format_spec import StorageConfig
+from ..format_spec.layout import CODEBOOK_ROLE, codebook_spec, shared_codebook_name
+from ..format_spec.writer import TensorPlan
+from .vq import kmeans_codebook, sample_vectors, shared_points
+
+SAMPLE_VECTORS = 8192  # per matrix: a 30-layer model gives 210 × 8192 ≈ 1.7 M vectors, 420 per point at 4096
+KMEANS_ITERS = 24
+VERSION = 1  # of the fit: part of the cache key
+
+
+def shared_pairs(candidates) -> list[tuple[int, int]]:
+    """The (bits, dim) of every shared codebook the candidates use, sorted."""
+    return sorted({(c.bits, c.dim) for c in candidates if c.scheme == "vq" and c.shared})
+
+
+def fit_shared_codebooks(checkpoint, candidates, importance, progress=None, cache: Path | None = None,
+                         key: str = "") -> dict:
+    """{(bits, dim): fp16 (2^(bits·dim), dim)} for shared_pairs(candidates) (module doc); {} when there are none.
+    importance: None or name → (out, in) importance tensor, as measure() takes it. cache: a folder for the
+    fitted codebooks, `key` naming the checkpoint and importance they were fitted to (None: no cache)."""
+    pairs = shared_pairs(candidates)
+    if not pairs:
+        return {}
+    group = {pair: min(c.group_size for c in candidates if c.scheme == "vq" and c.shared and (c.bits, c.dim) == pair)
+             for pair in pairs}
+    paths = {pair: Path(cache) / f"{key}-v{pair[0]}d{pair[1]}g{group[pair]}-{SAMPLE_VECTORS}x{KMEANS_ITERS}"
+                                 f"v{VERSION}.npy" for pair in pairs} if cache is not None else {}
+    books = {pair: _cached(paths[pair], pair) for pair in paths}
+    books = {pair: book for pair, book in books.items() if book is not None}
+    missing = [pair for pair in pairs if pair not in books]
+    if missing:
+        books.update(_fit(checkpoint, missing, group, importance, progress))
+        for pair in missing:
+            if pair in paths:
+                _store(paths[pair], books[pair])
+    return {pair: books[pair] for pair in pairs}
+
+
+def _cached(path: Path, pair) -> np.ndarray | None:
+    """A cached codebook of the right dtype and shape, or None (absent or damaged: fitted again)."""
+    try:
+        book = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    bits, dim = pair
+    return book if book.dtype == np.float16 and book.shape == (1 << bits * dim, dim) else None
+
+
+def _store(path: Path, book: np.ndarray) -> None:
+    """Written to a temporary file, then renamed: never a half-written cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        np.save(handle, book, allow_pickle=False)
+    os.replace(temporary, path)
+
+
+def _fit(checkpoint, pairs, group, importance, progress) -> dict:
+    """The k-means fit of the module doc for these pairs (one pass over the linears for all of them)."""
+    samples = {pair: ([], []) for pair in pairs}
+    linears = checkpoint.linears
+    bar = progress(total=len(linears), desc="codebooks", unit="matrix") if progress else None
+    for info in linears:
+        weight = checkpoint.load(info.name).numpy()
+        weights = importance(info.name).numpy() if importance is not None else None
+        for (bits, dim), (xs, ws) in samples.items():
+            x, w = sample_vectors(weight, weights, group[(bits, dim)], dim, SAMPLE_VECTORS)
+            xs.append(x)
+            ws.append(w)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return {(bits, dim): kmeans_codebook(np.concatenate(xs), np.concatenate(ws), bits * dim, KMEANS_ITERS)
+            for (bits, dim), (xs, ws) in samples.items()}
+
+
+def digest(codebooks: dict, config: StorageConfig) -> str:
+    """A short hash of the shared codebook a `shared` config uses (the error cache's key for its errors)."""
+    return hashlib.sha256(shared_points(codebooks, config).tobytes()).hexdigest()[:16]
+
+
+def codebook_plans(pairs) -> list[TensorPlan]:
+    """The file's codebook tensors for these (bits, dim) pairs (SPEC.md §12.4)."""
+    return [TensorPlan(shared_codebook_name(bits, dim), codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).shape,
+                       StorageConfig.fp16(), CODEBOOK_ROLE) for bits, dim in pairs]
+
+
+def reserved_nbytes(pairs) -> int:
+    """The bytes the codebook tensors of these pairs take (fp16, 2 · dim · 2^(bits·dim) each)."""
+    return sum(codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).nbytes for bits, dim in pairs)
