@@ -33,6 +33,7 @@ PRESETS = {
 PRESETS["all+lut"] = PRESETS["all"] + PRESETS["lut"]
 PRESETS["all+vq"] = PRESETS["all"] + PRESETS["vq"]
 PRESETS["all+vqs"] = PRESETS["all"] + PRESETS["vqs"]
+PRESETS["all+vq+vqs"] = PRESETS["all+vq"] + PRESETS["vqs"]  # the smallest files measured (2.5 bpw: README)
 
 
 def parse_candidates(text: str) -> list[Candidate]:

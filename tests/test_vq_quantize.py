@@ -246,3 +246,17 @@ def test_conversion_with_shared_codebooks_keeps_the_budget(tmp_path, quantizer):
     with load(out) as lean, load(out, cache_dequantized=True) as cached:
         a, b = lean.logits(ids), cached.logits(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_a_byte_budget_with_shared_codebooks_is_met(tmp_path):
+    """--size: the codebook tensors are part of the planned file, so the written file is within the budget."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    out = tmp_path / "size.mxq"
+    size = 12_650_000  # the fp16 embedding (~12.3 MB) + the linears at ~5 bpw + 36 KiB of codebooks
+    report = convert(fixtures.ensure("tiny-llama"), out, size=size, configs="b2g64,b3g64,b4g64,v3d4g32s,v2d4g64s",
+                     quantizer="wls", cache_dir=None)
+    assert report.file_bytes == out.stat().st_size <= size
+    with MxqFile.open(out) as f:
+        assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"] and not f.verify()
