@@ -256,7 +256,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
     stage = time.perf_counter()
     codebooks = fit_shared_codebooks(checkpoint, candidates, importance, progress,  # {} without shared candidates
-                                     cache_dir and Path(cache_dir) / "codebooks", f"{checkpoint_hash[:16]}-{importance_id}")
+                                     cache_dir and Path(cache_dir) / "codebooks",
+                                     f"{checkpoint_hash[:16]}-{importance_id}")
     if codebooks:
         seconds["codebooks"] = time.perf_counter() - stage
 

@@ -105,10 +105,15 @@ def digest(codebooks: dict, config: StorageConfig) -> str:
 
 def codebook_plans(pairs) -> list[TensorPlan]:
     """The file's codebook tensors for these (bits, dim) pairs (SPEC.md §12.4)."""
-    return [TensorPlan(shared_codebook_name(bits, dim), codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).shape,
-                       StorageConfig.fp16(), CODEBOOK_ROLE) for bits, dim in pairs]
+    return [TensorPlan(shared_codebook_name(bits, dim), _spec(bits, dim).shape, StorageConfig.fp16(), CODEBOOK_ROLE)
+            for bits, dim in pairs]
 
 
 def reserved_nbytes(pairs) -> int:
     """The bytes the codebook tensors of these pairs take (fp16, 2 · dim · 2^(bits·dim) each)."""
-    return sum(codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).nbytes for bits, dim in pairs)
+    return sum(_spec(bits, dim).nbytes for bits, dim in pairs)
+
+
+def _spec(bits: int, dim: int):
+    """The codebook tensor's BlobSpec for (bits, dim)."""
+    return codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True))

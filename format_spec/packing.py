@@ -49,7 +49,8 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
         return unpack(words).reshape(words.shape[:-1] + (m // bits * CODES_PER_PACK,))
     packs = words.reshape(-1, m // bits, bits).astype(np.uint64)  # (rows, packs, b)
     mask = np.uint64((1 << bits) - 1)
-    codes = np.empty(packs.shape[:2] + (CODES_PER_PACK,), dtype=np.uint8 if bits <= 8 else np.uint16)  # (rows, packs, 32)
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    codes = np.empty(packs.shape[:2] + (CODES_PER_PACK,), dtype=dtype)  # (rows, packs, 32)
     for j in range(CODES_PER_PACK):
         word, shift = divmod(j * bits, 32)
         value = packs[..., word] >> np.uint64(shift)

@@ -27,7 +27,8 @@ import numpy as np
 
 from .affine import check_blobs, stored_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
-from .layout import CODEBOOK_ROLE, StorageConfig, align_up, blob_specs, codebook_spec, shared_codebook_name, shared_codebooks
+from .layout import (CODEBOOK_ROLE, StorageConfig, align_up, blob_specs, codebook_spec, shared_codebook_name,
+                     shared_codebooks)
 from .rows import row_order_problem
 from . import tokenizer_blob
 from .tokenizer_schema import check_tokenizer
