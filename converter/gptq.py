@@ -309,7 +309,7 @@ class _Grid:
         and what they decode to."""
         out_features, in_features = self.shape
         if self.config.scheme == "vq":
-            padded = np.zeros((out_features, vq_dims(self.shape, self.config)[2] * CODES_PER_PACK), np.uint16)
+            padded = np.zeros((out_features, vq_dims(self.shape, self.config)[2]), np.uint16)  # (out, index slots)
             padded[:, :vq_index.shape[0]] = vq_index.T.numpy()
             blobs = {**self.blobs, "qweight": pack_codes(padded, self.config.index_bits)}
         else:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .packing import CODES_PER_PACK, SUPPORTED_BITS
+from .header import MINOR_VERSION, WORD_PADDED_VQ_MINOR
+from .packing import CODES_PER_PACK, SUPPORTED_BITS, word_unit
 
 SCHEMES = ("affine", "fp16", "lut", "rows", "vq")
 BLOCK_SCHEMES = ("affine", "fp16", "lut", "vq")  # what a `rows` block may use (no nesting)
@@ -271,12 +272,14 @@ def lut_dims(shape) -> tuple[int, int, int]:
     return out_features, in_features, math.ceil(in_features / CODES_PER_PACK)
 
 
-def vq_dims(shape, config: "StorageConfig") -> tuple[int, int, int, int]:
-    """(out_features, in_features, n_packs, n_groups) of a 2-D vq tensor: each row's ceil(in / dim) indices
-    padded to whole packs of 32, and ceil(in / group_size) scales per row."""
+def vq_dims(shape, config: "StorageConfig", minor: int = MINOR_VERSION) -> tuple[int, int, int, int]:
+    """(out_features, in_features, n_slots, n_groups) of a 2-D vq tensor: each row's V = ceil(in / dim)
+    indices padded with 0 indices to n_slots — whole uint32 words (a multiple of word_unit(index bits))
+    from format 1.8, whole packs of 32 before (SPEC.md §12.1) — and ceil(in / group_size) scales per row."""
     out_features, in_features = shape
     n_vectors = math.ceil(in_features / config.dim)
-    return out_features, in_features, math.ceil(n_vectors / CODES_PER_PACK), math.ceil(in_features / config.group_size)
+    unit = word_unit(config.index_bits) if minor >= WORD_PADDED_VQ_MINOR else CODES_PER_PACK
+    return out_features, in_features, math.ceil(n_vectors / unit) * unit, math.ceil(in_features / config.group_size)
 
 
 def meta_codes_spec(out_features: int, n_groups: int, meta_bits: int) -> BlobSpec:
@@ -289,8 +292,9 @@ def meta_codes_spec(out_features: int, n_groups: int, meta_bits: int) -> BlobSpe
     return BlobSpec("uint32", (math.ceil(out_features * n_groups / CODES_PER_PACK) * meta_bits,))
 
 
-def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
-    """Every blob a tensor of `shape` stored with `config` consists of, in file order."""
+def blob_specs(shape, config: StorageConfig, minor: int = MINOR_VERSION) -> dict[str, BlobSpec]:
+    """Every blob a tensor of `shape` stored with `config` consists of, in file order, in a file of format
+    1.`minor` (only vq's index padding depends on it: vq_dims)."""
     shape = tuple(int(d) for d in shape)
     if config.scheme == "fp16":
         return {"data": BlobSpec("float16", shape)}
@@ -303,7 +307,7 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
         specs = {"row_order": BlobSpec(row_order_dtype(out_features), (out_features,))}
         for i, (count, block) in enumerate(config.blocks):
             try:
-                block_specs = blob_specs((count, in_features), block)
+                block_specs = blob_specs((count, in_features), block, minor)
             except ValueError as error:
                 raise ValueError(f"block {i}: {error}") from None
             specs.update({f"{i}.{name}": spec for name, spec in block_specs.items()})
@@ -317,9 +321,9 @@ def blob_specs(shape, config: StorageConfig) -> dict[str, BlobSpec]:
             "codebook": BlobSpec("float16", (math.ceil(out_features / config.codebook_rows), 1 << config.bits)),
         }
     elif config.scheme == "vq":
-        out_features, in_features, n_packs, n_groups = vq_dims(shape, config)
+        out_features, in_features, n_slots, n_groups = vq_dims(shape, config, minor)
         specs = {
-            "qweight": BlobSpec("uint32", (out_features, n_packs * config.index_bits)),
+            "qweight": BlobSpec("uint32", (out_features, n_slots * config.index_bits // 32)),
             "codebook": codebook_spec(config),
             "scale_codes": meta_codes_spec(out_features, n_groups, config.meta_bits),
             "scale_meta": BlobSpec("float16", (math.ceil(out_features * n_groups / META_GROUP_SIZE), 2)),

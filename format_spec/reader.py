@@ -284,7 +284,7 @@ class MxqFile:
             check.fail(f"{where}: scheme {scheme!r:.40} is not supported by this reader (reads {', '.join(SCHEMES)})")
         config = self._config(check.get(raw, "config", dict, where), scheme, shape, where, check)
         try:
-            specs = blob_specs(shape, config)
+            specs = blob_specs(shape, config, self.version[1])
         except ValueError as error:
             check.fail(f"{where}: {error}")
         role = raw.get("role", "other")

@@ -17,8 +17,10 @@
 //     kernels only use full-warp collectives); a mask that omits a live lane or names an exited
 //     lane is reported as an error.
 //   * __half with exact conversions (round-to-nearest-even, subnormals, inf/nan), vector types,
-//     __ldg, atomics (std::atomic_ref), the math functions and intrinsics used (expf, rsqrtf,
-//     sincosf, __expf, fmaxf, __fmul_rn, __funnelshift_r, __int_as_float, …).
+//     __ldg (a load from an address off the type's alignment — a uint2 / uint4 / float4 off its
+//     8 / 16 bytes — fails the launch, as it faults on the GPU), atomics (std::atomic_ref), the math
+//     functions and intrinsics used (expf, rsqrtf, sincosf, __expf, fmaxf, __fmul_rn, __funnelshift_r,
+//     __int_as_float, …).
 //
 // Built without FMA contraction (-ffp-contract=off): expressions round as written, which is what
 // the bit-exact dequantization tests rely on (on the GPU the kernels use __fmul_rn/__fadd_rn there).
@@ -43,6 +45,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -155,8 +158,18 @@ inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 
 // ---- intrinsics --------------------------------------------------------------------------------
-template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcs(const T* p) { return *p; }
+namespace mxq_emu {
+// A load the GPU refuses ("misaligned address"): fails the launch (run_body catches it) instead of reading.
+template <typename T> inline void check_aligned(const T* p, const char* what) {
+    const uintptr_t off = reinterpret_cast<uintptr_t>(p) % alignof(T);
+    if (off)
+        throw std::runtime_error(std::string("misaligned address: ") + what + " of " + std::to_string(sizeof(T)) +
+                                 " bytes at " + std::to_string(off) + " bytes past a " +
+                                 std::to_string(alignof(T)) + "-byte boundary");
+}
+}  // namespace mxq_emu
+template <typename T> inline T __ldg(const T* p) { mxq_emu::check_aligned(p, "__ldg"); return *p; }
+template <typename T> inline T __ldcs(const T* p) { mxq_emu::check_aligned(p, "__ldcs"); return *p; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }

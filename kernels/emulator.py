@@ -31,6 +31,8 @@ default) every array is copied into a buffer with 256-byte poisoned margins (NaN
 arrays, 0xA5 for integer arrays): a kernel that reads past an argument sees poison, one that writes
 past it (or writes to a `const` argument) raises EmulationError; results are copied back. Arguments
 that are the same array share one guarded copy, so in-place calls (residual is y) keep their aliasing.
+In either case an __ldg from an address off its type's alignment (a uint2 / uint4 / float4 vector load
+off 8 / 16 bytes: "misaligned address" on the GPU) raises EmulationError.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i32": ctypes.c_int32,
 
 
 class EmulationError(RuntimeError):
-    """A kernel failed under emulation (deadlock, bad shuffle mask, out-of-bounds write, bad argument)."""
+    """A kernel failed under emulation (deadlock, bad shuffle mask, out-of-bounds write, misaligned load, bad
+    argument)."""
 
 
 def _compiler_version() -> str:

@@ -2,18 +2,24 @@
 //   W[r, c] = scale[r, c / g] · codebook[index[r, c / D], c % D]   (+ CSR outliers)
 // Every D consecutive inputs of a row form a vector whose K = B·D-bit index picks one of the tensor's
 // 2^K codebook points (fp16, D coordinates each). Indices are packed exactly like affine codes with
-// K bits (affine.cuh): a row holds n_packs = ceil(ceil(in / D) / 32) packs of K words. The scales are
-// double-quantized exactly as affine's (affine.cuh: decode_meta; uint8 codes (out, G), G = ceil(in / g),
-// fp16 (step, min) per run of 128).
+// K bits (affine.cuh), a row's V = ceil(in / D) indices in W = words_per_row words (qweight's width, from
+// the host): up to format 1.7 padded to whole packs of 32 (W = ceil(V / 32)·K), from 1.8 only to whole
+// words (SPEC §12.1: W = ceil(V / u)·u·K / 32, u = 32 / gcd(K, 32)), so that the last pack may hold fewer
+// than K words. The scales are double-quantized exactly as affine's (affine.cuh: decode_meta; uint8 codes
+// (out, G), G = ceil(in / g), fp16 (step, min) per run of 128).
 //
 // The unit of work is a *chunk* of 32 columns = 32 / D vectors: their 32·B index bits are exactly
-// words [q·B, q·B + B) of the row (a pack is D chunks; 32·B-bit chunks start on word boundaries), so
-// chunk q is loaded like a B-bit affine pack (load_pack<B>: 8-byte loads for B = 2, 16-byte for B = 4)
-// and, as g ≥ 32, lies in one scale group (q·32 / g). Chunks past in_features (the tail of the last
-// pack) are never touched.
+// words [q·B, q·B + B) of the row (a pack is D chunks; 32·B-bit chunks start on word boundaries) and,
+// as g ≥ 32, chunk q lies in one scale group (q·32 / g). Chunks past in_features (the tail of the last
+// pack) are never touched. When B divides W (pack-padded rows, B = 3, and word-padded ones with
+// in % 32 == 0) every chunk of a row is whole and 4·B-byte aligned, so chunk q is loaded like a B-bit
+// affine pack (load_pack<B>: 8-byte loads for B = 2, 16-byte for B = 4). Otherwise (word-padded rows,
+// B = 2 or 4, in % 32 ≠ 0) rows start misaligned for those vector loads and a row's last chunk is
+// partial (1 .. B − 1 of its words exist): such a matrix takes one-word loads, a word past the row's W
+// reading as 0 (padding indices 0, as the writer's). No kernel reads past a row's W words.
 //
 // gemv_vq_b{B}_d{D}, (B, D) ∈ {(2,2), (3,2), (4,2), (2,4), (3,4)} — fused dequant + GEMV at batch 1: y = W·x (+ residual)
-//   (const uint32_t* qweight,      (out, n_packs·K)
+//   (const uint32_t* qweight,      (out, words_per_row)
 //    const half_t*   codebook,     (2^K, D); K = 12: 16-byte aligned for the vector staging loads
 //                                  (a 2-aligned one is staged with 2-byte loads)
 //    const uint8_t*  scale_codes,  (out, G)
@@ -22,7 +28,9 @@
 //    const float* x,               (in,)
 //    const float* residual,        (out,) or NULL; may equal y
 //    float* y,                     (out,)
-//    int out_features, int in_features, int group_size)   group_size ∈ {32, 64, 128}
+//    int out_features, int in_features,
+//    int words_per_row,            qweight.shape[1]: W above (either layout)
+//    int group_size)               group_size ∈ {32, 64, 128}
 //   block = (32·k, 1, 1) for k = 1..8 warps, grid = (ceil(out / (k·4)), 1, 1)  (registry.gemv_launch).
 //
 // The work split is gemv_lut's with chunks for packs: each warp owns 4 consecutive rows, lane l takes
@@ -49,7 +57,7 @@
 // L1/L2-resident):
 //   (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals,
 //    const int32_t* row_ids (n_rows,) or NULL, float* out (n_rows, ld_out),
-//    int n_rows, int out_features, int in_features, int ld_out, int group_size)
+//    int n_rows, int out_features, int in_features, int ld_out, int words_per_row, int group_size)
 //   block = (32·k, 1, 1), k = 1..4, grid = (n_rows, 1, 1)  (registry.dequant_launch). A row id outside
 //   [0, out_features) yields a zero row.
 #include "affine.cuh"
@@ -129,6 +137,22 @@ __device__ __forceinline__ uint32_t chunk_index(const uint32_t (&w)[B], int v) {
     return __funnelshift_r(w[wi], w[wi + 1], sh) & MASK;  // 6-, 12-bit indices: low bits in wi, high in wi + 1
 }
 
+// The B words of chunk q of a row of words_per_row words: WHOLE (B divides words_per_row: every chunk whole and
+// 4·B-byte aligned) with load_pack's vector loads, else one word at a time, the words past the row as 0.
+template <int B, bool WHOLE>
+__device__ __forceinline__ void load_chunk(const uint32_t* __restrict__ row, int q, int words_per_row,
+                                           uint32_t (&w)[B]) {
+    if constexpr (WHOLE) {
+        load_pack<B>(row, q, w);
+    } else {
+        const int n = words_per_row - q * B;  // the chunk's words in the row: B but in the row's last chunk
+#pragma unroll
+        for (int i = 0; i < B; ++i) w[i] = 0u;
+#pragma unroll
+        for (int i = 0; i < B && i < n; ++i) w[i] = __ldg(row + q * B + i);
+    }
+}
+
 // a0 / a1 += the point's coordinates · x[0 .. D), alternating between the two chains.
 __device__ __forceinline__ void point_fma(const float2 pt, const float* xv, float& a0, float& a1) {
     a0 = fmaf(pt.x, xv[0], a0);
@@ -153,26 +177,63 @@ __device__ __forceinline__ void store_scaled(float* dst, const float4 pt, float 
     dst[3] = __fmul_rn(pt.w, s);
 }
 
+// gemv_vq's tile loop for one chunk layout (load_chunk<B, WHOLE>): acc[i] += row i's chunks · x, lane l taking
+// chunks l, l + 32, … of every tile (x_tile and book: gemv_vq's shared memory).
+template <int B, int D, bool WHOLE>
+__device__ __forceinline__ void gemv_vq_tiles(
+    float4* x_tile, const typename VqBook<B * D, D>::Stored* book, const uint32_t* const (&row_words)[VQ_ROWS_PER_WARP],
+    const size_t (&meta_base)[VQ_ROWS_PER_WARP], const uint8_t* __restrict__ scale_codes,
+    const half_t* __restrict__ scale_meta, const float* __restrict__ x, int in_features, int words_per_row,
+    int chunk_shift, bool warp_active, float (&acc)[VQ_ROWS_PER_WARP]) {
+    constexpr int K = B * D;                 // index bits
+    typedef VqBook<K, D> Book;
+    constexpr int VPC = CODES_PER_PACK / D;  // vectors per chunk
+    constexpr int RPW = VQ_ROWS_PER_WARP;
+    constexpr int TILE = Book::TILE_CHUNKS;
+    const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
+    const int lane = threadIdx.x & 31;
+
+    for (int tile = 0; tile < n_chunks; tile += TILE) {
+        const int tile_chunks = min(TILE, n_chunks - tile);
+        if (tile > 0) __syncthreads();  // every warp is done with the previous tile
+        stage_x_packs(x_tile, x, tile, tile_chunks, in_features);
+        __syncthreads();  // (the first one also publishes the codebook)
+        if (warp_active) {
+            for (int ql = lane; ql < tile_chunks; ql += 32) {
+                float xv[CODES_PER_PACK];
+                load_x_pack(x_tile, ql, xv);
+                const int q = tile + ql;
+                const int group = q >> chunk_shift;
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) {
+                    uint32_t w[B];
+                    load_chunk<B, WHOLE>(row_words[i], q, words_per_row, w);  // chunk q: words [q·B, q·B + B)
+                    const float s = decode_meta(scale_codes, scale_meta, meta_base[i] + group);
+                    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+                    for (int v = 0; v < VPC; ++v)
+                        point_fma(Book::point(book, chunk_index<K, B>(w, v)), xv + v * D, a0, a1);
+                    acc[i] = fmaf(s, a0 + a1, acc[i]);
+                }
+            }
+        }
+    }
+}
+
 template <int B, int D>
 __device__ __forceinline__ void gemv_vq(
     const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const float* __restrict__ x, const float* residual, float* y, int out_features,
-    int in_features, int group_size) {
-    constexpr int K = B * D;                 // index bits
-    typedef VqBook<K, D> Book;
-    constexpr int N_POINTS = 1 << K;
-    constexpr int VPC = CODES_PER_PACK / D;  // vectors per chunk
+    int in_features, int words_per_row, int group_size) {
+    typedef VqBook<B * D, D> Book;
+    constexpr int N_POINTS = 1 << (B * D);
     constexpr int RPW = VQ_ROWS_PER_WARP;
-    constexpr int TILE = Book::TILE_CHUNKS;
-    __shared__ float4 x_tile[TILE * 8];                   // swizzled: chunk q, slot k → unit q·8 + (k + q) % 8
-    __shared__ typename Book::Stored book[N_POINTS];      // (2^K, D): fp32, or fp16 for K = 12
+    __shared__ float4 x_tile[Book::TILE_CHUNKS * 8];  // swizzled: chunk q, slot k → unit q·8 + (k + q) % 8
+    __shared__ typename Book::Stored book[N_POINTS];  // (2^K, D): fp32, or fp16 for K = 12
 
-    const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
-    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
     const int n_groups = (in_features + group_size - 1) / group_size;
     const int chunk_shift = vq_chunk_shift(group_size);
-    const size_t words_per_row = (size_t)n_packs * K;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const int row0 = (blockIdx.x * n_warps + warp) * RPW;
     const bool warp_active = row0 < out_features;
@@ -189,32 +250,12 @@ __device__ __forceinline__ void gemv_vq(
     float acc[RPW];
 #pragma unroll
     for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
-
-    for (int tile = 0; tile < n_chunks; tile += TILE) {
-        const int tile_chunks = min(TILE, n_chunks - tile);
-        if (tile > 0) __syncthreads();  // every warp is done with the previous tile
-        stage_x_packs(x_tile, x, tile, tile_chunks, in_features);
-        __syncthreads();  // (the first one also publishes the codebook)
-        if (warp_active) {
-            for (int ql = lane; ql < tile_chunks; ql += 32) {
-                float xv[CODES_PER_PACK];
-                load_x_pack(x_tile, ql, xv);
-                const int q = tile + ql;
-                const int group = q >> chunk_shift;
-#pragma unroll
-                for (int i = 0; i < RPW; ++i) {
-                    uint32_t w[B];
-                    load_pack<B>(row_words[i], q, w);  // chunk q: words [q·B, q·B + B)
-                    const float s = decode_meta(scale_codes, scale_meta, meta_base[i] + group);
-                    float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll
-                    for (int v = 0; v < VPC; ++v)
-                        point_fma(Book::point(book, chunk_index<K, B>(w, v)), xv + v * D, a0, a1);
-                    acc[i] = fmaf(s, a0 + a1, acc[i]);
-                }
-            }
-        }
-    }
+    if (words_per_row % B == 0)  // the same layout for every row of the matrix
+        gemv_vq_tiles<B, D, true>(x_tile, book, row_words, meta_base, scale_codes, scale_meta, x, in_features,
+                                  words_per_row, chunk_shift, warp_active, acc);
+    else
+        gemv_vq_tiles<B, D, false>(x_tile, book, row_words, meta_base, scale_codes, scale_meta, x, in_features,
+                                   words_per_row, chunk_shift, warp_active, acc);
 
     if (!warp_active) return;  // no barrier follows
     add_csr_outliers<RPW>(acc, lane, row0, out_features, row_ptr, cols, vals, x);
@@ -228,7 +269,7 @@ __device__ __forceinline__ void dequant_vq_staged(
     const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
-    int out_features, int in_features, int ld_out, int group_size) {
+    int out_features, int in_features, int ld_out, int words_per_row, int group_size) {
     constexpr int K = B * D;
     typedef VqBook<K, D> Book;
     constexpr int N_POINTS = 1 << K;
@@ -237,9 +278,9 @@ __device__ __forceinline__ void dequant_vq_staged(
     __shared__ float tile[VQ_DEQUANT_MAX_THREADS * (CODES_PER_PACK + 1)];  // thread t's chunk: [t·33, t·33 + 32)
 
     const int n_chunks = (in_features + CODES_PER_PACK - 1) / CODES_PER_PACK;
-    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
     const int n_groups = (in_features + group_size - 1) / group_size;
     const int chunk_shift = vq_chunk_shift(group_size);
+    const bool whole = words_per_row % B == 0;  // load_chunk's layout
     const int out_row = blockIdx.x;
     if (out_row >= n_rows) return;  // uniform over the block
     const int r = row_ids != nullptr ? __ldg(row_ids + out_row) : out_row;
@@ -249,7 +290,7 @@ __device__ __forceinline__ void dequant_vq_staged(
         return;
     }
     Book::stage(book, codebook);
-    const uint32_t* row = qweight + (size_t)r * n_packs * K;
+    const uint32_t* row = qweight + (size_t)r * words_per_row;
     const size_t meta_base = (size_t)r * n_groups;
     // Tiles of blockDim.x chunks, decoded into shared memory (row stride 33: conflict-free), then
     // written out coalesced, as in dequant_lut.
@@ -258,7 +299,10 @@ __device__ __forceinline__ void dequant_vq_staged(
         const int q = q0 + threadIdx.x;
         if (q < n_chunks) {
             uint32_t w[B];
-            load_pack<B>(row, q, w);
+            if (whole)
+                load_chunk<B, true>(row, q, words_per_row, w);
+            else
+                load_chunk<B, false>(row, q, words_per_row, w);
             const float s = decode_meta(scale_codes, scale_meta, meta_base + (q >> chunk_shift));
             float* t = tile + threadIdx.x * (CODES_PER_PACK + 1);
 #pragma unroll
@@ -288,9 +332,8 @@ __device__ __forceinline__ void dequant_vq_direct(
     const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
-    int out_features, int in_features, int ld_out, int group_size) {
+    int out_features, int in_features, int ld_out, int words_per_row, int group_size) {
     constexpr int K = B * D;
-    const int n_packs = ((in_features + D - 1) / D + CODES_PER_PACK - 1) / CODES_PER_PACK;
     const int n_groups = (in_features + group_size - 1) / group_size;
     const int group_shift = 5 + vq_chunk_shift(group_size);  // log2(group_size)
     const int out_row = blockIdx.x;
@@ -301,7 +344,7 @@ __device__ __forceinline__ void dequant_vq_direct(
         for (int c = threadIdx.x; c < in_features; c += blockDim.x) dst[c] = 0.0f;
         return;
     }
-    const uint32_t* row = qweight + (size_t)r * n_packs * K;
+    const uint32_t* row = qweight + (size_t)r * words_per_row;
     const size_t meta_base = (size_t)r * n_groups;
     // The value of column c without its outlier: D neighbouring threads share the vector's index (a
     // 12-bit index may straddle two words of its pack) and read neighbouring coordinates of one point.
@@ -326,13 +369,13 @@ __device__ __forceinline__ void dequant_vq(
     const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook, const uint8_t* __restrict__ scale_codes,
     const half_t* __restrict__ scale_meta, const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols,
     const half_t* __restrict__ vals, const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows,
-    int out_features, int in_features, int ld_out, int group_size) {
+    int out_features, int in_features, int ld_out, int words_per_row, int group_size) {
     if constexpr (B * D == VQ_WIDE_INDEX_BITS)
         dequant_vq_direct<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out, n_rows,
-                                out_features, in_features, ld_out, group_size);
+                                out_features, in_features, ld_out, words_per_row, group_size);
     else
         dequant_vq_staged<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out, n_rows,
-                                out_features, in_features, ld_out, group_size);
+                                out_features, in_features, ld_out, words_per_row, group_size);
 }
 
 }  // namespace mxq
@@ -343,18 +386,18 @@ __device__ __forceinline__ void dequant_vq(
         const uint8_t* __restrict__ scale_codes, const half_t* __restrict__ scale_meta,                           \
         const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols, const half_t* __restrict__ vals, \
         const float* __restrict__ x, const float* residual, float* y, int out_features, int in_features,          \
-        int group_size) {                                                                                         \
+        int words_per_row, int group_size) {                                                                      \
         mxq::gemv_vq<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, x, residual, y,       \
-                           out_features, in_features, group_size);                                                \
+                           out_features, in_features, words_per_row, group_size);                                 \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(mxq::VQ_DEQUANT_MAX_THREADS) dequant_vq_b##B##_d##D##_f32(       \
         const uint32_t* __restrict__ qweight, const half_t* __restrict__ codebook,                                \
         const uint8_t* __restrict__ scale_codes, const half_t* __restrict__ scale_meta,                           \
         const uint32_t* __restrict__ row_ptr, const uint16_t* __restrict__ cols, const half_t* __restrict__ vals, \
         const int32_t* __restrict__ row_ids, float* __restrict__ out, int n_rows, int out_features,               \
-        int in_features, int ld_out, int group_size) {                                                            \
+        int in_features, int ld_out, int words_per_row, int group_size) {                                         \
         mxq::dequant_vq<B, D>(qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals, row_ids, out,      \
-                              n_rows, out_features, in_features, ld_out, group_size);                             \
+                              n_rows, out_features, in_features, ld_out, words_per_row, group_size);              \
     }
 
 MXQ_VQ_ENTRIES(2, 2) MXQ_VQ_ENTRIES(3, 2) MXQ_VQ_ENTRIES(4, 2) MXQ_VQ_ENTRIES(2, 4) MXQ_VQ_ENTRIES(3, 4)

@@ -107,7 +107,7 @@ DEQUANT_LUT_ARGS = _LUT_BLOBS + (
 
 
 _VQ_BLOBS = (
-    ("qweight", "const u32*"),  # (out, n_packs·b·d), n_packs = ceil(ceil(in/d)/32)
+    ("qweight", "const u32*"),  # (out, words_per_row): each row's ceil(in/d) (b·d)-bit indices, padded (SPEC §12.1)
     ("codebook", "const f16*"),  # (2^(b·d), d): the tensor's own or the file's shared one; 16-byte aligned for (3,4)
     ("scale_codes", "const u8*"),  # (out, n_groups), n_groups = ceil(in/group_size)
     ("scale_meta", "const f16*"),  # (ceil(out·n_groups/128), 2)
@@ -115,8 +115,12 @@ _VQ_BLOBS = (
     ("cols", "const u16*"),  # (nnz,) or None
     ("vals", "const f16*"),  # (nnz,) or None
 )
-GEMV_VQ_ARGS = _VQ_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + (("group_size", "i32"),)
-DEQUANT_VQ_ARGS = _VQ_BLOBS + DEQUANT_LUT_ARGS[len(_LUT_BLOBS):-1] + (("group_size", "i32"),)
+_VQ_TAIL = (
+    ("words_per_row", "i32"),  # qweight.shape[1]: whole packs up to format 1.7, whole words from 1.8
+    ("group_size", "i32"),
+)
+GEMV_VQ_ARGS = _VQ_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + _VQ_TAIL
+DEQUANT_VQ_ARGS = _VQ_BLOBS + DEQUANT_LUT_ARGS[len(_LUT_BLOBS):-1] + _VQ_TAIL
 
 
 def gemv_lut_name(bits: int) -> str:

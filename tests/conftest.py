@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta, pack_codes
-from mxq.format_spec.layout import CODEBOOK_ROLE, leaves, shared_codebook_name, shared_codebooks
+from mxq.format_spec.layout import CODEBOOK_ROLE, leaves, shared_codebook_name, shared_codebooks, vq_dims
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def random_vq_blobs(rng, shape, config: StorageConfig) -> dict:
     out_features, in_features = shape
     n_vectors = -(-in_features // config.dim)
     n_groups = -(-in_features // config.group_size)
-    index = rng.integers(0, 1 << config.index_bits, size=(out_features, -(-n_vectors // 32) * 32))
+    index = rng.integers(0, 1 << config.index_bits, size=(out_features, vq_dims(shape, config)[2]))  # padded slots
     index[:, n_vectors:] = 0
     codebook = shared_codebook(config) if config.shared else \
         (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)

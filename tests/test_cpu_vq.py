@@ -3,7 +3,10 @@ handle of cpu_vq.py (kernel path, NumPy path, cached mode, embedding rows, vq bl
 written file) against format_spec's reference dequantization, every (bits, dim) × group size × 6/8-bit scale
 codes × odd shapes, with and without outliers; 12-bit indices (v3d4, a file's shared codebook of 4096 points,
 format 1.7) included: their own kernel (points_dot), their handles' one widened codebook per distinct codebook,
-a written file whose tensors and row blocks share one. A whole model with vq linears: test_runtime.py (kind "vq").
+a written file whose tensors and row blocks share one. Rows of both widths (format 1.8: indices padded to whole
+words, a row's last pack of 32 possibly partial; ≤ 1.7: to whole packs), garbage in their padding slots, and rows
+followed by poisoned memory (a kernel reading past a row's end would gather a NaN point). A whole model with vq
+linears: test_runtime.py (kind "vq").
 
 Tolerance: a product is float32 sums in another order than the float64 reference x·Wᵀ (W = dequantize(blobs),
 itself exact in float32): |y − x·Wᵀ| ≤ RTOL·(|x|·|W|ᵀ) + 1e-6·(1 + |x·Wᵀ|) per element, RTOL = 1e-5 (fp32's
@@ -18,8 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import random_vq_blobs
-from mxq.format_spec import MxqFile, StorageConfig, dequantize
-from mxq.format_spec.layout import VQ_INDEX_BITS
+from mxq.format_spec import MxqFile, StorageConfig, dequantize, pack_codes
+from mxq.format_spec.layout import VQ_INDEX_BITS, vq_dims
 from mxq.runtime.backends.cpu_weights import (KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, NO_COLS, NO_FLOAT,
                                               NO_RESIDUAL, NO_ROWS, NO_VALUES, ThreadChoice, activation_low_part,
                                               quantize_activations, readonly)
@@ -33,6 +36,11 @@ KINDS = [(2, 2), (3, 2), (4, 2), (2, 4), (3, 4)]  # (bits, dim): index bits 4, 6
 GROUPS = [32, 64, 128]
 # (shape, outliers): one weight, in < dim, padded last packs and groups, in = one group + 1, several packs
 ODD_SHAPES = [((1, 1), 1), ((7, 33), 3), ((37, 70), 6), ((9, 129), 5), ((20, 256), 7), ((131, 333), 40)]
+# in_features whose rows end in a partial pack at format 1.8 (dim 4: 10, 34, 50 and 144 indices, the last
+# SmolLM2's 576-wide rows: 4 packs and 16; dim 2: 20, 68, 100), and whole packs (576 at dim 2: 288 indices)
+PARTIAL_INPUTS = [40, 136, 200, 576]
+MINORS = [7, 8]  # the format minors whose vq rows the runtime reads: padded to whole packs (≤ 1.7), to words (1.8)
+POISON_WORDS = 64  # after a test matrix's last row (layout_blobs): more than a pack (12 words at 12 bits)
 
 
 class _Entry:
@@ -100,6 +108,22 @@ def vq_blobs(rng, shape, config: StorageConfig) -> dict:
     return blobs
 
 
+def layout_blobs(rng, shape, config: StorageConfig, minor: int) -> dict:
+    """vq_blobs with each row's indices padded as format 1.`minor` pads them (layout.vq_dims: 7 whole packs of 32,
+    8 whole words), random indices in every slot, padding slots too (what every path must ignore), all below
+    2^k − 1, whose codebook point is NaN: `qweight` is a view of the start of a longer buffer whose further
+    words are all ones (index 2^k − 1 in every slot), so a kernel reading past the last row's end gathers NaN."""
+    blobs = vq_blobs(rng, shape, config)
+    top = (1 << config.index_bits) - 1
+    blobs["codebook"][top] = np.nan
+    _, _, n_slots, _ = vq_dims(shape, config, minor)
+    words = pack_codes(rng.integers(0, top, (shape[0], n_slots)), config.index_bits)  # (out, n_slots·k / 32)
+    buffer = np.full(words.size + POISON_WORDS, 0xFFFFFFFF, np.uint32)
+    buffer[:words.size] = words.reshape(-1)
+    blobs["qweight"] = buffer[:words.size].reshape(words.shape)
+    return blobs
+
+
 def kernel_codebook(blobs, config: StorageConfig):
     """vq_matmul's codebook argument: float32 coordinate planes (dim, 2^k); for 12-bit indices the fp16 points'
     bytes as float32 (4096, 2) (cpu_vq_kernels' module doc)."""
@@ -156,6 +180,52 @@ def test_kernels_read_every_index_position_and_scale(vq_kernels):
         np.testing.assert_allclose(y, weight.T, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("minor", MINORS)
+@pytest.mark.parametrize("bits,dim", KINDS)
+def test_kernels_take_word_and_pack_padded_rows(vq_kernels, bits, dim, minor):
+    """Rows padded to whole words (format 1.8: a partial last pack for most of PARTIAL_INPUTS) or to whole packs
+    (≤ 1.7), garbage indices in their padding slots: vq_matmul (3 parallel parts) and vq_matmul_serial, T = 1 and 5,
+    every group size (12 bits: 4, 2 or 1 scales a pack), outliers, bias and residual, against the reference."""
+    rng = np.random.default_rng(bits * 1000 + dim * 100 + minor)
+    for n_in, group in itertools.product(PARTIAL_INPUTS, GROUPS):
+        shape = (6, n_in)
+        config = vq_config(bits, dim, group, 5)
+        blobs = layout_blobs(rng, shape, config, minor)
+        if (n_in, dim, minor) == (576, 4, 8):  # SmolLM2's rows: 144 indices, no padding (1.7: 160)
+            assert blobs["qweight"].shape == (6, 144 * config.index_bits // 32)
+        weight = dequantize(blobs, shape, config)
+        args = kernel_args(blobs, config)
+        for tokens in (1, 5):
+            x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+            bias = rng.standard_normal(shape[0]).astype(np.float32)
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32)
+            for kernel in (vq_kernels.vq_matmul, vq_kernels.vq_matmul_serial):
+                y = np.full((tokens, shape[0]), np.nan, np.float32)
+                kernel(x, *args, bias, residual, y, 3)
+                assert_close(y, x, weight, bias, residual)
+
+
+@pytest.mark.parametrize("minor", MINORS)
+@pytest.mark.parametrize("bits,dim", KINDS)
+def test_kernels_never_read_past_a_row(vq_kernels, bits, dim, minor):
+    """A matrix of one row and of 5, cut exactly from a buffer whose words after them decode to the codebook's NaN
+    point (layout_blobs): every output finite and as the reference says, one token and several (12 bits: the
+    partial last pack's masked load and gather), serial and parallel."""
+    rng = np.random.default_rng(bits * 100 + dim * 10 + minor)
+    for n_in, rows in itertools.product(PARTIAL_INPUTS, (1, 5)):
+        shape, config = (rows, n_in), vq_config(bits, dim, 64)
+        blobs = layout_blobs(rng, shape, config, minor)
+        weight = dequantize(blobs, shape, config)
+        assert np.isfinite(weight).all()
+        for tokens in (1, 4):
+            x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+            for kernel in (vq_kernels.vq_matmul, vq_kernels.vq_matmul_serial):
+                y = np.full((tokens, rows), np.nan, np.float32)
+                kernel(x, *kernel_args(blobs, config), NO_FLOAT, NO_RESIDUAL, y, 2)
+                assert np.isfinite(y).all()
+                assert_close(y, x, weight)
+
+
 # -- the handle ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits,dim", KINDS)
@@ -183,6 +253,32 @@ def test_handle_kernel_and_numpy_path_match_the_reference(backends, bits, dim, m
         ids = np.array([0, shape[0] - 1, 0, shape[0] // 2])
         np.testing.assert_array_equal(fast.embedding(w_fast, ids), weight[ids])
         np.testing.assert_array_equal(ref.embedding(w_ref, ids), weight[ids])
+    assert fast.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
+
+
+@pytest.mark.parametrize("minor", MINORS)
+@pytest.mark.parametrize("bits,dim", KINDS)
+def test_handle_takes_word_and_pack_padded_rows(backends, bits, dim, minor, monkeypatch):
+    """VqWeight on rows of either width (layout_blobs: garbage padding, poisoned memory past the last row), compiled
+    and NumPy backends: products of 1, 3 (the kernel) and 20 tokens (dequantize_rows in chunks of 8 rows, then
+    sgemm), dequantize_rows of every row and embedding rows exactly the reference's."""
+    from mxq.runtime.backends import cpu_weights
+
+    monkeypatch.setattr(cpu_weights, "_chunk_rows", lambda tokens, row_elements: 8)  # several chunks per matrix
+    fast, ref = backends
+    rng = np.random.default_rng(bits * 10 + dim + minor)
+    for n_in in PARTIAL_INPUTS:
+        shape, config = (19, n_in), vq_config(bits, dim, 32, 4)
+        blobs = layout_blobs(rng, shape, config, minor)
+        weight = dequantize(blobs, shape, config)
+        for backend in (fast, ref):
+            handle = backend.prepare(_Entry("w", shape, config), blobs)
+            for tokens in (1, 3, 20):
+                x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+                assert_close(backend.linear(x, handle), x, weight)
+            np.testing.assert_array_equal(handle.dequantize_rows(slice(None)), weight)
+            ids = np.array([shape[0] - 1, 0, 7, shape[0] - 1])
+            np.testing.assert_array_equal(backend.embedding(handle, ids), weight[ids])
     assert fast.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
 
 
@@ -249,7 +345,7 @@ def test_a_written_file_with_vq_tensors_and_vq_row_blocks(tmp_path, backends):
     written = write_rows_file(path, tensors)
     rng = np.random.default_rng(5)
     with MxqFile.open(path) as f:
-        assert f.version == (1, 6) and f.verify() == []
+        assert f.version == (1, 8) and f.verify() == []  # (1.8: vq rows padded to whole words)
         for name, shape, config in tensors:
             blobs = f.blobs(name)
             for blob_name, array in written[name].items():
@@ -294,10 +390,11 @@ def test_bad_outliers_are_a_model_error_and_any_codebook_gives_numbers(backends,
 # -- 12-bit indices: one widened codebook per distinct codebook -----------------------------------------------
 
 def test_a_written_file_whose_tensors_and_blocks_share_a_codebook(tmp_path, backends):
-    """Format 1.7: vq tensors and `rows` blocks that use the file's shared 12-bit codebook (v3d4…s), beside a block
-    with a codebook of its own: products (kernel and sgemm sizes) and embedding rows as the reference says; the
-    shared codebook widened once for every handle of a backend (one Widened), each kernel reading the file's own
-    fp16 bytes (a view of the codebook tensor, no copy). Opened twice: the second file's handles are right too."""
+    """Format 1.7's shared codebooks (the file written as 1.8): vq tensors and `rows` blocks that use the file's
+    shared 12-bit codebook (v3d4…s), beside a block with a codebook of its own: products (kernel and sgemm sizes) and
+    embedding rows as the reference says; the shared codebook widened once for every handle of a backend (one
+    Widened), each kernel reading the file's own fp16 bytes (a view of the codebook tensor, no copy). Opened twice:
+    the second file's handles are right too."""
     from test_rows_scheme import write_rows_file
 
     from mxq.runtime.backends.cpu_vq import VqWeight
@@ -312,7 +409,7 @@ def test_a_written_file_whose_tensors_and_blocks_share_a_codebook(tmp_path, back
     rng = np.random.default_rng(17)
     for _ in range(2):
         with MxqFile.open(path) as f:
-            assert f.version == (1, 7) and f.verify() == []
+            assert f.version == (1, 8) and f.verify() == []
             book = f.blobs("codebook.v3d4")["data"]  # (4096, 4) fp16: the file's shared codebook tensor
             for backend in (fast, ref):
                 shared = []  # the backend's handles of 12-bit matrices and blocks

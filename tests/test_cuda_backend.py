@@ -40,8 +40,9 @@ import pytest
 
 from conftest import random_affine_blobs, random_lut_blobs, random_vq_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
+from test_kernels_vq import LAYOUTS, relayout
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
-from mxq.format_spec.layout import VQ_INDEX_BITS
+from mxq.format_spec.layout import VQ_INDEX_BITS, vq_dims
 from mxq.kernels.emulator import EmulatedModule
 from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS, VQ_CONFIGS
 from mxq.runtime import ModelError
@@ -204,7 +205,8 @@ def test_vq_linear_and_embedding_match_numpy_backend(cuda, ref, bits, dim, group
     blobs = random_vq_blobs(rng, shape, config)
     entry = Entry("w", shape, config)
     w, w_ref = cuda.prepare(entry, blobs), ref.prepare(entry, blobs)
-    assert isinstance(w, VqHandle) and w.tail == (np.int32(group_size),) and w.shared == config.shared
+    assert isinstance(w, VqHandle) and w.shared == config.shared
+    assert w.tail == (np.int32(blobs["qweight"].shape[1]), np.int32(group_size))  # words_per_row, group_size
     bias = rng.standard_normal(shape[0]).astype(f32)
     for T in (1, 5):
         x = rng.standard_normal((T, shape[1])).astype(f32)
@@ -219,6 +221,30 @@ def test_vq_linear_and_embedding_match_numpy_backend(cuda, ref, bits, dim, group
     cuda.module.calls.clear()
     assert np.array_equal(cuda.embedding(w, ids), dequantize(blobs, shape, config)[ids])
     assert cuda.module.calls == [f"dequant_vq_b{bits}_d{dim}_f32"]
+
+
+@pytest.mark.parametrize("minor", LAYOUTS.values(), ids=LAYOUTS)
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=[f"b{b}d{d}" for b, d in VQ_CONFIGS])
+def test_vq_kernels_take_qweight_width(cuda, bits, dim, minor):
+    """The vq kernels get a row's word count from qweight as the file stores it: rows padded to whole words (format
+    1.8; 136 columns: a partial last pack, an odd width for k = 4, 8) or to whole packs (1.7). Decode (gemv_vq),
+    prefill (dequant_vq + GEMM) and the embedding gather against the reference dequantization."""
+    shape, config = (21, 136), vq_config(bits, dim, 64, 7)
+    rng = np.random.default_rng(bits * 10 + dim + minor)
+    blobs = relayout(random_vq_blobs(rng, shape, config), shape, config, minor)
+    words = vq_dims(shape, config, minor)[2] * config.index_bits // 32
+    assert blobs["qweight"].shape == (shape[0], words)
+    w = cuda.prepare(Entry("w", shape, config), blobs)
+    assert w.tail == (np.int32(words), np.int32(64))
+    weight = dequantize(blobs, shape, config)
+    for T in (1, 3):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        cuda.module.calls.clear()
+        want = x.astype(np.float64) @ weight.astype(np.float64).T
+        check_close(cuda.linear(x, w), want, magnitude(x, blobs, shape, config))
+        assert cuda.module.calls == [f"gemv_vq_b{bits}_d{dim}" if T == 1 else f"dequant_vq_b{bits}_d{dim}_f32"]
+    ids = np.array([20, 0, 7])
+    assert np.array_equal(cuda.embedding(w, ids), weight[ids])
 
 
 @pytest.mark.parametrize("bits", [2, 3], ids=["b2d4", "b3d4-shared"])

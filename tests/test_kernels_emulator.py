@@ -1,6 +1,6 @@
 """The CPU emulation harness itself (kernels/cuda_emu.h, kernels/emulator.py): warp shuffle
 semantics, barriers and block-scoped shared memory, fp16 conversions, and the checks that make it a
-useful test bed (poisoned margins, out-of-bounds and read-only writes, exited lanes in a shuffle,
+useful test bed (poisoned margins, out-of-bounds and read-only writes, misaligned vector loads, exited lanes in a shuffle,
 deadlock timeout, strict scalar types)."""
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ extern "C" __global__ void block_sums(const float* in, float* out, int n_per_blo
 }
 extern "C" __global__ void write_past_end(float* out, int n) { if (threadIdx.x == 0) out[n] = 1.0f; }
 extern "C" __global__ void read_past_end(const float* in, float* out, int n) { if (threadIdx.x == 0) out[0] = in[n]; }
+extern "C" __global__ void vector_load(const unsigned* in, unsigned* out, int offset) {
+    if (threadIdx.x == 0) { const uint4 v = __ldg(reinterpret_cast<const uint4*>(in + offset)); out[0] = v.x + v.w; }
+}
 extern "C" __global__ void write_const(const float* in) { if (threadIdx.x == 0) const_cast<float*>(in)[0] = 2.0f; }
 extern "C" __global__ void shuffle_after_exit(float* out) {
     if (threadIdx.x == 0) return;
@@ -54,7 +57,7 @@ extern "C" __global__ void early_exit_barrier(float* out) {
     out[threadIdx.x] = 1.0f;
 }
 """
-PROBE_NAMES = ["shfl_probe", "block_sums", "write_past_end", "read_past_end", "write_const", "shuffle_after_exit",
+PROBE_NAMES = ["shfl_probe", "block_sums", "write_past_end", "read_past_end", "vector_load", "write_const", "shuffle_after_exit",
                "split_barriers", "early_exit_barrier"]
 
 
@@ -103,6 +106,15 @@ def test_out_of_bounds_read_sees_poison(probes):
     out = np.zeros(1, f32)
     probes.launch("read_past_end", 1, 32, (np.ones(10, f32), out, i32(10)))
     assert np.isnan(out[0])
+
+
+def test_misaligned_vector_load_is_caught(probes):
+    """A uint4 __ldg 4 bytes off its 16-byte alignment faults on the GPU ("misaligned address"): so here."""
+    words, out = np.arange(16, dtype=np.uint32), np.zeros(1, np.uint32)
+    probes.launch("vector_load", 1, 32, (words, out, i32(4)))  # 16 bytes in: aligned
+    assert out[0] == 4 + 7
+    with pytest.raises(EmulationError, match="misaligned address"):
+        probes.launch("vector_load", 1, 32, (words, out, i32(1)))
 
 
 def test_write_to_const_argument_is_caught(probes):

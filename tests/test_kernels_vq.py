@@ -3,7 +3,11 @@ warnings or spills, within 48 KiB of static shared memory, and the same source r
 emulation harness matches format_spec.vq.dequantize_vq for every (bits, dim) × group size × odd shapes,
 with and without outliers, in both emulator modes. (3, 4) — 12-bit indices into a 4096-point codebook,
 which only a shared codebook (format 1.7) may have — is tested with the file's shared codebook as the
-reader hands it over (the `codebook` blob; blob_specs of the config has none).
+reader hands it over (the `codebook` blob; blob_specs of the config has none). Both row layouts run the
+same kernels (words_per_row = qweight's width): a row's indices padded to whole words (format 1.8, whose
+last pack may be partial: fewer than k words) and to whole packs of 32 (1.6, 1.7); the kernels never read
+past a row's words nor load a vector from a misaligned row (the emulator faults on both: poisoned margins
+past the matrix, `misaligned address` in __ldg).
 
 Tolerances (as in test_kernels_lut.py, and why):
   * dequant_vq_b*_d*_f32: bit-exact (a codebook coordinate is an fp16 widened exactly, times the scale
@@ -25,17 +29,20 @@ import numpy as np
 import pytest
 
 from conftest import random_vq_blobs
-from mxq.format_spec import StorageConfig, blob_specs, dequantize, pack_codes, unpack_codes
+from mxq.format_spec import MINOR_VERSION, StorageConfig, blob_specs, dequantize, pack_codes, unpack_codes
 from mxq.format_spec.affine import csr_entries
-from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS
+from mxq.format_spec.header import SHARED_CODEBOOK_MINOR, WORD_PADDED_VQ_MINOR
+from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, vq_dims
 from mxq.kernels import nvrtc
-from mxq.kernels.emulator import MODES, Emulator, get_emulator
+from mxq.kernels.emulator import MODES, EmulationError, Emulator, get_emulator
 from mxq.kernels.registry import (VQ_CONFIGS, dequant_launch, dequant_vq_name, gemv_launch, gemv_vq_name,
                                   kernels_in)
 
 i32, f32 = np.int32, np.float32
 GROUPS = (32, 64, 128)
 VQ_IDS = [f"b{b}d{d}" for b, d in VQ_CONFIGS]
+# a vq row's index padding (vq_dims) by format minor: whole words from 1.8, whole packs in 1.7 (and 1.6)
+LAYOUTS = {"words": WORD_PADDED_VQ_MINOR, "packs": SHARED_CODEBOOK_MINOR}
 
 
 STATIC_SMEM_LIMIT = 48 * 1024  # static shared memory per block on every target (no opt-in)
@@ -51,6 +58,21 @@ def vq_config(bits, dim, group_size, outliers=0, meta_bits=0):
     (12-bit indices) the file's shared codebook (random_vq_blobs then gives conftest.shared_codebook)."""
     shared = bits * dim not in VQ_INDEX_BITS
     return StorageConfig.vq(bits, dim, group_size, outliers, meta_bits, shared=shared)
+
+
+def relayout(blobs, shape, config, minor):
+    """blobs with qweight packed as a file of format 1.`minor` stores it (vq_dims: each row's indices padded with 0
+    indices to whole words from 1.8, to whole packs of 32 before); the indices and the other blobs unchanged."""
+    k, n_slots = config.index_bits, vq_dims(shape, config, minor)[2]
+    n_vectors = -(-shape[1] // config.dim)
+    index = np.zeros((shape[0], n_slots), np.int64)
+    index[:, :n_vectors] = unpack_codes(blobs["qweight"], k)[:, :n_vectors]
+    return dict(blobs, qweight=pack_codes(index, k))
+
+
+def vq_blobs(rng, shape, config, minor=MINOR_VERSION):
+    """random_vq_blobs with the row layout of format 1.`minor` (default: the one the converter writes)."""
+    return relayout(random_vq_blobs(rng, shape, config), shape, config, minor)
 
 
 def test_vq_configs_are_the_formats():
@@ -104,12 +126,17 @@ def vq_args(blobs):
             blobs.get("outlier_row_ptr"), blobs.get("outlier_cols"), blobs.get("outlier_values"))
 
 
+def vq_tail(blobs, config):
+    """The kernels' last arguments: words_per_row (qweight's width, either layout) and group_size."""
+    return i32(blobs["qweight"].shape[1]), i32(config.group_size)
+
+
 def run_gemv_vq(emu, blobs, shape, config, x, residual=None, y=None, warps=None):
     out_features, in_features = shape
     y = np.full(out_features, np.nan, f32) if y is None else y
     grid, block = gemv_launch(out_features, warps)
     emu.launch(gemv_vq_name(config.bits, config.dim), grid, block,
-               vq_args(blobs) + (x, residual, y, i32(out_features), i32(in_features), i32(config.group_size)))
+               vq_args(blobs) + (x, residual, y, i32(out_features), i32(in_features)) + vq_tail(blobs, config))
     return y
 
 
@@ -133,14 +160,15 @@ def check_gemv_vq(y, blobs, shape, config, x, residual=None):
     assert np.all(err <= 2e-6 * magnitude + extra)
 
 
+@pytest.mark.parametrize("minor", LAYOUTS.values(), ids=LAYOUTS)
 @pytest.mark.parametrize("outliers", [0, 23], ids=["plain", "outliers"])
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
-def test_gemv_vq_matches_dequantize(emu, bits, dim, group_size, outliers):
+def test_gemv_vq_matches_dequantize(emu, bits, dim, group_size, outliers, minor):
     shape = (37, 2 * group_size + 7)  # a partial last chunk, group and (dim 2, 4) vector; 37 rows = 2 blocks of 16 + 5
     rng = np.random.default_rng(bits * 1000 + dim * 100 + group_size + outliers)
     config = vq_config(bits, dim, group_size, outliers)
-    blobs = random_vq_blobs(rng, shape, config)
+    blobs = vq_blobs(rng, shape, config, minor)
     x = rng.standard_normal(shape[1]).astype(f32)
     check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x), blobs, shape, config, x)
 
@@ -168,7 +196,7 @@ GEMV_ODD = [
 def test_gemv_vq_odd_shapes(emu, bits, dim, group_size, shape, outliers, warps):
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     config = vq_config(bits, dim, group_size, outliers)
-    blobs = random_vq_blobs(rng, shape, config)
+    blobs = vq_blobs(rng, shape, config)
     x = rng.standard_normal(shape[1]).astype(f32)
     check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, warps=warps), blobs, shape, config, x)
 
@@ -180,7 +208,7 @@ def test_gemv_vq_residual_in_place_and_padding_indices(emu, bits, dim):
     group_size = GROUPS[(bits + dim) % 3]
     shape, config = (21, 101), vq_config(bits, dim, group_size, 4, meta_bits=8)
     rng = np.random.default_rng(5 + bits * dim)
-    blobs = random_vq_blobs(rng, shape, config)
+    blobs = vq_blobs(rng, shape, config)
     assert blobs["scale_codes"].max() > 63  # the full 8-bit range of codes
     x = rng.standard_normal(shape[1]).astype(f32)
     residual = rng.standard_normal(shape[0]).astype(f32)
@@ -199,8 +227,8 @@ def run_dequant_vq(emu, blobs, shape, config, n_rows, row_ids=None, ld=None, thr
     out = np.full((n_rows, ld), np.nan, f32)
     grid, block = dequant_launch(n_rows, threads)
     emu.launch(dequant_vq_name(config.bits, config.dim), grid, block,
-               vq_args(blobs) + (row_ids, out, i32(n_rows), i32(shape[0]), i32(shape[1]), i32(ld),
-                                 i32(config.group_size)))
+               vq_args(blobs) + (row_ids, out, i32(n_rows), i32(shape[0]), i32(shape[1]), i32(ld))
+               + vq_tail(blobs, config))
     return out
 
 
@@ -213,12 +241,13 @@ DEQUANT_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("minor", LAYOUTS.values(), ids=LAYOUTS)
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
-def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size):
+def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size, minor):
     for shape, outliers, threads, meta_bits in DEQUANT_SHAPES:
         config = vq_config(bits, dim, group_size, outliers, meta_bits)
-        blobs = random_vq_blobs(np.random.default_rng(bits * dim + shape[1] + group_size), shape, config)
+        blobs = vq_blobs(np.random.default_rng(bits * dim + shape[1] + group_size), shape, config, minor)
         want = dequantize(blobs, shape, config)
         ld = shape[1] + 3  # columns past in_features stay untouched
         out = run_dequant_vq(emu, blobs, shape, config, shape[0], ld=ld, threads=threads)
@@ -230,7 +259,7 @@ def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size):
 def test_dequant_vq_gathers_rows(emu, bits, dim):
     """The quantized-embedding path: rows picked by id; ids outside the table give zero rows."""
     shape, config = (40, 101), vq_config(bits, dim, 64, 30)
-    blobs = random_vq_blobs(np.random.default_rng(3 + bits * dim), shape, config)
+    blobs = vq_blobs(np.random.default_rng(3 + bits * dim), shape, config)
     ids = np.array([7, 0, 39, 7, -1, 40], dtype=np.int32)
     out = run_dequant_vq(emu, blobs, shape, config, ids.size, row_ids=ids, threads=64)
     want = dequantize(blobs, shape, config)[np.clip(ids, 0, shape[0] - 1)]
@@ -238,13 +267,76 @@ def test_dequant_vq_gathers_rows(emu, bits, dim):
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
 
 
+# ---- row layouts: whole words (format 1.8) and whole packs (1.6, 1.7) -----------------------------------
+
+LAYOUT_INPUTS = (40, 136, 200, 576)  # odd widths: partial last packs and chunks, odd word counts; 576: V = 144 at dim 4
+
+
+def test_layout_widths():
+    """qweight's width W per layout, the SPEC's example (576-wide rows, dim 4, 12-bit indices: 54 words, were 60),
+    and the word-padded rows of LAYOUT_INPUTS that the kernels load one word at a time (B = bits words per chunk
+    does not divide W: k = 4, 8 with in % 32 ≠ 0)."""
+    config = vq_config(3, 4, 32)
+    assert [blob_specs((1, 576), config, minor)["qweight"].shape for minor in LAYOUTS.values()] == [(1, 54), (1, 60)]
+    word_loads = {(b, d): [n for n in LAYOUT_INPUTS
+                           if blob_specs((1, n), vq_config(b, d, 32))["qweight"].shape[1] % b] for b, d in VQ_CONFIGS}
+    assert word_loads == {(2, 2): [40, 136, 200], (3, 2): [], (4, 2): [40, 136, 200], (2, 4): [40, 136, 200],
+                          (3, 4): []}
+
+
+@pytest.mark.parametrize("minor", LAYOUTS.values(), ids=LAYOUTS)
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_both_row_layouts_match_dequantize(emu, bits, dim, minor):
+    """Rows padded to whole words (every (bits, dim) has a partial last pack among these widths) and to whole packs:
+    the GEMV within its bound, the dequantization bit-exact, outliers included."""
+    partial_packs = 0
+    for in_features in LAYOUT_INPUTS:
+        shape = (11, in_features)  # 3 warps of 4 rows, the last one 3
+        config = vq_config(bits, dim, GROUPS[in_features % 3], 5, meta_bits=8 if in_features % 2 else 6)
+        rng = np.random.default_rng(in_features + 10 * bits + dim)
+        blobs = vq_blobs(rng, shape, config, minor)
+        words = blobs["qweight"].shape[1]
+        assert words == vq_dims(shape, config, minor)[2] * config.index_bits // 32
+        partial_packs += words % config.index_bits != 0
+        x = rng.standard_normal(in_features).astype(f32)
+        check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, warps=3), blobs, shape, config, x)
+        out = run_dequant_vq(emu, blobs, shape, config, shape[0], threads=64)
+        assert np.array_equal(out.view(np.uint32), dequantize(blobs, shape, config).view(np.uint32)), in_features
+    assert (partial_packs > 0) == (minor == WORD_PADDED_VQ_MINOR)
+
+
+@pytest.mark.parametrize("n_rows", [1, 3])
+@pytest.mark.parametrize("bits,dim", VQ_CONFIGS, ids=VQ_IDS)
+def test_word_padded_rows_are_read_within_their_words(emu, bits, dim, n_rows):
+    """Word-padded rows (partial last chunks for k = 4, 8): qweight exactly (out, W) between the guarded launch's
+    poisoned margins (0xA5 bytes), every index in {0 .. 3} and every other codebook point NaN, so that a GEMV chunk
+    load past the last row's W words reads poison indices (5, 0xA, 0xA5, …) whose NaN points, times the padding
+    columns' zero activations, make the row's y NaN; a vector load of either kernel from a row that starts off its
+    alignment (B not dividing W, 3 rows) is a `misaligned address` in the emulator, as on the GPU. Both stay exact."""
+    for in_features in LAYOUT_INPUTS[:3]:
+        shape = (n_rows, in_features)
+        config = vq_config(bits, dim, 32, 2)
+        rng = np.random.default_rng(in_features * n_rows + bits * dim)
+        blobs = random_vq_blobs(rng, shape, config)
+        n_vectors = -(-in_features // dim)
+        index = np.zeros((n_rows, vq_dims(shape, config)[2]), np.int64)
+        index[:, :n_vectors] = rng.integers(0, 4, (n_rows, n_vectors))
+        codebook = np.full((1 << config.index_bits, dim), np.nan, np.float16)
+        codebook[:4] = rng.standard_normal((4, dim))
+        blobs.update(qweight=pack_codes(index, config.index_bits), codebook=codebook)
+        x = rng.standard_normal(in_features).astype(f32)
+        check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, warps=1), blobs, shape, config, x)
+        out = run_dequant_vq(emu, blobs, shape, config, n_rows, threads=32)
+        assert np.array_equal(out.view(np.uint32), dequantize(blobs, shape, config).view(np.uint32)), in_features
+
+
 # ---- b3d4: 12-bit indices into a shared 4096-point codebook -----------------------------------------
 
 def every_point_blobs(rng, shape, config):
-    """random_vq_blobs with the indices replaced by 0, 1, …, 2^k − 1, 0, … in row-major vector order, so that
+    """vq_blobs with the indices replaced by 0, 1, …, 2^k − 1, 0, … in row-major vector order, so that
     every codebook point is read, at every position of a pack (a 12-bit index straddles two words at
     positions 2, 5, 10, 13, …)."""
-    blobs = random_vq_blobs(rng, shape, config)
+    blobs = vq_blobs(rng, shape, config)
     k, n_vectors = config.index_bits, -(-shape[1] // config.dim)
     index = unpack_codes(blobs["qweight"], k).astype(np.int64)
     index[:, :n_vectors] = np.arange(shape[0] * n_vectors).reshape(shape[0], n_vectors) % (1 << k)
@@ -273,7 +365,7 @@ def test_b3d4_tensors_share_one_codebook_array(emu):
     book = None
     for shape, group_size in (((40, 300), 64), ((17, 96), 128)):
         config = vq_config(3, 4, group_size, 3)
-        blobs = random_vq_blobs(np.random.default_rng(shape[1]), shape, config)
+        blobs = vq_blobs(np.random.default_rng(shape[1]), shape, config)
         book = blobs["codebook"] if book is None else book
         blobs["codebook"] = book  # the same array object for both
         before = book.copy()
@@ -288,7 +380,7 @@ def test_b3d4_codebook_only_2_byte_aligned(emu):
     """The GEMV stages the fp16 codebook with 16-byte loads when it is 16-byte aligned (as the file's and the
     device's are), else with 2-byte loads: same results (unguarded launches keep the misaligned address)."""
     shape, config = (37, 135), vq_config(3, 4, 32, 6)
-    blobs = random_vq_blobs(np.random.default_rng(4), shape, config)
+    blobs = vq_blobs(np.random.default_rng(4), shape, config)
     raw = np.zeros(blobs["codebook"].nbytes + 64, np.uint8)
     start = (-raw.ctypes.data) % 16 + 2
     book = raw[start: start + blobs["codebook"].nbytes].view(np.float16).reshape(blobs["codebook"].shape)
@@ -298,6 +390,6 @@ def test_b3d4_codebook_only_2_byte_aligned(emu):
     want = run_gemv_vq(emu, blobs, shape, config, x)
     y = np.full(shape[0], np.nan, f32)
     grid, block = gemv_launch(shape[0])
-    emu.launch(gemv_vq_name(3, 4), grid, block,
-               vq_args(dict(blobs, codebook=book)) + (x, None, y, i32(shape[0]), i32(shape[1]), i32(32)), guard=False)
+    args = vq_args(dict(blobs, codebook=book)) + (x, None, y, i32(shape[0]), i32(shape[1])) + vq_tail(blobs, config)
+    emu.launch(gemv_vq_name(3, 4), grid, block, args, guard=False)
     assert np.array_equal(y.view(np.uint32), want.view(np.uint32))

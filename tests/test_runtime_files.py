@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, build_csr, decode_meta, encode_meta, pack_codes
-from mxq.format_spec.layout import CODEBOOK_ROLE, shared_codebook_name, shared_codebooks
+from mxq.format_spec.layout import CODEBOOK_ROLE, shared_codebook_name, shared_codebooks, vq_dims
 
 
 def hf_model_json(cfg: dict) -> dict:
@@ -105,7 +105,7 @@ def rtn_vq(w: np.ndarray, config: StorageConfig) -> dict:
     unit = padded / np.repeat(s, group_size, axis=1)  # (out, G·g) in about [-1, 1]
     level = np.clip(np.rint((unit + 1) / 2 * (n_levels - 1)), 0, n_levels - 1).astype(np.int64)
     level = level[:, :n_vectors * dim].reshape(out_features, n_vectors, dim)
-    index = np.zeros((out_features, math.ceil(n_vectors / 32) * 32), np.int64)
+    index = np.zeros((out_features, vq_dims(w.shape, config)[2]), np.int64)  # the row's padded index slots
     index[:, :n_vectors] = sum(level[:, :, i] << (bits * i) for i in range(dim))
     blobs = {"qweight": pack_codes(index, config.index_bits), "codebook": codebook, "scale_codes": scale_codes,
              "scale_meta": scale_meta}

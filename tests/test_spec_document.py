@@ -1,6 +1,7 @@
 """Builds a small .mxq file from SPEC.md alone — struct and json, none of mxq's writer or packing —
 and checks that mxq's reader loads it and decodes the weights SPEC §6 (affine, 8- and 6-bit metadata),
-§7 (lut), §8 (rows) and §12 (vq, 1.6; with the file's shared codebook, §12.4, 1.7) say it holds; six tensors
+§7 (lut), §8 (rows) and §12 (vq, 1.6; with the file's shared codebook, §12.4, 1.7; rows padded to words, 1.8,
+or to packs, as 1.7 did) say it holds; six tensors
 list their blobs (§4.2), three are packed (§4.1, 1.5). Also holds SPEC's text to the code where both state the same facts (schemes, grammar, versions)."""
 import itertools
 import json
@@ -11,23 +12,32 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 from mxq.format_spec import MxqFile, dequantize
 
 
 def _bitstring_pack(codes, bits):
-    """SPEC §5.1 by the letter: packs of 32 codes as a little-endian bit string in b words."""
+    """SPEC §5.1 by the letter: packs of 32 codes as a little-endian bit string in b words; a partial last pack
+    (vq, §12.1) in the words its codes fill."""
     words = []
     for start in range(0, len(codes), 32):
         value = 0
         for j, code in enumerate(codes[start:start + 32]):
             value |= int(code) << (j * bits)
-        words += [(value >> (32 * w)) & 0xFFFFFFFF for w in range(bits)]
+        words += [(value >> (32 * w)) & 0xFFFFFFFF for w in range(len(codes[start:start + 32]) * bits // 32)]
     return struct.pack(f"<{len(words)}I", *words)
 
 
-def test_reader_loads_a_file_written_from_the_spec(tmp_path):
+def _vq_slots(n_vectors, index_bits, minor):
+    """SPEC §12.1: a row's index slots — whole words (u = 32 / gcd(k, 32) indices) from 1.8, whole packs before."""
+    unit = 32 // math.gcd(index_bits, 32) if minor >= 8 else 32
+    return math.ceil(n_vectors / unit) * unit
+
+
+@pytest.mark.parametrize("minor", [8, 7])
+def test_reader_loads_a_file_written_from_the_spec(tmp_path, minor):
     out, inp, bits, g = 2, 40, 3, 32  # in not a multiple of g: G = 2 groups, last one padded
     G = math.ceil(inp / g)
     codes = [[(r * 7 + c) % 8 for c in range(inp)] + [0] * (G * g - inp) for r in range(out)]
@@ -85,13 +95,13 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     # one outlier at (1, 69). Listed with a blob table.
     vq_out, vq_in, vq_bits, vq_dim, vq_g = 3, 70, 3, 2, 32
     vq_k, vq_V, vq_G = vq_bits * vq_dim, math.ceil(vq_in / vq_dim), math.ceil(vq_in / vq_g)
-    vq_P = math.ceil(vq_V / 32)
-    vq_index = [[(r * 29 + j * 11 + 5) % 64 for j in range(vq_V)] + [0] * (vq_P * 32 - vq_V) for r in range(vq_out)]
+    vq_S = _vq_slots(vq_V, vq_k, minor)  # 48 slots in 9 words (1.8), 64 in 12 (1.7)
+    vq_index = [[(r * 29 + j * 11 + 5) % 64 for j in range(vq_V)] + [0] * (vq_S - vq_V) for r in range(vq_out)]
     vq_points = [[(i - 32) * 0.0625, (i % 7) * 0.25 - 0.75] for i in range(1 << vq_k)]
     vq_scale_codes = [0, 63, 31, 7, 50, 12, 1, 40, 22]
     vq_scale_meta = (0.0078125, -0.25)  # step, min: scales from -0.25 to 0.242
     vq_blobs = {
-        "qweight": ("uint32", [vq_out, vq_P * vq_k], b"".join(_bitstring_pack(row, vq_k) for row in vq_index)),
+        "qweight": ("uint32", [vq_out, vq_S * vq_k // 32], b"".join(_bitstring_pack(row, vq_k) for row in vq_index)),
         "codebook": ("float16", [1 << vq_k, vq_dim], struct.pack(f"<{2 << vq_k}e", *[v for p in vq_points for v in p])),
         "scale_codes": ("uint32", [6], _bitstring_pack(vq_scale_codes + [0] * 23, 6)),
         "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vq_scale_meta)),
@@ -102,12 +112,13 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     # V = 18 (columns 70, 71 padding), P = 1; g = 64 (G = 2); 8-bit scale codes, uint8 (out, G); no outliers
     vq8_out, vq8_dim, vq8_g = 2, 4, 64
     vq8_V, vq8_G = math.ceil(vq_in / vq8_dim), math.ceil(vq_in / vq8_g)
-    vq8_index = [[(r * 97 + j * 37 + 3) % 256 for j in range(vq8_V)] + [0] * (32 - vq8_V) for r in range(vq8_out)]
+    vq8_S = _vq_slots(vq8_V, 8, minor)  # 20 slots in 5 words (1.8), 32 in 8 (1.7)
+    vq8_index = [[(r * 97 + j * 37 + 3) % 256 for j in range(vq8_V)] + [0] * (vq8_S - vq8_V) for r in range(vq8_out)]
     vq8_points = [[(i % 16) * 0.125 - 1.0, (i // 16) * 0.0625, -0.5 * (i % 3), 0.25 * (i % 5) - 0.5] for i in range(256)]
     vq8_scale_codes = [200, 3, 255, 128]
     vq8_scale_meta = (0.001, -0.12)
     vq8_blobs = {
-        "qweight": ("uint32", [vq8_out, 8], b"".join(_bitstring_pack(row, 8) for row in vq8_index)),
+        "qweight": ("uint32", [vq8_out, vq8_S // 4], b"".join(_bitstring_pack(row, 8) for row in vq8_index)),
         "codebook": ("float16", [256, vq8_dim], struct.pack("<1024e", *[v for p in vq8_points for v in p])),
         "scale_codes": ("uint8", [vq8_out, vq8_G], bytes(vq8_scale_codes)),
         "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vq8_scale_meta)),
@@ -117,13 +128,14 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     # its own; g = 32 (G = 3), 6-bit scale codes
     vs_out, vs_dim, vs_g = 2, 4, 32
     vs_V, vs_G = math.ceil(vq_in / vs_dim), math.ceil(vq_in / vs_g)
-    vs_index = [[(r * 1237 + j * 389 + 17) % 4096 for j in range(vs_V)] + [0] * (32 - vs_V) for r in range(vs_out)]
+    vs_S = _vq_slots(vs_V, 12, minor)  # 24 slots in 9 words (1.8), 32 in 12 (1.7)
+    vs_index = [[(r * 1237 + j * 389 + 17) % 4096 for j in range(vs_V)] + [0] * (vs_S - vs_V) for r in range(vs_out)]
     vs_points = [[(i % 64) * 0.03125 - 1.0, (i // 64) * 0.015625, 0.5 - 0.25 * (i % 5), -0.125 * (i % 9)]
                  for i in range(4096)]
     vs_scale_codes = [5, 60, 33, 0, 63, 17]
     vs_scale_meta = (0.0039062, -0.1)
     vs_blobs = {
-        "qweight": ("uint32", [vs_out, 12], b"".join(_bitstring_pack(row, 12) for row in vs_index)),
+        "qweight": ("uint32", [vs_out, vs_S * 12 // 32], b"".join(_bitstring_pack(row, 12) for row in vs_index)),
         "scale_codes": ("uint32", [6], _bitstring_pack(vs_scale_codes + [0] * 26, 6)),
         "scale_meta": ("float16", [1, 2], struct.pack("<2e", *vs_scale_meta)),
     }
@@ -195,7 +207,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
     }
     json_bytes = json.dumps(document).encode()
     assert 32 + len(json_bytes) <= data_offset
-    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, 7, zlib.crc32(json_bytes), len(json_bytes), data_offset)
+    header = b"\x89MXQ\r\n\x1a\n" + struct.pack("<HHIQQ", 1, minor, zlib.crc32(json_bytes), len(json_bytes), data_offset)
     image = bytearray(header + json_bytes + b"\0" * (data_offset - 32 - len(json_bytes)))
     for offset, data in payload:
         image += b"\0" * (offset - len(image)) + data
@@ -215,7 +227,7 @@ def test_reader_loads_a_file_written_from_the_spec(tmp_path):
         assert m6_entry.config.meta_bits == 6 and m6_entry.config.label == "b2g32"
         m6_weight = dequantize(f.blobs("x"), m6_entry.shape, m6_entry.config)
         assert [ref.offset for ref in m6_entry.blobs.values()] == [b["offset"] for b in m6_document_blobs.values()]
-        assert f.version == (1, 7) and list(f.codebooks) == ["codebook.v3d4"] and "codebook.v3d4" not in f.tensors
+        assert f.version == (1, minor) and list(f.codebooks) == ["codebook.v3d4"] and "codebook.v3d4" not in f.tensors
         vq_entry, vq8_entry = f.tensors["q"], f.tensors["p"]
         assert (vq_entry.config.label, vq8_entry.config.label) == ("v3d2g32+o1", "v2d4g64m8")
         vq_weight = dequantize(f.blobs("q"), vq_entry.shape, vq_entry.config)
@@ -286,7 +298,8 @@ def test_spec_text_agrees_with_the_code():
     of §4.1, the block schemes of §8 and §9, the minors of §10, every label example of §11, and §12's
     config keys and allowed values."""
     from mxq.format_spec import BLOCK_SCHEMES, GROUP_SIZES, META_BITS, MINOR_VERSION, SCHEMES, StorageConfig
-    from mxq.format_spec.header import SCHEME_MINOR, SHARED_CODEBOOK_MINOR
+    from mxq.format_spec.header import SCHEME_MINOR, SHARED_CODEBOOK_MINOR, WORD_PADDED_VQ_MINOR
+    from mxq.format_spec.packing import word_unit
     from mxq.format_spec.layout import (CODEBOOK_ROLE, VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, VQ_SHARED_INDEX_BITS,
                                         shared_codebook_name)
 
@@ -303,8 +316,12 @@ def test_spec_text_agrees_with_the_code():
     for scheme, minor in SCHEME_MINOR.items():
         if minor > 1 or scheme == "lut":
             assert re.search(rf"1\.{minor}(?: added)? the `{scheme}` scheme", flat), (scheme, minor)
-    assert f"{SCHEME_MINOR['vq']} when a tensor or a `rows` block uses `vq`" in flat
-    assert f"{SHARED_CODEBOOK_MINOR} when a tensor or a `rows` block uses a shared codebook" in flat
+    assert f"{WORD_PADDED_VQ_MINOR} when a tensor or a `rows` block uses `vq`" in flat
+    assert f"{SHARED_CODEBOOK_MINOR} when a tensor or a block uses a shared codebook, else {SCHEME_MINOR['vq']}" in flat
+    assert f"1.{WORD_PADDED_VQ_MINOR} `vq` rows padded to whole words" in flat
+    units = re.search(r"fill whole uint32 words: (\d+) at `k` = (\d+) and (\d+), (\d+) at (\d+), (\d+) at (\d+)\)", flat)
+    u = list(map(int, units.groups()))
+    assert [word_unit(k) for k in (u[1], u[2], u[4], u[6])] == [u[0], u[0], u[3], u[5]]
     examples = ticked(re.search(r"## 11\. .*? Examples: (.*?)\. ##", flat)[1])
     assert {"v2d4g32", "rows(144:v2d4g64,432:b4g64)"} <= examples
     for label in examples:

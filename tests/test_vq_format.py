@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import file_plans_and_blobs, random_blobs, random_vq_blobs, shared_codebook, write_random_file
 from mxq.format_spec import (GROUP_SIZES, META_BITS, MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, blob_specs,
                              content_problem, dequantize, join_blocks, pack_codes, tensor_nbytes, unpack_codes)
-from mxq.format_spec.header import SCHEME_MINOR, minor_version
+from mxq.format_spec.header import SCHEME_MINOR, WORD_PADDED_VQ_MINOR, minor_version
 from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, VQ_META_BITS, unpacked_extra_nbytes, vq_dims
 from mxq.format_spec.summary import summarize
 
@@ -102,14 +102,15 @@ def test_to_json_is_the_spec_config_object():
 
 
 def _spec_cost(shape, config) -> int:
-    """SPEC §5: out·P·4·k + 2·d·2^k + |M| + 4·R + [4·(out+1) + 4·nnz]."""
+    """SPEC §5: out·S·k/8 + 2·d·2^k + |M| + 4·R + [4·(out+1) + 4·nnz]."""
     out, inp = shape
     k, d, g, nnz = config.index_bits, config.dim, config.group_size, config.outliers
-    P = math.ceil(math.ceil(inp / d) / 32)
+    u = 32 // math.gcd(k, 32)
+    S = math.ceil(math.ceil(inp / d) / u) * u
     G = math.ceil(inp / g)
     R = math.ceil(out * G / 128)
     M = out * G if config.meta_bits == 8 else 24 * math.ceil(out * G / 32)
-    return out * P * 4 * k + 2 * d * 2 ** k + M + 4 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
+    return out * S * k // 8 + 2 * d * 2 ** k + M + 4 * R + ((4 * (out + 1) + 4 * nnz) if nnz else 0)
 
 
 def test_vq_blob_specs_and_cost_formula_in_spec():
@@ -121,9 +122,13 @@ def test_vq_blob_specs_and_cost_formula_in_spec():
         specs = blob_specs(shape, config)
         names = ["qweight", "codebook", "scale_codes", "scale_meta"]
         assert list(specs) == names + (["outlier_row_ptr", "outlier_cols", "outlier_values"] if config.outliers else [])
-        _, _, P, G = vq_dims(shape, config)
-        assert (P, G) == (math.ceil(math.ceil(inp / config.dim) / 32), math.ceil(inp / config.group_size))
-        assert (specs["qweight"].dtype, specs["qweight"].shape) == ("uint32", (out, P * config.index_bits))
+        _, _, S, G = vq_dims(shape, config)
+        u = {4: 8, 6: 16, 8: 4, 12: 8}[config.index_bits]  # SPEC §5's u = 32 / gcd(k, 32)
+        assert (S, G) == (math.ceil(math.ceil(inp / config.dim) / u) * u, math.ceil(inp / config.group_size))
+        assert (specs["qweight"].dtype, specs["qweight"].shape) == ("uint32", (out, S * config.index_bits // 32))
+        _, _, S7, _ = vq_dims(shape, config, minor=7)  # 1.6 and 1.7: whole packs
+        assert S7 == math.ceil(math.ceil(inp / config.dim) / 32) * 32
+        assert blob_specs(shape, config, 7)["qweight"].shape == (out, S7 * config.index_bits // 32)
         assert (specs["codebook"].dtype, specs["codebook"].shape) == ("float16", (1 << config.index_bits, config.dim))
         assert specs["scale_meta"].shape == (math.ceil(out * G / 128), 2)
         assert "zero_codes" not in specs and "zero_meta" not in specs
@@ -137,7 +142,7 @@ def test_cost_model_equals_bytes_written(tmp_path):
     path = tmp_path / "all.mxq"
     write_random_file(path, tensors)
     with MxqFile.open(path) as f:
-        assert f.verify() == [] and f.version == (1, 6)
+        assert f.verify() == [] and f.version == (1, 8)
         spans = [(f.tokenizer_blob.offset, f.tokenizer_blob.nbytes)]
         for name, shape, config in tensors:
             entry = f.tensors[name]
@@ -185,7 +190,7 @@ def test_rows_with_vq_blocks_cost_and_round_trip(tmp_path):
     path = tmp_path / "rows.mxq"
     written = _write(path, tensors)
     with MxqFile.open(path) as f:
-        assert f.verify() == [] and f.version == (1, 6)
+        assert f.verify() == [] and f.version == (1, 8)
         for name, shape, config in tensors:
             entry = f.tensors[name]
             assert entry.config == config and entry.nbytes == tensor_nbytes(shape, config)
@@ -203,14 +208,14 @@ def test_rows_with_vq_blocks_cost_and_round_trip(tmp_path):
 
 
 # -- versions ----------------------------------------------------------------------------------------------------
-def test_a_file_with_vq_is_1_6_and_one_without_keeps_its_minor(tmp_path):
-    """SPEC §10: writers write 6 when a tensor or a rows block uses vq; otherwise the lower minor they wrote
-    before (5 packed; 4 with 6-bit affine metadata in a blob table; 3 for the +xz tokenizer)."""
+def test_a_file_with_vq_is_1_8_and_one_without_keeps_its_minor(tmp_path):
+    """SPEC §10: writers write 8 when a tensor or a rows block uses vq (rows padded to words); otherwise the lower
+    minor they wrote before (5 packed; 4 with 6-bit affine metadata in a blob table; 3 for the +xz tokenizer)."""
     vq, block = StorageConfig.parse("v2d4g32"), StorageConfig.parse("rows(2:v2d2g64,3:b4g32)")
     plain = [("a", (5, 70), StorageConfig.affine(4, 32)), ("c", (4, 40), StorageConfig.lut(3)),
              ("n", (7,), StorageConfig.fp16())]
-    cases = [(plain + [("v", (5, 70), vq)], False, 6), (plain + [("v", (5, 70), vq)], True, 6),
-             (plain + [("r", (5, 70), block)], False, 6), (plain + [("r", (5, 70), block)], True, 6),
+    cases = [(plain + [("v", (5, 70), vq)], False, 8), (plain + [("v", (5, 70), vq)], True, 8),
+             (plain + [("r", (5, 70), block)], False, 8), (plain + [("r", (5, 70), block)], True, 8),
              (plain, False, 5), (plain, True, 3), (plain + [("m", (5, 70), StorageConfig.affine(2, 32))], True, 4),
              (plain + [("r", (5, 70), StorageConfig.parse("rows(2:l2,3:b4g32)"))], True, 3)]
     for i, (tensors, blob_table, minor) in enumerate(cases):
@@ -219,8 +224,8 @@ def test_a_file_with_vq_is_1_6_and_one_without_keeps_its_minor(tmp_path):
         with MxqFile.open(path) as f:
             assert f.version == (1, minor) and f.verify() == [], (i, f.version)
         assert minor_version([c for _, _, c in tensors], "sentencepiece+xz", packed=not blob_table) == minor
-    assert SCHEME_MINOR["vq"] == 6
-    assert minor_version([vq], "sentencepiece") == minor_version([block], "sentencepiece") == 6
+    assert SCHEME_MINOR["vq"] == 6 and WORD_PADDED_VQ_MINOR == 8
+    assert minor_version([vq], "sentencepiece") == minor_version([block], "sentencepiece") == 8
 
 
 # -- round trips and the SPEC formula ----------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def test_round_trip_matches_spec_formula(tmp_path_factory, out, inp, pair, group
     written = write_random_file(path, [("w", (out, inp), config), ("n", (inp,), StorageConfig.fp16())], seed=seed,
                                 blob_table=table)["w"]
     with MxqFile.open(path) as f:
-        assert f.verify() == [] and f.version == (1, 6)
+        assert f.verify() == [] and f.version == (1, 8)
         assert f.document["tensors"][0]["config"] == config.to_json() and f.tensors["w"].config == config
         read = f.blobs("w")
         assert read.keys() == written.keys()
@@ -349,10 +354,10 @@ def test_summary_and_inspect_report_vq(tmp_path):
     assert totals["bpw_vq"] == round(8 * vq_bytes / (16 * 128 + 8 * 128), 6)
     assert totals["linear_configs"] == {"b4g32": 1, "v2d4g32": 1, "v3d2g64m8": 1}
     assert [t["label"] for t in report["tensors"]] == ["b4g32", "v2d4g32", "v3d2g64m8+o4", "fp16"]
-    assert report["version"] == "1.6"
+    assert report["version"] == "1.8"
     result = subprocess.run([sys.executable, "-m", "mxq.cli", "inspect", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"vq tensors {totals['bpw_vq']:.4f}" in result.stdout and "mxq format 1.6" in result.stdout
+    assert f"vq tensors {totals['bpw_vq']:.4f}" in result.stdout and "mxq format 1.8" in result.stdout
 
 
 # -- shared codebooks (1.7, SPEC §12.4) ----------------------------------------------------------------------------
@@ -377,18 +382,18 @@ def test_shared_labels_configs_and_costs():
         assert "codebook" not in specs and list(specs)[:3] == ["qweight", "scale_codes", "scale_meta"]
         own = 2 * config.dim * 2 ** config.index_bits
         assert tensor_nbytes(shape, config) == _spec_cost(shape, config) - own
-    assert minor_version([StorageConfig.parse("v2d4g32s")], "sentencepiece") == 7
-    assert minor_version([StorageConfig.parse("rows(2:v3d4g32s,3:b4g32)")], "sentencepiece") == 7
+    assert minor_version([StorageConfig.parse("v2d4g32s")], "sentencepiece") == 8
+    assert minor_version([StorageConfig.parse("rows(2:v3d4g32s,3:b4g32)")], "sentencepiece") == 8
 
 
 def test_shared_codebooks_round_trip(tmp_path):
-    """Written with their codebook tensors, read back: 1.7, the codebooks are apart from the model's tensors,
+    """Written with their codebook tensors, read back: 1.8, the codebooks are apart from the model's tensors,
     every shared tensor and block gets the same codebook bytes, decodes by §12.2, and the file holds nothing
     else (cost model = bytes)."""
     path = tmp_path / "shared.mxq"
     written = _write(path, SHARED)
     with MxqFile.open(path) as f:
-        assert f.version == (1, 7) and f.verify() == []
+        assert f.version == (1, 8) and f.verify() == []
         assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"] and sorted(f.tensors) == ["a", "b", "n", "r"]
         assert all(e.role == "codebook" and e.shape == (1 << (3 * 4 if "v3" in e.name else 8), 4)
                    for e in f.codebooks.values())

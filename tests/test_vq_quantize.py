@@ -112,7 +112,7 @@ def test_gptvq_rounds_vq_and_affine_row_blocks_together():
 
 @pytest.mark.parametrize("quantizer", ["wls", "gptq"])
 def test_conversion_with_vq_candidates_keeps_the_budget_and_runs(tmp_path, quantizer):
-    """tiny-llama with affine and vq candidates: the file holds vq linears (1.6), their bytes are the cost
+    """tiny-llama with affine and vq candidates: the file holds vq linears (1.8), their bytes are the cost
     model's, the bpw is within the budget, and the runtime's lean logits equal its cached ones."""
     fixtures = pytest.importorskip("fixtures")
     from mxq.converter import convert
@@ -129,7 +129,7 @@ def test_conversion_with_vq_candidates_keeps_the_budget_and_runs(tmp_path, quant
         assert all(e.nbytes == tensor_nbytes(e.shape, e.config) for e in linears)
         bpw = 8 * sum(e.nbytes for e in linears) / sum(e.numel for e in linears)
         assert 3.1 <= bpw <= 3.2
-        assert f.version == (1, 6)
+        assert f.version == (1, 8)
         assert not f.verify()
     ids = np.array([1, 5, 9, 200, 3])
     with load(out) as lean, load(out, cache_dequantized=True) as cached:
@@ -220,7 +220,7 @@ def test_shared_codebook_fit_is_deterministic_and_covers_every_pair(tmp_path):
 
 @pytest.mark.parametrize("quantizer", ["wls", "gptq"])
 def test_conversion_with_shared_codebooks_keeps_the_budget(tmp_path, quantizer):
-    """tiny-llama with shared-codebook candidates: the file is 1.7 and holds the codebook tensors once, the
+    """tiny-llama with shared-codebook candidates: the file is 1.8 and holds the codebook tensors once, the
     linears' bpw with them counted is what the converter reports and within the budget (cost model = bytes),
     and lean and cached logits agree."""
     fixtures = pytest.importorskip("fixtures")
@@ -232,7 +232,7 @@ def test_conversion_with_shared_codebooks_keeps_the_budget(tmp_path, quantizer):
     report = convert(fixtures.ensure("tiny-llama"), out, bpw=5.0, configs="b2g64,b3g64,b4g64,v3d4g32s,v2d4g64s",
                      quantizer=quantizer, cache_dir=None)  # 36 KiB of codebooks on 147k weights: ~2 bpw
     with MxqFile.open(out) as f:
-        assert f.version == (1, 7) and not f.verify()
+        assert f.version == (1, 8) and not f.verify()
         assert sorted(f.codebooks) == ["codebook.v2d4", "codebook.v3d4"]
         assert not any(name.startswith("codebook.") for name in f.tensors)
         linears = [e for e in f.tensors.values() if e.role == "linear"]

@@ -2,11 +2,13 @@
 and against this machine's memory read bandwidth, all measured in one run.
 
     python tools/bench_vq.py [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,4] [--threads 1,2]
-                             [--group 64] [--rounds 7] [--calls 30] [--json]
+                             [--group 64] [--minor 8] [--rounds 7] [--calls 30] [--json]
 
 For each shape: random matrices (synthetic blobs in the file's in-memory layout) of every vq kind (v2d2, v3d2,
 v4d2, v2d4: index bits 4, 6, 8, 8; v3d4s: 12, a file's shared codebook of 4096 points) and of affine b4 and b2,
-all with groups of --group inputs; the handles lean mode makes of them (cpu_vq.VqWeight, cpu_weights.AffineWeight),
+all with groups of --group inputs, vq rows padded as format 1.--minor pads them (8: to whole words, a row's last
+pack of 32 indices possibly partial, e.g. 576 inputs in 4-D vectors: 144 indices, 4 packs and 16; 7: to whole
+packs); the handles lean mode makes of them (cpu_vq.VqWeight, cpu_weights.AffineWeight),
 multiplied through their own kernel_matmul — what Matrix.matmul runs for decode-sized inputs — with the serial
 kernel on one thread and the parallel one (n_parts = threads, Numba's JIT OpenMP loop) on more, forced rather
 than left to ThreadChoice. The affine matrices also through decode's tile kernel (a one-matrix stack:
@@ -51,14 +53,17 @@ class Bench:
         return True
 
 
-def vq_blobs(rng, shape, config):
+def vq_blobs(rng, shape, config, minor):
+    """A vq matrix's blobs (in-memory form), its rows padded as format 1.`minor` pads them (layout.vq_dims)."""
     import numpy as np
 
     from mxq.format_spec import encode_meta, pack_codes
+    from mxq.format_spec.layout import vq_dims
 
     rows, cols = shape
-    n_vectors, n_groups = -(-cols // config.dim), -(-cols // config.group_size)
-    index = rng.integers(0, 1 << config.index_bits, size=(rows, -(-n_vectors // 32) * 32))
+    _, _, n_slots, n_groups = vq_dims(shape, config, minor)
+    n_vectors = -(-cols // config.dim)
+    index = rng.integers(0, 1 << config.index_bits, size=(rows, n_slots))
     index[:, n_vectors:] = 0
     codebook = (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)
     scale_codes, scale_meta = encode_meta(rng.normal(0.0, 0.02, (rows, n_groups)), config.meta_bits)
@@ -83,9 +88,9 @@ def affine_blobs(rng, shape, config):
             "zero_codes": zero_codes, "zero_meta": zero_meta}
 
 
-def products(kernels, shape, group):
-    """{label: (bytes read per call, run(x, y, n_parts, parallel))} for every vq kind and affine b4/b2 (handle
-    product and tile kernel)."""
+def products(kernels, shape, group, minor):
+    """{label: (bytes read per call, run(x, y, n_parts, parallel))} for every vq kind (rows padded as format
+    1.`minor`) and affine b4/b2 (handle product and tile kernel)."""
     import numpy as np
 
     from mxq.format_spec import StorageConfig
@@ -101,7 +106,7 @@ def products(kernels, shape, group):
     for bits, dim in VQ_KINDS:
         config = StorageConfig.vq(bits, dim, group, shared=bits * dim not in VQ_INDEX_BITS)
         entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
-        weight = VqWeight(entry, vq_blobs(rng, shape, config), backend)
+        weight = VqWeight(entry, vq_blobs(rng, shape, config, minor), backend)
         nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.scale_meta, weight.kernel_codebook))
 
         def run(x, y, n_parts, parallel, weight=weight):
@@ -137,13 +142,13 @@ def products(kernels, shape, group):
     return out
 
 
-def bench(kernels, shape, tokens, threads, group, rounds, calls) -> dict:
+def bench(kernels, shape, tokens, threads, group, minor, rounds, calls) -> dict:
     """{label: median seconds per call} for one shape, token count and thread count (kinds interleaved)."""
     import numba
     import numpy as np
 
     numba.set_num_threads(threads)
-    runs = products(kernels, shape, group)
+    runs = products(kernels, shape, group, minor)
     x = np.random.default_rng(1).standard_normal((tokens, shape[1])).astype(np.float32)
     y = np.empty((tokens, shape[0]), np.float32)
     parallel = threads > 1
@@ -166,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--tokens", default="1,4", help="rows of x, comma-separated")
     ap.add_argument("--threads", default=None, help="thread counts, comma-separated (default: 1 and all)")
     ap.add_argument("--group", type=int, default=64, choices=(32, 64, 128), help="group size of every matrix")
+    ap.add_argument("--minor", type=int, default=None, choices=(7, 8),
+                    help="pad vq rows as format 1.MINOR does (default: the newest, whole words)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=30, help="calls per kind per round")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
@@ -181,6 +188,7 @@ def main(argv=None):
     import numba
     from bench_decode import measure_bandwidth
 
+    from mxq.format_spec.header import MINOR_VERSION
     from mxq.runtime.backends import cpu_jit
 
     kernels = cpu_jit._load_jit()  # the parallel forms exist in Numba's JIT only (the AOT build is serial)
@@ -188,18 +196,20 @@ def main(argv=None):
         sys.exit(f"bench_vq: Numba's JIT kernels are not available here ({kernels})")
     most = numba.config.NUMBA_NUM_THREADS
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, most})
+    minor = args.minor or MINOR_VERSION
     bandwidth = {t: measure_bandwidth(t)["gb_s"] for t in thread_counts}
     results = []
     for shape in shapes:
         for tokens in token_counts:
             for threads in thread_counts:
-                timed = bench(kernels, shape, tokens, threads, args.group, args.rounds, args.calls)
+                timed = bench(kernels, shape, tokens, threads, args.group, minor, args.rounds, args.calls)
                 results.append({"shape": shape, "tokens": tokens, "threads": threads,
                                 "kinds": {label: {"us": s * 1e6, "bytes": b} for label, (s, b) in timed.items()}})
     if args.json:
-        print(json.dumps({"bandwidth_gb_s": bandwidth, "group": args.group, "results": results}))
+        print(json.dumps({"bandwidth_gb_s": bandwidth, "group": args.group, "minor": minor, "results": results}))
         return
-    print("read bandwidth (GB/s, this run): " + ", ".join(f"{t} thread(s) {bw:.1f}" for t, bw in bandwidth.items()))
+    print(f"vq rows padded as format 1.{minor}; read bandwidth (GB/s, this run): "
+          + ", ".join(f"{t} thread(s) {bw:.1f}" for t, bw in bandwidth.items()))
     g = args.group
     for res in results:
         kinds, bw = res["kinds"], bandwidth[res["threads"]]

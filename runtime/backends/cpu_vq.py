@@ -15,6 +15,9 @@ kernel: a few operations per group of inputs). Products:
     (W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim], format_spec.dequantize_vq), then sgemm.
 cache_dequantized keeps a float32 copy of W made once, as for the other schemes. An embedding's rows are
 dequantized as looked up (lean_rows).
+A row's packed indices are padded to whole uint32 words (format 1.8) or to whole packs of 32 (files of format
+≤ 1.7, SPEC.md §12.1): every path takes the width the file has (the kernels: cpu_vq_kernels' module doc; the NumPy
+path: format_spec.unpack_codes, which unpacks a partial last pack), and drops the padding indices.
 """
 from __future__ import annotations
 
@@ -68,8 +71,8 @@ class VqWeight(RowDequantized):
         self.index_bits, self.dim, self.group_size = config.index_bits, config.dim, config.group_size
         _, _, _, self.n_groups = vq_dims(self.shape, config)
         self.n_vectors = -(-self.shape[1] // self.dim)
-        self.packed_words = blobs["qweight"]  # (out, P·k) uint32
-        self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, P·k·4) bytes, zero-copy
+        self.packed_words = blobs["qweight"]  # (out, n_slots·k / 32) uint32: n_slots ≥ n_vectors (module doc)
+        self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, n_slots·k / 8) bytes, zero-copy
         self.codebook = widened(blobs["codebook"])  # one per distinct codebook: shared ones are widened once
         self.points = self.codebook.points  # (2^k, dim) float32
         # the kernel's codebook: the planes, or for 12-bit indices the fp16 points' own bytes as float32 (2^k, dim/2),

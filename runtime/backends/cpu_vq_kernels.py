@@ -20,14 +20,25 @@ cut out with a constant shift and mask, and ONE codebook lookup per dim weights 
 (dim, 2^k), its coordinate planes: dim gathers of one index); LLVM vectorizes the loop. Then CSR outliers, bias,
 residual. Every packed byte is read once per call and token.
 
+A row's packed bytes (packed.shape[1]) hold its ceil(in / dim) indices padded to whole uint32 words (format 1.8:
+a multiple of packing.word_unit(k) indices, so its last pack of 32 may be partial) or to whole packs of 32 (files
+of format ≤ 1.7, SPEC.md §12.1): the kernels take either width and never read past a row's bytes. For k ≤ 8 both
+are whole units (a word holds whole units; 6 bits: 3 words hold 16 indices, 4 units), so the unit loops take any
+row as it is. Whatever the padding slots hold, they meet xq's zeros past in_features: they add nothing (for
+finite codebook points).
+
 12-bit indices (dim 4; `vq12_rows`): `codebook` is the fp16 codebook's own bytes typed float32 (4096, 2) — a
 point's 4 coordinates are one 64-bit word, and the 32 KiB stay in L1 where float32 planes (64 KiB) would not — and
-xq is x in its own order (zeros past in_features). Per row, the G scales are decoded into su (`row_scales`), then a
-pack at a time (32 indices in 48 bytes: 128 inputs; `points_dot`, LLVM vector IR): the 32 indices cut from 16-bit
-windows of the pack's bytes, the 32 points gathered as 64-bit words (x86: 4 vpgatherdq) and widened to 128 float32
-weights already in input order, scaled by their groups' scales, and multiplied by each token's 128 inputs: the
-gathers, the cost, are made once per row for all tokens. 4096×4096, one thread of a 2-core AVX-512 Xeon, one
-token, in one process: 1.64 ms, against 3.92 ms for the planar loop above with float32 planes (4 gathers of 32 bits
+xq is x in its own order (zeros past in_features, up to whole packs). Per row, the G scales are decoded into su
+(`row_scales`), then a pack at a time (32 indices in 48 bytes: 128 inputs; `points_dot`, LLVM vector IR): the 32
+indices cut from 16-bit windows of the pack's bytes, the 32 points gathered as 64-bit words (x86: 4 vpgatherdq) and
+widened to 128 float32 weights already in input order, scaled by their groups' scales, and multiplied by each
+token's 128 inputs: the gathers, the cost, are made once per row for all tokens. A word-padded row's partial last
+pack (8, 16 or 24 indices in 3, 6 or 9 words) is done after its whole packs as one more pack: its words read by a
+masked load (zeros past them: nothing past the row's end is touched), only its own indices' points gathered (the
+others: zero weights), against xq's zeros past in_features; SmolLM2's 576-input rows (4 packs and 16 indices) take
+0.97-1.0x the time of their 1.7 form (5 whole packs). 4096×4096, one thread of a 2-core AVX-512 Xeon, one token,
+in one process: 1.64 ms, against 3.92 ms for the planar loop above with float32 planes (4 gathers of 32 bits
 per index), 2.87 ms for it with 64-bit gathers of float32 points (2 per index), 3.87 ms with one 64-bit gather of
 the fp16 point and a conversion per coordinate (those three: the inner loop alone, without decoding scales).
 """
@@ -42,14 +53,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...format_spec.layout import VQ_BITS, VQ_DIMS, VQ_SHARED_INDEX_BITS
+from ...format_spec.packing import word_unit
 from .cpu_kernels import half_to_float, unit_shape
 from .cpu_lut_kernels import code
-from .cpu_qdot import _indices, _splat, literal_codegen, word
+from .cpu_qdot import _as_i32, _indices, _splat, literal_codegen, word
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
 META_RUN_SHIFT = 7  # runs of 128 scales share one (step, min)
+PACK_BYTES, PACK_INPUTS = 48, 128  # a pack of 32 12-bit indices (§5.1: 12 words) covers 32·4 inputs
 
 
 @njit(**PARALLEL)
@@ -76,16 +89,18 @@ def vq_matmul_serial(x, packed, codebook, index_bits, dim, scale_codes, scale_me
 
 @njit(**SERIAL)
 def plane_x(x, index_bits, dim, n_bytes):
-    """x (T, in) → xq (T, U·dim·NU) in plane order (module doc), zeros at padding; 12-bit indices: in x's own
-    order (points_dot multiplies whole packs of points)."""
+    """x (T, in) → xq (T, U·dim·NU) in plane order (module doc), zeros at padding, for rows of n_bytes; 12-bit
+    indices: (T, 128·ceil(n_bytes / 48)) in x's own order (points_dot multiplies whole packs of points, a partial
+    last pack padded)."""
     T, n_in = x.shape
-    U, B = vq_unit_shape(index_bits)
-    NU = n_bytes // B
-    xq = np.empty((T, U * dim * NU), np.float32)
     if index_bits == 12:
+        xq = np.empty((T, max(n_in, -(-n_bytes // PACK_BYTES) * PACK_INPUTS)), np.float32)
         xq[:, :n_in] = x
         xq[:, n_in:] = 0.0
         return xq
+    U, B = vq_unit_shape(index_bits)
+    NU = n_bytes // B
+    xq = np.empty((T, U * dim * NU), np.float32)
     for t in range(T):
         for j in range(U):
             for i in range(dim):
@@ -220,7 +235,6 @@ def _vq8d4(p, c0, c1, c2, c3, su, xq, NU):  # 1 index a byte, 4 coordinates
 
 
 # -- 12-bit indices (dim 4: a shared codebook of 4096 points): one pack at a time in LLVM vector IR ---------------
-PACK_BYTES, PACK_INPUTS = 48, 128  # a pack of 32 12-bit indices (§5.1: 12 words) covers 32·4 inputs
 LANES = 16  # float32 lanes of points_dot's sums per token
 I1, I8, I16, I32, I64 = (ir.IntType(bits) for bits in (1, 8, 16, 32, 64))
 F16, F32 = ir.HalfType(), ir.FloatType()
@@ -231,21 +245,25 @@ FAST = ("fast",)
 def vq12_rows(r0, r1, x, xq, packed, codebook, scale_codes, scale_meta, group_size, row_ptr, cols, values, bias,
               residual, y):
     """y[:, r0:r1] of vq_matmul for 12-bit indices, dim 4, given plane_x's xq (x's own order): per row, each pack's
-    points gathered and scaled once and multiplied by every token (points_dot; module doc)."""
+    points gathered and scaled once and multiplied by every token (points_dot; module doc). A row of n_bytes
+    (whole words): n_packs whole packs, then tail_words = (n_bytes − 48·n_packs) / 4 words of a partial last pack
+    (format 1.8; none when rows are whole packs)."""
     T = x.shape[0]
-    n_packs = packed.shape[1] // PACK_BYTES
+    n_bytes = packed.shape[1]
+    n_packs = n_bytes // PACK_BYTES
+    tail_words = (n_bytes - n_packs * PACK_BYTES) // 4
     per_pack = PACK_INPUTS // group_size  # groups per pack: 4, 2 or 1
-    su = np.zeros(max(per_pack * n_packs, scale_codes.shape[1]), np.float32)  # (≥ G,) the row's scales, zero padded
+    su = np.zeros(max(per_pack * -(-n_bytes // PACK_BYTES), scale_codes.shape[1]), np.float32)  # (≥ G,) zero padded
     sums = np.empty((T, LANES), np.float32)
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
     for r in range(r0, r1):
         row_scales(r, scale_codes, scale_meta, su)
         if per_pack == 4:  # (the scales' spread over a pack's lanes: a constant of points_dot)
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, 4)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 4)
         elif per_pack == 2:
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, 2)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 2)
         else:
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, 1)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 1)
         for t in range(T):  # (as vq_rows: written out, a helper's array arguments cost 1.13x in reference counts)
             value = sums[t, 0]
             if has_outliers:
@@ -288,10 +306,30 @@ def _pack_indices(builder, raw):
     return builder.and_(builder.lshr(windows, ir.Constant(windows.type, shifts)), _splat(windows.type, 4095))
 
 
-def _gather_points(builder, book, indices):
+def _lanes_below(builder, n, count: int):
+    """<count x i1>: lane j on when j < n (an integer value, < 2^31)."""
+    first = builder.insert_element(ir.Constant(ir.VectorType(I32, count), ir.Undefined), _as_i32(builder, n), I32(0))
+    return builder.icmp_unsigned("<", _indices(range(count)), builder.shuffle_vector(first, first,
+                                                                                      _indices([0] * count)))
+
+
+def _tail_bytes(builder, start, n_words):
+    """The first n_words (< 12) words of a row's partial last pack at `start` (i8*) → <48 x i8>, zeros past them:
+    a masked load, which touches no byte past the row (x86: vpmaskmovd or a masked vmovdqu32)."""
+    vector = ir.VectorType(I32, PACK_BYTES // 4)
+    mask = _lanes_below(builder, n_words, vector.count)
+    load = cgutils.get_or_insert_function(  # typed-pointer mangling, as in _gather_points
+        builder.module, ir.FunctionType(vector, [vector.as_pointer(), I32, mask.type, vector]),
+        f"llvm.masked.load.v{vector.count}i32.p0v{vector.count}i32")
+    words = builder.call(load, [builder.bitcast(start, vector.as_pointer()), I32(1), mask, ir.Constant(vector, 0)])
+    return builder.bitcast(words, ir.VectorType(I8, PACK_BYTES))
+
+
+def _gather_points(builder, book, indices, mask):
     """The fp16 points book[indices] (book: i64*, a point's 4 coordinates in one 64-bit word; indices <32 x i16>)
-    → <128 x float>: coordinate i of point j at lane 4j + i, i.e. the pack's 128 weights in input order (unscaled).
-    One 64-bit gather per point (x86: vpgatherdq, 8 points at a time) and one conversion per 16 weights."""
+    → <128 x float>: coordinate i of point j at lane 4j + i, i.e. the pack's 128 weights in input order (unscaled);
+    the points of lanes off in `mask` (<32 x i1>) are not read: zeros. One 64-bit gather per point (x86:
+    vpgatherdq, 8 points at a time) and one conversion per 16 weights."""
     n = indices.type.count
     # getelementptr i64, i64* book, <n x i32> indices → <n x i64*> (llvmlite infers a scalar pointer: set the type;
     # 32-bit offsets from one base, which LLVM's x86 gathers take as such: 1.1x faster than 64-bit addresses)
@@ -299,11 +337,11 @@ def _gather_points(builder, book, indices):
                            source_etype=I64)
     pointers.type = ir.VectorType(I64.as_pointer(), n)
     builder._insert(pointers)
-    words, mask = ir.VectorType(I64, n), ir.VectorType(I1, n)
+    words = ir.VectorType(I64, n)
     gather = cgutils.get_or_insert_function(  # typed-pointer mangling: LLVM ≥ 15 remangles it for opaque pointers
-        builder.module, ir.FunctionType(words, [pointers.type, I32, mask, words]),
+        builder.module, ir.FunctionType(words, [pointers.type, I32, mask.type, words]),
         f"llvm.masked.gather.v{n}i64.v{n}p0i64")
-    points = builder.call(gather, [pointers, I32(2), ir.Constant(mask, [1] * n), ir.Constant(words, ir.Undefined)])
+    points = builder.call(gather, [pointers, I32(2), mask, ir.Constant(words, 0)])
     halves = builder.bitcast(builder.bitcast(points, ir.VectorType(I16, 4 * n)), ir.VectorType(F16, 4 * n))
     return builder.fpext(halves, ir.VectorType(F32, 4 * n))  # (alignment 2 above: the fp16 blob's)
 
@@ -321,19 +359,32 @@ def _make_points_dot(per_pack: int):
     def codegen(context, builder, signature, args):
         p, book, su, xq, sums = (context.make_array(t)(context, builder, a)
                                  for t, a in zip(signature.args[:5], args[:5]))
-        n_packs = args[5]
+        n_packs, tail_words = args[5], args[6]
         T, width = cgutils.unpack_tuple(builder, xq.shape, 2)
         VF, VS, VA = ir.VectorType(F32, PACK_INPUTS), ir.VectorType(F32, per_pack), ir.VectorType(F32, LANES)
         book_words = builder.bitcast(book.data, I64.as_pointer())
+        every_point = ir.Constant(ir.VectorType(I1, PACK_INPUTS // 4), [1] * (PACK_INPUTS // 4))
 
-        def pack_weights(k):  # (128,) pack k's weights: its points, each scaled by its group's scale
-            raw = builder.load(builder.bitcast(builder.gep(p.data, [builder.mul(k, k.type(PACK_BYTES))]),
-                                               ir.VectorType(I8, PACK_BYTES).as_pointer()), align=1)
+        def pack_weights(k, raw, points):  # (128,) pack k's weights from its bytes raw <48 x i8>: the points on
+            # in `points` (<32 x i1>; off: 0), each scaled by its group's scale
             scale = builder.load(builder.bitcast(builder.gep(su.data, [builder.mul(k, k.type(per_pack))]),
                                                  VS.as_pointer()), align=4)
             scales = builder.shuffle_vector(scale, scale, _indices(
                 [lane * per_pack // PACK_INPUTS for lane in range(PACK_INPUTS)]))
-            return builder.fmul(_gather_points(builder, book_words, _pack_indices(builder, raw)), scales, flags=FAST)
+            indices = _pack_indices(builder, raw)
+            return builder.fmul(_gather_points(builder, book_words, indices, points), scales, flags=FAST)
+
+        def each_pack(body):  # body(k, pack k's weights) for the whole packs, then the partial last one if any
+            with cgutils.for_range(builder, n_packs) as loop:
+                start = builder.gep(p.data, [builder.mul(loop.index, loop.index.type(PACK_BYTES))])
+                raw = builder.load(builder.bitcast(start, ir.VectorType(I8, PACK_BYTES).as_pointer()), align=1)
+                body(loop.index, pack_weights(loop.index, raw, every_point))
+            with builder.if_then(builder.icmp_signed("!=", tail_words, tail_words.type(0))):
+                start = builder.gep(p.data, [builder.mul(n_packs, n_packs.type(PACK_BYTES))])
+                # the indices its words hold whole: 32·tail_words / 12
+                n_points = builder.udiv(builder.mul(tail_words, tail_words.type(32)), tail_words.type(12))
+                body(n_packs, pack_weights(n_packs, _tail_bytes(builder, start, tail_words),
+                                           _lanes_below(builder, n_points, PACK_INPUTS // 4)))
 
         def add(k, weights, t, total):  # total += Σ weights · xq[t, pack k's columns], folded to LANES lanes
             column = builder.add(builder.mul(t, width), builder.mul(k, k.type(PACK_INPUTS)))
@@ -350,18 +401,22 @@ def _make_points_dot(per_pack: int):
             builder.store(value, builder.gep(sums.data, [builder.mul(t, t.type(LANES))]))
 
         one = cgutils.alloca_once_value(builder, _splat(VA, 0.0))  # one token: its sums in a register
+
+        def one_token(k, weights):
+            add(k, weights, T.type(0), one)
+
+        def every_token(k, weights):  # the pack's weights made once for every token; its lanes in sums[t]
+            with cgutils.for_range(builder, T) as token:
+                add(k, weights, token.index, builder.gep(lanes, [token.index]))
+
         with builder.if_else(builder.icmp_signed("==", T, T.type(1))) as (single, several):
             with single:  # 1.15x faster than through memory (measured)
-                with cgutils.for_range(builder, n_packs) as loop:
-                    add(loop.index, pack_weights(loop.index), T.type(0), one)
+                each_pack(one_token)
                 finish(one, T.type(0))
-            with several:  # the pack's weights made once for every token; its lanes in sums[t]
+            with several:
                 with cgutils.for_range(builder, T) as token:
                     builder.store(_splat(VA, 0.0), builder.gep(lanes, [token.index]), align=4)
-                with cgutils.for_range(builder, n_packs) as loop:
-                    weights = pack_weights(loop.index)
-                    with cgutils.for_range(builder, T) as token:
-                        add(loop.index, weights, token.index, builder.gep(lanes, [token.index]))
+                each_pack(every_token)
                 with cgutils.for_range(builder, T) as token:
                     finish(builder.gep(lanes, [token.index]), token.index)
         return context.get_dummy_value()
@@ -373,35 +428,39 @@ _POINTS_DOT: dict = {}
 
 
 @intrinsic
-def points_dot(typingctx, p, book, su, xq, sums, n_packs, per_pack):
-    """sums[t, 0] = Σ_k Σ_c W[c] · xq[t, 128k + c] over the row's n_packs packs (module doc):
-    p uint8 (n_packs·48,), the packed row; book float32 (4096, 2), the fp16 codebook's bytes; su float32
-    (≥ per_pack·n_packs,), the row's scales (zeros past G); xq float32 (T, ≥ 128·n_packs); sums float32
-    (T, LANES), token t's total in sums[t, 0] (the rest: the partial sums of several tokens); per_pack (a literal):
-    groups per pack, 128 / group_size. All C-contiguous."""
+def points_dot(typingctx, p, book, su, xq, sums, n_packs, tail_words, per_pack):
+    """sums[t, 0] = Σ_k Σ_c W[c] · xq[t, 128k + c] over the row's packs (module doc): n_packs whole ones, then
+    (tail_words > 0) a partial last one of tail_words words (< 12), read by a masked load, its indices past them
+    neither read nor gathered. p uint8 (n_packs·48 + 4·tail_words,), the packed row; book float32 (4096, 2), the
+    fp16 codebook's bytes; su float32 (≥ per_pack·P,), the row's scales (zeros past G), P = n_packs + (1 with a
+    partial pack); xq float32 (T, ≥ 128·P); sums float32 (T, LANES), token t's total in sums[t, 0] (the rest: the
+    partial sums of several tokens); per_pack (a literal): groups per pack, 128 / group_size. All C-contiguous."""
     lowered = literal_codegen(_POINTS_DOT, _make_points_dot, (per_pack,))
     arrays = (p, book, su, xq, sums)
-    if lowered is None or not isinstance(n_packs, types.Integer) or any(
+    if lowered is None or not all(isinstance(n, types.Integer) for n in (n_packs, tail_words)) or any(
             not isinstance(a, types.Array) or a.layout != "C" for a in arrays):
         return None
-    return types.void(p, book, su, xq, sums, n_packs, per_pack), lowered
+    return types.void(p, book, su, xq, sums, n_packs, tail_words, per_pack), lowered
 
 
 def examples():
     """(kernel name, arguments) typed as VqWeight calls them (see cpu_kernels.examples): every (bits, dim),
-    3 rows of 40 inputs in groups of 32; 12-bit indices last (the ahead-of-time build's smoke test runs the last
-    example of each kernel: the gathers and fp16 conversions of points_dot)."""
+    3 rows of 200 inputs in groups of 32, rows padded to whole words (format 1.8); 12-bit indices last (the
+    ahead-of-time build's smoke test runs the last example of each kernel: the gathers and fp16 conversions of
+    points_dot, on a row of one whole pack and a partial one)."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 40)).astype(np.float32)
+    n_in = 200
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
     for bits, dim in sorted(itertools.product(VQ_BITS, VQ_DIMS), key=lambda kind: kind[0] * kind[1]):
         index_bits = bits * dim
         if index_bits not in VQ_SHARED_INDEX_BITS:
             continue
-        n_packs = -(-(-(-40 // dim)) // 32)
-        packed = readonly(rng.integers(0, 256, (3, n_packs * index_bits * 4)).astype(np.uint8))
+        unit = word_unit(index_bits)
+        n_slots = -(-(-(-n_in // dim)) // unit) * unit  # 12 bits: 56 indices, a pack and 24 (36 bytes)
+        packed = readonly(rng.integers(0, 256, (3, n_slots * index_bits // 8)).astype(np.uint8))
         points = rng.standard_normal((1 << index_bits, dim)).astype(np.float16)
         codebook = readonly(points.view(np.float32) if index_bits == 12 else points.astype(np.float32).T)
-        scale_codes = readonly(rng.integers(0, 256, (3, 2)).astype(np.uint8))
+        scale_codes = readonly(rng.integers(0, 256, (3, -(-n_in // 32))).astype(np.uint8))
         scale_meta = readonly(np.full((1, 2), 0.01, np.float32))
         for name in ("vq_matmul", "vq_matmul_serial"):
             yield name, (x, packed, codebook, index_bits, dim, scale_codes, scale_meta, 32, NO_ROWS, NO_COLS,

@@ -22,9 +22,10 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               optional residual) fused through the kernel's `residual` argument; lut likewise with
               gemv_lut_b* (codebooks widened into shared memory, one lookup per weight), vq with
               gemv_vq_b*_d* (the tensor's codebook in shared memory, one lookup per dim-vector, the
-              double-quantized scales decoded like affine's; group size a kernel argument). A vq codebook
-              is uploaded once per distinct content (`_codebook`): the tensors and row blocks that use a
-              file's shared codebook (format 1.7, e.g. b3d4's 4096 points, 32 KiB) all get one device array.
+              double-quantized scales decoded like affine's; qweight's row width in words — rows padded to
+              whole packs up to format 1.7, to whole words from 1.8 — and the group size are kernel arguments).
+              A vq codebook is uploaded once per distinct content (`_codebook`): the tensors and row blocks that
+              use a file's shared codebook (format 1.7, e.g. b3d4's 4096 points, 32 KiB) all get one device array.
               affine / lut / vq, T > 1: dequantize the matrix on the device (dequant_{affine,lut,vq}_*_f32, in
               row chunks of at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
@@ -198,14 +199,16 @@ class LutHandle(QuantizedHandle):
 
 
 class VqHandle(QuantizedHandle):
-    """blobs: (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals); the kernels take group_size last.
-    The codebook is the backend's one device array for its content (CudaBackend._codebook), so handles whose
-    codebook is the file's shared one (`shared`) hold the same array; nbytes counts it in each (the bytes a
-    launch reads)."""
+    """blobs: (qweight, codebook, scale_codes, scale_meta, row_ptr, cols, vals); the kernels take words_per_row
+    (qweight's width as stored: rows padded to whole packs up to format 1.7, to whole words from 1.8, SPEC.md
+    §12.1) and group_size last. The codebook is the backend's one device array for its content
+    (CudaBackend._codebook), so handles whose codebook is the file's shared one (`shared`) hold the same array;
+    nbytes counts it in each (the bytes a launch reads)."""
 
     def __init__(self, name, shape, bits, dim, group_size, blobs: tuple, outliers: bool, shared: bool = False):
+        words_per_row = int(blobs[0].shape[1])  # qweight (out, words_per_row)
         super().__init__(name, shape, bits, blobs, outliers, gemv_vq_name(bits, dim), dequant_vq_name(bits, dim),
-                         (i32(group_size),))
+                         (i32(words_per_row), i32(group_size)))
         self.dim, self.group_size, self.shared = dim, group_size, shared
 
 
