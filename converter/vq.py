@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..format_spec import StorageConfig, decode_meta, encode_meta, pack_codes
-from ..format_spec.packing import word_unit
 from ..format_spec.layout import vq_dims
 from .kernels import vq_kmeans, vq_round
 
@@ -109,7 +108,7 @@ def shared_points(codebooks: dict | None, config: StorageConfig) -> np.ndarray:
 def _round(w3, a3, keep3, in_features, scale, config, points, pack: bool, keep_residual: bool):
     """vq_round's (index, residual, row_sq, row_weighted) for the decoded `scale` (out, G)."""
     out_features, n_vectors, d = w3.shape
-    width = -(-n_vectors // word_unit(config.index_bits)) * word_unit(config.index_bits)  # padded (SPEC.md §12.1)
+    width = vq_dims((out_features, in_features), config)[2]  # the row's padded index slots (SPEC.md §12.1)
     index_dtype = np.uint8 if config.index_bits <= 8 else np.uint16
     index = np.empty((out_features, width), index_dtype) if pack else np.zeros((0, 0), index_dtype)
     residual = np.empty(w3.shape, np.float32) if keep_residual else np.zeros((0, 0, 0), np.float32)

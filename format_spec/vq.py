@@ -7,7 +7,8 @@ inputs (as affine's scales, SPEC.md §6.2; no zero) stretches it:
     W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim]        (+ CSR outliers)
 
 Indices are packed like affine codes (packing.py) with dim·b bits each, a row's ceil(in / dim) indices
-padded to whole uint32 words (format 1.8; whole packs of 32 in 1.6 and 1.7: either width decodes here). This module is the NumPy reference every backend and kernel is tested against.
+padded to whole uint32 words (format 1.8; whole packs of 32 in 1.6 and 1.7: either width decodes here).
+This module is the NumPy reference every backend and kernel is tested against.
 """
 from __future__ import annotations
 

@@ -49,6 +49,20 @@ __device__ __forceinline__ void load_x_pack(const float4* x_tile, int p, float (
     }
 }
 
+// The packed words and the metadata base (row · n_groups) of a warp's RPW rows from row0 (gemv_affine, gemv_vq);
+// rows past the end take the last row's: they compute a copy, never stored.
+template <int RPW>
+__device__ __forceinline__ void warp_rows(const uint32_t* __restrict__ qweight, size_t words_per_row, int n_groups,
+                                          int row0, int out_features, const uint32_t* (&row_words)[RPW],
+                                          size_t (&meta_base)[RPW]) {
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int r = min(row0 + i, out_features - 1);
+        row_words[i] = qweight + (size_t)r * words_per_row;
+        meta_base[i] = (size_t)r * n_groups;
+    }
+}
+
 // The B words of pack p of a row, with the widest aligned vector loads the pack size allows
 // (a pack is 4·B bytes: B = 4, 8 → 16-byte loads; B = 2, 6 → 8-byte; B = 3, 5 → 4-byte).
 // Needs the qweight base 16-byte aligned (blobs are 64-aligned in the file, 256 on the device).

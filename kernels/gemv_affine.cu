@@ -66,12 +66,7 @@ __device__ __forceinline__ void gemv_affine(
 
     const uint32_t* row_words[RPW];
     size_t meta_base[RPW];
-#pragma unroll
-    for (int i = 0; i < RPW; ++i) {
-        const int r = min(row0 + i, out_features - 1);  // rows past the end compute a copy, never stored
-        row_words[i] = qweight + (size_t)r * words_per_row;
-        meta_base[i] = (size_t)r * n_groups;
-    }
+    warp_rows<RPW>(qweight, words_per_row, n_groups, row0, out_features, row_words, meta_base);
     float acc[RPW];
 #pragma unroll
     for (int i = 0; i < RPW; ++i) acc[i] = 0.0f;
