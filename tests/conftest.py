@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mxq.format_spec import MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta, pack_codes
+from mxq.format_spec import (MINOR_VERSION, MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta,
+                              pack_codes)
 from mxq.format_spec.layout import CODEBOOK_ROLE, leaves, shared_codebook_name, shared_codebooks, vq_dims
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,13 +80,14 @@ def random_lut_blobs(rng, shape, config: StorageConfig) -> dict:
     return blobs
 
 
-def random_vq_blobs(rng, shape, config: StorageConfig) -> dict:
+def random_vq_blobs(rng, shape, config: StorageConfig, minor: int = MINOR_VERSION) -> dict:
     """Valid blobs for a vq tensor (in-memory form: scale codes uint8 (out, G)): random indices (padding
-    indices 0), a random fp16 codebook, signed scales, outliers as for lut."""
+    indices 0; rows padded as format 1.`minor` pads them, layout.vq_dims), a random fp16 codebook, signed scales,
+    outliers as for lut."""
     out_features, in_features = shape
     n_vectors = -(-in_features // config.dim)
     n_groups = -(-in_features // config.group_size)
-    index = rng.integers(0, 1 << config.index_bits, size=(out_features, vq_dims(shape, config)[2]))  # padded slots
+    index = rng.integers(0, 1 << config.index_bits, size=(out_features, vq_dims(shape, config, minor)[2]))
     index[:, n_vectors:] = 0
     codebook = shared_codebook(config) if config.shared else \
         (rng.standard_normal((1 << config.index_bits, config.dim)) * 1.5).astype(np.float16)

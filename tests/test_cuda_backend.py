@@ -40,7 +40,7 @@ import pytest
 
 from conftest import random_affine_blobs, random_lut_blobs, random_vq_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
-from test_kernels_vq import LAYOUTS, relayout
+from test_kernels_vq import LAYOUTS
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.format_spec.layout import VQ_INDEX_BITS, vq_dims
 from mxq.kernels.emulator import EmulatedModule
@@ -231,7 +231,7 @@ def test_vq_kernels_take_qweight_width(cuda, bits, dim, minor):
     prefill (dequant_vq + GEMM) and the embedding gather against the reference dequantization."""
     shape, config = (21, 136), vq_config(bits, dim, 64, 7)
     rng = np.random.default_rng(bits * 10 + dim + minor)
-    blobs = relayout(random_vq_blobs(rng, shape, config), shape, config, minor)
+    blobs = random_vq_blobs(rng, shape, config, minor)
     words = vq_dims(shape, config, minor)[2] * config.index_bits // 32
     assert blobs["qweight"].shape == (shape[0], words)
     w = cuda.prepare(Entry("w", shape, config), blobs)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from conftest import random_vq_blobs
-from mxq.format_spec import MINOR_VERSION, StorageConfig, blob_specs, dequantize, pack_codes, unpack_codes
+from mxq.format_spec import StorageConfig, blob_specs, dequantize, pack_codes, unpack_codes
 from mxq.format_spec.affine import csr_entries
 from mxq.format_spec.header import SHARED_CODEBOOK_MINOR, WORD_PADDED_VQ_MINOR
 from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, vq_dims
@@ -58,21 +58,6 @@ def vq_config(bits, dim, group_size, outliers=0, meta_bits=0):
     (12-bit indices) the file's shared codebook (random_vq_blobs then gives conftest.shared_codebook)."""
     shared = bits * dim not in VQ_INDEX_BITS
     return StorageConfig.vq(bits, dim, group_size, outliers, meta_bits, shared=shared)
-
-
-def relayout(blobs, shape, config, minor):
-    """blobs with qweight packed as a file of format 1.`minor` stores it (vq_dims: each row's indices padded with 0
-    indices to whole words from 1.8, to whole packs of 32 before); the indices and the other blobs unchanged."""
-    k, n_slots = config.index_bits, vq_dims(shape, config, minor)[2]
-    n_vectors = -(-shape[1] // config.dim)
-    index = np.zeros((shape[0], n_slots), np.int64)
-    index[:, :n_vectors] = unpack_codes(blobs["qweight"], k)[:, :n_vectors]
-    return dict(blobs, qweight=pack_codes(index, k))
-
-
-def vq_blobs(rng, shape, config, minor=MINOR_VERSION):
-    """random_vq_blobs with the row layout of format 1.`minor` (default: the one the converter writes)."""
-    return relayout(random_vq_blobs(rng, shape, config), shape, config, minor)
 
 
 def test_vq_configs_are_the_formats():
@@ -168,7 +153,7 @@ def test_gemv_vq_matches_dequantize(emu, bits, dim, group_size, outliers, minor)
     shape = (37, 2 * group_size + 7)  # a partial last chunk, group and (dim 2, 4) vector; 37 rows = 2 blocks of 16 + 5
     rng = np.random.default_rng(bits * 1000 + dim * 100 + group_size + outliers)
     config = vq_config(bits, dim, group_size, outliers)
-    blobs = vq_blobs(rng, shape, config, minor)
+    blobs = random_vq_blobs(rng, shape, config, minor)
     x = rng.standard_normal(shape[1]).astype(f32)
     check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x), blobs, shape, config, x)
 
@@ -196,7 +181,7 @@ GEMV_ODD = [
 def test_gemv_vq_odd_shapes(emu, bits, dim, group_size, shape, outliers, warps):
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     config = vq_config(bits, dim, group_size, outliers)
-    blobs = vq_blobs(rng, shape, config)
+    blobs = random_vq_blobs(rng, shape, config)
     x = rng.standard_normal(shape[1]).astype(f32)
     check_gemv_vq(run_gemv_vq(emu, blobs, shape, config, x, warps=warps), blobs, shape, config, x)
 
@@ -208,7 +193,7 @@ def test_gemv_vq_residual_in_place_and_padding_indices(emu, bits, dim):
     group_size = GROUPS[(bits + dim) % 3]
     shape, config = (21, 101), vq_config(bits, dim, group_size, 4, meta_bits=8)
     rng = np.random.default_rng(5 + bits * dim)
-    blobs = vq_blobs(rng, shape, config)
+    blobs = random_vq_blobs(rng, shape, config)
     assert blobs["scale_codes"].max() > 63  # the full 8-bit range of codes
     x = rng.standard_normal(shape[1]).astype(f32)
     residual = rng.standard_normal(shape[0]).astype(f32)
@@ -247,7 +232,7 @@ DEQUANT_SHAPES = [
 def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size, minor):
     for shape, outliers, threads, meta_bits in DEQUANT_SHAPES:
         config = vq_config(bits, dim, group_size, outliers, meta_bits)
-        blobs = vq_blobs(np.random.default_rng(bits * dim + shape[1] + group_size), shape, config, minor)
+        blobs = random_vq_blobs(np.random.default_rng(bits * dim + shape[1] + group_size), shape, config, minor)
         want = dequantize(blobs, shape, config)
         ld = shape[1] + 3  # columns past in_features stay untouched
         out = run_dequant_vq(emu, blobs, shape, config, shape[0], ld=ld, threads=threads)
@@ -259,7 +244,7 @@ def test_dequant_vq_is_bit_exact(emu, bits, dim, group_size, minor):
 def test_dequant_vq_gathers_rows(emu, bits, dim):
     """The quantized-embedding path: rows picked by id; ids outside the table give zero rows."""
     shape, config = (40, 101), vq_config(bits, dim, 64, 30)
-    blobs = vq_blobs(np.random.default_rng(3 + bits * dim), shape, config)
+    blobs = random_vq_blobs(np.random.default_rng(3 + bits * dim), shape, config)
     ids = np.array([7, 0, 39, 7, -1, 40], dtype=np.int32)
     out = run_dequant_vq(emu, blobs, shape, config, ids.size, row_ids=ids, threads=64)
     want = dequantize(blobs, shape, config)[np.clip(ids, 0, shape[0] - 1)]
@@ -294,7 +279,7 @@ def test_both_row_layouts_match_dequantize(emu, bits, dim, minor):
         shape = (11, in_features)  # 3 warps of 4 rows, the last one 3
         config = vq_config(bits, dim, GROUPS[in_features % 3], 5, meta_bits=8 if in_features % 2 else 6)
         rng = np.random.default_rng(in_features + 10 * bits + dim)
-        blobs = vq_blobs(rng, shape, config, minor)
+        blobs = random_vq_blobs(rng, shape, config, minor)
         words = blobs["qweight"].shape[1]
         assert words == vq_dims(shape, config, minor)[2] * config.index_bits // 32
         partial_packs += words % config.index_bits != 0
@@ -336,7 +321,7 @@ def every_point_blobs(rng, shape, config):
     """vq_blobs with the indices replaced by 0, 1, …, 2^k − 1, 0, … in row-major vector order, so that
     every codebook point is read, at every position of a pack (a 12-bit index straddles two words at
     positions 2, 5, 10, 13, …)."""
-    blobs = vq_blobs(rng, shape, config)
+    blobs = random_vq_blobs(rng, shape, config)
     k, n_vectors = config.index_bits, -(-shape[1] // config.dim)
     index = unpack_codes(blobs["qweight"], k).astype(np.int64)
     index[:, :n_vectors] = np.arange(shape[0] * n_vectors).reshape(shape[0], n_vectors) % (1 << k)
@@ -365,7 +350,7 @@ def test_b3d4_tensors_share_one_codebook_array(emu):
     book = None
     for shape, group_size in (((40, 300), 64), ((17, 96), 128)):
         config = vq_config(3, 4, group_size, 3)
-        blobs = vq_blobs(np.random.default_rng(shape[1]), shape, config)
+        blobs = random_vq_blobs(np.random.default_rng(shape[1]), shape, config)
         book = blobs["codebook"] if book is None else book
         blobs["codebook"] = book  # the same array object for both
         before = book.copy()
@@ -380,7 +365,7 @@ def test_b3d4_codebook_only_2_byte_aligned(emu):
     """The GEMV stages the fp16 codebook with 16-byte loads when it is 16-byte aligned (as the file's and the
     device's are), else with 2-byte loads: same results (unguarded launches keep the misaligned address)."""
     shape, config = (37, 135), vq_config(3, 4, 32, 6)
-    blobs = vq_blobs(np.random.default_rng(4), shape, config)
+    blobs = random_vq_blobs(np.random.default_rng(4), shape, config)
     raw = np.zeros(blobs["codebook"].nbytes + 64, np.uint8)
     start = (-raw.ctypes.data) % 16 + 2
     book = raw[start: start + blobs["codebook"].nbytes].view(np.float16).reshape(blobs["codebook"].shape)
