@@ -5,6 +5,7 @@ matplotlib is an optional extra (`pip install 'mxq[plot]'`) and is imported only
     allocation_grid(entries)  (name, label, bpw) of every decoder linear → layer × module grids
     heatmap(entries, path)    the allocation heatmap: layers along x, modules along y, colour = bits per weight
     frontier(rows, path)      a sweep's predicted and measured loss increase and perplexity against bpw
+    pyplot()                  matplotlib.pyplot, file-only (also tools/quality_plot.py's)
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def layer_of(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (PlotUnavailable when matplotlib is missing)."""
     require()
     import matplotlib
 
@@ -90,7 +92,7 @@ def _short(label: str) -> str:
 
 def heatmap(entries, path, title: str = "") -> str:
     """Write the allocation heatmap of `entries` (see allocation_grid) to `path` (PNG); returns path."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = allocation_grid(entries)
     n_mod, n_lay = grid.bpw.shape
     width = min(max(6.0, 0.32 * n_lay + 2.5), 40.0)
@@ -125,7 +127,7 @@ def frontier(rows, path, title: str = "") -> str:
     """A sweep's frontier: rows are dicts with 'bpw', 'predicted_pct', 'calibrated_pct' (or None),
     'measured_pct' (None where not measured), 'predicted_ppl', 'measured_ppl'; fp_ppl in rows[0]['fp_ppl'].
     Left: loss increase (% of the fp model's loss, log scale); right: perplexity."""
-    plt = _pyplot()
+    plt = pyplot()
     bpw = np.array([r["bpw"] for r in rows], dtype=float)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     calibrated = any(r.get("calibrated_pct") is not None for r in rows)

@@ -47,3 +47,59 @@ def test_readme_presets_exist(preset):
     from mxq.converter.candidates import PRESETS
 
     assert preset in PRESETS
+
+
+def quality_chunks() -> list[str]:
+    """README's "Quality" section (up to the next ### heading) cut into table rows and paragraphs."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("### Quality")
+    section = text[start:text.index("\n### ", start + 1)]
+    chunks = []
+    for paragraph in section.split("\n\n"):
+        lines = paragraph.splitlines()
+        rows = [line for line in lines if line.startswith("|")]
+        chunks += rows + ["\n".join(line for line in lines if not line.startswith("|"))]
+    return chunks
+
+
+def number_in(value: str, text: str) -> bool:
+    """value (as written, e.g. '21.8') occurs in text as a whole number (not inside 121.85)."""
+    return re.search(rf"(?<![\d.]){re.escape(value)}(?![\d])", text) is not None
+
+
+def test_quality_plot_points_are_readme_measurements():
+    """Every point of docs/quality.csv (which draws docs/quality.png) is stated by README's Quality section:
+    a target as "≤ PPL at BPW", any other point by one table row or paragraph holding its bpw (both ends of
+    a range) and its perplexity as written."""
+    import csv
+
+    from quality_plot import read_points
+
+    path = REPO / "docs" / "quality.csv"
+    raw = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    rows = list(csv.DictReader(raw))
+    assert len(rows) == len(read_points(path)) > 20
+    assert {row["kind"] for row in rows} == {"mxq", "peer", "target", "reference"}
+    chunks = quality_chunks()
+    for row in rows:
+        if row["kind"] == "target":
+            assert any(f"≤ {row['perplexity']} at {row['bpw']}" in chunk for chunk in chunks), row
+            continue
+        values = [row["bpw"], row["perplexity"]] + ([row["bpw_high"]] if row["bpw_high"] else [])
+        assert any(all(number_in(v, chunk) for v in values) for chunk in chunks), \
+            f"README's Quality section has no row or paragraph with {row['series']} {values}"
+    assert (REPO / "docs" / "quality.png").stat().st_size > 10_000
+
+
+def test_quality_plot_draws_and_rejects_bad_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    import quality_plot
+
+    out = tmp_path / "q.png"
+    assert quality_plot.main(["-o", str(out)]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("series,kind,bpw,bpw_high,perplexity,note\nx,mxq,3.0,,not-a-number,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.csv: data row 1: .*not-a-number"):
+        quality_plot.read_points(bad)
+    bad.write_text("series,kind,bpw,bpw_high,perplexity,note\nx,mine,3.0,,20,\n", encoding="utf-8")
+    assert quality_plot.main(["--csv", str(bad), "-o", str(out)]) == 1
