@@ -2,10 +2,11 @@
 handle of cpu_vq.py (kernel path, NumPy path, cached mode, embedding rows, vq blocks of a `rows` matrix in a
 written file) against format_spec's reference dequantization, every (bits, dim) × group size × 6/8-bit scale
 codes × odd shapes, with and without outliers; 12-bit indices (v3d4, a file's shared codebook of 4096 points,
-format 1.7) included: their own kernel (points_dot), their handles' one widened codebook per distinct codebook,
-a written file whose tensors and row blocks share one. Rows of both widths (format 1.8: indices padded to whole
-words, a row's last pack of 32 possibly partial; ≤ 1.7: to whole packs), garbage in their padding slots, and rows
-followed by poisoned memory (a kernel reading past a row's end would gather a NaN point). A whole model with vq
+format 1.7) included: with 8-bit ones of dim 4 (v2d4) their own kernel (points_dot), their handles' one widened
+codebook per distinct codebook, a written file whose tensors and row blocks share one. Rows of both widths (format
+1.8: indices padded to whole words, a row's last pack of 32 possibly partial, v2d4's of every length; ≤ 1.7: to
+whole packs), garbage in their padding slots, and rows followed by poisoned memory (a kernel reading past a row's
+end would gather a NaN point). A whole model with vq
 linears: test_runtime.py (kind "vq").
 
 Tolerance: a product is float32 sums in another order than the float64 reference x·Wᵀ (W = dequantize(blobs),
@@ -125,9 +126,9 @@ def layout_blobs(rng, shape, config: StorageConfig, minor: int) -> dict:
 
 
 def kernel_codebook(blobs, config: StorageConfig):
-    """vq_matmul's codebook argument: float32 coordinate planes (dim, 2^k); for 12-bit indices the fp16 points'
-    bytes as float32 (4096, 2) (cpu_vq_kernels' module doc)."""
-    if config.index_bits == 12:
+    """vq_matmul's codebook argument: float32 coordinate planes (dim, 2^k); for dim 4 the fp16 points' bytes as
+    float32 (2^k, 2) (cpu_vq_kernels' module doc)."""
+    if config.dim == 4:
         return readonly(blobs["codebook"].view(np.float32))
     return readonly(blobs["codebook"].astype(np.float32).T)
 
@@ -223,6 +224,26 @@ def test_kernels_never_read_past_a_row(vq_kernels, bits, dim, minor):
                 y = np.full((tokens, rows), np.nan, np.float32)
                 kernel(x, *kernel_args(blobs, config), NO_FLOAT, NO_RESIDUAL, y, 2)
                 assert np.isfinite(y).all()
+                assert_close(y, x, weight)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_points_kernel_takes_every_partial_pack_of_8_bit_indices(vq_kernels, group):
+    """8-bit indices, dim 4 (points_dot's packs of 32 bytes): rows of 0 or 1 whole packs and a partial last pack of
+    every length, 1 … 7 words (4 … 28 indices; in_features 16·words − 1 + 128·packs: the last vector short by one
+    input), format 1.8, poisoned memory past the last row: serial and parallel, T = 1 and 5, against the reference."""
+    rng = np.random.default_rng(group)
+    for whole_packs, tail_words in itertools.product((0, 1), range(1, 8)):
+        n_in = 16 * tail_words - 1 + 128 * whole_packs
+        shape, config = (5, n_in), vq_config(2, 4, group, 3)
+        blobs = layout_blobs(rng, shape, config, 8)
+        assert blobs["qweight"].shape == (5, 8 * whole_packs + tail_words)
+        weight = dequantize(blobs, shape, config)
+        for tokens in (1, 5):
+            x = rng.standard_normal((tokens, n_in)).astype(np.float32)
+            for kernel in (vq_kernels.vq_matmul, vq_kernels.vq_matmul_serial):
+                y = np.full((tokens, shape[0]), np.nan, np.float32)
+                kernel(x, *kernel_args(blobs, config), NO_FLOAT, NO_RESIDUAL, y, 2)
                 assert_close(y, x, weight)
 
 

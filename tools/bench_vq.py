@@ -20,7 +20,7 @@ many threads, measured in this run by bench_decode.measure_bandwidth: a float32 
 what a model's decode, which reads each matrix from memory once per token, cannot beat.
 
 Columns: µs per call (median), the bytes a call reads (a vq matrix's codebook in the form its kernel reads: float32
-planes, or a 12-bit codebook's fp16 points), × the memory limit (µs / (bytes / bandwidth)), and the ratio to the
+planes for 2-D points, fp16 points for 4-D ones), × the memory limit (µs / (bytes / bandwidth)), and the ratio to the
 affine b4 and b2 handle products (rows kernel) and to b4's tile kernel.
 """
 from __future__ import annotations

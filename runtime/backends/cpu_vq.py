@@ -3,8 +3,8 @@ matrix's codebook, a double-quantized scale per group of inputs stretches it.
 
 Lean mode (default) keeps the file's bytes: the packed indices, the 8-bit scale codes (6-bit ones: their uint8
 copy, made at load by format_spec.loaded_blobs) and the CSR outliers are zero-copy views of the mmapped file;
-what is widened at load is small: the codebook to float32, as (2^k, dim) points and (dim, 2^k) coordinate planes
-(≤ 8 KiB; a 12-bit codebook's 4096 points only as points, 64 KiB, its kernel reading the file's fp16 bytes), once
+what is widened at load is small: the codebook to float32, as (2^k, dim) points and for dim 2 (dim, 2^k) coordinate
+planes (≤ 4 KiB; a 4-D codebook only as points, 4 or 64 KiB, its kernel reading the file's fp16 bytes), once
 per distinct codebook (`widened`: the tensors sharing a file's codebook share one copy), and the (step, min) pairs
 of the scales' runs to float32 (1/128 of the scales). The scales stay codes, decoded per row where used (in the
 kernel: a few operations per group of inputs). Products:
@@ -34,16 +34,16 @@ from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, ke
 
 class Widened:
     """A codebook widened to float32: `points` (2^k, dim), the NumPy path's lookups, and `planes` (dim, 2^k), the
-    kernel's, one plane per coordinate (None for 12-bit indices: that kernel gathers the fp16 points)."""
+    kernel's, one plane per coordinate (None for 4-D points: that kernel gathers the fp16 points)."""
 
     __slots__ = ("points", "planes", "__weakref__")
 
     def __init__(self, codebook: np.ndarray):
         self.points = readonly(codebook.astype(np.float32))
-        self.planes = readonly(self.points.T) if len(codebook) <= PLANAR_POINTS else None
+        self.planes = readonly(self.points.T) if codebook.shape[1] == PLANAR_DIM else None
 
 
-PLANAR_POINTS = 256  # codebooks up to 8-bit indices: the kernels look their points up in coordinate planes
+PLANAR_DIM = 2  # codebooks of 2-D points: the kernels look their points up in coordinate planes
 _widened = weakref.WeakValueDictionary()  # (content hash, shape) → Widened, alive while a handle holds it
 
 
@@ -75,7 +75,7 @@ class VqWeight(RowDequantized):
         self.packed = readonly(blobs["qweight"].view(np.uint8))  # (out, n_slots·k / 8) bytes, zero-copy
         self.codebook = widened(blobs["codebook"])  # one per distinct codebook: shared ones are widened once
         self.points = self.codebook.points  # (2^k, dim) float32
-        # the kernel's codebook: the planes, or for 12-bit indices the fp16 points' own bytes as float32 (2^k, dim/2),
+        # the kernel's codebook: the planes, or for 4-D points the fp16 points' own bytes as float32 (2^k, dim/2),
         # zero-copy (cpu_vq_kernels.points_dot gathers a point's 4 coordinates as one 64-bit word)
         self.kernel_codebook = (self.codebook.planes if self.codebook.planes is not None else
                                 readonly(np.ascontiguousarray(blobs["codebook"]).view(np.float32)))

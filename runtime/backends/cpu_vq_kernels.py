@@ -8,39 +8,50 @@ A row of W is ceil(in / dim) vectors of `dim` inputs; vector j holds a k-bit ind
 4, 6, 8, or 12 with a file's shared codebook) into the matrix's codebook of 2^k points, and every group_size inputs
 share a scale (SPEC.md §12):
     W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim]
-The packed indices repeat every B bytes (a "unit") holding U indices, as in cpu_lut_kernels.py (k = 4: 2 per
-byte, 6: 4 per 3 bytes, 8: 1 per byte, 12: 2 per 3 bytes); a unit's U·dim inputs lie in one group (g is a multiple
-of U·dim). For k ≤ 8, x is first rearranged into planes, one per (index position j in a unit, coordinate i):
+Dim 2 (k = 4, 6, 8; `vq_rows`): the packed indices repeat every B bytes (a "unit") holding U indices, as in
+cpu_lut_kernels.py (k = 4: 2 per byte, 6: 4 per 3 bytes, 8: 1 per byte); a unit's U·dim inputs lie in one group
+(g is a multiple of U·dim). x is first rearranged into planes, one per (index position j in a unit, coordinate i):
     xq[(j·dim + i)·NU + u] = x[(u·U + j)·dim + i]           (zeros past in_features: padding adds 0)
 Per row, the G scales are decoded from their codes (scale = code·step + min, one fp32 (step, min) per run of 128
 scales, SPEC.md §6.2) and spread to one per unit (`unit_scales`: su, zero past the last group), then
     y[r] = Σ_u su[u] · Σ_j Σ_i codebook[i, index_j(u)] · xq[(j·dim + i)·NU + u]
-in one loop over the row's units per (k, dim) (`row_dot`): a unit read as one byte or a 24-bit word, each index
-cut out with a constant shift and mask, and ONE codebook lookup per dim weights (`codebook` is float32
-(dim, 2^k), its coordinate planes: dim gathers of one index); LLVM vectorizes the loop. Then CSR outliers, bias,
-residual. Every packed byte is read once per call and token.
+in one loop over the row's units per k (`row_dot`): a unit read as one byte or a 24-bit word, each index cut out
+with a constant shift and mask, and ONE codebook lookup per dim weights (`codebook` is float32 (dim, 2^k), its
+coordinate planes: dim gathers of one index); LLVM vectorizes the loop. Then CSR outliers, bias, residual. Every
+packed byte is read once per call and token.
 
 A row's packed bytes (packed.shape[1]) hold its ceil(in / dim) indices padded to whole uint32 words (format 1.8:
 a multiple of packing.word_unit(k) indices, so its last pack of 32 may be partial) or to whole packs of 32 (files
-of format ≤ 1.7, SPEC.md §12.1): the kernels take either width and never read past a row's bytes. For k ≤ 8 both
+of format ≤ 1.7, SPEC.md §12.1): the kernels take either width and never read past a row's bytes. For dim 2 both
 are whole units (a word holds whole units; 6 bits: 3 words hold 16 indices, 4 units), so the unit loops take any
 row as it is. Whatever the padding slots hold, they meet xq's zeros past in_features: they add nothing (for
 finite codebook points).
 
-12-bit indices (dim 4; `vq12_rows`): `codebook` is the fp16 codebook's own bytes typed float32 (4096, 2) — a
-point's 4 coordinates are one 64-bit word, and the 32 KiB stay in L1 where float32 planes (64 KiB) would not — and
-xq is x in its own order (zeros past in_features, up to whole packs). Per row, the G scales are decoded into su
-(`row_scales`), then a pack at a time (32 indices in 48 bytes: 128 inputs; `points_dot`, LLVM vector IR): the 32
-indices cut from 16-bit windows of the pack's bytes, the 32 points gathered as 64-bit words (x86: 4 vpgatherdq) and
+Dim 4 (k = 8, or 12 with a shared codebook of 4096 points; `points_rows`): `codebook` is the fp16 codebook's own
+bytes typed float32 (2^k, 2) — a point's 4 coordinates are one 64-bit word, and a 12-bit codebook's 32 KiB stay in
+L1 where float32 planes (64 KiB) would not — and xq is x in its own order (zeros past in_features, up to whole
+packs). Per row, the G scales are decoded into su (`row_scales`), then a pack at a time (32 indices, 128 inputs,
+in 32 bytes for k = 8, 48 for k = 12; `points_dot`, LLVM vector IR): the 32 indices its bytes zero-extended (8
+bits) or cut from 16-bit windows of them (12 bits), the 32 points gathered as 64-bit words (x86: 4 vpgatherdq) and
 widened to 128 float32 weights already in input order, scaled by their groups' scales, and multiplied by each
-token's 128 inputs: the gathers, the cost, are made once per row for all tokens. A word-padded row's partial last
-pack (8, 16 or 24 indices in 3, 6 or 9 words) is done after its whole packs as one more pack: its words read by a
-masked load (zeros past them: nothing past the row's end is touched), only its own indices' points gathered (the
-others: zero weights), against xq's zeros past in_features; SmolLM2's 576-input rows (4 packs and 16 indices) take
-0.97-1.0x the time of their 1.7 form (5 whole packs). 4096×4096, one thread of a 2-core AVX-512 Xeon, one token,
-in one process: 1.64 ms, against 3.92 ms for the planar loop above with float32 planes (4 gathers of 32 bits
-per index), 2.87 ms for it with 64-bit gathers of float32 points (2 per index), 3.87 ms with one 64-bit gather of
-the fp16 point and a conversion per coordinate (those three: the inner loop alone, without decoding scales).
+token's 128 inputs: the gathers, the cost, are made once per row for all tokens. The whole packs are read with a
+prefetch PREFETCH_BYTES ahead (`_prefetch`): streaming a row from memory, the hardware prefetchers alone fell behind
+(same-run A/B, one thread, one token, the caches flushed before each call: 4096×4096 1.43x faster at 8 bits, 1.07x at
+12; 576×1536 and 1536×576 1.05-1.11x; with warm caches, and for 4 tokens, 1.0x). A word-padded row's partial last
+pack (8 bits: 4 … 28 indices in 1 … 7 words; 12 bits: 8, 16 or 24 in 3, 6 or 9 words) is done after its whole
+packs as one more pack: its words read by a masked load (zeros past them: nothing past the row's end is read),
+only its own indices' points gathered (the others: zero weights), against xq's zeros past in_features; SmolLM2's
+576-input rows at 12 bits (4 packs and 16 indices) take 0.97-1.0x the time of their 1.7 form (5 whole packs).
+12 bits, 4096×4096, one thread of a 2-core AVX-512 Xeon, one token, in one process: 1.64 ms, against 3.92 ms for
+the planar loop above with float32 planes (4 gathers of 32 bits per index), 2.87 ms for it with 64-bit gathers of
+float32 points (2 per index), 3.87 ms with one 64-bit gather of the fp16 point and a conversion per coordinate
+(those three: the inner loop alone, without decoding scales). 8 bits (v2d4g64, rows of format 1.8) against the
+planar loop with float32 planes it replaced, one thread, µs and × the b4g64 tile kernel's time in the same run
+(`tools/bench_vq.py --shapes 576x1536,1536x576,4096x4096 --tokens 1,4 --threads 1,2`, two runs of each, the CPU
+shared with another job): one token, 576×1536 167-172 → 72-74 (7.1-7.3x → 3.1-3.2x), 1536×576 184-187 → 93-94
+(8.6-8.8x → 4.6x), 4096×4096 2890-3140 → 1330-1340 (4.4-4.8x → 1.8-1.9x); 4 tokens, 576×1536 543-544 → 137-143
+(7.3-7.6x → 2.0x), 1536×576 587-605 → 163-167 (8.3-8.4x → 2.4-2.6x), 4096×4096 9820-9940 → 3640-3644 (7.5-8.4x →
+2.8x).
 """
 from __future__ import annotations
 
@@ -62,7 +73,7 @@ from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, rea
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
 META_RUN_SHIFT = 7  # runs of 128 scales share one (step, min)
-PACK_BYTES, PACK_INPUTS = 48, 128  # a pack of 32 12-bit indices (§5.1: 12 words) covers 32·4 inputs
+PACK_INDICES, PACK_INPUTS = 32, 128  # points_dot's pack: 32 indices of 4-D points (§5.1: k words) cover 128 inputs
 
 
 @njit(**PARALLEL)
@@ -89,16 +100,16 @@ def vq_matmul_serial(x, packed, codebook, index_bits, dim, scale_codes, scale_me
 
 @njit(**SERIAL)
 def plane_x(x, index_bits, dim, n_bytes):
-    """x (T, in) → xq (T, U·dim·NU) in plane order (module doc), zeros at padding, for rows of n_bytes; 12-bit
-    indices: (T, 128·ceil(n_bytes / 48)) in x's own order (points_dot multiplies whole packs of points, a partial
+    """x (T, in) → xq (T, U·dim·NU) in plane order (module doc), zeros at padding, for rows of n_bytes; dim 4:
+    (T, 128·ceil(n_bytes / pack_bytes)) in x's own order (points_dot multiplies whole packs of points, a partial
     last pack padded)."""
     T, n_in = x.shape
-    if index_bits == 12:
-        xq = np.empty((T, max(n_in, -(-n_bytes // PACK_BYTES) * PACK_INPUTS)), np.float32)
+    if dim == 4:
+        xq = np.empty((T, max(n_in, -(-n_bytes // pack_bytes(index_bits)) * PACK_INPUTS)), np.float32)
         xq[:, :n_in] = x
         xq[:, n_in:] = 0.0
         return xq
-    U, B = vq_unit_shape(index_bits)
+    U, B = unit_shape(index_bits)
     NU = n_bytes // B
     xq = np.empty((T, U * dim * NU), np.float32)
     for t in range(T):
@@ -112,11 +123,9 @@ def plane_x(x, index_bits, dim, n_bytes):
 
 
 @njit(**SERIAL)
-def vq_unit_shape(index_bits):
-    """(U indices, B bytes) per unit of the packed stream: as cpu_kernels.unit_shape, and 12 bits: 2 in 3 bytes."""
-    if index_bits == 12:
-        return 2, 3
-    return unit_shape(index_bits)
+def pack_bytes(index_bits):
+    """Bytes of points_dot's pack of 32 indices: 32 (8 bits), 48 (12 bits)."""
+    return PACK_INDICES * index_bits // 8
 
 
 @njit(**SERIAL)
@@ -137,8 +146,8 @@ def unit_scales(r, scale_codes, scale_meta, units_per_group, su):
 @njit(**SERIAL)
 def vq_part(r0, r1, x, xq, packed, codebook, index_bits, dim, scale_codes, scale_meta, group_size, row_ptr, cols,
             values, bias, residual, y):
-    """vq_rows with (index bits, dim) as constants: its own compiled copy per kind (a runtime choice of the inner
-    loop inside the row loop made the loop 1.6x slower, measured)."""
+    """vq_rows (dim 2) or points_rows (dim 4) with (index bits, dim) as constants: its own compiled copy per kind (a
+    runtime choice of the inner loop inside the row loop made the loop 1.6x slower, measured)."""
     if index_bits == 4:
         vq_rows(r0, r1, x, xq, packed, codebook, 4, 2, scale_codes, scale_meta, group_size, row_ptr, cols, values,
                 bias, residual, y)
@@ -146,22 +155,22 @@ def vq_part(r0, r1, x, xq, packed, codebook, index_bits, dim, scale_codes, scale
         vq_rows(r0, r1, x, xq, packed, codebook, 6, 2, scale_codes, scale_meta, group_size, row_ptr, cols, values,
                 bias, residual, y)
     elif index_bits == 12:
-        vq12_rows(r0, r1, x, xq, packed, codebook, scale_codes, scale_meta, group_size, row_ptr, cols, values, bias,
-                  residual, y)
+        points_rows(r0, r1, x, xq, packed, codebook, 12, scale_codes, scale_meta, group_size, row_ptr, cols, values,
+                    bias, residual, y)
     elif dim == 2:
         vq_rows(r0, r1, x, xq, packed, codebook, 8, 2, scale_codes, scale_meta, group_size, row_ptr, cols, values,
                 bias, residual, y)
     else:
-        vq_rows(r0, r1, x, xq, packed, codebook, 8, 4, scale_codes, scale_meta, group_size, row_ptr, cols, values,
-                bias, residual, y)
+        points_rows(r0, r1, x, xq, packed, codebook, 8, scale_codes, scale_meta, group_size, row_ptr, cols, values,
+                    bias, residual, y)
 
 
 @njit(inline="always", **SERIAL)
 def vq_rows(r0, r1, x, xq, packed, codebook, index_bits, dim, scale_codes, scale_meta, group_size, row_ptr, cols,
             values, bias, residual, y):
-    """y[:, r0:r1] of vq_matmul, given plane_x's xq."""
+    """y[:, r0:r1] of vq_matmul for dim 2, given plane_x's xq."""
     T = x.shape[0]
-    U, B = vq_unit_shape(index_bits)
+    U, B = unit_shape(index_bits)
     NU = packed.shape[1] // B
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
     units_per_group = group_size // (U * dim)  # g is a multiple of U·dim
@@ -170,7 +179,7 @@ def vq_rows(r0, r1, x, xq, packed, codebook, index_bits, dim, scale_codes, scale
         unit_scales(r, scale_codes, scale_meta, units_per_group, su)
         p = packed[r]
         for t in range(T):
-            value = row_dot(p, index_bits, dim, codebook, su, xq[t], NU)
+            value = row_dot(p, index_bits, codebook, su, xq[t], NU)
             if has_outliers:
                 for i in range(row_ptr[r], row_ptr[r + 1]):
                     value += half_to_float(values[i]) * x[t, cols[i]]
@@ -182,16 +191,14 @@ def vq_rows(r0, r1, x, xq, packed, codebook, index_bits, dim, scale_codes, scale
 
 
 @njit(**SERIAL)
-def row_dot(p, index_bits, dim, codebook, su, xq, NU):
-    """Σ_u su[u] · (unit u's dot product) over one packed row: one loop per (index bits, dim) with every
+def row_dot(p, index_bits, codebook, su, xq, NU):
+    """Σ_u su[u] · (unit u's dot product) over one packed row of 2-D points: one loop per index bits with every
     index's shift a constant, so that LLVM vectorizes the loads, shifts and codebook lookups."""
     if index_bits == 4:
         return _vq4d2(p, codebook[0], codebook[1], su, xq, NU)
     if index_bits == 6:
         return _vq6d2(p, codebook[0], codebook[1], su, xq, NU)
-    if dim == 2:
-        return _vq8d2(p, codebook[0], codebook[1], su, xq, NU)
-    return _vq8d4(p, codebook[0], codebook[1], codebook[2], codebook[3], su, xq, NU)
+    return _vq8d2(p, codebook[0], codebook[1], su, xq, NU)
 
 
 @njit(inline="always", **SERIAL)
@@ -225,16 +232,8 @@ def _vq8d2(p, c0, c1, su, xq, NU):  # 1 index a byte
     return acc
 
 
-@njit(inline="always", **SERIAL)
-def _vq8d4(p, c0, c1, c2, c3, su, xq, NU):  # 1 index a byte, 4 coordinates
-    acc = np.float32(0.0)
-    for u in range(NU):
-        a = p[u]
-        acc += su[u] * (c0[a] * xq[u] + c1[a] * xq[NU + u] + c2[a] * xq[2 * NU + u] + c3[a] * xq[3 * NU + u])
-    return acc
-
-
-# -- 12-bit indices (dim 4: a shared codebook of 4096 points): one pack at a time in LLVM vector IR ---------------
+# -- dim 4 (8-bit and 12-bit indices): one pack of 32 points at a time in LLVM vector IR --------------------------
+PREFETCH_BYTES = 1024  # points_dot's prefetch distance: packed bytes ahead of the pack it reads
 LANES = 16  # float32 lanes of points_dot's sums per token
 I1, I8, I16, I32, I64 = (ir.IntType(bits) for bits in (1, 8, 16, 32, 64))
 F16, F32 = ir.HalfType(), ir.FloatType()
@@ -242,28 +241,29 @@ FAST = ("fast",)
 
 
 @njit(inline="always", **SERIAL)
-def vq12_rows(r0, r1, x, xq, packed, codebook, scale_codes, scale_meta, group_size, row_ptr, cols, values, bias,
-              residual, y):
-    """y[:, r0:r1] of vq_matmul for 12-bit indices, dim 4, given plane_x's xq (x's own order): per row, each pack's
-    points gathered and scaled once and multiplied by every token (points_dot; module doc). A row of n_bytes
-    (whole words): n_packs whole packs, then tail_words = (n_bytes − 48·n_packs) / 4 words of a partial last pack
-    (format 1.8; none when rows are whole packs)."""
+def points_rows(r0, r1, x, xq, packed, codebook, index_bits, scale_codes, scale_meta, group_size, row_ptr, cols,
+                values, bias, residual, y):
+    """y[:, r0:r1] of vq_matmul for dim 4 (index_bits 8 or 12, a constant), given plane_x's xq (x's own order): per
+    row, each pack's points gathered and scaled once and multiplied by every token (points_dot; module doc). A row
+    of n_bytes (whole words): n_packs whole packs of B = pack_bytes bytes, then tail_words = (n_bytes − B·n_packs)
+    / 4 words of a partial last pack (format 1.8; none when rows are whole packs)."""
     T = x.shape[0]
     n_bytes = packed.shape[1]
-    n_packs = n_bytes // PACK_BYTES
-    tail_words = (n_bytes - n_packs * PACK_BYTES) // 4
+    B = pack_bytes(index_bits)
+    n_packs = n_bytes // B
+    tail_words = (n_bytes - n_packs * B) // 4
     per_pack = PACK_INPUTS // group_size  # groups per pack: 4, 2 or 1
-    su = np.zeros(max(per_pack * -(-n_bytes // PACK_BYTES), scale_codes.shape[1]), np.float32)  # (≥ G,) zero padded
+    su = np.zeros(max(per_pack * -(-n_bytes // B), scale_codes.shape[1]), np.float32)  # (≥ G,) zero padded
     sums = np.empty((T, LANES), np.float32)
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
     for r in range(r0, r1):
         row_scales(r, scale_codes, scale_meta, su)
         if per_pack == 4:  # (the scales' spread over a pack's lanes: a constant of points_dot)
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 4)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, index_bits, 4)
         elif per_pack == 2:
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 2)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, index_bits, 2)
         else:
-            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, 1)
+            points_dot(packed[r], codebook, su, xq, sums, n_packs, tail_words, index_bits, 1)
         for t in range(T):  # (as vq_rows: written out, a helper's array arguments cost 1.13x in reference counts)
             value = sums[t, 0]
             if has_outliers:
@@ -294,11 +294,14 @@ def row_scales(r, scale_codes, scale_meta, su):
         k += n
 
 
-def _pack_indices(builder, raw):
-    """raw <48 x i8>, a pack → its 32 indices <32 x i16>: index j is bits 12j … 12j + 11 of the pack's bit string,
-    the 16-bit little-endian window at byte 12j div 8 (one byte shuffle) shifted right by 12j mod 8 (0 or 4)."""
+def _pack_indices(builder, raw, index_bits: int):
+    """raw <4k x i8>, a pack of k-bit indices → its 32 indices <32 x i16>: 8 bits, its bytes; 12 bits, index j is
+    bits 12j … 12j + 11 of the pack's bit string, the 16-bit little-endian window at byte 12j div 8 (one byte
+    shuffle) shifted right by 12j mod 8 (0 or 4)."""
+    if index_bits == 8:
+        return builder.zext(raw, ir.VectorType(I16, PACK_INDICES))
     order, shifts = [], []
-    for j in range(PACK_INPUTS // 4):
+    for j in range(PACK_INDICES):
         byte, shift = divmod(12 * j, 8)
         order += [byte, byte + 1]
         shifts.append(shift)
@@ -313,16 +316,26 @@ def _lanes_below(builder, n, count: int):
                                                                                       _indices([0] * count)))
 
 
-def _tail_bytes(builder, start, n_words):
-    """The first n_words (< 12) words of a row's partial last pack at `start` (i8*) → <48 x i8>, zeros past them:
-    a masked load, which touches no byte past the row (x86: vpmaskmovd or a masked vmovdqu32)."""
-    vector = ir.VectorType(I32, PACK_BYTES // 4)
+def _tail_bytes(builder, start, n_words, n_bytes: int):
+    """The first n_words (< n_bytes / 4) words of a row's partial last pack of n_bytes at `start` (i8*) →
+    <n_bytes x i8>, zeros past them: a masked load, which touches no byte past the row (x86: vpmaskmovd or a masked
+    vmovdqu32)."""
+    vector = ir.VectorType(I32, n_bytes // 4)
     mask = _lanes_below(builder, n_words, vector.count)
     load = cgutils.get_or_insert_function(  # typed-pointer mangling, as in _gather_points
         builder.module, ir.FunctionType(vector, [vector.as_pointer(), I32, mask.type, vector]),
         f"llvm.masked.load.v{vector.count}i32.p0v{vector.count}i32")
     words = builder.call(load, [builder.bitcast(start, vector.as_pointer()), I32(1), mask, ir.Constant(vector, 0)])
-    return builder.bitcast(words, ir.VectorType(I8, PACK_BYTES))
+    return builder.bitcast(words, ir.VectorType(I8, n_bytes))
+
+
+def _prefetch(builder, address):
+    """A hint to bring the cache line at `address` (i8*) into the caches (x86: prefetcht0): it never faults and
+    reads no value, so it may name an address past the matrix. Streaming a row's packs from memory, the hardware
+    prefetchers alone fell behind the gathers (module doc)."""
+    prefetch = cgutils.get_or_insert_function(  # (address, 0: read, 3: keep in every level, 1: data)
+        builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
+    builder.call(prefetch, [address, I32(0), I32(3), I32(1)])
 
 
 def _gather_points(builder, book, indices, mask):
@@ -355,7 +368,9 @@ def _lane_sums(builder, v):
     return v
 
 
-def _make_points_dot(per_pack: int):
+def _make_points_dot(index_bits: int, per_pack: int):
+    n_bytes = pack_bytes.py_func(index_bits)  # a pack's
+
     def codegen(context, builder, signature, args):
         p, book, su, xq, sums = (context.make_array(t)(context, builder, a)
                                  for t, a in zip(signature.args[:5], args[:5]))
@@ -363,28 +378,29 @@ def _make_points_dot(per_pack: int):
         T, width = cgutils.unpack_tuple(builder, xq.shape, 2)
         VF, VS, VA = ir.VectorType(F32, PACK_INPUTS), ir.VectorType(F32, per_pack), ir.VectorType(F32, LANES)
         book_words = builder.bitcast(book.data, I64.as_pointer())
-        every_point = ir.Constant(ir.VectorType(I1, PACK_INPUTS // 4), [1] * (PACK_INPUTS // 4))
+        every_point = ir.Constant(ir.VectorType(I1, PACK_INDICES), [1] * PACK_INDICES)
 
-        def pack_weights(k, raw, points):  # (128,) pack k's weights from its bytes raw <48 x i8>: the points on
+        def pack_weights(k, raw, points):  # (128,) pack k's weights from its bytes raw <n_bytes x i8>: the points on
             # in `points` (<32 x i1>; off: 0), each scaled by its group's scale
             scale = builder.load(builder.bitcast(builder.gep(su.data, [builder.mul(k, k.type(per_pack))]),
                                                  VS.as_pointer()), align=4)
             scales = builder.shuffle_vector(scale, scale, _indices(
                 [lane * per_pack // PACK_INPUTS for lane in range(PACK_INPUTS)]))
-            indices = _pack_indices(builder, raw)
+            indices = _pack_indices(builder, raw, index_bits)
             return builder.fmul(_gather_points(builder, book_words, indices, points), scales, flags=FAST)
 
         def each_pack(body):  # body(k, pack k's weights) for the whole packs, then the partial last one if any
             with cgutils.for_range(builder, n_packs) as loop:
-                start = builder.gep(p.data, [builder.mul(loop.index, loop.index.type(PACK_BYTES))])
-                raw = builder.load(builder.bitcast(start, ir.VectorType(I8, PACK_BYTES).as_pointer()), align=1)
+                start = builder.gep(p.data, [builder.mul(loop.index, loop.index.type(n_bytes))])
+                raw = builder.load(builder.bitcast(start, ir.VectorType(I8, n_bytes).as_pointer()), align=1)
+                _prefetch(builder, builder.gep(start, [I32(PREFETCH_BYTES)]))
                 body(loop.index, pack_weights(loop.index, raw, every_point))
             with builder.if_then(builder.icmp_signed("!=", tail_words, tail_words.type(0))):
-                start = builder.gep(p.data, [builder.mul(n_packs, n_packs.type(PACK_BYTES))])
-                # the indices its words hold whole: 32·tail_words / 12
-                n_points = builder.udiv(builder.mul(tail_words, tail_words.type(32)), tail_words.type(12))
-                body(n_packs, pack_weights(n_packs, _tail_bytes(builder, start, tail_words),
-                                           _lanes_below(builder, n_points, PACK_INPUTS // 4)))
+                start = builder.gep(p.data, [builder.mul(n_packs, n_packs.type(n_bytes))])
+                # the indices its words hold whole: 32·tail_words / k
+                n_points = builder.udiv(builder.mul(tail_words, tail_words.type(32)), tail_words.type(index_bits))
+                body(n_packs, pack_weights(n_packs, _tail_bytes(builder, start, tail_words, n_bytes),
+                                           _lanes_below(builder, n_points, PACK_INDICES)))
 
         def add(k, weights, t, total):  # total += Σ weights · xq[t, pack k's columns], folded to LANES lanes
             column = builder.add(builder.mul(t, width), builder.mul(k, k.type(PACK_INPUTS)))
@@ -428,19 +444,21 @@ _POINTS_DOT: dict = {}
 
 
 @intrinsic
-def points_dot(typingctx, p, book, su, xq, sums, n_packs, tail_words, per_pack):
-    """sums[t, 0] = Σ_k Σ_c W[c] · xq[t, 128k + c] over the row's packs (module doc): n_packs whole ones, then
-    (tail_words > 0) a partial last one of tail_words words (< 12), read by a masked load, its indices past them
-    neither read nor gathered. p uint8 (n_packs·48 + 4·tail_words,), the packed row; book float32 (4096, 2), the
-    fp16 codebook's bytes; su float32 (≥ per_pack·P,), the row's scales (zeros past G), P = n_packs + (1 with a
-    partial pack); xq float32 (T, ≥ 128·P); sums float32 (T, LANES), token t's total in sums[t, 0] (the rest: the
-    partial sums of several tokens); per_pack (a literal): groups per pack, 128 / group_size. All C-contiguous."""
-    lowered = literal_codegen(_POINTS_DOT, _make_points_dot, (per_pack,))
+def points_dot(typingctx, p, book, su, xq, sums, n_packs, tail_words, index_bits, per_pack):
+    """sums[t, 0] = Σ_k Σ_c W[c] · xq[t, 128k + c] over the row's packs (module doc): n_packs whole ones of
+    B = 4·index_bits bytes (each with a prefetch PREFETCH_BYTES ahead: a hint, no read), then (tail_words > 0) a
+    partial last one of tail_words words (< B / 4), read by a masked load, its indices past them neither read nor
+    gathered. p uint8 (n_packs·B + 4·tail_words,), the packed row; book float32 (2^index_bits, 2), the fp16
+    codebook's bytes; su float32 (≥ per_pack·P,), the row's scales (zeros past G), P = n_packs + (1 with a partial
+    pack); xq float32 (T, ≥ 128·P); sums float32 (T, LANES), token t's total in sums[t, 0] (the rest: the partial
+    sums of several tokens); index_bits (a literal): 8 or 12; per_pack (a literal): groups per pack,
+    128 / group_size. All C-contiguous."""
+    lowered = literal_codegen(_POINTS_DOT, _make_points_dot, (index_bits, per_pack))
     arrays = (p, book, su, xq, sums)
     if lowered is None or not all(isinstance(n, types.Integer) for n in (n_packs, tail_words)) or any(
             not isinstance(a, types.Array) or a.layout != "C" for a in arrays):
         return None
-    return types.void(p, book, su, xq, sums, n_packs, tail_words, per_pack), lowered
+    return types.void(p, book, su, xq, sums, n_packs, tail_words, index_bits, per_pack), lowered
 
 
 def examples():
@@ -459,7 +477,7 @@ def examples():
         n_slots = -(-(-(-n_in // dim)) // unit) * unit  # 12 bits: 56 indices, a pack and 24 (36 bytes)
         packed = readonly(rng.integers(0, 256, (3, n_slots * index_bits // 8)).astype(np.uint8))
         points = rng.standard_normal((1 << index_bits, dim)).astype(np.float16)
-        codebook = readonly(points.view(np.float32) if index_bits == 12 else points.astype(np.float32).T)
+        codebook = readonly(points.view(np.float32) if dim == 4 else points.astype(np.float32).T)
         scale_codes = readonly(rng.integers(0, 256, (3, -(-n_in // 32))).astype(np.uint8))
         scale_meta = readonly(np.full((1, 2), 0.01, np.float32))
         for name in ("vq_matmul", "vq_matmul_serial"):
