@@ -58,7 +58,7 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     _check_bits(bits)
     words = np.asarray(words, dtype=np.uint32)
     m = words.shape[-1]
-    if m * 32 % (bits * word_unit(bits)):
+    if m * 32 % bits:
         raise ValueError(f"word count {m} does not hold whole {bits}-bit codes")
     if bits in (6, 12):  # byte-sliced: any run of whole 24-bit units
         unpack = _unpack6 if bits == 6 else _unpack12

@@ -71,13 +71,10 @@ def test_quality_plot_points_are_readme_measurements():
     """Every point of docs/quality.csv (which draws docs/quality.png) is stated by README's Quality section:
     a target as "≤ PPL at BPW", any other point by one table row or paragraph holding its bpw (both ends of
     a range) and its perplexity as written."""
-    import csv
-
-    from quality_plot import read_points
+    from quality_plot import read_points, read_rows
 
     path = REPO / "docs" / "quality.csv"
-    raw = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
-    rows = list(csv.DictReader(raw))
+    rows = read_rows(path)  # the values as written
     assert len(rows) == len(read_points(path)) > 20
     assert {row["kind"] for row in rows} == {"mxq", "peer", "target", "reference"}
     chunks = quality_chunks()

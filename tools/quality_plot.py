@@ -22,12 +22,17 @@ REPO = Path(__file__).resolve().parent.parent
 KINDS = ("mxq", "peer", "target", "reference")
 
 
+def read_rows(path) -> list[dict]:
+    """docs/quality.csv's data rows as written: dicts of strings by column. Lines starting with # are comments."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
 def read_points(path) -> list[dict]:
     """docs/quality.csv → one dict per point: series, kind, bpw, bpw_high (None), perplexity, note ('' or text).
-    Lines starting with # are comments. A bad row raises ValueError naming the file and line."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    A bad row raises ValueError naming the file and the data row."""
     points = []
-    for number, row in enumerate(csv.DictReader(lines), start=2):
+    for number, row in enumerate(read_rows(path), start=1):
         try:
             kind = row["kind"]
             if kind not in KINDS:
@@ -36,7 +41,7 @@ def read_points(path) -> list[dict]:
                                bpw_high=float(row["bpw_high"]) if row["bpw_high"] else None,
                                perplexity=float(row["perplexity"]), note=row["note"] or ""))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: data row {number - 1}: {e}") from None
+            raise ValueError(f"{path}: data row {number}: {e}") from None
     return points
 
 
