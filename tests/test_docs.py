@@ -42,11 +42,19 @@ def test_readme_states_the_code_defaults():
             assert list(option.type.choices) == choices, f"{flag}: README lists {choices}, --help {option.type.choices}"
 
 
-@pytest.mark.parametrize("preset", ["paper", "all"])
-def test_readme_presets_exist(preset):
+def presets() -> list[str]:
     from mxq.converter.candidates import PRESETS
 
-    assert preset in PRESETS
+    return list(PRESETS)
+
+
+@pytest.mark.parametrize("preset", presets())
+def test_every_preset_is_in_readme_and_help(preset):
+    """README's --configs row names every preset; --help says what each single preset holds (a
+    combination such as all+vq is its parts)."""
+    assert preset in readme_options()["--configs"][1], f"README's --configs row does not name {preset}"
+    help_text = " ".join(click_option("--configs").help.split())
+    assert "+" in preset or f"'{preset}':" in help_text, f"--help does not say what preset {preset} holds"
 
 
 def quality_chunks() -> list[str]:
