@@ -8,6 +8,7 @@ import re
 import pytest
 
 from conftest import REPO
+from mxq.converter.candidates import PRESETS
 from mxq.converter.commands import convert_command
 
 ROW = re.compile(r"^\| `(--[a-z-]+)` \| `([^`]*)` \|(.*)\|$")
@@ -42,13 +43,7 @@ def test_readme_states_the_code_defaults():
             assert list(option.type.choices) == choices, f"{flag}: README lists {choices}, --help {option.type.choices}"
 
 
-def presets() -> list[str]:
-    from mxq.converter.candidates import PRESETS
-
-    return list(PRESETS)
-
-
-@pytest.mark.parametrize("preset", presets())
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_is_in_readme_and_help(preset):
     """README's --configs row names every preset; --help says what each single preset holds (a
     combination such as all+vq is its parts)."""
