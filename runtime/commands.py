@@ -90,39 +90,78 @@ def read_text_file(path, what: str) -> str:
               help="Use transformers' sliding-window method, moving the window by this many tokens. "
                    "Default: non-overlapping chunks (GPTQ-style).")
 @click.option("--max-chunks", type=int, default=None, help="Score only the first M chunks (windows): a quick estimate.")
+@click.option("--reference", "reference_path", type=click.Path(), default=None,
+              help="Also run the model in this .mxq file (e.g. the fp16 file of the same checkpoint: "
+                   "mxq convert HF_DIR -o ref.mxq --bpw 16 --configs fp16) on the same chunks and report "
+                   "FILE's perplexity over REF's with a 95% interval from the paired per-chunk differences, "
+                   "the mean KL divergence KL(REF || FILE) of the next-token distributions, and how often "
+                   "both models' most likely tokens agree. Both files must tokenize the text alike.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @DEVICE_OPTION
 @CACHE_OPTION
 @VERIFY_OPTION
-def eval_command(file, text_path, ctx, stride, max_chunks, as_json, progress, device, cache_dequantized, verify):
+def eval_command(file, text_path, ctx, stride, max_chunks, reference_path, as_json, progress, device,
+                 cache_dequantized, verify):
     """Measure the perplexity of the model in FILE on a text (lower is better).
 
     The text is tokenized once (with BOS if the model adds one). Default method: cut the tokens into
     non-overlapping --ctx-token chunks, score every token of a chunk but its first from the chunk
     alone (the usual GPTQ evaluation). With --stride: transformers' sliding-window method. Compare
     numbers only when method, ctx, stride and tokenizer are the same; they are printed with the result.
+
+    Each chunk (window) is one sample: the 95% interval is the mean NLL ± 1.96 standard errors over
+    them. Two files differ less than their intervals suggest, because the same text is hard for both:
+    compare them with --reference, whose ratio interval comes from the paired per-chunk differences.
     """
+    import contextlib
     import json
 
+    from .errors import ModelError
     from .generate import load
-    from .perplexity import perplexity
+    from .perplexity import Z95, perplexity
 
     path = Path(text_path)
     text = read_text_file(path, "--text")
-    with load(file, device=device, cache_dequantized=cache_dequantized, verify=verify) as model:
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(load(file, device=device, cache_dequantized=cache_dequantized, verify=verify))
         ids = model.tokenizer.encode(text)
+        reference = None
+        if reference_path is not None:
+            reference = stack.enter_context(load(reference_path, device=device, cache_dequantized=cache_dequantized,
+                                                 verify=verify))
+            if reference.model.config.vocab_size != model.model.config.vocab_size:
+                raise ModelError(f"--reference {reference_path}: vocabulary of {reference.model.config.vocab_size} "
+                                 f"tokens, {file} has {model.model.config.vocab_size}")
+            if list(reference.tokenizer.encode(text)) != list(ids):
+                raise ModelError(f"--reference {reference_path}: its tokenizer encodes the text differently "
+                                 f"from {file}'s")
         ctx = ctx or min(2048, model.context_length)
-        report = perplexity(model, ids, ctx=ctx, stride=stride, max_chunks=max_chunks, progress=progress)
+        report = perplexity(model, ids, ctx=ctx, stride=stride, max_chunks=max_chunks, progress=progress,
+                            reference=reference)
     report = {"file": str(file), "text": str(path), **report}
+    if reference_path is not None:
+        report["reference"] = {"file": str(reference_path), **report["reference"]}
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
     unit = "chunks" if report["method"] == "chunks" else "windows"
     stride_text = f", stride {report['stride']}" if report["stride"] else ""
-    click.echo(f"perplexity {report['ppl']:.4f}  (method {report['method']}, ctx {report['ctx']}{stride_text}, "
-               f"{report['chunks']} {unit}, {report['scored_tokens']:,} "
+    click.echo(f"perplexity {report['ppl']:.4f} {_interval_text(report['ppl_95'])} (method {report['method']}, "
+               f"ctx {report['ctx']}{stride_text}, {report['chunks']} {unit}, {report['scored_tokens']:,} "
                f"tokens scored of {report['tokens']:,}; text {path.name}; {report['seconds']:.1f} s)")
+    if reference_path is not None:
+        ref = report["reference"]
+        kl_se = f" ± {Z95 * report['kl_divergence_se']:.4f}" if report["kl_divergence_se"] is not None else ""
+        click.echo(f"reference {ref['ppl']:.4f} {_interval_text(ref['ppl_95'])} ({Path(reference_path).name}); "
+                   f"ratio {report['ppl_ratio']:.4f} {_interval_text(report['ppl_ratio_95'])}; "
+                   f"KL divergence {report['kl_divergence']:.4f}{kl_se} nats/token; "
+                   f"same top token {100 * report['top1_agreement']:.2f}%")
+
+
+def _interval_text(interval) -> str:
+    """'(95%: a–b)', or '' for a single chunk (no interval)."""
+    return "" if interval is None else f"(95%: {interval[0]:.4f}–{interval[1]:.4f})"
 
 
 @click.command("export-hf")

@@ -7,6 +7,12 @@ stride (transformers' sliding window, docs/transformers/perplexity): windows of 
     starting every `stride` tokens; each window scores only the tokens not scored by the previous
     one. Reproduces that recipe exactly, including its weighting: a window's mean loss counts
     (newly scored tokens − 1) times.
+
+Noise: each chunk (window) is one sample; the report's 95% interval is mean NLL ± 1.96 standard
+errors over them (the ratio estimator for unequal sizes). With a reference model (e.g. the fp16 file of
+the same checkpoint) both run on the same chunks: the ratio of perplexities gets its interval from the
+paired per-chunk differences, far tighter than either perplexity's own, and the report adds the mean
+KL divergence KL(reference ‖ model) per token and how often both models' top tokens agree.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import numpy as np
 from .errors import ModelError
 
 HEAD_ROWS = 512  # positions per lm_head block: bounds the (rows, vocab) logits in memory
+COMPARE_ELEMENTS = 1 << 24  # with a reference: (rows, vocab) float32 log-probabilities per block, two models
+Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
 
 
 def _nll(lm, hidden, targets: np.ndarray) -> np.ndarray:
@@ -30,9 +38,85 @@ def _nll(lm, hidden, targets: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _log_softmax(lm, logits) -> np.ndarray:
+    """(rows, vocab) logits on the model's backend → host float32 log-probabilities."""
+    z = np.asarray(lm.backend.to_host(logits), dtype=np.float32)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+def _compared(lm, ref, hidden, ref_hidden, targets: np.ndarray) -> dict:
+    """Per target (n,) float64: the model's and the reference's NLL, KL(reference ‖ model) of the
+    next-token distributions, and whether their most likely tokens agree."""
+    rows = max(1, min(HEAD_ROWS, COMPARE_ELEMENTS // lm.model.config.vocab_size))
+    out = {"nll": [], "ref_nll": [], "kl": [], "agree": []}
+    for r0 in range(0, len(targets), rows):
+        t = targets[r0:r0 + rows]
+        lq = _log_softmax(lm, lm.model.logits_from_hidden(hidden[r0:r0 + rows]))  # (rows, vocab)
+        lr = _log_softmax(ref, ref.model.logits_from_hidden(ref_hidden[r0:r0 + rows]))
+        at = np.arange(len(t))
+        out["nll"].append(-lq[at, t].astype(np.float64))
+        out["ref_nll"].append(-lr[at, t].astype(np.float64))
+        out["kl"].append((np.exp(lr) * (lr - lq)).sum(axis=-1, dtype=np.float64))
+        out["agree"].append((lq.argmax(axis=-1) == lr.argmax(axis=-1)).astype(np.float64))
+    return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
+def mean_and_se(sums, counts) -> tuple[float, float | None]:
+    """Σsums/Σcounts and its standard error over the units (a ratio estimator: units of unequal
+    sizes); None with a single unit."""
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    mean = float(sums.sum() / counts.sum())
+    k = len(sums)
+    if k < 2:
+        return mean, None
+    residuals = (sums - mean * counts) / counts.mean()
+    return mean, float(math.sqrt((residuals ** 2).sum() / (k * (k - 1))))
+
+
+def _interval(mean: float, se: float | None) -> list | None:
+    return None if se is None else [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
+
+
+def _windows(n: int, ctx: int, stride: int | None, max_chunks: int | None):
+    """(inputs (begin, end), cache length, first scored input row, targets (begin, end), weight) per
+    unit: rows first..end of the hidden states of ids[inputs] predict ids[targets]; a unit's summed NLL
+    counts `weight` / (number of targets) times (1 but for the stride recipe)."""
+    if stride is None:
+        n_chunks = n // ctx
+        if n_chunks == 0:
+            raise ModelError(f"the text has {n} tokens, fewer than one chunk of --ctx {ctx}; use a smaller --ctx")
+        for i in range(min(n_chunks, max_chunks or n_chunks)):
+            b = i * ctx
+            yield (b, b + ctx), ctx, 0, (b + 1, b + ctx), None
+        return
+    if n < 2:
+        raise ModelError(f"the text has {n} tokens; perplexity needs at least 2")
+    prev_end, windows = 0, 0
+    for begin in range(0, n, stride):
+        if max_chunks is not None and windows >= max_chunks:
+            return
+        end = min(begin + ctx, n)
+        new = end - prev_end  # tokens this window scores (trg_len in the HF recipe)
+        if end - begin < 2:  # a last window of one token scores nothing (HF's loss would be NaN)
+            return
+        first = max(1, end - begin - new)  # first scored position (labels shift by one)
+        yield (begin, end - 1), end - begin, first - 1, (begin + first, end), new - 1
+        prev_end, windows = end, windows + 1
+        if end == n:
+            return
+
+
+def _count_windows(n, ctx, stride, max_chunks) -> int:
+    if stride is None:
+        return min(n // ctx, max_chunks or n // ctx)
+    return min(len(range(0, n, stride)), max_chunks or n)
+
+
 def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: int | None = None,
-               progress: bool = True) -> dict:
-    """lm: a LoadedModel; ids: the tokenized text. Returns a JSON-ready report."""
+               progress: bool = True, reference=None) -> dict:
+    """lm: a LoadedModel; ids: the tokenized text; reference: another LoadedModel with the same
+    vocabulary, run on the same chunks (module doc). Returns a JSON-ready report."""
     from tqdm import tqdm
 
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -41,54 +125,47 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
         raise ModelError(f"--ctx must be at least 2, got {ctx}")
     if ctx > lm.context_length:
         raise ModelError(f"--ctx {ctx} exceeds the model's context of {lm.context_length} tokens")
+    if reference is not None and ctx > reference.context_length:
+        raise ModelError(f"--ctx {ctx} exceeds the reference model's context of {reference.context_length} tokens")
     if stride is not None and not 1 <= stride <= ctx:
         raise ModelError(f"--stride must be between 1 and --ctx ({ctx}), got {stride}")
     if max_chunks is not None and max_chunks < 1:
         raise ModelError(f"--max-chunks must be at least 1, got {max_chunks}")
-    model = lm.model
     t0 = time.perf_counter()
-    if stride is None:
-        n_chunks = n // ctx
-        if n_chunks == 0:
-            raise ModelError(f"the text has {n} tokens, fewer than one chunk of --ctx {ctx}; use a smaller --ctx")
-        n_chunks = min(n_chunks, max_chunks or n_chunks)
-        total, count = 0.0, 0
-        for i in tqdm(range(n_chunks), desc="perplexity", unit="chunk", file=sys.stderr, disable=not progress):
-            chunk = ids[i * ctx:(i + 1) * ctx]
-            hidden = model.hidden_states(chunk, model.new_cache(ctx))  # (ctx, hidden)
-            nll = _nll(lm, hidden[:-1], chunk[1:])  # positions 1..ctx-1
-            total, count = total + float(nll.sum()), count + len(nll)
-        report = {"method": "chunks", "ctx": ctx, "stride": None, "chunks": n_chunks}
-    else:
-        if n < 2:
-            raise ModelError(f"the text has {n} tokens; perplexity needs at least 2")
-        starts = list(range(0, n, stride))
-        windows = 0
-        total, count, prev_end = 0.0, 0, 0
-        bar = tqdm(total=min(len(starts), max_chunks or len(starts)), desc="perplexity", unit="window",
-                   file=sys.stderr, disable=not progress)
-        for begin in starts:
-            if max_chunks is not None and windows >= max_chunks:
-                break
-            end = min(begin + ctx, n)
-            new = end - prev_end  # tokens this window scores (trg_len in the HF recipe)
-            window = ids[begin:end]
-            if len(window) < 2:  # a last window of one token scores nothing (HF's loss would be NaN)
-                break
-            first = max(1, len(window) - new)  # first scored position (labels shift by one)
-            hidden = model.hidden_states(window[:-1], model.new_cache(len(window)))
-            nll = _nll(lm, hidden[first - 1:], window[first:])
-            total += float(nll.mean()) * (new - 1)  # the HF recipe's weighting
-            count += new - 1
-            prev_end, windows = end, windows + 1
-            bar.update(1)
-            if end == n:
-                break
-        bar.close()
-        report = {"method": "stride", "ctx": ctx, "stride": stride, "chunks": windows}
-    if count == 0:
+    units = {"nll": [], "ref_nll": [], "kl": [], "agree": [], "count": []}  # per chunk / window: sums, count
+    bar = tqdm(total=_count_windows(n, ctx, stride, max_chunks), desc="perplexity",
+               unit="chunk" if stride is None else "window", file=sys.stderr, disable=not progress)
+    for (i0, i1), cache_len, first, (s0, s1), weight in _windows(n, ctx, stride, max_chunks):
+        inputs, targets = ids[i0:i1], ids[s0:s1]
+        hidden = lm.model.hidden_states(inputs, lm.model.new_cache(cache_len))[first:first + len(targets)]
+        if reference is None:
+            scores = {"nll": _nll(lm, hidden, targets)}
+        else:
+            ref_hidden = reference.model.hidden_states(inputs, reference.model.new_cache(cache_len))
+            scores = _compared(lm, reference, hidden, ref_hidden[first:first + len(targets)], targets)
+        count = len(targets) if weight is None else weight  # the stride recipe: mean loss × (new − 1)
+        for key, values in scores.items():
+            units[key].append(float(values.mean()) * count)
+        units["count"].append(count)
+        bar.update(1)
+    bar.close()
+    if not units["count"] or sum(units["count"]) == 0:
         raise ModelError("no tokens were scored")
-    mean = total / count
-    report.update(tokens=n, scored_tokens=count, nll=mean, ppl=math.exp(mean),
-                  seconds=round(time.perf_counter() - t0, 3))
+    mean, se = mean_and_se(units["nll"], units["count"])
+    report = {"method": "chunks" if stride is None else "stride", "ctx": ctx, "stride": stride,
+              "chunks": len(units["count"]), "tokens": n, "scored_tokens": int(sum(units["count"])),
+              "nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
+              "chunk_nll": [s / c for s, c in zip(units["nll"], units["count"])]}
+    if reference is not None:
+        ref_mean, ref_se = mean_and_se(units["ref_nll"], units["count"])
+        diff = np.subtract(units["nll"], units["ref_nll"])
+        diff_mean, diff_se = mean_and_se(diff, units["count"])
+        kl, kl_se = mean_and_se(units["kl"], units["count"])
+        report["reference"] = {"nll": ref_mean, "ppl": math.exp(ref_mean), "nll_se": ref_se,
+                               "ppl_95": _interval(ref_mean, ref_se),
+                               "chunk_nll": [s / c for s, c in zip(units["ref_nll"], units["count"])]}
+        report.update(ppl_ratio=math.exp(diff_mean), ppl_ratio_95=_interval(diff_mean, diff_se),
+                      kl_divergence=kl, kl_divergence_se=kl_se,
+                      top1_agreement=float(np.sum(units["agree"]) / sum(units["count"])))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
     return report

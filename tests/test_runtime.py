@@ -445,6 +445,89 @@ def test_perplexity_matches_transformers(built):
     assert abs(stride["ppl"] / sliding - 1) < 1e-3 and stride["tokens"] == len(ids)
 
 
+def test_mean_and_se_is_the_standard_error_over_units():
+    from mxq.runtime.perplexity import mean_and_se
+
+    rng = np.random.default_rng(3)
+    means = rng.normal(3.0, 0.2, size=9)
+    mean, se = mean_and_se(means * 50, [50] * 9)  # equal units: the usual standard error of their means
+    assert mean == pytest.approx(means.mean()) and se == pytest.approx(means.std(ddof=1) / 3)
+    mean, se = mean_and_se([10.0, 30.0], [10, 10])
+    assert (mean, se) == (2.0, 1.0)
+    assert mean_and_se([5.0], [4]) == (1.25, None)  # one unit: no spread to estimate
+    mean, se = mean_and_se([2.0, 40.0], [1, 20])  # unequal units weigh by size: Σ/Σ, not the means' mean
+    assert mean == pytest.approx(42 / 21) and se == pytest.approx(0.0)
+
+
+def test_perplexity_reference_matches_transformers(built):
+    """--reference: both perplexities as each model alone gives them, KL(ref ‖ model) and top-1 agreement
+    as computed from transformers' logits of the two export-hf copies, the ratio's interval from the
+    paired chunk differences; a model against itself: ratio 1, KL 0, agreement 1."""
+    path, hf = built("tiny-llama", "mixed")
+    ref_path, ref_hf = built("tiny-llama", "fp16")
+    text = (Path(fixtures.DATA_DIR) / "botchan.txt").read_text()[:3000]
+    with mxq.load(path) as lm, mxq.load(ref_path) as ref:
+        ids = lm.tokenizer.encode(text)[:400]
+        alone = perplexity(lm, ids, ctx=96, max_chunks=3, progress=False)
+        ref_alone = perplexity(ref, ids, ctx=96, max_chunks=3, progress=False)
+        both = perplexity(lm, ids, ctx=96, max_chunks=3, progress=False, reference=ref)
+        itself = perplexity(lm, ids, ctx=96, max_chunks=3, progress=False, reference=lm)
+        stride = perplexity(lm, ids, ctx=96, stride=40, progress=False, reference=ref)
+        stride_alone = perplexity(lm, ids, ctx=96, stride=40, progress=False)
+    assert both["ppl"] == pytest.approx(alone["ppl"], rel=1e-5)
+    assert both["reference"]["ppl"] == pytest.approx(ref_alone["ppl"], rel=1e-5)
+    assert both["ppl_ratio"] == pytest.approx(alone["ppl"] / ref_alone["ppl"], rel=1e-5)
+    assert stride["ppl"] == pytest.approx(stride_alone["ppl"], rel=1e-5) and stride["chunks"] == stride_alone["chunks"]
+    kl, agree = [], []
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.tensor([ids[i * 96:(i + 1) * 96]])
+            lq = torch.log_softmax(hf(x).logits[0, :-1].double(), -1)
+            lr = torch.log_softmax(ref_hf(x).logits[0, :-1].double(), -1)
+            kl.append((lr.exp() * (lr - lq)).sum(-1))
+            agree.append((lq.argmax(-1) == lr.argmax(-1)).double())
+    assert both["kl_divergence"] == pytest.approx(float(torch.cat(kl).mean()), rel=1e-3)
+    assert both["kl_divergence"] > 1e-4  # mixed bits differ from fp16
+    assert both["top1_agreement"] == pytest.approx(float(torch.cat(agree).mean()), abs=1 / 285)
+    low, high = both["ppl_ratio_95"]
+    assert low < both["ppl_ratio"] < high
+    diffs = np.subtract(both["chunk_nll"], both["reference"]["chunk_nll"])
+    assert np.log(high / low) / 2 == pytest.approx(1.959964 * diffs.std(ddof=1) / np.sqrt(3), rel=1e-6)
+    assert itself["ppl_ratio"] == pytest.approx(1.0, abs=1e-9) and itself["ppl_ratio_95"] == [1.0, 1.0]
+    assert abs(itself["kl_divergence"]) < 1e-6 and itself["top1_agreement"] == 1.0
+    low, high = alone["ppl_95"]
+    assert low < alone["ppl"] < high and np.mean(alone["chunk_nll"]) == pytest.approx(alone["nll"])
+
+
+def test_eval_command_reference(built, tmp_path):
+    from click.testing import CliRunner
+
+    from mxq.cli import main
+
+    path, _ = built("tiny-qwen2", "mixed")
+    ref_path, _ = built("tiny-qwen2", "fp16")
+    other, _ = built("tiny-llama", "fp16")  # 32,000 tokens against tiny-qwen2's 512
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 20)
+    args = ["eval", str(path), "--text", str(text), "--ctx", "64", "--max-chunks", "2", "--no-progress"]
+    result = CliRunner().invoke(main, args + ["--reference", str(ref_path)])
+    assert result.exit_code == 0, result.stderr
+    first, second = result.stdout.strip().splitlines()
+    assert first.startswith("perplexity ") and "(95%: " in first
+    assert second.startswith("reference ") and "ratio " in second and "KL divergence " in second
+    report = json.loads(CliRunner().invoke(main, args + ["--reference", str(ref_path), "--json"]).stdout)
+    assert report["reference"]["file"] == str(ref_path) and report["top1_agreement"] <= 1.0
+    result = CliRunner().invoke(main, args + ["--reference", str(other)])
+    assert result.exit_code != 0 and "vocabulary of 32000 tokens" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    truncated = tmp_path / "truncated.mxq"
+    truncated.write_bytes(Path(ref_path).read_bytes()[:5000])
+    for bad in (truncated, tmp_path):  # a damaged reference, a directory: one line naming it
+        result = CliRunner().invoke(main, args + ["--reference", str(bad)])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code != 0 and len(lines) == 1 and str(bad) in lines[0], result.stderr
+
+
 def test_eval_command_finds_text_through_environment(built, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
