@@ -79,9 +79,9 @@ def _interval(mean: float, se: float | None) -> list | None:
 
 
 def _windows(n: int, ctx: int, stride: int | None, max_chunks: int | None):
-    """(inputs (begin, end), cache length, first scored input row, targets (begin, end), weight) per
-    unit: rows first..end of the hidden states of ids[inputs] predict ids[targets]; a unit's summed NLL
-    counts `weight` / (number of targets) times (1 but for the stride recipe)."""
+    """(inputs (begin, end), cache length, first scored row, targets (begin, end), weight) per unit:
+    hidden-state rows first, first + 1, … of ids[inputs] predict ids[targets]. weight: None (each target
+    counts once) or, in the stride recipe, the count the unit's mean loss stands for (new − 1)."""
     if stride is None:
         n_chunks = n // ctx
         if n_chunks == 0:
@@ -133,6 +133,7 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
         raise ModelError(f"--max-chunks must be at least 1, got {max_chunks}")
     t0 = time.perf_counter()
     units = {"nll": [], "ref_nll": [], "kl": [], "agree": [], "count": []}  # per chunk / window: sums, count
+    windows = 0
     bar = tqdm(total=_count_windows(n, ctx, stride, max_chunks), desc="perplexity",
                unit="chunk" if stride is None else "window", file=sys.stderr, disable=not progress)
     for (i0, i1), cache_len, first, (s0, s1), weight in _windows(n, ctx, stride, max_chunks):
@@ -144,16 +145,18 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
             ref_hidden = reference.model.hidden_states(inputs, reference.model.new_cache(cache_len))
             scores = _compared(lm, reference, hidden, ref_hidden[first:first + len(targets)], targets)
         count = len(targets) if weight is None else weight  # the stride recipe: mean loss × (new − 1)
-        for key, values in scores.items():
-            units[key].append(float(values.mean()) * count)
-        units["count"].append(count)
+        if count:  # a last stride window of new == 1 counts 0 times
+            for key, values in scores.items():
+                units[key].append(float(values.mean()) * count)
+            units["count"].append(count)
+        windows += 1
         bar.update(1)
     bar.close()
-    if not units["count"] or sum(units["count"]) == 0:
+    if not units["count"]:
         raise ModelError("no tokens were scored")
     mean, se = mean_and_se(units["nll"], units["count"])
     report = {"method": "chunks" if stride is None else "stride", "ctx": ctx, "stride": stride,
-              "chunks": len(units["count"]), "tokens": n, "scored_tokens": int(sum(units["count"])),
+              "chunks": windows, "tokens": n, "scored_tokens": int(sum(units["count"])),
               "nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
               "chunk_nll": [s / c for s, c in zip(units["nll"], units["count"])]}
     if reference is not None:

@@ -474,6 +474,10 @@ def test_perplexity_reference_matches_transformers(built):
         itself = perplexity(lm, ids, ctx=96, max_chunks=3, progress=False, reference=lm)
         stride = perplexity(lm, ids, ctx=96, stride=40, progress=False, reference=ref)
         stride_alone = perplexity(lm, ids, ctx=96, stride=40, progress=False)
+        one = perplexity(lm, ids[:96], ctx=96, stride=96, progress=False, reference=ref)
+        last_counts_zero = perplexity(lm, ids[:97], ctx=96, stride=1, progress=False, reference=ref)  # new − 1 = 0
+    assert last_counts_zero["chunks"] == 2 and last_counts_zero["ppl"] == pytest.approx(one["ppl"])
+    assert last_counts_zero["kl_divergence"] == pytest.approx(one["kl_divergence"]) and one["ppl_95"] is None
     assert both["ppl"] == pytest.approx(alone["ppl"], rel=1e-5)
     assert both["reference"]["ppl"] == pytest.approx(ref_alone["ppl"], rel=1e-5)
     assert both["ppl_ratio"] == pytest.approx(alone["ppl"] / ref_alone["ppl"], rel=1e-5)
