@@ -175,7 +175,7 @@ def heldout(prepared: Prepared) -> Evaluation:
 
 def file_loss(path, evaluation: Evaluation) -> dict:
     """The runtime's (CPU) mean next-token loss of the .mxq file at `path` on `evaluation`:
-    perplexity()'s report (nll, ppl, chunks, scored_tokens, seconds)."""
+    perplexity()'s report (nll, ppl, chunks, scored_tokens, chunk_nll, chunk_tokens, seconds)."""
     import mxq
     from ..format_spec import MxqFile
     from ..runtime.perplexity import perplexity
@@ -195,7 +195,7 @@ def fp_reference(prepared: Prepared, evaluation: Evaluation, workdir) -> dict:
     from .pipeline import convert
 
     cache_dir = prepared.options.cache_dir
-    key = hashlib.sha256(f"{prepared.checkpoint_hash}/{evaluation.key()}/v1".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{prepared.checkpoint_hash}/{evaluation.key()}/v2".encode()).hexdigest()[:32]  # v2: chunk_nll
     path = Path(cache_dir) / "heldout" / f"{key}.json" if cache_dir else None
     if path is not None and path.exists():
         try:

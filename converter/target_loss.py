@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.perplexity import Z95, paired_difference
 from .errors import ConversionError
 from .prediction import (convert_at, file_choice, file_loss, fp_reference, heldout, predicted_increase, prepare,
                          scored_tokens, smallest_budget, workdir_for)
@@ -39,6 +40,7 @@ class Round:
     scale: float  # k the prediction was multiplied by when this budget was solved
     predicted: float  # Fisher-predicted mean loss increase of the written file (nats per token, unscaled)
     measured: float  # runtime-measured mean loss increase on the held-out tokens (nats per token)
+    measured_se: float | None  # its standard error over the held-out chunks (paired with the fp16 file's)
     path: str
     report: object  # pipeline.Report
 
@@ -46,9 +48,17 @@ class Round:
         pct = lambda nats: 100.0 * nats / fp_loss  # noqa: E731
         verdict = ("meets the target" if self.measured <= target else
                    f"MISSES the target by {pct(self.measured - target):.2f} points")
+        low, high = self.measured_95()
+        spread = "" if low is None else f" (95%: {pct(low):+.2f}% to {pct(high):+.2f}%)"
         return (f"{self.bpw:.3f} bpw, {self.file_bytes:,} bytes: predicted {pct(self.predicted):+.2f}% "
                 f"(scaled ×{self.scale:.3g}: {pct(self.scale * self.predicted):+.2f}%), measured "
-                f"{pct(self.measured):+.2f}%: {verdict}")
+                f"{pct(self.measured):+.2f}%{spread}: {verdict}")
+
+    def measured_95(self) -> tuple:
+        """The measured increase's 95% interval (nats per token), (None, None) with one held-out chunk."""
+        if self.measured_se is None:
+            return None, None
+        return self.measured - Z95 * self.measured_se, self.measured + Z95 * self.measured_se
 
 
 def convert_max_loss(hf_dir, out_path, options, progress=None):
@@ -62,7 +72,8 @@ def convert_max_loss(hf_dir, out_path, options, progress=None):
     resolution = max(1, int(BPW_RESOLUTION * int(table.numel.sum()) / 8))
     with workdir_for(out_path) as workdir:
         stage = time.perf_counter()
-        fp_loss = fp_reference(prepared, evaluation, workdir)["nll"]
+        fp = fp_reference(prepared, evaluation, workdir)
+        fp_loss = fp["nll"]
         reference_seconds = time.perf_counter() - stage
         target = options.max_loss / 100.0 * fp_loss  # nats per token
         rounds, scale, unreachable = [], 1.0, None
@@ -81,9 +92,9 @@ def convert_max_loss(hf_dir, out_path, options, progress=None):
             report = convert_at(prepared, budget, path, progress)
             choice = file_choice(prepared, path)  # what the file stores, not what we asked for
             predicted = predicted_increase(float(table.weighted[rows, choice].sum()), calibration)
-            measured = file_loss(path, evaluation)["nll"] - fp_loss
-            rounds.append(Round(budget, report.achieved_bpw, report.file_bytes, scale, predicted, measured, path,
-                                report))
+            measured, measured_se = paired_difference(file_loss(path, evaluation), fp)  # same held-out chunks
+            rounds.append(Round(budget, report.achieved_bpw, report.file_bytes, scale, predicted, measured,
+                                measured_se, path, report))
             if SLACK * target <= measured <= target:
                 break
             scale = max(measured, 0.01 * predicted) / predicted  # measured ≤ 0 (noise): a floor, not a sign flip
@@ -107,6 +118,8 @@ def convert_max_loss(hf_dir, out_path, options, progress=None):
     report.target = {"max_loss_percent": options.max_loss, "fp_loss": fp_loss, "heldout_tokens": len(evaluation.ids),
                      "met": bool(met), "rounds": [{"bpw": d.bpw, "file_bytes": d.file_bytes, "scale": d.scale,
                                                    "predicted_pct": 100 * d.predicted / fp_loss,
-                                                   "measured_pct": 100 * d.measured / fp_loss} for d in rounds],
+                                                   "measured_pct": 100 * d.measured / fp_loss,
+                                                   "measured_pct_95": [None if x is None else 100 * x / fp_loss
+                                                                       for x in d.measured_95()]} for d in rounds],
                      "chosen": rounds.index(chosen)}
     return report

@@ -74,6 +74,16 @@ def mean_and_se(sums, counts) -> tuple[float, float | None]:
     return mean, float(math.sqrt((residuals ** 2).sum() / (k * (k - 1))))
 
 
+def paired_difference(report: dict, reference: dict) -> tuple[float, float | None]:
+    """report's mean NLL minus reference's (nats per token) and its standard error over the chunks: two
+    perplexity() reports (or a report and its "reference") of the same chunks of the same tokens."""
+    counts = report["chunk_tokens"]
+    if counts != reference.get("chunk_tokens"):
+        raise ValueError("the two reports were not measured on the same chunks")
+    diffs = [(a - b) * c for a, b, c in zip(report["chunk_nll"], reference["chunk_nll"], counts)]
+    return mean_and_se(diffs, counts)
+
+
 def _interval(mean: float, se: float | None) -> list | None:
     return None if se is None else [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
 
@@ -158,15 +168,15 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
     report = {"method": "chunks" if stride is None else "stride", "ctx": ctx, "stride": stride,
               "chunks": windows, "tokens": n, "scored_tokens": int(sum(units["count"])),
               "nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
-              "chunk_nll": [s / c for s, c in zip(units["nll"], units["count"])]}
+              "chunk_nll": [s / c for s, c in zip(units["nll"], units["count"])], "chunk_tokens": units["count"]}
     if reference is not None:
         ref_mean, ref_se = mean_and_se(units["ref_nll"], units["count"])
-        diff = np.subtract(units["nll"], units["ref_nll"])
-        diff_mean, diff_se = mean_and_se(diff, units["count"])
         kl, kl_se = mean_and_se(units["kl"], units["count"])
         report["reference"] = {"nll": ref_mean, "ppl": math.exp(ref_mean), "nll_se": ref_se,
                                "ppl_95": _interval(ref_mean, ref_se),
-                               "chunk_nll": [s / c for s, c in zip(units["ref_nll"], units["count"])]}
+                               "chunk_nll": [s / c for s, c in zip(units["ref_nll"], units["count"])],
+                               "chunk_tokens": units["count"]}
+        diff_mean, diff_se = paired_difference(report, report["reference"])
         report.update(ppl_ratio=math.exp(diff_mean), ppl_ratio_95=_interval(diff_mean, diff_se),
                       kl_divergence=kl, kl_divergence_se=kl_se,
                       top1_agreement=float(np.sum(units["agree"]) / sum(units["count"])))

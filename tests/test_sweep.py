@@ -94,6 +94,22 @@ def test_max_loss_measures_the_file_and_reports_prediction_beside_it(tiny_llama,
     nll = prediction.file_loss(out, prediction.heldout(prepared))["nll"]
     assert 100 * (nll - target["fp_loss"]) / target["fp_loss"] == pytest.approx(chosen["measured_pct"], abs=1e-6)
     assert any("predicted" in note and "measured" in note for note in report.notes)
+    # its interval: the paired per-chunk differences against the fp16 file on the same held-out chunks
+    low, high = chosen["measured_pct_95"]
+    assert low < chosen["measured_pct"] < high and any("(95%: " in note for note in report.notes)
+
+
+def test_paired_difference_is_the_per_chunk_difference():
+    from mxq.runtime.perplexity import Z95, paired_difference
+
+    a = {"chunk_nll": [3.0, 3.5, 2.5], "chunk_tokens": [10, 10, 10]}
+    b = {"chunk_nll": [2.9, 3.3, 2.4], "chunk_tokens": [10, 10, 10]}
+    mean, se = paired_difference(a, b)
+    diffs = np.subtract(a["chunk_nll"], b["chunk_nll"])
+    assert mean == pytest.approx(diffs.mean()) and se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert 0 < Z95 * se < 0.2  # tighter than either report's own spread over its chunks
+    with pytest.raises(ValueError, match="same chunks"):
+        paired_difference(a, {**b, "chunk_tokens": [10, 10, 9]})
 
 
 def cli(*args):
