@@ -200,7 +200,10 @@ def fp_reference(prepared: Prepared, evaluation: Evaluation, workdir) -> dict:
     if path is not None and path.exists():
         try:
             cached = json.loads(path.read_text())
-            if isinstance(cached.get("nll"), float):
+            chunks = cached.get("chunk_nll"), cached.get("chunk_tokens")
+            if (isinstance(cached.get("nll"), float) and all(isinstance(c, list) for c in chunks)
+                    and len(chunks[0]) == len(chunks[1]) > 0
+                    and all(isinstance(x, float) for x in chunks[0]) and all(isinstance(x, int) for x in chunks[1])):
                 return cached
         except (OSError, ValueError, AttributeError):
             pass  # damaged: measured again below

@@ -1,6 +1,7 @@
 """--max-loss, `mxq sweep` and the allocation heatmap (`mxq inspect --plot`): search, prediction vs measurement,
 CSV and PNG outputs, clean errors. Tiny fixtures here; the SmolLM2 checks are slow."""
 import csv
+import json
 import math
 import struct
 import subprocess
@@ -97,6 +98,22 @@ def test_max_loss_measures_the_file_and_reports_prediction_beside_it(tiny_llama,
     # its interval: the paired per-chunk differences against the fp16 file on the same held-out chunks
     low, high = chosen["measured_pct_95"]
     assert low < chosen["measured_pct"] < high and any("(95%: " in note for note in report.notes)
+
+
+def test_fp_reference_cache_without_chunks_is_measured_again(tiny_llama, tmp_path, short_heldout):
+    """The fp16 file's held-out report is cached; one without its per-chunk losses (damaged, or from before
+    they were kept) is measured again, not handed to the paired comparison."""
+    own_cache = tmp_path / "cache"
+    prepared = prediction.prepare(tiny_llama, ConvertOptions(bpw=4, cache_dir=str(own_cache), **FAST))
+    evaluation = prediction.heldout(prepared)
+    first = prediction.fp_reference(prepared, evaluation, tmp_path)
+    [cached] = (own_cache / "heldout").glob("*.json")
+    for damaged in ({"nll": first["nll"]}, {**first, "chunk_tokens": first["chunk_tokens"][:-1]},
+                    {**first, "chunk_nll": ["x"] * len(first["chunk_nll"])}):
+        cached.write_text(json.dumps(damaged))
+        again = prediction.fp_reference(prepared, evaluation, tmp_path)
+        assert again["chunk_nll"] == pytest.approx(first["chunk_nll"]) and again["chunk_tokens"] == first["chunk_tokens"]
+    assert prediction.fp_reference(prepared, evaluation, tmp_path) == json.loads(cached.read_text())  # rewritten
 
 
 def test_paired_difference_is_the_per_chunk_difference():
