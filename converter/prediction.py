@@ -189,6 +189,14 @@ def file_loss(path, evaluation: Evaluation) -> dict:
                           max_chunks=evaluation.max_chunks, progress=False)
 
 
+def _usable_report(cached) -> bool:
+    """A cached file_loss() report with what paired_difference reads: the mean and the per-chunk losses."""
+    losses, counts = cached.get("chunk_nll"), cached.get("chunk_tokens")
+    return (isinstance(cached.get("nll"), float) and isinstance(losses, list) and isinstance(counts, list)
+            and len(losses) == len(counts) > 0 and all(isinstance(x, float) for x in losses)
+            and all(isinstance(x, int) for x in counts))
+
+
 def fp_reference(prepared: Prepared, evaluation: Evaluation, workdir) -> dict:
     """file_loss() of the all-fp16 file of the checkpoint (the fp model as the runtime runs it), cached per
     checkpoint and evaluation under the cache's heldout/ folder."""
@@ -200,10 +208,7 @@ def fp_reference(prepared: Prepared, evaluation: Evaluation, workdir) -> dict:
     if path is not None and path.exists():
         try:
             cached = json.loads(path.read_text())
-            chunks = cached.get("chunk_nll"), cached.get("chunk_tokens")
-            if (isinstance(cached.get("nll"), float) and all(isinstance(c, list) for c in chunks)
-                    and len(chunks[0]) == len(chunks[1]) > 0
-                    and all(isinstance(x, float) for x in chunks[0]) and all(isinstance(x, int) for x in chunks[1])):
+            if _usable_report(cached):
                 return cached
         except (OSError, ValueError, AttributeError):
             pass  # damaged: measured again below

@@ -88,6 +88,13 @@ def _interval(mean: float, se: float | None) -> list | None:
     return None if se is None else [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
 
 
+def _summary(sums, counts) -> dict:
+    """One model's part of the report from its per-unit NLL sums and token counts."""
+    mean, se = mean_and_se(sums, counts)
+    return {"nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
+            "chunk_nll": [s / c for s, c in zip(sums, counts)], "chunk_tokens": list(counts)}
+
+
 def _windows(n: int, ctx: int, stride: int | None, max_chunks: int | None):
     """(inputs (begin, end), cache length, first scored row, targets (begin, end), weight) per unit:
     hidden-state rows first, first + 1, … of ids[inputs] predict ids[targets]. weight: None (each target
@@ -117,12 +124,6 @@ def _windows(n: int, ctx: int, stride: int | None, max_chunks: int | None):
             return
 
 
-def _count_windows(n, ctx, stride, max_chunks) -> int:
-    if stride is None:
-        return min(n // ctx, max_chunks or n // ctx)
-    return min(len(range(0, n, stride)), max_chunks or n)
-
-
 def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: int | None = None,
                progress: bool = True, reference=None) -> dict:
     """lm: a LoadedModel; ids: the tokenized text; reference: another LoadedModel with the same
@@ -143,10 +144,10 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
         raise ModelError(f"--max-chunks must be at least 1, got {max_chunks}")
     t0 = time.perf_counter()
     units = {"nll": [], "ref_nll": [], "kl": [], "agree": [], "count": []}  # per chunk / window: sums, count
-    windows = 0
-    bar = tqdm(total=_count_windows(n, ctx, stride, max_chunks), desc="perplexity",
-               unit="chunk" if stride is None else "window", file=sys.stderr, disable=not progress)
-    for (i0, i1), cache_len, first, (s0, s1), weight in _windows(n, ctx, stride, max_chunks):
+    plan = list(_windows(n, ctx, stride, max_chunks))  # slices only: cheap, and the progress bar's length
+    for (i0, i1), cache_len, first, (s0, s1), weight in tqdm(plan, desc="perplexity", file=sys.stderr,
+                                                             unit="chunk" if stride is None else "window",
+                                                             disable=not progress):
         inputs, targets = ids[i0:i1], ids[s0:s1]
         hidden = lm.model.hidden_states(inputs, lm.model.new_cache(cache_len))[first:first + len(targets)]
         if reference is None:
@@ -159,23 +160,14 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
             for key, values in scores.items():
                 units[key].append(float(values.mean()) * count)
             units["count"].append(count)
-        windows += 1
-        bar.update(1)
-    bar.close()
     if not units["count"]:
         raise ModelError("no tokens were scored")
-    mean, se = mean_and_se(units["nll"], units["count"])
     report = {"method": "chunks" if stride is None else "stride", "ctx": ctx, "stride": stride,
-              "chunks": windows, "tokens": n, "scored_tokens": int(sum(units["count"])),
-              "nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
-              "chunk_nll": [s / c for s, c in zip(units["nll"], units["count"])], "chunk_tokens": units["count"]}
+              "chunks": len(plan), "tokens": n, "scored_tokens": int(sum(units["count"])),
+              **_summary(units["nll"], units["count"])}
     if reference is not None:
-        ref_mean, ref_se = mean_and_se(units["ref_nll"], units["count"])
         kl, kl_se = mean_and_se(units["kl"], units["count"])
-        report["reference"] = {"nll": ref_mean, "ppl": math.exp(ref_mean), "nll_se": ref_se,
-                               "ppl_95": _interval(ref_mean, ref_se),
-                               "chunk_nll": [s / c for s, c in zip(units["ref_nll"], units["count"])],
-                               "chunk_tokens": units["count"]}
+        report["reference"] = _summary(units["ref_nll"], units["count"])
         diff_mean, diff_se = paired_difference(report, report["reference"])
         report.update(ppl_ratio=math.exp(diff_mean), ppl_ratio_95=_interval(diff_mean, diff_se),
                       kl_divergence=kl, kl_divergence_se=kl_se,
