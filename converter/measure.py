@@ -39,6 +39,7 @@ from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 from .row_blocks import ORDER_VERSION, blocks_wanted, split, unit_costs
 from .shared_codebooks import digest
+from .vq import GRID_DIM
 
 CACHE_VERSION = 6  # bump when quantizer or estimator math changes (6: 6-bit metadata for b <= 3)
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)
@@ -261,6 +262,7 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
             f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
             + (f"/codebook-{digest(codebooks, c)}" if c.scheme == "vq" and c.shared else "")
+            + ("/grid8" if c.scheme == "vq" and not c.shared and c.dim == GRID_DIM else "")  # (vq.kmeans_codebook)
             for c, s in zip(candidates, sampled)]
     missing = lambda i, k: any(cache.get(k, entry(i, b)) is None for b in range(len(counts[i])))  # noqa: E731
     todo = [i for i, name in enumerate(names) if name not in cache.data["norms"] or any(missing(i, k) for k in keys)]

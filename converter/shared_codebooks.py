@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..format_spec import StorageConfig
+from ..format_spec import StorageConfig, snap_to_int8_grid
 from ..format_spec.layout import CODEBOOK_ROLE, codebook_spec, shared_codebook_name
 from ..format_spec.writer import TensorPlan
-from .vq import kmeans_codebook, sample_vectors, shared_points
+from .vq import GRID_DIM, kmeans_codebook, sample_vectors, shared_points
 
 SAMPLE_VECTORS = 8192  # per matrix: a 30-layer model gives 210 × 8192 ≈ 1.7 M vectors, 420 per point at 4096
 KMEANS_ITERS = 24
@@ -56,7 +56,8 @@ def fit_shared_codebooks(checkpoint, candidates, importance, progress=None, cach
         for pair in missing:
             if pair in paths:
                 _store(paths[pair], books[pair])
-    return {pair: books[pair] for pair in pairs}
+    # (a codebook cached before kmeans_codebook moved 4-D points to the 8-bit grid gets there now: idempotent)
+    return {pair: snap_to_int8_grid(books[pair]) if pair[1] == GRID_DIM else books[pair] for pair in pairs}
 
 
 def _cached(path: Path, pair) -> np.ndarray | None:

@@ -21,10 +21,11 @@ import math
 import numpy as np
 import torch
 
-from ..format_spec import StorageConfig, decode_meta, encode_meta, pack_codes
+from ..format_spec import StorageConfig, decode_meta, encode_meta, pack_codes, snap_to_int8_grid
 from ..format_spec.layout import vq_dims
 from .kernels import vq_kmeans, vq_round
 
+GRID_DIM = 4  # codebooks of 4-D points are fitted on an 8-bit grid (kmeans_codebook)
 FIT_VECTORS = 32768  # vectors the codebook is fitted on (an even spread over the matrix; 128 per point at 256)
 KMEANS_ITERS = 16
 REFITS = 2  # rounds of (indices, least-squares scales) before the final indices
@@ -58,7 +59,9 @@ def fit_codebook(weight: np.ndarray, importance: np.ndarray | None, config: Stor
 
 def kmeans_codebook(xs: np.ndarray, ws: np.ndarray, index_bits: int, iters: int) -> np.ndarray:
     """fp16 (2^index_bits, d): weighted k-means (kernels.vq_kmeans) of vectors xs (n, d) with weights ws (n, d),
-    started from 2^index_bits distinct sample vectors chosen by a fixed seed (zeros when xs is empty)."""
+    started from 2^index_bits distinct sample vectors chosen by a fixed seed (zeros when xs is empty); 4-D points
+    then moved to the 8-bit grid of their largest coordinate (format_spec.snap_to_int8_grid: SPEC.md §12.5, the CPU
+    runtime's integer kernel; each coordinate by ≤ max|point|/254), before any index or scale is fitted to them."""
     K, d = 1 << index_bits, xs.shape[1]
     if len(xs) == 0:
         return np.zeros((K, d), np.float16)
@@ -66,7 +69,8 @@ def kmeans_codebook(xs: np.ndarray, ws: np.ndarray, index_bits: int, iters: int)
     points = np.zeros((K, d), np.float32)
     points[:len(start)] = xs[start]
     vq_kmeans(np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ws, dtype=np.float32), points, iters)
-    return np.clip(points, -65504.0, 65504.0).astype(np.float16)
+    points = np.clip(points, -65504.0, 65504.0).astype(np.float16)
+    return snap_to_int8_grid(points) if d == GRID_DIM else points
 
 
 def sample_vectors(weight: np.ndarray, importance: np.ndarray | None, group_size: int, dim: int, count: int):

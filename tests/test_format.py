@@ -301,3 +301,29 @@ def test_six_bit_metadata_round_trips_and_is_unpacked_on_read(tmp_path, bits):
     eight = StorageConfig.affine(bits, 32, 2, 8)
     assert unpacked_extra_nbytes(shape, eight) == 0 and tensor_nbytes(shape, eight) - tensor_nbytes(shape, config) == \
         2 * (37 * 7 - 4 * 6 * 9)
+
+
+def test_the_8_bit_grid_of_a_codebook():
+    """format_spec.int8_grid finds points = codes·2^e exactly (smallest e, codes in ±127), and nothing else;
+    snap_to_int8_grid moves points there by at most half a step, and is the identity on grid points."""
+    from mxq.format_spec import int8_grid, snap_to_int8_grid
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (256, 4))
+    codes[0, 0] = 127  # the largest coordinate sets e
+    for e in (-10, -3, 0, 4):
+        points = (codes * 2.0 ** e).astype(np.float16)
+        found, exponent = int8_grid(points)
+        assert exponent == e and np.array_equal(found, codes)
+    assert int8_grid((codes * 2.0 ** -3 + 2.0 ** -5).astype(np.float16)) is None  # a quarter step off
+    assert int8_grid(np.array([[1.0, np.inf, 0, 0]], np.float16)) is None
+    assert int8_grid(np.array([[1.0, np.nan, 0, 0]], np.float16)) is None
+    zero, e = int8_grid(np.zeros((16, 4), np.float16))
+    assert not zero.any() and e == 0
+    points = (rng.standard_normal((4096, 4)) * 1.5).astype(np.float16)
+    assert int8_grid(points) is None
+    snapped = snap_to_int8_grid(points)
+    codes, e = int8_grid(snapped)
+    assert np.abs(points.astype(np.float64) - snapped).max() <= 2.0 ** (e - 1)
+    assert np.abs(points).max() <= 127 * 2.0 ** e < 2 * np.abs(points).max()
+    assert np.array_equal(snap_to_int8_grid(snapped), snapped)

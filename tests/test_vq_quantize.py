@@ -216,6 +216,31 @@ def test_shared_codebook_fit_is_deterministic_and_covers_every_pair(tmp_path):
     files[0].write_bytes(b"damaged")  # refitted, and stored again
     d = fit_shared_codebooks(checkpoint, candidates, None, cache=cache, key="k")
     assert all(np.array_equal(a[k], d[k]) for k in a) and np.load(files[0]).shape in ((256, 4), (4096, 4))
+    from mxq.format_spec import int8_grid
+
+    assert all(int8_grid(book) is not None for book in a.values())  # 4-D points on the 8-bit grid (SPEC.md §12.5)
+    np.save(files[0], np.load(files[0]) + np.float16(1e-3))  # a codebook cached off the grid is moved onto it
+    e = fit_shared_codebooks(checkpoint, candidates, None, cache=cache, key="k")
+    assert all(int8_grid(book) is not None for book in e.values())
+
+
+def test_four_dimensional_codebooks_are_fitted_on_the_8_bit_grid():
+    """kmeans_codebook puts 4-D points on the grid of their largest coordinate (each moved by at most half a
+    step: what k-means gave, rounded), leaves 2-D ones as k-means gave them, and a matrix's v2d4 blobs carry a
+    grid codebook that the CPU runtime multiplies with integer dot products."""
+    from mxq.converter.vq import kmeans_codebook
+    from mxq.format_spec import int8_grid
+
+    rng = np.random.default_rng(3)
+    xs, ws = rng.standard_normal((4000, 4)).astype(np.float32), rng.random((4000, 4)).astype(np.float32)
+    book = kmeans_codebook(xs, ws, 8, 6)
+    codes, e = int8_grid(book)
+    assert np.abs(codes).max() > 63  # the grid of max |point|: the top half of the codes is used
+    xs2 = np.ascontiguousarray(xs[:, :2])
+    assert int8_grid(kmeans_codebook(xs2, np.ascontiguousarray(ws[:, :2]), 6, 6)) is None  # 2-D: as fitted
+    weight, importance = _matrix()
+    blobs = quantize(weight, StorageConfig.parse("v2d4g32"), "wls", importance=importance).blobs
+    assert int8_grid(blobs["codebook"]) is not None
 
 
 @pytest.mark.parametrize("quantizer", ["wls", "gptq"])
