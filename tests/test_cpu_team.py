@@ -54,6 +54,33 @@ def test_team_products_match_the_serial_kernels(backends):
             assert_close(got, want)
 
 
+def test_team_vq_grid_products_match_the_serial_kernel(backends):
+    """vq_grid_matmul_team (12- and 8-bit indices, a codebook on the 8-bit grid) writes what vq_grid_matmul_serial
+    writes, for any number of parts, with outliers, bias and residual."""
+    from test_cpu_vq import grid_args, grid_blobs, vq_blobs, vq_config
+
+    fast, _ = backends
+    kernels, team = fast.kernels, fast.team
+    rng = np.random.default_rng(9)
+    for bits, group in ((3, 32), (2, 64), (3, 128)):
+        shape = (301, 333)
+        config = vq_config(bits, 4, group, 40)
+        blobs = grid_blobs(rng, shape, config)
+        blobs.update({k: v for k, v in vq_blobs(rng, shape, config).items() if k.startswith("outlier")})
+        args = grid_args(blobs, config)
+        for T in (1, 3):
+            x = rng.standard_normal((T, 333)).astype(np.float32)
+            for bias, residual in ((NO_FLOAT, NO_RESIDUAL), (rng.standard_normal(301).astype(np.float32),
+                                                             rng.standard_normal((T, 301)).astype(np.float32))):
+                want = np.empty((T, 301), np.float32)
+                kernels.vq().vq_grid_matmul_serial(x, *args, bias, residual, want, 1)
+                for n_parts in (1, 2, 3, 7, 301):
+                    got = np.full((T, 301), np.nan, np.float32)
+                    team.wake()
+                    kernels.vq_grid_matmul_team(x, *args, bias, residual, got, n_parts, team.ctrl)
+                    assert_close(got, want)
+
+
 @pytest.mark.parametrize("n_kv,n_rep,window", [(1, 1, -1), (3, 3, -1), (2, 4, 5), (4, 1, 1)])
 def test_team_attention_matches_the_serial_kernel(backends, n_kv, n_rep, window):
     fast, _ = backends

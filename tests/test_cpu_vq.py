@@ -12,7 +12,9 @@ linears: test_runtime.py (kind "vq").
 Tolerance: a product is float32 sums in another order than the float64 reference x·Wᵀ (W = dequantize(blobs),
 itself exact in float32): |y − x·Wᵀ| ≤ RTOL·(|x|·|W|ᵀ) + 1e-6·(1 + |x·Wᵀ|) per element, RTOL = 1e-5 (fp32's
 worst case for sums of ~300 terms is ~2e-5 of |x|·|W|ᵀ; measured here: below 3e-7). The kernels multiply x as
-given (no activation rounding, unlike the affine kernels). Looked-up rows (embedding) are exact.
+given (no activation rounding, unlike the affine kernels), but for codebooks on the 8-bit grid (SPEC.md §12.5),
+whose integer kernel multiplies the affine kernels' x̂ (|x − x̂|·|W|ᵀ more allowed). Looked-up rows (embedding) are
+exact.
 """
 from __future__ import annotations
 
@@ -246,6 +248,107 @@ def test_points_kernel_takes_every_partial_pack_of_8_bit_indices(vq_kernels, gro
                 kernel(x, *kernel_args(blobs, config), NO_FLOAT, NO_RESIDUAL, y, 2)
                 assert_close(y, x, weight)
 
+
+
+# -- codebooks on the 8-bit grid (SPEC.md §12.5): the integer kernel ---------------------------------------------------
+GRID_KINDS = [(2, 4), (3, 4)]
+
+
+def grid_blobs(rng, shape, config: StorageConfig, minor: int = 8) -> dict:
+    """layout_blobs with the codebook on the 8-bit grid (format_spec.snap_to_int8_grid; NaN-free)."""
+    from mxq.format_spec import snap_to_int8_grid
+
+    blobs = layout_blobs(rng, shape, config, minor)
+    blobs["codebook"] = snap_to_int8_grid(np.nan_to_num(blobs["codebook"]))
+    return blobs
+
+
+def grid_args(blobs, config: StorageConfig):
+    """vq_grid_matmul's weight arguments as VqWeight passes them: the codes + 128 as bytes and the step 2^e."""
+    from mxq.format_spec import int8_grid
+
+    codes, e = int8_grid(blobs["codebook"])
+    args = kernel_args(blobs, config)
+    book = readonly((codes.astype(np.int16) + 128).astype(np.uint8))
+    return (args[0], book, config.index_bits, np.float32(2.0 ** e), *args[4:])
+
+
+@pytest.mark.parametrize("minor", MINORS)
+@pytest.mark.parametrize("meta_bits", [6, 8])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("bits,dim", GRID_KINDS)
+def test_grid_kernels_match_the_reference(vq_kernels, bits, dim, group, meta_bits, minor):
+    """vq_grid_matmul (3 parallel parts) and vq_grid_matmul_serial against the float64 product with
+    dequantize(blobs): T = 1 and 5, bias and residual, with and without outliers, rows padded to words (1.8, a last
+    pack possibly partial: PARTIAL_INPUTS) and to packs (1.7), garbage indices in the padding slots. They multiply x̂,
+    the affine kernels' rounding of x (rounded_x)."""
+    rng = np.random.default_rng(bits * 1000 + group + meta_bits + minor)
+    shapes = ODD_SHAPES + [((5, n), 2) for n in PARTIAL_INPUTS]
+    for (shape, nnz), outliers in itertools.product(shapes, (False, True)):
+        config = vq_config(bits, dim, group, nnz if outliers else 0, meta_bits)
+        blobs = grid_blobs(rng, shape, config, minor)
+        if outliers:
+            blobs.update({k: v for k, v in vq_blobs(rng, shape, config).items() if k.startswith("outlier")})
+        weight = dequantize(blobs, shape, config)
+        args = grid_args(blobs, config)
+        for tokens, extras in ((1, False), (5, False), (5, True)):
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+            bias = rng.standard_normal(shape[0]).astype(np.float32) if extras else None
+            residual = rng.standard_normal((tokens, shape[0])).astype(np.float32) if extras else None
+            for kernel in (vq_kernels.vq_grid_matmul, vq_kernels.vq_grid_matmul_serial):
+                y = np.full((tokens, shape[0]), np.nan, np.float32)
+                kernel(x, *args, NO_FLOAT if bias is None else bias, NO_RESIDUAL if residual is None else residual,
+                       y, 3)
+                assert_close(y, x, weight, bias, residual, rounded_x=True)
+
+
+def test_grid_kernel_reads_every_index_position_and_scale(vq_kernels):
+    """One nonzero input (a power of two: x̂ = x) at a time: y = column c of W, for every column of rows with 12- and
+    8-bit indices and a partial last pack, up to the zero point's cancellation ((c + 128)·s − 128·s in float32: a
+    few ulps of 128·s·step, ≤ 1e-5 of the row's largest weight)."""
+    rng = np.random.default_rng(11)
+    for bits, group in ((3, 32), (2, 64), (3, 128)):
+        shape = (4, 200)
+        config = vq_config(bits, 4, group)
+        blobs = grid_blobs(rng, shape, config)
+        weight = dequantize(blobs, shape, config)
+        args = grid_args(blobs, config)
+        for c in range(shape[1]):
+            x = np.zeros((1, shape[1]), np.float32)
+            x[0, c] = 0.5
+            y = np.empty((1, shape[0]), np.float32)
+            vq_kernels.vq_grid_matmul_serial(x, *args, NO_FLOAT, NO_RESIDUAL, y, 1)
+            assert np.all(np.abs(y[0] - 0.5 * weight[:, c]) <= 1e-5 * 0.5 * np.abs(weight).max(1))
+
+
+@pytest.mark.parametrize("bits,dim", GRID_KINDS)
+def test_handles_of_grid_codebooks_take_the_integer_kernel(backends, bits, dim, monkeypatch):
+    """A 4-D codebook on the grid: the handle's widened codebook carries the grid (one per distinct codebook); its
+    products of 1 and 3 tokens (the integer kernel, on the team where big enough) and 20 (dequantize + sgemm: x
+    itself) match the reference; a codebook off the grid keeps the float kernel (x itself, RTOL)."""
+    from mxq.format_spec import int8_grid
+
+    fast, ref = backends
+    rng = np.random.default_rng(bits)
+    for (shape, nnz), group in itertools.product(ODD_SHAPES + [((300, 576), 9), ((64, 1536), 0)], GROUPS):
+        config = vq_config(bits, dim, group, nnz)
+        blobs = grid_blobs(rng, shape, config)
+        blobs.update({k: v for k, v in vq_blobs(rng, shape, config).items() if k.startswith("outlier")})
+        weight = dequantize(blobs, shape, config)
+        w_fast, w_ref = (backend.prepare(_Entry("w", shape, config), blobs) for backend in (fast, ref))
+        codes, e = int8_grid(blobs["codebook"])
+        assert np.array_equal(w_fast.codebook.grid_book.astype(np.int16) - 128, codes)
+        assert w_fast.codebook.grid_step == 2.0 ** e
+        for tokens in (1, 3, 20):
+            x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+            assert_close(fast.linear(x, w_fast), x, weight, rounded_x=tokens <= KERNEL_MAX_TOKENS)
+            assert_close(ref.linear(x, w_ref), x, weight)
+    off = vq_blobs(rng, (40, 136), vq_config(bits, dim, 32))
+    w_off = fast.prepare(_Entry("w", (40, 136), vq_config(bits, dim, 32)), off)
+    assert w_off.codebook.grid_book is None
+    x = rng.standard_normal((1, 136)).astype(np.float32)
+    assert_close(fast.linear(x, w_off), x, dequantize(off, (40, 136), vq_config(bits, dim, 32)))
+    assert fast.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
 
 # -- the handle ------------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def products(kernels, shape, group, minor):
     1.`minor`) and affine b4/b2 (handle product and tile kernel)."""
     import numpy as np
 
-    from mxq.format_spec import StorageConfig
+    from mxq.format_spec import StorageConfig, snap_to_int8_grid
     from mxq.format_spec.layout import VQ_INDEX_BITS
     from mxq.runtime.backends.cpu_stack import table_line
     from mxq.runtime.backends.cpu_vq import VqWeight
@@ -103,19 +103,25 @@ def products(kernels, shape, group, minor):
     backend = Bench(kernels)
     out = {}
     vq = kernels.vq()
-    for bits, dim in VQ_KINDS:
+    for (bits, dim), grid in [(kind, False) for kind in VQ_KINDS] + [(kind, True) for kind in VQ_KINDS if kind[1] == 4]:
         config = StorageConfig.vq(bits, dim, group, shared=bits * dim not in VQ_INDEX_BITS)
         entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
-        weight = VqWeight(entry, vq_blobs(rng, shape, config, minor), backend)
-        nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.scale_meta, weight.kernel_codebook))
+        blobs = vq_blobs(rng, shape, config, minor)
+        if grid:  # the codebook on the 8-bit grid: the integer kernel (vq_grid_matmul)
+            blobs["codebook"] = snap_to_int8_grid(blobs["codebook"])
+        weight = VqWeight(entry, blobs, backend)
+        book = weight.codebook.grid_book if grid else weight.kernel_codebook
+        nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.scale_meta, book))
 
         def run(x, y, n_parts, parallel, weight=weight):
             backend.n_parts = n_parts
             kernel = vq.vq_matmul if parallel else vq.vq_matmul_serial
-            weight.kernel_matmul(SimpleNamespace(vq=lambda: SimpleNamespace(vq_matmul=kernel, vq_matmul_serial=kernel)),
-                                 x, None, None, y)
+            grid = vq.vq_grid_matmul if parallel else vq.vq_grid_matmul_serial
+            weight.kernel_matmul(SimpleNamespace(vq=lambda: SimpleNamespace(
+                vq_matmul=kernel, vq_matmul_serial=kernel, vq_grid_matmul=grid, vq_grid_matmul_serial=grid)),
+                x, None, None, y)
 
-        out[config.label] = (nbytes, run)
+        out[config.label + (" grid" if grid else "")] = (nbytes, run)
     for bits in AFFINE_BITS:
         config = StorageConfig.affine(bits, group)
         entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
@@ -215,10 +221,10 @@ def main(argv=None):
         kinds, bw = res["kinds"], bandwidth[res["threads"]]
         b4, b2, b4t = (kinds[f"b4g{g}"]["us"], kinds[f"b2g{g}"]["us"], kinds[f"b4g{g} tiles"]["us"])
         print(f"\n{res['shape'][0]}x{res['shape'][1]}, {res['tokens']} token(s), {res['threads']} thread(s)")
-        print(f"  {'kind':12} {'µs':>9} {'KiB':>8} {'×memory':>8} {'×b4 rows':>9} {'×b2 rows':>9} {'×b4 tiles':>10}")
+        print(f"  {'kind':16} {'µs':>9} {'KiB':>8} {'×memory':>8} {'×b4 rows':>9} {'×b2 rows':>9} {'×b4 tiles':>10}")
         for label, k in kinds.items():
             limit_us = k["bytes"] / (bw * 1e9) * 1e6
-            print(f"  {label:12} {k['us']:9.1f} {k['bytes'] / 1024:8.0f} {k['us'] / limit_us:8.2f} "
+            print(f"  {label:16} {k['us']:9.1f} {k['bytes'] / 1024:8.0f} {k['us'] / limit_us:8.2f} "
                   f"{k['us'] / b4:9.2f} {k['us'] / b2:9.2f} {k['us'] / b4t:10.2f}")
 
 

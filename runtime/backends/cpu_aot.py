@@ -50,8 +50,9 @@ EXPORTS = {
                     "repack", "tile_dequantize"),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
-    "cpu_vq_kernels": ("vq_matmul_serial",),
-    "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "team_serve"),
+    "cpu_vq_kernels": ("vq_matmul_serial", "vq_grid_matmul_serial"),
+    "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "vq_grid_matmul_team",
+                         "team_serve"),
     "cpu_layers_kernels": ("decode_layers",),
 }
 SOURCES = [HERE / f"{module}.py" for module in EXPORTS] + [HERE / "cpu_qdot.py", HERE / "cpu_tiles.py", HERE / "cpu_tiles_kernels.py",

@@ -139,6 +139,7 @@ def _load_jit():
                            tile_dequantize=cpu_kernels.tile_dequantize,
                            stack_matmul_team=cpu_team_kernels.stack_matmul_team, fp16_matmul_team=cpu_team_kernels.fp16_matmul_team,
                            attention_team=cpu_team_kernels.attention_team, team_serve=cpu_team_kernels.team_serve,
+                           vq_grid_matmul_team=cpu_team_kernels.vq_grid_matmul_team,
                            decode_layers=cpu_layers_kernels.decode_layers,
                            ops=cpu_ops, lut=_jit_lut, vq=_jit_vq)
 

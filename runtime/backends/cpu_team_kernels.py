@@ -4,6 +4,7 @@ until none is left; the caller then waits only for the parts others claimed and 
 
     stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_kernels)
     fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
+    vq_grid_matmul_team(x, packed, book, ..., y, n_parts, ctrl)               = vq_grid_matmul (cpu_vq_kernels)
     attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a query head a part
     team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
                                        polls (cpu_team.IDLE_S, ~5 ms) without one, or when ctrl[STOP] is set
@@ -42,14 +43,15 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import BLOCK, SERIAL, fp16_rows, pointer, stack_blocks, stack_part_tiles, tile_x, unstage
+from .cpu_kernels import BLOCK, SERIAL, fp16_rows, pointer, quantize_x, stack_blocks, stack_part_tiles, tile_x, unstage
 from .cpu_ops import _head
 from .cpu_stack import FIELDS
+from .cpu_vq_kernels import grid_part
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
 
 N_FIELDS = len(FIELDS)
 
-KIND_STACK, KIND_FP16, KIND_ATTENTION = 1, 2, 3
+KIND_STACK, KIND_FP16, KIND_ATTENTION, KIND_VQ_GRID = 1, 2, 3, 4
 
 
 def _slot(context, builder, signature, args):
@@ -204,7 +206,10 @@ def team_serve(ctrl, spins):
 #            the caller then adds bias and residual and puts the rows in their places (unstage).
 # fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
 # attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
-JOB_WORDS = 15  # a job's argument array: the longest kind (stack, attention) uses 14
+# vq grid:   T, packed, rows, row bytes, book, points, index bits, grid step (float64 bits), scale codes, groups,
+#            scale meta, runs, group size, row_ptr, its size, cols, values, nnz, bias, bias size, residual, residual
+#            cols, y, then x as cpu_kernels.quantize_x gives it: high, low, dx, blocks, xsum, xsum cols, x_hat, in, pair
+JOB_WORDS = 36  # a job's argument array: the longest kind (vq grid) uses 34
 
 
 @njit(**SERIAL)
@@ -218,6 +223,8 @@ def run_part(address, part):
         fp16_part(address, part, n_parts)
     elif kind == KIND_ATTENTION:
         attention_part(address, part)
+    elif kind == KIND_VQ_GRID:
+        vq_grid_part(address, part, n_parts)
 
 
 @njit(**SERIAL)
@@ -275,6 +282,57 @@ def stack_part(address, part, n_parts):
 
 
 @njit(**SERIAL)
+def vq_grid_part(address, part, n_parts):
+    """Part `part` of a vq grid job: its share of the rows (as cpu_vq_kernels.vq_grid_matmul's parts)."""
+    job = carray(pointer(address), (JOB_WORDS,), np.int64)
+    T, R, n_bytes, G, blocks = job[2], job[4], job[5], job[11], job[28]
+    packed = carray(pointer(job[3]), (R, n_bytes), np.uint8)
+    book = carray(pointer(job[6]), (job[7], 4), np.uint8)
+    grid_step = np.float32(carray(pointer(address + 8 * 9), (1,), np.float64)[0])
+    scale_codes = carray(pointer(job[10]), (R, G), np.uint8)
+    scale_meta = carray(pointer(job[12]), (job[13], 2), np.float32)
+    row_ptr = carray(pointer(job[15]), (job[16],), np.uint32)
+    cols = carray(pointer(job[17]), (job[19],), np.uint16)
+    values = carray(pointer(job[18]), (job[19],), np.uint16)
+    bias = carray(pointer(job[20]), (job[21],), np.float32)
+    residual = carray(pointer(job[22]), (T, job[23]), np.float32)
+    y = carray(pointer(job[24]), (T, R), np.float32)
+    high = carray(pointer(job[25]), (T, blocks * BLOCK), np.int8)
+    low = carray(pointer(job[26]), (T, blocks * BLOCK), np.int8)
+    dx = carray(pointer(job[27]), (T, blocks), np.float32)
+    xsum = carray(pointer(job[29]), (T, job[30]), np.float32)
+    x_hat = carray(pointer(job[31]), (T, job[32]), np.float32)
+    step = -(-R // n_parts)
+    grid_part(part * step, min(R, (part + 1) * step), packed, book, job[8], grid_step, scale_codes, scale_meta,
+              job[14], row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat, job[33] != 0)
+
+
+@njit(**SERIAL)
+def vq_grid_matmul_team(x, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols,
+                        values, bias, residual, y, n_parts, ctrl):
+    """cpu_vq_kernels.vq_grid_matmul with the team: x rounded here, the rows in n_parts parts."""
+    n_blocks = scale_codes.shape[1] * group_size // BLOCK
+    pair = n_blocks % 2 == 0
+    high, low, dx, xsum, x_hat = quantize_x(x, 8, group_size, n_blocks, pair)
+    job = np.zeros(JOB_WORDS, np.int64)
+    job[0], job[1], job[2], job[3], job[4], job[5] = KIND_VQ_GRID, n_parts, x.shape[0], packed.ctypes.data, \
+        packed.shape[0], packed.shape[1]
+    job[6], job[7], job[8] = book.ctypes.data, book.shape[0], index_bits
+    job.view(np.float64)[9] = np.float64(grid_step)
+    job[10], job[11], job[12], job[13], job[14] = scale_codes.ctypes.data, scale_codes.shape[1], \
+        scale_meta.ctypes.data, scale_meta.shape[0], group_size
+    job[15], job[16], job[17], job[18], job[19] = row_ptr.ctypes.data, row_ptr.size, cols.ctypes.data, \
+        values.ctypes.data, cols.size
+    job[20], job[21], job[22] = bias.ctypes.data, bias.size, residual.ctypes.data
+    job[23], job[24] = residual.shape[1] if residual.size > 0 else 0, y.ctypes.data
+    job[25], job[26], job[27], job[28] = high.ctypes.data, low.ctypes.data, dx.ctypes.data, n_blocks
+    job[29], job[30], job[31], job[32], job[33] = xsum.ctypes.data, xsum.shape[1], x_hat.ctypes.data, \
+        x_hat.shape[1], 1 if pair else 0
+    run_job(ctrl, job, n_parts)
+    return high.size + low.size + dx.size + xsum.size + x_hat.shape[0] + job[0]  # alive until every part is done
+
+
+@njit(**SERIAL)
 def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
     """cpu_kernels.stack_matmul with the team: x rounded here, the tiles in n_parts parts."""
     high, low, steps, xsum, x_hat = tile_x(x, stack_blocks(table))
@@ -317,13 +375,14 @@ def attention_team(q, kc, vc, start, scale, window, out, ctrl):
 
 def examples():
     """(kernel name, arguments) typed as the backend calls them (see cpu_kernels.examples)."""
-    from . import cpu_kernels, cpu_ops
+    from . import cpu_kernels, cpu_ops, cpu_vq_kernels
 
     ctrl = np.zeros(CTRL_SIZE, np.int64)
     kernels = dict(cpu_kernels.examples())
     yield "stack_matmul_team", kernels["stack_matmul_serial"] + (ctrl,)  # ... y, n_parts, ctrl
     yield "fp16_matmul_team", kernels["fp16_matmul_serial"] + (ctrl,)
     yield "attention_team", dict(cpu_ops.examples())["attention_serial"][:-1] + (ctrl,)
+    yield "vq_grid_matmul_team", dict(cpu_vq_kernels.examples())["vq_grid_matmul_serial"] + (ctrl,)
     yield "team_serve", (ctrl, 0)
 
 

@@ -10,7 +10,9 @@ of the scales' runs to float32 (1/128 of the scales). The scales stay codes, dec
 kernel: a few operations per group of inputs). Products:
   * up to KERNEL_MAX_TOKENS tokens (decode): the compiled fused GEMV of cpu_vq_kernels.py (indices unpacked,
     looked up, scaled and multiplied in one pass; every packed byte read once per call; loaded with the other
-    kernels, cpu_jit.py); on one thread or all, whichever has been faster (cpu_weights.ThreadChoice);
+    kernels, cpu_jit.py); on one thread or all, whichever has been faster (cpu_weights.ThreadChoice); a 4-D
+    codebook on the 8-bit grid (SPEC.md §12.5, found at load: Widened.grid_book) takes the integer kernel instead
+    (vq_grid_matmul: x rounded as for affine matrices), on decode's team of threads for big matrices;
   * more tokens, or without the kernels: dequantize a chunk of rows to float32
     (W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim], format_spec.dequantize_vq), then sgemm.
 cache_dequantized keeps a float32 copy of W made once, as for the other schemes. An embedding's rows are
@@ -27,23 +29,29 @@ from functools import cached_property
 
 import numpy as np
 
-from ...format_spec import unpack_codes
+from ...format_spec import int8_grid, unpack_codes
 from ...format_spec.layout import META_GROUP_SIZE, vq_dims
 from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, kernel_extras, readonly
 
 
 class Widened:
     """A codebook widened to float32: `points` (2^k, dim), the NumPy path's lookups, and `planes` (dim, 2^k), the
-    kernel's, one plane per coordinate (None for 4-D points: that kernel gathers the fp16 points)."""
+    kernel's, one plane per coordinate (None for 4-D points: that kernel gathers the fp16 points); for 4-D points on
+    an 8-bit grid (format_spec.int8_grid, SPEC.md §12.5) also `grid_book` uint8 (2^k, 4), the codes + 128, and
+    `grid_step` float32 2^e, which the integer kernel takes (else None)."""
 
-    __slots__ = ("points", "planes", "__weakref__")
+    __slots__ = ("points", "planes", "grid_book", "grid_step", "__weakref__")
 
     def __init__(self, codebook: np.ndarray):
         self.points = readonly(codebook.astype(np.float32))
         self.planes = readonly(self.points.T) if codebook.shape[1] == PLANAR_DIM else None
+        grid = int8_grid(codebook) if codebook.shape[1] == GRID_DIM else None
+        self.grid_book = readonly((grid[0].astype(np.int16) + 128).astype(np.uint8)) if grid is not None else None
+        self.grid_step = np.float32(2.0 ** grid[1]) if grid is not None else None
 
 
 PLANAR_DIM = 2  # codebooks of 2-D points: the kernels look their points up in coordinate planes
+GRID_DIM = 4  # codebooks of 4-D points on an 8-bit grid: one 32-bit word a point, integer dot products
 _widened = weakref.WeakValueDictionary()  # (content hash, shape) → Widened, alive while a handle holds it
 
 
@@ -125,6 +133,11 @@ class VqWeight(RowDequantized):
     def kernel_matmul(self, kernels, x, bias, residual, y) -> bool:
         vq = kernels.vq()
         csr = self.csr or (NO_ROWS, NO_COLS, NO_VALUES)
+        if self.codebook.grid_book is not None:  # 4-D points on an 8-bit grid: gathered as bytes, x rounded as affine's
+            return self.run_product(vq.vq_grid_matmul_serial, vq.vq_grid_matmul, x, self.packed,
+                                    self.codebook.grid_book, self.index_bits, self.codebook.grid_step,
+                                    self.scale_codes, self.scale_meta, self.group_size, *csr,
+                                    *kernel_extras(bias, residual), y, team=kernels.vq_grid_matmul_team)
         return self.run_product(vq.vq_matmul_serial, vq.vq_matmul, x, self.packed, self.kernel_codebook,
                                 self.index_bits, self.dim, self.scale_codes, self.scale_meta, self.group_size, *csr,
                                 *kernel_extras(bias, residual), y)

@@ -3,6 +3,10 @@
     vq_matmul(x, packed, codebook, index_bits, dim, scale_codes, scale_meta, group_size,
               row_ptr, cols, values, bias, residual, y, n_parts)
     vq_matmul_serial(... the same ...)   on the calling thread only (small matrices, the ahead-of-time build)
+    vq_grid_matmul(x, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size,
+                   row_ptr, cols, values, bias, residual, y, n_parts)
+    vq_grid_matmul_serial(... the same ...)   a 4-D codebook on the 8-bit grid (SPEC.md §12.5): integer dot
+                                              products (grid_rows; cpu_team_kernels runs it on decode's team)
 
 A row of W is ceil(in / dim) vectors of `dim` inputs; vector j holds a k-bit index (k = index_bits = dim·bits:
 4, 6, 8, or 12 with a file's shared codebook) into the matrix's codebook of 2^k points, and every group_size inputs
@@ -65,9 +69,10 @@ from numba.extending import intrinsic
 
 from ...format_spec.layout import VQ_BITS, VQ_DIMS, VQ_SHARED_INDEX_BITS
 from ...format_spec.packing import word_unit
-from .cpu_kernels import half_to_float, unit_shape
+from .cpu_kernels import half_to_float, padded_groups, quantize_x, unit_shape
 from .cpu_lut_kernels import code
-from .cpu_qdot import _as_i32, _indices, _splat, literal_codegen, word
+from .cpu_qdot import _as_i32, _indices, _splat, block_dot, literal_codegen, word
+from .cpu_weights import ACTIVATION_BLOCK as BLOCK
 from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -461,6 +466,155 @@ def points_dot(typingctx, p, book, su, xq, sums, n_packs, tail_words, index_bits
     return types.void(p, book, su, xq, sums, n_packs, tail_words, index_bits, per_pack), lowered
 
 
+# -- dim 4 on an 8-bit grid (SPEC.md §12.5): the points gathered as bytes, integer dot products as affine's -----------
+@njit(**PARALLEL)
+def vq_grid_matmul(x, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols, values,
+                   bias, residual, y, n_parts):
+    """y (T, out) = x̂ (T, in) @ Wᵀ + bias + residual for a packed 4-D vq W whose codebook is on an 8-bit grid
+    (book uint8 (2^k, 4): the codes + 128, point = (book − 128)·grid_step): module doc of grid_rows; rows cut into
+    n_parts contiguous parts run in parallel."""
+    n_blocks = scale_codes.shape[1] * group_size // BLOCK
+    pair = n_blocks % 2 == 0
+    high, low, dx, xsum, x_hat = quantize_x(x, 8, group_size, n_blocks, pair)
+    R = packed.shape[0]
+    step = -(-R // n_parts)
+    for part in prange(n_parts):
+        grid_part(part * step, min(R, (part + 1) * step), packed, book, index_bits, grid_step, scale_codes,
+                  scale_meta, group_size, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat, pair)
+
+
+@njit(**SERIAL)
+def vq_grid_matmul_serial(x, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols,
+                          values, bias, residual, y, n_parts):
+    """vq_grid_matmul on the calling thread; n_parts unused."""
+    n_blocks = scale_codes.shape[1] * group_size // BLOCK
+    pair = n_blocks % 2 == 0
+    high, low, dx, xsum, x_hat = quantize_x(x, 8, group_size, n_blocks, pair)
+    grid_part(0, packed.shape[0], packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr,
+              cols, values, bias, residual, y, high, low, dx, xsum, x_hat, pair)
+
+
+@njit(**SERIAL)
+def grid_part(r0, r1, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols, values,
+              bias, residual, y, high, low, dx, xsum, x_hat, pair):
+    """grid_rows with (index bits, blocks per vector step, blocks per group) as constants (block_dot's literals;
+    an odd block count means groups of 32: one block each)."""
+    a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
+         x_hat)
+    if index_bits == 12:
+        if not pair:
+            grid_rows(r0, r1, a, 12, 1, 1)
+        elif group_size == 32:
+            grid_rows(r0, r1, a, 12, 2, 1)
+        elif group_size == 64:
+            grid_rows(r0, r1, a, 12, 2, 2)
+        else:
+            grid_rows(r0, r1, a, 12, 2, 4)
+    elif not pair:
+        grid_rows(r0, r1, a, 8, 1, 1)
+    elif group_size == 32:
+        grid_rows(r0, r1, a, 8, 2, 1)
+    elif group_size == 64:
+        grid_rows(r0, r1, a, 8, 2, 2)
+    else:
+        grid_rows(r0, r1, a, 8, 2, 4)
+
+
+@njit(inline="always", **SERIAL)
+def grid_rows(r0, r1, a, index_bits, blocks_per_vector, blocks_per_group):
+    """y[:, r0:r1] of vq_grid_matmul. Per row: its packs' points gathered as 32-bit words of 4 bytes (the codes + 128)
+    into `codes`, which is then an 8-bit affine row in input order with zero 128: the G scales decoded (code·step
+    + min) times grid_step, and cpu_qdot.block_dot multiplies it by every token's x̂ (quantize_x: the affine
+    kernels' activation rounding) — Σ_b s·dx·Σ (c + 128)·x̂q − Σ_k 128·s_k·xsum_k = Σ s·c·grid_step·x̂. The
+    gathers, the cost, are made once per row for all tokens (points_codes); codes past the row's last gathered
+    pack (up to the G groups' inputs) meet x̂'s zeros past in_features, as do the padding indices."""
+    packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, \
+        x_hat = a
+    T, n_blocks = dx.shape
+    G = scale_codes.shape[1]
+    n_bytes = packed.shape[1]
+    B = pack_bytes(index_bits)
+    n_packs = n_bytes // B
+    tail_words = (n_bytes - n_packs * B) // 4
+    codes = np.zeros(max(n_blocks * BLOCK, PACK_INPUTS * -(-n_bytes // B)), np.uint8)
+    scale = np.empty(G, np.float32)
+    zero_term = np.zeros(padded_groups(G), np.float32)  # −128·scale per group (zeros past G, as xsum)
+    has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
+    n_vectors = n_blocks // blocks_per_vector
+    for r in range(r0, r1):
+        row_scales(r, scale_codes, scale_meta, scale)
+        for k in range(G):
+            scale[k] *= grid_step
+            zero_term[k] = np.float32(-128.0) * scale[k]
+        points_codes(packed[r], book, codes, n_packs, tail_words, index_bits)
+        for t in range(T):
+            acc = block_dot(codes, high[t], low[t], dx[t], scale, n_vectors, zero_term, xsum[t], zero_term.size,
+                            8, 32, blocks_per_vector, blocks_per_group)
+            if has_outliers:
+                for i in range(row_ptr[r], row_ptr[r + 1]):
+                    acc += half_to_float(values[i]) * x_hat[t, cols[i]]
+            if has_bias:
+                acc += bias[r]
+            if has_residual:
+                acc += residual[t, r]
+            y[t, r] = acc
+
+
+def _make_points_codes(index_bits: int):
+    n_bytes = pack_bytes.py_func(index_bits)
+    V32 = ir.VectorType(I32, PACK_INDICES)
+
+    def codegen(context, builder, signature, args):
+        p, book, codes = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+        n_packs, tail_words = args[3], args[4]
+        book_words = builder.bitcast(book.data, I32.as_pointer())
+        out = builder.bitcast(codes.data, V32.as_pointer())
+
+        def gather(k, raw, mask):  # pack k's 32 points (4 bytes each) → codes[128k : 128k + 128]
+            indices = builder.zext(_pack_indices(builder, raw, index_bits), V32)
+            pointers = ir.GEPInstr(builder.block, book_words, [indices], True, "points", source_etype=I32)
+            pointers.type = ir.VectorType(I32.as_pointer(), PACK_INDICES)  # (as _gather_points)
+            builder._insert(pointers)
+            load = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(V32, [pointers.type, I32, mask.type, V32]),
+                f"llvm.masked.gather.v{PACK_INDICES}i32.v{PACK_INDICES}p0i32")
+            points = builder.call(load, [pointers, I32(4), mask, ir.Constant(V32, 0)])
+            builder.store(points, builder.gep(out, [k]), align=4)
+
+        every_point = ir.Constant(ir.VectorType(I1, PACK_INDICES), [1] * PACK_INDICES)
+        with cgutils.for_range(builder, n_packs) as loop:
+            start = builder.gep(p.data, [builder.mul(loop.index, loop.index.type(n_bytes))])
+            raw = builder.load(builder.bitcast(start, ir.VectorType(I8, n_bytes).as_pointer()), align=1)
+            _prefetch(builder, builder.gep(start, [I32(PREFETCH_BYTES)]))
+            gather(loop.index, raw, every_point)
+        with builder.if_then(builder.icmp_signed("!=", tail_words, tail_words.type(0))):
+            start = builder.gep(p.data, [builder.mul(n_packs, n_packs.type(n_bytes))])
+            n_points = builder.udiv(builder.mul(tail_words, tail_words.type(32)), tail_words.type(index_bits))
+            gather(n_packs, _tail_bytes(builder, start, tail_words, n_bytes), _lanes_below(builder, n_points,
+                                                                                           PACK_INDICES))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+_POINTS_CODES: dict = {}
+
+
+@intrinsic
+def points_codes(typingctx, p, book, codes, n_packs, tail_words, index_bits):
+    """codes[128k + 4j + i] = book[index j of pack k, i] for the row's n_packs whole packs of B = 4·index_bits bytes
+    (each with a prefetch PREFETCH_BYTES ahead) and, tail_words > 0, a partial last one read by a masked load (its
+    points past the words' whole indices: zero bytes). p uint8 (n_packs·B + 4·tail_words,), the packed row; book uint8
+    (2^index_bits, 4), a point's 4 bytes one 32-bit word (x86: vpgatherdd, 16 points at a time); codes uint8
+    (≥ 128·P,), P = n_packs + (1 with a partial pack); index_bits (a literal): 8 or 12. All C-contiguous."""
+    lowered = literal_codegen(_POINTS_CODES, _make_points_codes, (index_bits,))
+    arrays = (p, book, codes)
+    if lowered is None or not all(isinstance(n, types.Integer) for n in (n_packs, tail_words)) or any(
+            not isinstance(a, types.Array) or a.layout != "C" for a in arrays):
+        return None
+    return types.void(p, book, codes, n_packs, tail_words, index_bits), lowered
+
+
 def examples():
     """(kernel name, arguments) typed as VqWeight calls them (see cpu_kernels.examples): every (bits, dim),
     3 rows of 200 inputs in groups of 32, rows padded to whole words (format 1.8); 12-bit indices last (the
@@ -483,6 +637,11 @@ def examples():
         for name in ("vq_matmul", "vq_matmul_serial"):
             yield name, (x, packed, codebook, index_bits, dim, scale_codes, scale_meta, 32, NO_ROWS, NO_COLS,
                          NO_VALUES, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
+        if dim == 4:  # the same rows with a codebook on the 8-bit grid (its codes + 128 as bytes)
+            book = readonly(rng.integers(1, 256, (1 << index_bits, 4)).astype(np.uint8))
+            for name in ("vq_grid_matmul", "vq_grid_matmul_serial"):
+                yield name, (x, packed, book, index_bits, np.float32(1 / 64), scale_codes, scale_meta, 32, NO_ROWS,
+                             NO_COLS, NO_VALUES, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
 
 
 def warm_up() -> None:
