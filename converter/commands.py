@@ -5,7 +5,7 @@ import click
 
 from ..format_spec import CODEBOOK_ROWS, GROUP_SIZES, LABEL_GRAMMAR, SUPPORTED_BITS
 from .candidates import PRESETS
-from .options import (AUTO_GPTQ_BELOW, MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES,
+from .options import (AUTO, AUTO_CONFIGS, AUTO_GPTQ_BELOW, AUTO_VQ_BELOW, MAX_ROW_BLOCKS, MIN_BLOCK_ROWS, MIN_SPLIT_COLUMNS, OBJECTIVES, OUTLIER_MODES,
                       QUANTIZERS, default)
 
 _list = lambda values: ",".join(str(v) for v in values)  # noqa: E731
@@ -67,14 +67,17 @@ converting the same checkpoint at another budget skips measurement and calibrati
               help="Budget: the smallest file whose loss increase on held-out calibration text is at most this "
                    "percentage of the fp model's loss (e.g. 1%), predicted, then measured with the runtime.")
 @click.option("--configs", default=default("configs"), show_default=True,
-              help=f"Candidate configs, comma-separated labels — {LABEL_GRAMMAR} — with B in {_list(SUPPORTED_BITS)}, "
+              help=f"Candidate configs: '{AUTO}' ('{AUTO_CONFIGS[0]}' at or above {AUTO_VQ_BELOW:g} bits per "
+                   f"decoder-linear weight, '{AUTO_CONFIGS[1]}' below; a byte budget decides by a first solve with "
+                   f"'{AUTO_CONFIGS[0]}', --max-loss keeps '{AUTO_CONFIGS[0]}'), or comma-separated labels — "
+                   f"{LABEL_GRAMMAR} — with B in {_list(SUPPORTED_BITS)}, "
                    f"G in {_list(GROUP_SIZES)}, C in {_list(CODEBOOK_ROWS)} and a candidate's outliers a percent; "
                    f"or presets {_list(PRESETS)} ('paper': b2/3/4/8 × g32/64/128 with 8-bit metadata, the MXQ paper's "
                    "space; 'all': every affine bit width and group size, and b4/b5 × g32/g64 with 6-bit metadata "
                    "too; 'lut': l2–l5 per channel and per 4 and 16 channels; 'vq': v2d4 and v3d2 × g32/64/128, "
                    "vector quantization with a codebook per matrix; 'vqs': v2d4 and v3d4 × g32/64/128 with codebooks "
                    "shared by the file; 'all+vq+vqs' gave the lowest perplexity measured at ≤ 3.5 bpw, but its files "
-                   "decode several times slower on CPU — README, Quality).")
+                   "decode slower on CPU — README, Quality).")
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
               show_default=True,
               help="Split each decoder linear into this many blocks of output channels, sorted by importance "

@@ -18,6 +18,14 @@ MEASURED_WITH = {"gptq": "wls", "auto": "wls"}
 # GPTQ's gain over wls by the allocation's bits (SmolLM2, WikiText-2 ppl, README "Quality"; with its
 # asymmetric target): 4.25 bpw +0.5%, 3.5 −3.1%, 3.0 −8.4%, 2.5 −24%; Gemma 3 270M at 3.0 −16.7%.
 AUTO_GPTQ_BELOW = 4.0
+# --configs auto: the candidate preset by the decoder linears' bits per weight — AUTO_CONFIGS[0] at or above
+# AUTO_VQ_BELOW, AUTO_CONFIGS[1] below (a byte budget: decided by a first solve with AUTO_CONFIGS[0]; loss
+# prediction, --max-loss and mxq sweep, takes no shared codebooks: AUTO_CONFIGS[0] throughout). all+vqs against
+# all (SmolLM2, WikiText-2 ppl, README "Quality"): 3.5 bpw −4.2%, 3.0 −10.4%, 2.5 −29%; 4.25 −0.2% (noise).
+AUTO = "auto"
+AUTO_CONFIGS = ("all", "all+vqs")
+AUTO_VQ_BELOW = 4.0
+AUTO_VQ_MAX_SHARE = 0.01  # ... where the shared codebooks take at most this share of the decoder linears' bytes
 OUTLIER_MODES = ("magnitude", "error")  # which weights become outliers: largest |w|, or largest (weighted) error
 # frobenius: Σ‖W−Ŵ‖_F (the MXQ paper, data-free); frobenius_sq: Σ‖W−Ŵ‖²_F;
 # output: Σ_j m_j Σ_i ΔW_ij² with m_j = Σ x_j² over calibration tokens (diagonal of tr(ΔW XᵀX ΔWᵀ));
@@ -46,7 +54,7 @@ class ConvertOptions:
     max_loss: float | None = None  # or: percent loss increase allowed on held-out calibration text (target_loss.py)
     # Defaults are the best measured on SmolLM2 (tools/quality_sweep.py, README "Quality"); the MXQ
     # paper's data-free method is configs="paper", quantizer="hqq", objective="frobenius".
-    configs: str = "all"
+    configs: str = AUTO  # or a preset / labels (converter/candidates.py); auto: AUTO_CONFIGS by the bits per weight
     quantizer: str = "auto"
     objective: str = "fisher"
     row_blocks: int = 4  # split each decoder linear into this many row blocks by importance, a config each
@@ -136,6 +144,36 @@ def _auto(options: ConvertOptions, bpw_linear: float) -> tuple[str, str]:
     if options.objective not in CALIBRATED_OBJECTIVES:
         return "wls", f"--objective {options.objective} is data-free"
     return "gptq", f"{bpw_linear:.4f} bpw < {AUTO_GPTQ_BELOW:g}"
+
+
+def resolved_configs(options: ConvertOptions) -> str:
+    """--configs, or for auto before a byte budget's first solve AUTO_CONFIGS[0] (the conversion resolves --bpw's
+    first: auto_configs)."""
+    return options.configs if options.configs != AUTO else AUTO_CONFIGS[0]
+
+
+def auto_configs(bpw_linear: float, numel: int) -> tuple[str, str]:
+    """(preset, why) of --configs auto for bpw_linear bits per weight over `numel` decoder-linear weights: the
+    shared codebooks of AUTO_CONFIGS[1] below AUTO_VQ_BELOW where their bytes are at most AUTO_VQ_MAX_SHARE of
+    the linears' (a small model cannot spare 34 KiB: its budget would go to codebooks), else AUTO_CONFIGS[0]."""
+    from .candidates import parse_candidates
+    from .shared_codebooks import reserved_nbytes, shared_pairs
+
+    if bpw_linear >= AUTO_VQ_BELOW:
+        return AUTO_CONFIGS[0], f"{bpw_linear:.4f} bpw ≥ {AUTO_VQ_BELOW:g}"
+    books = reserved_nbytes(shared_pairs(parse_candidates(AUTO_CONFIGS[1])))
+    share = books / max(bpw_linear * numel / 8, 1.0)
+    if share > AUTO_VQ_MAX_SHARE:
+        return AUTO_CONFIGS[0], (f"{bpw_linear:.4f} bpw < {AUTO_VQ_BELOW:g}, but the shared codebooks' {books:,} bytes "
+                                 f"would be {100 * share:.1f}% of the decoder linears', over "
+                                 f"{100 * AUTO_VQ_MAX_SHARE:g}%")
+    return AUTO_CONFIGS[1], f"{bpw_linear:.4f} bpw < {AUTO_VQ_BELOW:g}"
+
+
+def configs_note(options: ConvertOptions, configs: str, why: str) -> str:
+    """What --configs auto chose and why, for the conversion's notes."""
+    how = "--bpw" if options.bpw is not None else f"the first solve, with {AUTO_CONFIGS[0]}"
+    return f"--configs auto took {configs} ({how}: {why})"
 
 
 def measured_with(quantizer: str) -> str:

@@ -31,8 +31,8 @@ from .checkpoint import read_checkpoint
 from .errors import ConversionError
 from .measure import ErrorCache, default_cache_dir, measure
 from .options import parse_size  # noqa: F401 (re-exported)
-from .options import (CALIBRATED_OBJECTIVES, ConvertOptions, auto_note, measured_with, whole_file,
-                      write_quantizer)
+from .options import (AUTO, CALIBRATED_OBJECTIVES, ConvertOptions, auto_configs, auto_note, configs_note,
+                      measured_with, resolved_configs, whole_file, write_quantizer)
 from .quantize import quantize
 from .row_blocks import quantize_rows, row_order, rows_config, unit_costs, unit_nbytes
 from .shared_codebooks import codebook_plans, fit_shared_codebooks, reserved_nbytes, shared_pairs
@@ -56,7 +56,8 @@ class Report:
 
 
 def _candidates(options: ConvertOptions) -> list[Candidate]:
-    candidates = parse_candidates(options.configs)
+    """--configs' candidates (auto before a byte budget's first solve: resolved_configs), with --outliers."""
+    candidates = parse_candidates(resolved_configs(options))
     if options.outliers:
         candidates = [with_outliers(c, options.outliers) for c in candidates]
     return candidates
@@ -93,7 +94,7 @@ def _check_feasible(checkpoint, candidates, options) -> None:
         reserved = reserved_nbytes(shared_pairs(candidates))  # shared codebooks: bytes of the linears' budget
         lowest, highest = costs.min(axis=1).sum() + reserved, costs.max(axis=1).sum() + reserved
         if options.bpw * numel / 8 < lowest:
-            raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {options.configs!r}: the feasible "
+            raise ConversionError(f"--bpw {options.bpw} is infeasible with configs {resolved_configs(options)!r}: the feasible "
                                   f"range is {8 * lowest / numel:.4f} to {8 * highest / numel:.4f} bpw")
         return
     cheapest, unit = {}, 0
@@ -111,7 +112,7 @@ def _check_feasible(checkpoint, candidates, options) -> None:
     budget = file_budget(checkpoint, options)
     if budget < smallest:
         raise ConversionError(f"{_budget_text(checkpoint, options)} is infeasible: the smallest file with configs "
-                              f"{options.configs!r} is about {smallest:,} bytes")
+                              f"{resolved_configs(options)!r} is about {smallest:,} bytes")
 
 
 def _matrix_names(checkpoint) -> list[str]:
@@ -184,7 +185,7 @@ def _solve(checkpoint, tables, options, make_writer) -> np.ndarray:
     target = file_budget(checkpoint, options)
     if target < smallest:
         raise ConversionError(f"{_budget_text(checkpoint, options)} is infeasible: the smallest file with configs "
-                              f"{options.configs!r} is {smallest:,} bytes")
+                              f"{resolved_configs(options)!r} is {smallest:,} bytes")
     budget = target - overhead
     for _ in range(8):
         choice = allocate(aligned, objective, max(budget, int(aligned[rows, cheapest].sum())))
@@ -234,6 +235,12 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     seconds = {}
     started = time.perf_counter()
     checkpoint, rotation = read_source(hf_dir, options)
+    numel = sum(t.shape[0] * t.shape[1] for t in checkpoint.linears)
+    configs_notes = []
+    if options.configs == AUTO and options.bpw is not None:
+        configs, why = auto_configs(options.bpw, numel)
+        configs_notes.append(configs_note(options, configs, why))
+        options = replace(options, configs=configs)
     candidates = _candidates(options)
     _check_feasible(checkpoint, candidates, options)  # before any expensive work
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
@@ -323,6 +330,15 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
     stage = time.perf_counter()
     choice = _solve(checkpoint, tables, options, make_writer)
     seconds["solve"] = time.perf_counter() - stage
+    if options.configs == AUTO:  # a byte budget's first solve, with AUTO_CONFIGS[0]: auto's preset by its bpw
+        n = len(table.names)
+        bpw_linear = 8.0 * (float(table.costs[np.arange(n), choice[:n]].sum()) + reserved_nbytes(codebooks)) / numel
+        configs, why = auto_configs(bpw_linear, numel)
+        if configs != resolved_configs(options):  # convert again (the first solve's errors come from the cache)
+            report = _convert(hf_dir, out_path, replace(options, configs=configs), progress, cluster)
+            report.notes.insert(0, configs_note(options, configs, why))
+            return report
+        configs_notes.append(configs_note(options, configs, why))
 
     stage = time.perf_counter()
     writer = make_writer(choice)
@@ -344,7 +360,7 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
         bar.close()
     seconds["write"] = time.perf_counter() - stage
     seconds["total"] = time.perf_counter() - started
-    notes = checkpoint.notes + cache.notices + _sample_note(table, choice[:len(table.names)], options)
+    notes = configs_notes + checkpoint.notes + cache.notices + _sample_note(table, choice[:len(table.names)], options)
     if options.quantizer == "auto":
         notes.append(auto_note(options, writer.quantization["achieved_bpw_linear"]))
     if options.fit is not None:

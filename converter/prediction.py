@@ -25,7 +25,7 @@ import numpy as np
 
 from .allocate import allocate
 from .errors import ConversionError
-from .options import measured_with
+from .options import AUTO, AUTO_CONFIGS, measured_with
 
 HELDOUT_TOKENS = 8192  # held-out tokens scored at most (beyond the calibration's own)
 DEQUANTIZED_CAP_BYTES = 2 << 30  # measure with float32 weights cached when they take at most this much RAM
@@ -65,6 +65,8 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     if options.cache_dir is None:  # no cache: one temporary cache for this run, so no budget calibrates again
         keepalive = tempfile.TemporaryDirectory(prefix="mxq-cache-")
         options = replace(options, cache_dir=keepalive.name)
+    if options.configs == AUTO:  # loss prediction takes no shared codebooks: auto's preset above its threshold
+        options = replace(options, configs=AUTO_CONFIGS[0])
     seconds, started = {}, time.perf_counter()
     checkpoint = read_checkpoint(hf_dir)
     candidates = _candidates(options)

@@ -100,7 +100,7 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
     lowest, highest = 8.0 * table.costs.min(axis=1).sum() / numel, 8.0 * table.costs.max(axis=1).sum() / numel
     inside = lambda bpw: lowest <= bpw <= highest + 1e-9  # noqa: E731
     if not any(inside(b) for b in budgets_bpw):
-        raise ConversionError(f"no budget in the sweep is feasible: configs {options.configs!r} span "
+        raise ConversionError(f"no budget in the sweep is feasible: configs {prepared.options.configs!r} span "
                               f"{lowest:.3f} to {highest:.3f} bpw")
     if measure_at is None:
         measure_at = spread([b for b in budgets_bpw if inside(b)], MEASURED_POINTS)

@@ -116,9 +116,63 @@ def test_error_cache_skips_measurement(tiny_llama, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     convert(tiny_llama, tmp_path / "a.mxq", bpw=4.0, cache_dir=str(cache), **FAST)
     monkeypatch.setattr(measure_module, "quantize", lambda *a, **k: pytest.fail("measured again"))
-    report = convert(tiny_llama, tmp_path / "b.mxq", bpw=3.0, cache_dir=str(cache), **FAST)
-    assert report.achieved_bpw <= 3.0
+    report = convert(tiny_llama, tmp_path / "b.mxq", bpw=5.0, cache_dir=str(cache), **FAST)  # (auto: all, as at 4)
+    assert report.achieved_bpw <= 5.0
 
+
+def test_configs_auto_takes_shared_vq_below_its_threshold():
+    """auto_configs: `all+vqs` below AUTO_VQ_BELOW where the shared codebooks are a small share of the decoder
+    linears' bytes (a 135M-parameter model's ~106M weights: 0.09% at 3 bpw), `all` at or above it, and `all` for a
+    small model, whose budget would go to the codebooks (tiny-llama's ~150k weights: the reason is given)."""
+    from mxq.converter.options import AUTO_CONFIGS, AUTO_VQ_BELOW, auto_configs
+
+    assert auto_configs(AUTO_VQ_BELOW - 1.0, 106_000_000) == (AUTO_CONFIGS[1], f"{AUTO_VQ_BELOW - 1:.4f} bpw < "
+                                                                                f"{AUTO_VQ_BELOW:g}")
+    assert auto_configs(AUTO_VQ_BELOW, 106_000_000)[0] == AUTO_CONFIGS[0]
+    preset, why = auto_configs(3.0, 150_000)
+    assert preset == AUTO_CONFIGS[0] and "shared codebooks' 34,816 bytes would be 61.9% of the decoder linears'" in why
+
+
+def test_configs_auto_in_a_conversion(tiny_llama, tmp_path, monkeypatch):
+    """--configs auto (the default) in conversions: from --bpw directly, from a first solve with `all` for a byte
+    budget (whose errors then come from the cache: the shared candidates are measured, the file converted again);
+    the notes say which preset and why. (tiny-llama is too small for shared codebooks at the real rule: here their
+    share is unlimited and the threshold moved to where the budgets are feasible.)"""
+    from mxq.converter import options as options_module
+    from mxq.converter import pipeline
+    from mxq.converter.candidates import PRESETS
+    from mxq.converter.options import AUTO_CONFIGS
+
+    cache = str(tmp_path / "cache")
+    declined = convert(tiny_llama, tmp_path / "declined.mxq", bpw=3.0, cache_dir=cache, **FAST)
+    assert declined.notes[0].startswith(f"--configs auto took {AUTO_CONFIGS[0]} (--bpw: 3.0000 bpw < ")
+    monkeypatch.setattr(options_module, "AUTO_VQ_BELOW", 8.0)
+    monkeypatch.setattr(options_module, "AUTO_VQ_MAX_SHARE", 1.0)
+    low = convert(tiny_llama, tmp_path / "low.mxq", bpw=6.0, cache_dir=cache, **FAST)
+    high = convert(tiny_llama, tmp_path / "high.mxq", bpw=9.0, cache_dir=cache, **FAST)
+    assert low.notes[0] == f"--configs auto took {AUTO_CONFIGS[1]} (--bpw: 6.0000 bpw < 8)"
+    assert high.notes[0] == f"--configs auto took {AUTO_CONFIGS[0]} (--bpw: 9.0000 bpw ≥ 8)"
+    for report, preset in ((low, AUTO_CONFIGS[1]), (high, AUTO_CONFIGS[0])):
+        with MxqFile.open(report.path) as f:
+            assert f.quantization["configs"] == PRESETS[preset]
+            assert sorted(f.codebooks) == (["codebook.v2d4", "codebook.v3d4"] if preset == AUTO_CONFIGS[1] else [])
+    solves = []
+    real_solve = pipeline._solve
+    monkeypatch.setattr(pipeline, "_solve", lambda c, tables, *a: solves.append(len(tables[0].candidates))
+                        or real_solve(c, tables, *a))
+    monkeypatch.setattr(options_module, "AUTO_VQ_BELOW", 16.0)  # (--size allocates the embedding too: more bpw)
+    sized = convert(tiny_llama, tmp_path / "sized.mxq", size=low.file_bytes, cache_dir=cache, **FAST)
+    assert sized.file_bytes <= low.file_bytes
+    assert solves == [len(PRESETS[AUTO_CONFIGS[0]]), len(PRESETS[AUTO_CONFIGS[1]])]  # the first solve, then again
+    assert sized.notes[0].startswith(f"--configs auto took {AUTO_CONFIGS[1]} (the first solve, with "
+                                     f"{AUTO_CONFIGS[0]}: ")
+    with MxqFile.open(sized.path) as f:
+        assert f.quantization["configs"] == PRESETS[AUTO_CONFIGS[1]]
+    solves.clear()
+    monkeypatch.setattr(options_module, "AUTO_VQ_BELOW", 4.0)
+    big = convert(tiny_llama, tmp_path / "big.mxq", size=high.file_bytes, cache_dir=cache, **FAST)
+    assert solves == [len(PRESETS[AUTO_CONFIGS[0]])] and big.notes[0].startswith(
+        f"--configs auto took {AUTO_CONFIGS[0]} (the first solve")
 
 def test_errors_are_measured_again_under_other_calibration_statistics(tiny_llama, tmp_path, monkeypatch):
     """The error cache's key names the calibration statistics the errors are weighted by, not only the

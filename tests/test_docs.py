@@ -103,3 +103,14 @@ def test_quality_plot_draws_and_rejects_bad_rows(tmp_path):
         quality_plot.read_points(bad)
     bad.write_text("series,kind,bpw,bpw_high,perplexity,note\nx,mine,3.0,,20,\n", encoding="utf-8")
     assert quality_plot.main(["--csv", str(bad), "-o", str(out)]) == 1
+
+
+def test_the_configs_row_states_autos_rule():
+    """README's --configs row says what `auto` takes and where it switches (converter/options.py)."""
+    from mxq.converter.options import AUTO, AUTO_CONFIGS, AUTO_VQ_BELOW
+
+    assert readme_options()["--configs"][0] == AUTO
+    row = next(line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `--configs` |"))
+    assert (f"`{AUTO}` (`{AUTO_CONFIGS[0]}` at or above {AUTO_VQ_BELOW:g} bits per decoder-linear weight, "
+            f"`{AUTO_CONFIGS[1]}` below;") in row
