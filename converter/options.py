@@ -171,9 +171,11 @@ def auto_configs(bpw_linear: float, numel: int) -> tuple[str, str]:
 
 
 def configs_note(options: ConvertOptions, configs: str, why: str) -> str:
-    """What --configs auto chose and why, for the conversion's notes."""
+    """What --configs auto chose and why, for the conversion's notes (with shared codebooks: their cost)."""
     how = "--bpw" if options.bpw is not None else f"the first solve, with {AUTO_CONFIGS[0]}"
-    return f"--configs auto took {configs} ({how}: {why})"
+    cost = "" if configs == AUTO_CONFIGS[0] else (f"; its shared-codebook blocks decode several times slower on CPU "
+                                                  f"than affine ones, --configs {AUTO_CONFIGS[0]} for speed")
+    return f"--configs auto took {configs} ({how}: {why}){cost}"
 
 
 def measured_with(quantizer: str) -> str:
