@@ -21,7 +21,8 @@ AUTO_GPTQ_BELOW = 4.0
 # --configs auto: the candidate preset by the decoder linears' bits per weight — AUTO_CONFIGS[0] at or above
 # AUTO_VQ_BELOW, AUTO_CONFIGS[1] below (a byte budget: decided by a first solve with AUTO_CONFIGS[0]; loss
 # prediction, --max-loss and mxq sweep, takes no shared codebooks: AUTO_CONFIGS[0] throughout). all+vqs against
-# all (SmolLM2, WikiText-2 ppl, README "Quality"): 3.5 bpw −4.2%, 3.0 −10.4%, 2.5 −29%; 4.25 −0.2% (noise).
+# all (SmolLM2, WikiText-2 ppl, README "Quality"): 3.5 bpw −4.8%, 3.0 −10.7%, 2.5 −30.7%; 4.25 −0.2% (noise);
+# its files decode ~4x slower on CPU (README).
 AUTO = "auto"
 AUTO_CONFIGS = ("all", "all+vqs")
 AUTO_VQ_BELOW = 4.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -231,6 +232,9 @@ def read_source(hf_dir, options: ConvertOptions):
 
 def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) -> Report:
     """convert(); with `cluster` (converter/cluster.py), calibration and measurement run as its tasks."""
+    if options.configs == AUTO and options.bpw is None and options.cache_dir is None and cluster is None:  # --no-cache
+        with tempfile.TemporaryDirectory(prefix="mxq-cache-") as cache:  # auto may convert twice: calibrate once
+            return _convert(hf_dir, out_path, replace(options, cache_dir=cache), progress, cluster)
     _use_cores(options.jobs)
     seconds = {}
     started = time.perf_counter()
