@@ -497,27 +497,27 @@ def vq_grid_matmul_serial(x, packed, book, index_bits, grid_step, scale_codes, s
 @njit(**SERIAL)
 def grid_part(r0, r1, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols, values,
               bias, residual, y, high, low, dx, xsum, x_hat, pair):
-    """grid_rows with (index bits, blocks per vector step, blocks per group) as constants (block_dot's literals;
-    an odd block count means groups of 32: one block each)."""
+    """grid_rows with the index bits as a constant (points_codes' literal), then grid_rows_for's."""
     a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
          x_hat)
     if index_bits == 12:
-        if not pair:
-            grid_rows(r0, r1, a, 12, 1, 1)
-        elif group_size == 32:
-            grid_rows(r0, r1, a, 12, 2, 1)
-        elif group_size == 64:
-            grid_rows(r0, r1, a, 12, 2, 2)
-        else:
-            grid_rows(r0, r1, a, 12, 2, 4)
-    elif not pair:
-        grid_rows(r0, r1, a, 8, 1, 1)
-    elif group_size == 32:
-        grid_rows(r0, r1, a, 8, 2, 1)
-    elif group_size == 64:
-        grid_rows(r0, r1, a, 8, 2, 2)
+        grid_rows_for(r0, r1, a, 12, group_size, pair)
     else:
-        grid_rows(r0, r1, a, 8, 2, 4)
+        grid_rows_for(r0, r1, a, 8, group_size, pair)
+
+
+@njit(inline="always", **SERIAL)
+def grid_rows_for(r0, r1, a, index_bits, group_size, pair):
+    """grid_rows with (blocks per vector step, blocks per group) as constants (block_dot's literals; an odd block
+    count means groups of 32: one block each)."""
+    if not pair:
+        grid_rows(r0, r1, a, index_bits, 1, 1)
+    elif group_size == 32:
+        grid_rows(r0, r1, a, index_bits, 2, 1)
+    elif group_size == 64:
+        grid_rows(r0, r1, a, index_bits, 2, 2)
+    else:
+        grid_rows(r0, r1, a, index_bits, 2, 4)
 
 
 @njit(inline="always", **SERIAL)
