@@ -39,7 +39,7 @@ from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 from .row_blocks import ORDER_VERSION, blocks_wanted, split, unit_costs
 from .shared_codebooks import digest
-from .vq import GRID_DIM
+from ..format_spec.vq import GRID_DIM
 
 CACHE_VERSION = 6  # bump when quantizer or estimator math changes (6: 6-bit metadata for b <= 3)
 MIN_SAMPLE_ROWS = 64  # a sample (1 row in SAMPLE_EVERY) has at least this many rows (all of smaller matrices)

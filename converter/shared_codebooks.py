@@ -24,7 +24,8 @@ import numpy as np
 from ..format_spec import StorageConfig, snap_to_int8_grid
 from ..format_spec.layout import CODEBOOK_ROLE, codebook_spec, shared_codebook_name
 from ..format_spec.writer import TensorPlan
-from .vq import GRID_DIM, kmeans_codebook, sample_vectors, shared_points
+from ..format_spec.vq import GRID_DIM
+from .vq import kmeans_codebook, sample_vectors, shared_points
 
 SAMPLE_VECTORS = 8192  # per matrix: a 30-layer model gives 210 × 8192 ≈ 1.7 M vectors, 420 per point at 4096
 KMEANS_ITERS = 24
@@ -56,8 +57,7 @@ def fit_shared_codebooks(checkpoint, candidates, importance, progress=None, cach
         for pair in missing:
             if pair in paths:
                 _store(paths[pair], books[pair])
-    # (a codebook cached before kmeans_codebook moved 4-D points to the 8-bit grid gets there now: idempotent)
-    return {pair: snap_to_int8_grid(books[pair]) if pair[1] == GRID_DIM else books[pair] for pair in pairs}
+    return {pair: books[pair] for pair in pairs}
 
 
 def _cached(path: Path, pair) -> np.ndarray | None:
@@ -67,7 +67,10 @@ def _cached(path: Path, pair) -> np.ndarray | None:
     except (OSError, ValueError):
         return None
     bits, dim = pair
-    return book if book.dtype == np.float16 and book.shape == (1 << bits * dim, dim) else None
+    if book.dtype != np.float16 or book.shape != (1 << bits * dim, dim):
+        return None
+    # (cached before kmeans_codebook moved 4-D points to the 8-bit grid: moved there now, as a fit would)
+    return snap_to_int8_grid(book) if dim == GRID_DIM else book
 
 
 def _store(path: Path, book: np.ndarray) -> None:

@@ -23,9 +23,9 @@ import torch
 
 from ..format_spec import StorageConfig, decode_meta, encode_meta, pack_codes, snap_to_int8_grid
 from ..format_spec.layout import vq_dims
+from ..format_spec.vq import GRID_DIM
 from .kernels import vq_kmeans, vq_round
 
-GRID_DIM = 4  # codebooks of 4-D points are fitted on an 8-bit grid (kmeans_codebook)
 FIT_VECTORS = 32768  # vectors the codebook is fitted on (an even spread over the matrix; 128 per point at 256)
 KMEANS_ITERS = 16
 REFITS = 2  # rounds of (indices, least-squares scales) before the final indices

@@ -46,6 +46,7 @@ def dequantize_vq(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
 
 # -- codebooks on an 8-bit grid (SPEC.md §12.5: informative, not a format change) -------------------------------------
 GRID_MAX = 127  # a grid codebook's coordinates are integers in [−127, 127] times one power of two
+GRID_DIM = 4  # the points mxq's converter puts on the grid, and its CPU runtime's integer kernel takes (4 bytes a point)
 
 
 def grid_exponent(amax: float) -> int:

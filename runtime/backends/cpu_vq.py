@@ -31,6 +31,7 @@ import numpy as np
 
 from ...format_spec import int8_grid, unpack_codes
 from ...format_spec.layout import META_GROUP_SIZE, vq_dims
+from ...format_spec.vq import GRID_DIM
 from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, kernel_extras, readonly
 
 
@@ -51,7 +52,6 @@ class Widened:
 
 
 PLANAR_DIM = 2  # codebooks of 2-D points: the kernels look their points up in coordinate planes
-GRID_DIM = 4  # codebooks of 4-D points on an 8-bit grid: one 32-bit word a point, integer dot products
 _widened = weakref.WeakValueDictionary()  # (content hash, shape) → Widened, alive while a handle holds it
 
 
