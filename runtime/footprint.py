@@ -15,7 +15,7 @@ model, a file size and a context length — the number `--fit SIZE --context N` 
     activations  prefill peak of one piece of the prompt (≤ PREFILL_CHUNK  model.hidden_states, model.block,
                  tokens) over N keys · batch (main thread + each worker's) numpy_backend
     scratch      threads · 2 · dequantization chunk                        cpu_weights._prefill_rows(_compiled)
-    stacks       with the kernels, a kernel stack's arrays for one prefill  cpu_kernels.stack_matmul*, tile_x
+    stacks       with the kernels, a kernel stack's arrays for one prefill  cpu_stack_kernels.stack_matmul*, tile_x
                  piece: its staged output (t · widest stack, twice: one
                  kept by the allocator) and x rounded for the tiles
                  (t · widest input · (4 + 2 bytes))

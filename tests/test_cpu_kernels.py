@@ -521,6 +521,7 @@ import numpy as np
 from mxq.runtime.backends import cpu_qdot
 cpu_qdot.DOT_ISA = sys.argv[1]  # before anything compiles: the lowering under test (dot_isas: what this CPU runs)
 from mxq.runtime.backends import cpu_kernels as K
+from mxq.runtime.backends import cpu_stack_kernels as S
 from mxq.format_spec import StorageConfig, dequantize
 from mxq.runtime.backends.cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, quantize_activations
 from mxq.runtime.backends.numpy_backend import AffineWeight, NumpyBackend
@@ -551,7 +552,7 @@ for bits in (2, 3, 4, 5, 6, 8):
             want = w.numpy_matmul(quantize_activations(x, K.ACTIVATION_LOW_PART))
             assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest)
             stack = KernelStack((w,), backend)  # the same matrix through the stack kernel (its tiles: cpu_tiles_kernels)
-            K.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
+            S.stack_matmul_serial(x, stack.table, stack.out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
             assert np.abs(y - want).max() <= 2e-5 * np.abs(want).max(), (bits, group, largest, "stack")
 print("ok", K.ACTIVATION_LOW_PART)
 """

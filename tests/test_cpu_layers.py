@@ -62,6 +62,32 @@ def test_fused_layers_match_model_block(quantized, monkeypatch, name, kind, thre
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("kind", ["aot", "jit"])
+def test_layers_with_vq_grid_products_are_fused(tmp_path_factory, monkeypatch, kind, threads):
+    """tiny-llama converted with shared-codebook vq candidates (`all+vqs`: the 4-D codebooks on the 8-bit grid) has
+    vq products in every layer; they are kernel stack entries too (cpu_stack.py), so every layer is still one call,
+    and its logits are Model.block's."""
+    from mxq.runtime.backends.cpu_vq import VqWeight
+
+    path = tmp_path_factory.getbasetemp() / "tiny-llama-vqs.mxq"
+    if not path.exists():
+        convert(fixtures.ensure("tiny-llama"), path, bpw=4.6, objective="frobenius", quantizer="rtn", configs="all+vqs",
+                cache_dir=None)
+    monkeypatch.setenv("MXQ_THREADS", threads)
+    with kernels_mode(kind), mxq.load(path) as lm:
+        assert lm.backend.kernels is not None and lm.backend.kernels.kind == kind
+        for layer in lm.model.layers:
+            products = [b for m in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+                        for b in getattr(m, "blocks", [m])]
+            assert any(isinstance(b, VqWeight) and b.codebook.grid_book is not None for b in products)
+        fused = lm.backend.fused_layers(lm.model, 1)
+        assert fused is not None and all(fused.fused)
+        got, ref = decode_logits(lm, True), decode_logits(lm, False)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
 def test_two_caches_decoded_in_turn_keep_their_own_keys_and_values(quantized):
     """Each cache has its own kv table (and a cache that grows gets a new one): two sequences decoded step by step in
     turn give what each gives alone."""

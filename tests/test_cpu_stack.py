@@ -22,9 +22,20 @@ parse = StorageConfig.parse
 CONFIGS = [(bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128)]
 
 
+def random_blobs(rng, shape, config):
+    """Random blobs of an affine matrix, or of a vq one with its codebook on the 8-bit grid (the stack kernels take
+    both: cpu_stack.stackable)."""
+    if config.scheme == "vq":
+        from test_cpu_vq import grid_blobs
+
+        return grid_blobs(rng, shape, config)
+    return random_affine_blobs(rng, shape, config)
+
+
 def rows_blobs(rng, shape, config):
-    """A rows tensor of affine blocks with random content and row order; and its dense W (logical rows)."""
-    blocks = [random_affine_blobs(rng, (count, shape[1]), block) for count, block in config.blocks]
+    """A rows tensor of affine and vq grid blocks with random content and row order; and its dense W (logical
+    rows)."""
+    blocks = [random_blobs(rng, (count, shape[1]), block) for count, block in config.blocks]
     order = rng.permutation(shape[0])
     weight = np.empty(shape, np.float32)
     weight[order] = np.concatenate([dequantize(b, (count, shape[1]), block)
@@ -33,7 +44,8 @@ def rows_blobs(rng, shape, config):
 
 
 def members(rng, in_features, labels):
-    """[(name, shape, config, blobs, dense W)] for labels 'b4g64+o3' (affine) or 'rows(...)'."""
+    """[(name, shape, config, blobs, dense W)] for labels 'b4g64+o3' (affine), 'v3d4g32s' (vq on the grid) or
+    'rows(...)'."""
     out = []
     for i, label in enumerate(labels):
         config = parse(label)
@@ -42,7 +54,7 @@ def members(rng, in_features, labels):
         if config.scheme == "rows":
             blobs, dense = rows_blobs(rng, shape, config)
         else:
-            blobs = random_affine_blobs(rng, shape, config)
+            blobs = random_blobs(rng, shape, config)
             dense = dequantize(blobs, shape, config)
         out.append((f"m{i}", shape, config, blobs, dense))
     return out
@@ -86,16 +98,59 @@ def test_rows_matrices_of_mixed_configs_match_numpy_path(backends):
     check_stack(fast, ref, rng, 31, ["rows(1:b4g32,2:b2g128)", "b8g32+o3"])  # narrower than one block
 
 
+GRID_STACK = ["v3d4g32s+o4", "rows(5:b4g32,9:v3d4g64s+o2,7:v2d4g128,3:b2g64+o1,2:v3d4g128m6s)", "b5g64", "v2d4g64m8"]
+
+
+@pytest.mark.parametrize("in_features", [40, 333, 576])
+def test_vq_grid_pieces_stack_with_affine_ones(backends, in_features):
+    """vq matrices and blocks whose codebooks lie on the 8-bit grid (12- and 8-bit indices, groups of 32-128, 6- and
+    8-bit scales, outliers) are stack entries of their own kind beside affine ones: the stack's products of 1-16
+    tokens (decode, and the most the vq kernels take) match the NumPy path on the same x̂, bias and residual fused,
+    576 inputs a 12-bit row ending in a partial pack."""
+    from mxq.runtime.backends.cpu_stack import KIND, KIND_AFFINE, KIND_VQ_GRID
+
+    fast, ref = backends
+    rng = np.random.default_rng(in_features)
+    check_stack(fast, ref, rng, in_features, GRID_STACK, tokens=(1, 3, KERNEL_MAX_TOKENS))
+    parts = members(rng, in_features, GRID_STACK)
+    stack = fast.stack(tuple(fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts), 1)
+    kinds = stack.table[:, KIND].tolist()
+    assert kinds.count(KIND_VQ_GRID) == 5 and kinds.count(KIND_AFFINE) == 3
+    assert sorted(stack.out_rows.tolist()) == list(range(stack.shape[0]))
+
+
+def test_a_vq_stack_takes_decode_sizes_and_off_grid_codebooks_do_not_stack(backends):
+    """A stack with a vq piece takes up to KERNEL_MAX_TOKENS tokens (then each member its own product: dequantize +
+    sgemm), an affine one up to stack_max_tokens; a vq codebook off the grid has no stack line (its float kernel)."""
+    from test_cpu_vq import vq_blobs, vq_config
+
+    fast, ref = backends
+    rng = np.random.default_rng(2)
+    grid, affine = (members(rng, 96, [label])[0] for label in ("v3d4g32s", "b4g32"))
+    w_grid, w_affine = (fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in (grid, affine))
+    assert fast.stack((w_grid, w_affine), KERNEL_MAX_TOKENS) is not None
+    assert fast.stack((w_grid, w_affine), KERNEL_MAX_TOKENS + 1) is None
+    assert fast.stack((w_affine,), KERNEL_MAX_TOKENS + 1) is not None
+    x = rng.standard_normal((KERNEL_MAX_TOKENS + 4, 96)).astype(np.float32)
+    got = fast.linears(x, (w_grid, w_affine))
+    np.testing.assert_allclose(got[0], x @ grid[4].T, rtol=1e-4, atol=1e-4)  # x itself: sgemm
+    config = vq_config(3, 4, 32)
+    off = fast.prepare(_Entry("off", (8, 96), config), vq_blobs(rng, (8, 96), config))
+    assert off.codebook.grid_book is None and fast.stack((off, w_affine), 1) is None
+    assert fast.kernels is not None
+
+
 def test_the_parallel_stack_kernel_matches_the_serial_one(backends):
-    """cpu_kernels.stack_matmul (JIT only: one parallel region, each part a stretch of the entries' tiles)
-    writes what stack_matmul_serial writes, for any number of parts — more parts than some entries have
+    """cpu_stack_kernels.stack_matmul (JIT only: one parallel region, each part a stretch of the entries' units, vq
+    grid entries among them) writes what stack_matmul_serial writes, for any number of parts — more parts than some entries have
     rows included — with bias and residual fused: every row written (no NaN left), and equal up to the
     summation order fastmath may choose differently in the two compiled functions."""
     fast, _ = backends
     if not fast.kernels.parallel:
         pytest.skip("the ahead-of-time kernels are serial only")
     rng = np.random.default_rng(11)
-    parts = members(rng, 333, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)", "b4g64+o3", "rows(2:b6g32,5:b3g32)"])
+    parts = members(rng, 333, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)", "b4g64+o3", "rows(2:b6g32,5:b3g32)"]
+                    + GRID_STACK)
     handles = tuple(fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts)
     stack = fast.stack(handles, 1)
     assert isinstance(stack, KernelStack)

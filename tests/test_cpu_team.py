@@ -20,7 +20,8 @@ pytest.importorskip("numba")
 
 def stack_of(fast, rng, in_features=333):
     parts = members(rng, in_features, ["rows(3:b2g32,40:b8g128+o9,1:b5g64,20:b3g128)", "b4g64+o3",
-                                       "rows(2:b6g32,5:b3g32)", "b5g32"])
+                                       "rows(2:b6g32,5:b3g32)", "b5g32", "v3d4g64s+o2",
+                                       "rows(4:b4g32,20:v3d4g32s,7:v2d4g128)"])
     stack = fast.stack(tuple(fast.prepare(_Entry(n, s, c), b) for n, s, c, b, _ in parts), 1)
     assert stack is not None
     return stack

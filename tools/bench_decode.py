@@ -2,7 +2,8 @@
 llama.cpp, in one run.
 
     python tools/bench_decode.py MODEL.mxq HF_DIR [--prompt-tokens 128] [--new-tokens 64] [--threads N] [--rounds R]
-        [--modes lean,lean-a8,lean-a16,lean-unfused,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH] [--json]
+        [--modes lean,lean-a8,lean-a16,lean-unfused,lean-tiles,lean-jit,lean-1t,lean-numpy,cached,transformers] [--compare-gguf FILE.gguf LLAMA_BENCH]
+        [--baseline OTHER.mxq] [--json]
 
 1. Read bandwidth: the best of a multi-threaded float32 GEMV over a 512 MiB matrix (far larger
    than the caches) and of a read-only reduction over it (Numba kernels, `--threads` threads).
@@ -32,7 +33,9 @@ llama.cpp, in one run.
    decode is timed (the backend's run_team / run_op / run_kernel wrapped): ms per token in each kernel (all
    decoder layers are one call, decode_layers, unless lean-unfused's setting is on), and the rest of a decode
    step — Python, NumPy glue, sampling — as what remains of its wall time.
-6. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n 0` for prefill and
+6. --baseline OTHER.mxq adds a "baseline" row: the lean mode on another file of the same checkpoint (e.g. the
+   same budget with `--configs all`), in the same rounds, interleaved, and the ratio of lean's decode to its.
+7. --compare-gguf adds llama.cpp: `LLAMA_BENCH -m FILE -p <prompt> -n 0` for prefill and
    `-p 0 -n <new> -d <prompt>` for decode after the same context as mxq's (`-t <threads> -o json`).
 Ratios are against transformers, measured in the same run (the machine may be shared: compare
 ratios, not absolute numbers). Lean RSS budget: 1.25 × file + KV cache + 64 MiB.
@@ -285,8 +288,11 @@ def main(argv=None):
                          "report each mode's median-decode round: a noisy machine's drift hits every mode alike")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time every compiled kernel call of a lean decode (one more run): where a step goes")
+    ap.add_argument("--baseline", metavar="OTHER.mxq",
+                    help="also run the lean mode on another file in the same rounds: the 'baseline' row and ratio")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--worker", choices=MODES + ("bandwidth", "kernel-memory-aot", "kernel-memory-jit", "lean-breakdown"),
+    ap.add_argument("--worker", choices=MODES + ("baseline", "bandwidth", "kernel-memory-aot", "kernel-memory-jit",
+                                                 "lean-breakdown"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -294,13 +300,14 @@ def main(argv=None):
 
     runs = {}  # mode → [result of each round]
     memory_modes = ["kernel-memory-aot", "kernel-memory-jit"] if args.kernel_memory else []
-    modes = list(dict.fromkeys(args.modes.split(",")))
+    modes = list(dict.fromkeys(args.modes.split(","))) + (["baseline"] if args.baseline else [])
     order = ["bandwidth"] + memory_modes
     for i in range(max(1, args.rounds)):
         order += modes if i % 2 == 0 else modes[::-1]
     order += ["lean-breakdown"] if args.breakdown else []
     for mode in order:
-        cmd = [sys.executable, __file__, args.file, args.hf_dir, "--worker", mode,
+        path = args.baseline if mode == "baseline" else args.file
+        cmd = [sys.executable, __file__, path, args.hf_dir, "--worker", mode,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         env = dict(os.environ)
         if mode == "lean-numpy":
@@ -334,7 +341,7 @@ def main(argv=None):
     roofline = bandwidth["gb_s"] * 1e9 / step_bytes  # tok/s if a decode step only streamed its bytes once
     ref = results.get("transformers")
     for mode, r in results.items():
-        if mode in MODES and mode != "transformers":  # mxq's modes
+        if mode in MODES and mode != "transformers":  # mxq's modes (the baseline file has its own roofline)
             r["roofline_pct"] = 100 * r["decode_tok_s"] / roofline
         if mode == "llama.cpp":  # against the roofline of its own file
             r["roofline_pct"] = 100 * r["decode_tok_s"] * r["file_mib"] * 2**20 / (bandwidth["gb_s"] * 1e9)
@@ -377,6 +384,9 @@ def main(argv=None):
         for mode, r in results.items():
             if "decode_tok_s_rounds" in r:
                 print(f"  {mode:<13} " + " ".join(f"{v:.1f}" for v in r["decode_tok_s_rounds"]))
+    if "lean" in results and "baseline" in results:
+        print(f"lean decodes {results['lean']['decode_tok_s'] / results['baseline']['decode_tok_s']:.2f}x as fast as the "
+              f"baseline {args.baseline} (both median rounds)")
     if "lean" in results and "lean-1t" in results:
         lean, one = results["lean"], results["lean-1t"]
         print(f"thread scaling: lean on {lean['threads']} threads decodes {lean['decode_tok_s'] / one['decode_tok_s']:.2f}x"

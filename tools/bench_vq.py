@@ -12,7 +12,8 @@ packs); the handles lean mode makes of them (cpu_vq.VqWeight, cpu_weights.Affine
 multiplied through their own kernel_matmul — what Matrix.matmul runs for decode-sized inputs — with the serial
 kernel on one thread and the parallel one (n_parts = threads, Numba's JIT OpenMP loop) on more, forced rather
 than left to ThreadChoice. The affine matrices also through decode's tile kernel (a one-matrix stack:
-stack_matmul_serial / stack_matmul on cpu_tiles.py's tiles), which is what a model's decoder layers run.
+stack_matmul_serial / stack_matmul on cpu_tiles.py's tiles), which is what a model's decoder layers run, and so
+are the vq matrices whose codebooks are on the 8-bit grid ("grid stack": cpu_stack_kernels.py).
 Timing: every call timed alone, the kinds interleaved call by call over --rounds rounds of --calls calls, the
 median per kind. The same matrix is multiplied again and again, so small matrices are read from the caches: this
 measures the kernels' own work; the memory limit printed beside (the matrix's bytes at the read bandwidth of that
@@ -95,9 +96,8 @@ def products(kernels, shape, group, minor):
 
     from mxq.format_spec import StorageConfig, snap_to_int8_grid
     from mxq.format_spec.layout import VQ_INDEX_BITS
-    from mxq.runtime.backends.cpu_stack import table_line
     from mxq.runtime.backends.cpu_vq import VqWeight
-    from mxq.runtime.backends.cpu_weights import NO_FLOAT, NO_RESIDUAL, AffineWeight
+    from mxq.runtime.backends.cpu_weights import AffineWeight
 
     rng = np.random.default_rng(0)
     backend = Bench(kernels)
@@ -118,10 +118,12 @@ def products(kernels, shape, group, minor):
             kernel = vq.vq_matmul if parallel else vq.vq_matmul_serial
             grid = vq.vq_grid_matmul if parallel else vq.vq_grid_matmul_serial
             weight.kernel_matmul(SimpleNamespace(vq=lambda: SimpleNamespace(
-                vq_matmul=kernel, vq_matmul_serial=kernel, vq_grid_matmul=grid, vq_grid_matmul_serial=grid)),
-                x, None, None, y)
+                vq_matmul=kernel, vq_matmul_serial=kernel, vq_grid_matmul=grid, vq_grid_matmul_serial=grid),
+                vq_grid_matmul_team=None), x, None, None, y)
 
         out[config.label + (" grid" if grid else "")] = (nbytes, run)
+        if grid:  # decode's form: a one-matrix kernel stack (cpu_stack_kernels), as for the affine tiles below
+            out[config.label + " grid stack"] = (nbytes, stack_run(kernels, weight, shape))
     for bits in AFFINE_BITS:
         config = StorageConfig.affine(bits, group)
         entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
@@ -135,17 +137,28 @@ def products(kernels, shape, group, minor):
             kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
             weight.kernel_matmul(SimpleNamespace(affine_matmul=kernel, affine_matmul_serial=kernel), x, None, None, y)
 
-        table = np.array([table_line(weight, 0)], np.int64)
-        out_rows = np.arange(shape[0], dtype=np.int64)
-
-        def tile(x, y, n_parts, parallel, table=table, out_rows=out_rows):
-            kernel = kernels.stack_matmul if parallel else kernels.stack_matmul_serial
-            kernel(x, table, out_rows, NO_FLOAT, NO_RESIDUAL, y, n_parts)
-
         out[config.label] = (nbytes, rows)
         out[config.label + " tiles"] = (sum(a.nbytes for a in (tiles.codes, tiles.scale_codes, tiles.zero_codes,
-                                                                tiles.meta)), tile)
+                                                                tiles.meta)), stack_run(kernels, weight, shape))
     return out
+
+
+def stack_run(kernels, weight, shape):
+    """run(x, y, n_parts, parallel) of a one-matrix kernel stack (cpu_stack.py) of this handle: decode's kernel."""
+    import numpy as np
+
+    from mxq.runtime.backends.cpu_stack import table_line
+    from mxq.runtime.backends.cpu_weights import NO_FLOAT, NO_RESIDUAL
+
+    table = np.array([table_line(weight, 0)], np.int64)
+    out_rows = np.arange(shape[0], dtype=np.int64)
+
+    def run(x, y, n_parts, parallel):
+        kernel = kernels.stack_matmul if parallel else kernels.stack_matmul_serial
+        kernel(x, table, out_rows, NO_FLOAT, NO_RESIDUAL, y, n_parts)
+
+    run.keep = weight  # the table points into the handle's arrays
+    return run
 
 
 def bench(kernels, shape, tokens, threads, group, minor, rounds, calls) -> dict:

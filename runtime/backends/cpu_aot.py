@@ -2,7 +2,7 @@
 
 Numba's JIT (cpu_jit.py) keeps LLVM and Numba resident in every process that runs the kernels: ~120 MiB,
 as much as the whole SmolLM2 file. So the first run on a machine builds the serial kernels of
-cpu_kernels.py, cpu_ops.py, cpu_lut_kernels.py, cpu_vq_kernels.py, cpu_team_kernels.py and cpu_layers_kernels.py
+cpu_kernels.py, cpu_stack_kernels.py, cpu_ops.py, cpu_lut_kernels.py, cpu_vq_kernels.py, cpu_team_kernels.py and cpu_layers_kernels.py
 once with numba.pycc (cpu_aot_build.py, in a subprocess: its LLVM never enters this process) into
 
     $MXQ_CACHE/kernels/mxq_cpu_<key>.<python extension suffix>      (default ~/.cache/mxq/kernels)
@@ -46,8 +46,8 @@ from .cpu_weights import DOT_ISAS, activation_low_part, cpu_info
 HERE = Path(__file__).resolve().parent
 # module → its kernels built ahead of time (the serial ones; see the module docs)
 EXPORTS = {
-    "cpu_kernels": ("affine_matmul_serial", "stack_matmul_serial", "fp16_matmul_serial", "affine_dequantize",
-                    "repack", "tile_dequantize"),
+    "cpu_kernels": ("affine_matmul_serial", "fp16_matmul_serial", "affine_dequantize", "repack", "tile_dequantize"),
+    "cpu_stack_kernels": ("stack_matmul_serial",),
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
     "cpu_vq_kernels": ("vq_matmul_serial", "vq_grid_matmul_serial"),

@@ -120,12 +120,13 @@ def _load_jit():
     if numba.config.CACHE_DIR != os.environ["NUMBA_CACHE_DIR"]:
         numba.core.config.reload_config()  # numba was imported before the cache directory was set
     try:
-        from . import cpu_kernels, cpu_layers_kernels, cpu_ops, cpu_qdot, cpu_team_kernels
+        from . import cpu_kernels, cpu_layers_kernels, cpu_ops, cpu_qdot, cpu_stack_kernels, cpu_team_kernels
 
         cache = Path(numba.config.CACHE_DIR)
         if not any(cache.glob("*/cpu_kernels.affine_matmul-*.nbi")):
             print(f"mxq: compiling the CPU kernels (once; about a minute; cached in {cache})", file=sys.stderr)
         cpu_kernels.warm_up()  # compile (or load from the cache) every kernel now, not mid-generation
+        cpu_stack_kernels.warm_up()
         cpu_ops.warm_up()
         cpu_team_kernels.warm_up()
         cpu_layers_kernels.warm_up()
@@ -133,7 +134,8 @@ def _load_jit():
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return SimpleNamespace(kind="jit", parallel=True, dot_isa=cpu_qdot.DOT_ISA, affine_matmul=cpu_kernels.affine_matmul,
                            affine_matmul_serial=cpu_kernels.affine_matmul_serial,
-                           stack_matmul=cpu_kernels.stack_matmul, stack_matmul_serial=cpu_kernels.stack_matmul_serial,
+                           stack_matmul=cpu_stack_kernels.stack_matmul,
+                           stack_matmul_serial=cpu_stack_kernels.stack_matmul_serial,
                            fp16_matmul=cpu_kernels.fp16_matmul, fp16_matmul_serial=cpu_kernels.fp16_matmul_serial,
                            affine_dequantize=cpu_kernels.affine_dequantize, repack=cpu_kernels.repack,
                            tile_dequantize=cpu_kernels.tile_dequantize,

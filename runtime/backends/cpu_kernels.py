@@ -3,11 +3,9 @@
     affine_matmul(x, packed, scale_codes, scale_meta, zero_codes, zero_meta, bits, group_size,
                   row_ptr, cols, values, bias, residual, y, n_parts)   y = x̂ @ Wᵀ (+ bias) (+ residual)
     affine_matmul_serial(... the same ...)                              on the calling thread only
-    stack_matmul(x, table, out_rows, bias, residual, y, n_parts)       the same for several affine matrices
-    stack_matmul_serial(... the same ...)                              (a table of addresses, cpu_stack.py)
-                                                                       from their tiles of 16 rows (cpu_tiles.py,
-                                                                       tile_rows): x rounded once (tile_x), rows
-                                                                       put in place — decode's products
+    tile_x(x, n_blocks), tile_rows_for(...)                             x rounded for the tiles of 16 rows
+                                                                       (cpu_tiles.py) and their rows: what the
+                                                                       kernel stacks run (cpu_stack_kernels.py)
     fp16_matmul(x, half_bits, bias, residual, y, n_parts)               y = x @ Wᵀ ... for an fp16 matrix
     fp16_matmul_serial(... the same ...)                                on the calling thread only
     affine_dequantize(...)                                              rows of W as float32 (prefill)
@@ -46,13 +44,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ...format_spec import SUPPORTED_BITS
 from .cpu_qdot import CORR_PAD, block_dot, field, word
-from .cpu_stack import (BITS, COLS, FIRST, GROUP_SIZE, GROUPS, META, NNZ, ROW_PTR, ROW_PTR_SIZE, ROWS, RUNS, SCALE_TILES,
-                        TILE_BYTES, TILES, VALUES, ZERO_TILES)
 from .cpu_tiles import TILE_ROWS
 from .cpu_tiles_kernels import PREFETCH_BYTES, prefetch, repack, tile_dequantize, tile_dot
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
@@ -434,115 +430,6 @@ def tile_rows(t0, t1, w, bits, blocks_per_group):
                 y[t, o] = acc
 
 
-@njit(**SERIAL)
-def tile_count(table, i):
-    return -(-table[i, ROWS] // TILE_ROWS)
-
-
-@njit(**SERIAL)
-def stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y):
-    """Entry i of a stack table (cpu_stack.py) as tile_rows_for's arguments: (w, bits, group_size) with its
-    arrays viewed at the table's addresses; x_parts: tile_x's."""
-    R, G, bits, group_size = table[i, ROWS], table[i, GROUPS], table[i, BITS], table[i, GROUP_SIZE]
-    n = tile_count(table, i)
-    codes = carray(pointer(table[i, TILES]), (n, table[i, TILE_BYTES]), np.uint8)
-    scale_tiles = carray(pointer(table[i, SCALE_TILES]), (n, G * TILE_ROWS), np.uint8)
-    zero_tiles = carray(pointer(table[i, ZERO_TILES]), (n, G * TILE_ROWS), np.uint8)
-    meta = carray(pointer(table[i, META]), (4 * table[i, RUNS],), np.float32)
-    row_ptr = carray(pointer(table[i, ROW_PTR]), (table[i, ROW_PTR_SIZE],), np.uint32)
-    cols = carray(pointer(table[i, COLS]), (table[i, NNZ],), np.uint16)
-    values = carray(pointer(table[i, VALUES]), (table[i, NNZ],), np.uint16)
-    high, low, dx, xsum = x_parts
-    first = table[i, FIRST]
-    w = (codes, scale_tiles, zero_tiles, meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat,
-         out_rows[first:first + R], R)
-    return w, bits, group_size
-
-
-@njit(**SERIAL)
-def staged_entry(table, i, x_parts, x_hat, stage):
-    """stack_entry for the parallel stack kernels: entry i's stored row r goes to stage[:, first + r], without
-    bias or residual (unstage adds them and puts the rows in their places). Why: a rows matrix's stored rows
-    land all over y, so parts writing y directly share its cache lines; in stored order each part writes
-    its own stretch. (SmolLM2 on two threads: 1.17-1.57x faster stacks with a layer's weights in cache,
-    level when the weights stream from memory as in decode.)"""
-    T, width = stage.shape
-    # y[t, r] = stage[t, first + r] for the entry's r < rows (the view's last row reaches past the stage: unused)
-    y = carray(pointer(stage.ctypes.data + 4 * table[i, FIRST]), (T, width), np.float32)
-    return stack_entry(table, i, x_parts, x_hat, NO_MAP, NO_FLOAT, NO_RESIDUAL, y)
-
-
-@njit(**SERIAL)
-def stack_part_tiles(table, x_parts, x_hat, stage, part, n_parts):
-    """Part `part` of n_parts of a stack's tiles, written to the stage (staged_entry): the entries' tiles taken
-    as one sequence, entry after entry, cut into n_parts stretches whose lengths differ by at most one tile, so
-    a part touches only the entries its stretch overlaps. (Each part a share of every entry instead gave part 0 the larger
-    share of every entry: 5 of a 144-row block's 9 tiles, 2 of a 48-row block's 3 — SmolLM2's q/k/v stack
-    36 of 60 tiles — and every part paid every entry's setup.)"""
-    total = 0
-    for i in range(table.shape[0]):
-        total += tile_count(table, i)
-    first, end = part * total // n_parts, (part + 1) * total // n_parts  # this part's stretch of the sequence
-    base = 0  # entry i's first tile in the sequence
-    for i in range(table.shape[0]):
-        n = tile_count(table, i)
-        t0, t1 = max(first - base, 0), min(end - base, n)
-        if t0 < t1:
-            w, bits, group_size = staged_entry(table, i, x_parts, x_hat, stage)
-            tile_rows_for(t0, t1, w, bits, group_size)
-        base += n
-
-
-@njit(**SERIAL)
-def unstage(stage, out_rows, bias, residual, y):
-    """y[t, out_rows[j]] = stage[t, j] + bias + residual (staged_entry's rows in their places)."""
-    T, width = stage.shape
-    has_bias, has_residual = bias.size > 0, residual.size > 0
-    for t in range(T):
-        for j in range(width):
-            o = out_rows[j]
-            acc = stage[t, j]
-            if has_bias:
-                acc += bias[o]
-            if has_residual:
-                acc += residual[t, o]
-            y[t, o] = acc
-
-
-@njit(**SERIAL)
-def stack_blocks(table):
-    """The most activation blocks any entry's padded width has (round_x rounds that many once)."""
-    n = 0
-    for i in range(table.shape[0]):
-        n = max(n, table[i, GROUPS] * table[i, GROUP_SIZE] // BLOCK)
-    return n
-
-
-@njit(**PARALLEL)
-def stack_matmul(x, table, out_rows, bias, residual, y, n_parts):
-    """y (T, width) = x (T, in) @ [every entry of the stack table]ᵀ + bias + residual, each entry's stored
-    row r written to column out_rows[first + r] (cpu_stack.py); x rounded once; then ONE parallel region,
-    each of n_parts parts taking its stretch of the entries' tiles (stack_part_tiles). (A region per entry — a rows matrix's
-    every block — woke the workers up to 12 times a call: SmolLM2's decode with every product parallel,
-    OMP_WAIT_POLICY=active, 2 threads, ran 10–13% slower in three paired runs, e.g. 77.3 vs 85.6 tok/s.)"""
-    high, low, dx, xsum, x_hat = tile_x(x, stack_blocks(table))
-    x_parts = (high, low, dx, xsum)
-    stage = np.empty(y.shape, np.float32)
-    for part in prange(n_parts):
-        stack_part_tiles(table, x_parts, x_hat, stage, part, n_parts)
-    unstage(stage, out_rows, bias, residual, y)
-
-
-@njit(**SERIAL)
-def stack_matmul_serial(x, table, out_rows, bias, residual, y, n_parts):
-    """stack_matmul on the calling thread; n_parts unused."""
-    high, low, dx, xsum, x_hat = tile_x(x, stack_blocks(table))
-    x_parts = (high, low, dx, xsum)
-    for i in range(table.shape[0]):
-        w, bits, group_size = stack_entry(table, i, x_parts, x_hat, out_rows, bias, residual, y)
-        tile_rows_for(0, tile_count(table, i), w, bits, group_size)
-
-
 @njit(**PARALLEL)
 def fp16_matmul(x, half_bits, bias, residual, y, n_parts):
     """y (T, out) = x (T, in) @ Wᵀ + bias + residual for W stored as fp16 bit patterns (uint16)."""
@@ -653,33 +540,9 @@ def examples():
             lanes = np.zeros((1, G * 16), np.uint8)  # the types cpu_tiles.build makes: writable arrays
             yield "tile_dequantize", (tiles, lanes, lanes, np.zeros(4, np.float32), np.arange(2, dtype=np.int64), bits, 32,
                                       np.empty((2, G * 32), np.float32))
-        if bits == 4:  # a stack of this matrix (its rows reversed): the types stack_matmul is called with
-            table = example_table(packed, codes, meta, bits, 32)
-            for name in ("stack_matmul", "stack_matmul_serial"):
-                yield name, (x, table, np.arange(2, -1, -1, dtype=np.int64), NO_FLOAT, NO_RESIDUAL,
-                             np.empty((1, 3), np.float32), 2)
     half_bits = readonly(rng.standard_normal((3, 40)).astype(np.float16).view(np.uint16))
     for name in ("fp16_matmul", "fp16_matmul_serial"):
         yield name, (x, half_bits, NO_FLOAT, NO_RESIDUAL, np.empty((1, 3), np.float32), 2)
-
-
-_EXAMPLE_ARRAYS = []  # what example tables point to, kept alive
-
-
-def example_table(packed, codes, meta, bits, group_size) -> np.ndarray:
-    """A one-line stack table (cpu_stack.py) for these arrays (scales and zeros both `codes` and `meta`)."""
-    from .cpu_stack import FIELDS
-
-    from .cpu_tiles import build
-
-    tiles = build(packed, codes, codes, meta, meta, bits, repack)
-    _EXAMPLE_ARRAYS.append(tiles)
-    address = lambda a: a.__array_interface__["data"][0]  # noqa: E731
-    line = dict(rows=packed.shape[0], groups=codes.shape[1], bits=bits, group_size=group_size,
-                tile_bytes=tiles.codes.shape[1], tiles=address(tiles.codes), scale_tiles=address(tiles.scale_codes),
-                zero_tiles=address(tiles.zero_codes), meta=address(tiles.meta), row_ptr=address(NO_ROWS),
-                cols=address(NO_COLS), values=address(NO_VALUES), runs=meta.shape[0], row_ptr_size=1, nnz=0, first=0)
-    return np.array([[line[name] for name in FIELDS]], np.int64)
 
 
 def warm_up() -> None:

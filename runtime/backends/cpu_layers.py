@@ -9,8 +9,8 @@ one per KV cache (its arrays' addresses: two threads may decode two caches of on
 the reference: the fused layers run the same compiled pieces (cpu_ops, the stack and
 team kernels) in the same order, and tests hold every family's logits to it.
 
-A layer is fused when all four of its products are kernel stacks (affine throughout: no fp16, lut or vq block)
-and the backend's compiled ops run; consecutive fused layers are one call, the others run Model.block.
+A layer is fused when all four of its products are kernel stacks (affine blocks and vq blocks on the 8-bit grid
+only: no fp16, lut or other vq block; cpu_stack.stackable) and the backend's compiled ops run; consecutive fused layers are one call, the others run Model.block.
 This module has no Numba: the ahead-of-time kernels load without it.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ _EXAMPLE_ARRAYS = []  # what the example table points to, kept alive
 def example_layers() -> tuple:
     """decode_layers' arguments for a two-layer model of 4-bit stacks (hidden 64, 2 heads of 32, 1 kv head,
     intermediate 64; q/k norms and biases on the first layer, out norms on the second), typed as run() passes them."""
-    from .cpu_kernels import example_table
+    from .cpu_stack_kernels import example_table
 
     rng = np.random.default_rng(0)
     hidden, head_dim, n_kv, inter = 64, 32, 1, 64

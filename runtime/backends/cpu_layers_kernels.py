@@ -24,13 +24,14 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
-from .cpu_kernels import SERIAL, pointer, stack_matmul_serial
+from .cpu_kernels import SERIAL, pointer
 from .cpu_layers import (ACTIVATION, ATTENTION_MIN_WORK, ATTN_NORM, ATTN_OUT_NORM, CAPACITY, DOWN, GATE_UP,
                          HEAD_DIM, INTERMEDIATE, INV_FREQ, K_NORM, KC, KV_WIDTH, MLP_NORM, MLP_OUT_NORM, N_FREQ,
                          N_KV, O, Q_NORM, Q_WIDTH, QKV, STACK_BIAS, STACK_ENTRIES, STACK_PARTS, STACK_ROWS, STACK_TABLE,
                          TEAM_SIZE, VC, WINDOW)
 from .cpu_ops import attention_serial, gelu_mul, rms_norm, rope, silu_mul
 from .cpu_stack import FIELDS as STACK_FIELDS
+from .cpu_stack_kernels import stack_matmul_serial
 from .cpu_team_kernels import attention_team, stack_matmul_team
 
 N_STACK_FIELDS = len(STACK_FIELDS)

@@ -2,7 +2,7 @@
 product as a job of numbered parts, and every thread of the team — the caller included — claims parts
 until none is left; the caller then waits only for the parts others claimed and are still running.
 
-    stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_kernels)
+    stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_stack_kernels)
     fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
     vq_grid_matmul_team(x, packed, book, ..., y, n_parts, ctrl)               = vq_grid_matmul (cpu_vq_kernels)
     attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a query head a part
@@ -28,7 +28,7 @@ The shared words (ctrl, int64; each on its own cache line):
     ctrl[AWAKE]   workers inside team_serve (Team.wake sets the sleepers' events when fewer than all)
     ctrl[STOP]    set by Team.close: workers return
 A job's arguments are addresses and sizes of its arrays (the caller's, alive until every part is done)
-and each part runs exactly the serial kernels' loops (cpu_kernels.tile_rows_for, fp16_rows,
+and each part runs exactly the serial kernels' loops (cpu_stack_kernels.entry_units, fp16_rows,
 cpu_ops._head) on its share of the rows or heads, so the results equal the serial kernels' up to the
 summation order fastmath may pick in another compiled function.
 Atomics are LLVM's (acquire loads, release stores, acq_rel read-modify-writes), and waiting polls with the
@@ -43,10 +43,12 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .cpu_kernels import BLOCK, SERIAL, fp16_rows, pointer, quantize_x, stack_blocks, stack_part_tiles, tile_x, unstage
+from .cpu_kernels import BLOCK, SERIAL, fp16_rows, pointer, quantize_x, tile_x
 from .cpu_ops import _head
 from .cpu_stack import FIELDS
+from .cpu_stack_kernels import stack_blocks, stack_part_units, unstage
 from .cpu_vq_kernels import grid_part
+from .cpu_weights import NO_MAP
 from .cpu_team import AWAKE, CTRL_SIZE, DONE, JOB, STOP, TICKET
 
 N_FIELDS = len(FIELDS)
@@ -202,7 +204,7 @@ def team_serve(ctrl, spins):
 # -- jobs ------------------------------------------------------------------------------------------------
 # Argument arrays (int64): [kind, n_parts, ...]; addresses are of C-contiguous arrays.
 # stack:     T, table, n entries, stage, stage cols, x_hat, x_hat cols, x blocks, then x as the tile kernels take
-#            it (cpu_kernels.tile_x): high, low, dx, xsum. Parts write stored rows to the stage (staged_entry);
+#            it (cpu_kernels.tile_x): high, low, dx, xsum. Parts write stored rows to the stage (staged_units);
 #            the caller then adds bias and residual and puts the rows in their places (unstage).
 # fp16:      T, half_bits, rows, cols, x, bias, bias size, residual, residual cols, y
 # attention: T, q, q cols, kc, n_kv, capacity, head_dim, vc, start, window, out, scale (float64 bits)
@@ -270,7 +272,7 @@ def heads(q, kc, vc, start, scale, window, out, h0, h1):
 
 @njit(**SERIAL)
 def stack_part(address, part, n_parts):
-    """Part `part` of a stack job: its stretch of the entries' tiles (as cpu_kernels.stack_matmul's parts)."""
+    """Part `part` of a stack job: its stretch of the entries' units (as cpu_stack_kernels.stack_matmul's parts)."""
     job = carray(pointer(address), (JOB_WORDS,), np.int64)
     T, n, blocks = job[2], job[4], job[9]
     table = carray(pointer(job[3]), (n, N_FIELDS), np.int64)
@@ -278,7 +280,7 @@ def stack_part(address, part, n_parts):
     x_hat = carray(pointer(job[7]), (T, job[8]), np.float32)
     x_parts = (carray(pointer(job[10]), (T, blocks * BLOCK), np.int8), carray(pointer(job[11]), (T, blocks * BLOCK), np.int8),
                carray(pointer(job[12]), (T, blocks), np.float32), carray(pointer(job[13]), (T, blocks), np.float32))
-    stack_part_tiles(table, x_parts, x_hat, stage, part, n_parts)
+    stack_part_units(table, x_parts, x_hat, stage, part, n_parts)
 
 
 @njit(**SERIAL)
@@ -303,8 +305,9 @@ def vq_grid_part(address, part, n_parts):
     xsum = carray(pointer(job[29]), (T, job[30]), np.float32)
     x_hat = carray(pointer(job[31]), (T, job[32]), np.float32)
     step = -(-R // n_parts)
-    grid_part(part * step, min(R, (part + 1) * step), packed, book, job[8], grid_step, scale_codes, scale_meta,
-              job[14], row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat, job[33] != 0)
+    a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
+         x_hat, NO_MAP)
+    grid_part(part * step, min(R, (part + 1) * step), a, job[8], job[14], job[33] != 0)
 
 
 @njit(**SERIAL)
@@ -334,7 +337,7 @@ def vq_grid_matmul_team(x, packed, book, index_bits, grid_step, scale_codes, sca
 
 @njit(**SERIAL)
 def stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl):
-    """cpu_kernels.stack_matmul with the team: x rounded here, the tiles in n_parts parts."""
+    """cpu_stack_kernels.stack_matmul with the team: x rounded here, the units in n_parts parts."""
     high, low, steps, xsum, x_hat = tile_x(x, stack_blocks(table))
     job = np.zeros(JOB_WORDS, np.int64)
     stage = np.empty(y.shape, np.float32)
@@ -375,11 +378,11 @@ def attention_team(q, kc, vc, start, scale, window, out, ctrl):
 
 def examples():
     """(kernel name, arguments) typed as the backend calls them (see cpu_kernels.examples)."""
-    from . import cpu_kernels, cpu_ops, cpu_vq_kernels
+    from . import cpu_kernels, cpu_ops, cpu_stack_kernels, cpu_vq_kernels
 
     ctrl = np.zeros(CTRL_SIZE, np.int64)
     kernels = dict(cpu_kernels.examples())
-    yield "stack_matmul_team", kernels["stack_matmul_serial"] + (ctrl,)  # ... y, n_parts, ctrl
+    yield "stack_matmul_team", dict(cpu_stack_kernels.examples())["stack_matmul_serial"] + (ctrl,)  # ... y, n_parts, ctrl
     yield "fp16_matmul_team", kernels["fp16_matmul_serial"] + (ctrl,)
     yield "attention_team", dict(cpu_ops.examples())["attention_serial"][:-1] + (ctrl,)
     yield "vq_grid_matmul_team", dict(cpu_vq_kernels.examples())["vq_grid_matmul_serial"] + (ctrl,)

@@ -12,7 +12,9 @@ kernel: a few operations per group of inputs). Products:
     looked up, scaled and multiplied in one pass; every packed byte read once per call; loaded with the other
     kernels, cpu_jit.py); on one thread or all, whichever has been faster (cpu_weights.ThreadChoice); a 4-D
     codebook on the 8-bit grid (SPEC.md §12.5, found at load: Widened.grid_book) takes the integer kernel instead
-    (vq_grid_matmul: x rounded as for affine matrices), on decode's team of threads for big matrices;
+    (vq_grid_matmul: x rounded as for affine matrices), on decode's team of threads for big matrices; in decode
+    such a handle is a kernel stack entry beside the affine matrices that share its input (cpu_stack.py: one call
+    for q/k/v, gate/up, a rows matrix's blocks), so its layers are fused as affine ones are (cpu_layers.py);
   * more tokens, or without the kernels: dequantize a chunk of rows to float32
     (W[r, c] = scale[r, c div g] · codebook[index[r, c div dim], c mod dim], format_spec.dequantize_vq), then sgemm.
 cache_dequantized keeps a float32 copy of W made once, as for the other schemes. An embedding's rows are

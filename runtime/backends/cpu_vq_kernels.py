@@ -73,7 +73,7 @@ from .cpu_kernels import half_to_float, padded_groups, quantize_x, unit_shape
 from .cpu_lut_kernels import code
 from .cpu_qdot import _as_i32, _indices, _splat, block_dot, literal_codegen, word
 from .cpu_weights import ACTIVATION_BLOCK as BLOCK
-from .cpu_weights import NO_COLS, NO_FLOAT, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
+from .cpu_weights import NO_COLS, NO_FLOAT, NO_MAP, NO_RESIDUAL, NO_ROWS, NO_VALUES, readonly
 
 PARALLEL = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -476,11 +476,12 @@ def vq_grid_matmul(x, packed, book, index_bits, grid_step, scale_codes, scale_me
     n_blocks = scale_codes.shape[1] * group_size // BLOCK
     pair = n_blocks % 2 == 0
     high, low, dx, xsum, x_hat = quantize_x(x, 8, group_size, n_blocks, pair)
+    a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
+         x_hat, NO_MAP)
     R = packed.shape[0]
     step = -(-R // n_parts)
     for part in prange(n_parts):
-        grid_part(part * step, min(R, (part + 1) * step), packed, book, index_bits, grid_step, scale_codes,
-                  scale_meta, group_size, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, x_hat, pair)
+        grid_part(part * step, min(R, (part + 1) * step), a, index_bits, group_size, pair)
 
 
 @njit(**SERIAL)
@@ -490,16 +491,15 @@ def vq_grid_matmul_serial(x, packed, book, index_bits, grid_step, scale_codes, s
     n_blocks = scale_codes.shape[1] * group_size // BLOCK
     pair = n_blocks % 2 == 0
     high, low, dx, xsum, x_hat = quantize_x(x, 8, group_size, n_blocks, pair)
-    grid_part(0, packed.shape[0], packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr,
-              cols, values, bias, residual, y, high, low, dx, xsum, x_hat, pair)
+    a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
+         x_hat, NO_MAP)
+    grid_part(0, packed.shape[0], a, index_bits, group_size, pair)
 
 
 @njit(**SERIAL)
-def grid_part(r0, r1, packed, book, index_bits, grid_step, scale_codes, scale_meta, group_size, row_ptr, cols, values,
-              bias, residual, y, high, low, dx, xsum, x_hat, pair):
-    """grid_rows with the index bits as a constant (points_codes' literal), then grid_rows_for's."""
-    a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum,
-         x_hat)
+def grid_part(r0, r1, a, index_bits, group_size, pair):
+    """Rows r0 .. r1-1 (grid_rows; `a`: its arrays) with the index bits as a constant (points_codes' literal), then
+    grid_rows_for's."""
     if index_bits == 12:
         grid_rows_for(r0, r1, a, 12, group_size, pair)
     else:
@@ -522,16 +522,20 @@ def grid_rows_for(r0, r1, a, index_bits, group_size, pair):
 
 @njit(inline="always", **SERIAL)
 def grid_rows(r0, r1, a, index_bits, blocks_per_vector, blocks_per_group):
-    """y[:, r0:r1] of vq_grid_matmul. Per row: its packs' points gathered as 32-bit words of 4 bytes (the codes + 128)
+    """y[:, r0:r1] of vq_grid_matmul (row r into column out_rows[r] of y, bias and residual; r itself when out_rows is
+    empty), a = (packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low,
+    dx, xsum, x_hat, out_rows): x̂ as quantize_x gives it for 8-bit codes (high and low may be wider than the row's
+    G groups: a kernel stack's, cpu_stack_kernels.py). Per row: its packs' points gathered as 32-bit words of 4 bytes (the codes + 128)
     into `codes`, which is then an 8-bit affine row in input order with zero 128: the G scales decoded (code·step
     + min) times grid_step, and cpu_qdot.block_dot multiplies it by every token's x̂ (quantize_x: the affine
     kernels' activation rounding) — Σ_b s·dx·Σ (c + 128)·x̂q − Σ_k 128·s_k·xsum_k = Σ s·c·grid_step·x̂. The
     gathers, the cost, are made once per row for all tokens (points_codes); codes past the row's last gathered
     pack (up to the G groups' inputs) meet x̂'s zeros past in_features, as do the padding indices."""
     packed, book, grid_step, scale_codes, scale_meta, row_ptr, cols, values, bias, residual, y, high, low, dx, xsum, \
-        x_hat = a
-    T, n_blocks = dx.shape
+        x_hat, out_rows = a
+    T = dx.shape[0]
     G = scale_codes.shape[1]
+    n_blocks = G * blocks_per_group  # the row's blocks of x̂ (groups of 32: one block each)
     n_bytes = packed.shape[1]
     B = pack_bytes(index_bits)
     n_packs = n_bytes // B
@@ -540,6 +544,7 @@ def grid_rows(r0, r1, a, index_bits, blocks_per_vector, blocks_per_group):
     scale = np.empty(G, np.float32)
     zero_term = np.zeros(padded_groups(G), np.float32)  # −128·scale per group (zeros past G, as xsum)
     has_outliers, has_bias, has_residual = row_ptr.size > 1, bias.size > 0, residual.size > 0
+    mapped = out_rows.size > 0
     n_vectors = n_blocks // blocks_per_vector
     for r in range(r0, r1):
         row_scales(r, scale_codes, scale_meta, scale)
@@ -553,11 +558,12 @@ def grid_rows(r0, r1, a, index_bits, blocks_per_vector, blocks_per_group):
             if has_outliers:
                 for i in range(row_ptr[r], row_ptr[r + 1]):
                     acc += half_to_float(values[i]) * x_hat[t, cols[i]]
+            o = out_rows[r] if mapped else r
             if has_bias:
-                acc += bias[r]
+                acc += bias[o]
             if has_residual:
-                acc += residual[t, r]
-            y[t, r] = acc
+                acc += residual[t, o]
+            y[t, o] = acc
 
 
 def _make_points_codes(index_bits: int):

@@ -243,7 +243,7 @@ class NumpyBackend(Backend):
 
     def linear(self, x, weight, bias=None, residual=None):
         x = np.ascontiguousarray(x, dtype=np.float32)
-        stack = self.stack((weight,), x.shape[0])  # decode, affine throughout: one kernel call (cpu_stack.py)
+        stack = self.stack((weight,), x.shape[0])  # decode, stackable throughout: one kernel call (cpu_stack.py)
         if stack is not None:
             return stack.matmul(x, bias, residual)
         if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method, then a gather
@@ -251,7 +251,7 @@ class NumpyBackend(Backend):
         return weight.matmul(x, bias, residual)  # (T, out)
 
     def linears(self, x, weights, biases=None):
-        """Decode: the affine products of one input as one kernel call (cpu_stack.py)."""
+        """Decode: the products of one input as one kernel call (cpu_stack.py) when they stack."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         stack = self.stack(tuple(weights), x.shape[0])
         if stack is None:
@@ -259,14 +259,16 @@ class NumpyBackend(Backend):
         return stack.split(stack.matmul(x, stack.bias(biases)))  # [(T, out_i)]
 
     def stack(self, weights: tuple, n_tokens: int) -> KernelStack | None:
-        """The KernelStack of these handles when the compiled kernels multiply n_tokens rows and every
-        handle is affine throughout (made once per tuple of handles), else None."""
+        """The KernelStack of these handles when the compiled kernels multiply n_tokens rows (up to the stack's
+        kernel_tokens) and every handle is stackable (cpu_stack.py: affine, or vq on the 8-bit grid, throughout;
+        made once per tuple of handles), else None."""
         if self.kernels_for(n_tokens, self.stack_max_tokens) is None:
             return None
         key = tuple(map(id, weights))
         if key not in self.stacks:
             self.stacks[key] = (weights, KernelStack.of(weights, self))  # the handles kept: their ids stay theirs
-        return self.stacks[key][1]
+        stack = self.stacks[key][1]
+        return stack if stack is not None and n_tokens <= stack.kernel_tokens else None
 
     def fused_layers(self, model, n_tokens: int) -> FusedLayers | None:
         """The model's layers as one compiled call (cpu_layers.py) for decode-sized inputs when the compiled kernels

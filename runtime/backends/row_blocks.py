@@ -13,10 +13,10 @@ prepare_matrix as a (count_i, in) matrix named `NAME[rows i]`, so every product 
 
 Everything is derived once at load. Per product, over one matrix's: a call per block (on the CPU kernels
 ~6 µs each: Python dispatch and the kernel's per-call preparation of x), one concatenation and one gather
-(~4 µs at SmolLM2's sizes). So the CPU backend's decode does not come here when every block is affine: it
-multiplies such a matrix (and the q/k/v, gate/up it shares an input with) in one compiled call that
-writes each stored row straight to its logical row (cpu_stack.py, `order` below); this class remains
-its NumPy reference, its prefill path, and the path of matrices with fp16, lut or vq blocks.
+(~4 µs at SmolLM2's sizes). So the CPU backend's decode does not come here when every block is affine or vq on
+the 8-bit grid: it multiplies such a matrix (and the q/k/v, gate/up it shares an input with) in one compiled call
+that writes each stored row straight to its logical row (cpu_stack.py, `order` below); this class remains its
+NumPy reference, its prefill path, and the path of matrices with fp16, lut or other vq blocks.
 """
 from __future__ import annotations
 
