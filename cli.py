@@ -75,13 +75,13 @@ def _is_known(error: Exception) -> bool:
 @click.version_option(__version__, prog_name="mxq")
 def main():
     """mxq: fit a Hugging Face LLM into an exact memory budget as one mixed-precision
-    quantized .mxq file, then run it on a CPU (NumPy) or an NVIDIA GPU (CuPy).
+    quantized .mxq file, then run it on a CPU (compiled Numba kernels, or NumPy) or an NVIDIA GPU (CuPy).
 
     \b
     Typical use:
       mxq convert ./SmolLM2-135M -o smol.mxq --bpw 4.25
       mxq generate smol.mxq "Once upon a time"
-      mxq eval smol.mxq
+      mxq eval smol.mxq --text wikitext2-test.txt
       mxq inspect smol.mxq
     """
 

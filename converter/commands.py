@@ -36,8 +36,10 @@ matrix stored once. With --bpw they stay fp16; --quantize-embeddings fixes them;
 \b
 The default method (best measured): a calibration pass over a small public-domain text
 collects Fisher diagonals, errors are measured as Σ F·ΔW² (an estimate of the loss each
-config adds), rounding is importance-weighted (wls), all bit widths 2–8 are candidates, and
-each linear's input channels are first scaled by their activations (--input-scaling 0.25).
+config adds); candidates are every affine bit width 2–8, plus shared-codebook vq below 4 bits per
+decoder-linear weight (--configs auto); rounding is importance-weighted (wls) at 4 bpw and above,
+error-compensating (gptq) below (--quantizer auto); and each linear's input channels are
+first scaled by their activations (--input-scaling 0.25).
 The MXQ paper's data-free method: --objective frobenius --quantizer hqq --configs paper
 (no calibration, so no input scaling either).
 

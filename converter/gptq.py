@@ -1,4 +1,4 @@
-"""Error-compensating rounding (GPTQ, Frantar et al. 2022) of the affine scheme, layer-sequential.
+"""Error-compensating rounding (GPTQ, Frantar et al. 2022) of affine, lut and vq blocks (GPTVQ), layer-sequential.
 
 For one linear W (out, in) with calibration inputs X (tokens, in) and H = XᵀX, GPTQ rounds the columns
 of W in order and, after each column j, pushes its rounding error onto the columns not yet rounded
@@ -9,8 +9,8 @@ through the inverse Hessian, so that the output error tr(ΔW H ΔWᵀ) = ‖X Δ
 
 What is rounded is exactly what the file stores:
   * the grid: per-group scale and zero are fitted first (`wls`, importance-weighted as without gptq,
-    on the original weights; GPTQ's "static groups") and double-quantized to the 8-bit metadata the
-    file holds; the columns are then rounded to the *decoded* ŝ, ẑ, as kernels.round_groups does;
+    on the original weights; GPTQ's "static groups") and double-quantized to the metadata codes (6- or
+    8-bit) the file holds; the columns are then rounded to the *decoded* ŝ, ẑ, as kernels.round_groups does;
   * outliers (a config's +oP%): the positions `quantize` chose keep their code and store the fp16
     residual of the *updated* weight, so their error is fp16 rounding only;
   * act-order: columns in decreasing H_jj (the groups stay fixed by column index, so the metadata

@@ -236,7 +236,8 @@ Examples:
 @click.option("--max-chunks", type=click.IntRange(min=1), default=16, show_default=True,
               help="With --text: score the first M chunks.")
 @click.option("--keep-files", is_flag=True, help="Keep the measured .mxq files in DIR.")
-@click.option("--configs", default=default("configs"), show_default=True, help="Candidate configs (as `mxq convert`).")
+@click.option("--configs", default=default("configs"), show_default=True, help="Candidate configs (as `mxq convert`; here `auto` is always `all`: loss "
+              "prediction takes no shared codebooks).")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"),
               show_default=True, help="Quantizer (as `mxq convert`).")
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),

@@ -3,6 +3,9 @@
   gemv_affine.cu     fused dequant + GEMV (batch 1) for every affine (bits, group size)
   dequant_affine.cu  affine → dense fp32/fp16 rows on the device (prefill GEMM input; quantized
                      embedding rows)
+  gemv_lut.cu        lut: fused codebook-lookup GEMV, and dequantization to dense rows
+  gemv_vq.cu         vq: fused point-lookup GEMV for every (bits, dim), and dequantization to dense rows
+  gemv_f16.cu        fp16 matrices (an fp16 lm_head): GEMV reading the fp16 weights once
   ops.cu             RMSNorm, RoPE (full or partial rotary), KV-cache store, attention (fp16 or fp32
                      cache, GQA, attention scale, sliding window, split-K), SiLU·mul, GELU(tanh)·mul,
                      fp16 embedding gather, add, scale

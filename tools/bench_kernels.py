@@ -77,7 +77,7 @@ def bench_config(kernels, label, shape, rounds=5) -> dict:
             kernels.affine_matmul_serial(x, *arrays, bits, group_size, NO_ROWS, NO_COLS, NO_VALUES, NO_FLOAT,
                                          NO_RESIDUAL, y, 1)
 
-    def tiles():  # decode's kernel: a one-matrix stack (cpu_kernels.stack_matmul_serial) on the tiles
+    def tiles():  # decode's kernel: a one-matrix stack (cpu_stack_kernels.stack_matmul_serial) on the tiles
         for table, _ in tables:
             kernels.stack_matmul_serial(x, table, out_rows, NO_FLOAT, NO_RESIDUAL, y, 1)
 

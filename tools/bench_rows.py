@@ -5,7 +5,7 @@ file with every decoder matrix split into K row blocks, measured in one run.
 
 The rows copy keeps each matrix's affine config for every block (RTN re-quantization of its dequantized
 rows, in a random row order), so the two files read about the same bytes per token and the difference is
-the per-product overhead (one kernel call per block, a concatenation and a gather). Each round decodes
+the per-product overhead (each block's own stack entry: its setup, its partial last tile, its output-row map). Each round decodes
 `--tokens` tokens from both files (alternating, the machine may be shared); the report gives the median
 ms/token of each and their ratio.
 """

@@ -5,8 +5,8 @@
 runs runtime/model.py's Model.block — the reference, read it first — for every row of `layers`, in order, on
 x (T, hidden) float32 at `positions` (T,) = start .. start+T-1, writing each layer's keys and values into its
 cache and the last layer's residual stream into out (T, hidden). The same compiled pieces as the backend's
-one-call-per-op path: cpu_ops' rms_norm / rope / silu_mul / gelu_mul / attention, and the stack products of
-cpu_kernels (serial) or cpu_team_kernels (the team: n_parts > 1), so the results equal that path's up to
+one-call-per-op path: cpu_ops' rms_norm / rope / silu_mul / gelu_mul / attention_serial, and the stack products of
+cpu_stack_kernels (serial) or cpu_team_kernels (the team: n_parts > 1), so the results equal that path's up to
 the summation order fastmath may pick in another compiled function.
 
     layers  (n, len(cpu_layers.FIELDS)) int64: per layer the addresses of its norm weights (0: absent),

@@ -5,7 +5,7 @@ until none is left; the caller then waits only for the parts others claimed and 
     stack_matmul_team(x, table, out_rows, bias, residual, y, n_parts, ctrl)   = stack_matmul (cpu_stack_kernels)
     fp16_matmul_team(x, half_bits, bias, residual, y, n_parts, ctrl)          = fp16_matmul
     vq_grid_matmul_team(x, packed, book, ..., y, n_parts, ctrl)               = vq_grid_matmul (cpu_vq_kernels)
-    attention_team(q, kc, vc, start, scale, window, out, ctrl)                = attention (cpu_ops), a query head a part
+    attention_team(q, kc, vc, start, scale, window, out, ctrl)                = cpu_ops.attention_serial, a query head a part
     team_serve(ctrl, spins)            a worker: claims parts of every new job; returns after `spins` idle
                                        polls (cpu_team.IDLE_S, ~5 ms) without one, or when ctrl[STOP] is set
 

@@ -14,11 +14,11 @@ Two memory modes (chosen at load, see NumpyBackend):
                       tiles of 16 rows (cpu_tiles.py) and the file's pages dropped: the tiles
                       take the place of the file's bytes in resident memory (a tied embedding's
                       lookups read its tiles, not the file: tile_dequantize).
-                      Resident memory ≈ the file (+ ~120 MiB for Numba/LLVM when the kernels
-                      are loaded). Products:
+                      Resident memory ≈ the file (+ ~0.3 MiB for the ahead-of-time kernels,
+                      ~120 MiB with Numba's JIT). Products:
                         * up to KERNEL_MAX_TOKENS tokens (decode), and up to STACK_MAX_TOKENS
                           (a prefill piece) for kernel stacks: the compiled kernels of
-                          cpu_kernels.py — unpack, dequantize and dot product fused, each
+                          cpu_kernels.py (cpu_stack_kernels.py for stacks) — unpack, dequantize and dot product fused, each
                           tile byte read once per token (a matrix that is not part of a
                           kernel stack: its packed file rows; in parallel when that has been
                           measured faster for the matrix, ThreadChoice);

@@ -25,7 +25,7 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               double-quantized scales decoded like affine's; qweight's row width in words — rows padded to
               whole packs up to format 1.7, to whole words from 1.8 — and the group size are kernel arguments).
               A vq codebook is uploaded once per distinct content (`_codebook`): the tensors and row blocks that
-              use a file's shared codebook (format 1.7, e.g. b3d4's 4096 points, 32 KiB) all get one device array.
+              use a file's shared codebook (format 1.7, e.g. v3d4's 4096 points, 32 KiB) all get one device array.
               affine / lut / vq, T > 1: dequantize the matrix on the device (dequant_{affine,lut,vq}_*_f32, in
               row chunks of at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and

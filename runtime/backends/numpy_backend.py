@@ -2,9 +2,9 @@
 
 Weights are handles from cpu_weights.py (DenseWeight, AffineWeight), cpu_lut.py (LutWeight), cpu_vq.py
 (VqWeight) and, for `rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies the packed codes
-— with the compiled kernels of cpu_kernels.py when Numba is available (cpu_jit.py): the affine ones of
-one input — a rows matrix's blocks, q/k/v, gate/up — as one call from their tiles of 16 rows, for decode
-and whole prefill pieces (cpu_stack.py, cpu_tiles.py), other products for decode-sized inputs — else with
+— with the compiled kernels of cpu_kernels.py when Numba is available (cpu_jit.py): the affine ones (and vq
+ones on the 8-bit grid) of one input — a rows matrix's blocks, q/k/v, gate/up — as one call from their tiles of 16 rows, for decode
+and whole prefill pieces (cpu_stack.py, cpu_stack_kernels.py, cpu_tiles.py), other products for decode-sized inputs — else with
 NumPy from the memory-mapped file — and cache_dequantized keeps a float32 copy of every matrix (see
 cpu_weights.py for both modes' memory and speed).
 In either mode the small per-token ops (RMSNorm, RoPE, SwiGLU/GeGLU, decode attention) run as
