@@ -12,6 +12,12 @@ transformed by the converter's own code with the options the file's provenance r
 calibration statistics come from the cache, or are computed again). The text is WikiText-2's
 test split from chunk `--skip` on (the README's quality table reads the first 16 chunks of 2,048).
 Shares of single groups add up to about 100% when the groups' errors act independently.
+
+    python tools/loss_by_module.py FILE.mxq --salient 0.0001,0.001,0.01
+
+instead restores the weights of largest Fisher-weighted error F·(w − ŵ)² (the calibration's Fisher, over
+all decoder linears together), the given fractions of them, as a sparse set of float outliers would
+(SqueezeLLM's dense-and-sparse split).
 """
 import argparse
 import math
@@ -30,9 +36,10 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
 
 
-def converted_weights(float_dir, path) -> dict:
+def converted_weights(float_dir, path) -> tuple[dict, dict]:
     """name -> the float weight (out, in) of every decoder linear as the converter quantized it: the
-    checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py)."""
+    checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py); and
+    name -> the calibration's Fisher (out, in) of that weight, transformed alike."""
     from dataclasses import fields
 
     from mxq.converter.measure import default_cache_dir
@@ -45,9 +52,10 @@ def converted_weights(float_dir, path) -> dict:
     options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
     checkpoint = read_source(float_dir, options)[0]
     cache_dir = default_cache_dir()
-    checkpoint = _calibrated(checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)[0]
-    return {name: torch.as_tensor(checkpoint.load(name)) for name in checkpoint.tensors
-            if checkpoint.tensors[name].role == "linear"}
+    checkpoint, _, calibration, _ = _calibrated(checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)
+    names = [name for name in checkpoint.tensors if checkpoint.tensors[name].role == "linear"]
+    return ({name: torch.as_tensor(checkpoint.load(name)) for name in names},
+            {name: torch.as_tensor(calibration.fisher[name]) for name in names})
 
 
 def main():
@@ -58,6 +66,8 @@ def main():
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--skip", type=int, default=40, help="chunks of --ctx tokens skipped at the text's start")
     parser.add_argument("--text", default=str(TEXT))
+    parser.add_argument("--salient", help="comma-separated fractions of all decoder-linear weights: restore those "
+                                          "of largest F·(w − ŵ)² instead of whole groups")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +83,7 @@ def main():
         with torch.no_grad():
             return math.exp(sum(model(x, labels=x).loss.item() for x in chunks) / len(chunks))
 
-    floats = converted_weights(float_dir, args.file)
+    floats, fisher = converted_weights(float_dir, args.file)
     params = dict(model.named_parameters())
     stored = {name: params[name].detach().clone() for name in floats}
 
@@ -91,6 +101,9 @@ def main():
     gap = math.log(quantized_ppl) - math.log(float_ppl)
     print(f"{Path(args.file).name}: ppl {quantized_ppl:.3f}, all linears restored {float_ppl:.3f} "
           f"({args.chunks} chunks of {args.ctx} from chunk {args.skip})")
+    if args.salient:
+        salient(args, floats, fisher, params, perplexity, quantized_ppl, gap)
+        return
     n_layers = model.config.num_hidden_layers
     groups = [(m, lambda n, m=m: f".{m}." in n) for m in MODULES]
     groups += [(f"layers {a}-{min(a + 2, n_layers - 1)}",
@@ -100,6 +113,29 @@ def main():
         ppl = restored_perplexity([n for n in floats if member(n)])
         share = 100 * (math.log(quantized_ppl) - math.log(ppl)) / gap if gap else 0.0
         print(f"  {label:14s} restored: ppl {ppl:8.3f}  recovers {share:5.1f}% of the gap", flush=True)
+
+
+def salient(args, floats, fisher, params, perplexity, quantized_ppl, gap):
+    """Restore the top fractions of weights by F·(w − ŵ)², ranked over all decoder linears together."""
+    scores = {n: fisher[n] * (floats[n] - params[n].detach()) ** 2 for n in floats}  # (out, in) each
+    everything = torch.cat([s.flatten() for s in scores.values()])
+    for fraction in (float(f) for f in args.salient.split(",")):
+        k = max(1, round(fraction * everything.numel()))
+        threshold = torch.topk(everything, k).values[-1]
+        masks = {n: s >= threshold for n, s in scores.items()}
+        stored = {n: params[n].detach().clone() for n in floats}
+        with torch.no_grad():
+            for n, mask in masks.items():
+                params[n][mask] = floats[n][mask]
+            try:
+                ppl = perplexity()
+            finally:
+                for n in floats:
+                    params[n].copy_(stored[n])
+        share = 100 * (math.log(quantized_ppl) - math.log(ppl)) / gap if gap else 0.0
+        top = sorted(masks, key=lambda n: -int(masks[n].sum()))[:3]
+        print(f"  top {100 * fraction:g}% ({k:,} weights) restored: ppl {ppl:8.3f}  recovers {share:5.1f}% of the gap"
+              f"  (most in {', '.join(top)})", flush=True)
 
 
 if __name__ == "__main__":
