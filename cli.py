@@ -52,8 +52,10 @@ class _Cli(click.Group):
         except MemoryError:
             click.echo("mxq: error: out of memory", err=True)
             sys.exit(1)
-        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
-            if os.environ.get("MXQ_DEBUG"):
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - the CLI's last line of defence; a native library's
+            if os.environ.get("MXQ_DEBUG"):  # panic (pyo3's PanicException) is a BaseException too
                 raise
             kind = "error" if isinstance(error, EXPECTED_ERRORS) or _is_known(error) else "internal error"
             message = " ".join(str(error).split()) or type(error).__name__
@@ -113,6 +115,7 @@ def inspect(file, as_json, tensors, context, batch, plot_path):
             plot.require()  # before any work: one line on how to install matplotlib
         except plot.PlotUnavailable as error:
             _fail(str(error))
+        plot.check_png_path(plot_path)
     with _open(file) as f:
         report = summarize(f)
         if context is not None:
@@ -149,9 +152,9 @@ def inspect(file, as_json, tensors, context, batch, plot_path):
     rows += f", vq tensors {totals['bpw_vq']:.4f}" if any(t["scheme"] == "vq" for t in report["tensors"]) else ""
     click.echo(f"bits per weight: decoder linears {totals['bpw_linear']:.4f}, affine tensors "
                f"{totals['bpw_affine']:.4f}{rows}, all tensors {totals['bpw_all']:.4f}")
-    click.echo(f"linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))
+    click.echo("linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))
     if totals["row_block_configs"]:
-        click.echo(f"row block configs: " + ", ".join(f"{k}×{v}" for k, v in totals["row_block_configs"].items()))
+        click.echo("row block configs: " + ", ".join(f"{k}×{v}" for k, v in totals["row_block_configs"].items()))
     click.echo(f"bytes: tensors {report['tensor_bytes']:,}, tokenizer {report['tokenizer_bytes']:,}, "
                f"header+JSON {report['header_and_json_bytes']:,}, alignment padding {report['padding_bytes']:,}")
     if footprint is not None:
@@ -192,7 +195,7 @@ def verify(file):
         checksums = len(f.checksums())
     if problems:
         for problem in problems[:20]:
-            click.echo(f"{file}: {problem}", err=True)
+            click.echo(f"{file}: {' '.join(problem.split())}", err=True)  # one line each
         click.echo(f"{file}: DAMAGED ({len(problems)} problems: {checksums} checksums over {blobs} blobs, zero "
                    "padding, row orders)", err=True)
         sys.exit(1)

@@ -10,9 +10,12 @@ matplotlib is an optional extra (`pip install 'mxq[plot]'`) and is imported only
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +33,30 @@ def require() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailable(INSTALL_HINT) from None
+
+
+def check_png_path(path) -> Path:
+    """The path a PNG may be written to (format_spec.writer.check_output_path's rules), named *.png."""
+    from .format_spec.writer import OutputPathError, check_output_path
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise OutputPathError(f"{path}: a plot is written as PNG; name it *.png")
+    return check_output_path(path)
+
+
+def _save(fig, path) -> None:
+    """Write the figure as PNG next to `path`, then rename it into place: never a half-written plot."""
+    plt = pyplot()
+    path = check_png_path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        temporary = Path(tmp.name)
+    try:
+        fig.savefig(temporary, dpi=130, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def layer_of(name: str) -> int | None:
@@ -118,8 +145,7 @@ def heatmap(entries, path, title: str = "") -> str:
     ax.set_title("\n".join(textwrap.wrap(title or "allocation", int(width * 11))), fontsize=9, loc="left")
     fig.text(0.01, 0.01, numel_note, fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)
 
 
@@ -166,6 +192,5 @@ def frontier(rows, path, title: str = "") -> str:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
     return str(path)

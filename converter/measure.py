@@ -70,14 +70,18 @@ def default_cache_dir() -> Path:
     return cache_root()
 
 
+# A cached number above this is damage: a float32 weight's squared error times a float32 Fisher is below
+# 1e117, and 2^40 weights below 1e130 — while sums of damaged values near float64's limit overflow to inf.
+ERROR_LIMIT = 1e150
+
+
 def _is_value(value) -> bool:
-    return (isinstance(value, list) and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                    for v in value))
+    return isinstance(value, list) and len(value) == 3 and all(_is_norm(v) for v in value)
 
 
 def _is_norm(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value <= ERROR_LIMIT)
 
 
 class ErrorCache:

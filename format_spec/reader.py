@@ -275,6 +275,8 @@ class MxqFile:
     def _tensor_entry(self, raw, index, check, start) -> TensorEntry:
         where = f"tensor #{index}"
         name = check.get(raw, "name", str, where)
+        if not name or not name.isprintable():  # names reach terminals and messages: one line each
+            check.fail(f"{where}: name {name[:80]!r} is empty or has non-printable characters")
         where = f"tensor '{name[:200]}'"
         shape = tuple(check.get({"d": d}, "d", int, f"{where} shape") for d in check.get(raw, "shape", list, where))
         if not 1 <= len(shape) <= 4 or any(not 0 < d <= MAX_DIM for d in shape):

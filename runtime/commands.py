@@ -136,7 +136,11 @@ def eval_command(file, text_path, ctx, stride, max_chunks, reference_path, as_js
             if list(reference.tokenizer.encode(text)) != list(ids):
                 raise ModelError(f"--reference {reference_path}: its tokenizer encodes the text differently "
                                  f"from {file}'s")
-        ctx = ctx or min(2048, model.context_length)
+        if ctx is None:
+            ctx = min(2048, model.context_length)
+            if ctx < 2:
+                raise ModelError(f"{file}: the model's context ({model.context_length} tokens) is too short to "
+                                 f"score a text (2 tokens at least)")
         report = perplexity(model, ids, ctx=ctx, stride=stride, max_chunks=max_chunks, progress=progress,
                             reference=reference)
     report = {"file": str(file), "text": str(path), **report}

@@ -96,12 +96,14 @@ class ModelConfig:
         if config.rotary_dim % 2 or config.rotary_dim == 0:
             raise ModelError(f"{where}head_dim ({config.head_dim}) × partial_rotary_factor "
                              f"({config.partial_rotary_factor}) must give an even number of rotary dims")
+        last = np.float32(config.max_position_embeddings)
         for kind in dict.fromkeys(config.layer_types):  # each kind of layer has its own RoPE settings
-            with np.errstate(all="ignore"):
-                finite = np.isfinite(config.inv_freq(config.layer_types.index(kind))).all()
+            inv_freq = config.inv_freq(config.layer_types.index(kind))
+            with np.errstate(all="ignore"):  # the angles of the last position must be finite too
+                finite = np.isfinite(inv_freq).all() and np.isfinite(last * inv_freq).all()
             if not finite:
                 raise ModelError(f"{where}rope_theta / rope_scaling give non-finite RoPE frequencies "
-                                 f"in float32 ({kind} layers)")
+                                 f"or angles in float32 ({kind} layers)")
         return config
 
     @classmethod
@@ -184,6 +186,10 @@ class ModelConfig:
         theta, s = self.rope_theta, self.rope_scaling
         if self.rope_local_base_freq is not None and self.layer_types[layer] == "sliding_attention":
             theta, s = self.rope_local_base_freq, None
+        with np.errstate(all="ignore"):  # hostile settings overflow: from_json refuses non-finite results
+            return self._inv_freq(theta, s)
+
+    def _inv_freq(self, theta, s) -> np.ndarray:
         dim = self.rotary_dim
         exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
         inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)

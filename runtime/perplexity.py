@@ -27,6 +27,7 @@ from .errors import ModelError
 HEAD_ROWS = 512  # positions per lm_head block: bounds the (rows, vocab) logits in memory
 COMPARE_ELEMENTS = 1 << 24  # with a reference: (rows, vocab) float32 log-probabilities per block, two models
 Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
+MAX_NLL = 700.0  # nats per token: exp() of more leaves float64 (a perplexity of 1e304)
 
 
 def _nll(lm, hidden, targets: np.ndarray) -> np.ndarray:
@@ -85,13 +86,21 @@ def paired_difference(report: dict, reference: dict) -> tuple[float, float | Non
 
 
 def _interval(mean: float, se: float | None) -> list | None:
-    return None if se is None else [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
+    return None if se is None else [_exp(mean - Z95 * se), _exp(mean + Z95 * se)]
+
+
+def _exp(nll: float) -> float:
+    """exp of a mean NLL; a damaged model's (NaN, or past float64's range) is refused with one line."""
+    if not -MAX_NLL <= nll <= MAX_NLL:
+        raise ModelError(f"the model's log-likelihood of the text is {nll:.4g} nats per token: its weights or "
+                         f"settings are damaged")
+    return math.exp(nll)
 
 
 def _summary(sums, counts) -> dict:
     """One model's part of the report from its per-unit NLL sums and token counts."""
     mean, se = mean_and_se(sums, counts)
-    return {"nll": mean, "ppl": math.exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
+    return {"nll": mean, "ppl": _exp(mean), "nll_se": se, "ppl_95": _interval(mean, se),
             "chunk_nll": [s / c for s, c in zip(sums, counts)], "chunk_tokens": list(counts)}
 
 
@@ -169,7 +178,10 @@ def perplexity(lm, ids, ctx: int = 2048, stride: int | None = None, max_chunks: 
         kl, kl_se = mean_and_se(units["kl"], units["count"])
         report["reference"] = _summary(units["ref_nll"], units["count"])
         diff_mean, diff_se = paired_difference(report, report["reference"])
-        report.update(ppl_ratio=math.exp(diff_mean), ppl_ratio_95=_interval(diff_mean, diff_se),
+        if not math.isfinite(kl):
+            raise ModelError("the KL divergence to the reference is not finite: a model's weights or settings are "
+                             "damaged")
+        report.update(ppl_ratio=_exp(diff_mean), ppl_ratio_95=_interval(diff_mean, diff_se),
                       kl_divergence=kl, kl_divergence_se=kl_se,
                       top1_agreement=float(np.sum(units["agree"]) / sum(units["count"])))
     report["seconds"] = round(time.perf_counter() - t0, 3)

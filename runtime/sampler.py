@@ -14,12 +14,14 @@ from .errors import ModelError
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
-        if temperature is None or temperature < 0:
-            raise ModelError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
+            raise ModelError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 0:
             raise ModelError(f"top-k must be >= 0 (0 = off), got {top_k}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ModelError(f"top-p must be in (0, 1], got {top_p}")
+        if seed is not None and seed < 0:
+            raise ModelError(f"seed must be >= 0, got {seed}")
         self.temperature, self.top_k, self.top_p = float(temperature), top_k or None, top_p
         self.rng = np.random.default_rng(seed)
 

@@ -634,6 +634,7 @@ def test_safetensors_dtype_must_be_a_string(tmp_path):
     ({"rms_norm_eps": 1e39}, "rms_norm_eps must be a positive number in float32's range"),
     ({"rms_norm_eps": 1e-45}, "rms_norm_eps must be a positive number in float32's range"),
     ({"rope_theta": 1.2e-38, "rope_scaling": {"rope_type": "linear", "factor": 1.2e-38}}, "non-finite RoPE"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1.2e-38}}, "non-finite RoPE"),  # finite until × position
 ])
 def test_real_config_values_must_fit_float32(change, message):
     """Values the runtime computes with in float32: 1e-300 became 0 and a NaN forward pass."""
@@ -661,3 +662,79 @@ def test_a_nearly_constant_group_quantizes():
             # the zero point is capped (quantize.ZERO_LIMIT): every weight stays within 0.1% of its value
             limit = torch.tensor([32 * 1e-3 ** 2, 32 * 0.3 ** 2], dtype=torch.float64)
             assert (result.row_error_sq <= limit).all(), (label, quantizer, result.row_error_sq)
+
+
+def test_sampling_options_are_checked():
+    from mxq.runtime.errors import ModelError
+    from mxq.runtime.sampler import Sampler
+
+    for options, message in [({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")},
+                             "temperature"), ({"temperature": 0.5, "seed": -1}, "seed")]:
+        with pytest.raises(ModelError, match=message):
+            Sampler(**options)
+    assert Sampler(temperature=0.5, seed=0)(np.array([0.0, 1.0])) in (0, 1)
+
+
+def test_a_damaged_models_perplexity_is_refused():
+    """NaN, or a mean NLL past exp()'s range: one line, never NaN in a report or an OverflowError."""
+    from mxq.runtime.errors import ModelError
+    from mxq.runtime.perplexity import _summary
+
+    assert _summary([6.0, 2.0], [3, 1])["ppl"] == pytest.approx(np.e ** 2)
+    for sums in ([float("nan"), 1.0], [1e4, 1e4]):
+        with pytest.raises(ModelError, match="damaged"):
+            _summary(sums, [1, 1])
+
+
+def test_tensor_names_must_be_printable(small_file, tmp_path):
+    path, _, _ = small_file
+    target = tmp_path / "bad.mxq"
+
+    def change(document):
+        document["tensors"][0]["name"] = "x\n  y"
+
+    target.write_bytes(_rewrite_json(path.read_bytes(), change))
+    with pytest.raises(MxqFormatError, match="non-printable"):
+        MxqFile.open(target)
+    assert "non-printable" in _one_line_error(_cli("verify", target))
+
+
+def test_plot_paths_are_checked_and_written_whole(tmp_path, monkeypatch):
+    plot = pytest.importorskip("mxq.plot")
+    pytest.importorskip("matplotlib")
+    for bad in ("x.jpgx", "noext", ""):
+        with pytest.raises(OutputPathError):
+            plot.check_png_path(tmp_path / bad if bad else bad)
+    entries = [(f"model.layers.{i}.mlp.up_proj.weight", "b4g64", 4.19) for i in range(2)]
+    out = tmp_path / "heat.PNG"
+    assert plot.heatmap(entries, out) == str(out) and out.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+    with pytest.raises(OSError, match="full"):
+        plot.heatmap(entries, tmp_path / "half.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.PNG"]  # no half-written plot, no temporary
+
+
+def test_damaged_error_cache_values_are_measured_again(tmp_path):
+    """Finite values near float64's limit overflowed when summed ('Out of range float values')."""
+    from mxq.converter.measure import _is_value
+
+    assert _is_value([1.0, 2.0, 0.0]) and not _is_value([1e308, 1e308, 1e308]) and not _is_value([1.0, -1.0, 0.0])
+
+
+def test_a_native_panic_is_one_line(monkeypatch):
+    """pyo3's PanicException (a Rust library's panic) derives from BaseException, not Exception."""
+    from click.testing import CliRunner
+
+    import mxq.cli as cli
+
+    class PanicException(BaseException):
+        pass
+
+    def panic(*args, **kwargs):
+        raise PanicException("Onig: Regex search error:\nretry-limit-in-match over")
+
+    monkeypatch.setattr(cli, "summarize", panic)
+    monkeypatch.setattr(cli, "_open", lambda path: __import__("contextlib").nullcontext(None))
+    result = CliRunner().invoke(cli.main, ["inspect", "x.mxq"])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert "retry-limit-in-match" in result.output
