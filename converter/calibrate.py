@@ -77,9 +77,17 @@ def encode(checkpoint, text: str) -> list[int]:
 def text_ids(checkpoint, text: str) -> list[int]:
     """Token ids of `text` with the checkpoint's own tokenizer, no special tokens."""
     kind, data = checkpoint.tokenizer["kind"], checkpoint.tokenizer_data
-    if kind == "hf-tokenizers":
-        from tokenizers import Tokenizer
-        return Tokenizer.from_str(data.decode("utf-8")).encode(text, add_special_tokens=False).ids
+    if kind == "hf-tokenizers":  # a hostile tokenizer.json may fail on this text (or panic): one line
+        from ..runtime.errors import ModelError
+        from ..runtime.tokenizer import load_hf_tokenizer, tokenizer_errors
+
+        file = Path(checkpoint.path) / "tokenizer.json"
+        try:
+            tokenizer = load_hf_tokenizer(data, str(file))
+            with tokenizer_errors(f"{file}: fails to encode the calibration text"):
+                return tokenizer.encode(text, add_special_tokens=False).ids
+        except ModelError as error:
+            raise ConversionError(str(error)) from None
     import sentencepiece
     return sentencepiece.SentencePieceProcessor(model_proto=data).encode(text)
 

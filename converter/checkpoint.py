@@ -357,7 +357,7 @@ def _tokenizer(path: Path, config: ModelConfig) -> tuple[dict, bytes]:
     schema every .mxq file is read with (format_spec/tokenizer_schema.py), and loaded the way the
     runtime will load it: a bad value fails in one line naming its file and field."""
     from ..format_spec.tokenizer_schema import MetadataError, check_tokenizer
-    from ..runtime.tokenizer import Tokenizer
+    from ..runtime.tokenizer import Tokenizer, tokenizer_errors
 
     tok_config_file, generation_file = path / "tokenizer_config.json", path / "generation_config.json"
     tok_config = _read_json(tok_config_file, "tokenizer_config.json") if tok_config_file.exists() else {}
@@ -389,9 +389,10 @@ def _tokenizer(path: Path, config: ModelConfig) -> tuple[dict, bytes]:
             raise ConversionError(f"{tok_config_file}: add_bos_token must be true or false, got {add_bos!r:.40}")
     else:  # tokenizer.json says it in its post-processor
         try:
-            with_special = library.encode("a", add_special_tokens=True).ids
-        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception
-            raise ConversionError(f"{file}: its post-processor fails: {' '.join(str(error).split())[:100]}") from None
+            with tokenizer_errors(f"{file}: its post-processor fails"):  # a Rust panic too
+                with_special = library.encode("a", add_special_tokens=True).ids
+        except ModelError as error:
+            raise ConversionError(str(error)) from None
         add_bos = bos is not None and bool(with_special) and with_special[0] == bos
     template, sources["chat_template"] = _chat_template(path, tok_config), tok_config_file
     if template is None and (path / "chat_template.jinja").exists():
@@ -435,13 +436,16 @@ def _check_template_syntax(template: str, file: Path) -> None:
 
 def _library_tokenizer(kind: str, data: bytes, file: Path):
     """The tokenizers / sentencepiece object of the tokenizer file; one-line error if it does not load."""
+    from ..runtime.tokenizer import load_hf_tokenizer
+
     try:
         if kind == "hf-tokenizers":
-            from tokenizers import Tokenizer
-            return Tokenizer.from_str(data.decode("utf-8"))
+            return load_hf_tokenizer(data, str(file))  # padding and truncation off; a panic is a ModelError
         import sentencepiece
         return sentencepiece.SentencePieceProcessor(model_proto=data)
-    except Exception as error:  # noqa: BLE001 - both libraries raise plain Exception / RuntimeError
+    except ModelError as error:
+        raise ConversionError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - sentencepiece raises plain RuntimeError / OSError
         raise ConversionError(f"{file}: does not load: {' '.join(str(error).split())[:100]}") from None
 
 

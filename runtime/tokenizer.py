@@ -7,6 +7,7 @@ post-processor (the converter records BOS handling in `add_bos_token`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import re
@@ -54,6 +55,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Text → token ids; special-token strings in the text (e.g. "<s>") become their ids.
         BOS is prepended when `add_bos` (default: the file's add_bos_token)."""
+        check_utf8(text)
         ids = self._impl.encode(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -237,22 +239,60 @@ def _without_dummy_prefix(proto: bytes) -> bytes | None:
         return None
 
 
+def check_utf8(text: str) -> None:
+    """ModelError unless `text` is valid Unicode: a command-line argument with bytes that are not UTF-8 arrives
+    with lone surrogates (U+DC80-U+DCFF for the bytes 0x80-0xFF), so can a JSON string ("\\udcff"), and
+    neither tokenizer library takes them (a TypeError from deep inside)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ModelError(f"the prompt is not valid UTF-8: {what} at character {error.start}") from None
+
+
+@contextlib.contextmanager
+def tokenizer_errors(what: str):
+    """The tokenizer libraries' failures inside the block as one ModelError "<what>: <why>". A hostile
+    tokenizer.json makes `tokenizers` raise plain Exceptions (a WordLevel unk_token not in its vocab) or panic
+    in Rust (a regex with catastrophic backtracking, a garbage precompiled_charsmap): pyo3's PanicException
+    derives from BaseException, not Exception, and is not importable, so it is recognised by name; Ctrl-C and
+    SIGTERM (KeyboardInterrupt subclasses) pass through."""
+    try:
+        yield
+    except BaseException as error:  # noqa: BLE001 - see above
+        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+            raise
+        raise ModelError(f"{what}: {' '.join(str(error).split())[:200] or type(error).__name__}") from None
+
+
+def load_hf_tokenizer(data: bytes, name: str):
+    """The `tokenizers` Tokenizer of tokenizer.json bytes that may be hostile (ModelError "<name>: does not
+    load: <why>"), with padding and truncation off: mxq encodes one text at a time and wants all of its tokens,
+    and a file's padding or truncation can kill the process at the first encode (Fixed padding to 2^40 tokens
+    aborts on the allocation; a truncation stride >= max_length panics)."""
+    from tokenizers import Tokenizer as HfTokenizer
+
+    with tokenizer_errors(f"{name}: does not load"):
+        tok = HfTokenizer.from_str(data.decode("utf-8"))
+        tok.no_padding()
+        tok.no_truncation()
+    return tok
+
+
 class _HfTokenizers:
     def __init__(self, data: bytes):
-        from tokenizers import Tokenizer as HfTokenizer
-
-        try:
-            self.tok = HfTokenizer.from_str(data.decode("utf-8"))
-        except Exception as error:  # noqa: BLE001 - the library raises its own Exception subclass
-            raise ModelError(f"the embedded tokenizer.json does not load: {error}") from None
+        self.tok = load_hf_tokenizer(data, "the embedded tokenizer.json")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         release_freed_heap()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        with tokenizer_errors("the embedded tokenizer.json: fails to encode the text"):
+            return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        with tokenizer_errors("the embedded tokenizer.json: fails to decode tokens"):
+            return self.tok.decode(ids, skip_special_tokens=True)
 
     def token_string(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""

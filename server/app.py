@@ -145,6 +145,8 @@ async def read_json(request: Request):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:  # e.g. 100000 nested arrays: the decoder recurses per level
+        raise bad_request("the request body is not valid JSON: nested too deeply") from None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

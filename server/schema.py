@@ -114,7 +114,7 @@ def parse_completion(body, model) -> GenerationRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = model.tokenizer.encode(prompt)
+        ids = _encode(model, prompt, "prompt")
     elif isinstance(prompt, list) and all(is_integer(i) for i in prompt):
         vocab = model.config.vocab_size
         bad = [i for i in prompt if not 0 <= i < vocab]
@@ -144,9 +144,18 @@ def parse_chat(body, model) -> GenerationRequest:
         text = model.tokenizer.render_chat(rendered)
     except ModelError as error:
         raise bad_request(str(error), "messages") from None
-    ids = model.tokenizer.encode(text, add_bos=False)  # templates write BOS themselves
+    ids = _encode(model, text, "messages", add_bos=False)  # templates write BOS themselves
     field = "max_completion_tokens" if r.body.get("max_completion_tokens") is not None else "max_tokens"
     return _generation(r, ids, model.context_length, "messages", field, None)
+
+
+def _encode(model, text: str, field: str, add_bos=None) -> list:
+    """The text's token ids; text the tokenizer refuses (not valid UTF-8: a lone surrogate such as "\\udcff"
+    in the JSON) or fails on (a hostile tokenizer) is a 400 naming the field."""
+    try:
+        return model.tokenizer.encode(text, add_bos=add_bos)
+    except ModelError as error:
+        raise bad_request(str(error), field) from None
 
 
 def _message(message, index) -> dict:

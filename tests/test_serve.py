@@ -272,6 +272,10 @@ LONG = "word " * 400  # > 256 tokens
 BAD = [  # (path, body, status, param, words in the message)
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": ', 400, None, "not valid JSON"),
     ("/v1/completions", b"\xff\xfe", 400, None, "not valid JSON"),
+    ("/v1/completions", b"[" * 100000, 400, None, "nested too deeply"),
+    ("/v1/completions", {"prompt": "hi \udcff"}, 400, "prompt", "not valid UTF-8: byte 0xff"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages",
+     "not valid UTF-8: lone surrogate U+D800"),
     ("/v1/completions", [1, 2], 400, None, "JSON object"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt", "'prompt' must be"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", "must be an integer"),
