@@ -1,5 +1,6 @@
-"""A trellis-coded quantizer prototype (QTIP's bitshift trellis, Tseng et al. 2024), measured against
-affine b4g64m6 with wls rounding at the calibration's Fisher weights — not a scheme of the format.
+"""A trellis-coded quantizer prototype (QTIP's bitshift trellis, Tseng et al. 2024), measured against an
+affine config (b4g64m6 by default) with wls rounding at the calibration's Fisher weights — not a scheme
+of the format.
 
 Each row is one walk through a trellis of 2^L states: every weight shifts K new bits into an L-bit
 window, and the window indexes a table of 2^L levels (one table for the whole model, fitted by
@@ -8,12 +9,12 @@ Viterbi picks, per row, the bit stream of least Fisher-weighted error; a positiv
 64 weights is refitted by weighted least squares and stored in 6 bits under a per-row maximum. Rate:
 K + (L − K)/in (the first window) + 6/64 (+ 16/in for the row's maximum) bits per weight.
 
-    python tools/proto_trellis.py FILE.mxq [--L 12] [--K 4] [--train-layers 14] [--layers 2,14,26]
+    python tools/proto_trellis.py FILE.mxq [--L 12] [--K 4] [--baseline b4g64m6] [--layers 2,14,26]
     python tools/proto_trellis.py FILE.mxq --ppl      # + perplexity with every decoder linear so stored
 
 FILE is a file converted from the fixture (its provenance says how the converter transformed the
 weights and which calibration it used: tools/loss_by_module.py). `--ppl` prints the perplexity of the
-file, of every decoder linear at trellis, and of every decoder linear at uniform b4g64m6 (wls), on the
+file, of every decoder linear at trellis, and of every decoder linear at the uniform --baseline (wls), on the
 text loss_by_module.py reads (WikiText-2, 6 chunks of 1,024 from chunk 40).
 """
 import argparse
@@ -34,7 +35,6 @@ from mxq.format_spec.layout import StorageConfig, tensor_nbytes  # noqa: E402
 
 GROUP = 64  # weights per scale
 SCALE_BITS = 6
-BASELINE = "b4g64m6"
 
 
 @numba.njit(cache=False)
@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--train-layers", default="14", help="layers whose matrices fit the table")
     parser.add_argument("--passes", type=int, default=4, help="Lloyd passes fitting the table")
     parser.add_argument("--layers", default="2,14,26", help="layers whose matrices are compared")
+    parser.add_argument("--baseline", default="b4g64m6", help="the affine config compared with (wls rounding)")
     parser.add_argument("--ppl", action="store_true", help="also: perplexity with every decoder linear at trellis")
     args = parser.parse_args()
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
@@ -138,7 +139,7 @@ def main():
         table /= math.sqrt(float(np.mean(table ** 2)))
         print(f"table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
 
-    baseline = StorageConfig.parse(BASELINE)
+    baseline = StorageConfig.parse(args.baseline)
     totals = [0.0, 0.0, 0.0, 0.0]
     for n in in_layers(parse(args.layers)):
         w, f = matrices[n]
@@ -148,9 +149,9 @@ def main():
         rate = args.K + (args.L - args.K + 16) / w.shape[1] + SCALE_BITS / GROUP
         totals[0], totals[1], totals[2] = totals[0] + ours, totals[1] + theirs, totals[2] + rate * w.size
         totals[3] += 8 * tensor_nbytes(w.shape, baseline)
-        print(f"  {n:40s} trellis/{BASELINE} {ours / theirs:.3f} at {rate:.3f} bits", flush=True)
+        print(f"  {n:40s} trellis/{args.baseline} {ours / theirs:.3f} at {rate:.3f} bits", flush=True)
     weights = sum(matrices[n][0].size for n in in_layers(parse(args.layers)))
-    print(f"L{args.L} K{args.K}: Fisher error {totals[0] / totals[1]:.3f} of {BASELINE}'s "
+    print(f"L{args.L} K{args.K}: Fisher error {totals[0] / totals[1]:.3f} of {args.baseline}'s "
           f"at {totals[2] / weights:.3f} bits per weight (against {totals[3] / weights:.4f})")
     if args.ppl:
         perplexities(args, float_dir, floats, fisher, matrices, table)
@@ -176,12 +177,12 @@ def perplexities(args, float_dir, floats, fisher, matrices, table):
             return math.exp(sum(model(x, labels=x).loss.item() for x in chunks) / len(chunks))
 
     print(f"{Path(args.file).name}: ppl {perplexity():.3f}", flush=True)
-    baseline, started = StorageConfig.parse(BASELINE), time.time()
+    baseline, started = StorageConfig.parse(args.baseline), time.time()
     with torch.no_grad():
         for n in floats:
             q = _quantize(floats[n], baseline, "wls", False, fisher[n], None, keep_residual=True)
             params[n].copy_(floats[n] - q.residual)
-    print(f"every decoder linear {BASELINE} (wls): ppl {perplexity():.3f} ({time.time() - started:.0f} s)", flush=True)
+    print(f"every decoder linear {args.baseline} (wls): ppl {perplexity():.3f} ({time.time() - started:.0f} s)", flush=True)
     started = time.time()
     with torch.no_grad():
         for n in floats:
