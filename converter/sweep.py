@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -127,14 +128,18 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
     measured = {}
     stage = time.perf_counter()
     for bpw in [b for b in measure_at if b in solved]:
-        path = out_dir / f"mxq-{bpw:g}bpw.mxq"
-        report = convert_at(prepared, solved[bpw][0], path, progress)
-        loss = file_loss(path, evaluation)
+        # a file measured only is written under a private name: never over (then deleting) a file of the user's
+        name = f"mxq-{bpw:g}bpw.mxq" if keep_files else f".mxq-{bpw:g}bpw-{secrets.token_hex(8)}.measured.mxq"
+        path = out_dir / name
+        try:
+            report = convert_at(prepared, solved[bpw][0], path, progress)
+            loss = file_loss(path, evaluation)
+        finally:
+            if not keep_files:
+                path.unlink(missing_ok=True)
         measured[bpw] = (loss, report.file_bytes)
         log(f"{bpw:g} bpw: {report.file_bytes:,} bytes, predicted {100 * solved[bpw][3] / fp_loss:+.2f}%, measured "
             f"{100 * (loss['nll'] - fp_loss) / fp_loss:+.2f}% (ppl {loss['ppl']:.3f})")
-        if not keep_files:
-            path.unlink()
     seconds["convert + measure"] = time.perf_counter() - stage
     positive = [b for b in measured if measured[b][0]["nll"] > fp_loss]  # below the fp loss: noise, no scale
     scale = calibrated_scale([solved[b][3] for b in positive], [measured[b][0]["nll"] - fp_loss for b in positive])

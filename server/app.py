@@ -143,8 +143,8 @@ async def read_json(request: Request):
     raw = b"".join(chunks)
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise bad_request(f"the request body is not valid JSON: {' '.join(str(error).split())[:200]}") from None
     except RecursionError:  # e.g. 100000 nested arrays: the decoder recurses per level
         raise bad_request("the request body is not valid JSON: nested too deeply") from None
 

@@ -21,6 +21,8 @@ from ..runtime.errors import ModelError
 from .errors import bad_request
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes 4 stop sequences; a long list stalled every request
+
 OFF_VALUES = {  # implemented only when off: field -> the values that mean "off"
     "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
     "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": ("",),
@@ -95,7 +97,11 @@ class Body:
     def stop(self) -> list:
         value = self._get("stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
             isinstance(s, str) for s in v)), "a string or an array of strings")
-        return [] if value is None else [value] if isinstance(value, str) else value
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):  # each is scanned per token
+            raise bad_request(f"'stop' takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters, "
+                              f"got {len(stops)} (longest {max(map(len, stops))})", "stop")
+        return stops
 
     def reject_unsupported(self) -> None:
         for name, off in OFF_VALUES.items():

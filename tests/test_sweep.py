@@ -160,6 +160,8 @@ def test_max_loss_cli_and_errors(tiny_llama, tmp_path, cache, short_heldout):
 
 def test_sweep_writes_csv_frontier_and_heatmap(tiny_llama, tmp_path, cache, short_heldout):
     out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "mxq-4.5bpw.mxq").write_text("the user's own file")  # a measured file's name: never overwritten
     code, stdout, stderr = cli("sweep", tiny_llama, "-o", out, "--from", "2.0", "--to", "5", "--step", "0.5",
                                "--measure-at", "4.5", "--calib-tokens", "1024", "--cache-dir", cache, "-q")
     assert code == 0, stderr
@@ -172,7 +174,9 @@ def test_sweep_writes_csv_frontier_and_heatmap(tiny_llama, tmp_path, cache, shor
     assert [float(r["bpw"]) for r in measured] == [4.5] and all(int(r["file_bytes"]) > 0 for r in measured)
     assert all(math.isfinite(float(r["measured_ppl"])) for r in measured)
     assert png_size(out / "sweep.png")[0] > 800 and png_size(out / "heatmap-4bpw.png")[0] > 300
-    assert not list(out.glob("*.mxq"))  # measured files are not kept without --keep-files
+    assert [p.name for p in out.glob("*.mxq")] == ["mxq-4.5bpw.mxq"]  # measured files are not kept without
+    assert (out / "mxq-4.5bpw.mxq").read_text() == "the user's own file"  # --keep-files (no dot-files left)
+    assert not list(out.glob(".*"))
 
 
 def test_heatmap_grid_and_inspect_plot(tiny_llama, tmp_path, cache):
