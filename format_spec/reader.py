@@ -23,7 +23,7 @@ from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON
 from .layout import (BLOCK_SCHEMES, CODEBOOK_ROLE, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES,
                      StorageConfig, align_up, blob_specs, codebook_spec, leaves, shared_codebook_name)
 from .packing import SUPPORTED_BITS
-from .rows import row_order_problem
+from .rows import content_problem, nonfinite_problem
 from .strict_json import JsonError
 from .strict_json import loads as strict_loads
 from .tokenizer_blob import ratio_problem, unpack as unpack_tokenizer
@@ -470,9 +470,10 @@ class MxqFile:
 
     def verify(self, progress=None) -> list[str]:
         """Check every crc32 (a packed tensor's, or each blob's) and that every gap between blobs is zero, so that no byte of
-        the file goes unchecked, and that every `rows` tensor's row_order is a permutation (SPEC.md
-        §8), and that an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the
-        file is intact). Reads the file once, in VERIFY_CHUNK pieces (and the tokenizer blob again)."""
+        the file goes unchecked, that every 2-D tensor's content keeps the rules a runtime checks before use
+        (finite float16 blobs, CSR outliers, a `rows` tensor's row_order a permutation: SPEC.md §9), and that
+        an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the file is intact).
+        Reads the file once in VERIFY_CHUNK pieces, then the blobs the content rules look at."""
         problems = []
         items = self.checksums()
         tokenizer_intact = True
@@ -493,11 +494,15 @@ class MxqFile:
         for start, end in gaps:
             if end > start and self._has_nonzero(start, end):
                 problems.append(f"padding bytes [{start}, {end}) are not zero")
-        for entry in self.tensors.values():  # content the layout cannot judge (small: one index per row)
-            if entry.config.scheme == "rows":
-                problem = row_order_problem(self.view(entry.blobs["row_order"]), entry.shape[0])
+        for entry in self.tensors.values():  # content the layout cannot judge, as a runtime checks it before use
+            if len(entry.shape) == 2:
+                problem = content_problem(self.blobs(entry.name), entry.shape, entry.config)
                 if problem:
                     problems.append(f"tensor '{entry.name}': {problem}")
+        for name in self.codebooks:
+            problem = nonfinite_problem(self.blobs(name))
+            if problem:
+                problems.append(f"tensor '{name}': {problem}")
         return problems
 
     def _has_nonzero(self, start: int, end: int) -> bool:

@@ -46,8 +46,22 @@ def inverse_order(row_order: np.ndarray) -> np.ndarray:
 
 def content_problem(blobs: dict, shape, config: StorageConfig) -> str | None:
     """Why a tensor's blob CONTENT breaks the rules a reader checks before using it, or None:
-    the CSR outliers (SPEC.md §6.1) and, for `rows`, the row_order permutation and every block's
-    outliers (shapes and dtypes are the reader's job, §9)."""
+    a float16 blob that is not finite, the CSR outliers (SPEC.md §6.1) and, for `rows`, the row_order
+    permutation and every block's outliers (shapes and dtypes are the reader's job, §9)."""
+    return nonfinite_problem(blobs) or structure_problem(blobs, shape, config)
+
+
+def nonfinite_problem(blobs: dict) -> str | None:
+    """A float16 blob (weights, metadata, codebook, outlier values) holding NaN or ±inf, which no writer
+    stores (SPEC.md §9): kernels would compute garbage from it, or fail."""
+    for name, array in blobs.items():
+        if array.dtype == np.float16 and not np.isfinite(array).all():
+            return f"blob '{name}' holds NaN or infinity"
+    return None
+
+
+def structure_problem(blobs: dict, shape, config: StorageConfig) -> str | None:
+    """content_problem's CSR and row_order rules."""
     from .affine import csr_problem
 
     if config.scheme == "rows":
@@ -55,7 +69,7 @@ def content_problem(blobs: dict, shape, config: StorageConfig) -> str | None:
         if problem:
             return problem
         for i, (count, block) in enumerate(config.blocks):
-            problem = content_problem(block_blobs(blobs, i), (count, shape[1]), block)
+            problem = structure_problem(block_blobs(blobs, i), (count, shape[1]), block)
             if problem:
                 return f"block {i}: {problem}"
         return None

@@ -273,9 +273,9 @@ def test_hostile_lut_metadata_is_rejected(small_lut_file, tmp_path, name):
 
 
 def test_lut_runtime_rejects_bad_outliers_and_survives_any_codebook(small_lut_file, tmp_path):
-    """Content the reader cannot judge: unsound CSR outliers are a ModelError naming the tensor; codes
-    always index inside their codebook (b bits, 2^b levels), so any codebook bytes (NaN, inf) give
-    numbers, never an out-of-bounds read."""
+    """Content the reader cannot judge: unsound CSR outliers and a non-finite codebook are a ModelError
+    naming the tensor; codes always index inside their codebook (b bits, 2^b levels), so any finite
+    codebook bytes give numbers, never an out-of-bounds read."""
     from mxq.format_spec import dequantize
     from mxq.runtime.errors import ModelError
     from mxq.runtime.backends.numpy_backend import NumpyBackend
@@ -288,7 +288,9 @@ def test_lut_runtime_rejects_bad_outliers_and_survives_any_codebook(small_lut_fi
         with pytest.raises(ModelError, match="tensor 'a': bad outliers"):
             backend.prepare(entry, bad)
         entry = f.tensors["b"]
-        wild = dict(f.blobs("b"), codebook=np.full((2, 4), np.inf, np.float16))
+        with pytest.raises(ModelError, match="tensor 'b': blob 'codebook' holds NaN or infinity"):
+            backend.prepare(entry, dict(f.blobs("b"), codebook=np.full((2, 4), np.inf, np.float16)))
+        wild = dict(f.blobs("b"), codebook=np.full((2, 4), 65504, np.float16))
         weight = backend.prepare(entry, wild)
         y = backend.linear(np.ones((1, 40), np.float32), weight)
         assert y.shape == (1, 6) and np.isnan(dequantize(wild, (6, 40), entry.config)).sum() == 0
@@ -449,3 +451,28 @@ def test_cli_verify_flags_damaged_data(small_file, tmp_path):
     assert result.returncode == 1 and "DAMAGED" in result.stderr
     ok = subprocess.run([sys.executable, "-m", "mxq.cli", "verify", str(path)], capture_output=True, text=True)
     assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_verify_checks_the_content_a_runtime_checks(small_file, tmp_path):
+    """Checksums that hold over a NaN scale or an outlier past the row: `mxq verify` reports what a runtime and
+    export-hf refuse (SPEC.md §9), naming the tensor and blob."""
+    from conftest import file_plans_and_blobs
+    from mxq.format_spec import MxqWriter, TensorPlan
+
+    path, tensors, blobs = small_file
+    for name, edit, message in [("scale_meta", lambda b: b["scale_meta"].__setitem__((0, 0), np.nan),
+                                 "blob 'scale_meta' holds NaN or infinity"),
+                                ("outlier_cols", lambda b: b["outlier_cols"].__setitem__(0, 70), "column")]:
+        written = {n: {k: v.copy() for k, v in b.items()} for n, b in blobs.items()}
+        edit(written["a"])
+        plans = [TensorPlan(n, shape, config, "linear" if config.scheme != "fp16" else "norm")
+                 for n, shape, config in tensors]
+        plans, stored = file_plans_and_blobs(plans, written.get)
+        target = tmp_path / f"{name}.mxq"
+        with MxqWriter(target, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"},
+                       tokenizer_data=b"tokenizer bytes", tensors=plans) as writer:
+            for plan in plans:
+                writer.write(plan.name, stored[plan.name])
+        with MxqFile.open(target) as f:
+            problems = f.verify()
+        assert len(problems) == 1 and problems[0].startswith("tensor 'a': ") and message in problems[0], problems

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ...format_spec import content_problem
+from ...format_spec.rows import nonfinite_problem, structure_problem
 from ..errors import ModelError
 from .row_blocks import RowBlocks
 
@@ -153,9 +153,14 @@ class Backend(ABC):
     # -- helpers shared by backends ---------------------------------------------------------------
     @staticmethod
     def check_outliers(entry, blobs: dict) -> None:
-        """SPEC.md §9: content rules are checked before a runtime uses a tensor: CSR outliers, and a
-        `rows` tensor's row_order (a permutation) and each of its blocks' outliers."""
-        problem = content_problem(blobs, entry.shape, entry.config) if len(entry.shape) == 2 else None
+        """SPEC.md §9: content rules are checked before a runtime uses a tensor: finite float16 blobs, CSR
+        outliers, and a `rows` tensor's row_order (a permutation) and each of its blocks' outliers."""
+        if len(entry.shape) != 2:
+            return
+        problem = nonfinite_problem(blobs)
+        if problem:
+            raise ModelError(f"tensor '{entry.name}': {problem}")
+        problem = structure_problem(blobs, entry.shape, entry.config)
         if problem:
             what = "bad row blocks" if entry.config.scheme == "rows" else "bad outliers"
             raise ModelError(f"tensor '{entry.name}': {what}: {problem}")
