@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -88,10 +89,25 @@ class LoadedModel:
     # -- scoring -----------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
         """Logits for every position of `ids` run from an empty cache: (len(ids), vocab) float32."""
-        return self.model.logits(ids)
+        return self._open_model().logits(self._token_ids(ids))
+
+    def _open_model(self):
+        if self.model is None:
+            raise ModelError("the model is closed")
+        return self.model
+
+    def _token_ids(self, ids) -> list[int]:
+        """`ids` as Python ints, each a token of the vocabulary (ModelError naming the first that is not)."""
+        vocab = self.config.vocab_size
+        for i in ids:
+            if not _is_int(i) or not 0 <= i < vocab:
+                raise ModelError(f"token id {i!r:.40} is not an integer in the vocabulary [0, {vocab})")
+        return [int(i) for i in ids]
 
     # -- generation --------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ModelError(f"the prompt must be a str, got {type(prompt).__name__}")
         ids = self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
         if not ids:
             raise ModelError("the prompt is empty (no tokens) and the model adds no BOS token")
@@ -104,9 +120,9 @@ class LoadedModel:
                      seed=None):
         """Yield new token ids after prompt `ids` until an EOS id (not yielded), max_new_tokens, or the
         end of the context. Statistics go to self.last_stats."""
-        if max_new_tokens < 0:
-            raise ModelError(f"the number of new tokens must be >= 0, got {max_new_tokens}")
-        ids = [int(i) for i in ids]
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ModelError(f"the number of new tokens must be an integer >= 0, got {max_new_tokens!r:.40}")
+        model, ids = self._open_model(), self._token_ids(ids)
         if len(ids) >= self.context_length:
             raise ModelError(f"the prompt has {len(ids)} tokens; the model's context is {self.context_length} "
                              "tokens, leaving no room to generate")
@@ -116,9 +132,9 @@ class LoadedModel:
         if limit == 0:
             stats.stop_reason = "limit" if max_new_tokens == 0 else "context"
             return
-        cache = self.model.new_cache(len(ids) + limit)
+        cache = model.new_cache(len(ids) + limit)
         t0 = time.perf_counter()
-        logits = self.backend.to_host(self.model.forward(ids, cache, last_only=True))[-1]  # (vocab,)
+        logits = self.backend.to_host(model.forward(ids, cache, last_only=True))[-1]  # (vocab,)
         stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         while True:
@@ -131,7 +147,7 @@ class LoadedModel:
             if stats.new_tokens >= limit:
                 stats.stop_reason = "limit" if limit == max_new_tokens else "context"
                 break
-            logits = self.backend.to_host(self.model.forward([token], cache))[-1]
+            logits = self.backend.to_host(model.forward([token], cache))[-1]
             stats.decode_seconds = time.perf_counter() - t0
         stats.decode_seconds = time.perf_counter() - t0
 
@@ -170,4 +186,12 @@ def load(path, device: str = "cpu", cache_dequantized: bool = False, verify: boo
     metadata and the tokenizer blob are checked at every open regardless."""
     if options:
         raise ModelError(f"unknown option(s) for load: {', '.join(sorted(options))}")
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or "\0" in text:
+        raise ModelError(f"the path must be a str or os.PathLike without NUL characters, got {path!r:.60}")
     return LoadedModel(path, device=device, cache_dequantized=cache_dequantized, verify=verify)
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

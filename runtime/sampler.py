@@ -14,6 +14,11 @@ from .errors import ModelError
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
+        for name, value, kind in (("temperature", temperature, _is_real), ("top-k", top_k, _is_int),
+                                  ("top-p", top_p, _is_real), ("seed", seed, _is_int)):
+            if value is not None and not kind(value):
+                raise ModelError(f"{name} must be {'an integer' if kind is _is_int else 'a number'}, "
+                                 f"got {type(value).__name__} {value!r:.40}")
         if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
             raise ModelError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 0:
@@ -50,3 +55,11 @@ class Sampler:
             probs /= probs.sum()
         cdf = np.cumsum(probs)  # inverse-CDF draw: one uniform number per token
         return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

@@ -738,3 +738,33 @@ def test_a_native_panic_is_one_line(monkeypatch):
     result = CliRunner().invoke(cli.main, ["inspect", "x.mxq"])
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0
     assert "retry-limit-in-match" in result.output
+
+
+def test_python_api_arguments_are_checked(tiny_model):
+    """Wrong types at the Python API are one ModelError naming the argument, never a raw TypeError,
+    AttributeError or OverflowError from deep inside (and a closed model says so)."""
+    import mxq
+    from mxq.runtime.errors import ModelError
+
+    for path, device in [(b"x.mxq", "cpu"), ("x\0.mxq", "cpu"), (tiny_model, ["cpu"])]:
+        with pytest.raises(ModelError):
+            mxq.load(path, device=device)
+    model = mxq.load(tiny_model)
+    for args, kwargs, message in [((None,), {}, "prompt must be a str"), ((b"x",), {}, "prompt must be a str"),
+                                  (("hi",), {"max_new_tokens": 1.5}, "new tokens"),
+                                  (("hi",), {"max_new_tokens": float("nan")}, "new tokens"),
+                                  (("hi",), {"max_new_tokens": "3"}, "new tokens"),
+                                  (("hi",), {"temperature": "hot"}, "temperature"),
+                                  (("hi",), {"temperature": 0.5, "top_k": 1.5}, "top-k"),
+                                  (("hi",), {"temperature": 0.5, "seed": 1.5}, "seed")]:
+        with pytest.raises(ModelError, match=message):
+            list(model.generate(*args, **kwargs))
+    for ids in ([2 ** 63], [-1], np.array([2 ** 64 - 1], np.uint64), [1.5]):
+        with pytest.raises(ModelError, match="token id"):
+            model.logits(ids)
+        with pytest.raises(ModelError, match="token id"):
+            list(model.generate_ids(ids, 2))
+    assert list(model.generate_ids(np.array([1, 2], np.int32), 2, seed=np.int64(3), temperature=np.float32(0.5)))
+    model.close()
+    with pytest.raises(ModelError, match="closed"):
+        model.logits([1])

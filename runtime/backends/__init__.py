@@ -16,7 +16,7 @@ BACKENDS = {
 
 def get_backend(device: str = "cpu", **options):
     """A backend instance for `device`; options (e.g. cache_dequantized) go to its constructor."""
-    if device not in BACKENDS:
+    if not isinstance(device, str) or device not in BACKENDS:
         raise ModelError(f"unknown device {device!r} (known: {', '.join(BACKENDS)})")
     module_name, class_name = BACKENDS[device]
     try:
