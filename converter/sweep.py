@@ -196,9 +196,12 @@ def _floats(text: str, option: str) -> list[float]:
     if text.strip().lower() == "none":
         return []
     try:
-        return [round(float(part), 6) for part in text.split(",") if part.strip()]
+        values = [round(float(part), 6) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConversionError(f"{option} {text!r}: expected comma-separated numbers, e.g. 3,4.25,6") from None
+        values = [math.nan]
+    if not all(0 < v < math.inf for v in values):  # nan, inf and negatives too
+        raise ConversionError(f"{option} {text!r:.60}: expected comma-separated positive numbers, e.g. 3,4.25,6")
+    return values
 
 
 SWEEP_HELP = """The size/quality frontier of the Hugging Face checkpoint HF_DIR, from one measurement.
@@ -263,6 +266,8 @@ def sweep_command(hf_dir, out_dir, start, stop, step, measure_text, heatmap_bpw,
 
     budgets = grid(start, stop, step)
     measure_at = None if measure_text is None else _floats(measure_text, "--measure-at")
+    if heatmap_bpw is not None:
+        heatmap_bpw = _floats(str(heatmap_bpw), "--heatmap-bpw")[0]
     text = read_text_file(text_path, "--text") if text_path else None
     options = ConvertOptions(bpw=8.0, configs=configs, quantizer=quantizer, row_blocks=row_blocks, calib=calib, calib_tokens=calib_tokens,
                              cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)

@@ -218,3 +218,11 @@ def test_sweep_measures_on_a_given_text(tiny_llama, tmp_path, cache):
     assert float(row["measured_ppl"]) == pytest.approx(math.exp(float(row["measured_nll"])), rel=1e-5)
     code, _, stderr = cli("sweep", tiny_llama, "-o", tmp_path / "t", "--text", tmp_path / "missing.txt")
     assert code == 1 and "missing.txt" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_sweep_budget_lists_must_be_positive_numbers(tiny_llama, tmp_path):
+    for option, value in [("--measure-at", "nan"), ("--measure-at", "3,inf"), ("--measure-at", "-1"),
+                          ("--measure-at", "abc"), ("--heatmap-bpw", "nan")]:
+        code, stdout, stderr = cli("sweep", tiny_llama, "-o", tmp_path / "out", option, value, "-q")
+        assert code == 1 and option in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
