@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import secrets
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..format_spec.writer import check_output_path, temp_path
 from .options import MAX_ROW_BLOCKS, QUANTIZERS, default
 
 MEASURED_POINTS = 4  # budgets converted and measured by default, spread over the feasible sweep
@@ -85,6 +87,8 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("sweep.csv", "sweep.png"):  # before any work: not a directory, a symlink, unwritable
+        check_output_path(out_dir / name)
     seconds, started = {}, time.perf_counter()
     prepared = prepare(hf_dir, options, progress)
     seconds.update(prepared.seconds)
@@ -158,12 +162,17 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
             "measured_pct": None if loss is None else 100 * (loss["nll"] - fp_loss) / fp_loss,
             "measured_ppl": None if loss is None else loss["ppl"], "file_bytes": file_bytes, "fp_ppl": fp["ppl"]})
     paths = {"csv": str(out_dir / "sweep.csv")}
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else f"{row[k]:.10g}" if isinstance(row[k], float) else row[k])
-                             for k in CSV_FIELDS})
+    staged = temp_path(out_dir / "sweep.csv")
+    try:  # written whole or not at all
+        with open(staged, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row[k] is None else f"{row[k]:.10g}" if isinstance(row[k], float)
+                                     else row[k]) for k in CSV_FIELDS})
+        os.replace(staged, paths["csv"])
+    finally:
+        staged.unlink(missing_ok=True)
     paths.update(_plots(out_dir, Path(hf_dir).resolve().name, rows, evaluation, scale, table, solved, heatmap_bpw,
                         log))
     seconds["total"] = time.perf_counter() - started

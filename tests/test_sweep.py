@@ -226,3 +226,11 @@ def test_sweep_budget_lists_must_be_positive_numbers(tiny_llama, tmp_path):
         code, stdout, stderr = cli("sweep", tiny_llama, "-o", tmp_path / "out", option, value, "-q")
         assert code == 1 and option in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_sweep_checks_its_outputs_before_any_work(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    (out / "sweep.png").mkdir(parents=True)
+    code, stdout, stderr = cli("sweep", tiny_llama, "-o", out, "--measure-at", "none", "-q")
+    assert code == 1 and "sweep.png" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.png"] and "MILP" not in stdout  # nothing written or solved
