@@ -768,3 +768,18 @@ def test_python_api_arguments_are_checked(tiny_model):
     model.close()
     with pytest.raises(ModelError, match="closed"):
         model.logits([1])
+
+
+def test_a_terminated_kernel_build_leaves_no_staging_directory(tmp_path):
+    """`cpu_aot_build` stages in a hidden .build-* directory beside its output; SIGTERM (a parent's timeout,
+    a killed session) must still remove it."""
+    out = tmp_path / "kernels.so"
+    build = subprocess.Popen([sys.executable, "-m", "mxq.runtime.backends.cpu_aot_build", str(out)], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".build-*")) and time.time() < deadline and build.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".build-*")), "the build never staged"
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=60) == 143
+    assert not list(tmp_path.iterdir())

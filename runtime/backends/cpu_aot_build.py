@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def main(argv) -> int:
         return 2
     out = Path(argv[1])
     t0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the staging directory is removed
     try:
         build(out)
     except Exception as error:  # noqa: BLE001 - one line for the notice (cpu_aot.build shows the last line)
