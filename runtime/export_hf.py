@@ -118,7 +118,11 @@ def _write_json(path: Path, value) -> None:
 
 
 def _check_out_dir(out_dir: Path) -> Path:
-    """OUT_DIR must be new, empty, or a previous export (nothing else in it gets deleted)."""
+    """OUT_DIR must be new, empty, or a previous export (nothing else in it gets deleted), and not the
+    current directory or one of its parents: the export replaces the directory itself."""
+    if out_dir.name in ("", ".", "..") or Path.cwd().is_relative_to(out_dir.resolve()):
+        raise ModelError(f"{out_dir}: is the current directory or holds it; export-hf replaces OUT_DIR "
+                         f"whole, so name another directory (e.g. a new one inside it)")
     check_output_path(out_dir, kind="directory")
     if out_dir.exists():
         foreign = sorted(set(os.listdir(out_dir)) - EXPORT_FILES)

@@ -344,6 +344,13 @@ def test_export_hf_is_checked_and_atomic(tiny_model, tmp_path):
     (out / "notes.txt").unlink()
     assert _tree(out) == first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "empty").mkdir()
+    for where, target in [("empty", "."), ("empty", ".."), ("hf", str(out)), ("empty", str(tmp_path))]:
+        with pytest.raises(ModelError, match="current directory"):  # it would be renamed away, then deleted
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(tmp_path / where)
+                export_hf(tiny_model, target)
+    assert _tree(out) == first and not list((tmp_path / "empty").iterdir())
 
 
 @pytest.mark.parametrize("command", ["convert", "export-hf"])
