@@ -99,7 +99,8 @@ def sweep(hf_dir, out_dir, options, budgets_bpw, measure_at, heatmap_bpw, text=N
     seconds["fp reference"] = time.perf_counter() - stage
     fp_loss = fp["nll"]
     log(f"fp16 reference on {evaluation.name}: loss {fp_loss:.4f}, ppl {fp['ppl']:.3f} "
-        f"({fp['chunks']} chunks of {fp['chunks'] and evaluation.ctx} tokens)")
+        f"({fp['chunks']} chunks of {fp['chunks'] and fp.get('ctx', evaluation.ctx)} tokens"
+        f"{', the model context' if fp.get('ctx', evaluation.ctx) < evaluation.ctx else ''})")
 
     numel = int(table.numel.sum())
     lowest, highest = 8.0 * table.costs.min(axis=1).sum() / numel, 8.0 * table.costs.max(axis=1).sum() / numel
