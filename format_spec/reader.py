@@ -468,12 +468,14 @@ class MxqFile:
                           for blob_name, ref in entry.blobs.items()]
         return items
 
-    def verify(self, progress=None) -> list[str]:
+    def verify(self, progress=None, content: bool = True) -> list[str]:
         """Check every crc32 (a packed tensor's, or each blob's) and that every gap between blobs is zero, so that no byte of
-        the file goes unchecked, that every 2-D tensor's content keeps the rules a runtime checks before use
-        (finite float16 blobs, CSR outliers, a `rows` tensor's row_order a permutation: SPEC.md §9), and that
-        an +xz tokenizer blob unpacks (§3.2); returns the problems found (empty when the file is intact).
-        Reads the file once in VERIFY_CHUNK pieces, then the blobs the content rules look at."""
+        the file goes unchecked, that an +xz tokenizer blob unpacks (§3.2) and, with `content`, that every 2-D
+        tensor's content keeps the rules a runtime checks before use (finite float16 blobs, fp16 weights
+        included; CSR outliers; a `rows` tensor's row_order a permutation: SPEC.md §9); returns the problems
+        found (empty when the file is intact). Reads the file once in VERIFY_CHUNK pieces, then, with
+        `content`, the blobs the content rules look at (through the map: a runtime that checks content as
+        it prepares each tensor passes content=False and keeps its pages out of memory)."""
         problems = []
         items = self.checksums()
         tokenizer_intact = True
@@ -494,13 +496,13 @@ class MxqFile:
         for start, end in gaps:
             if end > start and self._has_nonzero(start, end):
                 problems.append(f"padding bytes [{start}, {end}) are not zero")
-        for entry in self.tensors.values():  # content the layout cannot judge, as a runtime checks it before use
+        for entry in self.tensors.values() if content else ():  # what the layout cannot judge
             if len(entry.shape) == 2:
-                problem = content_problem(self.blobs(entry.name), entry.shape, entry.config)
+                problem = content_problem(self.blobs(entry.name), entry.shape, entry.config, weights=True)
                 if problem:
                     problems.append(f"tensor '{entry.name}': {problem}")
-        for name in self.codebooks:
-            problem = nonfinite_problem(self.blobs(name))
+        for name in self.codebooks if content else ():
+            problem = nonfinite_problem(self.blobs(name), weights=True)
             if problem:
                 problems.append(f"tensor '{name}': {problem}")
         return problems

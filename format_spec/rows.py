@@ -44,18 +44,23 @@ def inverse_order(row_order: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def content_problem(blobs: dict, shape, config: StorageConfig) -> str | None:
+def content_problem(blobs: dict, shape, config: StorageConfig, weights: bool = False) -> str | None:
     """Why a tensor's blob CONTENT breaks the rules a reader checks before using it, or None:
-    a float16 blob that is not finite, the CSR outliers (SPEC.md §6.1) and, for `rows`, the row_order
-    permutation and every block's outliers (shapes and dtypes are the reader's job, §9)."""
-    return nonfinite_problem(blobs) or structure_problem(blobs, shape, config)
+    a float16 blob that is not finite (fp16 weights too with `weights`), the CSR outliers (SPEC.md §6.1)
+    and, for `rows`, the row_order permutation and every block's outliers (shapes and dtypes are the
+    reader's job, §9)."""
+    return nonfinite_problem(blobs, weights) or structure_problem(blobs, shape, config)
 
 
-def nonfinite_problem(blobs: dict) -> str | None:
-    """A float16 blob (weights, metadata, codebook, outlier values) holding NaN or ±inf, which no writer
-    stores (SPEC.md §9): kernels would compute garbage from it, or fail."""
+def nonfinite_problem(blobs: dict, weights: bool = False) -> str | None:
+    """A float16 blob (metadata, codebook, outlier values; with `weights`, an fp16 tensor's `data` too) holding
+    NaN or ±inf, which no writer stores (SPEC.md §9): kernels would compute garbage from it, or fail. fp16
+    weights are left to `mxq verify` by default: they can be large (an embedding), and a lean runtime touches
+    only the rows it uses."""
     for name, array in blobs.items():
-        if array.dtype == np.float16 and not np.isfinite(array).all():
+        if array.dtype != np.float16 or (not weights and name.rsplit(".", 1)[-1] == "data"):
+            continue
+        if not np.isfinite(array).all():
             return f"blob '{name}' holds NaN or infinity"
     return None
 
