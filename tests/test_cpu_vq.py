@@ -256,11 +256,13 @@ GRID_KINDS = [(2, 4), (3, 4)]
 
 
 def grid_blobs(rng, shape, config: StorageConfig, minor: int = 8) -> dict:
-    """layout_blobs with the codebook on the 8-bit grid (format_spec.snap_to_int8_grid; NaN-free)."""
+    """layout_blobs with the codebook on the 8-bit grid (format_spec.snap_to_int8_grid), its poison point 0 (65504
+    would set the grid's scale)."""
     from mxq.format_spec import snap_to_int8_grid
 
     blobs = layout_blobs(rng, shape, config, minor)
-    blobs["codebook"] = snap_to_int8_grid(np.nan_to_num(blobs["codebook"]))
+    blobs["codebook"][(1 << config.index_bits) - 1] = 0
+    blobs["codebook"] = snap_to_int8_grid(blobs["codebook"])
     return blobs
 
 
