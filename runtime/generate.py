@@ -20,7 +20,7 @@ from .backends import get_backend
 from .config import ModelConfig
 from .errors import ModelError
 from .model import Model
-from .sampler import Sampler
+from .sampler import Sampler, is_int
 from .tokenizer import Tokenizer
 
 
@@ -100,7 +100,7 @@ class LoadedModel:
         """`ids` as Python ints, each a token of the vocabulary (ModelError naming the first that is not)."""
         vocab = self.config.vocab_size
         for i in ids:
-            if not _is_int(i) or not 0 <= i < vocab:
+            if not is_int(i) or not 0 <= i < vocab:
                 raise ModelError(f"token id {i!r:.40} is not an integer in the vocabulary [0, {vocab})")
         return [int(i) for i in ids]
 
@@ -120,7 +120,7 @@ class LoadedModel:
                      seed=None):
         """Yield new token ids after prompt `ids` until an EOS id (not yielded), max_new_tokens, or the
         end of the context. Statistics go to self.last_stats."""
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ModelError(f"the number of new tokens must be an integer >= 0, got {max_new_tokens!r:.40}")
         model, ids = self._open_model(), self._token_ids(ids)
         if len(ids) >= self.context_length:
@@ -191,8 +191,3 @@ def load(path, device: str = "cpu", cache_dequantized: bool = False, verify: boo
     if not isinstance(text, str) or "\0" in text:
         raise ModelError(f"the path must be a str or os.PathLike without NUL characters, got {path!r:.60}")
     return LoadedModel(path, device=device, cache_dequantized=cache_dequantized, verify=verify)
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

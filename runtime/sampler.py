@@ -14,10 +14,10 @@ from .errors import ModelError
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
-        for name, value, kind in (("temperature", temperature, _is_real), ("top-k", top_k, _is_int),
-                                  ("top-p", top_p, _is_real), ("seed", seed, _is_int)):
+        for name, value, kind in (("temperature", temperature, _is_real), ("top-k", top_k, is_int),
+                                  ("top-p", top_p, _is_real), ("seed", seed, is_int)):
             if value is not None and not kind(value):
-                raise ModelError(f"{name} must be {'an integer' if kind is _is_int else 'a number'}, "
+                raise ModelError(f"{name} must be {'an integer' if kind is is_int else 'a number'}, "
                                  f"got {type(value).__name__} {value!r:.40}")
         if temperature is None or not 0 <= temperature < float("inf"):  # NaN fails too
             raise ModelError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
@@ -57,7 +57,8 @@ class Sampler:
         return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
