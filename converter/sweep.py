@@ -276,8 +276,9 @@ def sweep_command(hf_dir, out_dir, start, stop, step, measure_text, heatmap_bpw,
 
     budgets = grid(start, stop, step)
     measure_at = None if measure_text is None else _floats(measure_text, "--measure-at")
-    if heatmap_bpw is not None:
-        heatmap_bpw = _floats(str(heatmap_bpw), "--heatmap-bpw")[0]
+    if heatmap_bpw is not None and not 0 < heatmap_bpw < math.inf:
+        from .errors import ConversionError
+        raise ConversionError(f"--heatmap-bpw {heatmap_bpw}: expected a positive number")
     text = read_text_file(text_path, "--text") if text_path else None
     options = ConvertOptions(bpw=8.0, configs=configs, quantizer=quantizer, row_blocks=row_blocks, calib=calib, calib_tokens=calib_tokens,
                              cache_dir=None if no_cache else (cache_dir or "default"), jobs=jobs)
