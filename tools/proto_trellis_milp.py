@@ -1,0 +1,227 @@
+"""Trellis candidates inside the MILP, simulated before any format work: does a mixed file that may store
+each row block as a bitshift trellis (tools/proto_trellis.py) beside the affine configs beat the default at
+the same bytes?
+
+For each K in --K, one table of 2^L levels is fitted (weighted Lloyd passes on --train-layers), every decoder
+linear is coded row by row (Viterbi; a row's error does not depend on the other rows, so a row block's error
+is the sum over its rows), and each row block of the file's error table gains one candidate per K with its
+exact Fisher error and its bits:
+
+    rows × (K·in + (L − K) + 16 + SCALE_BITS·in/GROUP)   (codes, the first window, the row's fp16 maximum,
+                                                           a 6-bit scale per group), in whole bytes
+
+The MILP is solved at each --bpw twice, over the file's own candidates and with the trellis ones added,
+at the budget the converter uses; each solution's weights (affine blocks rounded by wls as the write stage
+rounds them, trellis blocks decoded) are put into the file's `export-hf` copy and scored on WikiText-2's
+first --chunks chunks of --ctx tokens with transformers. The two are paired: same text, same embedding
+and norms, same rounding of the affine blocks; the ratio's 95% interval treats each chunk as one sample,
+as `mxq eval --reference` does. Trellis blocks decode with the table rounded to fp16, as a file would
+store it (the Viterbi ran on the unrounded table).
+
+    python tools/proto_trellis_milp.py FILE.mxq [--bpw 4.25,5.0] [--K 2,3,4,5] [--L 12] [--chunks 16]
+
+FILE: a file converted from the fixture with --row-blocks (the default); its provenance gives the options.
+"""
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+from proto_trellis import GROUP, SCALE_BITS, fisher_error, trellis  # noqa: E402
+
+from mxq.converter.allocate import allocate  # noqa: E402
+from mxq.converter.candidates import parse_candidates  # noqa: E402
+from mxq.converter.measure import ErrorCache, default_cache_dir, measure  # noqa: E402
+from mxq.converter.options import ConvertOptions, measured_with  # noqa: E402
+from mxq.converter.pipeline import _calibrated, _importance_id, read_source  # noqa: E402
+from mxq.converter.quantize import _quantize  # noqa: E402
+from mxq.converter.row_blocks import RowSplit, row_order  # noqa: E402
+from mxq.format_spec.layout import row_order_dtype  # noqa: E402
+from mxq.format_spec.reader import MxqFile  # noqa: E402
+
+TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
+
+
+def fit_table(matrices, train, L, K, passes):
+    table = np.random.default_rng(0).standard_normal(1 << L)
+    for p in range(passes):
+        started, num, den, error = time.time(), np.zeros_like(table), np.zeros_like(table), 0.0
+        for w, f in (matrices(n) for n in train):
+            windows, scales = trellis(w, f, table, L, K)
+            error += fisher_error(w, f, windows, scales, table)
+            np.add.at(num, windows.ravel(), (f * scales * w).ravel())
+            np.add.at(den, windows.ravel(), (f * scales * scales).ravel())
+        table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)
+        table /= math.sqrt(float(np.mean(table ** 2)))
+        print(f"  K{K} table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file")
+    parser.add_argument("--fixture", default="smollm2")
+    parser.add_argument("--bpw", default="4.25,5.0")
+    parser.add_argument("--K", default="2,3,4,5", help="trellis bits per weight offered as candidates")
+    parser.add_argument("--L", type=int, default=12)
+    parser.add_argument("--train-layers", default="14")
+    parser.add_argument("--passes", type=int, default=4)
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--work", default=None, help="directory keeping each K's codes between runs")
+    args = parser.parse_args()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+    float_dir = fixtures.ensure(args.fixture)
+    with MxqFile.open(args.file) as f:
+        recorded = f.document["provenance"]["options"]
+    options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
+    candidates = parse_candidates(",".join(recorded["configs"]))
+    checkpoint = read_source(float_dir, options)[0]
+    cache_dir = default_cache_dir()
+    checkpoint, checkpoint_hash, calibration, _ = _calibrated(
+        checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)
+    table = measure(checkpoint, candidates, measured_with(options.quantizer),
+                    ErrorCache(Path(cache_dir) / "errors", checkpoint_hash), None,
+                    calibration.fisher.__getitem__, _importance_id(options, calibration), options.outlier_mode,
+                    options.measure_every, row_blocks=options.row_blocks, codebooks={})
+    names = list(dict.fromkeys(table.names))
+    first_unit = {n: table.names.index(n) for n in names}
+    weight = lambda n: torch.as_tensor(checkpoint.load(n))  # noqa: E731
+    fisher = lambda n: torch.as_tensor(calibration.fisher[n])  # noqa: E731
+    as64 = lambda n: (weight(n).numpy().astype(np.float64), fisher(n).numpy().astype(np.float64))  # noqa: E731
+    splits = {}
+    for n in names:
+        counts = table.unit(first_unit[n])[1] or (weight(n).shape[0],)
+        splits[n] = RowSplit(row_order(weight(n), fisher(n)), counts)
+
+    layer = lambda n: int(n.split("layers.")[1].split(".")[0])  # noqa: E731
+    train = [n for n in names if layer(n) in {int(x) for x in args.train_layers.split(",")}]
+    Ks = [int(k) for k in args.K.split(",")]
+    work = Path(args.work) if args.work else None
+    codes = {}  # K -> name -> (windows uint16, scales float32 per group), table
+    extra_err, extra_cost = [], []
+    for K in Ks:
+        saved = work / f"trellis-L{args.L}-K{K}.npz" if work else None
+        if saved and saved.exists():
+            data = np.load(saved)
+            levels = data["table"]
+            coded = {n: (data[f"w/{n}"], data[f"s/{n}"]) for n in names}
+            print(f"K{K}: codes from {saved}", flush=True)
+        else:
+            print(f"K{K}: fitting the table on layers {args.train_layers}", flush=True)
+            levels = fit_table(as64, train, args.L, K, args.passes)
+            coded, started = {}, time.time()
+            for n in names:
+                w, f = as64(n)
+                windows, scales = trellis(w, f, levels, args.L, K)
+                coded[n] = (windows.astype(np.uint16), scales[:, ::GROUP].astype(np.float32))
+            print(f"K{K}: coded every linear in {time.time() - started:.0f} s", flush=True)
+            if saved:
+                work.mkdir(parents=True, exist_ok=True)
+                np.savez(saved, table=levels, **{f"w/{n}": coded[n][0] for n in names},
+                         **{f"s/{n}": coded[n][1] for n in names})
+        levels = levels.astype(np.float16).astype(np.float64)  # as a file would store the table
+        codes[K] = (levels, coded)
+        err, cost = np.zeros(len(table.names)), np.zeros(len(table.names), dtype=np.int64)
+        for n in names:
+            w, f = as64(n)
+            windows, scales = coded[n]
+            row_err = (f * (w - np.repeat(scales.astype(np.float64), GROUP, axis=1) * levels[windows]) ** 2).sum(1)
+            split, i0 = splits[n], first_unit[n]
+            out, cols = w.shape
+            for b, count in enumerate(split.counts):
+                err[i0 + b] = row_err[split.rows(b)].sum()
+                bits = count * (K * cols + (args.L - K) + 16 + SCALE_BITS * cols // GROUP)
+                cost[i0 + b] = (bits + 7) // 8 + (out * np.dtype(row_order_dtype(out)).itemsize
+                                                 if b == 0 and len(split.counts) > 1 else 0)
+        extra_err.append(err)
+        extra_cost.append(cost)
+        bits = 8 * cost.sum() / table.numel.sum()
+        affine_bits = 8 * table.costs.sum(0) / table.numel.sum()
+        near = int(np.argmin(np.abs(affine_bits - bits)))  # the affine candidate nearest in bits, stored uniformly
+        print(f"K{K}: Σ Fisher error {err.sum():.4g} at {bits:.3f} bits per weight; uniform {candidates[near].label}: "
+              f"{table.weighted[:, near].sum():.4g} at {affine_bits[near]:.3f}", flush=True)
+
+    costs = np.concatenate([table.costs, np.stack(extra_cost, 1)], 1)
+    errors = np.concatenate([table.weighted, np.stack(extra_err, 1)], 1)
+    labels = [c.label for c in candidates] + [f"trellis-K{K}" for K in Ks]
+    model, chunks, params, floats = hf_model(args, float_dir, names, weight)
+
+    def chunk_nll() -> np.ndarray:
+        with torch.no_grad():
+            return np.array([model(x, labels=x).loss.item() for x in chunks])
+
+    def load(choice):
+        for n in names:
+            w = weight(n)
+            f = fisher(n)
+            split, i0 = splits[n], first_unit[n]
+            out = torch.empty_like(w)
+            for b in range(len(split.counts)):
+                rows, c = split.rows(b), int(choice[i0 + b])
+                if c < len(candidates):
+                    config = candidates[c].storage((len(rows), w.shape[1]))
+                    q = _quantize(w[rows], config, "wls", False, f[rows], None, keep_residual=True)
+                    out[rows] = w[rows] - q.residual
+                else:
+                    levels, coded = codes[Ks[c - len(candidates)]]
+                    windows, scales = coded[n]
+                    out[rows] = torch.as_tensor(np.repeat(scales[rows], GROUP, axis=1) * levels[windows[rows]],
+                                                dtype=torch.float32)
+            with torch.no_grad():
+                params[floats[n]].copy_(out)
+
+    for bpw in (float(x) for x in args.bpw.split(",")):
+        budget = int(math.floor(bpw * int(table.numel.sum()) / 8 + 1e-9))
+        rows = np.arange(len(table.names))
+        results = []
+        for what, c, e in (("affine (the file's candidates)", table.costs, table.weighted),
+                           ("affine + trellis", costs, errors)):
+            started = time.time()
+            choice = allocate(c, e, budget)
+            solve = time.time() - started
+            load(choice)
+            nll = chunk_nll()
+            ppl = math.exp(nll.mean())
+            used = np.bincount(choice, minlength=len(labels))
+            mix = ", ".join(f"{labels[j]} {used[j]}" for j in np.argsort(-used) if used[j])
+            print(f"{bpw} bpw, {what}: ppl {ppl:.4f}, {8 * c[rows, choice].sum() / table.numel.sum():.4f} bpw, "
+                  f"Σ Fisher error {e[rows, choice].sum():.4g}, solve {solve:.1f} s; units: {mix}", flush=True)
+            results.append(nll)
+        diff = results[1] - results[0]  # paired by chunk, as mxq eval --reference pairs them
+        se = diff.std(ddof=1) / math.sqrt(len(diff))
+        print(f"{bpw} bpw: trellis / affine perplexity {math.exp(diff.mean()):.4f} "
+              f"(95%: {math.exp(diff.mean() - 1.96 * se):.4f}–{math.exp(diff.mean() + 1.96 * se):.4f})", flush=True)
+
+
+def hf_model(args, float_dir, names, weight):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mxq.runtime.export_hf import export_hf
+
+    tokenizer = AutoTokenizer.from_pretrained(float_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(args.file, Path(tmp) / "hf")
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[0]
+    chunks = [ids[i * args.ctx:(i + 1) * args.ctx][None] for i in range(args.chunks)]
+    params = dict(model.named_parameters())
+    floats = {n: n for n in names if n in params}
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise SystemExit(f"the export has no parameter {missing[0]!r}")
+    return model, chunks, params, floats
+
+
+if __name__ == "__main__":
+    main()
