@@ -19,6 +19,13 @@ as `mxq eval --reference` does. Trellis blocks decode with the table rounded to 
 store it (the Viterbi ran on the unrounded table).
 
     python tools/proto_trellis_milp.py FILE.mxq [--bpw 4.25,5.0] [--K 2,3,4,5] [--L 12] [--chunks 16]
+                                                [--work DIR] [--sample-every 8] [--code fitted|1mad]
+
+--sample-every 8 estimates the trellis blocks' errors from 1 row in 8, as the converter's measurement samples
+the affine configs: the cost a converter would pay to offer trellis candidates (the rows are coded
+independently, so a sampled row's error is its error in the full coding); the blocks the MILP chooses are then
+coded in full. --code 1mad replaces the fitted table by levels computed from the window (QTIP's 1MAD code),
+which a decode kernel can compute with a few integer operations instead of a table load per weight.
 
 FILE: a file converted from the fixture with --row-blocks (the default); its provenance gives the options.
 """
@@ -40,7 +47,8 @@ from proto_trellis import GROUP, SCALE_BITS, fisher_error, trellis  # noqa: E402
 
 from mxq.converter.allocate import allocate  # noqa: E402
 from mxq.converter.candidates import parse_candidates  # noqa: E402
-from mxq.converter.measure import ErrorCache, default_cache_dir, measure  # noqa: E402
+from mxq.converter.measure import (MIN_BLOCK_SAMPLE_ROWS, ErrorCache, default_cache_dir, estimate,  # noqa: E402
+                                   group_spread, measure, sample_rows)
 from mxq.converter.options import ConvertOptions, measured_with  # noqa: E402
 from mxq.converter.pipeline import _calibrated, _importance_id, read_source  # noqa: E402
 from mxq.converter.quantize import _quantize  # noqa: E402
@@ -66,6 +74,46 @@ def fit_table(matrices, train, L, K, passes):
     return table
 
 
+def one_mad(L):
+    """(2^L,) levels computed from the window (QTIP's 1MAD code: an LCG step, then the sum of its four bytes,
+    which is near Gaussian), unit variance: what a kernel could compute instead of loading a table."""
+    x = (np.arange(1 << L, dtype=np.uint64) * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
+    total = sum((x >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)).astype(np.float64)
+    return (total - 510.0) / 147.800537
+
+
+class Coded:
+    """One K's codes of every linear, coded row by row on demand (rows are coded independently)."""
+
+    def __init__(self, levels, matrices, L, K):
+        self.levels, self.matrices, self.L, self.K = levels, matrices, L, K
+        self.windows, self.scales, self.done = {}, {}, {}
+
+    def load(self, n, windows, scales):
+        self.windows[n], self.scales[n], self.done[n] = windows, scales, np.ones(len(windows), bool)
+
+    def rows(self, n, rows):
+        w, f = self.matrices(n)
+        if n not in self.windows:
+            self.windows[n] = np.zeros(w.shape, np.uint16)
+            self.scales[n] = np.zeros((w.shape[0], -(-w.shape[1] // GROUP)), np.float32)
+            self.done[n] = np.zeros(w.shape[0], bool)
+        todo = rows[~self.done[n][rows]]
+        if len(todo):
+            windows, scales = trellis(w[todo], f[todo], self.levels, self.L, self.K)
+            self.windows[n][todo], self.scales[n][todo] = windows, scales[:, ::GROUP]
+            self.done[n][todo] = True
+        return w[rows], f[rows]
+
+    def decoded(self, n, rows):
+        self.rows(n, rows)
+        return np.repeat(self.scales[n][rows].astype(np.float64), GROUP, axis=1) * self.levels[self.windows[n][rows]]
+
+    def row_errors(self, n, rows):
+        w, f = self.rows(n, rows)
+        return (f * (w - self.decoded(n, rows)) ** 2).sum(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file")
@@ -78,6 +126,12 @@ def main():
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--work", default=None, help="directory keeping each K's codes between runs")
+    parser.add_argument("--code", choices=("fitted", "1mad"), default="fitted",
+                        help="the levels: a table fitted by weighted Lloyd passes, or computed from the window "
+                             "(QTIP's 1MAD)")
+    parser.add_argument("--sample-every", type=int, default=1,
+                        help="the MILP's trellis errors estimated from 1 row in this many, as measure.py samples "
+                             "affine configs (the chosen blocks are still decoded from every row's codes)")
     args = parser.parse_args()
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
@@ -108,42 +162,53 @@ def main():
     train = [n for n in names if layer(n) in {int(x) for x in args.train_layers.split(",")}]
     Ks = [int(k) for k in args.K.split(",")]
     work = Path(args.work) if args.work else None
-    codes = {}  # K -> name -> (windows uint16, scales float32 per group), table
+    codes = {}  # K -> Coded
     extra_err, extra_cost = [], []
     for K in Ks:
-        saved = work / f"trellis-L{args.L}-K{K}.npz" if work else None
+        saved = work / f"trellis-L{args.L}-K{K}-{args.code}.npz" if work else None
         if saved and saved.exists():
             data = np.load(saved)
-            levels = data["table"]
-            coded = {n: (data[f"w/{n}"], data[f"s/{n}"]) for n in names}
+            coded = Coded(data["table"], as64, args.L, K)
+            for n in names:
+                coded.load(n, data[f"w/{n}"], data[f"s/{n}"])
             print(f"K{K}: codes from {saved}", flush=True)
         else:
-            print(f"K{K}: fitting the table on layers {args.train_layers}", flush=True)
-            levels = fit_table(as64, train, args.L, K, args.passes)
-            coded, started = {}, time.time()
-            for n in names:
-                w, f = as64(n)
-                windows, scales = trellis(w, f, levels, args.L, K)
-                coded[n] = (windows.astype(np.uint16), scales[:, ::GROUP].astype(np.float32))
-            print(f"K{K}: coded every linear in {time.time() - started:.0f} s", flush=True)
-            if saved:
-                work.mkdir(parents=True, exist_ok=True)
-                np.savez(saved, table=levels, **{f"w/{n}": coded[n][0] for n in names},
-                         **{f"s/{n}": coded[n][1] for n in names})
-        levels = levels.astype(np.float16).astype(np.float64)  # as a file would store the table
-        codes[K] = (levels, coded)
+            if args.code == "fitted":
+                print(f"K{K}: fitting the table on layers {args.train_layers}", flush=True)
+                levels = fit_table(as64, train, args.L, K, args.passes)
+            else:  # a level computed from the window: QTIP's 1MAD
+                levels = one_mad(args.L)
+            coded = Coded(levels, as64, args.L, K)
+            if args.sample_every == 1:
+                started = time.time()
+                for n in names:
+                    coded.rows(n, np.arange(weight(n).shape[0]))
+                print(f"K{K}: coded every linear in {time.time() - started:.0f} s", flush=True)
+                if saved:
+                    work.mkdir(parents=True, exist_ok=True)
+                    np.savez(saved, table=coded.levels, **{f"w/{n}": coded.windows[n] for n in names},
+                             **{f"s/{n}": coded.scales[n] for n in names})
+        coded.levels = coded.levels.astype(np.float16).astype(np.float64)  # as a file would store the table
+        codes[K] = coded
         err, cost = np.zeros(len(table.names)), np.zeros(len(table.names), dtype=np.int64)
+        started = time.time()
         for n in names:
             w, f = as64(n)
-            windows, scales = coded[n]
-            row_err = (f * (w - np.repeat(scales.astype(np.float64), GROUP, axis=1) * levels[windows]) ** 2).sum(1)
             split, i0 = splits[n], first_unit[n]
             out, cols = w.shape
+            proxy = group_spread(torch.as_tensor(w), torch.as_tensor(f), GROUP)[0] if args.sample_every > 1 else None
             for b, count in enumerate(split.counts):
-                err[i0 + b] = row_err[split.rows(b)].sum()
+                rows = split.rows(b)
+                subset = sample_rows(count, args.sample_every, MIN_BLOCK_SAMPLE_ROWS)
+                if subset is None:
+                    err[i0 + b] = coded.row_errors(n, rows).sum()
+                else:  # the ratio estimate measure.py makes of a sampled affine config
+                    row_err = coded.row_errors(n, rows[subset.numpy()])
+                    err[i0 + b] = estimate(row_err, proxy[rows], subset.numpy())[0]
                 bits = count * (K * cols + (args.L - K) + 16 + SCALE_BITS * cols // GROUP)
                 cost[i0 + b] = (bits + 7) // 8 + (out * np.dtype(row_order_dtype(out)).itemsize
                                                  if b == 0 and len(split.counts) > 1 else 0)
+        print(f"K{K}: errors in {time.time() - started:.0f} s", flush=True)
         extra_err.append(err)
         extra_cost.append(cost)
         bits = 8 * cost.sum() / table.numel.sum()
@@ -173,11 +238,8 @@ def main():
                     config = candidates[c].storage((len(rows), w.shape[1]))
                     q = _quantize(w[rows], config, "wls", False, f[rows], None, keep_residual=True)
                     out[rows] = w[rows] - q.residual
-                else:
-                    levels, coded = codes[Ks[c - len(candidates)]]
-                    windows, scales = coded[n]
-                    out[rows] = torch.as_tensor(np.repeat(scales[rows], GROUP, axis=1) * levels[windows[rows]],
-                                                dtype=torch.float32)
+                else:  # the chosen block's rows coded in full (as the write stage would code them)
+                    out[rows] = torch.as_tensor(codes[Ks[c - len(candidates)]].decoded(n, rows), dtype=torch.float32)
             with torch.no_grad():
                 params[floats[n]].copy_(out)
 

@@ -1,0 +1,213 @@
+"""How fast could a CPU decode a trellis-coded matrix (tools/proto_trellis.py's bitshift trellis)? A prototype
+GEMV in Numba's JIT against the affine b4 kernels decode runs on the same shape (tools/bench_vq.py's handles:
+the rows kernel and the tile kernel) and against this machine's memory read bandwidth, all measured in one run.
+
+The layout a scheme would store: each row one bit stream, least significant bit first, padded to whole 32-bit
+words; its first L bits are the first window, then K new bits per weight, so weight t's window is bits
+[t·K, t·K + L): the new K bits on top, the previous window's top L − K bits below — proto_trellis.py's
+trellis with each window's bits reversed (its new bits come in at the bottom), i.e. its table permuted.
+Weight t = scale[group] × table[window], with one table of 2^L levels (float32 here, 16 KiB at L = 12,
+L1-resident) and one float32 scale per 64 weights (a file would store 6-bit codes under a row maximum).
+The kernel walks each row's stream through a 64-bit buffer refilled a word at a time, four windows per
+step, one table load per weight into four partial sums; rows are split over threads (prange). (With one
+partial sum, the multiply-add chain held it at ~0.93 ns per weight: 4096x4096 took 15.6 ms on one thread.)
+
+    python tools/proto_trellis_decode.py [--shapes 576x1536,1536x576,4096x4096] [--K 2,3,4,5] [--L 12]
+                                         [--threads 1,2] [--rounds 7] [--calls 30]
+
+Columns: µs per call (median of calls timed alone, kinds interleaved), the bytes a call reads, × the memory
+limit, and the ratio to the affine b4g64 rows kernel and to its tile kernel (decode's). A check decodes one
+matrix in NumPy and compares the products first.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO.parent))
+sys.path.insert(0, str(REPO / "tools"))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+GROUP = 64
+
+
+@numba.njit(fastmath=True, cache=False, inline="always")
+def _row_dot(words, base, scales, sbase, table, x, n, K, L):
+    """Σ_t scale[t / GROUP]·table[window t]·x[t] over one row: four windows per step out of the buffer, into four
+    partial sums (independent table loads and multiply-adds; the buffer's shifts are the only chain)."""
+    mask = (np.uint64(1) << np.uint64(L)) - np.uint64(1)
+    k = np.uint64(K)
+    buf, have, w = np.uint64(0), 0, base
+    total = np.float32(0.0)
+    for g in range(0, n, GROUP):
+        a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        end = min(g + GROUP, n)
+        t = g
+        while t + 4 <= end:
+            if have < L + 3 * K:  # ≤ 58 bits held after the refill for K ≤ 5, L ≤ 12
+                buf |= np.uint64(words[w]) << np.uint64(have)
+                w += 1
+                have += 32
+            a0 += table[buf & mask] * x[t]
+            a1 += table[(buf >> k) & mask] * x[t + 1]
+            a2 += table[(buf >> (k + k)) & mask] * x[t + 2]
+            a3 += table[(buf >> (k + k + k)) & mask] * x[t + 3]
+            buf >>= k + k + k + k
+            have -= 4 * K
+            t += 4
+        while t < end:
+            if have < L:
+                buf |= np.uint64(words[w]) << np.uint64(have)
+                w += 1
+                have += 32
+            a0 += table[buf & mask] * x[t]
+            buf >>= k
+            have -= K
+            t += 1
+        total += scales[sbase + g // GROUP] * ((a0 + a1) + (a2 + a3))
+    return total
+
+
+@numba.njit(fastmath=True, parallel=True, cache=False)
+def trellis_gemv(words, words_per_row, scales, table, x, y, K, L):
+    rows, n = y.shape[0], x.shape[0]
+    groups = (n + GROUP - 1) // GROUP
+    for r in numba.prange(rows):
+        y[r] = _row_dot(words, r * words_per_row, scales, r * groups, table, x, n, K, L)
+
+
+@numba.njit(fastmath=True, cache=False)
+def trellis_gemv_serial(words, words_per_row, scales, table, x, y, K, L):
+    rows, n = y.shape[0], x.shape[0]
+    groups = (n + GROUP - 1) // GROUP
+    for r in range(rows):
+        y[r] = _row_dot(words, r * words_per_row, scales, r * groups, table, x, n, K, L)
+
+
+def random_trellis(rng, shape, K, L):
+    """(words (rows·words_per_row,) uint32, words_per_row, scales (rows·groups,) float32, table (2^L,) float32,
+    windows (rows, n)): a random bit stream per row and the windows it decodes to."""
+    rows, n = shape
+    bits = K * n + (L - K)
+    words_per_row = -(-bits // 32)
+    stream = rng.integers(0, 2, size=(rows, words_per_row * 32), dtype=np.uint8)
+    stream[:, bits:] = 0
+    words = np.packbits(stream, axis=1, bitorder="little").view("<u4").reshape(-1)  # bit b of word w: stream[32w + b]
+    place = (1 << np.arange(L)).astype(np.int64)
+    windows = np.stack([stream[:, t * K:t * K + L].astype(np.int64) @ place for t in range(n)], 1)
+    scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
+    table = rng.standard_normal(1 << L).astype(np.float32)
+    return words, words_per_row, scales, table, windows
+
+
+def check(K, L):
+    rng = np.random.default_rng(3)
+    shape = (37, 203)  # a partial last group, and a length not a multiple of 4
+    words, wpr, scales, table, windows = random_trellis(rng, shape, K, L)
+    dense = table[windows] * np.repeat(scales.reshape(shape[0], -1), GROUP, axis=1)[:, :shape[1]]
+    x = rng.standard_normal(shape[1]).astype(np.float32)
+    y = np.empty(shape[0], np.float32)
+    trellis_gemv(words, wpr, scales, table, x, y, K, L)
+    if not np.allclose(y, dense @ x, rtol=1e-4, atol=1e-4):
+        sys.exit(f"proto_trellis_decode: the kernel disagrees with NumPy at K {K}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="576x1536,1536x576,4096x4096", help="OUTxIN, comma-separated")
+    ap.add_argument("--K", default="2,3,4,5")
+    ap.add_argument("--L", type=int, default=12)
+    ap.add_argument("--threads", default=None, help="thread counts (default: 1 and all)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=30)
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    Ks = [int(k) for k in args.K.split(",")]
+
+    from bench_decode import measure_bandwidth
+    from bench_vq import Bench, affine_blobs, stack_run
+
+    from mxq.format_spec import StorageConfig
+    from mxq.runtime.backends import cpu_jit
+    from mxq.runtime.backends.cpu_weights import AffineWeight
+
+    for K in Ks:
+        check(K, args.L)
+    kernels = cpu_jit._load_jit()
+    if isinstance(kernels, str):
+        sys.exit(f"proto_trellis_decode: Numba's JIT kernels are not available here ({kernels})")
+    most = numba.config.NUMBA_NUM_THREADS
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, most})
+    bandwidth = {t: measure_bandwidth(t)["gb_s"] for t in thread_counts}
+    print("read bandwidth (GB/s, this run): " + ", ".join(f"{t} thread(s) {bw:.1f}" for t, bw in bandwidth.items()))
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        x = rng.standard_normal((1, shape[1])).astype(np.float32)
+        y = np.empty((1, shape[0]), np.float32)
+        backend = Bench(kernels)
+        config = StorageConfig.affine(4, GROUP)
+        weight = AffineWeight(SimpleNamespace(name="bench", shape=shape, config=config, role="linear"),
+                              affine_blobs(rng, shape, config), backend)
+        tiles = weight.tiles()
+        runs = {}
+
+        def rows_run(n_parts, parallel, weight=weight):
+            backend.n_parts = n_parts
+            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
+            weight.kernel_matmul(SimpleNamespace(affine_matmul=kernel, affine_matmul_serial=kernel), x, None, None, y)
+
+        tile = stack_run(kernels, weight, shape)
+        runs["b4g64 rows"] = (sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.zero_codes,
+                                                      weight.scale_meta, weight.zero_meta)), rows_run)
+        runs["b4g64 tiles"] = (sum(a.nbytes for a in (tiles.codes, tiles.scale_codes, tiles.zero_codes, tiles.meta)),
+                               lambda n_parts, parallel, tile=tile: tile(x, y, n_parts, parallel))
+        for K in Ks:
+            words, wpr, scales, table, _ = random_trellis(rng, shape, K, args.L) if shape[0] * shape[1] <= 1 << 20 \
+                else _big(rng, shape, K, args.L)
+            yt = np.empty(shape[0], np.float32)
+
+            def run(n_parts, parallel, words=words, wpr=wpr, scales=scales, table=table, K=K, yt=yt):
+                (trellis_gemv if parallel else trellis_gemv_serial)(words, wpr, scales, table, x[0], yt, K, args.L)
+
+            runs[f"trellis K{K}"] = (words.nbytes + scales.nbytes // 4 + table.nbytes, run)  # 8-bit scales' worth
+        for threads in thread_counts:
+            numba.set_num_threads(threads)
+            parallel = threads > 1
+            times = {label: [] for label in runs}
+            for _, run in runs.values():
+                for _ in range(3):
+                    run(threads, parallel)
+            for _ in range(args.rounds):
+                for _ in range(args.calls):
+                    for label, (_, run) in runs.items():
+                        t0 = time.perf_counter()
+                        run(threads, parallel)
+                        times[label].append(time.perf_counter() - t0)
+            bw = bandwidth[threads]
+            med = {label: statistics.median(t) * 1e6 for label, t in times.items()}
+            print(f"\n{shape[0]}x{shape[1]}, 1 token, {threads} thread(s)")
+            print(f"  {'kind':14} {'µs':>9} {'KiB':>8} {'×memory':>8} {'×b4 rows':>9} {'×b4 tiles':>10}")
+            for label, (nbytes, _) in runs.items():
+                limit = nbytes / (bw * 1e9) * 1e6
+                print(f"  {label:14} {med[label]:9.1f} {nbytes / 1024:8.0f} {med[label] / limit:8.2f} "
+                      f"{med[label] / med['b4g64 rows']:9.2f} {med[label] / med['b4g64 tiles']:10.2f}")
+
+
+def _big(rng, shape, K, L):
+    """random_trellis without the windows (a large matrix: random words are a valid stream)."""
+    rows, n = shape
+    words_per_row = -(-(K * n + (L - K)) // 32)
+    words = rng.integers(0, 1 << 32, size=rows * words_per_row, dtype=np.uint64).astype(np.uint32)
+    scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
+    return words, words_per_row, scales, rng.standard_normal(1 << L).astype(np.float32), None
+
+
+if __name__ == "__main__":
+    main()
