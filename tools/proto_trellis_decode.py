@@ -8,9 +8,11 @@ words; its first L bits are the first window, then K new bits per weight, so wei
 trellis with each window's bits reversed (its new bits come in at the bottom), i.e. its table permuted.
 Weight t = scale[group] × table[window], with one table of 2^L levels (float32 here, 16 KiB at L = 12,
 L1-resident) and one float32 scale per 64 weights (a file would store 6-bit codes under a row maximum).
-The kernel walks each row's stream through a 64-bit buffer refilled a word at a time, four windows per
+The table kernel walks each row's stream through a 64-bit buffer refilled a word at a time, four windows per
 step, one table load per weight into four partial sums; rows are split over threads (prange). (With one
 partial sum, the multiply-add chain held it at ~0.93 ns per weight: 4096x4096 took 15.6 ms on one thread.)
+The "1mad" kernel computes each level from its window instead (QTIP's 1MAD code: an LCG step and the sum of its
+four bytes, tools/proto_trellis_milp.py --code 1mad) and reads every window straight from its bit offset.
 
     python tools/proto_trellis_decode.py [--shapes 576x1536,1536x576,4096x4096] [--K 2,3,4,5] [--L 12]
                                          [--threads 1,2] [--rounds 7] [--calls 30]
@@ -75,6 +77,48 @@ def _row_dot(words, base, scales, sbase, table, x, n, K, L):
     return total
 
 
+@numba.njit(fastmath=True, cache=False, inline="always")
+def _row_dot_1mad(words, base, scales, sbase, x, n, K, L):
+    """The same sum with levels computed from the window (QTIP's 1MAD: an LCG step, the sum of its four bytes)
+    and every window read straight from its bit offset (two words), so no step depends on the one before."""
+    mask = np.uint64((1 << L) - 1)
+    total = np.float32(0.0)
+    for g in range(0, n, GROUP):
+        acc = np.float32(0.0)
+        for t in range(g, min(g + GROUP, n)):
+            bit = t * K
+            i = base + (bit >> 5)
+            v = ((np.uint64(words[i]) | (np.uint64(words[i + 1]) << np.uint64(32))) >> np.uint64(bit & 31)) & mask
+            h = (v * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
+            level = np.float32((h & np.uint64(255)) + ((h >> np.uint64(8)) & np.uint64(255))
+                               + ((h >> np.uint64(16)) & np.uint64(255)) + (h >> np.uint64(24))) - np.float32(510.0)
+            acc += level * x[t]
+        total += scales[sbase + g // GROUP] * acc
+    return total * np.float32(1.0 / 147.800537)
+
+
+@numba.njit(fastmath=True, parallel=True, cache=False)
+def trellis_gemv_1mad(words, words_per_row, scales, x, y, K, L):
+    rows, n = y.shape[0], x.shape[0]
+    groups = (n + GROUP - 1) // GROUP
+    for r in numba.prange(rows):
+        y[r] = _row_dot_1mad(words, r * words_per_row, scales, r * groups, x, n, K, L)
+
+
+@numba.njit(fastmath=True, cache=False)
+def trellis_gemv_1mad_serial(words, words_per_row, scales, x, y, K, L):
+    rows, n = y.shape[0], x.shape[0]
+    groups = (n + GROUP - 1) // GROUP
+    for r in range(rows):
+        y[r] = _row_dot_1mad(words, r * words_per_row, scales, r * groups, x, n, K, L)
+
+
+def one_mad(L):
+    """(2^L,) the 1MAD levels (tools/proto_trellis_milp.py's), for the check."""
+    v = (np.arange(1 << L, dtype=np.uint64) * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
+    return (sum((v >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)).astype(np.float64) - 510.0) / 147.800537
+
+
 @numba.njit(fastmath=True, parallel=True, cache=False)
 def trellis_gemv(words, words_per_row, scales, table, x, y, K, L):
     rows, n = y.shape[0], x.shape[0]
@@ -100,6 +144,7 @@ def random_trellis(rng, shape, K, L):
     stream = rng.integers(0, 2, size=(rows, words_per_row * 32), dtype=np.uint8)
     stream[:, bits:] = 0
     words = np.packbits(stream, axis=1, bitorder="little").view("<u4").reshape(-1)  # bit b of word w: stream[32w + b]
+    words = np.append(words, np.uint32(0))  # the 1MAD kernel reads a window's second word, past the last row too
     place = (1 << np.arange(L)).astype(np.int64)
     windows = np.stack([stream[:, t * K:t * K + L].astype(np.int64) @ place for t in range(n)], 1)
     scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
@@ -117,6 +162,10 @@ def check(K, L):
     trellis_gemv(words, wpr, scales, table, x, y, K, L)
     if not np.allclose(y, dense @ x, rtol=1e-4, atol=1e-4):
         sys.exit(f"proto_trellis_decode: the kernel disagrees with NumPy at K {K}")
+    dense = one_mad(L)[windows] * np.repeat(scales.reshape(shape[0], -1), GROUP, axis=1)[:, :shape[1]]
+    trellis_gemv_1mad(words, wpr, scales, x, y, K, L)
+    if not np.allclose(y, dense @ x, rtol=1e-4, atol=1e-4):
+        sys.exit(f"proto_trellis_decode: the 1MAD kernel disagrees with NumPy at K {K}")
 
 
 def main(argv=None):
@@ -177,6 +226,11 @@ def main(argv=None):
                 (trellis_gemv if parallel else trellis_gemv_serial)(words, wpr, scales, table, x[0], yt, K, args.L)
 
             runs[f"trellis K{K}"] = (words.nbytes + scales.nbytes // 4 + table.nbytes, run)  # 8-bit scales' worth
+
+            def run_1mad(n_parts, parallel, words=words, wpr=wpr, scales=scales, K=K, yt=yt):
+                (trellis_gemv_1mad if parallel else trellis_gemv_1mad_serial)(words, wpr, scales, x[0], yt, K, args.L)
+
+            runs[f"1mad K{K}"] = (words.nbytes + scales.nbytes // 4, run_1mad)
         for threads in thread_counts:
             numba.set_num_threads(threads)
             parallel = threads > 1
@@ -204,7 +258,7 @@ def _big(rng, shape, K, L):
     """random_trellis without the windows (a large matrix: random words are a valid stream)."""
     rows, n = shape
     words_per_row = -(-(K * n + (L - K)) // 32)
-    words = rng.integers(0, 1 << 32, size=rows * words_per_row, dtype=np.uint64).astype(np.uint32)
+    words = rng.integers(0, 1 << 32, size=rows * words_per_row + 1, dtype=np.uint64).astype(np.uint32)
     scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
     return words, words_per_row, scales, rng.standard_normal(1 << L).astype(np.float32), None
 
