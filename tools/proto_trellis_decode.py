@@ -114,7 +114,8 @@ def trellis_gemv_1mad_serial(words, words_per_row, scales, x, y, K, L):
 
 
 def one_mad(L):
-    """(2^L,) the 1MAD levels (tools/proto_trellis_milp.py's), for the check."""
+    """(2^L,) the levels _row_dot_1mad computes, for every window (QTIP's 1MAD code: an LCG step, then the sum of
+    its four bytes, which is near Gaussian; unit variance): tools/proto_trellis_milp.py --code 1mad codes with them."""
     v = (np.arange(1 << L, dtype=np.uint64) * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
     return (sum((v >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)).astype(np.float64) - 510.0) / 147.800537
 

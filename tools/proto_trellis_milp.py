@@ -16,7 +16,7 @@ rounds them, trellis blocks decoded) are put into the file's `export-hf` copy an
 first --chunks chunks of --ctx tokens with transformers. The two are paired: same text, same embedding
 and norms, same rounding of the affine blocks; the ratio's 95% interval treats each chunk as one sample,
 as `mxq eval --reference` does. Trellis blocks decode with the table rounded to fp16, as a file would
-store it (the Viterbi ran on the unrounded table).
+store it.
 
     python tools/proto_trellis_milp.py FILE.mxq [--bpw 4.25,5.0] [--K 2,3,4,5] [--L 12] [--chunks 16]
                                                 [--work DIR] [--sample-every 8] [--code fitted|1mad]
@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
 from proto_trellis import GROUP, SCALE_BITS, fisher_error, trellis  # noqa: E402
+from proto_trellis_decode import one_mad  # noqa: E402
 
 from mxq.converter.allocate import allocate  # noqa: E402
 from mxq.converter.candidates import parse_candidates  # noqa: E402
@@ -72,14 +73,6 @@ def fit_table(matrices, train, L, K, passes):
         table /= math.sqrt(float(np.mean(table ** 2)))
         print(f"  K{K} table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
     return table
-
-
-def one_mad(L):
-    """(2^L,) levels computed from the window (QTIP's 1MAD code: an LCG step, then the sum of its four bytes,
-    which is near Gaussian), unit variance: what a kernel could compute instead of loading a table."""
-    x = (np.arange(1 << L, dtype=np.uint64) * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
-    total = sum((x >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)).astype(np.float64)
-    return (total - 510.0) / 147.800537
 
 
 class Coded:
