@@ -97,7 +97,6 @@ def products(kernels, shape, group, minor):
     from mxq.format_spec import StorageConfig, snap_to_int8_grid
     from mxq.format_spec.layout import VQ_INDEX_BITS
     from mxq.runtime.backends.cpu_vq import VqWeight
-    from mxq.runtime.backends.cpu_weights import AffineWeight
 
     rng = np.random.default_rng(0)
     backend = Bench(kernels)
@@ -125,22 +124,31 @@ def products(kernels, shape, group, minor):
         if grid:  # decode's form: a one-matrix kernel stack (cpu_stack_kernels), as for the affine tiles below
             out[config.label + " grid stack"] = (nbytes, stack_run(kernels, weight, shape))
     for bits in AFFINE_BITS:
-        config = StorageConfig.affine(bits, group)
-        entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
-        weight = AffineWeight(entry, affine_blobs(rng, shape, config), backend)
-        tiles = weight.tiles()
-        nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.zero_codes, weight.scale_meta,
-                                        weight.zero_meta))
-
-        def rows(x, y, n_parts, parallel, weight=weight):
-            backend.n_parts = n_parts
-            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
-            weight.kernel_matmul(SimpleNamespace(affine_matmul=kernel, affine_matmul_serial=kernel), x, None, None, y)
-
-        out[config.label] = (nbytes, rows)
-        out[config.label + " tiles"] = (sum(a.nbytes for a in (tiles.codes, tiles.scale_codes, tiles.zero_codes,
-                                                                tiles.meta)), stack_run(kernels, weight, shape))
+        out.update(affine_runs(kernels, backend, rng, shape, bits, group))
     return out
+
+
+def affine_runs(kernels, backend, rng, shape, bits, group) -> dict:
+    """{label: (bytes read per call, run(x, y, n_parts, parallel))} of a random affine bBgG matrix: its handle
+    product (rows kernel, label bBgG) and decode's tile kernel (bBgG tiles). backend: a Bench."""
+    from mxq.format_spec import StorageConfig
+    from mxq.runtime.backends.cpu_weights import AffineWeight
+
+    config = StorageConfig.affine(bits, group)
+    entry = SimpleNamespace(name="bench", shape=shape, config=config, role="linear")
+    weight = AffineWeight(entry, affine_blobs(rng, shape, config), backend)
+    tiles = weight.tiles()
+    nbytes = sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.zero_codes, weight.scale_meta,
+                                    weight.zero_meta))
+
+    def rows(x, y, n_parts, parallel):
+        backend.n_parts = n_parts
+        kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
+        weight.kernel_matmul(SimpleNamespace(affine_matmul=kernel, affine_matmul_serial=kernel), x, None, None, y)
+
+    return {config.label: (nbytes, rows),
+            config.label + " tiles": (sum(a.nbytes for a in (tiles.codes, tiles.scale_codes, tiles.zero_codes,
+                                                              tiles.meta)), stack_run(kernels, weight, shape))}
 
 
 def stack_run(kernels, weight, shape):
@@ -170,6 +178,13 @@ def bench(kernels, shape, tokens, threads, group, minor, rounds, calls) -> dict:
     runs = products(kernels, shape, group, minor)
     x = np.random.default_rng(1).standard_normal((tokens, shape[1])).astype(np.float32)
     y = np.empty((tokens, shape[0]), np.float32)
+    return median_times(runs, x, y, threads, rounds, calls)
+
+
+def median_times(runs, x, y, threads, rounds, calls) -> dict:
+    """{label: (median seconds per call, bytes)} of runs {label: (bytes, run(x, y, n_parts, parallel))} with
+    n_parts = threads (Numba's thread count set by the caller): every call timed alone, the kinds interleaved
+    call by call, after a warm-up."""
     parallel = threads > 1
     times = {label: [] for label in runs}
     for _, run in runs.values():  # warm up (caches, pages, OpenMP pool)

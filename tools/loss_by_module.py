@@ -36,10 +36,10 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
 
 
-def converted_weights(float_dir, path) -> tuple[dict, dict]:
-    """name -> the float weight (out, in) of every decoder linear as the converter quantized it: the
-    checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py); and
-    name -> the calibration's Fisher (out, in) of that weight, transformed alike."""
+def converted_source(float_dir, path):
+    """(options, checkpoint, checkpoint hash, calibration) as the converter had them when it wrote the file at
+    `path`: its provenance's options (`configs` the list of candidate labels), the checkpoint rotated and
+    input-scaled as they say (converter/pipeline.py), and its calibration (from the cache, or computed again)."""
     from dataclasses import fields
 
     from mxq.converter.measure import default_cache_dir
@@ -52,7 +52,16 @@ def converted_weights(float_dir, path) -> tuple[dict, dict]:
     options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
     checkpoint = read_source(float_dir, options)[0]
     cache_dir = default_cache_dir()
-    checkpoint, _, calibration, _ = _calibrated(checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)
+    checkpoint, checkpoint_hash, calibration, _ = _calibrated(
+        checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)
+    return options, checkpoint, checkpoint_hash, calibration
+
+
+def converted_weights(float_dir, path) -> tuple[dict, dict]:
+    """name -> the float weight (out, in) of every decoder linear as the converter quantized it: the
+    checkpoint rotated and input-scaled as the file's provenance says (converter/pipeline.py); and
+    name -> the calibration's Fisher (out, in) of that weight, transformed alike."""
+    _, checkpoint, _, calibration = converted_source(float_dir, path)
     names = [name for name in checkpoint.tensors if checkpoint.tensors[name].role == "linear"]
     return ({name: torch.as_tensor(checkpoint.load(name)) for name in names},
             {name: torch.as_tensor(calibration.fisher[name]) for name in names})

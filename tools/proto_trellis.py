@@ -106,6 +106,23 @@ def fisher_error(w, f, windows, scales, table) -> float:
     return float((f.astype(np.float64) * (w - scales * table[windows]) ** 2).sum())
 
 
+def fit_table(matrices, train, L, K, passes):
+    """(2^L,) levels of unit rms: QTIP's random Gaussian start, then `passes` weighted Lloyd passes over the
+    matrices named in `train` (matrices(name) → (w, f) float64), each level the weighted mean of what it decodes."""
+    table = np.random.default_rng(0).standard_normal(1 << L)
+    for p in range(passes):
+        started, num, den, error = time.time(), np.zeros_like(table), np.zeros_like(table), 0.0
+        for w, f in (matrices(n) for n in train):
+            windows, scales = trellis(w, f, table, L, K)
+            error += fisher_error(w, f, windows, scales, table)
+            np.add.at(num, windows.ravel(), (f * scales * w).ravel())
+            np.add.at(den, windows.ravel(), (f * scales * scales).ravel())
+        table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)
+        table /= math.sqrt(float(np.mean(table ** 2)))
+        print(f"  K{K} table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file")
@@ -125,19 +142,7 @@ def main():
     parse = lambda text: {int(x) for x in text.split(",")}  # noqa: E731
     matrices = {n: (floats[n].numpy().astype(np.float64), fisher[n].numpy().astype(np.float64)) for n in floats}
 
-    table = np.random.default_rng(0).standard_normal(1 << args.L)  # QTIP's random Gaussian start
-    train = in_layers(parse(args.train_layers))
-    for p in range(args.passes):  # Lloyd: each level the weighted mean of what it decodes
-        started, num, den, error = time.time(), np.zeros_like(table), np.zeros_like(table), 0.0
-        for n in train:
-            w, f = matrices[n]
-            windows, scales = trellis(w, f, table, args.L, args.K)
-            error += fisher_error(w, f, windows, scales, table)
-            np.add.at(num, windows.ravel(), (f * scales * w).ravel())
-            np.add.at(den, windows.ravel(), (f * scales * scales).ravel())
-        table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)
-        table /= math.sqrt(float(np.mean(table ** 2)))
-        print(f"table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
+    table = fit_table(matrices.__getitem__, in_layers(parse(args.train_layers)), args.L, args.K, args.passes)
 
     baseline = StorageConfig.parse(args.baseline)
     totals = [0.0, 0.0, 0.0, 0.0]

@@ -24,11 +24,8 @@ matrix in NumPy and compares the products first.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent))
@@ -137,35 +134,41 @@ def trellis_gemv_serial(words, words_per_row, scales, table, x, y, K, L):
 
 
 def random_trellis(rng, shape, K, L):
-    """(words (rows·words_per_row,) uint32, words_per_row, scales (rows·groups,) float32, table (2^L,) float32,
-    windows (rows, n)): a random bit stream per row and the windows it decodes to."""
+    """(words (rows·words_per_row + 1,) uint32, words_per_row, scales (rows·groups,) float32, table (2^L,) float32):
+    a random bit stream per row (its padding bits zero) and one zero word past the last row, which the 1MAD kernel
+    reads as a last window's second word."""
     rows, n = shape
     bits = K * n + (L - K)
     words_per_row = -(-bits // 32)
-    stream = rng.integers(0, 2, size=(rows, words_per_row * 32), dtype=np.uint8)
-    stream[:, bits:] = 0
-    words = np.packbits(stream, axis=1, bitorder="little").view("<u4").reshape(-1)  # bit b of word w: stream[32w + b]
-    words = np.append(words, np.uint32(0))  # the 1MAD kernel reads a window's second word, past the last row too
-    place = (1 << np.arange(L)).astype(np.int64)
-    windows = np.stack([stream[:, t * K:t * K + L].astype(np.int64) @ place for t in range(n)], 1)
+    words = rng.integers(0, 1 << 32, size=(rows, words_per_row), dtype=np.uint64)
+    if bits % 32:
+        words[:, -1] &= (1 << (bits % 32)) - 1
+    words = np.append(words.astype(np.uint32).reshape(-1), np.uint32(0))
     scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
-    table = rng.standard_normal(1 << L).astype(np.float32)
-    return words, words_per_row, scales, table, windows
+    return words, words_per_row, scales, rng.standard_normal(1 << L).astype(np.float32)
+
+
+def windows_of(words, words_per_row, shape, K, L):
+    """(rows, n) int64: the window of every weight, bits [t·K, t·K + L) of its row's stream (the layout above)."""
+    rows, n = shape
+    stream = np.unpackbits(words[:rows * words_per_row].view(np.uint8).reshape(rows, -1), axis=1, bitorder="little")
+    place = (1 << np.arange(L)).astype(np.int64)
+    return np.stack([stream[:, t * K:t * K + L].astype(np.int64) @ place for t in range(n)], 1)
 
 
 def check(K, L):
     rng = np.random.default_rng(3)
     shape = (37, 203)  # a partial last group, and a length not a multiple of 4
-    words, wpr, scales, table, windows = random_trellis(rng, shape, K, L)
-    dense = table[windows] * np.repeat(scales.reshape(shape[0], -1), GROUP, axis=1)[:, :shape[1]]
+    words, wpr, scales, table = random_trellis(rng, shape, K, L)
+    windows = windows_of(words, wpr, shape, K, L)
+    per_weight = np.repeat(scales.reshape(shape[0], -1), GROUP, axis=1)[:, :shape[1]]
     x = rng.standard_normal(shape[1]).astype(np.float32)
     y = np.empty(shape[0], np.float32)
     trellis_gemv(words, wpr, scales, table, x, y, K, L)
-    if not np.allclose(y, dense @ x, rtol=1e-4, atol=1e-4):
+    if not np.allclose(y, (table[windows] * per_weight) @ x, rtol=1e-4, atol=1e-4):
         sys.exit(f"proto_trellis_decode: the kernel disagrees with NumPy at K {K}")
-    dense = one_mad(L)[windows] * np.repeat(scales.reshape(shape[0], -1), GROUP, axis=1)[:, :shape[1]]
     trellis_gemv_1mad(words, wpr, scales, x, y, K, L)
-    if not np.allclose(y, dense @ x, rtol=1e-4, atol=1e-4):
+    if not np.allclose(y, (one_mad(L)[windows] * per_weight) @ x, rtol=1e-4, atol=1e-4):
         sys.exit(f"proto_trellis_decode: the 1MAD kernel disagrees with NumPy at K {K}")
 
 
@@ -182,11 +185,9 @@ def main(argv=None):
     Ks = [int(k) for k in args.K.split(",")]
 
     from bench_decode import measure_bandwidth
-    from bench_vq import Bench, affine_blobs, stack_run
+    from bench_vq import Bench, affine_runs, median_times
 
-    from mxq.format_spec import StorageConfig
     from mxq.runtime.backends import cpu_jit
-    from mxq.runtime.backends.cpu_weights import AffineWeight
 
     for K in Ks:
         check(K, args.L)
@@ -201,67 +202,29 @@ def main(argv=None):
     for shape in shapes:
         x = rng.standard_normal((1, shape[1])).astype(np.float32)
         y = np.empty((1, shape[0]), np.float32)
-        backend = Bench(kernels)
-        config = StorageConfig.affine(4, GROUP)
-        weight = AffineWeight(SimpleNamespace(name="bench", shape=shape, config=config, role="linear"),
-                              affine_blobs(rng, shape, config), backend)
-        tiles = weight.tiles()
-        runs = {}
-
-        def rows_run(n_parts, parallel, weight=weight):
-            backend.n_parts = n_parts
-            kernel = kernels.affine_matmul if parallel else kernels.affine_matmul_serial
-            weight.kernel_matmul(SimpleNamespace(affine_matmul=kernel, affine_matmul_serial=kernel), x, None, None, y)
-
-        tile = stack_run(kernels, weight, shape)
-        runs["b4g64 rows"] = (sum(a.nbytes for a in (weight.packed, weight.scale_codes, weight.zero_codes,
-                                                      weight.scale_meta, weight.zero_meta)), rows_run)
-        runs["b4g64 tiles"] = (sum(a.nbytes for a in (tiles.codes, tiles.scale_codes, tiles.zero_codes, tiles.meta)),
-                               lambda n_parts, parallel, tile=tile: tile(x, y, n_parts, parallel))
+        runs = affine_runs(kernels, Bench(kernels), rng, shape, 4, GROUP)  # "b4g64" (rows kernel), "b4g64 tiles"
         for K in Ks:
-            words, wpr, scales, table, _ = random_trellis(rng, shape, K, args.L) if shape[0] * shape[1] <= 1 << 20 \
-                else _big(rng, shape, K, args.L)
-            yt = np.empty(shape[0], np.float32)
+            words, wpr, scales, table = random_trellis(rng, shape, K, args.L)
 
-            def run(n_parts, parallel, words=words, wpr=wpr, scales=scales, table=table, K=K, yt=yt):
-                (trellis_gemv if parallel else trellis_gemv_serial)(words, wpr, scales, table, x[0], yt, K, args.L)
+            def run(x, y, n_parts, parallel, words=words, wpr=wpr, scales=scales, table=table, K=K):
+                (trellis_gemv if parallel else trellis_gemv_serial)(words, wpr, scales, table, x[0], y[0], K, args.L)
+
+            def run_1mad(x, y, n_parts, parallel, words=words, wpr=wpr, scales=scales, K=K):
+                (trellis_gemv_1mad if parallel else trellis_gemv_1mad_serial)(words, wpr, scales, x[0], y[0], K, args.L)
 
             runs[f"trellis K{K}"] = (words.nbytes + scales.nbytes // 4 + table.nbytes, run)  # 8-bit scales' worth
-
-            def run_1mad(n_parts, parallel, words=words, wpr=wpr, scales=scales, K=K, yt=yt):
-                (trellis_gemv_1mad if parallel else trellis_gemv_1mad_serial)(words, wpr, scales, x[0], yt, K, args.L)
-
             runs[f"1mad K{K}"] = (words.nbytes + scales.nbytes // 4, run_1mad)
         for threads in thread_counts:
             numba.set_num_threads(threads)
-            parallel = threads > 1
-            times = {label: [] for label in runs}
-            for _, run in runs.values():
-                for _ in range(3):
-                    run(threads, parallel)
-            for _ in range(args.rounds):
-                for _ in range(args.calls):
-                    for label, (_, run) in runs.items():
-                        t0 = time.perf_counter()
-                        run(threads, parallel)
-                        times[label].append(time.perf_counter() - t0)
+            timed = median_times(runs, x, y, threads, args.rounds, args.calls)
             bw = bandwidth[threads]
-            med = {label: statistics.median(t) * 1e6 for label, t in times.items()}
+            med = {label: seconds * 1e6 for label, (seconds, _) in timed.items()}
             print(f"\n{shape[0]}x{shape[1]}, 1 token, {threads} thread(s)")
             print(f"  {'kind':14} {'µs':>9} {'KiB':>8} {'×memory':>8} {'×b4 rows':>9} {'×b4 tiles':>10}")
             for label, (nbytes, _) in runs.items():
                 limit = nbytes / (bw * 1e9) * 1e6
                 print(f"  {label:14} {med[label]:9.1f} {nbytes / 1024:8.0f} {med[label] / limit:8.2f} "
-                      f"{med[label] / med['b4g64 rows']:9.2f} {med[label] / med['b4g64 tiles']:10.2f}")
-
-
-def _big(rng, shape, K, L):
-    """random_trellis without the windows (a large matrix: random words are a valid stream)."""
-    rows, n = shape
-    words_per_row = -(-(K * n + (L - K)) // 32)
-    words = rng.integers(0, 1 << 32, size=rows * words_per_row + 1, dtype=np.uint64).astype(np.uint32)
-    scales = rng.uniform(0.001, 0.05, rows * (-(-n // GROUP))).astype(np.float32)
-    return words, words_per_row, scales, rng.standard_normal(1 << L).astype(np.float32), None
+                      f"{med[label] / med['b4g64']:9.2f} {med[label] / med['b4g64 tiles']:10.2f}")
 
 
 if __name__ == "__main__":

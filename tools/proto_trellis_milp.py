@@ -34,7 +34,6 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numba
@@ -43,36 +42,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
-from proto_trellis import GROUP, SCALE_BITS, fisher_error, trellis  # noqa: E402
+from loss_by_module import converted_source  # noqa: E402
+from proto_trellis import GROUP, SCALE_BITS, fit_table, trellis  # noqa: E402
 from proto_trellis_decode import one_mad  # noqa: E402
 
 from mxq.converter.allocate import allocate  # noqa: E402
 from mxq.converter.candidates import parse_candidates  # noqa: E402
 from mxq.converter.measure import (MIN_BLOCK_SAMPLE_ROWS, ErrorCache, default_cache_dir, estimate,  # noqa: E402
                                    group_spread, measure, sample_rows)
-from mxq.converter.options import ConvertOptions, measured_with  # noqa: E402
-from mxq.converter.pipeline import _calibrated, _importance_id, read_source  # noqa: E402
+from mxq.converter.options import measured_with  # noqa: E402
+from mxq.converter.pipeline import _importance_id  # noqa: E402
 from mxq.converter.quantize import _quantize  # noqa: E402
 from mxq.converter.row_blocks import RowSplit, row_order  # noqa: E402
 from mxq.format_spec.layout import row_order_dtype  # noqa: E402
-from mxq.format_spec.reader import MxqFile  # noqa: E402
+from mxq.runtime.perplexity import Z95, paired_difference  # noqa: E402
 
 TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
-
-
-def fit_table(matrices, train, L, K, passes):
-    table = np.random.default_rng(0).standard_normal(1 << L)
-    for p in range(passes):
-        started, num, den, error = time.time(), np.zeros_like(table), np.zeros_like(table), 0.0
-        for w, f in (matrices(n) for n in train):
-            windows, scales = trellis(w, f, table, L, K)
-            error += fisher_error(w, f, windows, scales, table)
-            np.add.at(num, windows.ravel(), (f * scales * w).ravel())
-            np.add.at(den, windows.ravel(), (f * scales * scales).ravel())
-        table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)
-        table /= math.sqrt(float(np.mean(table ** 2)))
-        print(f"  K{K} table pass {p}: training error {error:.4g} ({time.time() - started:.0f} s)", flush=True)
-    return table
 
 
 class Coded:
@@ -129,14 +114,9 @@ def main():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
     float_dir = fixtures.ensure(args.fixture)
-    with MxqFile.open(args.file) as f:
-        recorded = f.document["provenance"]["options"]
-    options = ConvertOptions(**{k.name: recorded[k.name] for k in fields(ConvertOptions) if k.name in recorded})
-    candidates = parse_candidates(",".join(recorded["configs"]))
-    checkpoint = read_source(float_dir, options)[0]
+    options, checkpoint, checkpoint_hash, calibration = converted_source(float_dir, args.file)
+    candidates = parse_candidates(",".join(options.configs))
     cache_dir = default_cache_dir()
-    checkpoint, checkpoint_hash, calibration, _ = _calibrated(
-        checkpoint, checkpoint.content_hash(cache_dir), options, cache_dir, None)
     table = measure(checkpoint, candidates, measured_with(options.quantizer),
                     ErrorCache(Path(cache_dir) / "errors", checkpoint_hash), None,
                     calibration.fisher.__getitem__, _importance_id(options, calibration), options.outlier_mode,
@@ -213,7 +193,7 @@ def main():
     costs = np.concatenate([table.costs, np.stack(extra_cost, 1)], 1)
     errors = np.concatenate([table.weighted, np.stack(extra_err, 1)], 1)
     labels = [c.label for c in candidates] + [f"trellis-K{K}" for K in Ks]
-    model, chunks, params, floats = hf_model(args, float_dir, names, weight)
+    model, chunks, params = hf_model(args, float_dir, names)
 
     def chunk_nll() -> np.ndarray:
         with torch.no_grad():
@@ -234,7 +214,7 @@ def main():
                 else:  # the chosen block's rows coded in full (as the write stage would code them)
                     out[rows] = torch.as_tensor(codes[Ks[c - len(candidates)]].decoded(n, rows), dtype=torch.float32)
             with torch.no_grad():
-                params[floats[n]].copy_(out)
+                params[n].copy_(out)
 
     for bpw in (float(x) for x in args.bpw.split(",")):
         budget = int(math.floor(bpw * int(table.numel.sum()) / 8 + 1e-9))
@@ -253,13 +233,14 @@ def main():
             print(f"{bpw} bpw, {what}: ppl {ppl:.4f}, {8 * c[rows, choice].sum() / table.numel.sum():.4f} bpw, "
                   f"Σ Fisher error {e[rows, choice].sum():.4g}, solve {solve:.1f} s; units: {mix}", flush=True)
             results.append(nll)
-        diff = results[1] - results[0]  # paired by chunk, as mxq eval --reference pairs them
-        se = diff.std(ddof=1) / math.sqrt(len(diff))
-        print(f"{bpw} bpw: trellis / affine perplexity {math.exp(diff.mean()):.4f} "
-              f"(95%: {math.exp(diff.mean() - 1.96 * se):.4f}–{math.exp(diff.mean() + 1.96 * se):.4f})", flush=True)
+        counts = [args.ctx - 1] * len(chunks)  # paired by chunk, as mxq eval --reference pairs them
+        diff, se = paired_difference({"chunk_nll": list(results[1]), "chunk_tokens": counts},
+                                     {"chunk_nll": list(results[0]), "chunk_tokens": counts})
+        print(f"{bpw} bpw: trellis / affine perplexity {math.exp(diff):.4f} "
+              f"(95%: {math.exp(diff - Z95 * se):.4f}–{math.exp(diff + Z95 * se):.4f})", flush=True)
 
 
-def hf_model(args, float_dir, names, weight):
+def hf_model(args, float_dir, names):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mxq.runtime.export_hf import export_hf
@@ -271,11 +252,10 @@ def hf_model(args, float_dir, names, weight):
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[0]
     chunks = [ids[i * args.ctx:(i + 1) * args.ctx][None] for i in range(args.chunks)]
     params = dict(model.named_parameters())
-    floats = {n: n for n in names if n in params}
     missing = [n for n in names if n not in params]
     if missing:
         raise SystemExit(f"the export has no parameter {missing[0]!r}")
-    return model, chunks, params, floats
+    return model, chunks, params
 
 
 if __name__ == "__main__":
