@@ -150,6 +150,7 @@ def inspect(file, as_json, tensors, context, batch, plot_path):
     click.echo(f"\ntensors: {totals['tensors']}, parameters: {totals['parameters']:,}")
     rows = f", rows tensors {totals['bpw_rows']:.4f}" if any(t["scheme"] == "rows" for t in report["tensors"]) else ""
     rows += f", vq tensors {totals['bpw_vq']:.4f}" if any(t["scheme"] == "vq" for t in report["tensors"]) else ""
+    rows += f", trellis tensors {totals['bpw_trellis']:.4f}" if any(t["scheme"] == "trellis" for t in report["tensors"]) else ""
     click.echo(f"bits per weight: decoder linears {totals['bpw_linear']:.4f}, affine tensors "
                f"{totals['bpw_affine']:.4f}{rows}, all tensors {totals['bpw_all']:.4f}")
     click.echo("linear configs: " + ", ".join(f"{k}×{v}" for k, v in totals["linear_configs"].items()))

@@ -29,11 +29,14 @@ PRESETS = {
     "vq": [f"v{b}d{d}g{g}" for b, d in ((2, 4), (3, 2)) for g in GROUP_SIZES],
     # vq with codebooks shared by the file (SPEC.md §12.4): 2 bits in 4-D (256 points), 3 bits in 4-D (4096)
     "vqs": [f"v{b}d4g{g}s" for b in (2, 3) for g in GROUP_SIZES],
+    # trellis-coded quantization (SPEC.md §13): K = 2–5 bits per weight through a 12-bit window, a scale per 64
+    "trellis": [f"t{k}g64" for k in (2, 3, 4, 5)],
 }
 PRESETS["all+lut"] = PRESETS["all"] + PRESETS["lut"]
 PRESETS["all+vq"] = PRESETS["all"] + PRESETS["vq"]
 PRESETS["all+vqs"] = PRESETS["all"] + PRESETS["vqs"]
 PRESETS["all+vq+vqs"] = PRESETS["all+vq"] + PRESETS["vqs"]  # the smallest files measured (2.5 bpw: README)
+PRESETS["all+trellis"] = PRESETS["all"] + PRESETS["trellis"]
 
 
 def parse_candidates(text: str) -> list[Candidate]:

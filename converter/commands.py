@@ -78,8 +78,10 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "space; 'all': every affine bit width and group size, and b4/b5 × g32/g64 with 6-bit metadata "
                    "too; 'lut': l2–l5 per channel and per 4 and 16 channels; 'vq': v2d4 and v3d2 × g32/64/128, "
                    "vector quantization with a codebook per matrix; 'vqs': v2d4 and v3d4 × g32/64/128 with codebooks "
-                   "shared by the file; files with vq blocks decode slower on CPU: about half as fast with 'vqs', "
-                   "several times slower with 'vq' — README, Quality).")
+                   "shared by the file; 'trellis': t2–t5 g64, trellis-coded rows through the file's table for each "
+                   "K; files with vq blocks decode slower on CPU: about half as fast with 'vqs', "
+                   "several times slower with 'vq', and trellis blocks slower still (a table lookup per weight; "
+                   "conversion runs a Viterbi search per row, minutes per million weights) — README, Quality).")
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
               show_default=True,
               help="Split each decoder linear into this many blocks of output channels, sorted by importance "

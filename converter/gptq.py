@@ -367,7 +367,10 @@ def compensated_blobs(weight: torch.Tensor, hessian: torch.Tensor, config: Stora
                       outlier_mode: str = "magnitude", act_order: bool = ACT_ORDER, damp: float = DAMP,
                       codebooks: dict | None = None):
     """The blobs of an affine, lut or vq `config` for W with GPTQ rounding, and what they decode to (out, in)
-    float32. codebooks: the file's shared vq codebooks (quantize)."""
+    float32 (a trellis config: its own walk, uncompensated: _walked). codebooks: the file's shared vq codebooks
+    and trellis tables (quantize)."""
+    if config.scheme == "trellis":
+        return _walked(weight, config, importance, codebooks)
     return _rounded(weight, hessian, [_Grid(weight, config, importance, outlier_mode, codebooks)], act_order,
                     damp)[0]
 
@@ -377,13 +380,19 @@ def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: Storag
                      order: np.ndarray | None = None, codebooks: dict | None = None):
     """compensated_blobs for a `rows` config (converter/row_blocks.py): GPTQ's rows are independent
     given the Hessian, so the rows of every quantized block (each on its own config's levels) are
-    rounded together, in one pass; fp16 blocks are stored as they are. `order`: the rows' split
+    rounded together, in one pass; fp16 blocks are stored as they are, trellis blocks walked (_walked). `order`:
+    the rows' split
     (None: row_order of weight and importance, as measure() split them)."""
     order = row_order(weight, importance) if order is None else order
     split = RowSplit(order, config.row_counts)
     blocks = {}  # block -> its rows of W and its grid
+    walked = {}  # trellis blocks: their own walks (_walked), beside GPTQ's rows
     for b, (_, block_config) in enumerate(config.blocks):
-        if block_config.scheme != "fp16":
+        if block_config.scheme == "trellis":
+            rows = torch.from_numpy(split.rows(b))
+            walked[b] = rows, _walked(weight[rows], block_config, importance[rows] if importance is not None else None,
+                                      codebooks)
+        elif block_config.scheme != "fp16":
             rows = torch.from_numpy(split.rows(b))
             blocks[b] = rows, _Grid(weight[rows], block_config, importance[rows] if importance is not None else None,
                                     outlier_mode, codebooks)
@@ -394,6 +403,8 @@ def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: Storag
         rounded = _rounded(weight[rows], hessian, [grid for _, grid in blocks.values()], act_order, damp)
         for (b, (block_rows, _)), (blobs, block_stored) in zip(blocks.items(), rounded):
             parts[b], stored[block_rows] = blobs, block_stored
+    for b, (block_rows, (blobs, block_stored)) in walked.items():
+        parts[b], stored[block_rows] = blobs, block_stored
 
     numbers = iter(range(len(config.blocks)))  # quantize_rows asks for the blocks in order
 
@@ -402,6 +413,14 @@ def compensated_rows(weight: torch.Tensor, hessian: torch.Tensor, config: Storag
         return parts[b] if b in parts else {"data": w.to(torch.float16).numpy()}
 
     return quantize_rows(weight, config, importance, order, block), stored
+
+
+def _walked(weight: torch.Tensor, config: StorageConfig, importance, codebooks: dict | None):
+    """(blobs, what they decode to (out, in) float32) of a trellis config: a walk per row has no column-by-column
+    rounding for GPTQ to compensate, so the rows are coded as `quantize` codes them (converter/trellis.py); the
+    layer's later inputs still see the stored weights."""
+    result = quantize(weight, config, SCALES, importance=importance, codebooks=codebooks)
+    return result.blobs, weight.to(torch.float32) - result.residual
 
 
 class _Hessians:

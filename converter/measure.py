@@ -250,8 +250,8 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     runner(function, jobs) yields (index into jobs, function(job)) in any order: the per-matrix work
     (default: here, in order; converter/cluster.py runs it as cluster tasks).
     row_blocks: split each matrix into this many row blocks (row_blocks.py), each an allocation unit.
-    codebooks: the file's shared vq codebooks (converter/shared_codebooks.py; their digest keys the errors of
-    the candidates that use them)."""
+    codebooks: the file's shared vq codebooks and trellis tables (converter/shared_codebooks.py; their digest
+    keys the errors of the candidates that use them)."""
     linears = checkpoint.linears if tensors is None else list(tensors)
     names = [t.name for t in linears]
     row_blocks = blocks_wanted(row_blocks, candidates)
@@ -262,10 +262,11 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
         return names[i] if len(counts[i]) < 2 else f"{names[i]}/rows{row_blocks}v{ORDER_VERSION}/{b}"
 
     numel = np.array([counts[i][b] * linears[i].shape[1] for i, b in units], dtype=np.int64)
-    sampled = [c.scheme in ("affine", "vq") and not c.outlier_percent and sample_every > 1 for c in candidates]
+    sampled = [c.scheme in ("affine", "vq", "trellis") and not c.outlier_percent and sample_every > 1
+               for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
             f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
-            + (f"/codebook-{digest(codebooks, c)}" if c.scheme == "vq" and c.shared else "")
+            + (f"/codebook-{digest(codebooks, c)}" if (c.scheme == "vq" and c.shared) or c.scheme == "trellis" else "")
             + ("/grid8" if c.scheme == "vq" and not c.shared and c.dim == GRID_DIM else "")  # (vq.kmeans_codebook)
             for c, s in zip(candidates, sampled)]
     missing = lambda i, k: any(cache.get(k, entry(i, b)) is None for b in range(len(counts[i])))  # noqa: E731

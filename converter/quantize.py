@@ -17,6 +17,9 @@
         k-means (importance as above, data-free: plain k-means), rounded to fp16 ─► codes = the nearest
         stored level; outliers as above (the `quantizer` knob is affine's: lut has one fit)
 
+    W (out, in) ──trellis──► each row one walk through a trellis of the file's table for its bits, a scale
+        per group (converter/trellis.py; one fit, whatever the `quantizer` knob; no outliers)
+
 `rtn`/`hqq` run in row chunks of ~256K weights so their many elementwise passes stay in cache.
 """
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..format_spec import StorageConfig, build_csr, decode_meta, encode_meta, pa
 from ..format_spec.layout import lut_dims
 from .kernels import lut_kmeans, lut_round, round_groups, wls_scale_zero
 from .options import OUTLIER_MODES, QUANTIZERS
-from .vq import quantize_vq
+from .trellis import quantize_trellis
+from .vq import quantize_vq, shared_points
 
 CHUNK_WEIGHTS = 1 << 18
 ZERO_LIMIT = float(1 << 14)  # |zero point| in quantization steps; fp16 run metadata holds it exactly enough
@@ -142,7 +146,8 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
     rows: None, or sorted row indices (k,): quantize only these rows, exactly as they would be
     quantized in the whole matrix except for the metadata runs they share (and `hqq`'s early stop,
     decided per chunk of rows): a sample to estimate the whole matrix's error from; no outliers.
-    codebooks: {(bits, dim): fp16 points}, the file's shared vq codebooks a `shared` vq config uses.
+    codebooks: {(bits, dim): fp16 points}, the file's shared vq codebooks a `shared` vq config uses, and
+    {(bits, 0): fp16 (4096, 1)} the trellis tables a trellis config uses (converter/shared_codebooks.py).
     """
     if config.scheme == "fp16" and rows is None:
         half = weight.to(torch.float16)
@@ -166,8 +171,12 @@ def quantize(weight: torch.Tensor, config: StorageConfig, quantizer: str = "hqq"
         if rows is not None:
             raise ValueError("a row sample is quantized only to affine and vq configs without outliers")
         return _quantize_lut_with_outliers(weight, config, pack, importance, outlier_mode)
-    if rows is not None and (config.scheme not in ("affine", "vq") or config.outliers):
-        raise ValueError("a row sample is quantized only to affine and vq configs without outliers")
+    if rows is not None and (config.scheme not in ("affine", "vq", "trellis") or config.outliers):
+        raise ValueError("a row sample is quantized only to affine, vq and trellis configs without outliers")
+    if config.scheme == "trellis":  # converter/trellis.py; its table is the file's (codebooks[(bits, 0)])
+        blobs, row_sq, row_weighted, residual = quantize_trellis(
+            weight, config, shared_points(codebooks, config), pack, importance, rows, _importance_floor(importance))
+        return Quantized(blobs, sum64(row_sq), sum64(row_weighted), residual, row_weighted, row_sq)
     if config.scheme == "vq":
         return _quantize_vq_with_outliers(weight, config, pack, importance, outlier_mode, rows, codebooks)
     if rows is not None:

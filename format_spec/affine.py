@@ -16,6 +16,7 @@ import numpy as np
 
 from .layout import META_ARRAYS, META_GROUP_SIZE, StorageConfig, affine_dims, blob_specs, leaves
 from .lut import dequantize_lut
+from .trellis import dequantize_trellis
 from .vq import dequantize_vq
 from .packing import CODES_PER_PACK, pack_codes, unpack_codes
 from .rows import dequantize_rows
@@ -73,6 +74,8 @@ def dequantize(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
         return dequantize_lut(blobs, shape, config)
     if config.scheme == "vq":
         return dequantize_vq(blobs, shape, config)
+    if config.scheme == "trellis":
+        return dequantize_trellis(blobs, shape, config)
     if config.scheme == "rows":
         return dequantize_rows(blobs, shape, config)
     out_features, in_features, n_groups = affine_dims(shape, config.group_size)

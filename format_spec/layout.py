@@ -18,8 +18,8 @@ import numpy as np
 from .header import MINOR_VERSION, WORD_PADDED_VQ_MINOR
 from .packing import CODES_PER_PACK, SUPPORTED_BITS, word_unit
 
-SCHEMES = ("affine", "fp16", "lut", "rows", "vq")
-BLOCK_SCHEMES = ("affine", "fp16", "lut", "vq")  # what a `rows` block may use (no nesting)
+SCHEMES = ("affine", "fp16", "lut", "rows", "trellis", "vq")
+BLOCK_SCHEMES = ("affine", "fp16", "lut", "trellis", "vq")  # what a `rows` block may use (no nesting)
 GROUP_SIZES = (32, 64, 128)
 CODEBOOK_ROWS = (1, 2, 4, 8, 16, 32)  # lut: output channels that share one codebook
 META_BITS = (6, 8)  # scales and zeros are stored as 6- or 8-bit codes ...
@@ -31,22 +31,29 @@ VQ_INDEX_BITS = (4, 6, 8)  # ... which must be one of these (a codebook of 16, 6
 VQ_SHARED_INDEX_BITS = (4, 6, 8, 12)  # ... or of these with a codebook shared by the file (12: 4096 points)
 CODEBOOK_ROLE = "codebook"  # the role of a file's shared vq codebook tensors (shared_codebook_name)
 VQ_META_BITS = 6  # vq: the default width of its scale codes (8 also allowed: v..m8)
-META_ARRAYS = {"affine": ("scale_codes", "zero_codes"), "vq": ("scale_codes",)}  # double-quantized (out, G) codes
+TRELLIS_BITS = (2, 3, 4, 5)  # trellis: bits per weight (K), each weight shifting K new bits into the window ...
+TRELLIS_WINDOW_BITS = 12  # ... of L bits, which indexes the file's table of 2^L levels for K (SPEC.md §13)
+TRELLIS_META_BITS = 6  # trellis: the default width of its scale codes (8 also allowed: t..m8)
+META_ARRAYS = {"affine": ("scale_codes", "zero_codes"), "vq": ("scale_codes",),
+               "trellis": ("scale_codes",)}  # double-quantized (out, G) codes
 
 # The one label grammar of storage configs (CLI --configs, `mxq inspect`, file summaries, docs):
-#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>][s],
-#   optionally +o<count> or +o<percent>%
+#   fp16 | b<bits>g<group>[m<meta bits>] | l<bits>[c<channels>] | v<bits>d<dim>g<group>[m<meta bits>][s]
+#   (each optionally +o<count> or +o<percent>%) | t<bits>g<group>[m<meta bits>]
 LABEL_GRAMMAR = ("fp16; bBgG or bBgGmM (affine: B bits, groups of G inputs, M-bit metadata codes, 6 or 8; "
                  "default 6 for B <= 3, else 8); lB or lBcC (lut: B-bit codebook per "
                  "output channel, or per C channels); vBdDgG or vBdDgGmM (vq: every D consecutive inputs "
                  "share one index into the matrix's codebook of 2^(B·D) D-dimensional points, B·D in 4, 6, 8; "
                  "a signed scale per G inputs in M-bit codes, default 6; a trailing s: the codebook is the file's "
                  "shared one for (B, D), which also allows B·D = 12); "
-                 "each optionally +oN (N outliers) or +oP% (P percent "
+                 "tKgG or tKgGmM (trellis: each weight shifts K bits, K in 2-5, into a 12-bit window that indexes "
+                 "the file's table of 4096 levels for K; a scale per G inputs in M-bit codes, default 6; no outliers); "
+                 "each but trellis optionally +oN (N outliers) or +oP% (P percent "
                  "of the matrix's weights); rows(R:LABEL,R:LABEL,...) (row blocks of R output channels "
                  "each, in a stored row order, with their own configs)")
 _LABEL = re.compile(r"^(?:b(?P<bits>\d+)g(?P<group>\d+)(?:m(?P<meta>\d+))?|l(?P<lbits>\d+)(?:c(?P<rows>\d+))?"
-                    r"|v(?P<vbits>\d+)d(?P<dim>\d+)g(?P<vgroup>\d+)(?:m(?P<vmeta>\d+))?(?P<shared>s)?)"
+                    r"|v(?P<vbits>\d+)d(?P<dim>\d+)g(?P<vgroup>\d+)(?:m(?P<vmeta>\d+))?(?P<shared>s)?"
+                    r"|t(?P<tbits>\d+)g(?P<tgroup>\d+)(?:m(?P<tmeta>\d+))?)"
                     r"(?:\+o(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<count>\d+)))?$")
 
 
@@ -68,7 +75,10 @@ class StorageConfig:
     `vq`: every `dim` consecutive inputs of a row share one (dim·b)-bit index into the tensor's codebook
         of 2^(dim·b) fp16 points of `dim` coordinates; a double-quantized scale per `group_size` inputs;
         `shared`: the codebook is the file's tensor shared_codebook_name(bits, dim), not a blob of its own.
-    The quantized schemes may keep `outliers` fp16 values in CSR.
+    `trellis`: each row is one bit stream; weight c reads the 12-bit window at bit c·b, which indexes the
+        file's table of 4096 fp16 levels for b (trellis_table_name), times a double-quantized scale per
+        `group_size` inputs (SPEC.md §13).
+    The quantized schemes but trellis may keep `outliers` fp16 values in CSR.
     `rows`: row blocks in a stored row order, each block (row count, one of the configs above).
     A config made from a label with
     `+oP%` carries `outlier_percent` instead: a spec for any matrix, which `storage(shape)` turns into
@@ -90,6 +100,8 @@ class StorageConfig:
             object.__setattr__(self, "meta_bits", default_meta_bits(self.bits))
         if self.scheme == "vq" and self.meta_bits == 0:
             object.__setattr__(self, "meta_bits", VQ_META_BITS)
+        if self.scheme == "trellis" and self.meta_bits == 0:
+            object.__setattr__(self, "meta_bits", TRELLIS_META_BITS)
         if self.scheme not in META_ARRAYS and self.meta_bits:
             raise ValueError(f"{self.scheme} takes no metadata bits")
         if self.scheme != "vq" and (self.dim or self.shared):
@@ -125,6 +137,16 @@ class StorageConfig:
                 raise ValueError(f"vq group size must be one of {GROUP_SIZES}, got {self.group_size}")
             if self.meta_bits not in META_BITS:
                 raise ValueError(f"vq metadata bits must be one of {META_BITS}, got {self.meta_bits}")
+        elif self.scheme == "trellis":
+            if self.bits not in TRELLIS_BITS:
+                raise ValueError(f"trellis needs bits in {TRELLIS_BITS}, got {self.bits}")
+            if self.codebook_rows or self.outliers or self.outlier_percent:
+                raise ValueError("trellis takes no codebook_rows or outliers")
+            if self.group_size not in GROUP_SIZES:
+                raise ValueError(f"trellis group size must be one of {GROUP_SIZES}, got {self.group_size}")
+            if self.meta_bits not in META_BITS:
+                raise ValueError(f"trellis metadata bits must be one of {META_BITS}, got {self.meta_bits}")
+            return
         elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.scheme == "affine" and (self.group_size not in GROUP_SIZES or self.codebook_rows):
@@ -156,6 +178,11 @@ class StorageConfig:
            shared: bool = False) -> "StorageConfig":
         """meta_bits 0: VQ_META_BITS."""
         return StorageConfig("vq", bits, group_size, outliers, meta_bits=meta_bits, dim=dim, shared=shared)
+
+    @staticmethod
+    def trellis(bits: int, group_size: int, meta_bits: int = 0) -> "StorageConfig":
+        """meta_bits 0: TRELLIS_META_BITS."""
+        return StorageConfig("trellis", bits, group_size, meta_bits=meta_bits)
 
     @property
     def index_bits(self) -> int:
@@ -194,6 +221,10 @@ class StorageConfig:
         if match["bits"] is not None:
             return StorageConfig("affine", int(match["bits"]), int(match["group"]), outliers, percent,
                                  meta_bits=int(match["meta"] or 0))
+        if match["tbits"] is not None:
+            if match["count"] or match["percent"]:
+                raise ValueError(f"config label {label!r}: trellis takes no outliers")
+            return StorageConfig("trellis", int(match["tbits"]), int(match["tgroup"]), meta_bits=int(match["tmeta"] or 0))
         if match["vbits"] is not None:
             return StorageConfig("vq", int(match["vbits"]), int(match["vgroup"]), outliers, percent,
                                  meta_bits=int(match["vmeta"] or 0), dim=int(match["dim"]),
@@ -214,6 +245,8 @@ class StorageConfig:
             base = f"v{self.bits}d{self.dim}g{self.group_size}"
             base += f"m{self.meta_bits}" if self.meta_bits != VQ_META_BITS else ""
             base += "s" if self.shared else ""
+        elif self.scheme == "trellis":
+            return f"t{self.bits}g{self.group_size}" + (f"m{self.meta_bits}" if self.meta_bits != TRELLIS_META_BITS else "")
         else:
             base = f"l{self.bits}" + (f"c{self.codebook_rows}" if self.codebook_rows > 1 else "")
         if self.outlier_percent:
@@ -242,6 +275,9 @@ class StorageConfig:
                                for count, block in self.blocks]}
         if self.scheme == "lut":
             return {"bits": self.bits, "codebook_rows": self.codebook_rows, "outliers": self.outliers}
+        if self.scheme == "trellis":
+            return {"bits": self.bits, "group_size": self.group_size, "meta_bits": self.meta_bits,
+                    "meta_group_size": META_GROUP_SIZE, "window_bits": TRELLIS_WINDOW_BITS}
         if self.scheme == "vq":
             shared = {"shared": True} if self.shared else {}  # written only when true (older readers: 1.6 files)
             return {"bits": self.bits, "dim": self.dim, "group_size": self.group_size, "meta_bits": self.meta_bits,
@@ -280,6 +316,15 @@ def vq_dims(shape, config: "StorageConfig", minor: int = MINOR_VERSION) -> tuple
     n_vectors = math.ceil(in_features / config.dim)
     unit = word_unit(config.index_bits) if minor >= WORD_PADDED_VQ_MINOR else CODES_PER_PACK
     return out_features, in_features, math.ceil(n_vectors / unit) * unit, math.ceil(in_features / config.group_size)
+
+
+def trellis_dims(shape, config: "StorageConfig") -> tuple[int, int, int, int]:
+    """(out_features, in_features, words_per_row, n_groups) of a 2-D trellis tensor: each row's bit stream holds
+    L + (in − 1)·K bits (the first window, then K bits per further weight), padded with 0 bits to whole uint32
+    words; ceil(in / group_size) scales per row (SPEC.md §13)."""
+    out_features, in_features = shape
+    stream_bits = TRELLIS_WINDOW_BITS + (in_features - 1) * config.bits
+    return out_features, in_features, math.ceil(stream_bits / 32), math.ceil(in_features / config.group_size)
 
 
 def meta_codes_spec(out_features: int, n_groups: int, meta_bits: int) -> BlobSpec:
@@ -330,6 +375,15 @@ def blob_specs(shape, config: StorageConfig, minor: int = MINOR_VERSION) -> dict
         }
         if config.shared:  # the file's codebook tensor (shared_codebook_name), resolved by the reader
             del specs["codebook"]
+    elif config.scheme == "trellis":  # its table is the file's tensor trellis_table_name(bits), resolved by the reader
+        out_features, in_features, words_per_row, n_groups = trellis_dims(shape, config)
+        if in_features < 1:
+            raise ValueError("trellis needs at least one input")
+        specs = {
+            "qweight": BlobSpec("uint32", (out_features, words_per_row)),
+            "scale_codes": meta_codes_spec(out_features, n_groups, config.meta_bits),
+            "scale_meta": BlobSpec("float16", (math.ceil(out_features * n_groups / META_GROUP_SIZE), 2)),
+        }
     else:
         out_features, in_features, n_groups = affine_dims(shape, config.group_size)
         words_per_row = n_groups * config.group_size // CODES_PER_PACK * config.bits
@@ -365,10 +419,35 @@ def shared_codebook_name(bits: int, dim: int) -> str:
 
 
 def shared_codebooks(config: StorageConfig) -> set:
-    """{(bits, dim)} of the shared codebooks a config (a `rows` config: its blocks) uses."""
+    """{(bits, dim)} of the shared vq codebooks a config (a `rows` config: its blocks) uses."""
     if config.scheme == "rows":
         return set().union(*(shared_codebooks(block) for _, block in config.blocks))
     return {(config.bits, config.dim)} if config.scheme == "vq" and config.shared else set()
+
+
+def trellis_table_name(bits: int) -> str:
+    """The name of the file tensor (role CODEBOOK_ROLE, fp16 (2^L, 1)) holding the levels every `trellis` tensor
+    or block of `bits` bits per weight indexes (SPEC.md §13)."""
+    return f"codebook.t{bits}"
+
+
+TRELLIS_TABLE_SHAPE = (1 << TRELLIS_WINDOW_BITS, 1)
+
+
+def file_codebook(part: StorageConfig) -> tuple[str, tuple] | None:
+    """(name, shape) of the file's codebook tensor a non-`rows` config reads as its `codebook` blob (a shared
+    vq codebook, a trellis table), or None when it has none in the file."""
+    if part.scheme == "vq" and part.shared:
+        return shared_codebook_name(part.bits, part.dim), codebook_spec(part).shape
+    if part.scheme == "trellis":
+        return trellis_table_name(part.bits), TRELLIS_TABLE_SHAPE
+    return None
+
+
+def file_codebooks(config: StorageConfig) -> dict:
+    """{name: shape} of every file codebook tensor a config (a `rows` config: its blocks) uses."""
+    found = (file_codebook(part) for _, _, part in leaves((0, 0), config))
+    return dict(book for book in found if book)
 
 
 def row_order_dtype(out_features: int) -> str:

@@ -21,7 +21,8 @@ from .affine import loaded_blobs
 from .errors import MxqFormatError
 from .header import HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, MAX_JSON_NBYTES
 from .layout import (BLOCK_SCHEMES, CODEBOOK_ROLE, CODEBOOK_ROWS, GROUP_SIZES, META_BITS, META_GROUP_SIZE, SCHEMES,
-                     StorageConfig, align_up, blob_specs, codebook_spec, leaves, shared_codebook_name)
+                     TRELLIS_WINDOW_BITS,
+                     StorageConfig, align_up, blob_specs, file_codebook, leaves)
 from .packing import SUPPORTED_BITS
 from .rows import content_problem, nonfinite_problem
 from .strict_json import JsonError
@@ -206,23 +207,23 @@ class MxqFile:
         return f
 
     def _check_codebooks(self, check) -> None:
-        """Every shared codebook a tensor (or block) uses is a codebook tensor of the right name, scheme and
-        shape (SPEC.md §12.4); every codebook tensor is fp16."""
+        """Every file codebook a tensor (or block) uses — a shared vq codebook, a trellis table — is a codebook
+        tensor of the right name, scheme and shape (SPEC.md §12.4, §13); every codebook tensor is fp16."""
         for entry in self.codebooks.values():
             if entry.config.scheme != "fp16" or len(entry.shape) != 2:
                 check.fail(f"codebook tensor '{entry.name}': scheme {entry.config.scheme} shape {list(entry.shape)} "
                            "(a codebook is a 2-D fp16 tensor)")
         for entry in self.tensors.values():
             for _, _, part in leaves(entry.shape, entry.config):
-                if not (part.scheme == "vq" and part.shared):
+                if (book := file_codebook(part)) is None:
                     continue
-                name, spec = shared_codebook_name(part.bits, part.dim), codebook_spec(part)
+                name, shape = book
                 codebook = self.codebooks.get(name)
                 if codebook is None:
                     check.fail(f"tensor '{entry.name}': its shared codebook '{name}' is not in the file "
                                f"(a tensor of role '{CODEBOOK_ROLE}')")
-                if tuple(codebook.shape) != spec.shape:
-                    check.fail(f"codebook tensor '{name}': shape {list(codebook.shape)} != {list(spec.shape)}, "
+                if tuple(codebook.shape) != shape:
+                    check.fail(f"codebook tensor '{name}': shape {list(codebook.shape)} != {list(shape)}, "
                                f"which tensor '{entry.name}' needs")
 
     def _blob_ref(self, raw, dtype, shape, where, check) -> BlobRef:
@@ -315,13 +316,27 @@ class MxqFile:
         if scheme == "rows":
             return self._rows_config(config_raw, shape, where, check)
         bits = check.get(config_raw, "bits", int, f"{where} config")
-        outliers = check.get(config_raw, "outliers", int, f"{where} config")
+        outliers = check.get(config_raw, "outliers", int, f"{where} config") if scheme != "trellis" else 0
         if scheme == "lut":
             rows = check.get(config_raw, "codebook_rows", int, f"{where} config")
             if bits not in SUPPORTED_BITS or rows not in CODEBOOK_ROWS or outliers < 0:
                 check.fail(f"{where}: config bits={bits} codebook_rows={rows} outliers={outliers} is not supported")
             return StorageConfig.lut(bits, rows, outliers)
         group_size = check.get(config_raw, "group_size", int, f"{where} config")
+        if scheme == "trellis":
+            meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
+            fields = (bits, group_size, meta_bits, check.get(config_raw, "meta_group_size", int, f"{where} config"),
+                      check.get(config_raw, "window_bits", int, f"{where} config"))
+            config = None
+            if fields[3:] == (META_GROUP_SIZE, TRELLIS_WINDOW_BITS) and meta_bits:
+                try:
+                    config = StorageConfig.trellis(bits, group_size, meta_bits)  # layout.py's rules
+                except ValueError:
+                    pass
+            if config is None:
+                check.fail(f"{where}: config bits={bits} group_size={group_size} meta_bits={meta_bits} "
+                           f"meta_group_size={fields[3]} window_bits={fields[4]} is not supported")
+            return config
         if scheme == "vq":
             dim = check.get(config_raw, "dim", int, f"{where} config")
             meta_bits = check.get(config_raw, "meta_bits", int, f"{where} config")
@@ -385,8 +400,9 @@ class MxqFile:
 
     def blobs(self, name: str) -> dict:
         """All blobs of tensor `name` (a model tensor or a codebook) as zero-copy views, keyed by blob name; a
-        `vq` tensor (or block) with a shared codebook gets it as its `codebook` (`i.codebook`) blob, a view of
-        the codebook tensor's bytes, so that every consumer sees the blobs of SPEC.md §5's per-tensor form."""
+        `vq` tensor (or block) with a shared codebook, and a `trellis` one, gets the file's codebook tensor as its
+        `codebook` (`i.codebook`) blob, a view of that tensor's bytes, so that every consumer sees the blobs of
+        SPEC.md §5's per-tensor form."""
         entry = self.tensors[name] if name in self.tensors else self.codebooks[name]
         views = {blob_name: self.view(ref) for blob_name, ref in entry.blobs.items()}
         loaded = loaded_blobs(views, entry.shape, entry.config)
@@ -394,9 +410,8 @@ class MxqFile:
             if array is not views[blob_name]:  # unpacked 6-bit metadata codes: the packed bytes are done with
                 self._release(entry.blobs[blob_name])
         for prefix, _, part in leaves(entry.shape, entry.config):
-            if part.scheme == "vq" and part.shared:
-                loaded[prefix + "codebook"] = self.view(self.codebooks[shared_codebook_name(part.bits, part.dim)]
-                                                        .blobs["data"])
+            if (book := file_codebook(part)) is not None:
+                loaded[prefix + "codebook"] = self.view(self.codebooks[book[0]].blobs["data"])
         return loaded
 
     def release_all(self) -> None:

@@ -32,6 +32,7 @@ def summarize(f: MxqFile) -> dict:
     affine = [e for e in entries if e.config.scheme == "affine"]
     lut = [e for e in entries if e.config.scheme == "lut"]
     vq = [e for e in entries if e.config.scheme == "vq"]
+    trellis = [e for e in entries if e.config.scheme == "trellis"]
     rows = [e for e in entries if e.config.scheme == "rows"]
     by_label: dict[str, int] = {}  # linears by config without outliers; a rows tensor as rows×k
     by_block: dict[str, int] = {}  # the blocks of rows linears, by config without outliers
@@ -41,7 +42,7 @@ def summarize(f: MxqFile) -> dict:
         by_label[key] = by_label.get(key, 0) + 1
         for _, block in config.blocks:
             by_block[block.label.split("+")[0]] = by_block.get(block.label.split("+")[0], 0) + 1
-    codebooks = list(f.codebooks.values())  # shared vq codebooks (SPEC.md §12.4): bytes of the linears that use them
+    codebooks = list(f.codebooks.values())  # shared vq codebooks, trellis tables (SPEC.md §12.4, §13): linears' bytes
     codebook_bytes = sum(e.nbytes for e in codebooks)
     tensor_bytes = sum(e.nbytes for e in entries) + codebook_bytes
     return {
@@ -67,6 +68,7 @@ def summarize(f: MxqFile) -> dict:
             "bpw_affine": round(bits_per_weight(affine), 6),
             "bpw_lut": round(bits_per_weight(lut), 6),
             "bpw_vq": round(bits_per_weight(vq), 6),
+            "bpw_trellis": round(bits_per_weight(trellis), 6),
             "bpw_rows": round(bits_per_weight(rows), 6),
             "bpw_all": round(bits_per_weight(entries), 6),
             "linear_configs": dict(sorted(by_label.items())),

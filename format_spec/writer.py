@@ -27,8 +27,7 @@ import numpy as np
 
 from .affine import check_blobs, stored_blobs
 from .header import DEFAULT_ALIGNMENT, HEADER_NBYTES, HEADER_STRUCT, MAGIC, MAJOR_VERSION, minor_version
-from .layout import (CODEBOOK_ROLE, StorageConfig, align_up, blob_specs, codebook_spec, shared_codebook_name,
-                     shared_codebooks)
+from .layout import CODEBOOK_ROLE, StorageConfig, align_up, blob_specs, file_codebooks
 from .rows import row_order_problem
 from . import tokenizer_blob
 from .tokenizer_schema import check_tokenizer
@@ -188,11 +187,9 @@ class MxqWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in plan")
         plans = {plan.name: plan for plan in self.tensors}
-        for plan in self.tensors:  # every shared codebook a config uses is planned (SPEC.md §12.4)
-            for bits, dim in sorted(shared_codebooks(plan.config)):
-                name = shared_codebook_name(bits, dim)
+        for plan in self.tensors:  # every file codebook a config uses is planned (SPEC.md §12.4, §13)
+            for name, shape in sorted(file_codebooks(plan.config).items()):
                 book = plans.get(name)
-                shape = codebook_spec(StorageConfig.vq(bits, dim, 32, shared=True)).shape
                 if book is None or book.role != CODEBOOK_ROLE or book.config.scheme != "fp16" or \
                         tuple(book.shape) != shape:
                     raise ValueError(f"tensor {plan.name!r} uses the shared codebook {name!r}: plan it as an fp16 "

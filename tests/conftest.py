@@ -12,7 +12,8 @@ import pytest
 
 from mxq.format_spec import (MINOR_VERSION, MxqWriter, StorageConfig, TensorPlan, blob_specs, build_csr, encode_meta,
                               pack_codes)
-from mxq.format_spec.layout import CODEBOOK_ROLE, leaves, shared_codebook_name, shared_codebooks, vq_dims
+from mxq.format_spec.layout import CODEBOOK_ROLE, file_codebooks, leaves, vq_dims
+from mxq.format_spec.trellis import pack_windows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,6 +102,32 @@ def random_vq_blobs(rng, shape, config: StorageConfig, minor: int = MINOR_VERSIO
     return blobs
 
 
+def random_walks(rng, shape, bits: int) -> np.ndarray:
+    """(out, in) int64 windows of random walks through the trellis of `bits` bits per weight (SPEC.md §13)."""
+    out_features, in_features = shape
+    windows = np.empty(shape, np.int64)
+    windows[:, 0] = rng.integers(0, 4096, out_features)
+    heads = rng.integers(0, 1 << bits, shape) << (12 - bits)
+    for c in range(1, in_features):
+        windows[:, c] = (windows[:, c - 1] >> bits) | heads[:, c]
+    return windows
+
+
+def random_trellis_blobs(rng, shape, config: StorageConfig) -> dict:
+    """Valid blobs for a trellis tensor (in-memory form: scale codes uint8 (out, G)): random walks, the file's
+    table for its bits (trellis_table) as its `codebook` blob, positive scales."""
+    out_features, in_features = shape
+    n_groups = -(-in_features // config.group_size)
+    scale_codes, scale_meta = encode_meta(rng.uniform(0.005, 0.03, (out_features, n_groups)), config.meta_bits)
+    return {"qweight": pack_windows(random_walks(rng, shape, config.bits), config.bits),
+            "codebook": trellis_table(config.bits), "scale_codes": scale_codes, "scale_meta": scale_meta}
+
+
+def trellis_table(bits: int) -> np.ndarray:
+    """The random fp16 table (4096, 1) every test file uses for trellis tensors of `bits` bits per weight."""
+    return np.random.default_rng(7000 + bits).standard_normal((4096, 1)).astype(np.float16)
+
+
 def shared_codebook(config: StorageConfig) -> np.ndarray:
     """The random fp16 codebook every test file uses as its shared one for config's (bits, dim): one per (bits,
     dim), the same in every tensor (what the reader hands each shared tensor as its `codebook` blob)."""
@@ -109,27 +136,27 @@ def shared_codebook(config: StorageConfig) -> np.ndarray:
 
 
 def file_plans_and_blobs(plans, blobs_of):
-    """The writer's view of test tensors: `plans` [TensorPlan] plus a codebook tensor (SPEC §12.4) for each shared
-    codebook they use, and {name: blobs to write}: blobs_of(name) without the shared `codebook` blobs (which the
-    reader puts back)."""
-    needed = sorted(set().union(*(shared_codebooks(plan.config) for plan in plans)))
-    books = [TensorPlan(shared_codebook_name(b, d), (1 << b * d, d), StorageConfig.fp16(), CODEBOOK_ROLE) for b, d in needed]
-    stored = {}
+    """The writer's view of test tensors: `plans` [TensorPlan] plus a codebook tensor (SPEC §12.4, §13) for each
+    file codebook they use (shared vq codebooks, trellis tables), and {name: blobs to write}: blobs_of(name)
+    without those `codebook` blobs (which the reader puts back)."""
+    needed, stored = {}, {}
     for plan in plans:
         blobs = dict(blobs_of(plan.name))
         for prefix, _, part in leaves(plan.shape, plan.config):
-            if part.scheme == "vq" and part.shared:
-                del blobs[prefix + "codebook"]
+            if (name_shape := file_codebooks(part)):
+                ((name, _),) = name_shape.items()
+                needed[name] = blobs.pop(prefix + "codebook")
         stored[plan.name] = blobs
-    for (b, d), book in zip(needed, books):
-        stored[book.name] = {"data": shared_codebook(StorageConfig.vq(b, d, 32, shared=True))}
+    books = [TensorPlan(name, book.shape, StorageConfig.fp16(), CODEBOOK_ROLE) for name, book in sorted(needed.items())]
+    stored.update({name: {"data": book} for name, book in needed.items()})
     return plans + books, stored
 
 
 def random_blobs(rng, shape, config: StorageConfig) -> dict:
     if config.scheme == "fp16":
         return {"data": rng.standard_normal(shape).astype(np.float16)}
-    make = {"lut": random_lut_blobs, "vq": random_vq_blobs}.get(config.scheme, random_affine_blobs)
+    make = {"lut": random_lut_blobs, "vq": random_vq_blobs, "trellis": random_trellis_blobs}.get(config.scheme,
+                                                                                               random_affine_blobs)
     return make(rng, shape, config)
 
 

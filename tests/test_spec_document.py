@@ -300,8 +300,9 @@ def test_spec_text_agrees_with_the_code():
     from mxq.format_spec import BLOCK_SCHEMES, GROUP_SIZES, META_BITS, MINOR_VERSION, SCHEMES, StorageConfig
     from mxq.format_spec.header import SCHEME_MINOR, SHARED_CODEBOOK_MINOR, WORD_PADDED_VQ_MINOR
     from mxq.format_spec.packing import word_unit
-    from mxq.format_spec.layout import (CODEBOOK_ROLE, VQ_BITS, VQ_DIMS, VQ_INDEX_BITS, VQ_SHARED_INDEX_BITS,
-                                        shared_codebook_name)
+    from mxq.format_spec.layout import (CODEBOOK_ROLE, TRELLIS_BITS, TRELLIS_TABLE_SHAPE, TRELLIS_WINDOW_BITS, VQ_BITS,
+                                        VQ_DIMS, VQ_INDEX_BITS, VQ_SHARED_INDEX_BITS, shared_codebook_name,
+                                        trellis_table_name)
 
     text = (REPO / "format_spec" / "SPEC.md").read_text(encoding="utf-8")
     flat = " ".join(text.split())  # sentences broken across lines read as one
@@ -335,3 +336,10 @@ def test_spec_text_agrees_with_the_code():
     assert {(b, d) for b, d in itertools.product(VQ_BITS, VQ_DIMS) if b * d in VQ_SHARED_INDEX_BITS} == pairs | {shared_pair}
     assert shared_codebook_name(3, 4) in flat and f"`{CODEBOOK_ROLE}`" in flat
     assert f"g ∈ {{{', '.join(map(str, GROUP_SIZES))}}}, m ∈ {{{', '.join(map(str, sorted(META_BITS)))}}}" in vq
+    trellis = flat[flat.index("## 13. The `trellis` scheme"):]
+    keys = re.search(r"config`: \{(.*?)\}", trellis)[1]
+    assert re.findall(r'"(\w+)"', keys) == list(StorageConfig.trellis(4, 64).to_json())
+    assert f'"window_bits": {TRELLIS_WINDOW_BITS}' in trellis and f"L = {TRELLIS_WINDOW_BITS}" in trellis
+    assert f"K ∈ {{{', '.join(map(str, TRELLIS_BITS))}}}, g ∈ {{{', '.join(map(str, GROUP_SIZES))}}}" in trellis
+    assert f"`{trellis_table_name(4)}`" in trellis and str(list(TRELLIS_TABLE_SHAPE)).replace("[", "(").replace("]", ")") in trellis
+    assert f"{SCHEME_MINOR['trellis']} when a tensor or a `rows` block uses `trellis`" in flat

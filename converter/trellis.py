@@ -1,0 +1,155 @@
+"""The `trellis` scheme's quantizer (SPEC.md §13): each row one walk through a trellis, and the file's tables.
+
+    W (out, in), importance F (+ a tiny floor; none: 1) ──groups of g──► initial scales s₀ = weighted rms / table rms
+        ├─ PASSES × { windows = Viterbi: the walk (one window per weight, each shifting K new bits into the
+        │                       12-bit window) of least Σ F·(w − s·table[window])² along the row (viterbi)
+        │             scales  = weighted least squares Σ F·w·t / Σ F·t² per group (t = table[window]),
+        │                       double-quantized to the config's metadata codes and decoded }
+        └─ errors ‖W − Ŵ‖² of what is stored (float32, as the dequantizer computes s·table[window])
+
+Rows are coded independently, so quantizing a sample of rows gives exactly those rows of the whole matrix's
+quantization (but for the metadata runs they share, as affine and vq): measure.py estimates a trellis config's
+error from a row sample as it does the others'.
+
+The table for K (4096 fp16 levels of unit rms, one per file and K, SPEC.md §13) is fitted before measurement
+(fit_table; converter/shared_codebooks.py caches it and stores it as the file's codebook tensor): from a Gaussian
+start (QTIP's), TABLE_PASSES weighted Lloyd passes over TABLE_FIT_WEIGHTS weights in whole rows evenly spread over
+every decoder linear, each level the importance-weighted mean of what it decodes (w / s over the weights whose
+window is that level). Deterministic: a function of the weights and importance (sums in a fixed order).
+
+Cost: the Viterbi visits 2^12 states per weight (~6 µs a weight per pass on one core), so a trellis candidate
+takes ~100× an affine one's time to measure; measure.py samples rows (1 in 8) as for affine.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from ..format_spec import StorageConfig, decode_meta, encode_meta
+from ..format_spec.layout import TRELLIS_WINDOW_BITS
+from ..format_spec.trellis import pack_windows
+
+PASSES = 2  # rounds of (Viterbi, least-squares scales) per matrix
+TABLE_FIT_WEIGHTS = 1 << 21  # weights the tables are fitted on, in whole rows spread over the linears
+TABLE_PASSES = 4  # Lloyd passes of a table fit
+TABLE_SEED = 0  # the Gaussian start
+
+
+@numba.njit(cache=True)
+def _viterbi_row(w, f, s, table, bits, out):
+    """out (n,) int32: the windows of least Σ f·(w − s·table[window])² along one row (w, f, s (n,) float64)."""
+    n, states, heads = len(w), 1 << TRELLIS_WINDOW_BITS, 1 << bits
+    tail_bits = TRELLIS_WINDOW_BITS - bits
+    tails = 1 << tail_bits  # a window's low L−K bits are its predecessor's high ones
+    cost = np.empty(states)
+    best_tail = np.empty(tails)
+    back = np.empty((n, tails), np.int16)  # the predecessor's low K bits, per (step, tail)
+    for state in range(states):
+        d = w[0] - s[0] * table[state]
+        cost[state] = f[0] * d * d
+    for t in range(1, n):
+        for tail in range(tails):  # the predecessors of the windows with this tail: tail << K | low
+            best, best_low = np.inf, 0
+            base = tail << bits
+            for low in range(heads):
+                c = cost[base | low]
+                if c < best:
+                    best, best_low = c, low
+            best_tail[tail] = best
+            back[t, tail] = best_low
+        for state in range(states):
+            d = w[t] - s[t] * table[state]
+            cost[state] = best_tail[state & (tails - 1)] + f[t] * d * d
+    state = np.argmin(cost)
+    out[n - 1] = state
+    for t in range(n - 1, 0, -1):
+        tail = state & (tails - 1)
+        state = (tail << bits) | back[t, tail]
+        out[t - 1] = state
+
+
+@numba.njit(parallel=True, cache=True)
+def viterbi(w, f, s, table, bits):
+    """(rows, n) int32 windows of each row's best walk; w, f, s (rows, n) float64 (s: each weight's scale)."""
+    out = np.empty(w.shape, np.int32)
+    for r in numba.prange(w.shape[0]):
+        _viterbi_row(w[r], f[r], s[r], table, bits, out[r])
+    return out
+
+
+def _group_sums(values: np.ndarray, group_size: int) -> np.ndarray:
+    """(rows, n) → (rows, G): sums over groups of group_size columns (the last one may be short)."""
+    return np.add.reduceat(values, np.arange(0, values.shape[1], group_size), axis=1)
+
+
+def _fitted_scales(w, f, levels, group_size: int, meta_bits: int):
+    """(codes uint8 (rows, G), meta fp16, decoded float32 (rows, G)): weighted least-squares scales of
+    w ≈ s·levels per group, ≥ 0, double-quantized (format_spec.encode_meta)."""
+    num, den = _group_sums(f * w * levels, group_size), _group_sums(f * levels * levels, group_size)
+    scales = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).clip(min=0.0)
+    codes, meta = encode_meta(scales.astype(np.float32), meta_bits)
+    return codes, meta, decode_meta(codes, meta)
+
+
+def walk(w: np.ndarray, f: np.ndarray, table: np.ndarray, config: StorageConfig):
+    """(windows int32 (rows, n), scale codes, scale meta, decoded scales float32 (rows, G)) of rows w (rows, n)
+    float64 with positive weights f, table (4096,) float64 (the stored fp16 values): the module doc's passes."""
+    g = config.group_size
+    rms = math.sqrt(float(np.mean(table ** 2))) or 1.0
+    scales = np.sqrt(_group_sums(f * w * w, g) / _group_sums(f, g)) / rms  # (rows, G)
+    for _ in range(PASSES):
+        windows = viterbi(w, f, np.repeat(scales, g, axis=1)[:, :w.shape[1]].astype(np.float64), table, config.bits)
+        codes, meta, scales = _fitted_scales(w, f, table[windows], g, config.meta_bits)
+    return windows, codes, meta, scales
+
+
+def quantize_trellis(weight: torch.Tensor, config: StorageConfig, table: np.ndarray, pack: bool = True,
+                     importance: torch.Tensor | None = None, rows: torch.Tensor | None = None, floor: float = 0.0):
+    """(blobs, row_sq, row_weighted, residual (out, in)) of W (out, in) float32 at a trellis `config` with the
+    file's table for its bits (fp16 (4096, 1)): the module doc's passes. rows: only these rows (a sample).
+    floor: added to the importance. blobs (pack): qweight and the scale codes (in memory form) — the table is
+    the file's codebook tensor, not a blob of the tensor."""
+    w = weight.numpy().astype(np.float64)
+    f = importance.numpy().astype(np.float64) + floor if importance is not None else np.ones_like(w)
+    if rows is not None:
+        w, f = w[rows.numpy()], f[rows.numpy()]
+    f = np.maximum(f, 1e-30)  # every weight counts a little: a walk needs a defined cost everywhere
+    levels = np.asarray(table, dtype=np.float32).reshape(-1)  # (4096,) as the dequantizer widens it
+    windows, codes, meta, scales = walk(w, f, levels.astype(np.float64), config)
+    stored = np.repeat(scales, config.group_size, axis=1)[:, :w.shape[1]] * levels[windows]  # float32 (out, in)
+    residual = w.astype(np.float32) - stored
+    row_sq = torch.from_numpy(np.square(residual, dtype=np.float64).sum(1))
+    weighted = importance is not None
+    row_weighted = torch.from_numpy((f * np.square(residual, dtype=np.float64)).sum(1)) if weighted else row_sq
+    blobs = {"qweight": pack_windows(windows, config.bits), "scale_codes": codes, "scale_meta": meta} if pack else {}
+    return blobs, row_sq, row_weighted, torch.from_numpy(residual)
+
+
+def table_rows(weight: np.ndarray, importance: np.ndarray | None, count: int):
+    """(w, f) float64 (k, in): `count` rows evenly spread over W (at least 1, at most all), with their importance
+    (none: 1) — a table fit's sample of one matrix."""
+    picks = np.unique(np.linspace(0, len(weight) - 1, max(1, min(count, len(weight)))).round().astype(np.int64))
+    w = weight[picks].astype(np.float64)
+    f = importance[picks].astype(np.float64) if importance is not None else np.ones_like(w)
+    return w, np.maximum(f, 1e-30)
+
+
+def fit_table(samples: list, bits: int, progress=None) -> np.ndarray:
+    """The fp16 table (4096, 1) for `bits` bits per weight, fitted to samples [(w, f) (k, in)] (module doc)."""
+    config = StorageConfig.trellis(bits, 64)  # scales per 64 weights while fitting (the presets' group size)
+    table = np.random.default_rng(TABLE_SEED).standard_normal(1 << TRELLIS_WINDOW_BITS)
+    for _ in range(TABLE_PASSES):
+        num, den = np.zeros_like(table), np.zeros_like(table)
+        for w, f in samples:
+            windows, _, _, scales = walk(w, f, table.astype(np.float16).astype(np.float64), config)
+            s = np.repeat(scales, config.group_size, axis=1)[:, :w.shape[1]].astype(np.float64)
+            np.add.at(num, windows.ravel(), (f * s * w).ravel())
+            np.add.at(den, windows.ravel(), (f * s * s).ravel())
+        table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)
+        table /= math.sqrt(float(np.mean(table ** 2))) or 1.0
+        if progress:
+            progress(1)
+    return table.astype(np.float16).reshape(-1, 1)

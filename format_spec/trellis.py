@@ -1,0 +1,72 @@
+"""The `trellis` scheme's reference codec (SPEC.md §13): trellis-coded quantization (QTIP's bitshift trellis,
+Tseng et al. 2024) with a table of levels shared by the file.
+
+Each row of a (out, in) matrix is one bit stream, read least significant bit first: uint32 word j of the row
+holds stream bits 32j … 32j + 31, bit 0 of the word first. Weight c of the row reads the L-bit window at stream
+bit c·K (L = 12; K = the config's bits, 2–5): so consecutive windows overlap in L − K bits, and the stream
+holds L + (in − 1)·K bits, padded with 0 bits to whole words. The window indexes the file's table for K (role
+codebook, fp16 (4096, 1), layout.trellis_table_name), and a double-quantized scale per `group_size` inputs
+(as vq's, SPEC.md §6.2) stretches it:
+
+    window(r, c) = (stream_r >> (c·K)) mod 2^L
+    W[r, c]      = scale[r, c div g] · table[window(r, c)]
+
+This module is the NumPy reference every backend and kernel is tested against, and `pack_windows` is how a
+writer turns a walk through the trellis (the windows of a row) into its stream.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import TRELLIS_WINDOW_BITS, StorageConfig, trellis_dims
+
+WINDOW_MASK = (1 << TRELLIS_WINDOW_BITS) - 1
+
+
+def trellis_windows(qweight: np.ndarray, in_features: int, bits: int) -> np.ndarray:
+    """(out, in) int32: each weight's window, read from the rows' streams (qweight uint32 (out, words))."""
+    words = np.asarray(qweight, dtype=np.uint32).astype(np.uint64)
+    words = np.concatenate([words, np.zeros((words.shape[0], 1), np.uint64)], axis=1)  # a window may end in the last word
+    start = np.arange(in_features, dtype=np.int64) * bits  # (in,) each window's first stream bit
+    word, shift = start >> 5, (start & 31).astype(np.uint64)
+    pair = words[:, word] | (words[:, word + 1] << np.uint64(32))  # (out, in) the 64 stream bits from the word
+    return ((pair >> shift) & np.uint64(WINDOW_MASK)).astype(np.int32)
+
+
+def pack_windows(windows: np.ndarray, bits: int) -> np.ndarray:
+    """qweight uint32 (out, words_per_row) of rows whose walks are `windows` (out, in): window 0's L bits, then
+    the top K bits of each next window. ValueError unless each window continues its predecessor (its low L − K
+    bits are the predecessor's high ones) — a walk through the trellis."""
+    windows = np.asarray(windows, dtype=np.int64)
+    out_features, in_features = windows.shape
+    if windows.size and (windows.min() < 0 or windows.max() > WINDOW_MASK):
+        raise ValueError(f"trellis windows must lie in 0..{WINDOW_MASK}")
+    tail = TRELLIS_WINDOW_BITS - bits
+    if in_features > 1 and np.any((windows[:, 1:] & ((1 << tail) - 1)) != windows[:, :-1] >> bits):
+        raise ValueError("trellis windows do not form a walk (a window's low bits must be its predecessor's high ones)")
+    _, _, words_per_row, _ = trellis_dims(windows.shape, StorageConfig.trellis(bits, 32))
+    # stream bits: window 0's 12, then for c ≥ 1 the K bits window c adds (its top K) at bit L + (c − 1)·K
+    chunks = np.concatenate([windows[:, :1], windows[:, 1:] >> tail], axis=1)  # (out, in) values to place
+    widths = np.concatenate([[TRELLIS_WINDOW_BITS], np.full(in_features - 1, bits)])
+    starts = np.concatenate([[0], TRELLIS_WINDOW_BITS + bits * np.arange(in_features - 1)])
+    positions = starts[:, None] + np.arange(TRELLIS_WINDOW_BITS)[None, :]  # (in, 12) bit positions of each chunk
+    values = (chunks[:, :, None] >> np.arange(TRELLIS_WINDOW_BITS)) & 1  # (out, in, 12)
+    keep = np.arange(TRELLIS_WINDOW_BITS)[None, :] < widths[:, None]  # (in, 12): the chunk's own bits
+    stream = np.zeros((out_features, words_per_row * 32), np.uint8)
+    stream[:, positions[keep]] = values[:, keep]
+    packed = np.packbits(stream.reshape(out_features, words_per_row, 4, 8), axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed.reshape(out_features, words_per_row * 4)).view("<u4").astype(np.uint32)
+
+
+def dequantize_trellis(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
+    """Reference dequantization of one `trellis` tensor → float32 (out, in); its `codebook` blob is the file's
+    table (fp16 (4096, 1), handed over by the reader), its scale codes in their in-memory form (uint8 (out, G),
+    format_spec.affine.loaded_blobs)."""
+    from .affine import decode_meta  # affine's metadata is shared
+
+    out_features, in_features, _, _ = trellis_dims(shape, config)
+    table = np.asarray(blobs["codebook"]).astype(np.float32).reshape(-1)  # (4096,)
+    weight = table[trellis_windows(blobs["qweight"], in_features, config.bits)]  # (out, in)
+    scale = decode_meta(blobs["scale_codes"], blobs["scale_meta"])  # (out, G)
+    weight *= np.repeat(scale, config.group_size, axis=1)[:, :in_features]
+    return np.ascontiguousarray(weight, dtype=np.float32)

@@ -1,0 +1,280 @@
+"""The `trellis` scheme (format 1.9, SPEC.md §13): its stream, labels, cost model and file round trip, hostile
+files, and the converter's quantizer (Viterbi, scales, row samples, tables) and a conversion that picks it."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import file_plans_and_blobs, random_affine_blobs, random_trellis_blobs, random_walks, write_random_file
+from mxq.format_spec import (MxqFile, MxqFormatError, MxqWriter, StorageConfig, TensorPlan, content_problem,
+                              decode_meta, dequantize, join_blocks, tensor_nbytes)
+from mxq.format_spec.layout import TRELLIS_BITS, file_codebooks, trellis_dims
+from mxq.format_spec.trellis import pack_windows, trellis_windows
+
+SHAPES = [(1, 1), (3, 7), (5, 64), (4, 65), (2, 200), (9, 576)]
+
+
+# -- the stream (SPEC.md §13.1) ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", TRELLIS_BITS)
+def test_windows_round_trip_through_the_stream(bits):
+    rng = np.random.default_rng(bits)
+    for shape in SHAPES:
+        walks = random_walks(rng, shape, bits)
+        qweight = pack_windows(walks, bits)
+        assert qweight.shape == (shape[0], trellis_dims(shape, StorageConfig.trellis(bits, 32))[2])
+        assert np.array_equal(trellis_windows(qweight, shape[1], bits), walks)
+
+
+def test_stream_is_the_spec_bit_string():
+    """Stream bit i is bit i mod 32 of word i div 32; window c is the 12 bits from bit c·K; the bits after the
+    last window are 0 — checked bit by bit against a string built from SPEC.md §13.1's words."""
+    rng = np.random.default_rng(1)
+    for bits in TRELLIS_BITS:
+        walks = random_walks(rng, (3, 37), bits)
+        qweight = pack_windows(walks, bits)
+        for r in range(3):
+            stream = "".join(format(int(word), "032b")[::-1] for word in qweight[r])  # LSB first
+            for c in range(37):
+                assert int(stream[c * bits:c * bits + 12][::-1], 2) == walks[r, c]
+            assert set(stream[12 + 36 * bits:]) <= {"0"}
+
+
+def test_pack_windows_rejects_what_is_not_a_walk():
+    walks = random_walks(np.random.default_rng(2), (2, 10), 4)
+    walks[1, 5] ^= 1  # its low bits no longer continue window 4
+    with pytest.raises(ValueError, match="walk"):
+        pack_windows(walks, 4)
+    with pytest.raises(ValueError, match="0..4095"):
+        pack_windows(np.full((1, 3), 4096), 4)
+
+
+# -- labels and the cost model (SPEC.md §5, §11) ----------------------------------------------------------------------
+@pytest.mark.parametrize("label", ["t2g32", "t4g64", "t5g128m8", "rows(3:t3g64,4:b4g64)"])
+def test_labels_round_trip(label):
+    assert StorageConfig.parse(label).label == label
+
+
+@pytest.mark.parametrize("label", ["t1g64", "t6g64", "t4g16", "t4g64m7", "t4g64+o1", "t4g64+o0.5%", "t4"])
+def test_bad_labels_are_rejected(label):
+    with pytest.raises(ValueError):
+        StorageConfig.parse(label)
+
+
+def test_cost_model_is_the_spec_formula():
+    for (out, inp), bits, group, meta in itertools.product(SHAPES, TRELLIS_BITS, (32, 64, 128), (6, 8)):
+        words = -(-(12 + (inp - 1) * bits) // 32)
+        runs = -(-(out * -(-inp // group)) // 128)
+        codes = out * -(-inp // group) if meta == 8 else 4 * meta * -(-(out * -(-inp // group)) // 32)
+        assert tensor_nbytes((out, inp), StorageConfig.trellis(bits, group, meta)) == 4 * out * words + codes + 4 * runs
+
+
+def test_file_round_trip_costs_and_tables(tmp_path):
+    """Every K × group size × odd shape (and rows with trellis blocks): the writer's bytes are the cost model's,
+    the file is 1.9 with one table per K, and the reader's blobs dequantize to the written ones."""
+    tensors = [(f"t{i}", shape, StorageConfig.trellis(bits, group, meta))
+               for i, (shape, bits, (group, meta)) in enumerate(itertools.product(
+                   SHAPES[1:], TRELLIS_BITS, ((32, 6), (64, 6), (128, 8))))]
+    path = tmp_path / "t.mxq"
+    written = write_random_file(path, tensors)
+    rows_config = StorageConfig.parse("rows(3:t4g64,2:b4g32,4:t2g32m8)")
+    rng = np.random.default_rng(5)
+    blocks = [random_trellis_blobs(rng, (n, 70), c) if c.scheme == "trellis" else random_affine_blobs(rng, (n, 70), c)
+              for n, c in rows_config.blocks]
+    rows_blobs = join_blocks(rng.permutation(9), blocks)
+    plans, stored = file_plans_and_blobs([TensorPlan("r", (9, 70), rows_config, "linear")], {"r": rows_blobs}.get)
+    with MxqWriter(tmp_path / "r.mxq", model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"},
+                   tokenizer_data=b"t", tensors=plans) as writer:
+        for plan in plans:
+            writer.write(plan.name, stored[plan.name])
+    with MxqFile.open(path) as f:
+        assert f.version == (1, 9) and f.verify() == []
+        assert sorted(f.codebooks) == [f"codebook.t{k}" for k in TRELLIS_BITS]
+        for name, shape, config in tensors:
+            entry = f.tensors[name]
+            assert entry.config == config and entry.nbytes == tensor_nbytes(shape, config)
+            assert np.array_equal(dequantize(f.blobs(name), shape, config), dequantize(written[name], shape, config))
+    with MxqFile.open(tmp_path / "r.mxq") as f:
+        entry = f.tensors["r"]
+        assert entry.config == rows_config and entry.nbytes == tensor_nbytes((9, 70), rows_config)
+        assert np.array_equal(dequantize(f.blobs("r"), (9, 70), rows_config), dequantize(rows_blobs, (9, 70), rows_config))
+
+
+def test_dequantization_is_the_spec_formula():
+    rng = np.random.default_rng(3)
+    config = StorageConfig.trellis(3, 32)
+    blobs = random_trellis_blobs(rng, (4, 77), config)
+    windows = trellis_windows(blobs["qweight"], 77, 3)
+    scale = decode_meta(blobs["scale_codes"], blobs["scale_meta"])
+    table = blobs["codebook"].astype(np.float32)[:, 0]
+    expected = np.array([[scale[r, c // 32] * table[windows[r, c]] for c in range(77)] for r in range(4)], np.float32)
+    assert np.array_equal(dequantize(blobs, (4, 77), config), expected)
+
+
+def _entry(document, name):
+    return next(t for t in document["tensors"] if t["name"] == name)
+
+
+HOSTILE = {  # edits of a trellis file's JSON, each rejected at open with one line naming the problem
+    "table missing": (lambda d: d["tensors"].remove(_entry(d, "codebook.t4")), "'codebook.t4' is not in the file"),
+    "table as a model tensor": (lambda d: _entry(d, "codebook.t4").update(role="other"), "not in the file"),
+    "table shorter": (lambda d: _entry(d, "codebook.t4").update(shape=[2048, 1]), "shape [2048, 1] != [4096, 1]"),
+    "window bits": (lambda d: _entry(d, "a")["config"].update(window_bits=16), "window_bits=16 is not supported"),
+    "bits 6": (lambda d: _entry(d, "a")["config"].update(bits=6), "is not supported"),
+    "no group size": (lambda d: _entry(d, "a")["config"].pop("group_size"), "group_size"),
+    "block bits": (lambda d: _entry(d, "r")["config"]["blocks"][0]["config"].update(bits=1), "block 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_trellis_files_are_rejected(tmp_path, name):
+    from test_corruption import _rewrite_json
+
+    path = tmp_path / "t.mxq"
+    write_random_file(path, [("a", (5, 70), StorageConfig.parse("t4g64")), ("n", (7,), StorageConfig.fp16())])
+    rows_config = StorageConfig.parse("rows(2:t4g32,3:fp16)")
+    if name == "block bits":  # a file with a rows tensor
+        rng = np.random.default_rng(0)
+        blobs = join_blocks(rng.permutation(5), [random_trellis_blobs(rng, (2, 70), rows_config.blocks[0][1]),
+                                                 {"data": rng.standard_normal((3, 70)).astype(np.float16)}])
+        plans, stored = file_plans_and_blobs([TensorPlan("a", (5, 70), StorageConfig.parse("t4g64"), "linear"),
+                                              TensorPlan("r", (5, 70), rows_config, "linear")],
+                                             {"a": random_trellis_blobs(rng, (5, 70), StorageConfig.parse("t4g64")),
+                                              "r": blobs}.get)
+        with MxqWriter(path, model={"architecture": "llama"}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                       tensors=plans) as writer:
+            for plan in plans:
+                writer.write(plan.name, stored[plan.name])
+    edit, message = HOSTILE[name]
+    target = tmp_path / "hostile.mxq"
+    target.write_bytes(_rewrite_json(path.read_bytes(), edit))
+    with pytest.raises(MxqFormatError) as caught:
+        MxqFile.open(target)
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_non_finite_table_is_a_content_problem(tmp_path):
+    path = tmp_path / "t.mxq"
+    write_random_file(path, [("a", (5, 70), StorageConfig.parse("t2g64"))])
+    with MxqFile.open(path) as f:
+        blobs = dict(f.blobs("a"))
+    blobs["codebook"] = blobs["codebook"].copy()
+    blobs["codebook"][17] = np.inf
+    assert "codebook" in content_problem(blobs, (5, 70), StorageConfig.parse("t2g64"))
+
+
+def test_writer_needs_the_table(tmp_path):
+    plans = [TensorPlan("a", (5, 70), StorageConfig.parse("t3g64"), "linear")]
+    assert file_codebooks(plans[0].config) == {"codebook.t3": (4096, 1)}
+    for extra in ([], [TensorPlan("codebook.t3", (4096, 4), StorageConfig.fp16(), "codebook")]):
+        with pytest.raises(ValueError, match="'codebook.t3'"):
+            MxqWriter(tmp_path / "x.mxq", model={}, tokenizer={"kind": "sentencepiece"}, tokenizer_data=b"t",
+                      tensors=plans + extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_reports_trellis(tmp_path):
+    path = tmp_path / "s.mxq"
+    write_random_file(path, [("a", (16, 128), StorageConfig.affine(4, 32)), ("t", (16, 128), StorageConfig.trellis(4, 64))])
+    result = subprocess.run([sys.executable, "-m", "mxq.cli", "inspect", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "trellis tensors" in result.stdout and "mxq format 1.9" in result.stdout and "t4g64" in result.stdout
+
+
+# -- the quantizer (converter/trellis.py) -----------------------------------------------------------------------------
+def test_viterbi_finds_the_best_walk():
+    """Against every walk of a 3-weight row (4096 · 4 · 4 of them at K = 2): the Viterbi's walk has the least cost."""
+    from mxq.converter.trellis import viterbi
+
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal(4096)
+    w, f, s = rng.standard_normal((1, 3)), rng.uniform(0.1, 2.0, (1, 3)), rng.uniform(0.5, 1.5, (1, 3))
+    windows = viterbi(w, f, s, table, 2)[0]
+    first = np.arange(4096)
+    costs = []
+    for h1, h2 in itertools.product(range(4), range(4)):
+        w1 = (first >> 2) | (h1 << 10)
+        w2 = (w1 >> 2) | (h2 << 10)
+        costs.append(sum(f[0, c] * (w[0, c] - s[0, c] * table[x]) ** 2 for c, x in enumerate((first, w1, w2))))
+    best = np.min(costs)
+    ours = sum(f[0, c] * (w[0, c] - s[0, c] * table[windows[c]]) ** 2 for c in range(3))
+    assert np.isclose(ours, best, rtol=1e-12, atol=0)
+    assert windows[1] >> 0 & 1023 == windows[0] >> 2 and windows[2] & 1023 == windows[1] >> 2  # a walk
+
+
+def _table(bits):
+    from mxq.converter.trellis import fit_table, table_rows
+
+    rng = np.random.default_rng(6)
+    samples = [table_rows(rng.standard_normal((64, 128)), None, 16)]
+    return fit_table(samples, bits)
+
+
+def test_quantized_errors_are_those_of_the_stored_bytes_and_rows_are_independent():
+    from mxq.converter.quantize import quantize
+
+    rng = np.random.default_rng(7)
+    weight = torch.from_numpy(rng.standard_normal((24, 100)).astype(np.float32))
+    importance = torch.from_numpy(rng.uniform(0.0, 3.0, (24, 100)).astype(np.float32))
+    config, table = StorageConfig.trellis(3, 32), _table(3)
+    books = {(3, 0): table}
+    q = quantize(weight, config, "wls", importance=importance, codebooks=books)
+    stored = dequantize({**q.blobs, "codebook": table}, (24, 100), config)
+    difference = weight.numpy() - stored
+    assert np.isclose(q.error_sq, float(np.square(difference, dtype=np.float64).sum()), rtol=1e-9)
+    assert np.allclose(q.residual.numpy(), difference)
+    sample = torch.tensor([2, 9, 23])
+    part = quantize(weight, config, "wls", importance=importance, rows=sample, codebooks=books)
+    whole = trellis_windows(q.blobs["qweight"], 100, 3)[[2, 9, 23]]
+    assert np.array_equal(trellis_windows(pack_windows(  # the sample's walks are the whole matrix's rows' walks
+        trellis_windows(quantize(weight[sample], config, "wls", importance=importance[sample],
+                                 codebooks=books).blobs["qweight"], 100, 3), 3), 100, 3), whole)
+    assert np.allclose(part.row_weighted.numpy(), q.row_weighted.numpy()[[2, 9, 23]], rtol=0.05)
+    with pytest.raises(ValueError, match="no shared codebook"):
+        quantize(weight, config, "wls", codebooks={})
+
+
+def test_trellis_beats_affine_at_equal_bits_on_gaussian_weights():
+    """The reason for the scheme (SPEC.md §13.3): on Gaussian rows of 576, t3g64 (3.15 bits a weight) has a smaller
+    error than b3g64 (3.19 bits)."""
+    from mxq.converter.quantize import quantize
+
+    rng = np.random.default_rng(8)
+    weight = torch.from_numpy(rng.standard_normal((32, 576)).astype(np.float32))
+    trellis = quantize(weight, StorageConfig.trellis(3, 64), "wls", codebooks={(3, 0): _table(3)})
+    affine = quantize(weight, StorageConfig.affine(3, 64), "wls")
+    assert trellis.error_sq < 0.8 * affine.error_sq
+    assert tensor_nbytes((32, 576), StorageConfig.trellis(3, 64)) < tensor_nbytes((32, 576), StorageConfig.affine(3, 64))
+
+
+def test_a_conversion_with_trellis_candidates(tmp_path):
+    """tiny-llama with `b4g64,t4g64,t2g64`: the file holds the tables the chosen blocks read, its bytes are the
+    budget's, the reader dequantizes every trellis tensor to the weights minus the error the MILP saw."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+    from mxq.converter.checkpoint import read_checkpoint
+    from mxq.converter.quantize import quantize
+
+    source = fixtures.ensure("tiny-llama")
+    path = tmp_path / "t.mxq"
+    report = convert(source, path, bpw=4.6, configs="b4g64,t4g64,t2g64", quantizer="wls", objective="frobenius",
+                     cache_dir=None)
+    assert os.path.getsize(path) == report.file_bytes and report.achieved_bpw <= 4.6
+    checkpoint = read_checkpoint(source)
+    with MxqFile.open(path) as f:
+        assert f.version == (1, 9) and f.verify() == []
+        assert sorted(f.codebooks) == ["codebook.t2", "codebook.t4"]
+        chosen = [e for e in f.tensors.values() if e.config.scheme == "trellis"]
+        assert chosen, "no matrix picked a trellis config"
+        for entry in chosen:  # each below affine's error at the same bits per weight, with fewer bytes
+            weight = checkpoint.load(entry.name)
+            stored = dequantize(f.blobs(entry.name), entry.shape, entry.config)
+            error = float(np.square(weight.numpy() - stored, dtype=np.float64).sum())
+            affine = StorageConfig.affine(entry.config.bits, 64)
+            assert error < quantize(weight, affine, "wls").error_sq, entry.name
+            assert entry.nbytes < tensor_nbytes(entry.shape, affine)
