@@ -19,7 +19,7 @@ from dataclasses import dataclass
 # repository root is on sys.path; a relative import beyond it would fail there
 from mxq.format_spec import GROUP_SIZES
 from mxq.format_spec import SUPPORTED_BITS as BITS
-from mxq.format_spec.layout import VQ_BITS, VQ_DIMS, VQ_SHARED_INDEX_BITS
+from mxq.format_spec.layout import TRELLIS_BITS, VQ_BITS, VQ_DIMS, VQ_SHARED_INDEX_BITS
 AFFINE_CONFIGS = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 LUT_BITS = BITS  # gemv_lut.cu: one gemv_lut_b* and one dequant_lut_b*_f32 per bit width
 # gemv_vq.cu: one gemv_vq_b*_d* and one dequant_vq_b*_d*_f32 per (bits, dim) — (2,2) (3,2) (4,2) (2,4), and
@@ -27,6 +27,9 @@ LUT_BITS = BITS  # gemv_lut.cu: one gemv_lut_b* and one dequant_lut_b*_f32 per b
 # codebook and the file's shared one (both arrive as the `codebook` pointer); the group size (32, 64, 128)
 # is a runtime argument
 VQ_CONFIGS = tuple((b, d) for d in VQ_DIMS for b in VQ_BITS if b * d in VQ_SHARED_INDEX_BITS)
+# gemv_trellis.cu: one gemv_trellis_b* and one dequant_trellis_b*_f32 per bits per weight (K = 2..5); the table is
+# the file's one for K (the `codebook` pointer), the group size (32, 64, 128) a runtime argument
+TRELLIS_KERNEL_BITS = TRELLIS_BITS
 
 GEMV_ROWS_PER_WARP = 4  # gemv_affine.cu: GEMV_ROWS_PER_WARP; gemv_f16.cu: GEMV_F16_ROWS_PER_WARP
 GEMV_MAX_WARPS = 8  # __launch_bounds__(256)
@@ -123,6 +126,20 @@ GEMV_VQ_ARGS = _VQ_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + _VQ_TAIL
 DEQUANT_VQ_ARGS = _VQ_BLOBS + DEQUANT_LUT_ARGS[len(_LUT_BLOBS):-1] + _VQ_TAIL
 
 
+_TRELLIS_BLOBS = (
+    ("qweight", "const u32*"),  # (out, words_per_row): each row's stream of 12 + (in−1)·b bits, padded to words
+    ("codebook", "const f16*"),  # (4096, 1): the file's table for b; 16-byte aligned for the GEMV's staging loads
+    ("scale_codes", "const u8*"),  # (out, n_groups), n_groups = ceil(in/group_size)
+    ("scale_meta", "const f16*"),  # (ceil(out·n_groups/128), 2)
+)
+_TRELLIS_TAIL = (
+    ("words_per_row", "i32"),  # qweight.shape[1]: ceil((12 + (in−1)·b) / 32), no padding word
+    ("group_size", "i32"),
+)
+GEMV_TRELLIS_ARGS = _TRELLIS_BLOBS + GEMV_ARGS[len(_AFFINE_BLOBS):] + _TRELLIS_TAIL
+DEQUANT_TRELLIS_ARGS = _TRELLIS_BLOBS + DEQUANT_LUT_ARGS[len(_LUT_BLOBS):-1] + _TRELLIS_TAIL
+
+
 def gemv_lut_name(bits: int) -> str:
     return f"gemv_lut_b{bits}"
 
@@ -137,6 +154,14 @@ def gemv_vq_name(bits: int, dim: int) -> str:
 
 def dequant_vq_name(bits: int, dim: int) -> str:
     return f"dequant_vq_b{bits}_d{dim}_f32"
+
+
+def gemv_trellis_name(bits: int) -> str:
+    return f"gemv_trellis_b{bits}"
+
+
+def dequant_trellis_name(bits: int) -> str:
+    return f"dequant_trellis_b{bits}_f32"
 
 
 def gemv_name(bits: int, group_size: int) -> str:
@@ -161,6 +186,9 @@ def _build() -> dict:
     for b, d in VQ_CONFIGS:
         kernels.append(Kernel(gemv_vq_name(b, d), "gemv_vq.cu", GEMV_VQ_ARGS))
         kernels.append(Kernel(dequant_vq_name(b, d), "gemv_vq.cu", DEQUANT_VQ_ARGS))
+    for b in TRELLIS_KERNEL_BITS:
+        kernels.append(Kernel(gemv_trellis_name(b), "gemv_trellis.cu", GEMV_TRELLIS_ARGS))
+        kernels.append(Kernel(dequant_trellis_name(b), "gemv_trellis.cu", DEQUANT_TRELLIS_ARGS))
     kernels.append(Kernel(GEMV_F16, "gemv_f16.cu", GEMV_F16_ARGS))
     kernels += [
         Kernel("rmsnorm_f32", "ops.cu",
@@ -216,8 +244,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tuple]:
-    """(grid, block) for gemv_affine_*, gemv_lut_*, gemv_vq_* and gemv_f16: `warps` warps per block, 4 rows
-    per warp. Default: 8 warps (32 rows per block: the activation tile staged per block is amortized over
+    """(grid, block) for gemv_affine_*, gemv_lut_*, gemv_vq_*, gemv_trellis_* and gemv_f16: `warps` warps per block,
+    4 rows per warp. Default: 8 warps (32 rows per block: the activation tile staged per block is amortized over
     32 rows), 4 for small matrices (< 1024 rows) so that they still spread over the GPU's SMs."""
     if warps is None:
         warps = GEMV_MAX_WARPS if out_features >= 1024 else 4
@@ -227,7 +255,8 @@ def gemv_launch(out_features: int, warps: int | None = None) -> tuple[tuple, tup
 
 
 def dequant_launch(n_rows: int, threads: int = 128) -> tuple[tuple, tuple]:
-    """(grid, block) for dequant_affine_*, dequant_lut_* and dequant_vq_*: one block per output row, 32..128 threads."""
+    """(grid, block) for dequant_affine_*, dequant_lut_*, dequant_vq_* and dequant_trellis_*: one block per output
+    row, 32..128 threads."""
     if threads % 32 or not 32 <= threads <= DEQUANT_MAX_THREADS:
         raise ValueError(f"dequant threads per block must be a multiple of 32 in 32..{DEQUANT_MAX_THREADS}")
     return (n_rows, 1, 1), (threads, 1, 1)

@@ -7,7 +7,7 @@ guard=True (every argument between poisoned margins: a launch that writes past a
 const one fails). A `gpu`-marked test runs the real CuPy path where a GPU exists.
 
 Tolerances (and why):
-  * linear, affine, lut, vq and fp16, every path (gemv_affine_* / gemv_f16 at T = 1, dequantize or fp16 → fp32
+  * linear, affine, lut, vq, trellis and fp16, every path (gemv_affine_* / gemv_f16 at T = 1, dequantize or fp16 → fp32
     conversion + GEMM at T > 1, prefill chunks, cache_dequantized): |y − y_numpy| ≤ 4e-6 · (|x|·|W|ᵀ) per element. Both backends compute the same
     products of the same dequantized weights in fp32 but sum in different orders (per-pack partial sums
     and a shuffle tree in the GEMV; the numpy backend's per-group BLAS products; different BLAS
@@ -38,16 +38,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_affine_blobs, random_lut_blobs, random_vq_blobs
+from conftest import random_affine_blobs, random_lut_blobs, random_trellis_blobs, random_vq_blobs
 from test_kernels import attention_reference, gelu_mul_reference, rope_reference
 from test_kernels_vq import LAYOUTS
 from mxq.format_spec import MxqFile, StorageConfig, dequantize
 from mxq.format_spec.layout import VQ_INDEX_BITS, vq_dims
 from mxq.kernels.emulator import EmulatedModule
-from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS, VQ_CONFIGS
+from mxq.kernels.registry import AFFINE_CONFIGS, LUT_BITS, TRELLIS_KERNEL_BITS, VQ_CONFIGS
 from mxq.runtime import ModelError
 from mxq.runtime.backends.base import LayerCache
-from mxq.runtime.backends.cuda_backend import AffineHandle, CudaBackend, DenseHandle, LutHandle, VqHandle
+from mxq.runtime.backends.cuda_backend import (AffineHandle, CudaBackend, DenseHandle, LutHandle, TrellisHandle,
+                                               VqHandle)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
 from mxq.runtime.config import ModelConfig
 from mxq.runtime.model import Model
@@ -322,6 +323,124 @@ def test_shared_codebook_is_uploaded_once(tmp_path, ref):
         assert blocks[2].blobs[1] is handles["d"].blobs[1] and handles["e"].blobs[1] is not handles["d"].blobs[1]
         assert backend.binding.address(v3d4[0].blobs[1]) % 16 == 0  # gemv_vq_b3_d4's 16-byte staging loads
         assert np.array_equal(v3d4[0].blobs[1], f.blobs("codebook.v3d4")["data"])
+    backend.close()
+    assert not backend._codebooks
+
+
+# ---- trellis (format 1.9): the reference dequantization, as the numpy backend has no trellis path -------------
+
+def reference_linear(x, weight, bias=None):
+    """x (T, in) @ Wᵀ (+ bias) in float64."""
+    y = x.astype(np.float64) @ weight.astype(np.float64).T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("group_size,meta_bits", [(32, 6), (128, 8)], ids=["g32", "g128m8"])
+@pytest.mark.parametrize("bits", TRELLIS_KERNEL_BITS)
+def test_trellis_linear_and_embedding_match_dequantize(cuda, bits, group_size, meta_bits):
+    """Every K: T = 1 is one fused gemv_trellis launch (bias fused), T = 5 one dequant_trellis and a GEMM; the
+    embedding gather dequantizes the picked rows (bit-exact). The kernels get words_per_row (qweight's width:
+    no padding word) and the group size last."""
+    shape = (37, 71)  # a partial last chunk and group; 37 rows: 2 blocks of 16 + 5
+    rng = np.random.default_rng(bits * 10 + group_size)
+    config = StorageConfig.trellis(bits, group_size, meta_bits)
+    blobs = random_trellis_blobs(rng, shape, config)
+    w = cuda.prepare(Entry("w", shape, config), blobs)
+    assert isinstance(w, TrellisHandle) and not w.outliers
+    assert w.tail == (np.int32(-(-(12 + 70 * bits) // 32)), np.int32(group_size))
+    weight = dequantize(blobs, shape, config)
+    bias = rng.standard_normal(shape[0]).astype(f32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, shape[1])).astype(f32)
+        mag = magnitude(x, blobs, shape, config)
+        for b in (None, bias):
+            cuda.module.calls.clear()
+            y = cuda.linear(x, w, None if b is None else cuda.upload(b))
+            want = reference_linear(x, weight, b)
+            check_close(y, want, mag, 0.0 if b is None else 2.0 ** -22 * np.abs(want))
+            assert cuda.module.calls == [f"gemv_trellis_b{bits}" if T == 1 else f"dequant_trellis_b{bits}_f32"]
+    ids = np.array([3, 0, 36, 3])
+    cuda.module.calls.clear()
+    assert np.array_equal(cuda.embedding(w, ids), weight[ids])
+    assert cuda.module.calls == [f"dequant_trellis_b{bits}_f32"]
+
+
+def test_trellis_residual_and_awkward_widths(cuda):
+    """A fused residual (and bias) at decode, and rows of 1, 7, 64, 65 columns (one-word rows, a one-column last
+    chunk) through decode, prefill and the embedding gather."""
+    rng = np.random.default_rng(9)
+    for bits, in_features in ((2, 1), (3, 7), (5, 64), (4, 65)):
+        shape, config = (19, in_features), StorageConfig.trellis(bits, 64)
+        blobs = random_trellis_blobs(rng, shape, config)
+        w = cuda.prepare(Entry("w", shape, config), blobs)
+        weight = dequantize(blobs, shape, config)
+        for T in (1, 4):
+            x = rng.standard_normal((T, in_features)).astype(f32)
+            bias = rng.standard_normal(shape[0]).astype(f32)
+            residual = rng.standard_normal((T, shape[0])).astype(f32)
+            want = reference_linear(x, weight, bias) + residual
+            y = cuda.linear(x, w, cuda.upload(bias), residual=residual)
+            check_close(y, want, magnitude(x, blobs, shape, config), 2.0 ** -21 * np.abs(want))
+        assert np.array_equal(cuda.embedding(w, np.array([18, 0])), weight[[18, 0]])
+
+
+def test_trellis_prefill_in_row_chunks_and_cache_dequantized():
+    """A trellis matrix dequantized in row chunks for prefill (one dequant_trellis per chunk, with row ids), and
+    with cache_dequantized once at prepare (prefill is then a plain GEMM, decode still the GEMV)."""
+    shape, config = (70, 200), StorageConfig.trellis(3, 64)
+    rng = np.random.default_rng(8)
+    blobs = random_trellis_blobs(rng, shape, config)
+    weight = dequantize(blobs, shape, config)
+    x = rng.standard_normal((3, shape[1])).astype(f32)
+    want, mag = reference_linear(x, weight), magnitude(x, blobs, shape, config)
+    chunked = emulated(prefill_chunk_bytes=4 * shape[1] * 16)  # 16 rows per chunk: 5 chunks
+    w = chunked.prepare(Entry("w", shape, config), blobs)
+    check_close(chunked.linear(x, w), want, mag)
+    assert chunked.module.calls == ["dequant_trellis_b3_f32"] * 5
+    cached = emulated(cache_dequantized=True)
+    w = cached.prepare(Entry("w", shape, config), blobs)
+    assert np.array_equal(w.dense, weight)
+    for T, launched in ((3, []), (1, ["gemv_trellis_b3"])):
+        cached.module.calls.clear()
+        check_close(cached.linear(x[:T], w), want[:T], mag[:T])
+        assert cached.module.calls == launched
+
+
+def test_trellis_table_is_uploaded_once(tmp_path):
+    """A file whose trellis tensors and row blocks read its tables (one per K, the reader handing each a view of
+    the table tensor's bytes): the backend uploads each table once, every handle of that K holds the one device
+    array (16-byte aligned for the GEMV's staging loads), and each tensor's products match the reference."""
+    from test_rows_scheme import reference_weight, write_rows_file
+
+    from mxq.runtime.backends.row_blocks import RowBlocks
+
+    tensors = [("a", (40, 136), StorageConfig.trellis(4, 64)), ("b", (24, 65), StorageConfig.trellis(4, 32, 8)),
+               ("c", (7, 7), StorageConfig.trellis(2, 128)),
+               ("r", (45, 71), StorageConfig.parse("rows(20:t4g64,16:t3g32m8,9:b4g32)"))]
+    write_rows_file(tmp_path / "trellis.mxq", tensors)
+    backend = emulated()
+    backend.binding = counting = CountingBinding(backend.binding)
+    rng = np.random.default_rng(3)
+    with MxqFile.open(tmp_path / "trellis.mxq") as f:
+        assert sorted(f.codebooks) == ["codebook.t2", "codebook.t3", "codebook.t4"]
+        handles = {}
+        for name, shape, config in tensors:
+            entry, blobs = f.tensors[name], f.blobs(name)
+            w = handles[name] = backend.prepare(entry, blobs)
+            weight = (reference_weight if config.scheme == "rows" else dequantize)(blobs, shape, config)
+            for T in (1, 2):
+                x = rng.standard_normal((T, shape[1])).astype(f32)
+                check_close(backend.linear(x, w), reference_linear(x, weight),
+                            np.abs(x.astype(np.float64)) @ np.abs(weight.astype(np.float64)).T)
+        assert counting.uploads.count((4096, 1)) == 3 == len(backend._codebooks)  # t4, t2, t3: once each
+        blocks = handles["r"].blocks
+        assert isinstance(handles["r"], RowBlocks) and [type(b) for b in blocks] == [TrellisHandle, TrellisHandle,
+                                                                                      AffineHandle]
+        t4 = [handles["a"], handles["b"], blocks[0]]
+        assert all(w.blobs[1] is t4[0].blobs[1] for w in t4)
+        assert len({id(w.blobs[1]) for w in (handles["a"], handles["c"], blocks[1])}) == 3
+        assert all(backend.binding.address(w.blobs[1]) % 16 == 0 for w in (handles["a"], handles["c"], blocks[1]))
+        assert np.array_equal(t4[0].blobs[1], f.blobs("codebook.t4")["data"])
     backend.close()
     assert not backend._codebooks
 
@@ -990,6 +1109,26 @@ def test_gpu_backend_matches_numpy(tiny_models, ref):
             assert tokens == want_tokens
             for got, want in zip(logits, want_logits):
                 assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _have_gpu(), reason="needs a CUDA GPU and CuPy")
+def test_gpu_trellis_matches_dequantize():
+    """gemv_trellis and dequant_trellis on the GPU (CuPy arrays, NVRTC-compiled kernels): every K, decode and
+    prefill against the reference dequantization, the embedding gather bit-exact."""
+    backend = CudaBackend()
+    rng = np.random.default_rng(0)
+    for bits in TRELLIS_KERNEL_BITS:
+        shape, config = (1037, 4 * 64 + 7), StorageConfig.trellis(bits, 64)
+        blobs = random_trellis_blobs(rng, shape, config)
+        w, weight = backend.prepare(Entry("w", shape, config), blobs), dequantize(blobs, shape, config)
+        for T in (1, 6):
+            x = rng.standard_normal((T, shape[1])).astype(f32)
+            y = backend.to_host(backend.linear(backend.upload(x), w))
+            check_close(y, reference_linear(x, weight), magnitude(x, blobs, shape, config))
+        ids = np.array([1036, 0, 5])
+        assert np.array_equal(backend.to_host(backend.embedding(w, ids)), weight[ids])
     backend.close()
 
 

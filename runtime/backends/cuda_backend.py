@@ -26,13 +26,18 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
               whole packs up to format 1.7, to whole words from 1.8 — and the group size are kernel arguments).
               A vq codebook is uploaded once per distinct content (`_codebook`): the tensors and row blocks that
               use a file's shared codebook (format 1.7, e.g. v3d4's 4096 points, 32 KiB) all get one device array.
-              affine / lut / vq, T > 1: dequantize the matrix on the device (dequant_{affine,lut,vq}_*_f32, in
-              row chunks of at most `prefill_chunk_bytes`) and one GEMM per chunk (cuBLAS sgemm) — never T GEMVs.
+              trellis (format 1.9) with gemv_trellis_b* (the file's 4096-level fp16 table for the tensor's bits in
+              shared memory, each lane walking its 32-column chunks of the rows' bit streams; scales as vq's); its
+              table is uploaded once per distinct content too (`_codebook`), so every tensor with the same bits
+              shares one device array.
+              affine / lut / vq / trellis, T > 1: dequantize the matrix on the device
+              (dequant_{affine,lut,vq,trellis}_*_f32, in row chunks of at most `prefill_chunk_bytes`) and one GEMM
+              per chunk (cuBLAS sgemm) — never T GEMVs.
               fp16, T == 1: gemv_f16 on the stored fp16 data (2 bytes per weight, read once; bias and
               residual fused as above) — no fp32 copy of the matrix exists for decode.
               fp16, T > 1: converted to float32 on the device in row chunks of at most
               `prefill_chunk_bytes` (a reused scratch buffer), one GEMM per chunk.
-  embedding   fp16 table: embedding_f16; affine / lut / vq table: dequant_*_f32 with row_ids = the ids.
+  embedding   fp16 table: embedding_f16; affine / lut / vq / trellis table: dequant_*_f32 with row_ids = the ids.
   rows        a `rows` matrix (SPEC.md §8) is a RowBlocks (row_blocks.py) of the handles above, one per
               block: linear and embedding run per block as above, the outputs scattered to the logical
               rows by a device index (bias and residual added after, not fused).
@@ -49,7 +54,7 @@ What runs where (T = tokens in the call: the prompt length at prefill, 1 at deco
 `cache_dequantized=True` (the runtime's memory option) additionally keeps every quantized and fp16 matrix
 as float32 on the device (a tied embedding once it is first used as the lm_head, as in the numpy
 backend), so prefill skips the conversion (4 bytes per weight more GPU memory); decode still uses the
-GEMVs, which read about b/8 (affine, lut, vq) or 2 (fp16) bytes per weight instead of 4.
+GEMVs, which read about b/8 (affine, lut, vq, trellis) or 2 (fp16) bytes per weight instead of 4.
 """
 from __future__ import annotations
 
@@ -58,9 +63,10 @@ import math
 
 import numpy as np
 
-from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, VQ_CONFIGS, attention_launch, dequant_launch,
-                                 dequant_lut_name, dequant_name, dequant_vq_name, elementwise_launch, gemv_launch,
-                                 gemv_lut_name, gemv_name, gemv_vq_name, rope_items, rowwise_launch)
+from ...kernels.registry import (AFFINE_CONFIGS, GEMV_F16, LUT_BITS, TRELLIS_KERNEL_BITS, VQ_CONFIGS, attention_launch,
+                                 dequant_launch, dequant_lut_name, dequant_name, dequant_trellis_name, dequant_vq_name,
+                                 elementwise_launch, gemv_launch, gemv_lut_name, gemv_name, gemv_trellis_name,
+                                 gemv_vq_name, rope_items, rowwise_launch)
 from ..errors import ModelError
 from .base import Backend, KVCache, LayerCache
 from .row_blocks import RowBlocks
@@ -69,7 +75,8 @@ i32, f32 = np.int32, np.float32
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 PREFILL_CHUNK_BYTES = 64 << 20  # largest float32 block of a dequantized matrix at prefill
 QWEIGHT_ALIGNMENT = 16  # the GEMVs' widest vector load (uint4): qweight and fp16 matrices
-CODEBOOK_ALIGNMENT = 16  # gemv_vq_b3_d4 stages its fp16 codebook with uint4 loads (2-byte loads otherwise)
+CODEBOOK_ALIGNMENT = 16  # gemv_vq_b3_d4 and gemv_trellis_b* stage their fp16 codebook / table with uint4 loads
+                         # (2-byte loads otherwise)
 CUDA_HINT = "use --device cpu"
 
 
@@ -212,6 +219,20 @@ class VqHandle(QuantizedHandle):
         self.dim, self.group_size, self.shared = dim, group_size, shared
 
 
+class TrellisHandle(QuantizedHandle):
+    """blobs: (qweight, codebook, scale_codes, scale_meta) — codebook is the file's table for the tensor's bits
+    (fp16 (4096, 1)), the backend's one device array for its content (CudaBackend._codebook), so every trellis
+    tensor and row block with those bits holds the same array; nbytes counts it in each (the bytes a launch
+    reads). The kernels take words_per_row (qweight's width: ceil((12 + (in − 1)·bits) / 32), SPEC.md §13) and
+    group_size last. No outliers."""
+
+    def __init__(self, name, shape, bits, group_size, blobs: tuple):
+        words_per_row = int(blobs[0].shape[1])  # qweight (out, words_per_row)
+        super().__init__(name, shape, bits, blobs, False, gemv_trellis_name(bits), dequant_trellis_name(bits),
+                         (i32(words_per_row), i32(group_size)))
+        self.group_size = group_size
+
+
 # ---- the KV cache with a chosen dtype ----------------------------------------------------------------
 
 # ---- the backend --------------------------------------------------------------------------------------
@@ -230,7 +251,7 @@ class CudaBackend(Backend):
     """
 
     name = "cuda"
-    schemes = ("fp16", "affine", "lut", "vq")  # the 2-D storage schemes prepare_matrix handles
+    schemes = ("fp16", "affine", "lut", "vq", "trellis")  # the 2-D storage schemes prepare_matrix handles
     fuses_residual = True  # linear(x, W, bias, residual=r) adds r inside the decode GEMV (see linear)
 
     def __init__(self, xp=None, module=None, *, kv_cache: str = "f16", cache_dequantized: bool = False,
@@ -252,12 +273,12 @@ class CudaBackend(Backend):
         self.gemv_warps = gemv_warps
         self._functions: dict = {}
         self._scratch: dict = {}
-        self._codebooks: dict = {}  # (sha1 of the bytes, shape, dtype) → device vq codebook (see _codebook)
+        self._codebooks: dict = {}  # (sha1 of the bytes, shape, dtype) → device vq codebook, trellis table
         self._positions = (None, None)  # (host int64, device int32) of the last rope call
         if xp is not np:  # compile/load every source now, so a kernel problem is a load-time error
             try:
                 for name in ("gemv_affine_b4_g64", "dequant_affine_b4_g64_f32", "gemv_lut_b4", "gemv_vq_b2_d4",
-                             GEMV_F16, "add_f32"):
+                             "gemv_trellis_b4", GEMV_F16, "add_f32"):
                     self._fn(name)
             except ModelError:
                 raise
@@ -317,10 +338,11 @@ class CudaBackend(Backend):
         return device
 
     def _codebook(self, array: np.ndarray):
-        """A vq codebook on the device, uploaded once per distinct content: every tensor (or row block) with a
-        file's shared codebook gets a view of the same file bytes, so all of them share one device array instead
-        of one upload each. Keyed by the content (sha1 of the bytes, shape, dtype), not the host address: equal
-        content is interchangeable, and a closed file's addresses may be reused by another's bytes."""
+        """A vq codebook or trellis table on the device, uploaded once per distinct content: every tensor (or row
+        block) with a file's shared codebook or table gets a view of the same file bytes, so all of them share one
+        device array instead of one upload each. Keyed by the content (sha1 of the bytes, shape, dtype), not the
+        host address: equal content is interchangeable, and a closed file's addresses may be reused by another's
+        bytes."""
         array = np.ascontiguousarray(array)
         key = (hashlib.sha1(array.reshape(-1).view(np.uint8)).digest(), array.shape, array.dtype.str)
         device = self._codebooks.get(key)
@@ -351,7 +373,8 @@ class CudaBackend(Backend):
         bits, outliers = config.bits, bool(config.outliers)
         if config.scheme == "lut" and bits not in LUT_BITS or \
                 config.scheme == "affine" and (bits, config.group_size) not in AFFINE_CONFIGS or \
-                config.scheme == "vq" and (bits, config.dim) not in VQ_CONFIGS:
+                config.scheme == "vq" and (bits, config.dim) not in VQ_CONFIGS or \
+                config.scheme == "trellis" and bits not in TRELLIS_KERNEL_BITS:
             raise ModelError(f"tensor '{entry.name}': {config.scheme} {config.label} has no CUDA kernel")
         qweight = self._device_blob(blobs["qweight"], QWEIGHT_ALIGNMENT)
         csr = (self._device_blob(blobs["outlier_row_ptr"], 4), self._device_blob(blobs["outlier_cols"], 2),
@@ -364,6 +387,10 @@ class CudaBackend(Backend):
                       self._device_blob(blobs["scale_meta"], 4)) + csr
             handle = VqHandle(entry.name, entry.shape, bits, config.dim, config.group_size, device, outliers,
                               config.shared)
+        elif config.scheme == "trellis":
+            device = (qweight, self._codebook(blobs["codebook"]), self._device_blob(blobs["scale_codes"]),
+                      self._device_blob(blobs["scale_meta"], 4))
+            handle = TrellisHandle(entry.name, entry.shape, bits, config.group_size, device)
         else:
             device = (qweight, self._device_blob(blobs["scale_codes"]), self._device_blob(blobs["scale_meta"], 4),
                       self._device_blob(blobs["zero_codes"]), self._device_blob(blobs["zero_meta"], 4)) + csr
@@ -381,7 +408,7 @@ class CudaBackend(Backend):
     def new_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache:
         return KVCache(self.xp, n_layers, n_kv_heads, head_dim, capacity, self.kv_dtype)
 
-    # -- packed-matrix helpers (affine, lut, vq) ----------------------------------------------------------
+    # -- packed-matrix helpers (affine, lut, vq, trellis) -------------------------------------------------
     def _blob_args(self, w: QuantizedHandle) -> tuple:
         return tuple(self._ptr(b) for b in w.blobs)
 
@@ -406,7 +433,7 @@ class CudaBackend(Backend):
 
     def _gemv(self, w, x, add=None):
         """y (1, out) = x (1, in) @ Wᵀ (+ add (out,)), fused in one kernel: gemv_affine_b*_g* / gemv_lut_b* /
-        gemv_vq_b*_d* on the packed blobs, gemv_f16 on the fp16 data."""
+        gemv_vq_b*_d* / gemv_trellis_b* on the packed blobs, gemv_f16 on the fp16 data."""
         out_features, in_features = w.shape
         y = self.xp.empty((1, out_features), dtype=self.xp.float32)
         grid, block = gemv_launch(out_features, self.gemv_warps)
@@ -485,7 +512,7 @@ class CudaBackend(Backend):
         if isinstance(weight, RowBlocks):  # a `rows` matrix: each block through this method
             return weight.linear(x, bias, None if residual is None else self._f32(residual))
         T = x.shape[0]
-        if T == 1:  # decode: one fused GEMV reads the stored weights once (affine, lut, vq or fp16)
+        if T == 1:  # decode: one fused GEMV reads the stored weights once (affine, lut, vq, trellis or fp16)
             add = bias
             if residual is not None:
                 add = self._f32(residual).reshape(-1)
