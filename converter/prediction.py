@@ -56,6 +56,7 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     from .measure import ErrorCache, default_cache_dir, measure
     from .pipeline import _calibrated, _candidates, _importance_id, _use_cores
     from .checkpoint import read_checkpoint
+    from .shared_codebooks import shared_pairs
 
     if options.objective != "fisher":
         raise ConversionError(f"loss prediction needs --objective fisher (got {options.objective!r}): "
@@ -72,9 +73,9 @@ def prepare(hf_dir, options, progress=None) -> Prepared:
     candidates = _candidates(options)
     if all(c.scheme == "fp16" for c in candidates):
         raise ConversionError(f"--configs {options.configs!r} has no quantized config: nothing to predict")
-    if any(c.scheme == "vq" and c.shared for c in candidates):  # their codebooks' reserved bytes move every budget
+    if shared_pairs(candidates):  # their codebooks' (tables') reserved bytes move every budget
         raise ConversionError(f"--configs {options.configs!r}: loss prediction (--max-loss, mxq sweep) does not take "
-                              "shared-codebook candidates (labels ending in s, the vqs presets)")
+                              "shared-codebook candidates (labels ending in s, the vqs presets; trellis ones)")
     cache_dir = default_cache_dir() if options.cache_dir == "default" else options.cache_dir
     checkpoint_hash = checkpoint.content_hash(cache_dir)  # remembered in the cache: each round reads it once
     seconds["read"] = time.perf_counter() - started

@@ -151,7 +151,8 @@ def test_max_loss_cli_and_errors(tiny_llama, tmp_path, cache, short_heldout):
                           (["--max-loss", "0"], "outside"), (["--max-loss", "abc"], "expected a percentage"),
                           (["--max-loss", "1", "--objective", "frobenius"], "--objective fisher"),
                           (["--max-loss", "1", "--calib", short], "left to measure the loss on"),
-                          (["--max-loss", "1", "--configs", "all+vqs"], "shared-codebook candidates")]:
+                          (["--max-loss", "1", "--configs", "all+vqs"], "shared-codebook candidates"),
+                          (["--max-loss", "1", "--configs", "all+trellis"], "trellis ones")]:
         code, stdout, stderr = cli("convert", tiny_llama, "-o", tmp_path / "x.mxq", *args, "--calib-tokens", "1024",
                                    "--cache-dir", cache, "-q")
         assert code == 1 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -2,7 +2,8 @@
 
 Numba's JIT (cpu_jit.py) keeps LLVM and Numba resident in every process that runs the kernels: ~120 MiB,
 as much as the whole SmolLM2 file. So the first run on a machine builds the serial kernels of
-cpu_kernels.py, cpu_stack_kernels.py, cpu_ops.py, cpu_lut_kernels.py, cpu_vq_kernels.py, cpu_team_kernels.py and cpu_layers_kernels.py
+cpu_kernels.py, cpu_stack_kernels.py, cpu_ops.py, cpu_lut_kernels.py, cpu_vq_kernels.py, cpu_trellis_kernels.py,
+cpu_team_kernels.py and cpu_layers_kernels.py
 once with numba.pycc (cpu_aot_build.py, in a subprocess: its LLVM never enters this process) into
 
     $MXQ_CACHE/kernels/mxq_cpu_<key>.<python extension suffix>      (default ~/.cache/mxq/kernels)
@@ -51,6 +52,7 @@ EXPORTS = {
     "cpu_ops": ("rms_norm", "rope", "silu_mul", "gelu_mul", "attention_serial"),
     "cpu_lut_kernels": ("lut_matmul_serial",),
     "cpu_vq_kernels": ("vq_matmul_serial", "vq_grid_matmul_serial"),
+    "cpu_trellis_kernels": ("trellis_matmul_serial",),
     "cpu_team_kernels": ("stack_matmul_team", "fp16_matmul_team", "attention_team", "vq_grid_matmul_team",
                          "team_serve"),
     "cpu_layers_kernels": ("decode_layers",),
@@ -92,8 +94,8 @@ def module_path() -> Path:
 
 
 def load():
-    """The kernels as a namespace (names as in the JIT modules, plus `lut` and `vq`), building them first when
-    this machine has none yet; or a one-line reason why not."""
+    """The kernels as a namespace (names as in the JIT modules, plus `lut`, `vq` and `trellis`), building them
+    first when this machine has none yet; or a one-line reason why not."""
     path = module_path()
     failed = path.with_name(path.name + ".failed")
     if not path.exists():
@@ -118,8 +120,8 @@ def load():
     for name in list(functions):  # serial only: e.g. `affine_matmul` runs affine_matmul_serial
         functions.setdefault(name.removesuffix("_serial"), functions[name])
     kernels = SimpleNamespace(kind="aot", parallel=False, path=path, dot_isa=dot_isa, **functions)
-    kernels.ops = kernels  # the per-token ops (cpu_ops.py) and the lut and vq kernels live in the same module
-    kernels.lut = kernels.vq = lambda: kernels
+    kernels.ops = kernels  # the per-token ops (cpu_ops.py) and the lut, vq and trellis kernels: the same module
+    kernels.lut = kernels.vq = kernels.trellis = lambda: kernels
     return kernels
 
 

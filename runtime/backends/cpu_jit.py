@@ -2,9 +2,9 @@
 
 `kernels()` returns one namespace of compiled kernels — the products of cpu_kernels.py (affine_matmul,
 fp16_matmul and their *_serial forms), `ops` (cpu_ops.py), `lut()` (cpu_lut_kernels.py), `vq()`
-(cpu_vq_kernels.py), `kind` ("aot" or "jit") and `parallel` (whether the non-serial forms split rows over
-threads) — or None, and then the numpy backend keeps its NumPy path after one notice on stderr saying why.
-$MXQ_KERNELS chooses:
+(cpu_vq_kernels.py), `trellis()` (cpu_trellis_kernels.py), `kind` ("aot" or "jit") and `parallel` (whether the
+non-serial forms split rows over threads) — or None, and then the numpy backend keeps its NumPy path after one
+notice on stderr saying why. $MXQ_KERNELS chooses:
 
     auto (default)  the ahead-of-time extension (cpu_aot.py: built once per machine, then loaded
                     without Numba or LLVM: +0.3 MiB resident); if it cannot be built (no C compiler,
@@ -26,8 +26,8 @@ modules), loading the cached kernels +60 MiB (LLVM's JIT engine and the code it 
 whatever the model's size — the reason for the ahead-of-time build.
 
 Decode's big products and long-context attention run on the team of cpu_team.py in either build (its
-workers spin between jobs and never hold the caller up). The JIT's remaining parallel loops (lut and vq
-matrices, a lone affine block) use Numba's OpenMP threads, which wait passively between kernels
+workers spin between jobs and never hold the caller up). The JIT's remaining parallel loops (lut, vq and
+trellis matrices, a lone affine block) use Numba's OpenMP threads, which wait passively between kernels
 (OMP_WAIT_POLICY=passive unless set): spinning OpenMP workers on a busy machine (more runnable threads
 than cores) made decoding 5-20x slower than one thread in our measurements, and a sleeping worker's
 wake-up can take a scheduler period on a busy machine, so each such product runs on one thread or on
@@ -143,7 +143,7 @@ def _load_jit():
                            attention_team=cpu_team_kernels.attention_team, team_serve=cpu_team_kernels.team_serve,
                            vq_grid_matmul_team=cpu_team_kernels.vq_grid_matmul_team,
                            decode_layers=cpu_layers_kernels.decode_layers,
-                           ops=cpu_ops, lut=_jit_lut, vq=_jit_vq)
+                           ops=cpu_ops, lut=_jit_lut, vq=_jit_vq, trellis=_jit_trellis)
 
 
 @cache
@@ -164,3 +164,13 @@ def _jit_vq():
 
     cpu_vq_kernels.warm_up()
     return cpu_vq_kernels
+
+
+@cache
+def _jit_trellis():
+    """The trellis kernels (cpu_trellis_kernels.py), compiled (or loaded from Numba's cache) on first use: when
+    the first trellis matrix is loaded, never mid-generation."""
+    from . import cpu_trellis_kernels
+
+    cpu_trellis_kernels.warm_up()
+    return cpu_trellis_kernels

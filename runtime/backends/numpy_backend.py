@@ -1,7 +1,7 @@
 """The NumPy backend: the CPU runtime, and the reference every other backend is tested against.
 
 Weights are handles from cpu_weights.py (DenseWeight, AffineWeight), cpu_lut.py (LutWeight), cpu_vq.py
-(VqWeight) and, for `rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies the packed codes
+(VqWeight), cpu_trellis.py (TrellisWeight) and, for `rows` matrices, row_blocks.py (RowBlocks of those): lean mode multiplies the packed codes
 — with the compiled kernels of cpu_kernels.py when Numba is available (cpu_jit.py): the affine ones (and vq
 ones on the 8-bit grid) of one input — a rows matrix's blocks, q/k/v, gate/up — as one call from their tiles of 16 rows, for decode
 and whole prefill pieces (cpu_stack.py, cpu_stack_kernels.py, cpu_tiles.py), other products for decode-sized inputs — else with
@@ -15,9 +15,9 @@ runs every decoder layer whose products are kernel stacks in ONE compiled call o
 Threads: `threads` (default $MXQ_THREADS, else the CPU count, at most 8) serve the compiled kernels'
 team (cpu_team.py: `threads - 1` workers that spin between jobs, the calling thread taking the parts no
 worker took) for decode's big products and long-context attention, in either kernel build; Numba's
-OpenMP pool for the JIT's few remaining parallel loops (lut and vq matrices, lone affine blocks: ThreadChoice);
-and the NumPy path (a small thread pool splitting products by output rows — NumPy and BLAS release the
-GIL — and prefill attention by query blocks). BLAS itself runs single-threaded (see blas.py).
+OpenMP pool for the JIT's few remaining parallel loops (lut, vq and trellis matrices, lone affine blocks:
+ThreadChoice); and the NumPy path (a small thread pool splitting products by output rows — NumPy and BLAS
+release the GIL — and prefill attention by query blocks). BLAS itself runs single-threaded (see blas.py).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .cpu_layers import FusedLayers
 from .cpu_lut import LutWeight
 from .cpu_stack import KernelStack
 from .cpu_team import MAX_PARTS, Team
+from .cpu_trellis import TrellisWeight
 from .cpu_vq import VqWeight
 from .cpu_weights import KERNEL_MAX_TOKENS, STACK_MAX_TOKENS, AffineWeight, DenseWeight  # noqa: F401 - weight classes re-exported
 from .row_blocks import RowBlocks
@@ -59,7 +60,7 @@ class NumpyBackend(Backend):
     (cpu_ops.py) when available (False: the NumPy reference path only)."""
 
     name = "cpu"
-    schemes = ("fp16", "affine", "lut", "vq")  # the 2-D storage schemes prepare_matrix handles
+    schemes = ("fp16", "affine", "lut", "vq", "trellis")  # the 2-D storage schemes prepare_matrix handles
     xp = np
     prefill_chunk = PREFILL_CHUNK
     fuse_layers = True  # decode's decoder layers as one compiled call (cpu_layers.py); False: a call per op
@@ -212,6 +213,8 @@ class NumpyBackend(Backend):
             weight = LutWeight(entry, blobs, self)
         elif entry.config.scheme == "vq":
             weight = VqWeight(entry, blobs, self)
+        elif entry.config.scheme == "trellis":
+            weight = TrellisWeight(entry, blobs, self)
         else:
             weight = AffineWeight(entry, blobs, self)
         if self.cache_dequantized and entry.role != "embedding":
