@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures  # noqa: E402
 from loss_by_module import converted_source  # noqa: E402
 from proto_trellis import GROUP, SCALE_BITS, fit_table, trellis  # noqa: E402
-from proto_trellis_decode import one_mad  # noqa: E402
 
 from mxq.converter.allocate import allocate  # noqa: E402
 from mxq.converter.candidates import parse_candidates  # noqa: E402
@@ -58,6 +57,14 @@ from mxq.format_spec.layout import row_order_dtype  # noqa: E402
 from mxq.runtime.perplexity import Z95, paired_difference  # noqa: E402
 
 TEXT = fixtures.DATA_DIR / "wikitext2-test.txt"
+
+
+def one_mad(L):
+    """(2^L,) levels computed from each window (QTIP's 1MAD code: an LCG step, then the sum of its four bytes,
+    which is near Gaussian; unit variance), what --code 1mad codes with: a decode kernel could compute a level
+    with a few integer operations instead of a table load per weight."""
+    v = (np.arange(1 << L, dtype=np.uint64) * np.uint64(34038481) + np.uint64(76625530)) & np.uint64(0xFFFFFFFF)
+    return (sum((v >> np.uint64(8 * i)) & np.uint64(255) for i in range(4)).astype(np.float64) - 510.0) / 147.800537
 
 
 class Coded:

@@ -16,7 +16,7 @@ taken (scale = code·step + min, one fp32 (step, min) per run of 128 scales, SPE
 One token (`quad_dot`): four rows at a time, scalar code — per weight a shift and mask, a table load (the 16 KiB
 table stays in L1) and a multiply-add into one of two partial sums per row, the 8 inputs of a chunk loaded once for
 the four rows. Scalar on purpose: LLVM's vectorized form (gathers of the table) took 2-3x the time on Zen 4, and
-one row at a time 1.4x (measured, tools/proto_trellis_decode.py's 4096×4096). The function is compiled with FMA
+one row at a time 1.4x (measured at 4096×4096 when the kernel was written). The function is compiled with FMA
 contraction only (no reassociation: the loop stays scalar). Several tokens (`row_weights`): a row's weights decoded
 once into a float32 row the same way, then vectorized dot products, four tokens at a time (`quad_token_dot`).
 
@@ -26,10 +26,9 @@ lie before in_features and whose 8 bytes lie in the row (`safe_chunks`); the few
 row's remaining bytes only (`guarded_load`: zeros past them, which only windows past the last weight reach).
 Then bias and residual. (Little-endian hosts: the 64-bit load is the stream's next 64 bits.)
 
-Speed (4096×4096, one thread of a 2-core Zen 4, in one run with tools/proto_trellis_decode.py's timing and its
-matrices, shared machine): one token 4.4-4.8 ms, 0.26-0.28 ns per weight for every K, against 10.4-11.4 ms for the
-prototype's walk (a 64-bit buffer refilled a word at a time, one row at a time) and 0.49 ms for decode's b4g64 tile
-kernel (9-9.7x its time); four tokens 8.4-8.5 ms (the tile kernel: 1.3 ms).
+Speed (`python tools/bench_trellis.py`, 4096×4096, one thread of a 2-core Zen 4, shared machine): one token
+4.6-5.0 ms, 0.28-0.30 ns per weight for every K, 9.3-10x decode's b4g64 tile kernel (0.50 ms); the prototype's
+walk (a 64-bit buffer refilled a word at a time, one row at a time) took 10.4-11.4 ms.
 """
 from __future__ import annotations
 
