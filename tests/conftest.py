@@ -251,3 +251,23 @@ def pytest_sessionfinish(session):
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+@pytest.fixture(scope="session")
+def trellis_llama(tmp_path_factory):
+    """tiny-llama converted with trellis candidates (`b4g64,t4g64,t2g64`, wls, 4.6 bpw: the two tables, 8 KiB each,
+    fit the budget), made once for the model-level trellis tests of test_cuda_backend.py, test_cpu_layers.py,
+    test_cpu_trellis.py and test_trellis.py. The allocator picks trellis for the decoder linears (fp16 embedding and
+    lm_head); the file must hold trellis matrices of both tables, or every test using it would test nothing."""
+    fixtures = pytest.importorskip("fixtures")
+    from mxq.converter import convert
+
+    path = tmp_path_factory.mktemp("trellis-llama") / "t.mxq"
+    convert(fixtures.ensure("tiny-llama"), path, bpw=4.6, configs="b4g64,t4g64,t2g64", quantizer="wls",
+            objective="frobenius", cache_dir=None)
+    from mxq.format_spec import MxqFile
+
+    with MxqFile.open(path) as f:
+        labels = {e.config.label for e in f.tensors.values() if e.config.scheme == "trellis"}
+    assert {"t2g64", "t4g64"} <= labels, labels
+    return path

@@ -88,6 +88,87 @@ def test_layers_with_vq_grid_products_are_fused(tmp_path_factory, monkeypatch, k
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.fixture(scope="module")
+def trellis_mixed(trellis_llama, tmp_path_factory):
+    """conftest's trellis_llama (every decoder linear trellis) with layer 0's linears and layer 1's q_proj and gate_proj
+    rewritten as b4g32 (RTN of the trellis matrices' weights): layer 0 fuses, layer 1 multiplies q next to trellis k
+    and v, gate next to trellis up, o and down alone — trellis matrices the kernel stacks do not take (cpu_stack)."""
+    from conftest import file_plans_and_blobs
+    from test_runtime_files import rtn_affine
+
+    from mxq.format_spec import MxqFile, MxqWriter, StorageConfig, TensorPlan, dequantize
+
+    path = tmp_path_factory.mktemp("trellis-mixed") / "m.mxq"
+    affine = StorageConfig.affine(4, 32)
+
+    def rewritten(name, entry):
+        return entry.role == "linear" and (name.startswith("model.layers.0.") or
+                                           name.endswith(("self_attn.q_proj.weight", "mlp.gate_proj.weight")))
+
+    with MxqFile.open(trellis_llama) as f:
+        plans = [TensorPlan(name, entry.shape, affine if rewritten(name, entry) else entry.config, entry.role)
+                 for name, entry in f.tensors.items()]
+
+        def blobs_of(name):
+            entry, blobs = f.tensors[name], f.blobs(name)
+            return rtn_affine(dequantize(blobs, entry.shape, entry.config), 4, 32) if rewritten(name, entry) else blobs
+
+        plans, stored = file_plans_and_blobs(plans, blobs_of)
+        tokenizer = {key: value for key, value in f.tokenizer.items() if key != "blob"}
+        with MxqWriter(path, model=f.model, tokenizer=tokenizer, tokenizer_data=f.tokenizer_data(), tensors=plans,
+                       provenance=f.provenance) as writer:
+            for plan in plans:
+                writer.write(plan.name, stored[plan.name])
+    return path
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("kind", ["aot", "jit"])
+def test_layers_with_trellis_products_run_model_block(trellis_mixed, monkeypatch, kind, threads):
+    """A converted trellis model with layer 0 all affine and layer 1 half trellis (trellis_mixed): layer 0 is one
+    fused call, layer 1 runs Model.block — its q/k/v and gate/up not stacked (a trellis member), each product through
+    its own kernel (the trellis GEMV for decode) — and the logits are Model.block's throughout and the NumPy
+    reference path's within the affine kernels' activation rounding (1e-3 of max|logits|, as test_rows_scheme's
+    kernels; measured ≤ 1e-4)."""
+    from types import SimpleNamespace
+
+    from mxq.format_spec import MxqFile
+    from mxq.runtime.backends.cpu_trellis import TrellisWeight
+    from mxq.runtime.backends.numpy_backend import NumpyBackend
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.model import Model
+
+    kernel_tokens = []
+    kernel = TrellisWeight.kernel_matmul
+    monkeypatch.setattr(TrellisWeight, "kernel_matmul", lambda self, kernels, x, *rest: kernel_tokens.append(
+        x.shape[0]) or kernel(self, kernels, x, *rest))
+    monkeypatch.setenv("MXQ_THREADS", threads)
+    with kernels_mode(kind), mxq.load(trellis_mixed) as lm:
+        assert lm.backend.kernels is not None and lm.backend.kernels.kind == kind
+        layers = lm.model.layers
+        assert not any(isinstance(m, TrellisWeight) for m in (layers[0].q, layers[0].k, layers[0].v, layers[0].o,
+                                                               layers[0].gate, layers[0].up, layers[0].down))
+        assert [isinstance(m, TrellisWeight) for m in (layers[1].q, layers[1].k, layers[1].v, layers[1].o,
+                                                       layers[1].gate, layers[1].up, layers[1].down)] == \
+            [False, True, True, True, False, True, True]
+        fused = lm.backend.fused_layers(lm.model, 1)
+        assert fused.fused == [True, False] and fused.runs == [(0, 1, True), (1, 2, False)]
+        assert lm.backend.stack((layers[1].q, layers[1].k, layers[1].v), 1) is None
+        assert lm.backend.stack((layers[1].gate, layers[1].up), 1) is None
+        got, ref = decode_logits(lm, True), decode_logits(lm, False)
+        assert lm.backend.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
+    assert kernel_tokens and set(kernel_tokens) <= {1, 3}  # decode's steps (1 and 3 tokens) through the GEMV
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    with MxqFile.open(trellis_mixed) as f:
+        config = ModelConfig.from_json(f.model)
+        backend = NumpyBackend(threads=1, kernels=False)
+        numpy_path = decode_logits(SimpleNamespace(backend=backend, config=config,
+                                                   model=Model.from_file(f, config, backend)), False)
+    assert np.abs(got - numpy_path).max() <= 1e-3 * np.abs(numpy_path).max()
+    assert (got.argmax(-1) == numpy_path.argmax(-1)).all()
+
+
 def test_two_caches_decoded_in_turn_keep_their_own_keys_and_values(quantized):
     """Each cache has its own kv table (and a cache that grows gets a new one): two sequences decoded step by step in
     turn give what each gives alone."""

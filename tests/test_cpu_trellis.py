@@ -291,3 +291,72 @@ def test_a_written_file_with_trellis_tensors_and_row_blocks(tmp_path, backends):
             for w in handles:
                 assert not w.packed.flags.owndata and not w.packed.flags.writeable  # the file's bytes
     assert fast.kernels is not None
+
+
+# -- a converted model --------------------------------------------------------------------------------------------
+
+def greedy_steps(model, prompt, n):
+    """Greedy tokens after `prompt` (prefill, then n − 1 decode steps of one token) and each step's logits."""
+    cache = model.new_cache(len(prompt) + n)
+    logits = [model.backend.to_host(model.forward(prompt, cache))]  # (T, vocab): every prompt position
+    tokens = [int(np.argmax(logits[-1][-1]))]
+    for _ in range(n - 1):
+        logits.append(model.backend.to_host(model.forward([tokens[-1]], cache)))
+        tokens.append(int(np.argmax(logits[-1][-1])))
+    return tokens, logits
+
+
+def test_a_converted_model_decodes_as_the_numpy_path(trellis_llama, backends, monkeypatch):
+    """tiny-llama converted with trellis candidates (conftest's trellis_llama: every decoder linear t2g64 or t4g64):
+    lean mode with the kernels — its layers cannot be fused (cpu_stack takes no trellis matrix: no kernel stack, so
+    Model.block runs them), a 20-token prefill through dequantize + sgemm, decode through the trellis GEMV — and the
+    cached mode give the NumPy reference path's greedy tokens, every step's logits within 2e-5 · max|logits| (float32
+    sums in other orders through 2 layers, the kernels multiplying x as given; measured ≤ 1e-6); the runtime's
+    generate (mxq.load, its default backend) yields those tokens."""
+    import mxq
+    from mxq.runtime.config import ModelConfig
+    from mxq.runtime.backends.cpu_trellis import TrellisWeight
+    from mxq.runtime.model import Model
+
+    fast, ref = backends
+    calls = []  # (backend, path, tokens) of every trellis product
+    kernel, numpy_path = TrellisWeight.kernel_matmul, TrellisWeight.numpy_matmul
+    monkeypatch.setattr(TrellisWeight, "kernel_matmul", lambda self, kernels, x, *rest: calls.append(
+        (self.backend, "kernel", x.shape[0])) or kernel(self, kernels, x, *rest))
+    monkeypatch.setattr(TrellisWeight, "numpy_matmul", lambda self, x: calls.append(
+        (self.backend, "numpy", x.shape[0])) or numpy_path(self, x))
+    cached = NumpyBackend(threads=2, cache_dequantized=True)
+    steps = 8
+    with MxqFile.open(trellis_llama) as f:
+        config = ModelConfig.from_json(f.model)
+        prompt = np.random.default_rng(4).integers(0, config.vocab_size, 20).tolist()
+        assert len(prompt) > KERNEL_MAX_TOKENS
+        reference, lean, dense = (Model.from_file(f, config, backend) for backend in (ref, fast, cached))
+        for model in (lean, dense):
+            linears = [w for layer in model.layers for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
+                                                              layer.down)]
+            assert all(isinstance(w, TrellisWeight) for w in linears), [type(w).__name__ for w in linears]
+        for w in linears:  # the cached mode's float32 copies: exactly the format's dequantization
+            entry = f.tensors[w.name]
+            np.testing.assert_array_equal(w.dense, dequantize(f.blobs(w.name), entry.shape, entry.config))
+        fused = fast.fused_layers(lean, 1)
+        assert fused is not None and fused.fused == [False] * config.num_hidden_layers
+        assert all(fast.stack(members, 1) is None for layer in lean.layers
+                   for members in ((layer.q, layer.k, layer.v), (layer.gate, layer.up), (layer.down,)))
+        want_tokens, want_logits = greedy_steps(reference, prompt, steps)
+        assert {(be, path) for be, path, _ in calls} == {(ref, "numpy")}
+        calls.clear()
+        for model in (lean, dense):
+            tokens, logits = greedy_steps(model, prompt, steps)
+            assert tokens == want_tokens
+            for got, want in zip(logits, want_logits):
+                assert got.shape == want.shape and np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    n_trellis = len(linears)
+    assert calls == [(fast, "numpy", 20)] * n_trellis + [(fast, "kernel", 1)] * n_trellis * (steps - 1)
+    assert fast.kernels is not None  # no kernel failed (a failure switches them off: the NumPy path)
+    cached.close()
+    with mxq.load(trellis_llama) as lm:
+        assert lm.backend.kernels is not None and lm.backend.kernels.kind == fast.kernels.kind
+        generated = list(lm.generate_ids(prompt, max_new_tokens=steps))  # stops at EOS, which it never yields
+    assert generated == want_tokens[:len(generated)]
+    assert len(generated) == steps or want_tokens[len(generated)] in lm.tokenizer.eos_ids

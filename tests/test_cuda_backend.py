@@ -473,6 +473,32 @@ def test_vq_model_matches_numpy_backend(tmp_path):
     assert any(c.startswith("dequant_vq_b") for c in backend.module.calls)
 
 
+def test_trellis_model_matches_numpy_backend(trellis_llama):
+    """tiny-llama converted with trellis candidates (conftest's trellis_llama: every decoder linear t2g64 or t4g64):
+    emulated CUDA (prefill: dequant_trellis + GEMM, decode: gemv_trellis, both tables uploaded once) gives the numpy
+    backend's greedy tokens and logits."""
+    with MxqFile.open(trellis_llama) as f:
+        config = ModelConfig.from_json(f.model)
+        prompt = np.random.default_rng(2).integers(0, config.vocab_size, 6).tolist()
+        reference = Model.from_file(f, config, NumpyBackend(threads=1, kernels=False))
+        backend = emulated(guard=False)
+        model = Model.from_file(f, config, backend)
+        linears = [w for layer in model.layers for w in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up,
+                                                          layer.down)]
+        trellis = [w for w in linears if isinstance(w, TrellisHandle)]
+        assert trellis, [type(w).__name__ for w in linears]
+        assert len(backend._codebooks) == 2 == len({id(w.blobs[1]) for w in trellis})  # t2 and t4: one upload each
+        want_tokens, want_logits = greedy(reference, prompt, 4)
+        backend.module.calls.clear()
+        tokens, logits = greedy(model, prompt, 4)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    for bits in (2, 4):
+        assert f"gemv_trellis_b{bits}" in backend.module.calls
+        assert f"dequant_trellis_b{bits}_f32" in backend.module.calls
+
+
 ODD_SHAPES = [
     # bits, group, shape, outliers
     (5, 32, (1030, 65), 9),  # ≥ 1024 rows: 8-warp GEMV blocks, last block 6 rows

@@ -3,7 +3,6 @@ files, and the converter's quantizer (Viterbi, scales, row samples, tables) and 
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 
@@ -252,19 +251,17 @@ def test_trellis_beats_affine_at_equal_bits_on_gaussian_weights():
     assert tensor_nbytes((32, 576), StorageConfig.trellis(3, 64)) < tensor_nbytes((32, 576), StorageConfig.affine(3, 64))
 
 
-def test_a_conversion_with_trellis_candidates(tmp_path):
-    """tiny-llama with `b4g64,t4g64,t2g64`: the file holds the tables the chosen blocks read, its bytes are the
-    budget's, the reader dequantizes every trellis tensor to the weights minus the error the MILP saw."""
+def test_a_conversion_with_trellis_candidates(trellis_llama):
+    """tiny-llama with `b4g64,t4g64,t2g64` (conftest's trellis_llama): the file holds the tables the chosen blocks
+    read, its linears' bytes are within the budget, the reader dequantizes every trellis tensor to a smaller error
+    than affine at the same bits with more bytes."""
     fixtures = pytest.importorskip("fixtures")
-    from mxq.converter import convert
     from mxq.converter.checkpoint import read_checkpoint
     from mxq.converter.quantize import quantize
 
-    source = fixtures.ensure("tiny-llama")
-    path = tmp_path / "t.mxq"
-    report = convert(source, path, bpw=4.6, configs="b4g64,t4g64,t2g64", quantizer="wls", objective="frobenius",
-                     cache_dir=None)
-    assert os.path.getsize(path) == report.file_bytes and report.achieved_bpw <= 4.6
+    source, path = fixtures.ensure("tiny-llama"), trellis_llama
+    with MxqFile.open(path) as f:
+        assert f.quantization["achieved_bpw_linear"] <= 4.6
     checkpoint = read_checkpoint(source)
     with MxqFile.open(path) as f:
         assert f.version == (1, 9) and f.verify() == []
@@ -278,3 +275,65 @@ def test_a_conversion_with_trellis_candidates(tmp_path):
             affine = StorageConfig.affine(entry.config.bits, 64)
             assert error < quantize(weight, affine, "wls").error_sq, entry.name
             assert entry.nbytes < tensor_nbytes(entry.shape, affine)
+
+
+# -- the converted file through the tools (conftest's trellis_llama) ----------------------------------------------
+def test_a_converted_trellis_file_through_verify_inspect_export_hf_and_generate(trellis_llama, tmp_path):
+    """`mxq verify` passes; `mxq inspect` lists each trellis tensor with its label (t2g64, t4g64); `mxq export-hf`
+    writes each trellis tensor as the spec's formula of its stored bytes (scale[r, c div g] · table[window], the table
+    read from the file's codebook.tK tensor; = format_spec.dequantize) and no table as a weight, and transformers
+    on the export gives the runtime's logits (NumPy path: the same float32 weights, sums in other orders: 1e-4 of
+    max|logits|, measured ≤ 1e-6) and greedy tokens; `mxq generate` (greedy, the default kernels) prints the NumPy
+    path's continuation."""
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    import mxq
+    from conftest import hf_greedy
+    from mxq.cli import main
+    from test_cpu_kernels import kernels_mode
+    transformers = pytest.importorskip("transformers")
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["verify", str(trellis_llama)])
+    assert result.exit_code == 0 and "OK" in result.stdout, result.output
+    result = runner.invoke(main, ["inspect", str(trellis_llama)])
+    assert result.exit_code == 0 and "mxq format 1.9" in result.stdout, result.output
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    out = tmp_path / "hf"
+    result = runner.invoke(main, ["export-hf", str(trellis_llama), str(out)])
+    assert result.exit_code == 0, result.output
+    exported = load_file(str(out / "model.safetensors"))
+    with MxqFile.open(trellis_llama) as f:
+        assert set(exported) == set(f.tensors) and sorted(f.codebooks) == ["codebook.t2", "codebook.t4"]
+        trellis = [(name, e) for name, e in f.tensors.items() if e.config.scheme == "trellis"]
+        assert {e.config.label for _, e in trellis} == {"t2g64", "t4g64"}
+        for name, entry in f.tensors.items():
+            blobs, got = f.blobs(name), exported[name]
+            assert got.dtype == np.float32 and got.shape == tuple(entry.shape), name
+            if entry.config.scheme == "fp16":
+                assert np.array_equal(got, blobs["data"].astype(np.float32)), name
+                continue
+            assert entry.config.scheme == "trellis" and lines[name][2] == entry.config.label, (name, lines.get(name))
+            bits, group = entry.config.bits, entry.config.group_size
+            table = f.blobs(f"codebook.t{bits}")["data"].astype(np.float32)[:, 0]
+            windows = trellis_windows(blobs["qweight"], entry.shape[1], bits)
+            scale = np.repeat(decode_meta(blobs["scale_codes"], blobs["scale_meta"]), group, axis=1)
+            assert np.array_equal(got, scale[:, :entry.shape[1]] * table[windows]), name
+            assert np.array_equal(got, dequantize(blobs, entry.shape, entry.config)), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = np.random.default_rng(6).integers(0, hf.config.vocab_size, size=24)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)[None]).logits[0].numpy()
+    want_tokens = hf_greedy(hf, ids[:8].tolist(), 6)
+    with kernels_mode("numpy"), mxq.load(trellis_llama) as lm:
+        assert lm.backend.kernels is None
+        logits = lm.logits(ids)
+        assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
+        generated = list(lm.generate_ids(ids[:8].tolist(), max_new_tokens=6))  # stops at EOS, never yielded
+        assert generated == want_tokens[:len(generated)]
+        assert len(generated) == 6 or want_tokens[len(generated)] in lm.tokenizer.eos_ids
+        text = "".join(lm.generate("Once upon a time", max_new_tokens=6))
+    assert text.strip()
+    result = runner.invoke(main, ["generate", str(trellis_llama), "Once upon a time", "-n", "6"])
+    assert result.exit_code == 0 and result.stdout == text + "\n", result.output
