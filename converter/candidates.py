@@ -63,7 +63,8 @@ def parse_candidates(text: str) -> list[Candidate]:
 
 
 def with_outliers(candidate: Candidate, percent: float) -> Candidate:
-    """`candidate` keeping `percent` of each matrix's weights as outliers (fp16 stays fp16)."""
-    if candidate.scheme == "fp16" or not percent:
+    """`candidate` keeping `percent` of each matrix's weights as outliers (fp16 stays fp16; trellis, which stores
+    no outliers, stays as it is)."""
+    if candidate.scheme in ("fp16", "trellis") or not percent:
         return candidate
     return replace(candidate, outliers=0, outlier_percent=percent)

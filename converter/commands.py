@@ -81,7 +81,8 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "shared by the file; 'trellis': t2–t5 g64, trellis-coded rows through the file's table for each "
                    "K; files with vq blocks decode slower on CPU: about half as fast with 'vqs', "
                    "several times slower with 'vq', and trellis blocks slower still (a table lookup per weight; "
-                   "conversion runs a Viterbi search per row, minutes per million weights) — README, Quality).")
+                   "conversion runs a Viterbi search per row, ~15 s per million weights on 2 cores) — README, "
+                   "Quality).")
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
               show_default=True,
               help="Split each decoder linear into this many blocks of output channels, sorted by importance "
@@ -91,8 +92,8 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    f"none when its rows have fewer than {MIN_SPLIT_COLUMNS} weights (the row order costs 16 bits "
                    "a row).")
 @click.option("--outliers", "outliers_text", default=f"{default('outliers'):g}", show_default=True,
-              help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%); "
-                   "their bytes count against the budget.")
+              help="Keep this share of each matrix's largest weights as fp16 outliers (e.g. 0.5%; not in trellis "
+                   "configs, which store none); their bytes count against the budget.")
 @click.option("--outlier-mode", type=click.Choice(OUTLIER_MODES), default=default("outlier_mode"), show_default=True,
               help="Outliers are the largest weights, or those with the largest (importance-weighted) error.")
 @click.option("--quantizer", type=click.Choice(QUANTIZERS), default=default("quantizer"), show_default=True,

@@ -471,7 +471,7 @@ def quantized_tensors(checkpoint, plans, quantizer_importance, outlier_mode: str
     """Yield (name, blobs) for every plan in order: decoder linears with layer-sequential GPTQ
     rounding over the calibration text (`tokens` tokens; None: the packaged text), everything else as
     `quantize` stores it. quantizer_importance(name) → (out, in) importance or None. codebooks: the
-    file's shared vq codebooks (quantize)."""
+    file's shared vq codebooks and trellis tables (quantize)."""
     chunks = calibration_chunks(checkpoint, default_text() if text is None else text, tokens)  # (C, T)
     hessians = _Hessians()
     stream = LayerStream(checkpoint, hessians)

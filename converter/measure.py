@@ -39,6 +39,8 @@ from .options import SAMPLE_EVERY
 from .quantize import _groups, quantize
 from .row_blocks import ORDER_VERSION, blocks_wanted, split, unit_costs
 from .shared_codebooks import digest
+from .trellis import VERSION as TRELLIS_VERSION
+from ..format_spec.layout import file_codebook
 from ..format_spec.vq import GRID_DIM
 
 CACHE_VERSION = 6  # bump when quantizer or estimator math changes (6: 6-bit metadata for b <= 3)
@@ -193,9 +195,9 @@ def measure_matrix(checkpoint, quantizer: str, importance, outlier_mode: str, sa
     """One matrix's missing entries. job: (name, [(cache key, candidate, row-sampled?)]) →
     (‖W‖²_F, {cache key: [[err_sq, weighted, weighted_se] of each unit]}): one unit, the matrix, or
     with row_blocks > 1 its row blocks (row_blocks.split), each quantized as its own matrix, its sample
-    evenly spread over the block's rows in importance order. codebooks: the file's shared vq codebooks
-    (quantize). A pure function of its arguments (the quantizer's kernels give the same bits for any thread
-    count), so it may run on any machine."""
+    evenly spread over the block's rows in importance order. codebooks: the file's shared vq codebooks and
+    trellis tables (quantize). A pure function of its arguments (the quantizer's kernels give the same bits for
+    any thread count), so it may run on any machine."""
     name, entries = job
     weight = checkpoint.load(name)
     weights = importance(name) if importance is not None else None
@@ -265,8 +267,10 @@ def measure(checkpoint, candidates, quantizer: str, cache: ErrorCache, progress=
     sampled = [c.scheme in ("affine", "vq", "trellis") and not c.outlier_percent and sample_every > 1
                for c in candidates]
     keys = [f"fp16/{importance_id}" if c.scheme == "fp16" else
-            f"{quantizer}/{importance_id}/{outlier_mode}/{c.label}" + (f"/rows1in{sample_every}" if s else "")
-            + (f"/codebook-{digest(codebooks, c)}" if (c.scheme == "vq" and c.shared) or c.scheme == "trellis" else "")
+            # trellis has one fit, whatever the quantizer, and no outliers: its errors are shared by every run
+            (f"trellis-v{TRELLIS_VERSION}/{importance_id}" if c.scheme == "trellis" else
+             f"{quantizer}/{importance_id}/{outlier_mode}") + f"/{c.label}" + (f"/rows1in{sample_every}" if s else "")
+            + (f"/codebook-{digest(codebooks, c)}" if file_codebook(c) is not None else "")
             + ("/grid8" if c.scheme == "vq" and not c.shared and c.dim == GRID_DIM else "")  # (vq.kmeans_codebook)
             for c, s in zip(candidates, sampled)]
     missing = lambda i, k: any(cache.get(k, entry(i, b)) is None for b in range(len(counts[i])))  # noqa: E731

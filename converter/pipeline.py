@@ -66,8 +66,8 @@ def _candidates(options: ConvertOptions) -> list[Candidate]:
 
 def _plans(checkpoint, configs: dict, options: ConvertOptions) -> list[TensorPlan]:
     """configs: name -> StorageConfig of every allocated tensor (the linears, and the matrices stored
-    once when the budget covers the whole file); then the shared vq codebooks the candidates allow (always
-    stored: their bytes are reserved, converter/shared_codebooks.py)."""
+    once when the budget covers the whole file); then the shared vq codebooks and trellis tables the candidates
+    allow (always stored: their bytes are reserved, converter/shared_codebooks.py)."""
     plans = []
     for name, info in checkpoint.tensors.items():
         if name in configs:
@@ -385,7 +385,8 @@ def _convert(hf_dir, out_path, options: ConvertOptions, progress, cluster=None) 
 
 def _quantized(checkpoint, plans, quantizer: str, options, weights_of, codebooks: dict):
     """(name, blobs) of every planned tensor, in plan order, rounded by `quantizer` (options.write_quantizer's);
-    weights_of(name): its importance or None; codebooks: the shared vq codebooks, whose tensors come last."""
+    weights_of(name): its importance or None; codebooks: the shared vq codebooks and trellis tables, whose tensors
+    come last."""
     books = [plan for plan in plans if plan.role == CODEBOOK_ROLE]
     plans = plans[:len(plans) - len(books)]
     if quantizer == "gptq":  # layer-sequential error compensation (converter/gptq.py)

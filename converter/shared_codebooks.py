@@ -17,7 +17,8 @@ same bits for any thread count). Their bytes are reserved in the budget whenever
 allowed, whether or not the allocation picks one (the file always holds them): 32 KiB for (3, 4).
 
 trellis: converter/trellis.fit_table on whole rows (trellis.table_rows) evenly spread over every decoder linear,
-TABLE_FIT_WEIGHTS in all, one fit per K; 8 KiB each, reserved as the vq codebooks are.
+TABLE_FIT_WEIGHTS in all, one fit per K (with scales per 64 weights, whatever the candidates' group sizes); 8 KiB
+each, reserved as the vq codebooks are.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..format_spec import StorageConfig, snap_to_int8_grid
-from ..format_spec.layout import (CODEBOOK_ROLE, TRELLIS_TABLE_SHAPE, BlobSpec, codebook_spec, shared_codebook_name,
-                                  trellis_table_name)
+from ..format_spec.layout import (CODEBOOK_ROLE, TRELLIS_TABLE_SHAPE, BlobSpec, codebook_spec, file_codebook,
+                                  shared_codebook_name, trellis_table_name)
 from ..format_spec.writer import TensorPlan
 from ..format_spec.vq import GRID_DIM
 from .trellis import PASSES, TABLE_FIT_WEIGHTS, TABLE_PASSES, fit_table, table_rows
@@ -48,7 +49,7 @@ def shared_pairs(candidates) -> list[tuple[int, int]]:
 
 def _book_users(candidates) -> list:
     """The candidates that read a file codebook: shared vq configs and trellis ones."""
-    return [c for c in candidates if (c.scheme == "vq" and c.shared) or c.scheme == "trellis"]
+    return [c for c in candidates if file_codebook(c) is not None]
 
 
 def fit_shared_codebooks(checkpoint, candidates, importance, progress=None, cache: Path | None = None,

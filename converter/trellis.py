@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from ..format_spec import StorageConfig, decode_meta, encode_meta
-from ..format_spec.layout import TRELLIS_WINDOW_BITS
+from ..format_spec.layout import META_GROUP_SIZE, TRELLIS_WINDOW_BITS
 from ..format_spec.trellis import pack_windows
 
 PASSES = 2  # rounds of (Viterbi, least-squares scales) per matrix
+CHUNK_WEIGHTS = 1 << 20  # rows coded at a time (rounded to whole metadata runs)
+VERSION = 1  # of the quantizer: part of its errors' cache key (measure.py)
 TABLE_FIT_WEIGHTS = 1 << 21  # weights the tables are fitted on, in whole rows spread over the linears
 TABLE_PASSES = 4  # Lloyd passes of a table fit
 TABLE_SEED = 0  # the Gaussian start
@@ -46,7 +48,7 @@ def _viterbi_row(w, f, s, table, bits, out):
     tails = 1 << tail_bits  # a window's low L−K bits are its predecessor's high ones
     cost = np.empty(states)
     best_tail = np.empty(tails)
-    back = np.empty((n, tails), np.int16)  # the predecessor's low K bits, per (step, tail)
+    back = np.empty((n, tails), np.int8)  # the predecessor's low K bits (< 32), per (step, tail)
     for state in range(states):
         d = w[0] - s[0] * table[state]
         cost[state] = f[0] * d * d
@@ -111,21 +113,35 @@ def quantize_trellis(weight: torch.Tensor, config: StorageConfig, table: np.ndar
     """(blobs, row_sq, row_weighted, residual (out, in)) of W (out, in) float32 at a trellis `config` with the
     file's table for its bits (fp16 (4096, 1)): the module doc's passes. rows: only these rows (a sample).
     floor: added to the importance. blobs (pack): qweight and the scale codes (in memory form) — the table is
-    the file's codebook tensor, not a blob of the tensor."""
-    w = weight.numpy().astype(np.float64)
-    f = importance.numpy().astype(np.float64) + floor if importance is not None else np.ones_like(w)
-    if rows is not None:
-        w, f = w[rows.numpy()], f[rows.numpy()]
-    f = np.maximum(f, 1e-30)  # every weight counts a little: a walk needs a defined cost everywhere
+    the file's codebook tensor, not a blob of the tensor. Rows are coded CHUNK_WEIGHTS at a time, each chunk whole
+    metadata runs of 128 scales, so the bytes are those of the whole matrix coded at once and memory stays ~100
+    bytes a weight of one chunk beyond the residual."""
+    picked = rows.numpy() if rows is not None else slice(None)  # a sample's rows only: no whole-matrix copies
+    source = weight.numpy()[picked]  # (R, in)
+    weights = importance.numpy()[picked] if importance is not None else None
     levels = np.asarray(table, dtype=np.float32).reshape(-1)  # (4096,) as the dequantizer widens it
-    windows, codes, meta, scales = walk(w, f, levels.astype(np.float64), config)
-    stored = np.repeat(scales, config.group_size, axis=1)[:, :w.shape[1]] * levels[windows]  # float32 (out, in)
-    residual = w.astype(np.float32) - stored
-    row_sq = torch.from_numpy(np.square(residual, dtype=np.float64).sum(1))
-    weighted = importance is not None
-    row_weighted = torch.from_numpy((f * np.square(residual, dtype=np.float64)).sum(1)) if weighted else row_sq
-    blobs = {"qweight": pack_windows(windows, config.bits), "scale_codes": codes, "scale_meta": meta} if pack else {}
-    return blobs, row_sq, row_weighted, torch.from_numpy(residual)
+    n_rows, n = source.shape
+    run_rows = META_GROUP_SIZE // math.gcd(math.ceil(n / config.group_size), META_GROUP_SIZE)  # rows per whole runs
+    step = max(1, CHUNK_WEIGHTS // (n * run_rows)) * run_rows
+    residual = np.empty(source.shape, np.float32)
+    row_sq, row_weighted, parts = np.empty(n_rows), np.empty(n_rows), []
+    for r0 in range(0, n_rows, step):
+        w = source[r0:r0 + step].astype(np.float64)
+        f = weights[r0:r0 + step].astype(np.float64) + floor if weights is not None else np.ones_like(w)
+        f = np.maximum(f, 1e-30)  # every weight counts a little: a walk needs a defined cost everywhere
+        windows, codes, meta, scales = walk(w, f, levels.astype(np.float64), config)
+        stored = np.repeat(scales, config.group_size, axis=1)[:, :n] * levels[windows]  # float32, as dequantized
+        part = residual[r0:r0 + step]
+        np.subtract(w.astype(np.float32), stored, out=part)
+        row_sq[r0:r0 + step] = np.square(part, dtype=np.float64).sum(1)
+        row_weighted[r0:r0 + step] = (f * np.square(part, dtype=np.float64)).sum(1)
+        parts.append((pack_windows(windows, config.bits), codes, meta) if pack else None)
+    blobs = {}
+    if pack:
+        blobs = {"qweight": np.concatenate([p[0] for p in parts]), "scale_codes": np.concatenate([p[1] for p in parts]),
+                 "scale_meta": np.concatenate([p[2] for p in parts])}
+    row_sq = torch.from_numpy(row_sq)
+    return blobs, row_sq, torch.from_numpy(row_weighted) if weights is not None else row_sq, torch.from_numpy(residual)
 
 
 def table_rows(weight: np.ndarray, importance: np.ndarray | None, count: int):

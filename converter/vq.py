@@ -102,8 +102,11 @@ def sample_vectors(weight: np.ndarray, importance: np.ndarray | None, group_size
 
 
 def shared_points(codebooks: dict | None, config: StorageConfig) -> np.ndarray:
-    """The fp16 shared codebook (2^k, dim) a `shared` config uses."""
+    """The fp16 shared codebook (2^k, dim) a `shared` vq config uses; a trellis config: its table (4096, 1), keyed
+    (K, 0) (converter/shared_codebooks.py)."""
     points = (codebooks or {}).get((config.bits, config.dim))
+    if points is None and config.scheme == "trellis":
+        raise ValueError(f"{config.label}: no trellis table for K = {config.bits} was given")
     if points is None:
         raise ValueError(f"{config.label}: no shared codebook for bits {config.bits}, dim {config.dim} was given")
     return points

@@ -12,7 +12,6 @@ META6_MINOR = 4  # 1.4 added 6-bit affine metadata codes (meta_bits 6)
 PACKED_MINOR = 5  # 1.5 added packed tensor entries (one offset and crc32 per tensor instead of a blob table)
 SHARED_CODEBOOK_MINOR = 7  # 1.7 added shared vq codebooks (config "shared", role "codebook")
 WORD_PADDED_VQ_MINOR = 8  # 1.8 pads a vq row's indices to whole uint32 words, not whole packs of 32 (§12.1)
-TRELLIS_MINOR = 9  # 1.9 added the trellis scheme and its tables (§13)
 
 
 def _config_minor(config) -> int:

@@ -220,7 +220,8 @@ class MxqFile:
                 name, shape = book
                 codebook = self.codebooks.get(name)
                 if codebook is None:
-                    check.fail(f"tensor '{entry.name}': its shared codebook '{name}' is not in the file "
+                    kind = "table" if part.scheme == "trellis" else "shared codebook"
+                    check.fail(f"tensor '{entry.name}': its {kind} '{name}' is not in the file "
                                f"(a tensor of role '{CODEBOOK_ROLE}')")
                 if tuple(codebook.shape) != shape:
                     check.fail(f"codebook tensor '{name}': shape {list(codebook.shape)} != {list(shape)}, "

@@ -45,17 +45,15 @@ def pack_windows(windows: np.ndarray, bits: int) -> np.ndarray:
     if in_features > 1 and np.any((windows[:, 1:] & ((1 << tail) - 1)) != windows[:, :-1] >> bits):
         raise ValueError("trellis windows do not form a walk (a window's low bits must be its predecessor's high ones)")
     _, _, words_per_row, _ = trellis_dims(windows.shape, StorageConfig.trellis(bits, 32))
-    # stream bits: window 0's 12, then for c ≥ 1 the K bits window c adds (its top K) at bit L + (c − 1)·K
-    chunks = np.concatenate([windows[:, :1], windows[:, 1:] >> tail], axis=1)  # (out, in) values to place
-    widths = np.concatenate([[TRELLIS_WINDOW_BITS], np.full(in_features - 1, bits)])
-    starts = np.concatenate([[0], TRELLIS_WINDOW_BITS + bits * np.arange(in_features - 1)])
-    positions = starts[:, None] + np.arange(TRELLIS_WINDOW_BITS)[None, :]  # (in, 12) bit positions of each chunk
-    values = (chunks[:, :, None] >> np.arange(TRELLIS_WINDOW_BITS)) & 1  # (out, in, 12)
-    keep = np.arange(TRELLIS_WINDOW_BITS)[None, :] < widths[:, None]  # (in, 12): the chunk's own bits
-    stream = np.zeros((out_features, words_per_row * 32), np.uint8)
-    stream[:, positions[keep]] = values[:, keep]
-    packed = np.packbits(stream.reshape(out_features, words_per_row, 4, 8), axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed.reshape(out_features, words_per_row * 4)).view("<u4").astype(np.uint32)
+    words = np.zeros((out_features, words_per_row + 1), np.uint64)  # + a word the last chunk may spill into
+    # stream bits: window 0's 12, then for c ≥ 1 the K bits window c adds (its top K) at bit L + (c − 1)·K;
+    # a column at a time, (out,) vector operations: memory stays the output's
+    for c in range(in_features):
+        start, chunk = (0, windows[:, 0]) if c == 0 else (TRELLIS_WINDOW_BITS + (c - 1) * bits, windows[:, c] >> tail)
+        shifted = chunk.astype(np.uint64) << np.uint64(start & 31)  # < 2^43: fits
+        words[:, start >> 5] |= shifted & np.uint64(0xFFFFFFFF)
+        words[:, (start >> 5) + 1] |= shifted >> np.uint64(32)
+    return np.ascontiguousarray(words[:, :words_per_row].astype(np.uint32))
 
 
 def dequantize_trellis(blobs: dict, shape, config: StorageConfig) -> np.ndarray:

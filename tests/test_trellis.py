@@ -126,6 +126,12 @@ HOSTILE = {  # edits of a trellis file's JSON, each rejected at open with one li
     "window bits": (lambda d: _entry(d, "a")["config"].update(window_bits=16), "window_bits=16 is not supported"),
     "bits 6": (lambda d: _entry(d, "a")["config"].update(bits=6), "is not supported"),
     "no group size": (lambda d: _entry(d, "a")["config"].pop("group_size"), "group_size"),
+    "group size 48": (lambda d: _entry(d, "a")["config"].update(group_size=48), "is not supported"),
+    "meta bits 0": (lambda d: _entry(d, "a")["config"].update(meta_bits=0), "is not supported"),
+    "meta bits 7": (lambda d: _entry(d, "a")["config"].update(meta_bits=7), "is not supported"),
+    "meta runs of 64": (lambda d: _entry(d, "a")["config"].update(meta_group_size=64), "is not supported"),
+    "no window bits": (lambda d: _entry(d, "a")["config"].pop("window_bits"), "window_bits"),
+    "window bits as text": (lambda d: _entry(d, "a")["config"].update(window_bits="12"), "window_bits"),
     "block bits": (lambda d: _entry(d, "r")["config"]["blocks"][0]["config"].update(bits=1), "block 0"),
 }
 
@@ -206,6 +212,13 @@ def test_viterbi_finds_the_best_walk():
     assert windows[1] >> 0 & 1023 == windows[0] >> 2 and windows[2] & 1023 == windows[1] >> 2  # a walk
 
 
+def test_outliers_leave_trellis_candidates_as_they_are():
+    from mxq.converter.candidates import parse_candidates, with_outliers
+
+    candidates = [with_outliers(c, 0.5) for c in parse_candidates("b4g64,t4g64")]
+    assert [c.label for c in candidates] == ["b4g64+o0.5%", "t4g64"]
+
+
 def _table(bits):
     from mxq.converter.trellis import fit_table, table_rows
 
@@ -234,8 +247,26 @@ def test_quantized_errors_are_those_of_the_stored_bytes_and_rows_are_independent
         trellis_windows(quantize(weight[sample], config, "wls", importance=importance[sample],
                                  codebooks=books).blobs["qweight"], 100, 3), 3), 100, 3), whole)
     assert np.allclose(part.row_weighted.numpy(), q.row_weighted.numpy()[[2, 9, 23]], rtol=0.05)
-    with pytest.raises(ValueError, match="no shared codebook"):
+    with pytest.raises(ValueError, match="no trellis table for K = 3"):
         quantize(weight, config, "wls", codebooks={})
+
+
+def test_rows_coded_in_chunks_give_the_bytes_of_the_whole_matrix(monkeypatch):
+    """quantize_trellis codes CHUNK_WEIGHTS at a time, each chunk whole metadata runs of 128 scales: the same blobs
+    and errors as one chunk (40 rows × 4 groups: chunks of 32 rows, then 8)."""
+    import mxq.converter.trellis as trellis
+    from mxq.converter.quantize import quantize
+
+    rng = np.random.default_rng(9)
+    weight = torch.from_numpy(rng.standard_normal((40, 100)).astype(np.float32))
+    config, books = StorageConfig.trellis(4, 32), {(4, 0): _table(4)}
+    whole = quantize(weight, config, "wls", codebooks=books)
+    monkeypatch.setattr(trellis, "CHUNK_WEIGHTS", 1)
+    chunked = quantize(weight, config, "wls", codebooks=books)
+    assert whole.blobs.keys() == chunked.blobs.keys()
+    for name in whole.blobs:
+        assert np.array_equal(whole.blobs[name], chunked.blobs[name]), name
+    assert whole.error_sq == chunked.error_sq and torch.equal(whole.residual, chunked.residual)
 
 
 def test_trellis_beats_affine_at_equal_bits_on_gaussian_weights():

@@ -17,14 +17,13 @@ dequantized as looked up (lean_rows).
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 
 import numpy as np
 
-from ...format_spec.layout import META_GROUP_SIZE, trellis_dims
+from ...format_spec.layout import trellis_dims
 from ...format_spec.trellis import trellis_windows
-from .cpu_weights import RowDequantized, _fresh, kernel_extras, readonly
+from .cpu_weights import RowDequantized, _fresh, content_cached, decoded_scales, kernel_extras, readonly
 
 
 class Table:
@@ -40,14 +39,8 @@ _widened = weakref.WeakValueDictionary()  # (content hash, shape) → Table, ali
 
 
 def widened(table: np.ndarray) -> Table:
-    """The float32 form of an fp16 table (4096, 1), made once per distinct content (as cpu_vq.widened: keyed by
-    the content's hash, not the blob's address, which a closed file's bytes may give to another's)."""
-    table = np.ascontiguousarray(table)
-    key = (hashlib.blake2b(table.view(np.uint8).reshape(-1), digest_size=16).digest(), table.shape, table.dtype.str)
-    found = _widened.get(key)
-    if found is None:
-        found = _widened[key] = Table(table)
-    return found
+    """The float32 form of an fp16 table (4096, 1), made once per distinct content (cpu_weights.content_cached)."""
+    return content_cached(_widened, table, Table)
 
 
 class TrellisWeight(RowDequantized):
@@ -68,9 +61,8 @@ class TrellisWeight(RowDequantized):
             backend.run_kernel(lambda _threads: backend.kernels.trellis())
 
     def scales(self, rows: np.ndarray) -> np.ndarray:
-        """Decoded scales of `rows` (R,): (R, G) float32, scale = code·step + min (SPEC.md §6.2; = decode_meta)."""
-        run = (rows[:, None] * self.n_groups + np.arange(self.n_groups)[None, :]) // META_GROUP_SIZE  # (R, G)
-        return self.scale_codes[rows].astype(np.float32) * self.scale_meta[run, 0] + self.scale_meta[run, 1]
+        """Decoded scales of `rows` (R,): (R, G) float32 (cpu_weights.decoded_scales)."""
+        return decoded_scales(self.scale_codes, self.scale_meta, self.n_groups, rows)
 
     def dequantize_rows(self, r: np.ndarray | slice, scratch=_fresh) -> np.ndarray:
         """Float32 rows r of W: (R, in), scratch("weight", (R, in)) (the NumPy path's reused buffer; by default a

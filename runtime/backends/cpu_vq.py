@@ -25,16 +25,16 @@ path: format_spec.unpack_codes, which unpacks a partial last pack), and drops th
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from functools import cached_property
 
 import numpy as np
 
 from ...format_spec import int8_grid, unpack_codes
-from ...format_spec.layout import META_GROUP_SIZE, vq_dims
+from ...format_spec.layout import vq_dims
 from ...format_spec.vq import GRID_DIM
-from .cpu_weights import NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, kernel_extras, readonly
+from .cpu_weights import (NO_COLS, NO_ROWS, NO_VALUES, RowDequantized, _fresh, content_cached, decoded_scales,
+                          kernel_extras, readonly)
 
 
 class Widened:
@@ -58,17 +58,9 @@ _widened = weakref.WeakValueDictionary()  # (content hash, shape) → Widened, a
 
 
 def widened(codebook: np.ndarray) -> Widened:
-    """The float32 forms of an fp16 codebook (2^k, dim), made once per distinct content: the tensors of a file
-    that share its codebook (format 1.7: a view of the same file bytes each) share one Widened. Keyed by the
-    content's hash, not the blob's address: equal content gives equal arrays, and a closed file's address
-    may be reused by another file's bytes."""
-    codebook = np.ascontiguousarray(codebook)
-    key = (hashlib.blake2b(codebook.view(np.uint8).reshape(-1), digest_size=16).digest(), codebook.shape,
-           codebook.dtype.str)
-    found = _widened.get(key)
-    if found is None:
-        found = _widened[key] = Widened(codebook)
-    return found
+    """The float32 forms of an fp16 codebook (2^k, dim), made once per distinct content (cpu_weights.content_cached):
+    the tensors of a file that share its codebook (format 1.7: a view of the same file bytes each) share one."""
+    return content_cached(_widened, codebook, Widened)
 
 
 class VqWeight(RowDequantized):
@@ -107,9 +99,8 @@ class VqWeight(RowDequantized):
         return cols.astype(np.intp), values.view(np.float16).astype(np.float32), row_ptr.astype(np.int64)
 
     def scales(self, rows: np.ndarray) -> np.ndarray:
-        """Decoded scales of `rows` (R,): (R, G) float32, scale = code·step + min (SPEC.md §6.2; = decode_meta)."""
-        run = (rows[:, None] * self.n_groups + np.arange(self.n_groups)[None, :]) // META_GROUP_SIZE  # (R, G)
-        return self.scale_codes[rows].astype(np.float32) * self.scale_meta[run, 0] + self.scale_meta[run, 1]
+        """Decoded scales of `rows` (R,): (R, G) float32 (cpu_weights.decoded_scales)."""
+        return decoded_scales(self.scale_codes, self.scale_meta, self.n_groups, rows)
 
     def dequantize_rows(self, r: np.ndarray | slice, scratch=_fresh) -> np.ndarray:
         """Float32 rows r of W, outliers included: (R, in), a view of scratch("weight", (R, n_vectors, dim))

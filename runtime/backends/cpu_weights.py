@@ -45,6 +45,7 @@ are added as y[:, r] += Σ v·x[:, c], the same as adding them to W.
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import time
@@ -87,6 +88,26 @@ def readonly(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a).view()
     a.flags.writeable = False
     return a
+
+
+def content_cached(store, array: np.ndarray, make):
+    """make(array), made once per distinct content of `array` while one is alive: `store` (a
+    weakref.WeakValueDictionary of the caller's) keeps what was made, keyed by the content's hash, shape and
+    dtype — not the blob's address: equal content gives equal results, and a closed file's address may be
+    reused by another file's bytes. The tensors of a file that share a codebook or table share one result."""
+    array = np.ascontiguousarray(array)
+    key = (hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16).digest(), array.shape, array.dtype.str)
+    found = store.get(key)
+    if found is None:
+        found = store[key] = make(array)
+    return found
+
+
+def decoded_scales(scale_codes: np.ndarray, scale_meta: np.ndarray, n_groups: int, rows: np.ndarray) -> np.ndarray:
+    """Decoded scales of `rows` (R,): (R, G) float32, scale = code·step + min over the runs of 128 (SPEC.md §6.2;
+    = format_spec.decode_meta); scale_codes uint8 (out, G), scale_meta float32 (runs, 2)."""
+    run = (rows[:, None] * n_groups + np.arange(n_groups)[None, :]) // META_GROUP_SIZE  # (R, G)
+    return scale_codes[rows].astype(np.float32) * scale_meta[run, 0] + scale_meta[run, 1]
 
 
 # stand-ins for absent kernel arguments (same types as present ones; the kernels' signatures fix them)
@@ -666,7 +687,7 @@ def _fresh(name, shape, dtype):
 
 
 class RowDequantized(Matrix):
-    """A codebook matrix (lut, vq) whose NumPy path and cached copy come from `dequantize_rows(r, scratch)`:
+    """A codebook matrix (lut, vq, trellis) whose NumPy path and cached copy come from `dequantize_rows(r, scratch)`:
     float32 rows r (R, in), outliers included, possibly a view of scratch's reused buffer."""
 
     def dequantize_rows(self, r, scratch=_fresh) -> np.ndarray:
