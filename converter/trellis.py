@@ -30,7 +30,7 @@ import torch
 
 from ..format_spec import StorageConfig, decode_meta, encode_meta
 from ..format_spec.layout import META_GROUP_SIZE, TRELLIS_WINDOW_BITS
-from ..format_spec.trellis import pack_windows
+from ..format_spec.trellis import pack_windows, per_weight
 
 PASSES = 2  # rounds of (Viterbi, least-squares scales) per matrix
 CHUNK_WEIGHTS = 1 << 20  # rows coded at a time (rounded to whole metadata runs)
@@ -103,7 +103,7 @@ def walk(w: np.ndarray, f: np.ndarray, table: np.ndarray, config: StorageConfig)
     rms = math.sqrt(float(np.mean(table ** 2))) or 1.0
     scales = np.sqrt(_group_sums(f * w * w, g) / _group_sums(f, g)) / rms  # (rows, G)
     for _ in range(PASSES):
-        windows = viterbi(w, f, np.repeat(scales, g, axis=1)[:, :w.shape[1]].astype(np.float64), table, config.bits)
+        windows = viterbi(w, f, per_weight(scales, g, w.shape[1]).astype(np.float64), table, config.bits)
         codes, meta, scales = _fitted_scales(w, f, table[windows], g, config.meta_bits)
     return windows, codes, meta, scales
 
@@ -130,7 +130,7 @@ def quantize_trellis(weight: torch.Tensor, config: StorageConfig, table: np.ndar
         f = weights[r0:r0 + step].astype(np.float64) + floor if weights is not None else np.ones_like(w)
         f = np.maximum(f, 1e-30)  # every weight counts a little: a walk needs a defined cost everywhere
         windows, codes, meta, scales = walk(w, f, levels.astype(np.float64), config)
-        stored = np.repeat(scales, config.group_size, axis=1)[:, :n] * levels[windows]  # float32, as dequantized
+        stored = per_weight(scales, config.group_size, n) * levels[windows]  # float32, as dequantized
         part = residual[r0:r0 + step]
         np.subtract(w.astype(np.float32), stored, out=part)
         row_sq[r0:r0 + step] = np.square(part, dtype=np.float64).sum(1)
@@ -161,7 +161,7 @@ def fit_table(samples: list, bits: int, progress=None) -> np.ndarray:
         num, den = np.zeros_like(table), np.zeros_like(table)
         for w, f in samples:
             windows, _, _, scales = walk(w, f, table.astype(np.float16).astype(np.float64), config)
-            s = np.repeat(scales, config.group_size, axis=1)[:, :w.shape[1]].astype(np.float64)
+            s = per_weight(scales, config.group_size, w.shape[1]).astype(np.float64)
             np.add.at(num, windows.ravel(), (f * s * w).ravel())
             np.add.at(den, windows.ravel(), (f * s * s).ravel())
         table = np.where(den > 0, num / np.where(den > 0, den, 1.0), table)

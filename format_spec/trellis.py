@@ -56,6 +56,11 @@ def pack_windows(windows: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(words[:, :words_per_row].astype(np.uint32))
 
 
+def per_weight(scales: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
+    """(rows, G) group scales → (rows, in): each weight's scale."""
+    return np.repeat(scales, group_size, axis=1)[:, :in_features]
+
+
 def dequantize_trellis(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
     """Reference dequantization of one `trellis` tensor → float32 (out, in); its `codebook` blob is the file's
     table (fp16 (4096, 1), handed over by the reader), its scale codes in their in-memory form (uint8 (out, G),
@@ -66,5 +71,5 @@ def dequantize_trellis(blobs: dict, shape, config: StorageConfig) -> np.ndarray:
     table = np.asarray(blobs["codebook"]).astype(np.float32).reshape(-1)  # (4096,)
     weight = table[trellis_windows(blobs["qweight"], in_features, config.bits)]  # (out, in)
     scale = decode_meta(blobs["scale_codes"], blobs["scale_meta"])  # (out, G)
-    weight *= np.repeat(scale, config.group_size, axis=1)[:, :in_features]
+    weight *= per_weight(scale, config.group_size, in_features)
     return np.ascontiguousarray(weight, dtype=np.float32)

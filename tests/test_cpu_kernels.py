@@ -70,6 +70,18 @@ def kernels_mode(mode: str):
         cpu_jit._state.update(saved_state)
 
 
+def jit_kernels():
+    """The CPU kernels compiled by Numba's JIT (into the test cache: cpu_jit.cache_dir); fails the test when they
+    do not load."""
+    from mxq.runtime.backends import cpu_jit
+
+    with kernels_mode("jit"):
+        kernels = cpu_jit.kernels()
+        if kernels is None:
+            pytest.fail("the jit kernels did not load (see the notice on stderr)")
+        return kernels
+
+
 @pytest.fixture(scope="module", params=["aot", "jit"])
 def backends(request):
     """(compiled, NumPy reference) backends; every test that takes them runs with the ahead-of-time

@@ -24,7 +24,7 @@ from mxq.format_spec.layout import TRELLIS_BITS
 from mxq.runtime.backends.cpu_weights import (KERNEL_MAX_TOKENS, KERNEL_PARALLEL_MIN_WEIGHTS, NO_FLOAT, NO_RESIDUAL,
                                               ThreadChoice, activation_low_part, quantize_activations, readonly)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
-from test_cpu_kernels import JIT_KERNELS
+from test_cpu_kernels import JIT_KERNELS, backends, jit_kernels  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.early(*JIT_KERNELS)  # the JIT's kernels compiled while other tests run (conftest: early)
 
@@ -96,32 +96,9 @@ def kernel_args(blobs, config: StorageConfig):
 
 @pytest.fixture(scope="module")
 def trellis_kernels():
-    """cpu_trellis_kernels compiled by Numba's JIT (into the test cache: cpu_jit.cache_dir)."""
+    """cpu_trellis_kernels compiled by Numba's JIT (test_cpu_kernels.jit_kernels)."""
     pytest.importorskip("numba")
-    from test_cpu_kernels import kernels_mode
-
-    from mxq.runtime.backends import cpu_jit
-
-    with kernels_mode("jit"):
-        kernels = cpu_jit.kernels()
-        if kernels is None:
-            pytest.fail("the jit kernels did not load (see the notice on stderr)")
-        return kernels.trellis()
-
-
-@pytest.fixture(scope="module", params=["aot", "jit"])
-def backends(request):
-    """(compiled, NumPy reference) backends, with the ahead-of-time kernels and with Numba's JIT."""
-    pytest.importorskip("numba")
-    from test_cpu_kernels import kernels_mode
-
-    with kernels_mode(request.param):
-        fast, ref = NumpyBackend(threads=2), NumpyBackend(threads=2, kernels=False)
-        if fast.kernels is None or fast.kernels.kind != request.param:
-            pytest.fail(f"the {request.param} kernels did not load (see the notice on stderr)")
-        yield fast, ref
-        fast.close()
-        ref.close()
+    return jit_kernels().trellis()
 
 
 # -- the kernels --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from mxq.runtime.backends.cpu_weights import (KERNEL_MAX_TOKENS, KERNEL_PARALLEL
                                               NO_RESIDUAL, NO_ROWS, NO_VALUES, ThreadChoice, activation_low_part,
                                               quantize_activations, readonly)
 from mxq.runtime.backends.numpy_backend import NumpyBackend
-from test_cpu_kernels import JIT_KERNELS
+from test_cpu_kernels import JIT_KERNELS, jit_kernels
 
 pytestmark = pytest.mark.early(*JIT_KERNELS)  # the JIT's kernels compiled while other tests run (conftest: early)
 
@@ -69,17 +69,9 @@ def assert_close(y, x, weight, bias=None, residual=None, rounded_x=False):
 
 @pytest.fixture(scope="module")
 def vq_kernels():
-    """cpu_vq_kernels compiled by Numba's JIT (into the test cache: cpu_jit.cache_dir)."""
+    """cpu_vq_kernels compiled by Numba's JIT (test_cpu_kernels.jit_kernels)."""
     pytest.importorskip("numba")
-    from test_cpu_kernels import kernels_mode
-
-    from mxq.runtime.backends import cpu_jit
-
-    with kernels_mode("jit"):
-        kernels = cpu_jit.kernels()
-        if kernels is None:
-            pytest.fail("the jit kernels did not load (see the notice on stderr)")
-        return kernels.vq()
+    return jit_kernels().vq()
 
 
 @pytest.fixture(scope="module", params=["aot", "jit"])
