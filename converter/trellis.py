@@ -17,8 +17,9 @@ start (QTIP's), TABLE_PASSES weighted Lloyd passes over TABLE_FIT_WEIGHTS weight
 every decoder linear, each level the importance-weighted mean of what it decodes (w / s over the weights whose
 window is that level). Deterministic: a function of the weights and importance (sums in a fixed order).
 
-Cost: the Viterbi visits 2^12 states per weight (~6 µs a weight per pass on one core), so a trellis candidate
-takes ~100× an affine one's time to measure; measure.py samples rows (1 in 8) as for affine.
+Cost: the Viterbi visits 2^12 states per weight (~2 µs a weight per pass on one core, 2.2–2.7× the textbook
+scan in window order: `python tools/bench_viterbi.py`), so a trellis candidate takes ~30× an affine one's time to
+measure; measure.py samples rows (1 in 8) as for affine.
 """
 from __future__ import annotations
 
@@ -41,35 +42,91 @@ TABLE_SEED = 0  # the Gaussian start
 
 
 @numba.njit(cache=True)
+def _add_by_run(levels, cost, spread, w, s, f):
+    """cost[low, q] = spread[low, j] + f·(w − s·levels[low, q])² with rows ordered q = hi·runs + j."""
+    heads, runs = spread.shape
+    for low in range(heads):
+        lv, cr, sp = levels[low], cost[low], spread[low]
+        for hi in range(heads):
+            lvh, crh = lv[hi * runs:(hi + 1) * runs], cr[hi * runs:(hi + 1) * runs]
+            for j in range(runs):
+                d = w - s * lvh[j]
+                crh[j] = sp[j] + f * d * d
+
+
+@numba.njit(cache=True)
+def _add_by_head(levels, cost, spread, w, s, f):
+    """The same with rows ordered q = j·heads + hi (the longer inner loop when runs < heads)."""
+    heads, runs = spread.shape
+    for low in range(heads):
+        lv, cr, sp = levels[low], cost[low], spread[low]
+        for j in range(runs):
+            sj = sp[j]
+            lvj, crj = lv[j * heads:(j + 1) * heads], cr[j * heads:(j + 1) * heads]
+            for hi in range(heads):
+                d = w - s * lvj[hi]
+                crj[hi] = sj + f * d * d
+
+
+@numba.njit(cache=True)
 def _viterbi_row(w, f, s, table, bits, out):
-    """out (n,) int32: the windows of least Σ f·(w − s·table[window])² along one row (w, f, s (n,) float64)."""
-    n, states, heads = len(w), 1 << TRELLIS_WINDOW_BITS, 1 << bits
-    tail_bits = TRELLIS_WINDOW_BITS - bits
-    tails = 1 << tail_bits  # a window's low L−K bits are its predecessor's high ones
-    cost = np.empty(states)
-    best_tail = np.empty(tails)
-    back = np.empty((n, tails), np.int8)  # the predecessor's low K bits (< 32), per (step, tail)
-    for state in range(states):
-        d = w[0] - s[0] * table[state]
-        cost[state] = f[0] * d * d
+    """out (n,) int32: the windows of least Σ f·(w − s·table[window])² along one row (w, f, s (n,) float64).
+
+    Window v = m << K | low (m: its high L−K bits, its "tail" as a predecessor; low: its low K bits) follows the
+    walks ending in the 2^K windows whose tail is v's low L−K bits: v's cost is the least of theirs (best, over
+    their low bits) plus its own error. Costs are kept as cost[low, pos[m]], so both steps run over contiguous
+    rows and vectorize: the least over low is elementwise across rows, and the windows sharing a predecessor
+    tail, j = m mod runs, are runs of equal spread[low, j] (rows ordered so the inner loop is the longer of
+    heads and runs). Ties go to the lowest low bits and the lowest window, as a scan in window order would."""
+    n, heads = len(w), 1 << bits
+    tails = 1 << (TRELLIS_WINDOW_BITS - bits)
+    runs = tails // heads  # m = hi·runs + j, j the predecessor tail's high bits
+    by_run = runs > heads
+    pos = np.empty(tails, np.int64)  # pos[m]: where tail m sits in a row
+    for m in range(tails):
+        pos[m] = m if by_run else (m % runs) * heads + m // runs
+    levels = np.empty((heads, tails))  # levels[low, pos[m]] = table[m << K | low]
+    for m in range(tails):
+        for low in range(heads):
+            levels[low, pos[m]] = table[(m << bits) | low]
+    cost = np.empty((heads, tails))  # least Σ error of a walk ending in window m << K | low, at [low, pos[m]]
+    best = np.empty(tails)  # best[pos[m]]: the least cost over low, best_low[pos[m]] the first such low
+    best_low = np.empty(tails, np.int8)
+    spread = np.empty((heads, runs))  # spread[low, j] = best[pos[j << K | low]]
+    back = np.empty((n, tails), np.int8)  # best_low per step: the walks' back-pointers (< 32)
+    for low in range(heads):
+        lv, cr = levels[low], cost[low]
+        for q in range(tails):
+            d = w[0] - s[0] * lv[q]
+            cr[q] = f[0] * d * d
     for t in range(1, n):
-        for tail in range(tails):  # the predecessors of the windows with this tail: tail << K | low
-            best, best_low = np.inf, 0
-            base = tail << bits
-            for low in range(heads):
-                c = cost[base | low]
-                if c < best:
-                    best, best_low = c, low
-            best_tail[tail] = best
-            back[t, tail] = best_low
-        for state in range(states):
-            d = w[t] - s[t] * table[state]
-            cost[state] = best_tail[state & (tails - 1)] + f[t] * d * d
-    state = np.argmin(cost)
+        best[:] = cost[0]
+        best_low[:] = 0
+        for low in range(1, heads):
+            cr = cost[low]
+            for q in range(tails):
+                c = cr[q]
+                better = c < best[q]
+                best[q] = c if better else best[q]
+                best_low[q] = low if better else best_low[q]
+        back[t] = best_low
+        for low in range(heads):
+            sp = spread[low]
+            for j in range(runs):
+                sp[j] = best[pos[(j << bits) | low]]
+        if by_run:
+            _add_by_run(levels, cost, spread, w[t], s[t], f[t])
+        else:
+            _add_by_head(levels, cost, spread, w[t], s[t], f[t])
+    state, least = 0, np.inf
+    for v in range(1 << TRELLIS_WINDOW_BITS):
+        c = cost[v & (heads - 1), pos[v >> bits]]
+        if c < least:
+            state, least = v, c
     out[n - 1] = state
     for t in range(n - 1, 0, -1):
         tail = state & (tails - 1)
-        state = (tail << bits) | back[t, tail]
+        state = (tail << bits) | back[t, pos[tail]]
         out[t - 1] = state
 
 

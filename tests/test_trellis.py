@@ -192,24 +192,59 @@ def test_inspect_reports_trellis(tmp_path):
 
 
 # -- the quantizer (converter/trellis.py) -----------------------------------------------------------------------------
-def test_viterbi_finds_the_best_walk():
-    """Against every walk of a 3-weight row (4096 · 4 · 4 of them at K = 2): the Viterbi's walk has the least cost."""
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_viterbi_finds_the_best_walk(bits):
+    """Against every walk of a 3-weight row (4096 · 2^K · 2^K of them): the Viterbi's walk has the least cost."""
     from mxq.converter.trellis import viterbi
 
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(4 + bits)
     table = rng.standard_normal(4096)
     w, f, s = rng.standard_normal((1, 3)), rng.uniform(0.1, 2.0, (1, 3)), rng.uniform(0.5, 1.5, (1, 3))
-    windows = viterbi(w, f, s, table, 2)[0]
-    first = np.arange(4096)
-    costs = []
-    for h1, h2 in itertools.product(range(4), range(4)):
-        w1 = (first >> 2) | (h1 << 10)
-        w2 = (w1 >> 2) | (h2 << 10)
-        costs.append(sum(f[0, c] * (w[0, c] - s[0, c] * table[x]) ** 2 for c, x in enumerate((first, w1, w2))))
-    best = np.min(costs)
+    windows = viterbi(w, f, s, table, bits)[0]
+    first, keep = np.arange(4096), (1 << (12 - bits)) - 1
+    heads = np.arange(1 << bits)
+    w1 = (first[:, None] >> bits) | (heads[None, :] << (12 - bits))  # (4096, 2^K)
+    w2 = (w1[:, :, None] >> bits) | (heads[None, None, :] << (12 - bits))  # (4096, 2^K, 2^K)
+    costs = sum(f[0, c] * (w[0, c] - s[0, c] * table[x]) ** 2 for c, x in enumerate((first[:, None, None], w1[:, :, None], w2)))
     ours = sum(f[0, c] * (w[0, c] - s[0, c] * table[windows[c]]) ** 2 for c in range(3))
-    assert np.isclose(ours, best, rtol=1e-12, atol=0)
-    assert windows[1] >> 0 & 1023 == windows[0] >> 2 and windows[2] & 1023 == windows[1] >> 2  # a walk
+    assert np.isclose(ours, costs.min(), rtol=1e-12, atol=0)
+    assert windows[1] & keep == windows[0] >> bits and windows[2] & keep == windows[1] >> bits  # a walk
+
+
+def _scan_viterbi(w, f, s, table, bits):
+    """The textbook Viterbi in window order (the converter's before it was vectorized): windows (n,)."""
+    n, tails = len(w), 1 << (12 - bits)
+    cost = f[0] * (w[0] - s[0] * table) ** 2
+    back = np.empty((n, tails), np.int64)
+    for t in range(1, n):
+        by_tail = cost.reshape(tails, 1 << bits)  # [tail, low]: the windows tail << K | low
+        back[t] = by_tail.argmin(1)  # the first least
+        cost = by_tail.min(1)[np.arange(4096) & (tails - 1)] + f[t] * (w[t] - s[t] * table) ** 2
+    out = np.empty(n, np.int64)
+    out[-1] = state = int(cost.argmin())
+    for t in range(n - 1, 0, -1):
+        tail = state & (tails - 1)
+        out[t - 1] = state = (tail << bits) | int(back[t, tail])
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("n, ties", [(1, False), (2, False), (77, False), (300, True)])
+def test_viterbi_equals_a_scan_in_window_order(bits, n, ties):
+    """The vectorized layout changes the order of nothing that decides: the same windows as the textbook scan,
+    ties (a table of 16 distinct levels repeated) broken the same way."""
+    from mxq.converter.trellis import viterbi
+
+    rng = np.random.default_rng(bits * 1000 + n)
+    table = rng.standard_normal(16)[rng.integers(0, 16, 4096)] if ties else rng.standard_normal(4096)
+    w, f, s = rng.standard_normal((2, n)), rng.uniform(0.1, 2.0, (2, n)), rng.uniform(0.5, 1.5, (2, n))
+    if ties:
+        w = np.round(w * 2) / 2
+        f[:] = 1.0
+        s[:] = 1.0
+    windows = viterbi(w, f, s, table, bits)
+    for r in range(2):
+        np.testing.assert_array_equal(windows[r], _scan_viterbi(w[r], f[r], s[r], table, bits))
 
 
 def test_outliers_leave_trellis_candidates_as_they_are():
