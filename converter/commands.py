@@ -81,7 +81,7 @@ converting the same checkpoint at another budget skips measurement and calibrati
                    "shared by the file; 'trellis': t2–t5 g64, trellis-coded rows through the file's table for each "
                    "K; files with vq blocks decode slower on CPU: about half as fast with 'vqs', "
                    "several times slower with 'vq', and trellis blocks slower still (a table lookup per weight; "
-                   "conversion runs a Viterbi search per row, ~15 s per million weights on 2 cores) — README, "
+                   "conversion runs a Viterbi search per row, ~4 s per million weights on 2 cores) — README, "
                    "Quality).")
 @click.option("--row-blocks", type=click.IntRange(min=1, max=MAX_ROW_BLOCKS), default=default("row_blocks"),
               show_default=True,
