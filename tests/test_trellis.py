@@ -247,6 +247,23 @@ def test_viterbi_equals_a_scan_in_window_order(bits, n, ties):
         np.testing.assert_array_equal(windows[r], _scan_viterbi(w[r], f[r], s[r], table, bits))
 
 
+def test_the_viterbi_bench_checks_then_times(capsys, monkeypatch):
+    """tools/bench_viterbi.py: a row per K with both times and the speed-up; it stops when the walks differ."""
+    import bench_viterbi
+    from mxq.converter import trellis
+
+    bench_viterbi.main(["--K", "2,5", "--cols", "40", "--rows", "1", "--rounds", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["2", "5"] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+    def wrong(w, f, s, table, bits, out):
+        out[:] = 0
+
+    monkeypatch.setattr(trellis, "_viterbi_row", wrong)
+    with pytest.raises(SystemExit, match="K = 3: the converter's walk differs from the scan's"):
+        bench_viterbi.main(["--K", "3", "--cols", "40", "--rows", "1", "--rounds", "1"])
+
+
 def test_outliers_leave_trellis_candidates_as_they_are():
     from mxq.converter.candidates import parse_candidates, with_outliers
 

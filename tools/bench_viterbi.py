@@ -59,13 +59,13 @@ def scan_row(w, f, s, table, bits, out):
         out[t - 1] = state
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--K", default="2,3,4,5", help="bits per weight to time (comma-separated)")
     parser.add_argument("--cols", type=int, default=2048, help="weights per row")
     parser.add_argument("--rows", type=int, default=4, help="rows per timed call")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from mxq.converter.trellis import _viterbi_row
 
     numba.set_num_threads(1)
