@@ -18,7 +18,7 @@ every decoder linear, each level the importance-weighted mean of what it decodes
 window is that level). Deterministic: a function of the weights and importance (sums in a fixed order).
 
 Cost: the Viterbi visits 2^12 states per weight (~2 µs a weight per pass on one core, 2.2–2.7× the textbook
-scan in window order: `python tools/bench_viterbi.py`), so a trellis candidate takes ~30× an affine one's time to
+scan in window order: `python tools/bench_viterbi.py`), so a trellis candidate takes ~40× an affine one's time to
 measure; measure.py samples rows (1 in 8) as for affine.
 """
 from __future__ import annotations
