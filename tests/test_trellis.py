@@ -211,28 +211,14 @@ def test_viterbi_finds_the_best_walk(bits):
     assert windows[1] & keep == windows[0] >> bits and windows[2] & keep == windows[1] >> bits  # a walk
 
 
-def _scan_viterbi(w, f, s, table, bits):
-    """The textbook Viterbi in window order (the converter's before it was vectorized): windows (n,)."""
-    n, tails = len(w), 1 << (12 - bits)
-    cost = f[0] * (w[0] - s[0] * table) ** 2
-    back = np.empty((n, tails), np.int64)
-    for t in range(1, n):
-        by_tail = cost.reshape(tails, 1 << bits)  # [tail, low]: the windows tail << K | low
-        back[t] = by_tail.argmin(1)  # the first least
-        cost = by_tail.min(1)[np.arange(4096) & (tails - 1)] + f[t] * (w[t] - s[t] * table) ** 2
-    out = np.empty(n, np.int64)
-    out[-1] = state = int(cost.argmin())
-    for t in range(n - 1, 0, -1):
-        tail = state & (tails - 1)
-        out[t - 1] = state = (tail << bits) | int(back[t, tail])
-    return out
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 5])
 @pytest.mark.parametrize("n, ties", [(1, False), (2, False), (77, False), (300, True)])
 def test_viterbi_equals_a_scan_in_window_order(bits, n, ties):
-    """The vectorized layout changes the order of nothing that decides: the same windows as the textbook scan,
-    ties (a table of 16 distinct levels repeated) broken the same way."""
+    """The vectorized layout changes the order of nothing that decides: the same windows as the textbook scan
+    (tools/bench_viterbi.scan_row, the converter's before), ties (a table of 16 distinct levels repeated) broken
+    the same way."""
+    from bench_viterbi import scan_row
+
     from mxq.converter.trellis import viterbi
 
     rng = np.random.default_rng(bits * 1000 + n)
@@ -244,7 +230,9 @@ def test_viterbi_equals_a_scan_in_window_order(bits, n, ties):
         s[:] = 1.0
     windows = viterbi(w, f, s, table, bits)
     for r in range(2):
-        np.testing.assert_array_equal(windows[r], _scan_viterbi(w[r], f[r], s[r], table, bits))
+        scanned = np.empty(n, np.int32)
+        scan_row(w[r], f[r], s[r], table, bits, scanned)
+        np.testing.assert_array_equal(windows[r], scanned)
 
 
 def test_the_viterbi_bench_checks_then_times(capsys, monkeypatch):

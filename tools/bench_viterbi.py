@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO.parent))  # the repository root is the `mxq` package
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-WINDOW_BITS = 12
+from mxq.format_spec.layout import TRELLIS_WINDOW_BITS as WINDOW_BITS  # noqa: E402
 
 
 @numba.njit(cache=True)
