@@ -22,9 +22,11 @@ def test_before_is_the_runtimes_perplexity_and_lr_0_changes_nothing(tiny_models,
                    "512", "--text", str(text), "--ctx", "64", "--max-chunks", "3"])
     with mxq.load(path) as model:
         runtime = perplexity(model, model.tokenizer.encode(text.read_text()), ctx=64, max_chunks=3, progress=False)
+        layers = model.config.num_hidden_layers
     assert result["before"] == pytest.approx(runtime["ppl"], rel=1e-4)
     assert result["after"] == result["before"] and result["ratio"] == 1.0
     out = capsys.readouterr().out
+    assert f"{2 * layers + 1} norm weights" in out  # a Llama layer's two norms, and the final norm
     assert "epoch 1: calibration KL" in out and "perplexity before" in out
 
 

@@ -26,11 +26,9 @@ from mxq.converter.torch_backend import TorchBackend
 from mxq.format_spec import MxqFile, dequantize
 from mxq.runtime.config import ModelConfig
 from mxq.runtime.model import Model, checked_tensors
-from mxq.runtime.perplexity import Z95, mean_and_se
+from mxq.runtime.perplexity import HEAD_ROWS, Z95, mean_and_se
 from mxq.runtime.tokenizer import Tokenizer
 
-NORMS = ("attn_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm")  # LayerWeights fields
-HEAD_ROWS = 512  # positions per lm_head product
 
 
 def file_model(f: MxqFile, path: str) -> Model:
@@ -59,7 +57,9 @@ def hidden(model: Model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def norm_weights(model: Model) -> list:
-    weights = [getattr(layer, key) for layer in model.layers for key in NORMS if getattr(layer, key) is not None]
+    """Every RMSNorm weight the model holds: the per-layer norms its family's contract lists, and the final norm."""
+    keys = [spec.key for spec in model.config.family.layer_tensors if spec.role == "norm"]
+    weights = [getattr(layer, key) for layer in model.layers for key in keys if getattr(layer, key) is not None]
     return weights + [model.norm]
 
 
