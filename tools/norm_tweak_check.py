@@ -1,7 +1,7 @@
 """Would tuning a quantized file's norm weights help? End-to-end "norm tweaking": the file's RMSNorm weights
 (fp16, outside the byte budget, so free to change) are trained with Adam to minimise KL(fp ‖ quantized) of the
-next-token distributions on the calibration chunks, every quantized matrix fixed. Then the evaluation text's
-perplexity is measured before and after, in the same torch forward pass.
+next-token distributions on the calibration chunks, every quantized matrix fixed. Then runtime.perplexity (what
+`mxq eval --reference` runs) scores the evaluation text with the tuned model against the file as it is.
 
     python tools/norm_tweak_check.py FILE.mxq CHECKPOINT [--calib TEXT] [--calib-tokens 8192] [--epochs 3]
         [--lr 1e-3] [--text ../shared/data/wikitext2-test.txt] [--max-chunks 16]
@@ -15,6 +15,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,9 +27,8 @@ from mxq.converter.torch_backend import TorchBackend
 from mxq.format_spec import MxqFile, dequantize
 from mxq.runtime.config import ModelConfig
 from mxq.runtime.model import Model, checked_tensors
-from mxq.runtime.perplexity import HEAD_ROWS, Z95, mean_and_se
+from mxq.runtime.perplexity import perplexity
 from mxq.runtime.tokenizer import Tokenizer
-
 
 
 def file_model(f: MxqFile, path: str) -> Model:
@@ -46,21 +46,16 @@ def checkpoint_model(checkpoint) -> Model:
                  checked_tensors(checkpoint.tensors, checkpoint.path, ConversionError, lambda name, _: checkpoint.load(name)))
 
 
-def hidden(model: Model, ids: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states (T, hidden) of one sequence from position 0, differentiable."""
-    positions = np.arange(len(ids), dtype=np.int64)
-    cache = model.new_cache(len(ids))
-    x = model.embed(ids.numpy())
-    for i, layer_cache in enumerate(cache.layers):
-        x = model.block(i, x, positions, layer_cache, 0)
-    return model.final_norm(x)
-
-
 def norm_weights(model: Model) -> list:
     """Every RMSNorm weight the model holds: the per-layer norms its family's contract lists, and the final norm."""
     keys = [spec.key for spec in model.config.family.layer_tensors if spec.role == "norm"]
     weights = [getattr(layer, key) for layer in model.layers for key in keys if getattr(layer, key) is not None]
     return weights + [model.norm]
+
+
+def hidden(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states (T, hidden) of one sequence from position 0, differentiable."""
+    return model.hidden_states(ids.numpy(), model.new_cache(len(ids)))
 
 
 def kl(model: Model, h, teacher: Model, h_ref) -> torch.Tensor:
@@ -70,19 +65,9 @@ def kl(model: Model, h, teacher: Model, h_ref) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-def chunk_nll(model: Model, chunks: torch.Tensor) -> np.ndarray:
-    """Summed NLL of positions 1..T-1 of every chunk (chunks,) float64, predicted from the chunk itself."""
-    out = []
-    with torch.no_grad():
-        for ids in chunks:
-            h, total = hidden(model, ids), 0.0
-            for r in range(0, len(ids) - 1, HEAD_ROWS):
-                rows = slice(r, min(r + HEAD_ROWS, len(ids) - 1))
-                logp = torch.log_softmax(model.head(h[rows]), -1)
-                targets = ids[rows.start + 1:rows.stop + 1]
-                total -= float(logp[torch.arange(len(targets)), targets].double().sum())
-            out.append(total)
-    return np.array(out)
+def evaluated(model: Model) -> SimpleNamespace:
+    """What runtime.perplexity needs of a loaded model."""
+    return SimpleNamespace(model=model, backend=model.backend, context_length=model.config.max_position_embeddings)
 
 
 def main(argv=None):
@@ -102,14 +87,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     checkpoint = read_checkpoint(args.checkpoint)
     teacher = checkpoint_model(checkpoint)
-    with MxqFile.open(args.file) as f:
-        model = file_model(f, args.file)
+    with MxqFile.open(args.file) as f:  # the model to tune, the file as it is, its tokenizer (as `mxq eval` encodes)
+        model, untouched = file_model(f, args.file), file_model(f, args.file)
+        ids = Tokenizer.from_file(f, model.config).encode(Path(args.text).read_text(encoding="utf-8"))
     text = Path(args.calib).read_text(encoding="utf-8") if args.calib else default_text()
     chunks = calibration_chunks(checkpoint, text, args.calib_tokens)  # (C, 256)
     with torch.no_grad():
-        reference = [hidden(teacher, ids) for ids in chunks]
+        reference = [hidden(teacher, chunk) for chunk in chunks]
     params = norm_weights(model)
-    initial = [p.clone() for p in params]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=args.lr)
@@ -128,26 +113,18 @@ def main(argv=None):
             optimizer.step()
         print(f"epoch {epoch + 1}: calibration KL {total / len(chunks):.5f} nats/token "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    moved = max(float((p.detach() - q).norm() / q.norm()) for p, q in zip(params, initial))
-    with MxqFile.open(args.file) as f:  # the file's own tokenizer, as `mxq eval` encodes the text
-        ids = Tokenizer.from_file(f, model.config).encode(Path(args.text).read_text(encoding="utf-8"))
-    n = min(args.max_chunks, len(ids) // args.ctx)
-    evaluation = torch.tensor(ids[:n * args.ctx]).view(n, args.ctx)
+    moved = max(float((p.detach() - q).norm() / q.norm()) for p, q in zip(params, norm_weights(untouched)))
     for p in params:
         p.requires_grad_(False)
-    after = chunk_nll(model, evaluation)
     with torch.no_grad():
-        for p, q in zip(params, initial):
-            p.copy_(q)
-    before = chunk_nll(model, evaluation)
-    counts = np.full(n, args.ctx - 1.0)
-    diff, se = mean_and_se(after - before, counts)
-    low, high = (math.exp(diff - Z95 * se), math.exp(diff + Z95 * se)) if se is not None else (math.nan, math.nan)
-    result = {"before": math.exp(before.sum() / counts.sum()), "after": math.exp(after.sum() / counts.sum()),
-              "ratio": math.exp(diff), "ratio_95": (low, high)}
+        report = perplexity(evaluated(model), ids, ctx=args.ctx, max_chunks=args.max_chunks, progress=False,
+                            reference=evaluated(untouched))
+    low, high = report["ppl_ratio_95"] or (math.nan, math.nan)
+    result = {"before": report["reference"]["ppl"], "after": report["ppl"], "ratio": report["ppl_ratio"],
+              "ratio_95": (low, high)}
     print(f"largest relative change of a norm weight: {moved:.3f}")
     print(f"perplexity before {result['before']:.3f}, after {result['after']:.3f}; ratio {result['ratio']:.4f} "
-          f"(95%: {low:.4f}–{high:.4f}); {n} chunks of {args.ctx} ({time.perf_counter() - t0:.0f} s)")
+          f"(95%: {low:.4f}–{high:.4f}); {report['chunks']} chunks of {args.ctx} ({time.perf_counter() - t0:.0f} s)")
     return result
 
 
